@@ -1,0 +1,145 @@
+"""Atomic outputs: every file or directory peftcli writes appears whole or not at all.
+
+An output is built under a temporary name in the target's own directory (so the final
+``rename`` never crosses a file system), fsynced, renamed into place, and the directory
+fsynced. A killed run leaves only ``.<name>.peftcli-tmp-<pid>-<rand>`` entries, which the
+next run in that directory removes. Outputs are never allowed to replace an input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import secrets
+import shutil
+from typing import Iterable, Iterator
+
+from peftcli.errors import ResourceError, UsageError
+
+TEMP_MARK = ".peftcli-tmp-"
+_TEMP_RE = re.compile(r"^\..+\.peftcli-tmp-(\d+)-[0-9a-f]+$")
+
+
+def temp_path_for(target: str) -> str:
+    parent, base = os.path.split(os.path.abspath(target))
+    return os.path.join(parent, f".{base}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_temps(directory: str) -> list[str]:
+    """Remove temporaries left in ``directory`` by peftcli runs that no longer exist."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        m = _TEMP_RE.match(name)
+        if m and not _pid_alive(int(m.group(1))):
+            path = os.path.join(directory, name)
+            _remove(path)
+            removed.append(path)
+    return removed
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _same_or_inside(path: str, root: str) -> bool:
+    path, root = os.path.realpath(path), os.path.realpath(root)
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def check_output_path(target: str, inputs: Iterable[str] = (), force: bool = False) -> None:
+    """Refuse outputs that would replace an input or an existing file without ``force``."""
+    for inp in inputs:
+        # Writing to an input, or replacing a directory that holds an input, would destroy it.
+        if _same_or_inside(inp, target):
+            raise UsageError(f"output {target} would overwrite the input {inp}", "choose another -o path")
+    if os.path.lexists(target) and not force:
+        raise UsageError(f"output {target} already exists", "pass --force to replace it, or choose another -o path")
+    parent = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(parent):
+        raise UsageError(f"output directory {parent} does not exist", "create it first")
+
+
+def os_error(exc: OSError, target: str) -> ResourceError:
+    """The one-line error for an OS failure while writing ``target``."""
+    if exc.errno == errno.ENOSPC:
+        return ResourceError(f"no space left on device while writing {target}", "free some space and rerun")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return ResourceError(f"cannot write {target}: {exc.strerror}", "check the output directory's permissions")
+    return ResourceError(f"cannot write {target}: {exc.strerror or exc}")
+
+
+@contextlib.contextmanager
+def atomic_output(target: str, *, directory: bool, inputs: Iterable[str] = (), force: bool = False) -> Iterator[str]:
+    """Yield a temporary path to build ``target`` at; move it into place only on success.
+
+    With ``directory=True`` the temporary path is an empty directory already created.
+    On any exception (including KeyboardInterrupt) the temporary is removed and nothing
+    at ``target`` changes.
+    """
+    inputs = list(inputs)
+    check_output_path(target, inputs, force)
+    parent = os.path.dirname(os.path.abspath(target))
+    clean_stale_temps(parent)
+    tmp = temp_path_for(target)
+    try:
+        if directory:
+            os.mkdir(tmp)
+        yield tmp
+        if directory:
+            fsync_dir(tmp)
+        _replace(tmp, target)
+        fsync_dir(parent)
+    except OSError as exc:
+        _remove(tmp)
+        raise os_error(exc, target) from exc
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _replace(tmp: str, target: str) -> None:
+    if os.path.lexists(target) and (os.path.isdir(tmp) or (os.path.isdir(target) and not os.path.islink(target))):
+        # rename() cannot replace a non-empty directory: move the old one aside first,
+        # so there is never a moment with neither a complete old nor a complete new output.
+        old = temp_path_for(target)
+        os.rename(target, old)
+        os.rename(tmp, target)
+        _remove(old)
+    else:
+        os.replace(tmp, target)
+
+
+def open_new_file(path: str):
+    """Create ``path`` for binary writing with the usual permissions (0666 minus umask)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    return os.fdopen(fd, "wb")

@@ -1,0 +1,291 @@
+"""Lazy, validated access to a checkpoint's tensors.
+
+``open_checkpoint`` accepts one ``.safetensors`` file, a directory with ``model.safetensors``,
+a sharded directory with ``model.safetensors.index.json``, an adapter directory
+(``adapter_model.safetensors``) and, only with ``allow_pickle=True``, PyTorch ``.bin``/``.pt``
+files through ``torch.load(weights_only=True)``.
+
+Opening reads headers only (kilobytes, whatever the checkpoint's size). ``get`` maps one
+tensor from its file with ``mmap``; nothing else is read until asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator
+
+from peftcli.checkpoint.safetensors_format import DTYPES, read_header
+from peftcli.errors import BadInputError, UsageError
+
+if TYPE_CHECKING:  # torch is imported only when tensor bytes are read
+    import torch
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLE_SINGLE = ("pytorch_model.bin", "model.bin", "model.pt")
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PICKLE_HINT = "pass --allow-pickle to load it with torch.load(weights_only=True), or re-save it as safetensors"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives. ``begin``/``end`` are absolute file offsets (None for pickles)."""
+
+    name: str
+    dtype: str  # safetensors dtype name, e.g. "BF16"
+    shape: tuple[int, ...]
+    file: str
+    begin: int | None = None
+    end: int | None = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return (DTYPES[self.dtype][0] * self.numel + 7) // 8
+
+
+@dataclass
+class Checkpoint:
+    """A read-only view of a checkpoint's tensors; use as a context manager or call ``close``."""
+
+    path: str  # as the user gave it
+    storage: str  # "safetensors" | "safetensors-sharded" | "pickle"
+    files: list[str]
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+    directory: str | None = None  # the model directory, where config.json and tokenizer files live
+    _maps: dict[str, mmap.mmap] = field(default_factory=dict, repr=False)
+    _loaded: dict[str, "torch.Tensor"] = field(default_factory=dict, repr=False)  # pickle state dicts only
+
+    # -- descriptive ------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    @property
+    def bytes_on_disk(self) -> int:
+        return sum(os.path.getsize(f) for f in self.files)
+
+    @property
+    def config(self) -> dict | None:
+        """``config.json`` beside the weights, or None."""
+        if self.directory is None:
+            return None
+        path = os.path.join(self.directory, "config.json")
+        if not os.path.isfile(path):
+            return None
+        return load_json(path, "config")
+
+    # -- reading tensors --------------------------------------------------------------
+    def get(self, name: str) -> "torch.Tensor":
+        """The tensor ``name``, memory-mapped from its file (copy-on-write, so writable)."""
+        import torch
+
+        info = self.tensors.get(name)
+        if info is None:
+            raise BadInputError(f"{self.path}: no tensor named {name!r}")
+        if self.storage == "pickle":
+            return self._loaded[name]
+        from peftcli.checkpoint.dtypes import torch_dtype
+
+        try:
+            dtype = torch_dtype(info.dtype)
+        except BadInputError as exc:
+            raise BadInputError(f"{info.file}: tensor {name!r}: {exc.message}") from None
+        if info.numel == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        mm = self._map(info.file)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if info.begin % itemsize == 0:
+            flat = torch.frombuffer(mm, dtype=dtype, count=info.numel, offset=info.begin)
+        else:  # unaligned data (legal in the format): copy into an aligned buffer
+            flat = torch.frombuffer(bytearray(mm[info.begin : info.end]), dtype=dtype)
+        return flat.view(info.shape)
+
+    def read_bytes(self, name: str) -> bytes:
+        """The raw little-endian bytes of tensor ``name`` (safetensors storage only)."""
+        info = self.tensors[name]
+        if info.begin is None:
+            raise UsageError("raw bytes are only available from safetensors files")
+        return self._map(info.file)[info.begin : info.end]
+
+    def _map(self, file: str) -> mmap.mmap:
+        mm = self._maps.get(file)
+        if mm is None:
+            with open(file, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._maps[file] = mm
+        return mm
+
+    def close(self) -> None:
+        for mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:  # a tensor still views this map; the GC closes it with the tensor
+                pass
+        self._maps.clear()
+        self._loaded.clear()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load_json(path: str, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInputError(f"{path}: cannot read {what} ({exc})") from None
+    if not isinstance(obj, dict):
+        raise BadInputError(f"{path}: {what} is not a JSON object")
+    return obj
+
+
+def open_checkpoint(path: str, allow_pickle: bool = False) -> Checkpoint:
+    """Open ``path`` (file or directory), validating every header it reads."""
+    if os.path.isdir(path):
+        return _open_directory(path, allow_pickle)
+    if not os.path.exists(path):
+        raise BadInputError(f"{path}: no such file or directory")
+    if path.endswith(PICKLE_SUFFIXES):
+        return _open_pickle(path, [path], None, allow_pickle)
+    if path.endswith(".gguf"):
+        raise BadInputError(f"{path}: GGUF files are not read directly", "load it with transformers and save_pretrained it")
+    _refuse_pickle_magic(path)
+    return _open_safetensors_files(path, [path], None)
+
+
+def _open_directory(path: str, allow_pickle: bool) -> Checkpoint:
+    index = os.path.join(path, SAFETENSORS_INDEX)
+    if os.path.isfile(index):
+        return _open_sharded(path, index)
+    for name in (SAFETENSORS_SINGLE, ADAPTER_WEIGHTS):
+        single = os.path.join(path, name)
+        if os.path.isfile(single):
+            return _open_safetensors_files(path, [single], path)
+    pickle_index = os.path.join(path, PICKLE_INDEX)
+    if os.path.isfile(pickle_index):
+        shards = sorted(set(_read_weight_map(path, pickle_index).values()))
+        return _open_pickle(path, [os.path.join(path, s) for s in shards], path, allow_pickle)
+    for name in PICKLE_SINGLE:
+        if os.path.isfile(os.path.join(path, name)):
+            return _open_pickle(path, [os.path.join(path, name)], path, allow_pickle)
+    raise BadInputError(
+        f"{path}: no checkpoint in this directory",
+        f"expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX} or {ADAPTER_WEIGHTS}",
+    )
+
+
+def _read_weight_map(directory: str, index_path: str) -> dict[str, str]:
+    obj = load_json(index_path, "shard index")
+    weight_map = obj.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise BadInputError(f"{index_path}: weight_map must map tensor names to shard file names")
+    for shard in set(weight_map.values()):
+        norm = os.path.normpath(shard)
+        # Lexical check on purpose: Hugging Face caches symlink shards to blobs elsewhere,
+        # but the index itself must never name a path outside its directory.
+        if os.path.isabs(shard) or norm == ".." or norm.startswith(".." + os.sep) or shard.startswith("~"):
+            raise BadInputError(f"{index_path}: shard path {shard!r} points outside {directory}", "the index is corrupt or hostile")
+        if not os.path.isfile(os.path.join(directory, shard)):
+            raise BadInputError(f"{index_path}: names shard {shard!r}, which does not exist", "a shard is missing from the directory")
+    return weight_map
+
+
+def _open_sharded(directory: str, index_path: str) -> Checkpoint:
+    weight_map = _read_weight_map(directory, index_path)
+    shards = sorted(set(weight_map.values()))
+    ckpt = _open_safetensors_files(directory, [os.path.join(directory, s) for s in shards], directory)
+    ckpt.storage = "safetensors-sharded"
+    for name, shard in weight_map.items():
+        info = ckpt.tensors.get(name)
+        if info is None or info.file != os.path.join(directory, shard):
+            raise BadInputError(f"{index_path}: says tensor {name!r} is in {shard!r}, but it is not", "the index is stale or corrupt")
+    extra = [n for n in ckpt.tensors if n not in weight_map]
+    if extra:
+        raise BadInputError(
+            f"{index_path}: {len(extra)} tensors in the shards are missing from the index, e.g. {extra[0]!r}",
+            "the index is stale or corrupt",
+        )
+    return ckpt
+
+
+def _open_safetensors_files(path: str, files: list[str], directory: str | None) -> Checkpoint:
+    tensors: dict[str, TensorInfo] = {}
+    metadata: dict[str, str] = {}
+    for file in files:
+        header = read_header(file)
+        if not metadata:
+            metadata = header.metadata
+        for e in header.entries:
+            if e.name in tensors:
+                raise BadInputError(
+                    f"{file}: tensor {e.name!r} is also in {tensors[e.name].file}", "two shards hold the same tensor"
+                )
+            start = header.data_start
+            tensors[e.name] = TensorInfo(e.name, e.dtype, e.shape, file, start + e.begin, start + e.end)
+    return Checkpoint(path=path, storage="safetensors", files=list(files), tensors=tensors, metadata=metadata, directory=directory)
+
+
+def _refuse_pickle_magic(path: str) -> None:
+    """A pickle renamed to .safetensors would otherwise give a puzzling header error."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80":
+        raise BadInputError(f"{path}: this is a PyTorch pickle checkpoint, not safetensors", "rename it to .bin and " + PICKLE_HINT)
+
+
+def _open_pickle(path: str, files: list[str], directory: str | None, allow_pickle: bool) -> Checkpoint:
+    if not allow_pickle:
+        raise BadInputError(f"{files[0]}: PyTorch pickle checkpoints can run code when loaded", PICKLE_HINT)
+    import pickle
+
+    import torch
+
+    from peftcli.checkpoint.dtypes import safetensors_dtype
+
+    tensors: dict[str, TensorInfo] = {}
+    loaded: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=_is_zip(file))
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+            raise BadInputError(f"{file}: cannot load with weights_only=True ({str(exc).splitlines()[0]})") from None
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+            raise BadInputError(f"{file}: not a flat state dict of tensors", "save model.state_dict() instead")
+        for name, tensor in state.items():
+            if name in tensors:
+                raise BadInputError(f"{file}: tensor {name!r} is also in {tensors[name].file}", "two shards hold the same tensor")
+            tensors[name] = TensorInfo(name, safetensors_dtype(tensor.dtype), tuple(tensor.shape), file)
+            loaded[name] = tensor
+    return Checkpoint(path=path, storage="pickle", files=files, tensors=tensors, directory=directory, _loaded=loaded)
+
+
+def _is_zip(file: str) -> bool:
+    with open(file, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"

@@ -1,0 +1,291 @@
+"""Streaming, sharded, atomic safetensors writing.
+
+The header is computed from the (name, dtype, shape) list before any tensor exists, so
+tensors are produced and written one at a time and the whole state dict is never in
+memory. The same ``SafetensorsStreamWriter`` writes to a file or to a pipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, BinaryIO, Iterable, Mapping
+
+from peftcli.checkpoint.atomic import atomic_output, open_new_file
+from peftcli.checkpoint.reader import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
+from peftcli.checkpoint.safetensors_format import DTYPES, expected_nbytes
+from peftcli.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+SINGLE_FILE_SUFFIXES = (".safetensors", ".diff")  # "5GB", as transformers' save_pretrained
+
+# Files copied from a source model directory so the output is a complete, loadable model.
+_COPY_PATTERNS = re.compile(
+    r"^(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(txt|json)|"
+    r"merges\.txt|spiece\.model|sentencepiece.*\.model|.*\.tiktoken|chat_template\.(jinja|json)|preprocessor_config\.json|"
+    r"processor_config\.json)$"
+)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return expected_nbytes(self.dtype, self.shape)
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5e9, '500MiB' -> 500·2^20, '1000' -> 1000 bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise UsageError(f"invalid size {text!r}", "use e.g. 5GB, 500MB, 2GiB or a number of bytes")
+    number, unit = float(m.group(1)), m.group(2).upper().rstrip("B")
+    base = 1024 if unit.endswith("I") else 1000
+    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
+    size = int(number * base**power)
+    if size <= 0:
+        raise UsageError(f"invalid size {text!r}", "the size must be positive")
+    return size
+
+
+def build_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The 8-byte length plus JSON header, padded with spaces to 8 bytes (as the reference writer)."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for spec in specs:
+        if spec.dtype not in DTYPES:
+            raise UsageError(f"unknown dtype {spec.dtype!r} for tensor {spec.name!r}")
+        if spec.name in header:
+            raise UsageError(f"tensor {spec.name!r} is listed twice")
+        size = spec.nbytes
+        header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-(len(raw) + 8) % 8)  # the data buffer starts 8-byte aligned
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def tensor_bytes(tensor: "torch.Tensor") -> memoryview:
+    """A tensor's little-endian bytes without a copy when it is already contiguous on CPU."""
+    import torch
+
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+class SafetensorsStreamWriter:
+    """Writes one safetensors file to ``out`` given its tensor list up front.
+
+    Tensors must then be written in the listed order; each is checked against its spec.
+    """
+
+    def __init__(self, out: BinaryIO, specs: list[TensorSpec], metadata: Mapping[str, str] | None = None):
+        self._out = out
+        self._specs = list(specs)
+        self._next = 0
+        out.write(build_header(self._specs, metadata))
+
+    @property
+    def pending(self) -> TensorSpec | None:
+        return self._specs[self._next] if self._next < len(self._specs) else None
+
+    def write(self, name: str, data: "torch.Tensor | bytes | memoryview") -> None:
+        spec = self.pending
+        if spec is None or spec.name != name:
+            raise UsageError(f"tensor {name!r} written out of order (expected {spec.name if spec else 'nothing'!r})")
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            buf = memoryview(data)
+        else:
+            from peftcli.checkpoint.dtypes import safetensors_dtype
+
+            if safetensors_dtype(data.dtype) != spec.dtype or tuple(data.shape) != spec.shape:
+                raise UsageError(
+                    f"tensor {name!r} is {safetensors_dtype(data.dtype)}{list(data.shape)}, "
+                    f"but the header promised {spec.dtype}{list(spec.shape)}"
+                )
+            buf = tensor_bytes(data)
+        if buf.nbytes != spec.nbytes:
+            raise UsageError(f"tensor {name!r} has {buf.nbytes} bytes, expected {spec.nbytes}")
+        self._out.write(buf)
+        self._next += 1
+
+    def finish(self) -> None:
+        if self.pending is not None:
+            raise UsageError(f"file closed before tensor {self.pending.name!r} was written")
+        self._out.flush()
+
+
+def plan_shards(specs: list[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
+    """Greedy, order-preserving split (a tensor larger than the limit gets a shard of its own)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def shard_name(i: int, n: int) -> str:
+    return SAFETENSORS_SINGLE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def copy_model_files(source_dir: str, dest_dir: str) -> list[str]:
+    """Copy config, tokenizer and generation files (never weights) from ``source_dir``."""
+    copied = []
+    for name in sorted(os.listdir(source_dir)):
+        src = os.path.join(source_dir, name)
+        if _COPY_PATTERNS.match(name) and os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(dest_dir, name))
+            copied.append(name)
+    return copied
+
+
+class CheckpointWriter:
+    """Writes a checkpoint to ``target``: a ``.safetensors``/``.diff`` file, or a model directory.
+
+    Usage::
+
+        with CheckpointWriter("out/", specs, source_dir="base/", inputs=["base/"]) as w:
+            for spec in specs:
+                w.write(spec.name, make_tensor(spec.name))
+
+    A directory gets ``model.safetensors`` or shards plus ``model.safetensors.index.json``,
+    and the source directory's config and tokenizer files. Everything appears at ``target``
+    only when the ``with`` block completes; an exception leaves no trace.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        specs: Iterable[TensorSpec],
+        *,
+        metadata: Mapping[str, str] | None = None,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+        source_dir: str | None = None,
+        inputs: Iterable[str] = (),
+        force: bool = False,
+        single_file: bool | None = None,
+    ):
+        self.target = target
+        self.specs = list(specs)
+        # transformers refuses safetensors files whose metadata lacks format=pt.
+        self.metadata = {"format": "pt", **(metadata or {})}
+        # A ".safetensors" or ".diff" target is one file; anything else is a model directory.
+        self.single_file = target.endswith(SINGLE_FILE_SUFFIXES) if single_file is None else single_file
+        self.shards = [self.specs] if self.single_file else plan_shards(self.specs, parse_size(max_shard_size))
+        self.source_dir = source_dir
+        self.inputs = list(inputs)
+        self.force = force
+        self._shard_of = {s.name: i for i, shard in enumerate(self.shards) for s in shard}
+        if len(self._shard_of) != len(self.specs):
+            raise UsageError("a tensor name is listed twice")
+        self._ctx = None
+        self._tmp = ""
+        self._file = None
+        self._writer: SafetensorsStreamWriter | None = None
+        self._current = -1
+        self._written = 0
+
+    def __enter__(self) -> "CheckpointWriter":
+        self._ctx = atomic_output(self.target, directory=not self.single_file, inputs=self.inputs, force=self.force)
+        self._tmp = self._ctx.__enter__()
+        return self
+
+    def _path_of_shard(self, i: int) -> str:
+        return self._tmp if self.single_file else os.path.join(self._tmp, shard_name(i, len(self.shards)))
+
+    def _open_shard(self, i: int) -> None:
+        self._close_shard()
+        self._file = open_new_file(self._path_of_shard(i))
+        self._writer = SafetensorsStreamWriter(self._file, self.shards[i], self.metadata)
+        self._current = i
+
+    def _close_shard(self) -> None:
+        if self._writer is not None:
+            self._writer.finish()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._writer = self._file = None
+
+    def write(self, name: str, data: "torch.Tensor | bytes | memoryview") -> None:
+        """Write the next tensor; tensors come in the order of ``specs``."""
+        if self._written >= len(self.specs) or self.specs[self._written].name != name:
+            expected = self.specs[self._written].name if self._written < len(self.specs) else "nothing more"
+            raise UsageError(f"tensor {name!r} written out of order (expected {expected!r})")
+        i = self._shard_of[name]
+        if i != self._current:
+            self._open_shard(i)
+        self._writer.write(name, data)
+        self._written += 1
+
+    def _finish(self) -> None:
+        if not self.specs:
+            self._open_shard(0)  # a checkpoint without tensors is still a valid file
+        elif self._written != len(self.specs):
+            raise UsageError(f"checkpoint closed before tensor {self.specs[self._written].name!r} was written")
+        self._close_shard()
+        if self.single_file:
+            return
+        if len(self.shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(s.nbytes for s in self.specs)},
+                "weight_map": {s.name: shard_name(i, len(self.shards)) for i, sh in enumerate(self.shards) for s in sh},
+            }
+            with open_new_file(os.path.join(self._tmp, SAFETENSORS_INDEX)) as f:
+                f.write((json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
+                f.flush()
+                os.fsync(f.fileno())
+        if self.source_dir:
+            copy_model_files(self.source_dir, self._tmp)
+
+    def _abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._writer = self._file = None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            try:
+                self._finish()
+            except BaseException as inner:
+                self._abort()
+                self._ctx.__exit__(type(inner), inner, inner.__traceback__)
+                raise
+            return bool(self._ctx.__exit__(None, None, None))
+        self._abort()
+        return bool(self._ctx.__exit__(exc_type, exc, tb))
+
+
+def save_state_dict(
+    state_dict: Mapping[str, "torch.Tensor"], target: str, **kwargs
+) -> None:
+    """Write an in-memory state dict through the streaming writer (tests, small outputs)."""
+    from peftcli.checkpoint.dtypes import safetensors_dtype
+
+    specs = [TensorSpec(n, safetensors_dtype(t.dtype), tuple(t.shape)) for n, t in state_dict.items()]
+    with CheckpointWriter(target, specs, **kwargs) as w:
+        for name, tensor in state_dict.items():
+            w.write(name, tensor)

@@ -1,0 +1,108 @@
+"""The ``peftcli`` click group and the error contract every subcommand inherits.
+
+Exit codes: 0 ok, 1 bad input data, 2 usage, 3 interrupted or resource failure. Every
+failure is one line ``error: <what> (<hint>)`` on stderr; ``--debug`` (or PEFTCLI_DEBUG=1)
+adds the traceback. Subcommand modules import torch/transformers only inside commands,
+so ``peftcli --help`` and shell completion stay instant.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import traceback
+
+import click
+
+from peftcli import __version__
+from peftcli.errors import EXIT_BAD_INPUT, EXIT_RESOURCE, EXIT_USAGE, PeftcliError
+
+_debug = False
+
+
+class PeftcliGroup(click.Group):
+    """A click group whose ``main`` applies the one-line error contract."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        global _debug
+        _debug = bool(os.environ.get("PEFTCLI_DEBUG"))
+        try:
+            rv = super().main(args, prog_name or "peftcli", complete_var, standalone_mode=False, **extra)
+        except BaseException as exc:  # noqa: BLE001 - this is the one place errors become exit codes
+            code = _report(exc)
+            if not standalone_mode:
+                raise
+            sys.exit(code)
+        code = rv if isinstance(rv, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return rv
+
+
+def _fail(message: str, code: int, exc: BaseException) -> int:
+    if _debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    click.echo(" ".join(message.split()), err=True)
+    return code
+
+
+def _report(exc: BaseException) -> int:
+    """Print the one-line error for ``exc`` and return its exit code."""
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else 1
+    if isinstance(exc, PeftcliError):
+        return _fail(exc.one_line(), exc.exit_code, exc)
+    if isinstance(exc, click.UsageError):
+        cmd = exc.ctx.command_path if exc.ctx else "peftcli"
+        return _fail(f"error: {exc.format_message()} (see '{cmd} --help')", EXIT_USAGE, exc)
+    if isinstance(exc, click.ClickException):
+        return _fail(f"error: {exc.format_message()}", exc.exit_code, exc)
+    if isinstance(exc, (click.Abort, KeyboardInterrupt)):
+        return _fail("error: interrupted", EXIT_RESOURCE, exc)
+    if isinstance(exc, BrokenPipeError):
+        # The reader of our stdout went away (`| head`): not an error worth a message.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    if isinstance(exc, MemoryError):
+        return _fail("error: out of memory (use a machine with more memory or a smaller input)", EXIT_RESOURCE, exc)
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return _fail(f"error: no space left on device ({exc.filename or 'output'})", EXIT_RESOURCE, exc)
+    return _fail(
+        f"error: internal error: {type(exc).__name__}: {exc} (a bug in peftcli; rerun with --debug for a traceback)",
+        EXIT_BAD_INPUT,
+        exc,
+    )
+
+
+def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    global _debug
+    _debug = _debug or value
+    return value
+
+
+@click.group(
+    cls=PeftcliGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="Example: peftcli inspect model/ --budget lora --rank 16 --targets q_proj,v_proj",
+)
+@click.version_option(__version__, "--version", prog_name="peftcli")
+@click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug, help="Show tracebacks on errors.")
+def cli() -> None:
+    """Model surgery on checkpoints: inspect, adapt, diff, merge.
+
+    Results go to stdout (--json for one JSON document), progress and errors to stderr.
+    Exit codes: 0 ok, 1 bad input, 2 usage, 3 interrupted or out of resources.
+    """
+
+
+def main() -> None:
+    cli.main(prog_name="peftcli")
+
+
+# Registering subcommands imports their modules, which import nothing heavy.
+from peftcli.cli import completion_cmd, inspect_cmd  # noqa: E402
+
+cli.add_command(inspect_cmd.inspect)
+cli.add_command(completion_cmd.completion)

@@ -1,0 +1,31 @@
+"""``peftcli completion SHELL``: print the shell completion script (also shipped in completions/)."""
+
+from __future__ import annotations
+
+import click
+
+SHELLS = ("bash", "zsh", "fish")
+COMPLETE_VAR = "_PEFTCLI_COMPLETE"
+
+
+def completion_source(shell: str) -> str:
+    from click.shell_completion import get_completion_class
+
+    from peftcli.cli import cli
+
+    cls = get_completion_class(shell)
+    return cls(cli, {}, "peftcli", COMPLETE_VAR).source()
+
+
+@click.command()
+@click.argument("shell", type=click.Choice(SHELLS))
+def completion(shell: str) -> None:
+    """Print the completion script for SHELL.
+
+    \b
+    Example:
+      peftcli completion bash > ~/.local/share/bash-completion/completions/peftcli
+      peftcli completion zsh > "${fpath[1]}/_peftcli"
+      peftcli completion fish > ~/.config/fish/completions/peftcli.fish
+    """
+    click.echo(completion_source(shell), nl=False)

@@ -1,0 +1,96 @@
+"""Human-readable rendering of reports (rich tables); the data comes from the Python API."""
+
+from __future__ import annotations
+
+
+def human_count(n: int) -> str:
+    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def render_inspect(report: dict, console) -> None:
+    from rich.table import Table
+
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    n_files = len(report["files"])
+    grid.add_row("path", report["path"])
+    grid.add_row("format", f"{report['format']} ({report['storage']}, {n_files} file{'s' if n_files != 1 else ''})")
+    cfg = report.get("config")
+    if cfg:
+        arch = ", ".join(cfg["architectures"] or []) or "?"
+        grid.add_row("architecture", f"{arch} (model_type {cfg['model_type']})")
+        parts = [
+            f"{cfg['num_layers']} layers",
+            f"hidden {cfg['hidden_size']}",
+            f"{cfg['num_attention_heads']} heads ({cfg['num_key_value_heads']} KV)",
+            f"intermediate {cfg['intermediate_size']}",
+            f"vocab {cfg['vocab_size']}",
+            f"tied embeddings {'yes' if cfg['tie_word_embeddings'] else 'no'}",
+        ]
+        grid.add_row("config", ", ".join(parts))
+    grid.add_row("tensors", f"{report['num_tensors']:,}")
+    grid.add_row("parameters", f"{report['num_params']:,} ({human_count(report['num_params'])})")
+    grid.add_row("on disk", f"{report['bytes']:,} bytes ({human_bytes(report['bytes'])})")
+    for dtype, d in report["dtypes"].items():
+        grid.add_row("dtype " + dtype, f"{d['params']:,} params in {d['tensors']} tensors ({human_bytes(d['bytes'])})")
+    if "filter" in report:
+        f = report["filter"]
+        grid.add_row("filter", f"/{f['pattern']}/ matches {f['num_tensors']} tensors, {f['num_params']:,} params")
+    if "adapter_config" in report:
+        ac = report["adapter_config"]
+        grid.add_row("adapter", f"{ac.get('peft_type', '?')} on {ac.get('target_modules', '?')}")
+    console.print(grid)
+
+    if report["modules"]:
+        table = Table(title="modules", title_justify="left", show_edge=False, pad_edge=False)
+        table.add_column("module")
+        table.add_column("count", justify="right")
+        table.add_column("params", justify="right")
+        table.add_column("each", justify="right")
+        for row in report["modules"]:
+            label = "  " * row["depth"] + row["label"]
+            each = row["params"] // row["count"] if row["count"] else 0
+            table.add_row(label, f"×{row['count']}" if row["count"] > 1 else "", f"{row['params']:,}", f"{each:,}" if row["count"] > 1 else "")
+        console.print()
+        console.print(table)
+
+    if "tensors" in report:
+        table = Table(title="tensors", title_justify="left", show_edge=False, pad_edge=False)
+        for col, justify in (("name", "left"), ("shape", "left"), ("dtype", "left"), ("params", "right"), ("shard", "left")):
+            table.add_column(col, justify=justify)
+        for t in report["tensors"]:
+            table.add_row(t["name"], "[" + ", ".join(map(str, t["shape"])) + "]", t["dtype"], f"{t['params']:,}", t["shard"])
+        console.print()
+        console.print(table)
+
+    if "budget" in report:
+        render_budget(report["budget"], console)
+
+
+def render_budget(budget: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"budget: {budget['method']}", title_justify="left", show_edge=False, pad_edge=False)
+    table.add_column("target")
+    table.add_column("shape")
+    table.add_column("added params", justify="right")
+    for t in budget["targets"]:
+        table.add_row(t["module"], " × ".join(map(str, t["shape"])), f"{t['params']:,}")
+    console.print()
+    console.print(table)
+    console.print(
+        f"trainable {budget['trainable_params']:,} of {budget['base_params']:,} base parameters: "
+        f"{budget['pct_of_base']:.4f}% of the base ({budget['pct_of_total']:.4f}% of base + added, PEFT's convention), "
+        f"{budget['reduction_pct']:.4f}% fewer than full fine-tuning"
+    )

@@ -1,0 +1,55 @@
+"""The error hierarchy and its exit codes.
+
+Every failure a user can cause is a ``PeftcliError``; the CLI turns it into one line
+``error: <what> (<hint>)`` on stderr and the exit code below. Anything else that escapes
+is a bug and is reported as such (with a traceback under ``--debug``).
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 1  # the input data is wrong: bad file, mismatch, NaN
+EXIT_USAGE = 2  # the command line is wrong
+EXIT_RESOURCE = 3  # interrupted, disk full, out of memory
+
+
+class PeftcliError(Exception):
+    """Base of every user-facing error. ``hint`` says what to do about it."""
+
+    exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(f"{message} ({hint})" if hint else message)
+        self.message = message
+        self.hint = hint
+
+    def one_line(self) -> str:
+        text = f"error: {self.message}"
+        if self.hint:
+            text += f" ({self.hint})"
+        # One line, whatever the message carried (file names with newlines, JSON errors).
+        return " ".join(text.split())
+
+
+class BadInputError(PeftcliError):
+    """The input files are missing, corrupt or inconsistent with each other."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class UsageError(PeftcliError):
+    """Options that cannot work together, or values out of range."""
+
+    exit_code = EXIT_USAGE
+
+
+class ResourceError(PeftcliError):
+    """The machine failed us: disk full, permission denied on output, out of memory."""
+
+    exit_code = EXIT_RESOURCE
+
+
+class Interrupted(PeftcliError):
+    """The user interrupted the run (Ctrl-C)."""
+
+    exit_code = EXIT_RESOURCE

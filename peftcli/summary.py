@@ -1,0 +1,215 @@
+"""What ``peftcli inspect`` reports: a checkpoint's format, config, sizes and module tree.
+
+Everything is computed from headers (and ``config.json``), never from tensor values, so
+summarising a checkpoint of any size reads kilobytes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from peftcli.checkpoint.reader import Checkpoint, load_json
+
+# config.json spells the same quantity differently per family; the first key present wins.
+_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
+    "num_layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "hidden_size": ("hidden_size", "n_embd", "d_model", "dim"),
+    "num_attention_heads": ("num_attention_heads", "n_head", "num_heads"),
+    "num_key_value_heads": ("num_key_value_heads", "n_head_kv", "num_kv_heads"),
+    "intermediate_size": ("intermediate_size", "n_inner", "ffn_dim", "d_ff"),
+    "vocab_size": ("vocab_size",),
+    "max_position_embeddings": ("max_position_embeddings", "n_positions"),
+    "dtype": ("dtype", "torch_dtype"),
+}
+
+
+def detect_format(ckpt: Checkpoint) -> str:
+    """checkpoint, adapter (a PEFT-style adapter directory) or sparse-diff."""
+    if ckpt.metadata.get("format") == "peftcli.sparse-diff":
+        return "sparse-diff"
+    if ckpt.directory and os.path.isfile(os.path.join(ckpt.directory, "adapter_config.json")):
+        return "adapter"
+    return "checkpoint"
+
+
+def config_summary(config: dict | None) -> dict | None:
+    if config is None:
+        return None
+    out: dict[str, object] = {
+        "model_type": config.get("model_type"),
+        "architectures": config.get("architectures"),
+    }
+    for key, spellings in _CONFIG_KEYS.items():
+        out[key] = next((config[s] for s in spellings if config.get(s) is not None), None)
+    if out["num_key_value_heads"] is None:
+        out["num_key_value_heads"] = out["num_attention_heads"]  # no GQA: one KV head per query head
+    # transformers' own default is True when a config leaves this out.
+    out["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", True))
+    return out
+
+
+def dtype_breakdown(ckpt: Checkpoint) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for t in ckpt.tensors.values():
+        d = out.setdefault(t.dtype, {"tensors": 0, "params": 0, "bytes": 0})
+        d["tensors"] += 1
+        d["params"] += t.numel
+        d["bytes"] += t.nbytes
+    return dict(sorted(out.items()))
+
+
+# -- the module tree ------------------------------------------------------------------------
+
+
+@dataclass
+class _Node:
+    children: dict[str, "_Node"] = field(default_factory=dict)
+    params: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # leaf name -> (shape, dtype)
+    _total: int | None = None
+    _sig: tuple | None = None
+
+    def total(self) -> int:
+        if self._total is None:
+            own = 0
+            for shape, _ in self.params.values():
+                n = 1
+                for d in shape:
+                    n *= d
+                own += n
+            self._total = own + sum(c.total() for c in self.children.values())
+        return self._total
+
+    def signature(self) -> tuple:
+        """Structure and shapes below this node: equal signatures mean interchangeable layers."""
+        if self._sig is None:
+            self._sig = (
+                tuple(sorted(self.params.items())),
+                tuple((k, c.signature()) for k, c in self.children.items()),
+            )
+        return self._sig
+
+
+@dataclass(frozen=True)
+class ModuleRow:
+    name: str  # full dotted path with repeated layers collapsed, e.g. "model.layers.{0..29}.mlp"
+    label: str  # the part below its parent row, e.g. "layers.{0..29}"
+    depth: int
+    count: int  # how many identical modules this row stands for
+    params: int  # total over all of them
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "label": self.label, "depth": self.depth, "count": self.count, "params": self.params}
+
+
+def _build_tree(names_shapes: list[tuple[str, tuple[int, ...], str]]) -> _Node:
+    root = _Node()
+    for name, shape, dtype in names_shapes:
+        *path, leaf = name.split(".")
+        node = root
+        for part in path:
+            node = node.children.setdefault(part, _Node())
+        node.params[leaf] = (shape, dtype)
+    return root
+
+
+def _groups(node: _Node) -> list[tuple[str, list[_Node]]]:
+    """Children in order, runs of consecutive numbered children with equal structure merged."""
+    out: list[tuple[str, list[_Node]]] = []
+    numeric = sorted((k for k in node.children if k.isdigit()), key=int)
+    runs: list[list[str]] = []
+    for k in numeric:
+        if runs and int(k) == int(runs[-1][-1]) + 1 and node.children[k].signature() == node.children[runs[-1][-1]].signature():
+            runs[-1].append(k)
+        else:
+            runs.append([k])
+    emitted_numeric = False
+    for k in node.children:
+        if not k.isdigit():
+            out.append((k, [node.children[k]]))
+        elif not emitted_numeric:
+            emitted_numeric = True
+            for run in runs:
+                label = run[0] if len(run) == 1 else f"{{{run[0]}..{run[-1]}}}"
+                out.append((label, [node.children[i] for i in run]))
+    return out
+
+
+def module_tree(ckpt: Checkpoint, max_depth: int = 4) -> list[ModuleRow]:
+    """Modules down to ``max_depth`` levels, repeated layers shown once with a count."""
+    root = _build_tree([(t.name, t.shape, t.dtype) for t in ckpt.tensors.values()])
+    rows: list[ModuleRow] = []
+
+    def walk(node: _Node, prefix: str, depth: int, mult: int) -> None:
+        for label, members in _groups(node):
+            n, first = len(members), members[0]
+            # A container holding nothing but one run of numbered layers ("layers") is shown
+            # merged with it: "layers.{0..29}".
+            while not first.params and first.children and all(k.isdigit() for k in first.children):
+                sub = _groups(first)
+                if len(sub) != 1:
+                    break
+                label, n, first = f"{label}.{sub[0][0]}", n * len(sub[0][1]), sub[0][1][0]
+            name = f"{prefix}.{label}" if prefix else label
+            count = mult * n
+            rows.append(ModuleRow(name, label, depth, count, first.total() * count))
+            if depth + 1 < max_depth and first.children:
+                walk(first, name, depth + 1, count)
+
+    if root.params:  # tensors whose names have no dot
+        rows.append(ModuleRow("(top level)", "(top level)", 0, 1, _Node(params=root.params).total()))
+    walk(root, "", 0, 1)
+    return rows
+
+
+# -- the report -----------------------------------------------------------------------------
+
+
+def filter_names(names: list[str], pattern: str | None) -> list[str]:
+    if not pattern:
+        return names
+    regex = re.compile(pattern)
+    return [n for n in names if regex.search(n)]
+
+
+def summarize(
+    ckpt: Checkpoint, *, with_tensors: bool = False, name_filter: str | None = None, max_depth: int = 4
+) -> dict:
+    """The whole ``inspect`` report as plain data (the ``--json`` document)."""
+    names = filter_names(list(ckpt.tensors), name_filter)
+    shown = [ckpt.tensors[n] for n in names]
+    report: dict = {
+        "schema": "peftcli.inspect/1",
+        "path": ckpt.path,
+        "format": detect_format(ckpt),
+        "storage": ckpt.storage,
+        "files": [{"path": f, "bytes": os.path.getsize(f)} for f in ckpt.files],
+        "num_tensors": len(ckpt.tensors),
+        "num_params": ckpt.num_params,
+        "bytes": ckpt.bytes_on_disk,
+        "dtypes": dtype_breakdown(ckpt),
+        "config": config_summary(ckpt.config),
+        "metadata": dict(ckpt.metadata),
+        "modules": [r.to_json() for r in module_tree(_restricted(ckpt, names) if name_filter else ckpt, max_depth)],
+    }
+    if name_filter:
+        report["filter"] = {"pattern": name_filter, "num_tensors": len(shown), "num_params": sum(t.numel for t in shown)}
+    if report["format"] == "adapter":
+        report["adapter_config"] = load_json(os.path.join(ckpt.directory, "adapter_config.json"), "adapter config")
+    if with_tensors:
+        report["tensors"] = [
+            {
+                "name": t.name,
+                "shape": list(t.shape),
+                "dtype": t.dtype,
+                "params": t.numel,
+                "shard": os.path.basename(t.file),
+            }
+            for t in shown
+        ]
+    return report
+
+
+def _restricted(ckpt: Checkpoint, names: list[str]) -> Checkpoint:
+    return Checkpoint(ckpt.path, ckpt.storage, ckpt.files, {n: ckpt.tensors[n] for n in names}, ckpt.metadata, ckpt.directory)

@@ -1,0 +1,156 @@
+"""Which modules a method adapts, resolved from tensor names and shapes alone (no model built).
+
+A "linear module" is a 2-D ``<module>.weight`` that is not an embedding. GPT-2 stores its
+``Conv1D`` weights transposed ([in, out]); ``LinearModule.shape`` is always [out, in].
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+from peftcli.errors import UsageError
+
+# The LoRA paper adapts the query and value projections; these are their names per family.
+DEFAULT_QV_TARGETS: dict[str, tuple[str, ...]] = {
+    "llama": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+    "mixtral": ("q_proj", "v_proj"),
+    "qwen2": ("q_proj", "v_proj"),
+    "qwen3": ("q_proj", "v_proj"),
+    "gemma": ("q_proj", "v_proj"),
+    "gemma2": ("q_proj", "v_proj"),
+    "phi3": ("qkv_proj",),
+    "opt": ("q_proj", "v_proj"),
+    "bert": ("query", "value"),
+    "roberta": ("query", "value"),
+    "xlm-roberta": ("query", "value"),
+    "electra": ("query", "value"),
+    "distilbert": ("q_lin", "v_lin"),
+    "gpt2": ("c_attn",),
+    "gpt_neox": ("query_key_value",),
+    "falcon": ("query_key_value",),
+    "bloom": ("query_key_value",),
+    "t5": ("q", "v"),
+}
+_FALLBACK_QV = (("q_proj", "v_proj"), ("query", "value"), ("q_lin", "v_lin"), ("c_attn",), ("query_key_value",))
+
+CONV1D_MODEL_TYPES = {"gpt2"}  # families whose projections are transformers' Conv1D
+_EMBEDDING = re.compile(r"(embed|^wte$|^wpe$|^emb)", re.IGNORECASE)
+_OUTPUT_HEADS = {"lm_head", "score", "classifier", "qa_outputs", "decoder"}
+_REGEX_CHARS = set("*+?[](){}|^$\\")
+
+
+@dataclass(frozen=True)
+class LinearModule:
+    name: str  # module path, e.g. "model.layers.0.self_attn.q_proj"
+    shape: tuple[int, int]  # [out_features, in_features]
+    transposed: bool  # stored [in, out] (GPT-2 Conv1D)
+    layer: int | None  # index of the repeated block it belongs to
+
+    @property
+    def kind(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+
+def layer_index(module: str) -> int | None:
+    for part in module.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def linear_modules(shapes: dict[str, tuple[int, ...]], config: dict | None) -> list[LinearModule]:
+    model_type = (config or {}).get("model_type")
+    out = []
+    for name, shape in shapes.items():
+        if not name.endswith(".weight") or len(shape) != 2:
+            continue
+        module = name[: -len(".weight")]
+        if _EMBEDDING.search(module.rsplit(".", 1)[-1]):
+            continue
+        transposed = model_type in CONV1D_MODEL_TYPES and module.rsplit(".", 1)[-1] != "lm_head"
+        out_in = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
+        out.append(LinearModule(module, out_in, transposed, layer_index(module)))
+    return out
+
+
+def is_output_head(module: LinearModule, config: dict | None) -> bool:
+    vocab = (config or {}).get("vocab_size")
+    return module.kind in _OUTPUT_HEADS or (module.layer is None and vocab is not None and module.shape[0] == vocab)
+
+
+def parse_layers(spec: str | None) -> set[int] | None:
+    """'20-29' or '0,2,5-7' -> a set of layer indices; None means every layer."""
+    if spec is None or spec == "":
+        return None
+    layers: set[int] = set()
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m:
+            raise UsageError(f"invalid --layers {spec!r}", "use a list of indices and ranges such as 0,2,20-29")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise UsageError(f"invalid --layers range {part.strip()!r}", "write ranges low-high")
+        layers.update(range(lo, hi + 1))
+    return layers
+
+
+def default_targets(modules: Iterable[LinearModule], config: dict | None) -> tuple[str, ...]:
+    kinds = {m.kind for m in modules}
+    preset = DEFAULT_QV_TARGETS.get((config or {}).get("model_type", ""))
+    if preset and set(preset) <= kinds:
+        return preset
+    for names in _FALLBACK_QV:  # unknown family: recognise the projections by name
+        if set(names) <= kinds:
+            return names
+    raise UsageError(
+        "cannot tell this architecture's query/value projections",
+        "pass --targets; linear modules here: " + ", ".join(sorted(kinds)),
+    )
+
+
+def resolve_targets(
+    shapes: dict[str, tuple[int, ...]], config: dict | None, targets: str | None, layers: str | None
+) -> list[LinearModule]:
+    """The linear modules selected by ``targets`` (names, a regex or 'all-linear') and ``layers``."""
+    modules = linear_modules(shapes, config)
+    if not modules:
+        raise UsageError("this checkpoint has no linear (2-D) weights to adapt")
+    if targets is None or targets.strip() == "":
+        names: tuple[str, ...] | None = default_targets(modules, config)
+        chosen = [m for m in modules if m.kind in names]
+    elif targets.strip() == "all-linear":
+        chosen = [m for m in modules if not is_output_head(m, config)]
+    elif _REGEX_CHARS & set(targets):
+        try:
+            pattern = re.compile(targets)
+        except re.error as exc:
+            raise UsageError(f"invalid --targets regex {targets!r}: {exc}") from None
+        chosen = [m for m in modules if pattern.fullmatch(m.name)]
+    else:
+        wanted = [t.strip() for t in targets.split(",") if t.strip()]
+        chosen = [m for m in modules if any(m.name == t or m.name.endswith("." + t) for t in wanted)]
+        missing = [t for t in wanted if not any(m.name == t or m.name.endswith("." + t) for m in modules)]
+        if missing:
+            raise UsageError(
+                f"target {', '.join(missing)} matches no linear module",
+                "linear modules here: " + ", ".join(sorted({m.kind for m in modules})),
+            )
+    layer_set = parse_layers(layers)
+    if layer_set is not None:
+        present = {m.layer for m in modules if m.layer is not None}
+        absent = sorted(layer_set - present)
+        if absent:
+            raise UsageError(
+                f"--layers names layer {absent[0]}, which this model does not have",
+                f"layers here: {min(present)}-{max(present)}" if present else "this model has no numbered layers",
+            )
+        chosen = [m for m in chosen if m.layer in layer_set]
+    if not chosen:
+        raise UsageError(
+            f"--targets {targets!r} matches no linear module" if targets else "no module matches the default targets",
+            "linear modules here: " + ", ".join(sorted({m.kind for m in modules})),
+        )
+    return chosen

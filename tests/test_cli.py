@@ -1,0 +1,140 @@
+"""The CLI contract: help, start-up imports, streams, exit codes, --json schema."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from peftcli.cli import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args):
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_help_lists_every_subcommand():
+    result = run("--help")
+    assert result.exit_code == 0
+    for name in cli.commands:
+        assert f"  {name} " in result.stdout
+
+
+@pytest.mark.parametrize("name", sorted(cli.commands))
+def test_every_subcommand_has_help_with_an_example(name):
+    result = run(name, "--help")
+    assert result.exit_code == 0
+    assert "Example" in result.stdout and f"peftcli {name}" in result.stdout
+
+
+def test_help_does_not_import_torch_or_transformers():
+    code = (
+        "import sys\n"
+        "from peftcli.cli import cli\n"
+        "try:\n    cli.main(['--help'], prog_name='peftcli')\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'numpy', 'safetensors') if m in sys.modules]\n"
+        "sys.stderr.write(repr(heavy))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == "[]"
+
+
+def test_python_dash_m_and_version():
+    proc = subprocess.run([sys.executable, "-m", "peftcli", "--version"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.startswith("peftcli, version ")
+
+
+def test_inspect_json_schema(tiny_llama):
+    result = run("inspect", tiny_llama, "--json", "--tensors")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)  # exactly one JSON document
+    for key in ("schema", "path", "format", "storage", "files", "num_tensors", "num_params", "bytes", "dtypes", "config", "modules", "tensors"):
+        assert key in doc, key
+    assert doc["format"] == "checkpoint"
+    assert doc["storage"] == "safetensors"
+    assert doc["config"]["model_type"] == "llama"
+    assert doc["config"]["num_key_value_heads"] == 2
+    assert doc["config"]["tie_word_embeddings"] is False
+    assert len(doc["tensors"]) == doc["num_tensors"]
+    assert sum(t["params"] for t in doc["tensors"]) == doc["num_params"]
+    t = doc["tensors"][0]
+    assert set(t) == {"name", "shape", "dtype", "params", "shard"}
+    assert "tensors" not in json.loads(run("inspect", tiny_llama, "--json").stdout)
+
+
+def test_inspect_filter_narrows_listing(tiny_llama):
+    doc = json.loads(run("inspect", tiny_llama, "--json", "--tensors", "--filter", r"layers\.0\..*proj").stdout)
+    names = [t["name"] for t in doc["tensors"]]
+    assert len(names) == 7 and all(".layers.0." in n and "proj" in n for n in names)
+    assert doc["filter"]["num_tensors"] == 7
+
+
+def test_inspect_text_output_has_no_ansi_off_a_terminal(tiny_llama):
+    result = run("inspect", tiny_llama, "--tensors")
+    assert result.exit_code == 0
+    assert "\x1b[" not in result.stdout
+    assert "layers.{0..1}" in result.stdout and "LlamaForCausalLM" in result.stdout
+    assert result.stderr == ""
+
+
+def test_no_color_is_honoured_even_on_a_forced_terminal(tiny_llama):
+    env = {**os.environ, "NO_COLOR": "1", "FORCE_COLOR": "", "TTY_COMPATIBLE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "peftcli", "inspect", tiny_llama], capture_output=True, text=True, cwd=ROOT, env=env
+    )
+    assert proc.returncode == 0 and "\x1b[3" not in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["inspect", "/nonexistent/model"], 1, "no such file or directory"),
+        (["inspect"], 2, "Missing argument 'PATH'"),
+        (["inspect", "{model}", "--rank", "4"], 2, "--rank only applies with --budget"),
+        (["inspect", "{model}", "--budget", "lora", "--rank", "0"], 2, "--rank must be positive"),
+        (["inspect", "{model}", "--budget", "lora", "--rank", "65"], 2, "larger than min(out, in)"),
+        (["inspect", "{model}", "--budget", "lora", "--targets", "nope"], 2, "matches no linear module"),
+        (["inspect", "{model}", "--budget", "ia3"], 2, "not yet supported"),
+        (["inspect", "{model}", "--filter", "("], 2, "invalid --filter regex"),
+        (["inspect", "{model}", "--bogus"], 2, "No such option"),
+        (["frobnicate"], 2, "No such command"),
+    ],
+)
+def test_errors_are_one_line_with_the_right_exit_code(tiny_llama, args, code, message):
+    result = run(*[a.replace("{model}", tiny_llama) for a in args])
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert result.stdout == ""
+
+
+def test_debug_shows_the_traceback():
+    result = run("--debug", "inspect", "/nonexistent/model")
+    assert result.exit_code == 1
+    assert "Traceback" in result.stderr and result.stderr.strip().endswith("no such file or directory")
+
+
+def test_pickle_requires_the_flag_on_the_cli(tmp_path):
+    import torch
+
+    path = str(tmp_path / "model.bin")
+    torch.save({"w": torch.ones(3)}, path)
+    refused = run("inspect", path)
+    assert refused.exit_code == 1 and "--allow-pickle" in refused.stderr
+    allowed = run("inspect", path, "--allow-pickle", "--json")
+    assert allowed.exit_code == 0 and json.loads(allowed.stdout)["num_params"] == 3
+
+
+def test_broken_pipe_exits_quietly(tiny_llama):
+    proc = subprocess.run(
+        f"{sys.executable} -m peftcli inspect {tiny_llama} --tensors | head -1",
+        shell=True, capture_output=True, text=True, cwd=ROOT,
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and "error" not in proc.stderr
