@@ -85,8 +85,11 @@ def check_output_path(target: str, inputs: Iterable[str] = (), force: bool = Fal
     if os.path.lexists(target) and not force:
         raise UsageError(f"output {target} already exists", "pass --force to replace it, or choose another -o path")
     parent = os.path.dirname(os.path.abspath(target))
-    if not os.path.isdir(parent):
-        raise UsageError(f"output directory {parent} does not exist", "create it first")
+    existing = parent
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"output {target} is inside {existing}, which is a file", "choose another -o path")
 
 
 def os_error(exc: OSError, target: str) -> ResourceError:
@@ -107,8 +110,13 @@ def atomic_output(target: str, *, directory: bool, inputs: Iterable[str] = (), f
     at ``target`` changes.
     """
     inputs = list(inputs)
+    target = os.path.normpath(target)  # "runs/lora/" names the directory runs/lora
     check_output_path(target, inputs, force)
     parent = os.path.dirname(os.path.abspath(target))
+    try:
+        os.makedirs(parent, exist_ok=True)  # like mkdir -p: "-o runs/new/lora" just works
+    except OSError as exc:
+        raise os_error(exc, target) from exc
     clean_stale_temps(parent)
     tmp = temp_path_for(target)
     try:

@@ -188,7 +188,7 @@ class CheckpointWriter:
         force: bool = False,
         single_file: bool | None = None,
     ):
-        self.target = target
+        self.target = target = os.path.normpath(target)
         self.specs = list(specs)
         # transformers refuses safetensors files whose metadata lacks format=pt.
         self.metadata = {"format": "pt", **(metadata or {})}

@@ -1,15 +1,37 @@
 """The small interface every method implements, and the parameter budget it reports.
 
-A method has a config dataclass (its options, declared once with ``peftcli.options.option``)
-and computes, from tensor shapes alone, which modules it touches and how many trainable
-parameters it adds there. ``inspect --budget`` and ``inject`` both call ``budget`` so the
-numbers they print cannot disagree.
+A method is one module in ``peftcli/methods/`` defining a config dataclass (its options,
+declared once with ``peftcli.options.option``) and a class with:
+
+- ``budget(shapes, model_config, cfg)``: tensor level, from shapes alone — which modules it
+  touches and the trainable parameters it adds there (``inspect --budget`` and ``inject``
+  both print this, so the numbers cannot disagree);
+- ``init(ckpt, cfg, generator)``: tensor level — the initial φ, keyed as in
+  ``adapter_model.safetensors``; their sizes add up to the budget;
+- ``adapter_config(ckpt, cfg)`` / ``config_from_adapter(json)``: the ``adapter_config.json``
+  it writes and reads back (PEFT's fields where PEFT has the method);
+- ``attach(model, cfg, tensors, model_config)``: module level — put φ into a
+  ``transformers`` model in place and return the φ parameters (and, for input composition,
+  a transform of the forward's keyword arguments).
+
+ΔW for merging (``delta``) arrives with the merge issue.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+    from peftcli.checkpoint.reader import Checkpoint
+
+PEFT_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
+
+
+def peft_key(module: str, suffix: str) -> str:
+    return f"{PEFT_PREFIX}{module}.{suffix}"
 
 
 @dataclass(frozen=True)
@@ -57,10 +79,31 @@ class Budget:
         }
 
 
+@dataclass
+class Attached:
+    """What ``attach`` put into a model: φ as live parameters, keyed as in the artifact."""
+
+    phi: dict[str, "torch.nn.Parameter"]
+    # For input composition (prompt, prefix): rewrites the forward's keyword arguments.
+    input_transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # For methods whose φ is a difference from base parameters trained in place (BitFit,
+    # layers): returns φ in the artifact's layout. Default: the ``phi`` parameters themselves.
+    export: Callable[[], dict[str, "torch.Tensor"]] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
 class Method(Protocol):
     name: str
     config_cls: type
+    summary: str  # one line, shown by `peftcli inject --help`
+    peft_type: str | None  # PEFT's peft_type when PEFT has the method, else None
 
-    def budget(self, shapes: dict[str, tuple[int, ...]], model_config: dict | None, cfg: object) -> list[BudgetRow]:
-        """The modules ``cfg`` selects in a base with these tensor ``shapes``, and what it adds to each."""
-        ...
+    def budget(self, shapes: dict[str, tuple[int, ...]], model_config: dict | None, cfg: Any) -> list[BudgetRow]: ...
+
+    def init(self, ckpt: "Checkpoint", cfg: Any, generator: "torch.Generator") -> dict[str, "torch.Tensor"]: ...
+
+    def adapter_config(self, ckpt: "Checkpoint", cfg: Any) -> dict: ...
+
+    def config_from_adapter(self, adapter_config: dict) -> Any: ...
+
+    def attach(self, model: "torch.nn.Module", cfg: Any, tensors: dict[str, "torch.Tensor"], model_config: dict) -> Attached: ...

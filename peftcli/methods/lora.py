@@ -1,17 +1,29 @@
 """LoRA (Hu et al., 2021): h = W₀x + (α/r)·B·A·x with A: [r, in], B: [out, r].
 
-Variants: rsLoRA scales by α/√r; DoRA adds a magnitude vector of one entry per output
-feature. On a d×k matrix LoRA adds r·(d + k) parameters (+ d for DoRA).
+Variants: rsLoRA scales by α/√r; DoRA (Liu et al., 2024) learns a magnitude m per output
+feature and uses W' = m · (W₀ + sBA) / ‖W₀ + sBA‖ (row norms, treated as a constant in
+backprop, as the paper suggests). On a d×k matrix LoRA adds r·(d + k) parameters (+ d for
+DoRA). A starts Kaiming-uniform (or Gaussian), B at zero, so ΔW = 0 before training.
+Written in PEFT's layout: ``base_model.model.<module>.lora_A.weight`` [r, in],
+``...lora_B.weight`` [out, r], ``...lora_magnitude_vector`` [out].
 """
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from peftcli.errors import UsageError
-from peftcli.methods.base import BudgetRow
+from peftcli.errors import BadInputError, UsageError
+from peftcli.methods.base import Attached, BudgetRow, peft_key, PEFT_PREFIX
 from peftcli.options import option
 from peftcli.targets import resolve_targets
+
+if TYPE_CHECKING:
+    import torch
+
+INITS = ("kaiming", "gaussian")
 
 
 @dataclass
@@ -29,6 +41,8 @@ class LoraConfig:
     layers: str | None = option(None, metavar="RANGES", help="only these layers, e.g. 20-29 or 0,2,4-6")
     dora: bool = option(False, help="DoRA: also learn a magnitude per output feature")
     rslora: bool = option(False, help="rsLoRA: scale by α/√r instead of α/r")
+    dropout: float = option(0.0, help="dropout on the LoRA branch's input during training (default 0)")
+    init: str = option("kaiming", metavar="kaiming|gaussian", help="initialisation of A (B is always zero); default kaiming, as PEFT")
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
@@ -37,24 +51,166 @@ class LoraConfig:
             self.alpha = 2.0 * self.rank
         elif self.alpha <= 0:
             raise UsageError(f"--alpha must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.init not in INITS:
+            raise UsageError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
 class LoRA:
     name = "lora"
     config_cls = LoraConfig
+    summary = "Low-rank update ΔW = (α/r)·B·A on linear layers (also DoRA, rsLoRA)."
+    peft_type = "LORA"
+    examples = (
+        "peftcli inject lora --rank 8 model/ -o runs/lora/",
+        "peftcli inject lora --rank 16 --alpha 32 --targets all-linear --rslora model/ -o runs/lora16/",
+        "peftcli inject lora --dora --targets q_proj,k_proj,v_proj,o_proj model/ -o runs/dora/",
+    )
 
     @staticmethod
     def added_params(shape: tuple[int, int], cfg: LoraConfig) -> int:
         out_features, in_features = shape
         return cfg.rank * (out_features + in_features) + (out_features if cfg.dora else 0)
 
-    def budget(self, shapes: dict[str, tuple[int, ...]], model_config: dict | None, cfg: LoraConfig) -> list[BudgetRow]:
-        rows = []
-        for m in resolve_targets(shapes, model_config, cfg.targets, cfg.layers):
+    def _targets(self, shapes, model_config, cfg):
+        modules = resolve_targets(shapes, model_config, cfg.targets, cfg.layers)
+        for m in modules:
             if cfg.rank > min(m.shape):
                 raise UsageError(
                     f"--rank {cfg.rank} is larger than min(out, in) = {min(m.shape)} of {m.name}",
                     "a rank above that adds parameters without adding expressiveness",
                 )
-            rows.append(BudgetRow(m.name, m.shape, self.added_params(m.shape, cfg)))
-        return rows
+        return modules
+
+    def budget(self, shapes: dict[str, tuple[int, ...]], model_config: dict | None, cfg: LoraConfig) -> list[BudgetRow]:
+        return [BudgetRow(m.name, m.shape, self.added_params(m.shape, cfg)) for m in self._targets(shapes, model_config, cfg)]
+
+    # -- tensor level --------------------------------------------------------------------
+    def init(self, ckpt, cfg: LoraConfig, generator: "torch.Generator") -> dict[str, "torch.Tensor"]:
+        import torch
+
+        shapes = {t.name: t.shape for t in ckpt.tensors.values()}
+        out: dict[str, torch.Tensor] = {}
+        for m in self._targets(shapes, ckpt.config, cfg):
+            d_out, d_in = m.shape
+            a = torch.empty(cfg.rank, d_in)
+            if cfg.init == "kaiming":
+                # PEFT's default: kaiming_uniform_(a=√5) on [r, in], i.e. U(−1/√in, 1/√in).
+                bound = 1.0 / math.sqrt(d_in)
+                a.uniform_(-bound, bound, generator=generator)
+            else:
+                a.normal_(0.0, 1.0 / cfg.rank, generator=generator)
+            out[peft_key(m.name, "lora_A.weight")] = a
+            out[peft_key(m.name, "lora_B.weight")] = torch.zeros(d_out, cfg.rank)
+            if cfg.dora:
+                w = ckpt.get(m.name + ".weight").float()
+                w = w.T if m.transposed else w
+                out[peft_key(m.name, "lora_magnitude_vector")] = torch.linalg.norm(w, dim=1)  # ‖W₀ + s·0‖ per row
+        return out
+
+    def adapter_config(self, ckpt, cfg: LoraConfig) -> dict:
+        shapes = {t.name: t.shape for t in ckpt.tensors.values()}
+        modules = self._targets(shapes, ckpt.config, cfg)
+        alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
+        return {
+            "peft_type": "LORA",
+            "task_type": None,
+            "base_model_name_or_path": os.path.abspath(ckpt.path),
+            "r": cfg.rank,
+            "lora_alpha": alpha,
+            # Exact module paths: PEFT suffix-matches them, so it selects exactly these modules.
+            "target_modules": [m.name for m in modules],
+            "lora_dropout": cfg.dropout,
+            "fan_in_fan_out": any(m.transposed for m in modules),
+            "bias": "none",
+            "use_dora": cfg.dora,
+            "use_rslora": cfg.rslora,
+            "init_lora_weights": True if cfg.init == "kaiming" else "gaussian",
+            "modules_to_save": None,
+            "layers_to_transform": None,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "inference_mode": False,
+        }
+
+    def config_from_adapter(self, d: dict) -> LoraConfig:
+        for key in ("rank_pattern", "alpha_pattern"):
+            if d.get(key):
+                raise BadInputError(f"adapter config uses {key}, which peftcli does not support yet")
+        if d.get("bias", "none") != "none":
+            raise BadInputError(f"adapter config trains biases (bias={d['bias']!r}), which peftcli's LoRA does not support")
+        if "r" not in d:
+            raise BadInputError("LoRA adapter config has no rank 'r'")
+        targets = d.get("target_modules")
+        layers = d.get("layers_to_transform")
+        return LoraConfig(
+            rank=int(d["r"]),
+            alpha=float(d.get("lora_alpha", 8)),  # PEFT's default when absent
+            targets=",".join(targets) if isinstance(targets, list) else targets,
+            layers=",".join(map(str, layers)) if isinstance(layers, list) else (str(layers) if layers is not None else None),
+            dora=bool(d.get("use_dora", False)),
+            rslora=bool(d.get("use_rslora", False)),
+            dropout=float(d.get("lora_dropout", 0.0)),
+            init="gaussian" if d.get("init_lora_weights") == "gaussian" else "kaiming",
+        )
+
+    # -- module level ---------------------------------------------------------------------
+    def attach(self, model, cfg: LoraConfig, tensors: dict, model_config: dict) -> Attached:
+        from peftcli import modules as mod
+        from peftcli.methods.lora_layer import LoraLinear
+
+        suffixes = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+        by_module: dict[str, dict[str, "torch.Tensor"]] = {}
+        problems: list[str] = []
+        for key, t in tensors.items():
+            suffix = next((s for s in suffixes if key.endswith("." + s)), None)
+            if not key.startswith(PEFT_PREFIX) or suffix is None:
+                problems.append(f"unexpected key {key}")
+                continue
+            by_module.setdefault(key[len(PEFT_PREFIX) : -len(suffix) - 1], {})[suffix] = t
+        phi = {}
+        for path, parts in by_module.items():
+            base = mod.resolve(model, path)
+            if base is None:
+                problems.append(f"{path}: no such module in the base")
+                continue
+            layer = model.get_submodule(base)
+            try:
+                d_out, d_in = mod.linear_dims(layer)
+            except BadInputError:
+                problems.append(f"{path}: is {type(layer).__name__}, not a linear layer")
+                continue
+            a, b, m = parts.get("lora_A.weight"), parts.get("lora_B.weight"), parts.get("lora_magnitude_vector")
+            if a is None or b is None:
+                problems.append(f"{path}: lora_A and lora_B must both be present")
+                continue
+            if a.shape[0] != cfg.rank or b.shape[1] != cfg.rank:
+                problems.append(f"{path}: rank {a.shape[0]} in the tensors but r={cfg.rank} in the config")
+                continue
+            if tuple(a.shape) != (cfg.rank, d_in) or tuple(b.shape) != (d_out, cfg.rank):
+                problems.append(
+                    f"{path}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit a {d_out}×{d_in} layer"
+                )
+                continue
+            if cfg.dora != (m is not None) or (m is not None and tuple(m.shape) != (d_out,)):
+                problems.append(f"{path}: DoRA magnitude vector missing, unexpected or of the wrong shape")
+                continue
+            new = LoraLinear(layer, cfg.rank, cfg.scaling, cfg.dropout, dora=cfg.dora)
+            new.load_phi(a, b, m)
+            mod.replace(model, path, new)
+            phi[peft_key(path, "lora_A.weight")] = new.lora_A.weight
+            phi[peft_key(path, "lora_B.weight")] = new.lora_B.weight
+            if cfg.dora:
+                phi[peft_key(path, "lora_magnitude_vector")] = new.lora_magnitude
+        if problems:
+            raise BadInputError(
+                f"adapter does not match the base model: {len(problems)} problem(s): " + "; ".join(problems[:5])
+                + (" ..." if len(problems) > 5 else ""),
+                "was it made for another base model?",
+            )
+        return Attached(phi=phi)

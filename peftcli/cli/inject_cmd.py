@@ -1,0 +1,57 @@
+"""``peftcli inject METHOD``: write an adapter directory with freshly initialised φ.
+
+One subcommand per registered method, its options generated from the method's config class.
+"""
+
+from __future__ import annotations
+
+import click
+
+from peftcli.cli.output import emit_json, json_option, stdout_console
+from peftcli.methods import METHODS
+from peftcli.options import click_options, from_options
+
+
+def _command(method) -> click.Command:
+    examples = "\n".join("  " + e for e in method.examples)
+
+    @click.command(name=method.name, help=f"{method.summary}\n\n\b\nExamples:\n{examples}")
+    @click.argument("model", type=click.Path())
+    @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Adapter directory to create.")
+    @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the initialisation.")
+    @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+    @click.option("--allow-pickle", is_flag=True, help="Allow a PyTorch .bin/.pt base (torch.load(weights_only=True)).")
+    @json_option
+    @click_options(method.config_cls)
+    def command(model, out, seed, force, allow_pickle, as_json, **options):
+        from peftcli.inject import inject
+
+        cfg = from_options(method.config_cls, options)
+        budget = inject(model, method.name, cfg, out, seed=seed, force=force, allow_pickle=allow_pickle)
+        if as_json:
+            emit_json({"schema": "peftcli.inject/1", "output": out, "budget": budget.to_json()})
+            return
+        from peftcli.cli.render import render_budget
+
+        console = stdout_console()
+        render_budget(budget.to_json(), console)
+        console.print(f"wrote {out}")
+
+    return command
+
+
+@click.group()
+def inject() -> None:
+    """Add a PEFT method's parameters φ to a model: writes an adapter directory.
+
+    Works from config.json and tensor headers: the model is never built. Prints what was
+    added per target and in total (the numbers of `peftcli inspect --budget`).
+
+    \b
+    Example:
+      peftcli inject lora --rank 8 model/ -o runs/lora/
+    """
+
+
+for _method in METHODS.values():
+    inject.add_command(_command(_method))

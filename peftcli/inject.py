@@ -1,0 +1,47 @@
+"""Tensor level: create a method's initial φ for a base checkpoint and write the adapter directory.
+
+From ``config.json`` and tensor headers alone (plus the few base tensors a method's init
+needs, e.g. DoRA's row norms or prompt embeddings): the model is never built, so this takes
+seconds on a checkpoint of any size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from peftcli import __version__
+from peftcli.checkpoint.atomic import check_output_path
+from peftcli.checkpoint.reader import open_checkpoint
+from peftcli.methods import get_method
+from peftcli.methods.base import Budget
+
+
+def inject(
+    base: str, method_name: str, cfg: Any, out: str, *, seed: int = 0, force: bool = False, allow_pickle: bool = False
+) -> Budget:
+    """Write the adapter directory ``out`` for ``method_name`` with options ``cfg``; return its budget."""
+    import torch
+
+    method = get_method(method_name)
+    check_output_path(out, [base], force)  # fail before any work
+    with open_checkpoint(base, allow_pickle=allow_pickle) as ckpt:
+        shapes = {t.name: t.shape for t in ckpt.tensors.values()}
+        budget = Budget(method.name, method.budget(shapes, ckpt.config, cfg), ckpt.num_params)
+        tensors = method.init(ckpt, cfg, torch.Generator().manual_seed(seed))
+        created = sum(t.numel() for t in tensors.values())
+        if created != budget.trainable:  # the budget and the init are two views of one method
+            raise AssertionError(f"{method.name}: init created {created} parameters but the budget says {budget.trainable}")
+        metadata = {
+            "peftcli.version": __version__,
+            "peftcli.method": method.name,
+            "peftcli.options": json.dumps(dataclasses.asdict(cfg), sort_keys=True),
+            "peftcli.seed": str(seed),
+            "peftcli.base": os.path.abspath(base),
+        }
+        from peftcli.artifacts.adapter_dir import write_adapter
+
+        write_adapter(out, method.adapter_config(ckpt, cfg), tensors, metadata=metadata, inputs=[base], force=force)
+    return budget

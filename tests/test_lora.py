@@ -1,0 +1,142 @@
+"""LoRA / DoRA / rsLoRA: inject, attach, PEFT parity in both directions."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from peftcli.attach import attach_adapter, load_adapted, load_base_model
+from peftcli.cli import cli
+from peftcli.errors import BadInputError
+from peftcli.inject import inject
+from peftcli.methods.lora import LoraConfig
+from tests.helpers import batch, output_tensor, randomize_
+
+peft = pytest.importorskip("peft")
+
+VARIANTS = {
+    "lora": dict(rank=4),
+    "dora": dict(rank=4, dora=True),
+    "rslora": dict(rank=4, alpha=6.0, rslora=True),
+    "gaussian-all-linear": dict(rank=2, init="gaussian", targets="all-linear"),
+}
+
+
+@pytest.fixture(params=["llama", "bert", "gpt2"])
+def base(request, tiny_llama, tiny_bert, tiny_gpt2):
+    return {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}[request.param]
+
+
+def _forward(model, inputs):
+    with torch.no_grad():
+        return output_tensor(model(**inputs))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_trained_adapter_loads_in_peft_with_identical_outputs(base, variant, tmp_path):
+    run = str(tmp_path / "run")
+    budget = inject(base, "lora", LoraConfig(**VARIANTS[variant]), run, seed=3)
+    adapted = load_adapted(base, run)
+    assert adapted.num_trainable == budget.trainable
+    trainable = [p for p in adapted.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trainable) == budget.trainable  # exactly φ requires grad
+
+    inputs = batch()
+    base_model = load_base_model(base)
+    assert torch.allclose(_forward(adapted, inputs), _forward(base_model, inputs), atol=1e-6)  # ΔW = 0 at init
+
+    randomize_(trainable)
+    ours = _forward(adapted, inputs)
+    assert not torch.allclose(ours, _forward(base_model, inputs), atol=1e-4)
+    adapted.save(str(tmp_path / "trained"))
+
+    from peft import PeftModel
+
+    theirs = PeftModel.from_pretrained(load_base_model(base), str(tmp_path / "trained")).eval()
+    assert torch.allclose(ours, _forward(theirs, inputs), atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_adapter_written_by_peft_loads_in_peftcli(base, variant, tmp_path):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    model_type = json.load(open(os.path.join(base, "config.json")))["model_type"]
+    targets = {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"], "gpt2": ["c_attn"]}[model_type]
+    torch.manual_seed(0)
+    cfg = PeftLoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, use_dora=variant == "dora",
+        fan_in_fan_out=model_type == "gpt2",
+    )
+    peft_model = get_peft_model(load_base_model(base), cfg).eval()
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    ours = load_adapted(base, str(tmp_path / "peft"))
+    inputs = batch(1)
+    assert torch.allclose(_forward(ours, inputs), _forward(peft_model, inputs), atol=1e-5)
+
+
+def test_delta_weight_matches_peft_merge_and_unload(tiny_llama, tmp_path):
+    from peft import PeftModel
+
+    run = str(tmp_path / "run")
+    inject(tiny_llama, "lora", LoraConfig(rank=4, dora=True), run)
+    adapted = load_adapted(tiny_llama, run)
+    randomize_([p for p in adapted.parameters() if p.requires_grad])
+    adapted.save(str(tmp_path / "t"))
+    merged = PeftModel.from_pretrained(load_base_model(tiny_llama), str(tmp_path / "t")).merge_and_unload()
+    base_sd = load_base_model(tiny_llama).state_dict()
+    from peftcli.methods.lora_layer import LoraLinear
+
+    checked = 0
+    for name, module in adapted.model.named_modules():
+        if isinstance(module, LoraLinear):
+            expected = merged.state_dict()[name + ".weight"] - base_sd[name + ".weight"]
+            assert torch.allclose(module.delta_weight(), expected, atol=1e-5), name
+            checked += 1
+    assert checked == 4
+
+
+def test_mismatched_adapter_is_an_error_listing_what_failed(tiny_llama, tiny_bert, tmp_path):
+    run = str(tmp_path / "run")
+    inject(tiny_llama, "lora", LoraConfig(rank=4), run)
+    with pytest.raises(BadInputError, match="no such module in the base"):
+        attach_adapter(load_base_model(tiny_bert), run)
+    cfg = json.load(open(os.path.join(run, "adapter_config.json")))
+    cfg["r"] = 8
+    with open(os.path.join(run, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(BadInputError, match="rank 4 in the tensors but r=8"):
+        attach_adapter(load_base_model(tiny_llama), run)
+
+
+def test_inject_cli_reports_and_writes(tiny_llama, tmp_path):
+    out = str(tmp_path / "runs" / "lora") + "/"
+    result = CliRunner().invoke(cli, ["inject", "lora", "--rank", "8", tiny_llama, "-o", out, "--json"])
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["budget"]["trainable_params"] == 2 * (8 * 128 + 8 * 96)
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    inspect = json.loads(CliRunner().invoke(cli, ["inspect", out, "--json"]).stdout)
+    assert inspect["format"] == "adapter" and inspect["num_params"] == doc["budget"]["trainable_params"]
+    again = CliRunner().invoke(cli, ["inject", "lora", tiny_llama, "-o", out])
+    assert again.exit_code == 2 and "already exists" in again.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--rank", "0"], "--rank must be positive"),
+        (["--rank", "100"], "larger than min(out, in)"),
+        (["--targets", "nope"], "matches no linear module"),
+        (["--init", "xavier"], "--init must be one of"),
+    ],
+)
+def test_inject_errors_write_nothing(tiny_llama, tmp_path, args, message):
+    out = str(tmp_path / "out")
+    result = CliRunner().invoke(cli, ["inject", "lora", *args, tiny_llama, "-o", out])
+    assert result.exit_code == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not os.path.exists(out) and os.listdir(tmp_path) == []
