@@ -16,14 +16,23 @@ import torch
 from torch import nn
 
 from peftcli import __version__
-from peftcli.artifacts.adapter_dir import Adapter, read_adapter, write_adapter
+from peftcli import modules
+from peftcli.artifacts.adapter_dir import Adapter, read_adapter, write_adapter, write_adapter_files
 from peftcli.errors import BadInputError
 from peftcli.methods import Method, method_for_adapter_config
+from peftcli.methods.base import PEFT_PREFIX
 from peftcli.modules import freeze
 
 
-def load_base_model(path: str, model_class: str | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model in directory ``path``, built by transformers from local files only."""
+def load_base_model(
+    path: str, model_class: str | None = None, dtype: torch.dtype = torch.float32, with_info: bool = False, **kwargs
+):
+    """The model in directory ``path``, built by transformers from local files only.
+
+    ``model_class`` names a transformers class (e.g. ``AutoModelForSequenceClassification``);
+    by default the checkpoint's own architecture. ``with_info`` also returns transformers'
+    loading info (``missing_keys`` are the freshly initialised parameters, e.g. a new head).
+    """
     import transformers
 
     config_path = os.path.join(path, "config.json")
@@ -36,10 +45,11 @@ def load_base_model(path: str, model_class: str | None = None, dtype: torch.dtyp
     if cls is None or not hasattr(cls, "from_pretrained"):
         cls = transformers.AutoModel  # still local-only; the Auto mapping picks the class from model_type
     try:
-        model = cls.from_pretrained(path, dtype=dtype, local_files_only=True)
+        model, info = cls.from_pretrained(path, dtype=dtype, local_files_only=True, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise BadInputError(f"{path}: transformers cannot build this model ({str(exc).splitlines()[0]})") from None
-    return model.eval()
+    model.eval()
+    return (model, info) if with_info else model
 
 
 class AdaptedModel(nn.Module):
@@ -59,6 +69,7 @@ class AdaptedModel(nn.Module):
         self._phi = phi  # artifact key -> parameter registered inside self.model
         self._transform = transform
         self._export = export
+        self._head_keys = {k for k in phi if any(k.startswith(f"{PEFT_PREFIX}{h}.") for h in adapter_config.get("modules_to_save") or [])}
 
     def forward(self, **kwargs):
         if self._transform is not None:
@@ -74,13 +85,46 @@ class AdaptedModel(nn.Module):
 
     def phi_state_dict(self) -> dict[str, torch.Tensor]:
         """φ in the artifact's layout (fp32, CPU), ready for ``write_adapter``."""
-        if self._export is not None:
-            return {k: t.detach().to("cpu", torch.float32).contiguous().clone() for k, t in self._export().items()}
-        return {k: p.detach().to("cpu", torch.float32).contiguous().clone() for k, p in self._phi.items()}
+        tensors = self._phi
+        if self._export is not None:  # a trained head is saved as itself beside the exported φ
+            tensors = {**self._export(), **{k: self._phi[k] for k in self._head_keys}}
+        return {self._model_key(k): t.detach().to("cpu", torch.float32).contiguous().clone() for k, t in tensors.items()}
+
+    def _model_key(self, key: str) -> str:
+        """PEFT keys name module paths in the model they are used with: a BertModel checkpoint's
+        ``encoder.layer.0...`` is ``bert.encoder.layer.0...`` in BertForSequenceClassification, and
+        PEFT silently ignores keys that do not match. So write paths as this model has them."""
+        if not key.startswith(PEFT_PREFIX) or key in self._head_keys:
+            return key
+        rest = key[len(PEFT_PREFIX) :]
+        prefix = getattr(self.model, "base_model_prefix", "") or ""
+        if not prefix:
+            return key
+        if rest.startswith(prefix + "."):
+            rest = rest[len(prefix) + 1 :]
+        if isinstance(getattr(self.model, prefix, None), nn.Module):  # a head class wrapping the base model
+            rest = f"{prefix}.{rest}"
+        return PEFT_PREFIX + rest
 
     def save(self, out: str, *, force: bool = False, metadata: dict[str, str] | None = None) -> None:
-        meta = {"peftcli.version": __version__, "peftcli.method": self.method.name, **(metadata or {})}
-        write_adapter(out, self.adapter_config, self.phi_state_dict(), metadata=meta, force=force)
+        """Write φ (and a trained head) as a new adapter directory ``out``."""
+        write_adapter(out, self.adapter_config, self.phi_state_dict(), metadata=self._metadata(metadata), force=force)
+
+    def save_into(self, directory: str, metadata: dict[str, str] | None = None) -> None:
+        """Replace the adapter files inside an existing directory (a training run), each atomically."""
+        write_adapter_files(directory, self.adapter_config, self.phi_state_dict(), metadata=self._metadata(metadata))
+
+    def _metadata(self, extra: dict[str, str] | None) -> dict[str, str]:
+        return {"peftcli.version": __version__, "peftcli.method": self.method.name, **(extra or {})}
+
+    def add_head(self, module_names: list[str], task_type: str) -> None:
+        """Train and save these (freshly initialised) modules too, as PEFT's ``modules_to_save``."""
+        for name in module_names:
+            for pname, p in self.model.get_submodule(name).named_parameters():
+                p.requires_grad_(True)
+                self._phi[f"{PEFT_PREFIX}{name}.{pname}"] = p
+                self._head_keys.add(f"{PEFT_PREFIX}{name}.{pname}")
+        self.adapter_config = {**self.adapter_config, "modules_to_save": list(module_names), "task_type": task_type}
 
 
 def attach_adapter(model: nn.Module, adapter: str | Adapter, model_config: dict | None = None) -> AdaptedModel:
@@ -92,7 +136,10 @@ def attach_adapter(model: nn.Module, adapter: str | Adapter, model_config: dict 
     if model_config is None:
         model_config = model.config.to_dict() if hasattr(model, "config") else {}
     freeze(model)
-    attached = method.attach(model, cfg, adapter.tensors, model_config)
+    heads = _load_heads(model, adapter)
+    tensors = {k: t for k, t in adapter.tensors.items() if k not in heads}
+    attached = method.attach(model, cfg, tensors, model_config)
+    attached.phi.update(heads)
     unused = sorted(set(adapter.tensors) - set(attached.phi))
     if unused:
         raise BadInputError(
@@ -102,6 +149,32 @@ def attach_adapter(model: nn.Module, adapter: str | Adapter, model_config: dict 
     for p in attached.phi.values():
         p.requires_grad_(True)
     return AdaptedModel(model, method, cfg, attached.phi, adapter.config, attached.input_transform, attached.export)
+
+
+def _load_heads(model: nn.Module, adapter: Adapter) -> dict[str, nn.Parameter]:
+    """Load ``modules_to_save`` tensors (e.g. a classification head) into the model's own modules."""
+    names = adapter.config.get("modules_to_save") or []
+    heads: dict[str, nn.Parameter] = {}
+    problems = []
+    for name in names:
+        real = modules.resolve(model, name)
+        if real is None:
+            problems.append(f"{name}: no such module (build the model for the adapter's task_type)")
+            continue
+        for pname, p in model.get_submodule(real).named_parameters():
+            key = f"{PEFT_PREFIX}{name}.{pname}"
+            t = adapter.tensors.get(key)
+            if t is None:
+                problems.append(f"{key}: missing")
+            elif tuple(t.shape) != tuple(p.shape):
+                problems.append(f"{key}: shape {list(t.shape)}, the model has {list(p.shape)}")
+            else:
+                with torch.no_grad():
+                    p.copy_(t)
+                heads[key] = p
+    if problems:
+        raise BadInputError(f"{adapter.path}: saved modules do not fit the model: " + "; ".join(problems[:5]))
+    return heads
 
 
 def load_adapted(base_path: str, adapter_path: str, model_class: str | None = None) -> AdaptedModel:

@@ -37,12 +37,17 @@ def detect_format(ckpt: Checkpoint) -> str:
 def config_summary(config: dict | None) -> dict | None:
     if config is None:
         return None
+    from peftcli.targets import model_type_of
+
+    archs = config.get("architectures")
     out: dict[str, object] = {
-        "model_type": config.get("model_type"),
-        "architectures": config.get("architectures"),
+        "model_type": model_type_of(config),
+        "architectures": [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else None,
     }
     for key, spellings in _CONFIG_KEYS.items():
         out[key] = next((config[s] for s in spellings if config.get(s) is not None), None)
+    if out["intermediate_size"] is None and out["model_type"] == "gpt2" and isinstance(out["hidden_size"], int):
+        out["intermediate_size"] = 4 * out["hidden_size"]  # GPT-2's n_inner=null means 4×n_embd
     if out["num_key_value_heads"] is None:
         out["num_key_value_heads"] = out["num_attention_heads"]  # no GQA: one KV head per query head
     # transformers' own default is True when a config leaves this out.

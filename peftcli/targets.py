@@ -37,6 +37,8 @@ DEFAULT_QV_TARGETS: dict[str, tuple[str, ...]] = {
 _FALLBACK_QV = (("q_proj", "v_proj"), ("query", "value"), ("q_lin", "v_lin"), ("c_attn",), ("query_key_value",))
 
 CONV1D_MODEL_TYPES = {"gpt2"}  # families whose projections are transformers' Conv1D
+CONV1D_KINDS = {"c_attn", "c_proj", "c_fc", "q_attn"}  # GPT-2's Conv1D modules; heads such as `score` are nn.Linear
+MAX_LAYER_INDEX = 100_000
 _EMBEDDING = re.compile(r"(embed|^wte$|^wpe$|^emb)", re.IGNORECASE)
 _OUTPUT_HEADS = {"lm_head", "score", "classifier", "qa_outputs", "decoder"}
 _REGEX_CHARS = set("*+?[](){}|^$\\")
@@ -54,6 +56,12 @@ class LinearModule:
         return self.name.rsplit(".", 1)[-1]
 
 
+def model_type_of(config: dict | None) -> str | None:
+    """config.json's model_type, or None when absent or not a string (a hostile config)."""
+    value = (config or {}).get("model_type")
+    return value if isinstance(value, str) else None
+
+
 def layer_index(module: str) -> int | None:
     for part in module.split("."):
         if part.isdigit():
@@ -62,7 +70,7 @@ def layer_index(module: str) -> int | None:
 
 
 def linear_modules(shapes: dict[str, tuple[int, ...]], config: dict | None) -> list[LinearModule]:
-    model_type = (config or {}).get("model_type")
+    model_type = model_type_of(config)
     out = []
     for name, shape in shapes.items():
         if not name.endswith(".weight") or len(shape) != 2:
@@ -70,7 +78,7 @@ def linear_modules(shapes: dict[str, tuple[int, ...]], config: dict | None) -> l
         module = name[: -len(".weight")]
         if _EMBEDDING.search(module.rsplit(".", 1)[-1]):
             continue
-        transposed = model_type in CONV1D_MODEL_TYPES and module.rsplit(".", 1)[-1] != "lm_head"
+        transposed = model_type in CONV1D_MODEL_TYPES and module.rsplit(".", 1)[-1] in CONV1D_KINDS
         out_in = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
         out.append(LinearModule(module, out_in, transposed, layer_index(module)))
     return out
@@ -93,13 +101,15 @@ def parse_layers(spec: str | None) -> set[int] | None:
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
             raise UsageError(f"invalid --layers range {part.strip()!r}", "write ranges low-high")
+        if hi > MAX_LAYER_INDEX:
+            raise UsageError(f"--layers index {hi} is beyond any real model", f"layer indices stop at {MAX_LAYER_INDEX}")
         layers.update(range(lo, hi + 1))
     return layers
 
 
 def default_targets(modules: Iterable[LinearModule], config: dict | None) -> tuple[str, ...]:
     kinds = {m.kind for m in modules}
-    preset = DEFAULT_QV_TARGETS.get((config or {}).get("model_type", ""))
+    preset = DEFAULT_QV_TARGETS.get(model_type_of(config) or "")
     if preset and set(preset) <= kinds:
         return preset
     for names in _FALLBACK_QV:  # unknown family: recognise the projections by name
@@ -126,7 +136,7 @@ def resolve_targets(
     elif _REGEX_CHARS & set(targets):
         try:
             pattern = re.compile(targets)
-        except re.error as exc:
+        except (re.error, OverflowError, RecursionError) as exc:
             raise UsageError(f"invalid --targets regex {targets!r}: {exc}") from None
         chosen = [m for m in modules if pattern.fullmatch(m.name)]
     else:

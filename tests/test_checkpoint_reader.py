@@ -160,3 +160,33 @@ def test_valid_crafted_file_reads(tmp_path):
     with open_checkpoint(path) as ckpt:
         assert ckpt.get("a").tolist() == [[1.0, 2.0], [3.0, 4.0]]
         assert ckpt.get("b").tolist() == [1, 2, 3, 4]
+
+
+def test_tensors_outlive_the_checkpoint(tiny_llama):
+    with open_checkpoint(tiny_llama) as ckpt:
+        w = ckpt.get("model.layers.0.self_attn.q_proj.weight")
+    import gc
+
+    gc.collect()
+    ref = load_file(os.path.join(tiny_llama, "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.equal(w, ref)  # a dangling mapping would crash or give garbage here
+    w.add_(1)  # copy-on-write: the file is untouched
+    assert torch.equal(load_file(os.path.join(tiny_llama, "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"], ref)
+
+
+@pytest.mark.parametrize("name_len", range(30, 60))
+def test_header_length_bytes_never_look_like_a_pickle(tmp_path, name_len):
+    # The header length's low byte can be 0x80 (pickle's magic); such files are still safetensors.
+    from peftcli.checkpoint.writer import save_state_dict
+
+    path = str(tmp_path / "h.safetensors")
+    save_state_dict({"w" * name_len: torch.zeros(1)}, path)
+    with open_checkpoint(path) as ckpt:
+        assert len(ckpt) == 1
+
+
+def test_a_fifo_is_refused_not_waited_on(tmp_path):
+    path = str(tmp_path / "x.safetensors")
+    os.mkfifo(path)
+    with pytest.raises(BadInputError, match="not a regular file"):
+        open_checkpoint(path)

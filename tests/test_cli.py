@@ -101,7 +101,12 @@ def test_no_color_is_honoured_even_on_a_forced_terminal(tiny_llama):
         (["inspect", "{model}", "--budget", "lora", "--rank", "0"], 2, "--rank must be positive"),
         (["inspect", "{model}", "--budget", "lora", "--rank", "65"], 2, "larger than min(out, in)"),
         (["inspect", "{model}", "--budget", "lora", "--targets", "nope"], 2, "matches no linear module"),
-        (["inspect", "{model}", "--budget", "ia3"], 2, "not yet supported"),
+        (["inspect", "{model}", "--budget", "lora", "--alpha", "nan"], 2, "--alpha must be a positive number"),
+        (["inspect", "{model}", "--budget", "lora", "--layers", "0-9999999999"], 2, "beyond any real model"),
+        (["inspect", "{model}", "--filter", "a{99999999999}"], 2, "invalid --filter regex"),
+        (["inject", "lora", "{model}", "-o", ""], 2, "the output path is empty"),
+        (["inject", "lora", "{model}", "-o", "{model}/config.json", "--force"], 2, "would overwrite the input"),
+        (["inject", "lora", "{model}", "-o", "{model}/model.safetensors", "--force"], 2, "would overwrite the input"),
         (["inspect", "{model}", "--filter", "("], 2, "invalid --filter regex"),
         (["inspect", "{model}", "--bogus"], 2, "No such option"),
         (["frobnicate"], 2, "No such command"),
@@ -138,3 +143,38 @@ def test_broken_pipe_exits_quietly(tiny_llama):
         shell=True, capture_output=True, text=True, cwd=ROOT,
     )
     assert proc.returncode == 0 and "Traceback" not in proc.stderr and "error" not in proc.stderr
+
+
+def test_names_are_data_not_markup_and_control_characters_are_escaped(tmp_path):
+    import torch
+
+    from peftcli.checkpoint.writer import save_state_dict
+
+    d = tmp_path / "x[bold]y"
+    d.mkdir()
+    names = {"w[red]q.weight": torch.zeros(2), "v[/]x.weight": torch.zeros(2), "bad\x1b[31mname": torch.zeros(1)}
+    save_state_dict(names, str(d / "m.safetensors"))
+    result = run("inspect", str(d / "m.safetensors"), "--tensors")
+    assert result.exit_code == 0, result.stderr
+    assert "w[red]q.weight" in result.stdout and "v[/]x.weight" in result.stdout and "x[bold]y" in result.stdout
+    assert "\x1b" not in result.stdout and "bad\\x1b[31mname" in result.stdout
+
+
+def test_no_arguments_prints_the_help(tiny_llama):
+    result = run()
+    assert result.exit_code == 2 and "Commands:" in result.stderr and "inspect" in result.stderr
+
+
+def test_budget_on_an_adapter_is_refused(tiny_llama, tmp_path):
+    out = str(tmp_path / "a")
+    assert run("inject", "lora", tiny_llama, "-o", out).exit_code == 0
+    result = run("inspect", out, "--budget", "lora")
+    assert result.exit_code == 2 and "needs a base checkpoint" in result.stderr
+
+
+def test_a_weights_file_inside_a_model_directory_uses_its_config(tiny_gpt2):
+    import os
+
+    doc = json.loads(run("inspect", os.path.join(tiny_gpt2, "model.safetensors"), "--json", "--budget", "lora", "--rank", "2").stdout)
+    assert doc["config"]["model_type"] == "gpt2" and doc["config"]["intermediate_size"] == 256
+    assert doc["budget"]["targets"][0]["shape"] == [192, 64]  # Conv1D [in, out] read as [out, in]

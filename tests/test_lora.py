@@ -140,3 +140,25 @@ def test_inject_errors_write_nothing(tiny_llama, tmp_path, args, message):
     result = CliRunner().invoke(cli, ["inject", "lora", *args, tiny_llama, "-o", out])
     assert result.exit_code == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not os.path.exists(out) and os.listdir(tmp_path) == []
+
+
+def test_inject_reads_no_tensor_and_dora_only_its_targets(tiny_llama, tmp_path, monkeypatch):
+    from peftcli.checkpoint.reader import Checkpoint
+
+    read = []
+    real_get = Checkpoint.get
+    monkeypatch.setattr(Checkpoint, "get", lambda self, name: read.append(name) or real_get(self, name))
+    inject(tiny_llama, "lora", LoraConfig(rank=4, targets="all-linear"), str(tmp_path / "a"))
+    assert read == []
+    inject(tiny_llama, "lora", LoraConfig(rank=4, dora=True), str(tmp_path / "b"))
+    assert sorted(read) == sorted(f"model.layers.{i}.self_attn.{p}.weight" for i in (0, 1) for p in ("q_proj", "v_proj"))
+
+
+def test_dora_magnitude_is_the_row_norm_of_the_base_weight(tiny_gpt2, tmp_path):
+    from safetensors.torch import load_file
+
+    inject(tiny_gpt2, "lora", LoraConfig(rank=2, dora=True), str(tmp_path / "d"))
+    phi = load_file(str(tmp_path / "d" / "adapter_model.safetensors"))
+    base = load_file(os.path.join(tiny_gpt2, "model.safetensors"))
+    w = base["transformer.h.0.attn.c_attn.weight"].T  # Conv1D stores [in, out]
+    assert torch.allclose(phi["base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector"], w.norm(dim=1))

@@ -51,7 +51,7 @@ CASES = {
             header_override=b'{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},'
             b'"a":{"dtype":"F32","shape":[4],"data_offsets":[16,32]}}',
         ),
-        "names tensor 'a' twice",
+        "has the key 'a' twice",
     ),
     "metadata-not-strings": (make_file({"a": _entry(shape=(4,))}, F32_4, metadata={"n": 1}), "__metadata__ must map"),
     "entry-not-object": (make_file({"a": 5}, b""), "is not an object"),
@@ -148,3 +148,39 @@ def test_header_with_500k_entries_is_accepted(tmp_path):
     with open_checkpoint(path) as ckpt:
         assert len(ckpt) == n
         assert ckpt.get("t499999").tolist() == [0]
+
+
+def test_shard_missing_from_the_index_and_empty_index(tmp_path):
+    d = _sharded(
+        tmp_path,
+        {"a": "model-00001-of-00002.safetensors"},
+        {"model-00001-of-00002.safetensors": {"a": torch.ones(1)}, "model-00002-of-00002.safetensors": {"b": torch.ones(1)}},
+    )
+    with pytest.raises(BadInputError, match="not in the index"):
+        open_checkpoint(d)
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    with pytest.raises(BadInputError, match="lists no tensors"):
+        open_checkpoint(str(tmp_path / "e"))
+
+
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        ({"a": {"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}}, "byte boundary"),
+        ({"__metadata__": [], "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, "__metadata__ must map"),
+        ({"__metadata__": False, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, "__metadata__ must map"),
+    ],
+)
+def test_reference_library_rules_we_also_enforce(tmp_path, entries, message):
+    raw = json.dumps(entries).encode()
+    path = write(tmp_path / "x.safetensors", struct.pack("<Q", len(raw)) + raw + bytes(4))
+    with pytest.raises(BadInputError, match=message):
+        open_checkpoint(path)
+
+
+def test_shape_with_an_absurdly_long_integer(tmp_path):
+    raw = b'{"a":{"dtype":"F32","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,4]}}'
+    path = write(tmp_path / "x.safetensors", struct.pack("<Q", len(raw)) + raw + bytes(4))
+    with pytest.raises(BadInputError):
+        open_checkpoint(path)

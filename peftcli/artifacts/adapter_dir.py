@@ -55,6 +55,25 @@ def read_adapter(path: str) -> Adapter:
     return Adapter(path=path, config=config, tensors=tensors, metadata=dict(ckpt.metadata))
 
 
+def _write_files(directory: str, config: dict, tensors: dict, metadata: dict[str, str] | None, force: bool) -> None:
+    from peftcli.checkpoint.dtypes import safetensors_dtype
+
+    specs = [TensorSpec(n, safetensors_dtype(t.dtype), tuple(t.shape)) for n, t in tensors.items()]
+    with CheckpointWriter(os.path.join(directory, ADAPTER_WEIGHTS), specs, metadata=metadata, force=force) as w:
+        for name, tensor in tensors.items():
+            w.write(name, tensor)
+    with atomic_output(os.path.join(directory, ADAPTER_CONFIG), directory=False, force=force) as tmp:
+        with open_new_file(tmp) as f:
+            f.write((json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_adapter_files(directory: str, config: dict, tensors: dict, *, metadata: dict[str, str] | None = None) -> None:
+    """Replace the two adapter files inside an existing directory, each atomically (training runs)."""
+    _write_files(directory, config, tensors, metadata, force=True)
+
+
 def write_adapter(
     out: str,
     config: dict,
@@ -65,14 +84,5 @@ def write_adapter(
     force: bool = False,
 ) -> None:
     """Write an adapter directory atomically (the whole directory appears at once)."""
-    from peftcli.checkpoint.dtypes import safetensors_dtype
-
-    specs = [TensorSpec(n, safetensors_dtype(t.dtype), tuple(t.shape)) for n, t in tensors.items()]
     with atomic_output(out, directory=True, inputs=inputs, force=force) as tmp:
-        with CheckpointWriter(os.path.join(tmp, ADAPTER_WEIGHTS), specs, metadata=metadata) as w:
-            for name, tensor in tensors.items():
-                w.write(name, tensor)
-        with open_new_file(os.path.join(tmp, ADAPTER_CONFIG)) as f:
-            f.write((json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-            f.flush()
-            os.fsync(f.fileno())
+        _write_files(tmp, config, tensors, metadata, force=False)

@@ -56,10 +56,11 @@ def clean_stale_temps(directory: str) -> list[str]:
 
 
 def _remove(path: str) -> None:
+    # Cleanup must never mask the error that caused it (e.g. EROFS on a read-only mount).
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
     else:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             os.unlink(path)
 
 
@@ -76,11 +77,27 @@ def _same_or_inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
+def _input_paths(inputs: Iterable[str]) -> list[str]:
+    """Inputs, plus the files of input directories (their real paths: HF caches symlink shards)."""
+    paths = []
+    for inp in inputs:
+        paths.append(inp)
+        if os.path.isdir(inp):
+            for name in os.listdir(inp):
+                paths.append(os.path.realpath(os.path.join(inp, name)))
+    return paths
+
+
 def check_output_path(target: str, inputs: Iterable[str] = (), force: bool = False) -> None:
     """Refuse outputs that would replace an input or an existing file without ``force``."""
-    for inp in inputs:
-        # Writing to an input, or replacing a directory that holds an input, would destroy it.
-        if _same_or_inside(inp, target):
+    if not target or not target.strip():
+        raise UsageError("the output path is empty", "pass -o PATH")
+    inputs = list(inputs)
+    for inp in _input_paths(inputs):
+        # Replacing an input, a directory that holds one, or anything already inside an
+        # input directory would destroy input data.
+        inside_existing = _same_or_inside(target, inp) and os.path.lexists(target)
+        if _same_or_inside(inp, target) or inside_existing:
             raise UsageError(f"output {target} would overwrite the input {inp}", "choose another -o path")
     if os.path.lexists(target) and not force:
         raise UsageError(f"output {target} already exists", "pass --force to replace it, or choose another -o path")

@@ -12,8 +12,9 @@ tensor from its file with ``mmap``; nothing else is read until asked for.
 from __future__ import annotations
 
 import json
-import mmap
 import os
+import re
+import stat
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
@@ -65,7 +66,7 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str] = field(default_factory=dict)
     directory: str | None = None  # the model directory, where config.json and tokenizer files live
-    _maps: dict[str, mmap.mmap] = field(default_factory=dict, repr=False)
+    _maps: dict[str, "torch.UntypedStorage"] = field(default_factory=dict, repr=False)
     _loaded: dict[str, "torch.Tensor"] = field(default_factory=dict, repr=False)  # pickle state dicts only
 
     # -- descriptive ------------------------------------------------------------------
@@ -114,35 +115,37 @@ class Checkpoint:
             raise BadInputError(f"{info.file}: tensor {name!r}: {exc.message}") from None
         if info.numel == 0:
             return torch.empty(info.shape, dtype=dtype)
-        mm = self._map(info.file)
+        raw = self._raw(info)
         itemsize = torch.empty((), dtype=dtype).element_size()
-        if info.begin % itemsize == 0:
-            flat = torch.frombuffer(mm, dtype=dtype, count=info.numel, offset=info.begin)
-        else:  # unaligned data (legal in the format): copy into an aligned buffer
-            flat = torch.frombuffer(bytearray(mm[info.begin : info.end]), dtype=dtype)
-        return flat.view(info.shape)
+        if info.begin % itemsize:  # unaligned data (legal in the format): copy to an aligned buffer
+            raw = raw.clone()
+        return raw.view(dtype).view(info.shape)
 
     def read_bytes(self, name: str) -> bytes:
         """The raw little-endian bytes of tensor ``name`` (safetensors storage only)."""
-        info = self.tensors[name]
+        info = self.tensors.get(name)
+        if info is None:
+            raise BadInputError(f"{self.path}: no tensor named {name!r}")
         if info.begin is None:
             raise UsageError("raw bytes are only available from safetensors files")
-        return self._map(info.file)[info.begin : info.end]
+        return self._raw(info).numpy().tobytes()
 
-    def _map(self, file: str) -> mmap.mmap:
-        mm = self._maps.get(file)
-        if mm is None:
-            with open(file, "rb") as f:
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            self._maps[file] = mm
-        return mm
+    def _raw(self, info: TensorInfo) -> "torch.Tensor":
+        """The tensor's bytes as a uint8 view of the file's private (copy-on-write) mapping.
+
+        The storage owns the mapping, so tensors stay valid after ``close`` (a bare mmap
+        under torch.frombuffer would be unmapped beneath them).
+        """
+        import torch
+
+        storage = self._maps.get(info.file)
+        if storage is None:
+            storage = torch.UntypedStorage.from_file(info.file, shared=False, nbytes=os.path.getsize(info.file))
+            self._maps[info.file] = storage
+        return torch.empty(0, dtype=torch.uint8).set_(storage, info.begin, (info.end - info.begin,))
 
     def close(self) -> None:
-        for mm in self._maps.values():
-            try:
-                mm.close()
-            except BufferError:  # a tensor still views this map; the GC closes it with the tensor
-                pass
+        # Tensors already handed out keep their storage (and mapping) alive on their own.
         self._maps.clear()
         self._loaded.clear()
 
@@ -170,12 +173,17 @@ def open_checkpoint(path: str, allow_pickle: bool = False) -> Checkpoint:
         return _open_directory(path, allow_pickle)
     if not os.path.exists(path):
         raise BadInputError(f"{path}: no such file or directory")
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise BadInputError(f"{path}: not a regular file", "pass a .safetensors file or a model directory")
     if path.endswith(PICKLE_SUFFIXES):
         return _open_pickle(path, [path], None, allow_pickle)
     if path.endswith(".gguf"):
         raise BadInputError(f"{path}: GGUF files are not read directly", "load it with transformers and save_pretrained it")
     _refuse_pickle_magic(path)
-    return _open_safetensors_files(path, [path], None)
+    # A weights file inside a model directory still has its config.json (GPT-2's Conv1D
+    # layout, layer counts) beside it.
+    parent = os.path.dirname(os.path.abspath(path))
+    return _open_safetensors_files(path, [path], parent if os.path.isfile(os.path.join(parent, "config.json")) else None)
 
 
 def _open_directory(path: str, allow_pickle: bool) -> Checkpoint:
@@ -217,9 +225,17 @@ def _read_weight_map(directory: str, index_path: str) -> dict[str, str]:
     return weight_map
 
 
+_SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+
+
 def _open_sharded(directory: str, index_path: str) -> Checkpoint:
     weight_map = _read_weight_map(directory, index_path)
+    if not weight_map:
+        raise BadInputError(f"{index_path}: the index lists no tensors", "the index is empty or corrupt")
     shards = sorted(set(weight_map.values()))
+    orphans = sorted(n for n in os.listdir(directory) if _SHARD_NAME.match(n) and n not in shards)
+    if orphans:
+        raise BadInputError(f"{index_path}: shard {orphans[0]} is in the directory but not in the index", "the index is stale or corrupt")
     ckpt = _open_safetensors_files(directory, [os.path.join(directory, s) for s in shards], directory)
     ckpt.storage = "safetensors-sharded"
     for name, shard in weight_map.items():
@@ -255,7 +271,9 @@ def _open_safetensors_files(path: str, files: list[str], directory: str | None) 
 def _refuse_pickle_magic(path: str) -> None:
     """A pickle renamed to .safetensors would otherwise give a puzzling header error."""
     with open(path, "rb") as f:
-        magic = f.read(4)
+        magic = f.read(9)
+    if magic[8:9] == b"{":  # a safetensors header always opens its JSON here
+        return
     if magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80":
         raise BadInputError(f"{path}: this is a PyTorch pickle checkpoint, not safetensors", "rename it to .bin and " + PICKLE_HINT)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from peftcli.errors import BadInputError
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # same ceiling as the reference implementation
+MAX_HEADER_BYTES = 100_000_000  # the reference implementation's ceiling
 
 # safetensors dtype name -> (bits per element, torch dtype attribute or None if torch lacks it)
 DTYPES: dict[str, tuple[int, str | None]] = {
@@ -123,16 +123,16 @@ def parse_header(path: str, raw: bytes, file_size: int) -> ParsedHeader:
         obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
     except _DuplicateKey as exc:
         raise BadInputError(
-            f"{path}: header names tensor {exc.key!r} twice", "the file is corrupt; the writer that made it is buggy"
+            f"{path}: header has the key {exc.key!r} twice", "the file is corrupt; the writer that made it is buggy"
         ) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:  # ValueError: integers too long to parse
         raise BadInputError(f"{path}: header is not valid JSON ({exc})", "the file is corrupt or not safetensors") from None
     except RecursionError:
         raise BadInputError(f"{path}: header JSON is nested too deeply", "the file is corrupt") from None
     if not isinstance(obj, dict):
         raise BadInputError(f"{path}: header is JSON but not an object", "the file is corrupt or not safetensors")
 
-    metadata = obj.pop("__metadata__", None) or {}
+    metadata = obj.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise BadInputError(f"{path}: __metadata__ must map strings to strings", "the file is corrupt")
 
@@ -183,6 +183,8 @@ def _parse_entry(path: str, name: str, spec: object) -> RawEntry:
     ):
         raise BadInputError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}", "the file is corrupt")
     shape_t = tuple(shape)
+    if (DTYPES[dtype][0] * math.prod(shape_t)) % 8:
+        raise BadInputError(f"{path}: tensor {name!r} of {dtype}{list(shape_t)} does not end on a byte boundary", "the file is corrupt")
     want = expected_nbytes(dtype, shape_t)
     got = offsets[1] - offsets[0]
     if want != got:

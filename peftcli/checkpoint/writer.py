@@ -39,6 +39,9 @@ class TensorSpec:
     dtype: str  # safetensors dtype name
     shape: tuple[int, ...]
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))  # lists from callers compare equal
+
     @property
     def nbytes(self) -> int:
         return expected_nbytes(self.dtype, self.shape)
@@ -47,8 +50,10 @@ class TensorSpec:
 def parse_size(text: str | int) -> int:
     """'5GB' -> 5e9, '500MiB' -> 500·2^20, '1000' -> 1000 bytes."""
     if isinstance(text, int):
+        if text <= 0:
+            raise UsageError(f"invalid size {text}", "the size must be positive")
         return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", text, flags=re.IGNORECASE)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*((?:[KMGT]i?)?B?)\s*", text, flags=re.IGNORECASE)
     if not m:
         raise UsageError(f"invalid size {text!r}", "use e.g. 5GB, 500MB, 2GiB or a number of bytes")
     number, unit = float(m.group(1)), m.group(2).upper().rstrip("B")
@@ -64,6 +69,9 @@ def build_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None
     """The 8-byte length plus JSON header, padded with spaces to 8 bytes (as the reference writer)."""
     header: dict[str, object] = {}
     if metadata:
+        bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+        if bad:
+            raise UsageError(f"safetensors metadata must map strings to strings; {bad[0]!r} does not")
         header["__metadata__"] = dict(metadata)
     offset = 0
     for spec in specs:

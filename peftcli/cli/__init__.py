@@ -16,13 +16,20 @@ import traceback
 import click
 
 from peftcli import __version__
-from peftcli.errors import EXIT_BAD_INPUT, EXIT_RESOURCE, EXIT_USAGE, PeftcliError
+from peftcli.errors import EXIT_BAD_INPUT, EXIT_RESOURCE, EXIT_USAGE, Interrupted, PeftcliError
 
 _debug = False
 
 
 class PeftcliGroup(click.Group):
     """A click group whose ``main`` applies the one-line error contract."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            # Caught before click's own handler, which would print an empty line first.
+            raise Interrupted("interrupted") from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         global _debug
@@ -43,7 +50,9 @@ class PeftcliGroup(click.Group):
 def _fail(message: str, code: int, exc: BaseException) -> int:
     if _debug:
         traceback.print_exception(exc, file=sys.stderr)
-    click.echo(" ".join(message.split()), err=True)
+    from peftcli.cli.output import printable
+
+    click.echo(printable(" ".join(message.split())), err=True)
     return code
 
 
@@ -53,6 +62,9 @@ def _report(exc: BaseException) -> int:
         return exc.code if isinstance(exc.code, int) else 1
     if isinstance(exc, PeftcliError):
         return _fail(exc.one_line(), exc.exit_code, exc)
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError):
+        click.echo(exc.ctx.get_help() if exc.ctx else "", err=True)
+        return EXIT_USAGE
     if isinstance(exc, click.UsageError):
         cmd = exc.ctx.command_path if exc.ctx else "peftcli"
         return _fail(f"error: {exc.format_message()} (see '{cmd} --help')", EXIT_USAGE, exc)
@@ -102,8 +114,9 @@ def main() -> None:
 
 
 # Registering subcommands imports their modules, which import nothing heavy.
-from peftcli.cli import completion_cmd, inject_cmd, inspect_cmd  # noqa: E402
+from peftcli.cli import completion_cmd, inject_cmd, inspect_cmd, train_cmd  # noqa: E402
 
 cli.add_command(inspect_cmd.inspect)
 cli.add_command(inject_cmd.inject)
+cli.add_command(train_cmd.train)
 cli.add_command(completion_cmd.completion)

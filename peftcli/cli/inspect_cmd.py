@@ -8,7 +8,7 @@ import click
 
 from peftcli.cli.output import emit_json, json_option, stdout_console
 from peftcli.errors import UsageError
-from peftcli.methods import METHODS, PLANNED, get_method
+from peftcli.methods import METHODS, get_method
 from peftcli.options import click_options, from_options, option_fields
 
 _BUDGET_CLASSES = [m.config_cls for m in METHODS.values()]
@@ -25,7 +25,7 @@ _BUDGET_OPTION_NAMES = {f.name for cls in _BUDGET_CLASSES for f in option_fields
 @click.option(
     "--budget",
     metavar="METHOD",
-    type=click.Choice(sorted([*METHODS, *PLANNED])),
+    type=click.Choice(sorted(METHODS)),
     help="Show the trainable parameters METHOD would add, per target and in total.",
 )
 @click_options(*_BUDGET_CLASSES)
@@ -50,12 +50,14 @@ def inspect(path, as_json, with_tensors, name_filter, depth, allow_pickle, budge
     if name_filter:
         try:
             re.compile(name_filter)
-        except re.error as exc:
+        except (re.error, OverflowError, RecursionError) as exc:
             raise UsageError(f"invalid --filter regex {name_filter!r}: {exc}") from None
 
     method = get_method(budget) if budget else None
     with open_checkpoint(path, allow_pickle=allow_pickle) as ckpt:
         report = summarize(ckpt, with_tensors=with_tensors, name_filter=name_filter, max_depth=depth)
+        if method is not None and report["format"] != "checkpoint":
+            raise UsageError(f"--budget needs a base checkpoint, and {path} is a {report['format']}", "pass the base model instead")
         if method is not None:
             from peftcli.methods.base import Budget
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from peftcli.cli.output import printable
+
 
 def human_count(n: int) -> str:
     for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
@@ -24,7 +26,7 @@ def render_inspect(report: dict, console) -> None:
     grid.add_column(style="bold")
     grid.add_column()
     n_files = len(report["files"])
-    grid.add_row("path", report["path"])
+    grid.add_row("path", printable(report["path"]))
     grid.add_row("format", f"{report['format']} ({report['storage']}, {n_files} file{'s' if n_files != 1 else ''})")
     cfg = report.get("config")
     if cfg:
@@ -34,7 +36,7 @@ def render_inspect(report: dict, console) -> None:
             f"{cfg['num_layers']} layers",
             f"hidden {cfg['hidden_size']}",
             f"{cfg['num_attention_heads']} heads ({cfg['num_key_value_heads']} KV)",
-            f"intermediate {cfg['intermediate_size']}",
+            f"intermediate {cfg['intermediate_size'] if cfg['intermediate_size'] is not None else '?'}",
             f"vocab {cfg['vocab_size']}",
             f"tied embeddings {'yes' if cfg['tie_word_embeddings'] else 'no'}",
         ]
@@ -49,7 +51,9 @@ def render_inspect(report: dict, console) -> None:
         grid.add_row("filter", f"/{f['pattern']}/ matches {f['num_tensors']} tensors, {f['num_params']:,} params")
     if "adapter_config" in report:
         ac = report["adapter_config"]
-        grid.add_row("adapter", f"{ac.get('peft_type', '?')} on {ac.get('target_modules', '?')}")
+        targets = ac.get("target_modules")
+        targets = ", ".join(map(str, targets)) if isinstance(targets, list) else targets
+        grid.add_row("adapter", printable(f"{ac.get('peft_type', '?')} on {targets or '?'}"))
     console.print(grid)
 
     if report["modules"]:
@@ -59,7 +63,7 @@ def render_inspect(report: dict, console) -> None:
         table.add_column("params", justify="right")
         table.add_column("each", justify="right")
         for row in report["modules"]:
-            label = "  " * row["depth"] + row["label"]
+            label = "  " * row["depth"] + printable(row["label"])
             each = row["params"] // row["count"] if row["count"] else 0
             table.add_row(label, f"×{row['count']}" if row["count"] > 1 else "", f"{row['params']:,}", f"{each:,}" if row["count"] > 1 else "")
         console.print()
@@ -70,7 +74,7 @@ def render_inspect(report: dict, console) -> None:
         for col, justify in (("name", "left"), ("shape", "left"), ("dtype", "left"), ("params", "right"), ("shard", "left")):
             table.add_column(col, justify=justify)
         for t in report["tensors"]:
-            table.add_row(t["name"], "[" + ", ".join(map(str, t["shape"])) + "]", t["dtype"], f"{t['params']:,}", t["shard"])
+            table.add_row(printable(t["name"]), "[" + ", ".join(map(str, t["shape"])) + "]", t["dtype"], f"{t['params']:,}", printable(t["shard"]))
         console.print()
         console.print(table)
 
@@ -86,7 +90,7 @@ def render_budget(budget: dict, console) -> None:
     table.add_column("shape")
     table.add_column("added params", justify="right")
     for t in budget["targets"]:
-        table.add_row(t["module"], " × ".join(map(str, t["shape"])), f"{t['params']:,}")
+        table.add_row(printable(t["module"]), " × ".join(map(str, t["shape"])), f"{t['params']:,}")
     console.print()
     console.print(table)
     console.print(

@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 from peftcli.errors import BadInputError, UsageError
+from peftcli.methods.adapter import BottleneckAdapter
 from peftcli.methods.base import Attached, Budget, BudgetRow, Method
+from peftcli.methods.bitfit import BitFit
+from peftcli.methods.ia3 import IA3
+from peftcli.methods.layers import Layers
 from peftcli.methods.lora import LoRA
+from peftcli.methods.prefix import PrefixTuning
+from peftcli.methods.prompt import PromptTuning
 
-METHODS: dict[str, Method] = {m.name: m for m in (LoRA(),)}
-
-# Named in the CLI already so that users get a clear answer rather than "unknown method".
-PLANNED = tuple(n for n in ("ia3", "bitfit", "adapter", "prompt", "prefix", "layers") if n not in METHODS)
+METHODS: dict[str, Method] = {
+    m.name: m for m in (LoRA(), IA3(), BottleneckAdapter(), PrefixTuning(), PromptTuning(), BitFit(), Layers())
+}
 
 
 def get_method(name: str) -> Method:
     method = METHODS.get(name)
-    if method is not None:
-        return method
-    if name in PLANNED:
-        raise UsageError(f"method {name!r} is not yet supported", "available now: " + ", ".join(METHODS))
-    raise UsageError(f"unknown method {name!r}", "choose one of: " + ", ".join((*METHODS, *PLANNED)))
+    if method is None:
+        raise UsageError(f"unknown method {name!r}", "choose one of: " + ", ".join(METHODS))
+    return method
 
 
 def method_for_adapter_config(config: dict, where: str) -> Method:
@@ -41,4 +44,4 @@ def method_for_adapter_config(config: dict, where: str) -> Method:
     raise BadInputError(f"{where}: unsupported adapter method peft_type={peft_type!r}", "supported: " + ", ".join(known))
 
 
-__all__ = ["Attached", "Budget", "BudgetRow", "Method", "METHODS", "PLANNED", "get_method", "method_for_adapter_config"]
+__all__ = ["Attached", "Budget", "BudgetRow", "Method", "METHODS", "get_method", "method_for_adapter_config"]

@@ -49,8 +49,8 @@ class LoraConfig:
             raise UsageError(f"--rank must be positive, got {self.rank}")
         if self.alpha is None:
             self.alpha = 2.0 * self.rank
-        elif self.alpha <= 0:
-            raise UsageError(f"--alpha must be positive, got {self.alpha}")
+        elif not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise UsageError(f"--alpha must be a positive number, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.init not in INITS:
@@ -108,9 +108,10 @@ class LoRA:
             out[peft_key(m.name, "lora_A.weight")] = a
             out[peft_key(m.name, "lora_B.weight")] = torch.zeros(d_out, cfg.rank)
             if cfg.dora:
-                w = ckpt.get(m.name + ".weight").float()
-                w = w.T if m.transposed else w
-                out[peft_key(m.name, "lora_magnitude_vector")] = torch.linalg.norm(w, dim=1)  # ‖W₀ + s·0‖ per row
+                # ‖W₀ + s·B·A‖ per output feature with B = 0; accumulated in fp32 without an fp32 copy of W.
+                w = ckpt.get(m.name + ".weight")
+                norm = torch.linalg.vector_norm(w, dim=0 if m.transposed else 1, dtype=torch.float32)
+                out[peft_key(m.name, "lora_magnitude_vector")] = norm
         return out
 
     def adapter_config(self, ckpt, cfg: LoraConfig) -> dict:

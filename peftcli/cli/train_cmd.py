@@ -1,0 +1,116 @@
+"""``peftcli train RUN``: train the adapter in RUN with the built-in loop."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from peftcli.cli.output import emit_json, json_option, stderr_console, stdout_console, styled
+from peftcli.options import click_options, from_options
+from peftcli.train.config import TrainConfig
+
+
+class Progress:
+    """A rich progress bar on a terminal; plain lines every ``every`` steps otherwise."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.tty = styled(sys.stderr)
+
+    def start(self, total: int, done: int) -> None:
+        self.total, self.t0, self.done0 = total, time.perf_counter(), done
+        if self.tty:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+
+            self.bar = Bar(
+                TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(), console=stderr_console(), transient=False,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=total, completed=done, info="")
+
+    def update(self, step: int, loss: float, lr: float, tok_s: float) -> None:
+        info = f"loss {loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s"
+        if self.tty:
+            self.bar.update(self.task, completed=step, info=info)
+        elif step % self.every == 0 or step == self.total:
+            rate = (step - self.done0) / max(1e-9, time.perf_counter() - self.t0)
+            eta = (self.total - step) / rate if rate > 0 else 0.0
+            click.echo(f"step {step}/{self.total} {info} eta {eta:.0f}s", err=True)
+
+    def finish(self) -> None:
+        if self.tty:
+            self.bar.stop()
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+@click.command()
+@click.argument("run", type=click.Path())
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in RUN (same options as before).")
+@click.option("--force", is_flag=True, help="Train a run that was already trained again, from its current φ.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--nproc", type=int, default=None, help="Train data-parallel in N local workers (torch.distributed, gloo on CPU).")
+@json_option
+@click_options(TrainConfig)
+def train(run, resume, force, quiet, nproc, as_json, **options):
+    """Train the adapter directory RUN (made by `peftcli inject`) on --data.
+
+    Only φ (and a new classification head) is trained; the base model stays frozen. RUN
+    receives the trained adapter, metrics.jsonl, checkpoints/ and best/ (with --eval).
+
+    \b
+    Examples:
+      peftcli train runs/lora/ --model model/ --data train.jsonl --eval dev.jsonl --steps 500 --batch-size 16 --lr 2e-4
+      peftcli train runs/lora/ --model model/ --data ../shared/data/sst2/train.tsv --task classify --eval-every 100 --patience 3
+      peftcli train runs/lora/ --resume
+      peftcli train runs/lora/ --model model/ --data train.jsonl --nproc 2
+    """
+    if nproc is not None:
+        from peftcli.train.distributed import launch
+
+        # Every worker runs this same command without --nproc; torchrun sets RANK/WORLD_SIZE.
+        argv = _without_nproc(sys.argv[1:])
+        raise SystemExit(launch(nproc, argv))
+    from peftcli.train.loop import train as run_training
+
+    cfg = None if resume else from_options(TrainConfig, options)
+    given = [k for k, v in options.items() if v is not None]
+    if resume and given:
+        raise click.UsageError(f"--resume takes its options from the run; drop --{given[0].replace('_', '-')}")
+    log_every = options.get("log_every") or 10
+    progress = None if quiet else Progress(log_every)
+    log = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
+    summary = run_training(run, cfg, resume=resume, force=force, log=log, progress=progress)
+    if as_json:
+        emit_json({"schema": "peftcli.train/1", **summary})
+        return
+    from rich.table import Table
+
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    best = summary["best"]
+    rows = [
+        ("run", summary["run"]), ("task", summary["task"]), ("steps", str(summary["steps"]) + (" (stopped early)" if summary["stopped_early"] else "")),
+        ("final loss", f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-"),
+        ("best eval loss", f"{best['eval_loss']:.4f} at step {best['step']}" if best["eval_loss"] is not None else "-"),
+        ("best eval accuracy", f"{best['eval_accuracy']:.4f}" if best.get("eval_accuracy") is not None else "-"),
+        ("trainable params", f"{summary['trainable_params']:,}"), ("wall time", f"{summary['wall_seconds']:.1f} s"),
+        ("peak memory", f"{summary['peak_memory_bytes'] / 2**20:.0f} MiB ({summary['device']})"),
+    ]
+    for k, v in rows:
+        grid.add_row(k, v)
+    stdout_console().print(grid)

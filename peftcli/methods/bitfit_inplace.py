@@ -1,0 +1,107 @@
+"""Methods that train some of the base's own tensors in place (BitFit, layers).
+
+φ is the difference Δθ = θ − θ₀ of the selected base tensors, keyed by the base tensor's
+name (``encoder.layer.0.attention.self.query.bias``) so that merging is a plain add. Zeros at
+init. The adapter directory keeps PEFT's two files; PEFT lacks these methods, so
+``adapter_config.json`` is ``{"peft_type": "PEFTCLI", "peftcli": {"method": ..., options},
+"base_model_name_or_path": ...}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable
+
+from peftcli.artifacts.adapter_dir import PEFTCLI_PEFT_TYPE
+from peftcli.errors import BadInputError, UsageError
+from peftcli.methods.base import Attached
+from peftcli.options import option_fields
+from peftcli.targets import layer_index, parse_layers
+
+
+def in_layers(names: list[str], all_names, spec: str | None) -> list[str]:
+    """``names`` restricted to the layers of ``spec`` (all when None); absent layers are an error."""
+    layer_set = parse_layers(spec)
+    if layer_set is None:
+        return names
+    present = {i for i in map(layer_index, all_names) if i is not None}
+    absent = sorted(layer_set - present)
+    if absent:
+        raise UsageError(
+            f"--layers names layer {absent[0]}, which this model does not have",
+            f"layers here: {min(present)}-{max(present)}" if present else "this model has no numbered layers",
+        )
+    return [n for n in names if layer_index(n) in layer_set]
+
+
+def adapter_config(ckpt, method: str, cfg) -> dict:
+    options = {f.name: getattr(cfg, f.name) for f in option_fields(type(cfg))}
+    return {
+        "peft_type": PEFTCLI_PEFT_TYPE,
+        "peftcli": {"method": method, **options},
+        "base_model_name_or_path": os.path.abspath(ckpt.path),
+    }
+
+
+def config_from_adapter(d: dict, method: str, cls: type):
+    section = dict(d.get("peftcli") or {})
+    if section.pop("method", None) != method:
+        raise BadInputError(f"adapter config is not a peftcli {method} adapter")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise BadInputError(f"{method} adapter config has unknown option {unknown[0]!r}", "was it written by a newer peftcli?")
+    try:
+        return cls(**section)
+    except UsageError as exc:
+        raise BadInputError(f"{method} adapter config: {exc.message}", exc.hint) from None
+
+
+def attach_in_place(model, tensors: dict, selected: Callable[[str], bool], selection: str) -> Attached:
+    """Make the base tensors named by ``tensors`` trainable, set θ = θ₀ + Δθ, export θ − θ₀.
+
+    ``selected`` says whether the config selects a tensor name (``selection`` describes the
+    config, for the error message).
+    """
+    import torch
+
+    from peftcli import modules as mod
+
+    problems: list[str] = []
+    found: dict[str, torch.nn.Parameter] = {}
+    owners: dict[int, str] = {}
+    for key, delta in tensors.items():
+        module_path, _, attr = key.rpartition(".")
+        real = mod.resolve(model, module_path) if module_path else None
+        param = model.get_submodule(real)._parameters.get(attr) if real is not None else None
+        if param is None:
+            problems.append(f"{key}: no such parameter in the base")
+        elif tuple(delta.shape) != tuple(param.shape):
+            problems.append(f"{key}: Δ {list(delta.shape)} but the base has {list(param.shape)}")
+        elif not selected(key):
+            problems.append(f"{key}: not selected by the config ({selection})")
+        elif id(param) in owners:  # tied: one base tensor cannot take two differences
+            problems.append(f"{key}: the same parameter as {owners[id(param)]}")
+        else:
+            owners[id(param)] = key
+            found[key] = param
+    if problems:
+        raise BadInputError(
+            f"adapter does not match the base model: {len(problems)} problem(s): " + "; ".join(problems[:5])
+            + (" ..." if len(problems) > 5 else ""),
+            "was it made for another base model?",
+        )
+    theta0 = {}
+    with torch.no_grad():
+        for key, param in found.items():
+            theta0[key] = param.detach().float().clone()  # a copy of just these tensors, for export
+            param.copy_((theta0[key] + tensors[key].float().to(param.device)).to(param.dtype))
+
+    phi = dict(found)
+
+    def export() -> dict[str, torch.Tensor]:
+        # Differences for our tensors; a parameter the caller added to phi (a new head) as itself.
+        return {key: p.detach().float() - theta0[key] if key in theta0 else p for key, p in phi.items()}
+
+    return Attached(phi=phi, export=export)

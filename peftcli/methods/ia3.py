@@ -1,0 +1,299 @@
+"""IA³ (Liu et al., 2022): learned vectors that rescale activations of chosen linear layers.
+
+For a target layer, y = base(x) ⊙ l with l: [out, 1] (keys, values: the output, bias
+included, is rescaled); for a feedforward target, y = base(x ⊙ l) with l: [1, in] (the FFN
+intermediate is rescaled on its way into the down-projection). l starts at ones, so the
+adapted model starts as the base. A layer adds out parameters, a feedforward one in.
+Written in PEFT's layout: ``base_model.model.<module>.ia3_l``; default targets and
+feedforward modules are PEFT 0.21's per-family mappings, so both select the same modules.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from peftcli.errors import BadInputError, UsageError
+from peftcli.methods.base import Attached, BudgetRow, peft_key, PEFT_PREFIX
+from peftcli.options import option
+from peftcli.targets import LinearModule, resolve_targets
+
+if TYPE_CHECKING:
+    import torch
+
+# PEFT 0.21's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING (copied: PEFT is optional).
+IA3_TARGETS: dict[str, tuple[str, ...]] = {
+    "t5": ("k", "v", "wo"),
+    "mt5": ("k", "v", "wi_1"),
+    "gpt2": ("c_attn", "mlp.c_proj"),
+    "bloom": ("query_key_value", "mlp.dense_4h_to_h"),
+    "roberta": ("key", "value", "output.dense"),
+    "opt": ("q_proj", "k_proj", "fc2"),
+    "gptj": ("q_proj", "v_proj", "fc_out"),
+    "gpt_neox": ("query_key_value", "dense_4h_to_h"),
+    "gpt_neo": ("q_proj", "v_proj", "c_proj"),
+    "bart": ("q_proj", "v_proj", "fc2"),
+    "gpt_bigcode": ("c_attn", "mlp.c_proj"),
+    "llama": ("k_proj", "v_proj", "down_proj"),
+    "llama4": ("q_proj", "v_proj", "down_proj"),
+    "mistral": ("k_proj", "v_proj", "down_proj"),
+    "mixtral": ("k_proj", "v_proj", "w2"),
+    "bert": ("key", "value", "output.dense"),
+    "deberta-v2": ("key_proj", "value_proj", "output.dense"),
+    "deberta": ("in_proj", "output.dense"),
+    "RefinedWebModel": ("query_key_value", "dense_4h_to_h"),
+    "RefinedWeb": ("query_key_value", "dense_4h_to_h"),
+    "falcon": ("query_key_value", "dense_4h_to_h"),
+    "phi": ("q_proj", "v_proj", "fc2"),
+    "gemma": ("q_proj", "v_proj", "down_proj"),
+    "gemma2": ("q_proj", "v_proj", "down_proj"),
+    "gemma3_text": ("q_proj", "v_proj", "down_proj"),
+    "qwen2": ("q_proj", "v_proj", "down_proj"),
+    "qwen3": ("q_proj", "v_proj", "down_proj"),
+}
+
+# PEFT 0.21's TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.
+IA3_FEEDFORWARD: dict[str, tuple[str, ...]] = {
+    "t5": ("wo",),
+    "mt5": (),
+    "gpt2": ("mlp.c_proj",),
+    "bloom": ("mlp.dense_4h_to_h",),
+    "roberta": ("output.dense",),
+    "opt": ("fc2",),
+    "gptj": ("fc_out",),
+    "gpt_neox": ("dense_4h_to_h",),
+    "gpt_neo": ("c_proj",),
+    "bart": ("fc2",),
+    "gpt_bigcode": ("mlp.c_proj",),
+    "llama": ("down_proj",),
+    "llama4": ("down_proj",),
+    "mistral": ("down_proj",),
+    "mixtral": ("w2",),
+    "bert": ("output.dense",),
+    "deberta-v2": ("output.dense",),
+    "deberta": ("output.dense",),
+    "RefinedWeb": ("dense_4h_to_h",),
+    "RefinedWebModel": ("dense_4h_to_h",),
+    "falcon": ("dense_4h_to_h",),
+    "phi": ("fc2",),
+    "gemma": ("down_proj",),
+    "gemma2": ("down_proj",),
+    "gemma3_text": ("down_proj",),
+    "qwen2": ("down_proj",),
+    "qwen3": ("down_proj",),
+}
+
+_REGEX_CHARS = set("*+?[](){}|^$\\")  # the test targets.resolve_targets uses to tell a regex from names
+
+
+def _is_regex(spec: str) -> bool:
+    return bool(_REGEX_CHARS & set(spec))
+
+
+def _names(spec: str) -> list[str]:
+    return [t.strip() for t in spec.split(",") if t.strip()]
+
+
+def _name_matches(path: str, name: str) -> bool:
+    return path == name or path.endswith("." + name)
+
+
+def _peft_suffix_regex(names) -> str:
+    """PEFT's rule for a feedforward_modules list (``key.endswith(name)``, no dot) as a regex."""
+    names = list(names)
+    return ".*(?:" + "|".join(re.escape(n) for n in names) + ")" if names else ""
+
+
+@dataclass
+class IA3Config:
+    targets: str | None = option(
+        None,
+        metavar="NAMES|REGEX|all-linear",
+        help="modules to adapt: comma-separated names (k_proj,v_proj), a regex over module paths, "
+        "or all-linear; default: PEFT's per-family IA³ targets (keys, values, FFN down-projection)",
+    )
+    feedforward: str | None = option(
+        None,
+        metavar="NAMES|REGEX",
+        help="which targets are feedforward (their input is scaled, not their output): names or a regex "
+        "as for --targets, '' for none; default: PEFT's per-family choice (the FFN down-projection)",
+    )
+    layers: str | None = option(None, metavar="RANGES", help="only these layers, e.g. 20-29 or 0,2,4-6")
+
+    def __post_init__(self) -> None:
+        if self.feedforward and _is_regex(self.feedforward):
+            try:
+                re.compile(self.feedforward)
+            except re.error as exc:
+                raise UsageError(f"invalid --feedforward regex {self.feedforward!r}: {exc}") from None
+
+
+def _feedforward_rule(cfg: IA3Config, model_type: str | None) -> Callable[[str], bool]:
+    """Whether the module at a path is feedforward, per --feedforward or the family default."""
+    spec = cfg.feedforward
+    if spec is None:
+        if model_type not in IA3_FEEDFORWARD:
+            raise UsageError(
+                f"peftcli does not know which IA³ targets are feedforward for model_type {model_type!r}",
+                "pass --feedforward NAMES (or --feedforward '' for none)",
+            )
+        spec = _peft_suffix_regex(IA3_FEEDFORWARD[model_type])
+    if spec.strip() == "":
+        return lambda path: False
+    if _is_regex(spec):
+        pattern = re.compile(spec)
+        return lambda path: pattern.fullmatch(path) is not None
+    names = _names(spec)
+    return lambda path: any(_name_matches(path, n) for n in names)
+
+
+def _check_feedforward_spec(cfg: IA3Config, modules: list[LinearModule]) -> None:
+    """An explicit --feedforward must pick targets, as PEFT requires feedforward ⊆ targets."""
+    spec = cfg.feedforward
+    if spec is None or spec.strip() == "":
+        return
+    if _is_regex(spec):
+        pattern = re.compile(spec)
+        missing = [] if any(pattern.fullmatch(m.name) for m in modules) else [spec]
+    else:
+        missing = [n for n in _names(spec) if not any(_name_matches(m.name, n) for m in modules)]
+    if missing:
+        raise UsageError(
+            f"--feedforward {', '.join(missing)} matches none of the targets",
+            "feedforward modules must be among --targets; targets here: " + ", ".join(sorted({m.kind for m in modules})),
+        )
+
+
+class IA3:
+    name = "ia3"
+    config_cls = IA3Config
+    summary = "Learned vectors rescaling keys, values and the FFN intermediate (IA³)."
+    peft_type = "IA3"
+    examples = (
+        "peftcli inject ia3 model/ -o runs/ia3/",
+        "peftcli inject ia3 --targets k_proj,v_proj,down_proj --feedforward down_proj --layers 20-29 model/ -o runs/ia3-top/",
+        "peftcli inject ia3 --targets q_proj,v_proj --feedforward '' model/ -o runs/ia3-qv/",
+    )
+
+    def _targets(self, shapes, model_config, cfg: IA3Config) -> list[tuple[LinearModule, bool]]:
+        """(module, is feedforward) for every target."""
+        model_type = (model_config or {}).get("model_type")
+        targets = cfg.targets
+        if targets is None or targets.strip() == "":
+            if model_type not in IA3_TARGETS:
+                raise UsageError(
+                    f"peftcli has no default IA³ targets for model_type {model_type!r}",
+                    "pass --targets and --feedforward",
+                )
+            targets = ",".join(IA3_TARGETS[model_type])
+        modules = resolve_targets(shapes, model_config, targets, cfg.layers)
+        _check_feedforward_spec(cfg, modules)
+        is_ff = _feedforward_rule(cfg, model_type)
+        return [(m, is_ff(m.name)) for m in modules]
+
+    @staticmethod
+    def phi_shape(module: LinearModule, feedforward: bool) -> tuple[int, int]:
+        d_out, d_in = module.shape
+        return (1, d_in) if feedforward else (d_out, 1)
+
+    def budget(self, shapes: dict[str, tuple[int, ...]], model_config: dict | None, cfg: IA3Config) -> list[BudgetRow]:
+        return [BudgetRow(m.name, m.shape, math.prod(self.phi_shape(m, ff))) for m, ff in self._targets(shapes, model_config, cfg)]
+
+    # -- tensor level --------------------------------------------------------------------
+    def init(self, ckpt, cfg: IA3Config, generator: "torch.Generator") -> dict[str, "torch.Tensor"]:
+        import torch
+
+        shapes = {t.name: t.shape for t in ckpt.tensors.values()}
+        # Ones, as PEFT's init_ia3_weights=True: deterministic, so the generator is unused.
+        return {peft_key(m.name, "ia3_l"): torch.ones(self.phi_shape(m, ff)) for m, ff in self._targets(shapes, ckpt.config, cfg)}
+
+    def adapter_config(self, ckpt, cfg: IA3Config) -> dict:
+        shapes = {t.name: t.shape for t in ckpt.tensors.values()}
+        targets = self._targets(shapes, ckpt.config, cfg)
+        return {
+            "peft_type": "IA3",
+            "task_type": None,
+            "base_model_name_or_path": os.path.abspath(ckpt.path),
+            # Exact module paths: PEFT suffix-matches both lists, so it selects exactly these modules.
+            "target_modules": [m.name for m, _ in targets],
+            "feedforward_modules": [m.name for m, ff in targets if ff],
+            "fan_in_fan_out": any(m.transposed for m, _ in targets),
+            "init_ia3_weights": True,
+            "modules_to_save": None,
+            "inference_mode": False,
+        }
+
+    def config_from_adapter(self, d: dict) -> IA3Config:
+        if d.get("exclude_modules"):
+            raise BadInputError("IA³ adapter config uses exclude_modules, which peftcli does not support yet")
+        return IA3Config(
+            targets=_peft_targets(d.get("target_modules")),
+            feedforward=_peft_feedforward(d.get("feedforward_modules")),
+        )
+
+    # -- module level ---------------------------------------------------------------------
+    def attach(self, model, cfg: IA3Config, tensors: dict, model_config: dict) -> Attached:
+        from peftcli import modules as mod
+        from peftcli.methods.ia3_layer import IA3Linear
+
+        problems: list[str] = []
+        try:
+            is_ff = _feedforward_rule(cfg, (model_config or {}).get("model_type"))
+        except UsageError as exc:
+            raise BadInputError(f"adapter config: {exc.message}", "add feedforward_modules to adapter_config.json") from None
+        phi = {}
+        for key, t in tensors.items():
+            if not key.startswith(PEFT_PREFIX) or not key.endswith(".ia3_l"):
+                problems.append(f"unexpected key {key}")
+                continue
+            path = key[len(PEFT_PREFIX) : -len(".ia3_l")]
+            base = mod.resolve(model, path)
+            if base is None:
+                problems.append(f"{path}: no such module in the base")
+                continue
+            layer = model.get_submodule(base)
+            try:
+                d_out, d_in = mod.linear_dims(layer)
+            except BadInputError:
+                problems.append(f"{path}: is {type(layer).__name__}, not a linear layer")
+                continue
+            ff = is_ff(path)
+            expected = (1, d_in) if ff else (d_out, 1)
+            if tuple(t.shape) != expected:
+                problems.append(
+                    f"{path}: ia3_l {list(t.shape)} does not fit a {d_out}×{d_in} layer "
+                    f"({'feedforward' if ff else 'not feedforward'} per the config, so {list(expected)})"
+                )
+                continue
+            new = IA3Linear(layer, feedforward=ff)
+            new.load_phi(t)
+            mod.replace(model, path, new)
+            phi[key] = new.ia3_l
+        if problems:
+            raise BadInputError(
+                f"adapter does not match the base model: {len(problems)} problem(s): " + "; ".join(problems[:5])
+                + (" ..." if len(problems) > 5 else ""),
+                "was it made for another base model?",
+            )
+        return Attached(phi=phi)
+
+
+def _peft_targets(value) -> str | None:
+    """PEFT's target_modules as --targets: a list has the same rule (exact or dot-suffix)."""
+    if isinstance(value, list):
+        return ",".join(value)
+    if isinstance(value, str) and value != "all-linear":
+        return f"(?:{value})"  # PEFT full-matches a string even without regex characters
+    return value
+
+
+def _peft_feedforward(value) -> str | None:
+    """PEFT's feedforward_modules as --feedforward, keeping PEFT's plain-suffix rule for a list."""
+    if isinstance(value, list):
+        return _peft_suffix_regex(value)
+    if isinstance(value, str):
+        return f"(?:{value})" if value else ""
+    return value

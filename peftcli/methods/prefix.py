@@ -1,0 +1,243 @@
+"""Prefix tuning (Li & Liang, 2021): n learned key/value positions prepended in every attention layer.
+
+φ is PEFT's ``prompt_embeddings`` [n, num_layers·2·kv_dim]: per virtual token, each layer's
+key and value (kv_dim = key/value heads × head dim, so a GQA model's prefix is as narrow as
+its key/value projections, as in PEFT). At attach the prefix is handed to the base as a
+``DynamicCache`` (``cache``, ``past_key_values`` before transformers 5) and the attention
+mask gets n ones — PEFT's forward; nothing in the base is replaced. Llama, GPT-2 and BERT
+(whose self-attention reads the cache in transformers 5) all work this way, with their
+sequence-classification heads too (where PEFT 0.21 on transformers 5 refuses prefix tuning).
+
+``--projection H`` trains the prefix through PEFT's reparameterisation MLP
+(Embedding(n, kv_dim) → Linear(kv_dim, H) → Tanh → Linear(H, num_layers·2·kv_dim)), which
+Li & Liang found more stable than training the prefix directly. PEFT saves only the MLP's
+output; we save that too, under the same key — so PEFT loads the directory as its own — plus
+the MLP under ``prefix_encoder.*`` keys, which PEFT ignores and from which training resumes.
+``prompt_embeddings`` is then derived from the MLP and recomputed when saving: it takes no
+gradient, but it is counted in the budget because it is part of the saved φ. A PEFT-saved
+projection adapter (the output alone) attaches as a plain prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from peftcli.errors import BadInputError, UsageError
+from peftcli.methods import prompt_learning as pl
+from peftcli.methods.base import Attached, BudgetRow
+from peftcli.options import option
+from peftcli.targets import resolve_targets
+
+if TYPE_CHECKING:
+    import torch
+
+KEY = "prompt_embeddings"  # PEFT's key in adapter_model.safetensors
+MODULE = "peftcli_prefix"  # where the prefix lives inside the model
+
+
+@dataclass
+class PrefixTuningConfig:
+    virtual_tokens: int = option(
+        20,
+        metavar="N",
+        help="virtual tokens: soft-prompt vectors (prompt) or key/value positions per layer (prefix); default 20",
+    )
+    projection: int | None = option(
+        None,
+        metavar="HIDDEN",
+        help="train the prefix through an MLP with this hidden size (PEFT's prefix_projection); default: train it directly",
+    )
+    # (token_dim, num_attention_heads, num_layers) as an adapter config states them, checked against the model.
+    peft_dims: tuple[int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.virtual_tokens <= 0:
+            raise UsageError(f"--virtual-tokens must be positive, got {self.virtual_tokens}")
+        if self.projection is not None and self.projection <= 0:
+            raise UsageError(f"--projection must be positive, got {self.projection}")
+
+
+def _attention_modules(shapes: dict[str, tuple[int, ...]], config: dict | None, num_layers: int) -> list[str]:
+    """One name per layer for the budget: the module holding its query/value projections."""
+    try:
+        modules = resolve_targets(shapes, config, None, None)
+    except UsageError:
+        modules = []
+    parents: dict[int, str] = {}
+    for m in modules:
+        if m.layer is not None:
+            parents.setdefault(m.layer, m.name.rsplit(".", 1)[0])
+    if sorted(parents) != list(range(num_layers)):
+        return [f"layer {i}" for i in range(num_layers)]
+    return [parents[i] for i in range(num_layers)]
+
+
+class PrefixTuning:
+    name = "prefix"
+    config_cls = PrefixTuningConfig
+    summary = "Learned key/value prefixes in every attention layer (prefix tuning)."
+    peft_type = "PREFIX_TUNING"
+    examples = (
+        "peftcli inject prefix --virtual-tokens 20 model/ -o runs/prefix/",
+        "peftcli inject prefix --virtual-tokens 20 --projection 512 model/ -o runs/prefix-mlp/",
+    )
+
+    def _mlp_shapes(self, dims: pl.Dims, cfg: PrefixTuningConfig) -> dict[str, tuple[int, ...]]:
+        from peftcli.methods.prefix_encoder import mlp_shapes
+
+        if cfg.projection is None:
+            return {}
+        return mlp_shapes(cfg.virtual_tokens, dims.kv_dim, cfg.projection, dims.num_layers * 2 * dims.kv_dim)
+
+    def budget(self, shapes: dict[str, tuple[int, ...]], model_config: dict | None, cfg: PrefixTuningConfig) -> list[BudgetRow]:
+        pl.task_type(model_config)  # rejects what we cannot attach to, before any work
+        pl.check_virtual_tokens(cfg.virtual_tokens, model_config)
+        dims = pl.model_dims(model_config)
+        n, width = cfg.virtual_tokens, 2 * dims.kv_dim
+        rows = [BudgetRow(m, (n, width), n * width) for m in _attention_modules(shapes, model_config, dims.num_layers)]
+        mlp = self._mlp_shapes(dims, cfg)
+        for key in mlp:
+            if key.endswith(".bias"):
+                continue
+            module = key[: -len(".weight")]
+            bias = mlp.get(module + ".bias")
+            rows.append(BudgetRow(module, mlp[key], _numel(mlp[key]) + (_numel(bias) if bias else 0)))
+        return rows
+
+    # -- tensor level --------------------------------------------------------------------
+    def init(self, ckpt, cfg: PrefixTuningConfig, generator: "torch.Generator") -> dict[str, "torch.Tensor"]:
+        import math
+
+        import torch
+
+        from peftcli.methods.prefix_encoder import project
+
+        shapes = {t.name: t.shape for t in ckpt.tensors.values()}
+        self.budget(shapes, ckpt.config, cfg)
+        dims = pl.model_dims(ckpt.config)
+        mlp_shapes = self._mlp_shapes(dims, cfg)
+        if not mlp_shapes:  # nn.Embedding's N(0, 1), as PEFT
+            return {KEY: torch.randn(cfg.virtual_tokens, dims.num_layers * 2 * dims.kv_dim, generator=generator)}
+        mlp: dict[str, torch.Tensor] = {}
+        for key, shape in mlp_shapes.items():
+            if key.endswith("embedding.weight"):
+                mlp[key] = torch.randn(shape, generator=generator)
+            else:  # nn.Linear's default: U(−1/√in, 1/√in) for weight and bias
+                fan_in = mlp_shapes[key.rsplit(".", 1)[0] + ".weight"][1]
+                bound = 1.0 / math.sqrt(fan_in)
+                mlp[key] = torch.empty(shape).uniform_(-bound, bound, generator=generator)
+        return {KEY: project(mlp), **mlp}
+
+    def adapter_config(self, ckpt, cfg: PrefixTuningConfig) -> dict:
+        dims = pl.model_dims(ckpt.config)
+        return {
+            "peft_type": self.peft_type,
+            **pl.prompt_learning_fields(
+                ckpt.path, pl.task_type(ckpt.config), cfg.virtual_tokens, dims.kv_dim, dims.kv_heads, dims.num_layers
+            ),
+            "encoder_hidden_size": cfg.projection if cfg.projection is not None else dims.kv_dim,  # PEFT's default
+            "prefix_projection": cfg.projection is not None,
+            "init_weights": None,
+        }
+
+    def config_from_adapter(self, d: dict) -> PrefixTuningConfig:
+        pl.check_adapter_fields(d, "prefix tuning")
+        projection = None
+        if d.get("prefix_projection"):
+            if d.get("encoder_hidden_size") is None:
+                raise BadInputError("prefix tuning adapter config has prefix_projection but no encoder_hidden_size")
+            projection = int(d["encoder_hidden_size"])
+        stated = tuple(d.get(k) for k in ("token_dim", "num_attention_heads", "num_layers"))
+        return PrefixTuningConfig(
+            virtual_tokens=int(d["num_virtual_tokens"]),
+            projection=projection,
+            peft_dims=tuple(map(int, stated)) if None not in stated else None,
+        )
+
+    # -- module level ---------------------------------------------------------------------
+    def attach(self, model, cfg: PrefixTuningConfig, tensors: dict, model_config: dict) -> Attached:
+        from peftcli.methods import prefix_encoder as pfx
+        from peftcli.methods import prompt_encoder as pe
+
+        try:
+            dims = pl.model_dims(model_config)
+        except UsageError as exc:  # here it is the model's config that is wrong, not the command line
+            raise BadInputError(exc.message, exc.hint) from None
+        problems = self._check(model, cfg, tensors, dims)
+        mlp = {k: tensors[k] for k in pfx.MLP_KEYS if k in tensors} or None
+        if mlp is not None and not problems:
+            expected = pfx.project({k: t.float() for k, t in mlp.items()})
+            if not expected.allclose(tensors[KEY].float(), rtol=1e-4, atol=1e-5):
+                problems.append(f"{KEY} is not the output of the prefix_encoder MLP stored beside it")
+        if problems:
+            raise BadInputError(
+                f"adapter does not match the base model: {len(problems)} problem(s): " + "; ".join(problems[:5])
+                + (" ..." if len(problems) > 5 else ""),
+                "was it made for another base model?",
+            )
+        encoder = pfx.PrefixEncoder(tensors[KEY], mlp)
+        pe.register(model, MODULE, encoder)
+        dtype = getattr(model, "dtype", None) or encoder.prompt_embeddings.dtype
+        transform = _transform(encoder, dims, cfg.virtual_tokens, pfx.CacheInjector(model), dtype)
+        return Attached(phi=encoder.phi(), input_transform=transform, export=encoder.export if mlp is not None else None)
+
+    def _check(self, model, cfg: PrefixTuningConfig, tensors: dict, dims: pl.Dims) -> list[str]:
+        from peftcli.methods import prefix_encoder as pfx
+
+        problems = [f"unexpected key {k}" for k in tensors if k != KEY and k not in pfx.MLP_KEYS]
+        ours = (dims.kv_dim, dims.kv_heads, dims.num_layers)
+        if cfg.peft_dims is not None and tuple(cfg.peft_dims) != ours:
+            problems.append(
+                "the config's token_dim/num_attention_heads/num_layers are {}/{}/{}, the model's key/value width, "
+                "heads and layers {}/{}/{}".format(*cfg.peft_dims, *ours)
+            )
+        backbone = getattr(model, "base_model", model)
+        if pfx.cache_argument(model) is None and pfx.cache_argument(backbone) is None:
+            problems.append(f"{type(model).__name__} takes no key/value cache, so no prefix")
+        width = dims.num_layers * 2 * dims.kv_dim
+        if KEY not in tensors:
+            problems.append(f"no {KEY} tensor")
+        elif tuple(tensors[KEY].shape) != (cfg.virtual_tokens, width):
+            problems.append(
+                f"{KEY} is {list(tensors[KEY].shape)}, not [{cfg.virtual_tokens}, {width}] "
+                f"({cfg.virtual_tokens} virtual tokens × {dims.num_layers} layers × 2 × {dims.kv_dim})"
+            )
+        present = [k for k in pfx.MLP_KEYS if k in tensors]
+        if present and cfg.projection is None:
+            problems.append("the adapter holds a prefix_encoder MLP but its config has no prefix_projection")
+        elif present and len(present) != len(pfx.MLP_KEYS):
+            missing = ", ".join(k for k in pfx.MLP_KEYS if k not in tensors)
+            problems.append(f"the prefix_encoder MLP is incomplete: {missing} missing")
+        elif present:
+            expected = self._mlp_shapes(dims, cfg)
+            problems += [
+                f"{k} is {list(tensors[k].shape)}, not {list(shape)}"
+                for k, shape in expected.items()
+                if tuple(tensors[k].shape) != shape
+            ]
+        return problems
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _transform(encoder, dims: pl.Dims, n: int, injector, dtype: "torch.dtype"):
+    """The forward's keyword arguments with the prefix as a key/value cache (PEFT's prefix-tuning forward)."""
+    from peftcli.methods import prefix_encoder as pfx
+    from peftcli.methods import prompt_encoder as pe
+
+    def transform(kwargs: dict) -> dict:
+        kwargs = dict(kwargs)
+        batch = pe.batch_size(kwargs, "prefix tuning")
+        injector.put(kwargs, pfx.build_cache(encoder.prefix(), batch, dims, dtype))
+        pe.extend_attention_mask(kwargs, n)
+        if kwargs.get("position_ids") is not None:  # the input comes after the n cached positions
+            kwargs["position_ids"] = kwargs["position_ids"] + n
+        return kwargs
+
+    return transform

@@ -1,0 +1,1 @@
+"""Module level: the built-in training loop (data, batching, optimisation, checkpoints, evaluation)."""

@@ -1,0 +1,81 @@
+"""Tokenising examples into batches, padded per batch (never to a global maximum length).
+
+- ``lm``: labels are the input ids, padding ignored (-100);
+- ``sft``: prompt tokens are ignored too, so the loss is on the completion only;
+- ``classify``: one label id per example.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from peftcli.errors import BadInputError
+from peftcli.train.data import Dataset
+
+IGNORE = -100  # transformers' ignore_index for cross-entropy
+
+
+def load_tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"{model_dir}: no usable tokenizer ({str(exc).splitlines()[0]})", "the model directory needs its tokenizer files") from None
+    if tok.pad_token_id is None:
+        # Causal LMs often ship without a pad token; padding positions are masked anyway.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def encode(dataset: Dataset, tokenizer, max_length: int, label_mapping: list[str] | None = None) -> list[dict]:
+    """One dict of token ids (and labels) per example, truncated to ``max_length``."""
+    items = []
+    label_ids = dataset.label_ids(label_mapping) if dataset.task == "classify" else None
+    for i, ex in enumerate(dataset.examples):
+        if dataset.task == "sft":
+            prompt = tokenizer(ex.text, add_special_tokens=True)["input_ids"]
+            completion = tokenizer(ex.completion, add_special_tokens=False)["input_ids"]
+            if tokenizer.eos_token_id is not None:
+                completion = completion + [tokenizer.eos_token_id]
+            ids = (prompt + completion)[:max_length]
+            labels = ([IGNORE] * len(prompt) + completion)[:max_length]
+            items.append({"input_ids": ids, "labels": labels})
+        else:
+            ids = tokenizer(ex.text, truncation=True, max_length=max_length)["input_ids"]
+            if not ids:
+                ids = [tokenizer.pad_token_id]
+            item = {"input_ids": ids}
+            if dataset.task == "lm":
+                item["labels"] = list(ids)
+            else:
+                item["label"] = label_ids[i]
+            items.append(item)
+    return items
+
+
+def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded to the longest item of this batch (transformers finds the last real token)."""
+    length = max(len(it["input_ids"]) for it in items)
+    ids = torch.full((len(items), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), length), dtype=torch.long)
+    labels = torch.full((len(items), length), IGNORE, dtype=torch.long) if "labels" in items[0] else None
+    for row, it in enumerate(items):
+        n = len(it["input_ids"])
+        sl = slice(0, n)
+        ids[row, sl] = torch.tensor(it["input_ids"])
+        mask[row, sl] = 1
+        if labels is not None:
+            labels[row, sl] = torch.tensor(it["labels"])
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if labels is not None:
+        batch["labels"] = labels
+    if "label" in items[0]:
+        batch["labels"] = torch.tensor([it["label"] for it in items], dtype=torch.long)
+    return batch
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The example order of one epoch: a seeded permutation, reproducible on resume."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()

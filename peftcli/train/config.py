@@ -1,0 +1,63 @@
+"""The options of ``peftcli train``, declared once (CLI flags, recipes, ``train_args.json``).
+
+Kept free of torch so that ``peftcli --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peftcli.errors import UsageError
+from peftcli.options import option
+from peftcli.train.data import TASKS
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclass
+class TrainConfig:
+    model: str | None = option(None, metavar="DIR", help="base model directory (default: the adapter's base_model_name_or_path)")
+    data: str | None = option(None, metavar="FILE", help="training data: .jsonl, .csv or .tsv")
+    eval_data: str | None = option(None, "--eval", metavar="FILE", help="validation data (same format)")
+    task: str | None = option(None, metavar="lm|sft|classify", help="override the task detected from the data's columns")
+    steps: int | None = option(None, help="optimizer steps to run (default: 1 epoch unless --epochs)")
+    epochs: float | None = option(None, help="epochs to run instead of --steps")
+    batch_size: int = option(8, help="examples per micro-batch (per worker) (default 8)")
+    grad_accum: int = option(1, help="micro-batches per optimizer step (default 1)")
+    lr: float = option(2e-4, help="peak learning rate (default 2e-4)")
+    weight_decay: float = option(0.0, help="AdamW weight decay, never on biases or norms (default 0)")
+    warmup_steps: int = option(0, help="linear warmup steps (default 0)")
+    schedule: str = option("linear", metavar="linear|cosine|constant", help="decay after warmup (default linear)")
+    max_grad_norm: float = option(1.0, help="clip the gradient norm; 0 disables (default 1.0)")
+    max_length: int = option(128, help="truncate examples to this many tokens (default 128)")
+    train_seed: int = option(0, help="seed of data order, dropout and a new head (default 0)")
+    eval_every: int | None = option(None, help="evaluate every N steps (default: at the end only, when --eval is given)")
+    patience: int | None = option(None, help="stop after N evaluations without a better validation loss")
+    save_every: int | None = option(None, help="write a resumable checkpoint every N steps")
+    keep_checkpoints: int = option(2, help="how many of the newest checkpoints to keep (default 2)")
+    log_every: int = option(10, help="log a metrics line every N steps (default 10)")
+    device: str = option("auto", metavar="auto|cpu|cuda", help="where to train (default auto: CUDA when present)")
+    limit: int | None = option(None, help="use only the first N training examples")
+
+    def __post_init__(self) -> None:
+        if self.task is not None and self.task not in TASKS:
+            raise UsageError(f"unknown --task {self.task!r}", "choose lm, sft or classify")
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"unknown --schedule {self.schedule!r}", "choose linear, cosine or constant")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UsageError(f"unknown --device {self.device!r}", "choose auto, cpu or cuda")
+        for name in ("batch_size", "grad_accum", "max_length", "log_every", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive")
+        for name in ("steps", "eval_every", "patience", "save_every", "limit"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive")
+        if self.epochs is not None and self.epochs <= 0:
+            raise UsageError("--epochs must be positive")
+        if self.steps is not None and self.epochs is not None:
+            raise UsageError("give --steps or --epochs, not both")
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
+            raise UsageError("--lr must be positive and --weight-decay, --warmup-steps, --max-grad-norm non-negative")
+        if self.patience is not None and self.eval_data is None:
+            raise UsageError("--patience needs --eval data")

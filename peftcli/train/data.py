@@ -1,0 +1,176 @@
+"""Training data: JSONL, CSV and TSV files, the task they imply, and label mappings.
+
+Columns decide the task (``--task`` overrides):
+- ``prompt`` + ``completion``  → supervised prompt→completion, loss on the completion only (``sft``)
+- ``text``/``sentence`` + ``label`` → sequence classification (``classify``)
+- ``text`` alone               → causal language modelling (``lm``)
+
+TSV/CSV files may have a header row naming those columns; a file without one (AG News)
+is read positionally: one column is ``text``, two are ``text, label``. Every malformed line
+is an error naming the file and the line number.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+
+from peftcli.errors import BadInputError, UsageError
+
+TASKS = ("lm", "sft", "classify")
+KNOWN_COLUMNS = {"text", "sentence", "label", "prompt", "completion", "idx", "id"}
+
+
+@dataclass
+class Example:
+    text: str = ""  # lm / classify input, or sft prompt
+    completion: str = ""  # sft only
+    label: str | None = None  # classify only, as written in the file
+
+
+@dataclass
+class Dataset:
+    path: str
+    task: str
+    examples: list[Example]
+    labels: list[str] = field(default_factory=list)  # classify: sorted distinct labels (the mapping index → label)
+
+    def label_ids(self, mapping: list[str]) -> list[int]:
+        index = {label: i for i, label in enumerate(mapping)}
+        out = []
+        for n, ex in enumerate(self.examples):
+            if ex.label not in index:
+                raise BadInputError(f"{self.path}: example {n + 1} has label {ex.label!r}, unknown to the training labels {mapping}")
+            out.append(index[ex.label])
+        return out
+
+
+def _rows_jsonl(path: str):
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise BadInputError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise BadInputError(f"{path}:{lineno}: each line must be a JSON object")
+            yield lineno, row
+
+
+def _rows_delimited(path: str, delimiter: str):
+    with open(path, encoding="utf-8", newline="") as f:
+        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL  # TSV text keeps its quotes
+        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+        try:
+            first = next(reader, None)
+        except csv.Error as exc:
+            raise BadInputError(f"{path}:1: {exc}") from None
+        if first is None:
+            return
+        header = [c.strip().lower() for c in first]
+        if header and all(c in KNOWN_COLUMNS for c in header) and len(set(header)) == len(header):
+            columns, rows = header, []
+        else:
+            if len(first) == 1:
+                columns = ["text"]
+            elif len(first) == 2:
+                columns = ["text", "label"]
+            else:
+                raise BadInputError(
+                    f"{path}:1: {len(first)} columns and no header", "add a header row naming the columns (text, label, prompt, completion)"
+                )
+            rows = [(1, first)]
+        for lineno, values in rows:
+            yield lineno, dict(zip(columns, values))
+        try:
+            for values in reader:
+                lineno = reader.line_num
+                if not values or values == [""]:
+                    continue
+                if len(values) != len(columns):
+                    raise BadInputError(f"{path}:{lineno}: {len(values)} fields, expected {len(columns)} ({', '.join(columns)})")
+                yield lineno, dict(zip(columns, values))
+        except csv.Error as exc:
+            raise BadInputError(f"{path}:{reader.line_num}: {exc}") from None
+
+
+def _rows(path: str):
+    lower = path.lower()
+    if lower.endswith((".jsonl", ".json", ".ndjson")):
+        return _rows_jsonl(path)
+    if lower.endswith(".tsv"):
+        return _rows_delimited(path, "\t")
+    if lower.endswith(".csv"):
+        return _rows_delimited(path, ",")
+    raise UsageError(f"{path}: unknown data format", "use a .jsonl, .csv or .tsv file")
+
+
+def detect_task(columns: set[str]) -> str | None:
+    if {"prompt", "completion"} <= columns:
+        return "sft"
+    if "label" in columns and columns & {"text", "sentence"}:
+        return "classify"
+    if "text" in columns or "sentence" in columns:
+        return "lm"
+    return None
+
+
+def load_dataset(path: str, task: str | None = None, limit: int | None = None) -> Dataset:
+    """Read ``path``; ``task`` overrides detection. ``limit`` keeps the first N examples."""
+    if not os.path.isfile(path):
+        raise BadInputError(f"{path}: no such data file")
+    if task is not None and task not in TASKS:
+        raise UsageError(f"unknown --task {task!r}", "choose lm, sft or classify")
+    examples: list[Example] = []
+    detected = task
+    try:
+        for lineno, row in _rows(path):
+            columns = set(row)
+            row_task = detect_task(columns)
+            if detected is None:
+                detected = row_task
+                if detected is None:
+                    raise BadInputError(
+                        f"{path}:{lineno}: cannot tell the task from columns {sorted(columns)}",
+                        "use text (lm), prompt+completion (sft) or text/sentence+label (classify)",
+                    )
+            examples.append(_example(path, lineno, row, detected))
+            if limit is not None and len(examples) >= limit:
+                break
+    except UnicodeDecodeError:
+        raise BadInputError(f"{path}: not UTF-8 text") from None
+    if not examples:
+        raise BadInputError(f"{path}: no examples", "the data file is empty")
+    labels = sorted({ex.label for ex in examples}, key=_label_order) if detected == "classify" else []
+    return Dataset(path=path, task=detected, examples=examples, labels=labels)
+
+
+def _label_order(label: str):
+    # Numeric labels sort numerically ("2" before "10"), so "0"/"1" keep their meaning as ids.
+    return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
+
+
+def _field(path: str, lineno: int, row: dict, names: tuple[str, ...]) -> str:
+    for name in names:
+        value = row.get(name)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                raise BadInputError(f"{path}:{lineno}: field {name!r} must be a string or number")
+            return str(value)
+    raise BadInputError(f"{path}:{lineno}: missing field {' or '.join(repr(n) for n in names)}")
+
+
+def _example(path: str, lineno: int, row: dict, task: str) -> Example:
+    if task == "sft":
+        return Example(text=_field(path, lineno, row, ("prompt",)), completion=_field(path, lineno, row, ("completion",)))
+    text = _field(path, lineno, row, ("text", "sentence"))
+    if task == "classify":
+        label = _field(path, lineno, row, ("label",)).strip()
+        if not label:
+            raise BadInputError(f"{path}:{lineno}: empty label")
+        return Example(text=text, label=label)
+    return Example(text=text)

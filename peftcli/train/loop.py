@@ -1,0 +1,379 @@
+"""The one training loop every method goes through (module level).
+
+AdamW (no weight decay on biases and norms), warmup then linear/cosine/constant decay,
+gradient accumulation, clipping, ``--steps`` or ``--epochs``, everything seeded. Evaluation
+every ``eval_every`` steps keeps the best adapter by validation loss in ``<run>/best`` and
+stops after ``patience`` evaluations without improvement. Checkpoints every ``save_every``
+steps hold optimizer, scheduler, RNG and data position, so ``resume`` continues bit-exactly
+on CPU. Ctrl-C saves a checkpoint and raises ``Interrupted`` (exit code 3).
+
+On CPU compute stays fp32 whatever the checkpoint dtype (these CPUs lack bf16 units);
+on CUDA the forward runs under bf16 autocast with fused AdamW.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from typing import Callable
+
+import torch
+
+from peftcli.errors import BadInputError, Interrupted, UsageError
+from peftcli.train import distributed
+from peftcli.train import state as ckpt_state
+from peftcli.train.batching import collate, encode, epoch_order, load_tokenizer
+from peftcli.train.config import SCHEDULES, TrainConfig  # noqa: F401 (re-exported)
+from peftcli.train.data import load_dataset
+
+ARGS_FILE = "train_args.json"
+LABELS_FILE = "labels.json"
+METRICS_FILE = "metrics.jsonl"
+BEST_DIR = "best"
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA device is available", "use --device cpu or auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _schedule(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1.0 - progress)
+
+    return factor
+
+
+def _param_groups(named: dict[str, torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    # Biases and norm scales are 1-D: decaying them towards 0 only hurts (as in BERT, GPT-2 recipes).
+    decay = [p for n, p in named.items() if p.ndim >= 2 and "norm" not in n.lower()]
+    no_decay = [p for n, p in named.items() if not (p.ndim >= 2 and "norm" not in n.lower())]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def _head_modules(missing_keys: list[str]) -> list[str]:
+    """Top modules of parameters transformers had to initialise (the new task head)."""
+    heads: list[str] = []
+    for key in missing_keys:
+        module = key.rsplit(".", 1)[0]
+        if not any(module == h or module.startswith(h + ".") for h in heads):
+            heads.append(module)
+    return heads
+
+
+class _StopFlag:
+    """SIGINT sets a flag checked between steps, so the checkpoint saved is a consistent one."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self._old = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            if self.stop:  # a second Ctrl-C aborts at once
+                raise KeyboardInterrupt
+            self.stop = True
+
+        try:
+            self._old = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    from peftcli.checkpoint.atomic import atomic_output, open_new_file
+
+    with atomic_output(path, directory=False, force=True) as tmp:
+        with open_new_file(tmp) as f:
+            f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def resolve_config(run: str, cfg: TrainConfig | None, resume: bool) -> TrainConfig:
+    """The run's configuration: the one saved in the run when resuming, else ``cfg``."""
+    args_path = os.path.join(run, ARGS_FILE)
+    if resume:
+        if not os.path.isfile(args_path):
+            raise UsageError(f"{run}: nothing to resume (no {ARGS_FILE})", "start a run with --data first")
+        return TrainConfig(**_read_json(args_path))
+    if cfg is None or cfg.data is None:
+        raise UsageError("--data is required", "e.g. peftcli train runs/lora/ --data train.jsonl")
+    return cfg
+
+
+def train(
+    run: str,
+    cfg: TrainConfig | None = None,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    log: Callable[[str], None] | None = None,
+    progress=None,
+    return_model: bool = False,
+):
+    """Train the adapter in directory ``run``; returns the final summary (and the model if asked)."""
+    from peftcli.artifacts.adapter_dir import read_adapter
+    from peftcli.attach import attach_adapter, load_base_model
+
+    if not os.path.isfile(os.path.join(run, "adapter_config.json")):
+        raise BadInputError(f"{run}: not an adapter directory", "create one with peftcli inject METHOD MODEL -o RUN")
+    cfg = resolve_config(run, cfg, resume)
+    if not resume and os.path.exists(os.path.join(run, ARGS_FILE)) and not force:
+        raise UsageError(f"{run} has already been trained", "pass --resume to continue it or --force to train it again")
+    log = log or (lambda line: None)
+    checkpoint = ckpt_state.latest_checkpoint(run) if resume else None
+    if resume and checkpoint is None:
+        raise UsageError(f"{run}: no checkpoint to resume from", "train with --save-every N to write checkpoints")
+
+    adapter = read_adapter(checkpoint or run)
+    model_dir = cfg.model or adapter.config.get("base_model_name_or_path")
+    if not model_dir or not os.path.isdir(model_dir):
+        raise UsageError(f"base model directory {model_dir!r} not found", "pass --model DIR")
+    cfg = dataclasses.replace(cfg, model=model_dir)
+
+    data = load_dataset(cfg.data, cfg.task, cfg.limit)
+    if resume and os.path.isfile(os.path.join(run, LABELS_FILE)):
+        labels = _read_json(os.path.join(run, LABELS_FILE))["labels"]
+    else:
+        labels = data.labels
+    eval_data = load_dataset(cfg.eval_data, data.task) if cfg.eval_data else None
+    tokenizer = load_tokenizer(model_dir)
+    train_items = encode(data, tokenizer, cfg.max_length, labels)
+    eval_items = encode(eval_data, tokenizer, cfg.max_length, labels) if eval_data else None
+
+    torch.manual_seed(cfg.train_seed)  # a new classification head is initialised from this
+    device = _resolve_device(cfg.device)
+    world = distributed.setup(device.type)
+    if world.distributed and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    if data.task == "classify":
+        model, info = load_base_model(
+            model_dir, "AutoModelForSequenceClassification", num_labels=len(labels), with_info=True,
+            id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+        )
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        model, info = load_base_model(model_dir, "AutoModelForCausalLM", with_info=True)
+    adapted = attach_adapter(model, adapter)
+    if data.task == "classify" and not adapter.config.get("modules_to_save"):
+        heads = _head_modules(info.get("missing_keys", []))
+        if not heads:
+            raise BadInputError(f"{model_dir}: cannot find the classification head to train")
+        adapted.add_head(heads, "SEQ_CLS")
+    adapted.to(device)
+    # DDP averages φ's gradients across workers; every worker then applies the same update.
+    forward = torch.nn.parallel.DistributedDataParallel(adapted) if world.distributed else adapted
+
+    per_step = cfg.batch_size * cfg.grad_accum * world.size
+    steps_per_epoch = max(1, len(train_items) // per_step)
+    total = cfg.steps or max(1, round((cfg.epochs or 1.0) * steps_per_epoch))
+    named = adapted.phi_parameters()
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(_param_groups(named, cfg.weight_decay), lr=cfg.lr, fused=fused)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total))
+
+    step, epoch, offset = 0, 0, 0
+    best = {"eval_loss": None, "step": None, "eval_accuracy": None}
+    bad_evals = 0
+    metrics_path = os.path.join(run, METRICS_FILE)
+    if checkpoint is not None:
+        st = ckpt_state.load_state(checkpoint)
+        optimizer.load_state_dict(st["optimizer"])
+        scheduler.load_state_dict(st["scheduler"])
+        ckpt_state.set_rng_state(st["rng"])
+        step, epoch, offset = st["step"], st["epoch"], st["offset"]
+        best, bad_evals = st["best"], st["bad_evals"]
+        if world.main:
+            _truncate_metrics(metrics_path, step)
+    elif world.main:
+        _write_json(os.path.join(run, ARGS_FILE), dataclasses.asdict(cfg))
+        if labels:
+            _write_json(os.path.join(run, LABELS_FILE), {"task": data.task, "labels": labels})
+        if os.path.exists(metrics_path):
+            os.unlink(metrics_path)
+        for old in (ckpt_state.CHECKPOINTS, BEST_DIR):
+            shutil.rmtree(os.path.join(run, old), ignore_errors=True)
+    distributed.barrier(world)  # workers start once rank 0 has reset the run directory
+
+    order = epoch_order(len(train_items), cfg.train_seed, epoch)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    start_time, tokens, losses = time.perf_counter(), 0, []
+    stopped_early = False
+
+    def trainer_state() -> dict:
+        return {
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": ckpt_state.rng_state(),
+            "step": step, "epoch": epoch, "offset": offset, "best": best, "bad_evals": bad_evals,
+        }
+
+    global_batch = cfg.batch_size * world.size
+
+    def next_batch():
+        nonlocal epoch, offset, order
+        if offset + global_batch > len(order):  # drop the ragged tail: every micro-batch is full
+            epoch, offset = epoch + 1, 0
+            order = epoch_order(len(train_items), cfg.train_seed, epoch)
+        start = offset + world.rank * cfg.batch_size  # this worker's slice of the global micro-batch
+        idx = order[start : start + cfg.batch_size]
+        offset += global_batch
+        return collate([train_items[i] for i in idx], tokenizer.pad_token_id)
+
+    adapted.train()
+    if not world.main:
+        progress, log = None, (lambda line: None)
+    with _StopFlag() as flag, _metrics_writer(metrics_path if world.main else None) as write_metric:
+        if progress is not None:
+            progress.start(total, step)
+        while step < total:
+            step_loss = 0.0
+            for _ in range(cfg.grad_accum):
+                batch = {k: v.to(device) for k, v in next_batch().items()}
+                tokens += int(batch["attention_mask"].sum())
+                with autocast:
+                    loss = forward(**batch).loss / cfg.grad_accum
+                loss.backward()
+                step_loss += float(loss.detach())
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(list(named.values()), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(step_loss)
+            lr = scheduler.get_last_lr()[0]
+            if progress is not None:
+                progress.update(step, step_loss, lr, tokens / max(1e-9, time.perf_counter() - start_time))
+            if step % cfg.log_every == 0 or step == total:
+                write_metric({"step": step, "epoch": epoch, "loss": sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]), "lr": lr})
+            evaluate_now = eval_items is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total)
+            if evaluate_now:
+                result = evaluate(adapted, eval_items, tokenizer.pad_token_id, cfg.batch_size, device, data.task)
+                adapted.train()
+                write_metric({"step": step, **result})
+                log(f"step {step}: eval_loss {result['eval_loss']:.4f}" + (f", eval_accuracy {result['eval_accuracy']:.4f}" if "eval_accuracy" in result else ""))
+                if best["eval_loss"] is None or result["eval_loss"] < best["eval_loss"]:
+                    best = {"eval_loss": result["eval_loss"], "step": step, "eval_accuracy": result.get("eval_accuracy")}
+                    bad_evals = 0
+                    if world.main:
+                        _save_best(run, adapted)
+                else:
+                    bad_evals += 1
+                if cfg.patience is not None and bad_evals >= cfg.patience:
+                    stopped_early = True
+                    log(f"early stop at step {step}: no better validation loss in {cfg.patience} evaluations (best at step {best['step']})")
+            if ((cfg.save_every and step % cfg.save_every == 0) or flag.stop) and world.main:
+                ckpt_state.save_checkpoint(run, step, adapted, trainer_state(), keep=cfg.keep_checkpoints)
+            if flag.stop:
+                raise Interrupted(f"interrupted at step {step}; checkpoint saved", f"continue with peftcli train {run} --resume")
+            if stopped_early:
+                break
+        if progress is not None:
+            progress.finish()
+
+    adapted.eval()
+    if world.main:
+        adapted.save_into(run)
+    distributed.barrier(world)
+    distributed.teardown(world)
+    wall = time.perf_counter() - start_time
+    summary = {
+        "run": run, "task": data.task, "steps": step, "stopped_early": stopped_early,
+        "final_loss": losses[-1] if losses else None, "best": best,
+        "trainable_params": adapted.num_trainable, "wall_seconds": wall,
+        "peak_memory_bytes": _peak_memory(device), "device": str(device), "labels": labels,
+    }
+    return (summary, adapted) if return_model else summary
+
+
+def evaluate(adapted, items: list[dict], pad_id: int, batch_size: int, device, task: str) -> dict:
+    """Mean validation loss (per example) and, for classification, accuracy."""
+    adapted.eval()
+    total_loss, n, correct = 0.0, 0, 0
+    with torch.no_grad():
+        for i in range(0, len(items), batch_size):
+            chunk = items[i : i + batch_size]
+            batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+            out = adapted(**batch)
+            total_loss += float(out.loss) * len(chunk)
+            n += len(chunk)
+            if task == "classify":
+                correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+    result = {"eval_loss": total_loss / n}
+    if task == "classify":
+        result["eval_accuracy"] = correct / n
+    return result
+
+
+def _save_best(run: str, adapted) -> None:
+    from peftcli.checkpoint.atomic import atomic_output
+
+    with atomic_output(os.path.join(run, BEST_DIR), directory=True, force=True) as tmp:
+        adapted.save_into(tmp)
+
+
+class _metrics_writer:
+    """Appends one JSON line per record to metrics.jsonl, flushed as it goes."""
+
+    def __init__(self, path: str | None):
+        self.path = path  # None: a worker that does not write (rank > 0)
+        self.f = None
+
+    def __enter__(self):
+        if self.path is not None:
+            self.f = open(self.path, "a", encoding="utf-8")
+        return self.write
+
+    def write(self, record: dict) -> None:
+        if self.f is not None:
+            self.f.write(json.dumps(record, sort_keys=True) + "\n")
+            self.f.flush()
+
+    def __exit__(self, *exc):
+        if self.f is not None:
+            self.f.close()
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """On resume, forget the metrics logged after the checkpoint (they will be logged again)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(keep)
+
+
+def _peak_memory(device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB

@@ -1,0 +1,218 @@
+"""The training loop on the tiny fixtures: learning, freezing, resume, early stopping, heads, data errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from peftcli.attach import load_adapted, load_base_model
+from peftcli.cli import cli
+from peftcli.errors import BadInputError
+from peftcli.inject import inject
+from peftcli.methods.lora import LoraConfig
+from peftcli.train.config import TrainConfig
+from peftcli.train.data import load_dataset
+from peftcli.train.loop import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(ROOT, "..", "shared", "data")
+
+
+def _write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+    # Classification a frozen random encoder can learn: the label is the first word.
+    cls = [{"text": f"{'w1' if i % 2 else 'w2'} " + " ".join(f"w{rng.randint(5, 60)}" for _ in range(5)), "label": "pos" if i % 2 else "neg"} for i in range(96)]
+    lm = [{"text": " ".join(f"w{(3 * j + i) % 40 + 4}" for j in range(10))} for i in range(64)]
+    sft = [{"prompt": f"w{i % 7 + 4} w{i % 5 + 20}", "completion": f"w{i % 7 + 30}"} for i in range(64)]
+    return {
+        "cls": _write_jsonl(d / "cls.jsonl", cls[:64]),
+        "cls_dev": _write_jsonl(d / "cls_dev.jsonl", cls[64:]),
+        "lm": _write_jsonl(d / "lm.jsonl", lm),
+        "sft": _write_jsonl(d / "sft.jsonl", sft),
+    }
+
+
+def _run(base, tmp_path, name="run", **lora):
+    run = str(tmp_path / name)
+    inject(base, "lora", LoraConfig(**({"rank": 4} | lora)), run)
+    return run
+
+
+def _losses(run):
+    rows = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))]
+    return [r["loss"] for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
+
+
+@pytest.mark.parametrize("task", ["lm", "sft"])
+def test_causal_lm_loss_decreases_and_only_phi_changes(tiny_llama, data, tmp_path, task):
+    run = _run(tiny_llama, tmp_path, rank=16, targets="all-linear")
+    cfg = TrainConfig(data=data[task], steps=30, batch_size=8, lr=3e-3, log_every=5, schedule="constant")
+    summary, adapted = train(run, cfg, return_model=True)
+    losses, _ = _losses(run)
+    assert summary["task"] == task and summary["steps"] == 30
+    assert losses[-1] < 0.9 * losses[0], losses
+    base = load_base_model(tiny_llama).state_dict()
+    frozen = {n: p for n, p in adapted.model.named_parameters() if not p.requires_grad}
+    for name, p in frozen.items():
+        key = name.replace(".base_layer.", ".")
+        assert torch.equal(p.detach(), base[key]), name  # base tensors byte-identical
+    assert sum(p.numel() for p in adapted.parameters() if p.requires_grad) == summary["trainable_params"]
+
+
+def test_classification_head_and_label_mapping_round_trip(tiny_bert, data, tmp_path):
+    run = _run(tiny_bert, tmp_path)
+    cfg = TrainConfig(data=data["cls"], eval_data=data["cls_dev"], steps=40, batch_size=16, lr=2e-2, eval_every=10)
+    summary, adapted = train(run, cfg, return_model=True)
+    assert summary["labels"] == ["neg", "pos"]
+    assert json.load(open(os.path.join(run, "labels.json")))["labels"] == ["neg", "pos"]
+    assert summary["best"]["eval_accuracy"] >= 0.9
+    config = json.load(open(os.path.join(run, "adapter_config.json")))
+    assert config["modules_to_save"] == ["classifier"] and config["task_type"] == "SEQ_CLS"
+    saved = load_file(os.path.join(run, "adapter_model.safetensors"))
+    assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= set(saved)
+
+    from peftcli.train.batching import collate, encode, load_tokenizer
+
+    dev = load_dataset(data["cls_dev"])
+    batch = collate(encode(dev, load_tokenizer(tiny_bert), 128, summary["labels"]), 0)
+    batch.pop("labels")
+    with torch.no_grad():
+        trained = adapted(**batch).logits
+    reloaded = load_adapted(tiny_bert, run, "AutoModelForSequenceClassification")
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**batch).logits, trained, atol=1e-5)
+
+    peft = pytest.importorskip("peft")
+    model = load_base_model(tiny_bert, "AutoModelForSequenceClassification", num_labels=2)
+    theirs = peft.PeftModel.from_pretrained(model, run).eval()
+    with torch.no_grad():
+        assert torch.allclose(theirs(**batch).logits, trained, atol=1e-5)
+
+
+def test_early_stopping_keeps_the_minimum(tiny_bert, data, tmp_path):
+    run = _run(tiny_bert, tmp_path)
+    # A learning rate this high overshoots: validation loss goes down, then up.
+    cfg = TrainConfig(data=data["cls"], eval_data=data["cls_dev"], steps=60, batch_size=16, lr=0.3, eval_every=2, patience=3, schedule="constant")
+    summary = train(run, cfg)
+    _, evals = _losses(run)
+    best = min(evals, key=lambda r: r["eval_loss"])
+    assert summary["best"]["step"] == best["step"]
+    if summary["stopped_early"]:
+        assert evals[-1]["step"] == best["step"] + 3 * 2  # exactly `patience` evaluations after the best
+    best_saved = load_file(os.path.join(run, "best", "adapter_model.safetensors"))
+    final_saved = load_file(os.path.join(run, "adapter_model.safetensors"))
+    if summary["best"]["step"] != summary["steps"]:
+        assert any(not torch.equal(best_saved[k], final_saved[k]) for k in best_saved)
+
+
+def _train_cmd(run, data_path, steps):
+    return [sys.executable, "-m", "peftcli", "train", run, "--data", data_path, "--steps", str(steps), "--batch-size", "4",
+            "--lr", "1e-2", "--save-every", "2", "--keep-checkpoints", "50", "--quiet"]
+
+
+RESUME_STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_llama, data, tmp_path_factory):
+    """The reference: the same run, trained in one go (in this process: it must not matter)."""
+    ref = _run(tiny_llama, tmp_path_factory.mktemp("ref"), "ref")
+    train(ref, TrainConfig(data=data["lm"], steps=RESUME_STEPS, batch_size=4, lr=1e-2, save_every=2, keep_checkpoints=50))
+    return ref
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_resume_after_a_kill_is_byte_identical(tiny_llama, data, tmp_path, sig, uninterrupted):
+    steps, ref = RESUME_STEPS, uninterrupted
+
+    run = _run(tiny_llama, tmp_path, "killed")
+    proc = subprocess.Popen(_train_cmd(run, data["lm"], steps), cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not os.path.isdir(os.path.join(run, "checkpoints", "step-0000004")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    err = proc.communicate()[1]
+    if sig == signal.SIGINT:
+        assert proc.returncode == 3 and "checkpoint saved" in err and "--resume" in err
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    done = sorted(os.listdir(os.path.join(run, "checkpoints")))
+    assert done and done[-1] != f"step-{steps:07d}", "the run finished before it was interrupted"
+    assert not [n for n in os.listdir(os.path.join(run, "checkpoints")) if "peftcli-tmp" in n and sig == signal.SIGINT]
+
+    resumed = subprocess.run([sys.executable, "-m", "peftcli", "train", run, "--resume", "--quiet"], cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a = open(os.path.join(ref, "adapter_model.safetensors"), "rb").read()
+    b = open(os.path.join(run, "adapter_model.safetensors"), "rb").read()
+    assert a == b
+
+
+def test_train_cli_summary_and_errors(tiny_llama, data, tmp_path):
+    run = _run(tiny_llama, tmp_path)
+    ok = CliRunner().invoke(cli, ["train", run, "--data", data["lm"], "--steps", "3", "--json", "--quiet"])
+    assert ok.exit_code == 0, ok.stderr
+    doc = json.loads(ok.stdout)
+    assert doc["steps"] == 3 and doc["task"] == "lm"
+    again = CliRunner().invoke(cli, ["train", run, "--data", data["lm"], "--steps", "3"])
+    assert again.exit_code == 2 and "already been trained" in again.stderr
+    no_data = CliRunner().invoke(cli, ["train", _run(tiny_llama, tmp_path, "other")])
+    assert no_data.exit_code == 2 and "--data is required" in no_data.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "w1"}\n{oops\n')
+    result = CliRunner().invoke(cli, ["train", _run(tiny_llama, tmp_path, "third"), "--data", str(bad)])
+    assert result.exit_code == 1 and f"{bad}:2: not valid JSON" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.jsonl", "", "no examples"),
+        ("list.jsonl", "[1, 2]\n", ":1: each line must be a JSON object"),
+        ("nofield.jsonl", '{"text": "a"}\n{"txt": "b"}\n', ":2: missing field 'text' or 'sentence'"),
+        ("three.tsv", "a\tb\tc\n", "3 columns and no header"),
+        ("ragged.csv", "text,label\nhello,1\nworld\n", ":3: 1 fields, expected 2"),
+        ("unknown.jsonl", '{"foo": 1}\n', "cannot tell the task"),
+        ("emptylabel.tsv", "sentence\tlabel\nhi\t\n", "empty label"),
+        ("data.parquet", "x", "unknown data format"),
+    ],
+)
+def test_malformed_data_is_a_one_line_error(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(Exception) as info:
+        load_dataset(str(path))
+    assert message in str(info.value)
+
+
+def test_headerless_two_column_tsv_reads_as_text_and_label(tmp_path):
+    path = tmp_path / "agnews.tsv"
+    path.write_text('He said "hi"\tWorld\nstocks fell\tBusiness\n')
+    ds = load_dataset(str(path))
+    assert ds.task == "classify" and ds.labels == ["Business", "World"] and ds.examples[0].text == 'He said "hi"'
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data is not present")
+def test_shared_datasets_load_as_they_are():
+    sst2 = load_dataset(os.path.join(SHARED, "sst2", "dev.tsv"))
+    assert sst2.task == "classify" and sst2.labels == ["0", "1"] and len(sst2.examples) == 6735
+    agnews = load_dataset(os.path.join(SHARED, "agnews", "train.tsv"), limit=500)
+    assert agnews.task == "classify" and set(agnews.labels) <= {"World", "Sports", "Business", "Sci/Tech"}
