@@ -8,6 +8,7 @@ that every tensor of the adapter found its place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -45,11 +46,29 @@ def load_base_model(
     if cls is None or not hasattr(cls, "from_pretrained"):
         cls = transformers.AutoModel  # still local-only; the Auto mapping picks the class from model_type
     try:
-        model, info = cls.from_pretrained(path, dtype=dtype, local_files_only=True, output_loading_info=True, **kwargs)
+        with _quiet_transformers():
+            model, info = cls.from_pretrained(path, dtype=dtype, local_files_only=True, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise BadInputError(f"{path}: transformers cannot build this model ({str(exc).splitlines()[0]})") from None
     model.eval()
     return (model, info) if with_info else model
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' load bars and reports ("score.weight MISSING") are expected here, not news."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 class AdaptedModel(nn.Module):
@@ -140,12 +159,14 @@ def attach_adapter(model: nn.Module, adapter: str | Adapter, model_config: dict 
     tensors = {k: t for k, t in adapter.tensors.items() if k not in heads}
     attached = method.attach(model, cfg, tensors, model_config)
     attached.phi.update(heads)
-    unused = sorted(set(adapter.tensors) - set(attached.phi))
+    unused = sorted(set(adapter.tensors) - set(attached.phi) - attached.derived)
     if unused:
         raise BadInputError(
             f"{adapter.path}: {len(unused)} adapter tensor(s) match nothing in the base model, e.g. {unused[0]!r}",
             "was it made for another base model?",
         )
+    # New modules come with requires_grad=True; exactly φ trains, whatever a method added.
+    freeze(model)
     for p in attached.phi.values():
         p.requires_grad_(True)
     return AdaptedModel(model, method, cfg, attached.phi, adapter.config, attached.input_transform, attached.export)

@@ -14,15 +14,16 @@ norms) are stored whole unless ``sparse_small``; the others are *selected* from:
 - ``dense``: every entry (method ``full``).
 
 Streaming: one tensor of each checkpoint is read (memory-mapped) at a time, so memory is O(largest
-tensor), plus two histograms (32768 and 65536 counts) and at most 65536 counts per tensor; never
-O(model). The global top-K is an exact radix select on the bit patterns of |φ| as fp32, which order
-as the magnitudes do: pass 1 counts the top 16 bits (exponent and 7 mantissa bits: log-scale bins,
-128 per octave) over all tensors, which puts the K-th largest magnitude in one bin; pass 2 counts the
-low 16 bits of the entries in that bin, which gives the K-th magnitude t exactly, how many entries of
-each tensor exceed it, and how many ties at t are needed; pass 3 writes, keeping |φ| > t and the
-first needed ties. The header lists every tensor's kept count before any data, hence the passes
-before writing. Per-tensor and dense selection need only the write pass. Before the passes, every
-input weight file is hashed (provenance) and so are the base's covered tensors (fingerprint).
+tensor), plus two histograms (32768 and 65536 counts) and 12 bytes per distinct value in the
+boundary bin (at most 65536 per tensor); never O(model). The global top-K is an exact radix select
+on the bit patterns of |φ| as fp32, which order as the magnitudes do: pass 1 counts the top 16 bits
+(exponent and 7 mantissa bits: log-scale bins, 128 per octave) over all tensors, which puts the K-th
+largest magnitude in one bin; pass 2 counts the low 16 bits of the entries in that bin, which gives
+the K-th magnitude t exactly, how many entries of each tensor exceed it, and how many ties at t are
+needed; pass 3 writes, keeping |φ| > t and the first needed ties. The header lists every tensor's
+kept count before any data, hence the passes before writing. Per-tensor and dense selection need
+only the write pass. Before the passes, every input weight file is hashed (provenance) and so are
+the base's covered tensors (fingerprint).
 """
 
 from __future__ import annotations
@@ -278,23 +279,32 @@ def global_cuts(base: Checkpoint, ft: Checkpoint, selected: list[TensorInfo], k:
     for info in _tracked(selected, "pass 1/3: histogram of |φ|", total, progress):
         hist += torch.bincount(_magnitude_bits(_phi(base, ft, info.name)) >> 16, minlength=COARSE_BINS)
     b, above = _boundary(hist, k)
+    # What pass 2 keeps is allocated before it: small tensors kept between each tensor's large
+    # temporaries would fragment the heap until it grows with the model.
     fine = torch.zeros(FINE_BINS, dtype=torch.int64)
-    per_tensor = []  # (entries above bin b, distinct low bits in bin b, their counts)
-    for info in _tracked(selected, "pass 2/3: exact threshold", total, progress):
+    greater = torch.zeros(len(selected), dtype=torch.int64)  # entries above bin b, per tensor
+    pool = min(int(hist[b]), len(selected) * FINE_BINS)
+    lows, counts = torch.empty(pool, dtype=torch.int32), torch.empty(pool, dtype=torch.int64)  # distinct low bits in bin b
+    spans, used = [], 0
+    for i, info in enumerate(_tracked(selected, "pass 2/3: exact threshold", total, progress)):
         bits = _magnitude_bits(_phi(base, ft, info.name))
         hi = bits >> 16
         low = bits[hi == b] & LOW_MASK
         fine += torch.bincount(low, minlength=FINE_BINS)
-        per_tensor.append((int((hi > b).sum()), *torch.unique(low, return_counts=True)))
-        del bits, hi, low
+        greater[i] = (hi > b).sum()
+        values, n = torch.unique(low, return_counts=True)
+        lows[used : used + values.numel()], counts[used : used + values.numel()] = values, n
+        spans.append((used, used + values.numel()))
+        used += values.numel()
+        del bits, hi, low, values, n
     lo, above_in_bin = _boundary(fine, k - above)
     ties = k - above - above_in_bin  # entries equal to the threshold still to take, in tensor then index order
     cuts = []
-    for greater, lows, counts in per_tensor:
-        greater += int(counts[lows > lo].sum())
-        take = min(ties, int(counts[lows == lo].sum()))
+    for i, (start, end) in enumerate(spans):
+        c, v = counts[start:end], lows[start:end]
+        take = min(ties, int(c[v == lo].sum()))
         ties -= take
-        cuts.append((Cut((b << 16) | lo, take), greater + take))
+        cuts.append((Cut((b << 16) | lo, take), int(greater[i]) + int(c[v > lo].sum()) + take))
     return cuts
 
 

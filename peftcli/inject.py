@@ -28,10 +28,10 @@ def inject(
     method = get_method(method_name)
     check_output_path(out, [base], force)  # fail before any work
     with open_checkpoint(base, allow_pickle=allow_pickle) as ckpt:
-        shapes = {t.name: t.shape for t in ckpt.tensors.values()}
-        budget = Budget(method.name, method.budget(shapes, ckpt.config, cfg), ckpt.num_params)
+        budget = Budget.of(method, ckpt, cfg)
         tensors = method.init(ckpt, cfg, torch.Generator().manual_seed(seed))
-        created = sum(t.numel() for t in tensors.values())
+        derived = method.derived_keys(cfg) if hasattr(method, "derived_keys") else set()
+        created = sum(t.numel() for k, t in tensors.items() if k not in derived)
         if created != budget.trainable:  # the budget and the init are two views of one method
             raise AssertionError(f"{method.name}: init created {created} parameters but the budget says {budget.trainable}")
         metadata = {

@@ -139,6 +139,13 @@ def resolve_targets(
         except (re.error, OverflowError, RecursionError) as exc:
             raise UsageError(f"invalid --targets regex {targets!r}: {exc}") from None
         chosen = [m for m in modules if pattern.fullmatch(m.name)]
+        if not chosen:
+            raise UsageError(
+                f"--targets regex {targets!r} matches no linear module",
+                "a regex must match a whole module path such as "
+                + next((m.name for m in modules if m.layer is not None), modules[0].name)
+                + ", e.g. '.*\\.(q_proj|v_proj)'",
+            )
     else:
         wanted = [t.strip() for t in targets.split(",") if t.strip()]
         chosen = [m for m in modules if any(m.name == t or m.name.endswith("." + t) for t in wanted)]

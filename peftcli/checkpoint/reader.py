@@ -15,6 +15,7 @@ import json
 import os
 import re
 import stat
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
 
@@ -291,9 +292,15 @@ def _open_pickle(path: str, files: list[str], directory: str | None, allow_pickl
     loaded: dict[str, torch.Tensor] = {}
     for file in files:
         try:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=_is_zip(file))
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-            raise BadInputError(f"{file}: cannot load with weights_only=True ({str(exc).splitlines()[0]})") from None
+            with warnings.catch_warnings():  # torch's multi-line advice to drop weights_only is not ours to give
+                warnings.simplefilter("ignore")
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=_is_zip(file))
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BadInputError(
+                f"{file}: refused by torch.load(weights_only=True): {first[:200]}",
+                "the file holds more than tensors; peftcli never unpickles arbitrary objects",
+            ) from None
         if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
             raise BadInputError(f"{file}: not a flat state dict of tensors", "save model.state_dict() instead")
         for name, tensor in state.items():

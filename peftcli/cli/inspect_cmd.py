@@ -65,9 +65,7 @@ def inspect(path, as_json, with_tensors, name_filter, depth, allow_pickle, budge
             unused = [k for k in given if k not in {f.name for f in option_fields(method.config_cls)}]
             if unused:
                 raise UsageError(f"--{unused[0].replace('_', '-')} is not an option of {method.name}")
-            shapes = {t.name: t.shape for t in ckpt.tensors.values()}
-            rows = method.budget(shapes, ckpt.config, cfg)
-            report["budget"] = Budget(method.name, rows, ckpt.num_params).to_json()
+            report["budget"] = Budget.of(method, ckpt, cfg).to_json()
     if as_json:
         emit_json(report)
     else:

@@ -51,9 +51,7 @@ def render_inspect(report: dict, console) -> None:
         grid.add_row("filter", f"/{f['pattern']}/ matches {f['num_tensors']} tensors, {f['num_params']:,} params")
     if "adapter_config" in report:
         ac = report["adapter_config"]
-        targets = ac.get("target_modules")
-        targets = ", ".join(map(str, targets)) if isinstance(targets, list) else targets
-        grid.add_row("adapter", printable(f"{ac.get('peft_type', '?')} on {targets or '?'}"))
+        grid.add_row("adapter", printable(_adapter_line(ac)))
     console.print(grid)
 
     if report["modules"]:
@@ -82,19 +80,36 @@ def render_inspect(report: dict, console) -> None:
         render_budget(report["budget"], console)
 
 
+def _adapter_line(ac: dict) -> str:
+    kind = ac.get("peft_type", "?")
+    if kind == "PEFTCLI" and isinstance(ac.get("peftcli"), dict):
+        kind = str(ac["peftcli"].get("method", "?"))
+    if "num_virtual_tokens" in ac:
+        return f"{kind}, {ac['num_virtual_tokens']} virtual tokens"
+    targets = ac.get("target_modules")
+    if isinstance(targets, list):
+        targets = f"{len(targets)} modules" if len(targets) > 6 else ", ".join(map(str, targets))
+    line = f"{kind} on {targets}" if targets else kind
+    if ac.get("modules_to_save"):
+        line += f", also trains {', '.join(map(str, ac['modules_to_save']))}"
+    return line
+
+
 def render_budget(budget: dict, console) -> None:
     from rich.table import Table
 
     table = Table(title=f"budget: {budget['method']}", title_justify="left", show_edge=False, pad_edge=False)
     table.add_column("target")
     table.add_column("shape")
-    table.add_column("added params", justify="right")
+    table.add_column("trains in place" if budget.get("in_place") else "added params", justify="right")
     for t in budget["targets"]:
         table.add_row(printable(t["module"]), " × ".join(map(str, t["shape"])), f"{t['params']:,}")
     console.print()
     console.print(table)
+    share = f"{budget['pct_of_base']:.4f}% of the base"
+    if not budget.get("in_place"):
+        share += f" ({budget['pct_of_total']:.4f}% of base + added, PEFT's convention)"
     console.print(
-        f"trainable {budget['trainable_params']:,} of {budget['base_params']:,} base parameters: "
-        f"{budget['pct_of_base']:.4f}% of the base ({budget['pct_of_total']:.4f}% of base + added, PEFT's convention), "
+        f"trainable {budget['trainable_params']:,} of {budget['base_params']:,} base parameters: {share}, "
         f"{budget['reduction_pct']:.4f}% fewer than full fine-tuning"
     )

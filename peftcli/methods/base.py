@@ -46,6 +46,14 @@ class Budget:
     method: str
     rows: list[BudgetRow]
     base_params: int  # every parameter of the base checkpoint
+    in_place: bool = False  # the method trains existing tensors (BitFit, layers) instead of adding some
+
+    @classmethod
+    def of(cls, method: "Method", ckpt: "Checkpoint", cfg: Any) -> "Budget":
+        """The budget of ``method`` with options ``cfg`` on checkpoint ``ckpt`` (inspect and inject both use this)."""
+        shapes = {t.name: t.shape for t in ckpt.tensors.values()}
+        rows = method.budget(shapes, ckpt.config, cfg)
+        return cls(method.name, rows, ckpt.num_params, bool(getattr(method, "trains_in_place", False)))
 
     @property
     def trainable(self) -> int:
@@ -59,7 +67,7 @@ class Budget:
     @property
     def pct_of_total(self) -> float:
         """As a % of base + added: the convention of PEFT's ``print_trainable_parameters``."""
-        total = self.base_params + self.trainable
+        total = self.base_params + (0 if self.in_place else self.trainable)
         return 100.0 * self.trainable / total if total else 0.0
 
     @property
@@ -70,6 +78,7 @@ class Budget:
     def to_json(self) -> dict:
         return {
             "method": self.method,
+            "in_place": self.in_place,
             "targets": [{"module": r.module, "shape": list(r.shape), "params": r.params} for r in self.rows],
             "trainable_params": self.trainable,
             "base_params": self.base_params,
@@ -89,6 +98,9 @@ class Attached:
     # For methods whose φ is a difference from base parameters trained in place (BitFit,
     # layers): returns φ in the artifact's layout. Default: the ``phi`` parameters themselves.
     export: Callable[[], dict[str, "torch.Tensor"]] | None = None
+    # Artifact keys attach consumed that are recomputed from φ on save rather than trained
+    # (prefix tuning's projected prefix): neither trainable nor counted.
+    derived: frozenset[str] = frozenset()
     extras: dict[str, Any] = field(default_factory=dict)
 
 

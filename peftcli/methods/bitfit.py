@@ -121,6 +121,7 @@ def _no_biases_error(model_type: str | None) -> UsageError:
 
 class BitFit:
     name = "bitfit"
+    trains_in_place = True  # trains existing tensors: adds no parameters to the model
     config_cls = BitFitConfig
     summary = "Train the biases only (BitFit); φ is the change Δb of each bias."
     peft_type = None

@@ -78,6 +78,7 @@ def _selector(cfg: LayersConfig) -> Callable[[str], bool]:
 
 class Layers:
     name = "layers"
+    trains_in_place = True  # trains existing tensors: adds no parameters to the model
     config_cls = LayersConfig
     summary = "Fully train some layers only (structured composition); φ is the change of their tensors."
     peft_type = None

@@ -95,8 +95,11 @@ class PrefixTuning:
         pl.check_virtual_tokens(cfg.virtual_tokens, model_config)
         dims = pl.model_dims(model_config)
         n, width = cfg.virtual_tokens, 2 * dims.kv_dim
-        rows = [BudgetRow(m, (n, width), n * width) for m in _attention_modules(shapes, model_config, dims.num_layers)]
         mlp = self._mlp_shapes(dims, cfg)
+        if mlp:  # with a projection only the MLP trains; the prefix is its (saved) output
+            rows = []
+        else:
+            rows = [BudgetRow(m, (n, width), n * width) for m in _attention_modules(shapes, model_config, dims.num_layers)]
         for key in mlp:
             if key.endswith(".bias"):
                 continue
@@ -104,6 +107,10 @@ class PrefixTuning:
             bias = mlp.get(module + ".bias")
             rows.append(BudgetRow(module, mlp[key], _numel(mlp[key]) + (_numel(bias) if bias else 0)))
         return rows
+
+    def derived_keys(self, cfg: PrefixTuningConfig) -> set[str]:
+        """With a projection, the saved prefix is computed from the MLP, not trained."""
+        return {KEY} if cfg.projection is not None else set()
 
     # -- tensor level --------------------------------------------------------------------
     def init(self, ckpt, cfg: PrefixTuningConfig, generator: "torch.Generator") -> dict[str, "torch.Tensor"]:
@@ -180,7 +187,12 @@ class PrefixTuning:
         pe.register(model, MODULE, encoder)
         dtype = getattr(model, "dtype", None) or encoder.prompt_embeddings.dtype
         transform = _transform(encoder, dims, cfg.virtual_tokens, pfx.CacheInjector(model), dtype)
-        return Attached(phi=encoder.phi(), input_transform=transform, export=encoder.export if mlp is not None else None)
+        return Attached(
+            phi=encoder.phi(),
+            input_transform=transform,
+            export=encoder.export if mlp is not None else None,
+            derived=frozenset({KEY}) if mlp is not None else frozenset(),
+        )
 
     def _check(self, model, cfg: PrefixTuningConfig, tensors: dict, dims: pl.Dims) -> list[str]:
         from peftcli.methods import prefix_encoder as pfx

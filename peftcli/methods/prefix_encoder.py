@@ -55,10 +55,10 @@ class PrefixEncoder(nn.Module):
         return self.prompt_embeddings if self.transform is None else self.transform(self.embedding)
 
     def phi(self) -> dict[str, nn.Parameter]:
-        out = {"prompt_embeddings": self.prompt_embeddings}
-        if self.transform is not None:
-            out.update(zip(MLP_KEYS, (self.embedding, *self.transform.parameters())))
-        return out
+        """What trains: the prefix itself, or with a projection only the MLP (the prefix is its output)."""
+        if self.transform is None:
+            return {"prompt_embeddings": self.prompt_embeddings}
+        return dict(zip(MLP_KEYS, (self.embedding, *self.transform.parameters())))
 
     def export(self) -> dict[str, torch.Tensor]:
         """φ in the artifact's layout, with the prefix recomputed from the trained MLP."""
