@@ -55,13 +55,12 @@ def rss_anon() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon"))
 
 
-def probe(layers: int, hidden: int, mode: str) -> None:
-    """In a fresh process: print the model's bytes and the peak RssAnon growth during one diff."""
+def probe(base: str, ft: str, mode: str) -> None:
+    """In a fresh process: print the peak RssAnon growth during one diff of ``base`` and ``ft``."""
     with tempfile.TemporaryDirectory() as root:
-        small = build(tempfile.mkdtemp(dir=root), 1, hidden)
+        small = build(root, 1, 64)
         for options in MODES.values():  # torch's one-time allocations happen here, not below
             diff(*small, os.path.join(root, f"warm-{options.selection}.diff"), options)
-        base, ft = build(root, layers, hidden)
         before = rss_anon()
         peak, done = [before], threading.Event()
 
@@ -75,7 +74,7 @@ def probe(layers: int, hidden: int, mode: str) -> None:
         diff(base, ft, os.path.join(root, "x.diff"), MODES[mode])
         done.set()
         sampler.join()
-        print(os.path.getsize(base), peak[0] - before)
+        print(peak[0] - before)
 
 
 def size_table(layers: int, hidden: int) -> None:
@@ -104,26 +103,27 @@ def size_table(layers: int, hidden: int) -> None:
 
 def memory_table(hidden: int) -> None:
     largest = 4 * hidden * hidden * 4  # the largest matrix's φ in fp32
-    print(f"\npeak RssAnon growth during one diff (largest tensor's fp32 φ: {largest:,} bytes)\n")
+    print(f"\npeak RssAnon growth during one diff, bytes (largest tensor's fp32 φ: {largest:,} bytes)\n")
     print("| layers | checkpoint bytes | " + " | ".join(MODES) + " |")
     print("|---|---|" + "---|" * len(MODES))
     for layers in MEMORY_LAYERS:
-        cells, size = [], 0
-        for mode in MODES:
-            cmd = [sys.executable, __file__, "--probe", str(layers), mode, "--hidden", str(hidden)]
-            size, growth = map(int, subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split())
-            cells.append(f"{growth:,}")
-        print(f"| {layers} | {size:,} | " + " | ".join(cells) + " |")
+        with tempfile.TemporaryDirectory() as root:
+            base, ft = build(root, layers, hidden)
+            cells = []
+            for mode in MODES:
+                cmd = [sys.executable, __file__, "--probe", base, ft, mode]
+                cells.append(f"{int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout):,}")
+            print(f"| {layers} | {os.path.getsize(base):,} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--probe", nargs=2, metavar=("LAYERS", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--probe", nargs=3, metavar=("BASE", "FT", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
-        probe(int(args.probe[0]), args.hidden, args.probe[1])
+        probe(*args.probe)
         return
     size_table(args.layers, args.hidden)
     memory_table(args.hidden)

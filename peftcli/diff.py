@@ -24,6 +24,12 @@ needed; pass 3 writes, keeping |φ| > t and the first needed ties. The header li
 kept count before any data, hence the passes before writing. Per-tensor and dense selection need
 only the write pass. Before the passes, every input weight file is hashed (provenance) and so are
 the base's covered tensors (fingerprint).
+
+Exactness of θ₀ + φ at kept entries: with F32 values on an F16/BF16 base the difference is exact
+in fp32 (unless θ₀ and θ_ft differ by more than 2¹⁶× in magnitude), so θ_ft comes back bit for
+bit. On an F32 base it is exact whenever θ_ft − θ₀ is representable, e.g. always when θ_ft is
+within a factor 2 of θ₀ (Sterbenz), and otherwise off by at most 2⁻²⁴·(|φ| + |θ_ft|). Values in
+the base dtype round φ to its precision (8 significant bits for BF16, 11 for F16).
 """
 
 from __future__ import annotations

@@ -263,6 +263,24 @@ def test_bf16_checkpoint_values_fp32_are_exact_and_base_dtype_is_close(tmp_path,
                 assert bool(((applied.float() - ft[name].float()).abs() <= bound).all())
 
 
+def test_fp32_dense_is_within_rounding_when_the_difference_is_inexact(tmp_path):
+    # Sign changes and large relative changes make θ_ft − θ₀ inexact in fp32: θ₀ + φ is then off by
+    # at most the rounding of φ and of the sum, 2**-24 of each.
+    g = torch.Generator().manual_seed(4)
+    base = {"w": torch.randn(64, 64, generator=g) * 0.02}
+    ft = {"w": torch.randn(64, 64, generator=g) * 0.02}  # unrelated values: the worst case
+    save_state_dict(base, str(tmp_path / "b.safetensors"))
+    save_state_dict(ft, str(tmp_path / "f.safetensors"))
+    out = str(tmp_path / "full.diff")
+    assert run(tmp_path / "b.safetensors", tmp_path / "f.safetensors", "-o", out, "--dense").exit_code == 0
+    with read_diff(out) as d:
+        applied = d.apply_to("w", base["w"])
+    phi = ft["w"].double() - base["w"].double()
+    error = (applied.double() - ft["w"].double()).abs()
+    assert bool((error <= 2.0**-24 * (phi.abs() + ft["w"].double().abs()) * 1.001).all())
+    assert not torch.equal(applied, ft["w"])  # so exactness needs an exact difference (see llama_pair)
+
+
 # -- errors --------------------------------------------------------------------------------------
 
 

@@ -149,6 +149,14 @@ def test_written_bytes_are_deterministic(tmp_path):
     assert open(a, "rb").read() == open(b, "rb").read()
 
 
+def test_names_that_would_be_ambiguous_are_refused(tmp_path):
+    base = {"w": torch.zeros(4, 4), "w.idx": torch.zeros(4, 4)}
+    phi = {n: (torch.tensor([1, 2]), torch.ones(2)) for n in base}
+    with pytest.raises(BadInputError, match="'w' and 'w.idx' cannot both be in a diff"):
+        _write(tmp_path, base, phi)
+    assert not os.path.exists(tmp_path / "t.diff")
+
+
 # -- fingerprints --------------------------------------------------------------------------------
 
 

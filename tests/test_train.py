@@ -216,3 +216,79 @@ def test_shared_datasets_load_as_they_are():
     assert sst2.task == "classify" and sst2.labels == ["0", "1"] and len(sst2.examples) == 6735
     agnews = load_dataset(os.path.join(SHARED, "agnews", "train.tsv"), limit=500)
     assert agnews.task == "classify" and set(agnews.labels) <= {"World", "Sports", "Business", "Sci/Tech"}
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "ia3", "adapter", "adapter-houlsby", "adapter-parallel", "prefix", "prompt", "bitfit", "layers"])
+def test_every_method_trains(name, tiny_llama, tiny_bert, data, tmp_path):
+    from peftcli.methods import METHODS
+
+    method, options = {
+        "dora": ("lora", {"dora": True}),
+        "adapter-houlsby": ("adapter", {"style": "houlsby"}),
+        "adapter-parallel": ("adapter", {"style": "parallel"}),
+        "layers": ("layers", {"layers": "1"}),
+    }.get(name, (name, {}))
+    base = tiny_bert if method == "bitfit" else tiny_llama  # the tiny Llama has no biases
+    run = str(tmp_path / "run")
+    inject(base, method, METHODS[method].config_cls(**options), run)
+    summary = train(run, TrainConfig(data=data["cls"], steps=20, batch_size=16, lr=1e-2, log_every=5, schedule="constant"))
+    losses, _ = _losses(run)
+    assert summary["steps"] == 20
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_plot_writes_a_png_and_names_the_extra_when_missing(tiny_llama, data, tmp_path, monkeypatch):
+    run = _run(tiny_llama, tmp_path)
+    no_metrics = CliRunner().invoke(cli, ["plot", run])
+    assert no_metrics.exit_code == 1 and "no metrics.jsonl" in no_metrics.stderr
+    train(run, TrainConfig(data=data["lm"], steps=4, log_every=1))
+    pytest.importorskip("matplotlib")
+    for _ in range(2):  # the default output is refreshed on a second call
+        result = CliRunner().invoke(cli, ["plot", run])
+        assert result.exit_code == 0, result.stderr
+    with open(os.path.join(run, "curves.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    missing = CliRunner().invoke(cli, ["plot", run, "-o", str(tmp_path / "x.png")])
+    assert missing.exit_code == 2 and "peftcli[plot]" in missing.stderr
+    assert not os.path.exists(tmp_path / "x.png")
+
+
+def test_full_fine_tuning_writes_a_loadable_checkpoint_and_resumes(tiny_llama_tied, tiny_bert, data, tmp_path):
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification
+
+    run = str(tmp_path / "full")
+    cfg = TrainConfig(model=tiny_bert, data=data["cls"], steps=8, batch_size=16, lr=1e-3, full=True, save_every=4, keep_checkpoints=5, log_every=2)
+    summary, trained = train(run, cfg, return_model=True)
+    losses, _ = _losses(run)
+    assert losses[-1] < losses[0]
+    base_count = sum(t.numel() for t in load_file(os.path.join(tiny_bert, "model.safetensors")).values())
+    assert summary["trainable_params"] == base_count + 64 * 2 + 2  # every parameter, plus the new head
+    model = AutoModelForSequenceClassification.from_pretrained(run).eval()  # plain transformers, no peftcli
+    assert model.config.id2label == {0: "neg", 1: "pos"}
+    batch = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, trained(**batch).logits, atol=1e-6)
+
+    # Resuming from the step-4 checkpoint reproduces the uninterrupted run's bytes.
+    again = str(tmp_path / "again")
+    shutil.copytree(run, again)
+    shutil.rmtree(os.path.join(again, "checkpoints", "step-0000008"))
+    os.unlink(os.path.join(again, "model.safetensors"))
+    train(again, resume=True)
+    assert open(os.path.join(again, "model.safetensors"), "rb").read() == open(os.path.join(run, "model.safetensors"), "rb").read()
+
+    # A tied model stays tied: the embedding is stored once, as in the base.
+    tied = str(tmp_path / "tied")
+    train(tied, TrainConfig(model=tiny_llama_tied, data=data["lm"], steps=2, full=True))
+    saved = load_file(os.path.join(tied, "model.safetensors"))
+    assert "lm_head.weight" not in saved and set(saved) == set(load_file(os.path.join(tiny_llama_tied, "model.safetensors")))
+
+
+def test_full_fine_tuning_never_writes_into_the_base(tiny_llama, data, tmp_path):
+    result = CliRunner().invoke(cli, ["train", tiny_llama, "--full", "--model", tiny_llama, "--data", data["lm"], "--steps", "1"])
+    assert result.exit_code == 2 and "would overwrite the input" in result.stderr
+    missing = CliRunner().invoke(cli, ["train", str(tmp_path / "x"), "--full", "--data", data["lm"]])
+    assert missing.exit_code == 2 and "--full needs --model" in missing.stderr

@@ -98,6 +98,7 @@ def index_problem(idx: "torch.Tensor", numel: int) -> str | None:
     """Why ``idx`` is not a valid index list for a tensor of ``numel`` elements, or None."""
     if idx.numel() == 0:
         return None
+    idx = idx.long()  # int32 differences of corrupt indices could wrap around and look sorted
     steps = idx[1:] - idx[:-1]
     if steps.numel() and not bool((steps > 0).all()):
         pos = int((steps <= 0).nonzero()[0, 0])
@@ -206,12 +207,11 @@ def _specs(plan: list[StoredTensor]):
         else:
             specs.append(TensorSpec(p.name + IDX, index_dtype(p.numel), (p.kept,)))
             specs.append(TensorSpec(p.name + VAL, p.value_dtype, (p.kept,)))
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        clash = sorted({n for n in names if names.count(n) > 1})[0]
-        raise BadInputError(
-            f"tensor name {clash!r} would be stored twice in the diff", f"a base tensor's name ends in {IDX} or {VAL} and clashes with another's"
-        )
+    recorded = {p.name for p in plan}
+    clashes = sorted(n for n in recorded if n + IDX in recorded or n + VAL in recorded)
+    if clashes:  # a reader could not tell W.idx the tensor from W's indices
+        other = clashes[0] + (IDX if clashes[0] + IDX in recorded else VAL)
+        raise BadInputError(f"tensors {clashes[0]!r} and {other!r} cannot both be in a diff", f"their names would be ambiguous next to {IDX}/{VAL} entries")
     return specs
 
 

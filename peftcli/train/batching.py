@@ -54,20 +54,28 @@ def encode(dataset: Dataset, tokenizer, max_length: int, label_mapping: list[str
     return items
 
 
-def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded to the longest item of this batch (transformers finds the last real token)."""
+def collate(items: list[dict], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
+    """Padded to the longest item of this batch.
+
+    ``left``: for decoder classifiers, which score the last position. Given input ids they
+    find the last real token themselves, but given embeddings (prompt tuning) they cannot,
+    so real tokens go last; position ids then count real tokens only (GPT-2's absolute
+    positions must not shift with the padding).
+    """
     length = max(len(it["input_ids"]) for it in items)
     ids = torch.full((len(items), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(items), length), dtype=torch.long)
     labels = torch.full((len(items), length), IGNORE, dtype=torch.long) if "labels" in items[0] else None
     for row, it in enumerate(items):
         n = len(it["input_ids"])
-        sl = slice(0, n)
+        sl = slice(length - n, length) if left else slice(0, n)
         ids[row, sl] = torch.tensor(it["input_ids"])
         mask[row, sl] = 1
         if labels is not None:
             labels[row, sl] = torch.tensor(it["labels"])
     batch = {"input_ids": ids, "attention_mask": mask}
+    if left:
+        batch["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
     if labels is not None:
         batch["labels"] = labels
     if "label" in items[0]:

@@ -38,6 +38,7 @@ class TrainConfig:
     log_every: int = option(10, help="log a metrics line every N steps (default 10)")
     device: str = option("auto", metavar="auto|cpu|cuda", help="where to train (default auto: CUDA when present)")
     limit: int | None = option(None, help="use only the first N training examples")
+    full: bool = option(False, help="full fine-tuning of --model: every parameter trains, RUN becomes a checkpoint")
 
     def __post_init__(self) -> None:
         if self.task is not None and self.task not in TASKS:
@@ -59,5 +60,7 @@ class TrainConfig:
             raise UsageError("give --steps or --epochs, not both")
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
             raise UsageError("--lr must be positive and --weight-decay, --warmup-steps, --max-grad-norm non-negative")
+        if self.full and self.model is None:
+            raise UsageError("--full needs --model DIR, the model to fine-tune")
         if self.patience is not None and self.eval_data is None:
             raise UsageError("--patience needs --eval data")

@@ -142,9 +142,11 @@ def train(
     from peftcli.artifacts.adapter_dir import read_adapter
     from peftcli.attach import attach_adapter, load_base_model
 
-    if not os.path.isfile(os.path.join(run, "adapter_config.json")):
-        raise BadInputError(f"{run}: not an adapter directory", "create one with peftcli inject METHOD MODEL -o RUN")
     cfg = resolve_config(run, cfg, resume)
+    if cfg.full:
+        _prepare_full_run(run, cfg, resume, force)
+    elif not os.path.isfile(os.path.join(run, "adapter_config.json")):
+        raise BadInputError(f"{run}: not an adapter directory", "create one with peftcli inject METHOD MODEL -o RUN, or pass --full")
     if not resume and os.path.exists(os.path.join(run, ARGS_FILE)) and not force:
         raise UsageError(f"{run} has already been trained", "pass --resume to continue it or --force to train it again")
     log = log or (lambda line: None)
@@ -152,7 +154,7 @@ def train(
     if resume and checkpoint is None:
         raise UsageError(f"{run}: no checkpoint to resume from", "train with --save-every N to write checkpoints")
 
-    adapter = read_adapter(checkpoint or run)
+    adapter = None if cfg.full else read_adapter(checkpoint or run)
     model_dir = cfg.model or adapter.config.get("base_model_name_or_path")
     if not model_dir or not os.path.isdir(model_dir):
         raise UsageError(f"base model directory {model_dir!r} not found", "pass --model DIR")
@@ -173,17 +175,24 @@ def train(
     world = distributed.setup(device.type)
     if world.distributed and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
+    # Full fine-tuning resumes from the weights of its newest checkpoint, adapters from the base.
+    weights_dir = checkpoint if (cfg.full and checkpoint) else model_dir
     if data.task == "classify":
         model, info = load_base_model(
-            model_dir, "AutoModelForSequenceClassification", num_labels=len(labels), with_info=True,
+            weights_dir, "AutoModelForSequenceClassification", num_labels=len(labels), with_info=True,
             id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
         )
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
     else:
-        model, info = load_base_model(model_dir, "AutoModelForCausalLM", with_info=True)
-    adapted = attach_adapter(model, adapter)
-    if data.task == "classify" and not adapter.config.get("modules_to_save"):
+        model, info = load_base_model(weights_dir, "AutoModelForCausalLM", with_info=True)
+    if cfg.full:
+        from peftcli.train.full import FullModel
+
+        adapted = FullModel(model, model_dir)
+    else:
+        adapted = attach_adapter(model, adapter)
+    if not cfg.full and data.task == "classify" and not adapter.config.get("modules_to_save"):
         heads = _head_modules(info.get("missing_keys", []))
         if not heads:
             raise BadInputError(f"{model_dir}: cannot find the classification head to train")
@@ -224,6 +233,7 @@ def train(
     distributed.barrier(world)  # workers start once rank 0 has reset the run directory
 
     order = epoch_order(len(train_items), cfg.train_seed, epoch)
+    left_pad = data.task == "classify" and is_decoder(model_dir)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     start_time, tokens, losses = time.perf_counter(), 0, []
     stopped_early = False
@@ -244,7 +254,7 @@ def train(
         start = offset + world.rank * cfg.batch_size  # this worker's slice of the global micro-batch
         idx = order[start : start + cfg.batch_size]
         offset += global_batch
-        return collate([train_items[i] for i in idx], tokenizer.pad_token_id)
+        return collate([train_items[i] for i in idx], tokenizer.pad_token_id, left_pad)
 
     adapted.train()
     if not world.main:
@@ -275,7 +285,7 @@ def train(
                 write_metric({"step": step, "epoch": epoch, "loss": sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]), "lr": lr})
             evaluate_now = eval_items is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total)
             if evaluate_now:
-                result = evaluate(adapted, eval_items, tokenizer.pad_token_id, cfg.batch_size, device, data.task)
+                result = evaluate(adapted, eval_items, tokenizer.pad_token_id, cfg.batch_size, device, data.task, left_pad)
                 adapted.train()
                 write_metric({"step": step, **result})
                 log(f"step {step}: eval_loss {result['eval_loss']:.4f}" + (f", eval_accuracy {result['eval_accuracy']:.4f}" if "eval_accuracy" in result else ""))
@@ -313,14 +323,33 @@ def train(
     return (summary, adapted) if return_model else summary
 
 
-def evaluate(adapted, items: list[dict], pad_id: int, batch_size: int, device, task: str) -> dict:
+def _prepare_full_run(run: str, cfg: TrainConfig, resume: bool, force: bool) -> None:
+    """RUN of a full fine-tune is a new directory that becomes a checkpoint (never the base)."""
+    from peftcli.checkpoint.atomic import check_output_path
+
+    if resume:
+        return
+    if os.path.isdir(run) and os.listdir(run) and not os.path.isfile(os.path.join(run, ARGS_FILE)):
+        check_output_path(run, [cfg.model], force=False)  # names the input if RUN is (inside) the base
+        raise UsageError(f"{run} exists and is not a training run", "choose a new RUN directory for --full")
+    check_output_path(os.path.join(run, "model.safetensors"), [cfg.model], force=True)
+    os.makedirs(run, exist_ok=True)
+
+
+def is_decoder(model_dir: str) -> bool:
+    """A causal LM checkpoint (its classifier scores the last position), from config.json."""
+    archs = _read_json(os.path.join(model_dir, "config.json")).get("architectures") or []
+    return any(isinstance(a, str) and a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+
+
+def evaluate(adapted, items: list[dict], pad_id: int, batch_size: int, device, task: str, left_pad: bool = False) -> dict:
     """Mean validation loss (per example) and, for classification, accuracy."""
     adapted.eval()
     total_loss, n, correct = 0.0, 0, 0
     with torch.no_grad():
         for i in range(0, len(items), batch_size):
             chunk = items[i : i + batch_size]
-            batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+            batch = {k: v.to(device) for k, v in collate(chunk, pad_id, left_pad).items()}
             out = adapted(**batch)
             total_loss += float(out.loss) * len(chunk)
             n += len(chunk)
