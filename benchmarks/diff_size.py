@@ -29,7 +29,11 @@ from peftcli.diff import DiffOptions, diff  # noqa: E402
 
 DENSITIES = (0.001, 0.01, 0.1)
 MEMORY_LAYERS = (6, 24, 96)
-MODES = {"global": DiffOptions(density=0.01), "per-tensor": DiffOptions(density=0.01, per_tensor=True), "dense": DiffOptions(dense=True)}
+MODES = {
+    "global": DiffOptions(density=0.01),
+    "per-tensor": DiffOptions(density=0.01, per_tensor=True),
+    "dense": DiffOptions(dense=True),
+}
 VALUE_BYTES = {"base": 2, "fp32": 4}  # the checkpoint is BF16
 INDEX_BYTES = 4  # I32: every tensor has fewer than 2**31 elements
 
@@ -39,7 +43,12 @@ def build(root: str, layers: int, hidden: int) -> tuple[str, str]:
     base, ft = {}, {}
     for i in range(layers):
         shapes = {f"l{i}.{p}": (hidden, hidden) for p in ("q", "k", "v", "o")}
-        shapes |= {f"l{i}.up": (4 * hidden, hidden), f"l{i}.down": (hidden, 4 * hidden), f"l{i}.norm1": (hidden,), f"l{i}.norm2": (hidden,)}
+        shapes |= {
+            f"l{i}.up": (4 * hidden, hidden),
+            f"l{i}.down": (hidden, 4 * hidden),
+            f"l{i}.norm1": (hidden,),
+            f"l{i}.norm2": (hidden,),
+        }
         for name, shape in shapes.items():
             w = torch.randn(shape, generator=g) * 0.02
             base[name] = w.bfloat16()

@@ -70,7 +70,15 @@ class DiffOptions:
     values: str = option("base", metavar="base|fp32", help="dtype of the stored values: the base tensor's (default) or fp32")
 
     def __post_init__(self) -> None:
-        given = [f for f, on in (("--density", self.density is not None), ("--top-k", self.top_k is not None), ("--dense", self.dense)) if on]
+        given = [
+            f
+            for f, on in (
+                ("--density", self.density is not None),
+                ("--top-k", self.top_k is not None),
+                ("--dense", self.dense),
+            )
+            if on
+        ]
         if len(given) != 1:
             got = f" (got {' and '.join(given)})" if given else ""
             raise UsageError(f"give exactly one of --density, --top-k or --dense{got}", "e.g. --density 0.01")
@@ -79,7 +87,10 @@ class DiffOptions:
         if self.top_k is not None and self.top_k < 1:
             raise UsageError(f"--top-k must be at least 1, got {self.top_k}")
         if self.dense and (self.per_tensor or self.sparse_small):
-            raise UsageError("--per-tensor and --sparse-small only apply with --density or --top-k", "--dense keeps every entry of every tensor")
+            raise UsageError(
+                "--per-tensor and --sparse-small only apply with --density or --top-k",
+                "--dense keeps every entry of every tensor",
+            )
         if self.values not in VALUES:
             raise UsageError(f"--values must be one of {', '.join(VALUES)}, got {self.values!r}")
 
@@ -97,7 +108,9 @@ class DiffOptions:
             return n
         if self.top_k is not None:
             if self.top_k > n:
-                raise UsageError(f"--top-k {self.top_k} is more than the {n:,} entries to select from", "use --dense to keep them all")
+                raise UsageError(
+                    f"--top-k {self.top_k} is more than the {n:,} entries to select from", "use --dense to keep them all"
+                )
             return self.top_k
         k = int((Decimal(repr(self.density)) * n).to_integral_value(ROUND_HALF_UP))  # the decimal the user typed
         if k == 0:
@@ -159,7 +172,9 @@ def diff(
         selected = [t for t in covered if options.dense or options.sparse_small or len(t.shape) >= 2]
         n = sum(t.numel for t in selected)
         if not n and not options.dense:
-            raise UsageError(f"{base} has no tensor with two or more dimensions to select from", "add --sparse-small, or use --dense")
+            raise UsageError(
+                f"{base} has no tensor with two or more dimensions to select from", "add --sparse-small, or use --dense"
+            )
         k = options.k_for(n)
         provenance = {
             "tool": "peftcli",
@@ -172,7 +187,12 @@ def diff(
         fingerprint = Fingerprint.of(b, [t.name for t in covered], progress)
         entries = _entries(b, f, covered, selected, k, options, progress)
         stored = write_diff(
-            out, entries, DiffMetadata(options.method, fingerprint, provenance), values=options.values, force=force, inputs=[base, finetuned]
+            out,
+            entries,
+            DiffMetadata(options.method, fingerprint, provenance),
+            values=options.values,
+            force=force,
+            inputs=[base, finetuned],
         )
     return DiffReport(out, options.method, options.selection, options.values, stored, skipped, os.path.getsize(out))
 
@@ -276,7 +296,9 @@ def apportion(k: int, sizes: list[int]) -> list[int]:
     return shares
 
 
-def global_cuts(base: Checkpoint, ft: Checkpoint, selected: list[TensorInfo], k: int, progress: Progress | None) -> list[tuple[Cut, int]]:
+def global_cuts(
+    base: Checkpoint, ft: Checkpoint, selected: list[TensorInfo], k: int, progress: Progress | None
+) -> list[tuple[Cut, int]]:
     """(cut, kept) per selected tensor for the global top ``k``: passes 1 and 2 of the module docstring."""
     import torch
 
@@ -328,7 +350,13 @@ def _tracked(infos: list[TensorInfo], phase: str, total: int, progress: Progress
 
 
 def _entries(
-    base: Checkpoint, ft: Checkpoint, covered: list[TensorInfo], selected: list[TensorInfo], k: int, options: DiffOptions, progress: Progress | None
+    base: Checkpoint,
+    ft: Checkpoint,
+    covered: list[TensorInfo],
+    selected: list[TensorInfo],
+    k: int,
+    options: DiffOptions,
+    progress: Progress | None,
 ) -> list[DiffEntry]:
     if options.dense:
         plan = {t.name: (None, t.numel) for t in covered}
@@ -349,7 +377,15 @@ def _entries(
     return entries
 
 
-def _producer(base: Checkpoint, ft: Checkpoint, info: TensorInfo, cut: Cut | None, kept: int, dense: bool, tick: Callable[[], None] | None):
+def _producer(
+    base: Checkpoint,
+    ft: Checkpoint,
+    info: TensorInfo,
+    cut: Cut | None,
+    kept: int,
+    dense: bool,
+    tick: Callable[[], None] | None,
+):
     """The function the writer calls for this tensor's values when its turn comes (``cut`` None: select here)."""
 
     def values():
@@ -361,7 +397,10 @@ def _producer(base: Checkpoint, ft: Checkpoint, info: TensorInfo, cut: Cut | Non
         bits = _magnitude_bits(phi)
         idx = (cut or tensor_cut(bits, kept)).keep(bits)
         if idx.numel() != kept:  # passes 1-2 counted other values than this pass reads
-            raise BadInputError(f"{ft.path}: tensor {info.name!r} changed while peftcli diff was reading it", "rerun when nothing writes the checkpoints")
+            raise BadInputError(
+                f"{ft.path}: tensor {info.name!r} changed while peftcli diff was reading it",
+                "rerun when nothing writes the checkpoints",
+            )
         return idx, phi[idx]
 
     return values

@@ -200,6 +200,10 @@ def summarize(
     }
     if name_filter:
         report["filter"] = {"pattern": name_filter, "num_tensors": len(shown), "num_params": sum(t.numel for t in shown)}
+    if report["format"] == "sparse-diff":
+        from peftcli.artifacts.sparse_diff import describe
+
+        report["diff"] = describe(ckpt)  # reads the (small) diff's values for norms and densities
     if report["format"] == "adapter":
         report["adapter_config"] = load_json(os.path.join(ckpt.directory, "adapter_config.json"), "adapter config")
     if with_tensors:

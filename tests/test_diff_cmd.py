@@ -50,7 +50,12 @@ def llama_pair(tiny_llama, tmp_path_factory):
     """
     sd = _load(tiny_llama)
     g = torch.Generator().manual_seed(0)
-    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight", "model.norm.weight", "lm_head.weight"):
+    for name in (
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ):
         sd[name] = sd[name] * (1 + 0.6 * (torch.rand(sd[name].shape, generator=g) - 0.5))
     rows = sd["model.embed_tokens.weight"]
     rows[3:10] = rows[3:10] * 1.25
@@ -185,9 +190,13 @@ def test_keeping_one_or_every_entry(tmp_path, which):
 def test_only_1d_tensors_need_sparse_small_or_dense(tmp_path):
     save_state_dict({"b": torch.zeros(4)}, str(tmp_path / "b.safetensors"))
     save_state_dict({"b": torch.ones(4)}, str(tmp_path / "f.safetensors"))
-    line = _one_line_error(run(tmp_path / "b.safetensors", tmp_path / "f.safetensors", "-o", tmp_path / "x.diff", "--top-k", 1), 2)
+    line = _one_line_error(
+        run(tmp_path / "b.safetensors", tmp_path / "f.safetensors", "-o", tmp_path / "x.diff", "--top-k", 1), 2
+    )
     assert "no tensor with two or more dimensions" in line
-    doc = _json_run(tmp_path / "b.safetensors", tmp_path / "f.safetensors", "-o", tmp_path / "x.diff", "--top-k", 1, "--sparse-small")
+    doc = _json_run(
+        tmp_path / "b.safetensors", tmp_path / "f.safetensors", "-o", tmp_path / "x.diff", "--top-k", 1, "--sparse-small"
+    )
     assert doc["k"] == 1 and doc["tensors"][0]["kept"] == 1
 
 
@@ -249,7 +258,9 @@ def test_bf16_checkpoint_values_fp32_are_exact_and_base_dtype_is_close(tmp_path,
     save_state_dict(base, str(tmp_path / "b.safetensors"))
     save_state_dict(ft, str(tmp_path / "f.safetensors"))
     out = str(tmp_path / "bf.diff")
-    assert run(tmp_path / "b.safetensors", tmp_path / "f.safetensors", "-o", out, "--dense", "--values", values).exit_code == 0
+    assert (
+        run(tmp_path / "b.safetensors", tmp_path / "f.safetensors", "-o", out, "--dense", "--values", values).exit_code == 0
+    )
     assert {t.dtype for t in load_file(out).values()} == {torch.float32 if values == "fp32" else torch.bfloat16}
     with read_diff(out) as d:
         for name in base:
@@ -313,9 +324,15 @@ def test_non_float_tensor_that_changed_is_an_error(tmp_path):
     save_state_dict(base, str(tmp_path / "b.safetensors"))
     save_state_dict({"w": torch.ones(4, 4) * 1.5, "ids": torch.arange(4)}, str(tmp_path / "same.safetensors"))
     save_state_dict({"w": torch.ones(4, 4), "ids": torch.arange(4) + 1}, str(tmp_path / "ids.safetensors"))
-    doc = json.loads(run(tmp_path / "b.safetensors", tmp_path / "same.safetensors", "-o", tmp_path / "ok.diff", "--dense", "--json").stdout)
+    doc = json.loads(
+        run(
+            tmp_path / "b.safetensors", tmp_path / "same.safetensors", "-o", tmp_path / "ok.diff", "--dense", "--json"
+        ).stdout
+    )
     assert doc["skipped"] == ["ids"] and [t["name"] for t in doc["tensors"]] == ["w"]
-    line = _one_line_error(run(tmp_path / "b.safetensors", tmp_path / "ids.safetensors", "-o", tmp_path / "x.diff", "--dense"), 1)
+    line = _one_line_error(
+        run(tmp_path / "b.safetensors", tmp_path / "ids.safetensors", "-o", tmp_path / "x.diff", "--dense"), 1
+    )
     assert "'ids' (I64) differs from the base" in line
 
 
@@ -325,7 +342,9 @@ def test_nan_in_finetuned_is_an_error(tmp_path):
     bad[1, 2] = float("nan")
     save_state_dict({"w": bad}, str(tmp_path / "f.safetensors"))
     for flags in (["--density", "0.5"], ["--dense"]):
-        line = _one_line_error(run(tmp_path / "b.safetensors", tmp_path / "f.safetensors", "-o", tmp_path / "x.diff", *flags), 1)
+        line = _one_line_error(
+            run(tmp_path / "b.safetensors", tmp_path / "f.safetensors", "-o", tmp_path / "x.diff", *flags), 1
+        )
         assert "'w'" in line and "not finite at 1 of 16 entries" in line
         assert not os.path.exists(tmp_path / "x.diff")
 
@@ -374,7 +393,10 @@ def test_pickle_inputs_need_the_flag(llama_pair, tmp_path):
     result = run(base, pickled, "-o", tmp_path / "p.diff", "--density", "0.01", "--allow-pickle")
     assert result.exit_code == 0, result.stderr
     assert run(base, ft, "-o", tmp_path / "s.diff", "--density", "0.01").exit_code == 0
-    assert all(torch.equal(a, b) for a, b in zip(load_file(str(tmp_path / "p.diff")).values(), load_file(str(tmp_path / "s.diff")).values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(load_file(str(tmp_path / "p.diff")).values(), load_file(str(tmp_path / "s.diff")).values())
+    )
 
 
 # -- the API and the report ----------------------------------------------------------------------

@@ -57,9 +57,7 @@ def _write(tmp_path, base, phi, values="base", name="t.diff"):
         idx, val = phi[tname]
         t = base[tname]
         kept = t.numel() if idx is None else idx.numel()
-        entries.append(
-            DiffEntry(tname, _dtype_name(t), tuple(t.shape), kept, lambda p=phi[tname]: p, whole=idx is None)
-        )
+        entries.append(DiffEntry(tname, _dtype_name(t), tuple(t.shape), kept, lambda p=phi[tname]: p, whole=idx is None))
     out = str(tmp_path / name)
     stored = write_diff(out, entries, DiffMetadata("magnitude", fp, {"test": True}), values=values)
     return out, base_path, stored
@@ -243,10 +241,16 @@ CORRUPTIONS = {
     "negative index": (lambda t, m: t["layer.weight.idx"].__setitem__(0, -1), "out of range"),
     "unsorted indices": (lambda t, m: _set(t, "layer.weight.idx", t["layer.weight.idx"].flip(0).contiguous()), "unsorted"),
     "duplicate index": (lambda t, m: t["layer.weight.idx"].__setitem__(1, int(t["layer.weight.idx"][0])), "duplicate"),
-    "idx/val length mismatch": (lambda t, m: _set(t, "layer.weight.val", t["layer.weight.val"][:-1].clone()), "7 indices but 6 values"),
+    "idx/val length mismatch": (
+        lambda t, m: _set(t, "layer.weight.val", t["layer.weight.val"][:-1].clone()),
+        "7 indices but 6 values",
+    ),
     "missing val": (lambda t, m: t.pop("layer.weight.val"), "has no matching 'layer.weight.val'"),
     "missing idx": (lambda t, m: t.pop("layer.weight.idx"), "has no matching 'layer.weight.idx'"),
-    "missing tensor": (lambda t, m: [t.pop("layer.weight.idx"), t.pop("layer.weight.val")], "recorded in the metadata but missing"),
+    "missing tensor": (
+        lambda t, m: [t.pop("layer.weight.idx"), t.pop("layer.weight.val")],
+        "recorded in the metadata but missing",
+    ),
     "extra tensor": (lambda t, m: _set(t, "stray", torch.zeros(2)), "'stray' is not accounted for"),
     "dense shape": (lambda t, m: _set(t, "mostly.weight", torch.zeros(5, 4)), "shape [5, 4], recorded [4, 5]"),
     "float indices": (lambda t, m: _set(t, "layer.weight.idx", t["layer.weight.idx"].float()), "must be 1-D I32 or I64"),
@@ -260,7 +264,10 @@ CORRUPTIONS = {
     "bad density": (lambda t, m: _set(m, "density", "1.5"), "density '1.5'"),
     "shapes not JSON": (lambda t, m: _set(m, "shapes", "{"), "'shapes' is not valid JSON"),
     "edited fingerprint": (_edit_fingerprint, "hash does not match its tensor list"),
-    "fingerprint vs shapes": (_fingerprint_disagreeing_with_shapes, "is F32[6, 10] in 'shapes' but F32[60] in base_fingerprint"),
+    "fingerprint vs shapes": (
+        _fingerprint_disagreeing_with_shapes,
+        "is F32[6, 10] in 'shapes' but F32[60] in base_fingerprint",
+    ),
 }
 
 
@@ -324,7 +331,10 @@ def test_a_checkpoint_is_not_a_diff(tmp_path):
 def test_describe_reports_densities_fingerprint_and_largest_norms(tmp_path):
     g = torch.Generator().manual_seed(3)
     base = {f"t{i:02d}.weight": torch.randn(8, 8, generator=g) for i in range(12)}
-    phi = {n: (torch.arange(0, 64, 4 + i % 3), torch.full((len(range(0, 64, 4 + i % 3)),), float(i + 1))) for i, n in enumerate(base)}
+    phi = {
+        n: (torch.arange(0, 64, 4 + i % 3), torch.full((len(range(0, 64, 4 + i % 3)),), float(i + 1)))
+        for i, n in enumerate(base)
+    }
     out, _, _ = _write(tmp_path, base, phi)
     with open_checkpoint(out) as ckpt:
         desc = describe(ckpt)
@@ -338,5 +348,9 @@ def test_describe_reports_densities_fingerprint_and_largest_norms(tmp_path):
     norms = {n: math.sqrt(sum(x * x for x in v.tolist())) for n, (_, v) in phi.items()}
     assert [r["name"] for r in desc["largest"]] == sorted(norms, key=lambda n: -norms[n])[:10]
     with open_checkpoint(str(tmp_path / "base.safetensors")) as b:
-        assert desc["base_fingerprint"] == {"num_tensors": 12, "hash": structure_hash(tensor_table(b)), "content": content_hash(b, base)}
+        assert desc["base_fingerprint"] == {
+            "num_tensors": 12,
+            "hash": structure_hash(tensor_table(b)),
+            "content": content_hash(b, base),
+        }
     assert desc["provenance"] == {"test": True}

@@ -13,7 +13,9 @@ in exactly one of two forms, and the file holds nothing else:
 - dense: ``W`` with the base tensor's shape, in a floating dtype (base dtype or F32): the whole φ.
 
 peftcli writes a tensor dense when it is not selected from (by default the 0-D and 1-D tensors:
-biases, norms) or whenever the dense form takes no more bytes than ``idx`` + ``val``.
+biases, norms) or whenever the dense form takes no more bytes than ``idx`` + ``val``; it writes the
+tensors in sorted name order, ``W.idx`` before ``W.val`` (readers must not rely on the order). No two
+covered tensors may be named ``W`` and ``W.idx`` (or ``W.val``): the stored names would be ambiguous.
 
 ``__metadata__`` (string → string; JSON values are compact, keys sorted):
 
@@ -27,9 +29,10 @@ biases, norms) or whenever the dense form takes no more bytes than ``idx`` + ``v
 - ``shapes`` (required): JSON ``{W: [dtype, shape]}`` for every covered tensor: the *base* tensor's
   dtype and shape (the stored values may be F32).
 - ``base_fingerprint`` (required): JSON ``{"tensors": {name: [dtype, shape]} for every tensor of the
-  base, "hash": sha256, "content": sha256 or null}``, as defined in ``peftcli.checkpoint.fingerprint``:
-  ``hash`` over the sorted name/dtype/shape list, ``content`` over the bytes of the covered tensors
-  of the base in sorted name order.
+  base, "hash": ..., "content": ... or null}``. ``hash`` is the sha256 (hex) of the UTF-8 text
+  ``json.dumps([[name, dtype, shape], ...], separators=(",", ":"), ensure_ascii=False)``, the list
+  sorted by name; ``content`` the sha256 (hex) of the raw little-endian bytes of the base's covered
+  tensors (those in ``shapes``) concatenated in sorted name order.
 - ``dense_tensors`` (optional, default ``[]``): JSON list of covered tensors stored whole without
   selection; they are left out of ``density``.
 - ``provenance`` (optional): JSON object; peftcli writes ``{"tool", "version", "command",
@@ -70,7 +73,7 @@ FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # the dtypes a covered tensor and 
 INDEX_DTYPES = ("I32", "I64")
 VALUES = ("base", "fp32")  # --values: store φ in the base tensor's dtype or in F32
 IDX, VAL = ".idx", ".val"
-TOP_NORMS = 10  # describe() lists this many tensors with the largest ‖φ‖
+TOP_NORMS = 10  # describe() lists this many tensors with the largest nonzero ‖φ‖
 CORRUPT = "the file is corrupt"
 
 
@@ -211,7 +214,10 @@ def _specs(plan: list[StoredTensor]):
     clashes = sorted(n for n in recorded if n + IDX in recorded or n + VAL in recorded)
     if clashes:  # a reader could not tell W.idx the tensor from W's indices
         other = clashes[0] + (IDX if clashes[0] + IDX in recorded else VAL)
-        raise BadInputError(f"tensors {clashes[0]!r} and {other!r} cannot both be in a diff", f"their names would be ambiguous next to {IDX}/{VAL} entries")
+        raise BadInputError(
+            f"tensors {clashes[0]!r} and {other!r} cannot both be in a diff",
+            f"their names would be ambiguous next to {IDX}/{VAL} entries",
+        )
     return specs
 
 
@@ -344,7 +350,10 @@ class SparseDiff:
             if has_dense and (has_idx or has_val):
                 raise BadInputError(f"{where} is stored both dense and as {name}{IDX}/{VAL}", CORRUPT)
             if not (has_dense or has_idx or has_val):
-                raise BadInputError(f"{where} is recorded in the metadata but missing (neither {name!r} nor {name + IDX!r} is in the file)", CORRUPT)
+                raise BadInputError(
+                    f"{where} is recorded in the metadata but missing (neither {name!r} nor {name + IDX!r} is in the file)",
+                    CORRUPT,
+                )
             if has_idx != has_val:
                 have, lack = (IDX, VAL) if has_idx else (VAL, IDX)
                 raise BadInputError(f"{where}: {name + have!r} has no matching {name + lack!r}", CORRUPT)
@@ -359,13 +368,18 @@ class SparseDiff:
             layout[name] = _Layout(dtype, shape, has_dense)
         extra = sorted(set(stored) - claimed)
         if extra:
-            raise BadInputError(f"{self.path}: tensor {extra[0]!r} is not accounted for by the 'shapes' metadata ({len(extra)} such)", CORRUPT)
+            raise BadInputError(
+                f"{self.path}: tensor {extra[0]!r} is not accounted for by the 'shapes' metadata ({len(extra)} such)",
+                CORRUPT,
+            )
         return layout
 
     def _check_dense(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
         info = self.ckpt.tensors[name]
         if info.shape != shape:
-            raise BadInputError(f"{self.path}: tensor {name!r}: dense values have shape {list(info.shape)}, recorded {list(shape)}", CORRUPT)
+            raise BadInputError(
+                f"{self.path}: tensor {name!r}: dense values have shape {list(info.shape)}, recorded {list(shape)}", CORRUPT
+            )
         if info.dtype not in FLOAT_DTYPES:
             raise BadInputError(f"{self.path}: tensor {name!r}: dense values are {info.dtype}, not floating-point", CORRUPT)
 
@@ -375,7 +389,9 @@ class SparseDiff:
         if idx.dtype not in INDEX_DTYPES or len(idx.shape) != 1:
             raise BadInputError(f"{where}: {name + IDX!r} must be 1-D I32 or I64, not {idx.dtype}{list(idx.shape)}", CORRUPT)
         if val.dtype not in FLOAT_DTYPES or len(val.shape) != 1:
-            raise BadInputError(f"{where}: {name + VAL!r} must be 1-D floating-point, not {val.dtype}{list(val.shape)}", CORRUPT)
+            raise BadInputError(
+                f"{where}: {name + VAL!r} must be 1-D floating-point, not {val.dtype}{list(val.shape)}", CORRUPT
+            )
         if idx.shape != val.shape:
             raise BadInputError(f"{where}: {idx.shape[0]} indices but {val.shape[0]} values", CORRUPT)
         if idx.shape[0] > math.prod(shape):
@@ -486,7 +502,7 @@ def describe(ckpt: Checkpoint) -> dict:
                 "norm": float(val.double().norm()),
             }
         )
-    largest = sorted(rows, key=lambda r: (-r["norm"], r["name"]))[:TOP_NORMS]
+    largest = sorted((r for r in rows if r["norm"] > 0), key=lambda r: (-r["norm"], r["name"]))[:TOP_NORMS]
     fp = diff.fingerprint
     return {
         "method": diff.method,
@@ -509,12 +525,17 @@ def _check_format(path: str, meta: dict[str, str]) -> str:
     fmt = meta.get("format")
     if fmt != FORMAT:
         found = "no 'format' in its metadata" if fmt is None else f"its metadata says format={fmt!r}"
-        raise BadInputError(f"{path}: not a peftcli sparse diff ({found})", f"expected format={FORMAT!r}; write one with peftcli diff")
+        raise BadInputError(
+            f"{path}: not a peftcli sparse diff ({found})", f"expected format={FORMAT!r}; write one with peftcli diff"
+        )
     version = meta.get("version")
     if version is None:
         raise BadInputError(f"{path}: sparse diff without a 'version' in its metadata", CORRUPT)
     if version != VERSION:
-        raise BadInputError(f"{path}: sparse diff version {version!r} is not supported (this peftcli reads version {VERSION})", "upgrade peftcli")
+        raise BadInputError(
+            f"{path}: sparse diff version {version!r} is not supported (this peftcli reads version {VERSION})",
+            "upgrade peftcli",
+        )
     return version
 
 
@@ -549,7 +570,9 @@ def _parse_shapes(path: str, obj: object) -> dict[str, tuple[str, tuple[int, ...
     out = {}
     for name, entry in obj.items():
         if not is_dtype_shape(entry) or entry[0] not in FLOAT_DTYPES:
-            raise BadInputError(f"{path}: tensor {name!r} has an invalid 'shapes' entry {entry!r}", "expected [F16|BF16|F32|F64, shape]")
+            raise BadInputError(
+                f"{path}: tensor {name!r} has an invalid 'shapes' entry {entry!r}", "expected [F16|BF16|F32|F64, shape]"
+            )
         out[name] = (entry[0], tuple(entry[1]))
     return out
 

@@ -81,13 +81,16 @@ def file_hashes(ckpt: Checkpoint, progress: Progress | None = None) -> dict[str,
         done += n
         progress(f"hashing {ckpt.path}", done, total)
 
-    return {
-        (os.path.relpath(file, ckpt.directory) if ckpt.directory else os.path.basename(file)): file_sha256(file, advance if progress else None)
-        for file in ckpt.files
-    }
+    hashes = {}
+    for file in ckpt.files:
+        key = os.path.relpath(file, ckpt.directory) if ckpt.directory else os.path.basename(file)
+        hashes[key] = file_sha256(file, advance if progress else None)
+    return hashes
 
 
-def table_differences(expected: dict[str, list], actual: dict[str, list], expected_label: str, actual_label: str) -> list[str]:
+def table_differences(
+    expected: dict[str, list], actual: dict[str, list], expected_label: str, actual_label: str
+) -> list[str]:
     """Every difference between two tensor tables, in name order, as short phrases."""
     out = []
     for name in sorted(set(expected) | set(actual)):
@@ -105,7 +108,9 @@ def summarize_differences(differences: list[str]) -> str:
     """The first few differences and how many more there are (an error message stays one line)."""
     shown = "; ".join(differences[:SHOWN_DIFFERENCES])
     rest = len(differences) - SHOWN_DIFFERENCES
-    return f"{len(differences)} difference{'s' if len(differences) != 1 else ''}: {shown}" + (f"; and {rest} more" if rest > 0 else "")
+    return f"{len(differences)} difference{'s' if len(differences) != 1 else ''}: {shown}" + (
+        f"; and {rest} more" if rest > 0 else ""
+    )
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,9 @@ class Fingerprint:
     content: str | None = None  # sha256 of the bytes of the tensors an artifact touches
 
     @classmethod
-    def of(cls, ckpt: Checkpoint, content_names: Iterable[str] | None = None, progress: Progress | None = None) -> "Fingerprint":
+    def of(
+        cls, ckpt: Checkpoint, content_names: Iterable[str] | None = None, progress: Progress | None = None
+    ) -> "Fingerprint":
         table = tensor_table(ckpt)
         content = content_hash(ckpt, content_names, progress) if content_names is not None else None
         return cls(table, structure_hash(table), content)
@@ -127,16 +134,22 @@ class Fingerprint:
     def from_json(cls, obj: object, where: str) -> "Fingerprint":
         """Parse and check a fingerprint; ``where`` names the file for errors."""
         if not isinstance(obj, dict) or not isinstance(obj.get("tensors"), dict) or not isinstance(obj.get("hash"), str):
-            raise BadInputError(f"{where}: base_fingerprint must be an object with 'tensors' and 'hash'", "the file is corrupt")
+            raise BadInputError(
+                f"{where}: base_fingerprint must be an object with 'tensors' and 'hash'", "the file is corrupt"
+            )
         for name, entry in obj["tensors"].items():
             if not is_dtype_shape(entry):
-                raise BadInputError(f"{where}: base_fingerprint: tensor {name!r} has an invalid entry {entry!r}", "the file is corrupt")
+                raise BadInputError(
+                    f"{where}: base_fingerprint: tensor {name!r} has an invalid entry {entry!r}", "the file is corrupt"
+                )
         content = obj.get("content")
         if content is not None and not isinstance(content, str):
             raise BadInputError(f"{where}: base_fingerprint: content must be a string or null", "the file is corrupt")
         fp = cls({n: [e[0], list(e[1])] for n, e in obj["tensors"].items()}, obj["hash"], content)
         if structure_hash(fp.tensors) != fp.hash:
-            raise BadInputError(f"{where}: base_fingerprint: the hash does not match its tensor list", "the file is corrupt or was edited")
+            raise BadInputError(
+                f"{where}: base_fingerprint: the hash does not match its tensor list", "the file is corrupt or was edited"
+            )
         return fp
 
     def differences(self, ckpt: Checkpoint) -> list[str]:

@@ -22,7 +22,12 @@ class _ProgressBars:
         from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(), console=stderr_console(), transient=True
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TimeElapsedColumn(),
+            console=stderr_console(),
+            transient=True,
         )
         self._tasks: dict[str, int] = {}
 
@@ -49,7 +54,7 @@ class _ProgressBars:
 @click.option("--allow-pickle", is_flag=True, help="Allow PyTorch .bin/.pt checkpoints (torch.load(weights_only=True)).")
 @json_option
 def diff(base, finetuned, out, force, allow_pickle, as_json, **options):
-    """Write φ = FINETUNED − BASE, the task vector, as a sparse diff (.diff).
+    """Write φ = FINETUNED − BASE as a sparse diff (.diff).
 
     Keeps the entries of largest |φ| over all tensors together (a global top-K; K is exact,
     ties go to the earlier tensor by name, then the lower index), the same fraction of each
@@ -107,12 +112,21 @@ def render_description(desc: dict, console) -> None:
     grid.add_column(style="bold")
     grid.add_column()
     grid.add_row("diff", f"method {desc['method']}, version {desc['version']}, density {desc['density']:.6g}")
-    grid.add_row("covers", f"{desc['num_tensors']} tensors, {desc['covered_params']:,} params ({len(desc['dense_tensors'])} stored whole)")
+    grid.add_row(
+        "covers",
+        f"{desc['num_tensors']} tensors, {desc['covered_params']:,} params ({len(desc['dense_tensors'])} stored whole)",
+    )
     grid.add_row("base", f"{fp['num_tensors']} tensors, fingerprint {fp['hash'][:16]}…")
     console.print()
     console.print(grid)
     table = Table(title="largest ‖φ‖", title_justify="left", show_edge=False, pad_edge=False)
-    for col, justify in (("tensor", "left"), ("stored", "left"), ("nonzero", "right"), ("density", "right"), ("‖φ‖", "right")):
+    for col, justify in (
+        ("tensor", "left"),
+        ("stored", "left"),
+        ("nonzero", "right"),
+        ("density", "right"),
+        ("‖φ‖", "right"),
+    ):
         table.add_column(col, justify=justify)
     rows = {r["name"]: r for r in desc["tensors"]}
     for top in desc["largest"]:

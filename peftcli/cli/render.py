@@ -76,6 +76,11 @@ def render_inspect(report: dict, console) -> None:
         console.print()
         console.print(table)
 
+    if "diff" in report:
+        from peftcli.cli.diff_cmd import render_description
+
+        render_description(report["diff"], console)
+
     if "budget" in report:
         render_budget(report["budget"], console)
 
