@@ -66,12 +66,21 @@ def test_adapter_directory_is_recognised(tmp_path):
     assert report["format"] == "adapter" and report["adapter_config"]["r"] == 2
 
 
-def test_sparse_diff_is_recognised_by_its_metadata(tmp_path):
+def test_sparse_diff_is_recognised_and_described(tmp_path, tiny_llama):
+    from click.testing import CliRunner
+
+    from peftcli.cli import cli
+
+    with open_checkpoint(tiny_llama) as ckpt:
+        sd = {n: ckpt.get(n) + 0.01 for n in ckpt}
+    save_state_dict(sd, str(tmp_path / "ft"), source_dir=tiny_llama)
     path = str(tmp_path / "t.diff")
-    save_state_dict({"w.idx": torch.tensor([0, 3], dtype=torch.int32), "w.val": torch.ones(2)}, path, metadata={"format": "peftcli.sparse-diff"})
+    assert CliRunner().invoke(cli, ["diff", tiny_llama, str(tmp_path / "ft"), "-o", path, "--density", "0.1"]).exit_code == 0
     assert os.path.isfile(path)
     with open_checkpoint(path) as ckpt:
-        assert summarize(ckpt)["format"] == "sparse-diff"
+        report = summarize(ckpt)
+    assert report["format"] == "sparse-diff"
+    assert report["diff"]["method"] == "magnitude" and abs(float(report["diff"]["density"]) - 0.1) < 1e-3
 
 
 def test_tiny_models_are_reproducible(tmp_path):
