@@ -195,6 +195,7 @@ class CheckpointWriter:
         inputs: Iterable[str] = (),
         force: bool = False,
         single_file: bool | None = None,
+        shard_plan: list[list[str]] | None = None,
     ):
         self.target = target = os.path.normpath(target)
         self.specs = list(specs)
@@ -202,7 +203,14 @@ class CheckpointWriter:
         self.metadata = {"format": "pt", **(metadata or {})}
         # A ".safetensors" or ".diff" target is one file; anything else is a model directory.
         self.single_file = target.endswith(SINGLE_FILE_SUFFIXES) if single_file is None else single_file
-        self.shards = [self.specs] if self.single_file else plan_shards(self.specs, parse_size(max_shard_size))
+        if self.single_file:
+            self.shards = [self.specs]
+        elif shard_plan is not None:  # e.g. the base's own layout: tensor names per shard, in order
+            by_name = {s.name: s for s in self.specs}
+            self.shards = [[by_name[n] for n in names] for names in shard_plan if names]
+            self.specs = [s for shard in self.shards for s in shard]
+        else:
+            self.shards = plan_shards(self.specs, parse_size(max_shard_size))
         self.source_dir = source_dir
         self.inputs = list(inputs)
         self.force = force

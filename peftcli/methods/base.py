@@ -14,7 +14,10 @@ declared once with ``peftcli.options.option``) and a class with:
   ``transformers`` model in place and return the φ parameters (and, for input composition,
   a transform of the forward's keyword arguments).
 
-ΔW for merging (``delta``) arrives with the merge issue.
+Methods whose φ folds into the weights also have ``deltas(cfg, tensors, ckpt)``: for each
+base tensor they change, a function from that tensor (as stored) to its fp32 ΔW — what
+``peftcli merge`` adds. Prompt, prefix and bottleneck adapters have none: they add
+computation that no weight change reproduces.
 """
 
 from __future__ import annotations
@@ -32,6 +35,25 @@ PEFT_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetens
 
 def peft_key(module: str, suffix: str) -> str:
     return f"{PEFT_PREFIX}{module}.{suffix}"
+
+
+def base_module(path: str, modules) -> str | None:
+    """The checkpoint module an adapter key's path names: itself, or without the head model's
+    base prefix (a BertModel checkpoint's ``encoder...`` is ``bert.encoder...`` under a head)."""
+    if path in modules:
+        return path
+    head, _, rest = path.partition(".")
+    return rest if rest in modules else None
+
+
+def mismatch_error(problems: list[str]) -> "BadInputError":
+    from peftcli.errors import BadInputError
+
+    return BadInputError(
+        f"adapter does not match the base model: {len(problems)} problem(s): " + "; ".join(problems[:5])
+        + (" ..." if len(problems) > 5 else ""),
+        "was it made for another base model?",
+    )
 
 
 @dataclass(frozen=True)

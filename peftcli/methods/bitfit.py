@@ -160,6 +160,9 @@ class BitFit:
     def adapter_config(self, ckpt, cfg: BitFitConfig) -> dict:
         return inplace.adapter_config(ckpt, self.name, cfg)
 
+    def deltas(self, cfg: BitFitConfig, tensors: dict, ckpt) -> dict:
+        return inplace.stored_deltas(tensors, ckpt)
+
     def config_from_adapter(self, d: dict) -> BitFitConfig:
         return inplace.config_from_adapter(d, self.name, BitFitConfig)
 

@@ -105,3 +105,19 @@ def attach_in_place(model, tensors: dict, selected: Callable[[str], bool], selec
         return {key: p.detach().float() - theta0[key] if key in theta0 else p for key, p in phi.items()}
 
     return Attached(phi=phi, export=export)
+
+
+def stored_deltas(tensors: dict, ckpt) -> dict:
+    """φ = θ − θ₀ keyed by base tensor name: each folds as itself."""
+    from peftcli.methods.base import mismatch_error
+
+    problems = []
+    for name, t in tensors.items():
+        info = ckpt.tensors.get(name)
+        if info is None:
+            problems.append(f"{name}: no such tensor in the base")
+        elif tuple(info.shape) != tuple(t.shape):
+            problems.append(f"{name}: shape {list(t.shape)}, the base has {list(info.shape)}")
+    if problems:
+        raise mismatch_error(problems)
+    return {name: (lambda stored, t=t: t.float()) for name, t in tensors.items()}

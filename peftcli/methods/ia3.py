@@ -235,6 +235,38 @@ class IA3:
         )
 
     # -- module level ---------------------------------------------------------------------
+    def deltas(self, cfg: IA3Config, tensors: dict, ckpt) -> dict:
+        """ΔW = W·(l − 1) on rows (output scaling, the bias too) or columns (feedforward input)."""
+        from functools import partial
+
+        from peftcli.methods.base import base_module, mismatch_error
+        from peftcli.targets import linear_modules
+
+        shapes = {t.name: t.shape for t in ckpt.tensors.values()}
+        linear = {m.name: m for m in linear_modules(shapes, ckpt.config)}
+        problems, out = [], {}
+        for key, t in tensors.items():
+            if not key.startswith(PEFT_PREFIX) or not key.endswith(".ia3_l"):
+                problems.append(f"unexpected key {key}")
+                continue
+            path = key[len(PEFT_PREFIX) : -len(".ia3_l")]
+            name = base_module(path, linear)
+            if name is None:
+                problems.append(f"{path}: no such linear module in the base")
+                continue
+            m = linear[name]
+            d_out, d_in = m.shape
+            if tuple(t.shape) not in ((d_out, 1), (1, d_in)):
+                problems.append(f"{path}: ia3_l {list(t.shape)} does not fit a {d_out}×{d_in} layer")
+                continue
+            feedforward = tuple(t.shape) == (1, d_in) and (d_out, 1) != (1, d_in)
+            out[name + ".weight"] = partial(_fold_weight, scale=t, transposed=m.transposed)
+            if not feedforward and name + ".bias" in shapes:  # the output is scaled, bias included
+                out[name + ".bias"] = partial(_fold_bias, scale=t)
+        if problems:
+            raise mismatch_error(problems)
+        return out
+
     def attach(self, model, cfg: IA3Config, tensors: dict, model_config: dict) -> Attached:
         from peftcli import modules as mod
         from peftcli.methods.ia3_layer import IA3Linear
@@ -297,3 +329,13 @@ def _peft_feedforward(value) -> str | None:
     if isinstance(value, str):
         return f"(?:{value})" if value else ""
     return value
+
+
+def _fold_weight(stored: "torch.Tensor", *, scale: "torch.Tensor", transposed: bool) -> "torch.Tensor":
+    w = (stored.T if transposed else stored).float()
+    delta = w * (scale.float() - 1.0)  # [out, 1] scales rows, [1, in] scales columns
+    return delta.T if transposed else delta
+
+
+def _fold_bias(stored: "torch.Tensor", *, scale: "torch.Tensor") -> "torch.Tensor":
+    return stored.float() * (scale.float().flatten() - 1.0)

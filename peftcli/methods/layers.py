@@ -121,6 +121,9 @@ class Layers:
     def adapter_config(self, ckpt, cfg: LayersConfig) -> dict:
         return inplace.adapter_config(ckpt, self.name, cfg)
 
+    def deltas(self, cfg: LayersConfig, tensors: dict, ckpt) -> dict:
+        return inplace.stored_deltas(tensors, ckpt)
+
     def config_from_adapter(self, d: dict) -> LayersConfig:
         return inplace.config_from_adapter(d, self.name, LayersConfig)
 

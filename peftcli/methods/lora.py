@@ -160,20 +160,40 @@ class LoRA:
             init="gaussian" if d.get("init_lora_weights") == "gaussian" else "kaiming",
         )
 
+    # -- folding into the weights ---------------------------------------------------------
+    def deltas(self, cfg: LoraConfig, tensors: dict, ckpt) -> dict:
+        """ΔW per base weight: s·B·A (DoRA: m·(W+sBA)/‖W+sBA‖ − W), transposed back for Conv1D."""
+        from functools import partial
+
+        from peftcli.methods.base import base_module, mismatch_error
+        from peftcli.targets import linear_modules
+
+        shapes = {t.name: t.shape for t in ckpt.tensors.values()}
+        linear = {m.name: m for m in linear_modules(shapes, ckpt.config)}
+        by_module, problems = _group(tensors)
+        out = {}
+        for path, parts in by_module.items():
+            name = base_module(path, linear)
+            if name is None:
+                problems.append(f"{path}: no such linear module in the base")
+                continue
+            m = linear[name]
+            problem = _check_module(path, parts, cfg, *m.shape)
+            if problem:
+                problems.append(problem)
+                continue
+            out[name + ".weight"] = partial(_fold, parts=parts, scaling=cfg.scaling, transposed=m.transposed)
+        if problems:
+            raise mismatch_error(problems)
+        return out
+
     # -- module level ---------------------------------------------------------------------
     def attach(self, model, cfg: LoraConfig, tensors: dict, model_config: dict) -> Attached:
         from peftcli import modules as mod
+        from peftcli.methods.base import mismatch_error
         from peftcli.methods.lora_layer import LoraLinear
 
-        suffixes = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
-        by_module: dict[str, dict[str, "torch.Tensor"]] = {}
-        problems: list[str] = []
-        for key, t in tensors.items():
-            suffix = next((s for s in suffixes if key.endswith("." + s)), None)
-            if not key.startswith(PEFT_PREFIX) or suffix is None:
-                problems.append(f"unexpected key {key}")
-                continue
-            by_module.setdefault(key[len(PEFT_PREFIX) : -len(suffix) - 1], {})[suffix] = t
+        by_module, problems = _group(tensors)
         phi = {}
         for path, parts in by_module.items():
             base = mod.resolve(model, path)
@@ -186,32 +206,55 @@ class LoRA:
             except BadInputError:
                 problems.append(f"{path}: is {type(layer).__name__}, not a linear layer")
                 continue
-            a, b, m = parts.get("lora_A.weight"), parts.get("lora_B.weight"), parts.get("lora_magnitude_vector")
-            if a is None or b is None:
-                problems.append(f"{path}: lora_A and lora_B must both be present")
-                continue
-            if a.shape[0] != cfg.rank or b.shape[1] != cfg.rank:
-                problems.append(f"{path}: rank {a.shape[0]} in the tensors but r={cfg.rank} in the config")
-                continue
-            if tuple(a.shape) != (cfg.rank, d_in) or tuple(b.shape) != (d_out, cfg.rank):
-                problems.append(
-                    f"{path}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit a {d_out}×{d_in} layer"
-                )
-                continue
-            if cfg.dora != (m is not None) or (m is not None and tuple(m.shape) != (d_out,)):
-                problems.append(f"{path}: DoRA magnitude vector missing, unexpected or of the wrong shape")
+            problem = _check_module(path, parts, cfg, d_out, d_in)
+            if problem:
+                problems.append(problem)
                 continue
             new = LoraLinear(layer, cfg.rank, cfg.scaling, cfg.dropout, dora=cfg.dora)
-            new.load_phi(a, b, m)
+            new.load_phi(parts["lora_A.weight"], parts["lora_B.weight"], parts.get("lora_magnitude_vector"))
             mod.replace(model, path, new)
             phi[peft_key(path, "lora_A.weight")] = new.lora_A.weight
             phi[peft_key(path, "lora_B.weight")] = new.lora_B.weight
             if cfg.dora:
                 phi[peft_key(path, "lora_magnitude_vector")] = new.lora_magnitude
         if problems:
-            raise BadInputError(
-                f"adapter does not match the base model: {len(problems)} problem(s): " + "; ".join(problems[:5])
-                + (" ..." if len(problems) > 5 else ""),
-                "was it made for another base model?",
-            )
+            raise mismatch_error(problems)
         return Attached(phi=phi)
+
+
+_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+
+
+def _group(tensors: dict) -> tuple[dict[str, dict], list[str]]:
+    """Adapter tensors by module path, and the keys that are no LoRA tensor at all."""
+    by_module: dict[str, dict] = {}
+    problems: list[str] = []
+    for key, t in tensors.items():
+        suffix = next((s for s in _SUFFIXES if key.endswith("." + s)), None)
+        if not key.startswith(PEFT_PREFIX) or suffix is None:
+            problems.append(f"unexpected key {key}")
+            continue
+        by_module.setdefault(key[len(PEFT_PREFIX) : -len(suffix) - 1], {})[suffix] = t
+    return by_module, problems
+
+
+def _check_module(path: str, parts: dict, cfg: LoraConfig, d_out: int, d_in: int) -> str | None:
+    """What is wrong with one module's LoRA tensors for a d_out×d_in layer, or None."""
+    a, b, m = parts.get("lora_A.weight"), parts.get("lora_B.weight"), parts.get("lora_magnitude_vector")
+    if a is None or b is None:
+        return f"{path}: lora_A and lora_B must both be present"
+    if a.shape[0] != cfg.rank or b.shape[1] != cfg.rank:
+        return f"{path}: rank {a.shape[0]} in the tensors but r={cfg.rank} in the config"
+    if tuple(a.shape) != (cfg.rank, d_in) or tuple(b.shape) != (d_out, cfg.rank):
+        return f"{path}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit a {d_out}×{d_in} layer"
+    if cfg.dora != (m is not None) or (m is not None and tuple(m.shape) != (d_out,)):
+        return f"{path}: DoRA magnitude vector missing, unexpected or of the wrong shape"
+    return None
+
+
+def _fold(stored: "torch.Tensor", *, parts: dict, scaling: float, transposed: bool) -> "torch.Tensor":
+    from peftcli.methods.lora_layer import lora_delta
+
+    w0 = stored.T if transposed else stored
+    delta = lora_delta(w0, parts["lora_A.weight"], parts["lora_B.weight"], scaling, parts.get("lora_magnitude_vector"))
+    return delta.T if transposed else delta

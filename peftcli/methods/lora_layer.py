@@ -9,6 +9,16 @@ from torch.nn import functional as F
 from peftcli import modules as mod
 
 
+def lora_delta(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, magnitude: torch.Tensor | None = None) -> torch.Tensor:
+    """ΔW as [out, in] in fp32 for base weight ``w0`` [out, in]; for DoRA the full W' − W₀."""
+    lora = scaling * (b.float() @ a.float())
+    if magnitude is None:
+        return lora
+    w0 = w0.float()
+    w = w0 + lora
+    return magnitude.float().unsqueeze(1) * w / torch.linalg.norm(w, dim=1, keepdim=True) - w0
+
+
 class LoraLinear(nn.Module):
     """y = base(x) + s·B(A(dropout(x))), or its DoRA form; the base layer stays frozen."""
 
@@ -32,12 +42,8 @@ class LoraLinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW as [out, in] (for DoRA: the full W' − W₀)."""
-        w0 = mod.linear_weight(self.base_layer).float()
-        lora = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
-        if self.lora_magnitude is None:
-            return lora
-        w = w0 + lora
-        return self.lora_magnitude.float().unsqueeze(1) * w / torch.linalg.norm(w, dim=1, keepdim=True) - w0
+        w0 = mod.linear_weight(self.base_layer)
+        return lora_delta(w0, self.lora_A.weight, self.lora_B.weight, self.scaling, self.lora_magnitude)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)

@@ -1,0 +1,395 @@
+"""Pre-flight validation: do adapter directories and sparse diffs fit a base checkpoint?
+
+Nothing is built or written, and problems are collected, not raised: the report lists every
+problem of every artifact (an artifact that cannot be read has that one problem).
+
+- The base: opened and validated by the reader (headers, shard index). ``config.json``'s
+  ``vocab_size`` must equal the rows of the input embedding (and of an ``lm_head``): a resized
+  vocabulary saved without its config is the usual cause of shape mismatches. With
+  ``scan_base``, every floating-point tensor is scanned for NaN/Inf (it reads the whole base,
+  one tensor at a time).
+- An adapter directory: read (``read_adapter``); its method found from ``adapter_config.json``
+  and the method's config built from it; then the method's own tensor-level ``init`` (the code
+  ``inject`` uses; the seed does not change shapes) is re-run on the base, and the keys and
+  shapes it creates are compared with the adapter's: missing keys, unexpected keys, shapes
+  that differ (a rank that differs from the config's ``r`` is named as such). A key may name
+  its module through one wrapper component more or less than the base does (a classifier
+  trained on ``BertForSequenceClassification`` writes ``bert.encoder...`` for ``encoder...``), as
+  attaching accepts. An adapter that holds only a method's derived tensors (PEFT saves prefix
+  tuning's projected prefix without the MLP) is complete. ``modules_to_save`` heads (keys
+  ``base_model.model.<head>.*``) are allowed extras, reported as heads and compared in shape
+  with the base tensor of that name when the base has one. Every tensor must be floating-point
+  and free of NaN/Inf.
+- A ``.diff``: read and validated (the header, and every index list as the tensors are read),
+  its fingerprint compared with the base's tensor names, dtypes and shapes (one problem, its
+  details listing every difference), with ``content``
+  also its content hash with the base's bytes, and every stored value free of NaN/Inf.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable
+
+from peftcli.artifacts.sparse_diff import FLOAT_DTYPES, read_diff
+from peftcli.checkpoint.fingerprint import content_hash, summarize_differences
+from peftcli.checkpoint.reader import Checkpoint, open_checkpoint
+from peftcli.errors import PeftcliError
+from peftcli.methods.base import PEFT_PREFIX
+
+if TYPE_CHECKING:
+    import torch
+
+_EMBEDDING = re.compile(r"(embed|^wte$|^emb)", re.IGNORECASE)
+_NOT_WORDS = re.compile(r"(pos|type|^wpe$)", re.IGNORECASE)  # position and token-type embeddings
+_WORDS = re.compile(r"(word|tok|^wte$)", re.IGNORECASE)
+OTHER_BASE = "was it made for another base model?"
+DIVERGED = "the values are not usable: take an earlier checkpoint, or retrain (e.g. with a lower learning rate)"
+
+
+def resized_vocab_hint(theirs: int, ours: int) -> str:
+    return (
+        f"a vocabulary of {theirs} tokens against the base's {ours}: a resized vocabulary is the usual "
+        "cause of shape mismatches; resize the base's embeddings to match"
+    )
+
+
+@dataclass(frozen=True)
+class Problem:
+    message: str
+    hint: str | None = None
+
+    @classmethod
+    def of(cls, exc: PeftcliError, path: str, prefix: str = "") -> "Problem":
+        """The problem an error describes; the line names ``path`` already, so the message need not."""
+        message = exc.message
+        if message.startswith(path + ": "):
+            message = message[len(path) + 2 :]
+        return cls(prefix + message, exc.hint)
+
+    def to_json(self) -> dict:
+        return {"message": self.message, "hint": self.hint}
+
+
+@dataclass
+class Result:
+    """What check found for one input: the base, an adapter directory or a diff."""
+
+    path: str
+    kind: str  # "base" | "adapter" | "diff"
+    problems: list[Problem] = field(default_factory=list)
+    method: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict:
+        return {
+            "path": self.path,
+            "kind": self.kind,
+            "ok": self.ok,
+            "method": self.method,
+            **self.details,
+            "problems": [p.to_json() for p in self.problems],
+        }
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    base: Result
+    artifacts: list[Result]
+
+    @property
+    def failed(self) -> list[Result]:
+        return [a for a in self.artifacts if not a.ok]
+
+    @property
+    def ok(self) -> bool:
+        return self.base.ok and not self.failed
+
+    def to_json(self) -> dict:
+        return {
+            "schema": "peftcli.check/1",
+            "ok": self.ok,
+            "base": self.base.to_json(),
+            "artifacts": [a.to_json() for a in self.artifacts],
+            "failed": len(self.failed),
+            "total": len(self.artifacts),
+        }
+
+
+def check(
+    base: str, artifacts: Iterable[str], *, content: bool = False, scan_base: bool = False, allow_pickle: bool = False
+) -> CheckReport:
+    """Check ``base`` and whether each adapter directory or ``.diff`` in ``artifacts`` fits it."""
+    with open_checkpoint(base, allow_pickle=allow_pickle) as ckpt:
+        base_result = check_base(ckpt, scan_base)
+        vocab = base_result.details.get("embedding_rows")
+        results = [
+            check_adapter(path, ckpt, vocab) if os.path.isdir(path) else check_diff(path, ckpt, content)
+            for path in artifacts
+        ]
+    return CheckReport(base_result, results)
+
+
+# -- the base ----------------------------------------------------------------------------------
+
+
+def check_base(ckpt: Checkpoint, scan: bool) -> Result:
+    result = Result(ckpt.path, "base", details={"tensors": len(ckpt.tensors), "params": ckpt.num_params})
+    try:
+        config = ckpt.config
+    except PeftcliError as exc:
+        result.problems.append(Problem.of(exc, ckpt.path))
+        config = None
+    vocab = (config or {}).get("vocab_size")
+    embedding = input_embedding(ckpt)
+    result.details.update(
+        vocab_size=vocab,
+        embedding=embedding,
+        embedding_rows=ckpt.tensors[embedding].shape[0] if embedding else None,
+    )
+    if isinstance(vocab, int) and embedding:
+        heads = [n for n in sorted(ckpt.tensors) if n.endswith("lm_head.weight") and len(ckpt.tensors[n].shape) == 2]
+        for role, name in [("input embedding", embedding)] + [("output head", n) for n in heads]:
+            rows = ckpt.tensors[name].shape[0]
+            if rows != vocab:
+                result.problems.append(
+                    Problem(
+                        f"config.json says vocab_size={vocab}, but the {role} {name} has {rows} rows",
+                        "a resized vocabulary is the usual cause of shape mismatches: "
+                        "save config.json with the embedding's vocab_size, or resize the embeddings",
+                    )
+                )
+    if scan:
+        for name in sorted(ckpt.tensors):
+            if ckpt.tensors[name].dtype in FLOAT_DTYPES:
+                problem = nonfinite(name, ckpt.get(name), "the base checkpoint is damaged: use a good copy")
+                if problem:
+                    result.problems.append(problem)
+    return result
+
+
+def input_embedding(ckpt: Checkpoint) -> str | None:
+    """The word embedding's tensor name ([vocab, hidden]), without trusting config.json's vocab_size."""
+    found = []
+    for name in sorted(ckpt.tensors):
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        last = module.rsplit(".", 1)[-1] if module else ""
+        if module and len(ckpt.tensors[name].shape) == 2 and _EMBEDDING.search(last) and not _NOT_WORDS.search(last):
+            found.append((not _WORDS.search(last), name))
+    return min(found)[1] if found else None
+
+
+def nonfinite(name: str, t: "torch.Tensor", hint: str) -> Problem | None:
+    """A problem naming how many NaN and Inf values ``t`` holds, or None."""
+    import torch
+
+    if not t.is_floating_point():
+        return None
+    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    if not nan and not inf:
+        return None
+    counts = " and ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "Inf")) if n)
+    return Problem(f"{name}: {counts} among its {t.numel()} values", hint)
+
+
+# -- adapters ----------------------------------------------------------------------------------
+
+
+def check_adapter(path: str, ckpt: Checkpoint, vocab: int | None = None) -> Result:
+    import torch
+
+    from peftcli.artifacts.adapter_dir import read_adapter
+    from peftcli.methods import method_for_adapter_config
+
+    result = Result(path, "adapter")
+    try:
+        adapter = read_adapter(path)
+    except PeftcliError as exc:
+        result.problems.append(Problem.of(exc, path))
+        return result
+    result.details["tensors"] = len(adapter.tensors)
+    values = _value_problems(adapter.tensors)
+    try:
+        method = method_for_adapter_config(adapter.config, path)
+        result.method = method.name
+        cfg = method.config_from_adapter(adapter.config)
+    except PeftcliError as exc:
+        result.problems += [Problem.of(exc, path, "adapter_config.json: "), *values]
+        return result
+    heads = adapter.config.get("modules_to_save") or []
+    head_keys = {k for k in adapter.tensors if any(k.startswith(f"{PEFT_PREFIX}{h}.") for h in heads)}
+    result.details["heads"] = list(heads)
+    try:
+        created = method.init(ckpt, cfg, torch.Generator().manual_seed(0))
+    except PeftcliError as exc:
+        result.problems += [Problem(f"its {method.name} config does not fit this base: {exc.message}", OTHER_BASE), *values]
+        return result
+    expected = {k: tuple(t.shape) for k, t in created.items()}
+    del created
+    derived = method.derived_keys(cfg) if hasattr(method, "derived_keys") else set()
+    actual = {k: tuple(t.shape) for k, t in adapter.tensors.items() if k not in head_keys}
+    result.problems += _key_problems(actual, expected, set(derived), cfg, vocab)
+    result.problems += _head_problems(adapter, heads, ckpt, vocab)
+    result.problems += values
+    return result
+
+
+def _value_problems(tensors: dict) -> list[Problem]:
+    from peftcli.checkpoint.dtypes import safetensors_dtype
+
+    problems = []
+    for key in sorted(tensors):
+        t = tensors[key]
+        if not t.is_floating_point():
+            problems.append(Problem(f"{display(key)}: dtype {safetensors_dtype(t.dtype)}, not floating-point", "the adapter is corrupt"))
+        elif problem := nonfinite(display(key), t, DIVERGED):
+            problems.append(problem)
+    return problems
+
+
+def display(key: str) -> str:
+    """An adapter key as a module path and parameter, without PEFT's constant prefix."""
+    return key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+
+
+def _drop_first(key: str) -> str | None:
+    """``key`` without the first component of its module path (after PEFT's prefix), or None."""
+    prefix = PEFT_PREFIX if key.startswith(PEFT_PREFIX) else ""
+    rest = key[len(prefix) :]
+    return prefix + rest.split(".", 1)[1] if "." in rest else None
+
+
+def align(keys: Iterable[str], expected: Iterable[str]) -> tuple[dict[str, str], list[str]]:
+    """Adapter key -> expected key, exact or through one wrapper component; and the keys matching none."""
+    expected = set(expected)
+    unwrapped: dict[str, str] = {}  # an expected key without its first component -> that key
+    for e in sorted(expected):
+        short = _drop_first(e)
+        if short is not None:
+            unwrapped.setdefault(short, e)
+    matched = {k: k for k in keys if k in expected}  # exact matches first: they cannot be taken by another
+    taken = set(matched.values())
+    unexpected = []
+    for k in sorted(set(keys) - set(matched)):
+        target = next((c for c in (_drop_first(k), unwrapped.get(k)) if c in expected and c not in taken), None)
+        if target is None:
+            unexpected.append(k)
+        else:
+            matched[k] = target
+            taken.add(target)
+    return matched, unexpected
+
+
+def _key_problems(
+    actual: dict[str, tuple], expected: dict[str, tuple], derived: set[str], cfg: Any, vocab: int | None
+) -> list[Problem]:
+    matched, unexpected = align(actual, expected)
+    taken = set(matched.values())
+    missing = sorted(set(expected) - taken)
+    if derived and derived <= taken and not taken - derived:  # only what is computed from the rest: PEFT's form
+        missing = [k for k in missing if k in derived]
+    problems = [
+        shape_problem(k, actual[k], expected[e], cfg, vocab) for k, e in sorted(matched.items()) if actual[k] != expected[e]
+    ]
+    hint = f"{OTHER_BASE} Or was adapter_config.json edited?"
+    problems += [Problem(f"{display(k)} is missing: the adapter config creates it on this base", hint) for k in missing]
+    problems += [Problem(f"{display(k)} is unexpected: the adapter config creates no such tensor on this base", hint) for k in unexpected]
+    return problems
+
+
+def shape_problem(key: str, got: tuple, want: tuple, cfg: Any, vocab: int | None) -> Problem:
+    """Why ``key`` has shape ``got`` where the config on this base gives ``want``, as well as can be told."""
+    name = display(key)
+    shapes = f"shape {list(got)}, expected {list(want)}"
+    differ = [i for i in range(len(want)) if got[i] != want[i]] if len(got) == len(want) else []
+    rank = getattr(cfg, "rank", None)
+    if differ and rank is not None and all(want[i] == rank for i in differ) and len({got[i] for i in differ}) == 1:
+        return Problem(
+            f"{name}: rank {got[differ[0]]} in the tensors but r={rank} in adapter_config.json ({shapes})",
+            "the config and the tensors disagree: fix 'r' in adapter_config.json",
+        )
+    resized = next((i for i in differ if want[i] == vocab), None) if vocab else None
+    if resized is not None:
+        return Problem(f"{name}: {shapes} on this base", resized_vocab_hint(got[resized], vocab))
+    return Problem(f"{name}: {shapes} from the adapter config on this base", OTHER_BASE)
+
+
+def _head_problems(adapter, heads: list, ckpt: Checkpoint, vocab: int | None) -> list[Problem]:
+    """modules_to_save heads: present in the adapter, and shaped as the base's tensor of that name if any."""
+    problems = []
+    for head in heads:
+        prefix = f"{PEFT_PREFIX}{head}."
+        keys = sorted(k for k in adapter.tensors if k.startswith(prefix))
+        if not keys:
+            problems.append(Problem(f"modules_to_save names {head}, but the adapter holds no tensor of it", "the adapter is incomplete"))
+        for key in keys:
+            base_name = _base_tensor(ckpt, key[len(PEFT_PREFIX) :])
+            if base_name is None:  # a new head (e.g. a classifier): nothing in the base to compare with
+                continue
+            got, want = tuple(adapter.tensors[key].shape), tuple(ckpt.tensors[base_name].shape)
+            if got != want:
+                if vocab and len(got) == len(want) and want[0] == vocab and got[0] != vocab:
+                    hint = resized_vocab_hint(got[0], vocab)
+                else:
+                    hint = OTHER_BASE
+                problems.append(Problem(f"head {display(key)}: shape {list(got)}, the base's {base_name} is {list(want)}", hint))
+    return problems
+
+
+def _base_tensor(ckpt: Checkpoint, name: str) -> str | None:
+    """The base tensor ``name`` names, exactly or through one wrapper component more or less."""
+    if name in ckpt.tensors:
+        return name
+    short = name.split(".", 1)[1] if "." in name else None
+    if short in ckpt.tensors:
+        return short
+    return next((t for t in sorted(ckpt.tensors) if t.endswith("." + name) and "." not in t[: -len(name) - 1]), None)
+
+
+# -- diffs -------------------------------------------------------------------------------------
+
+
+def check_diff(path: str, ckpt: Checkpoint, content: bool) -> Result:
+    result = Result(path, "diff")
+    try:
+        diff = read_diff(path)
+    except PeftcliError as exc:
+        result.problems.append(Problem.of(exc, path))
+        return result
+    with diff:
+        result.method = diff.method
+        result.details.update(tensors=len(diff.names), density=diff.density)
+        differences = diff.fingerprint.differences(ckpt)
+        if differences:  # one problem, however many tensors differ; the details list them all
+            result.details["differences"] = differences
+            hint = "use the base checkpoint the diff was computed from"
+            embedding = input_embedding(ckpt)
+            if embedding and any(text.startswith(repr(embedding) + " is ") for text in differences):
+                hint = "a resized vocabulary is the usual cause of shape mismatches: " + hint
+            result.problems.append(Problem(f"made from another base: {summarize_differences(differences)}", hint))
+        if content and not differences:
+            if diff.fingerprint.content is None:
+                result.problems.append(Problem("the fingerprint has no content hash to check", "check without --content"))
+            elif content_hash(ckpt, diff.names) != diff.fingerprint.content:
+                result.problems.append(
+                    Problem(
+                        "the base's covered tensors hold other bytes than those the diff was made from",
+                        "the base has the right shapes but other values: use the exact base checkpoint",
+                    )
+                )
+        for name in diff.names:
+            try:
+                _, val = diff.get(name)
+            except PeftcliError as exc:
+                result.problems.append(Problem.of(exc, path))
+                continue
+            problem = nonfinite(name, val, "the diff is not usable: recompute it from finite checkpoints")
+            if problem:
+                result.problems.append(problem)
+    return result

@@ -1,0 +1,96 @@
+"""``peftcli check BASE ARTIFACT...``: pre-flight validation of adapters and diffs against a base.
+
+A thin layer over ``peftcli.check.check``. Results (one line per input and a summary, or one
+JSON document) go to stdout; when anything fails, the one-line error on stderr and exit 1.
+"""
+
+from __future__ import annotations
+
+import click
+
+from peftcli.cli.output import emit_json, json_option, printable
+
+
+@click.command()
+@click.argument("base", type=click.Path())
+@click.argument("artifacts", nargs=-1, type=click.Path())
+@click.option("--content", is_flag=True, help="Also compare each diff's content hash with the base's bytes.")
+@click.option("--scan-base", is_flag=True, help="Also scan every base tensor for NaN/Inf (reads the whole base).")
+@click.option("--allow-pickle", is_flag=True, help="Allow a PyTorch .bin/.pt base (torch.load(weights_only=True)).")
+@json_option
+def check(base, artifacts, content, scan_base, allow_pickle, as_json):
+    """Check that adapter directories and .diff files fit BASE, before using them.
+
+    For an adapter: its method and config, its tensors' keys and shapes against what that
+    config creates on BASE (missing, unexpected, wrong shape or rank), modules_to_save heads,
+    NaN/Inf. For a .diff: the format, its base fingerprint (tensor names, dtypes, shapes;
+    with --content also the bytes), NaN/Inf. For BASE: it opens, and config.json's
+    vocab_size matches the embedding (a resized vocabulary is the usual cause of shape
+    mismatches). Prints one line per input, ok or FAIL with the first problem (--json lists
+    every problem); exits 1 when any fails.
+
+    \b
+    Examples:
+      peftcli check base/ runs/lora/ task.diff
+      peftcli check base/ task.diff --content --json
+      peftcli check base/ --scan-base
+    """
+    from peftcli.check import check as run_check
+    from peftcli.errors import BadInputError
+
+    report = run_check(base, list(artifacts), content=content, scan_base=scan_base, allow_pickle=allow_pickle)
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        for result in [report.base, *report.artifacts]:
+            click.echo(printable(_line(result)))
+        click.echo(printable(_summary(report)))
+    if not report.ok:
+        where = "the JSON document lists every problem" if as_json else "the lines above say why; --json lists every problem"
+        raise BadInputError(_failure(report), where)
+
+
+def _line(result) -> str:
+    if result.ok:
+        return f"{result.path}: ok ({_what(result)})"
+    first = result.problems[0]
+    text = f"{result.path}: FAIL: {first.message}"
+    if first.hint:
+        text += f" ({first.hint})"
+    more = len(result.problems) - 1
+    return text + (f" (+{more} more)" if more else "")
+
+
+def _what(result) -> str:
+    d = result.details
+    if result.kind == "base":
+        vocab = f", vocabulary {d['embedding_rows']}" if d.get("embedding_rows") else ""
+        return f"base, {d['tensors']} tensors, {d['params']:,} params{vocab}"
+    if result.kind == "diff":
+        return f"{result.method} diff, {d['tensors']} tensors, density {d['density']:.6g}"
+    heads = f", head {', '.join(map(str, d['heads']))}" if d.get("heads") else ""
+    return f"{result.method} adapter, {d['tensors']} tensors{heads}"
+
+
+def _artifacts(n: int) -> str:
+    return f"{n} artifact" if n == 1 else f"{n} artifacts"
+
+
+def _summary(report) -> str:
+    n, fit = len(report.artifacts), len(report.artifacts) - len(report.failed)
+    base = report.base.path
+    if not report.base.ok:
+        return f"the base {base} fails its checks" + (f"; {fit} of {_artifacts(n)} fit it" if n else "")
+    if not n:
+        return f"{base} is ok (no artifacts given)"
+    if fit == n:
+        return f"the {_artifacts(n)} fit{'s' if n == 1 else ''} {base}"
+    return f"{fit} of {_artifacts(n)} fit {base}"
+
+
+def _failure(report) -> str:
+    n, failed = len(report.artifacts), len(report.failed)
+    if report.base.ok:
+        return f"{failed} of {_artifacts(n)} do not fit {report.base.path}"
+    text = f"the base {report.base.path} fails its checks"
+    return text + (f", and {failed} of {_artifacts(n)} do not fit it" if failed else "")

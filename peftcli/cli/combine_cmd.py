@@ -1,0 +1,79 @@
+"""``peftcli combine A.diff B.diff --op add -o AB.diff``: arithmetic on sparse diffs, kept sparse.
+
+A thin layer over ``peftcli.combine.combine``; the rules are in that module's docstring.
+"""
+
+from __future__ import annotations
+
+import click
+
+from peftcli.artifacts.sparse_diff import VALUES
+from peftcli.cli.output import emit_json, json_option, printable, stdout_console
+from peftcli.combine import OPS  # imports no torch: that happens inside the command
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--op", required=True, type=click.Choice(OPS), help="add (Σ φᵢ), subtract (a − b) or scale (c·φ).")
+@click.option("--by", type=float, metavar="C", help="The factor of --op scale (-1 negates).")
+@click.option("--weights", metavar="W1,W2,...", help="One weight per input for --op add: Σ wᵢ·φᵢ.")
+@click.option(
+    "--values",
+    type=click.Choice(VALUES),
+    help="Dtype of the stored values: the base tensor's or fp32 (default: fp32 when an input stores fp32, else base).",
+)
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="The .diff file to write.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@json_option
+def combine(inputs, op, by, weights, values, out, force, as_json):
+    """Combine sparse diffs (.diff) of one base: Σ wᵢ·φᵢ, a − b or c·φ, still sparse.
+
+    Every input must carry the same base fingerprint; a tensor only some inputs cover counts
+    as 0 in the others. Values are summed in fp32 (fp64 for F64 tensors) in input order and
+    cast once; entries that come out exactly 0 are dropped, so a − a keeps no entry
+    (tensors stored whole, such as biases and norms, stay whole). The output's
+    method is "combined", its density is recomputed, and its provenance names and hashes the
+    inputs. Reads one tensor of each input at a time.
+
+    \b
+    Examples:
+      peftcli combine a.diff b.diff --op add -o ab.diff
+      peftcli combine a.diff b.diff --op add --weights 1.0,0.5 -o ab.diff
+      peftcli combine a.diff b.diff --op subtract -o a-minus-b.diff
+      peftcli combine a.diff --op scale --by -1 -o forget-a.diff
+    """
+    from peftcli.combine import combine as run_combine
+    from peftcli.combine import parse_weights
+
+    report = run_combine(
+        list(inputs),
+        op,
+        out,
+        by=by,
+        weights=parse_weights(weights) if weights is not None else None,
+        values=values,
+        force=force,
+    )
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        _render(report.to_json(), stdout_console())
+
+
+def _render(doc: dict, console) -> None:
+    from rich.table import Table
+
+    from peftcli.cli.render import human_bytes
+
+    terms = " + ".join(f"{c:g}·{printable(p)}" for c, p in zip(doc["coefficients"], doc["inputs"]))
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("combined", f"{doc['op']}: {terms}, values {doc['values']}")
+    grid.add_row("kept", f"{doc['k']:,} of {doc['n']:,} entries (density {doc['density']:.6g})")
+    sparse = sum(t["stored"] == "sparse" for t in doc["tensors"])
+    grid.add_row("tensors", f"{len(doc['tensors'])} covered: {sparse} sparse, {len(doc['tensors']) - sparse} dense")
+    if doc["dense_tensors"]:
+        grid.add_row("stored whole", f"{len(doc['dense_tensors'])} tensors, not counted in the density")
+    grid.add_row("wrote", f"{printable(doc['output'])} ({doc['bytes']:,} bytes, {human_bytes(doc['bytes'])})")
+    console.print(grid)

@@ -1,0 +1,80 @@
+"""``peftcli merge BASE INPUT...``: fold adapters, diffs or fine-tunes into a standalone checkpoint."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from peftcli.cli.output import emit_json, json_option, stderr_console, styled
+
+MERGE_METHODS = ("linear", "ties", "dare", "dare-ties")
+
+
+def _floats(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers") from None
+
+
+@click.command()
+@click.argument("base", type=click.Path())
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", "out", type=click.Path(), help="Checkpoint to write (a .safetensors file or a directory); default: stdout, for a single file.")
+@click.option("--weights", callback=_floats, help="Comma-separated λᵢ, one per input (default 1 each): θ₀ + Σ λᵢ φᵢ.")
+@click.option("--method", type=click.Choice(MERGE_METHODS), default="linear", show_default=True, help="How the task vectors combine.")
+@click.option("--density", type=float, help="Fraction of each task vector kept (ties, dare, dare-ties).")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help="Seed of DARE's random drop.")
+@click.option("--dtype", type=click.Choice(["F32", "BF16", "F16", "F64"]), help="Output dtype of floating tensors (default: the base's).")
+@click.option("--max-shard-size", help="Re-shard the output at this size (default: the base's shard layout).")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--allow-pickle", is_flag=True, help="Allow PyTorch .bin/.pt checkpoints (torch.load(weights_only=True)).")
+@json_option
+def merge(base, inputs, out, weights, method, density, seed, dtype, max_shard_size, force, allow_pickle, as_json):
+    """Write BASE + the task vectors of INPUTS as a standalone checkpoint.
+
+    INPUTS are .diff files, adapter directories whose method folds into the weights
+    (LoRA, DoRA, IA³, BitFit, layers: folded exactly), or fine-tuned checkpoints of BASE
+    (φ = θ_ft − θ₀ on the fly). Streams tensor by tensor; plain transformers loads the
+    result. Without -o a single-file result streams to stdout (for pipes).
+
+    \b
+    Examples:
+      peftcli merge base/ runs/lora/ -o merged/
+      peftcli merge base/ sst2.diff agnews.diff --weights 1.0,0.8 -o multi/
+      peftcli merge base/ a.diff b.diff --method ties --density 0.2 -o ties/
+      peftcli merge base.safetensors taskA.diff taskB.diff > merged.safetensors
+    """
+    from peftcli.merge.engine import merge as run_merge
+    from peftcli.merge.engine import stdout_stream
+
+    stream = None
+    if out is None:
+        stream = stdout_stream()
+        if as_json:
+            raise click.UsageError("--json needs -o: stdout carries the checkpoint")
+    progress = None
+    if styled(sys.stderr):
+        from rich.progress import Progress
+
+        bar = Progress(console=stderr_console(), transient=True)
+        bar.start()
+        task = bar.add_task("merge", total=None)
+        progress = lambda n, total: bar.update(task, completed=n, total=total)  # noqa: E731
+    try:
+        report = run_merge(
+            base, list(inputs), out, weights=weights, method=method, density=density, seed=seed, dtype=dtype,
+            max_shard_size=max_shard_size, force=force, allow_pickle=allow_pickle, stream=stream, progress=progress,
+        )
+    finally:
+        if progress is not None:
+            bar.stop()
+    if as_json:
+        emit_json(report.to_json())
+    elif stream is None:
+        click.echo(f"wrote {report.output}: {report.changed} of {report.tensors} tensors changed ({report.method}, {len(inputs)} input{'s' if len(inputs) > 1 else ''})")
+    else:
+        click.echo(f"merged {report.changed} of {report.tensors} tensors to stdout", err=True)

@@ -1,0 +1,174 @@
+"""Tensor arithmetic of merging: combine the task vectors φ_i = θ_i − θ₀ of ONE base tensor.
+
+Pure functions over torch tensors; the streaming merge calls ``combine`` once per base tensor and
+adds the result to θ₀. Inputs may be any floating dtype: each φ_i is upcast to fp32 once, the
+arithmetic is fp32 and so is the result. Definitions follow mergekit's methods of the same names
+with their default options (``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``):
+
+=========  ==================================  ===========================================================
+method     per-input φ̃_i                       result
+=========  ==================================  ===========================================================
+linear     φ_i                                 Σ_i λ_i φ̃_i
+ties       trim_d(φ_i)                         Σ_{i∈A} λ_i φ̃_i / Σ_{i∈A} λ_i   (0 where A is empty)
+dare       m_i ⊙ φ_i / d,  m_i ~ Bernoulli(d)  Σ_i λ_i φ̃_i
+dare-ties  m_i ⊙ φ_i / d,  m_i ~ Bernoulli(d)  Σ_{i∈A} λ_i φ̃_i                  (0 where A is empty)
+=========  ==================================  ===========================================================
+
+Per entry, with λ_i the weights and d the density:
+
+- trim_d keeps the K = round(d × N) (half up, on the decimal d as typed; at least 1) entries of
+  φ_i with the largest |φ_i| among its N entries and zeroes the rest. Equal magnitudes are ordered
+  by flat index (the lower index is kept), so the kept set is unique.
+- Election (mergekit's "sum" consensus): γ = +1 where Σ_i λ_i φ̃_i ≥ 0, else −1.
+  A = {i : sign(λ_i φ̃_i) = γ}: the inputs whose weighted value is non-zero and has the elected
+  sign. Weights enter before the election, so a negative λ_i votes with the flipped sign.
+- ties divides by the weights of the agreeing inputs (mergekit's default ``normalize: true``
+  for ties), so only the ratios of the λ_i matter and equal weights give the TIES paper's
+  disjoint mean; ties therefore needs λ_i ≥ 0. dare-ties does not divide (mergekit's default
+  ``normalize: false`` for dare_ties): it is the sum of the agreeing weighted values.
+- m_i: each entry survives with probability d (u < d for u uniform in [0, 1)), survivors are
+  divided by d, so E[φ̃_i] = φ_i. u is drawn on the CPU from a torch.Generator seeded with the
+  first 8 bytes (little endian) of sha256(f"{seed}\\0{key}\\0{i}"), i the input's position: the
+  mask depends only on (seed, key, i, shape), not on the device, on other tensors or their order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from decimal import ROUND_HALF_UP, Decimal
+
+import torch
+
+from peftcli.errors import BadInputError, UsageError
+
+METHODS = ("linear", "ties", "dare", "dare-ties")
+SPARSE = ("ties", "dare", "dare-ties")  # the methods that take a density
+
+
+def combine(
+    deltas: list[torch.Tensor],
+    weights: list[float],
+    method: str,
+    *,
+    density: float | None = None,
+    seed: int = 0,
+    key: str = "",
+) -> torch.Tensor:
+    """The merged task vector of one tensor (fp32, a new tensor): see the module docstring.
+
+    ``key`` names the tensor (its checkpoint name), so DARE draws an independent mask per tensor.
+    """
+    _check(deltas, weights, method, density, key)
+    phis = [d.to(torch.float32) for d in deltas]  # no copy when already fp32: never written to
+    if method == "linear":
+        return _weighted_sum(phis, weights)
+    if method == "ties":
+        trimmed = [_trim(phi, density) for phi in phis]
+        return _consensus(trimmed, weights, normalize=True)
+    dropped = [_drop(phi, density, _generator(seed, key, i)) for i, phi in enumerate(phis)]
+    if method == "dare":
+        return _weighted_sum(dropped, weights)
+    return _consensus(dropped, weights, normalize=False)
+
+
+def keep_count(density: float, n: int) -> int:
+    """K of trim_d: round(density × n) half up, on the decimal the user typed, in [min(1, n), n]."""
+    k = int((Decimal(repr(float(density))) * n).to_integral_value(ROUND_HALF_UP))
+    return min(n, max(1, k))
+
+
+def dare_seed(seed: int, key: str, index: int) -> int:
+    """The 64-bit generator seed of input ``index``'s DARE mask for tensor ``key``."""
+    digest = hashlib.sha256(f"{seed}\0{key}\0{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def _check(deltas, weights, method: str, density: float | None, key: str) -> None:
+    where = f" for {key}" if key else ""
+    if method not in METHODS:
+        raise UsageError(f"unknown merge method {method!r}", f"choose one of {', '.join(METHODS)}")
+    if not deltas:
+        raise UsageError(f"nothing to merge{where}: no task vectors", "give at least one model to merge")
+    if len(weights) != len(deltas):
+        raise UsageError(
+            f"{len(weights)} weights for {len(deltas)} task vectors{where}", "give one weight per merged model"
+        )
+    for w in weights:
+        if not math.isfinite(w):
+            raise UsageError(f"merge weight {w} is not a finite number", "use weights such as 1.0 or 0.5")
+    if method == "ties" and min(weights) < 0:
+        raise UsageError(
+            f"ties needs weights ≥ 0, got {min(weights)}",
+            "ties divides by the agreeing weights; negate a task vector with linear or dare",
+        )
+    if method in SPARSE and density is None:
+        raise UsageError(f"{method} needs a density", "give a density in (0, 1], e.g. 0.5")
+    if method in SPARSE and not 0.0 < density <= 1.0:
+        raise UsageError(f"density must be in (0, 1], got {density}", "e.g. 0.5 keeps half of each task vector")
+    if method not in SPARSE and density is not None:
+        raise UsageError(f"{method} takes no density", f"drop the density or choose one of {', '.join(SPARSE)}")
+    shapes = {tuple(d.shape) for d in deltas}
+    if len(shapes) > 1:
+        raise BadInputError(
+            f"task vectors{where} differ in shape: {', '.join(map(str, sorted(shapes)))}",
+            "merge only fine-tunes of the same base model",
+        )
+    for d in deltas:
+        if not d.is_floating_point():
+            raise BadInputError(f"task vector{where} has non-floating dtype {d.dtype}", "merge floating tensors only")
+
+
+def _weighted_sum(phis: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    out = torch.zeros_like(phis[0])
+    for phi, w in zip(phis, weights):
+        out.add_(phi, alpha=w)
+    return out
+
+
+def _trim(phi: torch.Tensor, density: float) -> torch.Tensor:
+    """φ with all but its K largest-|φ| entries zeroed; equal magnitudes go by flat index."""
+    n = phi.numel()
+    k = keep_count(density, n)
+    if k == n:
+        return phi
+    mag = phi.abs().flatten()
+    cut = torch.kthvalue(mag, n - k + 1).values  # the K-th largest magnitude
+    keep = mag > cut
+    at_cut = mag == cut
+    del mag
+    needed = k - int(keep.sum())  # ≥ 1: the K-th largest itself sits at the cut
+    if int(at_cut.sum()) > needed:  # more ties than places: the first `needed` by flat index
+        at_cut &= at_cut.cumsum(0) <= needed
+    keep |= at_cut
+    return torch.where(keep.view(phi.shape), phi, 0.0)
+
+
+def _generator(seed: int, key: str, index: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(dare_seed(seed, key, index))
+
+
+def _drop(phi: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE: each entry survives with probability ``density``; survivors are divided by it."""
+    survive = (torch.rand(phi.shape, generator=generator, dtype=torch.float32) < density).to(phi.device)
+    return torch.where(survive, phi / density, 0.0)
+
+
+def _consensus(phis: list[torch.Tensor], weights: list[float], *, normalize: bool) -> torch.Tensor:
+    """TIES' elect + disjoint merge of the (sparsified) φ̃_i, weighted before the election."""
+    weighted = [phi * w for phi, w in zip(phis, weights)]
+    total = torch.zeros_like(weighted[0])
+    for x in weighted:
+        total += x
+    positive = total >= 0  # the elected sign γ; a zero sum elects +1, as mergekit does
+    total.zero_()  # reused as the sum over the agreeing inputs
+    divisor = torch.zeros_like(total) if normalize else None
+    for x, w in zip(weighted, weights):
+        agree = torch.where(positive, x > 0, x < 0)  # sign(x) = γ: zero never agrees
+        total += x.where(agree, 0.0)
+        if divisor is not None:
+            divisor.add_(agree.to(torch.float32), alpha=w)
+    if divisor is None:
+        return total
+    divisor[divisor == 0] = 1  # no agreeing input: the sum is already 0 there
+    return total / divisor

@@ -1,0 +1,159 @@
+"""``peftcli merge``: θ = θ₀ + combine(φ₁ … φₖ), streamed tensor by tensor into a standalone checkpoint.
+
+For each base tensor: read it (memory-mapped), get each input's φ for it in fp32, combine
+them (task arithmetic, TIES, DARE, ...), add, cast once to the output dtype, write through
+the streaming writer. Tensors no input touches are copied byte for byte. Peak memory is a
+few copies of the largest tensor, never the model. The output has the base's tensor names,
+shapes, dtypes (unless ``dtype``) and shard layout (unless ``max_shard_size``), its config
+and tokenizer files, so plain ``transformers`` loads it; tied weights stay one tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable
+
+import torch
+
+from peftcli import __version__
+from peftcli.checkpoint.dtypes import torch_dtype
+from peftcli.checkpoint.reader import open_checkpoint
+from peftcli.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, SafetensorsStreamWriter, TensorSpec
+from peftcli.errors import BadInputError, UsageError
+from peftcli.merge.sources import Source, open_source
+
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+@dataclass
+class MergeReport:
+    output: str
+    method: str
+    inputs: list[dict]
+    tensors: int
+    changed: int
+    bytes: int = 0
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "schema": "peftcli.merge/1", "output": self.output, "method": self.method, "inputs": self.inputs,
+            "tensors": self.tensors, "changed_tensors": self.changed, "bytes": self.bytes,
+        }
+
+
+def _weights(weights: list[float] | None, n: int) -> list[float]:
+    if weights is None:
+        return [1.0] * n
+    if len(weights) != n:
+        raise UsageError(f"--weights has {len(weights)} values for {n} inputs", "give one weight per input, e.g. --weights 1.0,0.8")
+    return list(weights)
+
+
+def merge(
+    base: str,
+    inputs: list[str],
+    out: str | None,
+    *,
+    weights: list[float] | None = None,
+    method: str = "linear",
+    density: float | None = None,
+    seed: int = 0,
+    dtype: str | None = None,
+    max_shard_size: str | int | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+    stream: BinaryIO | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> MergeReport:
+    """Merge ``inputs`` into ``base``; write to ``out`` (file or directory) or to ``stream``."""
+    from peftcli.merge.arithmetic import combine
+
+    if not inputs:
+        raise UsageError("nothing to merge", "give at least one .diff, adapter directory or fine-tuned checkpoint")
+    lam = _weights(weights, len(inputs))
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise UsageError(f"unknown --dtype {dtype!r}", "choose F32, BF16, F16 or F64")
+    combine([torch.zeros(1)] * len(inputs), lam, method, density=density, seed=seed, key="")  # validates the options early
+    with open_checkpoint(base, allow_pickle=allow_pickle) as ckpt:
+        sources: list[Source] = []
+        try:
+            for path in inputs:
+                sources.append(open_source(path, ckpt, allow_pickle))
+            for s in sources:
+                unknown = sorted(set(s.deltas) - set(ckpt.tensors))
+                if unknown:
+                    raise BadInputError(f"{s.path} changes {unknown[0]!r}, which the base does not have", "merge into the base it was made for")
+            out_dtype = {t.name: (dtype if dtype and t.dtype in FLOAT_DTYPES else t.dtype) for t in ckpt.tensors.values()}
+            specs = [TensorSpec(t.name, out_dtype[t.name], t.shape) for t in ckpt.tensors.values()]
+            metadata = {
+                "format": "pt",
+                "peftcli.merge": json.dumps(
+                    {
+                        "version": __version__, "method": method, "weights": lam, "density": density, "seed": seed,
+                        "base": os.path.abspath(base), "inputs": [{"path": os.path.abspath(s.path), "kind": s.kind, "sha256": s.hashes} for s in sources],
+                    },
+                    sort_keys=True, separators=(",", ":"),
+                ),
+            }
+
+            def produce(name: str):
+                info = ckpt.tensors[name]
+                touched = [(i, s) for i, s in enumerate(sources) if name in s.deltas]
+                if not touched and out_dtype[name] == info.dtype and ckpt.storage != "pickle":
+                    return ckpt.read_bytes(name), False
+                stored = ckpt.get(name)
+                if touched:
+                    # Every input takes part (zero where it does not touch this tensor): the same
+                    # result for every method, and DARE's mask for input i depends on i alone.
+                    phis = [s.deltas[name](stored) if name in s.deltas else torch.zeros(stored.shape) for s in sources]
+                    combined = combine(phis, lam, method, density=density, seed=seed, key=name)
+                    result = stored.float() + combined  # fp32 accumulation, one cast at the end
+                    if not torch.isfinite(result).all():
+                        raise BadInputError(f"merging gives NaN or Inf in {name!r}", "check the inputs with peftcli check")
+                    return result.to(torch_dtype(out_dtype[name])).contiguous(), True
+                return stored.to(torch_dtype(out_dtype[name])).contiguous(), False
+
+            changed, total = 0, len(specs)
+            with contextlib.ExitStack() as stack:
+                if stream is not None:
+                    writer, order = SafetensorsStreamWriter(stream, specs, metadata), specs
+                else:
+                    plan = None
+                    if max_shard_size is None and not out.endswith(".safetensors") and len(ckpt.files) > 1:
+                        plan = [[t.name for t in ckpt.tensors.values() if t.file == f] for f in ckpt.files]  # the base's layout
+                    writer = stack.enter_context(
+                        CheckpointWriter(
+                            out, specs, metadata=metadata, max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE,
+                            source_dir=ckpt.directory, inputs=[base, *inputs], force=force, shard_plan=plan,
+                        )
+                    )
+                    order = writer.specs
+                for n, spec in enumerate(order, 1):
+                    data, was_changed = produce(spec.name)
+                    changed += was_changed
+                    writer.write(spec.name, data)
+                    if progress:
+                        progress(n, total)
+                if stream is not None:
+                    writer.finish()
+        finally:
+            for s in sources:
+                s.close()
+    size = 0
+    if out and os.path.isfile(out):
+        size = os.path.getsize(out)
+    elif out and os.path.isdir(out):
+        size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+    report_inputs = [{"path": s.path, "kind": s.kind, "weight": w, "tensors": len(s.deltas)} for s, w in zip(sources, lam)]
+    return MergeReport(out or "-", method, report_inputs, len(specs), changed, size, metadata)
+
+
+def stdout_stream() -> BinaryIO:
+    if sys.stdout.isatty():
+        raise UsageError("refusing to write a binary checkpoint to a terminal", "pass -o OUTPUT or redirect stdout to a file")
+    return sys.stdout.buffer
