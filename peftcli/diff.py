@@ -223,9 +223,15 @@ def _match(base: Checkpoint, ft: Checkpoint) -> tuple[list[TensorInfo], list[str
 
 
 def _phi(base: Checkpoint, ft: Checkpoint, name: str) -> "torch.Tensor":
-    """Flat φ for one tensor, in fp32 (fp64 for F64 tensors)."""
+    """Flat φ for one tensor, in fp32 (fp64 for F64 tensors).
+
+    ``ft`` is a fine-tuned checkpoint, or any object with ``path`` and ``phi(name)`` that
+    gives φ itself (``peftcli convert`` passes a folded adapter).
+    """
     import torch
 
+    if hasattr(ft, "phi"):
+        return ft.phi(name)
     a, b = base.get(name), ft.get(name)
     work = torch.float64 if a.dtype == torch.float64 else torch.float32
     phi = (b.to(work) - a.to(work)).reshape(-1)

@@ -156,3 +156,29 @@ def test_merge_errors(tiny_llama, tiny_bert, tmp_path, make, args, code, message
     assert result.exit_code == code, result.output
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not os.path.exists(out)
+
+
+def test_kill_9_during_a_merge_leaves_no_output_and_a_rerun_succeeds(tiny_llama, tmp_path):
+    import signal
+    import textwrap
+
+    adapted, run = _trained(tiny_llama, tmp_path, "lora", {})
+    out = str(tmp_path / "merged")
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from peftcli.merge.engine import merge
+        def progress(n, total):
+            if n == 5:  # mid-way through writing the tensors
+                os.kill(os.getpid(), signal.SIGKILL)
+        merge({tiny_llama!r}, [{run!r}], {out!r}, progress=progress)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT)
+    assert proc.returncode == -signal.SIGKILL
+    assert not os.path.exists(out)
+    merge(tiny_llama, [run], out)  # the rerun cleans the dead run's temporary and succeeds
+    assert [n for n in os.listdir(tmp_path) if "peftcli-tmp" in n] == []
+    reference = str(tmp_path / "reference")
+    merge(tiny_llama, [run], reference)
+    assert open(os.path.join(out, "model.safetensors"), "rb").read() == open(os.path.join(reference, "model.safetensors"), "rb").read()

@@ -114,7 +114,7 @@ def main() -> None:
 
 
 # Registering subcommands imports their modules, which import nothing heavy.
-from peftcli.cli import completion_cmd, diff_cmd, inject_cmd, inspect_cmd, merge_cmd, plot_cmd, train_cmd  # noqa: E402
+from peftcli.cli import completion_cmd, convert_cmd, diff_cmd, inject_cmd, inspect_cmd, merge_cmd, plot_cmd, train_cmd  # noqa: E402
 
 cli.add_command(inspect_cmd.inspect)
 cli.add_command(inject_cmd.inject)
@@ -122,4 +122,5 @@ cli.add_command(train_cmd.train)
 cli.add_command(plot_cmd.plot)
 cli.add_command(diff_cmd.diff)
 cli.add_command(merge_cmd.merge)
+cli.add_command(convert_cmd.convert)
 cli.add_command(completion_cmd.completion)

@@ -91,6 +91,6 @@ def _summary(report) -> str:
 def _failure(report) -> str:
     n, failed = len(report.artifacts), len(report.failed)
     if report.base.ok:
-        return f"{failed} of {_artifacts(n)} do not fit {report.base.path}"
+        return f"{failed} of {_artifacts(n)} {'does' if failed == 1 else 'do'} not fit {report.base.path}"
     text = f"the base {report.base.path} fails its checks"
-    return text + (f", and {failed} of {_artifacts(n)} do not fit it" if failed else "")
+    return text + (f", and {failed} of {_artifacts(n)} {'does' if failed == 1 else 'do'} not fit it" if failed else "")

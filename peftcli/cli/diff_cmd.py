@@ -80,10 +80,10 @@ def diff(base, finetuned, out, force, allow_pickle, as_json, **options):
     if as_json:
         emit_json(report.to_json())
     else:
-        _render_report(report.to_json(), stdout_console())
+        render_report(report.to_json(), stdout_console())
 
 
-def _render_report(doc: dict, console) -> None:
+def render_report(doc: dict, console) -> None:
     from rich.table import Table
 
     from peftcli.cli.render import human_bytes
