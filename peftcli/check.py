@@ -154,7 +154,10 @@ def check_base(ckpt: Checkpoint, scan: bool) -> Result:
         embedding_rows=ckpt.tensors[embedding].shape[0] if embedding else None,
     )
     if isinstance(vocab, int) and embedding:
-        heads = [n for n in sorted(ckpt.tensors) if n.endswith("lm_head.weight") and len(ckpt.tensors[n].shape) == 2]
+        heads = [
+            n for n in sorted(ckpt.tensors)
+            if (n == "lm_head.weight" or n.endswith(".lm_head.weight")) and len(ckpt.tensors[n].shape) == 2
+        ]
         for role, name in [("input embedding", embedding)] + [("output head", n) for n in heads]:
             rows = ckpt.tensors[name].shape[0]
             if rows != vocab:

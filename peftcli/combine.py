@@ -40,6 +40,7 @@ costs O(its entries), not O(numel).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -190,16 +191,19 @@ def _common_fingerprint(diffs: list[SparseDiff]) -> Fingerprint:
                 f"(base fingerprints {first.fingerprint.hash[:12]}… and {d.fingerprint.hash[:12]}…)",
                 "combine only diffs of one base checkpoint",
             )
-        same_cover = set(d.names) == set(first.names)
-        if same_cover and None not in (d.fingerprint.content, first.fingerprint.content):
-            if d.fingerprint.content != first.fingerprint.content:
-                raise BadInputError(
-                    f"{first.path} and {d.path} were made from bases with the same tensors but different values "
-                    "(their content hashes differ)",
-                    "combine only diffs of one base checkpoint",
-                )
+    seen: dict[frozenset, SparseDiff] = {}  # covered tensors -> the first input with a content hash over them
+    for d in diffs:
+        if d.fingerprint.content is None:
+            continue
+        other = seen.setdefault(frozenset(d.names), d)
+        if other.fingerprint.content != d.fingerprint.content:
+            raise BadInputError(
+                f"{other.path} and {d.path} were made from bases with the same tensors but different values "
+                "(their content hashes differ)",
+                "combine only diffs of one base checkpoint",
+            )
     contents = {d.fingerprint.content for d in diffs}
-    covers = {tuple(sorted(d.names)) for d in diffs}
+    covers = {frozenset(d.names) for d in diffs}
     content = first.fingerprint.content if len(contents) == 1 and len(covers) == 1 else None
     return Fingerprint(first.fingerprint.tensors, first.fingerprint.hash, content)
 
@@ -225,12 +229,8 @@ def _plan(diffs: list[SparseDiff], coeffs: list[float], values: str) -> list[Dif
         parts = [(d, c) for d, c in zip(diffs, coeffs) if name in d.shapes]
         whole = all(name in d.dense_tensors for d, _ in parts)
         vdt = "F32" if values == "fp32" else dtype
-        kept = _combined(name, parts, dtype, shape, whole, vdt)[1].numel()
-
-        def produce(name=name, parts=parts, dtype=dtype, shape=shape, whole=whole, vdt=vdt):
-            return _combined(name, parts, dtype, shape, whole, vdt)
-
-        entries.append(DiffEntry(name, dtype, tuple(shape), kept, produce, whole=whole))
+        produce = functools.partial(_combined, name, parts, dtype, shape, whole, vdt)
+        entries.append(DiffEntry(name, dtype, tuple(shape), produce()[1].numel(), produce, whole=whole))
     return entries
 
 
@@ -241,10 +241,15 @@ def _combined(
     import torch
 
     work = torch.float64 if dtype == "F64" else torch.float32
-    if whole:  # every covering input stores it dense
+    if whole:  # every entry, zeros included
         acc = torch.zeros(math.prod(shape), dtype=work)
         for d, c in parts:
-            acc += _scaled(_finite(d, name, d.get(name)[1].reshape(-1)), c, work)
+            idx, val = d.get(name)  # dense as peftcli writes whole tensors; a sparse form is read as such
+            val = _scaled(_finite(d, name, val.reshape(-1)), c, work)
+            if idx is None:
+                acc += val
+            else:
+                acc[idx.long()] += val
         return None, _cast(acc, vdt, name).view(shape)
     sparse = [_entries(d, name) + (c,) for d, c in parts]
     union = torch.unique(torch.cat([idx for idx, _, _ in sparse]))  # sorted

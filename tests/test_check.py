@@ -22,10 +22,15 @@ from peftcli.cli.check_cmd import check as check_command
 from peftcli.diff import DiffOptions, diff
 from peftcli.errors import BadInputError
 from peftcli.inject import inject
+from peftcli.errors import UsageError
+from peftcli.methods.adapter import BottleneckAdapterConfig
+from peftcli.methods.bitfit import BitFitConfig
 from peftcli.methods.ia3 import IA3Config
+from peftcli.methods.layers import LayersConfig
 from peftcli.methods.lora import LoraConfig
 from peftcli.methods.prefix import PrefixTuningConfig
 from peftcli.methods.prefix_encoder import MLP_KEYS
+from peftcli.methods.prompt import PromptTuningConfig
 
 P = "base_model.model."
 Q_KEY = P + "model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -114,10 +119,10 @@ def test_good_lora_ia3_and_diff_pass(tiny_llama, art):
     result = run(tiny_llama, art["lora"], art["ia3"], art["task.diff"])
     assert result.exit_code == 0, (result.stdout, result.stderr)
     assert result.stderr == ""
-    assert _line(result.stdout, tiny_llama).startswith(f"{tiny_llama}: ok (base,")
-    assert _line(result.stdout, art["lora"]) == f"{art['lora']}: ok (lora adapter, 8 tensors)"
-    assert _line(result.stdout, art["ia3"]).startswith(f"{art['ia3']}: ok (ia3 adapter")
-    assert _line(result.stdout, art["task.diff"]).startswith(f"{art['task.diff']}: ok (magnitude diff")
+    assert _line(result.stdout, tiny_llama).startswith(f"{tiny_llama}: ok (base:")
+    assert _line(result.stdout, art["lora"]) == f"{art['lora']}: ok (adapter: lora, 8 tensors)"
+    assert _line(result.stdout, art["ia3"]).startswith(f"{art['ia3']}: ok (adapter: ia3")
+    assert _line(result.stdout, art["task.diff"]).startswith(f"{art['task.diff']}: ok (diff: magnitude")
     assert result.stdout.strip().splitlines()[-1] == f"the 3 artifacts fit {tiny_llama}"
     doc = json.loads(run(tiny_llama, art["lora"], art["task.diff"], "--content", "--scan-base", "--json").stdout)
     assert doc["ok"] and doc["failed"] == 0 and doc["total"] == 2
@@ -127,12 +132,36 @@ def test_good_lora_ia3_and_diff_pass(tiny_llama, art):
 # -- adapters that do not fit --------------------------------------------------------------------
 
 
+FRESH = {
+    "lora": lambda: LoraConfig(rank=4, targets="all-linear", dora=True),
+    "ia3": IA3Config,
+    "adapter": BottleneckAdapterConfig,
+    "prefix": PrefixTuningConfig,
+    "prompt": PromptTuningConfig,
+    "bitfit": BitFitConfig,
+    "layers": lambda: LayersConfig(layers="1"),
+}
+
+
+@pytest.mark.parametrize("method", list(FRESH))
+def test_every_method_fresh_from_inject_passes(any_model, tmp_path, method):
+    out = str(tmp_path / method)
+    try:
+        inject(any_model, method, FRESH[method](), out)
+    except UsageError:  # the method does not apply to this model (no biases in Llama, ...)
+        pytest.skip(f"{method} does not apply")
+    assert attaches(any_model, out)  # the reference
+    result = run(any_model, out)
+    assert result.exit_code == 0, result.stdout
+    assert _line(result.stdout, out).startswith(f"{out}: ok (adapter: {method}, ")
+
+
 def test_an_adapter_for_another_base_fails(tiny_llama, tiny_bert, art):
     out = _fails(run(tiny_bert, art["lora"]), f"error: 1 of 1 artifact does not fit {tiny_bert}")
     assert "FAIL: its lora config does not fit this base" in _line(out, art["lora"])
     assert "was it made for another base model?" in _line(out, art["lora"])
     out = _fails(run(tiny_llama, art["bert-lora"], art["lora"]), "1 of 2 artifacts does not fit")
-    assert "FAIL" in _line(out, art["bert-lora"]) and _line(out, art["lora"]).endswith("ok (lora adapter, 8 tensors)")
+    assert "FAIL" in _line(out, art["bert-lora"]) and _line(out, art["lora"]).endswith("ok (adapter: lora, 8 tensors)")
 
 
 def test_a_rank_that_differs_from_the_config_is_named(tiny_llama, art, tmp_path):
@@ -225,7 +254,7 @@ def test_heads_are_allowed_extras_and_a_resized_vocabulary_is_named(tiny_llama, 
     with_head = rewrite(art["bert-lora"], tmp_path / "cls", tensors=classifier, config=lambda c: c.update(modules_to_save=["classifier"]))
     result = run(tiny_bert, with_head)
     assert result.exit_code == 0, result.stdout
-    assert _line(result.stdout, with_head).endswith("ok (lora adapter, 10 tensors, head classifier)")
+    assert _line(result.stdout, with_head).endswith("ok (adapter: lora, 10 tensors, head classifier)")
 
     def resized(t):
         t[P + "lm_head.weight"] = torch.zeros(260, 64)
@@ -343,7 +372,7 @@ def test_a_base_whose_vocab_size_disagrees_with_its_embedding_fails(tiny_llama, 
         f"{base}: FAIL: config.json says vocab_size=300, but the input embedding model.embed_tokens.weight has 256 rows"
     )
     assert "a resized vocabulary is the usual cause of shape mismatches" in line and "(+1 more)" in line  # lm_head too
-    assert _line(out, art["lora"]).endswith(": ok (lora adapter, 8 tensors)")
+    assert _line(out, art["lora"]).endswith(": ok (adapter: lora, 8 tensors)")
     with pytest.raises(Exception):  # the reference: transformers cannot load it either
         load_base_model(base)
 

@@ -182,3 +182,28 @@ def test_kill_9_during_a_merge_leaves_no_output_and_a_rerun_succeeds(tiny_llama,
     reference = str(tmp_path / "reference")
     merge(tiny_llama, [run], reference)
     assert open(os.path.join(out, "model.safetensors"), "rb").read() == open(os.path.join(reference, "model.safetensors"), "rb").read()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_llama"])
+def test_a_trained_classifier_merges_into_the_head_model(fixture, request, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from peftcli.train.config import TrainConfig
+    from peftcli.train.loop import train
+
+    base = request.getfixturevalue(fixture)
+    rows = [{"text": f"w{i % 7 + 4} w{i % 5 + 20}", "label": "yes" if i % 2 else "no"} for i in range(32)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = str(tmp_path / "run")
+    inject(base, "lora", METHODS["lora"].config_cls(rank=4), run)
+    _, adapted = train(run, TrainConfig(data=str(data), steps=4, batch_size=8, lr=1e-2), return_model=True)
+    out = str(tmp_path / "merged")
+    merge(base, [run], out)
+    merged = AutoModelForSequenceClassification.from_pretrained(out).eval()  # plain transformers
+    assert merged.config.id2label == {0: "no", 1: "yes"}
+    inputs = {"input_ids": torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]]), "attention_mask": torch.ones(2, 4, dtype=torch.long)}
+    with torch.no_grad():
+        assert torch.allclose(merged(**inputs).logits, adapted(**inputs).logits, atol=1e-5)
+    stream = CliRunner().invoke(cli, ["merge", base, run, "-o", str(tmp_path / "m.safetensors")])
+    assert stream.exit_code == 2 and "a merged model with a task head is a model directory" in stream.stderr

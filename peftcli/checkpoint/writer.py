@@ -196,6 +196,7 @@ class CheckpointWriter:
         force: bool = False,
         single_file: bool | None = None,
         shard_plan: list[list[str]] | None = None,
+        extra_files: Mapping[str, bytes] | None = None,
     ):
         self.target = target = os.path.normpath(target)
         self.specs = list(specs)
@@ -212,6 +213,7 @@ class CheckpointWriter:
         else:
             self.shards = plan_shards(self.specs, parse_size(max_shard_size))
         self.source_dir = source_dir
+        self.extra_files = dict(extra_files or {})  # written after the copied files, e.g. a changed config.json
         self.inputs = list(inputs)
         self.force = force
         self._shard_of = {s.name: i for i, shard in enumerate(self.shards) for s in shard}
@@ -276,6 +278,14 @@ class CheckpointWriter:
                 os.fsync(f.fileno())
         if self.source_dir:
             copy_model_files(self.source_dir, self._tmp)
+        for name, data in self.extra_files.items():
+            path = os.path.join(self._tmp, name)
+            if os.path.exists(path):
+                os.unlink(path)
+            with open_new_file(path) as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
 
     def _abort(self) -> None:
         if self._file is not None:

@@ -61,15 +61,19 @@ def _line(result) -> str:
     return text + (f" (+{more} more)" if more else "")
 
 
+def _tensors(n: int) -> str:
+    return f"{n} tensor" if n == 1 else f"{n} tensors"
+
+
 def _what(result) -> str:
     d = result.details
     if result.kind == "base":
         vocab = f", vocabulary {d['embedding_rows']}" if d.get("embedding_rows") else ""
-        return f"base, {d['tensors']} tensors, {d['params']:,} params{vocab}"
+        return f"base: {_tensors(d['tensors'])}, {d['params']:,} params{vocab}"
     if result.kind == "diff":
-        return f"{result.method} diff, {d['tensors']} tensors, density {d['density']:.6g}"
+        return f"diff: {result.method}, {_tensors(d['tensors'])}, density {d['density']:.6g}"
     heads = f", head {', '.join(map(str, d['heads']))}" if d.get("heads") else ""
-    return f"{result.method} adapter, {d['tensors']} tensors{heads}"
+    return f"adapter: {result.method}, {_tensors(d['tensors'])}{heads}"
 
 
 def _artifacts(n: int) -> str:

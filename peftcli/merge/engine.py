@@ -89,7 +89,26 @@ def merge(
                 if unknown:
                     raise BadInputError(f"{s.path} changes {unknown[0]!r}, which the base does not have", "merge into the base it was made for")
             out_dtype = {t.name: (dtype if dtype and t.dtype in FLOAT_DTYPES else t.dtype) for t in ckpt.tensors.values()}
-            specs = [TensorSpec(t.name, out_dtype[t.name], t.shape) for t in ckpt.tensors.values()]
+            with_heads = [s for s in sources if s.heads]
+            layout = None
+            if with_heads:
+                if len(with_heads) > 1:
+                    raise UsageError("more than one input trains a task head", "merge at most one adapter with a head")
+                if stream is not None or out.endswith(".safetensors"):
+                    raise UsageError("a merged model with a task head is a model directory", "pass -o DIR")
+                from peftcli.merge.heads import head_layout
+
+                layout = head_layout(ckpt, with_heads[0].heads, with_heads[0].labels)
+            # output name -> base tensor name (None: a head tensor taken from the adapter)
+            origin = {t.name: t.name for t in ckpt.tensors.values()}
+            if layout is not None:
+                origin = {layout.rename[n]: n for n in ckpt.tensors if layout.rename[n]}
+                origin.update({h: None for h in layout.head_names})
+            head_tensors = with_heads[0].heads if with_heads else {}
+            specs = [
+                TensorSpec(o, out_dtype[n], ckpt.tensors[n].shape) if n else TensorSpec(o, dtype or "F32", tuple(head_tensors[o].shape))
+                for o, n in origin.items()
+            ]
             metadata = {
                 "format": "pt",
                 "peftcli.merge": json.dumps(
@@ -101,7 +120,10 @@ def merge(
                 ),
             }
 
-            def produce(name: str):
+            def produce(out_name: str):
+                name = origin[out_name]
+                if name is None:  # the trained head, as the adapter holds it
+                    return head_tensors[out_name].to(torch_dtype(dtype or "F32")).contiguous(), True
                 info = ckpt.tensors[name]
                 touched = [(i, s) for i, s in enumerate(sources) if name in s.deltas]
                 if not touched and out_dtype[name] == info.dtype and ckpt.storage != "pickle":
@@ -124,12 +146,13 @@ def merge(
                     writer, order = SafetensorsStreamWriter(stream, specs, metadata), specs
                 else:
                     plan = None
-                    if max_shard_size is None and not out.endswith(".safetensors") and len(ckpt.files) > 1:
+                    if max_shard_size is None and not out.endswith(".safetensors") and len(ckpt.files) > 1 and layout is None:
                         plan = [[t.name for t in ckpt.tensors.values() if t.file == f] for f in ckpt.files]  # the base's layout
                     writer = stack.enter_context(
                         CheckpointWriter(
                             out, specs, metadata=metadata, max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE,
                             source_dir=ckpt.directory, inputs=[base, *inputs], force=force, shard_plan=plan,
+                            extra_files={"config.json": layout.config_json} if layout else None,
                         )
                     )
                     order = writer.specs

@@ -29,6 +29,8 @@ class Source:
     deltas: dict[str, Callable[[torch.Tensor], torch.Tensor]]  # base tensor name -> φ from the base tensor
     hashes: dict[str, str] = field(default_factory=dict)  # weight file -> sha256
     close: Callable[[], None] = lambda: None
+    heads: dict[str, torch.Tensor] = field(default_factory=dict)  # a trained task head: tensor name -> value
+    labels: list[str] | None = None  # the head's label names, from the run's labels.json
 
 
 def open_source(path: str, base: Checkpoint, allow_pickle: bool = False) -> Source:
@@ -72,14 +74,22 @@ def _adapter_source(path: str, base: Checkpoint) -> Source:
             f"{path}: {method.name} adds computation (new modules or inputs) that no weight change reproduces",
             "only LoRA, DoRA, IA³, BitFit and layers adapters fold into the weights",
         )
-    if adapter.config.get("modules_to_save"):
-        raise UsageError(
-            f"{path}: the adapter trains a new head ({', '.join(adapter.config['modules_to_save'])}) the base has no tensor for",
-            "merge an adapter without a task head, or load the adapter with its head instead",
-        )
+    from peftcli.methods.base import PEFT_PREFIX
+
+    heads = {}
+    for head in adapter.config.get("modules_to_save") or []:
+        for key, t in adapter.tensors.items():
+            if key.startswith(f"{PEFT_PREFIX}{head}."):
+                heads[key[len(PEFT_PREFIX) :]] = t
     cfg = method.config_from_adapter(adapter.config)
-    deltas = method.deltas(cfg, adapter.tensors, base)
-    return Source(path, "adapter", deltas, _hashes([os.path.join(path, "adapter_model.safetensors")]))
+    deltas = method.deltas(cfg, {k: t for k, t in adapter.tensors.items() if k[len(PEFT_PREFIX) :] not in heads}, base)
+    labels = None
+    labels_path = os.path.join(path, "labels.json")
+    if heads and os.path.isfile(labels_path):
+        from peftcli.checkpoint.reader import load_json
+
+        labels = load_json(labels_path, "labels").get("labels")
+    return Source(path, "adapter", deltas, _hashes([os.path.join(path, "adapter_model.safetensors")]), heads=heads, labels=labels)
 
 
 def _checkpoint_source(path: str, base: Checkpoint, allow_pickle: bool) -> Source:
