@@ -102,3 +102,12 @@ def test_tiny_module_cli_builds_once_and_refuses_foreign_paths(tmp_path, capsys)
     (tmp_path / "file").write_text("x")
     assert tiny.main([str(tmp_path / "file")]) == 2
     assert "not a model directory" in capsys.readouterr().err
+
+
+def test_quickstart_runs_end_to_end_on_the_tiny_model(tmp_path):
+    from peftcli import quickstart
+
+    result = quickstart.run("tiny", str(tmp_path / "qs"), steps=4, log=lambda line: None)
+    assert result["merged_agreement"] == 1.0 and result["merged_max_logit_gap"] < 1e-4
+    assert result["steps"] == 4 and 0 < result["trainable_params"] < result["base_params"]
+    assert os.path.getsize(tmp_path / "qs" / "task.diff") == result["diff_bytes"]

