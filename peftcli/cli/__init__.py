@@ -114,7 +114,18 @@ def main() -> None:
 
 
 # Registering subcommands imports their modules, which import nothing heavy.
-from peftcli.cli import completion_cmd, convert_cmd, diff_cmd, inject_cmd, inspect_cmd, merge_cmd, plot_cmd, train_cmd  # noqa: E402
+from peftcli.cli import (  # noqa: E402
+    check_cmd,
+    combine_cmd,
+    completion_cmd,
+    convert_cmd,
+    diff_cmd,
+    inject_cmd,
+    inspect_cmd,
+    merge_cmd,
+    plot_cmd,
+    train_cmd,
+)
 
 cli.add_command(inspect_cmd.inspect)
 cli.add_command(inject_cmd.inject)
@@ -123,4 +134,6 @@ cli.add_command(plot_cmd.plot)
 cli.add_command(diff_cmd.diff)
 cli.add_command(merge_cmd.merge)
 cli.add_command(convert_cmd.convert)
+cli.add_command(combine_cmd.combine)
+cli.add_command(check_cmd.check)
 cli.add_command(completion_cmd.completion)
