@@ -68,6 +68,18 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.T if is_conv1d(module) else module.weight
 
 
+def find_linear(model: nn.Module, path: str) -> tuple[nn.Module | None, tuple[int, int] | None, str | None]:
+    """The linear layer at checkpoint path ``path`` and its (out, in), or why there is none."""
+    real = resolve(model, path)
+    if real is None:
+        return None, None, f"{path}: no such module in the base"
+    layer = model.get_submodule(real)
+    try:
+        return layer, linear_dims(layer), None
+    except BadInputError:
+        return None, None, f"{path}: is {type(layer).__name__}, not a linear layer"
+
+
 def freeze(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)

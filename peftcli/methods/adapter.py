@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError, UsageError
-from peftcli.methods.base import Attached, BudgetRow
+from peftcli.methods.base import Attached, BudgetRow, mismatch_error
 from peftcli.options import option
 from peftcli.targets import linear_modules, parse_layers
 
@@ -303,11 +303,7 @@ class BottleneckAdapter:
             if problem:
                 problems.append(f"{path}: {problem}")
         if problems:
-            raise BadInputError(
-                f"adapter does not match the base model: {len(problems)} problem(s): " + "; ".join(problems[:5])
-                + (" ..." if len(problems) > 5 else ""),
-                "was it made for another base model?",
-            )
+            raise mismatch_error(problems)
         return Attached(phi=phi)
 
 

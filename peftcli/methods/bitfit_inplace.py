@@ -15,7 +15,7 @@ from typing import Callable
 
 from peftcli.artifacts.adapter_dir import PEFTCLI_PEFT_TYPE
 from peftcli.errors import BadInputError, UsageError
-from peftcli.methods.base import Attached
+from peftcli.methods.base import Attached, mismatch_error
 from peftcli.options import option_fields
 from peftcli.targets import layer_index, parse_layers
 
@@ -87,11 +87,7 @@ def attach_in_place(model, tensors: dict, selected: Callable[[str], bool], selec
             owners[id(param)] = key
             found[key] = param
     if problems:
-        raise BadInputError(
-            f"adapter does not match the base model: {len(problems)} problem(s): " + "; ".join(problems[:5])
-            + (" ..." if len(problems) > 5 else ""),
-            "was it made for another base model?",
-        )
+        raise mismatch_error(problems)
     theta0 = {}
     with torch.no_grad():
         for key, param in found.items():
@@ -109,7 +105,6 @@ def attach_in_place(model, tensors: dict, selected: Callable[[str], bool], selec
 
 def stored_deltas(tensors: dict, ckpt) -> dict:
     """φ = θ − θ₀ keyed by base tensor name: each folds as itself."""
-    from peftcli.methods.base import mismatch_error
 
     problems = []
     for name, t in tensors.items():

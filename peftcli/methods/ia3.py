@@ -282,16 +282,11 @@ class IA3:
                 problems.append(f"unexpected key {key}")
                 continue
             path = key[len(PEFT_PREFIX) : -len(".ia3_l")]
-            base = mod.resolve(model, path)
-            if base is None:
-                problems.append(f"{path}: no such module in the base")
+            layer, dims, problem = mod.find_linear(model, path)
+            if problem:
+                problems.append(problem)
                 continue
-            layer = model.get_submodule(base)
-            try:
-                d_out, d_in = mod.linear_dims(layer)
-            except BadInputError:
-                problems.append(f"{path}: is {type(layer).__name__}, not a linear layer")
-                continue
+            d_out, d_in = dims
             ff = is_ff(path)
             expected = (1, d_in) if ff else (d_out, 1)
             if tuple(t.shape) != expected:
@@ -305,11 +300,9 @@ class IA3:
             mod.replace(model, path, new)
             phi[key] = new.ia3_l
         if problems:
-            raise BadInputError(
-                f"adapter does not match the base model: {len(problems)} problem(s): " + "; ".join(problems[:5])
-                + (" ..." if len(problems) > 5 else ""),
-                "was it made for another base model?",
-            )
+            from peftcli.methods.base import mismatch_error
+
+            raise mismatch_error(problems)
         return Attached(phi=phi)
 
 

@@ -196,17 +196,9 @@ class LoRA:
         by_module, problems = _group(tensors)
         phi = {}
         for path, parts in by_module.items():
-            base = mod.resolve(model, path)
-            if base is None:
-                problems.append(f"{path}: no such module in the base")
-                continue
-            layer = model.get_submodule(base)
-            try:
-                d_out, d_in = mod.linear_dims(layer)
-            except BadInputError:
-                problems.append(f"{path}: is {type(layer).__name__}, not a linear layer")
-                continue
-            problem = _check_module(path, parts, cfg, d_out, d_in)
+            layer, dims, problem = mod.find_linear(model, path)
+            if problem is None:
+                problem = _check_module(path, parts, cfg, *dims)
             if problem:
                 problems.append(problem)
                 continue

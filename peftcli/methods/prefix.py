@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods import prompt_learning as pl
-from peftcli.methods.base import Attached, BudgetRow
+from peftcli.methods.base import Attached, BudgetRow, mismatch_error
 from peftcli.options import option
 from peftcli.targets import resolve_targets
 
@@ -178,11 +178,7 @@ class PrefixTuning:
             if not expected.allclose(tensors[KEY].float(), rtol=1e-4, atol=1e-5):
                 problems.append(f"{KEY} is not the output of the prefix_encoder MLP stored beside it")
         if problems:
-            raise BadInputError(
-                f"adapter does not match the base model: {len(problems)} problem(s): " + "; ".join(problems[:5])
-                + (" ..." if len(problems) > 5 else ""),
-                "was it made for another base model?",
-            )
+            raise mismatch_error(problems)
         encoder = pfx.PrefixEncoder(tensors[KEY], mlp)
         pe.register(model, MODULE, encoder)
         dtype = getattr(model, "dtype", None) or encoder.prompt_embeddings.dtype

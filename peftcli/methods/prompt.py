@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods import prompt_learning as pl
-from peftcli.methods.base import Attached, BudgetRow
+from peftcli.methods.base import Attached, BudgetRow, mismatch_error
 from peftcli.options import option
 
 if TYPE_CHECKING:
@@ -147,11 +147,7 @@ class PromptTuning:
                 f"and the model embeds into {embed.weight.shape[1]} dimensions"
             )
         if problems:
-            raise BadInputError(
-                f"adapter does not match the base model: {len(problems)} problem(s): " + "; ".join(problems[:5])
-                + (" ..." if len(problems) > 5 else ""),
-                "was it made for another base model?",
-            )
+            raise mismatch_error(problems)
         prompt = pe.PromptEmbedding(weight)
         pe.register(model, MODULE, prompt)
         # Labels get −100 for the prompt when they are per-token targets: decided by the model

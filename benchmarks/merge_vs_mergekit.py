@@ -1,0 +1,309 @@
+"""Merge benchmark: peftcli vs mergekit side by side on SmolLM2-135M, plus peak RSS on a large checkpoint.
+
+Both tools merge the same inputs: the fp32 SmolLM2-135M directory made by
+`smollm2_to_safetensors.py` and two "fine-tunes" of it (every tensor plus small seeded Gaussian
+noise, saved as full checkpoints of the same dtype). Each merge runs as a subprocess; wall time
+is perf_counter around it and peak RSS is the child's ru_maxrss from os.wait4 (both tools merge
+in one process). Runs alternate between the tools so they see the same machine load; after one
+untimed warm-up each (page cache; --warmup 0 skips it), medians of --runs. mergekit lives in its own venv, outside
+the project's dependencies (--mergekit names its `mergekit-yaml`); without it, peftcli runs alone.
+
+The copy bandwidth of the same run (shutil.copyfile of the base file) is the reference for
+peftcli's merge throughput (output bytes / wall time). The large check merges a sparse-hole
+checkpoint of --big-gb GB (headers real, data zeros) with a full checkpoint input and compares
+peftcli's peak RSS with 2 × largest tensor + 300 MB. All work data go under --work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sparse_checkpoint import llama7b_specs  # noqa: E402
+
+from peftcli.checkpoint.writer import build_header, plan_shards, shard_name  # noqa: E402
+
+MB = 10**6
+PEFTCLI = [sys.executable, "-m", "peftcli"]
+
+
+def measure(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS bytes of one subprocess run of cmd (output discarded; must succeed)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{err[-3000:]}")
+    return wall, usage.ru_maxrss * 1024
+
+
+def make_finetunes(base: str, work: str) -> tuple[str, str]:
+    """Two full checkpoints of base + seeded noise (σ = 1e-3 × the tensor's std), same dtype and config."""
+    tensors = load_file(os.path.join(base, "model.safetensors"))
+    dirs = []
+    for seed, name in ((1, "ftA"), (2, "ftB")):
+        out = os.path.join(work, name)
+        dirs.append(out)
+        if os.path.exists(os.path.join(out, "model.safetensors")):
+            continue
+        os.makedirs(out, exist_ok=True)
+        gen = torch.Generator().manual_seed(seed)
+        noisy = {}
+        for key, t in tensors.items():
+            scale = 1e-3 * (t.float().std().item() or 1.0)
+            noise = torch.randn(t.shape, generator=gen, dtype=torch.float32) * scale
+            noisy[key] = (t.float() + noise).to(t.dtype).contiguous()
+        save_file(noisy, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+        shutil.copy(os.path.join(base, "config.json"), out)
+    return dirs[0], dirs[1]
+
+
+def mergekit_config(path: str, method: str, base: str, fts: tuple[str, str], density: float) -> None:
+    params = {"weight": 1.0} if method == "task_arithmetic" else {"weight": 1.0, "density": density}
+    config = {
+        "merge_method": method,
+        "base_model": base,
+        "models": [{"model": ft, "parameters": params} for ft in fts],
+        "dtype": "float32",
+    }
+    with open(path, "w") as f:
+        json.dump(config, f, indent=1)  # JSON is YAML
+
+
+def read_dir(path: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(path, name), "pt") as f:
+                out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def output_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path) if n.endswith(".safetensors"))
+
+
+def reference(base: dict, fts: list[dict], key: str) -> torch.Tensor:
+    """Task arithmetic computed directly in fp64: θ₀ + Σ (θ_i − θ₀)."""
+    b = base[key].double()
+    return (b + sum(ft[key].double() - b for ft in fts)).float()
+
+
+def compare(base_dir: str, ft_dirs, pc_dir: str, mk_dir: str | None, linear: bool) -> dict:
+    """Max |Δ| between the tools (all common tensors), against an fp64 reference for linear, and key sets."""
+    pc = read_dir(pc_dir)
+    res = {"tensors": len(pc)}
+    if linear:
+        base = read_dir(base_dir)
+        fts = [read_dir(d) for d in ft_dirs]
+        res["peftcli_vs_ref"] = max((pc[k] - reference(base, fts, k)).abs().max().item() for k in pc)
+    if mk_dir:
+        mk = read_dir(mk_dir)
+        common = sorted(set(pc) & set(mk))
+        res["only_peftcli"] = sorted(set(pc) - set(mk))
+        res["only_mergekit"] = sorted(set(mk) - set(pc))
+        diffs = {k: (pc[k].float() - mk[k].float()).abs().max().item() for k in common}
+        res["max_abs_diff"] = max(diffs.values())
+        worst = max(diffs, key=diffs.get)
+        res["worst_tensor"] = worst
+        res["worst_rel"] = diffs[worst] / (pc[worst].float().abs().max().item() or 1.0)
+        res["identical_tensors"] = sum(1 for v in diffs.values() if v == 0.0)
+        res["common"] = len(common)
+    return res
+
+
+def copy_bandwidth(src: str, work: str, runs: int) -> float:
+    dst = os.path.join(work, "copy.safetensors")
+    times = []
+    for _ in range(runs + 1):  # first run warms the page cache
+        t0 = time.perf_counter()
+        shutil.copyfile(src, dst)
+        times.append(time.perf_counter() - t0)
+        os.remove(dst)
+    return os.path.getsize(src) / statistics.median(times[1:])
+
+
+def smollm2_bench(args) -> dict:
+    base = args.base
+    fts = make_finetunes(base, args.work)
+    cases = [
+        ("task arithmetic", "task_arithmetic", ["--weights", "1,1"]),
+        ("TIES d=0.5", "ties", ["--weights", "1,1", "--method", "ties", "--density", str(args.density)]),
+    ]
+    results = {}
+    for label, mk_method, pc_flags in cases:
+        pc_out = os.path.join(args.work, f"pc-{mk_method}")
+        mk_out = os.path.join(args.work, f"mk-{mk_method}")
+        pc_cmd = [*PEFTCLI, "merge", base, *fts, *pc_flags, "-o", pc_out, "--force"]
+        mk_cmd = None
+        if args.mergekit:
+            cfg = os.path.join(args.work, f"{mk_method}.yml")
+            mergekit_config(cfg, mk_method, base, fts, args.density)
+            mk_cmd = [args.mergekit, cfg, mk_out, "--lazy-unpickle", "--no-copy-tokenizer"]
+        runs = {"peftcli": [], "mergekit": []}
+        for i in range(1 - args.warmup, args.runs + 1):
+            for tool, cmd, out in (("peftcli", pc_cmd, pc_out), ("mergekit", mk_cmd, mk_out)):
+                if cmd is None:
+                    continue
+                shutil.rmtree(out, ignore_errors=True)
+                wall, rss = measure(cmd)
+                if i > 0:  # run 0 is the warm-up
+                    runs[tool].append((wall, rss))
+        entry = {"peftcli_cmd": " ".join(pc_cmd[2:]), "mergekit_cmd": " ".join(mk_cmd) if mk_cmd else None}
+        for tool, rs in runs.items():
+            if rs:
+                entry[tool] = {
+                    "wall_s": statistics.median(w for w, _ in rs),
+                    "rss": statistics.median(r for _, r in rs),
+                    "walls": [round(w, 2) for w, _ in rs],
+                }
+        entry["out_bytes"] = output_bytes(pc_out)
+        entry["compare"] = compare(base, fts, pc_out, mk_out if mk_cmd else None, mk_method == "task_arithmetic")
+        results[label] = entry
+    return results
+
+
+def big_specs(target_bytes: int):
+    """Llama-7B-shaped BF16 tensors (embeddings, lm_head, norm, the first n layers) of at least target_bytes."""
+    specs = llama7b_specs()
+    layer_tensors = [s for s in specs if s.name.startswith("model.layers.")]
+    others = [s for s in specs if not s.name.startswith("model.layers.")]
+    per_layer = sum(s.nbytes for s in layer_tensors) // 32
+    n = max(1, -(-(target_bytes - sum(s.nbytes for s in others)) // per_layer))
+    keep = [s for s in layer_tensors if int(s.name.split(".")[2]) < n]
+    return others[:1] + keep + others[1:], n
+
+
+def write_sparse(out: str, specs, n_layers: int) -> None:
+    os.makedirs(out, exist_ok=True)
+    shards = plan_shards(specs, 5 * 10**9)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = shard_name(i, len(shards))
+        header = build_header(shard, {"format": "pt"})
+        with open(os.path.join(out, name), "wb") as f:
+            f.write(header)
+            f.truncate(len(header) + sum(s.nbytes for s in shard))
+        weight_map.update({s.name: name for s in shard})
+    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}, f)
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+        "num_hidden_layers": n_layers, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    }
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f)
+
+
+def big_bench(args) -> dict:
+    specs, n = big_specs(int(args.big_gb * 10**9))
+    total = sum(s.nbytes for s in specs)
+    free = shutil.disk_usage(args.work).free
+    if free < total + 2 * 10**9:
+        sys.exit(f"need {total / 1e9:.1f} GB free under {args.work} for the merged output, have {free / 1e9:.1f}")
+    big = os.path.join(args.work, "big")
+    base, ft, out = (os.path.join(big, d) for d in ("base", "ft", "out"))
+    shutil.rmtree(big, ignore_errors=True)
+    write_sparse(base, specs, n)
+    write_sparse(ft, specs, n)
+    cmd = [*PEFTCLI, "merge", base, ft, "-o", out, "--force"]
+    wall, rss = measure(cmd)
+    written = output_bytes(out)
+    shutil.rmtree(big)
+    largest = max(s.nbytes for s in specs)
+    return {
+        "cmd": "peftcli merge big/base big/ft -o big/out", "bytes": total, "written": written, "tensors": len(specs),
+        "layers": n, "largest": largest, "bound": 2 * largest + 300 * MB, "rss": rss, "wall_s": wall,
+    }
+
+
+def fmt_mb(b: float) -> str:
+    return f"{b / MB:,.0f} MB"
+
+
+def report(small: dict, bw: float, big: dict | None, args) -> str:
+    lines = [
+        f"Date: {time.strftime('%Y-%m-%d %H:%M')} UTC; {os.cpu_count()} cores, load average before the run: "
+        f"{args.load}; python {platform.python_version()}, torch {torch.__version__}, mergekit {args.mk_version}.",
+        "",
+        "| merge | tool | wall (median) | peak RSS (median) | runs (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for label, e in small.items():
+        for tool in ("peftcli", "mergekit"):
+            if tool in e:
+                t = e[tool]
+                lines.append(f"| {label} | {tool} | {t['wall_s']:.2f} s | {fmt_mb(t['rss'])} | {t['walls']} |")
+    lines += ["", "| merge | time peftcli / mergekit | RSS peftcli / mergekit | max abs diff (tensors) | "
+              "peftcli vs fp64 reference | throughput (out / wall) | fraction of copy bandwidth |",
+              "|---|---|---|---|---|---|---|"]
+    for label, e in small.items():
+        pc, mk, c = e["peftcli"], e.get("mergekit"), e["compare"]
+        tr = f"{pc['wall_s'] / mk['wall_s']:.2f}×" if mk else "n/a"
+        rr = f"{pc['rss'] / mk['rss']:.2f}×" if mk else "n/a"
+        diff = f"{c['max_abs_diff']:.2e} ({c['identical_tensors']}/{c['common']} identical)" if mk else "n/a"
+        ref = f"{c['peftcli_vs_ref']:.2e}" if "peftcli_vs_ref" in c else "—"
+        thr = e["out_bytes"] / pc["wall_s"]
+        lines.append(f"| {label} | {tr} | {rr} | {diff} | {ref} | {thr / MB:,.0f} MB/s | {thr / bw:.3f} |")
+    lines += ["", f"Copy bandwidth (shutil.copyfile of the 538 MB base, median): {bw / MB:,.0f} MB/s."]
+    if big:
+        lines += ["", "| checkpoint | tensors | largest tensor | bound 2 × largest + 300 MB | peak RSS | "
+                  "RSS / bound | wall | written |", "|---|---|---|---|---|---|---|---|",
+                  f"| {big['bytes'] / 1e9:.2f} GB BF16 ({big['layers']} Llama-7B layers) | {big['tensors']} | "
+                  f"{fmt_mb(big['largest'])} | {fmt_mb(big['bound'])} | {fmt_mb(big['rss'])} | "
+                  f"{big['rss'] / big['bound']:.2f} | {big['wall_s']:.1f} s | {big['written'] / 1e9:.2f} GB |"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", default="/tmp/smollm2", help="SmolLM2 dir from smollm2_to_safetensors.py")
+    ap.add_argument("--work", default="/tmp/peftcli-mergebench")
+    ap.add_argument("--mergekit", default="/tmp/mk-venv/bin/mergekit-yaml", help="mergekit-yaml ('' to skip)")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--warmup", type=int, choices=(0, 1), default=1, help="one untimed run of each first")
+    ap.add_argument("--density", type=float, default=0.5)
+    ap.add_argument("--big-gb", type=float, default=4.0, help="size of the large checkpoint (0 to skip)")
+    ap.add_argument("--json", help="also write the raw results here")
+    args = ap.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+    if args.mergekit and not os.path.exists(args.mergekit):
+        print(f"{args.mergekit} not found: benchmarking peftcli alone", file=sys.stderr)
+        args.mergekit = ""
+    args.mk_version = "not installed"
+    if args.mergekit:
+        pip = os.path.join(os.path.dirname(args.mergekit), "pip")
+        show = subprocess.run([pip, "show", "mergekit"], capture_output=True, text=True).stdout
+        args.mk_version = next((ln.split()[-1] for ln in show.splitlines() if ln.startswith("Version")), "?")
+    args.load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    small = smollm2_bench(args)
+    bw = copy_bandwidth(os.path.join(args.base, "model.safetensors"), args.work, args.runs)
+    print(report(small, bw, None, args), "\n", flush=True)  # the side-by-side part, before the long check
+    big = big_bench(args) if args.big_gb > 0 else None
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"smollm2": small, "copy_bandwidth": bw, "big": big}, f, indent=1)
+    if big:
+        print(report(small, bw, big, args).split("\n\n")[-1])
+    for label, e in small.items():
+        print(f"{label}: {json.dumps(e['compare'])}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
