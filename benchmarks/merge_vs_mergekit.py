@@ -3,8 +3,8 @@
 Both tools merge the same inputs: the fp32 SmolLM2-135M directory made by
 `smollm2_to_safetensors.py` and two "fine-tunes" of it (every tensor plus small seeded Gaussian
 noise, saved as full checkpoints of the same dtype). Each merge runs as a subprocess; wall time
-is perf_counter around it and peak RSS is the child's ru_maxrss from os.wait4 (both tools merge
-in one process). Runs alternate between the tools so they see the same machine load; after one
+is perf_counter around it and peak RSS is /usr/bin/time's maximum resident set size (both
+tools merge in one process). Runs alternate between the tools so they see the same machine load; after one
 untimed warm-up each (page cache; --warmup 0 skips it), medians of --runs. mergekit lives in its own venv, outside
 the project's dependencies (--mergekit names its `mergekit-yaml`); without it, peftcli runs alone.
 
@@ -40,16 +40,23 @@ PEFTCLI = [sys.executable, "-m", "peftcli"]
 
 
 def measure(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS bytes of one subprocess run of cmd (output discarded; must succeed)."""
+    """Wall seconds and peak RSS bytes of one subprocess run of cmd (output discarded; must succeed).
+
+    Peak RSS comes from /usr/bin/time, not from os.wait4 on our own child: Linux carries the
+    high-water RSS of the forking process across exec, so a child of this (large) process would
+    report at least our own RSS.
+    """
+    rss_file = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"peftcli-bench-rss-{os.getpid()}")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss_file, *cmd], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
     wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode(errors="replace")
-    proc.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{err[-3000:]}")
-    return wall, usage.ru_maxrss * 1024
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr.decode(errors='replace')[-3000:]}")
+    with open(rss_file) as f:
+        rss_kb = int(f.read().split()[-1])
+    os.remove(rss_file)
+    return wall, rss_kb * 1024
 
 
 def make_finetunes(base: str, work: str) -> tuple[str, str]:
@@ -276,7 +283,7 @@ def main() -> None:
     ap.add_argument("--base", default="/tmp/smollm2", help="SmolLM2 dir from smollm2_to_safetensors.py")
     ap.add_argument("--work", default="/tmp/peftcli-mergebench")
     ap.add_argument("--mergekit", default="/tmp/mk-venv/bin/mergekit-yaml", help="mergekit-yaml ('' to skip)")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=3, help="runs per tool (0: only the large check)")
     ap.add_argument("--warmup", type=int, choices=(0, 1), default=1, help="one untimed run of each first")
     ap.add_argument("--density", type=float, default=0.5)
     ap.add_argument("--big-gb", type=float, default=4.0, help="size of the large checkpoint (0 to skip)")
@@ -292,16 +299,17 @@ def main() -> None:
         show = subprocess.run([pip, "show", "mergekit"], capture_output=True, text=True).stdout
         args.mk_version = next((ln.split()[-1] for ln in show.splitlines() if ln.startswith("Version")), "?")
     args.load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    small = smollm2_bench(args)
-    bw = copy_bandwidth(os.path.join(args.base, "model.safetensors"), args.work, args.runs)
-    print(report(small, bw, None, args), "\n", flush=True)  # the side-by-side part, before the long check
+    small = smollm2_bench(args) if args.runs else {}
+    bw = copy_bandwidth(os.path.join(args.base, "model.safetensors"), args.work, max(args.runs, 1))
+    if small:
+        print(report(small, bw, None, args), "\n", flush=True)  # the side-by-side part, before the long check
     big = big_bench(args) if args.big_gb > 0 else None
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"smollm2": small, "copy_bandwidth": bw, "big": big}, f, indent=1)
     if big:
         print(report(small, bw, big, args).split("\n\n")[-1])
-    for label, e in small.items():
+    for label, e in small.items():  # the full comparison details
         print(f"{label}: {json.dumps(e['compare'])}", file=sys.stderr)
 
 

@@ -113,6 +113,11 @@ def diff_to_lora(diff_path: str, out: str, rank: int, *, base: str | None = None
                 energy = float(phi.pow(2).sum())
                 total += energy
                 m = linear.get(name)
+                if m is not None and rank > min(m.shape):
+                    raise UsageError(
+                        f"--rank {rank} is larger than min(out, in) = {min(m.shape)} of {name}",
+                        "a rank above that cannot add anything",
+                    )
                 if m is None:
                     report.dropped.append({"name": name, "shape": list(shapes[name]), "energy": energy})
                     continue

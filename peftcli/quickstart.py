@@ -22,6 +22,7 @@ import time
 
 POSITIVE = ["wonderful", "brilliant", "delightful", "moving", "superb", "charming", "gripping", "beautiful", "funny", "clever"]
 NEGATIVE = ["dull", "tedious", "awful", "clumsy", "boring", "painful", "lifeless", "forgettable", "silly", "messy"]
+MARKER = ".peftcli-quickstart"
 TRAIN_SEED = 0  # TrainConfig.train_seed's default: the seed of the new head
 
 TEMPLATES = [
@@ -97,7 +98,13 @@ def run(model: str | None, out: str, steps: int | None = None, log=print) -> dic
     from peftcli.train.data import load_dataset
     from peftcli.train.loop import evaluate, train
 
+    marker = os.path.join(out, MARKER)
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(marker):
+        from peftcli.errors import UsageError
+
+        raise UsageError(f"{out} exists and is not a quick start directory", "pass --out with a new directory")
     os.makedirs(out, exist_ok=True)
+    open(marker, "w").close()  # reruns may replace what the quick start itself wrote here, nothing else
     if model in (None, "auto"):
         model = minilm_dir() or "tiny"
     if model == "tiny":
@@ -180,7 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="peftcli-quickstart", help="working directory (default ./peftcli-quickstart)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: one epoch)")
     args = parser.parse_args(argv)
-    result = run(args.model, args.out, args.steps)
+    from peftcli.errors import PeftcliError
+
+    try:
+        result = run(args.model, args.out, args.steps)
+    except PeftcliError as exc:
+        print(exc.one_line(), file=sys.stderr)
+        return exc.exit_code
     from rich.console import Console
     from rich.table import Table
 

@@ -6,7 +6,7 @@ a sharded directory with ``model.safetensors.index.json``, an adapter directory
 files through ``torch.load(weights_only=True)``.
 
 Opening reads headers only (kilobytes, whatever the checkpoint's size). ``get`` maps one
-tensor from its file with ``mmap``; nothing else is read until asked for.
+tensor from its file into a buffer of its own; nothing else is read until asked for.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str] = field(default_factory=dict)
     directory: str | None = None  # the model directory, where config.json and tokenizer files live
-    _maps: dict[str, "torch.UntypedStorage"] = field(default_factory=dict, repr=False)
+    _maps: dict[str, object] = field(default_factory=dict, repr=False)  # open weight files, by path
     _loaded: dict[str, "torch.Tensor"] = field(default_factory=dict, repr=False)  # pickle state dicts only
 
     # -- descriptive ------------------------------------------------------------------
@@ -100,7 +100,7 @@ class Checkpoint:
 
     # -- reading tensors --------------------------------------------------------------
     def get(self, name: str) -> "torch.Tensor":
-        """The tensor ``name``, memory-mapped from its file (copy-on-write, so writable)."""
+        """The tensor ``name``, read from its file into memory it owns (writable; the file is untouched)."""
         import torch
 
         info = self.tensors.get(name)
@@ -116,11 +116,7 @@ class Checkpoint:
             raise BadInputError(f"{info.file}: tensor {name!r}: {exc.message}") from None
         if info.numel == 0:
             return torch.empty(info.shape, dtype=dtype)
-        raw = self._raw(info)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if info.begin % itemsize:  # unaligned data (legal in the format): copy to an aligned buffer
-            raw = raw.clone()
-        return raw.view(dtype).view(info.shape)
+        return self._raw(info).view(dtype).view(info.shape)
 
     def read_bytes(self, name: str) -> bytes:
         """The raw little-endian bytes of tensor ``name`` (safetensors storage only)."""
@@ -132,21 +128,31 @@ class Checkpoint:
         return self._raw(info).numpy().tobytes()
 
     def _raw(self, info: TensorInfo) -> "torch.Tensor":
-        """The tensor's bytes as a uint8 view of the file's private (copy-on-write) mapping.
+        """The tensor's bytes, read into a buffer of its own (aligned, writable, owned).
 
-        The storage owns the mapping, so tensors stay valid after ``close`` (a bare mmap
-        under torch.frombuffer would be unmapped beneath them).
+        Not a memory map: mapped pages stay in the process's RSS until the map is closed, so a
+        streaming merge of a 14 GB checkpoint would end up holding 14 GB. A read costs the same
+        single pass over the bytes, and the memory goes when the tensor does.
         """
         import torch
 
-        storage = self._maps.get(info.file)
-        if storage is None:
-            storage = torch.UntypedStorage.from_file(info.file, shared=False, nbytes=os.path.getsize(info.file))
-            self._maps[info.file] = storage
-        return torch.empty(0, dtype=torch.uint8).set_(storage, info.begin, (info.end - info.begin,))
+        n = info.end - info.begin
+        buf = torch.empty(n, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        f = self._maps.get(info.file)
+        if f is None:
+            f = self._maps[info.file] = open(info.file, "rb", buffering=0)
+        done = 0
+        while done < n:
+            got = os.preadv(f.fileno(), [view[done:]], info.begin + done)
+            if got <= 0:
+                raise BadInputError(f"{info.file}: the file shrank while reading tensor {info.name!r}")
+            done += got
+        return buf
 
     def close(self) -> None:
-        # Tensors already handed out keep their storage (and mapping) alive on their own.
+        for f in self._maps.values():  # tensors already handed out own their bytes
+            f.close()
         self._maps.clear()
         self._loaded.clear()
 

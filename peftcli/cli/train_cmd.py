@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -94,6 +95,8 @@ def train(run, resume, force, quiet, nproc, as_json, **options):
     progress = None if quiet else Progress(log_every)
     log = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
     summary = run_training(run, cfg, resume=resume, force=force, log=log, progress=progress)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun only rank 0 reports
     if as_json:
         emit_json({"schema": "peftcli.train/1", **summary})
         return

@@ -152,7 +152,7 @@ def merge(
                         CheckpointWriter(
                             out, specs, metadata=metadata, max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE,
                             source_dir=ckpt.directory, inputs=[base, *inputs], force=force, shard_plan=plan,
-                            extra_files={"config.json": layout.config_json} if layout else None,
+                            extra_files=_config_files(ckpt, layout, dtype),
                         )
                     )
                     order = writer.specs
@@ -180,3 +180,14 @@ def stdout_stream() -> BinaryIO:
     if sys.stdout.isatty():
         raise UsageError("refusing to write a binary checkpoint to a terminal", "pass -o OUTPUT or redirect stdout to a file")
     return sys.stdout.buffer
+
+
+def _config_files(ckpt, layout, dtype: str | None) -> dict[str, bytes] | None:
+    """config.json when the merge changes what it says: a head model, or another dtype."""
+    if layout is None and (dtype is None or ckpt.config is None):
+        return None
+    config = json.loads(layout.config_json) if layout is not None else dict(ckpt.config)
+    if dtype is not None:
+        name = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}[dtype]
+        config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = name
+    return {"config.json": (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}

@@ -48,7 +48,9 @@ def _hashes(files: list[str]) -> dict[str, str]:
 
 def _diff_source(path: str, base: Checkpoint) -> Source:
     diff = read_diff(path)
-    check_base(diff, base)
+    # The content hash too, when the diff has one: a diff of another base with the same
+    # architecture has the same tensor table but would merge into silently wrong weights.
+    check_base(diff, base, content=diff.fingerprint.content is not None)
 
     def delta(name: str):
         def compute(stored: torch.Tensor) -> torch.Tensor:

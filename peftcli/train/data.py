@@ -42,13 +42,16 @@ class Dataset:
         out = []
         for n, ex in enumerate(self.examples):
             if ex.label not in index:
-                raise BadInputError(f"{self.path}: example {n + 1} has label {ex.label!r}, unknown to the training labels {mapping}")
+                raise BadInputError(
+                    f"{self.path}: example {n + 1} has label {ex.label!r}, unknown to the training labels {mapping}",
+                    "evaluation data must use the training data's labels",
+                )
             out.append(index[ex.label])
         return out
 
 
 def _rows_jsonl(path: str):
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not data
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -62,7 +65,7 @@ def _rows_jsonl(path: str):
 
 
 def _rows_delimited(path: str, delimiter: str):
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a BOM must not hide the header
         quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL  # TSV text keeps its quotes
         reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
         try:
@@ -146,6 +149,8 @@ def load_dataset(path: str, task: str | None = None, limit: int | None = None) -
     if not examples:
         raise BadInputError(f"{path}: no examples", "the data file is empty")
     labels = sorted({ex.label for ex in examples}, key=_label_order) if detected == "classify" else []
+    if detected == "classify" and task is None and len(labels) < 2:
+        raise BadInputError(f"{path}: only one distinct label ({labels[0]!r})", "classification needs at least two classes")
     return Dataset(path=path, task=detected, examples=examples, labels=labels)
 
 

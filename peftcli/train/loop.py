@@ -210,6 +210,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total))
 
     step, epoch, offset = 0, 0, 0
+    recent_losses: list[float] = []
     best = {"eval_loss": None, "step": None, "eval_accuracy": None}
     bad_evals = 0
     metrics_path = os.path.join(run, METRICS_FILE)
@@ -220,6 +221,9 @@ def train(
         ckpt_state.set_rng_state(st["rng"])
         step, epoch, offset = st["step"], st["epoch"], st["offset"]
         best, bad_evals = st["best"], st["bad_evals"]
+        recent_losses = list(st.get("recent_losses", []))
+        if step >= total or (cfg.patience is not None and bad_evals >= cfg.patience):
+            raise UsageError(f"{run}: nothing to resume, the run already finished at step {step}", "start a new run to train further")
         if world.main:
             _truncate_metrics(metrics_path, step)
     elif world.main:
@@ -235,16 +239,22 @@ def train(
     order = epoch_order(len(train_items), cfg.train_seed, epoch)
     left_pad = data.task == "classify" and is_decoder(model_dir)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    start_time, tokens, losses = time.perf_counter(), 0, []
+    start_time, tokens, losses = time.perf_counter(), 0, (recent_losses if checkpoint is not None else [])
     stopped_early = False
 
     def trainer_state() -> dict:
         return {
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": ckpt_state.rng_state(),
             "step": step, "epoch": epoch, "offset": offset, "best": best, "bad_evals": bad_evals,
+            "recent_losses": losses[-cfg.log_every :],  # so the first metrics line after a resume is the same
         }
 
     global_batch = cfg.batch_size * world.size
+    if world.distributed and len(train_items) < global_batch:
+        raise UsageError(
+            f"{len(train_items)} training examples are fewer than one global batch ({cfg.batch_size} × {world.size} workers)",
+            "lower --batch-size or --nproc",
+        )
 
     def next_batch():
         nonlocal epoch, offset, order
