@@ -292,3 +292,22 @@ def test_full_fine_tuning_never_writes_into_the_base(tiny_llama, data, tmp_path)
     assert result.exit_code == 2 and "would overwrite the input" in result.stderr
     missing = CliRunner().invoke(cli, ["train", str(tmp_path / "x"), "--full", "--data", data["lm"]])
     assert missing.exit_code == 2 and "--full needs --model" in missing.stderr
+
+
+def test_two_gloo_workers_equal_one_process_with_the_same_global_batch(tiny_llama, data, tmp_path):
+    # Llama has no dropout, so both runs see the same computation up to the gradient all-reduce.
+    one, two = _run(tiny_llama, tmp_path, "one"), _run(tiny_llama, tmp_path, "two")
+    common = ["--data", data["cls"], "--steps", "4", "--lr", "1e-2", "--quiet"]
+    subprocess.run([sys.executable, "-m", "peftcli", "train", one, *common, "--batch-size", "8"], check=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "peftcli", "train", two, *common, "--batch-size", "4", "--nproc", "2", "--json"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count('"schema"') == 1  # one report, from rank 0
+    a = load_file(os.path.join(one, "adapter_model.safetensors"))
+    b = load_file(os.path.join(two, "adapter_model.safetensors"))
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k)  # it trained
