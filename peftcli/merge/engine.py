@@ -129,12 +129,23 @@ def merge(
                 if not touched and out_dtype[name] == info.dtype and ckpt.storage != "pickle":
                     return ckpt.read_bytes(name), False
                 stored = ckpt.get(name)
-                if touched:
+                if touched and method == "linear":
+                    # Σ λᵢφᵢ accumulated one input at a time (the same operations, in the same
+                    # order, as combine's weighted sum), so only one φ is alive at once.
+                    result = torch.zeros(stored.shape, dtype=torch.float32)
+                    for i, s in touched:
+                        phi = s.deltas[name](stored)
+                        result.add_(phi, alpha=lam[i])
+                        del phi
+                    result.add_(stored)  # θ₀ + Σ λᵢφᵢ in fp32; one cast at the end
+                elif touched:
                     # Every input takes part (zero where it does not touch this tensor): the same
                     # result for every method, and DARE's mask for input i depends on i alone.
                     phis = [s.deltas[name](stored) if name in s.deltas else torch.zeros(stored.shape) for s in sources]
-                    combined = combine(phis, lam, method, density=density, seed=seed, key=name)
-                    result = stored.float() + combined  # fp32 accumulation, one cast at the end
+                    result = combine(phis, lam, method, density=density, seed=seed, key=name)
+                    del phis
+                    result.add_(stored)  # fp32 accumulation, one cast at the end
+                if touched:
                     if not torch.isfinite(result).all():
                         raise BadInputError(f"merging gives NaN or Inf in {name!r}", "check the inputs with peftcli check")
                     return result.to(torch_dtype(out_dtype[name])).contiguous(), True

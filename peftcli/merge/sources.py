@@ -102,7 +102,11 @@ def _checkpoint_source(path: str, base: Checkpoint, allow_pickle: bool) -> Sourc
         raise BadInputError(f"{path} does not have the base's tensors: {summarize_differences(differences)}", "merge fine-tunes of this base only")
 
     def delta(name: str):
-        return lambda stored: ft.get(name).float() - stored.float()
+        def compute(stored: torch.Tensor) -> torch.Tensor:
+            phi = ft.get(name).float()
+            return phi.sub_(stored)  # upcasts stored element by element: no second fp32 copy
+
+        return compute
 
     floating = [t.name for t in base.tensors.values() if t.dtype in ("F16", "BF16", "F32", "F64")]
     return Source(path, "checkpoint", {n: delta(n) for n in floating}, _hashes(ft.files), ft.close)
