@@ -33,7 +33,6 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sparse_checkpoint import llama7b_specs  # noqa: E402
 
-from peftcli.checkpoint.writer import build_header, plan_shards, shard_name  # noqa: E402
 
 MB = 10**6
 PEFTCLI = [sys.executable, "-m", "peftcli"]
@@ -197,25 +196,10 @@ def big_specs(target_bytes: int):
 
 
 def write_sparse(out: str, specs, n_layers: int) -> None:
+    from sparse_checkpoint import build_sparse_checkpoint
+
     os.makedirs(out, exist_ok=True)
-    shards = plan_shards(specs, 5 * 10**9)
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = shard_name(i, len(shards))
-        header = build_header(shard, {"format": "pt"})
-        with open(os.path.join(out, name), "wb") as f:
-            f.write(header)
-            f.truncate(len(header) + sum(s.nbytes for s in shard))
-        weight_map.update({s.name: name for s in shard})
-    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}, f)
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
-        "num_hidden_layers": n_layers, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
-        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-    }
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(config, f)
+    build_sparse_checkpoint(out, specs, n_layers)
 
 
 def big_bench(args) -> dict:

@@ -30,8 +30,9 @@ def llama7b_specs() -> list[TensorSpec]:
     return specs
 
 
-def build_sparse_checkpoint(out: str) -> int:
-    specs = llama7b_specs()
+def build_sparse_checkpoint(out: str, specs: list[TensorSpec] | None = None, num_layers: int = 32) -> int:
+    """Write ``specs`` (default: all of Llama-2-7B) as sparse shards + index + config into ``out``."""
+    specs = specs if specs is not None else llama7b_specs()
     shards = plan_shards(specs, 5 * 10**9)
     weight_map = {}
     for i, shard in enumerate(shards):
@@ -45,7 +46,7 @@ def build_sparse_checkpoint(out: str) -> int:
         json.dump({"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}, f)
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
-        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+        "num_hidden_layers": num_layers, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
         "tie_word_embeddings": False, "torch_dtype": "bfloat16",
     }
     with open(os.path.join(out, "config.json"), "w") as f:
