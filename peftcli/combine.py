@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 from peftcli import __version__
-from peftcli.artifacts.sparse_diff import VAL, VALUES, DiffEntry, DiffMetadata, SparseDiff, StoredTensor, read_diff, write_diff
+from peftcli.artifacts.sparse_diff import VAL, VALUES, DiffEntry, DiffMetadata, SparseDiff, StoredTensor, read_diff, stored_summary, write_diff
 from peftcli.checkpoint.atomic import check_output_path
 from peftcli.checkpoint.fingerprint import Fingerprint, file_hashes
 from peftcli.errors import BadInputError, UsageError
@@ -109,11 +109,11 @@ class CombineReport:
 
     @property
     def k(self) -> int:
-        return sum(t.kept for t in self.tensors if not t.whole)
+        return stored_summary(self.tensors)["k"]
 
     @property
     def n(self) -> int:
-        return sum(t.numel for t in self.tensors if not t.whole)
+        return stored_summary(self.tensors)["n"]
 
     def to_json(self) -> dict:
         return {
@@ -124,12 +124,8 @@ class CombineReport:
             "coefficients": self.coefficients,
             "method": METHOD,
             "values": self.values,
-            "k": self.k,
-            "n": self.n,
-            "density": self.k / self.n if self.n else 0.0,
-            "dense_tensors": [t.name for t in self.tensors if t.whole],
             "bytes": self.bytes,
-            "tensors": [t.to_json() for t in self.tensors],
+            **stored_summary(self.tensors),
         }
 
 

@@ -42,7 +42,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import TYPE_CHECKING, Callable
 
 from peftcli import __version__
-from peftcli.artifacts.sparse_diff import FLOAT_DTYPES, VALUES, DiffEntry, DiffMetadata, StoredTensor, write_diff
+from peftcli.artifacts.sparse_diff import FLOAT_DTYPES, VALUES, DiffEntry, DiffMetadata, StoredTensor, stored_summary, write_diff
 from peftcli.checkpoint.atomic import check_output_path
 from peftcli.checkpoint.fingerprint import Fingerprint, file_hashes, summarize_differences, table_differences, tensor_table
 from peftcli.checkpoint.reader import Checkpoint, TensorInfo, open_checkpoint
@@ -130,11 +130,11 @@ class DiffReport:
 
     @property
     def k(self) -> int:
-        return sum(t.kept for t in self.tensors if not t.whole)
+        return stored_summary(self.tensors)["k"]
 
     @property
     def n(self) -> int:
-        return sum(t.numel for t in self.tensors if not t.whole)
+        return stored_summary(self.tensors)["n"]
 
     def to_json(self) -> dict:
         return {
@@ -143,13 +143,9 @@ class DiffReport:
             "method": self.method,
             "selection": self.selection,
             "values": self.values,
-            "k": self.k,
-            "n": self.n,
-            "density": self.k / self.n if self.n else 0.0,
-            "dense_tensors": [t.name for t in self.tensors if t.whole],
             "skipped": self.skipped,
             "bytes": self.bytes,
-            "tensors": [t.to_json() for t in self.tensors],
+            **stored_summary(self.tensors),
         }
 
 

@@ -179,6 +179,19 @@ def _dumps(obj: object) -> str:
     return json.dumps(obj, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
 
 
+def stored_summary(stored: Sequence[StoredTensor]) -> dict:
+    """What a report says about written tensors: kept K of N selectable entries, density, which are whole."""
+    k = sum(t.kept for t in stored if not t.whole)
+    n = sum(t.numel for t in stored if not t.whole)
+    return {
+        "k": k,
+        "n": n,
+        "density": k / n if n else 0.0,
+        "dense_tensors": [t.name for t in stored if t.whole],
+        "tensors": [t.to_json() for t in stored],
+    }
+
+
 def density_of(stored: Iterable[StoredTensor]) -> float:
     """Kept entries / numel over the tensors that were selected from (see the module docstring)."""
     selected = [s for s in stored if not s.whole]

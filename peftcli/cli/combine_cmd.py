@@ -70,10 +70,8 @@ def _render(doc: dict, console) -> None:
     grid.add_column(style="bold")
     grid.add_column()
     grid.add_row("combined", f"{doc['op']}: {terms}, values {doc['values']}")
-    grid.add_row("kept", f"{doc['k']:,} of {doc['n']:,} entries (density {doc['density']:.6g})")
-    sparse = sum(t["stored"] == "sparse" for t in doc["tensors"])
-    grid.add_row("tensors", f"{len(doc['tensors'])} covered: {sparse} sparse, {len(doc['tensors']) - sparse} dense")
-    if doc["dense_tensors"]:
-        grid.add_row("stored whole", f"{len(doc['dense_tensors'])} tensors, not counted in the density")
+    from peftcli.cli.diff_cmd import add_stored_rows
+
+    add_stored_rows(grid, doc)
     grid.add_row("wrote", f"{printable(doc['output'])} ({doc['bytes']:,} bytes, {human_bytes(doc['bytes'])})")
     console.print(grid)

@@ -83,6 +83,15 @@ def diff(base, finetuned, out, force, allow_pickle, as_json, **options):
         render_report(report.to_json(), stdout_console())
 
 
+def add_stored_rows(grid, doc: dict) -> None:
+    """The kept / tensors / stored-whole rows every report of a written .diff shows."""
+    grid.add_row("kept", f"{doc['k']:,} of {doc['n']:,} entries (density {doc['density']:.6g})")
+    sparse = sum(t["stored"] == "sparse" for t in doc["tensors"])
+    grid.add_row("tensors", f"{len(doc['tensors'])} covered: {sparse} sparse, {len(doc['tensors']) - sparse} dense")
+    if doc["dense_tensors"]:
+        grid.add_row("stored whole", f"{len(doc['dense_tensors'])} tensors, not counted in the density")
+
+
 def render_report(doc: dict, console) -> None:
     from rich.table import Table
 
@@ -92,11 +101,7 @@ def render_report(doc: dict, console) -> None:
     grid.add_column(style="bold")
     grid.add_column()
     grid.add_row("method", f"{doc['method']} ({doc['selection']}), values {doc['values']}")
-    grid.add_row("kept", f"{doc['k']:,} of {doc['n']:,} entries (density {doc['density']:.6g})")
-    sparse = sum(t["stored"] == "sparse" for t in doc["tensors"])
-    grid.add_row("tensors", f"{len(doc['tensors'])} covered: {sparse} sparse, {len(doc['tensors']) - sparse} dense")
-    if doc["dense_tensors"]:
-        grid.add_row("stored whole", f"{len(doc['dense_tensors'])} 1-D tensors, not counted in the density")
+    add_stored_rows(grid, doc)
     if doc["skipped"]:
         grid.add_row("not covered", f"{len(doc['skipped'])} non-floating-point tensors (equal in both)")
     grid.add_row("wrote", f"{doc['output']} ({doc['bytes']:,} bytes, {human_bytes(doc['bytes'])})")
