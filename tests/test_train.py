@@ -301,7 +301,7 @@ def test_two_gloo_workers_equal_one_process_with_the_same_global_batch(tiny_llam
     subprocess.run([sys.executable, "-m", "peftcli", "train", one, *common, "--batch-size", "8"], check=True, cwd=ROOT)
     proc = subprocess.run(
         [sys.executable, "-m", "peftcli", "train", two, *common, "--batch-size", "4", "--nproc", "2", "--json"],
-        cwd=ROOT, capture_output=True, text=True,
+        cwd=ROOT, capture_output=True, text=True, timeout=240, env=os.environ | {"PEFTCLI_DIST_TIMEOUT": "120"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count('"schema"') == 1  # one report, from rank 0

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -42,7 +43,10 @@ def setup(device_type: str) -> World:
 
     world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        # A worker that never hears from its peers should fail within minutes, not hang for
+        # torch's default 30; PEFTCLI_DIST_TIMEOUT (seconds) raises it for slow collectives.
+        timeout = timedelta(seconds=float(os.environ.get("PEFTCLI_DIST_TIMEOUT", "600")))
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout)
     if device_type == "cuda":
         torch.cuda.set_device(world.local_rank)
     return world
@@ -67,5 +71,27 @@ def launch(nproc: int, argv: list[str]) -> int:
     """Run ``peftcli <argv>`` in ``nproc`` workers through torch.distributed.run; its exit code."""
     if nproc < 1:
         raise UsageError(f"--nproc must be positive, got {nproc}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "peftcli", *argv]
-    return subprocess.run(cmd).returncode
+    # Every worker runs on this machine, so all traffic stays on loopback. Without this, torchrun
+    # hands the workers this host's name as MASTER_ADDR and gloo binds to whatever that name
+    # resolves to: on a machine whose hostname does not resolve (a CI sandbox, a container),
+    # the workers retry the lookup for the full 30-minute timeout instead of starting.
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1",
+        f"--nproc-per-node={nproc}", "-m", "peftcli", *argv,
+    ]
+    env = dict(os.environ)
+    loopback = _loopback_interface()
+    if loopback and "GLOO_SOCKET_IFNAME" not in env:
+        env["GLOO_SOCKET_IFNAME"] = loopback
+    return subprocess.run(cmd, env=env).returncode
+
+
+def _loopback_interface() -> str | None:
+    """The loopback interface's name (``lo`` on Linux, ``lo0`` on macOS), or None if unknown."""
+    import socket
+
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except (OSError, AttributeError):
+        return None
+    return next((n for n in ("lo", "lo0") if n in names), None)
