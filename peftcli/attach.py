@@ -107,7 +107,11 @@ class AdaptedModel(nn.Module):
         tensors = self._phi
         if self._export is not None:  # a trained head is saved as itself beside the exported φ
             tensors = {**self._export(), **{k: self._phi[k] for k in self._head_keys}}
-        return {self._model_key(k): t.detach().to("cpu", torch.float32).contiguous().clone() for k, t in tensors.items()}
+        # Integer tensors (a sparse φ's indices) keep their dtype; values are saved as fp32.
+        return {
+            self._model_key(k): t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype).contiguous().clone()
+            for k, t in tensors.items()
+        }
 
     def _model_key(self, key: str) -> str:
         """PEFT keys name module paths in the model they are used with: a BertModel checkpoint's
@@ -169,7 +173,12 @@ def attach_adapter(model: nn.Module, adapter: str | Adapter, model_config: dict 
     freeze(model)
     for p in attached.phi.values():
         p.requires_grad_(True)
-    return AdaptedModel(model, method, cfg, attached.phi, adapter.config, attached.input_transform, attached.export)
+    # A sparse φ's base tensors carry its gradient (hooks gather it into φ and free it at once).
+    for p in attached.extras.get("grad_carriers", ()):
+        p.requires_grad_(True)
+    adapted = AdaptedModel(model, method, cfg, attached.phi, adapter.config, attached.input_transform, attached.export)
+    adapted.grad_carriers = bool(attached.extras.get("grad_carriers"))
+    return adapted
 
 
 def _load_heads(model: nn.Module, adapter: Adapter) -> dict[str, nn.Parameter]:

@@ -32,7 +32,10 @@ def inject(
         tensors = method.init(ckpt, cfg, torch.Generator().manual_seed(seed))
         derived = method.derived_keys(cfg) if hasattr(method, "derived_keys") else set()
         created = sum(t.numel() for k, t in tensors.items() if k not in derived)
-        if created != budget.trainable:  # the budget and the init are two views of one method
+        # Methods that choose their entries by training (LT-SFT) create them in phase 1.
+        if created != budget.trainable and not (
+            getattr(method, "selects_after_training", False) or getattr(method, "trains_in_rounds", False)
+        ):  # the budget and the init are two views of one method
             raise AssertionError(f"{method.name}: init created {created} parameters but the budget says {budget.trainable}")
         metadata = {
             "peftcli.version": __version__,

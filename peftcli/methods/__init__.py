@@ -9,11 +9,14 @@ from peftcli.methods.bitfit import BitFit
 from peftcli.methods.ia3 import IA3
 from peftcli.methods.layers import Layers
 from peftcli.methods.lora import LoRA
+from peftcli.methods.lottery import Lottery
 from peftcli.methods.prefix import PrefixTuning
 from peftcli.methods.prompt import PromptTuning
+from peftcli.methods.sparse_ft import DiffPruning, LtSft
 
 METHODS: dict[str, Method] = {
-    m.name: m for m in (LoRA(), IA3(), BottleneckAdapter(), PrefixTuning(), PromptTuning(), BitFit(), Layers())
+    m.name: m for m in (LoRA(), IA3(), BottleneckAdapter(), PrefixTuning(), PromptTuning(), BitFit(), Layers(),
+                     LtSft(), DiffPruning(), Lottery())
 }
 
 

@@ -39,6 +39,10 @@ class TrainConfig:
     device: str = option("auto", metavar="auto|cpu|cuda", help="where to train (default auto: CUDA when present)")
     limit: int | None = option(None, help="use only the first N training examples")
     full: bool = option(False, help="full fine-tuning of --model: every parameter trains, RUN becomes a checkpoint")
+    phase1_steps: int | None = option(
+        None, help="lt-sft, diff-pruning, lottery: steps of each full fine-tuning phase/round (default: --steps)"
+    )
+    phase1_lr: float | None = option(None, help="lt-sft, diff-pruning, lottery: learning rate of the full fine-tuning (default: --lr)")
 
     def __post_init__(self) -> None:
         if self.task is not None and self.task not in TASKS:
@@ -50,7 +54,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_length", "log_every", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive")
-        for name in ("steps", "eval_every", "patience", "save_every", "limit"):
+        for name in ("steps", "eval_every", "patience", "save_every", "limit", "phase1_steps"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive")
@@ -58,6 +62,8 @@ class TrainConfig:
             raise UsageError("--epochs must be positive")
         if self.steps is not None and self.epochs is not None:
             raise UsageError("give --steps or --epochs, not both")
+        if self.phase1_lr is not None and self.phase1_lr <= 0:
+            raise UsageError("--phase1-lr must be positive")
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
             raise UsageError("--lr must be positive and --weight-decay, --warmup-steps, --max-grad-norm non-negative")
         if self.full and self.model is None:

@@ -128,6 +128,15 @@ def resolve_config(run: str, cfg: TrainConfig | None, resume: bool) -> TrainConf
     return cfg
 
 
+@dataclasses.dataclass
+class TrainHooks:
+    """What multi-phase methods add to one run of the loop (diff-pruning's L1, lottery masks)."""
+
+    start: Callable[..., None] | None = None  # (adapted, resumed) once the model is built
+    extra_loss: Callable[..., torch.Tensor] | None = None  # (adapted) -> a term added to each micro-batch loss
+    after_step: Callable[..., None] | None = None  # (adapted, step) after each optimizer step
+
+
 def train(
     run: str,
     cfg: TrainConfig | None = None,
@@ -138,7 +147,43 @@ def train(
     progress=None,
     return_model: bool = False,
 ):
-    """Train the adapter in directory ``run``; returns the final summary (and the model if asked)."""
+    """Train the run in directory ``run``; returns the final summary (and the model if asked).
+
+    Methods that train in phases or rounds (LT-SFT, diff-pruning: ``phased``; lottery tickets:
+    ``lottery``) drive this loop themselves; every other run is one pass of it.
+    """
+    config_path = os.path.join(run, "adapter_config.json")
+    if not (cfg is not None and cfg.full) and os.path.isfile(config_path):
+        from peftcli.methods import method_for_adapter_config
+
+        try:
+            method = method_for_adapter_config(_read_json(config_path), run)
+        except ValueError:
+            method = None  # not JSON: train_adapter's reader says so in one line
+        kwargs = dict(resume=resume, force=force, log=log or (lambda line: None), progress=progress, return_model=return_model)
+        if getattr(method, "selects_after_training", False):
+            from peftcli.train import phased
+
+            return phased.train(run, cfg, **kwargs)
+        if getattr(method, "trains_in_rounds", False):
+            from peftcli.train import lottery
+
+            return lottery.train(run, cfg, **kwargs)
+    return train_adapter(run, cfg, resume=resume, force=force, log=log, progress=progress, return_model=return_model)
+
+
+def train_adapter(
+    run: str,
+    cfg: TrainConfig | None = None,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    log: Callable[[str], None] | None = None,
+    progress=None,
+    return_model: bool = False,
+    hooks: TrainHooks | None = None,
+):
+    """One pass of the loop over the adapter (or, with ``cfg.full``, the whole model) in ``run``."""
     from peftcli.artifacts.adapter_dir import read_adapter
     from peftcli.attach import attach_adapter, load_base_model
 
@@ -198,8 +243,12 @@ def train(
             raise BadInputError(f"{model_dir}: cannot find the classification head to train")
         adapted.add_head(heads, "SEQ_CLS")
     adapted.to(device)
-    # DDP averages φ's gradients across workers; every worker then applies the same update.
-    forward = torch.nn.parallel.DistributedDataParallel(adapted) if world.distributed else adapted
+    # DDP averages φ's gradients across workers; every worker then applies the same update. A
+    # sparse φ's gradient reaches it through base tensors that DDP would all-reduce densely,
+    # so there the K values' gradients are averaged by hand after each step's backward passes.
+    manual_allreduce = world.distributed and getattr(adapted, "grad_carriers", False)
+    use_ddp = world.distributed and not manual_allreduce
+    forward = torch.nn.parallel.DistributedDataParallel(adapted) if use_ddp else adapted
 
     per_step = cfg.batch_size * cfg.grad_accum * world.size
     steps_per_epoch = max(1, len(train_items) // per_step)
@@ -209,6 +258,8 @@ def train(
     optimizer = torch.optim.AdamW(_param_groups(named, cfg.weight_decay), lr=cfg.lr, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total))
 
+    if hooks is not None and hooks.start is not None:
+        hooks.start(adapted, checkpoint is not None)
     step, epoch, offset = 0, 0, 0
     recent_losses: list[float] = []
     best = {"eval_loss": None, "step": None, "eval_accuracy": None}
@@ -279,14 +330,20 @@ def train(
                 tokens += int(batch["attention_mask"].sum())
                 with autocast:
                     loss = forward(**batch).loss / cfg.grad_accum
+                step_loss += float(loss.detach())  # the task loss: comparable across methods
+                if hooks is not None and hooks.extra_loss is not None:
+                    loss = loss + hooks.extra_loss(adapted) / cfg.grad_accum
                 loss.backward()
-                step_loss += float(loss.detach())
+            if manual_allreduce:
+                distributed.average_gradients(world, list(named.values()))
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(list(named.values()), cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if hooks is not None and hooks.after_step is not None:
+                hooks.after_step(adapted, step)
             losses.append(step_loss)
             lr = scheduler.get_last_lr()[0]
             if progress is not None:

@@ -1,0 +1,96 @@
+"""Lottery tickets (Frankle & Carbin, 2019): iterative magnitude pruning with rewinding.
+
+``inject lottery`` records the options; ``peftcli train`` runs the rounds
+(``peftcli.train.lottery``): train, prune ``--prune-rate`` of the remaining prunable weights
+with the smallest magnitude (``--select random``: at random, the random-ticket control),
+rewind the survivors to their values at ``--rewind-step`` (0: the pretrained start), repeat.
+``--rounds N`` prunes N times, so N + 1 trainings, the last one of the final ticket.
+
+Prunable: the matrices (2-D weights) inside the numbered layers, as in the BERT lottery-ticket
+studies (Chen et al., 2020); embeddings, norms, biases and a task head stay dense. The result
+is a checkpoint, ``RUN/ticket/`` (θ ∘ m, loadable by ``transformers``), and the mask
+``RUN/mask.safetensors`` (BOOL, keyed as the ticket's tensors) — not an adapter, so it is not
+attached or merged: use the ticket as a model directory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from peftcli.errors import BadInputError, UsageError
+from peftcli.methods import bitfit_inplace as inplace
+from peftcli.methods.base import Attached, BudgetRow
+from peftcli.options import option
+from peftcli.targets import layer_index
+
+if TYPE_CHECKING:
+    import torch
+
+LOTTERY_SELECTIONS = ("magnitude", "random")
+
+
+def prunable(shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Names of the matrices inside numbered layers, sorted."""
+    return sorted(n for n, s in shapes.items() if len(s) == 2 and n.endswith(".weight") and layer_index(n) is not None)
+
+
+@dataclass
+class LotteryConfig:
+    rounds: int = option(5, help="pruning rounds (default 5): rounds + 1 trainings, the last of the final ticket")
+    prune_rate: float = option(0.2, help="fraction of the remaining prunable weights pruned each round (default 0.2)")
+    rewind_step: int = option(0, help="rewind survivors to their values after this many steps of round 0 (default 0: the start)")
+    select: str = option("magnitude", metavar="magnitude|random", help="prune the smallest |θ| (default) or at random (control)")
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise UsageError(f"--rounds must be at least 1, got {self.rounds}")
+        if not 0 < self.prune_rate < 1:
+            raise UsageError(f"--prune-rate must be in (0, 1), got {self.prune_rate}")
+        if self.rewind_step < 0:
+            raise UsageError(f"--rewind-step must be non-negative, got {self.rewind_step}")
+        if self.select not in LOTTERY_SELECTIONS:
+            raise UsageError(f"unknown --select {self.select!r}", "choose magnitude or random")
+
+    @property
+    def final_density(self) -> float:
+        return (1.0 - self.prune_rate) ** self.rounds
+
+
+class Lottery:
+    name = "lottery"
+    trains_in_place = True
+    trains_in_rounds = True  # peftcli train runs the rounds (peftcli.train.lottery)
+    config_cls = LotteryConfig
+    summary = "Lottery tickets: iterative magnitude pruning with rewinding; the result is a sparse checkpoint."
+    peft_type = None
+    examples = (
+        "peftcli inject lottery --rounds 5 --prune-rate 0.2 model/ -o runs/lth/",
+        "peftcli train runs/lth/ --model model/ --data train.jsonl --eval dev.jsonl --phase1-steps 200",
+        "peftcli inject lottery --rounds 3 --select random model/ -o runs/random-ticket/",
+    )
+
+    def budget(self, shapes: dict[str, tuple[int, ...]], model_config: dict | None, cfg: LotteryConfig) -> list[BudgetRow]:
+        names = prunable(shapes)
+        if not names:
+            raise UsageError("this checkpoint has no matrices inside numbered layers to prune")
+        rows = [BudgetRow(n, tuple(shapes[n]), round(math.prod(shapes[n]) * cfg.final_density)) for n in names]
+        return rows
+
+    def init(self, ckpt, cfg: LotteryConfig, generator: "torch.Generator") -> dict:
+        return {}
+
+    selects_after_training = False
+
+    def adapter_config(self, ckpt, cfg: LotteryConfig) -> dict:
+        return inplace.adapter_config(ckpt, self.name, cfg)
+
+    def config_from_adapter(self, d: dict) -> LotteryConfig:
+        return inplace.config_from_adapter(d, self.name, LotteryConfig)
+
+    def attach(self, model, cfg, tensors: dict, model_config: dict) -> Attached:
+        raise BadInputError(
+            "a lottery run is not an adapter: its result is the checkpoint RUN/ticket/",
+            "train it with peftcli train RUN, then use RUN/ticket/ as a model directory",
+        )

@@ -1,0 +1,203 @@
+"""Training a lottery-ticket run: the rounds of iterative magnitude pruning with rewinding.
+
+Round r (0 … rounds) is a full fine-tuning into ``RUN/round-r/`` (the ``--full`` loop, with
+``--phase1-steps``/``--phase1-lr``) that starts from the rewind point masked by the current
+mask and re-applies the mask after every optimizer step, so pruned weights stay exactly 0.
+After each round but the last, ``--prune-rate`` of the surviving prunable weights are pruned
+(the smallest |θ| of the trained round, or at random) and the round's directory is deleted;
+the last round's directory becomes ``RUN/ticket/``. ``RUN/metrics.jsonl`` gets one line per
+round (density, steps, final loss, best validation loss/accuracy); ``RUN/lottery_state.json``
+records the next round, so ``--resume`` continues where a run was killed (inside a round,
+through that round's checkpoints).
+
+The rewind point (``RUN/rewind.safetensors``) is the model after ``--rewind-step`` steps of
+round 0 — with 0, the pretrained weights and the seeded initial head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+
+import torch
+
+from peftcli.artifacts.adapter_dir import read_adapter
+from peftcli.checkpoint.reader import open_checkpoint
+from peftcli.checkpoint.writer import save_state_dict
+from peftcli.errors import UsageError
+from peftcli.methods import method_for_adapter_config
+from peftcli.methods.lottery import prunable
+from peftcli.train import state as ckpt_state
+from peftcli.train.config import TrainConfig
+from peftcli.train.phased import phase1_config
+from peftcli.train.selection import counterparts
+
+STATE = "lottery_state.json"
+MASK = "mask.safetensors"
+REWIND = "rewind.safetensors"
+TICKET = "ticket"
+
+
+def _round_dir(run: str, r: int) -> str:
+    return os.path.join(run, f"round-{r}")
+
+
+def train(run: str, cfg: TrainConfig | None, *, resume: bool, force: bool, log, progress, return_model: bool):
+    from peftcli.train import loop
+
+    adapter = read_adapter(run)
+    method = method_for_adapter_config(adapter.config, run)
+    lcfg = method.config_from_adapter(adapter.config)
+    args_path = os.path.join(run, loop.ARGS_FILE)
+    state_path = os.path.join(run, STATE)
+    if resume:
+        if not os.path.isfile(state_path):
+            raise UsageError(f"{run}: nothing to resume (no {STATE})", "start a run with --data first")
+        cfg = TrainConfig(**loop._read_json(args_path))
+        state = loop._read_json(state_path)
+        if state["round"] > lcfg.rounds:
+            raise UsageError(f"{run}: nothing to resume, all {lcfg.rounds} rounds are done", "start a new run to train further")
+    else:
+        cfg = loop.resolve_config(run, cfg, resume=False)
+        if os.path.exists(state_path) and not force:
+            raise UsageError(f"{run} has already been trained", "pass --resume to continue it or --force to train it again")
+        for name in os.listdir(run):
+            if name.startswith("round-") or name == TICKET:
+                shutil.rmtree(os.path.join(run, name))
+            elif name in (MASK, REWIND, loop.METRICS_FILE, loop.ARGS_FILE, STATE):
+                os.unlink(os.path.join(run, name))
+        state = {"round": 0}
+    model_dir = cfg.model or adapter.config.get("base_model_name_or_path")
+    if not model_dir or not os.path.isdir(model_dir):
+        raise UsageError(f"base model directory {model_dir!r} not found", "pass --model DIR")
+    cfg = dataclasses.replace(cfg, model=model_dir)
+    if not resume:
+        loop._write_json(args_path, dataclasses.asdict(cfg))
+        loop._write_json(state_path, state)
+    with open_checkpoint(model_dir) as base:
+        base_prunable = prunable({t.name: t.shape for t in base.tensors.values()})
+
+    cfg_round = phase1_config(cfg)
+    summary = None
+    for r in range(state["round"], lcfg.rounds + 1):
+        rdir = _round_dir(run, r)
+        hooks = _hooks(run, r, lcfg, base_prunable)
+        log(f"round {r}/{lcfg.rounds}: training at density {_density(run):.4f}")
+        if resume and ckpt_state.latest_checkpoint(rdir) is not None:
+            summary = loop.train_adapter(rdir, None, resume=True, log=log, progress=progress, hooks=hooks)
+        else:
+            shutil.rmtree(rdir, ignore_errors=True)
+            summary = loop.train_adapter(rdir, cfg_round, force=True, log=log, progress=progress, hooks=hooks)
+        resume = False  # later rounds start fresh
+        density = _density(run)
+        _append_metrics(run, {
+            "round": r, "density": density, "steps": summary["steps"], "final_loss": summary["final_loss"],
+            "eval_loss": summary["best"]["eval_loss"], "eval_accuracy": summary["best"]["eval_accuracy"],
+        })
+        if r < lcfg.rounds:
+            _prune(run, rdir, lcfg, cfg.train_seed + r, base_prunable)
+            shutil.rmtree(rdir)
+        else:
+            shutil.rmtree(os.path.join(run, TICKET), ignore_errors=True)
+            os.replace(rdir, os.path.join(run, TICKET))
+        loop._write_json(state_path, {"round": r + 1})
+    summary = {**summary, "run": run, "rounds": lcfg.rounds, "density": _density(run), "ticket": os.path.join(run, TICKET)}
+    return (summary, None) if return_model else summary
+
+
+def _density(run: str) -> float:
+    path = os.path.join(run, MASK)
+    if not os.path.isfile(path):
+        return 1.0
+    with open_checkpoint(path) as ckpt:
+        kept = sum(int(ckpt.get(n).sum()) for n in ckpt.tensors)
+        total = sum(t.numel for t in ckpt.tensors.values())
+    return kept / total if total else 1.0
+
+
+def _append_metrics(run: str, row: dict) -> None:
+    import json
+
+    from peftcli.train.loop import METRICS_FILE
+
+    with open(os.path.join(run, METRICS_FILE), "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def _load(path: str, device) -> dict[str, torch.Tensor]:
+    with open_checkpoint(path) as ckpt:
+        return {n: ckpt.get(n).to(device) for n in ckpt.tensors}
+
+
+def _hooks(run: str, r: int, lcfg, base_prunable: list[str]):
+    """Start from the masked rewind point; keep pruned weights at 0; record the rewind point."""
+    from peftcli.train.loop import TrainHooks
+
+    masks: dict[str, torch.Tensor] = {}
+
+    def snapshot(adapted) -> None:
+        params = adapted.phi_parameters()
+        save_state_dict({n: p.detach().cpu() for n, p in params.items()}, os.path.join(run, REWIND), force=True)
+
+    def apply_mask(adapted) -> None:
+        params = adapted.phi_parameters()
+        with torch.no_grad():
+            for n, m in masks.items():
+                params[n].mul_(m.to(params[n].dtype))
+
+    def start(adapted, resumed: bool) -> None:
+        params = adapted.phi_parameters()
+        device = next(iter(params.values())).device
+        if os.path.isfile(os.path.join(run, MASK)):
+            masks.update(_load(os.path.join(run, MASK), device))
+        if r == 0 and lcfg.rewind_step == 0 and not resumed:
+            snapshot(adapted)
+        if r > 0 and not resumed:
+            rewind = _load(os.path.join(run, REWIND), device)
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(rewind[n])
+        apply_mask(adapted)
+
+    def after_step(adapted, step: int) -> None:
+        apply_mask(adapted)
+        if r == 0 and lcfg.rewind_step and step == lcfg.rewind_step:
+            snapshot(adapted)
+
+    return TrainHooks(start=start, after_step=after_step)
+
+
+def _prune(run: str, rdir: str, lcfg, seed: int, base_prunable: list[str]) -> None:
+    """Write the next mask: drop ``prune_rate`` of the survivors, globally across prunable tensors."""
+    from peftcli.diff import global_cuts
+
+    with open_checkpoint(os.path.join(rdir, "model.safetensors")) as trained:
+        names = counterparts(base_prunable, trained.tensors)
+        prev = _load(os.path.join(run, MASK), "cpu") if os.path.isfile(os.path.join(run, MASK)) else {}
+        survivors = {n: prev[n].reshape(-1) if n in prev else torch.ones(trained.tensors[n].numel, dtype=torch.bool) for n in names.values()}
+        alive = sum(int(m.sum()) for m in survivors.values())
+        keep = alive - int(round(alive * lcfg.prune_rate))
+
+        class Scores:
+            path = trained.path
+
+            def phi(self, name: str) -> torch.Tensor:
+                alive_here = survivors[name]
+                if lcfg.select == "random":
+                    g = torch.Generator().manual_seed(seed * 1_000_003 + sorted(survivors).index(name))
+                    score = torch.rand(alive_here.numel(), generator=g) + 1.0  # > 0 for survivors
+                else:
+                    # + the smallest positive float: a survivor at exactly 0 still outranks the pruned
+                    score = trained.get(name).float().reshape(-1).abs() + torch.finfo(torch.float32).tiny
+                return score * alive_here
+
+        scores = Scores()
+        infos = [trained.tensors[n] for n in sorted(survivors)]
+        cuts = global_cuts(trained, scores, infos, keep, None)
+        mask = {}
+        for info, (cut, _) in zip(infos, cuts):
+            flat = torch.zeros(info.numel, dtype=torch.bool)
+            flat[cut.keep(scores.phi(info.name).view(torch.int32))] = True
+            mask[info.name] = flat.view(tuple(info.shape))
+    save_state_dict(mask, os.path.join(run, MASK), force=True)

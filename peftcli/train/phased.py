@@ -1,0 +1,212 @@
+"""Training a sparse fine-tuning that chooses its entries (LT-SFT, diff-pruning): the two phases.
+
+1. Phase 1 is a full fine-tuning of the base into ``RUN/phase1/`` (the ``--full`` loop, with
+   ``--phase1-steps`` and ``--phase1-lr``; diff-pruning adds its L1 penalty on θ − θ₀).
+2. Selection (``peftcli.train.selection``): the exact global top-K by the method's score.
+   The run directory becomes a sparse adapter: K indices with values 0 (LT-SFT resets to
+   θ₀) or θ⁽¹⁾ − θ⁽⁰⁾ (diff-pruning keeps them, and its trained head). Phase 1's checkpoint
+   is then deleted (it is a full copy of the model); its metrics stay in
+   ``RUN/phase1_metrics.jsonl``.
+3. Phase 2 is the ordinary adapter loop on the K values (``sparse_phi``: O(K) optimizer
+   state), skipped by diff-pruning's ``--no-retrain``.
+4. ``RUN/phi.diff``: φ = θ⁽²⁾ − θ⁽⁰⁾ with exactly K entries, for ``merge``/``combine``.
+
+Each phase resumes on its own, so ``--resume`` after a kill in either phase ends with the
+same bytes as an uninterrupted run: phase 1 through the full loop's checkpoints, the
+selection is a deterministic function of the phase-1 checkpoint, phase 2 through the
+adapter loop's checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import torch
+
+from peftcli import __version__
+from peftcli.artifacts.adapter_dir import read_adapter, write_adapter_files
+from peftcli.checkpoint.reader import open_checkpoint
+from peftcli.errors import UsageError
+from peftcli.methods import method_for_adapter_config, sparse_phi
+from peftcli.methods.base import PEFT_PREFIX
+from peftcli.methods.sparse_ft import candidates, k_for
+from peftcli.train import state as ckpt_state
+from peftcli.train.config import TrainConfig
+
+PHASE1 = "phase1"
+PHASE1_DONE = "phase1_summary.json"
+PHASE1_METRICS = "phase1_metrics.jsonl"
+DIFF_FILE = "phi.diff"
+
+
+def phase1_config(cfg: TrainConfig) -> TrainConfig:
+    """The full fine-tuning of phase 1: ``--phase1-steps``/``--phase1-lr`` where given."""
+    steps = cfg.phase1_steps or cfg.steps
+    return dataclasses.replace(
+        cfg, full=True, steps=steps, epochs=None if cfg.phase1_steps else cfg.epochs, lr=cfg.phase1_lr or cfg.lr,
+        phase1_steps=None, phase1_lr=None,
+    )
+
+
+def train(run: str, cfg: TrainConfig | None, *, resume: bool, force: bool, log, progress, return_model: bool):
+    from peftcli.train import loop
+
+    adapter = read_adapter(run)
+    method = method_for_adapter_config(adapter.config, run)
+    mcfg = method.config_from_adapter(adapter.config)
+    selected = sparse_phi.is_selected(adapter.tensors)
+    p1 = os.path.join(run, PHASE1)
+    args_path = os.path.join(run, loop.ARGS_FILE)
+    started = selected or os.path.exists(p1) or os.path.exists(args_path)
+    if resume:
+        if not os.path.isfile(args_path):
+            raise UsageError(f"{run}: nothing to resume (no {loop.ARGS_FILE})", "start a run with --data first")
+        cfg = TrainConfig(**loop._read_json(args_path))
+    else:
+        cfg = loop.resolve_config(run, cfg, resume=False)
+        if started and not force:
+            raise UsageError(f"{run} has already been trained", "pass --resume to continue it or --force to train it again")
+        if started:
+            adapter = _reset(run, adapter)
+            selected = False
+    model_dir = cfg.model or adapter.config.get("base_model_name_or_path")
+    if not model_dir or not os.path.isdir(model_dir):
+        raise UsageError(f"base model directory {model_dir!r} not found", "pass --model DIR")
+    cfg = dataclasses.replace(cfg, model=model_dir)
+    if not resume:
+        loop._write_json(args_path, dataclasses.asdict(cfg))
+
+    if not selected:
+        summary1 = _phase1(run, cfg, method, mcfg, resume, log, progress)
+        _select(run, cfg, method, mcfg, adapter, log)
+    else:
+        summary1 = loop._read_json(os.path.join(run, PHASE1_DONE)) if os.path.isfile(os.path.join(run, PHASE1_DONE)) else None
+
+    if getattr(mcfg, "no_retrain", False):
+        summary, model = summary1, None
+        log("diff-pruning --no-retrain: the pruned phase-1 φ is the result")
+    else:
+        log("phase 2: training the selected entries only")
+        resume2 = resume and ckpt_state.latest_checkpoint(run) is not None
+        out = loop.train_adapter(run, cfg, resume=resume2, force=True, log=log, progress=progress, return_model=return_model)
+        summary, model = out if return_model else (out, None)
+        loop._write_json(args_path, dataclasses.asdict(cfg))  # the user's options, phase 1 included
+    _write_phi_diff(run, model_dir, method.name)
+    summary = {**summary, "run": run, "phase1": summary1, "k": _k_of(run)}
+    return (summary, model) if return_model else summary
+
+
+def _k_of(run: str) -> int:
+    return sum(int(i.numel()) for i, _ in sparse_phi.pairs(read_adapter(run).tensors).values())
+
+
+def _reset(run: str, adapter):
+    """Forget a previous training (``--force``): the run is as ``inject`` wrote it."""
+    from peftcli.train import loop
+
+    for name in (PHASE1, ckpt_state.CHECKPOINTS, loop.BEST_DIR):
+        shutil.rmtree(os.path.join(run, name), ignore_errors=True)
+    for name in (PHASE1_DONE, PHASE1_METRICS, DIFF_FILE, loop.METRICS_FILE, loop.ARGS_FILE, loop.LABELS_FILE):
+        if os.path.exists(os.path.join(run, name)):
+            os.unlink(os.path.join(run, name))
+    config = {k: v for k, v in adapter.config.items() if k not in ("modules_to_save", "task_type")}
+    write_adapter_files(run, config, {})
+    return read_adapter(run)
+
+
+def _phase1(run: str, cfg: TrainConfig, method, mcfg, resume: bool, log, progress) -> dict:
+    from peftcli.train import loop
+
+    p1 = os.path.join(run, PHASE1)
+    done = os.path.join(run, PHASE1_DONE)
+    if os.path.isfile(done) and os.path.isfile(os.path.join(p1, "model.safetensors")):
+        return loop._read_json(done)  # killed after phase 1, before the selection was written
+    cfg1 = phase1_config(cfg)
+    hooks = _l1_hooks(mcfg.l1, cfg.model) if getattr(mcfg, "l1", 0.0) else None
+    log(f"phase 1: full fine-tuning for {cfg1.steps or cfg1.epochs} {'steps' if cfg1.steps else 'epochs'}")
+    if resume and ckpt_state.latest_checkpoint(p1) is not None:
+        summary = loop.train_adapter(p1, None, resume=True, log=log, progress=progress, hooks=hooks)
+    else:
+        shutil.rmtree(p1, ignore_errors=True)
+        summary = loop.train_adapter(p1, cfg1, force=True, log=log, progress=progress, hooks=hooks)
+    summary = {k: v for k, v in summary.items() if k != "labels"}
+    loop._write_json(done, summary)
+    return summary
+
+
+def _select(run: str, cfg: TrainConfig, method, mcfg, adapter, log) -> None:
+    """Choose the K entries from phase 1 and write the run as a selected sparse adapter."""
+    from peftcli.train import loop
+    from peftcli.train.selection import select
+
+    p1 = os.path.join(run, PHASE1)
+    with open_checkpoint(cfg.model) as base, open_checkpoint(p1) as trained:
+        names = candidates({t.name: t.shape for t in base.tensors.values()})
+        n = sum(base.tensors[x].numel for x in names)
+        k = k_for(mcfg, n)
+        sel = select(base, trained, names, k, mcfg.select, cfg.train_seed)
+    log(f"selected {sel.k:,} of {n:,} entries ({100.0 * sel.k / n:.4g}%) by {mcfg.select}")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, idx in sel.indices.items():
+        tensors[name + sparse_phi.IDX] = idx
+        tensors[name + sparse_phi.VAL] = torch.zeros(idx.numel()) if method.resets_after_phase1 else sel.values[name]
+    config = dict(adapter.config)
+    if not method.resets_after_phase1 and sel.head:
+        # Diff-pruning keeps all of phase 1 but what it prunes: the trained head too.
+        heads = loop._head_modules(list(sel.head))
+        tensors.update({PEFT_PREFIX + n: t for n, t in sel.head.items()})
+        config.update(modules_to_save=heads, task_type="SEQ_CLS")
+    write_adapter_files(run, config, tensors, metadata={"peftcli.version": __version__, "peftcli.method": method.name})
+    metrics = os.path.join(p1, loop.METRICS_FILE)
+    if os.path.isfile(metrics):
+        shutil.copyfile(metrics, os.path.join(run, PHASE1_METRICS))
+    labels = os.path.join(p1, loop.LABELS_FILE)
+    if os.path.isfile(labels):
+        shutil.copyfile(labels, os.path.join(run, loop.LABELS_FILE))
+    shutil.rmtree(p1)
+
+
+def _l1_hooks(l1: float, model_dir: str):
+    """Diff-pruning's penalty λ·mean|θ − θ₀| over the base's parameters (not a new head)."""
+    from peftcli.train.loop import TrainHooks
+    from peftcli.train.selection import counterparts
+
+    theta0: dict[str, torch.Tensor] = {}
+
+    def start(adapted, resumed: bool) -> None:
+        params = adapted.phi_parameters()
+        with open_checkpoint(model_dir) as base:
+            for base_name, name in counterparts(candidates({t.name: t.shape for t in base.tensors.values()}), params).items():
+                theta0[name] = base.get(base_name).to(params[name].device, params[name].dtype)
+
+    def extra_loss(adapted):
+        params = adapted.phi_parameters()
+        total = sum(v.numel() for v in theta0.values())
+        return l1 * sum((params[n] - t).abs().sum() for n, t in theta0.items()) / total
+
+    return TrainHooks(start=start, extra_loss=extra_loss)
+
+
+def _write_phi_diff(run: str, model_dir: str, method: str) -> None:
+    """``RUN/phi.diff``: the adapter's sparse φ in the ``.diff`` format (exactly its K entries)."""
+    from peftcli.artifacts.sparse_diff import FLOAT_DTYPES, DiffEntry, DiffMetadata, write_diff
+    from peftcli.checkpoint.fingerprint import Fingerprint
+
+    found = sparse_phi.pairs(read_adapter(run).tensors)
+    with open_checkpoint(model_dir) as base:
+        names = [n for n in candidates({t.name: t.shape for t in base.tensors.values()}) if base.tensors[n].dtype in FLOAT_DTYPES]
+        entries = []
+        for name in names:
+            info = base.tensors[name]
+            idx, val = found.get(name, (torch.zeros(0, dtype=torch.int64), torch.zeros(0)))
+            entries.append(DiffEntry(name, info.dtype, tuple(info.shape), int(idx.numel()), lambda i=idx, v=val: (i, v.float())))
+        provenance = {
+            "tool": "peftcli", "version": __version__, "command": "train", "method": method,
+            "inputs": {"base": os.path.abspath(model_dir), "run": os.path.abspath(run)},
+            "options": json.loads(json.dumps(read_adapter(run).config.get("peftcli", {}))),
+        }
+        fingerprint = Fingerprint.of(base, names)
+        write_diff(os.path.join(run, DIFF_FILE), entries, DiffMetadata(method, fingerprint, provenance), values="fp32", force=True, inputs=[model_dir])

