@@ -247,6 +247,8 @@ def test_untrained_sparse_runs_are_refused_in_one_line(tiny_llama, tmp_path):
     result = CliRunner().invoke(cli, ["merge", tiny_llama, run, "-o", str(tmp_path / "m")])
     assert result.exit_code == 1 and "has not been trained yet" in result.stderr and "Traceback" not in result.output
     assert not os.path.exists(tmp_path / "m")
+    ddp = CliRunner().invoke(cli, ["train", run, "--data", "x.jsonl", "--nproc", "2"])
+    assert ddp.exit_code == 2 and "--nproc is not supported" in ddp.stderr
     missing = CliRunner().invoke(cli, ["inject", "lt-sft", tiny_llama, "-o", str(tmp_path / "x")])
     assert missing.exit_code == 2 and "--density or --top-k" in missing.stderr and not os.path.exists(tmp_path / "x")
 

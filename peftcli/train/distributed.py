@@ -59,17 +59,6 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def average_gradients(world: World, params: list) -> None:
-    """All-reduce and average ``params``' gradients (what DDP does, for φ that DDP cannot see)."""
-    import torch.distributed as dist
-
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-        p.grad /= world.size
-
-
 def teardown(world: World) -> None:
     if world.distributed:
         import torch.distributed as dist

@@ -152,14 +152,10 @@ def train(
     Methods that train in phases or rounds (LT-SFT, diff-pruning: ``phased``; lottery tickets:
     ``lottery``) drive this loop themselves; every other run is one pass of it.
     """
-    config_path = os.path.join(run, "adapter_config.json")
-    if not (cfg is not None and cfg.full) and os.path.isfile(config_path):
-        from peftcli.methods import method_for_adapter_config
-
-        try:
-            method = method_for_adapter_config(_read_json(config_path), run)
-        except ValueError:
-            method = None  # not JSON: train_adapter's reader says so in one line
+    method = None if (cfg is not None and cfg.full) else multi_phase_method(run)
+    if method is not None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError(*_NO_DDP(method.name))
         kwargs = dict(resume=resume, force=force, log=log or (lambda line: None), progress=progress, return_model=return_model)
         if getattr(method, "selects_after_training", False):
             from peftcli.train import phased
@@ -170,6 +166,26 @@ def train(
 
             return lottery.train(run, cfg, **kwargs)
     return train_adapter(run, cfg, resume=resume, force=force, log=log, progress=progress, return_model=return_model)
+
+
+def multi_phase_method(run: str):
+    """The method of ``run`` if it trains in phases or rounds (LT-SFT, diff-pruning, lottery), else None."""
+    config_path = os.path.join(run, "adapter_config.json")
+    if not os.path.isfile(config_path):
+        return None
+    from peftcli.methods import method_for_adapter_config
+
+    try:
+        method = method_for_adapter_config(_read_json(config_path), run)
+    except (ValueError, BadInputError):
+        return None  # train_adapter's reader reports a broken config in one line
+    phased = getattr(method, "selects_after_training", False) or getattr(method, "trains_in_rounds", False)
+    return method if phased else None
+
+
+def _NO_DDP(name: str) -> tuple[str, str]:
+    # Each phase/round is its own pass of the loop, with its own process group and files.
+    return (f"{name} runs train in one process: --nproc is not supported for them yet", "drop --nproc")
 
 
 def train_adapter(
@@ -243,12 +259,8 @@ def train_adapter(
             raise BadInputError(f"{model_dir}: cannot find the classification head to train")
         adapted.add_head(heads, "SEQ_CLS")
     adapted.to(device)
-    # DDP averages φ's gradients across workers; every worker then applies the same update. A
-    # sparse φ's gradient reaches it through base tensors that DDP would all-reduce densely,
-    # so there the K values' gradients are averaged by hand after each step's backward passes.
-    manual_allreduce = world.distributed and getattr(adapted, "grad_carriers", False)
-    use_ddp = world.distributed and not manual_allreduce
-    forward = torch.nn.parallel.DistributedDataParallel(adapted) if use_ddp else adapted
+    # DDP averages φ's gradients across workers; every worker then applies the same update.
+    forward = torch.nn.parallel.DistributedDataParallel(adapted) if world.distributed else adapted
 
     per_step = cfg.batch_size * cfg.grad_accum * world.size
     steps_per_epoch = max(1, len(train_items) // per_step)
@@ -334,8 +346,6 @@ def train_adapter(
                 if hooks is not None and hooks.extra_loss is not None:
                     loss = loss + hooks.extra_loss(adapted) / cfg.grad_accum
                 loss.backward()
-            if manual_allreduce:
-                distributed.average_gradients(world, list(named.values()))
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(list(named.values()), cfg.max_grad_norm)
             optimizer.step()
