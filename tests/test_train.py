@@ -311,3 +311,24 @@ def test_two_gloo_workers_equal_one_process_with_the_same_global_batch(tiny_llam
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
     assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k)  # it trained
+
+
+def test_lm_eval_loss_is_the_mean_over_predicted_tokens_whatever_the_batch_size(tiny_llama, data):
+    from peftcli.attach import load_base_model
+    from peftcli.train.batching import encode, load_tokenizer
+    from peftcli.train.loop import evaluate
+
+    model = load_base_model(tiny_llama, "AutoModelForCausalLM")
+    tok = load_tokenizer(tiny_llama)
+    items = encode(load_dataset(data["sft"], None, 10), tok, 32, None)  # ragged, prompt tokens ignored
+    total, tokens = 0.0, 0
+    with torch.no_grad():  # independent reference: summed cross-entropy, one example at a time
+        for it in items:
+            logits = model(input_ids=torch.tensor([it["input_ids"]])).logits[0, :-1]
+            labels = torch.tensor(it["labels"][1:])
+            keep = labels != -100
+            total += float(torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum"))
+            tokens += int(keep.sum())
+    for bs in (1, 3, 10):
+        got = evaluate(model, items, tok.pad_token_id, bs, torch.device("cpu"), "sft")["eval_loss"]
+        assert got == pytest.approx(total / tokens, rel=1e-5), bs

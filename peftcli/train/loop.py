@@ -420,21 +420,33 @@ def is_decoder(model_dir: str) -> bool:
 
 
 def evaluate(adapted, items: list[dict], pad_id: int, batch_size: int, device, task: str, left_pad: bool = False) -> dict:
-    """Mean validation loss (per example) and, for classification, accuracy."""
+    """Validation loss and, for classification, accuracy.
+
+    The loss is the mean over what the training loss averages: examples for classification,
+    predicted tokens for ``lm``/``sft`` (a batch's loss is its mean over tokens, so weighting
+    batches by examples would make the number depend on the batch size and on padding).
+    """
+    from peftcli.train.batching import IGNORE
+
     adapted.eval()
-    total_loss, n, correct = 0.0, 0, 0
+    total_loss, n, correct, examples = 0.0, 0, 0, 0
     with torch.no_grad():
         for i in range(0, len(items), batch_size):
             chunk = items[i : i + batch_size]
             batch = {k: v.to(device) for k, v in collate(chunk, pad_id, left_pad).items()}
             out = adapted(**batch)
-            total_loss += float(out.loss) * len(chunk)
-            n += len(chunk)
             if task == "classify":
+                weight = len(chunk)
                 correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+            else:  # causal LM losses predict token t+1 from t: the first label never counts
+                weight = int((batch["labels"][:, 1:] != IGNORE).sum())
+            total_loss += float(out.loss) * weight if weight else 0.0
+            n += weight
+            examples += len(chunk)
+    n = max(n, 1)
     result = {"eval_loss": total_loss / n}
     if task == "classify":
-        result["eval_accuracy"] = correct / n
+        result["eval_accuracy"] = correct / examples
     return result
 
 
