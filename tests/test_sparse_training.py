@@ -270,6 +270,10 @@ def test_lottery_rounds_prune_rewind_and_write_a_ticket(tiny_llama, data, tmp_pa
     assert all(".layers." in n for n in mask)  # embeddings and the head stay dense
     model = AutoModelForSequenceClassification.from_pretrained(os.path.join(run, "ticket"), local_files_only=True)
     assert model.config.num_labels == 2
+    plotted = CliRunner().invoke(cli, ["plot", run, "--json"])
+    assert plotted.exit_code == 0, plotted.stderr
+    doc = json.loads(plotted.stdout)
+    assert doc["kind"] == "rounds" and open(doc["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     if select == "magnitude":
         # Rewinding to step 0: survivors of the final ticket start from θ₀ in every round, so
         # the round-1 mask's survivors are the largest |θ| of round 0's trained weights, which
