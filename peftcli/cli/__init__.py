@@ -124,6 +124,7 @@ from peftcli.cli import (  # noqa: E402
     inspect_cmd,
     merge_cmd,
     plot_cmd,
+    run_cmd,
     train_cmd,
 )
 
@@ -136,4 +137,6 @@ cli.add_command(merge_cmd.merge)
 cli.add_command(convert_cmd.convert)
 cli.add_command(combine_cmd.combine)
 cli.add_command(check_cmd.check)
+cli.add_command(run_cmd.run)
+cli.add_command(run_cmd.evaluate)
 cli.add_command(completion_cmd.completion)

@@ -1,0 +1,268 @@
+"""Module level: the validation loss (and accuracy) of a model on a data file.
+
+MODEL is a base checkpoint, an adapter directory (a training run, or its ``best/``) or a
+standalone checkpoint (``peftcli merge`` output, a ``train --full`` run). The task comes from
+the data's columns, as in training, and the numbers are those the training loop reports
+(``peftcli.train.loop.evaluate``, same batching and padding), so evaluating a run on its
+``--eval`` data gives its final validation loss.
+
+Classification needs a head. An adapter run brings the head it trained; a merged checkpoint
+of such a run has it in its weights; ``head`` takes it from another run (a merge of several
+task vectors, evaluated per task); a model with none gets a new head drawn from ``seed``,
+which with the default 0 is the head ``peftcli train`` starts from, so its accuracy is the
+"untrained" baseline. ``compare`` reports how often another model's predictions agree
+(classification: per example; language modelling: per token) and their largest logit gap.
+
+Options are declared once in ``EvalOptions`` (the ``evaluate`` flags and recipe keys); this
+module imports no torch at import time. ``python -m peftcli.evaluate MODEL --data FILE``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+from peftcli.errors import BadInputError, UsageError
+from peftcli.options import option
+from peftcli.train.data import TASKS
+
+SCHEMA = "peftcli.evaluate/1"
+
+
+@dataclass
+class EvalOptions:
+    data: str | None = option(None, metavar="FILE", help="evaluation data: .jsonl, .csv or .tsv (required)")
+    base: str | None = option(None, metavar="DIR", help="base model of an adapter MODEL (default: the one the adapter records)")
+    head: str | None = option(None, metavar="RUN", help="use the classification head trained in RUN (an adapter directory)")
+    compare: str | None = option(None, metavar="OTHER", help="also report how often the model OTHER predicts what MODEL predicts")
+    min_agreement: float | None = option(None, metavar="F", help="fail (exit 1) when the agreement with --compare is below F")
+    task: str | None = option(None, metavar="lm|sft|classify", help="override the task detected from the data's columns")
+    batch_size: int = option(32, help="examples per batch (default 32)")
+    max_length: int = option(128, help="truncate examples to this many tokens (default 128)")
+    limit: int | None = option(None, help="use only the first N examples")
+    seed: int = option(0, help="seed of a new classification head, for a model without one (default 0: the head train starts from)")
+    device: str = option("auto", metavar="auto|cpu|cuda", help="where to run (default auto: CUDA when present)")
+
+    def __post_init__(self) -> None:
+        if self.data is None:
+            raise UsageError("--data is required", "e.g. --data dev.jsonl")
+        if self.task is not None and self.task not in TASKS:
+            raise UsageError(f"unknown --task {self.task!r}", "choose lm, sft or classify")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UsageError(f"unknown --device {self.device!r}", "choose auto, cpu or cuda")
+        for name in ("batch_size", "max_length"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive")
+        if self.limit is not None and self.limit <= 0:
+            raise UsageError("--limit must be positive")
+        if self.min_agreement is not None:
+            if self.compare is None:
+                raise UsageError("--min-agreement needs --compare OTHER")
+            if not 0.0 <= self.min_agreement <= 1.0:
+                raise UsageError(f"--min-agreement must be between 0 and 1, got {self.min_agreement}")
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInputError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise BadInputError(f"{path}: expected a JSON object")
+    return doc
+
+
+def _is_adapter(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+def _run_labels(adapter_dir: str) -> list[str] | None:
+    """The label order a run trained with (``best/`` keeps none of its own: the run's)."""
+    from peftcli.train.loop import LABELS_FILE
+
+    for d in (adapter_dir, os.path.dirname(os.path.normpath(adapter_dir))):
+        p = os.path.join(d, LABELS_FILE)
+        if os.path.isfile(p):
+            labels = _read_json(p).get("labels")
+            if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+                raise BadInputError(f"{p}: no list of labels", "was it written by peftcli train?")
+            return labels
+    return None
+
+
+def _checkpoint_labels(model_dir: str) -> list[str] | None:
+    """Labels of a classifier checkpoint (a merged head model, a full fine-tune), from config.json."""
+    p = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(p):
+        return None
+    cfg = _read_json(p)
+    archs = cfg.get("architectures") or []
+    id2label = cfg.get("id2label")
+    if not any(isinstance(a, str) and a.endswith("ForSequenceClassification") for a in archs) or not isinstance(id2label, dict):
+        return None
+    try:
+        return [str(id2label[k]) for k in sorted(id2label, key=int)]
+    except ValueError:
+        return None  # not transformers' "0", "1", ... keys: fall back on the data's labels
+
+
+class _Loaded:
+    """A model ready to evaluate, and what describes it."""
+
+    def __init__(self, model, kind: str, model_dir: str, head: str | None, left_pad: bool):
+        self.model, self.kind, self.model_dir, self.head, self.left_pad = model, kind, model_dir, head, left_pad
+
+
+def _model_dir(path: str, opts: EvalOptions) -> str:
+    """The checkpoint directory the model is built from: an adapter's base, else ``path`` itself."""
+    if not os.path.isdir(path):
+        raise BadInputError(f"{path}: not a model or adapter directory", "pass a checkpoint directory or a training run")
+    if not _is_adapter(path):
+        return path
+    from peftcli.artifacts.adapter_dir import read_adapter
+
+    model_dir = opts.base or read_adapter(path).config.get("base_model_name_or_path")
+    if not model_dir or not os.path.isdir(model_dir):
+        raise UsageError(f"{path}: its base model {model_dir!r} is not there", "pass --base DIR")
+    return model_dir
+
+
+def _load(path: str, opts: EvalOptions, task: str, labels: list[str] | None, pad_id: int) -> _Loaded:
+    import torch
+
+    from peftcli.artifacts.adapter_dir import read_adapter
+    from peftcli.attach import _load_heads, attach_adapter, load_base_model
+    from peftcli.train.loop import _head_modules, is_decoder
+
+    model_dir = _model_dir(path, opts)
+    adapter = read_adapter(path) if _is_adapter(path) else None
+    kwargs = {}
+    if task == "classify":
+        kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    torch.manual_seed(opts.seed)  # a new head is drawn exactly as the training loop draws it
+    model_class = "AutoModelForSequenceClassification" if task == "classify" else "AutoModelForCausalLM"
+    base, info = load_base_model(model_dir, model_class, with_info=True, **kwargs)
+    head = None
+    if task == "classify":
+        if base.config.pad_token_id is None:
+            base.config.pad_token_id = pad_id
+        head = "new" if _head_modules(info.get("missing_keys", [])) else "checkpoint"
+    model = base
+    if adapter is not None:
+        model = attach_adapter(base, adapter)
+        if task == "classify" and adapter.config.get("modules_to_save"):
+            head = "adapter"
+    if opts.head is not None:
+        if task != "classify":
+            raise UsageError("--head applies to classification data only")
+        head_run = read_adapter(opts.head)
+        if not head_run.config.get("modules_to_save"):
+            raise BadInputError(f"{opts.head}: this run trained no classification head", "pass the run of a classification task")
+        _load_heads(base, head_run)
+        head = f"from {opts.head}"
+    model.eval()
+    # Padded as the training loop pads, so a run's final validation loss comes back exactly.
+    left_pad = task == "classify" and adapter is not None and is_decoder(model_dir)
+    return _Loaded(model, "adapter" if adapter is not None else "checkpoint", model_dir, head, left_pad)
+
+
+def _predictions(loaded: _Loaded, items: list[dict], pad_id: int, batch_size: int, device, task: str):
+    """Argmax and logits per example (classification) or per real token (language modelling)."""
+    import torch
+
+    from peftcli.train.batching import collate
+
+    preds, logits = [], []
+    with torch.no_grad():
+        for i in range(0, len(items), batch_size):
+            batch = {k: v.to(device) for k, v in collate(items[i : i + batch_size], pad_id, loaded.left_pad).items()}
+            batch.pop("labels", None)
+            out = loaded.model(**batch).logits.float()
+            if task != "classify":
+                out = out[batch["attention_mask"].bool()]
+            preds.append(out.argmax(-1).cpu())
+            logits.append(out.cpu())
+    return torch.cat(preds), torch.cat(logits)
+
+
+def evaluate(model: str, opts: EvalOptions) -> dict:
+    """Evaluate ``model`` on ``opts.data``; returns the ``peftcli.evaluate/1`` document."""
+    import dataclasses
+
+    from peftcli.train.batching import encode, load_tokenizer
+    from peftcli.train.data import load_dataset
+    from peftcli.train.loop import _resolve_device
+    from peftcli.train.loop import evaluate as loop_evaluate
+
+    data = load_dataset(opts.data, opts.task, opts.limit)
+    if not data.examples:
+        raise BadInputError(f"{opts.data}: no examples to evaluate on")
+    task = data.task
+    labels = None
+    if task == "classify":
+        labels = (
+            (_run_labels(opts.head) if opts.head else None)
+            or (_run_labels(model) if _is_adapter(model) else _checkpoint_labels(model))
+            or data.labels
+        )
+    device = _resolve_device(opts.device)
+    tokenizer = load_tokenizer(_model_dir(model, opts))
+    items = encode(data, tokenizer, opts.max_length, labels)
+    pad_id = tokenizer.pad_token_id
+
+    loaded = _load(model, opts, task, labels, pad_id)
+    loaded.model.to(device)
+    result = loop_evaluate(loaded.model, items, pad_id, opts.batch_size, device, task, loaded.left_pad)
+    doc = {
+        "schema": SCHEMA, "model": model, "kind": loaded.kind, "base": loaded.model_dir if loaded.kind == "adapter" else None,
+        "data": opts.data, "task": task, "examples": len(items), "head": loaded.head, "labels": labels, **result,
+    }
+    if opts.compare is not None:
+        ours = _predictions(loaded, items, pad_id, opts.batch_size, device, task)
+        del loaded  # one model in memory at a time
+        other = _load(opts.compare, dataclasses.replace(opts, compare=None, min_agreement=None), task, labels, pad_id)
+        other.model.to(device)
+        theirs = _predictions(other, items, pad_id, opts.batch_size, device, task)
+        agreement = float((ours[0] == theirs[0]).float().mean())
+        gap = float((ours[1] - theirs[1]).abs().max())
+        doc["compare"] = {"model": opts.compare, "agreement": agreement, "max_logit_gap": gap}
+        if opts.min_agreement is not None and agreement < opts.min_agreement:
+            raise BadInputError(
+                f"{model} and {opts.compare} agree on {100 * agreement:.2f}% of the predictions, "
+                f"below --min-agreement {opts.min_agreement:g}",
+                f"their largest logit gap is {gap:.3g}",
+            )
+    return doc
+
+
+def describe(doc: dict) -> str:
+    """One line: the numbers of an evaluation document."""
+    text = f"eval_loss {doc['eval_loss']:.4f}"
+    if doc.get("eval_accuracy") is not None:
+        text += f", accuracy {doc['eval_accuracy']:.4f}"
+    text += f" on {doc['examples']} examples"
+    if doc.get("head") == "new":
+        text += " (new, untrained head)"
+    if doc.get("compare"):
+        c = doc["compare"]
+        text += f"; agrees with {c['model']} on {100 * c['agreement']:.1f}% (max logit gap {c['max_logit_gap']:.2e})"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m peftcli.evaluate``: the ``evaluate`` command with the CLI's error contract."""
+    from peftcli.cli import _report
+    from peftcli.cli.run_cmd import evaluate as command
+
+    try:
+        command.main(argv, prog_name="python -m peftcli.evaluate", standalone_mode=False)
+    except BaseException as exc:  # noqa: BLE001 - errors become one line and an exit code, as in peftcli
+        return _report(exc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
