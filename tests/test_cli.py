@@ -178,3 +178,41 @@ def test_a_weights_file_inside_a_model_directory_uses_its_config(tiny_gpt2):
     doc = json.loads(run("inspect", os.path.join(tiny_gpt2, "model.safetensors"), "--json", "--budget", "lora", "--rank", "2").stdout)
     assert doc["config"]["model_type"] == "gpt2" and doc["config"]["intermediate_size"] == 256
     assert doc["budget"]["targets"][0]["shape"] == [192, 64]  # Conv1D [in, out] read as [out, in]
+
+
+def _leaves(group, prefix=()):
+    for name, cmd in sorted(group.commands.items()):
+        if hasattr(cmd, "commands"):
+            yield from _leaves(cmd, (*prefix, name))
+        else:
+            yield (*prefix, name)
+
+
+LEAVES = list(_leaves(cli))
+
+
+@pytest.mark.parametrize("path", LEAVES, ids=" ".join)
+def test_every_command_takes_json_and_quiet(path):
+    result = run(*path, "--help")
+    assert result.exit_code == 0
+    assert "--json" in result.stdout and "--quiet" in result.stdout, path
+
+
+def test_every_subcommand_is_documented_in_the_readme():
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    for name in cli.commands:
+        assert f"### `peftcli {name}" in readme, f"README has no section for peftcli {name}"
+    assert "`--quiet`" in readme
+
+
+def test_quiet_leaves_stderr_empty_but_for_the_error(tiny_llama, tmp_path):
+    ok = run("inject", "lora", tiny_llama, "-o", str(tmp_path / "run"), "--quiet")
+    assert ok.exit_code == 0 and ok.stderr == "" and os.path.isdir(tmp_path / "run")
+    noisy = run("merge", tiny_llama, str(tmp_path / "run"), "-o", str(tmp_path / "merged"))
+    assert noisy.exit_code == 0
+    quiet = run("merge", tiny_llama, str(tmp_path / "run"), "-o", str(tmp_path / "merged2"), "--quiet")
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+    bad = run("inspect", str(tmp_path / "missing.safetensors"), "--quiet")
+    assert bad.exit_code == 1 and len(bad.stderr.strip().splitlines()) == 1 and "missing.safetensors" in bad.stderr
+    assert run("completion", "bash", "--json").exit_code == 0
+    assert json.loads(run("completion", "bash", "--json").stdout)["shell"] == "bash"

@@ -34,13 +34,18 @@ class PeftcliGroup(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         global _debug
         _debug = bool(os.environ.get("PEFTCLI_DEBUG"))
+        from peftcli.cli.output import restore_stderr
+
         try:
             rv = super().main(args, prog_name or "peftcli", complete_var, standalone_mode=False, **extra)
         except BaseException as exc:  # noqa: BLE001 - this is the one place errors become exit codes
             code = _report(exc)
+            restore_stderr()
             if not standalone_mode:
                 raise
             sys.exit(code)
+        finally:
+            restore_stderr()
         code = rv if isinstance(rv, int) else 0
         if standalone_mode:
             sys.exit(code)
@@ -48,11 +53,11 @@ class PeftcliGroup(click.Group):
 
 
 def _fail(message: str, code: int, exc: BaseException) -> int:
-    if _debug:
-        traceback.print_exception(exc, file=sys.stderr)
-    from peftcli.cli.output import printable
+    from peftcli.cli.output import error_stream, printable
 
-    click.echo(printable(" ".join(message.split())), err=True)
+    if _debug:
+        traceback.print_exception(exc, file=error_stream())
+    click.echo(printable(" ".join(message.split())), file=error_stream())
     return code
 
 
@@ -63,7 +68,9 @@ def _report(exc: BaseException) -> int:
     if isinstance(exc, PeftcliError):
         return _fail(exc.one_line(), exc.exit_code, exc)
     if isinstance(exc, click.exceptions.NoArgsIsHelpError):
-        click.echo(exc.ctx.get_help() if exc.ctx else "", err=True)
+        from peftcli.cli.output import error_stream
+
+        click.echo(exc.ctx.get_help() if exc.ctx else "", file=error_stream())
         return EXIT_USAGE
     if isinstance(exc, click.UsageError):
         cmd = exc.ctx.command_path if exc.ctx else "peftcli"
@@ -140,3 +147,7 @@ cli.add_command(check_cmd.check)
 cli.add_command(run_cmd.run)
 cli.add_command(run_cmd.evaluate)
 cli.add_command(completion_cmd.completion)
+
+from peftcli.cli.output import add_quiet  # noqa: E402
+
+add_quiet(cli)  # every subcommand takes --quiet, with one meaning

@@ -19,7 +19,8 @@ def completion_source(shell: str) -> str:
 
 @click.command()
 @click.argument("shell", type=click.Choice(SHELLS))
-def completion(shell: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document ({schema, shell, script}) instead of the script.")
+def completion(shell: str, as_json: bool) -> None:
     """Print the completion script for SHELL.
 
     \b
@@ -28,4 +29,9 @@ def completion(shell: str) -> None:
       peftcli completion zsh > "${fpath[1]}/_peftcli"
       peftcli completion fish > ~/.config/fish/completions/peftcli.fish
     """
-    click.echo(completion_source(shell), nl=False)
+    if as_json:
+        from peftcli.cli.output import emit_json
+
+        emit_json({"schema": "peftcli.completion/1", "shell": shell, "script": completion_source(shell)})
+    else:
+        click.echo(completion_source(shell), nl=False)

@@ -78,3 +78,48 @@ def _finite(obj):
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of tables.")
+
+
+# --quiet: nothing on stderr but the error line. sys.stderr is swapped for /dev/null while the
+# command runs, so progress bars, notes and warnings from any library go nowhere, and the
+# group prints a failure to the stream saved here (restored when the command returns).
+_real_stderr = None
+
+
+def silence_stderr() -> None:
+    global _real_stderr
+    if _real_stderr is None:
+        _real_stderr = sys.stderr
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")
+
+
+def restore_stderr() -> None:
+    global _real_stderr
+    if _real_stderr is not None:
+        silenced, sys.stderr, _real_stderr = sys.stderr, _real_stderr, None
+        silenced.close()
+
+
+def error_stream():
+    """Where the one-line error goes: stderr, also under --quiet."""
+    return _real_stderr or sys.stderr
+
+
+def _quiet_callback(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        silence_stderr()
+    return value
+
+
+QUIET_HELP = "Nothing on stderr but errors (no progress bars, notes or warnings)."
+quiet_option = click.option("--quiet", is_flag=True, callback=_quiet_callback, help=QUIET_HELP)
+
+
+def add_quiet(command: click.Command) -> None:
+    """Give ``command`` (and a group's subcommands) ``--quiet`` unless it declares its own."""
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            add_quiet(sub)
+        return
+    if not any(p.name == "quiet" for p in command.params):
+        command.params.append(click.Option(["--quiet"], is_flag=True, expose_value=False, callback=_quiet_callback, help=QUIET_HELP))

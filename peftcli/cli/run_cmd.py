@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from peftcli.cli.output import emit_json, json_option, printable, stdout_console
+from peftcli.cli.output import quiet_option, emit_json, json_option, printable, stdout_console
 from peftcli.evaluate import EvalOptions  # imports no torch: that happens inside the command
 from peftcli.options import click_options, from_options
 
@@ -20,7 +20,7 @@ from peftcli.options import click_options, from_options
 @click.option("-o", "--workdir", type=click.Path(), help="Directory the steps write into (default: the recipe's workdir, else runs/NAME).")
 @click.option("--dry-run", is_flag=True, help="Print the equivalent peftcli commands, one per step, and write nothing.")
 @click.option("--force", is_flag=True, help="Replace the outputs of an earlier run of the recipe (passes --force to every step).")
-@click.option("--quiet", is_flag=True, help="No progress on stderr.")
+@quiet_option
 @json_option
 def run(recipe, overrides, workdir, dry_run, force, quiet, as_json):
     """Run the steps of the YAML RECIPE in order (inspect, inject, train, diff, convert,

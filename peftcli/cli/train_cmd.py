@@ -10,7 +10,7 @@ import click
 
 from peftcli.errors import UsageError
 
-from peftcli.cli.output import emit_json, json_option, stderr_console, stdout_console, styled
+from peftcli.cli.output import quiet_option, emit_json, json_option, stderr_console, stdout_console, styled
 from peftcli.options import click_options, from_options
 from peftcli.train.config import TrainConfig
 
@@ -64,7 +64,7 @@ def _without_nproc(argv: list[str]) -> list[str]:
 @click.argument("run", type=click.Path())
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in RUN (same options as before).")
 @click.option("--force", is_flag=True, help="Train a run that was already trained again, from its current φ.")
-@click.option("--quiet", is_flag=True, help="No progress output.")
+@quiet_option
 @click.option("--nproc", type=int, default=None, help="Train data-parallel in N local workers (torch.distributed, gloo on CPU).")
 @json_option
 @click_options(TrainConfig)
