@@ -291,3 +291,20 @@ def test_lottery_random_masks_differ_from_magnitude_masks(tiny_llama, data, tmp_
         masks[select] = load_file(os.path.join(run, "mask.safetensors"))
     assert sum(int(m.sum()) for m in masks["magnitude"].values()) == sum(int(m.sum()) for m in masks["random"].values())
     assert any(not torch.equal(masks["magnitude"][n], masks["random"][n]) for n in masks["magnitude"])
+
+
+def test_dense_tensors_train_whole_outside_the_top_k(tiny_llama, data, tmp_path):
+    run = _inject(tiny_llama, tmp_path, "lt-sft", top_k=K, dense="norm")
+    summary = train(run, _cfg(data["lm"], steps=3))
+    entries = _sparse(run)
+    base = load_file(os.path.join(tiny_llama, "model.safetensors"))
+    norms = sorted(n for n in base if "norm" in n)
+    assert norms and all(entries[n][0].numel() == base[n].numel() for n in norms)
+    assert summary["k"] == K == sum(i.numel() for n, (i, _) in entries.items() if n not in norms)
+    diff = read_diff(os.path.join(run, phased.DIFF_FILE))
+    assert sorted(diff.dense_tensors) == norms
+    for n in norms:
+        idx, val = diff.get(n)
+        assert idx is None and torch.equal(val.reshape(-1), entries[n][1])
+    bad = CliRunner().invoke(cli, ["inject", "lt-sft", "--top-k", "5", "--dense", "(", tiny_llama, "-o", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "not a valid regular expression" in bad.stderr

@@ -14,8 +14,9 @@
 attaches, merges and converts like any other, and training also writes ``RUN/phi.diff``.
 
 Candidates: every floating-point tensor of the base (weights, biases, norms, embeddings),
-ranked together, so K is exact and global. A new classification head is not a candidate: it
-trains dense in both phases and is saved beside φ.
+ranked together, so K is exact and global; ``--dense REGEX`` takes tensors out of the
+ranking to train them whole (stored with every index, and whole in ``phi.diff``). A new
+classification head is not a candidate: it trains dense in both phases and is saved beside φ.
 """
 
 from __future__ import annotations
@@ -41,9 +42,26 @@ SELECTIONS = ("magnitude", "movement", "random")
 _NOT_PARAMETERS = re.compile(r"(position_ids|token_type_ids|\.attn\.(masked_)?bias)$")
 
 
-def candidates(shapes: dict[str, tuple[int, ...]]) -> list[str]:
+def candidates(shapes: dict[str, tuple[int, ...]], dense: str | None = None) -> list[str]:
     """The base tensors whose entries compete for the K places, in sorted name order."""
-    return sorted(n for n in shapes if not _NOT_PARAMETERS.search(n))
+    return sorted(n for n in shapes if not _NOT_PARAMETERS.search(n) and not is_dense(n, dense))
+
+
+def dense_tensors(shapes: dict[str, tuple[int, ...]], dense: str | None) -> list[str]:
+    """The base tensors ``--dense REGEX`` trains whole, outside the top-K, in sorted name order."""
+    return sorted(n for n in shapes if not _NOT_PARAMETERS.search(n) and is_dense(n, dense))
+
+
+def is_dense(name: str, dense: str | None) -> bool:
+    return dense is not None and re.search(dense, name) is not None
+
+
+def _check_dense(cfg) -> None:
+    if cfg.dense is not None:
+        try:
+            re.compile(cfg.dense)
+        except re.error as exc:
+            raise UsageError(f"--dense {cfg.dense!r} is not a valid regular expression ({exc})") from None
 
 
 def k_for(cfg, n: int) -> int:
@@ -64,6 +82,7 @@ def _check_size(cfg) -> None:
         raise UsageError(f"--top-k must be positive, got {cfg.top_k}")
     if cfg.select not in SELECTIONS:
         raise UsageError(f"unknown --select {cfg.select!r}", "choose " + ", ".join(SELECTIONS))
+    _check_dense(cfg)
 
 
 @dataclass
@@ -73,6 +92,9 @@ class LtSftConfig:
     select: str = option(
         "magnitude", metavar="magnitude|movement|random",
         help="rank entries by |θ1 − θ0| (default), by movement away from zero θ1² − θ0² (Sanh et al.), or at random",
+    )
+    dense: str | None = option(
+        None, metavar="REGEX", help="base tensors to train whole, outside the top-K (searched in the name, e.g. 'norm|bias')"
     )
 
     def __post_init__(self) -> None:
@@ -84,6 +106,9 @@ class DiffPruningConfig:
     density: float | None = option(None, metavar="D", help="keep the fraction D of all entries of φ (e.g. 0.005)")
     top_k: int | None = option(None, metavar="K", help="keep exactly K entries instead of a fraction")
     select: str = option("magnitude", metavar="magnitude|movement|random", help="rank entries of φ by |φ| (default), movement or at random")
+    dense: str | None = option(
+        None, metavar="REGEX", help="base tensors to train whole, outside the top-K (searched in the name, e.g. 'norm|bias')"
+    )
     l1: float = option(0.0, help="L1 penalty λ·Σ|φ| (mean over entries × λ) added to the phase-1 loss (default 0)")
     no_retrain: bool = option(False, help="keep the pruned φ of phase 1 as it is: no phase 2 fine-tuning of the kept entries")
 
@@ -102,9 +127,12 @@ class _SparseFineTuning:
     resets_after_phase1: bool
 
     def budget(self, shapes: dict[str, tuple[int, ...]], model_config: dict | None, cfg) -> list[BudgetRow]:
-        names = candidates(shapes)
+        names = candidates(shapes, cfg.dense)
+        if not names:
+            raise UsageError(f"--dense {cfg.dense!r} leaves no tensor to select entries from", "narrow the pattern")
         n = sum(math.prod(shapes[x]) for x in names)
-        return [BudgetRow(f"global top-K of {len(names)} tensors (chosen after phase 1)", (n,), k_for(cfg, n))]
+        rows = [BudgetRow(f"global top-K of {len(names)} tensors (chosen after phase 1)", (n,), k_for(cfg, n))]
+        return rows + [BudgetRow(x, tuple(shapes[x]), math.prod(shapes[x])) for x in dense_tensors(shapes, cfg.dense)]
 
     def init(self, ckpt, cfg, generator: "torch.Generator") -> dict[str, "torch.Tensor"]:
         return {}  # nothing to train before phase 1 has chosen the entries

@@ -32,7 +32,7 @@ from peftcli.checkpoint.reader import open_checkpoint
 from peftcli.errors import UsageError
 from peftcli.methods import method_for_adapter_config, sparse_phi
 from peftcli.methods.base import PEFT_PREFIX
-from peftcli.methods.sparse_ft import candidates, k_for
+from peftcli.methods.sparse_ft import candidates, dense_tensors, k_for
 from peftcli.train import state as ckpt_state
 from peftcli.train.config import TrainConfig
 
@@ -95,12 +95,16 @@ def train(run: str, cfg: TrainConfig | None, *, resume: bool, force: bool, log, 
         summary, model = out if return_model else (out, None)
         loop._write_json(args_path, dataclasses.asdict(cfg))  # the user's options, phase 1 included
     _write_phi_diff(run, model_dir, method.name)
-    summary = {**summary, "run": run, "phase1": summary1, "k": _k_of(run)}
+    summary = {**summary, "run": run, "phase1": summary1, "k": _k_of(run, mcfg)}
     return (summary, model) if return_model else summary
 
 
-def _k_of(run: str) -> int:
-    return sum(int(i.numel()) for i, _ in sparse_phi.pairs(read_adapter(run).tensors).values())
+def _k_of(run: str, mcfg) -> int:
+    """Entries chosen by the top-K (tensors trained whole by --dense not counted)."""
+    from peftcli.methods.sparse_ft import is_dense
+
+    pairs = sparse_phi.pairs(read_adapter(run).tensors)
+    return sum(int(i.numel()) for name, (i, _) in pairs.items() if not is_dense(name, mcfg.dense))
 
 
 def _reset(run: str, adapter):
@@ -143,12 +147,19 @@ def _select(run: str, cfg: TrainConfig, method, mcfg, adapter, log) -> None:
     from peftcli.train.selection import select
 
     p1 = os.path.join(run, PHASE1)
+    from peftcli.train.selection import counterparts
+
     with open_checkpoint(cfg.model) as base, open_checkpoint(p1) as trained:
-        names = candidates({t.name: t.shape for t in base.tensors.values()})
+        shapes = {t.name: t.shape for t in base.tensors.values()}
+        names = candidates(shapes, mcfg.dense)
         n = sum(base.tensors[x].numel for x in names)
         k = k_for(mcfg, n)
         sel = select(base, trained, names, k, mcfg.select, cfg.train_seed)
-    log(f"selected {sel.k:,} of {n:,} entries ({100.0 * sel.k / n:.4g}%) by {mcfg.select}")
+        dense = counterparts(dense_tensors(shapes, mcfg.dense), trained.tensors)
+        for name, theirs in dense.items():  # --dense: every entry, outside the top-K
+            sel.indices[name] = torch.arange(base.tensors[name].numel, dtype=torch.int64)
+            sel.values[name] = (trained.get(theirs).float() - base.get(name).float()).reshape(-1)
+    log(f"selected {k:,} of {n:,} entries ({100.0 * k / n:.4g}%) by {mcfg.select}" + (f", and {len(dense)} tensor(s) whole" if dense else ""))
     tensors: dict[str, torch.Tensor] = {}
     for name, idx in sel.indices.items():
         tensors[name + sparse_phi.IDX] = idx
@@ -179,7 +190,8 @@ def _l1_hooks(l1: float, model_dir: str):
     def start(adapted, resumed: bool) -> None:
         params = adapted.phi_parameters()
         with open_checkpoint(model_dir) as base:
-            for base_name, name in counterparts(candidates({t.name: t.shape for t in base.tensors.values()}), params).items():
+            shapes = {t.name: t.shape for t in base.tensors.values()}
+            for base_name, name in counterparts(candidates(shapes) , params).items():
                 theta0[name] = base.get(base_name).to(params[name].device, params[name].dtype)
 
     def extra_loss(adapted):
@@ -195,14 +207,21 @@ def _write_phi_diff(run: str, model_dir: str, method: str) -> None:
     from peftcli.artifacts.sparse_diff import FLOAT_DTYPES, DiffEntry, DiffMetadata, write_diff
     from peftcli.checkpoint.fingerprint import Fingerprint
 
-    found = sparse_phi.pairs(read_adapter(run).tensors)
+    adapter = read_adapter(run)
+    found = sparse_phi.pairs(adapter.tensors)
+    dense = (adapter.config.get("peftcli") or {}).get("dense")
     with open_checkpoint(model_dir) as base:
-        names = [n for n in candidates({t.name: t.shape for t in base.tensors.values()}) if base.tensors[n].dtype in FLOAT_DTYPES]
+        shapes = {t.name: t.shape for t in base.tensors.values()}
+        whole = set(dense_tensors(shapes, dense)) & set(found)
+        names = sorted(n for n in set(candidates(shapes, dense)) | whole if base.tensors[n].dtype in FLOAT_DTYPES)
         entries = []
         for name in names:
             info = base.tensors[name]
             idx, val = found.get(name, (torch.zeros(0, dtype=torch.int64), torch.zeros(0)))
-            entries.append(DiffEntry(name, info.dtype, tuple(info.shape), int(idx.numel()), lambda i=idx, v=val: (i, v.float())))
+            if name in whole:  # trained whole: stored dense, outside the density
+                entries.append(DiffEntry(name, info.dtype, tuple(info.shape), info.numel, lambda v=val, s=tuple(info.shape): (None, v.float().view(s)), whole=True))
+            else:
+                entries.append(DiffEntry(name, info.dtype, tuple(info.shape), int(idx.numel()), lambda i=idx, v=val: (i, v.float())))
         provenance = {
             "tool": "peftcli", "version": __version__, "command": "train", "method": method,
             "inputs": {"base": os.path.abspath(model_dir), "run": os.path.abspath(run)},
