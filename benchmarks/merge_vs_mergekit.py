@@ -9,7 +9,9 @@ untimed warm-up each (page cache; --warmup 0 skips it), medians of --runs. merge
 the project's dependencies (--mergekit names its `mergekit-yaml`); without it, peftcli runs alone.
 
 The copy bandwidth of the same run (shutil.copyfile of the base file) is the reference for
-peftcli's merge throughput (output bytes / wall time). The large check merges a sparse-hole
+peftcli's merge throughput (output bytes / wall time). CPU time (user + system) is reported
+beside wall time: on a shared machine it is the steadier measure of the work each tool does.
+The large check merges a sparse-hole
 checkpoint of --big-gb GB (headers real, data zeros) with a full checkpoint input and compares
 peftcli's peak RSS with 2 × largest tensor + 300 MB. All work data go under --work.
 """
@@ -38,24 +40,31 @@ MB = 10**6
 PEFTCLI = [sys.executable, "-m", "peftcli"]
 
 
-def measure(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS bytes of one subprocess run of cmd (output discarded; must succeed).
+def measure(cmd: list[str]) -> tuple[float, int, float]:
+    """Wall seconds, peak RSS bytes and CPU seconds (user + system) of one subprocess run of cmd.
 
-    Peak RSS comes from /usr/bin/time, not from os.wait4 on our own child: Linux carries the
-    high-water RSS of the forking process across exec, so a child of this (large) process would
-    report at least our own RSS.
+    Output is discarded; the run must succeed. Peak RSS comes from /usr/bin/time, not from
+    os.wait4 on our own child: Linux carries the high-water RSS of the forking process across
+    exec, so a child of this (large) process would report at least our own RSS. CPU time is
+    the work done whatever else runs on the machine; wall time also depends on what does.
     """
     rss_file = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"peftcli-bench-rss-{os.getpid()}")
     t0 = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss_file, *cmd], stdout=subprocess.DEVNULL,
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", rss_file, *cmd], stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr.decode(errors='replace')[-3000:]}")
     with open(rss_file) as f:
-        rss_kb = int(f.read().split()[-1])
+        rss_kb, user, system = f.read().split()[-3:]
     os.remove(rss_file)
-    return wall, rss_kb * 1024
+    return wall, int(rss_kb) * 1024, float(user) + float(system)
+
+
+def check_estimate(base: str, inputs, method: str) -> dict:
+    """What `peftcli check` predicts for the merge: peak memory and time (merge.estimate)."""
+    proc = subprocess.run([*PEFTCLI, "check", base, *inputs, "--method", method, "--json"], capture_output=True, text=True)
+    return json.loads(proc.stdout)["merge"]
 
 
 def make_finetunes(base: str, work: str) -> tuple[str, str]:
@@ -167,17 +176,20 @@ def smollm2_bench(args) -> dict:
                 if cmd is None:
                     continue
                 shutil.rmtree(out, ignore_errors=True)
-                wall, rss = measure(cmd)
+                wall, rss, cpu = measure(cmd)
                 if i > 0:  # run 0 is the warm-up
-                    runs[tool].append((wall, rss))
+                    runs[tool].append((wall, rss, cpu, os.getloadavg()[0]))
         entry = {"peftcli_cmd": " ".join(pc_cmd[2:]), "mergekit_cmd": " ".join(mk_cmd) if mk_cmd else None}
         for tool, rs in runs.items():
             if rs:
                 entry[tool] = {
-                    "wall_s": statistics.median(w for w, _ in rs),
-                    "rss": statistics.median(r for _, r in rs),
-                    "walls": [round(w, 2) for w, _ in rs],
+                    "wall_s": statistics.median(r[0] for r in rs),
+                    "rss": statistics.median(r[1] for r in rs),
+                    "cpu_s": statistics.median(r[2] for r in rs),
+                    "walls": [round(r[0], 2) for r in rs],
+                    "loads": [round(r[3], 1) for r in rs],
                 }
+        entry["estimate"] = check_estimate(base, fts, "linear" if mk_method == "task_arithmetic" else "ties")
         entry["out_bytes"] = output_bytes(pc_out)
         entry["compare"] = compare(base, fts, pc_out, mk_out if mk_cmd else None, mk_method == "task_arithmetic")
         results[label] = entry
@@ -214,13 +226,15 @@ def big_bench(args) -> dict:
     write_sparse(base, specs, n)
     write_sparse(ft, specs, n)
     cmd = [*PEFTCLI, "merge", base, ft, "-o", out, "--force"]
-    wall, rss = measure(cmd)
+    estimate = check_estimate(base, [ft], "linear")
+    wall, rss, cpu = measure(cmd)
     written = output_bytes(out)
     shutil.rmtree(big)
     largest = max(s.nbytes for s in specs)
     return {
         "cmd": "peftcli merge big/base big/ft -o big/out", "bytes": total, "written": written, "tensors": len(specs),
-        "layers": n, "largest": largest, "bound": 2 * largest + 300 * MB, "rss": rss, "wall_s": wall,
+        "layers": n, "largest": largest, "bound": 2 * largest + 300 * MB, "rss": rss, "wall_s": wall, "cpu_s": cpu,
+        "estimate": estimate,
     }
 
 
@@ -233,32 +247,41 @@ def report(small: dict, bw: float, big: dict | None, args) -> str:
         f"Date: {time.strftime('%Y-%m-%d %H:%M')} UTC; {os.cpu_count()} cores, load average before the run: "
         f"{args.load}; python {platform.python_version()}, torch {torch.__version__}, mergekit {args.mk_version}.",
         "",
-        "| merge | tool | wall (median) | peak RSS (median) | runs (s) |",
-        "|---|---|---|---|---|",
+        "| merge | tool | wall (median) | CPU user+sys (median) | peak RSS (median) | runs (s) | load average at each run |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, e in small.items():
         for tool in ("peftcli", "mergekit"):
             if tool in e:
                 t = e[tool]
-                lines.append(f"| {label} | {tool} | {t['wall_s']:.2f} s | {fmt_mb(t['rss'])} | {t['walls']} |")
-    lines += ["", "| merge | time peftcli / mergekit | RSS peftcli / mergekit | max abs diff (tensors) | "
-              "peftcli vs fp64 reference | throughput (out / wall) | fraction of copy bandwidth |",
-              "|---|---|---|---|---|---|---|"]
+                lines.append(f"| {label} | {tool} | {t['wall_s']:.2f} s | {t['cpu_s']:.2f} s | {fmt_mb(t['rss'])} | "
+                             f"{t['walls']} | {t['loads']} |")
+    lines += ["", "| merge | time peftcli / mergekit | CPU peftcli / mergekit | RSS peftcli / mergekit | "
+              "max abs diff (tensors) | peftcli vs fp64 reference | throughput (out / wall) | fraction of copy bandwidth |",
+              "|---|---|---|---|---|---|---|---|"]
     for label, e in small.items():
         pc, mk, c = e["peftcli"], e.get("mergekit"), e["compare"]
         tr = f"{pc['wall_s'] / mk['wall_s']:.2f}×" if mk else "n/a"
+        cr = f"{pc['cpu_s'] / mk['cpu_s']:.2f}×" if mk else "n/a"
         rr = f"{pc['rss'] / mk['rss']:.2f}×" if mk else "n/a"
         diff = f"{c['max_abs_diff']:.2e} ({c['identical_tensors']}/{c['common']} identical)" if mk else "n/a"
         ref = f"{c['peftcli_vs_ref']:.2e}" if "peftcli_vs_ref" in c else "—"
         thr = e["out_bytes"] / pc["wall_s"]
-        lines.append(f"| {label} | {tr} | {rr} | {diff} | {ref} | {thr / MB:,.0f} MB/s | {thr / bw:.3f} |")
+        lines.append(f"| {label} | {tr} | {cr} | {rr} | {diff} | {ref} | {thr / MB:,.0f} MB/s | {thr / bw:.3f} |")
     lines += ["", f"Copy bandwidth (shutil.copyfile of the 538 MB base, median): {bw / MB:,.0f} MB/s."]
+    lines += ["", "| merge | `peftcli check` estimate: peak memory | measured peak RSS | estimate: time | measured wall |",
+              "|---|---|---|---|---|"]
+    rows = [(label, e["estimate"], e["peftcli"]["rss"], e["peftcli"]["wall_s"]) for label, e in small.items()]
+    if big:
+        rows.append((f"{big['bytes'] / 1e9:.2f} GB BF16, one input", big["estimate"], big["rss"], big["wall_s"]))
+    for label, est, rss, wall in rows:
+        lines.append(f"| {label} | {fmt_mb(est['peak_bytes'])} | {fmt_mb(rss)} | {est['seconds']:.1f} s | {wall:.1f} s |")
     if big:
         lines += ["", "| checkpoint | tensors | largest tensor | bound 2 × largest + 300 MB | peak RSS | "
-                  "RSS / bound | wall | written |", "|---|---|---|---|---|---|---|---|",
+                  "RSS / bound | wall | CPU | written |", "|---|---|---|---|---|---|---|---|---|",
                   f"| {big['bytes'] / 1e9:.2f} GB BF16 ({big['layers']} Llama-7B layers) | {big['tensors']} | "
                   f"{fmt_mb(big['largest'])} | {fmt_mb(big['bound'])} | {fmt_mb(big['rss'])} | "
-                  f"{big['rss'] / big['bound']:.2f} | {big['wall_s']:.1f} s | {big['written'] / 1e9:.2f} GB |"]
+                  f"{big['rss'] / big['bound']:.2f} | {big['wall_s']:.1f} s | {big['cpu_s']:.1f} s | {big['written'] / 1e9:.2f} GB |"]
     return "\n".join(lines)
 
 
@@ -292,7 +315,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"smollm2": small, "copy_bandwidth": bw, "big": big}, f, indent=1)
     if big:
-        print(report(small, bw, big, args).split("\n\n")[-1])
+        print(report(small, bw, big, args))
     for label, e in small.items():  # the full comparison details
         print(f"{label}: {json.dumps(e['compare'])}", file=sys.stderr)
 

@@ -24,6 +24,12 @@ problem of every artifact (an artifact that cannot be read has that one problem)
   its fingerprint compared with the base's tensor names, dtypes and shapes (one problem, its
   details listing every difference), with ``content``
   also its content hash with the base's bytes, and every stored value free of NaN/Inf.
+- A fine-tuned checkpoint (a model directory without ``adapter_config.json``), as ``merge`` takes
+  one: the same tensor names, dtypes and shapes as the base (its values are not read).
+
+When everything fits, the report says what ``merge`` of these inputs with ``method`` would do:
+tensors changed, bytes read, hashed and written, peak memory and time
+(``peftcli.merge.estimate``); or why it would refuse (a method that does not fold).
 """
 
 from __future__ import annotations
@@ -33,10 +39,11 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
-from peftcli.artifacts.sparse_diff import FLOAT_DTYPES, read_diff
-from peftcli.checkpoint.fingerprint import content_hash, summarize_differences
-from peftcli.checkpoint.reader import Checkpoint, open_checkpoint
+from peftcli.artifacts.sparse_diff import FLOAT_DTYPES, IDX, VAL, read_diff
+from peftcli.checkpoint.fingerprint import content_hash, summarize_differences, table_differences, tensor_table
+from peftcli.checkpoint.reader import ADAPTER_WEIGHTS, Checkpoint, open_checkpoint
 from peftcli.errors import PeftcliError
+from peftcli.merge.estimate import Input, MergeEstimate, estimate
 from peftcli.methods.base import PEFT_PREFIX
 
 if TYPE_CHECKING:
@@ -82,6 +89,8 @@ class Result:
     problems: list[Problem] = field(default_factory=list)
     method: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    merge_input: Input | None = field(default=None, repr=False)  # what merging it would touch
+    refusal: str | None = None  # why merge would refuse it although it fits (a method that does not fold)
 
     @property
     def ok(self) -> bool:
@@ -102,6 +111,8 @@ class Result:
 class CheckReport:
     base: Result
     artifacts: list[Result]
+    merge: MergeEstimate | None = None  # what merge would do, when everything fits
+    merge_refusal: str | None = None  # or why it would refuse
 
     @property
     def failed(self) -> list[Result]:
@@ -119,21 +130,50 @@ class CheckReport:
             "artifacts": [a.to_json() for a in self.artifacts],
             "failed": len(self.failed),
             "total": len(self.artifacts),
+            "merge": self.merge.to_json() if self.merge else None,
+            "merge_refusal": self.merge_refusal,
         }
 
 
 def check(
-    base: str, artifacts: Iterable[str], *, content: bool = False, scan_base: bool = False, allow_pickle: bool = False
+    base: str,
+    artifacts: Iterable[str],
+    *,
+    content: bool = False,
+    scan_base: bool = False,
+    allow_pickle: bool = False,
+    method: str = "linear",
+    dtype: str | None = None,
 ) -> CheckReport:
-    """Check ``base`` and whether each adapter directory or ``.diff`` in ``artifacts`` fits it."""
+    """Check ``base`` and whether each adapter directory, ``.diff`` or fine-tuned checkpoint fits it.
+
+    ``method`` and ``dtype`` are those of the merge to estimate (``peftcli merge --method/--dtype``).
+    """
     with open_checkpoint(base, allow_pickle=allow_pickle) as ckpt:
         base_result = check_base(ckpt, scan_base)
         vocab = base_result.details.get("embedding_rows")
-        results = [
-            check_adapter(path, ckpt, vocab) if os.path.isdir(path) else check_diff(path, ckpt, content)
-            for path in artifacts
-        ]
-    return CheckReport(base_result, results)
+        results = [_check_one(path, ckpt, vocab, content) for path in artifacts]
+        report = CheckReport(base_result, results)
+        if report.ok and results:
+            refusal = next((r.refusal for r in results if r.refusal), None)
+            if refusal:
+                report = CheckReport(base_result, results, merge_refusal=refusal)
+            else:
+                report = CheckReport(base_result, results, estimate(ckpt, [r.merge_input for r in results], method, dtype))
+    return report
+
+
+def _check_one(path: str, ckpt: Checkpoint, vocab: int | None, content: bool) -> Result:
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "adapter_config.json")) and _has_weights(path):
+        return check_checkpoint(path, ckpt)
+    return check_adapter(path, ckpt, vocab) if os.path.isdir(path) else check_diff(path, ckpt, content)
+
+
+def _has_weights(path: str) -> bool:
+    from peftcli.checkpoint.reader import PICKLE_INDEX, PICKLE_SINGLE, SAFETENSORS_INDEX, SAFETENSORS_SINGLE
+
+    names = (SAFETENSORS_SINGLE, SAFETENSORS_INDEX, PICKLE_INDEX, *PICKLE_SINGLE)
+    return any(os.path.isfile(os.path.join(path, n)) for n in names) and not os.path.isfile(os.path.join(path, ADAPTER_WEIGHTS))
 
 
 # -- the base ----------------------------------------------------------------------------------
@@ -228,6 +268,20 @@ def check_adapter(path: str, ckpt: Checkpoint, vocab: int | None = None) -> Resu
     heads = adapter.config.get("modules_to_save") or []
     head_keys = {k for k in adapter.tensors if any(k.startswith(f"{PEFT_PREFIX}{h}.") for h in heads)}
     result.details["heads"] = list(heads)
+    if getattr(method, "selects_after_training", False) or getattr(method, "trains_in_rounds", False):
+        # Trained entries (LT-SFT, diff-pruning) are not a function of the config: check
+        # them as merge reads them — base tensor names, index ranges, idx/val lengths.
+        values = _value_problems({k: t for k, t in adapter.tensors.items() if not k.endswith(".idx")})
+        try:
+            if hasattr(method, "deltas"):
+                method.deltas(cfg, {k: t for k, t in adapter.tensors.items() if k not in head_keys}, ckpt)
+        except PeftcliError as exc:
+            result.problems.append(Problem.of(exc, path))
+        result.problems += _head_problems(adapter, heads, ckpt, vocab)
+        result.problems += values
+        if result.ok and hasattr(method, "deltas"):
+            _merge_input(result, adapter, method, cfg, head_keys, ckpt)
+        return result
     try:
         created = method.init(ckpt, cfg, torch.Generator().manual_seed(0))
     except PeftcliError as exc:
@@ -240,7 +294,22 @@ def check_adapter(path: str, ckpt: Checkpoint, vocab: int | None = None) -> Resu
     result.problems += _key_problems(actual, expected, set(derived), cfg, vocab)
     result.problems += _head_problems(adapter, heads, ckpt, vocab)
     result.problems += values
+    if result.ok:
+        _merge_input(result, adapter, method, cfg, head_keys, ckpt)
     return result
+
+
+def _merge_input(result: Result, adapter, method, cfg, head_keys: set[str], ckpt: Checkpoint) -> None:
+    """The base tensors merging the adapter changes (its ΔW's), or why merge refuses it."""
+    if not hasattr(method, "deltas"):
+        result.refusal = f"{result.path}: {method.name} adds computation that no weight change reproduces"
+        return
+    try:
+        touches = set(method.deltas(cfg, {k: t for k, t in adapter.tensors.items() if k not in head_keys}, ckpt))
+    except PeftcliError as exc:
+        result.problems.append(Problem.of(exc, result.path))
+        return
+    result.merge_input = Input("adapter", touches, [os.path.join(result.path, ADAPTER_WEIGHTS)])
 
 
 def _value_problems(tensors: dict) -> list[Problem]:
@@ -395,4 +464,28 @@ def check_diff(path: str, ckpt: Checkpoint, content: bool) -> Result:
             problem = nonfinite(name, val, "the diff is not usable: recompute it from finite checkpoints")
             if problem:
                 result.problems.append(problem)
+        stored = {n: sum(diff.ckpt.tensors[k].nbytes for k in (n, n + IDX, n + VAL) if k in diff.ckpt.tensors) for n in diff.names}
+        result.merge_input = Input("diff", set(diff.names), [path], stored)
+    return result
+
+
+# -- fine-tuned checkpoints --------------------------------------------------------------------
+
+
+def check_checkpoint(path: str, ckpt: Checkpoint) -> Result:
+    """A full fine-tune of the base, as merge takes one: the base's tensor names, dtypes and shapes."""
+    result = Result(path, "checkpoint")
+    try:
+        ft = open_checkpoint(path)
+    except PeftcliError as exc:
+        result.problems.append(Problem.of(exc, path))
+        return result
+    with ft:
+        result.details["tensors"] = len(ft.tensors)
+        differences = table_differences(tensor_table(ckpt), tensor_table(ft), "the base", path)
+        if differences:
+            result.details["differences"] = differences
+            result.problems.append(Problem(f"not a fine-tune of this base: {summarize_differences(differences)}", OTHER_BASE))
+        floating = {n for n, t in ckpt.tensors.items() if t.dtype in FLOAT_DTYPES}
+        result.merge_input = Input("checkpoint", floating, list(ft.files))
     return result

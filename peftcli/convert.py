@@ -110,6 +110,8 @@ def diff_to_lora(diff_path: str, out: str, rank: int, *, base: str | None = None
             tensors, report, total, kept = {}, LoraExtraction(out, rank), 0.0, 0.0
             for name in diff.names:
                 phi = diff.apply_to(name, torch.zeros(shapes[name], dtype=_dtype(ckpt, name))).float()
+                if not bool(torch.isfinite(phi).all()):
+                    raise BadInputError(f"{diff_path}: tensor {name!r} holds NaN or Inf", "the diff is corrupt: recompute it")
                 energy = float(phi.pow(2).sum())
                 total += energy
                 m = linear.get(name)

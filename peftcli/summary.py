@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from peftcli.checkpoint.reader import Checkpoint, load_json
+from peftcli.checkpoint.reader import Checkpoint
+from peftcli.checkpoint.safetensors_format import gc_paused
 
 # config.json spells the same quantity differently per family; the first key present wins.
 _CONFIG_KEYS: dict[str, tuple[str, ...]] = {
@@ -68,12 +69,16 @@ def dtype_breakdown(ckpt: Checkpoint) -> dict[str, dict[str, int]]:
 # -- the module tree ------------------------------------------------------------------------
 
 
-@dataclass
 class _Node:
-    children: dict[str, "_Node"] = field(default_factory=dict)
-    params: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # leaf name -> (shape, dtype)
-    _total: int | None = None
-    _sig: tuple | None = None
+    """One module of the tree; a plain class with slots, since there is one per layer and module."""
+
+    __slots__ = ("children", "params", "_total", "_sig")
+
+    def __init__(self, params: dict[str, tuple[tuple[int, ...], str]] | None = None):
+        self.children: dict[str, _Node] = {}
+        self.params = params if params is not None else {}  # leaf name -> (shape, dtype)
+        self._total: int | None = None
+        self._sig: tuple | None = None
 
     def total(self) -> int:
         if self._total is None:
@@ -114,7 +119,10 @@ def _build_tree(names_shapes: list[tuple[str, tuple[int, ...], str]]) -> _Node:
         *path, leaf = name.split(".")
         node = root
         for part in path:
-            node = node.children.setdefault(part, _Node())
+            child = node.children.get(part)
+            if child is None:  # not setdefault(part, _Node()): that builds a node per tensor per level
+                child = node.children[part] = _Node()
+            node = child
         node.params[leaf] = (shape, dtype)
     return root
 
@@ -182,6 +190,11 @@ def summarize(
     ckpt: Checkpoint, *, with_tensors: bool = False, name_filter: str | None = None, max_depth: int = 4
 ) -> dict:
     """The whole ``inspect`` report as plain data (the ``--json`` document)."""
+    with gc_paused():  # a node and a few tuples per tensor, none of them in a cycle
+        return _summarize(ckpt, with_tensors, name_filter, max_depth)
+
+
+def _summarize(ckpt: Checkpoint, with_tensors: bool, name_filter: str | None, max_depth: int) -> dict:
     names = filter_names(list(ckpt.tensors), name_filter)
     shown = [ckpt.tensors[n] for n in names]
     report: dict = {
@@ -205,7 +218,9 @@ def summarize(
 
         report["diff"] = describe(ckpt)  # reads the (small) diff's values for norms and densities
     if report["format"] == "adapter":
-        report["adapter_config"] = load_json(os.path.join(ckpt.directory, "adapter_config.json"), "adapter config")
+        from peftcli.artifacts.adapter_dir import read_adapter_config
+
+        report["adapter_config"] = read_adapter_config(ckpt.directory)
     if with_tensors:
         report["tensors"] = [
             {

@@ -123,7 +123,9 @@ def test_good_lora_ia3_and_diff_pass(tiny_llama, art):
     assert _line(result.stdout, art["lora"]) == f"{art['lora']}: ok (adapter: lora, 8 tensors)"
     assert _line(result.stdout, art["ia3"]).startswith(f"{art['ia3']}: ok (adapter: ia3")
     assert _line(result.stdout, art["task.diff"]).startswith(f"{art['task.diff']}: ok (diff: magnitude")
-    assert result.stdout.strip().splitlines()[-1] == f"the 3 artifacts fit {tiny_llama}"
+    *_, summary, plan = result.stdout.strip().splitlines()
+    assert summary == f"the 3 artifacts fit {tiny_llama}"
+    assert plan.startswith("merge (linear): changes ") and "peak memory ≈" in plan  # what merge would do
     doc = json.loads(run(tiny_llama, art["lora"], art["task.diff"], "--content", "--scan-base", "--json").stdout)
     assert doc["ok"] and doc["failed"] == 0 and doc["total"] == 2
     assert doc["base"]["embedding"] == "model.embed_tokens.weight" and doc["base"]["embedding_rows"] == 256

@@ -86,6 +86,22 @@ def test_lt_sft_trains_exactly_k_entries_and_writes_them_as_a_diff(tiny_llama, d
     for name, (idx, val) in entries.items():
         assert torch.allclose(out[name].reshape(-1)[idx] - base[name].reshape(-1)[idx], val, atol=1e-6)
 
+    checked = CliRunner().invoke(cli, ["check", tiny_llama, run, os.path.join(run, phased.DIFF_FILE), "--json"])
+    assert checked.exit_code == 0, checked.output
+    # A corrupt index is caught by check as merge would catch it.
+    broken = str(tmp_path / "broken")
+    import shutil
+
+    shutil.copytree(run, broken)
+    tensors = load_file(os.path.join(broken, "adapter_model.safetensors"))
+    name = next(k for k in tensors if k.endswith(".idx"))
+    tensors[name] = tensors[name].flip(0)  # unsorted
+    from safetensors.torch import save_file
+
+    save_file(tensors, os.path.join(broken, "adapter_model.safetensors"))
+    bad = CliRunner().invoke(cli, ["check", tiny_llama, broken])
+    assert bad.exit_code == 1 and "unsorted" in bad.output
+
     diff = read_diff(os.path.join(run, phased.DIFF_FILE))
     assert diff.method == "lt-sft"
     stored = {name: diff.get(name) for name in diff.names}

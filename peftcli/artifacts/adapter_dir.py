@@ -6,12 +6,19 @@ lacks (bottleneck adapters, BitFit, layer groups) use the same layout with
 ``"peft_type": "PEFTCLI"`` and a ``"peftcli"`` section holding the method and its options.
 Provenance (peftcli version, method options, seed, base) goes in the safetensors
 ``__metadata__`` under ``peftcli.*`` keys, which PEFT ignores.
+
+Reading checks the JSON type (and range) of every ``adapter_config.json`` field peftcli
+reads, PEFT's and the ``peftcli`` section's, so that a hand-edited or corrupt config is one
+error naming the field, never a crash further on in a method.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass
 
 from peftcli.checkpoint.atomic import atomic_output, open_new_file
@@ -37,14 +44,170 @@ class Adapter:
         return method_for_adapter_config(self.config, self.path).name
 
 
-def read_adapter(path: str) -> Adapter:
-    """Read and minimally validate an adapter directory (keys vs base are checked at attach)."""
-    if not os.path.isdir(path):
-        raise BadInputError(f"{path}: not an adapter directory", f"expected a directory with {ADAPTER_CONFIG}")
+# -- the fields of adapter_config.json peftcli reads, and what PEFT allows in each ----------------
+
+MAX_COUNT = 2**31 - 1  # ranks, token counts, widths: anything larger cannot be allocated anyway
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    """A finite JSON number that fits a float (a 400-digit integer does not)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
+def _is_names(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _count(v: object) -> bool:
+    return _is_int(v) and 1 <= v <= MAX_COUNT
+
+
+_KINDS: dict[str, tuple[typing.Callable[[object], bool], str]] = {
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "str?": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "bool?": (lambda v: v is None or isinstance(v, bool), "true, false or null"),
+    "count": (_count, f"an integer from 1 to {MAX_COUNT}"),
+    "count?": (lambda v: v is None or _count(v), f"an integer from 1 to {MAX_COUNT}, or null"),
+    "positive": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "fraction": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "names?": (lambda v: v is None or isinstance(v, str) or _is_names(v), "a string, a list of strings or null"),
+    "list-of-names?": (lambda v: v is None or _is_names(v), "a list of strings or null"),
+    "layers?": (
+        lambda v: v is None or (_is_int(v) and v >= 0) or (isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v)),
+        "a layer index, a list of layer indices or null",
+    ),
+    "object?": (lambda v: v is None or isinstance(v, dict), "a JSON object or null"),
+    "bool-or-str": (lambda v: isinstance(v, (bool, str)), "true, false or a string"),
+}
+
+# PEFT's fields (LoRA, IA³, prompt and prefix tuning) that peftcli reads. Absent keys are fine:
+# each method has its own rule for those.
+PEFT_FIELDS = {
+    "peft_type": "str",
+    "base_model_name_or_path": "str?",
+    "task_type": "str?",
+    "r": "count",
+    "lora_alpha": "positive",
+    "lora_dropout": "fraction",
+    "target_modules": "names?",
+    "exclude_modules": "names?",
+    "feedforward_modules": "names?",
+    "modules_to_save": "list-of-names?",
+    "layers_to_transform": "layers?",
+    "layers_pattern": "names?",
+    "rank_pattern": "object?",
+    "alpha_pattern": "object?",
+    "use_dora": "bool?",
+    "use_rslora": "bool?",
+    "fan_in_fan_out": "bool?",
+    "bias": "str",
+    "init_lora_weights": "bool-or-str",
+    "num_virtual_tokens": "count",
+    "token_dim": "count?",
+    "num_attention_heads": "count?",
+    "num_layers": "count?",
+    "num_transformer_submodules": "count?",
+    "encoder_hidden_size": "count?",
+    "prefix_projection": "bool?",
+    "prompt_tuning_init": "str?",
+    "prompt_tuning_init_text": "str?",
+    "peftcli": "object?",
+}
+
+CORRUPT_CONFIG = "the adapter config is corrupt or was edited by hand"
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_adapter_config(config: dict, where: str) -> None:
+    """Refuse an adapter config whose fields have types (or values) PEFT never writes."""
+    for key, kind in PEFT_FIELDS.items():
+        if key in config:
+            ok, expected = _KINDS[kind]
+            if not ok(config[key]):
+                raise BadInputError(f"{where}: '{key}' must be {expected}, not {_short(config[key])}", CORRUPT_CONFIG)
+    section = config.get("peftcli")
+    if config.get("peft_type") == PEFTCLI_PEFT_TYPE:
+        if not isinstance(section, dict) or not isinstance(section.get("method"), str):
+            raise BadInputError(
+                f"{where}: peft_type {PEFTCLI_PEFT_TYPE} needs a 'peftcli' section naming its method", CORRUPT_CONFIG
+            )
+        _check_peftcli_section(section, where)
+
+
+def _check_peftcli_section(section: dict, where: str) -> None:
+    """The ``peftcli`` section's options have the types of the method's config class."""
+    from peftcli.methods import METHODS
+
+    method = METHODS.get(section["method"])
+    if method is None:
+        return  # the registry names unknown methods
+    hints = typing.get_type_hints(method.config_cls)
+    for key, value in section.items():
+        if key in hints and not _fits(value, hints[key]):
+            raise BadInputError(
+                f"{where}: 'peftcli.{key}' must be {_describe(hints[key])}, not {_short(value)}", CORRUPT_CONFIG
+            )
+
+
+def _fits(value: object, hint: object) -> bool:
+    """Whether the JSON ``value`` can be a value of the type ``hint`` (str, int, float, bool, list[str], unions)."""
+    if hint is typing.Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return _is_int(value) and abs(value) <= MAX_COUNT
+    if hint is float:
+        return _is_number(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        args = typing.get_args(hint)
+        return isinstance(value, list) and (not args or all(_fits(x, args[0]) for x in value))
+    return True  # a type this check does not know: the method's own code decides
+
+
+def _describe(hint: object) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) in (list, tuple):
+        return "a list"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}.get(hint, str(hint))
+
+
+def read_adapter_config(path: str) -> dict:
+    """``adapter_config.json`` of the adapter directory ``path``, read and checked."""
     config_path = os.path.join(path, ADAPTER_CONFIG)
     if not os.path.isfile(config_path):
         raise BadInputError(f"{path}: no {ADAPTER_CONFIG}", "is this an adapter directory written by peftcli inject or PEFT?")
     config = load_json(config_path, "adapter config")
+    check_adapter_config(config, config_path)
+    return config
+
+
+def read_adapter(path: str) -> Adapter:
+    """Read and minimally validate an adapter directory (keys vs base are checked at attach)."""
+    if not os.path.isdir(path):
+        raise BadInputError(f"{path}: not an adapter directory", f"expected a directory with {ADAPTER_CONFIG}")
+    config = read_adapter_config(path)
     weights = os.path.join(path, ADAPTER_WEIGHTS)
     if not os.path.isfile(weights):
         if os.path.isfile(os.path.join(path, "adapter_model.bin")):

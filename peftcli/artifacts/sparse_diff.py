@@ -37,6 +37,7 @@ covered tensors may be named ``W`` and ``W.idx`` (or ``W.val``): the stored name
   selection; they are left out of ``density``.
 - ``provenance`` (optional): JSON object; peftcli writes ``{"tool", "version", "command",
   "inputs": {role: path}, "input_hashes": {role: {weight file: sha256 of its bytes}}, "options"}``.
+  Other keys are free-form; ``inputs`` and ``input_hashes``, when present, must have these types.
 
 Applying to a base: check first that the base's tensors equal ``base_fingerprint.tensors`` (and,
 when asked, that their content hash matches); then for each covered ``W``: θ = θ₀ + φ, computed in
@@ -324,9 +325,7 @@ class SparseDiff:
         self.shapes = _parse_shapes(self.path, _json(self.path, meta, "shapes"))
         self.fingerprint = Fingerprint.from_json(_json(self.path, meta, "base_fingerprint"), self.path)
         self.dense_tensors = _parse_name_list(self.path, _json(self.path, meta, "dense_tensors", []), self.shapes)
-        self.provenance = _json(self.path, meta, "provenance", {})
-        if not isinstance(self.provenance, dict):
-            raise BadInputError(f"{self.path}: metadata 'provenance' must be a JSON object", CORRUPT)
+        self.provenance = _parse_provenance(self.path, _json(self.path, meta, "provenance", {}))
         self._check_fingerprint_covers_shapes()
         self._layout = self._check_tensors()
 
@@ -561,10 +560,13 @@ def _required(path: str, meta: dict[str, str], key: str) -> str:
 def _json(path: str, meta: dict[str, str], key: str, default: object = None) -> object:
     if key not in meta and default is not None:
         return default
+    text = _required(path, meta, key)
     try:
-        return json.loads(_required(path, meta, key))
-    except json.JSONDecodeError as exc:
+        return json.loads(text)
+    except ValueError as exc:  # not JSON, or an integer of over 4300 digits
         raise BadInputError(f"{path}: metadata {key!r} is not valid JSON ({exc})", CORRUPT) from None
+    except RecursionError:
+        raise BadInputError(f"{path}: metadata {key!r} is JSON nested too deeply", CORRUPT) from None
 
 
 def _parse_density(path: str, text: str) -> float:
@@ -588,6 +590,22 @@ def _parse_shapes(path: str, obj: object) -> dict[str, tuple[str, tuple[int, ...
             )
         out[name] = (entry[0], tuple(entry[1]))
     return out
+
+
+def _parse_provenance(path: str, obj: object) -> dict:
+    """Free-form, except that the keys peftcli writes (and reads back) have their documented types."""
+    if not isinstance(obj, dict):
+        raise BadInputError(f"{path}: metadata 'provenance' must be a JSON object", CORRUPT)
+    inputs = obj.get("inputs")
+    if inputs is not None and not (isinstance(inputs, dict) and all(isinstance(v, str) for v in inputs.values())):
+        raise BadInputError(f"{path}: metadata provenance 'inputs' must map roles to paths", CORRUPT)
+    hashes = obj.get("input_hashes")
+    if hashes is not None and not (
+        isinstance(hashes, dict)
+        and all(isinstance(h, dict) and all(isinstance(v, str) for v in h.values()) for h in hashes.values())
+    ):
+        raise BadInputError(f"{path}: metadata provenance 'input_hashes' must map roles to {{file: sha256}}", CORRUPT)
+    return obj
 
 
 def _parse_name_list(path: str, obj: object, shapes: dict) -> list[str]:

@@ -1,8 +1,9 @@
 """Streaming, sharded, atomic safetensors writing.
 
 The header is computed from the (name, dtype, shape) list before any tensor exists, so
-tensors are produced and written one at a time and the whole state dict is never in
-memory. The same ``SafetensorsStreamWriter`` writes to a file or to a pipe.
+tensors are produced and written one at a time (or each in parts, ``write_partial``) and the
+whole state dict is never in memory. The same ``SafetensorsStreamWriter`` writes to a file or
+to a pipe.
 """
 
 from __future__ import annotations
@@ -110,16 +111,45 @@ class SafetensorsStreamWriter:
         self._out = out
         self._specs = list(specs)
         self._next = 0
+        self._partial = 0  # bytes of the pending tensor already written by write_partial
         out.write(build_header(self._specs, metadata))
 
     @property
     def pending(self) -> TensorSpec | None:
         return self._specs[self._next] if self._next < len(self._specs) else None
 
+    def write_partial(self, name: str, data: "torch.Tensor | bytes | memoryview") -> bool:
+        """Append the next part of tensor ``name``'s bytes; True once all of them are written.
+
+        A tensor part must be of the promised dtype (any shape: parts are flat runs of bytes).
+        """
+        spec = self.pending
+        if spec is None or spec.name != name:
+            raise UsageError(f"tensor {name!r} written out of order (expected {spec.name if spec else 'nothing'!r})")
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            buf = memoryview(data)
+        else:
+            from peftcli.checkpoint.dtypes import safetensors_dtype
+
+            if safetensors_dtype(data.dtype) != spec.dtype:
+                raise UsageError(f"a part of tensor {name!r} is {safetensors_dtype(data.dtype)}, but the header promised {spec.dtype}")
+            buf = tensor_bytes(data)
+        if self._partial + buf.nbytes > spec.nbytes:
+            raise UsageError(f"tensor {name!r} got {self._partial + buf.nbytes} bytes, more than its {spec.nbytes}")
+        self._out.write(buf)
+        self._partial += buf.nbytes
+        if self._partial < spec.nbytes:
+            return False
+        self._next += 1
+        self._partial = 0
+        return True
+
     def write(self, name: str, data: "torch.Tensor | bytes | memoryview") -> None:
         spec = self.pending
         if spec is None or spec.name != name:
             raise UsageError(f"tensor {name!r} written out of order (expected {spec.name if spec else 'nothing'!r})")
+        if self._partial:
+            raise UsageError(f"tensor {name!r} is half written in parts; finish it with write_partial")
         if isinstance(data, (bytes, bytearray, memoryview)):
             buf = memoryview(data)
         else:
@@ -137,7 +167,7 @@ class SafetensorsStreamWriter:
         self._next += 1
 
     def finish(self) -> None:
-        if self.pending is not None:
+        if self.pending is not None:  # including a tensor only partly written
             raise UsageError(f"file closed before tensor {self.pending.name!r} was written")
         self._out.flush()
 
@@ -250,14 +280,24 @@ class CheckpointWriter:
 
     def write(self, name: str, data: "torch.Tensor | bytes | memoryview") -> None:
         """Write the next tensor; tensors come in the order of ``specs``."""
+        self._shard_for(name)
+        self._writer.write(name, data)
+        self._written += 1
+
+    def write_partial(self, name: str, data: "torch.Tensor | bytes | memoryview") -> bool:
+        """Append the next part of tensor ``name``'s bytes (a tensor streamed in parts); True once complete."""
+        self._shard_for(name)
+        done = self._writer.write_partial(name, data)
+        self._written += done
+        return done
+
+    def _shard_for(self, name: str) -> None:
         if self._written >= len(self.specs) or self.specs[self._written].name != name:
             expected = self.specs[self._written].name if self._written < len(self.specs) else "nothing more"
             raise UsageError(f"tensor {name!r} written out of order (expected {expected!r})")
         i = self._shard_of[name]
         if i != self._current:
             self._open_shard(i)
-        self._writer.write(name, data)
-        self._written += 1
 
     def _finish(self) -> None:
         if not self.specs:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import click
 
+from peftcli.cli.merge_cmd import MERGE_METHODS
 from peftcli.cli.output import emit_json, json_option, printable
 
 
@@ -17,37 +18,64 @@ from peftcli.cli.output import emit_json, json_option, printable
 @click.option("--content", is_flag=True, help="Also compare each diff's content hash with the base's bytes.")
 @click.option("--scan-base", is_flag=True, help="Also scan every base tensor for NaN/Inf (reads the whole base).")
 @click.option("--allow-pickle", is_flag=True, help="Allow a PyTorch .bin/.pt base (torch.load(weights_only=True)).")
+@click.option("--method", type=click.Choice(MERGE_METHODS), default="linear", show_default=True, help="The merge to estimate (as peftcli merge --method).")
+@click.option("--dtype", type=click.Choice(["F32", "BF16", "F16", "F64"]), help="The merge's output dtype to estimate (as peftcli merge --dtype).")
 @json_option
-def check(base, artifacts, content, scan_base, allow_pickle, as_json):
-    """Check that adapter directories and .diff files fit BASE, before using them.
+def check(base, artifacts, content, scan_base, allow_pickle, method, dtype, as_json):
+    """Check that adapter directories, .diff files and fine-tunes fit BASE, before using them.
 
     For an adapter: its method and config, its tensors' keys and shapes against what that
     config creates on BASE (missing, unexpected, wrong shape or rank), modules_to_save heads,
     NaN/Inf. For a .diff: the format, its base fingerprint (tensor names, dtypes, shapes;
-    with --content also the bytes), NaN/Inf. For BASE: it opens, and config.json's
+    with --content also the bytes), NaN/Inf. For a fine-tuned checkpoint directory: the
+    base's tensor names, dtypes and shapes. For BASE: it opens, and config.json's
     vocab_size matches the embedding (a resized vocabulary is the usual cause of shape
     mismatches). Prints one line per input, ok or FAIL with the first problem (--json lists
-    every problem); exits 1 when any fails.
+    every problem); exits 1 when any fails. When all fit, says what peftcli merge of them
+    would do: tensors changed, bytes written, peak memory and time (estimated from headers).
 
     \b
     Examples:
       peftcli check base/ runs/lora/ task.diff
+      peftcli check base/ ftA/ ftB/ --method ties
       peftcli check base/ task.diff --content --json
       peftcli check base/ --scan-base
     """
     from peftcli.check import check as run_check
     from peftcli.errors import BadInputError
 
-    report = run_check(base, list(artifacts), content=content, scan_base=scan_base, allow_pickle=allow_pickle)
+    report = run_check(
+        base, list(artifacts), content=content, scan_base=scan_base, allow_pickle=allow_pickle, method=method, dtype=dtype
+    )
     if as_json:
         emit_json(report.to_json())
     else:
         for result in [report.base, *report.artifacts]:
             click.echo(printable(_line(result)))
         click.echo(printable(_summary(report)))
+        if report.merge or report.merge_refusal:
+            click.echo(printable(_merge_line(report)))
     if not report.ok:
         where = "the JSON document lists every problem" if as_json else "the lines above say why; --json lists every problem"
         raise BadInputError(_failure(report), where)
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _merge_line(report) -> str:
+    if report.merge_refusal:
+        return f"merge would refuse: {report.merge_refusal}"
+    m = report.merge
+    return (
+        f"merge ({m.method}): changes {m.changed} of {_tensors(m.tensors)}, reads {_size(m.read_bytes)}, "
+        f"hashes {_size(m.hash_bytes)}, writes {_size(m.write_bytes)}; peak memory ≈ {_size(m.peak_bytes)}"
+        f"{f' (most for {m.peak_tensor})' if m.peak_tensor else ''}, time ≈ {m.seconds:.1f} s at assumed rates"
+    )
 
 
 def _line(result) -> str:
@@ -72,6 +100,8 @@ def _what(result) -> str:
         return f"base: {_tensors(d['tensors'])}, {d['params']:,} params{vocab}"
     if result.kind == "diff":
         return f"diff: {result.method}, {_tensors(d['tensors'])}, density {d['density']:.6g}"
+    if result.kind == "checkpoint":
+        return f"fine-tuned checkpoint: {_tensors(d['tensors'])}"
     heads = f", head {', '.join(map(str, d['heads']))}" if d.get("heads") else ""
     return f"adapter: {result.method}, {_tensors(d['tensors'])}{heads}"
 

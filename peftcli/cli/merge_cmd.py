@@ -48,6 +48,9 @@ def merge(base, inputs, out, weights, method, density, seed, dtype, max_shard_si
       peftcli merge base/ a.diff b.diff --method ties --density 0.2 -o ties/
       peftcli merge base.safetensors taskA.diff taskB.diff > merged.safetensors
     """
+    from peftcli.merge.provenance import Hasher
+
+    hasher = Hasher.for_inputs(inputs)  # hashes on its own thread while torch is imported
     from peftcli.merge.engine import merge as run_merge
     from peftcli.merge.engine import stdout_stream
 
@@ -68,6 +71,7 @@ def merge(base, inputs, out, weights, method, density, seed, dtype, max_shard_si
         report = run_merge(
             base, list(inputs), out, weights=weights, method=method, density=density, seed=seed, dtype=dtype,
             max_shard_size=max_shard_size, force=force, allow_pickle=allow_pickle, stream=stream, progress=progress,
+            hasher=hasher,
         )
     finally:
         if progress is not None:

@@ -84,6 +84,9 @@ def dare_seed(seed: int, key: str, index: int) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _check(deltas, weights, method: str, density: float | None, key: str) -> None:
     where = f" for {key}" if key else ""
     if method not in METHODS:
@@ -97,6 +100,8 @@ def _check(deltas, weights, method: str, density: float | None, key: str) -> Non
     for w in weights:
         if not math.isfinite(w):
             raise UsageError(f"merge weight {w} is not a finite number", "use weights such as 1.0 or 0.5")
+        if abs(w) > FLOAT32_MAX:  # merging computes in fp32, where this weight is inf
+            raise UsageError(f"merge weight {w} is beyond the float32 range", "use weights such as 1.0 or 0.5")
     if method == "ties" and min(weights) < 0:
         raise UsageError(
             f"ties needs weights ≥ 0, got {min(weights)}",

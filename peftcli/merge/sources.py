@@ -5,6 +5,11 @@ Three kinds of input, all opened lazily and read one tensor at a time:
 - an adapter directory whose method folds (LoRA, DoRA, IA³, BitFit, layers): φ = ΔW from
   the method's ``deltas``, computed from the base tensor;
 - a full checkpoint with the base's tensors: φ = θ_ft − θ₀, read in lockstep with the base.
+
+``deltas`` gives a tensor's whole φ from the whole base tensor. Diffs and checkpoints also give
+it in flat element ranges (``streams``), so the merge never holds more than a range of a large
+tensor: a ``Stream`` computes φ[start:stop] from the base's values in that range with exactly
+the operations ``deltas`` applies to every element, so both give the same bits.
 """
 
 from __future__ import annotations
@@ -17,9 +22,28 @@ import torch
 
 from peftcli.artifacts.adapter_dir import ADAPTER_CONFIG, read_adapter
 from peftcli.artifacts.sparse_diff import check_base, read_diff
+from peftcli.checkpoint.dtypes import torch_dtype
 from peftcli.checkpoint.fingerprint import file_sha256, summarize_differences, table_differences, tensor_table
-from peftcli.checkpoint.reader import Checkpoint, open_checkpoint
+from peftcli.checkpoint.reader import Checkpoint, TensorInfo, open_checkpoint
 from peftcli.errors import BadInputError, UsageError
+
+
+class Stream:
+    """One input's φ for one base tensor, a flat element range at a time.
+
+    ``read`` is where the input's own bytes of the tensor are, ``(file, offset, dtype)``, or
+    None when it needs none per range. The merge reads bytes ``[offset + start·size, offset +
+    stop·size)`` of that file and hands them to ``phi`` as ``raw``.
+    """
+
+    read: tuple[str, int, str] | None = None
+
+    def phi(self, start: int, stop: int, base: torch.Tensor, raw: torch.Tensor | None, out: torch.Tensor) -> None:
+        """Write φ[start:stop] (fp32) into ``out`` given the base's values ``base`` in that range.
+
+        ``base`` is fp32 for F16/BF16/F32 bases (an exact upcast) and as stored otherwise.
+        """
+        raise NotImplementedError
 
 
 @dataclass
@@ -31,22 +55,43 @@ class Source:
     close: Callable[[], None] = lambda: None
     heads: dict[str, torch.Tensor] = field(default_factory=dict)  # a trained task head: tensor name -> value
     labels: list[str] | None = None  # the head's label names, from the run's labels.json
+    streams: dict[str, Callable[[], Stream]] = field(default_factory=dict)  # names with a ranged φ -> opener
 
 
-def open_source(path: str, base: Checkpoint, allow_pickle: bool = False) -> Source:
-    """Open merge input ``path`` against ``base``; every mismatch is a one-line error."""
+def open_source(path: str, base: Checkpoint, allow_pickle: bool = False, sha256: Callable[[str], str] = file_sha256) -> Source:
+    """Open merge input ``path`` against ``base``; every mismatch is a one-line error.
+
+    ``sha256`` hashes a weight file for provenance (a ``Hasher``'s, to get hashes computed ahead).
+    """
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
-        return _adapter_source(path, base)
+        return _adapter_source(path, base, sha256)
     if path.endswith(".diff"):
-        return _diff_source(path, base)
-    return _checkpoint_source(path, base, allow_pickle)
+        return _diff_source(path, base, sha256)
+    return _checkpoint_source(path, base, allow_pickle, sha256)
 
 
-def _hashes(files: list[str]) -> dict[str, str]:
-    return {os.path.basename(f): file_sha256(f) for f in files}
+def _hashes(files: list[str], sha256: Callable[[str], str]) -> dict[str, str]:
+    return {os.path.basename(f): sha256(f) for f in files}
 
 
-def _diff_source(path: str, base: Checkpoint) -> Source:
+class _DiffStream(Stream):
+    def __init__(self, load: Callable[[], tuple[torch.Tensor | None, torch.Tensor]]):
+        self._load = load  # read at the first range: a merge plans every tensor before it starts
+        self.idx = self.val = None
+
+    def phi(self, start, stop, base, raw, out) -> None:
+        if self.val is None:
+            self.idx, val = self._load()
+            self.val = val.reshape(-1)
+        if self.idx is None:
+            out.copy_(self.val[start:stop])  # .float() of that range
+            return
+        lo, hi = (int(i) for i in torch.searchsorted(self.idx, torch.tensor([start, stop], dtype=self.idx.dtype)))
+        out.zero_()
+        out[self.idx[lo:hi].long() - start] = self.val[lo:hi].float()
+
+
+def _diff_source(path: str, base: Checkpoint, sha256: Callable[[str], str] = file_sha256) -> Source:
     diff = read_diff(path)
     # The content hash too, when the diff has one: a diff of another base with the same
     # architecture has the same tensor table but would merge into silently wrong weights.
@@ -63,14 +108,26 @@ def _diff_source(path: str, base: Checkpoint) -> Source:
 
         return compute
 
-    return Source(path, "diff", {n: delta(n) for n in diff.names}, _hashes([path]), diff.close)
+    def stream(name: str):
+        return lambda: _DiffStream(lambda: diff.get(name))
+
+    names = diff.names
+    return Source(
+        path, "diff", {n: delta(n) for n in names}, _hashes([path], sha256), diff.close,
+        streams={n: stream(n) for n in names},
+    )
 
 
-def _adapter_source(path: str, base: Checkpoint) -> Source:
+def _adapter_source(path: str, base: Checkpoint, sha256: Callable[[str], str] = file_sha256) -> Source:
     from peftcli.methods import method_for_adapter_config
 
     adapter = read_adapter(path)
     method = method_for_adapter_config(adapter.config, path)
+    if getattr(method, "trains_in_rounds", False):
+        raise UsageError(
+            f"{path}: a lottery run is not an adapter: its result is the checkpoint {os.path.join(path, 'ticket')}",
+            "use that directory as a model (it is θ ∘ m already), or as a fine-tuned input to merge",
+        )
     if not hasattr(method, "deltas"):
         raise UsageError(
             f"{path}: {method.name} adds computation (new modules or inputs) that no weight change reproduces",
@@ -91,10 +148,25 @@ def _adapter_source(path: str, base: Checkpoint) -> Source:
         from peftcli.checkpoint.reader import load_json
 
         labels = load_json(labels_path, "labels").get("labels")
-    return Source(path, "adapter", deltas, _hashes([os.path.join(path, "adapter_model.safetensors")]), heads=heads, labels=labels)
+    weights = os.path.join(path, "adapter_model.safetensors")
+    return Source(path, "adapter", deltas, _hashes([weights], sha256), heads=heads, labels=labels)
 
 
-def _checkpoint_source(path: str, base: Checkpoint, allow_pickle: bool) -> Source:
+class _CheckpointStream(Stream):
+    def __init__(self, info: TensorInfo):
+        self.read = (info.file, info.begin, info.dtype)
+        self.dtype = torch_dtype(info.dtype)
+
+    def phi(self, start, stop, base, raw, out) -> None:
+        ft = raw.view(self.dtype)
+        if ft.dtype == torch.float32 and base.dtype == torch.float32:
+            torch.sub(ft, base, out=out)  # one fp32 pass
+        else:
+            out.copy_(ft)  # .float()
+            out.sub_(base)
+
+
+def _checkpoint_source(path: str, base: Checkpoint, allow_pickle: bool, sha256: Callable[[str], str] = file_sha256) -> Source:
     ft = open_checkpoint(path, allow_pickle=allow_pickle)
     differences = table_differences(tensor_table(base), tensor_table(ft), "the base", path)
     if differences:
@@ -109,4 +181,7 @@ def _checkpoint_source(path: str, base: Checkpoint, allow_pickle: bool) -> Sourc
         return compute
 
     floating = [t.name for t in base.tensors.values() if t.dtype in ("F16", "BF16", "F32", "F64")]
-    return Source(path, "checkpoint", {n: delta(n) for n in floating}, _hashes(ft.files), ft.close)
+    streams = {}
+    if ft.storage != "pickle":
+        streams = {n: (lambda info=ft.tensors[n]: _CheckpointStream(info)) for n in floating}
+    return Source(path, "checkpoint", {n: delta(n) for n in floating}, _hashes(ft.files, sha256), ft.close, streams=streams)

@@ -168,6 +168,29 @@ def train(
     return train_adapter(run, cfg, resume=resume, force=force, log=log, progress=progress, return_model=return_model)
 
 
+def _check_inputs(model_dir: str, adapter, run: str) -> None:
+    """Refuse a corrupt base checkpoint or a non-finite φ in one line, before anything is written.
+
+    transformers would load the base itself (with its own exceptions) and a NaN φ would
+    train to a NaN loss and exit 0.
+    """
+    from peftcli.checkpoint.reader import open_checkpoint
+
+    with open_checkpoint(model_dir):
+        pass  # validates the header(s): offsets, dtypes, duplicate names, truncation
+    if adapter is None:
+        return
+    for key, t in adapter.tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise BadInputError(f"{run}: adapter tensor {key!r} holds NaN or Inf", "retrain it, or start again from peftcli inject")
+
+
+def _predicted_tokens(item: dict) -> int:
+    from peftcli.train.batching import IGNORE
+
+    return sum(1 for label in item.get("labels", [])[1:] if label != IGNORE)
+
+
 def multi_phase_method(run: str):
     """The method of ``run`` if it trains in phases or rounds (LT-SFT, diff-pruning, lottery), else None."""
     config_path = os.path.join(run, "adapter_config.json")
@@ -220,6 +243,7 @@ def train_adapter(
     if not model_dir or not os.path.isdir(model_dir):
         raise UsageError(f"base model directory {model_dir!r} not found", "pass --model DIR")
     cfg = dataclasses.replace(cfg, model=model_dir)
+    _check_inputs(model_dir, adapter, run)
 
     data = load_dataset(cfg.data, cfg.task, cfg.limit)
     if resume and os.path.isfile(os.path.join(run, LABELS_FILE)):
@@ -229,6 +253,8 @@ def train_adapter(
     eval_data = load_dataset(cfg.eval_data, data.task) if cfg.eval_data else None
     tokenizer = load_tokenizer(model_dir)
     train_items = encode(data, tokenizer, cfg.max_length, labels)
+    if data.task != "classify" and not any(_predicted_tokens(it) for it in train_items):
+        raise BadInputError(f"{cfg.data}: no example has a token to predict (every text is empty?)", "check the data file")
     eval_items = encode(eval_data, tokenizer, cfg.max_length, labels) if eval_data else None
 
     torch.manual_seed(cfg.train_seed)  # a new classification head is initialised from this

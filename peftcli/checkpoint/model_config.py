@@ -1,0 +1,79 @@
+"""The fields of a model's ``config.json`` peftcli reads, checked for the JSON types transformers writes.
+
+Only what peftcli reads is checked (sizes, head counts, layer counts, the model type and
+architectures, a few flags and token ids); everything else in the file is transformers'
+business. Every field may be absent or null: each reader has its own fallback then. A field
+of the wrong type (a list for ``model_type``, a string for ``num_attention_heads``, a zero
+head count that would be divided by) is one error naming the file and the field, instead of a
+crash in whichever method reads it first.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+from peftcli.errors import BadInputError
+
+MAX_SIZE = 2**31 - 1  # widths, counts and vocabularies: anything larger cannot be allocated
+MAX_POSITIONS = 2**63 - 1  # some configs use "unbounded" context lengths
+
+
+def _int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _between(low: int, high: int) -> Callable[[object], bool]:
+    return lambda v: _int(v) and low <= v <= high
+
+
+def _token_ids(v: object) -> bool:
+    return _int(v) or (isinstance(v, list) and all(_int(x) for x in v))
+
+
+_POSITIVE = (_between(1, MAX_SIZE), f"a positive integer up to {MAX_SIZE}")
+_COUNT = (_between(0, MAX_SIZE), f"an integer from 0 to {MAX_SIZE}")
+_POSITIONS = (_between(0, MAX_POSITIONS), "a non-negative integer")
+_STRING = (lambda v: isinstance(v, str), "a string")
+_BOOL = (lambda v: isinstance(v, bool), "true or false")
+_TOKENS = (_token_ids, "a token id or a list of token ids")
+
+FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
+    "model_type": _STRING,
+    "architectures": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of class names"),
+    "dtype": _STRING,
+    "torch_dtype": _STRING,
+    "tie_word_embeddings": _BOOL,
+    "is_encoder_decoder": _BOOL,
+    "eos_token_id": _TOKENS,
+    "bos_token_id": _TOKENS,
+    "pad_token_id": _TOKENS,
+    # Divided by or used as a tensor dimension: must be at least 1.
+    **dict.fromkeys(("hidden_size", "n_embd", "d_model", "dim"), _POSITIVE),
+    **dict.fromkeys(("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"), _POSITIVE),
+    **dict.fromkeys(("num_key_value_heads", "n_head_kv", "num_kv_heads", "head_dim"), _POSITIVE),
+    **dict.fromkeys(("num_hidden_layers", "n_layer", "num_layers"), _COUNT),
+    **dict.fromkeys(("intermediate_size", "n_inner", "ffn_dim", "d_ff", "vocab_size"), _COUNT),
+    **dict.fromkeys(("max_position_embeddings", "n_positions"), _POSITIONS),
+}
+
+CORRUPT = "config.json is corrupt or was edited by hand"
+
+
+def _shown(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_model_config(config: dict, where: str) -> dict:
+    """``config`` unchanged, once every field peftcli reads has a type transformers could have written."""
+    for scope, fields in (("", config), ("text_config.", config.get("text_config"))):
+        if scope and fields is None:
+            continue
+        if not isinstance(fields, dict):
+            raise BadInputError(f"{where}: 'text_config' must be a JSON object or null, not {_shown(fields)}", CORRUPT)
+        for key, (ok, expected) in FIELDS.items():
+            value = fields.get(key)
+            if value is not None and not ok(value):
+                raise BadInputError(f"{where}: '{scope}{key}' must be {expected}, not {_shown(value)}", CORRUPT)
+    return config

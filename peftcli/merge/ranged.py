@@ -1,0 +1,348 @@
+"""A merged tensor produced a flat range of elements at a time, in a few reused buffers.
+
+Each output tensor of a streaming merge is one task: ``requests`` lists, in order, the byte
+ranges it will read (for ``ReadAhead`` to read ahead), ``run`` consumes them in that order and
+hands the output's ranges to ``WriteBehind``. Only ranges are ever in memory, except where a
+method needs whole task vectors (TIES' trim ranks all of a tensor's entries).
+
+- ``Copy``: a tensor no input touches, in the base's dtype: its bytes, unchanged.
+- ``Cast``: a tensor no input touches, in another dtype (``--dtype``).
+- ``Linear``: θ₀ + Σ λᵢφᵢ (task arithmetic).
+- ``Ties``: θ₀ + TIES(φ₁ … φₖ), the φᵢ held whole for the trim, then combined by ranges.
+
+Each applies, element by element, the same fp32 operations in the same order as the whole-tensor
+definitions (``produce`` in ``engine.py``, with ``arithmetic.combine``), so the bytes written are the same
+(``tests/test_merge_ranged.py`` compares them): accumulate in fp32 from zero, the base added
+last, one cast to the output dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from peftcli.checkpoint.dtypes import torch_dtype
+from peftcli.checkpoint.reader import TensorInfo
+from peftcli.checkpoint.safetensors_format import DTYPES
+from peftcli.errors import BadInputError
+from peftcli.merge.arithmetic import keep_count
+from peftcli.merge.pipeline import Buffers, Read, ReadAhead, WriteBehind, chunks
+from peftcli.merge.sources import Stream
+
+RANGE = 1 << 18  # elements per range: 1 MiB of fp32, so a range's working set stays in cache
+UPCAST = ("F16", "BF16")  # base dtypes whose fp32 upcast is exact
+OUT_BUFFERS = 8  # output ranges being computed or queued for writing
+WRITE_LIMIT = 64 << 20  # bytes queued for writing (a larger whole tensor goes alone)
+SCRATCH_RANGES = 10  # range-sized scratch buffers besides those of the inputs (x{i}): base, phi, total, ...
+
+
+def itemsize(dtype: str) -> int:
+    return DTYPES[dtype][0] // 8
+
+
+def read_buffers(inputs: int) -> int:
+    """Read-ahead buffers for a merge of ``inputs``: a range of the base and of each, twice over."""
+    return 2 * (inputs + 1) + 2
+
+
+def buffer_bytes(dtypes) -> int:
+    """The size of one read or output buffer: a range of the widest dtype involved (fp32 at least)."""
+    return RANGE * max([4, *(itemsize(d) for d in dtypes if DTYPES[d][0] >= 8)])
+
+
+def buffers_total(inputs: int, dtypes) -> int:
+    """Bytes of every buffer a ranged merge allocates once: read-ahead, output and scratch ranges."""
+    return (read_buffers(inputs) + OUT_BUFFERS) * buffer_bytes(dtypes) + (SCRATCH_RANGES + inputs) * RANGE * 4
+
+
+@dataclass
+class Context:
+    """What every task of one merge shares: the reader, the writer and the reused buffers."""
+
+    reads: ReadAhead
+    out: WriteBehind
+    pool: Buffers  # output ranges, buffer_bytes() each
+    _scratch: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def scratch(self, key: str, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A reused buffer of ``n`` elements (grown when a larger one is asked for)."""
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            self._scratch.pop(key, None)  # the old one goes before the new one is allocated
+            buf = self._scratch[key] = torch.empty(n, dtype=dtype)
+        return buf[:n]
+
+    def put(self, name: str, result: torch.Tensor, buf: torch.Tensor, out_dtype: torch.dtype) -> None:
+        """Queue fp32 ``result`` (a view of pool buffer ``buf``) as a range of ``name``, cast once."""
+        if out_dtype == torch.float32:
+            self.out.put(name, result, done=lambda: self.pool.give(buf))
+            return
+        obuf = self.pool.take()
+        cast = obuf[: result.numel() * out_dtype.itemsize].view(out_dtype)
+        cast.copy_(result)
+        self.pool.give(buf)
+        self.out.put(name, cast, done=lambda: self.pool.give(obuf))
+
+    def take_fp32(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        buf = self.pool.take()
+        return buf, buf[: 4 * n].view(torch.float32)
+
+
+def _base(ctx: Context, raw: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+    """The base's range as the arithmetic takes it: fp32 (an exact upcast) or F64 as stored."""
+    stored = raw.view(torch_dtype(info.dtype))
+    if info.dtype in UPCAST:
+        return ctx.scratch("base", stored.numel()).copy_(stored)
+    return stored
+
+
+def check_finite(name: str, result: torch.Tensor) -> None:
+    # A sum is finite only if every term is: one fast pass; the exact test only when it is not.
+    if not math.isfinite(float(result.sum())) and not bool(torch.isfinite(result).all()):
+        raise BadInputError(f"merging gives NaN or Inf in {name!r}", "check the inputs with peftcli check")
+
+
+class Task:
+    name: str
+    changed = False
+
+    def requests(self) -> Iterator[Read]:
+        return iter(())
+
+    def run(self, ctx: Context) -> None:
+        raise NotImplementedError
+
+
+def _read(info: TensorInfo, start: int, stop: int) -> Read:
+    size = itemsize(info.dtype)
+    return info.file, info.begin + start * size, (stop - start) * size
+
+
+@dataclass
+class Copy(Task):
+    """The base tensor's bytes, unchanged (any dtype, sub-byte ones included)."""
+
+    name: str
+    info: TensorInfo
+
+    def _byte_ranges(self) -> Iterator[tuple[int, int]]:
+        return chunks(self.info.end - self.info.begin, RANGE * 4)
+
+    def requests(self) -> Iterator[Read]:
+        for start, stop in self._byte_ranges():
+            yield self.info.file, self.info.begin + start, stop - start
+
+    def run(self, ctx: Context) -> None:
+        if self.info.end == self.info.begin:
+            ctx.out.put(self.name, b"", whole=True)
+        for _ in self._byte_ranges():
+            buf, data = ctx.reads.next()
+            ctx.out.put(self.name, memoryview(data.numpy()), done=lambda buf=buf: ctx.reads.give(buf))
+
+
+@dataclass
+class Cast(Task):
+    """The base tensor in ``out_dtype``: one conversion per element, as ``Tensor.to``."""
+
+    name: str
+    info: TensorInfo
+    out_dtype: str
+
+    def requests(self) -> Iterator[Read]:
+        for start, stop in chunks(self.info.numel, RANGE):
+            yield _read(self.info, start, stop)
+
+    def run(self, ctx: Context) -> None:
+        dtype, out = torch_dtype(self.info.dtype), torch_dtype(self.out_dtype)
+        for _ in chunks(self.info.numel, RANGE):
+            buf, data = ctx.reads.next()
+            obuf = ctx.pool.take()
+            x = data.view(dtype)
+            cast = obuf[: x.numel() * itemsize(self.out_dtype)].view(out)
+            cast.copy_(x)
+            ctx.reads.give(buf)
+            ctx.out.put(self.name, cast, done=lambda obuf=obuf: ctx.pool.give(obuf))
+
+
+@dataclass
+class Linear(Task):
+    """θ₀ + Σ λᵢφᵢ: from zero, each λᵢφᵢ added in input order, then θ₀; one cast."""
+
+    name: str
+    info: TensorInfo
+    out_dtype: str
+    streams: list[tuple[float, Stream]]  # (λᵢ, φᵢ), the inputs touching this tensor, in input order
+    changed = True
+
+    def requests(self) -> Iterator[Read]:
+        for start, stop in chunks(self.info.numel, RANGE):
+            yield _read(self.info, start, stop)
+            for _, stream in self.streams:
+                if stream.read is not None:
+                    yield _ranged(stream.read, start, stop)
+
+    def run(self, ctx: Context) -> None:
+        out_dtype = torch_dtype(self.out_dtype)
+        for start, stop in chunks(self.info.numel, RANGE):
+            n = stop - start
+            bbuf, raw = ctx.reads.next()
+            base = _base(ctx, raw, self.info)
+            buf, acc = ctx.take_fp32(n)
+            acc.zero_()
+            phi = ctx.scratch("phi", n)
+            for lam, stream in self.streams:
+                _phi(ctx, stream, start, stop, base, phi)
+                acc.add_(phi, alpha=lam)
+            acc.add_(base)
+            ctx.reads.give(bbuf)
+            check_finite(self.name, acc)
+            ctx.put(self.name, acc, buf, out_dtype)
+        self.streams = []  # what a stream loaded (a diff's values) goes with it
+
+
+def _phi(ctx: Context, stream: Stream, start: int, stop: int, base: torch.Tensor, out: torch.Tensor) -> None:
+    if stream.read is None:
+        stream.phi(start, stop, base, None, out)
+        return
+    buf, raw = ctx.reads.next()
+    stream.phi(start, stop, base, raw, out)
+    ctx.reads.give(buf)
+
+
+def _ranged(where: tuple[str, int, str], start: int, stop: int) -> Read:
+    file, offset, dtype = where
+    size = itemsize(dtype)
+    return file, offset + start * size, (stop - start) * size
+
+
+@dataclass
+class _Trim:
+    """trim_d of one φ as a rule per entry: keep |φ| > cut, and the first ``ties`` entries at the cut."""
+
+    cut: np.float32 | None  # None: keep everything (K = N)
+    ties: int  # entries with |φ| == cut still to keep, in flat order
+    all_ties: bool  # every entry at the cut is kept: keep |φ| >= cut
+
+
+def _trim_rule(phi: torch.Tensor, density: float, ctx: Context) -> _Trim:
+    """The K-th largest |φ| and how many entries at it are kept (see ``arithmetic._trim``)."""
+    n = phi.numel()
+    k = keep_count(density, n)
+    if k == n:
+        return _Trim(None, 0, True)
+    mag = ctx.scratch("mag", n).numpy()
+    np.abs(phi.numpy(), out=mag)
+    mag.partition(n - k)  # numpy's introselect: several times faster than torch.kthvalue
+    cut = mag[n - k]  # the K-th largest; left of it nothing larger, right of it nothing smaller
+    above = int(np.count_nonzero(mag[n - k + 1 :] > cut))
+    at_cut = 1 + int(np.count_nonzero(mag[n - k + 1 :] == cut)) + int(np.count_nonzero(mag[: n - k] == cut))
+    needed = k - above
+    return _Trim(cut, needed, at_cut == needed)
+
+
+@dataclass
+class Ties(Task):
+    """θ₀ + TIES(φ): the φᵢ of the touching inputs held whole (the trim ranks a whole tensor), then by ranges.
+
+    Inputs that do not touch the tensor are left out: their φ = 0 is trimmed to 0, never
+    agrees with the elected sign and adds exact zeros, so leaving them out changes no bit.
+    """
+
+    name: str
+    info: TensorInfo
+    out_dtype: str
+    streams: list[tuple[float, Stream]]
+    density: float
+    changed = True
+
+    def requests(self) -> Iterator[Read]:
+        for start, stop in chunks(self.info.numel, RANGE):  # pass 1: the φᵢ
+            yield _read(self.info, start, stop)
+            for _, stream in self.streams:
+                if stream.read is not None:
+                    yield _ranged(stream.read, start, stop)
+        for start, stop in chunks(self.info.numel, RANGE):  # pass 2: θ₀ again, to add
+            yield _read(self.info, start, stop)
+
+    def run(self, ctx: Context) -> None:
+        n = self.info.numel
+        phis = [ctx.scratch(f"ties{i}", n) for i in range(len(self.streams))]
+        for start, stop in chunks(n, RANGE):
+            bbuf, raw = ctx.reads.next()
+            base = _base(ctx, raw, self.info)
+            for (_, stream), phi in zip(self.streams, phis):
+                _phi(ctx, stream, start, stop, base, phi[start:stop])
+            ctx.reads.give(bbuf)
+        rules = [_trim_rule(phi, self.density, ctx) for phi in phis]
+        # torch.where and torch's comparisons ran at ~60 M elements/s here (a random mask defeats
+        # branch prediction); numpy's comparisons and a bit mask do the same selection exactly.
+        weights = [np.float32(lam) for lam, _ in self.streams]  # as torch takes a Python scalar
+        out_dtype = torch_dtype(self.out_dtype)
+        for start, stop in chunks(n, RANGE):
+            m = stop - start
+            sign = ctx.scratch("sign", m, torch.int8).numpy()
+            flags = [ctx.scratch(f"flag{j}", m, torch.bool).numpy() for j in range(3)]
+            weighted = []
+            for i, (phi, rule, w) in enumerate(zip(phis, rules, weights)):
+                p = phi[start:stop].numpy()
+                x = ctx.scratch(f"x{i}", m).numpy()
+                np.multiply(p, w, out=x)  # where(keep, φ, 0)·w, with the mask applied after: w ≥ 0
+                if rule.cut is not None:
+                    _keep(p, rule, ctx.scratch("mag", m).numpy(), flags[0], flags[1])
+                    _zero_unless(x, flags[0], sign)
+                weighted.append(x)
+            total = ctx.scratch("total", m).numpy()
+            total.fill(0)
+            for x in weighted:
+                np.add(total, x, out=total)
+            positive = np.greater_equal(total, 0, out=flags[2])  # the elected sign; a zero sum elects +1
+            total.fill(0)
+            divisor = ctx.scratch("divisor", m).numpy()
+            divisor.fill(0)
+            term = ctx.scratch("term", m).numpy()
+            for x, w in zip(weighted, weights):
+                agree = np.greater(x, 0, out=flags[0])  # sign(x) = γ; zero and NaN never agree
+                np.bitwise_and(agree, positive, out=agree)
+                negative = np.less(x, 0, out=flags[1])
+                np.greater(negative, positive, out=negative)  # x < 0 where γ = −1
+                np.bitwise_or(agree, negative, out=agree)
+                np.multiply(agree, w, out=term)  # 0 or w exactly: divisor + term is add_(agree, alpha=w)
+                np.add(divisor, term, out=divisor)
+                _zero_unless(x, agree, sign)
+                np.add(total, x, out=total)
+            np.add(divisor, divisor == 0, out=divisor)  # no agreeing input: 1 (the sum is 0 there)
+            buf, result = ctx.take_fp32(m)
+            np.divide(total, divisor, out=result.numpy())
+            bbuf, raw = ctx.reads.next()
+            result.add_(_base(ctx, raw, self.info))
+            ctx.reads.give(bbuf)
+            check_finite(self.name, result)
+            ctx.put(self.name, result, buf, out_dtype)
+        self.streams = []
+
+
+def _zero_unless(x: np.ndarray, keep: np.ndarray, sign: np.ndarray) -> None:
+    """x = where(keep, x, +0.0) exactly (NaN and −0.0 too): an AND with all-ones or all-zeros bits."""
+    np.negative(keep.view(np.int8), out=sign)  # True → −1, all ones once widened to 32 bits
+    np.bitwise_and(x.view(np.int32), sign, out=x.view(np.int32))
+
+
+def _keep(phi: np.ndarray, rule: _Trim, mag: np.ndarray, keep: np.ndarray, at_cut: np.ndarray) -> None:
+    """``keep`` = the entries of one range that trim_d keeps; ``rule.ties`` advances past those at the cut."""
+    np.abs(phi, out=mag)
+    if rule.all_ties:
+        np.greater_equal(mag, rule.cut, out=keep)
+        return
+    np.greater(mag, rule.cut, out=keep)
+    if rule.ties:
+        np.equal(mag, rule.cut, out=at_cut)
+        count = int(np.count_nonzero(at_cut))
+        if count > rule.ties:  # more ties than places left: the first ones by flat index
+            np.bitwise_and(at_cut, np.cumsum(at_cut) <= rule.ties, out=at_cut)
+            count = rule.ties
+        rule.ties -= count
+        np.bitwise_or(keep, at_cut, out=keep)
