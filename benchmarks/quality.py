@@ -85,6 +85,7 @@ METHODS = [
     # LT-SFT resets θ and the head after phase 1: phase 2 (the sparse one) needs the higher lr
     # of a small φ; phase 1 is a full fine-tuning at full fine-tuning's lr.
     Method("lt-sft d=0.01", ("lt-sft", "--density", "0.01"), 1e-3, ("--phase1-lr", "1e-4")),
+    Method("lt-sft d=0.001", ("lt-sft", "--density", "0.001"), 1e-3, ("--phase1-lr", "1e-4")),
     Method("diff-pruning d=0.01", ("diff-pruning", "--density", "0.01"), 1e-4),
 ]
 LORA = METHODS[0]
