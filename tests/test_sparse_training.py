@@ -46,6 +46,20 @@ def data(tmp_path_factory):
     return out
 
 
+@pytest.fixture
+def phase1_weights(monkeypatch):
+    """{run name: its phase-1 checkpoint}, read just before the selection deletes it."""
+    seen = {}
+    original = phased._select
+
+    def spy(run_, cfg, *args):
+        seen[os.path.basename(run_)] = load_file(os.path.join(run_, phased.PHASE1, "model.safetensors"))
+        return original(run_, cfg, *args)
+
+    monkeypatch.setattr(phased, "_select", spy)
+    return seen
+
+
 def _inject(base, tmp_path, method, name="run", **opts):
     run = str(tmp_path / name)
     inject(base, method, METHODS[method].config_cls(**opts), run)
@@ -110,19 +124,11 @@ def test_lt_sft_trains_exactly_k_entries_and_writes_them_as_a_diff(tiny_llama, d
         assert torch.equal(stored[name][0].long(), idx) and torch.equal(stored[name][1], val)
 
 
-def test_selection_is_the_exact_top_k_of_the_phase1_change(tiny_llama, data, tmp_path, monkeypatch):
+def test_selection_is_the_exact_top_k_of_the_phase1_change(tiny_llama, data, tmp_path, phase1_weights):
     """Keep phase 1's checkpoint (stop before the selection deletes it) and check the kept set."""
     run = _inject(tiny_llama, tmp_path, "lt-sft", top_k=K)
-    original = phased._select
-    seen = {}
-
-    def spy(run_, cfg, *args):
-        p1 = os.path.join(run_, phased.PHASE1, "model.safetensors")
-        seen["theta1"] = load_file(p1)
-        return original(run_, cfg, *args)
-
-    monkeypatch.setattr(phased, "_select", spy)
     train(run, _cfg(data["lm"]))
+    seen = {"theta1": phase1_weights["run"]}
     theta0 = load_file(os.path.join(tiny_llama, "model.safetensors"))
     names = sorted(theta0)
     flat = torch.cat([(seen["theta1"][n].float() - theta0[n].float()).reshape(-1).abs() for n in names])
@@ -203,15 +209,8 @@ def test_lt_sft_resumes_byte_identically_after_sigkill_in_phase_1(tiny_llama, da
     assert open(os.path.join(ref, "adapter_model.safetensors"), "rb").read() == open(os.path.join(run, "adapter_model.safetensors"), "rb").read()
 
 
-def test_movement_and_random_selection(tiny_llama, data, tmp_path, monkeypatch):
-    seen = {}
-    original = phased._select
-
-    def spy(run_, cfg, *args):
-        seen[os.path.basename(run_)] = load_file(os.path.join(run_, phased.PHASE1, "model.safetensors"))
-        return original(run_, cfg, *args)
-
-    monkeypatch.setattr(phased, "_select", spy)
+def test_movement_and_random_selection(tiny_llama, data, tmp_path, phase1_weights):
+    seen = phase1_weights
     kept = {}
     for how in ("magnitude", "movement", "random"):
         run = _inject(tiny_llama, tmp_path, "lt-sft", how, top_k=K, select=how)
@@ -227,15 +226,8 @@ def test_movement_and_random_selection(tiny_llama, data, tmp_path, monkeypatch):
         assert theta1[n].reshape(-1)[i].float().square() > theta0[n].reshape(-1)[i].float().square()
 
 
-def test_diff_pruning_keeps_phase1_values_and_its_l1_shrinks_phi(tiny_bert, data, tmp_path, monkeypatch):
-    seen = {}
-    original = phased._select
-
-    def spy(run_, cfg, *args):
-        seen[os.path.basename(run_)] = load_file(os.path.join(run_, phased.PHASE1, "model.safetensors"))
-        return original(run_, cfg, *args)
-
-    monkeypatch.setattr(phased, "_select", spy)
+def test_diff_pruning_keeps_phase1_values_and_its_l1_shrinks_phi(tiny_bert, data, tmp_path, phase1_weights):
+    seen = phase1_weights
     theta0 = load_file(os.path.join(tiny_bert, "model.safetensors"))
     runs = {}
     for name, l1 in (("plain", 0.0), ("l1", 50.0)):

@@ -168,6 +168,14 @@ def train(
     return train_adapter(run, cfg, resume=resume, force=force, log=log, progress=progress, return_model=return_model)
 
 
+def with_model_dir(cfg: TrainConfig, adapter) -> TrainConfig:
+    """``cfg`` with its base model directory: ``--model``, else the one the adapter records."""
+    model_dir = cfg.model or (adapter.config.get("base_model_name_or_path") if adapter is not None else None)
+    if not model_dir or not os.path.isdir(model_dir):
+        raise UsageError(f"base model directory {model_dir!r} not found", "pass --model DIR")
+    return dataclasses.replace(cfg, model=model_dir)
+
+
 def _check_inputs(model_dir: str, adapter, run: str) -> None:
     """Refuse a corrupt base checkpoint or a non-finite φ in one line, before anything is written.
 
@@ -239,10 +247,8 @@ def train_adapter(
         raise UsageError(f"{run}: no checkpoint to resume from", "train with --save-every N to write checkpoints")
 
     adapter = None if cfg.full else read_adapter(checkpoint or run)
-    model_dir = cfg.model or adapter.config.get("base_model_name_or_path")
-    if not model_dir or not os.path.isdir(model_dir):
-        raise UsageError(f"base model directory {model_dir!r} not found", "pass --model DIR")
-    cfg = dataclasses.replace(cfg, model=model_dir)
+    cfg = with_model_dir(cfg, adapter)
+    model_dir = cfg.model
     _check_inputs(model_dir, adapter, run)
 
     data = load_dataset(cfg.data, cfg.task, cfg.limit)

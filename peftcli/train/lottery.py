@@ -68,10 +68,8 @@ def train(run: str, cfg: TrainConfig | None, *, resume: bool, force: bool, log, 
             elif name in (MASK, REWIND, loop.METRICS_FILE, loop.ARGS_FILE, STATE):
                 os.unlink(os.path.join(run, name))
         state = {"round": 0}
-    model_dir = cfg.model or adapter.config.get("base_model_name_or_path")
-    if not model_dir or not os.path.isdir(model_dir):
-        raise UsageError(f"base model directory {model_dir!r} not found", "pass --model DIR")
-    cfg = dataclasses.replace(cfg, model=model_dir)
+    cfg = loop.with_model_dir(cfg, adapter)
+    model_dir = cfg.model
     if not resume:
         loop._write_json(args_path, dataclasses.asdict(cfg))
         loop._write_json(state_path, state)

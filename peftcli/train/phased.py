@@ -72,10 +72,8 @@ def train(run: str, cfg: TrainConfig | None, *, resume: bool, force: bool, log, 
         if started:
             adapter = _reset(run, adapter)
             selected = False
-    model_dir = cfg.model or adapter.config.get("base_model_name_or_path")
-    if not model_dir or not os.path.isdir(model_dir):
-        raise UsageError(f"base model directory {model_dir!r} not found", "pass --model DIR")
-    cfg = dataclasses.replace(cfg, model=model_dir)
+    cfg = loop.with_model_dir(cfg, adapter)
+    model_dir = cfg.model
     if not resume:
         loop._write_json(args_path, dataclasses.asdict(cfg))
 
@@ -225,7 +223,7 @@ def _write_phi_diff(run: str, model_dir: str, method: str) -> None:
         provenance = {
             "tool": "peftcli", "version": __version__, "command": "train", "method": method,
             "inputs": {"base": os.path.abspath(model_dir), "run": os.path.abspath(run)},
-            "options": json.loads(json.dumps(read_adapter(run).config.get("peftcli", {}))),
+            "options": json.loads(json.dumps(adapter.config.get("peftcli", {}))),
         }
         fingerprint = Fingerprint.of(base, names)
         write_diff(os.path.join(run, DIFF_FILE), entries, DiffMetadata(method, fingerprint, provenance), values="fp32", force=True, inputs=[model_dir])

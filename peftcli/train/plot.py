@@ -67,8 +67,6 @@ def plot_run(run: str, out: str, force: bool = False) -> str:
     density of the ticket.
     """
     plt = _pyplot()
-    from peftcli.checkpoint.atomic import atomic_output
-
     rounds = read_rounds(run)
     if rounds:
         return _plot_rounds(plt, run, rounds, out, force)
@@ -88,6 +86,13 @@ def plot_run(run: str, out: str, force: bool = False) -> str:
         acc.legend(loc="upper right")
     ax.legend(loc="upper left" if evals and "eval_accuracy" in evals[0] else "best")
     ax.set_title(os.path.basename(os.path.normpath(run)))
+    return _save(plt, fig, run, out, force)
+
+
+def _save(plt, fig, run: str, out: str, force: bool) -> str:
+    """Write ``fig`` to the PNG ``out`` atomically (never over the run's metrics)."""
+    from peftcli.checkpoint.atomic import atomic_output
+
     fig.tight_layout()
     with atomic_output(out, directory=False, inputs=[os.path.join(run, METRICS_FILE)], force=force) as tmp:
         fig.savefig(tmp, format="png")
@@ -96,8 +101,6 @@ def plot_run(run: str, out: str, force: bool = False) -> str:
 
 
 def _plot_rounds(plt, run: str, rounds: list[dict], out: str, force: bool) -> str:
-    from peftcli.checkpoint.atomic import atomic_output
-
     density = [100.0 * r["density"] for r in rounds]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     if all(r.get("eval_accuracy") is not None for r in rounds):
@@ -113,8 +116,4 @@ def _plot_rounds(plt, run: str, rounds: list[dict], out: str, force: bool) -> st
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     ax.set_title(os.path.basename(os.path.normpath(run)))
-    fig.tight_layout()
-    with atomic_output(out, directory=False, inputs=[os.path.join(run, METRICS_FILE)], force=force) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return out
+    return _save(plt, fig, run, out, force)
