@@ -421,6 +421,14 @@ def train_adapter(
     if world.main:
         adapted.save_into(run)
     distributed.barrier(world)
+    # The DDP wrapper's reducer holds the process group: free it first. Destroying the group
+    # and then leaving the reducer to the frame's exit hung a gloo worker in a futex (seen
+    # once in CI-like runs, after training had finished and the adapter was written).
+    del forward
+    if world.distributed:
+        import gc
+
+        gc.collect()
     distributed.teardown(world)
     wall = time.perf_counter() - start_time
     summary = {
