@@ -47,6 +47,9 @@ def models(tmp_path):
     return build
 
 
+TASK = {"linear": "Linear", "ties": "Ties", "dare": "Dare", "dare-ties": "Dare"}  # the ranged task of each method
+
+
 def _whole_path(monkeypatch):
     """Inputs opened without ranged streams: every touched tensor goes through ``produce``."""
     real = engine.open_source
@@ -67,7 +70,7 @@ def _bytes(path: str) -> bytes:
 def _runs(monkeypatch) -> dict[str, int]:
     """How often each ranged task ran (so a test can tell the ranged path was taken)."""
     runs: dict[str, int] = {}
-    for cls in (ranged.Linear, ranged.Ties, ranged.Copy, ranged.Cast):
+    for cls in (ranged.Linear, ranged.Ties, ranged.Dare, ranged.Copy, ranged.Cast):
         real = cls.run
 
         def run(self, ctx, real=real, name=cls.__name__):
@@ -81,7 +84,10 @@ def _runs(monkeypatch) -> dict[str, int]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize(
     "method, weights, density, out_dtype",
-    [("linear", [0.7, 1.3], None, None), ("ties", [0.3, 1.1], 0.5, None), ("ties", [1.0, 1.0], 0.25, "BF16"), ("linear", [1.0, -0.6], None, "F32")],
+    [
+        ("linear", [0.7, 1.3], None, None), ("ties", [0.3, 1.1], 0.5, None), ("ties", [1.0, 1.0], 0.25, "BF16"),
+        ("linear", [1.0, -0.6], None, "F32"), ("dare", [0.8, -0.5], 0.3, None), ("dare-ties", [1.2, 0.4], 0.6, "F16"),
+    ],
 )
 def test_ranged_merge_of_checkpoints_equals_the_whole_tensor_merge(models, tmp_path, monkeypatch, dtype, method, weights, density, out_dtype):
     base, *fts = models(dtype)
@@ -89,13 +95,13 @@ def test_ranged_merge_of_checkpoints_equals_the_whole_tensor_merge(models, tmp_p
     runs = _runs(monkeypatch)
     opts = dict(weights=weights, method=method, density=density, dtype=out_dtype)
     merge(base, fts, str(tmp_path / "ranged"), **opts)
-    assert runs.get("Linear" if method == "linear" else "Ties") == len(SHAPES)
+    assert runs.get(TASK[method]) == len(SHAPES)
     _whole_path(monkeypatch)
     merge(base, fts, str(tmp_path / "whole"), **opts)
     assert _bytes(str(tmp_path / "ranged")) == _bytes(str(tmp_path / "whole"))
 
 
-@pytest.mark.parametrize("method, density", [("linear", None), ("ties", 0.4)])
+@pytest.mark.parametrize("method, density", [("linear", None), ("ties", 0.4), ("dare", 0.5), ("dare-ties", 0.7)])
 @pytest.mark.parametrize("options", [DiffOptions(density=0.3), DiffOptions(dense=True, values="fp32")], ids=["sparse", "dense"])
 def test_ranged_merge_of_diffs_and_a_cast_equals_the_whole_tensor_merge(models, tmp_path, monkeypatch, method, density, options):
     base, *fts = models(torch.bfloat16)
@@ -107,11 +113,33 @@ def test_ranged_merge_of_diffs_and_a_cast_equals_the_whole_tensor_merge(models, 
     runs = _runs(monkeypatch)
     opts = dict(weights=[0.9, 0.6], method=method, density=density, dtype="F16")
     merge(base, diffs, str(tmp_path / "ranged"), **opts)
-    assert runs.get("Linear" if method == "linear" else "Ties") == len(SHAPES)
+    assert runs.get(TASK[method]) == len(SHAPES)
     assert runs.get("Copy") == 1  # the int64 tensor, which no diff covers: copied, not cast
     _whole_path(monkeypatch)
     merge(base, diffs, str(tmp_path / "whole"), **opts)
     assert _bytes(str(tmp_path / "ranged")) == _bytes(str(tmp_path / "whole"))
+
+
+@pytest.mark.parametrize("method", ["dare", "dare-ties"])
+def test_dare_leaves_out_inputs_that_do_not_touch_a_tensor_without_changing_a_bit(models, tmp_path, monkeypatch, method):
+    # The whole-tensor path gives every input a (zero) φ and draws every input's mask; the
+    # ranged task draws only for the inputs that touch the tensor. A sparse diff of 20 entries
+    # leaves most tensors to the second input alone.
+    base, ft1, ft2 = models(torch.float32)
+    few = str(tmp_path / "few.diff")
+    diff(base, ft1, few, DiffOptions(top_k=20))
+    with open_checkpoint(base) as b:
+        floating = sum(1 for n in b if b.tensors[n].dtype == "F32")
+    monkeypatch.setattr(ranged, "RANGE", 128)
+    opts = dict(weights=[1.5, 0.7], method=method, density=0.4, seed=7)
+    runs = _runs(monkeypatch)
+    merge(base, [few, ft2], str(tmp_path / "ranged"), **opts)
+    assert runs.get("Dare") == floating
+    _whole_path(monkeypatch)
+    merge(base, [few, ft2], str(tmp_path / "whole"), **opts)
+    assert _bytes(str(tmp_path / "ranged")) == _bytes(str(tmp_path / "whole"))
+    merge(base, [few, ft2], str(tmp_path / "reseeded"), **{**opts, "seed": 8})
+    assert _bytes(str(tmp_path / "reseeded")) != _bytes(str(tmp_path / "whole"))  # the seed is used
 
 
 def test_untouched_tensors_are_copied_or_cast_and_stdout_gets_the_same_bytes(tiny_llama, tmp_path, monkeypatch):

@@ -66,7 +66,7 @@ def combine(
     if method == "ties":
         trimmed = [_trim(phi, density) for phi in phis]
         return _consensus(trimmed, weights, normalize=True)
-    dropped = [_drop(phi, density, _generator(seed, key, i)) for i, phi in enumerate(phis)]
+    dropped = [_drop(phi, density, dare_generator(seed, key, i)) for i, phi in enumerate(phis)]
     if method == "dare":
         return _weighted_sum(dropped, weights)
     return _consensus(dropped, weights, normalize=False)
@@ -149,7 +149,8 @@ def _trim(phi: torch.Tensor, density: float) -> torch.Tensor:
     return torch.where(keep.view(phi.shape), phi, 0.0)
 
 
-def _generator(seed: int, key: str, index: int) -> torch.Generator:
+def dare_generator(seed: int, key: str, index: int) -> torch.Generator:
+    """The CPU generator that draws input ``index``'s DARE mask for tensor ``key``."""
     return torch.Generator(device="cpu").manual_seed(dare_seed(seed, key, index))
 
 

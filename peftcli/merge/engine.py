@@ -1,10 +1,10 @@
 """``peftcli merge``: θ = θ₀ + combine(φ₁ … φₖ), streamed into a standalone checkpoint.
 
 Each output tensor is one task (``ranged.py``): where the inputs are diffs or full checkpoints
-and the method is linear or TIES, it is produced a range of elements at a time: read the
+(any method: linear, TIES, DARE, DARE-TIES), it is produced a range of elements at a time: read the
 base's range, compute each input's φ for it in fp32, accumulate, add θ₀, cast once to the
 output dtype, write. Tensors no input touches are copied byte for byte (or cast, with
-``dtype``). Everything else (adapters, DARE, heads, pickles) is produced whole by ``produce``:
+``dtype``). Everything else (adapters, heads, pickles) is produced whole by ``produce``:
 the same operations on whole tensors, which the ranged tasks reproduce bit for bit. A reader
 and a writer thread overlap the reads, arithmetic and writes (``pipeline.py``), and the inputs'
 provenance hashes are computed on a thread of their own (``provenance.py``). Peak memory is a
@@ -33,7 +33,7 @@ from peftcli.errors import BadInputError, UsageError
 from peftcli.merge.provenance import Hasher
 from peftcli.merge.pipeline import Buffers, ReadAhead, WriteBehind
 from peftcli.merge.ranged import (
-    OUT_BUFFERS, WRITE_LIMIT, Cast, Context, Copy, Linear, Task, Ties, buffer_bytes, check_finite, read_buffers,
+    OUT_BUFFERS, WRITE_LIMIT, Cast, Context, Copy, Dare, Linear, Task, Ties, buffer_bytes, check_finite, read_buffers,
 )
 from peftcli.merge.sources import Source, open_source
 
@@ -172,17 +172,19 @@ def merge(
                 info = ckpt.tensors[name] if name is not None else None
                 if info is None or ckpt.storage == "pickle" or info.numel == 0:
                     return _Whole(out_name, produce)
-                touched = [(lam[i], s) for i, s in enumerate(sources) if name in s.deltas]
+                touched = [i for i, s in enumerate(sources) if name in s.deltas]
                 if not touched:
                     if out_dtype[name] == info.dtype:
                         return Copy(out_name, info)
                     return Cast(out_name, info, out_dtype[name])
-                if info.dtype not in FLOAT_DTYPES or method not in ("linear", "ties") or any(name not in s.streams for _, s in touched):
+                if info.dtype not in FLOAT_DTYPES or any(name not in sources[i].streams for i in touched):
                     return _Whole(out_name, produce)
-                streams = [(w, s.streams[name]()) for w, s in touched]
+                streams = [(i, lam[i], sources[i].streams[name]()) for i in touched]
                 if method == "linear":
-                    return Linear(out_name, info, out_dtype[name], streams)
-                return Ties(out_name, info, out_dtype[name], streams, density)
+                    return Linear(out_name, info, out_dtype[name], [(w, st) for _, w, st in streams])
+                if method == "ties":
+                    return Ties(out_name, info, out_dtype[name], [(w, st) for _, w, st in streams], density)
+                return Dare(out_name, info, out_dtype[name], streams, density, seed, name, ties=method == "dare-ties")
 
             changed, total = 0, len(specs)
             with contextlib.ExitStack() as stack:
@@ -230,7 +232,7 @@ def merge(
 
 @dataclass
 class _Whole(Task):
-    """A tensor produced whole by ``produce`` (heads, adapters, DARE, pickles): written in one piece."""
+    """A tensor produced whole by ``produce`` (heads, adapters, pickles): written in one piece."""
 
     name: str
     produce: Callable

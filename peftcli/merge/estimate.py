@@ -10,9 +10,9 @@
   over the tensors the merge changes. Per tensor of N elements, touched by k inputs:
 
   ==========================================  =================================================
-  linear, inputs diffs or checkpoints          the diffs' stored values of it (ranges otherwise)
+  linear, dare, dare-ties; diffs, checkpoints  the diffs' stored values of it (ranges otherwise)
   ties, inputs diffs or checkpoints            (k + 1) × 4N: the k φ in fp32 and the ranked |φ|
-  anything else, done whole (adapters, DARE)   its base and output bytes, plus 4N × (3 for linear,
+  anything else, done whole (adapters)         its base and output bytes, plus 4N × (3 for linear,
                                                2k + 3 for dare, 3k + 4 for ties and dare-ties)
   ==========================================  =================================================
 
@@ -38,7 +38,8 @@ RATES = {
     "write": 1.0e9,  # writes including the closing fsync, bytes/s: the low end measured (1.0-1.4 GB/s)
     "merge": 1.0e9,  # ranged arithmetic, output elements/s per input
     "rank": 7.0e7,  # TIES beyond a linear merge (ranking |φ|, selecting by range), elements/s per input
-    "whole": 1.5e8,  # whole-tensor arithmetic (adapter folds, DARE), elements/s per input
+    "draw": 1.4e8,  # DARE by ranges (the mask's random draw, drop, rescale, sum), elements/s per input
+    "whole": 1.5e8,  # whole-tensor arithmetic (adapter folds), elements/s per input
 }
 
 
@@ -95,9 +96,10 @@ def estimate(ckpt: Checkpoint, inputs: list[Input], method: str = "linear", dtyp
         changed += 1
         n = info.numel
         stored = sum(i.stored.get(name, 0) for i in touching)
-        if not pickle and all(i.ranged for i in touching) and method in ("linear", "ties") and info.dtype in FLOAT_DTYPES:
-            need = stored + (0 if method == "linear" else (len(touching) + 1) * 4 * n)
-            seconds += n * len(touching) / RATES["merge"] + (n * len(touching) / RATES["rank"] if method == "ties" else 0)
+        if not pickle and all(i.ranged for i in touching) and info.dtype in FLOAT_DTYPES:
+            need = stored + ((len(touching) + 1) * 4 * n if method == "ties" else 0)
+            extra = {"ties": RATES["rank"], "dare": RATES["draw"], "dare-ties": RATES["draw"]}.get(method)
+            seconds += n * len(touching) / RATES["merge"] + (n * len(touching) / extra if extra else 0)
         else:
             factor = {"linear": 3, "dare": 2 * k + 3}.get(method, 3 * k + 4)
             need = stored + info.nbytes + expected_nbytes(out_dtype[name], info.shape) + factor * 4 * n

@@ -9,6 +9,7 @@ method needs whole task vectors (TIES' trim ranks all of a tensor's entries).
 - ``Cast``: a tensor no input touches, in another dtype (``--dtype``).
 - ``Linear``: θ₀ + Σ λᵢφᵢ (task arithmetic).
 - ``Ties``: θ₀ + TIES(φ₁ … φₖ), the φᵢ held whole for the trim, then combined by ranges.
+- ``Dare``: θ₀ + DARE(φ₁ … φₖ) or DARE-TIES, every step by ranges (the masks too).
 
 Each applies, element by element, the same fp32 operations in the same order as the whole-tensor
 definitions (``produce`` in ``engine.py``, with ``arithmetic.combine``), so the bytes written are the same
@@ -29,7 +30,7 @@ from peftcli.checkpoint.dtypes import torch_dtype
 from peftcli.checkpoint.reader import TensorInfo
 from peftcli.checkpoint.safetensors_format import DTYPES
 from peftcli.errors import BadInputError
-from peftcli.merge.arithmetic import keep_count
+from peftcli.merge.arithmetic import dare_generator, keep_count
 from peftcli.merge.pipeline import Buffers, Read, ReadAhead, WriteBehind, chunks
 from peftcli.merge.sources import Stream
 
@@ -346,3 +347,73 @@ def _keep(phi: np.ndarray, rule: _Trim, mag: np.ndarray, keep: np.ndarray, at_cu
             count = rule.ties
         rule.ties -= count
         np.bitwise_or(keep, at_cut, out=keep)
+
+
+@dataclass
+class Dare(Task):
+    """θ₀ + DARE(φ₁ … φₖ) (``dare``: Σ λᵢ φ̃ᵢ) or DARE-TIES (``ties``: elect, sum the agreeing), by ranges.
+
+    Input i's mask comes from its own generator, seeded as ``arithmetic.dare_generator``.
+    torch.rand fills a CPU tensor from one MT19937 stream element by element, so drawing range
+    after range continues the stream where one whole-tensor draw would be: the masks, and so the
+    bytes written, are those of ``arithmetic.combine`` (tests/test_merge_ranged.py compares them).
+    Inputs that do not touch the tensor are left out: their dropped φ is 0, which adds nothing
+    and never agrees with the elected sign, and no other input's mask depends on theirs.
+    """
+
+    name: str
+    info: TensorInfo
+    out_dtype: str
+    streams: list[tuple[int, float, Stream]]  # (i, λᵢ, φᵢ): the input's position, its weight, its φ
+    density: float
+    seed: int
+    key: str  # the base tensor's name, which seeds the masks
+    ties: bool
+    changed = True
+
+    def requests(self) -> Iterator[Read]:
+        for start, stop in chunks(self.info.numel, RANGE):
+            yield _read(self.info, start, stop)
+            for _, _, stream in self.streams:
+                if stream.read is not None:
+                    yield _ranged(stream.read, start, stop)
+
+    def run(self, ctx: Context) -> None:
+        generators = [dare_generator(self.seed, self.key, i) for i, _, _ in self.streams]
+        out_dtype = torch_dtype(self.out_dtype)
+        d = self.density
+        for start, stop in chunks(self.info.numel, RANGE):
+            m = stop - start
+            bbuf, raw = ctx.reads.next()
+            base = _base(ctx, raw, self.info)
+            u = ctx.scratch("u", m)
+            dropped = ctx.scratch("drop", m, torch.bool)
+            xs = []
+            # Each step is the whole-tensor definition's own torch operation on the range.
+            for j, ((_, lam, stream), generator) in enumerate(zip(self.streams, generators)):
+                x = ctx.scratch(f"x{j}", m)
+                _phi(ctx, stream, start, stop, base, x)
+                torch.rand(m, generator=generator, out=u)
+                torch.ge(u, d, out=dropped)  # survives where u < d
+                torch.div(x, d, out=x).masked_fill_(dropped, 0.0)  # where(survive, φ / d, 0)
+                xs.append(x)
+            buf, acc = ctx.take_fp32(m)
+            acc.zero_()
+            if not self.ties:
+                for x, (_, lam, _) in zip(xs, self.streams):
+                    acc.add_(x, alpha=lam)
+            else:
+                for x, (_, lam, _) in zip(xs, self.streams):
+                    x.mul_(lam)  # weighted before the election
+                    acc += x
+                positive = torch.ge(acc, 0, out=ctx.scratch("positive", m, torch.bool))
+                acc.zero_()
+                for x in xs:
+                    agree = torch.where(positive, x > 0, x < 0)  # sign(x) = γ: zero never agrees
+                    acc += x.where(agree, 0.0)
+            acc.add_(base)
+            ctx.reads.give(bbuf)
+            check_finite(self.name, acc)
+            ctx.put(self.name, acc, buf, out_dtype)
+        self.streams = []
+
