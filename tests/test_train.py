@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from peftcli.methods.lora import LoraConfig
 from peftcli.train.config import TrainConfig
 from peftcli.train.data import load_dataset
 from peftcli.train.loop import train
+from peftcli.train.state import step_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "data")
@@ -332,3 +334,32 @@ def test_lm_eval_loss_is_the_mean_over_predicted_tokens_whatever_the_batch_size(
     for bs in (1, 3, 10):
         got = evaluate(model, items, tok.pad_token_id, bs, torch.device("cpu"), "sft")["eval_loss"]
         assert got == pytest.approx(total / tokens, rel=1e-5), bs
+
+
+def test_threads_hold_during_training_are_saved_for_resume_and_restored_after(tiny_llama, data, tmp_path):
+    seen = []
+
+    class Spy:  # the progress interface: start, update each step, finish
+        def start(self, total, step):
+            seen.append(("start", torch.get_num_threads()))
+
+        def update(self, step, *rest):
+            seen.append((step, torch.get_num_threads()))
+
+        def finish(self):
+            pass
+
+    before = torch.get_num_threads()
+    wanted = 2 if before == 1 else 1  # differs from the default, whatever the machine
+    run = _run(tiny_llama, tmp_path)
+    train(run, TrainConfig(data=data["lm"], steps=4, save_every=2, threads=wanted), progress=Spy())
+    assert seen and all(n == wanted for _, n in seen), seen
+    assert torch.get_num_threads() == before
+    assert json.load(open(os.path.join(run, "train_args.json")))["threads"] == wanted
+    seen.clear()
+    shutil.rmtree(step_dir(run, 4))  # resume from step 2 with the saved options
+    train(run, None, resume=True, progress=Spy())
+    assert seen and all(n == wanted for _, n in seen), seen
+    assert torch.get_num_threads() == before
+    bad = CliRunner().invoke(cli, ["train", _run(tiny_llama, tmp_path, "zero"), "--data", data["lm"], "--threads", "0"])
+    assert bad.exit_code == 2 and "--threads must be positive" in bad.stderr

@@ -38,6 +38,9 @@ class TrainConfig:
     log_every: int = option(10, help="log a metrics line every N steps (default 10)")
     device: str = option("auto", metavar="auto|cpu|cuda", help="where to train (default auto: CUDA when present)")
     limit: int | None = option(None, help="use only the first N training examples")
+    threads: int | None = option(
+        None, help="CPU threads torch computes with (default: torch's, one per core; on a busy machine 1 can be much faster)"
+    )
     full: bool = option(False, help="full fine-tuning of --model: every parameter trains, RUN becomes a checkpoint")
     phase1_steps: int | None = option(
         None, help="lt-sft, diff-pruning, lottery: steps of each full fine-tuning phase/round (default: --steps)"
@@ -54,7 +57,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_length", "log_every", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive")
-        for name in ("steps", "eval_every", "patience", "save_every", "limit", "phase1_steps"):
+        for name in ("steps", "eval_every", "patience", "save_every", "limit", "phase1_steps", "threads"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive")
