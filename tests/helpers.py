@@ -1,6 +1,8 @@
-"""Shared test helpers: model inputs and output comparison."""
+"""Shared test helpers: model inputs, output comparison, and derived artifacts (fine-tunes, edited adapters)."""
 
 from __future__ import annotations
+
+import json
 
 import torch
 
@@ -26,3 +28,46 @@ def randomize_(params, seed: int = 1, scale: float = 0.1) -> None:
     with torch.no_grad():
         for p in params:
             p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def noisy_copy(base: str, out: str, seed: int, scale: float = 0.01) -> str:
+    """A "fine-tune" of checkpoint ``base``: every tensor plus seeded Gaussian noise × ``scale``."""
+    from peftcli.checkpoint.reader import open_checkpoint
+    from peftcli.checkpoint.writer import save_state_dict
+
+    g = torch.Generator().manual_seed(seed)
+    with open_checkpoint(base) as ckpt:
+        sd = {n: ckpt.get(n) + scale * torch.randn(ckpt.tensors[n].shape, generator=g) for n in ckpt}
+    save_state_dict(sd, out, source_dir=base)
+    return out
+
+
+def scaled_copy(base: str, out: str, changes: dict[str, float], seed: int) -> str:
+    """A "fine-tune" of ``base`` changing only the named tensors: W × (1 + scale × (u − ½)), u uniform."""
+    import os
+
+    from peftcli.checkpoint.reader import open_checkpoint
+    from peftcli.checkpoint.writer import save_state_dict
+
+    with open_checkpoint(base) as ckpt:
+        sd = {n: ckpt.get(n).clone() for n in ckpt}
+    g = torch.Generator().manual_seed(seed)
+    for name, scale in changes.items():
+        sd[name] = (sd[name] * (1 + scale * (torch.rand(sd[name].shape, generator=g) - 0.5))).to(sd[name].dtype)
+    save_state_dict(sd, out, source_dir=base if os.path.isdir(base) else None)
+    return out
+
+
+def edited_adapter(src: str, out, tensors=None, config=None) -> str:
+    """A copy of adapter ``src`` with ``tensors(dict)`` / ``config(dict)`` applied (they edit in place)."""
+    from peftcli.artifacts.adapter_dir import read_adapter, write_adapter
+
+    adapter = read_adapter(src)
+    t = {k: v.clone() for k, v in adapter.tensors.items()}
+    c = json.loads(json.dumps(adapter.config))
+    if tensors:
+        tensors(t)
+    if config:
+        config(c)
+    write_adapter(str(out), c, t)
+    return str(out)

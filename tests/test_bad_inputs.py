@@ -39,6 +39,7 @@ from peftcli.errors import BadInputError
 from peftcli.inject import inject
 from peftcli.methods.ia3 import IA3Config
 from peftcli.methods.lora import LoraConfig
+from tests.helpers import edited_adapter
 from tests.safetensors_craft import make_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -368,17 +369,6 @@ def test_train_on_a_corrupt_base(art, tmp_path, corruption):
 # -- adapter directories whose config or tensors do not fit ---------------------------------------
 
 
-def edited_adapter(src: str, out, tensors=None, config=None) -> str:
-    """A copy of adapter ``src`` with ``tensors(dict)`` / ``config(dict)`` applied in place."""
-    adapter = read_adapter(src)
-    t = {k: v.clone() for k, v in adapter.tensors.items()}
-    c = json.loads(json.dumps(adapter.config))
-    if tensors:
-        tensors(t)
-    if config:
-        config(c)
-    write_adapter(str(out), c, t)
-    return str(out)
 
 
 def _set(d, key, value):

@@ -11,7 +11,6 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from peftcli.artifacts.adapter_dir import read_adapter, write_adapter
 from peftcli.attach import attach_adapter, load_base_model
 from peftcli.checkpoint.fingerprint import structure_hash
 from peftcli.checkpoint.reader import open_checkpoint
@@ -31,6 +30,7 @@ from peftcli.methods.lora import LoraConfig
 from peftcli.methods.prefix import PrefixTuningConfig
 from peftcli.methods.prefix_encoder import MLP_KEYS
 from peftcli.methods.prompt import PromptTuningConfig
+from tests.helpers import edited_adapter, scaled_copy
 
 P = "base_model.model."
 Q_KEY = P + "model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -58,17 +58,6 @@ def _problems(doc: dict, path) -> list[str]:
     return [p["message"] for p in next(a for a in doc["artifacts"] if a["path"] == str(path))["problems"]]
 
 
-def rewrite(src: str, out, tensors=None, config=None) -> str:
-    """A copy of adapter ``src`` with ``tensors(dict)`` / ``config(dict)`` applied (they edit in place)."""
-    adapter = read_adapter(src)
-    t = {k: v.clone() for k, v in adapter.tensors.items()}
-    c = json.loads(json.dumps(adapter.config))
-    if tensors:
-        tensors(t)
-    if config:
-        config(c)
-    write_adapter(str(out), c, t)
-    return str(out)
 
 
 def _edit_diff(src: str, out, change) -> str:
@@ -79,13 +68,6 @@ def _edit_diff(src: str, out, change) -> str:
     return str(out)
 
 
-def _finetuned(base: str, out: str, name: str, seed: int = 1) -> str:
-    with open_checkpoint(base) as ckpt:
-        sd = {n: ckpt.get(n).clone() for n in ckpt}
-    g = torch.Generator().manual_seed(seed)
-    sd[name] = sd[name] * (1 + 0.3 * torch.rand(sd[name].shape, generator=g))
-    save_state_dict(sd, out, source_dir=base)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +78,7 @@ def art(tiny_llama, tiny_bert, tmp_path_factory):
     inject(tiny_llama, "ia3", IA3Config(), str(root / "ia3"))
     inject(tiny_llama, "prefix", PrefixTuningConfig(virtual_tokens=4, projection=16), str(root / "prefix"))
     inject(tiny_bert, "lora", LoraConfig(), str(root / "bert-lora"))
-    ft = _finetuned(tiny_llama, str(root / "ft"), "model.layers.0.self_attn.q_proj.weight")
+    ft = scaled_copy(tiny_llama, str(root / "ft"), {"model.layers.0.self_attn.q_proj.weight": 0.6}, seed=1)
     diff(tiny_llama, ft, str(root / "task.diff"), DiffOptions(density=0.05))
     for name in ("lora", "ia3", "prefix", "bert-lora", "task.diff"):
         paths[name] = str(root / name)
@@ -171,7 +153,7 @@ def test_a_rank_that_differs_from_the_config_is_named(tiny_llama, art, tmp_path)
         for k in list(t):
             t[k] = t[k][:4].clone() if k.endswith("lora_A.weight") else t[k][:, :4].clone()
 
-    bad = rewrite(art["lora"], tmp_path / "r4", tensors=rank4)
+    bad = edited_adapter(art["lora"], tmp_path / "r4", tensors=rank4)
     result = run(tiny_llama, bad, "--json")
     _fails(result, "1 of 1 artifact does not fit")
     problems = _problems(json.loads(result.stdout), bad)
@@ -188,7 +170,7 @@ def test_missing_and_unexpected_keys_are_listed_with_their_modules(tiny_llama, a
         del t[P + "model.layers.1.self_attn.v_proj.lora_B.weight"]
         t[P + "model.layers.0.self_attn.k_proj.lora_A.weight"] = torch.zeros(8, 64)
 
-    bad = rewrite(art["lora"], tmp_path / "keys", tensors=edit)
+    bad = edited_adapter(art["lora"], tmp_path / "keys", tensors=edit)
     result = run(tiny_llama, bad, "--json")
     _fails(result, "does not fit")
     assert _problems(json.loads(result.stdout), bad) == [
@@ -205,7 +187,7 @@ def test_nan_and_inf_in_an_adapter_fail(tiny_llama, art, tmp_path):
         t[Q_KEY][1, :3] = float("nan")
         t[P + "model.layers.1.self_attn.v_proj.lora_B.weight"][0, 0] = float("-inf")
 
-    bad = rewrite(art["lora"], tmp_path / "nan", tensors=poison)
+    bad = edited_adapter(art["lora"], tmp_path / "nan", tensors=poison)
     result = run(tiny_llama, bad, "--json")
     _fails(result, "does not fit")
     assert _problems(json.loads(result.stdout), bad) == [
@@ -243,7 +225,7 @@ CASES = {  # name: (adapter, base, tensors edit, config edit, model class to att
 def test_verdicts_agree_with_attaching_for_real(tiny_llama, tiny_bert, art, tmp_path, case):
     name, base_name, tensors, config, model_class, fits = CASES[case]
     base = {"llama": tiny_llama, "bert": tiny_bert}[base_name]
-    adapter = rewrite(art[name], tmp_path / "a", tensors=tensors, config=config)
+    adapter = edited_adapter(art[name], tmp_path / "a", tensors=tensors, config=config)
     assert attaches(base, adapter, model_class) == fits  # the reference
     report = check(base, [adapter])
     assert report.artifacts[0].ok == fits, report.artifacts[0].problems
@@ -253,7 +235,7 @@ def test_heads_are_allowed_extras_and_a_resized_vocabulary_is_named(tiny_llama, 
     def classifier(t):
         t[P + "classifier.weight"], t[P + "classifier.bias"] = torch.zeros(2, 64), torch.zeros(2)
 
-    with_head = rewrite(art["bert-lora"], tmp_path / "cls", tensors=classifier, config=lambda c: c.update(modules_to_save=["classifier"]))
+    with_head = edited_adapter(art["bert-lora"], tmp_path / "cls", tensors=classifier, config=lambda c: c.update(modules_to_save=["classifier"]))
     result = run(tiny_bert, with_head)
     assert result.exit_code == 0, result.stdout
     assert _line(result.stdout, with_head).endswith("ok (adapter: lora, 10 tensors, head classifier)")
@@ -261,13 +243,13 @@ def test_heads_are_allowed_extras_and_a_resized_vocabulary_is_named(tiny_llama, 
     def resized(t):
         t[P + "lm_head.weight"] = torch.zeros(260, 64)
 
-    head = rewrite(art["lora"], tmp_path / "resized", tensors=resized, config=lambda c: c.update(modules_to_save=["lm_head"]))
+    head = edited_adapter(art["lora"], tmp_path / "resized", tensors=resized, config=lambda c: c.update(modules_to_save=["lm_head"]))
     line = _line(_fails(run(tiny_llama, head), "does not fit"), head)
     assert "FAIL: head lm_head.weight: shape [260, 64], the base's lm_head.weight is [256, 64]" in line
     assert "a vocabulary of 260 tokens against the base's 256: a resized vocabulary is the usual cause" in line
     assert not attaches(tiny_llama, head)  # the reference agrees: the head does not fit
 
-    missing_head = rewrite(art["lora"], tmp_path / "nohead", config=lambda c: c.update(modules_to_save=["lm_head"]))
+    missing_head = edited_adapter(art["lora"], tmp_path / "nohead", config=lambda c: c.update(modules_to_save=["lm_head"]))
     assert "modules_to_save names lm_head, but the adapter holds no tensor of it" in _line(
         _fails(run(tiny_llama, missing_head), "does not fit"), missing_head
     )
@@ -276,7 +258,7 @@ def test_heads_are_allowed_extras_and_a_resized_vocabulary_is_named(tiny_llama, 
 def test_unreadable_artifacts_are_results_not_crashes(tiny_llama, art, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    bad_config = rewrite(art["lora"], tmp_path / "badcfg", config=lambda c: c.update(peft_type="NOPE"))
+    bad_config = edited_adapter(art["lora"], tmp_path / "badcfg", config=lambda c: c.update(peft_type="NOPE"))
     missing = tmp_path / "missing.diff"
     result = run(tiny_llama, empty, missing, tiny_llama + "/model.safetensors", bad_config, art["lora"])
     out = _fails(result, "4 of 5 artifacts do not fit")
@@ -323,7 +305,7 @@ def test_a_diff_of_another_base_lists_every_difference(tiny_bert, art):
 
 
 def test_content_is_checked_only_when_asked(tiny_llama, art, tmp_path):
-    other = _finetuned(tiny_llama, str(tmp_path / "other"), "model.layers.0.self_attn.k_proj.weight", seed=5)
+    other = scaled_copy(tiny_llama, str(tmp_path / "other"), {"model.layers.0.self_attn.k_proj.weight": 0.6}, seed=5)
     assert run(other, art["task.diff"]).exit_code == 0  # same names, dtypes and shapes
     line = _line(_fails(run(other, art["task.diff"], "--content"), "does not fit"), art["task.diff"])
     assert "FAIL: the base's covered tensors hold other bytes than those the diff was made from" in line

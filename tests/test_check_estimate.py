@@ -14,7 +14,6 @@ import torch
 from click.testing import CliRunner
 
 from peftcli.check import check
-from peftcli.checkpoint.reader import open_checkpoint
 from peftcli.checkpoint.writer import save_state_dict
 from peftcli.cli import cli
 from peftcli.diff import DiffOptions, diff
@@ -22,16 +21,11 @@ from peftcli.inject import inject
 from peftcli.merge.engine import merge
 from peftcli.merge.estimate import RUNTIME_BYTES
 from peftcli.methods import METHODS
+from tests.helpers import noisy_copy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _finetune(base: str, out: str, seed: int) -> str:
-    g = torch.Generator().manual_seed(seed)
-    with open_checkpoint(base) as ckpt:
-        sd = {n: ckpt.get(n) + 0.01 * torch.randn(ckpt.tensors[n].shape, generator=g) for n in ckpt}
-    save_state_dict(sd, out, source_dir=base)
-    return out
 
 
 def _data_bytes(path: str) -> int:
@@ -42,9 +36,9 @@ def _data_bytes(path: str) -> int:
 
 
 def test_check_says_what_merge_would_do_and_its_bytes_are_the_merge_s(tiny_llama, tmp_path):
-    a = _finetune(tiny_llama, str(tmp_path / "ftA"), 1)
+    a = noisy_copy(tiny_llama, str(tmp_path / "ftA"), 1)
     d = str(tmp_path / "b.diff")
-    diff(tiny_llama, _finetune(tiny_llama, str(tmp_path / "ftB"), 2), d, DiffOptions(density=0.2))
+    diff(tiny_llama, noisy_copy(tiny_llama, str(tmp_path / "ftB"), 2), d, DiffOptions(density=0.2))
     result = CliRunner().invoke(cli, ["check", tiny_llama, a, d, "--method", "ties", "--dtype", "BF16", "--json"])
     assert result.exit_code == 0, result.stderr
     est = json.loads(result.stdout)["merge"]
@@ -63,7 +57,7 @@ def test_a_method_that_does_not_fold_is_named_and_another_base_s_checkpoint_fail
     inject(tiny_llama, "prompt", METHODS["prompt"].config_cls(), run)
     out = CliRunner().invoke(cli, ["check", tiny_llama, run]).stdout
     assert out.strip().splitlines()[-1].startswith(f"merge would refuse: {run}: prompt adds computation")
-    other = check(tiny_llama, [_finetune(tiny_bert, str(tmp_path / "bert-ft"), 1)])
+    other = check(tiny_llama, [noisy_copy(tiny_bert, str(tmp_path / "bert-ft"), 1)])
     assert not other.ok and other.merge is None
     assert "not a fine-tune of this base" in other.artifacts[0].problems[0].message
 
@@ -87,7 +81,7 @@ def test_the_peak_memory_estimate_bounds_the_measured_peak_and_follows_its_formu
     g = torch.Generator().manual_seed(0)
     base = str(tmp_path / "base")
     save_state_dict({"big.weight": torch.randn(n, generator=g), "small.weight": torch.randn(64, generator=g)}, base)
-    fts = [_finetune(base, str(tmp_path / f"ft{i}"), i) for i in (1, 2)]
+    fts = [noisy_copy(base, str(tmp_path / f"ft{i}"), i) for i in (1, 2)]
     peaks, estimates = {}, {}
     for method, density in (("linear", None), ("ties", 0.5), ("dare-ties", 0.5)):
         estimates[method] = check(base, fts, method=method).merge.peak_bytes

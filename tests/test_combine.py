@@ -21,6 +21,7 @@ from peftcli.cli.combine_cmd import combine as combine_command
 from peftcli.combine import combine
 from peftcli.diff import DiffOptions, diff
 from peftcli.errors import BadInputError, UsageError
+from tests.helpers import scaled_copy
 
 TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 NBYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
@@ -91,14 +92,6 @@ def assert_matches(out: str, ref: dict[str, torch.Tensor]) -> None:
 # -- fixtures ------------------------------------------------------------------------------------
 
 
-def _finetune(base_dir: str, out: str, changes: dict[str, float], seed: int) -> str:
-    with open_checkpoint(base_dir) as ckpt:
-        sd = {n: ckpt.get(n).clone() for n in ckpt}
-    g = torch.Generator().manual_seed(seed)
-    for name, scale in changes.items():
-        sd[name] = (sd[name] * (1 + scale * (torch.rand(sd[name].shape, generator=g) - 0.5))).to(sd[name].dtype)
-    save_state_dict(sd, out, source_dir=base_dir if os.path.isdir(base_dir) else None)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +99,9 @@ def diffs(tiny_llama, tmp_path_factory):
     """Three diffs of tiny_llama with overlapping changed tensors; c is stored dense (--dense)."""
     root = tmp_path_factory.mktemp("combine")
     q, v, d = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight", "model.layers.0.mlp.down_proj.weight"
-    ft_a = _finetune(tiny_llama, str(root / "ft-a"), {q: 0.4, v: 0.2, "model.norm.weight": 0.3}, 1)
-    ft_b = _finetune(tiny_llama, str(root / "ft-b"), {q: 0.3, d: 0.5}, 2)
-    ft_c = _finetune(tiny_llama, str(root / "ft-c"), {v: 0.5, "model.layers.0.input_layernorm.weight": 0.2}, 3)
+    ft_a = scaled_copy(tiny_llama, str(root / "ft-a"), {q: 0.4, v: 0.2, "model.norm.weight": 0.3}, 1)
+    ft_b = scaled_copy(tiny_llama, str(root / "ft-b"), {q: 0.3, d: 0.5}, 2)
+    ft_c = scaled_copy(tiny_llama, str(root / "ft-c"), {v: 0.5, "model.layers.0.input_layernorm.weight": 0.2}, 3)
     a, b, c = (str(root / f"{x}.diff") for x in "abc")
     diff(tiny_llama, ft_a, a, DiffOptions(density=0.02))
     diff(tiny_llama, ft_b, b, DiffOptions(top_k=900, per_tensor=True))
@@ -222,8 +215,8 @@ def test_value_dtypes_and_fp64(tmp_path):
     }
     base_path = str(tmp_path / "base.safetensors")
     save_state_dict(base, base_path)
-    ft = _finetune(base_path, str(tmp_path / "ft.safetensors"), {"h": 0.5, "bf": 0.5, "d": 0.5}, 1)
-    ft2 = _finetune(base_path, str(tmp_path / "ft2.safetensors"), {"h": 0.3, "bf": 0.3, "d": 0.3}, 2)
+    ft = scaled_copy(base_path, str(tmp_path / "ft.safetensors"), {"h": 0.5, "bf": 0.5, "d": 0.5}, 1)
+    ft2 = scaled_copy(base_path, str(tmp_path / "ft2.safetensors"), {"h": 0.3, "bf": 0.3, "d": 0.3}, 2)
     p = str(tmp_path / "p.diff")
     q = str(tmp_path / "q.diff")
     diff(base_path, ft, p, DiffOptions(density=0.3, values="fp32"))
@@ -301,7 +294,7 @@ def test_reruns_are_byte_identical(diffs, tmp_path):
 
 
 def test_diffs_of_different_bases_are_refused(diffs, tiny_bert, tmp_path):
-    ft = _finetune(tiny_bert, str(tmp_path / "bert-ft"), {"encoder.layer.0.attention.self.query.weight": 0.3}, 1)
+    ft = scaled_copy(tiny_bert, str(tmp_path / "bert-ft"), {"encoder.layer.0.attention.self.query.weight": 0.3}, 1)
     other = str(tmp_path / "bert.diff")
     diff(tiny_bert, ft, other, DiffOptions(density=0.1))
     line = _one_line_error(run(diffs["a"], other, "--op", "add", "-o", tmp_path / "x.diff"), 1)
@@ -311,8 +304,8 @@ def test_diffs_of_different_bases_are_refused(diffs, tiny_bert, tmp_path):
 
 def test_same_shapes_other_values_are_refused(diffs, tmp_path):
     """A base with the same tensors but other values: the content hashes differ."""
-    base2 = _finetune(diffs["base"], str(tmp_path / "base2"), {"model.layers.0.self_attn.k_proj.weight": 0.1}, 9)
-    ft = _finetune(base2, str(tmp_path / "ft"), {"model.layers.0.self_attn.q_proj.weight": 0.3}, 1)
+    base2 = scaled_copy(diffs["base"], str(tmp_path / "base2"), {"model.layers.0.self_attn.k_proj.weight": 0.1}, 9)
+    ft = scaled_copy(base2, str(tmp_path / "ft"), {"model.layers.0.self_attn.q_proj.weight": 0.3}, 1)
     other = str(tmp_path / "other.diff")
     diff(base2, ft, other, DiffOptions(density=0.02))
     with pytest.raises(BadInputError, match="same tensors but different values"):

@@ -14,12 +14,11 @@ from safetensors.torch import load_file
 
 from peftcli.attach import load_adapted, load_base_model
 from peftcli.checkpoint.reader import open_checkpoint
-from peftcli.checkpoint.writer import save_state_dict
 from peftcli.cli import cli
 from peftcli.inject import inject
 from peftcli.merge.engine import merge
 from peftcli.methods import METHODS
-from tests.helpers import batch, output_tensor, randomize_
+from tests.helpers import batch, noisy_copy, output_tensor, randomize_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FOLDABLE = [("lora", {}), ("lora", {"dora": True}), ("lora", {"rslora": True, "targets": "all-linear"}), ("ia3", {}), ("bitfit", {}), ("layers", {"layers": "1"})]
@@ -64,17 +63,11 @@ def test_lora_fold_equals_peft_merge_and_unload(tiny_gpt2, tmp_path):
         assert torch.allclose(t, theirs[name], atol=1e-6), name
 
 
-def _finetune(base, out, seed, scale=0.01):
-    g = torch.Generator().manual_seed(seed)
-    with open_checkpoint(base) as ckpt:
-        sd = {n: ckpt.get(n) + scale * torch.randn(ckpt.tensors[n].shape, generator=g) for n in ckpt}
-    save_state_dict(sd, out, source_dir=base)
-    return out
 
 
 def test_task_arithmetic_of_diffs_and_full_checkpoints(tiny_llama, tmp_path):
-    a = _finetune(tiny_llama, str(tmp_path / "ftA"), 1)
-    b = _finetune(tiny_llama, str(tmp_path / "ftB"), 2)
+    a = noisy_copy(tiny_llama, str(tmp_path / "ftA"), 1)
+    b = noisy_copy(tiny_llama, str(tmp_path / "ftB"), 2)
     runner = CliRunner()
     for ft, d in ((a, "a.diff"), (b, "b.diff")):
         assert runner.invoke(cli, ["diff", tiny_llama, ft, "-o", str(tmp_path / d), "--dense", "--values", "fp32"]).exit_code == 0
@@ -91,7 +84,7 @@ def test_task_arithmetic_of_diffs_and_full_checkpoints(tiny_llama, tmp_path):
 
 
 def test_stdout_streaming_equals_the_file_and_is_reproducible(tiny_llama, tmp_path):
-    a = _finetune(tiny_llama, str(tmp_path / "ft"), 3)
+    a = noisy_copy(tiny_llama, str(tmp_path / "ft"), 3)
     assert CliRunner().invoke(cli, ["diff", tiny_llama, a, "-o", str(tmp_path / "a.diff"), "--density", "0.1"]).exit_code == 0
     base_file = os.path.join(tiny_llama, "model.safetensors")
     args = [base_file, str(tmp_path / "a.diff")]
@@ -124,8 +117,8 @@ def test_tied_weights_stay_tied_and_shards_keep_the_base_layout(tiny_llama_tied,
 
 
 def test_ties_and_dare_run_through_the_cli(tiny_llama, tmp_path):
-    a = _finetune(tiny_llama, str(tmp_path / "ftA"), 1)
-    b = _finetune(tiny_llama, str(tmp_path / "ftB"), 2)
+    a = noisy_copy(tiny_llama, str(tmp_path / "ftA"), 1)
+    b = noisy_copy(tiny_llama, str(tmp_path / "ftB"), 2)
     for method, extra in (("ties", ["--density", "0.5"]), ("dare-ties", ["--density", "0.3", "--seed", "7"]), ("dare", ["--density", "0.3"])):
         out = str(tmp_path / method)
         result = CliRunner().invoke(cli, ["merge", tiny_llama, a, b, "--method", method, *extra, "-o", out])
