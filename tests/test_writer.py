@@ -88,6 +88,32 @@ def test_transformers_loads_a_round_tripped_model(tmp_path, tiny_llama):
         assert torch.equal(a(ids).logits, b(ids).logits)
 
 
+def test_every_file_of_a_directory_output_is_fsynced_before_the_rename(tmp_path, tiny_llama, monkeypatch):
+    # Copied config and tokenizer files included: a crash after the rename must not leave a
+    # complete-looking model with an empty config.json.
+    synced, renamed = [], []
+    real_fsync, real_replace = os.fsync, atomic._replace
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def replace(tmp, target):
+        renamed.append(len(synced))  # how many fsyncs had happened when the output moved
+        return real_replace(tmp, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(atomic, "_replace", replace)
+    with open_checkpoint(tiny_llama) as ckpt:
+        sd = {n: ckpt.get(n) for n in ckpt}
+    out = tmp_path / "rt"
+    save_state_dict(sd, str(out), max_shard_size="200KB", source_dir=tiny_llama)
+    files = sorted(os.listdir(out))
+    assert "config.json" in files and any(f.startswith("tokenizer") for f in files) and "model.safetensors.index.json" in files
+    before_rename = {os.path.basename(p) for p in synced[: renamed[0]]}
+    assert set(files) <= before_rename, set(files) - before_rename
+
+
 def test_output_files_get_umask_permissions(tmp_path):
     old = os.umask(0o022)
     try:

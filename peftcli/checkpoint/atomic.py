@@ -72,6 +72,27 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def fsync_tree(root: str) -> None:
+    """fsync every file and directory under ``root`` (``root`` last).
+
+    A directory output is renamed into place only once all of it is on disk: files copied
+    with shutil (config, tokenizer) or written by other code are not fsynced where they are
+    made, and a crash after the rename must not leave a complete-looking output with an
+    empty config.json. Files already fsynced cost a no-op system call.
+    """
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(dirpath)
+
+
 def _same_or_inside(path: str, root: str) -> bool:
     path, root = os.path.realpath(path), os.path.realpath(root)
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
@@ -141,7 +162,7 @@ def atomic_output(target: str, *, directory: bool, inputs: Iterable[str] = (), f
             os.mkdir(tmp)
         yield tmp
         if directory:
-            fsync_dir(tmp)
+            fsync_tree(tmp)
         _replace(tmp, target)
         fsync_dir(parent)
     except OSError as exc:
