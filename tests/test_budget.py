@@ -37,6 +37,7 @@ def test_gpt3_sized_matrix_from_a_sparse_file(tmp_path):
     assert b.pct_of_base == pytest.approx(100 * 393_216 / 150_994_944)  # 0.2604%
     assert b.reduction_pct == pytest.approx(99.739583, abs=1e-6)  # 1 - 1/384
     assert b.pct_of_total == pytest.approx(100 / 385)  # PEFT's print_trainable_parameters convention
+    assert b.reduction_pct_of_total == pytest.approx(100 * 384 / 385)  # 99.74026%: "99.7402%" truncated
 
 
 def test_llama_defaults_to_q_and_v_with_gqa_shapes(tiny_llama):

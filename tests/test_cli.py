@@ -69,6 +69,61 @@ def test_inspect_json_schema(tiny_llama):
     assert "tensors" not in json.loads(run("inspect", tiny_llama, "--json").stdout)
 
 
+def _schema_table(readme: str, heading: str) -> dict[str, str]:
+    """The rows of the README's field table under ``heading``: field name -> its description."""
+    section = readme[readme.index(heading):]
+    rows = {}
+    for line in section.splitlines()[1:]:
+        if line.startswith("| `"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0].strip("`")] = line
+        elif rows and not line.startswith("|"):
+            break
+    return rows
+
+
+def test_every_inspect_json_field_is_in_the_readme_schema_table(tiny_llama, tmp_path):
+    from peftcli.diff import DiffOptions, diff
+    from peftcli.inject import inject
+    from peftcli.methods.lora import LoraConfig
+    from tests.helpers import noisy_copy
+
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    table = _schema_table(readme, "**`--json` schema** (`peftcli.inspect/1`")
+    adapter = str(tmp_path / "lora")
+    inject(tiny_llama, "lora", LoraConfig(), adapter)
+    task = str(tmp_path / "task.diff")
+    diff(tiny_llama, noisy_copy(tiny_llama, str(tmp_path / "ft"), 1), task, DiffOptions(density=0.1))
+    cases = [
+        (tiny_llama, "--tensors", "--budget", "lora", "--filter", "layers"),
+        (adapter, "--tensors"),
+        (task, "--tensors"),
+    ]
+    for path, *flags in cases:
+        doc = json.loads(run("inspect", path, "--json", *flags).stdout)
+        for key, value in doc.items():
+            assert key in table, f"inspect --json field {key!r} is not in the README's schema table"
+            if isinstance(value, dict) and key in ("budget", "diff", "filter"):
+                for sub in value:  # the nested fields are named in the row
+                    assert sub in table[key], f"{key}.{sub} is not described in the README's row for {key!r}"
+
+
+def test_inspect_filter_narrows_the_budget_listing_not_its_totals(tiny_llama):
+    whole = json.loads(run("inspect", tiny_llama, "--json", "--budget", "lora").stdout)["budget"]
+    doc = json.loads(run("inspect", tiny_llama, "--json", "--budget", "lora", "--filter", r"layers\.0\.").stdout)["budget"]
+    expected = [t for t in whole["targets"] if ".layers.0." in t["module"]]
+    assert doc["targets"] == expected and 0 < len(expected) < len(whole["targets"])
+    assert doc["filter"] == {"pattern": r"layers\.0\.", "num_targets": len(expected), "trainable_params": sum(t["params"] for t in expected)}
+    assert doc["trainable_params"] == whole["trainable_params"]
+    text = run("inspect", tiny_llama, "--budget", "lora", "--filter", r"layers\.0\.").stdout
+    assert ".layers.1." not in text and f"matches {len(expected)} targets" in text
+
+
+def test_text_output_off_a_terminal_has_no_trailing_spaces(tiny_llama):
+    text = run("inspect", tiny_llama, "--budget", "lora").stdout
+    assert text.count("\n") > 20 and all(line == line.rstrip() for line in text.splitlines())
+
+
 def test_inspect_filter_narrows_listing(tiny_llama):
     doc = json.loads(run("inspect", tiny_llama, "--json", "--tensors", "--filter", r"layers\.0\..*proj").stdout)
     names = [t["name"] for t in doc["tensors"]]

@@ -66,6 +66,14 @@ def inspect(path, as_json, with_tensors, name_filter, depth, allow_pickle, budge
             if unused:
                 raise UsageError(f"--{unused[0].replace('_', '-')} is not an option of {method.name}")
             report["budget"] = Budget.of(method, ckpt, cfg).to_json()
+            if name_filter:  # the listing narrows, the totals stay whole (as for the summary)
+                budget = report["budget"]
+                budget["targets"] = [t for t in budget["targets"] if re.search(name_filter, t["module"])]
+                budget["filter"] = {
+                    "pattern": name_filter,
+                    "num_targets": len(budget["targets"]),
+                    "trainable_params": sum(t["params"] for t in budget["targets"]),
+                }
     if as_json:
         emit_json(report)
     else:

@@ -29,17 +29,50 @@ def _console(stream):
             raise SystemExit(0)
 
     on_tty = styled(stream)
-    # Off a terminal, a fixed wide width keeps table rows on one line for grep and awk;
+    # Off a terminal, a fixed wide width keeps table rows on one line for grep and awk, and
+    # the padding rich adds up to that width is stripped from each line's end;
     # color_system=None drops every escape sequence (bold and italic too, which NO_COLOR alone keeps).
     # markup=False: tensor names and paths such as "x[/]y" are data, never rich markup.
     return _Console(
-        file=stream,
+        file=stream if on_tty else _TrailingSpaceStripper(stream),
         width=None if on_tty else 200,
         color_system="auto" if on_tty else None,
         force_terminal=on_tty,
         highlight=False,
         markup=False,
     )
+
+
+class _TrailingSpaceStripper:
+    """A text stream that drops the spaces at the end of each line written through it."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self._partial = ""  # the start of a line whose end has not been written yet
+
+    def write(self, text: str) -> int:
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        if lines:
+            self._stream.write("".join(line.rstrip(" ") + "\n" for line in lines))
+        return len(text)
+
+    def flush(self) -> None:
+        if self._partial.strip(" ") == "":
+            pass  # only padding so far: it may yet end its line, where it goes
+        else:
+            self._stream.write(self._partial)
+            self._partial = ""
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def __getattr__(self, name):  # encoding, errors, ...
+        return getattr(self._stream, name)
 
 
 def printable(text: object) -> str:

@@ -45,7 +45,7 @@ def render_inspect(report: dict, console) -> None:
     grid.add_row("parameters", f"{report['num_params']:,} ({human_count(report['num_params'])})")
     grid.add_row("on disk", f"{report['bytes']:,} bytes ({human_bytes(report['bytes'])})")
     for dtype, d in report["dtypes"].items():
-        grid.add_row("dtype " + dtype, f"{d['params']:,} params in {d['tensors']} tensors ({human_bytes(d['bytes'])})")
+        grid.add_row("dtype " + dtype, f"{d['params']:,} params in {d['tensors']:,} tensors ({human_bytes(d['bytes'])})")
     if "filter" in report:
         f = report["filter"]
         grid.add_row("filter", f"/{f['pattern']}/ matches {f['num_tensors']} tensors, {f['num_params']:,} params")
@@ -112,9 +112,11 @@ def render_budget(budget: dict, console) -> None:
     console.print()
     console.print(table)
     share = f"{budget['pct_of_base']:.4f}% of the base"
+    fewer = f"{budget['reduction_pct']:.4f}% fewer than full fine-tuning"
     if not budget.get("in_place"):
         share += f" ({budget['pct_of_total']:.4f}% of base + added, PEFT's convention)"
-    console.print(
-        f"trainable {budget['trainable_params']:,} of {budget['base_params']:,} base parameters: {share}, "
-        f"{budget['reduction_pct']:.4f}% fewer than full fine-tuning"
-    )
+        fewer += f" ({budget['reduction_pct_of_total']:.4f}% in PEFT's convention)"
+    console.print(f"trainable {budget['trainable_params']:,} of {budget['base_params']:,} base parameters: {share}, {fewer}")
+    if "filter" in budget:
+        f = budget["filter"]
+        console.print(f"filter /{printable(f['pattern'])}/ matches {f['num_targets']:,} targets, {f['trainable_params']:,} of the trainable parameters")

@@ -97,6 +97,11 @@ class Budget:
         """How much smaller the trainable set is than full fine-tuning of the base."""
         return 100.0 - self.pct_of_base
 
+    @property
+    def reduction_pct_of_total(self) -> float:
+        """The reduction in PEFT's convention: 100 − ``pct_of_total``."""
+        return 100.0 - self.pct_of_total
+
     def to_json(self) -> dict:
         return {
             "method": self.method,
@@ -107,6 +112,7 @@ class Budget:
             "pct_of_base": self.pct_of_base,
             "pct_of_total": self.pct_of_total,
             "reduction_pct": self.reduction_pct,
+            "reduction_pct_of_total": self.reduction_pct_of_total,
         }
 
 
