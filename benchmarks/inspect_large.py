@@ -1,12 +1,13 @@
-"""Inspect time on a ≥ 8 GB sharded checkpoint, against its size.
+"""Inspect time on ≥ 8 GB sharded checkpoints, against their size.
 
-Builds a Llama-2-7B-shaped checkpoint (32 layers, hidden 4096, BF16, 13.5 GB in 3 shards of
-at most 5 GB) whose tensor data are sparse holes made with truncate: the headers are real,
-the disk use is kilobytes. Then times ``peftcli inspect --json`` end to end (a fresh process,
-start-up included), the in-process API, and the reference ``safetensors`` listing of the same
-shards, and counts the bytes the API read (/proc/self/io rchar).
+Builds Llama-2-shaped checkpoints (7B: 13.5 GB in 3 shards; 13B: 26 GB in 6; 70B: 138 GB in
+28, BF16, shards of at most 5 GB) whose tensor data are sparse holes made with truncate: the
+headers are real, the disk use is kilobytes. For each, times ``peftcli inspect --json`` end to
+end (a fresh process, start-up included), the in-process API, and the reference
+``safetensors`` listing of the same shards, and counts the bytes the API read
+(/proc/self/io rchar). One column per size, so time can be read against size.
 
-    python benchmarks/inspect_large.py [--runs 5]
+    python benchmarks/inspect_large.py [--runs 5] [--shapes llama-2-7b,llama-2-13b,llama-2-70b]
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from sparse_checkpoint import build_sparse_checkpoint, llama7b_specs
+from sparse_checkpoint import SHAPES, build_sparse_checkpoint, llama_specs
 
 
 def rchar() -> int:
@@ -37,17 +38,14 @@ def median_time(fn, runs: int) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=5)
-    args = ap.parse_args()
+def measure(shape: str, runs: int) -> dict[str, str]:
     from safetensors import safe_open
 
     from peftcli.checkpoint.reader import open_checkpoint
     from peftcli.summary import summarize
 
     with tempfile.TemporaryDirectory() as d:
-        size = build_sparse_checkpoint(d)
+        size = build_sparse_checkpoint(d, num_layers=SHAPES[shape][3], shape=shape)
         shards = sorted(n for n in os.listdir(d) if n.endswith(".safetensors"))
 
         def cli():
@@ -63,19 +61,32 @@ def main() -> None:
                     for k in f.keys():
                         f.get_slice(k).get_shape()
 
+        api()  # warm: imports and the page cache, as for the timed runs
         before = rchar()
         api()
         read = rchar() - before
-        rows = {
+        return {
             "checkpoint bytes (apparent size)": f"{size:,}",
-            "shards / tensors": f"{len(shards)} / {len(llama7b_specs())}",
+            "shards / tensors": f"{len(shards)} / {len(llama_specs(shape))}",
             "bytes read by open+summarize": f"{read:,}",
-            "peftcli inspect --json (fresh process)": f"{median_time(cli, args.runs) * 1000:.0f} ms",
-            "API open_checkpoint + summarize": f"{median_time(api, args.runs) * 1000:.1f} ms",
-            "safetensors safe_open listing (reference)": f"{median_time(reference, args.runs) * 1000:.1f} ms",
+            "bytes read / size": f"{read / size:.1e}",
+            "peftcli inspect --json (fresh process)": f"{median_time(cli, runs) * 1000:.0f} ms",
+            "API open_checkpoint + summarize": f"{median_time(api, runs) * 1000:.1f} ms",
+            "safetensors safe_open listing (reference)": f"{median_time(reference, runs) * 1000:.1f} ms",
         }
-    for k, v in rows.items():
-        print(f"| {k} | {v} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of: {', '.join(SHAPES)}")
+    args = ap.parse_args()
+    shapes = args.shapes.split(",")
+    columns = [measure(shape, args.runs) for shape in shapes]
+    print("| measure | " + " | ".join(shapes) + " |")
+    print("|---|" + "---|" * len(shapes))
+    for key in columns[0]:
+        print(f"| {key} | " + " | ".join(c[key] for c in columns) + " |")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""A Llama-2-7B-shaped sharded checkpoint whose tensor data are sparse holes (shared by the benchmarks).
+"""Llama-2-shaped sharded checkpoints (7B, 13B, 70B) whose tensor data are sparse holes (shared by the benchmarks).
 
-The headers are real, so every header-only operation sees a 13.5 GB checkpoint while the disk
+The headers are real, so every header-only operation sees a 13.5-138 GB checkpoint while the disk
 holds kilobytes. Reading a tensor returns zeros.
 """
 
@@ -12,13 +12,22 @@ import os
 from peftcli.checkpoint.writer import TensorSpec, build_header, plan_shards, shard_name
 
 
-def llama7b_specs() -> list[TensorSpec]:
-    h, inter, vocab, layers = 4096, 11008, 32000, 32
+SHAPES = {  # name: (hidden, intermediate, vocab, layers, heads, kv_heads), as the Llama-2 configs say
+    "llama-2-7b": (4096, 11008, 32000, 32, 32, 32),
+    "llama-2-13b": (5120, 13824, 32000, 40, 40, 40),
+    "llama-2-70b": (8192, 28672, 32000, 80, 64, 8),
+}
+
+
+def llama_specs(shape: str = "llama-2-7b") -> list[TensorSpec]:
+    """The BF16 tensors of a Llama-2 checkpoint of ``shape`` (a key of ``SHAPES``)."""
+    h, inter, vocab, layers, heads, kv = SHAPES[shape]
+    kv_dim = h // heads * kv
     specs = [TensorSpec("model.embed_tokens.weight", "BF16", (vocab, h))]
     for i in range(layers):
         p = f"model.layers.{i}."
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            specs.append(TensorSpec(p + f"self_attn.{proj}.weight", "BF16", (h, h)))
+        for proj, rows in (("q_proj", h), ("k_proj", kv_dim), ("v_proj", kv_dim), ("o_proj", h)):
+            specs.append(TensorSpec(p + f"self_attn.{proj}.weight", "BF16", (rows, h)))
         specs += [
             TensorSpec(p + "mlp.gate_proj.weight", "BF16", (inter, h)),
             TensorSpec(p + "mlp.up_proj.weight", "BF16", (inter, h)),
@@ -30,9 +39,14 @@ def llama7b_specs() -> list[TensorSpec]:
     return specs
 
 
-def build_sparse_checkpoint(out: str, specs: list[TensorSpec] | None = None, num_layers: int = 32) -> int:
-    """Write ``specs`` (default: all of Llama-2-7B) as sparse shards + index + config into ``out``."""
-    specs = specs if specs is not None else llama7b_specs()
+def llama7b_specs() -> list[TensorSpec]:
+    return llama_specs("llama-2-7b")
+
+
+def build_sparse_checkpoint(out: str, specs: list[TensorSpec] | None = None, num_layers: int = 32, shape: str = "llama-2-7b") -> int:
+    """Write ``specs`` (default: all of ``shape``) as sparse shards + index + config into ``out``."""
+    specs = specs if specs is not None else llama_specs(shape)
+    h, inter, vocab, _, heads, kv = SHAPES[shape]
     shards = plan_shards(specs, 5 * 10**9)
     weight_map = {}
     for i, shard in enumerate(shards):
@@ -45,8 +59,8 @@ def build_sparse_checkpoint(out: str, specs: list[TensorSpec] | None = None, num
     with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}, f)
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
-        "num_hidden_layers": num_layers, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "intermediate_size": inter,
+        "num_hidden_layers": num_layers, "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab,
         "tie_word_embeddings": False, "torch_dtype": "bfloat16",
     }
     with open(os.path.join(out, "config.json"), "w") as f:
