@@ -1,5 +1,8 @@
 """Merge benchmark: peftcli vs mergekit side by side on SmolLM2-135M, plus peak RSS on a large checkpoint.
 
+Cases (--cases, default all): task arithmetic, TIES, DARE and DARE-TIES (mergekit's
+task_arithmetic, ties, dare_linear, dare_ties; weights 1, density --density).
+
 Both tools merge the same inputs: the fp32 SmolLM2-135M directory made by
 `smollm2_to_safetensors.py` and two "fine-tunes" of it (every tensor plus small seeded Gaussian
 noise, saved as full checkpoints of the same dtype). Each merge runs as a subprocess; wall time
@@ -14,6 +17,13 @@ beside wall time: on a shared machine it is the steadier measure of the work eac
 The large check merges a sparse-hole
 checkpoint of --big-gb GB (headers real, data zeros) with a full checkpoint input and compares
 peftcli's peak RSS with 2 × largest tensor + 300 MB. All work data go under --work.
+
+DARE's random drop cannot agree bit for bit (each tool has its own RNG and seeding), so for the
+DARE cases the outputs are compared statistically instead: the fraction of entries that differ
+from the base (1 − (1 − d)² expected with two inputs, both tools) and the mean |merged − base|
+over all entries of each tool, as the ratio peftcli / mergekit (≈ 1 when both implement the same
+method: a missing 1/d rescale or a normalisation by the weights would move it by 2×; mergekit
+rescales by ‖φ‖₁ / ‖m ⊙ φ‖₁ per tensor, peftcli by 1/d, equal in expectation).
 """
 
 from __future__ import annotations
@@ -88,6 +98,23 @@ def make_finetunes(base: str, work: str) -> tuple[str, str]:
     return dirs[0], dirs[1]
 
 
+# name: (label, mergekit method, peftcli method, whether the outputs can agree bit for bit)
+CASES = {
+    "linear": ("task arithmetic", "task_arithmetic", "linear", True),
+    "ties": ("TIES d={d}", "ties", "ties", True),
+    "dare": ("DARE d={d}", "dare_linear", "dare", False),
+    "dare-ties": ("DARE-TIES d={d}", "dare_ties", "dare-ties", False),
+}
+
+
+def parse_cases(text: str) -> list[str]:
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    bad = [c for c in names if c not in CASES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown case(s) {', '.join(bad) or text!r}: choose from {', '.join(CASES)}")
+    return list(dict.fromkeys(names))
+
+
 def mergekit_config(path: str, method: str, base: str, fts: tuple[str, str], density: float) -> None:
     params = {"weight": 1.0} if method == "task_arithmetic" else {"weight": 1.0, "density": density}
     config = {
@@ -142,6 +169,40 @@ def compare(base_dir: str, ft_dirs, pc_dir: str, mk_dir: str | None, linear: boo
     return res
 
 
+def dare_stats(base_dir: str, pc_dir: str, mk_dir: str | None) -> dict:
+    """Statistics of merged − base over all entries of each tool (DARE's outputs cannot match bit for bit).
+
+    changed: the fraction of entries that differ from the base; mean_abs: the mean |merged − base|
+    (fp64 accumulation); per_tensor_ratio: the smallest and largest per-tensor ratio of mean_abs
+    peftcli / mergekit among tensors of at least 10,000 entries (small ones are noisy).
+    """
+    base = read_dir(base_dir)
+    outs = {"peftcli": read_dir(pc_dir)}
+    if mk_dir:
+        outs["mergekit"] = read_dir(mk_dir)
+    keys = sorted(set(base).intersection(*outs.values()))
+    res = {"common": len(keys)}
+    per_tensor = {tool: {} for tool in outs}
+    for tool, out in outs.items():
+        changed = entries = 0
+        total = 0.0
+        for k in keys:
+            d = out[k].double() - base[k].double()
+            changed += int(torch.count_nonzero(d))
+            entries += d.numel()
+            s = d.abs().sum().item()
+            total += s
+            if d.numel() >= 10_000:
+                per_tensor[tool][k] = s / d.numel()
+        res[tool] = {"changed": changed / entries, "mean_abs": total / entries}
+    if mk_dir:
+        res["mean_abs_ratio"] = res["peftcli"]["mean_abs"] / res["mergekit"]["mean_abs"]
+        ratios = [per_tensor["peftcli"][k] / per_tensor["mergekit"][k] for k in per_tensor["peftcli"]
+                  if per_tensor["mergekit"][k] > 0]
+        res["per_tensor_ratio"] = [min(ratios), max(ratios)] if ratios else None
+    return res
+
+
 def copy_bandwidth(src: str, work: str, runs: int) -> float:
     dst = os.path.join(work, "copy.safetensors")
     times = []
@@ -156,12 +217,13 @@ def copy_bandwidth(src: str, work: str, runs: int) -> float:
 def smollm2_bench(args) -> dict:
     base = args.base
     fts = make_finetunes(base, args.work)
-    cases = [
-        ("task arithmetic", "task_arithmetic", ["--weights", "1,1"]),
-        ("TIES d=0.5", "ties", ["--weights", "1,1", "--method", "ties", "--density", str(args.density)]),
-    ]
     results = {}
-    for label, mk_method, pc_flags in cases:
+    for case in args.cases:
+        label, mk_method, pc_method, exact = CASES[case]
+        label = label.format(d=args.density)
+        pc_flags = ["--weights", "1,1"]
+        if pc_method != "linear":
+            pc_flags += ["--method", pc_method, "--density", str(args.density)]
         pc_out = os.path.join(args.work, f"pc-{mk_method}")
         mk_out = os.path.join(args.work, f"mk-{mk_method}")
         pc_cmd = [*PEFTCLI, "merge", base, *fts, *pc_flags, "-o", pc_out, "--force"]
@@ -189,9 +251,13 @@ def smollm2_bench(args) -> dict:
                     "walls": [round(r[0], 2) for r in rs],
                     "loads": [round(r[3], 1) for r in rs],
                 }
-        entry["estimate"] = check_estimate(base, fts, "linear" if mk_method == "task_arithmetic" else "ties")
+        entry["estimate"] = check_estimate(base, fts, pc_method)
         entry["out_bytes"] = output_bytes(pc_out)
-        entry["compare"] = compare(base, fts, pc_out, mk_out if mk_cmd else None, mk_method == "task_arithmetic")
+        if exact:
+            entry["compare"] = compare(base, fts, pc_out, mk_out if mk_cmd else None, pc_method == "linear")
+        else:
+            entry["compare"] = {"random": True}
+            entry["stats"] = dare_stats(base, pc_out, mk_out if mk_cmd else None)
         results[label] = entry
     return results
 
@@ -264,10 +330,29 @@ def report(small: dict, bw: float, big: dict | None, args) -> str:
         tr = f"{pc['wall_s'] / mk['wall_s']:.2f}×" if mk else "n/a"
         cr = f"{pc['cpu_s'] / mk['cpu_s']:.2f}×" if mk else "n/a"
         rr = f"{pc['rss'] / mk['rss']:.2f}×" if mk else "n/a"
-        diff = f"{c['max_abs_diff']:.2e} ({c['identical_tensors']}/{c['common']} identical)" if mk else "n/a"
+        if c.get("random"):
+            diff = "random drop: see below"
+        else:
+            diff = f"{c['max_abs_diff']:.2e} ({c['identical_tensors']}/{c['common']} identical)" if mk else "n/a"
         ref = f"{c['peftcli_vs_ref']:.2e}" if "peftcli_vs_ref" in c else "—"
         thr = e["out_bytes"] / pc["wall_s"]
         lines.append(f"| {label} | {tr} | {cr} | {rr} | {diff} | {ref} | {thr / MB:,.0f} MB/s | {thr / bw:.3f} |")
+    dare = {label: e["stats"] for label, e in small.items() if "stats" in e}
+    if dare:
+        lines += ["", "DARE drops at random (different RNGs), so these outputs cannot match bit for bit; "
+                  "instead, over all entries, the fraction that differs from the base and the mean |merged − base|:",
+                  "", "| merge | entries changed: peftcli | entries changed: mergekit | mean abs change: peftcli | "
+                  "mean abs change: mergekit | ratio peftcli / mergekit | per-tensor ratio (min – max) |",
+                  "|---|---|---|---|---|---|---|"]
+        for label, st in dare.items():
+            pc, mk = st["peftcli"], st.get("mergekit")
+            mk_changed = f"{mk['changed']:.4f}" if mk else "n/a"
+            mk_mean = f"{mk['mean_abs']:.3e}" if mk else "n/a"
+            ratio = f"{st['mean_abs_ratio']:.4f}" if mk else "n/a"
+            per = st.get("per_tensor_ratio")
+            per = f"{per[0]:.3f} – {per[1]:.3f}" if per else "n/a"
+            lines.append(f"| {label} | {pc['changed']:.4f} | {mk_changed} | {pc['mean_abs']:.3e} | {mk_mean} | "
+                         f"{ratio} | {per} |")
     lines += ["", f"Copy bandwidth (shutil.copyfile of the 538 MB base, median): {bw / MB:,.0f} MB/s."]
     lines += ["", "| merge | `peftcli check` estimate: peak memory | measured peak RSS | estimate: time | measured wall |",
               "|---|---|---|---|---|"]
@@ -293,6 +378,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="runs per tool (0: only the large check)")
     ap.add_argument("--warmup", type=int, choices=(0, 1), default=1, help="one untimed run of each first")
     ap.add_argument("--density", type=float, default=0.5)
+    ap.add_argument("--cases", type=parse_cases, default=list(CASES),
+                    help=f"comma-separated merges to run (default all: {','.join(CASES)})")
     ap.add_argument("--big-gb", type=float, default=4.0, help="size of the large checkpoint (0 to skip)")
     ap.add_argument("--json", help="also write the raw results here")
     args = ap.parse_args()
@@ -317,7 +404,7 @@ def main() -> None:
     if big:
         print(report(small, bw, big, args))
     for label, e in small.items():  # the full comparison details
-        print(f"{label}: {json.dumps(e['compare'])}", file=sys.stderr)
+        print(f"{label}: {json.dumps(e.get('stats', e['compare']))}", file=sys.stderr)
 
 
 if __name__ == "__main__":
