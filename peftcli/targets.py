@@ -1,7 +1,8 @@
 """Which modules a method adapts, resolved from tensor names and shapes alone (no model built).
 
-A "linear module" is a 2-D ``<module>.weight`` that is not an embedding. GPT-2 stores its
-``Conv1D`` weights transposed ([in, out]); ``LinearModule.shape`` is always [out, in].
+A "linear module" is a 2-D ``<module>.weight`` that is not an embedding. GPT-2 and the other
+families built on transformers' ``Conv1D`` store those weights transposed ([in, out]);
+``LinearModule.shape`` is always [out, in].
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ DEFAULT_QV_TARGETS: dict[str, tuple[str, ...]] = {
 }
 _FALLBACK_QV = (("q_proj", "v_proj"), ("query", "value"), ("q_lin", "v_lin"), ("c_attn",), ("query_key_value",))
 
-CONV1D_MODEL_TYPES = {"gpt2"}  # families whose projections are transformers' Conv1D
-CONV1D_KINDS = {"c_attn", "c_proj", "c_fc", "q_attn"}  # GPT-2's Conv1D modules; heads such as `score` are nn.Linear
+# Families whose projections are transformers' Conv1D (every model_type whose modeling file calls
+# `Conv1D(`: gpt2, openai, imagegpt, decision_transformer, clvp); their other layers are nn.Linear.
+CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp", "clvp_decoder"}
+CONV1D_KINDS = {"c_attn", "c_proj", "c_fc", "q_attn"}  # their Conv1D modules; heads such as `score` are nn.Linear
+MAX_HINT_NAMES = 24  # module names listed in an error's hint
 MAX_LAYER_INDEX = 100_000
 _EMBEDDING = re.compile(r"(embed|^wte$|^wpe$|^emb)", re.IGNORECASE)
 _OUTPUT_HEADS = {"lm_head", "score", "classifier", "qa_outputs", "decoder"}
@@ -67,6 +71,33 @@ def layer_index(module: str) -> int | None:
         if part.isdigit():
             return int(part)
     return None
+
+
+def split_layer(path: str) -> tuple[str, str] | None:
+    """'model.layers.3.mlp.down_proj' -> ('model.layers.3', 'mlp.down_proj'); None outside numbered blocks."""
+    parts = path.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[: i + 1]), ".".join(parts[i + 1 :])
+    return None
+
+
+def names_hint(paths: Iterable[str], cap: int = MAX_HINT_NAMES) -> str:
+    """Module paths for an error's hint, each numbered block's once (``self_attn.q_proj``), at most ``cap``."""
+    names: list[str] = []
+    for path in paths:
+        split = split_layer(path)
+        name = split[1] if split is not None else path
+        if name not in names:
+            names.append(name)
+    names.sort()
+    more = f" (and {len(names) - cap} more)" if len(names) > cap else ""
+    return ", ".join(names[:cap]) + more
+
+
+def linear_names_hint(modules: Iterable[LinearModule]) -> str:
+    """'linear modules here: self_attn.q_proj, ...' for the hint of a target that matches nothing."""
+    return "linear modules here: " + names_hint(m.name for m in modules)
 
 
 def linear_modules(shapes: dict[str, tuple[int, ...]], config: dict | None) -> list[LinearModule]:
@@ -107,7 +138,7 @@ def parse_layers(spec: str | None) -> set[int] | None:
     return layers
 
 
-def default_targets(modules: Iterable[LinearModule], config: dict | None) -> tuple[str, ...]:
+def default_targets(modules: list[LinearModule], config: dict | None) -> tuple[str, ...]:
     kinds = {m.kind for m in modules}
     preset = DEFAULT_QV_TARGETS.get(model_type_of(config) or "")
     if preset and set(preset) <= kinds:
@@ -117,7 +148,7 @@ def default_targets(modules: Iterable[LinearModule], config: dict | None) -> tup
             return names
     raise UsageError(
         "cannot tell this architecture's query/value projections",
-        "pass --targets; linear modules here: " + ", ".join(sorted(kinds)),
+        "pass --targets; " + linear_names_hint(modules),
     )
 
 
@@ -127,7 +158,10 @@ def resolve_targets(
     """The linear modules selected by ``targets`` (names, a regex or 'all-linear') and ``layers``."""
     modules = linear_modules(shapes, config)
     if not modules:
-        raise UsageError("this checkpoint has no linear (2-D) weights to adapt")
+        raise UsageError(
+            "this checkpoint has no linear (2-D) weights to adapt",
+            "check that the path is the base model's directory, not an adapter's",
+        )
     if targets is None or targets.strip() == "":
         names: tuple[str, ...] | None = default_targets(modules, config)
         chosen = [m for m in modules if m.kind in names]
@@ -137,24 +171,23 @@ def resolve_targets(
         try:
             pattern = re.compile(targets)
         except (re.error, OverflowError, RecursionError) as exc:
-            raise UsageError(f"invalid --targets regex {targets!r}: {exc}") from None
+            raise UsageError(
+                f"invalid --targets regex {targets!r}: {exc}", "e.g. --targets '.*\\.(q_proj|v_proj)'"
+            ) from None
         chosen = [m for m in modules if pattern.fullmatch(m.name)]
         if not chosen:
             raise UsageError(
                 f"--targets regex {targets!r} matches no linear module",
                 "a regex must match a whole module path such as "
                 + next((m.name for m in modules if m.layer is not None), modules[0].name)
-                + ", e.g. '.*\\.(q_proj|v_proj)'",
+                + "; " + linear_names_hint(modules),
             )
     else:
         wanted = [t.strip() for t in targets.split(",") if t.strip()]
         chosen = [m for m in modules if any(m.name == t or m.name.endswith("." + t) for t in wanted)]
         missing = [t for t in wanted if not any(m.name == t or m.name.endswith("." + t) for m in modules)]
         if missing:
-            raise UsageError(
-                f"target {', '.join(missing)} matches no linear module",
-                "linear modules here: " + ", ".join(sorted({m.kind for m in modules})),
-            )
+            raise UsageError(f"target {', '.join(missing)} matches no linear module", linear_names_hint(modules))
     layer_set = parse_layers(layers)
     if layer_set is not None:
         present = {m.layer for m in modules if m.layer is not None}
@@ -166,8 +199,6 @@ def resolve_targets(
             )
         chosen = [m for m in chosen if m.layer in layer_set]
     if not chosen:
-        raise UsageError(
-            f"--targets {targets!r} matches no linear module" if targets else "no module matches the default targets",
-            "linear modules here: " + ", ".join(sorted({m.kind for m in modules})),
-        )
+        what = f"--targets {targets!r} matches no linear module" if targets else "no module matches the default targets"
+        raise UsageError(what + (f" in --layers {layers}" if layer_set is not None else ""), linear_names_hint(modules))
     return chosen

@@ -110,6 +110,55 @@ def test_default_targets_and_shapes_are_peft_defaults(base, tmp_path):
     assert budget.trainable == sum(a * b for a, b in theirs.values())
 
 
+def _relabelled(base: str, out, model_type: str, rename=None) -> str:
+    """A copy of checkpoint ``base`` whose config.json says ``model_type`` (tensors renamed by ``rename``)."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    config = json.load(open(os.path.join(base, "config.json")))
+    json.dump({**config, "model_type": model_type}, open(out / "config.json", "w"))
+    tensors = load_file(os.path.join(base, "model.safetensors"))
+    save_file({(rename(k) if rename else k): t for k, t in tensors.items()}, str(out / "model.safetensors"))
+    return str(out)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_unknown_model_type_gets_its_family_defaults_by_module_names(arch, tiny_llama, tiny_bert, tmp_path):
+    """A fine-tune relabelled `foo` selects what its real model_type selects (itself PEFT's defaults)."""
+    real = {"llama": tiny_llama, "bert": tiny_bert}[arch]
+    foo = _relabelled(real, tmp_path / "foo", "foo")
+    budget = inject(foo, "ia3", IA3Config(), str(tmp_path / "ours"))
+    reference = inject(real, "ia3", IA3Config(), str(tmp_path / "real"))
+    ours, theirs = read_adapter(str(tmp_path / "ours")), read_adapter(str(tmp_path / "real"))
+    assert {k: t.shape for k, t in ours.tensors.items()} == {k: t.shape for k, t in theirs.tensors.items()}
+    for key in ("target_modules", "feedforward_modules"):
+        assert ours.config[key] == theirs.config[key] and ours.config[key]
+    assert budget.trainable == reference.trainable
+
+
+def test_unrecognised_modules_are_an_error_listing_the_linear_modules(tiny_llama, tmp_path):
+    renames = {"self_attn": "attn", "q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo", "down_proj": "w2"}
+
+    def rename(key):
+        for old, new in renames.items():
+            key = key.replace(old, new)
+        return key
+
+    foo = _relabelled(tiny_llama, tmp_path / "foo", "foo", rename)
+    out = str(tmp_path / "out")
+    result = CliRunner().invoke(cli, ["inject", "ia3", foo, "-o", out])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "no default IA³ targets for model_type 'foo'" in result.stderr
+    assert "linear modules here: attn.wk, attn.wo, attn.wq, attn.wv, lm_head, mlp.gate_proj, mlp.up_proj, mlp.w2" in result.stderr
+    assert not os.path.exists(out)
+    # Given --targets, the feedforward split still needs a family or --feedforward.
+    result = CliRunner().invoke(cli, ["inject", "ia3", "--targets", "wk,wv", foo, "-o", out])
+    assert result.exit_code == 2 and "pass --feedforward NAMES" in result.stderr and "attn.wk" in result.stderr
+    result = CliRunner().invoke(cli, ["inject", "ia3", "--targets", "wk,wv,w2", "--feedforward", "w2", foo, "-o", out, "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["budget"]["trainable_params"] == 2 * (32 + 32 + 128)  # k, v outputs; w2 inputs
+
+
 def test_bert_attention_output_dense_is_feedforward_as_in_peft(tiny_bert, tmp_path):
     inject(tiny_bert, "ia3", IA3Config(), str(tmp_path / "run"))
     cfg = json.load(open(tmp_path / "run" / "adapter_config.json"))

@@ -85,15 +85,33 @@ def test_training_exports_theta_minus_theta0(tiny_llama, tmp_path):
         assert torch.allclose(delta, trained[k].detach() - theta0[k], atol=1e-6)
 
 
+# The FFN and attention of each family, as patterns over the checkpoint's own tensor names.
+FFN = {
+    "llama": r"model\.layers\.1\.mlp\..*",
+    "bert": r"encoder\.layer\.1\.(intermediate|output)\..*",
+    "gpt2": r"transformer\.h\.1\.mlp\..*",
+}
+ATTENTION = {
+    "llama": r"model\.layers\.1\.self_attn\..*",
+    "bert": r"encoder\.layer\.1\.attention\..*",
+    "gpt2": r"transformer\.h\.1\.attn\..*",
+}
+
+
 @pytest.mark.parametrize(
     "arch, modules, pattern",
     [
-        ("llama", "mlp", r"model\.layers\.1\.mlp\..*"),
+        ("llama", "mlp", FFN["llama"]),
         ("llama", "q_proj,v_proj", r"model\.layers\.1\.self_attn\.[qv]_proj\.weight"),
         ("llama", "input_layernorm", r"model\.layers\.1\.input_layernorm\.weight"),
-        ("bert", "attention", r"encoder\.layer\.1\.attention\..*"),
         ("bert", "attention.output", r"encoder\.layer\.1\.attention\.output\..*"),
+        # `output` is the block's own FFN output module, not also attention.output (a module of the block).
+        ("bert", "output", r"encoder\.layer\.1\.output\..*"),
+        ("bert", "output.dense", r"encoder\.layer\.1\.(attention\.)?output\.dense\..*"),
+        ("bert", "self", r"encoder\.layer\.1\.attention\.self\..*"),  # a piece inside the path still works
+        ("bert", "LayerNorm", r"encoder\.layer\.1\.(attention\.)?output\.LayerNorm\..*"),
         ("gpt2", "attn,ln_1", r"transformer\.h\.1\.(attn|ln_1)\..*"),
+        ("gpt2", "c_proj", r"transformer\.h\.1\.(attn|mlp)\.c_proj\..*"),
     ],
 )
 def test_modules_restrict_the_layers(arch, modules, pattern, tiny_llama, tiny_bert, tiny_gpt2, tmp_path):
@@ -103,6 +121,41 @@ def test_modules_restrict_the_layers(arch, modules, pattern, tiny_llama, tiny_be
     budget = inject(base, "layers", LayersConfig(layers="1", modules=modules), str(tmp_path / "run"))
     assert expected and {r.module for r in budget.rows} == expected
     assert budget.trainable == sum(file[k].numel() for k in expected)
+
+
+@pytest.mark.parametrize("alias", ["mlp", "ffn", "attention", "attn", "mlp,attention"])
+def test_ffn_and_attention_aliases_follow_the_architecture(arch_base, alias, tmp_path):
+    """mlp/ffn and attention/attn name each family's own modules; the adapter attaches with those counts."""
+    arch, base = arch_base
+    file = _file_tensors(base)
+    patterns = [{"mlp": FFN, "ffn": FFN, "attention": ATTENTION, "attn": ATTENTION}[a][arch] for a in alias.split(",")]
+    expected = {k for k in file if any(re.fullmatch(p, k) for p in patterns)}
+    run = str(tmp_path / "run")
+    budget = inject(base, "layers", LayersConfig(layers="1", modules=alias), run)
+    assert expected and {r.module for r in budget.rows} == expected
+    assert budget.trainable == sum(file[k].numel() for k in expected)
+    adapted = load_adapted(base, run)  # attach selects by the same rule, so every tensor is accepted
+    assert adapted.num_trainable == budget.trainable
+    assert sum(p.numel() for p in adapted.parameters() if p.requires_grad) == budget.trainable
+
+
+def test_aliases_recognise_a_relabelled_family_by_its_module_names(tiny_bert, tmp_path):
+    relabelled = tmp_path / "bert-foo"
+    relabelled.mkdir()
+    config = json.load(open(os.path.join(tiny_bert, "config.json")))
+    json.dump({**config, "model_type": "foo"}, open(relabelled / "config.json", "w"))
+    os.link(os.path.join(tiny_bert, "model.safetensors"), relabelled / "model.safetensors")
+    file = _file_tensors(tiny_bert)
+    budget = inject(str(relabelled), "layers", LayersConfig(layers="1", modules="mlp"), str(tmp_path / "run"))
+    assert {r.module for r in budget.rows} == {k for k in file if re.fullmatch(FFN["bert"], k)}
+
+
+def test_cli_mlp_on_bert_trains_the_ffn(tiny_bert, tmp_path):
+    out = str(tmp_path / "layers")
+    result = CliRunner().invoke(cli, ["inject", "layers", "--layers", "1", "--modules", "mlp", tiny_bert, "-o", out, "--json"])
+    assert result.exit_code == 0, result.stderr
+    # intermediate.dense [128, 64] + bias, output.dense [64, 128] + bias, output.LayerNorm (64 + 64).
+    assert json.loads(result.stdout)["budget"]["trainable_params"] == 128 * 64 + 128 + 64 * 128 + 64 + 2 * 64
 
 
 def test_layers_is_required():
@@ -137,7 +190,11 @@ def test_inject_cli_and_inspect_budget_agree(tiny_llama, tmp_path):
     [
         ([], "needs --layers"),
         (["--layers", "2"], "names layer 2, which this model does not have"),
-        (["--layers", "1", "--modules", "attention"], "--modules attention matches no tensor"),
+        (["--layers", "1", "--modules", "cross_attn"], "--modules cross_attn matches no tensor"),
+        (
+            ["--layers", "1", "--modules", "output"],
+            "parts of those layers: mlp/ffn (mlp), attention/attn (self_attn), or input_layernorm, mlp.down_proj",
+        ),
         (["--layers", "x"], "invalid --layers"),
     ],
 )

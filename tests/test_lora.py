@@ -60,7 +60,7 @@ def test_trained_adapter_loads_in_peft_with_identical_outputs(base, variant, tmp
     assert torch.allclose(ours, _forward(theirs, inputs), atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["lora", "dora"])
+@pytest.mark.parametrize("variant", ["lora", "dora", "rslora"])
 def test_adapter_written_by_peft_loads_in_peftcli(base, variant, tmp_path):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -70,13 +70,14 @@ def test_adapter_written_by_peft_loads_in_peftcli(base, variant, tmp_path):
     torch.manual_seed(0)
     cfg = PeftLoraConfig(
         r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, use_dora=variant == "dora",
-        fan_in_fan_out=model_type == "gpt2",
-    )
+        use_rslora=variant == "rslora", fan_in_fan_out=model_type == "gpt2",
+    )  # rsLoRA: α/√r = 4, not α/r = 2, so reading use_rslora wrong would change the outputs
     peft_model = get_peft_model(load_base_model(base), cfg).eval()
     peft_model.save_pretrained(str(tmp_path / "peft"))
     ours = load_adapted(base, str(tmp_path / "peft"))
     inputs = batch(1)
     assert torch.allclose(_forward(ours, inputs), _forward(peft_model, inputs), atol=1e-5)
+    assert not torch.allclose(_forward(ours, inputs), _forward(load_base_model(base), inputs), atol=1e-4)
 
 
 def test_delta_weight_matches_peft_merge_and_unload(tiny_llama, tmp_path):
@@ -133,6 +134,9 @@ def test_inject_cli_reports_and_writes(tiny_llama, tmp_path):
         (["--rank", "100"], "larger than min(out, in)"),
         (["--targets", "nope"], "matches no linear module"),
         (["--init", "xavier"], "--init must be one of"),
+        (["--targets", r".*\.nope"], "linear modules here: lm_head, mlp.down_proj, mlp.gate_proj, mlp.up_proj, self_attn.k_proj"),
+        (["--targets", "nope"], "linear modules here: lm_head, mlp.down_proj, mlp.gate_proj, mlp.up_proj, self_attn.k_proj"),
+        (["--targets", "lm_head", "--layers", "0"], "matches no linear module in --layers 0"),
     ],
 )
 def test_inject_errors_write_nothing(tiny_llama, tmp_path, args, message):
@@ -162,3 +166,59 @@ def test_dora_magnitude_is_the_row_norm_of_the_base_weight(tiny_gpt2, tmp_path):
     base = load_file(os.path.join(tiny_gpt2, "model.safetensors"))
     w = base["transformer.h.0.attn.c_attn.weight"].T  # Conv1D stores [in, out]
     assert torch.allclose(phi["base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector"], w.norm(dim=1))
+
+
+def test_unmatched_target_hint_lists_each_block_module_once_and_is_capped():
+    from peftcli.errors import UsageError
+    from peftcli.targets import resolve_targets
+
+    shapes = {f"blocks.{i}.part{j}.weight": (4, 4) for i in range(3) for j in range(30)}
+    with pytest.raises(UsageError) as err:
+        resolve_targets(shapes, None, "nope", None)
+    listed = err.value.hint.removeprefix("linear modules here: ").split(", ")
+    assert len(listed) == 24 and listed[0] == "part0" and listed[-1].endswith("(and 6 more)")
+    assert len(set(listed)) == 24
+
+
+@pytest.mark.parametrize("model_type", ["openai-gpt", "imagegpt", "decision_transformer"])
+def test_conv1d_families_other_than_gpt2_are_transposed(tiny_gpt2, model_type, tmp_path):
+    """GPT-2's tensors under another Conv1D model_type: [in, out] storage is still read as [out, in]."""
+    from safetensors.torch import load_file
+
+    relabelled = tmp_path / model_type
+    relabelled.mkdir()
+    for name in os.listdir(tiny_gpt2):
+        if name != "config.json":
+            os.link(os.path.join(tiny_gpt2, name), relabelled / name)
+    config = json.load(open(os.path.join(tiny_gpt2, "config.json")))
+    json.dump({**config, "model_type": model_type}, open(relabelled / "config.json", "w"))
+    run = str(tmp_path / "run")
+    budget = inject(str(relabelled), "lora", LoraConfig(rank=2), run)
+    stored = load_file(os.path.join(tiny_gpt2, "model.safetensors"))["transformer.h.0.attn.c_attn.weight"]
+    d_in, d_out = stored.shape  # Conv1D: [in, out] = [64, 192]
+    phi = load_file(os.path.join(run, "adapter_model.safetensors"))
+    prefix = "base_model.model.transformer.h.0.attn.c_attn"
+    assert phi[prefix + ".lora_A.weight"].shape == (2, d_in) and phi[prefix + ".lora_B.weight"].shape == (d_out, 2)
+    assert json.load(open(os.path.join(run, "adapter_config.json")))["fan_in_fan_out"] is True
+    assert budget.trainable == 2 * 2 * (d_in + d_out)
+    adapted = load_adapted(str(relabelled), run)  # transformers builds GPT2LMHeadModel (Conv1D) from `architectures`
+    assert adapted.num_trainable == budget.trainable
+
+
+def test_every_error_in_the_method_and_target_modules_carries_a_hint():
+    """`raise UsageError(msg)` without a hint leaves the user with no next step (the CLI contract)."""
+    import ast
+
+    import peftcli
+
+    root = os.path.dirname(peftcli.__file__)
+    files = ["targets.py"] + [f"methods/{m}.py" for m in ("layers", "ia3", "ia3_layer", "adapter", "adapter_layer", "lora", "lora_layer")]
+    errors = {"PeftcliError", "BadInputError", "UsageError", "ResourceError", "Interrupted"}
+    bare = []
+    for rel in files:
+        tree = ast.parse(open(os.path.join(root, rel)).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in errors:
+                if len(node.args) < 2 and not any(k.arg == "hint" for k in node.keywords):
+                    bare.append(f"{rel}:{node.lineno}")
+    assert bare == []

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.base import Attached, BudgetRow, mismatch_error
 from peftcli.options import option
-from peftcli.targets import linear_modules, parse_layers
+from peftcli.targets import linear_modules, model_type_of, parse_layers, split_layer
 
 if TYPE_CHECKING:
     import torch
@@ -60,17 +60,19 @@ class BottleneckAdapterConfig:
 
     def __post_init__(self) -> None:
         if self.style not in STYLES:
-            raise UsageError(f"--style must be one of {', '.join(STYLES)}, got {self.style!r}")
+            raise UsageError(f"--style must be one of {', '.join(STYLES)}, got {self.style!r}", "e.g. --style pfeiffer")
         if self.activation not in ACTIVATION_NAMES:
-            raise UsageError(f"--activation must be one of {', '.join(ACTIVATION_NAMES)}, got {self.activation!r}")
+            raise UsageError(
+                f"--activation must be one of {', '.join(ACTIVATION_NAMES)}, got {self.activation!r}", "e.g. --activation relu"
+            )
         if self.reduction_factor <= 0:
-            raise UsageError(f"--reduction-factor must be positive, got {self.reduction_factor}")
+            raise UsageError(f"--reduction-factor must be positive, got {self.reduction_factor}", "e.g. --reduction-factor 16")
         if self.bottleneck is not None and self.bottleneck <= 0:
-            raise UsageError(f"--bottleneck must be positive, got {self.bottleneck}")
+            raise UsageError(f"--bottleneck must be positive, got {self.bottleneck}", "e.g. --bottleneck 64")
         if self.scaling is None:
             self.scaling = 4.0 if self.style == "parallel" else 1.0
         elif not (math.isfinite(self.scaling) and self.scaling > 0):
-            raise UsageError(f"--scaling must be a positive number, got {self.scaling}")
+            raise UsageError(f"--scaling must be a positive number, got {self.scaling}", "e.g. --scaling 1")
 
     def bottleneck_for(self, hidden: int) -> int:
         return self.bottleneck if self.bottleneck is not None else max(1, hidden // self.reduction_factor)
@@ -85,6 +87,17 @@ class Family:
     ffn_out: str  # FFN output projection
     ffn: str | None  # the FFN as one module (parallel style); None where the FFN is inline in the block
     ffn_takes_residual: bool = False  # the FFN module is called (h, x) and adds x + LayerNorm itself (BERT)
+    ffn_parts: tuple[str, ...] = ()  # the FFN's modules where it is not the one module ``ffn`` (BERT, OPT)
+
+    @property
+    def attention_modules(self) -> tuple[str, ...]:
+        """The block's attention submodule(s): ``self_attn``, ``attention``, ``attn``..."""
+        return (self.attn_out.split(".")[0],)
+
+    @property
+    def ffn_modules(self) -> tuple[str, ...]:
+        """The block's FFN submodule(s): ``mlp``; BERT's ``intermediate`` and ``output``; OPT's ``fc1``, ``fc2``."""
+        return self.ffn_parts or ((self.ffn,) if self.ffn else (self.ffn_out.split(".")[0],))
 
     def anchors(self, style: str) -> tuple[str, ...]:
         """The linear layers whose output width is h, one per placement, in block order."""
@@ -92,7 +105,9 @@ class Family:
 
 
 LLAMA_LIKE = Family("self_attn.o_proj", "mlp.down_proj", "mlp")
-BERT_LIKE = Family("attention.output.dense", "output.dense", "output", ffn_takes_residual=True)
+BERT_LIKE = Family(
+    "attention.output.dense", "output.dense", "output", ffn_takes_residual=True, ffn_parts=("intermediate", "output")
+)
 GPT2 = Family("attn.c_proj", "mlp.c_proj", "mlp")
 FAMILIES = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"), LLAMA_LIKE),
@@ -107,17 +122,8 @@ _BY_NAME = (
     Family("attention.dense", "mlp.dense_4h_to_h", "mlp"),  # gpt_neox
     Family("self_attention.dense", "mlp.dense_4h_to_h", "mlp"),  # falcon, bloom
     Family("attention.out_lin", "ffn.lin2", "ffn"),  # distilbert
-    Family("self_attn.out_proj", "fc2", None),  # opt, bart: fc1/fc2 sit in the block itself
+    Family("self_attn.out_proj", "fc2", None, ffn_parts=("fc1", "fc2")),  # opt, bart: fc1/fc2 sit in the block itself
 )
-
-
-def split_layer(path: str) -> tuple[str, str] | None:
-    """'model.layers.3.mlp.down_proj' -> ('model.layers.3', 'mlp.down_proj'); None outside numbered blocks."""
-    parts = path.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part.isdigit():
-            return ".".join(parts[: i + 1]), ".".join(parts[i + 1 :])
-    return None
 
 
 def find_family(model_type: str | None, paths) -> Family | None:
@@ -134,7 +140,7 @@ def _unsupported(model_type: str | None) -> UsageError:
     looked = "; ".join(f"{f.attn_out} + {f.ffn_out}" for f in _BY_NAME)
     return UsageError(
         f"cannot find the attention and FFN output projections of this architecture (model_type {model_type!r})",
-        f"looked for, in each numbered block: {looked}",
+        f"looked for, in each numbered block: {looked}; for other blocks use another method, e.g. lora",
     )
 
 
@@ -154,7 +160,7 @@ class Plan:
 
 def plan(shapes: dict[str, tuple[int, ...]], config: dict | None, cfg: BottleneckAdapterConfig) -> Plan:
     """Tensor level: the placements for ``cfg`` and the sizes h and b, from shapes and config.json."""
-    model_type = (config or {}).get("model_type")
+    model_type = model_type_of(config)
     linears = {m.name: m for m in linear_modules(shapes, config)}
     family = find_family(model_type, linears)
     if family is None:
@@ -179,6 +185,7 @@ def plan(shapes: dict[str, tuple[int, ...]], config: dict | None, cfg: Bottlenec
     if bottleneck > hidden:
         raise UsageError(
             f"--bottleneck {bottleneck} is larger than the hidden size {hidden}",
+            f"use --bottleneck {max(1, hidden // 16)} or another value up to {hidden}: "
             "an adapter wider than the hidden state is no bottleneck",
         )
     return Plan(placements, hidden, bottleneck)
@@ -266,10 +273,15 @@ class BottleneckAdapter:
     def config_from_adapter(self, d: dict) -> BottleneckAdapterConfig:
         s = d.get("peftcli")
         if not isinstance(s, dict) or "style" not in s or not isinstance(s.get("bottleneck"), int):
-            raise BadInputError("adapter config has no peftcli section with the adapter's style and bottleneck")
+            raise BadInputError(
+                "adapter config has no peftcli section with the adapter's style and bottleneck",
+                "was it written by peftcli inject adapter?",
+            )
         placements = s.get("placements")
         if placements is not None and not (isinstance(placements, list) and all(isinstance(x, str) for x in placements)):
-            raise BadInputError("adapter config: 'placements' must be a list of module paths")
+            raise BadInputError(
+                "adapter config: 'placements' must be a list of module paths", "was it written by peftcli inject adapter?"
+            )
         try:
             return BottleneckAdapterConfig(
                 style=s["style"],
@@ -293,7 +305,7 @@ class BottleneckAdapter:
                 problems.append(f"{path}: has tensors but is not among the config's placements")
         family = None
         if cfg.style == "parallel":
-            family = find_family(model_config.get("model_type"), [n for n, _ in model.named_modules()])
+            family = find_family(model_type_of(model_config), [n for n, _ in model.named_modules()])
             if family is None or family.ffn is None:
                 problems.append("cannot tell this architecture's FFN module, which --style parallel wraps")
                 by_module = {}

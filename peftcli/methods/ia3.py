@@ -5,7 +5,12 @@ included, is rescaled); for a feedforward target, y = base(x ⊙ l) with l: [1, 
 intermediate is rescaled on its way into the down-projection). l starts at ones, so the
 adapted model starts as the base. A layer adds out parameters, a feedforward one in.
 Written in PEFT's layout: ``base_model.model.<module>.ia3_l``; default targets and
-feedforward modules are PEFT 0.21's per-family mappings, so both select the same modules.
+feedforward modules are PEFT 0.21's per-family mappings, so both select the same modules:
+Llama's k_proj, v_proj (outputs) and down_proj (input: the FFN intermediate); BERT's key,
+value and every ``output.dense`` (PEFT's suffix rule also takes attention.output.dense, whose
+input is the attention's context); GPT-2's whole c_attn (q, k and v are one Conv1D) and
+mlp.c_proj. A model_type PEFT has no mapping for gets the first family whose target names
+are all among its modules (a fine-tune relabelled ``foo`` of a Llama gets Llama's).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import TYPE_CHECKING, Callable
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.base import Attached, BudgetRow, peft_key, PEFT_PREFIX
 from peftcli.options import option
-from peftcli.targets import LinearModule, resolve_targets
+from peftcli.targets import LinearModule, linear_modules, linear_names_hint, model_type_of, names_hint, resolve_targets
 
 if TYPE_CHECKING:
     import torch
@@ -86,6 +91,16 @@ IA3_FEEDFORWARD: dict[str, tuple[str, ...]] = {
     "qwen3": ("down_proj",),
 }
 
+# For a model_type without a mapping: (targets, feedforward) of each family, in the order they are
+# tried against the module names (the common families first; each needs all its targets present).
+_BY_NAME: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = tuple(
+    dict.fromkeys(
+        (IA3_TARGETS[t], IA3_FEEDFORWARD[t])
+        for t in ("llama", "bert", "gpt2", *IA3_TARGETS)
+        if IA3_FEEDFORWARD[t]  # mt5 has none: not a default to guess
+    )
+)
+
 _REGEX_CHARS = set("*+?[](){}|^$\\")  # the test targets.resolve_targets uses to tell a regex from names
 
 
@@ -113,13 +128,16 @@ class IA3Config:
         None,
         metavar="NAMES|REGEX|all-linear",
         help="modules to adapt: comma-separated names (k_proj,v_proj), a regex over module paths, "
-        "or all-linear; default: PEFT's per-family IA³ targets (keys, values, FFN down-projection)",
+        "or all-linear; default: PEFT's per-family IA³ targets: key and value outputs (GPT-2: all of c_attn) "
+        "and the input of the FFN down-projection, i.e. the FFN intermediate (BERT: of every output.dense, "
+        "attention.output.dense too); other model_types by their module names",
     )
     feedforward: str | None = option(
         None,
         metavar="NAMES|REGEX",
         help="which targets are feedforward (their input is scaled, not their output): names or a regex "
-        "as for --targets, '' for none; default: PEFT's per-family choice (the FFN down-projection)",
+        "as for --targets, '' for none; default: PEFT's per-family choice (the FFN down-projection; "
+        "BERT: every output.dense)",
     )
     layers: str | None = option(None, metavar="RANGES", help="only these layers, e.g. 20-29 or 0,2,4-6")
 
@@ -128,19 +146,34 @@ class IA3Config:
             try:
                 re.compile(self.feedforward)
             except re.error as exc:
-                raise UsageError(f"invalid --feedforward regex {self.feedforward!r}: {exc}") from None
+                raise UsageError(
+                    f"invalid --feedforward regex {self.feedforward!r}: {exc}", "e.g. --feedforward '.*\\.down_proj'"
+                ) from None
 
 
-def _feedforward_rule(cfg: IA3Config, model_type: str | None) -> Callable[[str], bool]:
+def family_defaults(model_type: str | None, paths) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """(targets, feedforward): PEFT's mapping for ``model_type``, else the first family whose
+    target names all match module ``paths`` (exactly or as a dotted suffix); None if none does."""
+    if model_type in IA3_TARGETS:
+        return IA3_TARGETS[model_type], IA3_FEEDFORWARD[model_type]
+    paths = list(paths)
+    for targets, feedforward in _BY_NAME:
+        if all(any(_name_matches(p, n) for p in paths) for n in targets):
+            return targets, feedforward
+    return None
+
+
+def _feedforward_rule(cfg: IA3Config, model_type: str | None, paths, hint: str = "") -> Callable[[str], bool]:
     """Whether the module at a path is feedforward, per --feedforward or the family default."""
     spec = cfg.feedforward
     if spec is None:
-        if model_type not in IA3_FEEDFORWARD:
+        found = family_defaults(model_type, paths)
+        if found is None:
             raise UsageError(
                 f"peftcli does not know which IA³ targets are feedforward for model_type {model_type!r}",
-                "pass --feedforward NAMES (or --feedforward '' for none)",
+                "pass --feedforward NAMES (or --feedforward '' for none)" + (f"; {hint}" if hint else ""),
             )
-        spec = _peft_suffix_regex(IA3_FEEDFORWARD[model_type])
+        spec = _peft_suffix_regex(found[1])
     if spec.strip() == "":
         return lambda path: False
     if _is_regex(spec):
@@ -163,7 +196,7 @@ def _check_feedforward_spec(cfg: IA3Config, modules: list[LinearModule]) -> None
     if missing:
         raise UsageError(
             f"--feedforward {', '.join(missing)} matches none of the targets",
-            "feedforward modules must be among --targets; targets here: " + ", ".join(sorted({m.kind for m in modules})),
+            "feedforward modules must be among --targets; targets here: " + names_hint(m.name for m in modules),
         )
 
 
@@ -180,18 +213,21 @@ class IA3:
 
     def _targets(self, shapes, model_config, cfg: IA3Config) -> list[tuple[LinearModule, bool]]:
         """(module, is feedforward) for every target."""
-        model_type = (model_config or {}).get("model_type")
+        model_type = model_type_of(model_config)
+        linear = linear_modules(shapes, model_config)
+        paths = [m.name for m in linear]
         targets = cfg.targets
         if targets is None or targets.strip() == "":
-            if model_type not in IA3_TARGETS:
+            found = family_defaults(model_type, paths)
+            if found is None and linear:
                 raise UsageError(
-                    f"peftcli has no default IA³ targets for model_type {model_type!r}",
-                    "pass --targets and --feedforward",
+                    f"peftcli has no default IA³ targets for model_type {model_type!r} and recognises none of its modules",
+                    "pass --targets and --feedforward; " + linear_names_hint(linear),
                 )
-            targets = ",".join(IA3_TARGETS[model_type])
+            targets = ",".join(found[0]) if found else None  # None: resolve_targets says there is no linear weight
         modules = resolve_targets(shapes, model_config, targets, cfg.layers)
         _check_feedforward_spec(cfg, modules)
-        is_ff = _feedforward_rule(cfg, model_type)
+        is_ff = _feedforward_rule(cfg, model_type, paths, linear_names_hint(linear))
         return [(m, is_ff(m.name)) for m in modules]
 
     @staticmethod
@@ -228,7 +264,10 @@ class IA3:
 
     def config_from_adapter(self, d: dict) -> IA3Config:
         if d.get("exclude_modules"):
-            raise BadInputError("IA³ adapter config uses exclude_modules, which peftcli does not support yet")
+            raise BadInputError(
+                "IA³ adapter config uses exclude_modules, which peftcli does not support yet",
+                "list the modules to adapt in target_modules instead",
+            )
         return IA3Config(
             targets=_peft_targets(d.get("target_modules")),
             feedforward=_peft_feedforward(d.get("feedforward_modules")),
@@ -240,7 +279,6 @@ class IA3:
         from functools import partial
 
         from peftcli.methods.base import base_module, mismatch_error
-        from peftcli.targets import linear_modules
 
         shapes = {t.name: t.shape for t in ckpt.tensors.values()}
         linear = {m.name: m for m in linear_modules(shapes, ckpt.config)}
@@ -273,7 +311,7 @@ class IA3:
 
         problems: list[str] = []
         try:
-            is_ff = _feedforward_rule(cfg, (model_config or {}).get("model_type"))
+            is_ff = _feedforward_rule(cfg, model_type_of(model_config), [n for n, _ in model.named_modules()])
         except UsageError as exc:
             raise BadInputError(f"adapter config: {exc.message}", "add feedforward_modules to adapter_config.json") from None
         phi = {}

@@ -1,9 +1,13 @@
 """Layer groups (structured composition): fully train some layers, freeze the rest.
 
-``--layers`` (required) picks the layers; ``--modules`` can keep only some parts of them
-(``mlp``, ``self_attn``, ``attention``, ``q_proj``...: a name is a dotted piece of the tensor's
-path). Every selected base tensor — weights, biases, norms — is trained in place; φ is the
-dense difference θ − θ₀ of each, keyed by the base tensor's name (see ``bitfit_inplace``).
+``--layers`` (required) picks the layers; ``--modules`` can keep only some parts of them.
+A name is either an alias for this architecture's FFN or attention, resolved per family
+(``mlp``/``ffn``: Llama's and GPT-2's ``mlp``, BERT's ``intermediate`` + ``output``;
+``attention``/``attn``: ``self_attn``, ``attention``, ``attn``), or a module of the block:
+its path from the block (``mlp``, ``attention.output``, ``input_layernorm``) or its own name
+(``q_proj``, ``output.dense``); a name that is neither may be any dotted piece of the path
+(``self``). Every selected base tensor — weights, biases, norms — is trained in place; φ is
+the dense difference θ − θ₀ of each, keyed by the base tensor's name (see ``bitfit_inplace``).
 """
 
 from __future__ import annotations
@@ -11,16 +15,20 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from peftcli.errors import UsageError
 from peftcli.methods import bitfit_inplace as inplace
+from peftcli.methods.adapter import Family, find_family
 from peftcli.methods.base import Attached, BudgetRow
 from peftcli.options import option
-from peftcli.targets import layer_index, parse_layers
+from peftcli.targets import CONV1D_MODEL_TYPES, layer_index, model_type_of, names_hint, parse_layers, split_layer
 
 if TYPE_CHECKING:
     import torch
+
+FFN_ALIASES = ("mlp", "ffn")
+ATTENTION_ALIASES = ("attention", "attn")
 
 
 @dataclass
@@ -29,8 +37,9 @@ class LayersConfig:
     modules: str | None = option(
         None,
         metavar="NAMES",
-        help="only these parts of those layers, comma-separated (mlp, self_attn, attention, q_proj...); "
-        "default: every tensor of the layers",
+        help="only these parts of those layers, comma-separated: mlp (or ffn) and attention (or attn), "
+        "resolved per architecture (BERT's mlp is intermediate + output), or module names such as "
+        "q_proj, self_attn, attention.output; default: every tensor of the layers",
     )
 
     def __post_init__(self) -> None:
@@ -38,7 +47,7 @@ class LayersConfig:
             raise UsageError("the layers method needs --layers", "e.g. --layers 28-29 to train the last two of 30 layers")
         parse_layers(self.layers)
         if self.modules is not None and not self.module_names:
-            raise UsageError(f"invalid --modules {self.modules!r}", "give comma-separated names such as mlp,self_attn")
+            raise UsageError(f"invalid --modules {self.modules!r}", "give comma-separated names such as mlp,attention")
 
     @property
     def module_names(self) -> list[str] | None:
@@ -51,27 +60,78 @@ class LayersConfig:
 _GPT2_BUFFERS = re.compile(r"\.attn\.(masked_)?bias$")
 
 
-def _in_part(name: str, part: str) -> bool:
-    """Whether ``part`` (e.g. ``mlp`` or ``attention.output``) is a dotted piece of the path ``name``."""
-    return f".{part}." in f".{name}."
+def _block_module(name: str) -> str | None:
+    """A tensor's module path from its block: 'model.layers.1.mlp.up_proj.weight' -> 'mlp.up_proj'."""
+    split = split_layer(name)
+    return split[1].rpartition(".")[0] if split is not None else None
 
 
-def _parts(names: list[str]) -> list[str]:
-    """The path pieces below the layer index, for the hint of an unmatched --modules."""
-    pieces = set()
-    for n in names:
-        parts = n.split(".")
-        index = next(i for i, p in enumerate(parts) if p.isdigit())
-        pieces.update(parts[index + 1 : -1])
-    return sorted(pieces)
+def _under(rel: str, module: str) -> bool:
+    return rel == module or rel.startswith(module + ".")
 
 
-def _selector(cfg: LayersConfig) -> Callable[[str], bool]:
+def _anchored(rel: str, name: str) -> bool:
+    """``name`` is a module of the block: its path from the block, or the path's last pieces."""
+    return _under(rel, name) or rel.endswith("." + name)
+
+
+def _piece(rel: str, name: str) -> bool:
+    return f".{name}." in f".{rel}."
+
+
+def _alias_modules(name: str, family: Family | None) -> tuple[str, ...] | None:
+    if family is None:
+        return None
+    if name in FFN_ALIASES:
+        return family.ffn_modules
+    if name in ATTENTION_ALIASES:
+        return family.attention_modules
+    return None
+
+
+def _matcher(names: list[str], model_type: str | None, tensors: Iterable[str]) -> Callable[[str], set[str]]:
+    """For the tensor names of the chosen layers, a function: tensor name -> the --modules names it falls under.
+
+    The rule of each name is fixed once from ``tensors`` (so inject and attach agree): an
+    alias of the family, else anchored at the block or at the module, else any dotted piece.
+    """
+    tensors = list(tensors)
+    rels = {r for r in map(_block_module, tensors) if r is not None}
+    family = find_family(model_type, [t.rpartition(".")[0] for t in tensors])
+    rules: dict[str, Callable[[str], bool]] = {}
+    for name in names:
+        modules = _alias_modules(name, family)
+        if modules is not None:
+            rules[name] = lambda rel, modules=modules: any(_under(rel, m) for m in modules)
+        elif any(_anchored(rel, name) for rel in rels):
+            rules[name] = lambda rel, name=name: _anchored(rel, name)
+        else:
+            rules[name] = lambda rel, name=name: _piece(rel, name)
+
+    def matches(tensor: str) -> set[str]:
+        rel = _block_module(tensor)
+        return set() if rel is None else {n for n, rule in rules.items() if rule(rel)}
+
+    return matches
+
+
+def _hint(chosen: list[str], model_type: str | None) -> str:
+    family = find_family(model_type, [t.rpartition(".")[0] for t in chosen])
+    aliases = ""
+    if family is not None:
+        aliases = (
+            f"mlp/ffn ({', '.join(family.ffn_modules)}), attention/attn ({', '.join(family.attention_modules)}), or "
+        )
+    return "parts of those layers: " + aliases + names_hint(t.rpartition(".")[0] for t in chosen)
+
+
+def _selector(cfg: LayersConfig, model_type: str | None, names: list[str]) -> Callable[[str], bool]:
     layer_set = parse_layers(cfg.layers)
     parts = cfg.module_names
+    matches = _matcher(parts or [], model_type, [n for n in names if layer_index(n) in layer_set])
 
     def selected(name: str) -> bool:
-        return layer_index(name) in layer_set and (parts is None or any(_in_part(name, p) for p in parts))
+        return layer_index(name) in layer_set and (parts is None or bool(matches(name)))
 
     return selected
 
@@ -90,18 +150,21 @@ class Layers:
 
     def _selected(self, shapes: dict[str, tuple[int, ...]], model_config: dict | None, cfg: LayersConfig) -> list[str]:
         names = list(shapes)
-        if (model_config or {}).get("model_type") == "gpt2":
+        model_type = model_type_of(model_config)
+        if model_type in CONV1D_MODEL_TYPES:
             names = [n for n in names if not _GPT2_BUFFERS.search(n)]
         chosen = inplace.in_layers(names, names, cfg.layers)
         parts = cfg.module_names
         if parts is not None:
-            missing = [p for p in parts if not any(_in_part(n, p) for n in chosen)]
+            matches = _matcher(parts, model_type, chosen)
+            hits = {n: matches(n) for n in chosen}
+            found = set().union(*hits.values())
+            missing = [p for p in parts if p not in found]
             if missing:
                 raise UsageError(
-                    f"--modules {', '.join(missing)} matches no tensor of --layers {cfg.layers}",
-                    "parts of those layers: " + ", ".join(_parts(chosen)),
+                    f"--modules {', '.join(missing)} matches no tensor of --layers {cfg.layers}", _hint(chosen, model_type)
                 )
-            chosen = [n for n in chosen if any(_in_part(n, p) for p in parts)]
+            chosen = [n for n in chosen if hits[n]]
         return chosen
 
     def budget(self, shapes: dict[str, tuple[int, ...]], model_config: dict | None, cfg: LayersConfig) -> list[BudgetRow]:
@@ -130,4 +193,5 @@ class Layers:
     # -- module level ---------------------------------------------------------------------
     def attach(self, model, cfg: LayersConfig, tensors: dict, model_config: dict) -> Attached:
         selection = f"--layers {cfg.layers} --modules {cfg.modules or 'all'}"
-        return inplace.attach_in_place(model, tensors, _selector(cfg), selection)
+        names = [n for n, _ in model.named_parameters()]
+        return inplace.attach_in_place(model, tensors, _selector(cfg, model_type_of(model_config), names), selection)

@@ -46,15 +46,17 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
-            raise UsageError(f"--rank must be positive, got {self.rank}")
+            raise UsageError(f"--rank must be positive, got {self.rank}", "e.g. --rank 8")
         if self.alpha is None:
             self.alpha = 2.0 * self.rank
         elif not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise UsageError(f"--alpha must be a positive number, got {self.alpha}")
+            raise UsageError(
+                f"--alpha must be a positive number, got {self.alpha}", "e.g. --alpha 16, or leave it out for 2×rank"
+            )
         if not 0.0 <= self.dropout < 1.0:
-            raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
+            raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}", "e.g. --dropout 0.05")
         if self.init not in INITS:
-            raise UsageError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
+            raise UsageError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}", "e.g. --init kaiming")
 
     @property
     def scaling(self) -> float:
@@ -79,12 +81,13 @@ class LoRA:
 
     def _targets(self, shapes, model_config, cfg):
         modules = resolve_targets(shapes, model_config, cfg.targets, cfg.layers)
-        for m in modules:
-            if cfg.rank > min(m.shape):
-                raise UsageError(
-                    f"--rank {cfg.rank} is larger than min(out, in) = {min(m.shape)} of {m.name}",
-                    "a rank above that adds parameters without adding expressiveness",
-                )
+        smallest = min(modules, key=lambda m: min(m.shape))  # resolve_targets never returns none
+        limit = min(smallest.shape)
+        if cfg.rank > limit:
+            raise UsageError(
+                f"--rank {cfg.rank} is larger than min(out, in) = {limit} of {smallest.name}",
+                f"use --rank {limit} or less: a larger rank adds parameters without adding expressiveness",
+            )
         return modules
 
     def budget(self, shapes: dict[str, tuple[int, ...]], model_config: dict | None, cfg: LoraConfig) -> list[BudgetRow]:
@@ -142,11 +145,17 @@ class LoRA:
     def config_from_adapter(self, d: dict) -> LoraConfig:
         for key in ("rank_pattern", "alpha_pattern"):
             if d.get(key):
-                raise BadInputError(f"adapter config uses {key}, which peftcli does not support yet")
+                raise BadInputError(
+                    f"adapter config uses {key}, which peftcli does not support yet",
+                    "save one adapter per rank and alpha, with empty rank_pattern and alpha_pattern",
+                )
         if d.get("bias", "none") != "none":
-            raise BadInputError(f"adapter config trains biases (bias={d['bias']!r}), which peftcli's LoRA does not support")
+            raise BadInputError(
+                f"adapter config trains biases (bias={d['bias']!r}), which peftcli's LoRA does not support",
+                "train the adapter with bias='none'",
+            )
         if "r" not in d:
-            raise BadInputError("LoRA adapter config has no rank 'r'")
+            raise BadInputError("LoRA adapter config has no rank 'r'", "add \"r\": <rank> to adapter_config.json")
         targets = d.get("target_modules")
         layers = d.get("layers_to_transform")
         return LoraConfig(
