@@ -186,6 +186,8 @@ def test_inspect_budget_cli(tiny_llama):
         (["--virtual-tokens", "-1"], "--virtual-tokens must be positive"),
         (["--virtual-tokens", "64"], "leaves no position for the input"),
         (["--projection", "0"], "--projection must be positive"),
+        (["--layers", "2"], "--layers names layer 2, which this model does not have (layers here: 0-1)"),
+        (["--layers", "1-0"], "invalid --layers range"),
     ],
 )
 def test_inject_errors_write_nothing(tiny_gpt2, tmp_path, args, message):
@@ -228,8 +230,9 @@ def test_forward_with_a_cache_is_refused(tiny_gpt2, tmp_path):
         ours(**batch(), cache=DynamicCache())
 
 
+@pytest.mark.parametrize("layers", [None, "1"])
 @pytest.mark.parametrize("arch", ["bert", "llama"])
-def test_classification_head_sees_the_prefix(arch, tiny_bert, tiny_llama, tmp_path):
+def test_classification_head_sees_the_prefix(arch, layers, tiny_bert, tiny_llama, tmp_path):
     """PEFT 0.21 refuses prefix tuning under a classification head on transformers 5; we pass the
     cache to the backbone (BERT's head forward takes none: through a hook). Reference: the same
     adapter on the bare backbone (PEFT-checked above), then the head by hand."""
@@ -237,7 +240,7 @@ def test_classification_head_sees_the_prefix(arch, tiny_bert, tiny_llama, tmp_pa
 
     path = {"bert": tiny_bert, "llama": tiny_llama}[arch]
     run = str(tmp_path / "run")
-    inject(path, "prefix", PrefixTuningConfig(virtual_tokens=4), run, seed=2)
+    inject(path, "prefix", PrefixTuningConfig(virtual_tokens=4, layers=layers), run, seed=2)
     torch.manual_seed(0)
     head_model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=3).eval()
     ours = attach_adapter(head_model, run)
@@ -253,3 +256,235 @@ def test_classification_head_sees_the_prefix(arch, tiny_bert, tiny_llama, tmp_pa
     assert torch.allclose(got, want, atol=1e-5)
     plain = _forward(head_model, inputs).logits  # outside the adapted forward the hook adds nothing
     assert not torch.allclose(plain, got, atol=1e-4)
+
+
+# -- --layers: a prefix in some layers only (peftcli's own layout) ------------------------------
+
+ATTENTION_CLASSES = ("LlamaAttention", "BertSelfAttention", "GPT2Attention")
+
+
+def _attention_by_layer(model) -> list:
+    """Each layer's attention module, in order, found by transformers' class names (not by peftcli)."""
+    return [m for _, m in model.named_modules() if type(m).__name__ in ATTENTION_CLASSES]
+
+
+def _record_attention(model, inputs) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer: (the hidden states its attention got, its attention output) in one forward."""
+    seen = {}
+    hooks = [
+        m.register_forward_hook(
+            lambda mod, args, kwargs, out, i=i: seen.__setitem__(i, (kwargs.get("hidden_states", args[0] if args else None), out[0])),
+            with_kwargs=True,
+        )
+        for i, m in enumerate(_attention_by_layer(model))
+    ]
+    try:
+        _forward(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _attention_on(model, layer: int, hidden: torch.Tensor, inputs) -> torch.Tensor:
+    """Layer ``layer``'s attention output in ``model``'s own forward of ``inputs`` when its
+    attention gets ``hidden`` instead of what the layers below it computed."""
+    module = _attention_by_layer(model)[layer]
+    got = []
+
+    def swap(mod, args, kwargs):
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": hidden}
+        return (hidden, *args[1:]), kwargs
+
+    hooks = (
+        module.register_forward_pre_hook(swap, with_kwargs=True),
+        module.register_forward_hook(lambda mod, args, kwargs, out: got.append(out[0]), with_kwargs=True),
+    )
+    try:
+        _forward(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return got[0]
+
+
+def _unpadded() -> dict:
+    inputs = batch()
+    return {**inputs, "attention_mask": torch.ones_like(inputs["attention_mask"])}
+
+
+def _load(path: str, eager: bool):
+    if not eager:
+        return load_base_model(path)
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("layers", ["0", "1"])
+@pytest.mark.parametrize("eager", [False, True], ids=["sdpa", "eager"])
+def test_layers_only_the_chosen_layers_attention_sees_the_prefix(base, layers, eager, tmp_path):
+    """Each layer's attention, fed the hidden states it got in the adapted forward: in a chosen
+    layer it equals the full-prefix (PEFT-layout) model's attention with the same keys and values
+    there; in the others it equals the base model's attention (no prefix), at the positions the
+    prefix shifts the input to (n…n+L−1, where the base is told so explicitly)."""
+    if eager and _config(base)["model_type"] == "bert":
+        pytest.skip("AutoModelForCausalLM is for the decoders")
+    n, chosen = 3, [int(layers)]
+    kv, num_layers = _kv_dim_and_layers(base)
+    ours_run, full_run = str(tmp_path / "ours"), str(tmp_path / "full")
+    inject(base, "prefix", PrefixTuningConfig(virtual_tokens=n, layers=layers), ours_run, seed=1)
+    inject(base, "prefix", PrefixTuningConfig(virtual_tokens=n), full_run, seed=2)
+    ours = attach_adapter(_load(base, eager), ours_run)
+    full = attach_adapter(_load(base, eager), full_run)
+    randomize_(ours.phi_parameters().values(), scale=1.0)
+    phi = ours.phi_parameters()["prompt_embeddings"].detach()
+    assert phi.shape == (n, len(chosen) * 2 * kv)
+    with torch.no_grad():  # the full prefix's columns for the chosen layer are ours
+        full.phi_parameters()["prompt_embeddings"][:, chosen[0] * 2 * kv : (chosen[0] + 1) * 2 * kv] = phi
+    plain = _load(base, eager)
+    for inputs in (batch(), _unpadded()):  # with padding, and without (BERT's mask may be None then)
+        length = inputs["input_ids"].shape[1]
+        shifted = {**inputs, "position_ids": torch.arange(n, n + length).expand(inputs["input_ids"].shape[0], -1)}
+        seen = _record_attention(ours, inputs)
+        assert sorted(seen) == list(range(num_layers))
+        for layer, (hidden, out) in seen.items():
+            base_attention = _attention_on(plain, layer, hidden, shifted)
+            if layer in chosen:
+                assert torch.allclose(out, _attention_on(full, layer, hidden, inputs), atol=1e-5)
+                assert not torch.allclose(out, base_attention, atol=1e-3)
+            else:
+                assert torch.allclose(out, base_attention, atol=1e-5)
+        # Outside the adapted forward the hooks on the other layers change nothing.
+        assert torch.allclose(output_tensor(_forward(ours.model, inputs)), output_tensor(_forward(plain, inputs)), atol=1e-6)
+
+
+def test_layers_covering_every_layer_is_the_peft_layout_prefix(base, tmp_path):
+    """Same seed, same tensor; attached, the --layers route (cache subclass, hooks) gives the
+    outputs of PEFT's route, which the parity tests above check against PEFT itself."""
+    from safetensors.torch import load_file
+
+    _, num_layers = _kv_dim_and_layers(base)
+    peft_run, ours_run = str(tmp_path / "peft"), str(tmp_path / "ours")
+    inject(base, "prefix", PrefixTuningConfig(virtual_tokens=4), peft_run, seed=5)
+    inject(base, "prefix", PrefixTuningConfig(virtual_tokens=4, layers=f"0-{num_layers - 1}"), ours_run, seed=5)
+    key = "prompt_embeddings"
+    assert torch.equal(load_file(f"{peft_run}/adapter_model.safetensors")[key], load_file(f"{ours_run}/adapter_model.safetensors")[key])
+    assert json.load(open(f"{ours_run}/adapter_config.json"))["peft_type"] == "PEFTCLI"
+    theirs, ours = load_adapted(base, peft_run), load_adapted(base, ours_run)
+    randomize_(theirs.phi_parameters().values(), scale=0.5)
+    with torch.no_grad():
+        ours.phi_parameters()[key].copy_(theirs.phi_parameters()[key])
+    for inputs in (batch(), _unpadded()):
+        assert torch.allclose(output_tensor(_forward(ours, inputs)), output_tensor(_forward(theirs, inputs)), atol=1e-6)
+
+
+@pytest.mark.parametrize("projection", [None, 8])
+def test_layers_contract(base, projection, tmp_path):
+    """inject --layers 1 → attach → counts equal the formula → one optimizer step changes only φ
+    → save and reload reproduce the trained outputs; the config is peftcli's own."""
+    kv, num_layers = _kv_dim_and_layers(base)
+    n, run = 5, str(tmp_path / "run")
+    budget = inject(base, "prefix", PrefixTuningConfig(virtual_tokens=n, projection=projection, layers="1"), run)
+    width = 1 * 2 * kv  # one layer's key and value
+    formula = n * width if projection is None else n * kv + (kv * 8 + 8) + (8 * width + width)
+    adapted = load_adapted(base, run)
+    trainable = {k: p for k, p in adapted.named_parameters() if p.requires_grad}
+    assert sum(p.numel() for p in trainable.values()) == budget.trainable == adapted.num_trainable == formula
+    config = json.load(open(os.path.join(run, "adapter_config.json")))
+    assert config["peft_type"] == "PEFTCLI"
+    assert config["peftcli"] == {"method": "prefix", "virtual_tokens": n, "projection": projection, "layers": "1"}
+
+    inputs = batch()
+    before = {k: t.detach().clone() for k, t in adapted.state_dict().items()}
+    adapted.train()
+    opt = torch.optim.Adam(trainable.values(), lr=1e-2)
+    output_tensor(adapted(**inputs)).float().pow(2).mean().backward()
+    opt.step()
+    adapted.eval()
+    after = adapted.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= set(trainable), sorted(changed - set(trainable))[:3]
+    if projection is None:
+        assert changed == set(trainable)
+    trained = output_tensor(_forward(adapted, inputs))
+    adapted.save(str(tmp_path / "trained"))
+    again = load_adapted(base, str(tmp_path / "trained"))
+    assert again.num_trainable == formula
+    assert torch.allclose(output_tensor(_forward(again, inputs)), trained, atol=1e-6)
+
+
+def test_layers_budget_and_inject_report_the_same(tiny_llama, tmp_path):
+    kv, layers = _kv_dim_and_layers(tiny_llama)
+    args = ["--budget", "prefix", "--virtual-tokens", "6", "--layers", "1"]
+    shown = CliRunner().invoke(cli, ["inspect", tiny_llama, *args, "--json"])
+    assert shown.exit_code == 0, shown.stderr
+    out = str(tmp_path / "run")
+    made = CliRunner().invoke(cli, ["inject", "prefix", "--virtual-tokens", "6", "--layers", "1", tiny_llama, "-o", out, "--json"])
+    assert made.exit_code == 0, made.stderr
+    budget, injected = json.loads(shown.stdout)["budget"], json.loads(made.stdout)["budget"]
+    assert budget["trainable_params"] == injected["trainable_params"] == 6 * 2 * kv
+    assert [t["module"] for t in budget["targets"]] == [t["module"] for t in injected["targets"]] == ["model.layers.1.self_attn"]
+
+
+@pytest.mark.parametrize("layers", [None, "1"])
+def test_merge_refuses_and_check_accepts_prefix_adapters_alike(tiny_gpt2, tmp_path, layers):
+    run = str(tmp_path / "run")
+    inject(tiny_gpt2, "prefix", PrefixTuningConfig(virtual_tokens=2, layers=layers), run)
+    out = str(tmp_path / "merged")
+    merged = CliRunner().invoke(cli, ["merge", tiny_gpt2, run, "-o", out])
+    assert merged.exit_code == 2 and not os.path.exists(out)
+    assert merged.stderr.strip().splitlines() == [
+        f"error: {run}: prefix adds computation (new modules or inputs) that no weight change reproduces "
+        "(only LoRA, DoRA, IA³, BitFit and layers adapters fold into the weights)"
+    ]
+    checked = CliRunner().invoke(cli, ["check", tiny_gpt2, run])
+    assert checked.exit_code == 0, checked.output
+    assert f"{run}: ok (adapter: prefix, 1 tensor)" in checked.stdout
+    assert f"merge would refuse: {run}: prefix adds computation that no weight change reproduces" in checked.output
+
+
+def test_layers_adapter_that_does_not_fit_is_refused(tiny_llama, tmp_path):
+    run = str(tmp_path / "run")
+    inject(tiny_llama, "prefix", PrefixTuningConfig(virtual_tokens=3, layers="1"), run)
+    cfg_path = os.path.join(run, "adapter_config.json")
+    cfg = json.load(open(cfg_path))
+    json.dump({**cfg, "peftcli": {**cfg["peftcli"], "layers": "0-1"}}, open(cfg_path, "w"))
+    with pytest.raises(BadInputError, match=r"prompt_embeddings is \[3, 64\], not \[3, 128\] \(3 virtual tokens × 2 layers"):
+        attach_adapter(load_base_model(tiny_llama), run)
+    json.dump({**cfg, "peftcli": {**cfg["peftcli"], "layers": "7"}}, open(cfg_path, "w"))
+    with pytest.raises(BadInputError, match="names layer 7, which this model does not have"):
+        attach_adapter(load_base_model(tiny_llama), run)
+    checked = CliRunner().invoke(cli, ["check", tiny_llama, run])
+    assert checked.exit_code == 1 and "does not have" in checked.stdout
+
+
+def test_layers_refuses_a_model_whose_attention_it_cannot_find(tiny_llama, tmp_path):
+    run = str(tmp_path / "run")
+    inject(tiny_llama, "prefix", PrefixTuningConfig(virtual_tokens=3, layers="1"), run)
+    model = load_base_model(tiny_llama)
+    del model.model.layers[0].self_attn.layer_idx
+    with pytest.raises(BadInputError, match="no attention module with layer_idx 0"):
+        attach_adapter(model, run)
+    assert not hasattr(model, "peftcli_prefix")  # nothing attached
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_encoder_decoder_models_are_refused(tiny_bert, tmp_path, method):
+    """T5/BART-like configs (is_encoder_decoder) would need virtual tokens on both sides: refused, for both methods."""
+    import shutil
+
+    base = tmp_path / "seq2seq"
+    shutil.copytree(tiny_bert, base)
+    config = json.load(open(base / "config.json"))
+    json.dump({**config, "is_encoder_decoder": True}, open(base / "config.json", "w"))
+    out = str(tmp_path / "out")
+    for command in (["inject", method, str(base), "-o", out], ["inspect", str(base), "--budget", method]):
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip().splitlines() == [
+            "error: prompt learning on encoder-decoder models is not supported yet "
+            "(it needs virtual tokens for both the encoder and the decoder)"
+        ]
+    assert not os.path.exists(out)

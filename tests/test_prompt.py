@@ -206,6 +206,7 @@ def test_inspect_budget_cli(tiny_bert):
         (["--init", "zeros"], "--init must be one of"),
         (["--init", "text"], "--init text needs --init-text"),
         (["--init", "vocab", "--init-text", "w1"], "--init-text only applies with --init text"),
+        (["--layers", "1"], "--layers does not apply to prompt tuning: its soft tokens enter at the input embeddings"),
     ],
 )
 def test_inject_errors_write_nothing(tiny_bert, tmp_path, args, message):
@@ -275,3 +276,113 @@ def test_classification_head_matches_peft_seq_cls(arch, tiny_bert, tiny_gpt2, tm
     got, want = _forward(ours, inputs), _forward(theirs, inputs)
     assert got.logits.shape == (2, 3)
     assert torch.allclose(got.logits, want.logits, atol=1e-5) and torch.allclose(got.loss, want.loss, atol=1e-6)
+
+
+def test_layers_is_a_usage_error_pointing_to_prefix_tuning(tiny_llama, tmp_path):
+    for command in (["inject", "prompt", "--layers", "0-1", tiny_llama, "-o", str(tmp_path / "out")],
+                    ["inspect", tiny_llama, "--budget", "prompt", "--layers", "0-1"]):
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+        assert "use prefix tuning: peftcli inject prefix --layers 0-1" in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+# -- initialisation reads only the rows it takes -------------------------------------------------
+
+VOCAB, HIDDEN = 8192, 512  # a bf16 embedding of 8 MiB; a row is 1 KiB
+
+
+def _rchar() -> int:
+    """Bytes this process has read through any system call (the kernel's count: nothing hides from it)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar"))
+
+
+@pytest.fixture(scope="module")
+def wide_embedding(tiny_llama, tmp_path_factory):
+    """A Llama-shaped checkpoint whose embedding is large next to the rows a prompt takes."""
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("wide")
+    config = json.load(open(os.path.join(tiny_llama, "config.json")))
+    config.update(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=8,
+                  num_key_value_heads=8, head_dim=None)
+    json.dump(config, open(path / "config.json", "w"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tiny_llama, name), path / name)
+    g = torch.Generator().manual_seed(0)
+    save_file({
+        "model.embed_tokens.weight": torch.randn(VOCAB, HIDDEN, generator=g).to(torch.bfloat16),
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(HIDDEN, HIDDEN, generator=g),
+    }, str(path / "model.safetensors"))
+    return str(path)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux's /proc/self/io")
+@pytest.mark.parametrize("init", ["vocab", "text"])
+def test_init_reads_only_the_rows_it_takes(wide_embedding, init, tmp_path):
+    from transformers import AutoTokenizer
+
+    from peftcli.checkpoint.reader import open_checkpoint
+    from peftcli.methods.prompt import PromptTuning
+
+    n, row = 20, HIDDEN * 2
+    cfg = PromptTuningConfig(virtual_tokens=n, init=init, init_text="w1 w2 w3 w1 w9" if init == "text" else None)
+    tokenizer_files = sum(os.path.getsize(os.path.join(wide_embedding, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+
+    def init_prompt() -> tuple[torch.Tensor, int]:
+        with open_checkpoint(wide_embedding) as ckpt:
+            before = _rchar()
+            prompt = PromptTuning().init(ckpt, cfg, torch.Generator().manual_seed(4))["prompt_embeddings"]
+            return prompt, _rchar() - before
+
+    init_prompt()  # warm-up: what the first call imports (the tokenizer library) is read once
+    prompt, read = init_prompt()
+
+    # The reference, the old way: the whole embedding read, then indexed.
+    if init == "vocab":
+        ids = torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(4)).tolist()
+    else:
+        ids = AutoTokenizer.from_pretrained(wide_embedding)("w1 w2 w3 w1 w9")["input_ids"]
+        ids = (ids * n)[:n]
+    with open_checkpoint(wide_embedding) as ckpt:
+        full = ckpt.get("model.embed_tokens.weight")
+    assert torch.equal(prompt, full[ids].to(torch.float32)) and prompt.dtype == torch.float32
+    rows = len(set(ids)) * row
+    overhead = 16 * 1024 + (3 * tokenizer_files if init == "text" else 0)  # config.json; the tokenizer's files
+    assert rows <= read <= rows + overhead, (read, rows)
+    assert read < VOCAB * row / 20  # the embedding itself is 8 MiB
+
+    # inject as a whole (warm now): headers, config, the rows; never the matrix.
+    before = _rchar()
+    inject(wide_embedding, "prompt", cfg, str(tmp_path / "run"), seed=4)
+    read = _rchar() - before
+    assert read <= rows + overhead + 64 * 1024, read
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(tmp_path / "run" / "adapter_model.safetensors"))["prompt_embeddings"], prompt)
+
+
+def test_embedding_rows_match_indexing_the_whole_tensor(wide_embedding):
+    """Runs of consecutive ids are read as one range; repeats, the first and the last row included."""
+    from peftcli.checkpoint.reader import open_checkpoint
+    from peftcli.methods.prompt import embedding_rows
+
+    ids = [5, 6, 7, 3, 5, VOCAB - 1, 0, 7, 6]
+    with open_checkpoint(wide_embedding) as ckpt:
+        got = embedding_rows(ckpt, "model.embed_tokens.weight", ids)
+        full = ckpt.get("model.embed_tokens.weight")
+    assert torch.equal(got, full[ids].float())
+
+
+def test_embedding_rows_from_a_pickle_checkpoint(tmp_path):
+    """A pickle is already in memory: the rows are indexed from it."""
+    from peftcli.checkpoint.reader import open_checkpoint
+    from peftcli.methods.prompt import embedding_rows
+
+    weight = torch.randn(50, 8, dtype=torch.float16)
+    path = str(tmp_path / "model.bin")
+    torch.save({"embed_tokens.weight": weight}, path)
+    with open_checkpoint(path, allow_pickle=True) as ckpt:
+        got = embedding_rows(ckpt, "embed_tokens.weight", [49, 0, 3, 3])
+    assert torch.equal(got, weight[[49, 0, 3, 3]].float())

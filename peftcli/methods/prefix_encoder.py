@@ -1,17 +1,26 @@
 """Module level for prefix tuning: the prefix (or the MLP that produces it) and the key/value
 cache built from it on every forward, laid out as PEFT's ``get_prompt`` lays it out.
 
-A prefix row holds, for one virtual token, every layer's key then value:
-``[layer 0 K | layer 0 V | layer 1 K | …]``, each ``kv_heads × head_dim`` wide.
+A prefix row holds, for one virtual token, every prefixed layer's key then value:
+``[layer 0 K | layer 0 V | layer 1 K | …]``, each ``kv_heads × head_dim`` wide — every layer
+(PEFT's layout), or with ``--layers`` only the chosen ones, in increasing order.
+
+With ``--layers`` the cache is a ``LayerSubsetCache``: every layer holds n cached positions,
+so the attention mask, the position ids and the cache length are those of a full prefix, but
+the other layers hold zeros that nobody sees: a forward pre-hook on their attention module
+drops the mask's first n columns and the cache hands them back only the input's own keys and
+values. Their attention is the base's, at the positions the prefix shifted the input to.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
 from torch import nn
 
+from peftcli.errors import BadInputError
 from peftcli.methods.prompt_learning import Dims
 
 MLP_KEYS = (
@@ -103,14 +112,106 @@ class CacheInjector:
         return args, {**kwargs, self.backbone_argument: self._pending.pop()}
 
 
-def build_cache(prefix: torch.Tensor, batch: int, dims: Dims, dtype: torch.dtype):
-    """A DynamicCache holding the prefix's keys and values: [batch, kv_heads, n, head_dim] per layer."""
+def build_cache(prefix: torch.Tensor, batch: int, dims: Dims, dtype: torch.dtype, layers: list[int] | None = None):
+    """A DynamicCache holding the prefix's keys and values: [batch, kv_heads, n, head_dim] per layer.
+
+    ``layers`` (sorted): the layers the prefix's columns belong to; None for every layer. Then
+    the cache is a ``LayerSubsetCache`` whose other layers hold n zero positions, hidden.
+    """
     from transformers import DynamicCache
 
     n = prefix.shape[0]
-    kv = prefix.to(dtype).view(n, dims.num_layers * 2, dims.kv_heads, dims.head_dim).permute(1, 2, 0, 3)
-    cache = DynamicCache()
+    chosen = list(range(dims.num_layers)) if layers is None else list(layers)
+    kv = prefix.to(dtype).view(n, len(chosen) * 2, dims.kv_heads, dims.head_dim).permute(1, 2, 0, 3)
+    slot = {layer: i for i, layer in enumerate(chosen)}
+    if layers is None:
+        cache = DynamicCache()
+    else:
+        cache = _subset_cache_class()(n, set(range(dims.num_layers)) - set(chosen))
+    zeros = None
     for layer in range(dims.num_layers):
-        keys, values = (kv[2 * layer + i].unsqueeze(0).expand(batch, -1, -1, -1) for i in (0, 1))
-        cache.update(keys, values, layer)
+        if layer in slot:
+            keys, values = (kv[2 * slot[layer] + i].unsqueeze(0).expand(batch, -1, -1, -1) for i in (0, 1))
+        else:
+            if zeros is None:
+                zeros = torch.zeros(1, dims.kv_heads, n, dims.head_dim, dtype=dtype, device=prefix.device).expand(batch, -1, -1, -1)
+            keys = values = zeros
+        DynamicCache.update(cache, keys, values, layer)
     return cache
+
+
+@functools.cache
+def _subset_cache_class():
+    """``LayerSubsetCache``, defined on first use so that importing this module does not import transformers."""
+    from transformers import DynamicCache
+
+    class LayerSubsetCache(DynamicCache):
+        """A prefix cache whose ``hidden`` layers hold n unseen positions (see the module docstring).
+
+        Their attention module's pre-hook (``hide_prefix``) drops the mask's first n columns and
+        marks the layer; ``update`` then returns only the keys and values after the n positions,
+        and refuses a hidden layer whose hook did not run (its mask would not fit).
+        """
+
+        def __init__(self, n: int, hidden: set[int]):
+            super().__init__()
+            self.prefix_length = n
+            self.hidden = frozenset(hidden)
+            self.masked: set[int] = set()
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+            if layer_idx not in self.hidden:
+                return keys, values
+            if layer_idx not in self.masked:
+                raise BadInputError(
+                    f"prefix tuning --layers: the attention of layer {layer_idx} was called without its "
+                    "attention_mask and cache as keyword arguments, so the prefix cannot be hidden from it",
+                    "this architecture supports prefix tuning only in every layer: inject without --layers",
+                )
+            n = self.prefix_length
+            return keys[..., n:, :], values[..., n:, :]
+
+    return LayerSubsetCache
+
+
+def attention_modules(model: nn.Module) -> tuple[dict[int, nn.Module], list[str]]:
+    """Each layer's attention module: the innermost module with that ``layer_idx`` (the index its
+    cache update uses) whose forward takes an ``attention_mask``; and the problems finding them."""
+    found: dict[int, tuple[str, nn.Module]] = {}
+    problems = []
+    for name, module in model.named_modules():
+        idx = getattr(module, "layer_idx", None)
+        if not isinstance(idx, int) or isinstance(idx, bool):
+            continue
+        try:
+            takes_mask = "attention_mask" in inspect.signature(module.forward).parameters
+        except (TypeError, ValueError):
+            takes_mask = False
+        if not takes_mask:
+            continue
+        if idx in found and not name.startswith(found[idx][0] + "."):
+            problems.append(f"layer {idx} has two attention modules ({found[idx][0]}, {name})")
+            continue
+        found[idx] = (name, module)  # named_modules lists parents first: the inner one wins
+    return {i: m for i, (_, m) in found.items()}, problems
+
+
+def hide_prefix(module: nn.Module, args, kwargs):
+    """Forward pre-hook of a layer without prefix: its mask loses the n prefix columns."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is None:
+        return None
+    cache = getattr(cache, "self_attention_cache", cache)  # an EncoderDecoderCache wraps ours
+    if not isinstance(cache, _subset_cache_class()) or module.layer_idx not in cache.hidden:
+        return None  # not an adapted forward, or a layer with a prefix
+    cache.masked.add(module.layer_idx)
+    mask = kwargs.get("attention_mask")
+    if mask is None:  # attend to every key: after update, the input's own
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise BadInputError(
+            f"prefix tuning --layers: the attention mask is a {type(mask).__name__}, which peftcli cannot cut",
+            "load the model with attn_implementation='sdpa' or 'eager'",
+        )
+    return args, {**kwargs, "attention_mask": mask[..., cache.prefix_length :]}

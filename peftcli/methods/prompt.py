@@ -12,7 +12,13 @@ draws from the 5,000 most common tokens); ``random`` N(0, 1) like ``nn.Embedding
 default). Ours defaults to ``text`` when a text is given and to ``vocab`` otherwise: in the
 paper's ablation (§3.2, Fig. 3b) random initialisation trails sampled-vocabulary and
 class-label initialisation at every model size but the largest, since those start where the
-model's real token embeddings are.
+model's real token embeddings are. Both read only the rows they take from the checkpoint
+(``embedding_rows``), not the whole embedding matrix (262 MB on Llama-7B for 20 rows).
+
+There is no ``--layers``: the soft tokens enter once, at the input embeddings, and pass
+through every layer. ``--layers`` is accepted only to say so (a usage error pointing to
+``peftcli inject prefix --layers``, whose learned keys and values sit in the chosen layers).
+Encoder-decoder models are refused (see ``prompt_learning.task_type``).
 """
 
 from __future__ import annotations
@@ -53,18 +59,32 @@ class PromptTuningConfig:
     init_text: str | None = option(
         None, metavar="TEXT", help="text whose token embeddings start the prompt, repeated or cut to --virtual-tokens"
     )
+    layers: str | None = option(
+        None,
+        metavar="RANGES",
+        help="not for prompt tuning, whose tokens enter at the input only (an error saying so); "
+        "use inject prefix --layers for prompts in some layers",
+    )
 
     def __post_init__(self) -> None:
+        if self.layers is not None:
+            raise UsageError(
+                "--layers does not apply to prompt tuning: its soft tokens enter at the input embeddings, before every layer",
+                f"for learned prompts in some layers only, use prefix tuning: peftcli inject prefix --layers {self.layers} ...",
+            )
         if self.virtual_tokens <= 0:
-            raise UsageError(f"--virtual-tokens must be positive, got {self.virtual_tokens}")
+            raise UsageError(f"--virtual-tokens must be positive, got {self.virtual_tokens}", "e.g. --virtual-tokens 20")
         if self.init is None:
             self.init = "text" if self.init_text is not None else "vocab"
         if self.init not in INITS:
-            raise UsageError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
+            raise UsageError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}", "e.g. --init vocab")
         if self.init == "text" and not self.init_text:
             raise UsageError("--init text needs --init-text", 'e.g. --init-text "Classify the sentiment:"')
         if self.init != "text" and self.init_text is not None:
-            raise UsageError(f"--init-text only applies with --init text, not --init {self.init}")
+            raise UsageError(
+                f"--init-text only applies with --init text, not --init {self.init}",
+                "drop --init-text, or pass --init text",
+            )
 
 
 class PromptTuning:
@@ -94,10 +114,10 @@ class PromptTuning:
         if cfg.init == "random":
             return {KEY: torch.randn(n, dim, generator=generator)}
         if cfg.init == "vocab":
-            ids = torch.randint(0, vocab, (n,), generator=generator)
+            ids = torch.randint(0, vocab, (n,), generator=generator).tolist()
         else:
-            ids = torch.tensor(text_token_ids(ckpt, cfg.init_text, n, vocab))
-        return {KEY: ckpt.get(module + ".weight")[ids].to(torch.float32)}
+            ids = text_token_ids(ckpt, cfg.init_text, n, vocab)
+        return {KEY: embedding_rows(ckpt, module + ".weight", ids)}
 
     def adapter_config(self, ckpt, cfg: PromptTuningConfig) -> dict:
         shapes = {t.name: t.shape for t in ckpt.tensors.values()}
@@ -120,10 +140,16 @@ class PromptTuning:
         pl.check_adapter_fields(d, "prompt tuning")
         init = {v: k for k, v in _PEFT_INIT.items()}.get(str(d.get("prompt_tuning_init") or "RANDOM"))
         if init is None:
-            raise BadInputError(f"prompt tuning adapter config has unknown prompt_tuning_init {d['prompt_tuning_init']!r}")
+            raise BadInputError(
+                f"prompt tuning adapter config has unknown prompt_tuning_init {d['prompt_tuning_init']!r}",
+                "use one of " + ", ".join(_PEFT_INIT.values()),
+            )
         text = d.get("prompt_tuning_init_text")
         if init == "text" and not text:
-            raise BadInputError("prompt tuning adapter config has prompt_tuning_init TEXT but no prompt_tuning_init_text")
+            raise BadInputError(
+                "prompt tuning adapter config has prompt_tuning_init TEXT but no prompt_tuning_init_text",
+                "set prompt_tuning_init_text, or prompt_tuning_init to RANDOM",
+            )
         return PromptTuningConfig(
             virtual_tokens=int(d["num_virtual_tokens"]),
             init=init,
@@ -162,8 +188,47 @@ def text_token_ids(ckpt, text: str, n: int, vocab: int) -> list[int]:
     if not ids:
         raise UsageError(f"--init-text {text!r} tokenizes to nothing", "give a text with at least one token")
     if max(ids) >= vocab:
-        raise BadInputError(f"the tokenizer gives id {max(ids)}, beyond the {vocab} rows of the input embedding")
+        raise BadInputError(
+            f"the tokenizer gives id {max(ids)}, beyond the {vocab} rows of the input embedding",
+            "is the tokenizer beside config.json this model's? Otherwise use --init vocab",
+        )
     return (ids * math.ceil(n / len(ids)))[:n]
+
+
+def embedding_rows(ckpt, name: str, ids: list[int]) -> "torch.Tensor":
+    """Rows ``ids`` of the [vocab, dim] tensor ``name`` as fp32, reading only those rows' bytes.
+
+    A row of a safetensors tensor is one contiguous byte range, so each run of consecutive ids
+    is one ``read_range``: 20 sampled rows of a 32000 × 4096 bf16 embedding read 160 kB, not
+    262 MB. Pickles (already in memory) and sub-byte dtypes take the whole tensor.
+    """
+    import torch
+
+    from peftcli.checkpoint.dtypes import torch_dtype
+    from peftcli.checkpoint.safetensors_format import DTYPES
+
+    info = ckpt.tensors[name]
+    dim = info.shape[1]
+    bits = DTYPES.get(info.dtype, (0,))[0]
+    if info.begin is None or not bits or (bits * dim) % 8:
+        return ckpt.get(name)[torch.tensor(ids, dtype=torch.long)].to(torch.float32)
+    try:
+        dtype = torch_dtype(info.dtype)
+    except BadInputError:  # get() says which tensor and dtype
+        return ckpt.get(name)[torch.tensor(ids, dtype=torch.long)].to(torch.float32)
+    row_bytes = bits * dim // 8
+    wanted = sorted(set(ids))
+    rows: dict[int, torch.Tensor] = {}
+    start = 0
+    while start < len(wanted):
+        end = start
+        while end + 1 < len(wanted) and wanted[end + 1] == wanted[end] + 1:
+            end += 1
+        first, count = wanted[start], end - start + 1
+        block = ckpt.read_range(name, first * row_bytes, (first + count) * row_bytes).view(dtype).view(count, dim)
+        rows.update((first + i, block[i]) for i in range(count))
+        start = end + 1
+    return torch.stack([rows[i] for i in ids]).to(torch.float32)
 
 
 def _tokenizer(ckpt):

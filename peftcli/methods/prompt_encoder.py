@@ -44,7 +44,9 @@ def batch_size(kwargs: dict[str, Any], method: str) -> int:
             )
     ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
     if (ids is None) == (embeds is None):
-        raise UsageError(f"{method}: pass exactly one of input_ids and inputs_embeds")
+        raise UsageError(
+            f"{method}: pass exactly one of input_ids and inputs_embeds", "e.g. model(input_ids=ids, attention_mask=mask)"
+        )
     return (ids if ids is not None else embeds).shape[0]
 
 

@@ -68,7 +68,12 @@ def is_causal_lm(class_name: str) -> bool:
 
 
 def task_type(config: dict | None) -> str:
-    """PEFT's task type for this base: CAUSAL_LM for causal LMs, FEATURE_EXTRACTION otherwise."""
+    """PEFT's task type for this base: CAUSAL_LM for causal LMs, FEATURE_EXTRACTION otherwise.
+
+    Encoder-decoder models (``is_encoder_decoder``: T5, BART, ...) are refused here, for prompt
+    and prefix tuning alike, before any work: PEFT gives them virtual tokens on both sides
+    (``num_transformer_submodules`` = 2), which peftcli's forwards do not reproduce.
+    """
     config = config or {}
     if config.get("is_encoder_decoder"):
         raise UsageError(
@@ -100,7 +105,10 @@ def input_embedding(shapes: dict[str, tuple[int, ...]], config: dict | None) -> 
         if (vocab is None or shape[0] == vocab) and _EMBEDDING_NAME.search(module.rsplit(".", 1)[-1]):
             candidates.append((module, (int(shape[0]), int(shape[1]))))
     if not candidates:
-        raise BadInputError("cannot find the input embedding (a [vocab, hidden] embedding weight) in this checkpoint")
+        raise BadInputError(
+            "cannot find the input embedding (a [vocab, hidden] embedding weight) in this checkpoint",
+            "peftcli inspect MODEL --tensors lists its tensors; is vocab_size in config.json right?",
+        )
     # Position embeddings (wpe, position_embeddings) have as many rows as positions, not words.
     words = [c for c in candidates if "pos" not in c[0].rsplit(".", 1)[-1]]
     return (words or candidates)[0]
@@ -126,7 +134,7 @@ def prompt_learning_fields(ckpt_path: str, task: str, n: int, token_dim: int, he
 def check_adapter_fields(d: dict, method: str) -> None:
     """Reject what an adapter config may say that we cannot reproduce."""
     if d.get("num_virtual_tokens") is None:
-        raise BadInputError(f"{method} adapter config has no num_virtual_tokens")
+        raise BadInputError(f"{method} adapter config has no num_virtual_tokens", "PEFT writes it: set it to the prompt's length")
     if d.get("num_transformer_submodules") not in (None, 1):
         raise BadInputError(
             f"{method} adapter config has num_transformer_submodules={d['num_transformer_submodules']}",
