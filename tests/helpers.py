@@ -11,7 +11,8 @@ def batch(seed: int = 0, size: int = 2, length: int = 7, vocab: int = 256) -> di
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, vocab, (size, length), generator=g)
     mask = torch.ones_like(ids)
-    mask[1, :2] = 0 if size > 1 else 1  # some left padding, so masks matter
+    if size > 1:
+        mask[1, :2] = 0  # some left padding, so masks matter
     return {"input_ids": ids, "attention_mask": mask}
 
 
