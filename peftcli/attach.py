@@ -9,7 +9,6 @@ that every tensor of the adapter found its place.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from typing import Any
 
@@ -39,8 +38,9 @@ def load_base_model(
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise BadInputError(f"{path}: no config.json, so no model can be built from it", "pass a Hugging Face model directory")
-    with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
+    from peftcli.checkpoint.reader import load_json
+
+    config = load_json(config_path, "config")  # one line, not a traceback, for a broken config.json
     name = model_class or next(iter(config.get("architectures") or []), None)
     cls = getattr(transformers, name, None) if name else None
     if cls is None or not hasattr(cls, "from_pretrained"):
@@ -49,7 +49,10 @@ def load_base_model(
         with _quiet_transformers():
             model, info = cls.from_pretrained(path, dtype=dtype, local_files_only=True, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
-        raise BadInputError(f"{path}: transformers cannot build this model ({str(exc).splitlines()[0]})") from None
+        raise BadInputError(
+            f"{path}: transformers cannot build this model: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}",
+            "check that config.json's model_type and architectures match the weights",
+        ) from None
     model.eval()
     return (model, info) if with_info else model
 
@@ -203,7 +206,10 @@ def _load_heads(model: nn.Module, adapter: Adapter) -> dict[str, nn.Parameter]:
                     p.copy_(t)
                 heads[key] = p
     if problems:
-        raise BadInputError(f"{adapter.path}: saved modules do not fit the model: " + "; ".join(problems[:5]))
+        raise BadInputError(
+            f"{adapter.path}: saved modules do not fit the model: " + "; ".join(problems[:5]),
+            "pass the base model the adapter was trained on (with the same number of labels)",
+        )
     return heads
 
 

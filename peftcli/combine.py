@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 from peftcli import __version__
-from peftcli.artifacts.sparse_diff import VAL, VALUES, DiffEntry, DiffMetadata, SparseDiff, StoredTensor, read_diff, stored_summary, write_diff
+from peftcli.artifacts.sparse_diff import VAL, VALUES, VALUES_HINT, DiffEntry, DiffMetadata, SparseDiff, StoredTensor, read_diff, stored_summary, write_diff
 from peftcli.checkpoint.atomic import check_output_path
 from peftcli.checkpoint.fingerprint import Fingerprint, file_hashes
 from peftcli.errors import BadInputError, UsageError
@@ -70,7 +70,7 @@ def parse_weights(text: str) -> list[float]:
 def coefficients(op: str, n: int, by: float | None = None, weights: Sequence[float] | None = None) -> list[float]:
     """The cᵢ of Σ cᵢ·φᵢ for ``op`` on ``n`` inputs, after checking the options fit the operation."""
     if op not in OPS:
-        raise UsageError(f"--op must be one of {', '.join(OPS)}, got {op!r}")
+        raise UsageError(f"--op must be one of {', '.join(OPS)}, got {op!r}", "add sums the diffs, subtract takes a − b, scale multiplies one")
     if op != "scale" and by is not None:
         raise UsageError("--by only applies to --op scale", "use --weights with --op add")
     if op != "add" and weights is not None:
@@ -83,7 +83,7 @@ def coefficients(op: str, n: int, by: float | None = None, weights: Sequence[flo
         coeffs = [float(by)]
     elif op == "subtract":
         if n != 2:
-            raise UsageError(f"--op subtract takes two inputs (a − b), got {n}")
+            raise UsageError(f"--op subtract takes two inputs (a − b), got {n}", "pass exactly two diffs, or use --op add --weights for more")
         coeffs = [1.0, -1.0]
     else:
         if n < 2:
@@ -93,7 +93,10 @@ def coefficients(op: str, n: int, by: float | None = None, weights: Sequence[flo
         coeffs = [float(w) for w in weights] if weights is not None else [1.0] * n
     bad = [c for c in coeffs if not math.isfinite(c)]
     if bad:
-        raise UsageError(f"{'--by' if op == 'scale' else '--weights'} must be finite numbers, got {bad[0]}")
+        raise UsageError(
+            f"{'--by' if op == 'scale' else '--weights'} must be finite numbers, got {bad[0]}",
+            "e.g. --by -1" if op == "scale" else "e.g. --weights 1.0,0.5",
+        )
     return coeffs
 
 
@@ -147,7 +150,7 @@ def combine(
     inputs = list(inputs)
     coeffs = coefficients(op, len(inputs), by, weights)
     if values is not None and values not in VALUES:
-        raise UsageError(f"--values must be one of {', '.join(VALUES)}, got {values!r}")
+        raise UsageError(f"--values must be one of {', '.join(VALUES)}, got {values!r}", VALUES_HINT)
     if not out.endswith(".diff"):
         raise UsageError(f"output {out} must be a .diff file", "name it e.g. combined.diff")
     check_output_path(out, inputs, force)  # fail before any work

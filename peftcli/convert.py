@@ -98,7 +98,7 @@ def diff_to_lora(diff_path: str, out: str, rank: int, *, base: str | None = None
     from peftcli.targets import is_output_head, linear_modules
 
     if rank <= 0:
-        raise UsageError(f"--rank must be positive, got {rank}")
+        raise UsageError(f"--rank must be positive, got {rank}", "e.g. --rank 16")
     with read_diff(diff_path) as diff:
         recorded = (diff.provenance or {}).get("inputs", {}).get("base") if isinstance(diff.provenance, dict) else None
         base = _base_of(diff_path, base, recorded)

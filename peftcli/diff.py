@@ -42,7 +42,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import TYPE_CHECKING, Callable
 
 from peftcli import __version__
-from peftcli.artifacts.sparse_diff import FLOAT_DTYPES, VALUES, DiffEntry, DiffMetadata, StoredTensor, stored_summary, write_diff
+from peftcli.artifacts.sparse_diff import FLOAT_DTYPES, VALUES, VALUES_HINT, DiffEntry, DiffMetadata, StoredTensor, stored_summary, write_diff
 from peftcli.checkpoint.atomic import check_output_path
 from peftcli.checkpoint.fingerprint import Fingerprint, file_hashes, summarize_differences, table_differences, tensor_table
 from peftcli.checkpoint.reader import Checkpoint, TensorInfo, open_checkpoint
@@ -83,16 +83,16 @@ class DiffOptions:
             got = f" (got {' and '.join(given)})" if given else ""
             raise UsageError(f"give exactly one of --density, --top-k or --dense{got}", "e.g. --density 0.01")
         if self.density is not None and not 0.0 < self.density <= 1.0:
-            raise UsageError(f"--density must be in (0, 1], got {self.density}")
+            raise UsageError(f"--density must be in (0, 1], got {self.density}", "it is the fraction of entries kept: --density 0.01 keeps 1%")
         if self.top_k is not None and self.top_k < 1:
-            raise UsageError(f"--top-k must be at least 1, got {self.top_k}")
+            raise UsageError(f"--top-k must be at least 1, got {self.top_k}", "it is the number of entries kept, e.g. --top-k 1000")
         if self.dense and (self.per_tensor or self.sparse_small):
             raise UsageError(
                 "--per-tensor and --sparse-small only apply with --density or --top-k",
                 "--dense keeps every entry of every tensor",
             )
         if self.values not in VALUES:
-            raise UsageError(f"--values must be one of {', '.join(VALUES)}, got {self.values!r}")
+            raise UsageError(f"--values must be one of {', '.join(VALUES)}, got {self.values!r}", VALUES_HINT)
 
     @property
     def method(self) -> str:

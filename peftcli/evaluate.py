@@ -54,24 +54,29 @@ class EvalOptions:
             raise UsageError(f"unknown --device {self.device!r}", "choose auto, cpu or cuda")
         for name in ("batch_size", "max_length"):
             if getattr(self, name) <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive")
+                raise UsageError(f"--{name.replace('_', '-')} must be positive", f"e.g. --{name.replace('_', '-')} {getattr(EvalOptions, name)}")
         if self.limit is not None and self.limit <= 0:
-            raise UsageError("--limit must be positive")
+            raise UsageError("--limit must be positive", "e.g. --limit 100, or leave it out to use every example")
         if self.min_agreement is not None:
             if self.compare is None:
-                raise UsageError("--min-agreement needs --compare OTHER")
+                raise UsageError("--min-agreement needs --compare OTHER", "add --compare with the model to agree with")
             if not 0.0 <= self.min_agreement <= 1.0:
-                raise UsageError(f"--min-agreement must be between 0 and 1, got {self.min_agreement}")
+                raise UsageError(
+                    f"--min-agreement must be between 0 and 1, got {self.min_agreement}",
+                    "it is a fraction of examples: --min-agreement 0.95 needs 95% agreement",
+                )
 
 
 def _read_json(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInputError(f"{path}: not readable JSON ({exc})") from None
+    except OSError as exc:
+        raise BadInputError(f"{path}: not readable JSON: {exc.strerror or exc}", "check that the file is readable") from None
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, a 4300-digit integer, deep nesting
+        raise BadInputError(f"{path}: not readable JSON: {exc}", "the file is corrupt or truncated; replace it with an intact copy") from None
     if not isinstance(doc, dict):
-        raise BadInputError(f"{path}: expected a JSON object")
+        raise BadInputError(f"{path}: expected a JSON object", "the file is corrupt; replace it with an intact copy")
     return doc
 
 
@@ -157,7 +162,7 @@ def _load(path: str, opts: EvalOptions, task: str, labels: list[str] | None, pad
             head = "adapter"
     if opts.head is not None:
         if task != "classify":
-            raise UsageError("--head applies to classification data only")
+            raise UsageError("--head applies to classification data only", "drop --head, or pass --data with a label column")
         head_run = read_adapter(opts.head)
         if not head_run.config.get("modules_to_save"):
             raise BadInputError(f"{opts.head}: this run trained no classification head", "pass the run of a classification task")
@@ -199,7 +204,7 @@ def evaluate(model: str, opts: EvalOptions) -> dict:
 
     data = load_dataset(opts.data, opts.task, opts.limit)
     if not data.examples:
-        raise BadInputError(f"{opts.data}: no examples to evaluate on")
+        raise BadInputError(f"{opts.data}: no examples to evaluate on", "pass a data file with at least one example")
     task = data.task
     labels = None
     if task == "classify":

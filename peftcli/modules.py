@@ -26,6 +26,9 @@ def resolve(model: nn.Module, path: str) -> str | None:
     return None
 
 
+_OTHER_MODEL = "the adapter was made for another architecture; pass the base model it was injected into"
+
+
 def _module_names(model: nn.Module) -> set[str]:
     cache = getattr(model, "_peftcli_module_names", None)
     if cache is None:
@@ -36,14 +39,14 @@ def _module_names(model: nn.Module) -> set[str]:
 def get(model: nn.Module, path: str) -> nn.Module:
     real = resolve(model, path)
     if real is None:
-        raise BadInputError(f"the model has no module {path!r}")
+        raise BadInputError(f"the model has no module {path!r}", _OTHER_MODEL)
     return model.get_submodule(real)
 
 
 def replace(model: nn.Module, path: str, new: nn.Module) -> None:
     real = resolve(model, path)
     if real is None:
-        raise BadInputError(f"the model has no module {path!r}")
+        raise BadInputError(f"the model has no module {path!r}", _OTHER_MODEL)
     parent_path, _, child = real.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, child, new)
@@ -60,7 +63,7 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
         return module.out_features, module.in_features
     if is_conv1d(module):
         return module.weight.shape[1], module.weight.shape[0]
-    raise BadInputError(f"{type(module).__name__} is not a linear layer")
+    raise BadInputError(f"{type(module).__name__} is not a linear layer", _OTHER_MODEL)
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:

@@ -212,7 +212,7 @@ def read_adapter(path: str) -> Adapter:
     if not os.path.isfile(weights):
         if os.path.isfile(os.path.join(path, "adapter_model.bin")):
             raise BadInputError(f"{path}: adapter weights are a pickle (adapter_model.bin)", "re-save the adapter with safetensors")
-        raise BadInputError(f"{path}: no {ADAPTER_WEIGHTS}")
+        raise BadInputError(f"{path}: no {ADAPTER_WEIGHTS}", "the adapter directory is incomplete; pass one written whole by peftcli inject or train")
     ckpt = open_checkpoint(weights)
     tensors = {name: ckpt.get(name) for name in ckpt}
     return Adapter(path=path, config=config, tensors=tensors, metadata=dict(ckpt.metadata))

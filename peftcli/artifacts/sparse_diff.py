@@ -76,6 +76,7 @@ VALUES = ("base", "fp32")  # --values: store φ in the base tensor's dtype or in
 IDX, VAL = ".idx", ".val"
 TOP_NORMS = 10  # describe() lists this many tensors with the largest nonzero ‖φ‖
 CORRUPT = "the file is corrupt"
+VALUES_HINT = "base stores φ in each base tensor's dtype, fp32 in float32"
 
 
 def index_dtype(numel: int) -> str:
@@ -276,7 +277,7 @@ def write_diff(
     from peftcli.checkpoint.writer import CheckpointWriter
 
     if values not in VALUES:
-        raise UsageError(f"--values must be one of {', '.join(VALUES)}, got {values!r}")
+        raise UsageError(f"--values must be one of {', '.join(VALUES)}, got {values!r}", VALUES_HINT)
     plan = _plan(entries, values)
     meta = {
         "format": FORMAT,
@@ -339,7 +340,7 @@ class SparseDiff:
 
     def _known(self, name: str) -> str:
         if name not in self._layout:
-            raise BadInputError(f"{self.path}: the diff has no tensor {name!r}")
+            raise BadInputError(f"{self.path}: the diff has no tensor {name!r}", f"list its tensors with peftcli inspect {self.path} --tensors")
         return name
 
     def _check_fingerprint_covers_shapes(self) -> None:
@@ -564,7 +565,7 @@ def _json(path: str, meta: dict[str, str], key: str, default: object = None) -> 
     try:
         return json.loads(text)
     except ValueError as exc:  # not JSON, or an integer of over 4300 digits
-        raise BadInputError(f"{path}: metadata {key!r} is not valid JSON ({exc})", CORRUPT) from None
+        raise BadInputError(f"{path}: metadata {key!r} is not valid JSON: {exc}", CORRUPT) from None
     except RecursionError:
         raise BadInputError(f"{path}: metadata {key!r} is JSON nested too deeply", CORRUPT) from None
 

@@ -136,7 +136,7 @@ def os_error(exc: OSError, target: str) -> ResourceError:
         return ResourceError(f"no space left on device while writing {target}", "free some space and rerun")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return ResourceError(f"cannot write {target}: {exc.strerror}", "check the output directory's permissions")
-    return ResourceError(f"cannot write {target}: {exc.strerror or exc}")
+    return ResourceError(f"cannot write {target}: {exc.strerror or exc}", "check the output path and that its file system is writable")
 
 
 @contextlib.contextmanager

@@ -14,11 +14,11 @@ def safetensors_dtype(dtype: torch.dtype) -> str:
     try:
         return _TO_NAME[dtype]
     except KeyError:
-        raise BadInputError(f"dtype {dtype} cannot be stored in safetensors") from None
+        raise BadInputError(f"dtype {dtype} cannot be stored in safetensors", "convert the tensor to a float, integer or bool dtype first") from None
 
 
 def torch_dtype(name: str) -> torch.dtype:
     torch_name = DTYPES[name][1]
     if torch_name is None or not hasattr(torch, torch_name):
-        raise BadInputError(f"dtype {name} is not supported by this torch")
+        raise BadInputError(f"dtype {name} is not supported by this torch", "upgrade torch: pip install -U torch")
     return getattr(torch, torch_name)

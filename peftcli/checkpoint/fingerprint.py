@@ -67,7 +67,7 @@ def file_sha256(path: str, on_bytes: Callable[[int], None] | None = None) -> str
                 if on_bytes:
                     on_bytes(len(chunk))
     except OSError as exc:
-        raise BadInputError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+        raise BadInputError(f"{path}: cannot read: {exc.strerror or exc}", "check that the file exists and is readable") from exc
     return h.hexdigest()
 
 

@@ -111,7 +111,7 @@ class Checkpoint:
 
         info = self.tensors.get(name)
         if info is None:
-            raise BadInputError(f"{self.path}: no tensor named {name!r}")
+            raise BadInputError(f"{self.path}: no tensor named {name!r}", f"list its tensors with peftcli inspect {self.path} --tensors")
         if self.storage == "pickle":
             return self._loaded[name]
         from peftcli.checkpoint.dtypes import torch_dtype
@@ -119,7 +119,7 @@ class Checkpoint:
         try:
             dtype = torch_dtype(info.dtype)
         except BadInputError as exc:
-            raise BadInputError(f"{info.file}: tensor {name!r}: {exc.message}") from None
+            raise BadInputError(f"{info.file}: tensor {name!r}: {exc.message}", exc.hint) from None
         if info.numel == 0:
             return torch.empty(info.shape, dtype=dtype)
         return self._raw(info).view(dtype).view(info.shape)
@@ -128,9 +128,9 @@ class Checkpoint:
         """The raw little-endian bytes of tensor ``name`` (safetensors storage only)."""
         info = self.tensors.get(name)
         if info is None:
-            raise BadInputError(f"{self.path}: no tensor named {name!r}")
+            raise BadInputError(f"{self.path}: no tensor named {name!r}", f"list its tensors with peftcli inspect {self.path} --tensors")
         if info.begin is None:
-            raise UsageError("raw bytes are only available from safetensors files")
+            raise UsageError("raw bytes are only available from safetensors files", "read pickle checkpoints with Checkpoint.get")
         return self._raw(info).numpy().tobytes()
 
     def read_range(self, name: str, begin: int, end: int, out: "torch.Tensor | None" = None) -> "torch.Tensor":
@@ -141,11 +141,14 @@ class Checkpoint:
         """
         info = self.tensors.get(name)
         if info is None:
-            raise BadInputError(f"{self.path}: no tensor named {name!r}")
+            raise BadInputError(f"{self.path}: no tensor named {name!r}", f"list its tensors with peftcli inspect {self.path} --tensors")
         if info.begin is None:
-            raise UsageError("byte ranges are only available from safetensors files")
+            raise UsageError("byte ranges are only available from safetensors files", "read pickle checkpoints with Checkpoint.get")
         if not 0 <= begin <= end <= info.end - info.begin:
-            raise UsageError(f"byte range [{begin}, {end}) is outside tensor {name!r} ({info.end - info.begin} bytes)")
+            raise UsageError(
+                f"byte range [{begin}, {end}) is outside tensor {name!r} ({info.end - info.begin} bytes)",
+                f"ask for 0 <= begin <= end <= {info.end - info.begin}",
+            )
         return read_file_range(self._file(info.file), info.file, info.begin + begin, end - begin, out, info.name)
 
     def _file(self, path: str):
@@ -182,7 +185,10 @@ def read_file_range(f, path: str, offset: int, n: int, out: "torch.Tensor | None
 
     buf = torch.empty(n, dtype=torch.uint8) if out is None else out[:n]
     if out is not None and (out.dtype != torch.uint8 or buf.numel() != n or not buf.is_contiguous()):
-        raise UsageError(f"the buffer for {n} bytes of {path} is not a contiguous uint8 tensor that large")
+        raise UsageError(
+            f"the buffer for {n} bytes of {path} is not a contiguous uint8 tensor that large",
+            f"pass out=None or a contiguous torch.uint8 tensor of at least {n} elements",
+        )
     if n == 0:
         return buf
     view = memoryview(buf.numpy())
@@ -190,7 +196,10 @@ def read_file_range(f, path: str, offset: int, n: int, out: "torch.Tensor | None
     while done < n:
         got = os.preadv(f.fileno(), [view[done:]], offset + done)
         if got <= 0:
-            raise BadInputError(f"{path}: the file shrank while reading" + (f" tensor {what!r}" if what else ""))
+            raise BadInputError(
+                f"{path}: the file shrank while reading" + (f" tensor {what!r}" if what else ""),
+                "something else is writing or truncating it; rerun once the file is complete",
+            )
         done += got
     return buf
 
@@ -199,13 +208,18 @@ def load_json(path: str, what: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
-    except (OSError, ValueError) as exc:  # ValueError: bad UTF-8, bad JSON, an integer of over 4300 digits
-        raise BadInputError(f"{path}: cannot read {what} ({exc})") from None
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot read {what}: {exc.strerror or exc}", "check that the file is readable") from None
+    except ValueError as exc:  # bad UTF-8, bad JSON, an integer of over 4300 digits
+        raise BadInputError(f"{path}: cannot read {what}: {exc}", _BROKEN_JSON_HINT) from None
     except RecursionError:
-        raise BadInputError(f"{path}: cannot read {what} (JSON nested too deeply)") from None
+        raise BadInputError(f"{path}: cannot read {what}: JSON nested too deeply", _BROKEN_JSON_HINT) from None
     if not isinstance(obj, dict):
-        raise BadInputError(f"{path}: {what} is not a JSON object")
+        raise BadInputError(f"{path}: {what} is not a JSON object", "it must hold one {...} object; replace it with an intact copy")
     return obj
+
+
+_BROKEN_JSON_HINT = "the file is corrupt or truncated; replace it with an intact copy"
 
 
 def open_checkpoint(path: str, allow_pickle: bool = False) -> Checkpoint:
@@ -213,7 +227,7 @@ def open_checkpoint(path: str, allow_pickle: bool = False) -> Checkpoint:
     if os.path.isdir(path):
         return _open_directory(path, allow_pickle)
     if not os.path.exists(path):
-        raise BadInputError(f"{path}: no such file or directory")
+        raise BadInputError(f"{path}: no such file or directory", "check the path; pass a .safetensors file or a model directory")
     if not stat.S_ISREG(os.stat(path).st_mode):
         raise BadInputError(f"{path}: not a regular file", "pass a .safetensors file or a model directory")
     if path.endswith(PICKLE_SUFFIXES):
@@ -254,7 +268,10 @@ def _read_weight_map(directory: str, index_path: str) -> dict[str, str]:
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
-        raise BadInputError(f"{index_path}: weight_map must map tensor names to shard file names")
+        raise BadInputError(
+            f"{index_path}: weight_map must map tensor names to shard file names",
+            "the index is corrupt; replace it with an intact copy",
+        )
     for shard in set(weight_map.values()):
         norm = os.path.normpath(shard)
         # Lexical check on purpose: Hugging Face caches symlink shards to blobs elsewhere,
@@ -336,12 +353,17 @@ def _open_pickle(path: str, files: list[str], directory: str | None, allow_pickl
             with warnings.catch_warnings():  # torch's multi-line advice to drop weights_only is not ours to give
                 warnings.simplefilter("ignore")
                 state = torch.load(file, map_location="cpu", weights_only=True, mmap=_is_zip(file))
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError, TypeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BadInputError(
-                f"{file}: refused by torch.load(weights_only=True): {first[:200]}",
-                "the file holds more than tensors; peftcli never unpickles arbitrary objects",
-            ) from None
+        except MemoryError:
+            raise
+        except pickle.UnpicklingError as exc:
+            if "Weights only load failed" in str(exc):
+                raise _pickle_refused(file, exc) from None
+            raise _pickle_unreadable(file, exc) from None
+        except OSError as exc:
+            raise BadInputError(f"{file}: cannot read: {exc.strerror or exc}", "check that the file is readable") from None
+        except Exception as exc:  # noqa: BLE001 - a damaged pickle breaks torch.load in any number of ways
+            # (EOFError, RuntimeError from the zip reader, IndexError, KeyError, struct.error, ...)
+            raise _pickle_unreadable(file, exc) from None
         if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
             raise BadInputError(f"{file}: not a flat state dict of tensors", "save model.state_dict() instead")
         for name, tensor in state.items():
@@ -352,6 +374,54 @@ def _open_pickle(path: str, files: list[str], directory: str | None, allow_pickl
             tensors[name] = TensorInfo(name, safetensors_dtype(tensor.dtype), tuple(tensor.shape), file)
             loaded[name] = tensor
     return Checkpoint(path=path, storage="pickle", files=files, tensors=tensors, directory=directory, _loaded=loaded)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_REFUSED = (  # how torch's weights_only unpickler names what it refused, and how we say it
+    (re.compile(r"GLOBAL ([\w.]+) was not an allowed global"), "it needs {}, which is not an allowed global"),
+    (re.compile(r"unsupported GLOBAL ([\w.]+) whose module"), "it needs {}, which is blocked"),
+    (re.compile(r"Unsupported operand (\d+)"), "it uses pickle opcode {}, which the safe unpickler does not support"),
+)
+PICKLE_REFUSED_HINT = (
+    "peftcli never runs pickled code; if you trust the file, "
+    "convert it to safetensors in a trusted environment and pass that file"
+)
+
+
+def _pickle_refused(file: str, exc: Exception) -> BadInputError:
+    """Our one line for a pickle that torch's weights_only unpickler refused.
+
+    torch's own text is a paragraph (ANSI escapes, "you have two options", advice to turn
+    weights_only off) that is not ours to repeat; we keep only what it refused.
+    """
+    text = _ANSI.sub("", str(exc))
+    for pattern, said in _REFUSED:
+        found = pattern.search(text)
+        if found:
+            what = said.format(found.group(1))
+            break
+    else:
+        what = "it holds objects other than tensors"
+    return BadInputError(f"{file}: refused by torch.load(weights_only=True): {what}", PICKLE_REFUSED_HINT)
+
+
+def _pickle_unreadable(file: str, exc: Exception) -> BadInputError:
+    return BadInputError(
+        f"{file}: torch.load(weights_only=True) cannot read it: {torch_error_text(exc)}",
+        "the file is truncated or not a PyTorch checkpoint; replace it with an intact copy",
+    )
+
+
+def torch_error_text(exc: Exception) -> str:
+    """The first sentence of a torch/pickle exception's text, without escapes, at most 200 characters."""
+    text = " ".join(_ANSI.sub("", str(exc)).split())
+    if not text:
+        return type(exc).__name__
+    if isinstance(exc, KeyError):  # str(KeyError(101)) is just "101"
+        text = f"{type(exc).__name__}: {text}"
+    sentence = re.match(r"(.*?[.!?])(\s|$)", text)
+    text = sentence.group(1) if sentence else text
+    return "".join(c if c.isprintable() else "?" for c in text)[:200]
 
 
 def _is_zip(file: str) -> bool:

@@ -136,7 +136,7 @@ def read_header(path: str) -> ParsedHeader:
                 )
             raw = f.read(header_len)
     except OSError as exc:
-        raise BadInputError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+        raise BadInputError(f"{path}: cannot read: {exc.strerror or exc}", "check that the file exists and is readable") from exc
     return parse_header(path, raw, file_size)
 
 
@@ -150,7 +150,7 @@ def parse_header(path: str, raw: bytes, file_size: int) -> ParsedHeader:
             f"{path}: header has the key {exc.key!r} twice", "the file is corrupt; the writer that made it is buggy"
         ) from None
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:  # ValueError: integers too long to parse
-        raise BadInputError(f"{path}: header is not valid JSON ({exc})", "the file is corrupt or not safetensors") from None
+        raise BadInputError(f"{path}: header is not valid JSON: {exc}", "the file is corrupt or not safetensors") from None
     except RecursionError:
         raise BadInputError(f"{path}: header JSON is nested too deeply", "the file is corrupt") from None
     if not isinstance(obj, dict):

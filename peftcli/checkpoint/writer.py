@@ -66,20 +66,23 @@ def parse_size(text: str | int) -> int:
     return size
 
 
+_ORDER_HINT = "write the tensors in the order of the specs given to the writer"
+
+
 def build_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None = None) -> bytes:
     """The 8-byte length plus JSON header, padded with spaces to 8 bytes (as the reference writer)."""
     header: dict[str, object] = {}
     if metadata:
         bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
         if bad:
-            raise UsageError(f"safetensors metadata must map strings to strings; {bad[0]!r} does not")
+            raise UsageError(f"safetensors metadata must map strings to strings; {bad[0]!r} does not", "encode the value as a string, e.g. with json.dumps")
         header["__metadata__"] = dict(metadata)
     offset = 0
     for spec in specs:
         if spec.dtype not in DTYPES:
-            raise UsageError(f"unknown dtype {spec.dtype!r} for tensor {spec.name!r}")
+            raise UsageError(f"unknown dtype {spec.dtype!r} for tensor {spec.name!r}", "use a safetensors dtype name: " + ", ".join(DTYPES))
         if spec.name in header:
-            raise UsageError(f"tensor {spec.name!r} is listed twice")
+            raise UsageError(f"tensor {spec.name!r} is listed twice", "give each tensor name one TensorSpec")
         size = spec.nbytes
         header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + size]}
         offset += size
@@ -125,17 +128,23 @@ class SafetensorsStreamWriter:
         """
         spec = self.pending
         if spec is None or spec.name != name:
-            raise UsageError(f"tensor {name!r} written out of order (expected {spec.name if spec else 'nothing'!r})")
+            raise UsageError(f"tensor {name!r} written out of order, expected {spec.name if spec else 'nothing'!r}", _ORDER_HINT)
         if isinstance(data, (bytes, bytearray, memoryview)):
             buf = memoryview(data)
         else:
             from peftcli.checkpoint.dtypes import safetensors_dtype
 
             if safetensors_dtype(data.dtype) != spec.dtype:
-                raise UsageError(f"a part of tensor {name!r} is {safetensors_dtype(data.dtype)}, but the header promised {spec.dtype}")
+                raise UsageError(
+                    f"a part of tensor {name!r} is {safetensors_dtype(data.dtype)}, but the header promised {spec.dtype}",
+                    f"convert the part to {spec.dtype} first, or pass its raw bytes",
+                )
             buf = tensor_bytes(data)
         if self._partial + buf.nbytes > spec.nbytes:
-            raise UsageError(f"tensor {name!r} got {self._partial + buf.nbytes} bytes, more than its {spec.nbytes}")
+            raise UsageError(
+                f"tensor {name!r} got {self._partial + buf.nbytes} bytes, more than its {spec.nbytes}",
+                f"its parts must add up to exactly {spec.nbytes} bytes",
+            )
         self._out.write(buf)
         self._partial += buf.nbytes
         if self._partial < spec.nbytes:
@@ -147,9 +156,12 @@ class SafetensorsStreamWriter:
     def write(self, name: str, data: "torch.Tensor | bytes | memoryview") -> None:
         spec = self.pending
         if spec is None or spec.name != name:
-            raise UsageError(f"tensor {name!r} written out of order (expected {spec.name if spec else 'nothing'!r})")
+            raise UsageError(f"tensor {name!r} written out of order, expected {spec.name if spec else 'nothing'!r}", _ORDER_HINT)
         if self._partial:
-            raise UsageError(f"tensor {name!r} is half written in parts; finish it with write_partial")
+            raise UsageError(
+                f"tensor {name!r} is half written in parts; finish it with write_partial",
+                f"send its remaining {spec.nbytes - self._partial} bytes with write_partial, not write",
+            )
         if isinstance(data, (bytes, bytearray, memoryview)):
             buf = memoryview(data)
         else:
@@ -158,17 +170,18 @@ class SafetensorsStreamWriter:
             if safetensors_dtype(data.dtype) != spec.dtype or tuple(data.shape) != spec.shape:
                 raise UsageError(
                     f"tensor {name!r} is {safetensors_dtype(data.dtype)}{list(data.shape)}, "
-                    f"but the header promised {spec.dtype}{list(spec.shape)}"
+                    f"but the header promised {spec.dtype}{list(spec.shape)}",
+                    "pass a tensor of the spec's dtype and shape, or fix the TensorSpec",
                 )
             buf = tensor_bytes(data)
         if buf.nbytes != spec.nbytes:
-            raise UsageError(f"tensor {name!r} has {buf.nbytes} bytes, expected {spec.nbytes}")
+            raise UsageError(f"tensor {name!r} has {buf.nbytes} bytes, expected {spec.nbytes}", "pass exactly the bytes of the spec's dtype and shape")
         self._out.write(buf)
         self._next += 1
 
     def finish(self) -> None:
         if self.pending is not None:  # including a tensor only partly written
-            raise UsageError(f"file closed before tensor {self.pending.name!r} was written")
+            raise UsageError(f"file closed before tensor {self.pending.name!r} was written", "write every tensor of the header before finish()")
         self._out.flush()
 
 
@@ -248,7 +261,7 @@ class CheckpointWriter:
         self.force = force
         self._shard_of = {s.name: i for i, shard in enumerate(self.shards) for s in shard}
         if len(self._shard_of) != len(self.specs):
-            raise UsageError("a tensor name is listed twice")
+            raise UsageError("a tensor name is listed twice", "give each tensor name one TensorSpec")
         self._ctx = None
         self._tmp = ""
         self._file = None
@@ -294,7 +307,7 @@ class CheckpointWriter:
     def _shard_for(self, name: str) -> None:
         if self._written >= len(self.specs) or self.specs[self._written].name != name:
             expected = self.specs[self._written].name if self._written < len(self.specs) else "nothing more"
-            raise UsageError(f"tensor {name!r} written out of order (expected {expected!r})")
+            raise UsageError(f"tensor {name!r} written out of order, expected {expected!r}", _ORDER_HINT)
         i = self._shard_of[name]
         if i != self._current:
             self._open_shard(i)
@@ -303,7 +316,10 @@ class CheckpointWriter:
         if not self.specs:
             self._open_shard(0)  # a checkpoint without tensors is still a valid file
         elif self._written != len(self.specs):
-            raise UsageError(f"checkpoint closed before tensor {self.specs[self._written].name!r} was written")
+            raise UsageError(
+                f"checkpoint closed before tensor {self.specs[self._written].name!r} was written",
+                "write every tensor of the specs before leaving the with block",
+            )
         self._close_shard()
         if self.single_file:
             return

@@ -19,6 +19,7 @@ from peftcli import __version__
 from peftcli.errors import EXIT_BAD_INPUT, EXIT_RESOURCE, EXIT_USAGE, Interrupted, PeftcliError
 
 _debug = False
+INTERRUPTED_HINT = "outputs are written whole or not at all; rerun the command"
 
 
 class PeftcliGroup(click.Group):
@@ -29,7 +30,7 @@ class PeftcliGroup(click.Group):
             return super().invoke(ctx)
         except KeyboardInterrupt:
             # Caught before click's own handler, which would print an empty line first.
-            raise Interrupted("interrupted") from None
+            raise Interrupted("interrupted", INTERRUPTED_HINT) from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         global _debug
@@ -78,7 +79,7 @@ def _report(exc: BaseException) -> int:
     if isinstance(exc, click.ClickException):
         return _fail(f"error: {exc.format_message()}", exc.exit_code, exc)
     if isinstance(exc, (click.Abort, KeyboardInterrupt)):
-        return _fail("error: interrupted", EXIT_RESOURCE, exc)
+        return _fail(f"error: interrupted ({INTERRUPTED_HINT})", EXIT_RESOURCE, exc)
     if isinstance(exc, BrokenPipeError):
         # The reader of our stdout went away (`| head`): not an error worth a message.
         devnull = os.open(os.devnull, os.O_WRONLY)

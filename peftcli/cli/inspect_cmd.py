@@ -11,6 +11,7 @@ from peftcli.errors import UsageError
 from peftcli.methods import METHODS, get_method
 from peftcli.options import click_options, from_options, option_fields
 
+FILTER_HINT = r"the filter is a Python regular expression over tensor names, e.g. 'layers\.0\..*proj'"
 _BUDGET_CLASSES = [m.config_cls for m in METHODS.values()]
 _BUDGET_OPTION_NAMES = {f.name for cls in _BUDGET_CLASSES for f in option_fields(cls)}
 
@@ -51,7 +52,7 @@ def inspect(path, as_json, with_tensors, name_filter, depth, allow_pickle, budge
         try:
             re.compile(name_filter)
         except (re.error, OverflowError, RecursionError) as exc:
-            raise UsageError(f"invalid --filter regex {name_filter!r}: {exc}") from None
+            raise UsageError(f"invalid --filter regex {name_filter!r}: {exc}", FILTER_HINT) from None
 
     method = get_method(budget) if budget else None
     with open_checkpoint(path, allow_pickle=allow_pickle) as ckpt:
@@ -64,7 +65,10 @@ def inspect(path, as_json, with_tensors, name_filter, depth, allow_pickle, budge
             cfg = from_options(method.config_cls, method_options)
             unused = [k for k in given if k not in {f.name for f in option_fields(method.config_cls)}]
             if unused:
-                raise UsageError(f"--{unused[0].replace('_', '-')} is not an option of {method.name}")
+                raise UsageError(
+                    f"--{unused[0].replace('_', '-')} is not an option of {method.name}",
+                    f"drop it; see peftcli inject {method.name} --help for {method.name}'s options",
+                )
             report["budget"] = Budget.of(method, ckpt, cfg).to_json()
             if name_filter:  # the listing narrows, the totals stay whole (as for the summary)
                 budget = report["budget"]

@@ -8,8 +8,6 @@ import time
 
 import click
 
-from peftcli.errors import UsageError
-
 from peftcli.cli.output import quiet_option, emit_json, json_option, stderr_console, stdout_console, styled
 from peftcli.options import click_options, from_options
 from peftcli.train.config import TrainConfig
@@ -83,11 +81,11 @@ def train(run, resume, force, quiet, nproc, as_json, **options):
     """
     if nproc is not None:
         from peftcli.train.distributed import launch
-        from peftcli.train.loop import _NO_DDP, multi_phase_method
+        from peftcli.train.loop import multi_phase_method, no_ddp_error
 
         method = None if options.get("full") else multi_phase_method(run)
         if method is not None and nproc > 1:
-            raise UsageError(*_NO_DDP(method.name))
+            raise no_ddp_error(method.name)
 
         # Every worker runs this same command without --nproc; torchrun sets RANK/WORLD_SIZE.
         argv = _without_nproc(sys.argv[1:])

@@ -32,7 +32,7 @@ def head_layout(ckpt: Checkpoint, heads: dict, labels: list[str] | None) -> Head
         raise UsageError("merging a task head needs a base model directory (with config.json)", "pass the base directory")
     weight = next((t for n, t in heads.items() if n.endswith(".weight")), None)
     if weight is None:
-        raise BadInputError("the adapter's saved head has no weight tensor")
+        raise BadInputError("the adapter's saved head has no weight tensor", "the adapter is incomplete; pass one written whole by peftcli train")
     num_labels = int(weight.shape[0])
     labels = labels if labels and len(labels) == num_labels else [f"LABEL_{i}" for i in range(num_labels)]
     config = AutoConfig.from_pretrained(

@@ -47,7 +47,10 @@ def adapter_config(ckpt, method: str, cfg) -> dict:
 def config_from_adapter(d: dict, method: str, cls: type):
     section = dict(d.get("peftcli") or {})
     if section.pop("method", None) != method:
-        raise BadInputError(f"adapter config is not a peftcli {method} adapter")
+        raise BadInputError(
+            f"adapter config is not a peftcli {method} adapter",
+            f"its peftcli.method must be {method!r}; the adapter config is corrupt or was edited by hand",
+        )
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(section) - known)
     if unknown:

@@ -45,11 +45,11 @@ class LotteryConfig:
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
-            raise UsageError(f"--rounds must be at least 1, got {self.rounds}")
+            raise UsageError(f"--rounds must be at least 1, got {self.rounds}", "e.g. --rounds 5")
         if not 0 < self.prune_rate < 1:
-            raise UsageError(f"--prune-rate must be in (0, 1), got {self.prune_rate}")
+            raise UsageError(f"--prune-rate must be in (0, 1), got {self.prune_rate}", "it is the fraction pruned per round: --prune-rate 0.2 prunes 20%")
         if self.rewind_step < 0:
-            raise UsageError(f"--rewind-step must be non-negative, got {self.rewind_step}")
+            raise UsageError(f"--rewind-step must be non-negative, got {self.rewind_step}", "use 0 to rewind to the start, or a step of round 0")
         if self.select not in LOTTERY_SELECTIONS:
             raise UsageError(f"unknown --select {self.select!r}", "choose magnitude or random")
 
@@ -74,7 +74,10 @@ class Lottery:
     def budget(self, shapes: dict[str, tuple[int, ...]], model_config: dict | None, cfg: LotteryConfig) -> list[BudgetRow]:
         names = prunable(shapes)
         if not names:
-            raise UsageError("this checkpoint has no matrices inside numbered layers to prune")
+            raise UsageError(
+                "this checkpoint has no matrices inside numbered layers to prune",
+                "lottery prunes the weights of a transformer's layers; pass a model with numbered layers (model.layers.N...)",
+            )
         rows = [BudgetRow(n, tuple(shapes[n]), round(math.prod(shapes[n]) * cfg.final_density)) for n in names]
         return rows
 

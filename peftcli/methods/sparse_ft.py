@@ -61,7 +61,10 @@ def _check_dense(cfg) -> None:
         try:
             re.compile(cfg.dense)
         except re.error as exc:
-            raise UsageError(f"--dense {cfg.dense!r} is not a valid regular expression ({exc})") from None
+            raise UsageError(
+                f"--dense {cfg.dense!r} is not a valid regular expression: {exc}",
+                "--dense takes a Python regex over tensor names, e.g. --dense 'norm|bias'",
+            ) from None
 
 
 def k_for(cfg, n: int) -> int:
@@ -77,9 +80,9 @@ def _check_size(cfg) -> None:
     if (cfg.density is None) == (cfg.top_k is None):
         raise UsageError("give exactly one of --density or --top-k", "e.g. --density 0.01 keeps 1% of the entries")
     if cfg.density is not None and not 0 < cfg.density <= 1:
-        raise UsageError(f"--density must be in (0, 1], got {cfg.density}")
+        raise UsageError(f"--density must be in (0, 1], got {cfg.density}", "it is the fraction of entries kept: --density 0.01 keeps 1%")
     if cfg.top_k is not None and cfg.top_k <= 0:
-        raise UsageError(f"--top-k must be positive, got {cfg.top_k}")
+        raise UsageError(f"--top-k must be positive, got {cfg.top_k}", "it is the number of entries kept, e.g. --top-k 1000")
     if cfg.select not in SELECTIONS:
         raise UsageError(f"unknown --select {cfg.select!r}", "choose " + ", ".join(SELECTIONS))
     _check_dense(cfg)
@@ -115,7 +118,7 @@ class DiffPruningConfig:
     def __post_init__(self) -> None:
         _check_size(self)
         if self.l1 < 0:
-            raise UsageError(f"--l1 must be non-negative, got {self.l1}")
+            raise UsageError(f"--l1 must be non-negative, got {self.l1}", "use 0 for no penalty, or a small λ such as --l1 1e-4")
 
 
 class _SparseFineTuning:

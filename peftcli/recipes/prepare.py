@@ -74,7 +74,7 @@ class Builtin:
 
 
 def data_builtin(what: str, spec: dict, path: str, where: str) -> Builtin:
-    _check_keys(spec, {"builtin", "examples", "seed"}, where)
+    _check_keys(spec, {"builtin", "examples", "seed"}, where, sorted(DATASETS))
     name = spec["builtin"]
     if name not in DATASETS:
         from peftcli.recipes.steps import suggest
@@ -88,7 +88,7 @@ def data_builtin(what: str, spec: dict, path: str, where: str) -> Builtin:
 
 
 def model_builtin(spec: dict, workdir: str, where: str) -> Builtin:
-    _check_keys(spec, {"builtin", "arch", "seed"}, where)
+    _check_keys(spec, {"builtin", "arch", "seed"}, where, MODELS)
     name = spec["builtin"]
     if name not in MODELS:
         from peftcli.recipes.steps import suggest
@@ -114,11 +114,11 @@ def model_builtin(spec: dict, workdir: str, where: str) -> Builtin:
     return Builtin("model", path, argv, lambda force: build_tiny(arch, path, seed))
 
 
-def _check_keys(spec: dict, allowed: set[str], where: str) -> None:
+def _check_keys(spec: dict, allowed: set[str], where: str, builtins) -> None:
     from peftcli.recipes.steps import suggest
 
     if "builtin" not in spec:
-        raise UsageError(f"{where}: give a path or a mapping with builtin: NAME")
+        raise UsageError(f"{where}: give a path or a mapping with builtin: NAME", "add builtin: one of " + ", ".join(builtins))
     for k in spec:
         if k not in allowed:
             raise UsageError(f"{where}: unknown key {k!r}{suggest(str(k), allowed)}", "allowed: " + ", ".join(sorted(allowed)))
@@ -126,7 +126,10 @@ def _check_keys(spec: dict, allowed: set[str], where: str) -> None:
 
 def _int(value, where: str, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise UsageError(f"{where} must be an integer ≥ {low}, got {value!r}")
+        raise UsageError(
+            f"{where} must be an integer ≥ {low}, got {value!r}",
+            "write it as a number, without quotes" if isinstance(value, str) else f"use a whole number of at least {low}",
+        )
     return value
 
 
@@ -174,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.examples < 1 or args.seed < 0:
-            raise UsageError("--examples must be at least 1 and --seed non-negative")
+            raise UsageError("--examples must be at least 1 and --seed non-negative", f"e.g. --examples {DEFAULT_EXAMPLES} --seed 0")
         write_data(args.name, args.out, args.examples, args.seed, force=args.force)
     except PeftcliError as exc:
         print(exc.one_line(), file=sys.stderr)

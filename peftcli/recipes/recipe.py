@@ -97,7 +97,7 @@ def load(path: str) -> dict:
     except UnicodeDecodeError:
         raise BadInputError(f"{path}: not a text (UTF-8) file", "pass a YAML recipe") from None
     except OSError as exc:
-        raise BadInputError(f"{path}: cannot read the recipe ({exc.strerror})") from None
+        raise BadInputError(f"{path}: cannot read the recipe: {exc.strerror or exc}", "check the recipe's path and permissions") from None
     raw = _yaml(text, path)
     if not isinstance(raw, dict):
         raise BadInputError(f"{path}: a recipe is a YAML mapping with steps:, not a {type(raw).__name__}", "see recipes/README.md")
@@ -208,7 +208,7 @@ def _workdir(raw: dict, name: str, given: str | None, where: str) -> str:
     if wd is None:
         return os.path.abspath(os.path.join(DEFAULT_ROOT, name))
     if not isinstance(wd, str) or not wd.strip():
-        raise UsageError(f"{where}: workdir must be a path")
+        raise UsageError(f"{where}: workdir must be a path", f"write workdir: DIR, or leave it out for {DEFAULT_ROOT}/NAME")
     parts = wd.replace("\\", "/").split("/")
     if os.path.isabs(wd) or ".." in parts or wd.startswith("~"):
         raise UsageError(
@@ -277,18 +277,18 @@ def plan(path: str, overrides: list[str] = (), workdir: str | None = None, force
     stem = os.path.splitext(os.path.basename(path))[0]
     name = raw.get("name") or stem
     if not isinstance(name, str) or not _NAME.match(name):
-        raise UsageError(f"{path}: name {name!r} must be letters, digits, '.', '_' or '-'")
+        raise UsageError(f"{path}: name {name!r} must be letters, digits, '.', '_' or '-'", "set a top-level name: made of those characters only")
     description = raw.get("description")
     wd = _workdir(raw, name, workdir, path)
 
     variables = raw.get("vars") or {}
     if not isinstance(variables, dict):
-        raise UsageError(f"{path}: vars must be a mapping of names to values")
+        raise UsageError(f"{path}: vars must be a mapping of names to values", "write one NAME: VALUE per line under vars:")
     for k, v in variables.items():
         if not isinstance(k, str) or not _IDENT.match(k) or k in RESERVED_VARS:
             raise UsageError(f"{path}: {k!r} cannot be a variable name", "use letters, digits and _, not " + ", ".join(sorted(RESERVED_VARS)))
         if isinstance(v, dict):
-            raise UsageError(f"{path}: vars.{k} must be a value or a list, not a mapping")
+            raise UsageError(f"{path}: vars.{k} must be a value or a list, not a mapping", f"give {k} a single value or a [list] of values")
     names: dict[str, Any] = {**variables, "workdir": wd, "name": name}
 
     builtins: list[Builtin] = []
@@ -301,16 +301,16 @@ def plan(path: str, overrides: list[str] = (), workdir: str | None = None, force
     elif isinstance(spec, str) and spec:
         model = os.path.abspath(spec)
     elif spec is not None:
-        raise UsageError(f"{path}: model must be a path or a mapping with builtin: NAME")
+        raise UsageError(f"{path}: model must be a path or a mapping with builtin: NAME", "e.g. model: path/to/model, or model: {builtin: tiny}")
     names["model"] = model
 
     data: dict[str, str] = {}
     entries = raw.get("data") or {}
     if not isinstance(entries, dict):
-        raise UsageError(f"{path}: data must be a mapping of names to files")
+        raise UsageError(f"{path}: data must be a mapping of names to files", "write one NAME: FILE per line under data:")
     for k, v in entries.items():
         if not isinstance(k, str) or not _IDENT.match(k):
-            raise UsageError(f"{path}: data name {k!r} must be letters, digits and _")
+            raise UsageError(f"{path}: data name {k!r} must be letters, digits and _", "rename it, e.g. train or dev_set")
         v = substitute(v, names, f"{path}: data.{k}")
         if isinstance(v, dict):
             b = data_builtin(f"data.{k}", v, os.path.join(wd, "data", f"{k}.jsonl"), f"{path}: data.{k}")
@@ -319,7 +319,7 @@ def plan(path: str, overrides: list[str] = (), workdir: str | None = None, force
         elif isinstance(v, str) and v:
             data[k] = os.path.abspath(v)
         elif v is not None:
-            raise UsageError(f"{path}: data.{k} must be a path or a mapping with builtin: NAME")
+            raise UsageError(f"{path}: data.{k} must be a path or a mapping with builtin: NAME", f"e.g. {k}: train.jsonl, or {k}: {{builtin: sentiment}}")
     for k in data:
         names[f"data.{k}"] = data[k]
 
@@ -341,10 +341,10 @@ def plan(path: str, overrides: list[str] = (), workdir: str | None = None, force
 def _plan_step(path: str, step_id: str, body: Any, names: dict, wd: str, force: bool) -> PlannedStep:
     where = f"{path}: step {step_id}"
     if not _IDENT.match(step_id):
-        raise UsageError(f"{where}: a step name is letters, digits, '_' and '-'")
+        raise UsageError(f"{where}: a step name is letters, digits, '_' and '-'", "rename the step using those characters only")
     body = {} if body is None else body
     if not isinstance(body, dict):
-        raise UsageError(f"{where}: a step is a mapping of options, not {type(body).__name__}")
+        raise UsageError(f"{where}: a step is a mapping of options, not {type(body).__name__}", "write its options as KEY: VALUE lines under the step")
     kind_name = body.get("do", step_id)
     kind = KINDS.get(kind_name)
     if kind is None:
@@ -407,7 +407,7 @@ def _closest_alias(word: str, aliases: dict[str, str]) -> str | None:
 
 def _path(value: Any, wd: str, where: str, key: str) -> str:
     if not isinstance(value, str) or not value:
-        raise UsageError(f"{where}: {key} must be a path, not {value!r}")
+        raise UsageError(f"{where}: {key} must be a path, not {value!r}", f"write {key}: PATH, relative to the workdir")
     return os.path.normpath(os.path.join(wd, value))
 
 

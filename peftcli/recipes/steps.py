@@ -65,7 +65,7 @@ class Kind:
         choice = body.get(self.selector)
         choices = sorted(cmd.commands)
         if choice is None:
-            raise UsageError(f"needs {self.selector}: one of {', '.join(choices)}")
+            raise UsageError(f"needs {self.selector}: one of {', '.join(choices)}", f"add e.g. {self.selector}: {choices[0]} to the step")
         if choice not in cmd.commands:
             raise UsageError(f"unknown {self.selector} {choice!r}{suggest(str(choice), choices)}", "choose one of: " + ", ".join(choices))
         return cmd.commands[choice], ["peftcli", self.name, choice]
@@ -141,7 +141,7 @@ def to_argv(kind: Kind, keys: dict[str, Key], body: dict, where: str) -> list[st
             continue
         values = value if isinstance(value, list) else [value]
         if p.nargs != -1 and len(values) != 1:
-            raise UsageError(f"{where}: {key.name} takes one value, got a list")
+            raise UsageError(f"{where}: {key.name} takes one value, got a list", f"write {key.name}: VALUE, not a [list]")
         for v in values:
             positional.append(_safe_positional(_scalar(v, key, where)))
     for name in kind.required:
@@ -153,7 +153,7 @@ def to_argv(kind: Kind, keys: dict[str, Key], body: dict, where: str) -> list[st
             continue
         if key.param.is_flag:
             if not isinstance(value, bool):
-                raise UsageError(f"{where}: {name} is a switch: give true or false, not {value!r}")
+                raise UsageError(f"{where}: {name} is a switch: give true or false, not {value!r}", f"write {name}: true or {name}: false")
             if value:
                 options.append(key.flag)
             continue
@@ -169,9 +169,9 @@ def _wants(keys: dict[str, Key]) -> str:
 
 def _scalar(value: Any, key: Key, where: str) -> str:
     if isinstance(value, bool):
-        raise UsageError(f"{where}: {key.name} takes a value, not {str(value).lower()}")
+        raise UsageError(f"{where}: {key.name} takes a value, not {str(value).lower()}", f"write {key.name}: VALUE, or leave the key out")
     if isinstance(value, (dict, list)):
-        raise UsageError(f"{where}: {key.name} takes a single value, not {type(value).__name__}")
+        raise UsageError(f"{where}: {key.name} takes a single value, not {type(value).__name__}", f"write {key.name}: VALUE with one string or number")
     if isinstance(value, float):
         return repr(value)
     return str(value)
@@ -187,7 +187,7 @@ def parse(cmd: click.Command, words: list[str], argv: list[str], where: str) -> 
     try:
         ctx = cmd.make_context(" ".join(words), list(argv), resilient_parsing=False)
     except click.ClickException as exc:
-        raise UsageError(f"{where}: {exc.format_message()}") from None
+        raise UsageError(f"{where}: {exc.format_message()}", f"the step's keys are the options of {' '.join(words)}: see its --help") from None
     return dict(ctx.params)
 
 
@@ -210,7 +210,7 @@ def build(kind: str, cmd: click.Command, p: dict) -> Runner:
 
 
 def _build_inspect(cmd, p) -> Runner:
-    from peftcli.cli.inspect_cmd import _BUDGET_OPTION_NAMES
+    from peftcli.cli.inspect_cmd import _BUDGET_OPTION_NAMES, FILTER_HINT
     from peftcli.methods import get_method
     from peftcli.options import option_fields
 
@@ -222,13 +222,15 @@ def _build_inspect(cmd, p) -> Runner:
         try:
             re.compile(p["name_filter"])
         except (re.error, OverflowError, RecursionError) as exc:
-            raise UsageError(f"invalid filter regex {p['name_filter']!r}: {exc}") from None
+            raise UsageError(f"invalid filter regex {p['name_filter']!r}: {exc}", FILTER_HINT) from None
     method = get_method(p["budget"]) if p["budget"] else None
     cfg = None
     if method is not None:
         unused = [k for k in given if k not in {f.name for f in option_fields(method.config_cls)}]
         if unused:
-            raise UsageError(f"{unused[0]} is not an option of {method.name}")
+            raise UsageError(
+                f"{unused[0]} is not an option of {method.name}", f"drop it; see peftcli inject {method.name} --help for {method.name}'s options"
+            )
         cfg = from_options(method.config_cls, method_options)
 
     def run(ctx: Context) -> dict:
@@ -240,7 +242,7 @@ def _build_inspect(cmd, p) -> Runner:
             report = summarize(ckpt, with_tensors=p["with_tensors"], name_filter=p["name_filter"], max_depth=p["depth"])
             if method is not None:
                 if report["format"] != "checkpoint":
-                    raise UsageError(f"budget needs a base checkpoint, and {p['path']} is a {report['format']}")
+                    raise UsageError(f"budget needs a base checkpoint, and {p['path']} is a {report['format']}", "set path to the base model instead")
                 report["budget"] = Budget.of(method, ckpt, cfg).to_json()
         return report
 
@@ -298,7 +300,7 @@ def _build_convert(cmd, p) -> Runner:
     given = sorted(k for k, v in diff_options.items() if v not in (None, False))
     if p["target"] == "lora":
         if given:
-            raise UsageError(f"{given[0]} only applies with to: diff")
+            raise UsageError(f"{given[0]} only applies with to: diff", "drop it, or set to: diff")
 
         def run_lora(ctx: Context) -> dict:
             from peftcli.convert import diff_to_lora

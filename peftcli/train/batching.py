@@ -21,7 +21,7 @@ def load_tokenizer(model_dir: str):
     try:
         tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise BadInputError(f"{model_dir}: no usable tokenizer ({str(exc).splitlines()[0]})", "the model directory needs its tokenizer files") from None
+        raise BadInputError(f"{model_dir}: no usable tokenizer: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}", "the model directory needs its tokenizer files") from None
     if tok.pad_token_id is None:
         # Causal LMs often ship without a pad token; padding positions are masked anyway.
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token

@@ -56,20 +56,25 @@ class TrainConfig:
             raise UsageError(f"unknown --device {self.device!r}", "choose auto, cpu or cuda")
         for name in ("batch_size", "grad_accum", "max_length", "log_every", "keep_checkpoints"):
             if getattr(self, name) <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive")
+                flag = f"--{name.replace('_', '-')}"
+                raise UsageError(f"{flag} must be positive", f"e.g. {flag} {getattr(TrainConfig, name)}, its default")
         for name in ("steps", "eval_every", "patience", "save_every", "limit", "phase1_steps", "threads"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive")
+                flag = f"--{name.replace('_', '-')}"
+                raise UsageError(f"{flag} must be positive", f"give {flag} a value of at least 1, or leave it out")
         if self.epochs is not None and self.epochs <= 0:
-            raise UsageError("--epochs must be positive")
+            raise UsageError("--epochs must be positive", "e.g. --epochs 1; fractions such as 0.5 work too")
         if self.steps is not None and self.epochs is not None:
-            raise UsageError("give --steps or --epochs, not both")
+            raise UsageError("give --steps or --epochs, not both", "drop one of them")
         if self.phase1_lr is not None and self.phase1_lr <= 0:
-            raise UsageError("--phase1-lr must be positive")
+            raise UsageError("--phase1-lr must be positive", "e.g. --phase1-lr 1e-4, or leave it out to use --lr")
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
-            raise UsageError("--lr must be positive and --weight-decay, --warmup-steps, --max-grad-norm non-negative")
+            raise UsageError(
+                "--lr must be positive and --weight-decay, --warmup-steps, --max-grad-norm non-negative",
+                "the defaults are --lr 2e-4 --weight-decay 0 --warmup-steps 0 --max-grad-norm 1.0",
+            )
         if self.full and self.model is None:
-            raise UsageError("--full needs --model DIR, the model to fine-tune")
+            raise UsageError("--full needs --model DIR, the model to fine-tune", "add --model with the model directory")
         if self.patience is not None and self.eval_data is None:
-            raise UsageError("--patience needs --eval data")
+            raise UsageError("--patience needs --eval data", "add --eval FILE with validation data, or drop --patience")

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from peftcli.errors import BadInputError, UsageError
 
 TASKS = ("lm", "sft", "classify")
+_JSONL_HINT = 'a .jsonl data file has one JSON object per line, e.g. {"text": "..."}'
+_CSV_HINT = "the file is not well-formed CSV/TSV; check its quoting on that line"
 KNOWN_COLUMNS = {"text", "sentence", "label", "prompt", "completion", "idx", "id"}
 
 
@@ -58,9 +60,9 @@ def _rows_jsonl(path: str):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise BadInputError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                raise BadInputError(f"{path}:{lineno}: not valid JSON: {exc.msg}", _JSONL_HINT) from None
             if not isinstance(row, dict):
-                raise BadInputError(f"{path}:{lineno}: each line must be a JSON object")
+                raise BadInputError(f"{path}:{lineno}: each line must be a JSON object", _JSONL_HINT)
             yield lineno, row
 
 
@@ -71,7 +73,7 @@ def _rows_delimited(path: str, delimiter: str):
         try:
             first = next(reader, None)
         except csv.Error as exc:
-            raise BadInputError(f"{path}:1: {exc}") from None
+            raise BadInputError(f"{path}:1: {exc}", _CSV_HINT) from None
         if first is None:
             return
         header = [c.strip().lower() for c in first]
@@ -95,10 +97,14 @@ def _rows_delimited(path: str, delimiter: str):
                 if not values or values == [""]:
                     continue
                 if len(values) != len(columns):
-                    raise BadInputError(f"{path}:{lineno}: {len(values)} fields, expected {len(columns)} ({', '.join(columns)})")
+                    raise BadInputError(
+                        f"{path}:{lineno}: {len(values)} fields, expected {len(columns)}: {', '.join(columns)}",
+                        f"give every row {len(columns)} fields; "
+                        + ("a text may not contain a tab" if delimiter == "\t" else 'quote a text that contains commas: "a, b"'),
+                    )
                 yield lineno, dict(zip(columns, values))
         except csv.Error as exc:
-            raise BadInputError(f"{path}:{reader.line_num}: {exc}") from None
+            raise BadInputError(f"{path}:{reader.line_num}: {exc}", _CSV_HINT) from None
 
 
 def _rows(path: str):
@@ -125,7 +131,7 @@ def detect_task(columns: set[str]) -> str | None:
 def load_dataset(path: str, task: str | None = None, limit: int | None = None) -> Dataset:
     """Read ``path``; ``task`` overrides detection. ``limit`` keeps the first N examples."""
     if not os.path.isfile(path):
-        raise BadInputError(f"{path}: no such data file")
+        raise BadInputError(f"{path}: no such data file", "check the path; the data is a .jsonl, .csv or .tsv file")
     if task is not None and task not in TASKS:
         raise UsageError(f"unknown --task {task!r}", "choose lm, sft or classify")
     examples: list[Example] = []
@@ -145,7 +151,7 @@ def load_dataset(path: str, task: str | None = None, limit: int | None = None) -
             if limit is not None and len(examples) >= limit:
                 break
     except UnicodeDecodeError:
-        raise BadInputError(f"{path}: not UTF-8 text") from None
+        raise BadInputError(f"{path}: not UTF-8 text", "re-save the file as UTF-8") from None
     if not examples:
         raise BadInputError(f"{path}: no examples", "the data file is empty")
     labels = sorted({ex.label for ex in examples}, key=_label_order) if detected == "classify" else []
@@ -164,9 +170,12 @@ def _field(path: str, lineno: int, row: dict, names: tuple[str, ...]) -> str:
         value = row.get(name)
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-                raise BadInputError(f"{path}:{lineno}: field {name!r} must be a string or number")
+                raise BadInputError(f"{path}:{lineno}: field {name!r} must be a string or number", "write it as a JSON string or number, not a list, object or boolean")
             return str(value)
-    raise BadInputError(f"{path}:{lineno}: missing field {' or '.join(repr(n) for n in names)}")
+    raise BadInputError(
+        f"{path}:{lineno}: missing field {' or '.join(repr(n) for n in names)}",
+        "every example needs the columns of its task: text (lm), prompt+completion (sft), text/sentence+label (classify)",
+    )
 
 
 def _example(path: str, lineno: int, row: dict, task: str) -> Example:
@@ -176,6 +185,6 @@ def _example(path: str, lineno: int, row: dict, task: str) -> Example:
     if task == "classify":
         label = _field(path, lineno, row, ("label",)).strip()
         if not label:
-            raise BadInputError(f"{path}:{lineno}: empty label")
+            raise BadInputError(f"{path}:{lineno}: empty label", "give every classification example a label")
         return Example(text=text, label=label)
     return Example(text=text)

@@ -70,7 +70,7 @@ def teardown(world: World) -> None:
 def launch(nproc: int, argv: list[str]) -> int:
     """Run ``peftcli <argv>`` in ``nproc`` workers through torch.distributed.run; its exit code."""
     if nproc < 1:
-        raise UsageError(f"--nproc must be positive, got {nproc}")
+        raise UsageError(f"--nproc must be positive, got {nproc}", "e.g. --nproc 2 for two worker processes, or leave it out for one")
     # Every worker runs on this machine, so all traffic stays on loopback. Without this, torchrun
     # hands the workers this host's name as MASTER_ADDR and gloo binds to whatever that name
     # resolves to: on a machine whose hostname does not resolve (a CI sandbox, a container),

@@ -156,7 +156,7 @@ def train(
     with torch_threads(_requested_threads(run, cfg, resume)):
         if method is not None:
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                raise UsageError(*_NO_DDP(method.name))
+                raise no_ddp_error(method.name)
             kwargs = dict(resume=resume, force=force, log=log or (lambda line: None), progress=progress, return_model=return_model)
             if getattr(method, "selects_after_training", False):
                 from peftcli.train import phased
@@ -247,9 +247,9 @@ def multi_phase_method(run: str):
     return method if phased else None
 
 
-def _NO_DDP(name: str) -> tuple[str, str]:
+def no_ddp_error(name: str) -> UsageError:
     # Each phase/round is its own pass of the loop, with its own process group and files.
-    return (f"{name} runs train in one process: --nproc is not supported for them yet", "drop --nproc")
+    return UsageError(f"{name} runs train in one process: --nproc is not supported for them yet", "drop --nproc")
 
 
 def train_adapter(
@@ -321,7 +321,10 @@ def train_adapter(
     if not cfg.full and data.task == "classify" and not adapter.config.get("modules_to_save"):
         heads = _head_modules(info.get("missing_keys", []))
         if not heads:
-            raise BadInputError(f"{model_dir}: cannot find the classification head to train")
+            raise BadInputError(
+                f"{model_dir}: cannot find the classification head to train",
+                "its checkpoint already holds a task head of its own; pass the pretrained model without one",
+            )
         adapted.add_head(heads, "SEQ_CLS")
     adapted.to(device)
     # DDP averages φ's gradients across workers; every worker then applies the same update.

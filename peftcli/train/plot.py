@@ -23,12 +23,12 @@ def read_metrics(run: str) -> tuple[list[dict], list[dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                raise BadInputError(f"{path}:{lineno}: not valid JSON") from None
+                raise BadInputError(f"{path}:{lineno}: not valid JSON", "peftcli train writes this log; delete the damaged line or retrain the run") from None
             if "round" in row:  # a lottery-ticket run: one line per round
                 continue
             (evals if "eval_loss" in row else train).append(row)
     if not train:
-        raise BadInputError(f"{path}: no training steps logged")
+        raise BadInputError(f"{path}: no training steps logged", "train the run for at least --log-every steps first")
     return train, evals
 
 

@@ -69,5 +69,12 @@ def load_state(checkpoint: str) -> dict:
     path = os.path.join(checkpoint, STATE_FILE)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        raise BadInputError(f"{path}: cannot read the training state ({str(exc).splitlines()[0]})") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign file breaks torch.load in many ways
+        from peftcli.checkpoint.reader import torch_error_text
+
+        raise BadInputError(
+            f"{path}: cannot read the training state: {torch_error_text(exc)}",
+            f"the checkpoint is damaged; delete {checkpoint} to resume from the one before it",
+        ) from None
