@@ -260,7 +260,7 @@ def describe(doc: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``python -m peftcli.evaluate``: the ``evaluate`` command with the CLI's error contract."""
     from peftcli.cli import _report
-    from peftcli.cli.run_cmd import evaluate as command
+    from peftcli.cli.evaluate_cmd import evaluate as command
 
     try:
         command.main(argv, prog_name="python -m peftcli.evaluate", standalone_mode=False)

@@ -172,7 +172,7 @@ def test_tensors_outlive_the_checkpoint(tiny_llama):
     gc.collect()
     ref = load_file(os.path.join(tiny_llama, "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"]
     assert torch.equal(w, ref)  # a dangling mapping would crash or give garbage here
-    w.add_(1)  # copy-on-write: the file is untouched
+    w.add_(1)  # the tensor owns its memory: changing it leaves the file untouched
     assert torch.equal(load_file(os.path.join(tiny_llama, "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"], ref)
 
 

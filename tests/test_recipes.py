@@ -45,7 +45,7 @@ def parse_line(line: str) -> dict:
     """Parse a --dry-run line with the CLI's own parsers (no execution); returns the params."""
     words = shlex.split(line)
     if words[:3] == ["python", "-m", "peftcli.evaluate"]:
-        from peftcli.cli.run_cmd import evaluate
+        from peftcli.cli.evaluate_cmd import evaluate
 
         return evaluate.make_context("evaluate", words[3:]).params
     if words[:3] == ["python", "-m", "peftcli.recipes.prepare"]:

@@ -128,6 +128,7 @@ from peftcli.cli import (  # noqa: E402
     completion_cmd,
     convert_cmd,
     diff_cmd,
+    evaluate_cmd,
     inject_cmd,
     inspect_cmd,
     merge_cmd,
@@ -146,7 +147,7 @@ cli.add_command(convert_cmd.convert)
 cli.add_command(combine_cmd.combine)
 cli.add_command(check_cmd.check)
 cli.add_command(run_cmd.run)
-cli.add_command(run_cmd.evaluate)
+cli.add_command(evaluate_cmd.evaluate)
 cli.add_command(completion_cmd.completion)
 
 from peftcli.cli.output import add_quiet  # noqa: E402

@@ -1,17 +1,14 @@
-"""``peftcli run RECIPE``: run a recipe (a YAML pipeline of subcommand steps); and ``evaluate``.
+"""``peftcli run RECIPE``: run a recipe (a YAML pipeline of subcommand steps).
 
 A thin layer over ``peftcli.recipes`` (the format is documented there and in
-recipes/README.md). ``evaluate`` is the command behind a recipe's evaluate step, over
-``peftcli.evaluate``; it runs as ``python -m peftcli.evaluate`` until the group registers it.
+recipes/README.md).
 """
 
 from __future__ import annotations
 
 import click
 
-from peftcli.cli.output import quiet_option, emit_json, json_option, printable, stdout_console
-from peftcli.evaluate import EvalOptions  # imports no torch: that happens inside the command
-from peftcli.options import click_options, from_options
+from peftcli.cli.output import emit_json, json_option, printable, quiet_option, stdout_console
 
 
 @click.command()
@@ -73,32 +70,3 @@ def _render(doc: dict) -> None:
     for s in doc["steps"]:
         table.add_row(printable(s["id"]), s["kind"], printable(describe(s["kind"], s["result"])), f"{s['seconds']:.1f} s")
     stdout_console().print(table)
-
-
-@click.command()
-@click.argument("model", type=click.Path())
-@click_options(EvalOptions)
-@json_option
-def evaluate(model, as_json, **options):
-    """Validation loss (and accuracy, for classification) of MODEL on --data.
-
-    MODEL is a base checkpoint, an adapter run (or its best/) or a standalone checkpoint
-    (merged, or trained with --full). The numbers are the training loop's own. A model
-    without a classification head gets a new one seeded like training's (--seed), the
-    untrained baseline; --head RUN takes the head trained in RUN. --compare OTHER adds how
-    often OTHER's predictions agree with MODEL's.
-
-    \b
-    Examples:
-      peftcli evaluate runs/lora/ --data dev.jsonl
-      peftcli evaluate merged/ --data dev.jsonl --compare runs/lora/ --min-agreement 1
-      peftcli evaluate multi/ --data sst2-dev.jsonl --head runs/sst2/
-    """
-    from peftcli.evaluate import describe
-    from peftcli.evaluate import evaluate as run_evaluate
-
-    doc = run_evaluate(model, from_options(EvalOptions, options))
-    if as_json:
-        emit_json(doc)
-    else:
-        click.echo(printable(f"{model}: {describe(doc)}"))

@@ -54,7 +54,7 @@ class Kind:
         from peftcli.cli import cli
 
         if self.name == "evaluate":
-            from peftcli.cli.run_cmd import evaluate
+            from peftcli.cli.evaluate_cmd import evaluate
 
             # Printed as a peftcli subcommand once the group registers it.
             words = ["peftcli", "evaluate"] if "evaluate" in cli.commands else ["python", "-m", "peftcli.evaluate"]
