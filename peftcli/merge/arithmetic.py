@@ -3,7 +3,8 @@
 Pure functions over torch tensors; the streaming merge calls ``combine`` once per base tensor and
 adds the result to θ₀. Inputs may be any floating dtype: each φ_i is upcast to fp32 once, the
 arithmetic is fp32 and so is the result. Definitions follow mergekit's methods of the same names
-with their default options (``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``):
+with their default options (``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``),
+but for the details below:
 
 =========  ==================================  ===========================================================
 method     per-input φ̃_i                       result
@@ -13,6 +14,13 @@ ties       trim_d(φ_i)                         Σ_{i∈A} λ_i φ̃_i / Σ_{i�
 dare       m_i ⊙ φ_i / d,  m_i ~ Bernoulli(d)  Σ_i λ_i φ̃_i
 dare-ties  m_i ⊙ φ_i / d,  m_i ~ Bernoulli(d)  Σ_{i∈A} λ_i φ̃_i                  (0 where A is empty)
 =========  ==================================  ===========================================================
+
+Where mergekit 0.1.5 differs (benchmarks/README.md compares the outputs): its trim keeps
+K = max(1, int(d × N)), the float product truncated, and breaks ties at the cut by an
+unstable argsort; its DARE rescales each masked φ_i by ‖φ_i‖₁ / ‖m_i ⊙ φ_i‖₁, which is 1/d
+only in expectation. peftcli rounds K on the decimal d as typed, keeps the lowest flat
+indices at the cut and divides by d, so its results depend on no sort implementation and
+E[φ̃_i] = φ_i exactly.
 
 Per entry, with λ_i the weights and d the density:
 
@@ -27,7 +35,7 @@ Per entry, with λ_i the weights and d the density:
   disjoint mean; ties therefore needs λ_i ≥ 0. dare-ties does not divide (mergekit's default
   ``normalize: false`` for dare_ties): it is the sum of the agreeing weighted values.
 - m_i: each entry survives with probability d (u < d for u uniform in [0, 1)), survivors are
-  divided by d, so E[φ̃_i] = φ_i. u is drawn on the CPU from a torch.Generator seeded with the
+  divided by d, so E[φ̃_i] = φ_i (the DARE paper's 1/(1 − p) rescale). u is drawn on the CPU from a torch.Generator seeded with the
   first 8 bytes (little endian) of sha256(f"{seed}\\0{key}\\0{i}"), i the input's position: the
   mask depends only on (seed, key, i, shape), not on the device, on other tensors or their order.
 """

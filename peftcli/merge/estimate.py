@@ -38,7 +38,7 @@ RATES = {
     "write": 1.0e9,  # writes including the closing fsync, bytes/s: the low end measured (1.0-1.4 GB/s)
     "merge": 1.0e9,  # ranged arithmetic, output elements/s per input
     "rank": 7.0e7,  # TIES beyond a linear merge (ranking |φ|, selecting by range), elements/s per input
-    "draw": 1.4e8,  # DARE by ranges (the mask's random draw, drop, rescale, sum), elements/s per input
+    "draw": 6.0e7,  # DARE by ranges (the mask's random draw, drop, rescale, sum), elements/s per input
     "whole": 1.5e8,  # whole-tensor arithmetic (adapter folds), elements/s per input
 }
 
