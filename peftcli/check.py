@@ -291,7 +291,7 @@ def check_adapter(path: str, ckpt: Checkpoint, vocab: int | None = None) -> Resu
     del created
     derived = method.derived_keys(cfg) if hasattr(method, "derived_keys") else set()
     actual = {k: tuple(t.shape) for k, t in adapter.tensors.items() if k not in head_keys}
-    result.problems += _key_problems(actual, expected, set(derived), cfg, vocab)
+    result.problems += _key_problems(actual, expected, set(derived), cfg, vocab, vocab_modules(ckpt, vocab))
     result.problems += _head_problems(adapter, heads, ckpt, vocab)
     result.problems += values
     if result.ok:
@@ -359,7 +359,8 @@ def align(keys: Iterable[str], expected: Iterable[str]) -> tuple[dict[str, str],
 
 
 def _key_problems(
-    actual: dict[str, tuple], expected: dict[str, tuple], derived: set[str], cfg: Any, vocab: int | None
+    actual: dict[str, tuple], expected: dict[str, tuple], derived: set[str], cfg: Any, vocab: int | None,
+    vocab_mods: frozenset[str] = frozenset(),
 ) -> list[Problem]:
     matched, unexpected = align(actual, expected)
     taken = set(matched.values())
@@ -367,7 +368,8 @@ def _key_problems(
     if derived and derived <= taken and not taken - derived:  # only what is computed from the rest: PEFT's form
         missing = [k for k in missing if k in derived]
     problems = [
-        shape_problem(k, actual[k], expected[e], cfg, vocab) for k, e in sorted(matched.items()) if actual[k] != expected[e]
+        shape_problem(k, actual[k], expected[e], cfg, vocab, vocab_mods, expected_key=e)
+        for k, e in sorted(matched.items()) if actual[k] != expected[e]
     ]
     hint = f"{OTHER_BASE} Or was adapter_config.json edited?"
     problems += [Problem(f"{display(k)} is missing: the adapter config creates it on this base", hint) for k in missing]
@@ -375,8 +377,31 @@ def _key_problems(
     return problems
 
 
-def shape_problem(key: str, got: tuple, want: tuple, cfg: Any, vocab: int | None) -> Problem:
-    """Why ``key`` has shape ``got`` where the config on this base gives ``want``, as well as can be told."""
+def vocab_modules(ckpt: Checkpoint, vocab: int | None) -> frozenset[str]:
+    """The base's modules with a vocabulary axis: the input embedding and output heads whose
+    weight has ``vocab`` rows (a tensor of an adapter on them may be sized by the vocabulary)."""
+    if not vocab:
+        return frozenset()
+    names = [input_embedding(ckpt)] + [n for n in ckpt.tensors if n == "lm_head.weight" or n.endswith(".lm_head.weight")]
+    return frozenset(
+        n[: -len(".weight")] for n in names if n and len(ckpt.tensors[n].shape) == 2 and ckpt.tensors[n].shape[0] == vocab
+    )
+
+
+def _on_vocab_module(key: str, modules: frozenset[str]) -> bool:
+    name = display(key)
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
+def shape_problem(
+    key: str, got: tuple, want: tuple, cfg: Any, vocab: int | None, vocab_mods: frozenset[str] = frozenset(),
+    expected_key: str | None = None,
+) -> Problem:
+    """Why ``key`` has shape ``got`` where the config on this base gives ``want`` (for
+    ``expected_key``, the key as the config creates it on this base), as well as can be told.
+    A resized vocabulary is named only for a tensor of a module with a vocabulary axis
+    (``vocab_modules``): elsewhere a dimension equal to the vocabulary's size (a prefix's
+    key/value width, say) is a coincidence."""
     name = display(key)
     shapes = f"shape {list(got)}, expected {list(want)}"
     differ = [i for i in range(len(want)) if got[i] != want[i]] if len(got) == len(want) else []
@@ -386,7 +411,7 @@ def shape_problem(key: str, got: tuple, want: tuple, cfg: Any, vocab: int | None
             f"{name}: rank {got[differ[0]]} in the tensors but r={rank} in adapter_config.json ({shapes})",
             "the config and the tensors disagree: fix 'r' in adapter_config.json",
         )
-    resized = next((i for i in differ if want[i] == vocab), None) if vocab else None
+    resized = next((i for i in differ if want[i] == vocab), None) if vocab and _on_vocab_module(expected_key or key, vocab_mods) else None
     if resized is not None:
         return Problem(f"{name}: {shapes} on this base", resized_vocab_hint(got[resized], vocab))
     return Problem(f"{name}: {shapes} from the adapter config on this base", OTHER_BASE)

@@ -366,3 +366,53 @@ def test_nan_in_the_base_is_found_with_scan_base(tiny_llama, tmp_path):
     assert run(base).exit_code == 0
     line = _line(_fails(run(base, "--scan-base"), "fails its checks"), base)
     assert line.startswith(f"{base}: FAIL: model.norm.weight: 1 NaN among its 64 values")
+
+
+# -- what a shape mismatch is blamed on ------------------------------------------------------------
+
+
+def _wider_kv(tiny_llama, dst) -> str:
+    """The tiny Llama with 4 KV heads instead of 2: keys and values 64 wide, so a prefix's
+    per-token width (2 layers × k and v × 64) is 256, the vocabulary's size by coincidence."""
+
+    def widen(sd):
+        for name in list(sd):
+            if name.endswith(("k_proj.weight", "v_proj.weight")):
+                sd[name] = torch.randn(64, 64)
+
+    return _base_copy(tiny_llama, dst, config=lambda c: c.update(num_key_value_heads=4), tensors=widen)
+
+
+def test_a_prefix_for_another_kv_width_is_not_blamed_on_the_vocabulary(tiny_llama, art, tmp_path):
+    base = _wider_kv(tiny_llama, tmp_path / "kv4")
+    with open_checkpoint(base) as ckpt:  # the coincidence the old rule fell for
+        assert ckpt.tensors["model.embed_tokens.weight"].shape[0] == 256
+    assert not attaches(base, art["prefix"])  # the reference: it does not fit
+    result = run(base, art["prefix"], "--json")
+    _fails(result, "1 of 1 artifact does not fit")
+    problems = next(a for a in json.loads(result.stdout)["artifacts"])["problems"]
+    (problem,) = [p for p in problems if p["message"].startswith("prefix_encoder.transform.2.weight: ")]
+    assert problem["message"] == (
+        "prefix_encoder.transform.2.weight: shape [128, 16], expected [256, 16] from the adapter config on this base"
+    )
+    assert problem["hint"] == "was it made for another base model?"
+    assert not any("vocabulary" in (p["hint"] or "") + p["message"] for p in problems), problems
+
+
+def test_an_adapter_on_the_output_head_of_a_resized_vocabulary_is_named(tiny_llama, tmp_path):
+    out = str(tmp_path / "head-lora")
+    inject(tiny_llama, "lora", LoraConfig(targets="lm_head"), out)  # lora_B of lm_head is [vocab, r]
+
+    def grow(sd):  # the base's vocabulary resized to 260 tokens, config and all
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            sd[name] = torch.cat([sd[name], torch.zeros(4, sd[name].shape[1])])
+
+    base = _base_copy(tiny_llama, tmp_path / "v260", config=lambda c: c.update(vocab_size=260), tensors=grow)
+    assert not attaches(base, out)  # the reference
+    result = run(base, out, "--json")
+    _fails(result, "1 of 1 artifact does not fit")
+    doc = json.loads(result.stdout)
+    assert doc["base"]["ok"], doc["base"]  # the base itself is consistent
+    (problem,) = doc["artifacts"][0]["problems"]
+    assert problem["message"] == "lm_head.lora_B.weight: shape [256, 8], expected [260, 8] on this base"
+    assert problem["hint"].startswith("a vocabulary of 256 tokens against the base's 260: a resized vocabulary")

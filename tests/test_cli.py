@@ -165,6 +165,8 @@ def test_no_color_is_honoured_even_on_a_forced_terminal(tiny_llama):
         (["inspect", "{model}", "--filter", "("], 2, "invalid --filter regex"),
         (["inspect", "{model}", "--bogus"], 2, "No such option"),
         (["frobnicate"], 2, "No such command"),
+        (["inject", "nosuch", "{model}", "-o", "{model}/x"], 2, "unknown method 'nosuch' (choose one of: lora, ia3,"),
+        (["inject", "lorra", "{model}", "-o", "{model}/x"], 2, "unknown method 'lorra' (did you mean 'lora'?)"),
     ],
 )
 def test_errors_are_one_line_with_the_right_exit_code(tiny_llama, args, code, message):
@@ -172,13 +174,16 @@ def test_errors_are_one_line_with_the_right_exit_code(tiny_llama, args, code, me
     assert result.exit_code == code, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert lines[0].endswith(")"), lines[0]  # every error ends with its hint: what to do about it
     assert result.stdout == ""
 
 
 def test_debug_shows_the_traceback():
     result = run("--debug", "inspect", "/nonexistent/model")
     assert result.exit_code == 1
-    assert "Traceback" in result.stderr and result.stderr.strip().endswith("no such file or directory")
+    *trace, last = result.stderr.strip().splitlines()
+    assert "Traceback (most recent call last):" in trace
+    assert last.startswith("error: /nonexistent/model: no such file or directory")
 
 
 def test_pickle_requires_the_flag_on_the_cli(tmp_path):

@@ -40,7 +40,19 @@ def _command(method) -> click.Command:
     return command
 
 
-@click.group()
+class _MethodGroup(click.Group):
+    """The methods as subcommands; an unknown one is the registry's usage error (the methods, the closest)."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and not ctx.resilient_parsing and self.get_command(ctx, name) is None:
+            from peftcli.methods import get_method
+
+            get_method(name)  # raises: "unknown method 'lroa' (did you mean 'lora'?) (choose one of: ...)"
+        return super().resolve_command(ctx, args)
+
+
+@click.group(cls=_MethodGroup)
 def inject() -> None:
     """Add a PEFT method's parameters φ to a model: writes an adapter directory.
 

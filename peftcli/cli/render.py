@@ -100,23 +100,74 @@ def _adapter_line(ac: dict) -> str:
     return line
 
 
+def budget_groups(targets: list[dict]) -> list[dict]:
+    """``targets`` (a budget's per-module rows) with modules that differ only by layer index
+    collapsed to one row: ``{module: "model.layers.{0..31}.self_attn.q_proj", count, shape,
+    each, params}``, in the order of their first member.
+
+    The grouping is inspect's module tree's (``peftcli.summary``): runs of consecutive layers
+    whose targets have equal shapes and parameter counts merge.
+    """
+    from peftcli.summary import _build_tree, _groups
+
+    # The tree's leaves carry (shape, params) where the module tree carries (shape, dtype):
+    # equal signatures then mean equal shapes and equal counts, so "each" is well defined.
+    root = _build_tree([(t["module"], tuple(t["shape"]), t["params"]) for t in targets])
+    order: dict[tuple[int, str], int] = {}
+    for i, t in enumerate(targets):
+        *path, leaf = t["module"].split(".")
+        node = root
+        for part in path:
+            node = node.children[part]
+        order.setdefault((id(node), leaf), i)
+    rows: list[tuple[int, dict]] = []
+
+    def walk(node, prefix: str, mult: int) -> None:
+        for leaf, (shape, params) in node.params.items():
+            module = f"{prefix}.{leaf}" if prefix else leaf
+            rows.append((order[(id(node), leaf)], {"module": module, "count": mult, "shape": list(shape), "each": params, "params": params * mult}))
+        for label, members in _groups(node):
+            walk(members[0], f"{prefix}.{label}" if prefix else label, mult * len(members))
+
+    walk(root, "", 1)
+    return [row for _, row in sorted(rows, key=lambda r: r[0])]
+
+
+def share_line(budget: dict) -> str:
+    """The totals line: trainable parameters as a count and as shares of the base."""
+    trainable, base = budget["trainable_params"], budget["base_params"]
+    head = f"trainable {trainable:,} of {base:,} base parameters"
+    peft = f"{budget['pct_of_total']:.4f}% of base + added, PEFT's convention"
+    if not budget.get("in_place") and base and trainable > base:
+        # φ larger than the base (prefix tuning's MLP on a small model): no negative "fewer".
+        return f"{head}: {trainable / base:.2f}× the base's parameters ({peft}), more than full fine-tuning"
+    share = f"{budget['pct_of_base']:.4f}% of the base"
+    fewer = f"{budget['reduction_pct']:.4f}% fewer than full fine-tuning"
+    if not budget.get("in_place"):
+        share += f" ({peft})"
+        fewer += f" ({budget['reduction_pct_of_total']:.4f}% in PEFT's convention)"
+    return f"{head}: {share}, {fewer}"
+
+
 def render_budget(budget: dict, console) -> None:
+    """Per target group (repeated layers once, with a count), then the totals."""
     from rich.table import Table
 
     table = Table(title=f"budget: {budget['method']}", title_justify="left", show_edge=False, pad_edge=False)
     table.add_column("target")
+    table.add_column("count", justify="right")
     table.add_column("shape")
+    table.add_column("each", justify="right")
     table.add_column("trains in place" if budget.get("in_place") else "added params", justify="right")
-    for t in budget["targets"]:
-        table.add_row(printable(t["module"]), " × ".join(map(str, t["shape"])), f"{t['params']:,}")
+    for g in budget_groups(budget["targets"]):
+        many = g["count"] > 1
+        table.add_row(
+            printable(g["module"]), f"×{g['count']}" if many else "", " × ".join(map(str, g["shape"])),
+            f"{g['each']:,}" if many else "", f"{g['params']:,}",
+        )
     console.print()
     console.print(table)
-    share = f"{budget['pct_of_base']:.4f}% of the base"
-    fewer = f"{budget['reduction_pct']:.4f}% fewer than full fine-tuning"
-    if not budget.get("in_place"):
-        share += f" ({budget['pct_of_total']:.4f}% of base + added, PEFT's convention)"
-        fewer += f" ({budget['reduction_pct_of_total']:.4f}% in PEFT's convention)"
-    console.print(f"trainable {budget['trainable_params']:,} of {budget['base_params']:,} base parameters: {share}, {fewer}")
+    console.print(share_line(budget))
     if "filter" in budget:
         f = budget["filter"]
         console.print(f"filter /{printable(f['pattern'])}/ matches {f['num_targets']:,} targets, {f['trainable_params']:,} of the trainable parameters")

@@ -20,10 +20,41 @@ METHODS: dict[str, Method] = {
 }
 
 
+# Names people reach for that are options of a method here, not methods of their own.
+ALIASES = {
+    "dora": "lora --dora",
+    "rslora": "lora --rslora",
+    "houlsby": "adapter --style houlsby",
+    "pfeiffer": "adapter --style pfeiffer",
+    "parallel": "adapter --style parallel",
+    "prefix-tuning": "prefix",
+    "prompt-tuning": "prompt",
+    "ltsft": "lt-sft",
+    "lth": "lottery",
+}
+
+
+def closest_method(name: str) -> str | None:
+    """The method (or ``method --option``) ``name`` most likely meant, or None."""
+    import difflib
+
+    word = name.strip().lower().replace("_", "-")
+    if word in METHODS:
+        return word
+    if word in ALIASES:
+        return ALIASES[word]
+    close = difflib.get_close_matches(word, [*METHODS, *ALIASES], n=1, cutoff=0.6)
+    return (ALIASES.get(close[0], close[0])) if close else None
+
+
 def get_method(name: str) -> Method:
     method = METHODS.get(name)
     if method is None:
-        raise UsageError(f"unknown method {name!r}", "choose one of: " + ", ".join(METHODS))
+        close = closest_method(name)
+        raise UsageError(
+            f"unknown method {name!r}" + (f" (did you mean {close!r}?)" if close else ""),
+            "choose one of: " + ", ".join(METHODS),
+        )
     return method
 
 
@@ -47,4 +78,4 @@ def method_for_adapter_config(config: dict, where: str) -> Method:
     raise BadInputError(f"{where}: unsupported adapter method peft_type={peft_type!r}", "supported: " + ", ".join(known))
 
 
-__all__ = ["Attached", "Budget", "BudgetRow", "Method", "METHODS", "get_method", "method_for_adapter_config"]
+__all__ = ["ALIASES", "Attached", "Budget", "BudgetRow", "Method", "METHODS", "closest_method", "get_method", "method_for_adapter_config"]
