@@ -255,8 +255,6 @@ def test_untrained_sparse_runs_are_refused_in_one_line(tiny_llama, tmp_path):
     result = CliRunner().invoke(cli, ["merge", tiny_llama, run, "-o", str(tmp_path / "m")])
     assert result.exit_code == 1 and "has not been trained yet" in result.stderr and "Traceback" not in result.output
     assert not os.path.exists(tmp_path / "m")
-    ddp = CliRunner().invoke(cli, ["train", run, "--data", "x.jsonl", "--nproc", "2"])
-    assert ddp.exit_code == 2 and "--nproc is not supported" in ddp.stderr
     missing = CliRunner().invoke(cli, ["inject", "lt-sft", tiny_llama, "-o", str(tmp_path / "x")])
     assert missing.exit_code == 2 and "--density or --top-k" in missing.stderr and not os.path.exists(tmp_path / "x")
 
@@ -316,3 +314,39 @@ def test_dense_tensors_train_whole_outside_the_top_k(tiny_llama, data, tmp_path)
         assert idx is None and torch.equal(val.reshape(-1), entries[n][1])
     bad = CliRunner().invoke(cli, ["inject", "lt-sft", "--top-k", "5", "--dense", "(", tiny_llama, "-o", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "not a valid regular expression" in bad.stderr
+
+
+@pytest.mark.parametrize("method, opts", [("lt-sft", {"top_k": K}), ("lottery", {"rounds": 1, "prune_rate": 0.5})])
+def test_two_gloo_workers_equal_one_process_for_the_multi_pass_methods(tiny_llama, data, tmp_path, method, opts):
+    # Every pass (phase 1, phase 2; each round) is data-parallel in one process group; Llama has
+    # no dropout, so both runs compute the same thing up to the order of the gradient sums.
+    one, two = _inject(tiny_llama, tmp_path, method, "one", **opts), _inject(tiny_llama, tmp_path, method, "two", **opts)
+    common = ["--data", data["lm"], "--steps", "3", "--phase1-steps", "3", "--lr", "1e-2", "--phase1-lr", "1e-3", "--quiet"]
+    subprocess.run([sys.executable, "-m", "peftcli", "train", one, *common, "--batch-size", "8"], check=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "peftcli", "train", two, *common, "--batch-size", "4", "--nproc", "2", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=280, env=os.environ | {"PEFTCLI_DIST_TIMEOUT": "120"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('"schema"') == 1  # one report, from rank 0
+    if method == "lt-sft":
+        a, b = _sparse(one), _sparse(two)
+        assert set(a) == set(b) and sum(i.numel() for i, _ in a.values()) == K
+        for name, (idx, val) in a.items():
+            assert torch.equal(idx, b[name][0]), name  # the same K entries chosen
+            assert torch.allclose(val, b[name][1], atol=1e-5), name
+        assert any(bool(v.abs().sum() > 0) for _, v in a.values())  # phase 2 trained them
+        db = read_diff(os.path.join(two, phased.DIFF_FILE))  # rank 0 wrote the diff of the same K
+        assert sum(int(db.get(n)[0].numel()) for n in db.names) == K
+    else:
+        for name in ("mask.safetensors", "ticket/model.safetensors"):
+            a, b = load_file(os.path.join(one, name)), load_file(os.path.join(two, name))
+            assert set(a) == set(b), name
+            for k in a:
+                if a[k].dtype == torch.bool:
+                    assert torch.equal(a[k], b[k]), (name, k)
+                else:
+                    assert torch.allclose(a[k], b[k], atol=1e-5), (name, k)
+        rows = [json.loads(line) for line in open(os.path.join(two, "metrics.jsonl"))]
+        assert [r["round"] for r in rows] == [0, 1] and rows[1]["density"] < 1.0
+

@@ -81,11 +81,6 @@ def train(run, resume, force, quiet, nproc, as_json, **options):
     """
     if nproc is not None:
         from peftcli.train.distributed import launch
-        from peftcli.train.loop import multi_phase_method, no_ddp_error
-
-        method = None if options.get("full") else multi_phase_method(run)
-        if method is not None and nproc > 1:
-            raise no_ddp_error(method.name)
 
         # Every worker runs this same command without --nproc; torchrun sets RANK/WORLD_SIZE.
         argv = _without_nproc(sys.argv[1:])

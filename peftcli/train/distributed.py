@@ -4,15 +4,20 @@
 ``torchrun --nproc-per-node N -m peftcli train ...``). Every worker holds the whole model and
 takes its slice of each global batch (global batch = per-worker batch × N × accumulation);
 DDP averages the gradients, so every worker applies the same update. Only rank 0 writes.
+Runs of several passes (LT-SFT and diff-pruning's phases, lottery rounds) hold one process
+group for all of them (``held_group``); rank 0 does the work between passes (selection,
+pruning, files) while the others wait at a barrier.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Iterator
 
 import torch
 
@@ -59,12 +64,61 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
+_held = False  # a multi-pass run (held_group) owns the process group: teardown leaves it alone
+
+
 def teardown(world: World) -> None:
-    if world.distributed:
+    if world.distributed and not _held:
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def held_group(device_type: str) -> Iterator[World]:
+    """One process group for every pass of the loop a run makes (LT-SFT's phases, lottery rounds).
+
+    Each pass calls ``setup`` (which joins the group already there) and ``teardown`` (a no-op
+    while the group is held); the group is destroyed once, when the run is done.
+    """
+    global _held
+    world = setup(device_type)
+    if not world.distributed:
+        yield world
+        return
+    _held = True
+    try:
+        yield world
+    finally:
+        _held = False
+        teardown(world)
+
+
+def average_gradients(world: World, params) -> None:
+    """Mean of each parameter's gradient over the workers, by hand, in one all-reduce.
+
+    For φ that DDP cannot see: sparse fine-tuning's K values get their gradients from hooks on
+    the frozen weights after backward, not from autograd, so DDP's reducer never fires for them.
+    A parameter without a gradient on this worker contributes zeros (every worker must send
+    the same buffer).
+    """
+    if not world.distributed:
+        return
+    import torch.distributed as dist
+
+    params = list(params)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= world.size
+    offset = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        offset += n
 
 
 def launch(nproc: int, argv: list[str]) -> int:

@@ -155,8 +155,6 @@ def train(
     method = None if (cfg is not None and cfg.full) else multi_phase_method(run)
     with torch_threads(_requested_threads(run, cfg, resume)):
         if method is not None:
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                raise no_ddp_error(method.name)
             kwargs = dict(resume=resume, force=force, log=log or (lambda line: None), progress=progress, return_model=return_model)
             if getattr(method, "selects_after_training", False):
                 from peftcli.train import phased
@@ -247,11 +245,6 @@ def multi_phase_method(run: str):
     return method if phased else None
 
 
-def no_ddp_error(name: str) -> UsageError:
-    # Each phase/round is its own pass of the loop, with its own process group and files.
-    return UsageError(f"{name} runs train in one process: --nproc is not supported for them yet", "drop --nproc")
-
-
 def train_adapter(
     run: str,
     cfg: TrainConfig | None = None,
@@ -328,7 +321,10 @@ def train_adapter(
         adapted.add_head(heads, "SEQ_CLS")
     adapted.to(device)
     # DDP averages φ's gradients across workers; every worker then applies the same update.
-    forward = torch.nn.parallel.DistributedDataParallel(adapted) if world.distributed else adapted
+    # A sparse φ (LT-SFT, diff-pruning) gets its gradients from hooks after backward, which
+    # DDP's reducer cannot see: those are averaged by hand before the update.
+    sync_by_hand = world.distributed and getattr(adapted, "grad_carriers", False)
+    forward = torch.nn.parallel.DistributedDataParallel(adapted) if world.distributed and not sync_by_hand else adapted
 
     per_step = cfg.batch_size * cfg.grad_accum * world.size
     steps_per_epoch = max(1, len(train_items) // per_step)
@@ -414,6 +410,8 @@ def train_adapter(
                 if hooks is not None and hooks.extra_loss is not None:
                     loss = loss + hooks.extra_loss(adapted) / cfg.grad_accum
                 loss.backward()
+            if sync_by_hand:
+                distributed.average_gradients(world, named.values())
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(list(named.values()), cfg.max_grad_norm)
             optimizer.step()
@@ -480,8 +478,8 @@ def _prepare_full_run(run: str, cfg: TrainConfig, resume: bool, force: bool) -> 
     """RUN of a full fine-tune is a new directory that becomes a checkpoint (never the base)."""
     from peftcli.checkpoint.atomic import check_output_path
 
-    if resume:
-        return
+    if resume or int(os.environ.get("RANK", "0")) != 0:
+        return  # under --nproc rank 0 prepares RUN (the others would race with its first writes)
     if os.path.isdir(run) and os.listdir(run) and not os.path.isfile(os.path.join(run, ARGS_FILE)):
         check_output_path(run, [cfg.model], force=False)  # names the input if RUN is (inside) the base
         raise UsageError(f"{run} exists and is not a training run", "choose a new RUN directory for --full")

@@ -10,6 +10,9 @@ round (density, steps, final loss, best validation loss/accuracy); ``RUN/lottery
 records the next round, so ``--resume`` continues where a run was killed (inside a round,
 through that round's checkpoints).
 
+Under ``--nproc`` every round is a data-parallel full fine-tuning in one process group (the mask
+re-applied on every worker after each step); rank 0 writes the mask, rewind point and metrics.
+
 The rewind point (``RUN/rewind.safetensors``) is the model after ``--rewind-step`` steps of
 round 0 — with 0, the pretrained weights and the seeded initial head.
 """
@@ -28,6 +31,7 @@ from peftcli.checkpoint.writer import save_state_dict
 from peftcli.errors import UsageError
 from peftcli.methods import method_for_adapter_config
 from peftcli.methods.lottery import prunable
+from peftcli.train import distributed
 from peftcli.train import state as ckpt_state
 from peftcli.train.config import TrainConfig
 from peftcli.train.phased import phase1_config
@@ -62,46 +66,61 @@ def train(run: str, cfg: TrainConfig | None, *, resume: bool, force: bool, log, 
         cfg = loop.resolve_config(run, cfg, resume=False)
         if os.path.exists(state_path) and not force:
             raise UsageError(f"{run} has already been trained", "pass --resume to continue it or --force to train it again")
-        for name in os.listdir(run):
-            if name.startswith("round-") or name == TICKET:
-                shutil.rmtree(os.path.join(run, name))
-            elif name in (MASK, REWIND, loop.METRICS_FILE, loop.ARGS_FILE, STATE):
-                os.unlink(os.path.join(run, name))
         state = {"round": 0}
     cfg = loop.with_model_dir(cfg, adapter)
     model_dir = cfg.model
-    if not resume:
-        loop._write_json(args_path, dataclasses.asdict(cfg))
-        loop._write_json(state_path, state)
     with open_checkpoint(model_dir) as base:
         base_prunable = prunable({t.name: t.shape for t in base.tensors.values()})
 
     cfg_round = phase1_config(cfg)
     summary = None
-    for r in range(state["round"], lcfg.rounds + 1):
-        rdir = _round_dir(run, r)
-        hooks = _hooks(run, r, lcfg, base_prunable)
-        log(f"round {r}/{lcfg.rounds}: training at density {_density(run):.4f}")
-        if resume and ckpt_state.latest_checkpoint(rdir) is not None:
-            summary = loop.train_adapter(rdir, None, resume=True, log=log, progress=progress, hooks=hooks)
-        else:
-            shutil.rmtree(rdir, ignore_errors=True)
-            summary = loop.train_adapter(rdir, cfg_round, force=True, log=log, progress=progress, hooks=hooks)
-        resume = False  # later rounds start fresh
-        density = _density(run)
-        _append_metrics(run, {
-            "round": r, "density": density, "steps": summary["steps"], "final_loss": summary["final_loss"],
-            "eval_loss": summary["best"]["eval_loss"], "eval_accuracy": summary["best"]["eval_accuracy"],
-        })
-        if r < lcfg.rounds:
-            _prune(run, rdir, lcfg, cfg.train_seed + r, base_prunable)
-            shutil.rmtree(rdir)
-        else:
-            shutil.rmtree(os.path.join(run, TICKET), ignore_errors=True)
-            os.replace(rdir, os.path.join(run, TICKET))
-        loop._write_json(state_path, {"round": r + 1})
+    # Under --nproc every worker runs the rounds (each a data-parallel full fine-tuning); rank 0
+    # alone writes the run's files between them, and the others wait for it at a barrier.
+    with distributed.held_group(loop._resolve_device(cfg.device).type) as world:
+        if not resume:
+            if world.main:
+                _clear(run)
+                loop._write_json(args_path, dataclasses.asdict(cfg))
+                loop._write_json(state_path, state)
+            distributed.barrier(world)
+        for r in range(state["round"], lcfg.rounds + 1):
+            rdir = _round_dir(run, r)
+            hooks = _hooks(run, r, lcfg, base_prunable, world.main)
+            log(f"round {r}/{lcfg.rounds}: training at density {_density(run):.4f}")
+            if resume and ckpt_state.latest_checkpoint(rdir) is not None:
+                summary = loop.train_adapter(rdir, None, resume=True, log=log, progress=progress, hooks=hooks)
+            else:
+                if world.main:
+                    shutil.rmtree(rdir, ignore_errors=True)
+                distributed.barrier(world)
+                summary = loop.train_adapter(rdir, cfg_round, force=True, log=log, progress=progress, hooks=hooks)
+            resume = False  # later rounds start fresh
+            if world.main:
+                _append_metrics(run, {
+                    "round": r, "density": _density(run), "steps": summary["steps"], "final_loss": summary["final_loss"],
+                    "eval_loss": summary["best"]["eval_loss"], "eval_accuracy": summary["best"]["eval_accuracy"],
+                })
+                if r < lcfg.rounds:
+                    _prune(run, rdir, lcfg, cfg.train_seed + r, base_prunable)
+                    shutil.rmtree(rdir)
+                else:
+                    shutil.rmtree(os.path.join(run, TICKET), ignore_errors=True)
+                    os.replace(rdir, os.path.join(run, TICKET))
+                loop._write_json(state_path, {"round": r + 1})
+            distributed.barrier(world)
     summary = {**summary, "run": run, "rounds": lcfg.rounds, "density": _density(run), "ticket": os.path.join(run, TICKET)}
     return (summary, None) if return_model else summary
+
+
+def _clear(run: str) -> None:
+    """Forget a previous training (``--force``): the run is as ``inject`` wrote it."""
+    from peftcli.train import loop
+
+    for name in os.listdir(run):
+        if name.startswith("round-") or name == TICKET:
+            shutil.rmtree(os.path.join(run, name))
+        elif name in (MASK, REWIND, loop.METRICS_FILE, loop.ARGS_FILE, STATE):
+            os.unlink(os.path.join(run, name))
 
 
 def _density(run: str) -> float:
@@ -128,13 +147,15 @@ def _load(path: str, device) -> dict[str, torch.Tensor]:
         return {n: ckpt.get(n).to(device) for n in ckpt.tensors}
 
 
-def _hooks(run: str, r: int, lcfg, base_prunable: list[str]):
-    """Start from the masked rewind point; keep pruned weights at 0; record the rewind point."""
+def _hooks(run: str, r: int, lcfg, base_prunable: list[str], main: bool = True):
+    """Start from the masked rewind point; keep pruned weights at 0; record the rewind point (``main``: rank 0 writes it)."""
     from peftcli.train.loop import TrainHooks
 
     masks: dict[str, torch.Tensor] = {}
 
     def snapshot(adapted) -> None:
+        if not main:
+            return
         params = adapted.phi_parameters()
         save_state_dict({n: p.detach().cpu() for n, p in params.items()}, os.path.join(run, REWIND), force=True)
 

@@ -11,7 +11,8 @@
    state), skipped by diff-pruning's ``--no-retrain``.
 4. ``RUN/phi.diff``: φ = θ⁽²⁾ − θ⁽⁰⁾ with exactly K entries, for ``merge``/``combine``.
 
-Each phase resumes on its own, so ``--resume`` after a kill in either phase ends with the
+Under ``--nproc`` each phase is data-parallel (phase 2 averages the K values' gradients by
+hand) in one process group; rank 0 writes, selects and writes the diff. Each phase resumes on its own, so ``--resume`` after a kill in either phase ends with the
 same bytes as an uninterrupted run: phase 1 through the full loop's checkpoints, the
 selection is a deterministic function of the phase-1 checkpoint, phase 2 through the
 adapter loop's checkpoints.
@@ -33,6 +34,7 @@ from peftcli.errors import UsageError
 from peftcli.methods import method_for_adapter_config, sparse_phi
 from peftcli.methods.base import PEFT_PREFIX
 from peftcli.methods.sparse_ft import candidates, dense_tensors, k_for
+from peftcli.train import distributed
 from peftcli.train import state as ckpt_state
 from peftcli.train.config import TrainConfig
 
@@ -69,30 +71,41 @@ def train(run: str, cfg: TrainConfig | None, *, resume: bool, force: bool, log, 
         cfg = loop.resolve_config(run, cfg, resume=False)
         if started and not force:
             raise UsageError(f"{run} has already been trained", "pass --resume to continue it or --force to train it again")
-        if started:
-            adapter = _reset(run, adapter)
-            selected = False
     cfg = loop.with_model_dir(cfg, adapter)
     model_dir = cfg.model
-    if not resume:
-        loop._write_json(args_path, dataclasses.asdict(cfg))
+    # Under --nproc every worker runs this function; rank 0 alone touches the run directory
+    # between the passes of the loop, and the others wait for it at a barrier.
+    with distributed.held_group(loop._resolve_device(cfg.device).type) as world:
+        if not resume:
+            if world.main:
+                if started:
+                    _reset(run, adapter)
+                loop._write_json(args_path, dataclasses.asdict(cfg))
+            distributed.barrier(world)
+            adapter = read_adapter(run)
+            selected = sparse_phi.is_selected(adapter.tensors)
 
-    if not selected:
-        summary1 = _phase1(run, cfg, method, mcfg, resume, log, progress)
-        _select(run, cfg, method, mcfg, adapter, log)
-    else:
-        summary1 = loop._read_json(os.path.join(run, PHASE1_DONE)) if os.path.isfile(os.path.join(run, PHASE1_DONE)) else None
+        if not selected:
+            summary1 = _phase1(run, cfg, method, mcfg, resume, log, progress, world)
+            if world.main:
+                _select(run, cfg, method, mcfg, adapter, log)
+            distributed.barrier(world)
+        else:
+            summary1 = loop._read_json(os.path.join(run, PHASE1_DONE)) if os.path.isfile(os.path.join(run, PHASE1_DONE)) else None
 
-    if getattr(mcfg, "no_retrain", False):
-        summary, model = summary1, None
-        log("diff-pruning --no-retrain: the pruned phase-1 φ is the result")
-    else:
-        log("phase 2: training the selected entries only")
-        resume2 = resume and ckpt_state.latest_checkpoint(run) is not None
-        out = loop.train_adapter(run, cfg, resume=resume2, force=True, log=log, progress=progress, return_model=return_model)
-        summary, model = out if return_model else (out, None)
-        loop._write_json(args_path, dataclasses.asdict(cfg))  # the user's options, phase 1 included
-    _write_phi_diff(run, model_dir, method.name)
+        if getattr(mcfg, "no_retrain", False):
+            summary, model = summary1, None
+            log("diff-pruning --no-retrain: the pruned phase-1 φ is the result")
+        else:
+            log("phase 2: training the selected entries only")
+            resume2 = resume and ckpt_state.latest_checkpoint(run) is not None
+            out = loop.train_adapter(run, cfg, resume=resume2, force=True, log=log, progress=progress, return_model=return_model)
+            summary, model = out if return_model else (out, None)
+            if world.main:
+                loop._write_json(args_path, dataclasses.asdict(cfg))  # the user's options, phase 1 included
+        if world.main:
+            _write_phi_diff(run, model_dir, method.name)
+        distributed.barrier(world)
     summary = {**summary, "run": run, "phase1": summary1, "k": _k_of(run, mcfg)}
     return (summary, model) if return_model else summary
 
@@ -119,7 +132,7 @@ def _reset(run: str, adapter):
     return read_adapter(run)
 
 
-def _phase1(run: str, cfg: TrainConfig, method, mcfg, resume: bool, log, progress) -> dict:
+def _phase1(run: str, cfg: TrainConfig, method, mcfg, resume: bool, log, progress, world) -> dict:
     from peftcli.train import loop
 
     p1 = os.path.join(run, PHASE1)
@@ -132,10 +145,13 @@ def _phase1(run: str, cfg: TrainConfig, method, mcfg, resume: bool, log, progres
     if resume and ckpt_state.latest_checkpoint(p1) is not None:
         summary = loop.train_adapter(p1, None, resume=True, log=log, progress=progress, hooks=hooks)
     else:
-        shutil.rmtree(p1, ignore_errors=True)
+        if world.main:
+            shutil.rmtree(p1, ignore_errors=True)
+        distributed.barrier(world)
         summary = loop.train_adapter(p1, cfg1, force=True, log=log, progress=progress, hooks=hooks)
     summary = {k: v for k, v in summary.items() if k != "labels"}
-    loop._write_json(done, summary)
+    if world.main:
+        loop._write_json(done, summary)
     return summary
 
 
