@@ -113,7 +113,13 @@ def test_inspect_filter_narrows_the_budget_listing_not_its_totals(tiny_llama):
     doc = json.loads(run("inspect", tiny_llama, "--json", "--budget", "lora", "--filter", r"layers\.0\.").stdout)["budget"]
     expected = [t for t in whole["targets"] if ".layers.0." in t["module"]]
     assert doc["targets"] == expected and 0 < len(expected) < len(whole["targets"])
-    assert doc["filter"] == {"pattern": r"layers\.0\.", "num_targets": len(expected), "trainable_params": sum(t["params"] for t in expected)}
+    assert doc["filter"] == {
+        "pattern": r"layers\.0\.", "applies": True, "num_targets": len(expected), "trainable_params": sum(t["params"] for t in expected)
+    }
+    by_weight = json.loads(run("inspect", tiny_llama, "--json", "--budget", "lora", "--filter", r"q_proj\.weight$").stdout)["budget"]
+    assert [t["module"] for t in by_weight["targets"]] == [t["module"] for t in whole["targets"] if t["module"].endswith("q_proj")]
+    top_k = json.loads(run("inspect", tiny_llama, "--json", "--budget", "lt-sft", "--density", "0.01", "--filter", "top").stdout)["budget"]
+    assert top_k["filter"]["applies"] is False and top_k["targets"] and top_k["filter"]["num_targets"] == len(top_k["targets"])
     assert doc["trainable_params"] == whole["trainable_params"]
     text = run("inspect", tiny_llama, "--budget", "lora", "--filter", r"layers\.0\.").stdout
     assert ".layers.1." not in text and f"matches {len(expected)} targets" in text

@@ -15,6 +15,7 @@ import inspect
 import json
 import os
 import pathlib
+import random
 import re
 
 import pytest
@@ -293,14 +294,19 @@ def test_a_pickle_that_weights_only_refuses_gets_our_own_line(tmp_path, payload,
     assert not marker.exists()
 
 
-def test_a_plain_pickle_names_the_opcode_it_uses(tmp_path):
+def test_a_plain_pickle_or_random_bytes_are_unreadable_not_refused(tmp_path):
+    # An opcode the safe unpickler lacks is what damaged files hit too: "refused ... if you
+    # trust the file" would blame safety for what is a broken or foreign file.
     import pickle
 
-    path = tmp_path / "plain.pkl"
-    path.write_bytes(pickle.dumps({"w": [1.0]}, protocol=4))  # not torch.save: FRAME (opcode 149) comes first
-    message, hint = split_error(run("inspect", path, "--allow-pickle"), 1)
-    assert message.endswith("refused by torch.load(weights_only=True): it uses pickle opcode 149, which the safe unpickler does not support")
-    assert "safetensors" in hint
+    plain = tmp_path / "plain.pkl"
+    plain.write_bytes(pickle.dumps({"w": [1.0]}, protocol=4))  # not torch.save: FRAME (opcode 149) comes first
+    noise = tmp_path / "noise.bin"
+    noise.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(4096)))
+    for path in (plain, noise):
+        message, hint = split_error(run("inspect", path, "--allow-pickle"), 1)
+        assert "cannot read it" in message and "refused" not in message, message
+        assert "not a PyTorch checkpoint" in hint
 
 
 @pytest.mark.parametrize("damage", ["truncated", "junk"])

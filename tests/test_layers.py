@@ -107,7 +107,8 @@ ATTENTION = {
         ("bert", "attention.output", r"encoder\.layer\.1\.attention\.output\..*"),
         # `output` is the block's own FFN output module, not also attention.output (a module of the block).
         ("bert", "output", r"encoder\.layer\.1\.output\..*"),
-        ("bert", "output.dense", r"encoder\.layer\.1\.(attention\.)?output\.dense\..*"),
+        ("bert", "output.dense", r"encoder\.layer\.1\.output\.dense\..*"),  # a path from the block: the FFN's only
+        ("bert", "dense", r"encoder\.layer\.1\.(attention\.output|intermediate|output)\.dense\..*"),  # last piece: every dense
         ("bert", "self", r"encoder\.layer\.1\.attention\.self\..*"),  # a piece inside the path still works
         ("bert", "LayerNorm", r"encoder\.layer\.1\.(attention\.)?output\.LayerNorm\..*"),
         ("gpt2", "attn,ln_1", r"transformer\.h\.1\.(attn|ln_1)\..*"),

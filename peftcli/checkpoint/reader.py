@@ -356,8 +356,10 @@ def _open_pickle(path: str, files: list[str], directory: str | None, allow_pickl
         except MemoryError:
             raise
         except pickle.UnpicklingError as exc:
-            if "Weights only load failed" in str(exc):
+            if "Weights only load failed" in str(exc) and _refused_global(exc):
                 raise _pickle_refused(file, exc) from None
+            # An opcode the safe unpickler lacks, or text we cannot match: a damaged file far
+            # more often than a hostile one (random bytes and bit flips end here).
             raise _pickle_unreadable(file, exc) from None
         except OSError as exc:
             raise BadInputError(f"{file}: cannot read: {exc.strerror or exc}", "check that the file is readable") from None
@@ -377,11 +379,16 @@ def _open_pickle(path: str, files: list[str], directory: str | None, allow_pickl
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_REFUSED = (  # how torch's weights_only unpickler names what it refused, and how we say it
+_REFUSED = (  # how torch's weights_only unpickler names the global it refused, and how we say it
     (re.compile(r"GLOBAL ([\w.]+) was not an allowed global"), "it needs {}, which is not an allowed global"),
     (re.compile(r"unsupported GLOBAL ([\w.]+) whose module"), "it needs {}, which is blocked"),
-    (re.compile(r"Unsupported operand (\d+)"), "it uses pickle opcode {}, which the safe unpickler does not support"),
 )
+
+
+def _refused_global(exc: Exception) -> bool:
+    """torch refused a named global (code the file asks to run), not an unreadable byte."""
+    text = _ANSI.sub("", str(exc))
+    return any(pattern.search(text) for pattern, _ in _REFUSED)
 PICKLE_REFUSED_HINT = (
     "peftcli never runs pickled code; if you trust the file, "
     "convert it to safetensors in a trusted environment and pass that file"

@@ -72,9 +72,13 @@ def inspect(path, as_json, with_tensors, name_filter, depth, allow_pickle, budge
             report["budget"] = Budget.of(method, ckpt, cfg).to_json()
             if name_filter:  # the listing narrows, the totals stay whole (as for the summary)
                 budget = report["budget"]
-                budget["targets"] = [t for t in budget["targets"] if re.search(name_filter, t["module"])]
+                named = [t for t in budget["targets"] if " " not in t["module"]]
+                if named:
+                    budget["targets"] = [t for t in named if _names_match(name_filter, t["module"])]
+                # else: rows that describe a global selection (lt-sft's top-K) name no tensor
                 budget["filter"] = {
                     "pattern": name_filter,
+                    "applies": bool(named),
                     "num_targets": len(budget["targets"]),
                     "trainable_params": sum(t["params"] for t in budget["targets"]),
                 }
@@ -84,3 +88,8 @@ def inspect(path, as_json, with_tensors, name_filter, depth, allow_pickle, budge
         from peftcli.cli.render import render_inspect
 
         render_inspect(report, stdout_console())
+
+
+def _names_match(pattern: str, target: str) -> bool:
+    """A budget row against --filter, which names tensors: a module row stands for its weight."""
+    return bool(re.search(pattern, target) or re.search(pattern, target + ".weight"))

@@ -170,4 +170,7 @@ def render_budget(budget: dict, console) -> None:
     console.print(share_line(budget))
     if "filter" in budget:
         f = budget["filter"]
-        console.print(f"filter /{printable(f['pattern'])}/ matches {f['num_targets']:,} targets, {f['trainable_params']:,} of the trainable parameters")
+        if f.get("applies", True):
+            console.print(f"filter /{printable(f['pattern'])}/ matches {f['num_targets']:,} targets, {f['trainable_params']:,} of the trainable parameters")
+        else:
+            console.print(f"filter /{printable(f['pattern'])}/ does not narrow {budget['method']}'s budget: its entries are chosen across every tensor")

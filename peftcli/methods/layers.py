@@ -70,11 +70,6 @@ def _under(rel: str, module: str) -> bool:
     return rel == module or rel.startswith(module + ".")
 
 
-def _anchored(rel: str, name: str) -> bool:
-    """``name`` is a module of the block: its path from the block, or the path's last pieces."""
-    return _under(rel, name) or rel.endswith("." + name)
-
-
 def _piece(rel: str, name: str) -> bool:
     return f".{name}." in f".{rel}."
 
@@ -93,7 +88,8 @@ def _matcher(names: list[str], model_type: str | None, tensors: Iterable[str]) -
     """For the tensor names of the chosen layers, a function: tensor name -> the --modules names it falls under.
 
     The rule of each name is fixed once from ``tensors`` (so inject and attach agree): an
-    alias of the family, else anchored at the block or at the module, else any dotted piece.
+    alias of the family, else a path from the block (BERT's ``output.dense`` is the FFN's, not
+    ``attention.output.dense``), else the last pieces of a module's path, else any dotted piece.
     """
     tensors = list(tensors)
     rels = {r for r in map(_block_module, tensors) if r is not None}
@@ -103,8 +99,10 @@ def _matcher(names: list[str], model_type: str | None, tensors: Iterable[str]) -
         modules = _alias_modules(name, family)
         if modules is not None:
             rules[name] = lambda rel, modules=modules: any(_under(rel, m) for m in modules)
-        elif any(_anchored(rel, name) for rel in rels):
-            rules[name] = lambda rel, name=name: _anchored(rel, name)
+        elif any(_under(rel, name) for rel in rels):  # a path from the block: that module alone
+            rules[name] = lambda rel, name=name: _under(rel, name)
+        elif any(rel.endswith("." + name) for rel in rels):  # the last pieces of a module's path
+            rules[name] = lambda rel, name=name: rel.endswith("." + name)
         else:
             rules[name] = lambda rel, name=name: _piece(rel, name)
 

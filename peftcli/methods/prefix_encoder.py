@@ -199,7 +199,9 @@ def attention_modules(model: nn.Module) -> tuple[dict[int, nn.Module], list[str]
 
 def hide_prefix(module: nn.Module, args, kwargs):
     """Forward pre-hook of a layer without prefix: its mask loses the n prefix columns."""
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    # The attention module's keyword: ``cache`` (transformers 5), ``past_key_values`` or, in
+    # 4.45-4.55, ``past_key_value`` (the decoder layers pass the cache on under that name).
+    cache = next((kwargs[k] for k in ("cache", "past_key_values", "past_key_value") if kwargs.get(k) is not None), None)
     if cache is None:
         return None
     cache = getattr(cache, "self_attention_cache", cache)  # an EncoderDecoderCache wraps ours

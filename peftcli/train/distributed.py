@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from peftcli.errors import UsageError
+from peftcli.errors import ResourceError, UsageError
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,11 @@ def barrier(world: World) -> None:
     if world.distributed:
         import torch.distributed as dist
 
-        dist.barrier()
+        dist.barrier(group=_wait_group)  # None: the default group
+
+
+_wait_group = None  # held_group's: waits between passes may be long (rank 0 selecting, pruning)
+WAIT_TIMEOUT_S = 24 * 3600
 
 
 _held = False  # a multi-pass run (held_group) owns the process group: teardown leaves it alone
@@ -82,17 +86,43 @@ def held_group(device_type: str) -> Iterator[World]:
     Each pass calls ``setup`` (which joins the group already there) and ``teardown`` (a no-op
     while the group is held); the group is destroyed once, when the run is done.
     """
-    global _held
+    global _held, _wait_group
     world = setup(device_type)
     if not world.distributed:
         yield world
         return
+    import torch.distributed as dist
+
+    # Between passes the other ranks wait while rank 0 works on the whole model (the top-K
+    # selection, pruning, writing the diff): minutes on a large one, beyond the collectives'
+    # PEFTCLI_DIST_TIMEOUT. They wait on a gloo group of their own with a long timeout; its
+    # first barrier also keeps rank 0 from touching the run before every rank has checked it.
+    _wait_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=WAIT_TIMEOUT_S))
     _held = True
     try:
+        barrier(world)
         yield world
     finally:
         _held = False
+        _wait_group = None
         teardown(world)
+
+
+@contextlib.contextmanager
+def timeouts_as_errors() -> Iterator[None]:
+    """A worker that waited too long for the others fails in one line, not with torch's traceback."""
+    try:
+        yield
+    except RuntimeError as exc:  # torch.distributed's DistError and gloo's timeouts are RuntimeErrors
+        text = str(exc)
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not ("Timed out" in text or "timed out" in text or "Timeout" in text):
+            raise
+        rank = os.environ.get("RANK", "?")
+        raise ResourceError(
+            f"worker {rank} timed out waiting for the other workers",
+            "look for another worker's error above; for steps slower than PEFTCLI_DIST_TIMEOUT "
+            "(default 600 s), raise it, e.g. PEFTCLI_DIST_TIMEOUT=3600",
+        ) from None
 
 
 def average_gradients(world: World, params) -> None:
@@ -101,23 +131,29 @@ def average_gradients(world: World, params) -> None:
     For φ that DDP cannot see: sparse fine-tuning's K values get their gradients from hooks on
     the frozen weights after backward, not from autograd, so DDP's reducer never fires for them.
     A parameter without a gradient on this worker contributes zeros (every worker must send
-    the same buffer).
+    the same buffer); one that has none on any worker keeps none, as in one process (AdamW
+    then skips it: no weight decay, no step).
     """
     if not world.distributed:
         return
     import torch.distributed as dist
 
     params = list(params)
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    flat = torch.cat([p.grad.reshape(-1) for p in params] + [has])
     dist.all_reduce(flat)
-    flat /= world.size
+    flat[: flat.numel() - len(params)] /= world.size
+    anyone = flat[flat.numel() - len(params) :] > 0
     offset = 0
-    for p in params:
+    for p, keep in zip(params, anyone.tolist()):
         n = p.grad.numel()
-        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        if keep:
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        else:
+            p.grad = None
         offset += n
 
 

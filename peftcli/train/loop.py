@@ -153,7 +153,7 @@ def train(
     ``lottery``) drive this loop themselves; every other run is one pass of it.
     """
     method = None if (cfg is not None and cfg.full) else multi_phase_method(run)
-    with torch_threads(_requested_threads(run, cfg, resume)):
+    with torch_threads(_requested_threads(run, cfg, resume)), distributed.timeouts_as_errors():
         if method is not None:
             kwargs = dict(resume=resume, force=force, log=log or (lambda line: None), progress=progress, return_model=return_model)
             if getattr(method, "selects_after_training", False):

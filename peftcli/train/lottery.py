@@ -77,6 +77,8 @@ def train(run: str, cfg: TrainConfig | None, *, resume: bool, force: bool, log, 
     # Under --nproc every worker runs the rounds (each a data-parallel full fine-tuning); rank 0
     # alone writes the run's files between them, and the others wait for it at a barrier.
     with distributed.held_group(loop._resolve_device(cfg.device).type) as world:
+        if not world.main:  # one log, from rank 0
+            log = lambda line: None  # noqa: E731
         if not resume:
             if world.main:
                 _clear(run)

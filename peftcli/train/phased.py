@@ -76,6 +76,8 @@ def train(run: str, cfg: TrainConfig | None, *, resume: bool, force: bool, log, 
     # Under --nproc every worker runs this function; rank 0 alone touches the run directory
     # between the passes of the loop, and the others wait for it at a barrier.
     with distributed.held_group(loop._resolve_device(cfg.device).type) as world:
+        if not world.main:  # one log, from rank 0
+            log = lambda line: None  # noqa: E731
         if not resume:
             if world.main:
                 if started:
