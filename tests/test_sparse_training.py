@@ -350,3 +350,83 @@ def test_two_gloo_workers_equal_one_process_for_the_multi_pass_methods(tiny_llam
         rows = [json.loads(line) for line in open(os.path.join(two, "metrics.jsonl"))]
         assert [r["round"] for r in rows] == [0, 1] and rows[1]["density"] < 1.0
 
+
+
+class _Killed(Exception):
+    """Stands for a kill -9 at a chosen point (the process's files stay as they are)."""
+
+
+@pytest.mark.parametrize("point", ["after-training", "after-prune", "after-state", "after-ticket-state"])
+def test_lottery_resumes_to_the_same_bytes_after_a_kill_between_rounds(tiny_llama, data, tmp_path, monkeypatch, point):
+    from peftcli.train import lottery
+
+    cfg = _cfg(data["lm"], steps=3, phase1_steps=3, save_every=3)  # each round ends with a checkpoint
+    whole = _inject(tiny_llama, tmp_path, "lottery", "whole", rounds=2, prune_rate=0.5)
+    train(whole, cfg)
+    run = _inject(tiny_llama, tmp_path, "lottery", "run", rounds=2, prune_rate=0.5)
+    target, when = {
+        "after-training": ("_append_metrics", "before"),  # the round trained; nothing after it done
+        "after-prune": ("_prune", "after"),  # the next mask written aside, the round not committed
+        "after-state": ("_commit_mask", "before"),  # the state names the next mask, not yet in place
+        "after-ticket-state": ("_commit_ticket", "before"),  # the last round committed, ticket not moved
+    }[point]
+    real, calls = getattr(lottery, target), []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if when == "after":
+            real(*args, **kwargs)
+        if len(calls) == 1:
+            raise _Killed(point)
+        if when == "before":
+            real(*args, **kwargs)
+
+    monkeypatch.setattr(lottery, target, dying)
+    with pytest.raises(_Killed):
+        train(run, cfg)
+    monkeypatch.setattr(lottery, target, real)
+    train(run, None, resume=True)
+    for name in ("mask.safetensors", "ticket/model.safetensors", "rewind.safetensors"):
+        assert open(os.path.join(run, name), "rb").read() == open(os.path.join(whole, name), "rb").read(), name
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert not [n for n in os.listdir(run) if n.startswith("round-") or n == lottery.MASK_NEXT]
+
+
+@pytest.mark.parametrize("point", ["phase1-summary", "phi-diff"])
+def test_lt_sft_resumes_after_a_kill_between_a_finished_phase_and_what_follows(tiny_llama, data, tmp_path, monkeypatch, point):
+    # Each phase's last checkpoint is its end (save_every = steps): resuming must take it as
+    # the phase's result, not say "nothing to resume".
+    from peftcli.train import loop as train_loop
+
+    cfg = _cfg(data["lm"], steps=4, phase1_steps=4, save_every=4)
+    whole = _inject(tiny_llama, tmp_path, "lt-sft", "whole", top_k=K)
+    train(whole, cfg)
+    run = _inject(tiny_llama, tmp_path, "lt-sft", "run", top_k=K)
+    if point == "phi-diff":
+        def dying(*args, **kwargs):
+            raise _Killed(point)
+
+        monkeypatch.setattr(phased, "_write_phi_diff", dying)
+    else:
+        real_write = train_loop._write_json
+
+        def dying(path, obj):
+            if path.endswith(phased.PHASE1_DONE):
+                raise _Killed(point)
+            return real_write(path, obj)
+
+        monkeypatch.setattr(train_loop, "_write_json", dying)
+    with pytest.raises(_Killed):
+        train(run, cfg)
+    monkeypatch.undo()
+    train(run, None, resume=True)
+    name = "adapter_model.safetensors"
+    assert load_file(os.path.join(run, name)).keys() == load_file(os.path.join(whole, name)).keys()
+    for key, value in load_file(os.path.join(whole, name)).items():
+        assert torch.equal(load_file(os.path.join(run, name))[key], value), key
+    a, b = read_diff(os.path.join(whole, phased.DIFF_FILE)), read_diff(os.path.join(run, phased.DIFF_FILE))
+    assert a.names == b.names
+    for n in a.names:
+        assert all(torch.equal(x, y) for x, y in zip(a.get(n), b.get(n))), n
+

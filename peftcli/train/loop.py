@@ -255,8 +255,13 @@ def train_adapter(
     progress=None,
     return_model: bool = False,
     hooks: TrainHooks | None = None,
+    finished_ok: bool = False,
 ):
-    """One pass of the loop over the adapter (or, with ``cfg.full``, the whole model) in ``run``."""
+    """One pass of the loop over the adapter (or, with ``cfg.full``, the whole model) in ``run``.
+
+    ``finished_ok``: resuming a pass whose newest checkpoint is its end is not an error but
+    the pass's result (a multi-pass run killed between a pass and the work after it).
+    """
     from peftcli.artifacts.adapter_dir import read_adapter
     from peftcli.attach import attach_adapter, load_base_model
 
@@ -337,6 +342,7 @@ def train_adapter(
     if hooks is not None and hooks.start is not None:
         hooks.start(adapted, checkpoint is not None)
     step, epoch, offset = 0, 0, 0
+    finished = False
     recent_losses: list[float] = []
     best = {"eval_loss": None, "step": None, "eval_accuracy": None}
     bad_evals = 0
@@ -349,7 +355,8 @@ def train_adapter(
         step, epoch, offset = st["step"], st["epoch"], st["offset"]
         best, bad_evals = st["best"], st["bad_evals"]
         recent_losses = list(st.get("recent_losses", []))
-        if step >= total or (cfg.patience is not None and bad_evals >= cfg.patience):
+        finished = step >= total or (cfg.patience is not None and bad_evals >= cfg.patience)
+        if finished and not finished_ok:
             raise UsageError(f"{run}: nothing to resume, the run already finished at step {step}", "start a new run to train further")
         if world.main:
             _truncate_metrics(metrics_path, step)
@@ -367,7 +374,7 @@ def train_adapter(
     left_pad = data.task == "classify" and is_decoder(model_dir)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     start_time, tokens, losses = time.perf_counter(), 0, (recent_losses if checkpoint is not None else [])
-    stopped_early = False
+    stopped_early = finished and step < total  # a resumed pass that early stopping had ended
 
     def trainer_state() -> dict:
         return {
@@ -399,7 +406,7 @@ def train_adapter(
     with _StopFlag() as flag, _metrics_writer(metrics_path if world.main else None) as write_metric:
         if progress is not None:
             progress.start(total, step)
-        while step < total:
+        while step < total and not finished:
             step_loss = 0.0
             for _ in range(cfg.grad_accum):
                 batch = {k: v.to(device) for k, v in next_batch().items()}

@@ -39,6 +39,7 @@ from peftcli.train.selection import counterparts
 
 STATE = "lottery_state.json"
 MASK = "mask.safetensors"
+MASK_NEXT = "mask.next.safetensors"  # the next round's mask, until that round is committed
 REWIND = "rewind.safetensors"
 TICKET = "ticket"
 
@@ -60,6 +61,10 @@ def train(run: str, cfg: TrainConfig | None, *, resume: bool, force: bool, log, 
             raise UsageError(f"{run}: nothing to resume (no {STATE})", "start a run with --data first")
         cfg = TrainConfig(**loop._read_json(args_path))
         state = loop._read_json(state_path)
+        if state["round"] > lcfg.rounds and state.get("ticket_from") and os.path.isdir(os.path.join(run, state["ticket_from"])):
+            if int(os.environ.get("RANK", "0")) == 0:  # killed after the last round was committed:
+                _commit_ticket(run)  # only the move was left (rank 0's to do under --nproc)
+            return _finished(run, lcfg, state["summary"], return_model)
         if state["round"] > lcfg.rounds:
             raise UsageError(f"{run}: nothing to resume, all {lcfg.rounds} rounds are done", "start a new run to train further")
     else:
@@ -85,12 +90,16 @@ def train(run: str, cfg: TrainConfig | None, *, resume: bool, force: bool, log, 
                 loop._write_json(args_path, dataclasses.asdict(cfg))
                 loop._write_json(state_path, state)
             distributed.barrier(world)
+        elif world.main:
+            _finish_commit(run, state)
+            _drop_metrics_from(run, state["round"])  # a round killed after its metrics line trains again
+        distributed.barrier(world)
         for r in range(state["round"], lcfg.rounds + 1):
             rdir = _round_dir(run, r)
             hooks = _hooks(run, r, lcfg, base_prunable, world.main)
             log(f"round {r}/{lcfg.rounds}: training at density {_density(run):.4f}")
             if resume and ckpt_state.latest_checkpoint(rdir) is not None:
-                summary = loop.train_adapter(rdir, None, resume=True, log=log, progress=progress, hooks=hooks)
+                summary = loop.train_adapter(rdir, None, resume=True, log=log, progress=progress, hooks=hooks, finished_ok=True)
             else:
                 if world.main:
                     shutil.rmtree(rdir, ignore_errors=True)
@@ -102,16 +111,66 @@ def train(run: str, cfg: TrainConfig | None, *, resume: bool, force: bool, log, 
                     "round": r, "density": _density(run), "steps": summary["steps"], "final_loss": summary["final_loss"],
                     "eval_loss": summary["best"]["eval_loss"], "eval_accuracy": summary["best"]["eval_accuracy"],
                 })
+                # The next mask and the next round are committed together: the mask is written
+                # aside, the state names it, then it replaces the mask. A kill at any point
+                # resumes either round r again (the mask untouched) or round r + 1 on its mask.
                 if r < lcfg.rounds:
-                    _prune(run, rdir, lcfg, cfg.train_seed + r, base_prunable)
+                    _prune(run, rdir, lcfg, cfg.train_seed + r, base_prunable, os.path.join(run, MASK_NEXT))
+                    loop._write_json(state_path, {"round": r + 1, "next_mask": MASK_NEXT})
+                    _commit_mask(run)
                     shutil.rmtree(rdir)
                 else:
-                    shutil.rmtree(os.path.join(run, TICKET), ignore_errors=True)
-                    os.replace(rdir, os.path.join(run, TICKET))
-                loop._write_json(state_path, {"round": r + 1})
+                    loop._write_json(state_path, {"round": r + 1, "ticket_from": os.path.basename(rdir), "summary": summary})
+                    _commit_ticket(run)
             distributed.barrier(world)
+    return _finished(run, lcfg, summary, return_model)
+
+
+def _finished(run: str, lcfg, summary: dict, return_model: bool):
     summary = {**summary, "run": run, "rounds": lcfg.rounds, "density": _density(run), "ticket": os.path.join(run, TICKET)}
     return (summary, None) if return_model else summary
+
+
+def _commit_mask(run: str) -> None:
+    os.replace(os.path.join(run, MASK_NEXT), os.path.join(run, MASK))
+
+
+def _commit_ticket(run: str) -> None:
+    from peftcli.train import loop
+
+    state = loop._read_json(os.path.join(run, STATE))
+    rdir = os.path.join(run, state["ticket_from"])
+    if os.path.isdir(rdir):  # else: already moved
+        shutil.rmtree(os.path.join(run, TICKET), ignore_errors=True)
+        os.replace(rdir, os.path.join(run, TICKET))
+
+
+def _finish_commit(run: str, state: dict) -> None:
+    """On --resume, complete what a kill interrupted between rounds (see ``train``)."""
+    pending = os.path.join(run, MASK_NEXT)
+    if state.get("next_mask") and os.path.isfile(pending):
+        _commit_mask(run)
+        shutil.rmtree(_round_dir(run, state["round"] - 1), ignore_errors=True)
+    elif os.path.isfile(pending):  # pruned, but the round was not committed: it trains again
+        os.unlink(pending)
+    if state.get("ticket_from"):
+        _commit_ticket(run)
+
+
+def _drop_metrics_from(run: str, first_round: int) -> None:
+    import json
+
+    from peftcli.train.loop import METRICS_FILE, _write_json  # noqa: F401 (atomic writes live there)
+
+    path = os.path.join(run, METRICS_FILE)
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("round", -1) < first_round]
+    if len(kept) != len(lines):
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(kept)
 
 
 def _clear(run: str) -> None:
@@ -121,7 +180,7 @@ def _clear(run: str) -> None:
     for name in os.listdir(run):
         if name.startswith("round-") or name == TICKET:
             shutil.rmtree(os.path.join(run, name))
-        elif name in (MASK, REWIND, loop.METRICS_FILE, loop.ARGS_FILE, STATE):
+        elif name in (MASK, MASK_NEXT, REWIND, loop.METRICS_FILE, loop.ARGS_FILE, STATE):
             os.unlink(os.path.join(run, name))
 
 
@@ -189,8 +248,8 @@ def _hooks(run: str, r: int, lcfg, base_prunable: list[str], main: bool = True):
     return TrainHooks(start=start, after_step=after_step)
 
 
-def _prune(run: str, rdir: str, lcfg, seed: int, base_prunable: list[str]) -> None:
-    """Write the next mask: drop ``prune_rate`` of the survivors, globally across prunable tensors."""
+def _prune(run: str, rdir: str, lcfg, seed: int, base_prunable: list[str], out: str) -> None:
+    """Write the next mask to ``out``: drop ``prune_rate`` of the survivors, globally across prunable tensors."""
     from peftcli.diff import global_cuts
 
     with open_checkpoint(os.path.join(rdir, "model.safetensors")) as trained:
@@ -221,4 +280,4 @@ def _prune(run: str, rdir: str, lcfg, seed: int, base_prunable: list[str]) -> No
             flat = torch.zeros(info.numel, dtype=torch.bool)
             flat[cut.keep(scores.phi(info.name).view(torch.int32))] = True
             mask[info.name] = flat.view(tuple(info.shape))
-    save_state_dict(mask, os.path.join(run, MASK), force=True)
+    save_state_dict(mask, out, force=True)
