@@ -485,6 +485,6 @@ def test_encoder_decoder_models_are_refused(tiny_bert, tmp_path, method):
         assert result.exit_code == 2, result.output
         assert result.stderr.strip().splitlines() == [
             "error: prompt learning on encoder-decoder models is not supported yet "
-            "(it needs virtual tokens for both the encoder and the decoder)"
+            "(it needs virtual tokens for both the encoder and the decoder) (use lora, ia3 or adapter on this model)"
         ]
     assert not os.path.exists(out)

@@ -58,7 +58,7 @@ def inspect(path, as_json, with_tensors, name_filter, depth, allow_pickle, budge
     with open_checkpoint(path, allow_pickle=allow_pickle) as ckpt:
         report = summarize(ckpt, with_tensors=with_tensors, name_filter=name_filter, max_depth=depth)
         if method is not None and report["format"] != "checkpoint":
-            raise UsageError(f"--budget needs a base checkpoint, and {path} is a {report['format']}", "pass the base model instead")
+            raise UsageError(f"--budget needs a base checkpoint, and {path} is {'an' if report['format'][0] in 'aeiou' else 'a'} {report['format']}", "pass the base model instead")
         if method is not None:
             from peftcli.methods.base import Budget
 

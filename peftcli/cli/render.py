@@ -45,7 +45,7 @@ def render_inspect(report: dict, console) -> None:
     grid.add_row("parameters", f"{report['num_params']:,} ({human_count(report['num_params'])})")
     grid.add_row("on disk", f"{report['bytes']:,} bytes ({human_bytes(report['bytes'])})")
     for dtype, d in report["dtypes"].items():
-        grid.add_row("dtype " + dtype, f"{d['params']:,} params in {d['tensors']:,} tensors ({human_bytes(d['bytes'])})")
+        grid.add_row("dtype " + dtype, f"{d['params']:,} params in {d['tensors']:,} tensor{'s' if d['tensors'] != 1 else ''} ({human_bytes(d['bytes'])})")
     if "filter" in report:
         f = report["filter"]
         grid.add_row("filter", f"/{f['pattern']}/ matches {f['num_tensors']} tensors, {f['num_params']:,} params")

@@ -77,8 +77,8 @@ def task_type(config: dict | None) -> str:
     config = config or {}
     if config.get("is_encoder_decoder"):
         raise UsageError(
-            "prompt learning on encoder-decoder models is not supported yet",
-            "it needs virtual tokens for both the encoder and the decoder",
+            "prompt learning on encoder-decoder models is not supported yet (it needs virtual tokens for both the encoder and the decoder)",
+            "use lora, ia3 or adapter on this model",
         )
     return CAUSAL_LM if is_causal_lm(next(iter(config.get("architectures") or []), "")) else FEATURE_EXTRACTION
 
