@@ -44,8 +44,9 @@ def llama7b_specs() -> list[TensorSpec]:
 
 
 def build_sparse_checkpoint(out: str, specs: list[TensorSpec] | None = None, num_layers: int = 32, shape: str = "llama-2-7b") -> int:
-    """Write ``specs`` (default: all of ``shape``) as sparse shards + index + config into ``out``."""
+    """Write ``specs`` (default: all of ``shape``) as sparse shards + index + config into ``out`` (created if need be)."""
     specs = specs if specs is not None else llama_specs(shape)
+    os.makedirs(out, exist_ok=True)
     h, inter, vocab, _, heads, kv = SHAPES[shape]
     shards = plan_shards(specs, 5 * 10**9)
     weight_map = {}

@@ -281,6 +281,8 @@ def check_adapter(path: str, ckpt: Checkpoint, vocab: int | None = None) -> Resu
         result.problems += values
         if result.ok and hasattr(method, "deltas"):
             _merge_input(result, adapter, method, cfg, head_keys, ckpt)
+        elif result.ok:  # a lottery run: its result is a checkpoint, merged as a fine-tune
+            result.refusal = f"{path}: a lottery run is not an adapter: its result is the checkpoint {os.path.join(path, 'ticket')}"
         return result
     try:
         created = method.init(ckpt, cfg, torch.Generator().manual_seed(0))

@@ -416,3 +416,19 @@ def test_an_adapter_on_the_output_head_of_a_resized_vocabulary_is_named(tiny_lla
     (problem,) = doc["artifacts"][0]["problems"]
     assert problem["message"] == "lm_head.lora_B.weight: shape [256, 8], expected [260, 8] on this base"
     assert problem["hint"].startswith("a vocabulary of 256 tokens against the base's 260: a resized vocabulary")
+
+
+def test_a_lottery_run_is_checked_and_merge_s_refusal_said_not_a_crash(tiny_llama, tmp_path):
+    from peftcli.methods.lottery import LotteryConfig
+
+    run = str(tmp_path / "lottery")
+    inject(tiny_llama, "lottery", LotteryConfig(), run)
+    from peftcli.cli import cli
+
+    result = CliRunner().invoke(cli, ["check", tiny_llama, run, "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["merge"] is None and "lottery run is not an adapter" in doc["merge_refusal"]
+    merged = CliRunner().invoke(cli, ["merge", tiny_llama, run, "-o", str(tmp_path / "m")])
+    assert merged.exit_code == 2 and "lottery run is not an adapter" in merged.stderr  # what check said merge would do
+

@@ -282,3 +282,119 @@ def test_quiet_leaves_stderr_empty_but_for_the_error(tiny_llama, tmp_path):
     assert bad.exit_code == 1 and len(bad.stderr.strip().splitlines()) == 1 and "missing.safetensors" in bad.stderr
     assert run("completion", "bash", "--json").exit_code == 0
     assert json.loads(run("completion", "bash", "--json").stdout)["shell"] == "bash"
+
+
+def _readme_section(readme: str, name: str) -> str:
+    """The README's section for ``peftcli NAME``: from its ``### `peftcli NAME`` heading to the next ``### ``."""
+    import re
+
+    match = re.search(rf"^### `peftcli {re.escape(name)}[ `]", readme, re.M)
+    assert match, f"README has no section '### `peftcli {name} ...`'"
+    end = readme.find("\n### ", match.end())
+    return readme[match.start() : end if end != -1 else len(readme)]
+
+
+def _named_in_backticks(section: str) -> set[str]:
+    """Every identifier inside a `code span` of ``section`` (`{schema, output, k}` names three; `--top-k` names `top-k`, not `k`)."""
+    import re
+
+    prose = re.sub(r"^```.*?^```", "", section, flags=re.M | re.S)  # the examples' code blocks name no field
+    return {word for span in re.findall(r"`([^`]+)`", prose) for word in re.findall(r"[A-Za-z_][\w-]*", span)}
+
+
+@pytest.fixture(scope="module")
+def json_artifacts(tiny_bert, tmp_path_factory):
+    """A trained LoRA run on tiny BERT, two sparse diffs of it and labelled data, made through the CLI."""
+    from tests.helpers import noisy_copy
+
+    d = tmp_path_factory.mktemp("json")
+    data = d / "cls.jsonl"
+    rows = [{"text": f"{'w1' if i % 2 else 'w2'} w{i % 30 + 5} w7", "label": "pos" if i % 2 else "neg"} for i in range(16)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    arts = {"base": tiny_bert, "data": str(data), "lora": str(d / "lora"), "a": str(d / "a.diff"), "b": str(d / "b.diff")}
+    for args in (
+        ["inject", "lora", "--rank", "2", tiny_bert, "-o", arts["lora"]],
+        ["train", arts["lora"], "--data", arts["data"], "--steps", "2", "--quiet"],
+        ["diff", tiny_bert, noisy_copy(tiny_bert, str(d / "ftA"), 1), "-o", arts["a"], "--density", "0.1"],
+        ["diff", tiny_bert, noisy_copy(tiny_bert, str(d / "ftB"), 2), "-o", arts["b"], "--density", "0.1"],
+    ):
+        result = run(*args)
+        assert result.exit_code == 0, (args, result.stderr)
+    return arts
+
+
+def _json_cases(name: str, a: dict, tmp) -> list[tuple[list[str], str]]:
+    """Command lines of ``peftcli NAME`` that together print every field its --json document can have,
+    each with the schema it prints; a setup line has schema None (its document is not checked)."""
+    base, out = a["base"], str(tmp)
+    cases = {
+        "inspect": [
+            ([base, "--tensors", "--budget", "lora", "--filter", "layer"], None),
+            ([a["lora"], "--tensors"], None),
+            ([a["a"], "--tensors"], None),
+        ],
+        "inject": [(["lora", base, "-o", f"{out}/lora"], None), (["lottery", base, "-o", f"{out}/lth"], None)],
+        "train": [
+            (["inject", "lora", base, "-o", f"{out}/l"], "setup"),
+            ([f"{out}/l", "--data", a["data"], "--steps", "2"], None),
+            (["inject", "lt-sft", "--density", "0.05", base, "-o", f"{out}/lt"], "setup"),
+            ([f"{out}/lt", "--data", a["data"], "--steps", "2", "--phase1-steps", "2"], None),
+            (["inject", "lottery", "--rounds", "2", base, "-o", f"{out}/lth"], "setup"),
+            ([f"{out}/lth", "--data", a["data"], "--steps", "2"], None),
+        ],
+        "diff": [
+            ([base, base, "-o", f"{out}/dense.diff", "--dense"], None),
+            ([base, base, "-o", f"{out}/top.diff", "--top-k", "10", "--per-tensor"], None),
+        ],
+        "merge": [([base, a["a"], a["b"], "-o", f"{out}/m"], None), ([base, a["lora"], "-o", f"{out}/m2"], None)],
+        "convert": [
+            ([a["a"], "--to", "lora", "--rank", "2", "-o", f"{out}/conv"], None),
+            ([a["lora"], "--to", "diff", "--dense", "-o", f"{out}/conv.diff"], "peftcli.diff/1"),
+        ],
+        "combine": [([a["a"], a["b"], "--op", "add", "-o", f"{out}/ab.diff"], None)],
+        "check": [([base, a["lora"], a["a"]], None)],
+        "plot": [([a["lora"], "-o", f"{out}/curves.png"], None)],
+        "run": [
+            ([_recipe(tmp, base), "-o", "wd", "--quiet"], None),
+            ([_recipe(tmp, base), "-o", "wd2", "--dry-run"], None),
+        ],
+        "evaluate": [
+            ([a["lora"], "--data", a["data"], "--compare", a["lora"]], None),
+            ([base, "--data", a["data"]], None),
+        ],
+        "completion": [([shell], None) for shell in ("bash", "zsh", "fish")],
+    }
+    if name not in cases:
+        pytest.fail(f"peftcli {name} has no --json case in tests/test_cli.py::_json_cases: add one")
+    return [(args if schema == "setup" else [name, *args], schema or f"peftcli.{name}/1") for args, schema in cases[name]]
+
+
+def _recipe(tmp, base: str) -> str:
+    path = tmp / "r.yaml"
+    path.write_text(f"model: {base}\nsteps:\n  inject: {{method: ia3, model: '${{model}}', output: ia3}}\n  check: {{base: '${{model}}', artifacts: [ia3]}}\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("name", sorted(cli.commands))
+def test_every_json_field_of_every_command_is_named_in_its_readme_section(name, json_artifacts, tmp_path, monkeypatch):
+    if name == "plot":
+        pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)  # `peftcli run -o wd` writes below the current directory
+    section = _readme_section(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(), name)
+    named = _named_in_backticks(section)
+    seen = set()
+    for args, schema in _json_cases(name, json_artifacts, tmp_path):
+        result = run(*args, "--json")
+        assert result.exit_code == 0, (args, result.stderr)
+        if schema == "setup":
+            continue
+        doc = json.loads(result.stdout)  # exactly one JSON document, nothing else on stdout
+        assert isinstance(doc, dict) and doc.get("schema") == schema, (args, doc.get("schema"))
+        assert schema in section, f"the README's peftcli {name} section does not name its schema {schema!r}"
+        seen |= set(doc)
+        missing = sorted(set(doc) - named)
+        assert not missing, (
+            f"`peftcli {' '.join(args[:2])} ... --json` prints the fields {missing}, which the README's "
+            f"'### `peftcli {name} ...`' section does not name in backticks: document them there"
+        )
+    assert "schema" in seen

@@ -219,12 +219,16 @@ def read_adapter(path: str) -> Adapter:
 
 
 def _write_files(directory: str, config: dict, tensors: dict, metadata: dict[str, str] | None, force: bool) -> None:
+    """The header from each value's dtype and shape, then the values one at a time: a
+    ``LazyTensor`` (``peftcli.methods.base``) is made just before it is written and freed after,
+    so a lazy φ is never in memory whole."""
     from peftcli.checkpoint.dtypes import safetensors_dtype
+    from peftcli.methods.base import materialize
 
     specs = [TensorSpec(n, safetensors_dtype(t.dtype), tuple(t.shape)) for n, t in tensors.items()]
     with CheckpointWriter(os.path.join(directory, ADAPTER_WEIGHTS), specs, metadata=metadata, force=force) as w:
-        for name, tensor in tensors.items():
-            w.write(name, tensor)
+        for name, value in tensors.items():
+            w.write(name, materialize(value))  # a made tensor is dropped as soon as it is written
     with atomic_output(os.path.join(directory, ADAPTER_CONFIG), directory=False, force=force) as tmp:
         with open_new_file(tmp) as f:
             f.write((json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
@@ -233,7 +237,9 @@ def _write_files(directory: str, config: dict, tensors: dict, metadata: dict[str
 
 
 def write_adapter_files(directory: str, config: dict, tensors: dict, *, metadata: dict[str, str] | None = None) -> None:
-    """Replace the two adapter files inside an existing directory, each atomically (training runs)."""
+    """Replace the two adapter files inside an existing directory, each atomically (training runs).
+
+    ``tensors`` maps names to tensors or ``LazyTensor``s, as for ``write_adapter``."""
     _write_files(directory, config, tensors, metadata, force=True)
 
 
@@ -246,6 +252,8 @@ def write_adapter(
     inputs: list[str] = (),
     force: bool = False,
 ) -> None:
-    """Write an adapter directory atomically (the whole directory appears at once)."""
+    """Write an adapter directory atomically (the whole directory appears at once).
+
+    ``tensors`` maps names to tensors or ``LazyTensor``s (made one at a time while writing)."""
     with atomic_output(out, directory=True, inputs=inputs, force=force) as tmp:
         _write_files(tmp, config, tensors, metadata, force=False)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError, UsageError
-from peftcli.methods.base import Attached, BudgetRow, mismatch_error
+from peftcli.methods.base import Attached, BudgetRow, LazyTensor, SeededDraws, lazy_zeros, mismatch_error
 from peftcli.options import option
 from peftcli.targets import linear_modules, model_type_of, parse_layers, split_layer
 
@@ -237,18 +237,21 @@ class BottleneckAdapter:
         p = plan(shapes, model_config, cfg)
         return [BudgetRow(pl.module, pl.shape, added_params(p.hidden, p.bottleneck)) for pl in p.placements]
 
-    def init(self, ckpt, cfg: BottleneckAdapterConfig, generator: "torch.Generator") -> dict[str, "torch.Tensor"]:
+    def init(self, ckpt, cfg: BottleneckAdapterConfig, generator: "torch.Generator") -> dict[str, LazyTensor]:
         import torch
 
         p = plan({t.name: t.shape for t in ckpt.tensors.values()}, ckpt.config, cfg)
         h, b = p.hidden, p.bottleneck
         bound = 1.0 / math.sqrt(h)  # kaiming_uniform_(a=√5) on [b, h], as LoRA's A
-        out: dict[str, torch.Tensor] = {}
+        out: dict[str, LazyTensor] = {}  # each made when written (inject holds one at a time)
+        draws = SeededDraws(generator)  # the down weights, drawn in placement order as an eager loop would
         for pl in p.placements:
-            out[f"{pl.module}.adapter.down.weight"] = torch.empty(b, h).uniform_(-bound, bound, generator=generator)
-            out[f"{pl.module}.adapter.down.bias"] = torch.zeros(b)
-            out[f"{pl.module}.adapter.up.weight"] = torch.zeros(h, b)  # f = 0: the base model exactly
-            out[f"{pl.module}.adapter.up.bias"] = torch.zeros(h)
+            out[f"{pl.module}.adapter.down.weight"] = draws.draw(
+                (b, h), lambda g: torch.empty(b, h).uniform_(-bound, bound, generator=g)
+            )
+            out[f"{pl.module}.adapter.down.bias"] = lazy_zeros(b)
+            out[f"{pl.module}.adapter.up.weight"] = lazy_zeros(h, b)  # f = 0: the base model exactly
+            out[f"{pl.module}.adapter.up.bias"] = lazy_zeros(h)
         return out
 
     def adapter_config(self, ckpt, cfg: BottleneckAdapterConfig) -> dict:

@@ -7,7 +7,10 @@ declared once with ``peftcli.options.option``) and a class with:
   touches and the trainable parameters it adds there (``inspect --budget`` and ``inject``
   both print this, so the numbers cannot disagree);
 - ``init(ckpt, cfg, generator)``: tensor level — the initial φ, keyed as in
-  ``adapter_model.safetensors``; their sizes add up to the budget;
+  ``adapter_model.safetensors``; their sizes add up to the budget. A value may be a
+  ``LazyTensor`` (shape and dtype now, values when written), so that ``inject`` holds one φ
+  tensor at a time, never the whole φ: ``lazy_zeros``/``lazy_ones`` for constants,
+  ``SeededDraws`` for random ones (the values of the eager loop, made in any order);
 - ``adapter_config(ckpt, cfg)`` / ``config_from_adapter(json)``: the ``adapter_config.json``
   it writes and reads back (PEFT's fields where PEFT has the method);
 - ``attach(model, cfg, tensors, model_config)``: module level — put φ into a
@@ -22,8 +25,9 @@ computation that no weight change reproduces.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -54,6 +58,103 @@ def mismatch_error(problems: list[str]) -> "BadInputError":
         + (" ..." if len(problems) > 5 else ""),
         "was it made for another base model?",
     )
+
+
+class LazyTensor:
+    """A φ tensor not made yet: ``shape``, ``dtype`` and ``numel()`` cost nothing, ``make()``
+    creates its values (a new tensor each call, which the caller frees once written)."""
+
+    __slots__ = ("shape", "dtype", "_make")
+
+    def __init__(self, shape, dtype: "torch.dtype", make: Callable[[], "torch.Tensor"]):
+        import torch
+
+        self.shape = torch.Size(int(d) for d in shape)
+        self.dtype = dtype
+        self._make = make
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def make(self) -> "torch.Tensor":
+        t = self._make()
+        if t.shape != self.shape or t.dtype != self.dtype:  # the header was written from shape and dtype
+            raise AssertionError(f"lazy tensor made {t.dtype}{list(t.shape)}, promised {self.dtype}{list(self.shape)}")
+        return t
+
+    def __repr__(self) -> str:
+        return f"LazyTensor({list(self.shape)}, {self.dtype})"
+
+
+def lazy_full(shape, value: float, dtype: "torch.dtype | None" = None) -> LazyTensor:
+    """``torch.full(shape, value)`` (fp32 by default), made when written."""
+    import torch
+
+    dtype = dtype or torch.float32
+    shape = tuple(int(d) for d in shape)
+    return LazyTensor(shape, dtype, lambda: torch.full(shape, value, dtype=dtype))
+
+
+def _shape(args: tuple) -> tuple:
+    """``(2, 3)`` or ``((2, 3),)`` -> ``(2, 3)``, as torch.zeros takes either."""
+    return tuple(args[0]) if len(args) == 1 and not isinstance(args[0], int) else args
+
+
+def lazy_zeros(*shape) -> LazyTensor:
+    """``torch.zeros(*shape)`` (fp32), made when written."""
+    return lazy_full(_shape(shape), 0.0)
+
+
+def lazy_ones(*shape) -> LazyTensor:
+    """``torch.ones(*shape)`` (fp32), made when written."""
+    return lazy_full(_shape(shape), 1.0)
+
+
+class SeededDraws:
+    """Random tensors drawn one after another from one generator, each made when written.
+
+    ``draw(shape, fn)`` registers the next draw, ``fn(generator) -> tensor``; its values are
+    those of the eager loop calling every ``fn`` in turn on ``generator``, whatever order the
+    tensors are made in: the draws are made in order from ``generator`` (remembering the
+    state before each, a few KB), and a draw made again, or after a later one, is redrawn
+    from its remembered state. ``generator`` advances only as draws are made.
+    """
+
+    def __init__(self, generator: "torch.Generator"):
+        self._generator = generator
+        self._draws: list[Callable[["torch.Generator"], "torch.Tensor"]] = []
+        self._states: list = []  # generator state before draw i, for the draws made so far
+
+    def draw(self, shape, fn: Callable[["torch.Generator"], "torch.Tensor"], dtype: "torch.dtype | None" = None) -> LazyTensor:
+        import torch
+
+        i = len(self._draws)
+        self._draws.append(fn)
+        return LazyTensor(shape, dtype or torch.float32, lambda: self._make(i))
+
+    def _make(self, i: int) -> "torch.Tensor":
+        import torch
+
+        while len(self._states) <= i:  # the draws before i were never made: make (and drop) them in order
+            j = len(self._states)
+            self._states.append(self._generator.get_state())
+            t = self._draws[j](self._generator)
+            if j == i:
+                return t
+            del t
+        g = torch.Generator()
+        g.set_state(self._states[i])
+        return self._draws[i](g)
+
+
+def materialize(tensor: "torch.Tensor | LazyTensor") -> "torch.Tensor":
+    """A φ value as a tensor (a ``LazyTensor`` is made now)."""
+    return tensor.make() if isinstance(tensor, LazyTensor) else tensor
+
+
+def materialized(tensors: Mapping[str, "torch.Tensor | LazyTensor"]) -> dict[str, "torch.Tensor"]:
+    """Every φ value as a tensor, all in memory at once (small φ, tests)."""
+    return {k: materialize(v) for k, v in tensors.items()}
 
 
 @dataclass(frozen=True)
@@ -140,7 +241,7 @@ class Method(Protocol):
 
     def budget(self, shapes: dict[str, tuple[int, ...]], model_config: dict | None, cfg: Any) -> list[BudgetRow]: ...
 
-    def init(self, ckpt: "Checkpoint", cfg: Any, generator: "torch.Generator") -> dict[str, "torch.Tensor"]: ...
+    def init(self, ckpt: "Checkpoint", cfg: Any, generator: "torch.Generator") -> dict[str, "torch.Tensor | LazyTensor"]: ...
 
     def adapter_config(self, ckpt: "Checkpoint", cfg: Any) -> dict: ...
 

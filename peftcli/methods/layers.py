@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from peftcli.errors import UsageError
 from peftcli.methods import bitfit_inplace as inplace
 from peftcli.methods.adapter import Family, find_family
-from peftcli.methods.base import Attached, BudgetRow
+from peftcli.methods.base import Attached, BudgetRow, LazyTensor, lazy_zeros
 from peftcli.options import option
 from peftcli.targets import CONV1D_MODEL_TYPES, layer_index, model_type_of, names_hint, parse_layers, split_layer
 
@@ -173,11 +173,10 @@ class Layers:
         return rows
 
     # -- tensor level --------------------------------------------------------------------
-    def init(self, ckpt, cfg: LayersConfig, generator: "torch.Generator") -> dict[str, "torch.Tensor"]:
-        import torch
-
+    def init(self, ckpt, cfg: LayersConfig, generator: "torch.Generator") -> dict[str, LazyTensor]:
         shapes = {t.name: t.shape for t in ckpt.tensors.values()}
-        return {n: torch.zeros(shapes[n]) for n in self._selected(shapes, ckpt.config, cfg)}  # Δθ = 0
+        # Δθ = 0, in fp32, each made only when written: φ is as large as the layers it trains.
+        return {n: lazy_zeros(shapes[n]) for n in self._selected(shapes, ckpt.config, cfg)}
 
     def adapter_config(self, ckpt, cfg: LayersConfig) -> dict:
         return inplace.adapter_config(ckpt, self.name, cfg)

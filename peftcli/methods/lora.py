@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError, UsageError
-from peftcli.methods.base import Attached, BudgetRow, peft_key, PEFT_PREFIX
+from peftcli.methods.base import Attached, BudgetRow, LazyTensor, SeededDraws, lazy_zeros, peft_key, PEFT_PREFIX
 from peftcli.options import option
 from peftcli.targets import resolve_targets
 
@@ -94,27 +94,27 @@ class LoRA:
         return [BudgetRow(m.name, m.shape, self.added_params(m.shape, cfg)) for m in self._targets(shapes, model_config, cfg)]
 
     # -- tensor level --------------------------------------------------------------------
-    def init(self, ckpt, cfg: LoraConfig, generator: "torch.Generator") -> dict[str, "torch.Tensor"]:
+    def init(self, ckpt, cfg: LoraConfig, generator: "torch.Generator") -> dict[str, LazyTensor]:
         import torch
 
         shapes = {t.name: t.shape for t in ckpt.tensors.values()}
-        out: dict[str, torch.Tensor] = {}
+        out: dict[str, LazyTensor] = {}  # each made when written (inject holds one at a time)
+        draws = SeededDraws(generator)  # the A's, drawn in target order as an eager loop would
+        r = cfg.rank
         for m in self._targets(shapes, ckpt.config, cfg):
             d_out, d_in = m.shape
-            a = torch.empty(cfg.rank, d_in)
             if cfg.init == "kaiming":
                 # PEFT's default: kaiming_uniform_(a=√5) on [r, in], i.e. U(−1/√in, 1/√in).
                 bound = 1.0 / math.sqrt(d_in)
-                a.uniform_(-bound, bound, generator=generator)
+                a = draws.draw((r, d_in), lambda g, d_in=d_in, b=bound: torch.empty(r, d_in).uniform_(-b, b, generator=g))
             else:
-                a.normal_(0.0, 1.0 / cfg.rank, generator=generator)
+                a = draws.draw((r, d_in), lambda g, d_in=d_in: torch.empty(r, d_in).normal_(0.0, 1.0 / r, generator=g))
             out[peft_key(m.name, "lora_A.weight")] = a
-            out[peft_key(m.name, "lora_B.weight")] = torch.zeros(d_out, cfg.rank)
+            out[peft_key(m.name, "lora_B.weight")] = lazy_zeros(d_out, r)
             if cfg.dora:
-                # ‖W₀ + s·B·A‖ per output feature with B = 0; accumulated in fp32 without an fp32 copy of W.
-                w = ckpt.get(m.name + ".weight")
-                norm = torch.linalg.vector_norm(w, dim=0 if m.transposed else 1, dtype=torch.float32)
-                out[peft_key(m.name, "lora_magnitude_vector")] = norm
+                out[peft_key(m.name, "lora_magnitude_vector")] = LazyTensor(
+                    (d_out,), torch.float32, lambda name=m.name, dim=0 if m.transposed else 1: _row_norms(ckpt, name, dim)
+                )
         return out
 
     def adapter_config(self, ckpt, cfg: LoraConfig) -> dict:
@@ -224,6 +224,14 @@ class LoRA:
 
 
 _SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+
+
+def _row_norms(ckpt, module: str, dim: int) -> "torch.Tensor":
+    """DoRA's initial magnitude ‖W₀ + s·B·A‖ per output feature with B = 0: accumulated in fp32
+    without an fp32 copy of W (``dim`` 1 for [out, in], 0 for Conv1D's [in, out])."""
+    import torch
+
+    return torch.linalg.vector_norm(ckpt.get(module + ".weight"), dim=dim, dtype=torch.float32)
 
 
 def _group(tensors: dict) -> tuple[dict[str, dict], list[str]]:
