@@ -92,6 +92,7 @@ def test_the_peak_memory_estimate_bounds_the_measured_peak_and_follows_its_formu
     assert formula == 3 * 4 * n
     measured = peaks["ties"] - peaks["linear"]
     assert 0.6 * formula <= measured <= formula + 16 * 2**20, (measured, formula)
-    # DARE draws its masks range by range: no whole-tensor copy (the whole path held 10 × 16 MB).
+    # DARE draws its masks range by range: not even one whole-tensor copy (16 MB; the whole path
+    # held 10 of them). The margin is RSS noise between two fresh processes (~9 MB seen).
     assert estimates["dare-ties"] == estimates["linear"]
-    assert peaks["dare-ties"] - peaks["linear"] < 8 * 2**20, (peaks["dare-ties"], peaks["linear"])
+    assert peaks["dare-ties"] - peaks["linear"] < 16 * 2**20, (peaks["dare-ties"], peaks["linear"])
