@@ -152,6 +152,21 @@ def test_olora_on_a_non_square_conv1d_is_refused(tiny_gpt2, tmp_path):
         load_adapted(tiny_gpt2, adapter)
 
 
+def test_a_rank_above_the_layer_size_is_refused(tiny_llama, tmp_path):
+    """PiSSA's SVD has only min(out, in) components: PEFT cannot load r = 40 on a 32×64 v_proj."""
+    from peftcli.artifacts.adapter_dir import write_adapter
+
+    g = torch.Generator().manual_seed(0)
+    key = "base_model.model.model.layers.0.self_attn.v_proj."
+    tensors = {key + "lora_A.weight": torch.randn(40, 64, generator=g), key + "lora_B.weight": torch.randn(32, 40, generator=g)}
+    config = {"peft_type": "LORA", "r": 40, "lora_alpha": 8, "target_modules": ["v_proj"], "init_lora_weights": "pissa"}
+    write_adapter(str(tmp_path / "a"), config, tensors)
+    fail, error = _check_and_merge(tiny_llama, str(tmp_path / "a"), tmp_path)
+    assert "pissa needs r ≤ min(out, in) = 32" in error and "min(out, in) = 32" in fail
+    with pytest.raises(BadInputError, match="pissa needs r"):
+        load_adapted(tiny_llama, str(tmp_path / "a"))
+
+
 # -- every value PEFT accepts --------------------------------------------------------------
 
 
