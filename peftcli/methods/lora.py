@@ -192,7 +192,8 @@ class LoRA:
                 problems.append(f"{path}: no such linear module in the base")
                 continue
             m = linear[name]
-            problem = _check_module(path, parts, cfg, *m.shape) or lora_init.module_problem(cfg.base_init, path, cfg.rank, *m.shape, m.transposed)
+            problem = _check_module(path, parts, cfg, *m.shape)
+            problem = problem or lora_init.module_problem(cfg.base_init, path, cfg.rank, *m.shape, m.transposed)
             if problem:
                 problems.append(problem)
                 continue
@@ -212,9 +213,8 @@ class LoRA:
         for path, parts in by_module.items():
             layer, dims, problem = mod.find_linear(model, path)
             if problem is None:
-                problem = _check_module(path, parts, cfg, *dims) or lora_init.module_problem(
-                    cfg.base_init, path, cfg.rank, *dims, mod.is_conv1d(layer)
-                )
+                problem = _check_module(path, parts, cfg, *dims)
+                problem = problem or lora_init.module_problem(cfg.base_init, path, cfg.rank, *dims, mod.is_conv1d(layer))
             if problem:
                 problems.append(problem)
                 continue
