@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError, UsageError
+from peftcli.methods import lora_init
 from peftcli.methods.base import Attached, BudgetRow, LazyTensor, SeededDraws, lazy_zeros, peft_key, PEFT_PREFIX
 from peftcli.options import option
 from peftcli.targets import resolve_targets
@@ -43,6 +44,9 @@ class LoraConfig:
     rslora: bool = option(False, help="rsLoRA: scale by α/√r instead of α/r")
     dropout: float = option(0.0, help="dropout on the LoRA branch's input during training (default 0)")
     init: str = option("kaiming", metavar="kaiming|gaussian", help="initialisation of A (B is always zero); default kaiming, as PEFT")
+    # Read from an adapter, not an option: "pissa"/"olora" when PEFT subtracts an initial A·B
+    # from the base weights on load (see lora_init), None for plain LoRA.
+    base_init: str | None = field(default=None)
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
@@ -167,6 +171,7 @@ class LoRA:
             rslora=bool(d.get("use_rslora", False)),
             dropout=float(d.get("lora_dropout", 0.0)),
             init="gaussian" if d.get("init_lora_weights") == "gaussian" else "kaiming",
+            base_init=lora_init.base_init(d.get("init_lora_weights", True)),
         )
 
     # -- folding into the weights ---------------------------------------------------------
@@ -188,10 +193,11 @@ class LoRA:
                 continue
             m = linear[name]
             problem = _check_module(path, parts, cfg, *m.shape)
+            problem = problem or lora_init.module_problem(cfg.base_init, path, cfg.rank, *m.shape, m.transposed)
             if problem:
                 problems.append(problem)
                 continue
-            out[name + ".weight"] = partial(_fold, parts=parts, scaling=cfg.scaling, transposed=m.transposed)
+            out[name + ".weight"] = partial(_fold, parts=parts, cfg=cfg, transposed=m.transposed)
         if problems:
             raise mismatch_error(problems)
         return out
@@ -208,9 +214,12 @@ class LoRA:
             layer, dims, problem = mod.find_linear(model, path)
             if problem is None:
                 problem = _check_module(path, parts, cfg, *dims)
+                problem = problem or lora_init.module_problem(cfg.base_init, path, cfg.rank, *dims, mod.is_conv1d(layer))
             if problem:
                 problems.append(problem)
                 continue
+            if cfg.base_init:  # the base PEFT trains and evaluates this adapter on
+                _to_residual(layer, cfg)
             new = LoraLinear(layer, cfg.rank, cfg.scaling, cfg.dropout, dora=cfg.dora)
             new.load_phi(parts["lora_A.weight"], parts["lora_B.weight"], parts.get("lora_magnitude_vector"))
             mod.replace(model, path, new)
@@ -261,9 +270,25 @@ def _check_module(path: str, parts: dict, cfg: LoraConfig, d_out: int, d_in: int
     return None
 
 
-def _fold(stored: "torch.Tensor", *, parts: dict, scaling: float, transposed: bool) -> "torch.Tensor":
+def _fold(stored: "torch.Tensor", *, parts: dict, cfg: LoraConfig, transposed: bool) -> "torch.Tensor":
     from peftcli.methods.lora_layer import lora_delta
 
     w0 = stored.T if transposed else stored
-    delta = lora_delta(w0, parts["lora_A.weight"], parts["lora_B.weight"], scaling, parts.get("lora_magnitude_vector"))
+    # PiSSA/OLoRA: PEFT's layer holds the residual W_res, so ΔW = (W_res − W) + ΔW over W_res.
+    w_res = lora_init.residual(cfg.base_init, stored, cfg.rank, cfg.scaling, transposed) if cfg.base_init else w0
+    delta = lora_delta(w_res, parts["lora_A.weight"], parts["lora_B.weight"], cfg.scaling, parts.get("lora_magnitude_vector"))
+    if cfg.base_init:
+        delta = delta + (w_res - w0.float())
     return delta.T if transposed else delta
+
+
+def _to_residual(layer, cfg: LoraConfig) -> None:
+    """Replace ``layer``'s weight by the residual PEFT's initialisation leaves there."""
+    import torch
+
+    from peftcli import modules as mod
+
+    transposed = mod.is_conv1d(layer)
+    res = lora_init.residual(cfg.base_init, layer.weight.detach(), cfg.rank, cfg.scaling, transposed)
+    with torch.no_grad():
+        layer.weight.copy_(res.T if transposed else res)

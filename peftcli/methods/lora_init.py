@@ -1,0 +1,136 @@
+"""PEFT's LoRA initialisations that change the base weights: which peftcli reproduces, which it refuses.
+
+PEFT runs an adapter's ``init_lora_weights`` again every time it loads the adapter:
+``PeftModel.from_pretrained`` builds the LoRA layers from the saved config (running the
+initialisation on the base it is given) and only then loads the trained A and B. PiSSA and
+OLoRA compute an initial B₀·A₀ from the base weight W and replace W by the residual
+W − s·B₀·A₀, so the adapter's model is (W − s·B₀A₀) + s·B·A, not W + s·B·A.
+
+Reproduced, by the same operations in the same dtype as PEFT 0.21 (``LoraLayer.pissa_init``,
+``olora_init``), so the residual matches PEFT's to float rounding:
+
+- ``"pissa"``: full SVD of W (fp32, [out, in]: GPT-2's Conv1D transposed first);
+  B₀A₀ = s·V_r·√(S_r/s)·√(S_r/s)·Uh_r;
+- ``"olora"``: QR of W (fp32, as stored: PEFT does not transpose Conv1D here, so it only
+  fits square Conv1D layers); B₀A₀ = Q[:, :r]·R[:r].
+
+The residual is rounded to the weight's dtype, as PEFT stores it in the base layer.
+
+Refused, because the files do not determine the base PEFT trained against: ``pissa_niter_N``
+(randomised SVD), ``corda`` (needs calibration statistics), ``loftq`` (quantised base),
+``lora_ga`` (PEFT changed the base by a gradient-derived A·B while training but does not redo
+it on load). Plain LoRA at load time (the base is left alone): true, false, ``gaussian``,
+``eva``, ``orthogonal``, ``mica`` (A, B are overwritten by the file; MiCA only freezes B).
+Anything else PEFT rejects, so peftcli does too. The dispatch mirrors PEFT's
+``LoraLayer.update_layer`` (its case rules included).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from peftcli.errors import BadInputError
+
+if TYPE_CHECKING:
+    import torch
+
+REPRODUCED = ("pissa", "olora")
+PLAIN = (True, False, None, "gaussian", "eva", "orthogonal", "mica")
+
+_CONVERT = (
+    "convert it to plain LoRA with PEFT: save_pretrained(out, path_initial_model_for_weight_conversion=<the "
+    "initial adapter, saved with init_lora_weights=True>)"
+)
+_REASONS = {
+    "pissa_niter": "PEFT subtracts a randomised SVD's A·B from the base weights each time it loads the adapter",
+    "corda": "PEFT subtracts an A·B computed from calibration data (not in the files) from the base weights on load",
+    "loftq": "PEFT replaces the base weights by a quantised copy on load",
+    "lora_ga": "PEFT subtracted a gradient-derived A·B from the base weights in training and does not on load",
+}
+
+
+def base_init(value) -> str | None:
+    """``"pissa"`` / ``"olora"`` when PEFT subtracts an initial A·B from the base on load and
+    peftcli reproduces it, None for plain LoRA; a ``BadInputError`` naming the value otherwise."""
+    kind = _peft_dispatch(value)
+    if kind == "plain":
+        return None
+    if kind in REPRODUCED:
+        return kind
+    if kind == "unknown":
+        raise BadInputError(
+            f"adapter config has init_lora_weights={value!r}, which PEFT does not accept",
+            "set it to the value the adapter was trained with, e.g. true",
+        )
+    raise BadInputError(f"adapter config has init_lora_weights={value!r}, which peftcli cannot reproduce: {_REASONS[kind]}", _CONVERT)
+
+
+def _peft_dispatch(value) -> str:
+    """The branch of PEFT's ``LoraLayer.update_layer`` that ``value`` takes, in its order."""
+    if value is None or isinstance(value, bool):
+        return "plain"  # True: Kaiming A, B = 0; False/None: nn.Linear's init; the file overwrites both
+    if not isinstance(value, str):
+        return "unknown"  # PEFT's reset_lora_parameters calls .lower() on it and fails
+    if value.startswith("pissa"):
+        if value == "pissa":
+            return "pissa"
+        return "pissa_niter" if len(value.split("_niter_")) == 2 else "unknown"
+    if value.startswith("corda"):
+        return "corda"
+    if value.lower() == "olora":
+        return "olora"
+    if value.lower() == "mica" or value in ("eva", "orthogonal"):
+        return "plain"
+    if value in ("loftq", "lora_ga"):
+        return value
+    return "plain" if value.lower() == "gaussian" else "unknown"
+
+
+def module_problem(kind: str | None, path: str, rank: int, d_out: int, d_in: int, transposed: bool) -> str | None:
+    """Why PEFT could not load this ``kind`` of adapter on a d_out×d_in layer, or None."""
+    if kind is None:
+        return None
+    if rank > min(d_out, d_in):
+        return f"{path}: {kind} needs r ≤ min(out, in) = {min(d_out, d_in)}, the config has r={rank} (PEFT cannot load it)"
+    if kind == "olora" and transposed and d_out != d_in:
+        # PEFT's OLoRA factors Conv1D's stored [in, out] weight: A, B get the shapes of the
+        # transposed layer, and loading the adapter fails.
+        return f"{path}: PEFT's OLoRA does not fit this non-square Conv1D layer (it cannot load the adapter)"
+    return None
+
+
+def residual(kind: str, stored: "torch.Tensor", rank: int, scaling: float, transposed: bool) -> "torch.Tensor":
+    """The base weight PEFT's layer holds after initialising ``kind``: fp32 [out, in], rounded
+    to ``stored``'s dtype as PEFT keeps it (``stored`` as in the checkpoint: [in, out] for Conv1D)."""
+    import torch
+
+    w = stored.to(torch.float32)
+    if kind == "pissa":
+        w = w.T if transposed else w
+        res = (w - _pissa_init(w, rank, scaling)).to(stored.dtype).float()
+        return res
+    if kind == "olora":
+        res = (w - _olora_init(w, rank, scaling)).to(stored.dtype).float()
+        return res.T if transposed else res
+    raise AssertionError(f"no residual for {kind!r}")
+
+
+def _pissa_init(w: "torch.Tensor", r: int, scaling: float) -> "torch.Tensor":
+    """s·B₀·A₀ exactly as PEFT's ``pissa_init`` computes it (same operations, same order)."""
+    import torch
+
+    V, S, Uh = torch.linalg.svd(w, full_matrices=False)
+    Vr = V[:, :r]
+    Sr = S[:r] / scaling
+    Uhr = Uh[:r]
+    lora_A = torch.diag(torch.sqrt(Sr)) @ Uhr
+    lora_B = Vr @ torch.diag(torch.sqrt(Sr))
+    return scaling * lora_B @ lora_A
+
+
+def _olora_init(w: "torch.Tensor", r: int, scaling: float) -> "torch.Tensor":
+    """s·B₀·A₀ exactly as PEFT's ``olora_init`` computes it, on ``w`` as stored."""
+    import torch
+
+    Q, R = torch.linalg.qr(w)
+    return scaling * Q[:, :r].contiguous() @ R[:r].contiguous()
