@@ -92,18 +92,18 @@ def test_every_file_of_a_directory_output_is_fsynced_before_the_rename(tmp_path,
     # Copied config and tokenizer files included: a crash after the rename must not leave a
     # complete-looking model with an empty config.json.
     synced, renamed = [], []
-    real_fsync, real_replace = os.fsync, atomic._replace
+    real_fsync, real_replace = os.fsync, atomic._move_into_place
 
     def fsync(fd):
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         return real_fsync(fd)
 
-    def replace(tmp, target):
+    def replace(tmp, target, force):
         renamed.append(len(synced))  # how many fsyncs had happened when the output moved
-        return real_replace(tmp, target)
+        return real_replace(tmp, target, force)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(atomic, "_replace", replace)
+    monkeypatch.setattr(atomic, "_move_into_place", replace)
     with open_checkpoint(tiny_llama) as ckpt:
         sd = {n: ckpt.get(n) for n in ckpt}
     out = tmp_path / "rt"

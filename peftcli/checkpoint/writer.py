@@ -8,17 +8,19 @@ to a pipe.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, Iterable, Mapping
 
 from peftcli.checkpoint.atomic import atomic_output, open_new_file
 from peftcli.checkpoint.reader import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 from peftcli.checkpoint.safetensors_format import DTYPES, expected_nbytes
-from peftcli.errors import UsageError
+from peftcli.errors import BadInputError, ResourceError, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -110,12 +112,32 @@ class SafetensorsStreamWriter:
     Tensors must then be written in the listed order; each is checked against its spec.
     """
 
-    def __init__(self, out: BinaryIO, specs: list[TensorSpec], metadata: Mapping[str, str] | None = None):
+    def __init__(self, out: BinaryIO, specs: list[TensorSpec], metadata: Mapping[str, str] | None = None, *, atomic: bool = False):
         self._out = out
         self._specs = list(specs)
         self._next = 0
         self._partial = 0  # bytes of the pending tensor already written by write_partial
-        out.write(build_header(self._specs, metadata))
+        # ``atomic``: ``out`` is a temporary that vanishes on failure (CheckpointWriter). Any
+        # other stream (stdout) keeps what it got, so a failure must say it is incomplete.
+        self._atomic = atomic
+        self._send(build_header(self._specs, metadata))
+
+    def _send(self, data) -> None:
+        try:
+            self._out.write(data)
+        except OSError as exc:
+            raise self._failed(exc) from exc
+
+    def _failed(self, exc: OSError) -> OSError | ResourceError:
+        if self._atomic or isinstance(exc, BrokenPipeError):
+            return exc  # a temporary is removed with its own error; a closed pipe is the reader's choice
+        name = getattr(self._out, "name", None)
+        where = "stdout" if name in (1, "<stdout>") else (name if isinstance(name, str) else "the output stream")
+        reason = "no space left on device" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
+        return ResourceError(
+            f"writing the checkpoint to {where} failed ({reason}): the output is incomplete",
+            "what was written is not a valid checkpoint: delete it, free space or fix the destination, and rerun",
+        )
 
     @property
     def pending(self) -> TensorSpec | None:
@@ -145,7 +167,7 @@ class SafetensorsStreamWriter:
                 f"tensor {name!r} got {self._partial + buf.nbytes} bytes, more than its {spec.nbytes}",
                 f"its parts must add up to exactly {spec.nbytes} bytes",
             )
-        self._out.write(buf)
+        self._send(buf)
         self._partial += buf.nbytes
         if self._partial < spec.nbytes:
             return False
@@ -176,13 +198,16 @@ class SafetensorsStreamWriter:
             buf = tensor_bytes(data)
         if buf.nbytes != spec.nbytes:
             raise UsageError(f"tensor {name!r} has {buf.nbytes} bytes, expected {spec.nbytes}", "pass exactly the bytes of the spec's dtype and shape")
-        self._out.write(buf)
+        self._send(buf)
         self._next += 1
 
     def finish(self) -> None:
         if self.pending is not None:  # including a tensor only partly written
             raise UsageError(f"file closed before tensor {self.pending.name!r} was written", "write every tensor of the header before finish()")
-        self._out.flush()
+        try:
+            self._out.flush()
+        except OSError as exc:
+            raise self._failed(exc) from exc
 
 
 def plan_shards(specs: list[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
@@ -203,14 +228,59 @@ def shard_name(i: int, n: int) -> str:
 
 
 def copy_model_files(source_dir: str, dest_dir: str) -> list[str]:
-    """Copy config, tokenizer and generation files (never weights) from ``source_dir``."""
+    """Copy config, tokenizer and generation files (never weights) from ``source_dir``.
+
+    Only regular files are copied, and only files of the model: an entry that is a symlink
+    is followed only when its real target is a regular file inside the source directory or,
+    for a Hugging Face cache snapshot (``.../models--ORG--NAME/snapshots/REV/``, whose files
+    link to ``../../blobs/HASH``), inside that cached repository ``.../models--ORG--NAME/``.
+    A link to anything else (``tokenizer_extra.json -> /etc/shadow``) is refused, naming it:
+    copying it would publish a file that is not part of the model.
+    """
     copied = []
+    root = _link_root(source_dir)
     for name in sorted(os.listdir(source_dir)):
+        if not _COPY_PATTERNS.match(name):
+            continue
         src = os.path.join(source_dir, name)
-        if _COPY_PATTERNS.match(name) and os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(dest_dir, name))
+        real = os.path.realpath(src)
+        if os.path.islink(src) and not _inside(real, root):
+            raise BadInputError(
+                f"{src} is a symlink to {real}, outside the model directory",
+                "replace the link with the file itself (cp -L) if it belongs to the model, or remove it",
+            )
+        if os.path.isfile(real):  # directories, FIFOs, devices and dangling links are not model files
+            _copy_regular(real, os.path.join(dest_dir, name))
             copied.append(name)
     return copied
+
+
+def _link_root(source_dir: str) -> str:
+    """Where a source directory's symlinks may point: itself, or its HF cache repository."""
+    real = os.path.realpath(source_dir)
+    snapshots = os.path.dirname(real)
+    repo = os.path.dirname(snapshots)
+    if os.path.basename(snapshots) == "snapshots" and os.path.basename(repo).startswith(("models--", "datasets--")):
+        return repo
+    return real
+
+
+def _inside(path: str, root: str) -> bool:
+    return path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _copy_regular(src: str, dest: str) -> None:
+    """Copy the regular file ``src`` (fully resolved) to a new file ``dest``, following no link."""
+    # O_NOFOLLOW|O_NONBLOCK and the fstat: what was checked is what is read, even if the
+    # entry is swapped for a link or a FIFO in between.
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BadInputError(f"{src} is not a regular file", "replace it with the file itself")
+        if os.path.lexists(dest):  # e.g. a training run's previous copy: replaced, never written through
+            os.unlink(dest)
+        with open_new_file(dest) as out:
+            shutil.copyfileobj(f, out)
 
 
 class CheckpointWriter:
@@ -280,7 +350,7 @@ class CheckpointWriter:
     def _open_shard(self, i: int) -> None:
         self._close_shard()
         self._file = open_new_file(self._path_of_shard(i))
-        self._writer = SafetensorsStreamWriter(self._file, self.shards[i], self.metadata)
+        self._writer = SafetensorsStreamWriter(self._file, self.shards[i], self.metadata, atomic=True)
         self._current = i
 
     def _close_shard(self) -> None:

@@ -60,6 +60,10 @@ def _sentiment(n: int, seed: int) -> list[dict]:
 DATASETS: dict[str, Callable[[int, int], list[dict]]] = {"sentiment": _sentiment, "topic": topic_data}
 MODELS = ("quickstart", "tiny")
 DEFAULT_EXAMPLES = 800
+# Built-in data is for demonstrations and tests: a million templated rows is ~60 MB of JSON
+# lines. Seeds are 32-bit, as numpy's; torch's manual_seed overflows past 64 bits.
+MAX_EXAMPLES = 1_000_000
+MAX_SEED = 2**32 - 1
 TINY_ARCHS = ("llama", "llama-tied", "bert", "gpt2")
 
 
@@ -80,7 +84,8 @@ def data_builtin(what: str, spec: dict, path: str, where: str) -> Builtin:
         from peftcli.recipes.steps import suggest
 
         raise UsageError(f"{where}: unknown built-in data {name!r}{suggest(str(name), DATASETS)}", "choose one of: " + ", ".join(DATASETS))
-    examples, seed = _int(spec.get("examples", DEFAULT_EXAMPLES), f"{where}.examples", 1), _int(spec.get("seed", 0), f"{where}.seed", 0)
+    examples = _int(spec.get("examples", DEFAULT_EXAMPLES), f"{where}.examples", 1, MAX_EXAMPLES)
+    seed = _int(spec.get("seed", 0), f"{where}.seed", 0, MAX_SEED)
     from peftcli.recipes.steps import display
 
     argv = ["python", "-m", "peftcli.recipes.prepare", name, display(path), "--examples", str(examples), "--seed", str(seed)]
@@ -104,7 +109,7 @@ def model_builtin(spec: dict, workdir: str, where: str) -> Builtin:
             return Builtin("model", installed, None, lambda force: None)
         arch, seed = "bert", 0
     else:
-        arch, seed = spec.get("arch", "bert"), _int(spec.get("seed", 0), f"{where}.seed", 0)
+        arch, seed = spec.get("arch", "bert"), _int(spec.get("seed", 0), f"{where}.seed", 0, MAX_SEED)
         if arch not in TINY_ARCHS:
             raise UsageError(f"{where}: unknown tiny arch {arch!r}", "choose one of: " + ", ".join(TINY_ARCHS))
     path = os.path.join(workdir, f"tiny-{arch}" + (f"-seed{seed}" if seed else ""))
@@ -124,11 +129,11 @@ def _check_keys(spec: dict, allowed: set[str], where: str, builtins) -> None:
             raise UsageError(f"{where}: unknown key {k!r}{suggest(str(k), allowed)}", "allowed: " + ", ".join(sorted(allowed)))
 
 
-def _int(value, where: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+def _int(value, where: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise UsageError(
-            f"{where} must be an integer ≥ {low}, got {value!r}",
-            "write it as a number, without quotes" if isinstance(value, str) else f"use a whole number of at least {low}",
+            f"{where} must be an integer from {low} to {high}, got {value!r}",
+            "write it as a number, without quotes" if isinstance(value, str) else f"use a whole number from {low} to {high}",
         )
     return value
 
@@ -176,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     from peftcli.errors import PeftcliError
 
     try:
-        if args.examples < 1 or args.seed < 0:
-            raise UsageError("--examples must be at least 1 and --seed non-negative", f"e.g. --examples {DEFAULT_EXAMPLES} --seed 0")
+        if not 1 <= args.examples <= MAX_EXAMPLES or not 0 <= args.seed <= MAX_SEED:
+            raise UsageError(f"--examples must be from 1 to {MAX_EXAMPLES} and --seed from 0 to {MAX_SEED}", f"e.g. --examples {DEFAULT_EXAMPLES} --seed 0")
         write_data(args.name, args.out, args.examples, args.seed, force=args.force)
     except PeftcliError as exc:
         print(exc.one_line(), file=sys.stderr)

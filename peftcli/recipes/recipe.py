@@ -49,11 +49,37 @@ DEFAULT_ROOT = "runs"
 # -- YAML ---------------------------------------------------------------------------------------
 
 
+# A recipe is a page of settings: these bounds are far above any real one and stop a hostile
+# file before it costs time or memory (a "billion laughs" alias bomb is a few hundred bytes
+# whose expansion, once substituted, would never finish).
+MAX_RECIPE_BYTES = 4 * 2**20
+MAX_DEPTH = 64  # nesting of mappings and lists (the YAML composer recurses per level)
+MAX_NODES = 100_000  # values once every alias is expanded
+
+
 def _loader():
     import yaml
 
     class Loader(yaml.SafeLoader):
-        """Safe YAML that refuses duplicate keys (PyYAML keeps the last one silently)."""
+        """Safe YAML that refuses duplicate keys (PyYAML keeps the last one silently), deep
+        nesting, recursive aliases and alias expansion past ``MAX_NODES`` values."""
+
+        _depth = 0
+
+        def compose_node(self, parent, index):
+            self._depth += 1
+            try:
+                if self._depth > MAX_DEPTH:
+                    raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", self.peek_event().start_mark)
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+
+        def get_single_node(self):
+            node = super().get_single_node()
+            if node is not None:
+                _expanded_size(node)
+            return node
 
     def mapping(loader, node, deep=False):
         loader.flatten_mapping(node)
@@ -73,6 +99,38 @@ def _loader():
     return Loader
 
 
+def _expanded_size(root) -> int:
+    """How many values the YAML graph at ``root`` has with every alias expanded (bounded).
+
+    Aliases share nodes, so the graph is small while its expansion (what substitution and
+    the steps walk) can be exponential; a node that contains itself would be infinite.
+    """
+    import yaml
+
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node) -> int:  # depth is bounded by MAX_DEPTH (compose_node)
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise yaml.composer.ComposerError(None, None, "an alias refers to a value that contains it", node.start_mark)
+        open_nodes.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        if total > MAX_NODES:
+            raise yaml.composer.ComposerError(None, None, f"more than {MAX_NODES} values once its aliases are expanded", node.start_mark)
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(root)
+
+
 def _yaml(text: str, where: str) -> Any:
     import yaml
 
@@ -87,21 +145,40 @@ def _yaml(text: str, where: str) -> Any:
 
 def load(path: str) -> dict:
     """The recipe file's YAML mapping (one-line errors for unreadable or malformed files)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise BadInputError(f"{path}: no such recipe file", "see recipes/ for the shipped recipes") from None
-    except IsADirectoryError:
-        raise BadInputError(f"{path} is a directory, not a recipe file", "pass a .yaml file") from None
-    except UnicodeDecodeError:
-        raise BadInputError(f"{path}: not a text (UTF-8) file", "pass a YAML recipe") from None
-    except OSError as exc:
-        raise BadInputError(f"{path}: cannot read the recipe: {exc.strerror or exc}", "check the recipe's path and permissions") from None
-    raw = _yaml(text, path)
+    raw = _yaml(_read_recipe(path), path)
     if not isinstance(raw, dict):
         raise BadInputError(f"{path}: a recipe is a YAML mapping with steps:, not a {type(raw).__name__}", "see recipes/README.md")
     return raw
+
+
+def _read_recipe(path: str) -> str:
+    """The text of the regular file ``path``; a FIFO, device or directory is refused unread."""
+    import stat
+
+    try:
+        # O_NONBLOCK: opening a FIFO with no writer returns at once (and is then refused),
+        # and the fstat checks what was opened, not what was there a moment before.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: no such recipe file", "see recipes/ for the shipped recipes") from None
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot read the recipe: {exc.strerror or exc}", "check the recipe's path and permissions") from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise BadInputError(f"{path} is a directory, not a recipe file", "pass a .yaml file")
+        if not stat.S_ISREG(mode):
+            raise BadInputError(f"{path} is not a regular file (a pipe or a device)", "pass a .yaml recipe file")
+        try:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+        except OSError as exc:
+            raise BadInputError(f"{path}: cannot read the recipe: {exc.strerror or exc}", "check the recipe's path and permissions") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise BadInputError(f"{path}: larger than {MAX_RECIPE_BYTES // 2**20} MiB, not a recipe", "pass a YAML recipe file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadInputError(f"{path}: not a text (UTF-8) file", "pass a YAML recipe") from None
 
 
 # -- overrides ----------------------------------------------------------------------------------
@@ -201,6 +278,20 @@ def _inside(path: str, root: str) -> bool:
     return path.startswith(root.rstrip(os.sep) + os.sep)
 
 
+def confine(path: str, wd: str, where: str) -> None:
+    """Refuse ``path`` unless it resolves (symlinks included) strictly inside the workdir.
+
+    Checked when the recipe is planned and again just before each write: a directory of the
+    workdir (``data/``, a step's output) replaced by a link to elsewhere in between is not
+    written through.
+    """
+    if not _inside(path, wd):
+        raise UsageError(
+            f"{where}: {display(path)} is outside the workdir {display(wd)} (resolving its symlinks: {os.path.realpath(path)})",
+            "a recipe writes only inside its workdir: remove the link or give a path relative to the workdir",
+        )
+
+
 def _workdir(raw: dict, name: str, given: str | None, where: str) -> str:
     if given is not None:
         return os.path.abspath(given)
@@ -233,6 +324,7 @@ class PlannedStep:
     params: dict
     runner: Runner
     creates: list[str] = field(default_factory=list)  # absolute paths the step makes anew
+    outputs: list[str] = field(default_factory=list)  # absolute paths the step writes (inside the workdir)
 
     @property
     def command(self) -> str:
@@ -296,6 +388,8 @@ def plan(path: str, overrides: list[str] = (), workdir: str | None = None, force
     spec = substitute(raw.get("model"), names, f"{path}: model")
     if isinstance(spec, dict):
         b = model_builtin(spec, wd, f"{path}: model")
+        if b.argv:  # made in the workdir (an installed model is only read)
+            confine(b.path, wd, f"{path}: model")
         builtins.append(b)
         model = b.path
     elif isinstance(spec, str) and spec:
@@ -314,6 +408,7 @@ def plan(path: str, overrides: list[str] = (), workdir: str | None = None, force
         v = substitute(v, names, f"{path}: data.{k}")
         if isinstance(v, dict):
             b = data_builtin(f"data.{k}", v, os.path.join(wd, "data", f"{k}.jsonl"), f"{path}: data.{k}")
+            confine(b.path, wd, f"{path}: data.{k}")
             builtins.append(b)
             data[k] = b.path
         elif isinstance(v, str) and v:
@@ -394,7 +489,7 @@ def _plan_step(path: str, step_id: str, body: Any, names: dict, wd: str, force: 
         runner = build(kind.name, cmd, params)
     except UsageError as exc:
         raise UsageError(f"{where}: {exc.message}", exc.hint) from None
-    return PlannedStep(step_id, kind.name, words, argv, params, runner, creates)
+    return PlannedStep(step_id, kind.name, words, argv, params, runner, creates, [resolved[o] for o in outputs])
 
 
 def _closest_alias(word: str, aliases: dict[str, str]) -> str | None:
@@ -431,12 +526,15 @@ def execute(p: Plan, *, force: bool = False, log=None, progress=None) -> dict:
     doc["dry_run"] = False
     for b in p.builtins:
         if b.argv:
+            confine(b.path, p.workdir, f"prepare {b.what}")
             log(f"prepare {b.what}: {shlex.join(b.argv)}")
         b.make(force)
     ctx = Context(log=lambda line: log("  " + line), progress=progress)
     for i, (step, entry) in enumerate(zip(p.steps, doc["steps"]), 1):
         log(f"[{i}/{len(p.steps)}] {step.id}: {step.command}")
         t0 = time.perf_counter()
+        for out in step.outputs:  # what an earlier step or anyone else did to the workdir since the plan
+            confine(out, p.workdir, f"step {step.id}")
         try:
             entry["result"] = step.runner(ctx)
         except PeftcliError as exc:  # the same error and exit code, saying which step
