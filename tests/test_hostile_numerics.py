@@ -279,13 +279,12 @@ def test_merge_copies_unchanged_fp8_bool_and_integer_tensors_verbatim(tmp_path):
 def test_an_adapter_changing_an_fp8_weight_is_refused():
     from types import SimpleNamespace
 
-    from peftcli.merge.engine import _refuse_unmergeable
-    from peftcli.merge.sources import Source
+    from peftcli.merge.sources import Source, refuse_unmergeable
 
     ckpt = SimpleNamespace(tensors={"q": SimpleNamespace(dtype="F8_E4M3"), "w": SimpleNamespace(dtype="F32")})
-    _refuse_unmergeable(Source("a", "adapter", {"w": lambda t: t}), ckpt)
+    refuse_unmergeable(Source("a", "adapter", {"w": lambda t: t}), ckpt)
     with pytest.raises(BadInputError, match="changes 'q', a F8_E4M3 tensor"):
-        _refuse_unmergeable(Source("a", "adapter", {"q": lambda t: t}), ckpt)
+        refuse_unmergeable(Source("a", "adapter", {"q": lambda t: t}), ckpt)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -420,3 +419,51 @@ def test_diff_metadata_shapes_that_overflow_are_refused(tmp_path):
     with pytest.raises(BadInputError, match=r"tensor 'w' in 'shapes': the shape F32\[4294967296, 4294967296\] overflows"):
         combine([bad], "scale", str(tmp_path / "out.diff"), by=2.0)
     assert_one_line_error(invoke("combine", bad, "--op", "scale", "--by", "2", "-o", tmp_path / "o.diff"), 1, "overflows")
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["ranged", "whole"])
+def test_a_dtype_cast_beyond_range_is_refused(tmp_path, whole):
+    # an untouched F32 tensor cast by --dtype F16: 1e5 became Inf silently before
+    base = {"w": torch.ones(3, 3), "big": torch.tensor([1.0, 1e5])}
+    ft = {"w": base["w"] + 1.0, "big": base["big"].clone()}
+    base_path = pickled(tmp_path / "base.bin", base) if whole else save(tmp_path / "base.safetensors", base)
+    ft_path = save(tmp_path / "ft.safetensors", ft)
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(BadInputError, match=r"'big'.*float16"):  # φ = 0 there: θ₀ + 0, cast
+        merge(base_path, [ft_path], str(out), dtype="F16", allow_pickle=True)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("out")]
+    merge(base_path, [ft_path], str(out), dtype="BF16", allow_pickle=True)  # in range: written
+    assert torch.equal(tensors_of(str(out))["big"], base["big"].to(torch.bfloat16))
+
+
+def test_check_cast_refuses_only_what_the_cast_made_infinite():
+    from peftcli.merge.ranged import check_cast
+
+    x = torch.tensor([1.0, 1e5])
+    with pytest.raises(BadInputError, match="'t' holds values beyond the range of float16"):
+        check_cast("t", x, x.to(torch.float16))
+    check_cast("t", x, x.to(torch.bfloat16))
+    inf = torch.tensor([1.0, float("inf")])
+    check_cast("t", inf, inf.to(torch.float16))  # already Inf in the base: the scan's business, as with Copy
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_apply_to_keeps_the_base_bits_where_phi_is_zero(tmp_path, dtype):
+    from peftcli.artifacts.sparse_diff import read_diff
+    from peftcli.diff import DiffOptions, diff
+
+    base = {"w": _f64_with_zeros((20, 10), 7).to(dtype)}
+    ft = {"w": base["w"].clone()}
+    ft["w"].view(-1)[1::3] += 0.125
+    b, f = save(tmp_path / "b.safetensors", base), save(tmp_path / "f.safetensors", ft)
+    for options in (DiffOptions(dense=True), DiffOptions(density=0.5)):
+        d = str(tmp_path / f"{options.method}.diff")
+        diff(b, f, d, options)
+        with read_diff(d) as sd:
+            got = sd.apply_to("w", base["w"])
+        same = ~_diff_mask(base["w"], ft["w"])
+        n = base["w"].element_size()
+        assert np.array_equal(bits(got).reshape(-1, n)[same], bits(base["w"]).reshape(-1, n)[same]), options
+        if dtype == torch.float64:  # fp64: θ₀ + (θ_ft − θ₀) exactly here (a power of two added)
+            kept = torch.from_numpy(~same) & (got.view(-1) != base["w"].view(-1))
+            assert torch.equal(got.view(-1)[kept], ft["w"].view(-1)[kept])

@@ -35,10 +35,10 @@ from peftcli.errors import BadInputError, UsageError
 from peftcli.merge.provenance import Hasher
 from peftcli.merge.pipeline import Buffers, ReadAhead, WriteBehind
 from peftcli.merge.ranged import (
-    OUT_BUFFERS, WRITE_LIMIT, Cast, Context, Copy, Dare, Linear, Task, Ties, buffer_bytes, check_finite, read_buffers,
-    unmergeable_change,
+    OUT_BUFFERS, WRITE_LIMIT, Cast, Context, Copy, Dare, Linear, Task, Ties, buffer_bytes, check_cast, check_finite,
+    read_buffers, unmergeable_change,
 )
-from peftcli.merge.sources import Source, open_source
+from peftcli.merge.sources import Source, open_source, refuse_unmergeable
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
@@ -108,7 +108,7 @@ def merge(
                 unknown = sorted(set(s.deltas) - set(ckpt.tensors))
                 if unknown:
                     raise BadInputError(f"{s.path} changes {unknown[0]!r}, which the base does not have", "merge into the base it was made for")
-                _refuse_unmergeable(s, ckpt)
+                refuse_unmergeable(s, ckpt)
             out_dtype = {t.name: (dtype if dtype and t.dtype in FLOAT_DTYPES else t.dtype) for t in ckpt.tensors.values()}
             with_heads = [s for s in sources if s.heads]
             layout = None
@@ -173,7 +173,10 @@ def merge(
                     result = result.to(torch_dtype(out_dtype[name])).contiguous()
                     check_finite(name, result)  # after the cast: beyond F16's range is Inf only there
                     return result, True
-                return stored.to(torch_dtype(out_dtype[name])).contiguous(), False
+                result = stored.to(torch_dtype(out_dtype[name])).contiguous()
+                if result.dtype != stored.dtype:
+                    check_cast(name, stored, result)
+                return result, False
 
             def task_for(out_name: str) -> Task:
                 name = origin[out_name]
@@ -239,17 +242,6 @@ def merge(
         size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
     report_inputs = [{"path": s.path, "kind": s.kind, "weight": w, "tensors": len(s.deltas)} for s, w in zip(sources, lam)]
     return MergeReport(out or "-", method, report_inputs, len(specs), changed, size, metadata)
-
-
-def _refuse_unmergeable(source: Source, ckpt) -> None:
-    """Refuse an input that changes a tensor no merge computes with (an adapter on an FP8 or integer weight)."""
-    for name in source.deltas:
-        dtype = ckpt.tensors[name].dtype
-        if dtype not in FLOAT_DTYPES:
-            raise BadInputError(
-                f"{source.path} changes {name!r}, a {dtype} tensor: peftcli merges only F16, BF16, F32 and F64 tensors exactly",
-                "merge into a base whose changed tensors are floating-point (dequantize it first)",
-            )
 
 
 def _check_fixed(name: str, ckpt, sources: list[Source]) -> None:

@@ -122,11 +122,22 @@ def _base(ctx: Context, raw: torch.Tensor, info: TensorInfo) -> torch.Tensor:
     return stored
 
 
-def check_finite(name: str, result: torch.Tensor) -> None:
+def all_finite(t: torch.Tensor) -> bool:
     # A sum is finite only if every term is: one fast pass (in fp32 at least: an F16 sum of
     # finite values can overflow); the exact test only when it is not.
-    total = result.sum(dtype=torch.float32) if result.itemsize < 4 else result.sum()
-    if not math.isfinite(float(total)) and not bool(torch.isfinite(result).all()):
+    total = t.sum(dtype=torch.float32) if t.itemsize < 4 else t.sum()
+    return math.isfinite(float(total)) or bool(torch.isfinite(t).all())
+
+
+def check_cast(name: str, stored: torch.Tensor, cast: torch.Tensor) -> None:
+    """Refuse a ``--dtype`` cast that turns finite values into Inf (beyond F16's 65504)."""
+    if not all_finite(cast) and all_finite(stored):
+        out = str(cast.dtype).removeprefix("torch.")
+        raise BadInputError(f"{name!r} holds values beyond the range of {out}", "choose a wider --dtype, or none")
+
+
+def check_finite(name: str, result: torch.Tensor) -> None:
+    if not all_finite(result):
         raise BadInputError(
             f"merging gives NaN or Inf in {name!r} ({str(result.dtype).removeprefix('torch.')})",
             "check the inputs with peftcli check, or use smaller --weights",
@@ -213,6 +224,7 @@ class Cast(Task):
             x = data.view(dtype)
             cast = obuf[: x.numel() * itemsize(self.out_dtype)].view(out)
             cast.copy_(x)
+            check_cast(self.name, x, cast)
             ctx.reads.give(buf)
             ctx.out.put(self.name, cast, done=lambda obuf=obuf: ctx.pool.give(obuf))
 

@@ -81,6 +81,17 @@ def open_source(path: str, base: Checkpoint, allow_pickle: bool = False, sha256:
     return _checkpoint_source(path, base, allow_pickle, sha256)
 
 
+def refuse_unmergeable(source: Source, base: Checkpoint) -> None:
+    """Refuse an input that changes a tensor no merge computes with (an adapter on an FP8 or integer weight)."""
+    for name in source.deltas:
+        dtype = base.tensors[name].dtype
+        if dtype not in MERGED_DTYPES:
+            raise BadInputError(
+                f"{source.path} changes {name!r}, a {dtype} tensor: peftcli merges only F16, BF16, F32 and F64 tensors exactly",
+                "use a base whose changed tensors are floating-point (dequantize it first)",
+            )
+
+
 def _hashes(files: list[str], sha256: Callable[[str], str]) -> dict[str, str]:
     return {os.path.basename(f): sha256(f) for f in files}
 
