@@ -210,8 +210,11 @@ def check_base(ckpt: Checkpoint, scan: bool) -> Result:
                 )
     if scan:
         for name in sorted(ckpt.tensors):
-            if ckpt.tensors[name].dtype in FLOAT_DTYPES:
-                problem = nonfinite(name, ckpt.get(name), "the base checkpoint is damaged: use a good copy")
+            if ckpt.tensors[name].dtype in SCANNED:
+                try:
+                    problem = nonfinite(name, ckpt.get(name), "the base checkpoint is damaged: use a good copy")
+                except PeftcliError as exc:  # a dtype this torch cannot read
+                    problem = Problem.of(exc, ckpt.path)
                 if problem:
                     result.problems.append(problem)
     return result
@@ -228,13 +231,26 @@ def input_embedding(ckpt: Checkpoint) -> str | None:
     return min(found)[1] if found else None
 
 
+# The dtypes that can hold NaN or Inf: floats, FP8 included. Integers and bool cannot, nor can
+# F4 and F6 (the MX formats have no such encodings, and torch cannot read them).
+SCANNED = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E8M0")
+SCAN_CHUNK = 1 << 20  # FP8 elements upcast at a time
+
+
 def nonfinite(name: str, t: "torch.Tensor", hint: str) -> Problem | None:
-    """A problem naming how many NaN and Inf values ``t`` holds, or None."""
+    """A problem naming how many NaN and Inf values ``t`` holds (any dtype), or None."""
     import torch
 
-    if not t.is_floating_point():
+    if not t.is_floating_point():  # integers and bool are always finite
         return None
-    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    if t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    else:  # FP8: torch has no isinf for every kind; an exact upcast, a chunk at a time
+        nan = inf = 0
+        flat = t.reshape(-1)
+        for start in range(0, flat.numel(), SCAN_CHUNK):
+            part = flat[start : start + SCAN_CHUNK].float()
+            nan, inf = nan + int(torch.isnan(part).sum()), inf + int(torch.isinf(part).sum())
     if not nan and not inf:
         return None
     counts = " and ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "Inf")) if n)

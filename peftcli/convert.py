@@ -29,7 +29,10 @@ class _FoldedAdapter:
     def phi(self, name: str):
         import torch
 
-        phi = self._deltas[name](self._base.get(name)).float().reshape(-1)
+        from peftcli.checkpoint.dtypes import work_dtype
+
+        stored = self._base.get(name)
+        phi = self._deltas[name](stored).to(work_dtype(stored.dtype)).reshape(-1)  # fp64 for F64, as diff
         if not bool(torch.isfinite(phi).all()):
             raise BadInputError(f"{self.path}: ΔW of {name!r} is not finite", "the adapter holds NaN or inf")
         return phi
@@ -47,7 +50,7 @@ def adapter_to_diff(adapter_path: str, out: str, options, *, base: str | None = 
     from peftcli.artifacts.sparse_diff import DiffMetadata, write_diff
     from peftcli.checkpoint.fingerprint import Fingerprint, file_hashes
     from peftcli.diff import DiffReport, _entries
-    from peftcli.merge.sources import open_source
+    from peftcli.merge.sources import open_source, refuse_unmergeable
 
     if not out.endswith(".diff"):
         raise UsageError(f"output {out} must be a .diff file", "name it e.g. lora.diff")
@@ -58,6 +61,7 @@ def adapter_to_diff(adapter_path: str, out: str, options, *, base: str | None = 
     check_output_path(out, [adapter_path, base], force)
     with open_checkpoint(base) as ckpt:
         source = open_source(adapter_path, ckpt)
+        refuse_unmergeable(source, ckpt)  # a .diff holds floating-point tensors only
         covered = [ckpt.tensors[n] for n in sorted(source.deltas)]
         selected = [t for t in covered if options.dense or options.sparse_small or len(t.shape) >= 2]
         n = sum(t.numel for t in selected)

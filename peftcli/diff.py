@@ -198,8 +198,6 @@ def diff(
 
 def _match(base: Checkpoint, ft: Checkpoint) -> tuple[list[TensorInfo], list[str]]:
     """The covered tensors (sorted by name) and the others, after checking the checkpoints agree."""
-    import torch
-
     differences = table_differences(tensor_table(base), tensor_table(ft), base.path, ft.path)
     if differences:
         raise BadInputError(
@@ -209,13 +207,22 @@ def _match(base: Checkpoint, ft: Checkpoint) -> tuple[list[TensorInfo], list[str
     covered = [base.tensors[n] for n in sorted(base.tensors) if base.tensors[n].dtype in FLOAT_DTYPES]
     others = sorted(n for n in base.tensors if base.tensors[n].dtype not in FLOAT_DTYPES)
     for name in others:
-        if not torch.equal(base.get(name).reshape(-1).view(torch.uint8), ft.get(name).reshape(-1).view(torch.uint8)):
+        if not _same_bytes(base, ft, name):
             raise BadInputError(
                 f"{ft.path}: tensor {name!r} ({base.tensors[name].dtype}) differs from the base, "
                 "but only floating-point tensors can be diffed",
                 "a diff cannot carry changed integer or FP8 tensors",
             )
     return covered, others
+
+
+def _same_bytes(base: Checkpoint, ft: Checkpoint, name: str) -> bool:
+    """Whether tensor ``name`` holds the same bytes in both (F4/F6 too, which torch cannot read)."""
+    import torch
+
+    if base.storage != "pickle" and ft.storage != "pickle":
+        return base.read_bytes(name) == ft.read_bytes(name)
+    return torch.equal(base.get(name).reshape(-1).view(torch.uint8), ft.get(name).reshape(-1).view(torch.uint8))
 
 
 def _phi(base: Checkpoint, ft: Checkpoint, name: str, check: bool = True) -> "torch.Tensor":

@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from peftcli.checkpoint.fingerprint import Fingerprint, content_hash, is_dtype_shape, summarize_differences
 from peftcli.checkpoint.reader import Checkpoint, open_checkpoint
-from peftcli.checkpoint.safetensors_format import DTYPES
+from peftcli.checkpoint.safetensors_format import DTYPES, size_problem
 from peftcli.errors import BadInputError, UsageError
 
 if TYPE_CHECKING:
@@ -440,14 +440,16 @@ class SparseDiff:
                 f"{safetensors_dtype(base.dtype)}{list(base.shape)} in the base",
                 "apply the diff to the base it was made from",
             )
-        work = torch.float64 if base.dtype == torch.float64 else torch.float32  # accumulate in fp32, cast once
+        from peftcli.checkpoint.dtypes import plus_base, work_dtype
+
+        work = work_dtype(base.dtype)  # fp32, fp64 for F64: holds the base exactly; cast once
         idx, val = self.get(name)
-        if idx is None:
-            return (base.to(work) + val.to(work)).to(base.dtype)
+        if idx is None:  # where φ is 0, the base's own bits (−0.0 included)
+            return plus_base(val.to(work, copy=True).view(base.shape), base).to(base.dtype)
         out = base.clone().contiguous()
         flat = out.view(-1)
         where = idx.long()
-        flat[where] = (flat[where].to(work) + val.to(work)).to(base.dtype)
+        flat[where] = plus_base(val.to(work, copy=True), flat[where]).to(base.dtype)
         return out
 
     # -- lifetime ---------------------------------------------------------------------------
@@ -589,6 +591,9 @@ def _parse_shapes(path: str, obj: object) -> dict[str, tuple[str, tuple[int, ...
             raise BadInputError(
                 f"{path}: tensor {name!r} has an invalid 'shapes' entry {entry!r}", "expected [F16|BF16|F32|F64, shape]"
             )
+        too_large = size_problem(entry[0], tuple(entry[1]))
+        if too_large:  # a sparse tensor's shape is only here: nothing else bounds it
+            raise BadInputError(f"{path}: tensor {name!r} in 'shapes': {too_large}", CORRUPT)
         out[name] = (entry[0], tuple(entry[1]))
     return out
 

@@ -91,6 +91,24 @@ def gc_paused():
             gc.enable()
 
 
+MAX_SIZE = (1 << 63) - 1  # torch and numpy index with signed 64-bit integers
+
+
+def size_problem(dtype: str, shape: tuple[int, ...]) -> str | None:
+    """Why a ``dtype`` tensor of ``shape`` cannot exist in memory, or None.
+
+    torch and numpy compute sizes and strides in signed 64 bits: every dimension, the product
+    of the non-zero ones (a stride) and that product in bytes must fit, even when another
+    dimension is 0 and the tensor holds no byte (``empty()`` overflows otherwise).
+    """
+    size = max(1, DTYPES[dtype][0] // 8)
+    for d in shape:
+        size *= max(d, 1)
+        if size > MAX_SIZE:
+            return f"the shape {dtype}{list(shape)} overflows 64-bit sizes (its dimensions multiply past 2^63 bytes)"
+    return None
+
+
 def expected_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     bits = DTYPES[dtype][0] * math.prod(shape)
     return (bits + 7) // 8
@@ -215,6 +233,9 @@ def _parse_entry(path: str, name: str, spec: object) -> RawEntry:
     if not _naturals(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
         raise BadInputError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}", "the file is corrupt")
     shape_t = tuple(shape)
+    too_large = size_problem(dtype, shape_t)
+    if too_large:
+        raise BadInputError(f"{path}: tensor {name!r}: {too_large}", "the file is corrupt")
     bits = known[0] * math.prod(shape_t)
     if bits % 8:
         raise BadInputError(f"{path}: tensor {name!r} of {dtype}{list(shape_t)} does not end on a byte boundary", "the file is corrupt")

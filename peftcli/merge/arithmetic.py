@@ -1,8 +1,9 @@
 """Tensor arithmetic of merging: combine the task vectors φ_i = θ_i − θ₀ of ONE base tensor.
 
 Pure functions over torch tensors; the streaming merge calls ``combine`` once per base tensor and
-adds the result to θ₀. Inputs may be any floating dtype: each φ_i is upcast to fp32 once, the
-arithmetic is fp32 and so is the result. Definitions follow mergekit's methods of the same names
+adds the result to θ₀. Inputs may be any floating dtype: each φ_i is converted once to ``dtype``
+(fp32 by default; the merge passes fp64 for F64 base tensors), the arithmetic is in it and so is
+the result. Definitions follow mergekit's methods of the same names
 with their default options (``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``),
 but for the details below:
 
@@ -62,13 +63,14 @@ def combine(
     density: float | None = None,
     seed: int = 0,
     key: str = "",
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """The merged task vector of one tensor (fp32, a new tensor): see the module docstring.
+    """The merged task vector of one tensor (in ``dtype``, a new tensor): see the module docstring.
 
     ``key`` names the tensor (its checkpoint name), so DARE draws an independent mask per tensor.
     """
     _check(deltas, weights, method, density, key)
-    phis = [d.to(torch.float32) for d in deltas]  # no copy when already fp32: never written to
+    phis = [d.to(dtype) for d in deltas]  # no copy when already in dtype: never written to
     if method == "linear":
         return _weighted_sum(phis, weights)
     if method == "ties":
@@ -181,7 +183,7 @@ def _consensus(phis: list[torch.Tensor], weights: list[float], *, normalize: boo
         agree = torch.where(positive, x > 0, x < 0)  # sign(x) = γ: zero never agrees
         total += x.where(agree, 0.0)
         if divisor is not None:
-            divisor.add_(agree.to(torch.float32), alpha=w)
+            divisor.add_(agree.to(total.dtype), alpha=w)
     if divisor is None:
         return total
     divisor[divisor == 0] = 1  # no agreeing input: the sum is already 0 there

@@ -2,9 +2,11 @@
 
 Each output tensor is one task (``ranged.py``): where the inputs are diffs or full checkpoints
 (any method: linear, TIES, DARE, DARE-TIES), it is produced a range of elements at a time: read the
-base's range, compute each input's φ for it in fp32, accumulate, add θ₀, cast once to the
-output dtype, write. Tensors no input touches are copied byte for byte (or cast, with
-``dtype``). Everything else (adapters, heads, pickles) is produced whole by ``produce``:
+base's range, compute each input's φ for it in fp32 (fp64 for an F64 base: a dtype that holds
+θ₀ exactly), accumulate, add θ₀ (whose own bits stay where the sum is 0), cast once to the
+output dtype, refuse anything not finite, write. Tensors no input touches are copied byte for
+byte (or cast, with ``dtype``); those no merge computes with (integers, bool, FP8) are copied
+after checking that no full checkpoint among the inputs changes them. Everything else (adapters, heads, pickles) is produced whole by ``produce``:
 the same operations on whole tensors, which the ranged tasks reproduce bit for bit. A reader
 and a writer thread overlap the reads, arithmetic and writes (``pipeline.py``), and the inputs'
 provenance hashes are computed on a thread of their own (``provenance.py``). Peak memory is a
@@ -26,16 +28,17 @@ from typing import BinaryIO, Callable
 import torch
 
 from peftcli import __version__
-from peftcli.checkpoint.dtypes import torch_dtype
+from peftcli.checkpoint.dtypes import plus_base, torch_dtype, work_dtype
 from peftcli.checkpoint.reader import open_checkpoint
 from peftcli.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, SafetensorsStreamWriter, TensorSpec
 from peftcli.errors import BadInputError, UsageError
 from peftcli.merge.provenance import Hasher
 from peftcli.merge.pipeline import Buffers, ReadAhead, WriteBehind
 from peftcli.merge.ranged import (
-    OUT_BUFFERS, WRITE_LIMIT, Cast, Context, Copy, Dare, Linear, Task, Ties, buffer_bytes, check_finite, read_buffers,
+    OUT_BUFFERS, WRITE_LIMIT, Cast, Context, Copy, Dare, Linear, Task, Ties, buffer_bytes, check_cast, check_finite,
+    read_buffers, unmergeable_change,
 )
-from peftcli.merge.sources import Source, open_source
+from peftcli.merge.sources import Source, open_source, refuse_unmergeable
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
@@ -105,6 +108,7 @@ def merge(
                 unknown = sorted(set(s.deltas) - set(ckpt.tensors))
                 if unknown:
                     raise BadInputError(f"{s.path} changes {unknown[0]!r}, which the base does not have", "merge into the base it was made for")
+                refuse_unmergeable(s, ckpt)
             out_dtype = {t.name: (dtype if dtype and t.dtype in FLOAT_DTYPES else t.dtype) for t in ckpt.tensors.values()}
             with_heads = [s for s in sources if s.heads]
             layout = None
@@ -143,29 +147,36 @@ def merge(
                     return head_tensors[out_name].to(torch_dtype(dtype or "F32")).contiguous(), True
                 info = ckpt.tensors[name]
                 touched = [(i, s) for i, s in enumerate(sources) if name in s.deltas]
+                if not touched:
+                    _check_fixed(name, ckpt, sources)
                 if not touched and out_dtype[name] == info.dtype and ckpt.storage != "pickle":
                     return ckpt.read_bytes(name), False
                 stored = ckpt.get(name)
+                work = work_dtype(stored.dtype)  # holds the base's values exactly
                 if touched and method == "linear":
                     # Σ λᵢφᵢ accumulated one input at a time (the same operations, in the same
                     # order, as combine's weighted sum), so only one φ is alive at once.
-                    result = torch.zeros(stored.shape, dtype=torch.float32)
+                    result = torch.zeros(stored.shape, dtype=work)
                     for i, s in touched:
                         phi = s.deltas[name](stored)
                         result.add_(phi, alpha=lam[i])
                         del phi
-                    result.add_(stored)  # θ₀ + Σ λᵢφᵢ in fp32; one cast at the end
+                    plus_base(result, stored)  # θ₀ + Σ λᵢφᵢ in the work dtype; one cast at the end
                 elif touched:
                     # Every input takes part (zero where it does not touch this tensor): the same
                     # result for every method, and DARE's mask for input i depends on i alone.
-                    phis = [s.deltas[name](stored) if name in s.deltas else torch.zeros(stored.shape) for s in sources]
-                    result = combine(phis, lam, method, density=density, seed=seed, key=name)
+                    phis = [s.deltas[name](stored) if name in s.deltas else torch.zeros(stored.shape, dtype=work) for s in sources]
+                    result = combine(phis, lam, method, density=density, seed=seed, key=name, dtype=work)
                     del phis
-                    result.add_(stored)  # fp32 accumulation, one cast at the end
+                    plus_base(result, stored)  # accumulated in the work dtype, one cast at the end
                 if touched:
-                    check_finite(name, result)
-                    return result.to(torch_dtype(out_dtype[name])).contiguous(), True
-                return stored.to(torch_dtype(out_dtype[name])).contiguous(), False
+                    result = result.to(torch_dtype(out_dtype[name])).contiguous()
+                    check_finite(name, result)  # after the cast: beyond F16's range is Inf only there
+                    return result, True
+                result = stored.to(torch_dtype(out_dtype[name])).contiguous()
+                if result.dtype != stored.dtype:
+                    check_cast(name, stored, result)
+                return result, False
 
             def task_for(out_name: str) -> Task:
                 name = origin[out_name]
@@ -174,8 +185,11 @@ def merge(
                     return _Whole(out_name, produce)
                 touched = [i for i, s in enumerate(sources) if name in s.deltas]
                 if not touched:
+                    fixed = [(s.path, s.fixed[name]) for s in sources if name in s.fixed]
+                    if any(f.begin is None for _, f in fixed):  # a pickled input: compared whole
+                        return _Whole(out_name, produce)
                     if out_dtype[name] == info.dtype:
-                        return Copy(out_name, info)
+                        return Copy(out_name, info, fixed)
                     return Cast(out_name, info, out_dtype[name])
                 if info.dtype not in FLOAT_DTYPES or any(name not in sources[i].streams for i in touched):
                     return _Whole(out_name, produce)
@@ -228,6 +242,17 @@ def merge(
         size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
     report_inputs = [{"path": s.path, "kind": s.kind, "weight": w, "tensors": len(s.deltas)} for s, w in zip(sources, lam)]
     return MergeReport(out or "-", method, report_inputs, len(specs), changed, size, metadata)
+
+
+def _check_fixed(name: str, ckpt, sources: list[Source]) -> None:
+    """Refuse a full checkpoint whose ``name`` (an integer, bool or FP8 tensor) differs from the base's."""
+    fixed = [s for s in sources if name in s.fixed]
+    if not fixed:
+        return
+    mine = ckpt.get(name).reshape(-1).view(torch.uint8)
+    for s in fixed:
+        if not torch.equal(mine, s.checkpoint.get(name).reshape(-1).view(torch.uint8)):
+            raise unmergeable_change(s.path, name, ckpt.tensors[name].dtype)
 
 
 @dataclass

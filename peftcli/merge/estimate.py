@@ -11,10 +11,12 @@
 
   ==========================================  =================================================
   linear, dare, dare-ties; diffs, checkpoints  the diffs' stored values of it (ranges otherwise)
-  ties, inputs diffs or checkpoints            (k + 1) × 4N: the k φ in fp32 and the ranked |φ|
-  anything else, done whole (adapters)         its base and output bytes, plus 4N × (3 for linear,
+  ties, inputs diffs or checkpoints            (k + 1) × wN: the k φ and the ranked |φ|
+  anything else, done whole (adapters)         its base and output bytes, plus wN × (3 for linear,
                                                2k + 3 for dare, 3k + 4 for ties and dare-ties)
   ==========================================  =================================================
+
+  w is the work dtype's size: 8 for F64 tensors (fp64), else 4 (fp32).
 
 - Time, assuming an otherwise idle machine at the rates in ``RATES`` (measured on the project's
   2-core machine, see benchmarks/README.md): the start-up (importing torch, overlapped with
@@ -95,14 +97,15 @@ def estimate(ckpt: Checkpoint, inputs: list[Input], method: str = "linear", dtyp
             continue
         changed += 1
         n = info.numel
+        w = 8 if info.dtype == "F64" else 4  # the work dtype's bytes: fp64 for F64 tensors
         stored = sum(i.stored.get(name, 0) for i in touching)
         if not pickle and all(i.ranged for i in touching) and info.dtype in FLOAT_DTYPES:
-            need = stored + ((len(touching) + 1) * 4 * n if method == "ties" else 0)
+            need = stored + ((len(touching) + 1) * w * n if method == "ties" else 0)
             extra = {"ties": RATES["rank"], "dare": RATES["draw"], "dare-ties": RATES["draw"]}.get(method)
             seconds += n * len(touching) / RATES["merge"] + (n * len(touching) / extra if extra else 0)
         else:
             factor = {"linear": 3, "dare": 2 * k + 3}.get(method, 3 * k + 4)
-            need = stored + info.nbytes + expected_nbytes(out_dtype[name], info.shape) + factor * 4 * n
+            need = stored + info.nbytes + expected_nbytes(out_dtype[name], info.shape) + factor * w * n
             seconds += n * k / RATES["whole"]
         if need > peak:
             peak, peak_tensor = need, name

@@ -5,16 +5,18 @@ ranges it will read (for ``ReadAhead`` to read ahead), ``run`` consumes them in 
 hands the output's ranges to ``WriteBehind``. Only ranges are ever in memory, except where a
 method needs whole task vectors (TIES' trim ranks all of a tensor's entries).
 
-- ``Copy``: a tensor no input touches, in the base's dtype: its bytes, unchanged.
+- ``Copy``: a tensor no input touches, in the base's dtype: its bytes, unchanged (and checked
+  equal to those of the full checkpoints among the inputs, where it is not floating-point).
 - ``Cast``: a tensor no input touches, in another dtype (``--dtype``).
 - ``Linear``: θ₀ + Σ λᵢφᵢ (task arithmetic).
 - ``Ties``: θ₀ + TIES(φ₁ … φₖ), the φᵢ held whole for the trim, then combined by ranges.
 - ``Dare``: θ₀ + DARE(φ₁ … φₖ) or DARE-TIES, every step by ranges (the masks too).
 
-Each applies, element by element, the same fp32 operations in the same order as the whole-tensor
+Each applies, element by element, the same operations in the same order as the whole-tensor
 definitions (``produce`` in ``engine.py``, with ``arithmetic.combine``), so the bytes written are the same
-(``tests/test_merge_ranged.py`` compares them): accumulate in fp32 from zero, the base added
-last, one cast to the output dtype.
+(``tests/test_merge_ranged.py`` compares them): accumulate in the work dtype (fp32, or fp64 for
+an F64 base: ``dtypes.work_dtype``) from zero, the base added last (its own bits where the sum is
+0, ``dtypes.plus_base``), one cast to the output dtype, which must be finite.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from peftcli.checkpoint.dtypes import torch_dtype
+from peftcli.checkpoint.dtypes import torch_dtype, work_dtype
 from peftcli.checkpoint.reader import TensorInfo
 from peftcli.checkpoint.safetensors_format import DTYPES
 from peftcli.errors import BadInputError
@@ -55,9 +57,15 @@ def buffer_bytes(dtypes) -> int:
     return RANGE * max([4, *(itemsize(d) for d in dtypes if DTYPES[d][0] >= 8)])
 
 
+def work_itemsize(dtypes) -> int:
+    """Bytes per element of the widest work dtype among base dtypes ``dtypes``: 8 with F64, else 4."""
+    return 8 if "F64" in dtypes else 4
+
+
 def buffers_total(inputs: int, dtypes) -> int:
     """Bytes of every buffer a ranged merge allocates once: read-ahead, output and scratch ranges."""
-    return (read_buffers(inputs) + OUT_BUFFERS) * buffer_bytes(dtypes) + (SCRATCH_RANGES + inputs) * RANGE * 4
+    dtypes = list(dtypes)
+    return (read_buffers(inputs) + OUT_BUFFERS) * buffer_bytes(dtypes) + (SCRATCH_RANGES + inputs) * RANGE * work_itemsize(dtypes)
 
 
 @dataclass
@@ -78,19 +86,32 @@ class Context:
         return buf[:n]
 
     def put(self, name: str, result: torch.Tensor, buf: torch.Tensor, out_dtype: torch.dtype) -> None:
-        """Queue fp32 ``result`` (a view of pool buffer ``buf``) as a range of ``name``, cast once."""
-        if out_dtype == torch.float32:
+        """Queue ``result`` (work dtype, a view of pool buffer ``buf``) as a range of ``name``, cast once.
+
+        What is written must be finite: checked after the cast, since a finite sum can be Inf
+        only in a narrower output dtype (F16 ends at 65504).
+        """
+        if out_dtype == result.dtype:
+            check_finite(name, result)
             self.out.put(name, result, done=lambda: self.pool.give(buf))
             return
         obuf = self.pool.take()
         cast = obuf[: result.numel() * out_dtype.itemsize].view(out_dtype)
         cast.copy_(result)
         self.pool.give(buf)
+        check_finite(name, cast)
         self.out.put(name, cast, done=lambda: self.pool.give(obuf))
 
-    def take_fp32(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def take(self, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """An output buffer and a view of it as ``n`` elements of ``dtype`` (the work dtype)."""
         buf = self.pool.take()
-        return buf, buf[: 4 * n].view(torch.float32)
+        return buf, buf[: dtype.itemsize * n].view(dtype)
+
+    def plus_base(self, acc: torch.Tensor, base: torch.Tensor) -> None:
+        """``acc += base``, with base's own bits where ``acc`` is 0: ``dtypes.plus_base`` in reused buffers."""
+        zero = torch.eq(acc, 0, out=self.scratch("zero", acc.numel(), torch.bool))
+        acc.add_(base)
+        np.copyto(acc.numpy(), base.numpy(), where=zero.numpy())
 
 
 def _base(ctx: Context, raw: torch.Tensor, info: TensorInfo) -> torch.Tensor:
@@ -101,10 +122,34 @@ def _base(ctx: Context, raw: torch.Tensor, info: TensorInfo) -> torch.Tensor:
     return stored
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    # A sum is finite only if every term is: one fast pass (in fp32 at least: an F16 sum of
+    # finite values can overflow); the exact test only when it is not.
+    total = t.sum(dtype=torch.float32) if t.itemsize < 4 else t.sum()
+    return math.isfinite(float(total)) or bool(torch.isfinite(t).all())
+
+
+def check_cast(name: str, stored: torch.Tensor, cast: torch.Tensor) -> None:
+    """Refuse a ``--dtype`` cast that turns finite values into Inf (beyond F16's 65504)."""
+    if not all_finite(cast) and all_finite(stored):
+        out = str(cast.dtype).removeprefix("torch.")
+        raise BadInputError(f"{name!r} holds values beyond the range of {out}", "choose a wider --dtype, or none")
+
+
 def check_finite(name: str, result: torch.Tensor) -> None:
-    # A sum is finite only if every term is: one fast pass; the exact test only when it is not.
-    if not math.isfinite(float(result.sum())) and not bool(torch.isfinite(result).all()):
-        raise BadInputError(f"merging gives NaN or Inf in {name!r}", "check the inputs with peftcli check")
+    if not all_finite(result):
+        raise BadInputError(
+            f"merging gives NaN or Inf in {name!r} ({str(result.dtype).removeprefix('torch.')})",
+            "check the inputs with peftcli check, or use smaller --weights",
+        )
+
+
+def unmergeable_change(path: str, name: str, dtype: str) -> BadInputError:
+    """The error for a full checkpoint that changes a tensor no merge computes with."""
+    return BadInputError(
+        f"{path}: tensor {name!r} ({dtype}) differs from the base's, but peftcli merges only F16, BF16, F32 and F64 tensors",
+        "a merge cannot carry a changed integer, bool or FP8 tensor: merge checkpoints whose such tensors equal the base's",
+    )
 
 
 class Task:
@@ -125,10 +170,15 @@ def _read(info: TensorInfo, start: int, stop: int) -> Read:
 
 @dataclass
 class Copy(Task):
-    """The base tensor's bytes, unchanged (any dtype, sub-byte ones included)."""
+    """The base tensor's bytes, unchanged (any dtype, sub-byte ones included).
+
+    ``fixed``: (path, tensor) of the full checkpoints among the inputs, whose bytes of a tensor
+    no merge computes with (integers, bool, FP8) must be the base's: each range is compared.
+    """
 
     name: str
     info: TensorInfo
+    fixed: list[tuple[str, TensorInfo]] = field(default_factory=list)
 
     def _byte_ranges(self) -> Iterator[tuple[int, int]]:
         return chunks(self.info.end - self.info.begin, RANGE * 4)
@@ -136,12 +186,21 @@ class Copy(Task):
     def requests(self) -> Iterator[Read]:
         for start, stop in self._byte_ranges():
             yield self.info.file, self.info.begin + start, stop - start
+            for _, other in self.fixed:
+                yield other.file, other.begin + start, stop - start
 
     def run(self, ctx: Context) -> None:
         if self.info.end == self.info.begin:
             ctx.out.put(self.name, b"", whole=True)
         for _ in self._byte_ranges():
             buf, data = ctx.reads.next()
+            for path, _ in self.fixed:
+                obuf, other = ctx.reads.next()
+                same = torch.equal(data, other)
+                ctx.reads.give(obuf)
+                if not same:
+                    ctx.reads.give(buf)
+                    raise unmergeable_change(path, self.name, self.info.dtype)
             ctx.out.put(self.name, memoryview(data.numpy()), done=lambda buf=buf: ctx.reads.give(buf))
 
 
@@ -165,6 +224,7 @@ class Cast(Task):
             x = data.view(dtype)
             cast = obuf[: x.numel() * itemsize(self.out_dtype)].view(out)
             cast.copy_(x)
+            check_cast(self.name, x, cast)
             ctx.reads.give(buf)
             ctx.out.put(self.name, cast, done=lambda obuf=obuf: ctx.pool.give(obuf))
 
@@ -187,20 +247,19 @@ class Linear(Task):
                     yield _ranged(stream.read, start, stop)
 
     def run(self, ctx: Context) -> None:
-        out_dtype = torch_dtype(self.out_dtype)
+        out_dtype, work = torch_dtype(self.out_dtype), work_dtype(torch_dtype(self.info.dtype))
         for start, stop in chunks(self.info.numel, RANGE):
             n = stop - start
             bbuf, raw = ctx.reads.next()
             base = _base(ctx, raw, self.info)
-            buf, acc = ctx.take_fp32(n)
+            buf, acc = ctx.take(n, work)
             acc.zero_()
-            phi = ctx.scratch("phi", n)
+            phi = ctx.scratch("phi", n, work)
             for lam, stream in self.streams:
                 _phi(ctx, stream, start, stop, base, phi)
                 acc.add_(phi, alpha=lam)
-            acc.add_(base)
+            ctx.plus_base(acc, base)
             ctx.reads.give(bbuf)
-            check_finite(self.name, acc)
             ctx.put(self.name, acc, buf, out_dtype)
         self.streams = []  # what a stream loaded (a diff's values) goes with it
 
@@ -224,7 +283,7 @@ def _ranged(where: tuple[str, int, str], start: int, stop: int) -> Read:
 class _Trim:
     """trim_d of one φ as a rule per entry: keep |φ| > cut, and the first ``ties`` entries at the cut."""
 
-    cut: np.float32 | None  # None: keep everything (K = N)
+    cut: np.floating | None  # None: keep everything (K = N); in the work dtype
     ties: int  # entries with |φ| == cut still to keep, in flat order
     all_ties: bool  # every entry at the cut is kept: keep |φ| >= cut
 
@@ -235,7 +294,7 @@ def _trim_rule(phi: torch.Tensor, density: float, ctx: Context) -> _Trim:
     k = keep_count(density, n)
     if k == n:
         return _Trim(None, 0, True)
-    mag = ctx.scratch("mag", n).numpy()
+    mag = ctx.scratch("mag", n, phi.dtype).numpy()
     np.abs(phi.numpy(), out=mag)
     mag.partition(n - k)  # numpy's introselect: several times faster than torch.kthvalue
     cut = mag[n - k]  # the K-th largest; left of it nothing larger, right of it nothing smaller
@@ -271,7 +330,8 @@ class Ties(Task):
 
     def run(self, ctx: Context) -> None:
         n = self.info.numel
-        phis = [ctx.scratch(f"ties{i}", n) for i in range(len(self.streams))]
+        work = work_dtype(torch_dtype(self.info.dtype))
+        phis = [ctx.scratch(f"ties{i}", n, work) for i in range(len(self.streams))]
         for start, stop in chunks(n, RANGE):
             bbuf, raw = ctx.reads.next()
             base = _base(ctx, raw, self.info)
@@ -281,7 +341,8 @@ class Ties(Task):
         rules = [_trim_rule(phi, self.density, ctx) for phi in phis]
         # torch.where and torch's comparisons ran at ~60 M elements/s here (a random mask defeats
         # branch prediction); numpy's comparisons and a bit mask do the same selection exactly.
-        weights = [np.float32(lam) for lam, _ in self.streams]  # as torch takes a Python scalar
+        scalar = np.float64 if work == torch.float64 else np.float32
+        weights = [scalar(lam) for lam, _ in self.streams]  # as torch takes a Python scalar
         out_dtype = torch_dtype(self.out_dtype)
         for start, stop in chunks(n, RANGE):
             m = stop - start
@@ -290,21 +351,21 @@ class Ties(Task):
             weighted = []
             for i, (phi, rule, w) in enumerate(zip(phis, rules, weights)):
                 p = phi[start:stop].numpy()
-                x = ctx.scratch(f"x{i}", m).numpy()
+                x = ctx.scratch(f"x{i}", m, work).numpy()
                 np.multiply(p, w, out=x)  # where(keep, φ, 0)·w, with the mask applied after: w ≥ 0
                 if rule.cut is not None:
-                    _keep(p, rule, ctx.scratch("mag", m).numpy(), flags[0], flags[1])
+                    _keep(p, rule, ctx.scratch("mag", m, work).numpy(), flags[0], flags[1])
                     _zero_unless(x, flags[0], sign)
                 weighted.append(x)
-            total = ctx.scratch("total", m).numpy()
+            total = ctx.scratch("total", m, work).numpy()
             total.fill(0)
             for x in weighted:
                 np.add(total, x, out=total)
             positive = np.greater_equal(total, 0, out=flags[2])  # the elected sign; a zero sum elects +1
             total.fill(0)
-            divisor = ctx.scratch("divisor", m).numpy()
+            divisor = ctx.scratch("divisor", m, work).numpy()
             divisor.fill(0)
-            term = ctx.scratch("term", m).numpy()
+            term = ctx.scratch("term", m, work).numpy()
             for x, w in zip(weighted, weights):
                 agree = np.greater(x, 0, out=flags[0])  # sign(x) = γ; zero and NaN never agree
                 np.bitwise_and(agree, positive, out=agree)
@@ -316,20 +377,20 @@ class Ties(Task):
                 _zero_unless(x, agree, sign)
                 np.add(total, x, out=total)
             np.add(divisor, divisor == 0, out=divisor)  # no agreeing input: 1 (the sum is 0 there)
-            buf, result = ctx.take_fp32(m)
+            buf, result = ctx.take(m, work)
             np.divide(total, divisor, out=result.numpy())
             bbuf, raw = ctx.reads.next()
-            result.add_(_base(ctx, raw, self.info))
+            ctx.plus_base(result, _base(ctx, raw, self.info))
             ctx.reads.give(bbuf)
-            check_finite(self.name, result)
             ctx.put(self.name, result, buf, out_dtype)
         self.streams = []
 
 
 def _zero_unless(x: np.ndarray, keep: np.ndarray, sign: np.ndarray) -> None:
     """x = where(keep, x, +0.0) exactly (NaN and −0.0 too): an AND with all-ones or all-zeros bits."""
-    np.negative(keep.view(np.int8), out=sign)  # True → −1, all ones once widened to 32 bits
-    np.bitwise_and(x.view(np.int32), sign, out=x.view(np.int32))
+    np.negative(keep.view(np.int8), out=sign)  # True → −1, all ones once widened to 32 or 64 bits
+    bits = x.view(np.int64 if x.dtype == np.float64 else np.int32)
+    np.bitwise_and(bits, sign, out=bits)
 
 
 def _keep(phi: np.ndarray, rule: _Trim, mag: np.ndarray, keep: np.ndarray, at_cut: np.ndarray) -> None:
@@ -380,7 +441,7 @@ class Dare(Task):
 
     def run(self, ctx: Context) -> None:
         generators = [dare_generator(self.seed, self.key, i) for i, _, _ in self.streams]
-        out_dtype = torch_dtype(self.out_dtype)
+        out_dtype, work = torch_dtype(self.out_dtype), work_dtype(torch_dtype(self.info.dtype))
         d = self.density
         for start, stop in chunks(self.info.numel, RANGE):
             m = stop - start
@@ -391,13 +452,13 @@ class Dare(Task):
             xs = []
             # Each step is the whole-tensor definition's own torch operation on the range.
             for j, ((_, lam, stream), generator) in enumerate(zip(self.streams, generators)):
-                x = ctx.scratch(f"x{j}", m)
+                x = ctx.scratch(f"x{j}", m, work)
                 _phi(ctx, stream, start, stop, base, x)
                 torch.rand(m, generator=generator, out=u)
                 torch.ge(u, d, out=dropped)  # survives where u < d
                 torch.div(x, d, out=x).masked_fill_(dropped, 0.0)  # where(survive, φ / d, 0)
                 xs.append(x)
-            buf, acc = ctx.take_fp32(m)
+            buf, acc = ctx.take(m, work)
             acc.zero_()
             if not self.ties:
                 for x, (_, lam, _) in zip(xs, self.streams):
@@ -411,9 +472,8 @@ class Dare(Task):
                 for x in xs:
                     agree = torch.where(positive, x > 0, x < 0)  # sign(x) = γ: zero never agrees
                     acc += x.where(agree, 0.0)
-            acc.add_(base)
+            ctx.plus_base(acc, base)
             ctx.reads.give(bbuf)
-            check_finite(self.name, acc)
             ctx.put(self.name, acc, buf, out_dtype)
         self.streams = []
 

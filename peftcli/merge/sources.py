@@ -1,4 +1,8 @@
-"""What a merge input contributes: for each base tensor it touches, its fp32 task vector φ.
+"""What a merge input contributes: for each base tensor it touches, its task vector φ.
+
+φ is fp32, or fp64 for an F64 base tensor (``dtypes.work_dtype``): a dtype that holds the base's
+values exactly. A full checkpoint's tensors of other dtypes (integers, bool, FP8) cannot be
+merged: the input lists them as ``fixed``, to be checked equal to the base's as they are copied.
 
 Three kinds of input, all opened lazily and read one tensor at a time:
 - a ``.diff`` (checked against the base's fingerprint): φ scattered from idx/val or dense;
@@ -22,10 +26,12 @@ import torch
 
 from peftcli.artifacts.adapter_dir import ADAPTER_CONFIG, read_adapter
 from peftcli.artifacts.sparse_diff import check_base, read_diff
-from peftcli.checkpoint.dtypes import torch_dtype
+from peftcli.checkpoint.dtypes import torch_dtype, work_dtype
 from peftcli.checkpoint.fingerprint import file_sha256, summarize_differences, table_differences, tensor_table
 from peftcli.checkpoint.reader import Checkpoint, TensorInfo, open_checkpoint
 from peftcli.errors import BadInputError, UsageError
+
+MERGED_DTYPES = ("F16", "BF16", "F32", "F64")  # what a merge computes with; other tensors pass through unchanged
 
 
 class Stream:
@@ -39,9 +45,10 @@ class Stream:
     read: tuple[str, int, str] | None = None
 
     def phi(self, start: int, stop: int, base: torch.Tensor, raw: torch.Tensor | None, out: torch.Tensor) -> None:
-        """Write φ[start:stop] (fp32) into ``out`` given the base's values ``base`` in that range.
+        """Write φ[start:stop] into ``out`` (the work dtype: fp64 for F64 bases, else fp32).
 
-        ``base`` is fp32 for F16/BF16/F32 bases (an exact upcast) and as stored otherwise.
+        ``base`` holds the base's values in that range: fp32 for F16/BF16/F32 bases (an exact
+        upcast) and as stored otherwise.
         """
         raise NotImplementedError
 
@@ -56,6 +63,10 @@ class Source:
     heads: dict[str, torch.Tensor] = field(default_factory=dict)  # a trained task head: tensor name -> value
     labels: list[str] | None = None  # the head's label names, from the run's labels.json
     streams: dict[str, Callable[[], Stream]] = field(default_factory=dict)  # names with a ranged φ -> opener
+    # A full checkpoint's tensors that no merge can change (integers, bool, FP8, F4/F6): they must
+    # equal the base's byte for byte, or the merge would drop the fine-tune's change.
+    fixed: dict[str, TensorInfo] = field(default_factory=dict)
+    checkpoint: Checkpoint | None = None  # a full checkpoint input, to read ``fixed`` tensors whole
 
 
 def open_source(path: str, base: Checkpoint, allow_pickle: bool = False, sha256: Callable[[str], str] = file_sha256) -> Source:
@@ -68,6 +79,17 @@ def open_source(path: str, base: Checkpoint, allow_pickle: bool = False, sha256:
     if path.endswith(".diff"):
         return _diff_source(path, base, sha256)
     return _checkpoint_source(path, base, allow_pickle, sha256)
+
+
+def refuse_unmergeable(source: Source, base: Checkpoint) -> None:
+    """Refuse an input that changes a tensor no merge computes with (an adapter on an FP8 or integer weight)."""
+    for name in source.deltas:
+        dtype = base.tensors[name].dtype
+        if dtype not in MERGED_DTYPES:
+            raise BadInputError(
+                f"{source.path} changes {name!r}, a {dtype} tensor: peftcli merges only F16, BF16, F32 and F64 tensors exactly",
+                "use a base whose changed tensors are floating-point (dequantize it first)",
+            )
 
 
 def _hashes(files: list[str], sha256: Callable[[str], str]) -> dict[str, str]:
@@ -88,7 +110,7 @@ class _DiffStream(Stream):
             return
         lo, hi = (int(i) for i in torch.searchsorted(self.idx, torch.tensor([start, stop], dtype=self.idx.dtype)))
         out.zero_()
-        out[self.idx[lo:hi].long() - start] = self.val[lo:hi].float()
+        out[self.idx[lo:hi].long() - start] = self.val[lo:hi].to(out.dtype)
 
 
 def _diff_source(path: str, base: Checkpoint, sha256: Callable[[str], str] = file_sha256) -> Source:
@@ -100,10 +122,11 @@ def _diff_source(path: str, base: Checkpoint, sha256: Callable[[str], str] = fil
     def delta(name: str):
         def compute(stored: torch.Tensor) -> torch.Tensor:
             idx, val = diff.get(name)
+            work = work_dtype(stored.dtype)
             if idx is None:
-                return val.float()
-            phi = torch.zeros(stored.numel(), dtype=torch.float32)
-            phi[idx.long()] = val.float()
+                return val.to(work)
+            phi = torch.zeros(stored.numel(), dtype=work)
+            phi[idx.long()] = val.to(work)
             return phi.view(stored.shape)
 
         return compute
@@ -159,8 +182,8 @@ class _CheckpointStream(Stream):
 
     def phi(self, start, stop, base, raw, out) -> None:
         ft = raw.view(self.dtype)
-        if ft.dtype == torch.float32 and base.dtype == torch.float32:
-            torch.sub(ft, base, out=out)  # one fp32 pass
+        if ft.dtype == base.dtype == out.dtype:
+            torch.sub(ft, base, out=out)  # one pass (F32 or F64)
         else:
             out.copy_(ft)  # .float()
             out.sub_(base)
@@ -175,13 +198,17 @@ def _checkpoint_source(path: str, base: Checkpoint, allow_pickle: bool, sha256: 
 
     def delta(name: str):
         def compute(stored: torch.Tensor) -> torch.Tensor:
-            phi = ft.get(name).float()
-            return phi.sub_(stored)  # upcasts stored element by element: no second fp32 copy
+            phi = ft.get(name).to(work_dtype(stored.dtype))
+            return phi.sub_(stored)  # upcasts stored element by element: no second copy
 
         return compute
 
-    floating = [t.name for t in base.tensors.values() if t.dtype in ("F16", "BF16", "F32", "F64")]
+    floating = [t.name for t in base.tensors.values() if t.dtype in MERGED_DTYPES]
+    fixed = {t.name: ft.tensors[t.name] for t in base.tensors.values() if t.dtype not in MERGED_DTYPES}
     streams = {}
     if ft.storage != "pickle":
         streams = {n: (lambda info=ft.tensors[n]: _CheckpointStream(info)) for n in floating}
-    return Source(path, "checkpoint", {n: delta(n) for n in floating}, _hashes(ft.files, sha256), ft.close, streams=streams)
+    return Source(
+        path, "checkpoint", {n: delta(n) for n in floating}, _hashes(ft.files, sha256), ft.close, streams=streams,
+        fixed=fixed, checkpoint=ft,
+    )
