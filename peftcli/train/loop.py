@@ -419,8 +419,10 @@ def train_adapter(
                 loss.backward()
             if sync_by_hand:
                 distributed.average_gradients(world, named.values())
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(list(named.values()), cfg.max_grad_norm)
+            # The norm before clipping (an infinite max_norm scales by exactly 1: no clipping).
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(named.values()), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+            if _nonfinite(world, step_loss, grad_norm):  # before the step: φ stays the last finite one
+                raise diverged(run, cfg, step + 1, step_loss, float(grad_norm), world)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -450,6 +452,7 @@ def train_adapter(
                     stopped_early = True
                     log(f"early stop at step {step}: no better validation loss in {cfg.patience} evaluations (best at step {best['step']})")
             if ((cfg.save_every and step % cfg.save_every == 0) or flag.stop) and world.main:
+                _check_phi(run, cfg, step, named, world)
                 ckpt_state.save_checkpoint(run, step, adapted, trainer_state(), keep=cfg.keep_checkpoints)
             if flag.stop:
                 raise Interrupted(f"interrupted at step {step}; checkpoint saved", f"continue with peftcli train {run} --resume")
@@ -460,6 +463,7 @@ def train_adapter(
 
     adapted.eval()
     if world.main:
+        _check_phi(run, cfg, step, named, world)
         adapted.save_into(run)
     distributed.barrier(world)
     # The DDP wrapper's reducer holds the process group: free it first. Destroying the group
@@ -479,6 +483,45 @@ def train_adapter(
         "peak_memory_bytes": _peak_memory(device), "device": str(device), "labels": labels,
     }
     return (summary, adapted) if return_model else summary
+
+
+def _nonfinite(world, loss: float, grad_norm: torch.Tensor) -> bool:
+    """Whether this step's loss or gradient norm is NaN or Inf on any worker (the workers
+    agree, so that all of them stop at the same step instead of one waiting for the others)."""
+    bad = not (math.isfinite(loss) and bool(torch.isfinite(grad_norm)))
+    if world.distributed:
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if bad else 0.0], device=grad_norm.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bad = bool(flag.item())
+    return bad
+
+
+def _check_phi(run: str, cfg: TrainConfig, step: int, named: dict, world) -> None:
+    """φ is finite before it is written (a checkpoint or the result): a step can overflow φ
+    itself even when the loss and gradients before it were finite."""
+    with torch.no_grad():
+        bad = next((n for n, p in named.items() if not bool(torch.isfinite(p).all())), None)
+    if bad is not None:
+        raise diverged(run, cfg, step, math.nan, math.nan, world, what=f"φ tensor {bad} holds NaN or Inf after it")
+
+
+def diverged(run: str, cfg: TrainConfig, step: int, loss: float, grad_norm: float, world, what: str | None = None) -> BadInputError:
+    """The one-line error for a run that diverged at ``step``. Nothing of that step is written:
+    the newest checkpoint (if any) is the last good state and stays; a run without one loses
+    its train_args.json, so that it reads as not trained (what its adapter files still are)."""
+    what = what or (f"the loss is {loss:g}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm:g}")
+    good = ckpt_state.latest_checkpoint(run)
+    if good is None and world.main:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(run, ARGS_FILE))
+    clip = "a smaller --max-grad-norm" if cfg.max_grad_norm > 0 else "--max-grad-norm 1.0 (clipping was off)"
+    if good is None:
+        hint = f"train again with a lower --lr or {clip}; no checkpoint was written and {run} keeps the adapter it started from"
+    else:
+        hint = f"train again with a lower --lr or {clip} and --force (which starts over); the last good checkpoint is {good}"
+    return BadInputError(f"training diverged at step {step}: {what} (--lr {cfg.lr:g}); no adapter was written", hint)
 
 
 def _prepare_full_run(run: str, cfg: TrainConfig, resume: bool, force: bool) -> None:
