@@ -105,3 +105,19 @@ def test_a_failed_allocation_is_the_same_resource_error(monkeypatch):
     with pytest.raises(ValueError):  # anything else is not turned into a resource error
         with prefix.allocation(1, "the prefix"):
             raise ValueError("a bug")
+
+
+def test_a_diverging_phase_of_a_multi_pass_run_stops_it_naming_its_option(tiny_bert, cls_data, tmp_path):
+    from peftcli.methods.sparse_ft import LtSftConfig
+
+    run = str(tmp_path / "ltsft")
+    inject(tiny_bert, "lt-sft", LtSftConfig(density=0.01), run)
+    before = _sha(os.path.join(run, "adapter_model.safetensors"))
+    result = CliRunner().invoke(
+        cli, ["train", run, "--data", cls_data, "--steps", "4", "--phase1-steps", "6", "--phase1-lr", "1e10", "--batch-size", "4", "--quiet"]
+    )
+    assert result.exit_code == 1, result.output
+    line = _one_error_line(result)
+    assert "training diverged at step" in line and "(--phase1-lr 1e+10)" in line and "no model was written" in line
+    assert _sha(os.path.join(run, "adapter_model.safetensors")) == before  # no selection was made from NaN
+    assert not os.path.exists(os.path.join(run, "phi.diff"))
