@@ -126,6 +126,7 @@ PEFT_FIELDS = {
 CORRUPT_CONFIG = "the adapter config is corrupt or was edited by hand"
 
 
+
 def _short(value: object) -> str:
     text = json.dumps(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -215,7 +216,36 @@ def read_adapter(path: str) -> Adapter:
         raise BadInputError(f"{path}: no {ADAPTER_WEIGHTS}", "the adapter directory is incomplete; pass one written whole by peftcli inject or train")
     ckpt = open_checkpoint(weights)
     tensors = {name: ckpt.get(name) for name in ckpt}
+    check_adapter_tensors(config, tensors, path)
     return Adapter(path=path, config=config, tensors=tensors, metadata=dict(ckpt.metadata))
+
+
+def check_adapter_tensors(config: dict, tensors: dict, where: str) -> None:
+    """What every command reading an adapter refuses before its method sees it (so that check,
+    merge, convert, evaluate and attach refuse alike): a φ tensor that is not floating-point
+    (only a sparse φ's ``W.idx`` beside its ``W.val`` holds integers), and a
+    ``modules_to_save`` entry the adapter holds no tensor of."""
+    import torch
+
+    from peftcli.checkpoint.dtypes import safetensors_dtype
+
+    for key in sorted(tensors):
+        t = tensors[key]
+        if t.is_floating_point():
+            continue
+        index = key.endswith(".idx") and key[: -len(".idx")] + ".val" in tensors and t.dtype in (torch.int32, torch.int64)
+        if not index:
+            raise BadInputError(
+                f"{where}: adapter tensor {key!r} is {safetensors_dtype(t.dtype)}, not floating-point",
+                "adapter weights are F32, F16 or BF16; the adapter is corrupt or was not written by PEFT or peftcli",
+            )
+    for name in config.get("modules_to_save") or []:
+        prefix = f"base_model.model.{name}."
+        if not name.strip() or not any(k.startswith(prefix) for k in tensors):
+            raise BadInputError(
+                f"{where}: modules_to_save names {name}, but the adapter holds no tensor of it",
+                "remove it from modules_to_save in adapter_config.json, or pass the adapter written whole by training",
+            )
 
 
 def _write_files(directory: str, config: dict, tensors: dict, metadata: dict[str, str] | None, force: bool) -> None:

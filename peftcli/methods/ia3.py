@@ -268,10 +268,33 @@ class IA3:
                 "IA³ adapter config uses exclude_modules, which peftcli does not support yet",
                 "list the modules to adapt in target_modules instead",
             )
-        return IA3Config(
-            targets=_peft_targets(d.get("target_modules")),
-            feedforward=_peft_feedforward(d.get("feedforward_modules")),
-        )
+        targets, feedforward = d.get("target_modules"), d.get("feedforward_modules")
+        if targets is not None and not (targets.strip() if isinstance(targets, str) else targets):
+            raise BadInputError(
+                "IA³ adapter config: 'target_modules' is empty, so the adapter targets no module",
+                "list the adapted modules in target_modules (the keys' module paths), or remove the key for the defaults",
+            )
+        if isinstance(targets, list) and isinstance(feedforward, list) and not set(feedforward) <= set(targets):
+            outside = sorted(set(feedforward) - set(targets))
+            raise BadInputError(  # PEFT's IA3Config refuses this too
+                f"IA³ adapter config: 'feedforward_modules' names {', '.join(outside[:3])}, which is not in 'target_modules'",
+                "feedforward_modules must be a subset of target_modules; fix adapter_config.json",
+            )
+        try:
+            return IA3Config(targets=_peft_targets(targets), feedforward=_peft_feedforward(feedforward))
+        except UsageError as exc:
+            raise BadInputError(f"IA³ adapter config: {exc.message}", "the adapter config is corrupt or was edited by hand") from None
+
+    def _selected(self, shapes, model_config, cfg: IA3Config) -> tuple[dict[str, bool] | None, BadInputError | None]:
+        """Module path -> is feedforward, for the modules the adapter config selects among
+        ``shapes``; or why it selects none (raised after the per-key problems, which say more)."""
+        try:
+            return {m.name: ff for m, ff in self._targets(shapes, model_config, cfg)}, None
+        except UsageError as exc:
+            return None, BadInputError(
+                f"the IA³ adapter config selects no valid set of modules on this base: {exc.message}",
+                "was it made for another base model? Or were target_modules/feedforward_modules edited?",
+            )
 
     # -- module level ---------------------------------------------------------------------
     def deltas(self, cfg: IA3Config, tensors: dict, ckpt) -> dict:
@@ -282,6 +305,7 @@ class IA3:
 
         shapes = {t.name: t.shape for t in ckpt.tensors.values()}
         linear = {m.name: m for m in linear_modules(shapes, ckpt.config)}
+        selected, unfit = self._selected(shapes, ckpt.config, cfg)
         problems, out = [], {}
         for key, t in tensors.items():
             if not key.startswith(PEFT_PREFIX) or not key.endswith(".ia3_l"):
@@ -292,17 +316,28 @@ class IA3:
             if name is None:
                 problems.append(f"{path}: no such linear module in the base")
                 continue
+            if selected is not None and name not in selected:
+                problems.append(f"{path}: an ia3_l for a module the adapter config does not target")
+                continue
             m = linear[name]
             d_out, d_in = m.shape
-            if tuple(t.shape) not in ((d_out, 1), (1, d_in)):
-                problems.append(f"{path}: ia3_l {list(t.shape)} does not fit a {d_out}×{d_in} layer")
+            if selected is None:
+                continue  # unfit is raised below
+            feedforward = selected[name]
+            expected = (1, d_in) if feedforward else (d_out, 1)
+            if tuple(t.shape) != expected:
+                problems.append(
+                    f"{path}: ia3_l {list(t.shape)} does not fit a {d_out}×{d_in} layer "
+                    f"({'feedforward' if feedforward else 'not feedforward'} per the config, so {list(expected)})"
+                )
                 continue
-            feedforward = tuple(t.shape) == (1, d_in) and (d_out, 1) != (1, d_in)
             out[name + ".weight"] = partial(_fold_weight, scale=t, transposed=m.transposed)
             if not feedforward and name + ".bias" in shapes:  # the output is scaled, bias included
                 out[name + ".bias"] = partial(_fold_bias, scale=t)
         if problems:
             raise mismatch_error(problems)
+        if unfit is not None:
+            raise unfit
         return out
 
     def attach(self, model, cfg: IA3Config, tensors: dict, model_config: dict) -> Attached:
@@ -314,6 +349,8 @@ class IA3:
             is_ff = _feedforward_rule(cfg, model_type_of(model_config), [n for n, _ in model.named_modules()])
         except UsageError as exc:
             raise BadInputError(f"adapter config: {exc.message}", "add feedforward_modules to adapter_config.json") from None
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+        selected, unfit = self._selected(shapes, model_config, cfg)  # as PEFT selects them: on the model's names
         phi = {}
         for key, t in tensors.items():
             if not key.startswith(PEFT_PREFIX) or not key.endswith(".ia3_l"):
@@ -321,6 +358,8 @@ class IA3:
                 continue
             path = key[len(PEFT_PREFIX) : -len(".ia3_l")]
             layer, dims, problem = mod.find_linear(model, path)
+            if problem is None and selected is not None and mod.resolve(model, path) not in selected:
+                problem = f"{path}: an ia3_l for a module the adapter config does not target"
             if problem:
                 problems.append(problem)
                 continue
@@ -341,6 +380,8 @@ class IA3:
             from peftcli.methods.base import mismatch_error
 
             raise mismatch_error(problems)
+        if unfit is not None:
+            raise unfit
         return Attached(phi=phi)
 
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch
 
 INITS = ("kaiming", "gaussian")
+FP32_MAX = 3.4028234663852886e38  # the largest finite float32
 
 
 @dataclass
@@ -161,18 +162,44 @@ class LoRA:
         if "r" not in d:
             raise BadInputError("LoRA adapter config has no rank 'r'", "add \"r\": <rank> to adapter_config.json")
         targets = d.get("target_modules")
+        if targets is not None and not (targets.strip() if isinstance(targets, str) else targets):
+            # PEFT's default targets are not what an empty list says: refuse rather than guess.
+            raise BadInputError(
+                "adapter config: 'target_modules' is empty, so the adapter targets no module",
+                "list the adapted modules in target_modules (the keys' module paths), or remove the key for the defaults",
+            )
         layers = d.get("layers_to_transform")
-        return LoraConfig(
-            rank=int(d["r"]),
-            alpha=float(d.get("lora_alpha", 8)),  # PEFT's default when absent
-            targets=",".join(targets) if isinstance(targets, list) else targets,
-            layers=",".join(map(str, layers)) if isinstance(layers, list) else (str(layers) if layers is not None else None),
-            dora=bool(d.get("use_dora", False)),
-            rslora=bool(d.get("use_rslora", False)),
-            dropout=float(d.get("lora_dropout", 0.0)),
-            init="gaussian" if d.get("init_lora_weights") == "gaussian" else "kaiming",
-            base_init=lora_init.base_init(d.get("init_lora_weights", True)),
-        )
+        try:
+            cfg = LoraConfig(
+                rank=int(d["r"]),
+                alpha=float(d.get("lora_alpha", 8)),  # PEFT's default when absent
+                targets=",".join(targets) if isinstance(targets, list) else targets,
+                layers=",".join(map(str, layers)) if isinstance(layers, list) else (str(layers) if layers is not None else None),
+                dora=bool(d.get("use_dora", False)),
+                rslora=bool(d.get("use_rslora", False)),
+                dropout=float(d.get("lora_dropout", 0.0)),
+                init="gaussian" if d.get("init_lora_weights") == "gaussian" else "kaiming",
+                base_init=lora_init.base_init(d.get("init_lora_weights", True)),
+            )
+        except UsageError as exc:
+            raise BadInputError(f"adapter config: {exc.message}", "the adapter config is corrupt or was edited by hand") from None
+        if not cfg.scaling <= FP32_MAX:  # also NaN; float32(α/r) would be inf, and inf·0 NaN
+            raise BadInputError(
+                f"adapter config: the LoRA scaling lora_alpha/r = {cfg.scaling:g} does not fit a float32",
+                "lora_alpha in adapter_config.json is corrupt: LoRA's scaling is usually 1-4",
+            )
+        return cfg
+
+    def _targeted(self, shapes: dict, model_config: dict | None, cfg: LoraConfig) -> tuple[set[str] | None, BadInputError | None]:
+        """The module paths the adapter config selects among ``shapes``' linear modules, or why
+        it selects none (raised after the per-key problems, which say more about another base)."""
+        try:
+            return {m.name for m in self._targets(shapes, model_config, cfg)}, None
+        except UsageError as exc:
+            return None, BadInputError(
+                f"the adapter config selects no valid set of modules on this base: {exc.message}",
+                "was it made for another base model? Or was target_modules edited?",
+            )
 
     # -- folding into the weights ---------------------------------------------------------
     def deltas(self, cfg: LoraConfig, tensors: dict, ckpt) -> dict:
@@ -184,12 +211,16 @@ class LoRA:
 
         shapes = {t.name: t.shape for t in ckpt.tensors.values()}
         linear = {m.name: m for m in linear_modules(shapes, ckpt.config)}
+        targeted, unfit = self._targeted(shapes, ckpt.config, cfg)
         by_module, problems = _group(tensors)
         out = {}
         for path, parts in by_module.items():
             name = base_module(path, linear)
             if name is None:
                 problems.append(f"{path}: no such linear module in the base")
+                continue
+            if targeted is not None and name not in targeted:
+                problems.append(f"{path}: LoRA tensors for a module the adapter config does not target")
                 continue
             m = linear[name]
             problem = _check_module(path, parts, cfg, *m.shape)
@@ -200,6 +231,9 @@ class LoRA:
             out[name + ".weight"] = partial(_fold, parts=parts, cfg=cfg, transposed=m.transposed)
         if problems:
             raise mismatch_error(problems)
+        if unfit is not None:
+            raise unfit
+        _check_scaled(by_module, cfg)
         return out
 
     # -- module level ---------------------------------------------------------------------
@@ -209,9 +243,13 @@ class LoRA:
         from peftcli.methods.lora_layer import LoraLinear
 
         by_module, problems = _group(tensors)
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+        targeted, unfit = self._targeted(shapes, model_config, cfg)  # as PEFT selects them: on the model's names
         phi = {}
         for path, parts in by_module.items():
             layer, dims, problem = mod.find_linear(model, path)
+            if problem is None and targeted is not None and mod.resolve(model, path) not in targeted:
+                problem = f"{path}: LoRA tensors for a module the adapter config does not target"
             if problem is None:
                 problem = _check_module(path, parts, cfg, *dims)
                 problem = problem or lora_init.module_problem(cfg.base_init, path, cfg.rank, *dims, mod.is_conv1d(layer))
@@ -229,6 +267,9 @@ class LoRA:
                 phi[peft_key(path, "lora_magnitude_vector")] = new.lora_magnitude
         if problems:
             raise mismatch_error(problems)
+        if unfit is not None:
+            raise unfit
+        _check_scaled(by_module, cfg)
         return Attached(phi=phi)
 
 
@@ -261,6 +302,11 @@ def _check_module(path: str, parts: dict, cfg: LoraConfig, d_out: int, d_in: int
     a, b, m = parts.get("lora_A.weight"), parts.get("lora_B.weight"), parts.get("lora_magnitude_vector")
     if a is None or b is None:
         return f"{path}: lora_A and lora_B must both be present"
+    for suffix, t, want in (("lora_A.weight", a, [cfg.rank, d_in]), ("lora_B.weight", b, [d_out, cfg.rank])):
+        if t.dim() != 2:
+            return f"{path}.{suffix}: shape {list(t.shape)}, expected 2-D {want} ([r, in] for A, [out, r] for B)"
+    if m is not None and m.dim() != 1:
+        return f"{path}.lora_magnitude_vector: shape {list(m.shape)}, expected 1-D [{d_out}]"
     if a.shape[0] != cfg.rank or b.shape[1] != cfg.rank:
         return f"{path}: rank {a.shape[0]} in the tensors but r={cfg.rank} in the config"
     if tuple(a.shape) != (cfg.rank, d_in) or tuple(b.shape) != (d_out, cfg.rank):
@@ -268,6 +314,23 @@ def _check_module(path: str, parts: dict, cfg: LoraConfig, d_out: int, d_in: int
     if cfg.dora != (m is not None) or (m is not None and tuple(m.shape) != (d_out,)):
         return f"{path}: DoRA magnitude vector missing, unexpected or of the wrong shape"
     return None
+
+
+def _check_scaled(by_module: dict[str, dict], cfg: LoraConfig) -> None:
+    """Refuse a module whose ΔW = s·B·A is not finite in fp32. |ΔW_ij| <= s·r·max|B|·max|A|
+    decides it in an adapter-sized pass; only a module whose bound passes float32's range is
+    multiplied out (attach and merge check the same modules, so check reports what merge refuses)."""
+    import torch
+
+    for path, parts in by_module.items():
+        a, b = parts["lora_A.weight"], parts["lora_B.weight"]
+        bound = cfg.scaling * cfg.rank * float(b.abs().max()) * float(a.abs().max())
+        if bound <= FP32_MAX / 2 or bool(torch.isfinite(cfg.scaling * (b.float() @ a.float())).all()):
+            continue  # the bound is False for NaN: multiplied out, NaN is not finite
+        raise BadInputError(
+            f"{path}: the scaled update ΔW = (lora_alpha/r)·B·A = {cfg.scaling:g}·B·A is not finite in float32",
+            "lora_alpha in adapter_config.json is absurd for these weights, or they hold NaN/Inf (peftcli check names them)",
+        )
 
 
 def _fold(stored: "torch.Tensor", *, parts: dict, cfg: LoraConfig, transposed: bool) -> "torch.Tensor":

@@ -34,10 +34,12 @@ projection adapter (the output alone) attaches as a plain prefix.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from peftcli.errors import BadInputError, UsageError
+from peftcli.errors import BadInputError, ResourceError, UsageError
 from peftcli.methods import prompt_learning as pl
 from peftcli.methods.base import Attached, BudgetRow, mismatch_error
 from peftcli.options import option
@@ -165,17 +167,21 @@ class PrefixTuning:
         self.budget(shapes, ckpt.config, cfg)
         dims = pl.model_dims(ckpt.config)
         mlp_shapes = self._mlp_shapes(dims, cfg)
-        if not mlp_shapes:  # nn.Embedding's N(0, 1), as PEFT
-            return {KEY: torch.randn(cfg.virtual_tokens, self._width(dims, cfg), generator=generator)}
-        mlp: dict[str, torch.Tensor] = {}
-        for key, shape in mlp_shapes.items():
-            if key.endswith("embedding.weight"):
-                mlp[key] = torch.randn(shape, generator=generator)
-            else:  # nn.Linear's default: U(−1/√in, 1/√in) for weight and bias
-                fan_in = mlp_shapes[key.rsplit(".", 1)[0] + ".weight"][1]
-                bound = 1.0 / math.sqrt(fan_in)
-                mlp[key] = torch.empty(shape).uniform_(-bound, bound, generator=generator)
-        return {KEY: project(mlp), **mlp}
+        prefix_shape = (cfg.virtual_tokens, self._width(dims, cfg))
+        # Everything init holds at once, in fp32: the MLP, the prefix, and the projection's hidden activations.
+        needed = 4 * (sum(map(_numel, mlp_shapes.values())) + _numel(prefix_shape) + (cfg.virtual_tokens * (cfg.projection or 0)))
+        with allocation(needed, "the prefix" + (f" and its --projection {cfg.projection} MLP" if mlp_shapes else "")):
+            if not mlp_shapes:  # nn.Embedding's N(0, 1), as PEFT
+                return {KEY: torch.randn(prefix_shape, generator=generator)}
+            mlp: dict[str, torch.Tensor] = {}
+            for key, shape in mlp_shapes.items():
+                if key.endswith("embedding.weight"):
+                    mlp[key] = torch.randn(shape, generator=generator)
+                else:  # nn.Linear's default: U(−1/√in, 1/√in) for weight and bias
+                    fan_in = mlp_shapes[key.rsplit(".", 1)[0] + ".weight"][1]
+                    bound = 1.0 / math.sqrt(fan_in)
+                    mlp[key] = torch.empty(shape).uniform_(-bound, bound, generator=generator)
+            return {KEY: project(mlp), **mlp}
 
     def adapter_config(self, ckpt, cfg: PrefixTuningConfig) -> dict:
         dims = pl.model_dims(ckpt.config)
@@ -295,6 +301,45 @@ class PrefixTuning:
                 if tuple(tensors[k].shape) != shape
             ]
         return problems
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still get: /proc/meminfo's MemAvailable (free memory
+    plus what the kernel can reclaim), else the free physical pages; None when neither is known."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+@contextlib.contextmanager
+def allocation(nbytes: int, what: str):
+    """Refuse up front (exit 3) what clearly cannot fit in the memory left, and turn a failed
+    allocation inside the block into the same one-line error naming the size."""
+    available = available_memory()
+
+    def error() -> ResourceError:
+        left = f"{available / 2**30:,.1f} GiB available" if available is not None else "the allocation failed"
+        return ResourceError(
+            f"{what}: {nbytes / 2**30:,.1f} GiB of memory needed ({nbytes:,} bytes), {left}",
+            "use fewer --virtual-tokens or a smaller --projection (or no --projection), or a machine with more memory",
+        )
+
+    if available is not None and nbytes > available:
+        raise error()
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "memory" not in str(exc).lower() and "alloc" not in str(exc).lower():
+            raise  # not an allocation failure: a bug to report as one
+        raise error() from None
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -6,8 +6,16 @@ Columns decide the task (``--task`` overrides):
 - ``text`` alone               → causal language modelling (``lm``)
 
 TSV/CSV files may have a header row naming those columns; a file without one (AG News)
-is read positionally: one column is ``text``, two are ``text, label``. Every malformed line
-is an error naming the file and the line number.
+is read positionally: one column is ``text``, two are ``text, label``. A first row that
+names some known columns but not all, or whose label appears in no other row of a file whose
+other labels all repeat (``review, sentiment`` over ``pos``/``neg``), is a header with names
+peftcli does not know: an error, never an example. Every malformed line is an error naming
+the file and the line number; so is a line longer than ``MAX_LINE_CHARS`` or JSON nested
+deeper than Python parses.
+
+Labels are strings as written; a label of plain ASCII digits (an optional ``-``, at most 18
+digits) sorts by its value, so ``"2"`` comes before ``"10"`` and ``"0"``/``"1"`` keep their
+meaning as ids (``²`` or ``--5`` are just strings).
 """
 
 from __future__ import annotations
@@ -23,6 +31,24 @@ TASKS = ("lm", "sft", "classify")
 _JSONL_HINT = 'a .jsonl data file has one JSON object per line, e.g. {"text": "..."}'
 _CSV_HINT = "the file is not well-formed CSV/TSV; check its quoting on that line"
 KNOWN_COLUMNS = {"text", "sentence", "label", "prompt", "completion", "idx", "id"}
+MAX_LINE_CHARS = 16 * 2**20  # a data line (an example) longer than 16 Mi characters is refused, not allocated
+_HEADER_HINT = "name the columns in a header row (text or sentence, label, prompt, completion), or remove the header"
+
+
+def _lines(f, path: str):
+    """The lines of text file ``f``, each read at most ``MAX_LINE_CHARS`` at a time: a longer
+    line is an error, not an allocation of its whole length."""
+    lineno = 0
+    while True:
+        line = f.readline(MAX_LINE_CHARS + 1)
+        if not line:
+            return
+        lineno += 1
+        if len(line) > MAX_LINE_CHARS:
+            raise BadInputError(
+                f"{path}:{lineno}: line longer than {MAX_LINE_CHARS:,} characters", "split the example, or shorten it: longer texts are truncated to --max-length tokens anyway"
+            )
+        yield line
 
 
 @dataclass
@@ -54,13 +80,15 @@ class Dataset:
 
 def _rows_jsonl(path: str):
     with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not data
-        for lineno, line in enumerate(f, 1):
+        for lineno, line in enumerate(_lines(f, path), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise BadInputError(f"{path}:{lineno}: not valid JSON: {exc.msg}", _JSONL_HINT) from None
+            except RecursionError:
+                raise BadInputError(f"{path}:{lineno}: JSON nested too deeply to read", _JSONL_HINT) from None
             if not isinstance(row, dict):
                 raise BadInputError(f"{path}:{lineno}: each line must be a JSON object", _JSONL_HINT)
             yield lineno, row
@@ -69,7 +97,7 @@ def _rows_jsonl(path: str):
 def _rows_delimited(path: str, delimiter: str):
     with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a BOM must not hide the header
         quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL  # TSV text keeps its quotes
-        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+        reader = csv.reader(_lines(f, path), delimiter=delimiter, quoting=quoting)
         try:
             first = next(reader, None)
         except csv.Error as exc:
@@ -79,6 +107,10 @@ def _rows_delimited(path: str, delimiter: str):
         header = [c.strip().lower() for c in first]
         if header and all(c in KNOWN_COLUMNS for c in header) and len(set(header)) == len(header):
             columns, rows = header, []
+        elif any(c in KNOWN_COLUMNS for c in header):
+            unknown = sorted({c for c in header if c not in KNOWN_COLUMNS})
+            what = f"columns peftcli does not know: {', '.join(unknown)}" if unknown else "a column twice"
+            raise BadInputError(f"{path}:1: the first row looks like a header ({', '.join(first)}) but names {what}", _HEADER_HINT)
         else:
             if len(first) == 1:
                 columns = ["text"]
@@ -136,6 +168,7 @@ def load_dataset(path: str, task: str | None = None, limit: int | None = None) -
         raise UsageError(f"unknown --task {task!r}", "choose lm, sft or classify")
     examples: list[Example] = []
     detected = task
+    first_line = 0  # the line of the first example: 1 when a delimited file has no header
     try:
         for lineno, row in _rows(path):
             columns = set(row)
@@ -148,21 +181,47 @@ def load_dataset(path: str, task: str | None = None, limit: int | None = None) -
                         "use text (lm), prompt+completion (sft) or text/sentence+label (classify)",
                     )
             examples.append(_example(path, lineno, row, detected))
+            first_line = first_line or lineno
             if limit is not None and len(examples) >= limit:
                 break
     except UnicodeDecodeError:
         raise BadInputError(f"{path}: not UTF-8 text", "re-save the file as UTF-8") from None
     if not examples:
         raise BadInputError(f"{path}: no examples", "the data file is empty")
+    if detected == "classify" and first_line == 1 and path.lower().endswith((".tsv", ".csv")):
+        _refuse_header_as_data(path, examples)
     labels = sorted({ex.label for ex in examples}, key=_label_order) if detected == "classify" else []
     if detected == "classify" and task is None and len(labels) < 2:
         raise BadInputError(f"{path}: only one distinct label ({labels[0]!r})", "classification needs at least two classes")
     return Dataset(path=path, task=detected, examples=examples, labels=labels)
 
 
+def _refuse_header_as_data(path: str, examples: list[Example]) -> None:
+    """A headerless text,label file whose first label appears nowhere else while every other
+    label repeats: that row is a header with unknown names (``review, sentiment``), not an
+    example of a class of its own."""
+    from collections import Counter
+
+    counts = Counter(ex.label for ex in examples)
+    first = examples[0].label
+    others = [n for label, n in counts.items() if label != first]
+    if counts[first] == 1 and others and all(n >= 2 for n in others):
+        raise BadInputError(
+            f"{path}:1: the first row ({examples[0].text[:40]!r}, {first!r}) looks like a header: its label {first!r} "
+            "appears in no other row",
+            _HEADER_HINT,
+        )
+
+
+def is_integer_label(label: str) -> bool:
+    """Plain ASCII digits with an optional leading '-', short enough to be an id (not '²', '--5')."""
+    digits = label[1:] if label.startswith("-") else label
+    return 0 < len(digits) <= 18 and digits.isascii() and digits.isdigit()
+
+
 def _label_order(label: str):
-    # Numeric labels sort numerically ("2" before "10"), so "0"/"1" keep their meaning as ids.
-    return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
+    # Integer labels sort numerically ("2" before "10"), so "0"/"1" keep their meaning as ids.
+    return (0, int(label), "") if is_integer_label(label) else (1, 0, label)
 
 
 def _field(path: str, lineno: int, row: dict, names: tuple[str, ...]) -> str:

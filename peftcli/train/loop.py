@@ -256,11 +256,14 @@ def train_adapter(
     return_model: bool = False,
     hooks: TrainHooks | None = None,
     finished_ok: bool = False,
+    pass_lr: str | None = None,
 ):
     """One pass of the loop over the adapter (or, with ``cfg.full``, the whole model) in ``run``.
 
     ``finished_ok``: resuming a pass whose newest checkpoint is its end is not an error but
     the pass's result (a multi-pass run killed between a pass and the work after it).
+    ``pass_lr``: for one pass of a multi-pass run, the option that set ``cfg.lr`` (``--lr``,
+    or ``--phase1-lr`` for the full fine-tuning passes), named if training diverges.
     """
     from peftcli.artifacts.adapter_dir import read_adapter
     from peftcli.attach import attach_adapter, load_base_model
@@ -419,8 +422,11 @@ def train_adapter(
                 loss.backward()
             if sync_by_hand:
                 distributed.average_gradients(world, named.values())
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(list(named.values()), cfg.max_grad_norm)
+            # The norm before clipping (an infinite max_norm scales by exactly 1: no clipping).
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(named.values()), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+            if _nonfinite(world, step_loss, grad_norm):  # before the step: φ stays the last finite one
+                what = f"the loss is {step_loss:g}" if not math.isfinite(step_loss) else f"the gradient norm is {float(grad_norm):g}"
+                raise diverged(run, cfg, step + 1, what, world, pass_lr)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -450,6 +456,7 @@ def train_adapter(
                     stopped_early = True
                     log(f"early stop at step {step}: no better validation loss in {cfg.patience} evaluations (best at step {best['step']})")
             if ((cfg.save_every and step % cfg.save_every == 0) or flag.stop) and world.main:
+                _check_phi(run, cfg, step, named, world, pass_lr)
                 ckpt_state.save_checkpoint(run, step, adapted, trainer_state(), keep=cfg.keep_checkpoints)
             if flag.stop:
                 raise Interrupted(f"interrupted at step {step}; checkpoint saved", f"continue with peftcli train {run} --resume")
@@ -460,6 +467,7 @@ def train_adapter(
 
     adapted.eval()
     if world.main:
+        _check_phi(run, cfg, step, named, world, pass_lr)
         adapted.save_into(run)
     distributed.barrier(world)
     # The DDP wrapper's reducer holds the process group: free it first. Destroying the group
@@ -479,6 +487,51 @@ def train_adapter(
         "peak_memory_bytes": _peak_memory(device), "device": str(device), "labels": labels,
     }
     return (summary, adapted) if return_model else summary
+
+
+def _nonfinite(world, loss: float, grad_norm: torch.Tensor) -> bool:
+    """Whether this step's loss or gradient norm is NaN or Inf on any worker (the workers
+    agree, so that all of them stop at the same step instead of one waiting for the others)."""
+    bad = not (math.isfinite(loss) and bool(torch.isfinite(grad_norm)))
+    if world.distributed:
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if bad else 0.0], device=grad_norm.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bad = bool(flag.item())
+    return bad
+
+
+def _check_phi(run: str, cfg: TrainConfig, step: int, named: dict, world, pass_lr: str | None) -> None:
+    """φ is finite before it is written (a checkpoint or the result): a step can overflow φ
+    itself even when the loss and gradients before it were finite."""
+    with torch.no_grad():
+        bad = next((n for n, p in named.items() if not bool(torch.isfinite(p).all())), None)
+    if bad is not None:
+        raise diverged(run, cfg, step, f"{bad} holds NaN or Inf after it", world, pass_lr)
+
+
+def diverged(run: str, cfg: TrainConfig, step: int, what: str, world, pass_lr: str | None = None) -> BadInputError:
+    """The one-line error for a run (or, with ``pass_lr`` naming its learning rate's option, one
+    pass of a multi-pass run) that diverged at ``step``. Nothing of that step is written: the
+    newest checkpoint (if any) is the last good state and stays; a single-pass run without one
+    loses its train_args.json, so that it reads as not trained (what its files still are). A
+    multi-pass run keeps its state files: they are its own to resume or restart (--force)."""
+    good = ckpt_state.latest_checkpoint(run)
+    if good is None and pass_lr is None and world.main:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(run, ARGS_FILE))
+    lr_option = pass_lr or "--lr"
+    clip = "a smaller --max-grad-norm" if cfg.max_grad_norm > 0 else "--max-grad-norm 1.0 (clipping was off)"
+    force = " and --force (which starts over)" if good is not None or pass_lr is not None else ""
+    if good is not None:
+        kept = f"the last good checkpoint is {good}"
+    else:
+        kept = "no checkpoint was written" + ("" if cfg.full else f" and {run} keeps the adapter it started from")
+    return BadInputError(
+        f"training diverged at step {step}: {what} ({lr_option} {cfg.lr:g}); no {'model' if cfg.full else 'adapter'} was written",
+        f"train again with a lower {lr_option} or {clip}{force}; {kept}",
+    )
 
 
 def _prepare_full_run(run: str, cfg: TrainConfig, resume: bool, force: bool) -> None:

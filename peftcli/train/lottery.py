@@ -99,12 +99,12 @@ def train(run: str, cfg: TrainConfig | None, *, resume: bool, force: bool, log, 
             hooks = _hooks(run, r, lcfg, base_prunable, world.main)
             log(f"round {r}/{lcfg.rounds}: training at density {_density(run):.4f}")
             if resume and ckpt_state.latest_checkpoint(rdir) is not None:
-                summary = loop.train_adapter(rdir, None, resume=True, log=log, progress=progress, hooks=hooks, finished_ok=True)
+                summary = loop.train_adapter(rdir, None, resume=True, log=log, progress=progress, hooks=hooks, finished_ok=True, pass_lr="--phase1-lr")
             else:
                 if world.main:
                     shutil.rmtree(rdir, ignore_errors=True)
                 distributed.barrier(world)
-                summary = loop.train_adapter(rdir, cfg_round, force=True, log=log, progress=progress, hooks=hooks)
+                summary = loop.train_adapter(rdir, cfg_round, force=True, log=log, progress=progress, hooks=hooks, pass_lr="--phase1-lr")
             resume = False  # later rounds start fresh
             if world.main:
                 _append_metrics(run, {

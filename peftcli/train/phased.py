@@ -102,7 +102,8 @@ def train(run: str, cfg: TrainConfig | None, *, resume: bool, force: bool, log, 
             log("phase 2: training the selected entries only")
             resume2 = resume and ckpt_state.latest_checkpoint(run) is not None
             out = loop.train_adapter(
-                run, cfg, resume=resume2, force=True, log=log, progress=progress, return_model=return_model, finished_ok=True
+                run, cfg, resume=resume2, force=True, log=log, progress=progress, return_model=return_model, finished_ok=True,
+                pass_lr="--lr",
             )
             summary, model = out if return_model else (out, None)
             if world.main:
@@ -147,12 +148,12 @@ def _phase1(run: str, cfg: TrainConfig, method, mcfg, resume: bool, log, progres
     hooks = _l1_hooks(mcfg.l1, cfg.model) if getattr(mcfg, "l1", 0.0) else None
     log(f"phase 1: full fine-tuning for {cfg1.steps or cfg1.epochs} {'steps' if cfg1.steps else 'epochs'}")
     if resume and ckpt_state.latest_checkpoint(p1) is not None:
-        summary = loop.train_adapter(p1, None, resume=True, log=log, progress=progress, hooks=hooks, finished_ok=True)
+        summary = loop.train_adapter(p1, None, resume=True, log=log, progress=progress, hooks=hooks, finished_ok=True, pass_lr="--phase1-lr")
     else:
         if world.main:
             shutil.rmtree(p1, ignore_errors=True)
         distributed.barrier(world)
-        summary = loop.train_adapter(p1, cfg1, force=True, log=log, progress=progress, hooks=hooks)
+        summary = loop.train_adapter(p1, cfg1, force=True, log=log, progress=progress, hooks=hooks, pass_lr="--phase1-lr")
     summary = {k: v for k, v in summary.items() if k != "labels"}
     if world.main:
         loop._write_json(done, summary)
