@@ -284,7 +284,7 @@ def _head_words(head: str | None, seed) -> str:
     if head == "checkpoint":
         return "the checkpoint's own head"
     if head == "adapter":
-        return "the head trained with the adapter"
+        return "the adapter's trained head"
     if head and head.startswith("from "):
         return f"the head trained in {head[len('from '):]}"
     return f"head {head}"

@@ -59,7 +59,7 @@ def test_a_new_head_reads_as_a_baseline_in_text_and_json(tiny_bert, trained):
 
 def test_every_trained_head_is_named(tiny_bert, trained):
     cases = [
-        ((trained["run"],), "adapter", "with the head trained with the adapter"),
+        ((trained["run"],), "adapter", "with the adapter's trained head"),
         ((trained["merged"],), "checkpoint", "with the checkpoint's own head"),
         ((tiny_bert, "--head", trained["run"]), f"from {trained['run']}", f"with the head trained in {trained['run']}"),
     ]
@@ -139,3 +139,52 @@ def test_threads_above_four_per_core_are_refused(tiny_bert, trained, monkeypatch
     for bad in (True, 1.5, "2"):
         with pytest.raises(UsageError, match="--threads must be a whole number"):
             EvalOptions(data=trained["dev"], threads=bad)
+
+
+# -- the quick start's task: not separable by one keyword, evaluated on held-out words -----------
+
+
+def _adjectives(text: str, split: str) -> list[str]:
+    from peftcli.quickstart import WORDS
+
+    vocab = {w for words in WORDS[split].values() for w in words}
+    return [w.strip(",;") for w in text.split() if w.strip(",;") in vocab]
+
+
+def test_sentiment_data_is_deterministic_balanced_and_split_by_seed_parity():
+    from peftcli.quickstart import WORDS, sentiment_data
+
+    assert sentiment_data(50, 1) == sentiment_data(50, 1) != sentiment_data(50, 3)
+    for seed, split in ((1, "train"), (3, "train"), (2, "heldout"), (4, "heldout")):
+        rows = sentiment_data(201, seed)
+        assert rows == sentiment_data(201, seed, split)
+        assert sum(r["label"] == "positive" for r in rows) == 101
+        other = "heldout" if split == "train" else "train"
+        assert all(_adjectives(r["text"], split) and not _adjectives(r["text"], other) for r in rows), split
+    # The halves share no adjective: dev accuracy on seed 2 is about words training never showed.
+    train_words = {w for ws in WORDS["train"].values() for w in ws}
+    assert not train_words & {w for ws in WORDS["heldout"].values() for w in ws}
+    with pytest.raises(ValueError, match="unknown split"):
+        sentiment_data(2, 1, "dev")
+
+
+def test_no_single_keyword_separates_the_sentiment_data():
+    """The old set was one adjective's class; now a keyword vote learned on seed 1 is near chance
+    on fresh sentences of the same vocabulary, and every adjective appears under both labels."""
+    from collections import Counter, defaultdict
+
+    from peftcli.quickstart import sentiment_data
+
+    votes = defaultdict(Counter)
+    for r in sentiment_data(800, 1):
+        for w in _adjectives(r["text"], "train"):
+            votes[w][r["label"]] += 1
+    assert all(len(c) == 2 for c in votes.values())  # each adjective under both labels
+
+    def vote(text: str) -> str:
+        score = sum(votes[w]["positive"] - votes[w]["negative"] for w in _adjectives(text, "train"))
+        return "positive" if score >= 0 else "negative"
+
+    fresh = sentiment_data(800, 3)
+    accuracy = sum(vote(r["text"]) == r["label"] for r in fresh) / len(fresh)
+    assert accuracy < 0.6, accuracy  # 0.49: right on plain sentences, wrong on negated ones, a coin on contrasts
