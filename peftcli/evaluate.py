@@ -9,9 +9,14 @@ the data's columns, as in training, and the numbers are those the training loop 
 Classification needs a head. An adapter run brings the head it trained; a merged checkpoint
 of such a run has it in its weights; ``head`` takes it from another run (a merge of several
 task vectors, evaluated per task); a model with none gets a new head drawn from ``seed``,
-which with the default 0 is the head ``peftcli train`` starts from, so its accuracy is the
-"untrained" baseline. ``compare`` reports how often another model's predictions agree
-(classification: per example; language modelling: per token) and their largest logit gap.
+which with the default 0 is the head ``peftcli train`` starts from. Its numbers are a
+baseline, not a result: the document says ``head: "new"``, ``baseline: true`` and the
+``head_seed``, the text leads with "baseline with a new, untrained head", and
+``min_agreement`` is refused (a random head can predict one class for every input, so two
+different models would agree). Every classification result names the head it used.
+``compare`` reports how often another model's predictions agree (classification: per
+example; language modelling: per token) and their largest logit gap. ``threads`` bounds
+torch's CPU threads as ``peftcli train --threads`` does (``peftcli.threads``).
 
 Options are declared once in ``EvalOptions`` (the ``evaluate`` flags and recipe keys); this
 module imports no torch at import time. ``python -m peftcli.evaluate MODEL --data FILE``.
@@ -26,6 +31,8 @@ from dataclasses import dataclass
 
 from peftcli.errors import BadInputError, UsageError
 from peftcli.options import option
+from peftcli.threads import HELP as THREADS_HELP
+from peftcli.threads import check_threads
 from peftcli.train.data import TASKS
 
 SCHEMA = "peftcli.evaluate/1"
@@ -44,6 +51,7 @@ class EvalOptions:
     limit: int | None = option(None, help="use only the first N examples")
     seed: int = option(0, help="seed of a new classification head, for a model without one (default 0: the head train starts from)")
     device: str = option("auto", metavar="auto|cpu|cuda", help="where to run (default auto: CUDA when present)")
+    threads: int | None = option(None, help=THREADS_HELP)
 
     def __post_init__(self) -> None:
         if self.data is None:
@@ -57,6 +65,7 @@ class EvalOptions:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive", f"e.g. --{name.replace('_', '-')} {getattr(EvalOptions, name)}")
         if self.limit is not None and self.limit <= 0:
             raise UsageError("--limit must be positive", "e.g. --limit 100, or leave it out to use every example")
+        check_threads(self.threads)
         if self.min_agreement is not None:
             if self.compare is None:
                 raise UsageError("--min-agreement needs --compare OTHER", "add --compare with the model to agree with")
@@ -193,8 +202,26 @@ def _predictions(loaded: _Loaded, items: list[dict], pad_id: int, batch_size: in
     return torch.cat(preds), torch.cat(logits)
 
 
+def _refuse_untrained_assertion(model: str, loaded: _Loaded, opts: EvalOptions) -> None:
+    """--min-agreement proves nothing about a new head: a random head can predict one class
+    for every input, and then two different models agree on 100%."""
+    if opts.min_agreement is not None and loaded.head == "new":
+        raise UsageError(
+            f"--min-agreement: {model} has no trained classification head, only a new one drawn from seed {opts.seed}, "
+            "so agreeing with it says nothing about the model",
+            "compare trained classifiers (a classification run, or a merge of one), or pass --head RUN",
+        )
+
+
 def evaluate(model: str, opts: EvalOptions) -> dict:
     """Evaluate ``model`` on ``opts.data``; returns the ``peftcli.evaluate/1`` document."""
+    from peftcli.threads import torch_threads
+
+    with torch_threads(opts.threads):
+        return _evaluate(model, opts)
+
+
+def _evaluate(model: str, opts: EvalOptions) -> dict:
     import dataclasses
 
     from peftcli.train.batching import encode, load_tokenizer
@@ -219,21 +246,28 @@ def evaluate(model: str, opts: EvalOptions) -> dict:
     pad_id = tokenizer.pad_token_id
 
     loaded = _load(model, opts, task, labels, pad_id)
+    _refuse_untrained_assertion(model, loaded, opts)
     loaded.model.to(device)
     result = loop_evaluate(loaded.model, items, pad_id, opts.batch_size, device, task, loaded.left_pad)
+    baseline = loaded.head == "new"
     doc = {
         "schema": SCHEMA, "model": model, "kind": loaded.kind, "base": loaded.model_dir if loaded.kind == "adapter" else None,
-        "data": opts.data, "task": task, "examples": len(items), "head": loaded.head, "labels": labels, **result,
+        "data": opts.data, "task": task, "examples": len(items), "head": loaded.head,
+        "head_seed": opts.seed if baseline else None, "baseline": baseline, "labels": labels, **result,
     }
     if opts.compare is not None:
         ours = _predictions(loaded, items, pad_id, opts.batch_size, device, task)
         del loaded  # one model in memory at a time
         other = _load(opts.compare, dataclasses.replace(opts, compare=None, min_agreement=None), task, labels, pad_id)
+        _refuse_untrained_assertion(opts.compare, other, opts)
         other.model.to(device)
         theirs = _predictions(other, items, pad_id, opts.batch_size, device, task)
         agreement = float((ours[0] == theirs[0]).float().mean())
         gap = float((ours[1] - theirs[1]).abs().max())
-        doc["compare"] = {"model": opts.compare, "agreement": agreement, "max_logit_gap": gap}
+        doc["compare"] = {
+            "model": opts.compare, "head": other.head, "head_seed": opts.seed if other.head == "new" else None,
+            "agreement": agreement, "max_logit_gap": gap,
+        }
         if opts.min_agreement is not None and agreement < opts.min_agreement:
             raise BadInputError(
                 f"{model} and {opts.compare} agree on {100 * agreement:.2f}% of the predictions, "
@@ -243,17 +277,40 @@ def evaluate(model: str, opts: EvalOptions) -> dict:
     return doc
 
 
+def _head_words(head: str | None, seed) -> str:
+    """Which classification head gave the numbers, in words."""
+    if head == "new":
+        return f"a new, untrained head (seed {seed})"
+    if head == "checkpoint":
+        return "the checkpoint's own head"
+    if head == "adapter":
+        return "the adapter's trained head"
+    if head and head.startswith("from "):
+        return f"the head trained in {head[len('from '):]}"
+    return f"head {head}"
+
+
 def describe(doc: dict) -> str:
-    """One line: the numbers of an evaluation document."""
-    text = f"eval_loss {doc['eval_loss']:.4f}"
+    """One line: the numbers of an evaluation document, and which head gave them.
+
+    A new head's numbers lead with "baseline": they measure a random head on the model's
+    features (the head training starts from), not anything trained for the task.
+    """
+    numbers = f"eval_loss {doc['eval_loss']:.4f}"
     if doc.get("eval_accuracy") is not None:
-        text += f", accuracy {doc['eval_accuracy']:.4f}"
-    text += f" on {doc['examples']} examples"
-    if doc.get("head") == "new":
-        text += " (new, untrained head)"
+        numbers += f", accuracy {doc['eval_accuracy']:.4f}"
+    numbers += f" on {doc['examples']} examples"
+    head = doc.get("head")
+    if head == "new":
+        text = f"baseline with {_head_words(head, doc.get('head_seed'))}, not a trained model: {numbers}"
+    elif head is not None:
+        text = f"{numbers}, with {_head_words(head, None)}"
+    else:
+        text = numbers
     if doc.get("compare"):
         c = doc["compare"]
-        text += f"; agrees with {c['model']} on {100 * c['agreement']:.1f}% (max logit gap {c['max_logit_gap']:.2e})"
+        other = f" ({_head_words('new', c.get('head_seed'))})" if c.get("head") == "new" else ""
+        text += f"; agrees with {c['model']}{other} on {100 * c['agreement']:.1f}% (max logit gap {c['max_logit_gap']:.2e})"
     return text
 
 

