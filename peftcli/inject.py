@@ -44,7 +44,7 @@ def inject(
         metadata = {
             "peftcli.version": __version__,
             "peftcli.method": method.name,
-            "peftcli.options": json.dumps(dataclasses.asdict(cfg), sort_keys=True),
+            "peftcli.options": json.dumps(_recorded(cfg), sort_keys=True),
             "peftcli.seed": str(seed),
             "peftcli.base": os.path.abspath(base),
         }
@@ -52,3 +52,10 @@ def inject(
 
         write_adapter(out, method.adapter_config(ckpt, cfg), tensors, metadata=metadata, inputs=[base], force=force)
     return budget
+
+
+def _recorded(cfg: Any) -> dict:
+    """The config's fields as the adapter's ``peftcli.options`` metadata records them: every
+    field but those marked ``recorded=False`` (state read from an adapter, never an option)."""
+    skip = {f.name for f in dataclasses.fields(cfg) if f.metadata.get("recorded") is False}
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}

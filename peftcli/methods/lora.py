@@ -46,8 +46,9 @@ class LoraConfig:
     dropout: float = option(0.0, help="dropout on the LoRA branch's input during training (default 0)")
     init: str = option("kaiming", metavar="kaiming|gaussian", help="initialisation of A (B is always zero); default kaiming, as PEFT")
     # Read from an adapter, not an option: "pissa"/"olora" when PEFT subtracts an initial A·B
-    # from the base weights on load (see lora_init), None for plain LoRA.
-    base_init: str | None = field(default=None)
+    # from the base weights on load (see lora_init), None for plain LoRA. Not recorded in
+    # what inject writes: inject never sets it, and its options metadata stays as it was.
+    base_init: str | None = field(default=None, metadata={"recorded": False})
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
