@@ -58,7 +58,7 @@ def parse_columns(spec: str | None) -> dict[str, str] | None:
         if not sep or not role or not column:
             raise UsageError(f"--columns: {part.strip()!r} is not ROLE=COLUMN", _COLUMNS_HINT)
         if role not in ROLES:
-            raise UsageError(f"--columns: unknown role {role!r} (for column {column!r})", f"the roles are {', '.join(ROLES)}; {_COLUMNS_HINT}")
+            raise UsageError(f"--columns: unknown role {role!r} (for column {column!r})", _COLUMNS_HINT)
         if role in mapping:
             raise UsageError(f"--columns gives the role {role!r} twice ({mapping[role]!r} and {column!r})", "give each role one column")
         other = next((r for r, c in mapping.items() if c == column), None)
