@@ -434,8 +434,8 @@ def peftcli_side(spec: dict) -> dict:
     rec.start = start_and_save_rng
     cfg = TrainConfig(
         model=spec["model"], data=spec["data"], task=spec["task"], steps=spec["steps"], batch_size=spec["batch_size"],
-        max_length=spec["seq_len"], lr=spec["lr"], train_seed=spec["seed"], device=device.type, log_every=10**9,
-    )
+        max_length=spec["seq_len"], lr=spec["lr"], train_seed=spec["seed"], device=device.type, log_every=1,
+    )  # log_every 1: progress reports the mean of the last log_every steps, here each step's own loss
     summary = train(run, cfg, force=True, progress=rec)
     assert len(load_file(init)) > 0
     return rec.result("peftcli", summary["trainable_params"], spec["batch_size"] * spec["seq_len"])

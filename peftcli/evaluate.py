@@ -33,7 +33,7 @@ from peftcli.errors import BadInputError, UsageError
 from peftcli.options import option
 from peftcli.threads import HELP as THREADS_HELP
 from peftcli.threads import check_threads
-from peftcli.train.data import TASKS
+from peftcli.train.data import COLUMNS_HELP, TASKS, parse_columns
 
 SCHEMA = "peftcli.evaluate/1"
 
@@ -46,6 +46,7 @@ class EvalOptions:
     compare: str | None = option(None, metavar="OTHER", help="also report how often the model OTHER predicts what MODEL predicts")
     min_agreement: float | None = option(None, metavar="F", help="fail (exit 1) when the agreement with --compare is below F")
     task: str | None = option(None, metavar="lm|sft|classify", help="override the task detected from the data's columns")
+    columns: str | None = option(None, metavar="ROLE=COLUMN,...", help=COLUMNS_HELP)
     batch_size: int = option(32, help="examples per batch (default 32)")
     max_length: int = option(128, help="truncate examples to this many tokens (default 128)")
     limit: int | None = option(None, help="use only the first N examples")
@@ -66,6 +67,7 @@ class EvalOptions:
         if self.limit is not None and self.limit <= 0:
             raise UsageError("--limit must be positive", "e.g. --limit 100, or leave it out to use every example")
         check_threads(self.threads)
+        parse_columns(self.columns)
         if self.min_agreement is not None:
             if self.compare is None:
                 raise UsageError("--min-agreement needs --compare OTHER", "add --compare with the model to agree with")
@@ -229,7 +231,7 @@ def _evaluate(model: str, opts: EvalOptions) -> dict:
     from peftcli.train.loop import _resolve_device
     from peftcli.train.loop import evaluate as loop_evaluate
 
-    data = load_dataset(opts.data, opts.task, opts.limit)
+    data = load_dataset(opts.data, opts.task, opts.limit, opts.columns)
     if not data.examples:
         raise BadInputError(f"{opts.data}: no examples to evaluate on", "pass a data file with at least one example")
     task = data.task

@@ -33,7 +33,8 @@ class Progress:
             self.task = self.bar.add_task("train", total=total, completed=done, info="")
 
     def update(self, step: int, loss: float, lr: float, tok_s: float) -> None:
-        info = f"loss {loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s"
+        # ``loss`` is the mean over the last log_every steps, as in metrics.jsonl (loop.window_loss)
+        info = f"loss {loss:.4f} (mean of steps {max(1, step - self.every + 1)}-{step}) lr {lr:.2e} {tok_s:,.0f} tok/s"
         if self.tty:
             self.bar.update(self.task, completed=step, info=info)
         elif step % self.every == 0 or step == self.total:
@@ -60,7 +61,11 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 @click.command()
 @click.argument("run", type=click.Path())
-@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in RUN (same options as before).")
+@click.option(
+    "--resume", is_flag=True,
+    help="Continue from the newest checkpoint in RUN (same options as before); with --steps N, train a run (even a finished one) "
+    "on until step N, the lr schedule being that of an N-step run from there on.",
+)
 @click.option("--force", is_flag=True, help="Train a run that was already trained again, from its current φ.")
 @quiet_option
 @click.option("--nproc", type=int, default=None, help="Train data-parallel in N local workers (torch.distributed, gloo on CPU).")
@@ -88,13 +93,14 @@ def train(run, resume, force, quiet, nproc, as_json, **options):
     from peftcli.train.loop import train as run_training
 
     cfg = None if resume else from_options(TrainConfig, options)
-    given = [k for k, v in options.items() if v is not None]
+    given = [k for k, v in options.items() if v is not None and k != "steps"]
     if resume and given:
-        raise click.UsageError(f"--resume takes its options from the run; drop --{given[0].replace('_', '-')}")
-    log_every = options.get("log_every") or 10
+        raise click.UsageError(f"--resume takes its options from the run (but --steps); drop --{given[0].replace('_', '-')}")
+    log_every = options.get("log_every") or _saved_log_every(run, resume)
     progress = None if quiet else Progress(log_every)
     log = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
-    summary = run_training(run, cfg, resume=resume, force=force, log=log, progress=progress)
+    steps = options.get("steps") if resume else None
+    summary = run_training(run, cfg, resume=resume, force=force, log=log, progress=progress, steps=steps)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun only rank 0 reports
     if as_json:
@@ -108,12 +114,41 @@ def train(run, resume, force, quiet, nproc, as_json, **options):
     best = summary["best"]
     rows = [
         ("run", summary["run"]), ("task", summary["task"]), ("steps", str(summary["steps"]) + (" (stopped early)" if summary["stopped_early"] else "")),
-        ("final loss", f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "-"),
+        ("final loss", _final_loss(summary)),
         ("best eval loss", f"{best['eval_loss']:.4f} at step {best['step']}" if best["eval_loss"] is not None else "-"),
         ("best eval accuracy", f"{best['eval_accuracy']:.4f}" if best.get("eval_accuracy") is not None else "-"),
-        ("trainable params", f"{summary['trainable_params']:,}"), ("wall time", f"{summary['wall_seconds']:.1f} s"),
+        ("trainable params", f"{summary['trainable_params']:,}"), ("wall time", _wall(summary)),
         ("peak memory", f"{summary['peak_memory_bytes'] / 2**20:.0f} MiB ({summary['device']})"),
     ]
     for k, v in rows:
         grid.add_row(k, v)
     stdout_console().print(grid)
+
+
+def _saved_log_every(run: str, resume: bool) -> int:
+    """A resumed run's --log-every (its progress lines average what its metrics lines do)."""
+    import json
+
+    if resume:
+        try:
+            with open(os.path.join(run, "train_args.json"), encoding="utf-8") as f:
+                value = json.load(f).get("log_every")
+            if isinstance(value, int) and value > 0:
+                return value
+        except (OSError, ValueError, AttributeError):
+            pass  # the loop reports a missing or broken train_args.json in one line
+    return 10
+
+
+def _final_loss(summary: dict) -> str:
+    if summary["final_loss"] is None:
+        return "-"
+    n, steps = summary.get("final_loss_steps") or 1, summary["steps"]
+    return f"{summary['final_loss']:.4f} (mean of steps {steps - n + 1}-{steps})"
+
+
+def _wall(summary: dict) -> str:
+    """The whole run's wall time, and for runs in phases or rounds how it splits."""
+    split = summary.get("wall_seconds_by_phase")
+    text = f"{summary['wall_seconds']:.1f} s"
+    return text + (" (" + ", ".join(f"{k} {v:.1f} s" for k, v in split.items()) + ")" if split else "")

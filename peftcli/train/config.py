@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from peftcli.errors import UsageError
 from peftcli.options import option
-from peftcli.train.data import TASKS
+from peftcli.train.data import COLUMNS_HELP, TASKS, parse_columns
 
 SCHEDULES = ("linear", "cosine", "constant")
 
@@ -20,6 +20,7 @@ class TrainConfig:
     data: str | None = option(None, metavar="FILE", help="training data: .jsonl, .csv or .tsv")
     eval_data: str | None = option(None, "--eval", metavar="FILE", help="validation data (same format)")
     task: str | None = option(None, metavar="lm|sft|classify", help="override the task detected from the data's columns")
+    columns: str | None = option(None, metavar="ROLE=COLUMN,...", help=COLUMNS_HELP)
     steps: int | None = option(None, help="optimizer steps to run (default: 1 epoch unless --epochs)")
     epochs: float | None = option(None, help="epochs to run instead of --steps")
     batch_size: int = option(8, help="examples per micro-batch (per worker) (default 8)")
@@ -50,6 +51,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.task is not None and self.task not in TASKS:
             raise UsageError(f"unknown --task {self.task!r}", "choose lm, sft or classify")
+        parse_columns(self.columns)
         if self.schedule not in SCHEDULES:
             raise UsageError(f"unknown --schedule {self.schedule!r}", "choose linear, cosine or constant")
         if self.device not in ("auto", "cpu", "cuda"):

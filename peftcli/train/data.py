@@ -5,11 +5,17 @@ Columns decide the task (``--task`` overrides):
 - ``text``/``sentence`` + ``label`` → sequence classification (``classify``)
 - ``text`` alone               → causal language modelling (``lm``)
 
+``--columns text=review,label=sentiment`` maps a file's own column names to those roles
+(``text``, ``label``, ``prompt``, ``completion``) before the task is detected; the named
+columns must be in every JSON line, or in a CSV/TSV file's header row. A column of the
+file named like a role that ``--columns`` gives to another column is ignored.
+
 TSV/CSV files may have a header row naming those columns; a file without one (AG News)
 is read positionally: one column is ``text``, two are ``text, label``. A first row that
 names some known columns but not all, or whose label appears in no other row of a file whose
 other labels all repeat (``review, sentiment`` over ``pos``/``neg``), is a header with names
-peftcli does not know: an error, never an example. Every malformed line is an error naming
+peftcli does not know: an error, never an example. A ``.csv`` whose first row is one field
+holding tabs is a tab-separated file misnamed: an error saying so, never one text per line. Every malformed line is an error naming
 the file and the line number; so is a line longer than ``MAX_LINE_CHARS`` or JSON nested
 deeper than Python parses.
 
@@ -32,7 +38,51 @@ _JSONL_HINT = 'a .jsonl data file has one JSON object per line, e.g. {"text": ".
 _CSV_HINT = "the file is not well-formed CSV/TSV; check its quoting on that line"
 KNOWN_COLUMNS = {"text", "sentence", "label", "prompt", "completion", "idx", "id"}
 MAX_LINE_CHARS = 16 * 2**20  # a data line (an example) longer than 16 Mi characters is refused, not allocated
-_HEADER_HINT = "name the columns in a header row (text or sentence, label, prompt, completion), or remove the header"
+_HEADER_HINT = (
+    "name the columns in a header row (text or sentence, label, prompt, completion), map yours with "
+    "--columns text=COLUMN,label=COLUMN, or remove the header"
+)
+ROLES = ("text", "label", "prompt", "completion")  # what --columns maps a file's columns to
+_COLUMNS_HINT = "e.g. --columns text=review,label=sentiment (roles: text, label, prompt, completion)"
+COLUMNS_HELP = "use the data's columns COLUMN as ROLE (text, label, prompt, completion), e.g. text=review,label=sentiment"
+_TABS_HINT = "it looks tab-separated: rename it to .tsv"
+
+
+def parse_columns(spec: str | None) -> dict[str, str] | None:
+    """``--columns ROLE=COLUMN,...`` as {role: column}; None when not given."""
+    if spec is None:
+        return None
+    mapping: dict[str, str] = {}
+    for part in spec.split(","):
+        role, sep, column = (x.strip() for x in part.partition("="))
+        if not sep or not role or not column:
+            raise UsageError(f"--columns: {part.strip()!r} is not ROLE=COLUMN", _COLUMNS_HINT)
+        if role not in ROLES:
+            raise UsageError(f"--columns: unknown role {role!r} (for column {column!r})", _COLUMNS_HINT)
+        if role in mapping:
+            raise UsageError(f"--columns gives the role {role!r} twice ({mapping[role]!r} and {column!r})", "give each role one column")
+        other = next((r for r, c in mapping.items() if c == column), None)
+        if other is not None:
+            raise UsageError(f"--columns gives the column {column!r} two roles ({other} and {role})", "give each column one role")
+        mapping[role] = column
+    return mapping
+
+
+def _mapped(row: dict, mapping: dict[str, str]) -> dict:
+    """``row`` with ``mapping``'s columns renamed to their roles; a column named like a mapped
+    role (``text`` when ``text=review``) is dropped: the user chose another one for it."""
+    out = {k: v for k, v in row.items() if k not in mapping and k not in mapping.values()}
+    out.update({role: row[column] for role, column in mapping.items()})
+    return out
+
+
+def _missing_column(path: str, lineno: int, column: str, columns) -> BadInputError:
+    names = [str(c)[:40] for c in columns]
+    listed = ", ".join(names[:20]) + (f", … ({len(names)} in all)" if len(names) > 20 else "")
+    return BadInputError(
+        f"{path}:{lineno}: no column {column!r} (named by --columns); the file's columns: {listed or 'none'}",
+        "give --columns the names the file uses",
+    )
 
 
 def _lines(f, path: str):
@@ -78,7 +128,7 @@ class Dataset:
         return out
 
 
-def _rows_jsonl(path: str):
+def _rows_jsonl(path: str, mapping: dict[str, str] | None = None):
     with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not data
         for lineno, line in enumerate(_lines(f, path), 1):
             if not line.strip():
@@ -91,10 +141,15 @@ def _rows_jsonl(path: str):
                 raise BadInputError(f"{path}:{lineno}: JSON nested too deeply to read", _JSONL_HINT) from None
             if not isinstance(row, dict):
                 raise BadInputError(f"{path}:{lineno}: each line must be a JSON object", _JSONL_HINT)
+            if mapping:
+                missing = next((c for c in mapping.values() if c not in row), None)
+                if missing is not None:
+                    raise _missing_column(path, lineno, missing, row)
+                row = _mapped(row, mapping)
             yield lineno, row
 
 
-def _rows_delimited(path: str, delimiter: str):
+def _rows_delimited(path: str, delimiter: str, mapping: dict[str, str] | None = None):
     with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a BOM must not hide the header
         quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL  # TSV text keeps its quotes
         reader = csv.reader(_lines(f, path), delimiter=delimiter, quoting=quoting)
@@ -104,8 +159,12 @@ def _rows_delimited(path: str, delimiter: str):
             raise BadInputError(f"{path}:1: {exc}", _CSV_HINT) from None
         if first is None:
             return
+        if delimiter == "," and len(first) == 1 and "\t" in first[0]:  # one text per line, label and all: refuse
+            raise BadInputError(f"{path}:1: the first row holds tabs and no commas", f"{_TABS_HINT} (or write it as .jsonl if its texts hold tabs)")
         header = [c.strip().lower() for c in first]
-        if header and all(c in KNOWN_COLUMNS for c in header) and len(set(header)) == len(header):
+        if mapping:
+            columns, rows = _mapped_header(path, first, mapping), []
+        elif header and all(c in KNOWN_COLUMNS for c in header) and len(set(header)) == len(header):
             columns, rows = header, []
         elif any(c in KNOWN_COLUMNS for c in header):
             unknown = sorted({c for c in header if c not in KNOWN_COLUMNS})
@@ -129,24 +188,39 @@ def _rows_delimited(path: str, delimiter: str):
                 if not values or values == [""]:
                     continue
                 if len(values) != len(columns):
+                    tabs = delimiter == "," and any("\t" in v for v in values)
                     raise BadInputError(
                         f"{path}:{lineno}: {len(values)} fields, expected {len(columns)}: {', '.join(columns)}",
                         f"give every row {len(columns)} fields; "
-                        + ("a text may not contain a tab" if delimiter == "\t" else 'quote a text that contains commas: "a, b"'),
+                        + ("a text may not contain a tab" if delimiter == "\t" else _TABS_HINT if tabs else 'quote a text that contains commas: "a, b"'),
                     )
                 yield lineno, dict(zip(columns, values))
         except csv.Error as exc:
             raise BadInputError(f"{path}:{reader.line_num}: {exc}", _CSV_HINT) from None
 
 
-def _rows(path: str):
+def _mapped_header(path: str, first: list[str], mapping: dict[str, str]) -> list[str]:
+    """The column names of a header row under ``--columns`` (compared as the header's known
+    names are: stripped, case-insensitive); a header is then required."""
+    header = [c.strip().lower() for c in first]
+    roles = {column.lower(): role for role, column in mapping.items()}
+    for column in mapping.values():
+        if header.count(column.lower()) != 1:
+            if column.lower() in header:
+                raise BadInputError(f"{path}:1: the header names the column {column!r} twice ({', '.join(first)})", "give each column its own name")
+            raise _missing_column(path, 1, column, first)
+    # A column named like a mapped role but not chosen for it is ignored (as in _mapped).
+    return [roles.get(h, "unused:" + h if h in mapping else h) for h in header]
+
+
+def _rows(path: str, mapping: dict[str, str] | None = None):
     lower = path.lower()
     if lower.endswith((".jsonl", ".json", ".ndjson")):
-        return _rows_jsonl(path)
+        return _rows_jsonl(path, mapping)
     if lower.endswith(".tsv"):
-        return _rows_delimited(path, "\t")
+        return _rows_delimited(path, "\t", mapping)
     if lower.endswith(".csv"):
-        return _rows_delimited(path, ",")
+        return _rows_delimited(path, ",", mapping)
     raise UsageError(f"{path}: unknown data format", "use a .jsonl, .csv or .tsv file")
 
 
@@ -160,17 +234,19 @@ def detect_task(columns: set[str]) -> str | None:
     return None
 
 
-def load_dataset(path: str, task: str | None = None, limit: int | None = None) -> Dataset:
-    """Read ``path``; ``task`` overrides detection. ``limit`` keeps the first N examples."""
+def load_dataset(path: str, task: str | None = None, limit: int | None = None, columns: str | None = None) -> Dataset:
+    """Read ``path``; ``task`` overrides detection. ``limit`` keeps the first N examples;
+    ``columns``: the ``--columns`` mapping (``text=review,label=sentiment``)."""
     if not os.path.isfile(path):
         raise BadInputError(f"{path}: no such data file", "check the path; the data is a .jsonl, .csv or .tsv file")
     if task is not None and task not in TASKS:
         raise UsageError(f"unknown --task {task!r}", "choose lm, sft or classify")
+    mapping = parse_columns(columns)
     examples: list[Example] = []
     detected = task
     first_line = 0  # the line of the first example: 1 when a delimited file has no header
     try:
-        for lineno, row in _rows(path):
+        for lineno, row in _rows(path, mapping):
             columns = set(row)
             row_task = detect_task(columns)
             if detected is None:
@@ -178,7 +254,7 @@ def load_dataset(path: str, task: str | None = None, limit: int | None = None) -
                 if detected is None:
                     raise BadInputError(
                         f"{path}:{lineno}: cannot tell the task from columns {sorted(columns)}",
-                        "use text (lm), prompt+completion (sft) or text/sentence+label (classify)",
+                        "use text (lm), prompt+completion (sft) or text/sentence+label (classify), or map yours with --columns text=COLUMN,...",
                     )
             examples.append(_example(path, lineno, row, detected))
             first_line = first_line or lineno
@@ -233,7 +309,8 @@ def _field(path: str, lineno: int, row: dict, names: tuple[str, ...]) -> str:
             return str(value)
     raise BadInputError(
         f"{path}:{lineno}: missing field {' or '.join(repr(n) for n in names)}",
-        "every example needs the columns of its task: text (lm), prompt+completion (sft), text/sentence+label (classify)",
+        "every example needs the columns of its task: text (lm), prompt+completion (sft), text/sentence+label (classify); "
+        "--columns maps other names to them",
     )
 
 

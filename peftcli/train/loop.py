@@ -5,7 +5,12 @@ gradient accumulation, clipping, ``--steps`` or ``--epochs``, everything seeded.
 every ``eval_every`` steps keeps the best adapter by validation loss in ``<run>/best`` and
 stops after ``patience`` evaluations without improvement. Checkpoints every ``save_every``
 steps hold optimizer, scheduler, RNG and data position, so ``resume`` continues bit-exactly
-on CPU. Ctrl-C saves a checkpoint and raises ``Interrupted`` (exit code 3).
+on CPU. Ctrl-C saves a checkpoint and raises ``Interrupted`` (exit code 3). Every run also
+ends with a checkpoint of its last step, so ``resume`` with ``steps`` N continues a finished
+run to step N (the lr schedule from there on is an N-step run's: ``_continued``).
+
+The training loss shown (progress, ``metrics.jsonl``'s ``loss``, the summary's ``final_loss``)
+is one quantity: the mean of the last ``log_every`` steps' losses (``window_loss``).
 
 On CPU compute stays fp32 whatever the checkpoint dtype (these CPUs lack bf16 units);
 on CUDA the forward runs under bf16 autocast with fused AdamW.
@@ -26,6 +31,7 @@ from typing import Callable
 import torch
 
 from peftcli.errors import BadInputError, Interrupted, UsageError
+from peftcli.threads import torch_threads
 from peftcli.train import distributed
 from peftcli.train import state as ckpt_state
 from peftcli.train.batching import collate, encode, epoch_order, load_tokenizer
@@ -146,13 +152,20 @@ def train(
     log: Callable[[str], None] | None = None,
     progress=None,
     return_model: bool = False,
+    steps: int | None = None,
 ):
     """Train the run in directory ``run``; returns the final summary (and the model if asked).
 
     Methods that train in phases or rounds (LT-SFT, diff-pruning: ``phased``; lottery tickets:
-    ``lottery``) drive this loop themselves; every other run is one pass of it.
+    ``lottery``) drive this loop themselves; every other run is one pass of it. ``steps``
+    (with ``resume``): continue the run, finished or not, until it has that many steps.
     """
     method = None if (cfg is not None and cfg.full) else multi_phase_method(run)
+    if steps is not None and resume and method is not None:
+        raise UsageError(
+            f"cannot continue {run} to {steps} steps: a {method.name} run trains in phases or rounds",
+            "train it again with --force and the --steps you want",
+        )
     with torch_threads(_requested_threads(run, cfg, resume)), distributed.timeouts_as_errors():
         if method is not None:
             kwargs = dict(resume=resume, force=force, log=log or (lambda line: None), progress=progress, return_model=return_model)
@@ -164,7 +177,7 @@ def train(
                 from peftcli.train import lottery
 
                 return lottery.train(run, cfg, **kwargs)
-        return train_adapter(run, cfg, resume=resume, force=force, log=log, progress=progress, return_model=return_model)
+        return train_adapter(run, cfg, resume=resume, force=force, log=log, progress=progress, return_model=return_model, continue_to=steps if resume else None)
 
 
 def _requested_threads(run: str, cfg: TrainConfig | None, resume: bool) -> int | None:
@@ -178,25 +191,6 @@ def _requested_threads(run: str, cfg: TrainConfig | None, resume: bool) -> int |
         except (OSError, ValueError):
             return None  # resolve_config reports a broken file in one line
     return None
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None):
-    """torch's intra-op thread count set to ``threads`` (None: left alone), restored after.
-
-    On a shared machine every parallel op waits for its slowest thread to be scheduled: with
-    both cores busy, one thread ran a MiniLM LoRA step 6.6× faster than torch's default of two
-    (benchmarks/train_threads.py); on an idle machine more threads help, so the choice is the user's.
-    """
-    if threads is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def with_model_dir(cfg: TrainConfig, adapter) -> TrainConfig:
@@ -257,13 +251,17 @@ def train_adapter(
     hooks: TrainHooks | None = None,
     finished_ok: bool = False,
     pass_lr: str | None = None,
+    continue_to: int | None = None,
 ):
     """One pass of the loop over the adapter (or, with ``cfg.full``, the whole model) in ``run``.
 
     ``finished_ok``: resuming a pass whose newest checkpoint is its end is not an error but
     the pass's result (a multi-pass run killed between a pass and the work after it).
     ``pass_lr``: for one pass of a multi-pass run, the option that set ``cfg.lr`` (``--lr``,
-    or ``--phase1-lr`` for the full fine-tuning passes), named if training diverges.
+    or ``--phase1-lr`` for the full fine-tuning passes), named if training diverges; such a
+    pass writes no final checkpoint (its directory is deleted or kept as a result).
+    ``continue_to`` (with ``resume``): train until step N instead of the saved total; see
+    ``_continued``.
     """
     from peftcli.artifacts.adapter_dir import read_adapter
     from peftcli.attach import attach_adapter, load_base_model
@@ -279,18 +277,20 @@ def train_adapter(
     checkpoint = ckpt_state.latest_checkpoint(run) if resume else None
     if resume and checkpoint is None:
         raise UsageError(f"{run}: no checkpoint to resume from", "train with --save-every N to write checkpoints")
+    if continue_to is not None:
+        cfg = _continued(run, cfg, checkpoint, continue_to)
 
     adapter = None if cfg.full else read_adapter(checkpoint or run)
     cfg = with_model_dir(cfg, adapter)
     model_dir = cfg.model
     _check_inputs(model_dir, adapter, run)
 
-    data = load_dataset(cfg.data, cfg.task, cfg.limit)
+    data = load_dataset(cfg.data, cfg.task, cfg.limit, cfg.columns)
     if resume and os.path.isfile(os.path.join(run, LABELS_FILE)):
         labels = _read_json(os.path.join(run, LABELS_FILE))["labels"]
     else:
         labels = data.labels
-    eval_data = load_dataset(cfg.eval_data, data.task) if cfg.eval_data else None
+    eval_data = load_dataset(cfg.eval_data, data.task, columns=cfg.columns) if cfg.eval_data else None
     tokenizer = load_tokenizer(model_dir)
     train_items = encode(data, tokenizer, cfg.max_length, labels)
     if data.task != "classify" and not any(_predicted_tokens(it) for it in train_items):
@@ -354,15 +354,30 @@ def train_adapter(
         st = ckpt_state.load_state(checkpoint)
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
+        if continue_to is not None:  # the next step's lr is the new schedule's, not the old one's
+            lrs = [base * _schedule(cfg, total)(scheduler.last_epoch) for base in scheduler.base_lrs]
+            for group, lr in zip(optimizer.param_groups, lrs):
+                group["lr"] = lr
+            scheduler._last_lr = lrs
         ckpt_state.set_rng_state(st["rng"])
         step, epoch, offset = st["step"], st["epoch"], st["offset"]
         best, bad_evals = st["best"], st["bad_evals"]
         recent_losses = list(st.get("recent_losses", []))
         finished = step >= total or (cfg.patience is not None and bad_evals >= cfg.patience)
         if finished and not finished_ok:
-            raise UsageError(f"{run}: nothing to resume, the run already finished at step {step}", "start a new run to train further")
+            if step < total:
+                raise UsageError(
+                    f"{run}: the run stopped early at step {step} ({bad_evals} evaluations without a better validation loss)",
+                    "train it again with --force and a larger --patience",
+                )
+            raise UsageError(
+                f"{run}: nothing to resume, the run already finished at step {step}",
+                f"continue it with --resume --steps N (N above {step}), or train it again with --force",
+            )
         if world.main:
             _truncate_metrics(metrics_path, step)
+            if continue_to is not None:
+                _write_json(os.path.join(run, ARGS_FILE), dataclasses.asdict(cfg))  # a later --resume goes on to N
     elif world.main:
         _write_json(os.path.join(run, ARGS_FILE), dataclasses.asdict(cfg))
         if labels:
@@ -435,10 +450,11 @@ def train_adapter(
                 hooks.after_step(adapted, step)
             losses.append(step_loss)
             lr = scheduler.get_last_lr()[0]
+            loss, loss_steps = window_loss(losses, cfg.log_every)
             if progress is not None:
-                progress.update(step, step_loss, lr, tokens / max(1e-9, time.perf_counter() - start_time))
+                progress.update(step, loss, lr, tokens / max(1e-9, time.perf_counter() - start_time))
             if step % cfg.log_every == 0 or step == total:
-                write_metric({"step": step, "epoch": epoch, "loss": sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]), "lr": lr})
+                write_metric({"step": step, "epoch": epoch, "loss": loss, "loss_steps": loss_steps, "lr": lr})
             evaluate_now = eval_items is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total)
             if evaluate_now:
                 result = evaluate(adapted, eval_items, tokenizer.pad_token_id, cfg.batch_size, device, data.task, left_pad)
@@ -469,6 +485,12 @@ def train_adapter(
     if world.main:
         _check_phi(run, cfg, step, named, world, pass_lr)
         adapted.save_into(run)
+        # The final state, so that the run can be continued (--resume --steps N); written after
+        # the result, so a kill between the two resumes from an earlier checkpoint, never
+        # reads as finished with a stale result.
+        latest = ckpt_state.latest_checkpoint(run)
+        if pass_lr is None and (latest is None or ckpt_state.checkpoint_step(latest) != step):
+            ckpt_state.save_checkpoint(run, step, adapted, trainer_state(), keep=cfg.keep_checkpoints)
     distributed.barrier(world)
     # The DDP wrapper's reducer holds the process group: free it first. Destroying the group
     # and then leaving the reducer to the frame's exit hung a gloo worker in a futex (seen
@@ -482,11 +504,35 @@ def train_adapter(
     wall = time.perf_counter() - start_time
     summary = {
         "run": run, "task": data.task, "steps": step, "stopped_early": stopped_early,
-        "final_loss": losses[-1] if losses else None, "best": best,
+        "final_loss": window_loss(losses, cfg.log_every)[0] if losses else None,
+        "final_loss_steps": window_loss(losses, cfg.log_every)[1] if losses else 0, "best": best,
         "trainable_params": adapted.num_trainable, "wall_seconds": wall,
         "peak_memory_bytes": _peak_memory(device), "device": str(device), "labels": labels,
     }
     return (summary, adapted) if return_model else summary
+
+
+def window_loss(losses: list[float], log_every: int) -> tuple[float, int]:
+    """The training loss shown everywhere (progress line, ``metrics.jsonl``'s ``loss``, the
+    summary's ``final_loss``): the mean of the last ``log_every`` steps' losses, and how many
+    steps that is (fewer at the start). One step's loss is the task loss the optimizer
+    minimised, its micro-batches averaged; one batch alone is too noisy to read a trend from."""
+    window = losses[-log_every:]
+    return sum(window) / len(window), len(window)
+
+
+def _continued(run: str, cfg: TrainConfig, checkpoint: str, steps: int) -> TrainConfig:
+    """``cfg`` going on to ``steps`` steps from ``checkpoint`` (``--resume --steps N``).
+
+    The learning-rate schedule is that of a run of ``steps`` steps from the resume point on
+    (a linear decay that had reached 0 at step 4 of 4 goes on at half the peak at step 5 of
+    8): the steps done keep the schedule they had, so the result is not bit-identical to a
+    run trained for ``steps`` from the start. Data order, optimizer and RNG continue exactly.
+    """
+    done = ckpt_state.checkpoint_step(checkpoint)
+    if steps <= done:
+        raise UsageError(f"{run} already has {done} steps (--steps {steps})", f"pass --steps above {done} to train it further")
+    return dataclasses.replace(cfg, steps=steps, epochs=None)  # validates steps as a new run's --steps
 
 
 def _nonfinite(world, loss: float, grad_norm: torch.Tensor) -> bool:

@@ -6,7 +6,8 @@ mask and re-applies the mask after every optimizer step, so pruned weights stay 
 After each round but the last, ``--prune-rate`` of the surviving prunable weights are pruned
 (the smallest |θ| of the trained round, or at random) and the round's directory is deleted;
 the last round's directory becomes ``RUN/ticket/``. ``RUN/metrics.jsonl`` gets one line per
-round (density, steps, final loss, best validation loss/accuracy); ``RUN/lottery_state.json``
+round (density, steps, final loss, best validation loss/accuracy, wall time: the summary's
+``wall_seconds`` is their sum, split in ``wall_seconds_by_phase``); ``RUN/lottery_state.json``
 records the next round, so ``--resume`` continues where a run was killed (inside a round,
 through that round's checkpoints).
 
@@ -110,6 +111,7 @@ def train(run: str, cfg: TrainConfig | None, *, resume: bool, force: bool, log, 
                 _append_metrics(run, {
                     "round": r, "density": _density(run), "steps": summary["steps"], "final_loss": summary["final_loss"],
                     "eval_loss": summary["best"]["eval_loss"], "eval_accuracy": summary["best"]["eval_accuracy"],
+                    "wall_seconds": summary["wall_seconds"],
                 })
                 # The next mask and the next round are committed together: the mask is written
                 # aside, the state names it, then it replaces the mask. A kill at any point
@@ -127,8 +129,28 @@ def train(run: str, cfg: TrainConfig | None, *, resume: bool, force: bool, log, 
 
 
 def _finished(run: str, lcfg, summary: dict, return_model: bool):
-    summary = {**summary, "run": run, "rounds": lcfg.rounds, "density": _density(run), "ticket": os.path.join(run, TICKET)}
+    split = _round_walls(run)
+    summary = {
+        **summary, "run": run, "rounds": lcfg.rounds, "density": _density(run), "ticket": os.path.join(run, TICKET),
+        "wall_seconds": sum(split.values()), "wall_seconds_by_phase": split,
+    }
     return (summary, None) if return_model else summary
+
+
+def _round_walls(run: str) -> dict[str, float]:
+    """Each round's training wall time, from its metrics line (rounds of an earlier, resumed
+    invocation included): the run's wall time is their sum."""
+    import json
+
+    from peftcli.train.loop import METRICS_FILE
+
+    walls = {}
+    with open(os.path.join(run, METRICS_FILE), encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line) if line.strip() else {}
+            if "round" in row:
+                walls[f"round {row['round']}"] = row.get("wall_seconds", 0.0)
+    return walls
 
 
 def _commit_mask(run: str) -> None:

@@ -11,6 +11,10 @@
    state), skipped by diff-pruning's ``--no-retrain``.
 4. ``RUN/phi.diff``: φ = θ⁽²⁾ − θ⁽⁰⁾ with exactly K entries, for ``merge``/``combine``.
 
+The summary is phase 2's, with ``wall_seconds`` the sum over phase 1, the selection and
+phase 2 and ``wall_seconds_by_phase`` the split (phase 1's time and the selection's are kept
+in ``phase1_summary.json``, so a resumed run still counts them).
+
 Under ``--nproc`` each phase is data-parallel (phase 2 averages the K values' gradients by
 hand) in one process group; rank 0 writes, selects and writes the diff. Each phase resumes on its own, so ``--resume`` after a kill in either phase ends with the
 same bytes as an uninterrupted run: phase 1 through the full loop's checkpoints, the
@@ -24,6 +28,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 
 import torch
 
@@ -90,7 +95,10 @@ def train(run: str, cfg: TrainConfig | None, *, resume: bool, force: bool, log, 
         if not selected:
             summary1 = _phase1(run, cfg, method, mcfg, resume, log, progress, world)
             if world.main:
+                t0 = time.perf_counter()
                 _select(run, cfg, method, mcfg, adapter, log)
+                summary1 = {**summary1, "selection_seconds": time.perf_counter() - t0}
+                loop._write_json(os.path.join(run, PHASE1_DONE), summary1)  # a resumed run still counts it
             distributed.barrier(world)
         else:
             summary1 = loop._read_json(os.path.join(run, PHASE1_DONE)) if os.path.isfile(os.path.join(run, PHASE1_DONE)) else None
@@ -111,8 +119,23 @@ def train(run: str, cfg: TrainConfig | None, *, resume: bool, force: bool, log, 
         if world.main:
             _write_phi_diff(run, model_dir, method.name)
         distributed.barrier(world)
-    summary = {**summary, "run": run, "phase1": summary1, "k": _k_of(run, mcfg)}
+    phase2 = None if getattr(mcfg, "no_retrain", False) else summary
+    summary = {**summary, "run": run, "phase1": summary1, "k": _k_of(run, mcfg), **_wall_split(summary1, phase2)}
     return (summary, model) if return_model else summary
+
+
+def _wall_split(phase1: dict | None, phase2: dict | None) -> dict:
+    """The run's wall time: phase 1 (its saved summary, so a resumed run counts it too), the
+    selection and phase 2, and how it splits. Each phase counts its training loop, as a
+    single-pass run does (not loading the model); a phase resumed counts from its resume."""
+    split = {}
+    if phase1 is not None:
+        split["phase 1"] = phase1.get("wall_seconds", 0.0)
+        if "selection_seconds" in phase1:
+            split["selection"] = phase1["selection_seconds"]
+    if phase2 is not None:
+        split["phase 2"] = phase2["wall_seconds"]
+    return {"wall_seconds": sum(split.values()), "wall_seconds_by_phase": split}
 
 
 def _k_of(run: str, mcfg) -> int:

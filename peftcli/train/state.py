@@ -1,7 +1,8 @@
 """Training checkpoints: φ plus everything needed to continue bit-exactly.
 
 ``<run>/checkpoints/step-NNNNNNN/`` holds the adapter files and ``trainer_state.pt``
-(optimizer, scheduler, RNG states, data position, early-stopping state). Directories are
+(optimizer, scheduler, RNG states, data position, early-stopping state). Every run ends with
+one at its last step, so a finished run can be continued (``train RUN --resume --steps N``). Directories are
 written atomically, so the newest one is always complete; ``trainer_state.pt`` is read
 back with ``torch.load(weights_only=True)``.
 """
@@ -33,6 +34,11 @@ def latest_checkpoint(run: str) -> str | None:
         return None
     steps = sorted(int(m.group(1)) for n in os.listdir(root) if (m := _STEP_DIR.match(n)))
     return step_dir(run, steps[-1]) if steps else None
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    """The step a checkpoint directory (``step-NNNNNNN``) was written at."""
+    return int(_STEP_DIR.match(os.path.basename(checkpoint)).group(1))
 
 
 def rng_state() -> dict:
