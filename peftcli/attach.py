@@ -214,7 +214,8 @@ def _load_heads(model: nn.Module, adapter: Adapter) -> dict[str, nn.Parameter]:
 
 
 def load_adapted(base_path: str, adapter_path: str, model_class: str | None = None) -> AdaptedModel:
-    """Build the base model from ``base_path`` and attach ``adapter_path`` to it."""
+    """Build the base model from ``base_path`` and attach ``adapter_path`` to it, in eval mode
+    (dropout off: the same inputs give the same outputs; call ``.train()`` to train it)."""
     adapter = read_adapter(adapter_path)
     model = load_base_model(base_path, model_class)
-    return attach_adapter(model, adapter)
+    return attach_adapter(model, adapter).eval()
