@@ -199,6 +199,11 @@ def _load_heads(model: nn.Module, adapter: Adapter) -> dict[str, nn.Parameter]:
             t = adapter.tensors.get(key)
             if t is None:
                 problems.append(f"{key}: missing")
+            elif _tied_to_input(model, p):  # copying it in would change the input embedding too
+                raise BadInputError(
+                    f"modules_to_save names {name}, which this model ties to its input embedding",
+                    "PEFT unties the trained module; peftcli does not: use the adapter with PEFT",
+                )
             elif tuple(t.shape) != tuple(p.shape):
                 problems.append(f"{key}: shape {list(t.shape)}, the model has {list(p.shape)}")
             else:
@@ -211,6 +216,16 @@ def _load_heads(model: nn.Module, adapter: Adapter) -> dict[str, nn.Parameter]:
             "pass the base model the adapter was trained on (with the same number of labels)",
         )
     return heads
+
+
+def _tied_to_input(model: nn.Module, p: nn.Parameter) -> bool:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return embeddings is not None and getattr(embeddings, "weight", None) is p and _is_output(model, p)
+
+
+def _is_output(model: nn.Module, p: nn.Parameter) -> bool:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return out is not None and getattr(out, "weight", None) is p
 
 
 def load_adapted(base_path: str, adapter_path: str, model_class: str | None = None) -> AdaptedModel:

@@ -39,6 +39,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
+from peftcli.artifacts.adapter_dir import replaced_modules
 from peftcli.artifacts.sparse_diff import FLOAT_DTYPES, IDX, VAL, read_diff
 from peftcli.checkpoint.fingerprint import content_hash, summarize_differences, table_differences, tensor_table
 from peftcli.checkpoint.reader import ADAPTER_WEIGHTS, Checkpoint, open_checkpoint
@@ -326,6 +327,7 @@ def _merge_input(result: Result, adapter, method, cfg, head_keys: set[str], ckpt
         return
     try:
         touches = set(method.deltas(cfg, {k: t for k, t in adapter.tensors.items() if k not in head_keys}, ckpt))
+        touches |= set(replaced_modules(adapter.config, adapter.tensors, ckpt.tensors))  # as merge reads them
     except PeftcliError as exc:
         result.problems.append(Problem.of(exc, result.path))
         return

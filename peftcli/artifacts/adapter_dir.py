@@ -244,6 +244,26 @@ def _task_heads(config: dict, tensors: dict) -> dict:
     return {**config, "modules_to_save": kept or None}
 
 
+def replaced_modules(config: dict, tensors: dict, base_names) -> dict[str, object]:
+    """The ``modules_to_save`` tensors that replace base tensors of the same name (an ``lm_head``
+    trained whole), by base tensor name; the others are new task heads. PEFT's merge_and_unload
+    puts the saved module in place of the base's, so merging writes it as it is saved. Refused:
+    an ``lm_head`` the base ties to its input embedding (it has no lm_head weight of its own),
+    which PEFT unties; a tied checkpoint cannot hold it."""
+    out = {}
+    for name in config.get("modules_to_save") or []:
+        keys = [k for k in tensors if k.startswith(f"base_model.model.{name}.")]
+        names = [k[len("base_model.model.") :] for k in keys]
+        if keys and all(n in base_names for n in names):
+            out.update({n: tensors[k] for n, k in zip(names, keys)})
+        elif keys and name.rsplit(".", 1)[-1] == "lm_head":
+            raise BadInputError(
+                f"modules_to_save names {name}, which this base ties to its input embedding (it has no lm_head weight)",
+                "PEFT unties the trained lm_head, which a tied checkpoint cannot hold: merge it with PEFT's merge_and_unload",
+            )
+    return out
+
+
 def check_adapter_tensors(config: dict, tensors: dict, where: str) -> None:
     """What every command reading an adapter refuses before its method sees it (so that check,
     merge, convert, evaluate and attach refuse alike): a φ tensor that is not floating-point
