@@ -199,6 +199,11 @@ def _load_heads(model: nn.Module, adapter: Adapter) -> dict[str, nn.Parameter]:
             t = adapter.tensors.get(key)
             if t is None:
                 problems.append(f"{key}: missing")
+            elif _tied_to_input(model, p):  # copying it in would change the input embedding too
+                raise BadInputError(
+                    f"modules_to_save names {name}, which this model ties to its input embedding",
+                    "PEFT unties the trained module; peftcli does not: use the adapter with PEFT",
+                )
             elif tuple(t.shape) != tuple(p.shape):
                 problems.append(f"{key}: shape {list(t.shape)}, the model has {list(p.shape)}")
             else:
@@ -213,8 +218,19 @@ def _load_heads(model: nn.Module, adapter: Adapter) -> dict[str, nn.Parameter]:
     return heads
 
 
+def _tied_to_input(model: nn.Module, p: nn.Parameter) -> bool:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return embeddings is not None and getattr(embeddings, "weight", None) is p and _is_output(model, p)
+
+
+def _is_output(model: nn.Module, p: nn.Parameter) -> bool:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return out is not None and getattr(out, "weight", None) is p
+
+
 def load_adapted(base_path: str, adapter_path: str, model_class: str | None = None) -> AdaptedModel:
-    """Build the base model from ``base_path`` and attach ``adapter_path`` to it."""
+    """Build the base model from ``base_path`` and attach ``adapter_path`` to it, in eval mode
+    (dropout off: the same inputs give the same outputs; call ``.train()`` to train it)."""
     adapter = read_adapter(adapter_path)
     model = load_base_model(base_path, model_class)
-    return attach_adapter(model, adapter)
+    return attach_adapter(model, adapter).eval()

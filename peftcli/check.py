@@ -39,10 +39,11 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
+from peftcli.artifacts.adapter_dir import replaced_modules
 from peftcli.artifacts.sparse_diff import FLOAT_DTYPES, IDX, VAL, read_diff
 from peftcli.checkpoint.fingerprint import content_hash, summarize_differences, table_differences, tensor_table
 from peftcli.checkpoint.reader import ADAPTER_WEIGHTS, Checkpoint, open_checkpoint
-from peftcli.errors import PeftcliError
+from peftcli.errors import BadInputError, PeftcliError
 from peftcli.merge.estimate import Input, MergeEstimate, estimate
 from peftcli.methods.base import PEFT_PREFIX
 
@@ -302,13 +303,15 @@ def check_adapter(path: str, ckpt: Checkpoint, vocab: int | None = None) -> Resu
         return result
     try:
         created = method.init(ckpt, cfg, torch.Generator().manual_seed(0))
-    except PeftcliError as exc:
-        result.problems += [Problem(f"its {method.name} config does not fit this base: {exc.message}", OTHER_BASE), *values]
+    except PeftcliError as exc:  # a refusal naming an option keeps its own hint
+        hint = exc.hint if isinstance(exc, BadInputError) else OTHER_BASE
+        result.problems += [Problem(f"its {method.name} config does not fit this base: {exc.message}", hint), *values]
         return result
     expected = {k: tuple(t.shape) for k, t in created.items()}
     del created
     derived = method.derived_keys(cfg) if hasattr(method, "derived_keys") else set()
-    actual = {k: tuple(t.shape) for k, t in adapter.tensors.items() if k not in head_keys}
+    # PEFT's saved copy of a targeted module's base weight is no φ: the method compares it with the base.
+    actual = {k: tuple(t.shape) for k, t in adapter.tensors.items() if k not in head_keys and not k.endswith(".base_layer.weight")}
     result.problems += _key_problems(actual, expected, set(derived), cfg, vocab, vocab_modules(ckpt, vocab))
     result.problems += _head_problems(adapter, heads, ckpt, vocab)
     result.problems += values
@@ -324,6 +327,7 @@ def _merge_input(result: Result, adapter, method, cfg, head_keys: set[str], ckpt
         return
     try:
         touches = set(method.deltas(cfg, {k: t for k, t in adapter.tensors.items() if k not in head_keys}, ckpt))
+        touches |= set(replaced_modules(adapter.config, adapter.tensors, ckpt.tensors))  # as merge reads them
     except PeftcliError as exc:
         result.problems.append(Problem.of(exc, result.path))
         return

@@ -107,6 +107,7 @@ PEFT_FIELDS = {
     "rank_pattern": "object?",
     "alpha_pattern": "object?",
     "use_dora": "bool?",
+    "lora_bias": "bool?",
     "use_rslora": "bool?",
     "fan_in_fan_out": "bool?",
     "bias": "str",
@@ -216,8 +217,51 @@ def read_adapter(path: str) -> Adapter:
         raise BadInputError(f"{path}: no {ADAPTER_WEIGHTS}", "the adapter directory is incomplete; pass one written whole by peftcli inject or train")
     ckpt = open_checkpoint(weights)
     tensors = {name: ckpt.get(name) for name in ckpt}
+    config = _task_heads(config, tensors)
     check_adapter_tensors(config, tensors, path)
     return Adapter(path=path, config=config, tensors=tensors, metadata=dict(ckpt.metadata))
+
+
+# PEFT's classification wrappers (task_type SEQ_CLS) add both names to ``modules_to_save`` and
+# wrap whichever exists in the head model: a BERT classifier saves ``classifier``, a Llama one
+# ``score``, and the config lists both.
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score")}
+
+
+def _task_heads(config: dict, tensors: dict) -> dict:
+    """``config`` without the ``modules_to_save`` names PEFT adds for its task type and the
+    adapter holds no tensor of, as PEFT reads it (each command then sees only saved modules).
+    Duplicates (PEFT appends the names again each time the config goes through a wrapper) go too."""
+    names = config.get("modules_to_save")
+    added = TASK_HEADS.get(config.get("task_type") or "", ())
+    if not names or not added:
+        return config
+    kept = []
+    for name in names:
+        saved = any(k.startswith(f"base_model.model.{name}.") for k in tensors)
+        if name not in kept and (saved or name not in added):
+            kept.append(name)
+    return {**config, "modules_to_save": kept or None}
+
+
+def replaced_modules(config: dict, tensors: dict, base_names) -> dict[str, object]:
+    """The ``modules_to_save`` tensors that replace base tensors of the same name (an ``lm_head``
+    trained whole), by base tensor name; the others are new task heads. PEFT's merge_and_unload
+    puts the saved module in place of the base's, so merging writes it as it is saved. Refused:
+    an ``lm_head`` the base ties to its input embedding (it has no lm_head weight of its own),
+    which PEFT unties; a tied checkpoint cannot hold it."""
+    out = {}
+    for name in config.get("modules_to_save") or []:
+        keys = [k for k in tensors if k.startswith(f"base_model.model.{name}.")]
+        names = [k[len("base_model.model.") :] for k in keys]
+        if keys and all(n in base_names for n in names):
+            out.update({n: tensors[k] for n, k in zip(names, keys)})
+        elif keys and name.rsplit(".", 1)[-1] == "lm_head":
+            raise BadInputError(
+                f"modules_to_save names {name}, which this base ties to its input embedding (it has no lm_head weight)",
+                "PEFT unties the trained lm_head, which a tied checkpoint cannot hold: merge it with PEFT's merge_and_unload",
+            )
+    return out
 
 
 def check_adapter_tensors(config: dict, tensors: dict, where: str) -> None:

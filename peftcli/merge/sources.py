@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from peftcli.artifacts.adapter_dir import ADAPTER_CONFIG, read_adapter
+from peftcli.artifacts.adapter_dir import ADAPTER_CONFIG, read_adapter, replaced_modules
 from peftcli.artifacts.sparse_diff import check_base, read_diff
 from peftcli.checkpoint.dtypes import torch_dtype, work_dtype
 from peftcli.checkpoint.fingerprint import file_sha256, summarize_differences, table_differences, tensor_table
@@ -165,6 +165,10 @@ def _adapter_source(path: str, base: Checkpoint, sha256: Callable[[str], str] = 
                 heads[key[len(PEFT_PREFIX) :]] = t
     cfg = method.config_from_adapter(adapter.config)
     deltas = method.deltas(cfg, {k: t for k, t in adapter.tensors.items() if k[len(PEFT_PREFIX) :] not in heads}, base)
+    # A saved module with the base's own tensor names (an lm_head trained whole) replaces them.
+    replaced = replaced_modules(adapter.config, adapter.tensors, base.tensors)
+    heads = {n: t for n, t in heads.items() if n not in replaced}
+    deltas.update({n: (lambda stored, t=t: t.to(work_dtype(stored.dtype)) - stored.to(work_dtype(stored.dtype))) for n, t in replaced.items()})
     labels = None
     labels_path = os.path.join(path, "labels.json")
     if heads and os.path.isfile(labels_path):

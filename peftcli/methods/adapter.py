@@ -2,8 +2,11 @@
 
 Styles (where f goes in each block; h is the hidden size, b the bottleneck):
 
-- ``pfeiffer`` (Pfeiffer et al., 2021; AdapterHub's default ``seq_bn``): after the FFN's
-  output projection, y ← y + s·f(y), before the block's dropout/residual/LayerNorm;
+- ``pfeiffer`` (Pfeiffer et al., 2021): after the FFN's output projection, y ← y + s·f(y),
+  before the block's dropout/residual/LayerNorm. AdapterHub's ``seq_bn`` differs: it feeds
+  the adapter LN(y + residual) (the block's own LayerNorm, ``original_ln_before``), so the
+  same weights give other outputs there (about 1 in the logits on MiniLM); Houlsby and
+  parallel match AdapterHub's exactly;
 - ``houlsby`` (Houlsby et al., 2019): the same after the attention output projection too;
 - ``parallel`` (He et al., 2022): around the FFN, FFN(x) + s·f(x). BERT splits its FFN over
   ``intermediate`` and ``output``; ``output`` receives the FFN's input as its residual
@@ -45,8 +48,9 @@ _HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "dim")  # config.json's name
 class BottleneckAdapterConfig:
     style: str = option(
         "pfeiffer", metavar="houlsby|pfeiffer|parallel",
-        help="where the adapters go: after the FFN (pfeiffer, default, as AdapterHub), after attention "
-        "and FFN (houlsby), or beside the FFN (parallel)",
+        help="where the adapters go: after the FFN (pfeiffer, default; AdapterHub's seq_bn also applies the "
+        "block's LayerNorm before the adapter, this does not), after attention and FFN (houlsby), or beside "
+        "the FFN (parallel)",
     )
     reduction_factor: int = option(16, help="bottleneck = hidden size // this, at least 1 (default 16, as AdapterHub)")
     bottleneck: int | None = option(None, help="bottleneck width b; overrides --reduction-factor")

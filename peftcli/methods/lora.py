@@ -46,9 +46,15 @@ class LoraConfig:
     dropout: float = option(0.0, help="dropout on the LoRA branch's input during training (default 0)")
     init: str = option("kaiming", metavar="kaiming|gaussian", help="initialisation of A (B is always zero); default kaiming, as PEFT")
     # Read from an adapter, not an option: "pissa"/"olora" when PEFT subtracts an initial A·B
-    # from the base weights on load (see lora_init), None for plain LoRA. Not recorded in
-    # what inject writes: inject never sets it, and its options metadata stays as it was.
+    # from the base weights on load (see lora_init), None for plain LoRA. The fields below are
+    # read from adapters, never options, and not recorded in what inject writes (its options
+    # metadata stays as it was).
     base_init: str | None = field(default=None, metadata={"recorded": False})
+    # PEFT's exclude_modules: module names (exact or a dotted suffix) or one regex over module
+    # paths, removed from the targets as PEFT removes them.
+    exclude: str | tuple[str, ...] | None = field(default=None, metadata={"recorded": False})
+    # PEFT's lora_bias: lora_B has a bias, folded into the base's bias.
+    lora_bias: bool = field(default=False, metadata={"recorded": False})
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
@@ -86,7 +92,15 @@ class LoRA:
         return cfg.rank * (out_features + in_features) + (out_features if cfg.dora else 0)
 
     def _targets(self, shapes, model_config, cfg):
+        _refuse_embedding_targets(shapes, model_config, cfg)
         modules = resolve_targets(shapes, model_config, cfg.targets, cfg.layers)
+        if cfg.exclude:  # PEFT drops excluded modules before it looks at target_modules
+            modules = [m for m in modules if not excluded(m.name, cfg.exclude)]
+            if not modules:
+                raise UsageError(
+                    "exclude_modules removes every module target_modules selects",
+                    "the adapter config targets nothing: fix exclude_modules in adapter_config.json",
+                )
         smallest = min(modules, key=lambda m: min(m.shape))  # resolve_targets never returns none
         limit = min(smallest.shape)
         if cfg.rank > limit:
@@ -117,6 +131,8 @@ class LoRA:
                 a = draws.draw((r, d_in), lambda g, d_in=d_in: torch.empty(r, d_in).normal_(0.0, 1.0 / r, generator=g))
             out[peft_key(m.name, "lora_A.weight")] = a
             out[peft_key(m.name, "lora_B.weight")] = lazy_zeros(d_out, r)
+            if cfg.lora_bias:
+                out[peft_key(m.name, "lora_B.bias")] = lazy_zeros(d_out)
             if cfg.dora:
                 out[peft_key(m.name, "lora_magnitude_vector")] = LazyTensor(
                     (d_out,), torch.float32, lambda name=m.name, dim=0 if m.transposed else 1: _row_norms(ckpt, name, dim)
@@ -160,6 +176,12 @@ class LoRA:
                 f"adapter config trains biases (bias={d['bias']!r}), which peftcli's LoRA does not support",
                 "train the adapter with bias='none'",
             )
+        if d.get("trainable_token_indices"):
+            raise BadInputError(
+                "adapter config sets trainable_token_indices (PEFT's trainable tokens: new values for chosen "
+                "embedding rows), which peftcli does not read",
+                "merge it with PEFT (merge_and_unload), or train the adapter without trainable_token_indices",
+            )
         if "r" not in d:
             raise BadInputError("LoRA adapter config has no rank 'r'", "add \"r\": <rank> to adapter_config.json")
         targets = d.get("target_modules")
@@ -181,6 +203,8 @@ class LoRA:
                 dropout=float(d.get("lora_dropout", 0.0)),
                 init="gaussian" if d.get("init_lora_weights") == "gaussian" else "kaiming",
                 base_init=lora_init.base_init(d.get("init_lora_weights", True)),
+                exclude=_exclude_spec(d.get("exclude_modules")),
+                lora_bias=bool(d.get("lora_bias")),
             )
         except UsageError as exc:
             raise BadInputError(f"adapter config: {exc.message}", "the adapter config is corrupt or was edited by hand") from None
@@ -226,10 +250,15 @@ class LoRA:
             m = linear[name]
             problem = _check_module(path, parts, cfg, *m.shape)
             problem = problem or lora_init.module_problem(cfg.base_init, path, cfg.rank, *m.shape, m.transposed)
+            problem = problem or _saved_base_problem(path, parts, lambda name=name: ckpt.get(name + ".weight"))
             if problem:
                 problems.append(problem)
                 continue
             out[name + ".weight"] = partial(_fold, parts=parts, cfg=cfg, transposed=m.transposed)
+            if cfg.lora_bias:
+                if name + ".bias" not in ckpt.tensors:
+                    raise _no_base_bias(name)
+                out[name + ".bias"] = partial(_fold_bias, bias=parts["lora_B.bias"], scaling=cfg.scaling)
         if problems:
             raise mismatch_error(problems)
         if unfit is not None:
@@ -244,6 +273,7 @@ class LoRA:
         from peftcli.methods.lora_layer import LoraLinear
 
         by_module, problems = _group(tensors)
+        saved: set[str] = set()
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
         targeted, unfit = self._targeted(shapes, model_config, cfg)  # as PEFT selects them: on the model's names
         phi = {}
@@ -254,16 +284,21 @@ class LoRA:
             if problem is None:
                 problem = _check_module(path, parts, cfg, *dims)
                 problem = problem or lora_init.module_problem(cfg.base_init, path, cfg.rank, *dims, mod.is_conv1d(layer))
+                problem = problem or _saved_base_problem(path, parts, lambda layer=layer: layer.weight)
             if problem:
                 problems.append(problem)
                 continue
             if cfg.base_init:  # the base PEFT trains and evaluates this adapter on
                 _to_residual(layer, cfg)
-            new = LoraLinear(layer, cfg.rank, cfg.scaling, cfg.dropout, dora=cfg.dora)
-            new.load_phi(parts["lora_A.weight"], parts["lora_B.weight"], parts.get("lora_magnitude_vector"))
+            new = LoraLinear(layer, cfg.rank, cfg.scaling, cfg.dropout, dora=cfg.dora, bias=cfg.lora_bias)
+            new.load_phi(parts["lora_A.weight"], parts["lora_B.weight"], parts.get("lora_magnitude_vector"), parts.get("lora_B.bias"))
             mod.replace(model, path, new)
             phi[peft_key(path, "lora_A.weight")] = new.lora_A.weight
             phi[peft_key(path, "lora_B.weight")] = new.lora_B.weight
+            if cfg.lora_bias:
+                phi[peft_key(path, "lora_B.bias")] = new.lora_B.bias
+            if SAVED_BASE in parts:  # PEFT's copy of the base weight, equal to the model's: nothing to train
+                saved.add(peft_key(path, SAVED_BASE))
             if cfg.dora:
                 phi[peft_key(path, "lora_magnitude_vector")] = new.lora_magnitude
         if problems:
@@ -271,10 +306,84 @@ class LoRA:
         if unfit is not None:
             raise unfit
         _check_scaled(by_module, cfg)
-        return Attached(phi=phi)
+        return Attached(phi=phi, derived=frozenset(saved))
 
 
-_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+SAVED_BASE = "base_layer.weight"  # PEFT saves the base weight of a targeted lm_head or embedding beside LoRA's
+_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector", SAVED_BASE)
+# PEFT's LoRA on embedding layers and its trainable tokens: keys peftcli names when it refuses them.
+_REFUSED = {
+    "lora_embedding_A": "LoRA on an embedding layer (lora_embedding_A/B)",
+    "lora_embedding_B": "LoRA on an embedding layer (lora_embedding_A/B)",
+    "token_adapter.trainable_tokens_delta": "trainable tokens (trainable_token_indices)",
+}
+_REFUSED_HINT = "peftcli does not fold it: merge this adapter with PEFT's merge_and_unload"
+
+
+def excluded(name: str, spec: str | tuple[str, ...]) -> bool:
+    """Whether PEFT's ``exclude_modules`` removes module ``name``: a regex matching the whole path,
+    or a name equal to it or to a dotted suffix of it. (The one place exclusions are matched.)
+    A head model's path (``bert.encoder...``) names the checkpoint's ``encoder...`` too."""
+    import re
+
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == n or name.endswith("." + n) or n.endswith("." + name) for n in spec)
+
+
+def _exclude_spec(value) -> str | tuple[str, ...] | None:
+    """adapter_config.json's exclude_modules as LoraConfig keeps it (a regex string or names)."""
+    if not value:
+        return None
+    return value if isinstance(value, str) else tuple(value)
+
+
+def _refuse_embedding_targets(shapes: dict, model_config: dict | None, cfg: LoraConfig) -> None:
+    """A target name that selects an embedding, or a tied ``lm_head``, is named as what it is
+    (PEFT adapts them; peftcli does not fold them), not as a module missing from another base."""
+    from peftcli.targets import linear_modules
+
+    spec = cfg.targets
+    if not spec or any(c in spec for c in "*+?[](){}|^$\\") or spec.strip() == "all-linear":
+        return
+    linear = {m.name for m in linear_modules(shapes, model_config)}
+    embeddings = [n[: -len(".weight")] for n, s in shapes.items() if n.endswith(".weight") and len(s) == 2 and n[: -len(".weight")] not in linear]
+    for t in (t.strip() for t in spec.split(",") if t.strip()):
+        if any(m == t or m.endswith("." + t) for m in linear):
+            continue
+        hit = next((e for e in embeddings if e == t or e.endswith("." + t)), None)
+        if hit is not None:
+            raise BadInputError(f"target_modules names the embedding layer {hit}: {_REFUSED['lora_embedding_A']}", _REFUSED_HINT)
+        if t.rsplit(".", 1)[-1] == "lm_head" and (model_config or {}).get("tie_word_embeddings", True) and embeddings:
+            raise BadInputError(
+                "target_modules names lm_head, which this base ties to its input embedding (no lm_head weight of its own)",
+                "peftcli does not fold LoRA on a tied lm_head: merge this adapter with PEFT's merge_and_unload",
+            )
+
+
+def _no_base_bias(module: str) -> BadInputError:
+    return BadInputError(
+        f"adapter config has lora_bias=true, but the base's {module} has no bias for lora_B.bias to fold into",
+        "use the adapter unmerged (peftcli evaluate), or train it with lora_bias=false",
+    )
+
+
+def _saved_base_problem(path: str, parts: dict, base_weight) -> str | None:
+    """PEFT loads a saved ``base_layer.weight`` over the base's: only a copy equal to it is exact to ignore."""
+    import torch
+
+    saved = parts.get(SAVED_BASE)
+    if saved is None:
+        return None
+    weight = base_weight()
+    if tuple(saved.shape) != tuple(weight.shape) or not torch.equal(saved.to(weight.dtype), weight.detach()):
+        return f"{path}.{SAVED_BASE}: the adapter saves base weights for this module that differ from this base's"
+    return None
+
+
+def _fold_bias(stored: "torch.Tensor", *, bias: "torch.Tensor", scaling: float) -> "torch.Tensor":
+    """PEFT's lora_bias merge: b + s·lora_B.bias."""
+    return bias.float() * scaling
 
 
 def _row_norms(ckpt, module: str, dim: int) -> "torch.Tensor":
@@ -290,6 +399,9 @@ def _group(tensors: dict) -> tuple[dict[str, dict], list[str]]:
     by_module: dict[str, dict] = {}
     problems: list[str] = []
     for key, t in tensors.items():
+        refused = next((what for s, what in _REFUSED.items() if key.endswith("." + s)), None)
+        if refused is not None:
+            raise BadInputError(f"adapter tensor {key} is {refused}", _REFUSED_HINT)
         suffix = next((s for s in _SUFFIXES if key.endswith("." + s)), None)
         if not key.startswith(PEFT_PREFIX) or suffix is None:
             problems.append(f"unexpected key {key}")
@@ -314,6 +426,9 @@ def _check_module(path: str, parts: dict, cfg: LoraConfig, d_out: int, d_in: int
         return f"{path}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit a {d_out}×{d_in} layer"
     if cfg.dora != (m is not None) or (m is not None and tuple(m.shape) != (d_out,)):
         return f"{path}: DoRA magnitude vector missing, unexpected or of the wrong shape"
+    bias = parts.get("lora_B.bias")
+    if cfg.lora_bias != (bias is not None) or (bias is not None and tuple(bias.shape) != (d_out,)):
+        return f"{path}: lora_B.bias missing, unexpected (lora_bias={str(cfg.lora_bias).lower()}) or of the wrong shape"
     return None
 
 

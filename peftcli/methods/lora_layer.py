@@ -22,7 +22,7 @@ def lora_delta(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: floa
 class LoraLinear(nn.Module):
     """y = base(x) + s·B(A(dropout(x))), or its DoRA form; the base layer stays frozen."""
 
-    def __init__(self, base_layer: nn.Module, rank: int, scaling: float, dropout: float = 0.0, dora: bool = False):
+    def __init__(self, base_layer: nn.Module, rank: int, scaling: float, dropout: float = 0.0, dora: bool = False, bias: bool = False):
         super().__init__()
         self.base_layer = base_layer
         d_out, d_in = mod.linear_dims(base_layer)
@@ -30,13 +30,15 @@ class LoraLinear(nn.Module):
         self.scaling = scaling
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(d_in, rank, bias=False)
-        self.lora_B = nn.Linear(rank, d_out, bias=False)
+        self.lora_B = nn.Linear(rank, d_out, bias=bias)  # PEFT's lora_bias: s·lora_B.bias joins the output
         self.lora_magnitude = nn.Parameter(torch.ones(d_out)) if dora else None
 
-    def load_phi(self, a: torch.Tensor, b: torch.Tensor, magnitude: torch.Tensor | None) -> None:
+    def load_phi(self, a: torch.Tensor, b: torch.Tensor, magnitude: torch.Tensor | None, bias: torch.Tensor | None = None) -> None:
         with torch.no_grad():
             self.lora_A.weight.copy_(a)
             self.lora_B.weight.copy_(b)
+            if bias is not None:
+                self.lora_B.bias.copy_(bias)
             if self.lora_magnitude is not None:
                 self.lora_magnitude.copy_(magnitude)
 
