@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.base import Attached, BudgetRow, LazyTensor, SeededDraws, lazy_zeros, peft_key, PEFT_PREFIX
 from peftcli.options import option
+from peftcli.patterns import from_file
 from peftcli.targets import resolve_targets
 
 if TYPE_CHECKING:
@@ -161,7 +162,7 @@ class LoRA:
         return LoraConfig(
             rank=int(d["r"]),
             alpha=float(d.get("lora_alpha", 8)),  # PEFT's default when absent
-            targets=",".join(targets) if isinstance(targets, list) else targets,
+            targets=",".join(targets) if isinstance(targets, list) else from_file(targets, "adapter_config.json target_modules"),
             layers=",".join(map(str, layers)) if isinstance(layers, list) else (str(layers) if layers is not None else None),
             dora=bool(d.get("use_dora", False)),
             rslora=bool(d.get("use_rslora", False)),

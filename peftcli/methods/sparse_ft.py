@@ -31,6 +31,7 @@ from peftcli.errors import UsageError
 from peftcli.methods import bitfit_inplace as inplace
 from peftcli.methods import sparse_phi
 from peftcli.methods.base import Attached, BudgetRow
+from peftcli import patterns
 from peftcli.options import option
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ def dense_tensors(shapes: dict[str, tuple[int, ...]], dense: str | None) -> list
 
 
 def is_dense(name: str, dense: str | None) -> bool:
-    return dense is not None and re.search(dense, name) is not None
+    return dense is not None and patterns.search(dense, name, "--dense")
 
 
 def _check_dense(cfg) -> None:
