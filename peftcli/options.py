@@ -54,7 +54,7 @@ class AsciiInt(click.ParamType):
         else:
             text = str(value).strip()
             if not _INT_TEXT.fullmatch(text):
-                self.fail(f"{value!r} is not an integer in digits 0-9", param, ctx)
+                self.fail(f"{value!r} is not a valid integer (digits 0-9 only)", param, ctx)
             number = int(text)
         if self.min is not None and number < self.min or self.max is not None and number > self.max:
             self.fail(f"{number} is not in the range {self.min}<=x<={self.max}", param, ctx)
@@ -75,7 +75,7 @@ class AsciiFloat(click.ParamType):
         else:
             text = str(value).strip()
             if not _FLOAT_TEXT.fullmatch(text):
-                self.fail(f"{value!r} is not a number in digits 0-9", param, ctx)
+                self.fail(f"{value!r} is not a valid float (digits 0-9 only)", param, ctx)
             number = float(text)
         if self.finite and not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number", param, ctx)

@@ -350,7 +350,8 @@ def _peft_targets(value) -> str | None:
     if isinstance(value, list):
         return ",".join(value)
     if isinstance(value, str) and value != "all-linear":
-        return from_file(f"(?:{value})", "adapter_config.json target_modules")  # PEFT full-matches a string even without regex characters
+        # PEFT full-matches a string even without regex characters; (?:...) would break a leading (?i)
+        return from_file(value if _is_regex(value) else f"(?:{value})", "adapter_config.json target_modules")
     return value
 
 
@@ -359,7 +360,7 @@ def _peft_feedforward(value) -> str | None:
     if isinstance(value, list):
         return _peft_suffix_regex(value)
     if isinstance(value, str):
-        return from_file(f"(?:{value})", "adapter_config.json feedforward_modules") if value else ""
+        return from_file(value if _is_regex(value) else f"(?:{value})", "adapter_config.json feedforward_modules") if value else ""
     return value
 
 
