@@ -144,12 +144,7 @@ class IA3Config:
 
     def __post_init__(self) -> None:
         if self.feedforward and _is_regex(self.feedforward):
-            try:
-                re.compile(self.feedforward)
-            except re.error as exc:
-                raise UsageError(
-                    f"invalid --feedforward regex {self.feedforward!r}: {exc}", "e.g. --feedforward '.*\\.down_proj'"
-                ) from None
+            compile_pattern(self.feedforward, "--feedforward", "e.g. --feedforward '.*\\.down_proj'")
 
 
 def family_defaults(model_type: str | None, paths) -> tuple[tuple[str, ...], tuple[str, ...]] | None:

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import TYPE_CHECKING
 
+from peftcli import patterns
 from peftcli.errors import UsageError
 from peftcli.methods import bitfit_inplace as inplace
 from peftcli.methods import sparse_phi
 from peftcli.methods.base import Attached, BudgetRow
-from peftcli import patterns
 from peftcli.options import option
 
 if TYPE_CHECKING:
