@@ -7,6 +7,8 @@ is a bug and is reported as such (with a traceback under ``--debug``).
 
 from __future__ import annotations
 
+import re
+
 EXIT_OK = 0
 EXIT_BAD_INPUT = 1  # the input data is wrong: bad file, mismatch, NaN
 EXIT_USAGE = 2  # the command line is wrong
@@ -27,8 +29,19 @@ class PeftcliError(Exception):
         text = f"error: {self.message}"
         if self.hint:
             text += f" ({self.hint})"
-        # One line, whatever the message carried (file names with newlines, JSON errors).
-        return " ".join(text.split())
+        # One line, whatever the message carried (file names with newlines, JSON errors), and
+        # no control character from a file name or config value reaching a terminal raw.
+        return terminal_safe(" ".join(text.split()))
+
+
+# C0 controls but the newline, DEL and C1, lone surrogates (unwritable as UTF-8) and the bidi
+# overrides and isolates (they reorder what a terminal shows).
+UNSAFE_CHARS = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with every control character but the newline written visibly (ESC as \\x1b)."""
+    return UNSAFE_CHARS.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 class BadInputError(PeftcliError):

@@ -7,11 +7,12 @@ summarising a checkpoint of any size reads kilobytes.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 from peftcli.checkpoint.reader import Checkpoint
 from peftcli.checkpoint.safetensors_format import gc_paused
+from peftcli.patterns import FILTER_HINT, compile_pattern
+from peftcli.targets import is_index
 
 # config.json spells the same quantity differently per family; the first key present wins.
 _CONFIG_KEYS: dict[str, tuple[str, ...]] = {
@@ -130,7 +131,7 @@ def _build_tree(names_shapes: list[tuple[str, tuple[int, ...], str]]) -> _Node:
 def _groups(node: _Node) -> list[tuple[str, list[_Node]]]:
     """Children in order, runs of consecutive numbered children with equal structure merged."""
     out: list[tuple[str, list[_Node]]] = []
-    numeric = sorted((k for k in node.children if k.isdigit()), key=int)
+    numeric = sorted((k for k in node.children if is_index(k)), key=int)
     runs: list[list[str]] = []
     for k in numeric:
         if runs and int(k) == int(runs[-1][-1]) + 1 and node.children[k].signature() == node.children[runs[-1][-1]].signature():
@@ -139,7 +140,7 @@ def _groups(node: _Node) -> list[tuple[str, list[_Node]]]:
             runs.append([k])
     emitted_numeric = False
     for k in node.children:
-        if not k.isdigit():
+        if not is_index(k):
             out.append((k, [node.children[k]]))
         elif not emitted_numeric:
             emitted_numeric = True
@@ -159,7 +160,7 @@ def module_tree(ckpt: Checkpoint, max_depth: int = 4) -> list[ModuleRow]:
             n, first = len(members), members[0]
             # A container holding nothing but one run of numbered layers ("layers") is shown
             # merged with it: "layers.{0..29}".
-            while not first.params and first.children and all(k.isdigit() for k in first.children):
+            while not first.params and first.children and all(is_index(k) for k in first.children):
                 sub = _groups(first)
                 if len(sub) != 1:
                     break
@@ -179,10 +180,11 @@ def module_tree(ckpt: Checkpoint, max_depth: int = 4) -> list[ModuleRow]:
 # -- the report -----------------------------------------------------------------------------
 
 
-def filter_names(names: list[str], pattern: str | None) -> list[str]:
+def filter_names(names: list[str], pattern: str | None, source: str = "--filter") -> list[str]:
+    """The names ``pattern`` finds (re.search), matched in bounded time (peftcli.patterns)."""
     if not pattern:
         return names
-    regex = re.compile(pattern)
+    regex = compile_pattern(pattern, source, FILTER_HINT)
     return [n for n in names if regex.search(n)]
 
 

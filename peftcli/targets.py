@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from peftcli.errors import UsageError
+from peftcli.patterns import compile_pattern, shown
 
 # The LoRA paper adapts the query and value projections; these are their names per family.
 DEFAULT_QV_TARGETS: dict[str, tuple[str, ...]] = {
@@ -66,9 +67,14 @@ def model_type_of(config: dict | None) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def is_index(part: str) -> bool:
+    """An ASCII decimal such as '12' (str.isdigit also takes '١' and '²', which int() reads or refuses)."""
+    return part.isascii() and part.isdigit()
+
+
 def layer_index(module: str) -> int | None:
     for part in module.split("."):
-        if part.isdigit():
+        if is_index(part):
             return int(part)
     return None
 
@@ -77,7 +83,7 @@ def split_layer(path: str) -> tuple[str, str] | None:
     """'model.layers.3.mlp.down_proj' -> ('model.layers.3', 'mlp.down_proj'); None outside numbered blocks."""
     parts = path.split(".")
     for i, part in enumerate(parts[:-1]):
-        if part.isdigit():
+        if is_index(part):
             return ".".join(parts[: i + 1]), ".".join(parts[i + 1 :])
     return None
 
@@ -126,7 +132,7 @@ def parse_layers(spec: str | None) -> set[int] | None:
         return None
     layers: set[int] = set()
     for part in spec.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        m = re.fullmatch(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?", part, flags=re.ASCII)  # not '١-٣'
         if not m:
             raise UsageError(f"invalid --layers {spec!r}", "use a list of indices and ranges such as 0,2,20-29")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
@@ -168,16 +174,11 @@ def resolve_targets(
     elif targets.strip() == "all-linear":
         chosen = [m for m in modules if not is_output_head(m, config)]
     elif _REGEX_CHARS & set(targets):
-        try:
-            pattern = re.compile(targets)
-        except (re.error, OverflowError, RecursionError) as exc:
-            raise UsageError(
-                f"invalid --targets regex {targets!r}: {exc}", "e.g. --targets '.*\\.(q_proj|v_proj)'"
-            ) from None
-        chosen = [m for m in modules if pattern.fullmatch(m.name)]
+        pattern = compile_pattern(targets, "--targets", "e.g. --targets '.*\\.(q_proj|v_proj)'")
+        chosen = [m for m in modules if pattern.fullmatch(m.name)]  # PEFT: re.fullmatch(target_modules, key)
         if not chosen:
             raise UsageError(
-                f"--targets regex {targets!r} matches no linear module",
+                f"{pattern.source} regex {shown(targets)} matches no linear module",
                 "a regex must match a whole module path such as "
                 + next((m.name for m in modules if m.layer is not None), modules[0].name)
                 + "; " + linear_names_hint(modules),

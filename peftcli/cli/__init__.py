@@ -26,8 +26,11 @@ class PeftcliGroup(click.Group):
     """A click group whose ``main`` applies the one-line error contract."""
 
     def invoke(self, ctx: click.Context):
+        from peftcli.patterns import command_budget
+
         try:
-            return super().invoke(ctx)
+            with command_budget():  # all user and file regexes of this command share one time budget
+                return super().invoke(ctx)
         except KeyboardInterrupt:
             # Caught before click's own handler, which would print an empty line first.
             raise Interrupted("interrupted", INTERRUPTED_HINT) from None
@@ -35,8 +38,12 @@ class PeftcliGroup(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         global _debug
         _debug = bool(os.environ.get("PEFTCLI_DEBUG"))
-        from peftcli.cli.output import restore_stderr
+        from peftcli.cli.output import escape_std_streams, restore_stderr
 
+        # Nothing from a file reaches the terminal raw; shell completion's replies (fish's are
+        # tab-separated) are for the shell, not a terminal.
+        completing = bool(os.environ.get(complete_var or "_PEFTCLI_COMPLETE"))
+        restore_std_streams = (lambda: None) if completing else escape_std_streams()
         try:
             rv = super().main(args, prog_name or "peftcli", complete_var, standalone_mode=False, **extra)
         except BaseException as exc:  # noqa: BLE001 - this is the one place errors become exit codes
@@ -47,6 +54,7 @@ class PeftcliGroup(click.Group):
             sys.exit(code)
         finally:
             restore_stderr()
+            restore_std_streams()
         code = rv if isinstance(rv, int) else 0
         if standalone_mode:
             sys.exit(code)

@@ -10,12 +10,13 @@ import click
 from peftcli.artifacts.sparse_diff import VALUES
 from peftcli.cli.output import emit_json, json_option, printable, stdout_console
 from peftcli.combine import OPS  # imports no torch: that happens inside the command
+from peftcli.options import AsciiFloat
 
 
 @click.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--op", required=True, type=click.Choice(OPS), help="add (Σ φᵢ), subtract (a − b) or scale (c·φ).")
-@click.option("--by", type=float, metavar="C", help="The factor of --op scale (-1 negates).")
+@click.option("--by", type=AsciiFloat(finite=False), metavar="C", help="The factor of --op scale (-1 negates).")
 @click.option("--weights", metavar="W1,W2,...", help="One weight per input for --op add: Σ wᵢ·φᵢ.")
 @click.option(
     "--values",

@@ -6,7 +6,7 @@ import click
 
 from peftcli.cli.output import emit_json, json_option, stdout_console
 from peftcli.diff import DiffOptions
-from peftcli.options import click_options, from_options, option_fields
+from peftcli.options import INT, click_options, from_options, option_fields
 
 _DIFF_OPTIONS = {f.name for f in option_fields(DiffOptions)}
 
@@ -16,7 +16,7 @@ _DIFF_OPTIONS = {f.name for f in option_fields(DiffOptions)}
 @click.option("--to", "target", type=click.Choice(["diff", "lora"]), required=True, help="What to convert SOURCE into.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="The .diff file or adapter directory to write.")
 @click.option("--base", type=click.Path(), help="The base checkpoint (default: the one SOURCE records).")
-@click.option("--rank", "-r", type=int, default=16, show_default=True, help="LoRA rank of the SVD extraction (--to lora).")
+@click.option("--rank", "-r", type=INT, default=16, show_default=True, help="LoRA rank of the SVD extraction (--to lora).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @json_option
 @click_options(DiffOptions)

@@ -9,7 +9,7 @@ import click
 
 from peftcli.cli.output import emit_json, json_option, stdout_console
 from peftcli.methods import METHODS
-from peftcli.options import click_options, from_options
+from peftcli.options import SEED, click_options, from_options
 
 
 def _command(method) -> click.Command:
@@ -18,7 +18,7 @@ def _command(method) -> click.Command:
     @click.command(name=method.name, help=f"{method.summary}\n\n\b\nExamples:\n{examples}")
     @click.argument("model", type=click.Path())
     @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Adapter directory to create.")
-    @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1), help="Seed of the initialisation.")
+    @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the initialisation.")
     @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
     @click.option("--allow-pickle", is_flag=True, help="Allow a PyTorch .bin/.pt base (torch.load(weights_only=True)).")
     @json_option

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import re
-
 import click
 
 from peftcli.cli.output import emit_json, json_option, stdout_console
 from peftcli.errors import UsageError
 from peftcli.methods import METHODS, get_method
-from peftcli.options import click_options, from_options, option_fields
+from peftcli.options import AsciiInt, click_options, from_options, option_fields
+from peftcli.patterns import FILTER_HINT, compile_pattern
 
-FILTER_HINT = r"the filter is a Python regular expression over tensor names, e.g. 'layers\.0\..*proj'"
 _BUDGET_CLASSES = [m.config_cls for m in METHODS.values()]
 _BUDGET_OPTION_NAMES = {f.name for cls in _BUDGET_CLASSES for f in option_fields(cls)}
 
@@ -21,7 +19,7 @@ _BUDGET_OPTION_NAMES = {f.name for cls in _BUDGET_CLASSES for f in option_fields
 @json_option
 @click.option("--tensors", "with_tensors", is_flag=True, help="List every tensor: name, shape, dtype, shard.")
 @click.option("--filter", "name_filter", metavar="REGEX", help="Only tensors whose name matches REGEX (re.search).")
-@click.option("--depth", default=4, show_default=True, type=click.IntRange(1, 64), help="Levels of the module tree to show.")
+@click.option("--depth", default=4, show_default=True, type=AsciiInt(1, 64), help="Levels of the module tree to show.")
 @click.option("--allow-pickle", is_flag=True, help="Allow PyTorch .bin/.pt files (loaded with torch.load(weights_only=True)).")
 @click.option(
     "--budget",
@@ -48,11 +46,7 @@ def inspect(path, as_json, with_tensors, name_filter, depth, allow_pickle, budge
     given = sorted(k for k, v in method_options.items() if v is not None)
     if given and not budget:
         raise UsageError(f"--{given[0].replace('_', '-')} only applies with --budget", "add e.g. --budget lora")
-    if name_filter:
-        try:
-            re.compile(name_filter)
-        except (re.error, OverflowError, RecursionError) as exc:
-            raise UsageError(f"invalid --filter regex {name_filter!r}: {exc}", FILTER_HINT) from None
+    pattern = compile_pattern(name_filter, "--filter", FILTER_HINT) if name_filter else None  # refused before any reading
 
     method = get_method(budget) if budget else None
     with open_checkpoint(path, allow_pickle=allow_pickle) as ckpt:
@@ -74,7 +68,7 @@ def inspect(path, as_json, with_tensors, name_filter, depth, allow_pickle, budge
                 budget = report["budget"]
                 named = [t for t in budget["targets"] if " " not in t["module"]]
                 if named:
-                    budget["targets"] = [t for t in named if _names_match(name_filter, t["module"])]
+                    budget["targets"] = [t for t in named if _names_match(pattern, t["module"])]
                 # else: rows that describe a global selection (lt-sft's top-K) name no tensor
                 budget["filter"] = {
                     "pattern": name_filter,
@@ -90,6 +84,6 @@ def inspect(path, as_json, with_tensors, name_filter, depth, allow_pickle, budge
         render_inspect(report, stdout_console())
 
 
-def _names_match(pattern: str, target: str) -> bool:
+def _names_match(pattern, target: str) -> bool:
     """A budget row against --filter, which names tensors: a module row stands for its weight."""
-    return bool(re.search(pattern, target) or re.search(pattern, target + ".weight"))
+    return pattern.search(target) or pattern.search(target + ".weight")

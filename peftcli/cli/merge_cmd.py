@@ -7,17 +7,25 @@ import sys
 import click
 
 from peftcli.cli.output import emit_json, json_option, stderr_console, styled
+from peftcli.options import FLOAT, SEED
 
 MERGE_METHODS = ("linear", "ties", "dare", "dare-ties")
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # merging computes in fp32: a larger weight, or sum of weights, is inf
+
+
 def _floats(ctx, param, value):
+    """λᵢ in ASCII, finite, and small enough that Σ|λᵢ| is finite in fp32."""
     if value is None:
         return None
-    try:
-        return [float(v) for v in value.split(",")]
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers") from None
+    weights = [FLOAT.convert(v, param, ctx) for v in value.split(",")]  # '١', nan, inf: refused
+    total = sum(abs(w) for w in weights)
+    if total > FLOAT32_MAX:
+        raise click.BadParameter(
+            f"{value!r} sums to |λ| = {total:g}, beyond float32's 3.4e+38, where the merge computes: give smaller weights"
+        )
+    return weights
 
 
 @click.command()
@@ -26,8 +34,8 @@ def _floats(ctx, param, value):
 @click.option("-o", "--output", "out", type=click.Path(), help="Checkpoint to write (a .safetensors file or a directory); default: stdout, for a single file.")
 @click.option("--weights", callback=_floats, help="Comma-separated λᵢ, one per input (default 1 each): θ₀ + Σ λᵢ φᵢ.")
 @click.option("--method", type=click.Choice(MERGE_METHODS), default="linear", show_default=True, help="How the task vectors combine.")
-@click.option("--density", type=float, help="Fraction of each task vector kept (ties, dare, dare-ties).")
-@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help="Seed of DARE's random drop.")
+@click.option("--density", type=FLOAT, help="Fraction of each task vector kept (ties, dare, dare-ties).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of DARE's random drop.")
 @click.option("--dtype", type=click.Choice(["F32", "BF16", "F16", "F64"]), help="Output dtype of floating tensors (default: the base's).")
 @click.option("--max-shard-size", help="Re-shard the output at this size (default: the base's shard layout).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")

@@ -2,6 +2,13 @@
 
 Consoles are made per call, not at import, so tests that swap sys.stdout see the output.
 Rich drops colour by itself when the stream is not a terminal or NO_COLOR is set.
+
+Text from files (tensor names, config values, a diff's metadata, paths in error messages)
+never reaches a terminal raw: while a command runs, sys.stdout and sys.stderr are
+``EscapingStream``s that write every control character but the newline as visible text
+(``\x1b``), so no ESC/OSC sequence can clear the screen or retitle the window, whoever
+prints (click, logging, warnings). Rich consoles on a terminal write to the stream beneath,
+for their own styling, and escape the text they lay out instead.
 """
 
 from __future__ import annotations
@@ -12,6 +19,40 @@ import sys
 
 import click
 
+from peftcli.errors import UNSAFE_CHARS as _UNSAFE, terminal_safe  # noqa: F401 (terminal_safe re-exported)
+
+
+class EscapingStream:
+    """A text stream that writes through ``terminal_safe``; bytes (``.buffer``) pass untouched."""
+
+    def __init__(self, stream) -> None:
+        self.raw = stream
+
+    def write(self, text: str) -> int:
+        self.raw.write(terminal_safe(text) if isinstance(text, str) else text)
+        return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name):  # buffer, fileno, isatty, flush, encoding, ...
+        return getattr(self.raw, name)
+
+
+def escape_std_streams():
+    """Make sys.stdout and sys.stderr escaping streams; returns the function that restores them."""
+    saved = sys.stdout, sys.stderr
+    if not isinstance(sys.stdout, EscapingStream):
+        sys.stdout = EscapingStream(sys.stdout)
+    if not isinstance(sys.stderr, EscapingStream):
+        sys.stderr = EscapingStream(sys.stderr)
+
+    def restore() -> None:
+        sys.stdout, sys.stderr = saved
+
+    return restore
+
 
 def styled(stream) -> bool:
     """ANSI styling only on a terminal, and never with NO_COLOR set (https://no-color.org)."""
@@ -20,8 +61,21 @@ def styled(stream) -> bool:
 
 def _console(stream):
     from rich.console import Console
+    from rich.segment import Segment
 
     class _Console(Console):
+        def render_str(self, text: str, **kwargs):
+            # Strings are escaped before layout, so a table's columns line up around "\x1b".
+            return super().render_str(terminal_safe(text), **kwargs)
+
+        def render(self, renderable, options=None):
+            # Text that reached rich some other way (Text objects): escaped after layout.
+            for segment in super().render(renderable, options):
+                if segment.control or not _UNSAFE.search(segment.text):
+                    yield segment
+                else:
+                    yield Segment(terminal_safe(segment.text), segment.style, segment.control)
+
         def on_broken_pipe(self) -> None:
             # The reader went away (`| head`): quiet success, as with --json output.
             devnull = os.open(os.devnull, os.O_WRONLY)
@@ -29,10 +83,13 @@ def _console(stream):
             raise SystemExit(0)
 
     on_tty = styled(stream)
+    if on_tty:  # rich styles with escape sequences of its own, so it writes beneath the escaping
+        stream = getattr(stream, "raw", stream) if isinstance(stream, EscapingStream) else stream
     # Off a terminal, a fixed wide width keeps table rows on one line for grep and awk, and
     # the padding rich adds up to that width is stripped from each line's end;
     # color_system=None drops every escape sequence (bold and italic too, which NO_COLOR alone keeps).
-    # markup=False: tensor names and paths such as "x[/]y" are data, never rich markup.
+    # markup=False: tensor names and paths such as "x[/]y" are data, never rich markup;
+    # emoji=False: nor is ":warning:" in one an emoji code.
     return _Console(
         file=stream if on_tty else _TrailingSpaceStripper(stream),
         width=None if on_tty else 200,
@@ -40,6 +97,7 @@ def _console(stream):
         force_terminal=on_tty,
         highlight=False,
         markup=False,
+        emoji=False,
     )
 
 

@@ -9,7 +9,8 @@ import time
 import click
 
 from peftcli.cli.output import quiet_option, emit_json, json_option, stderr_console, stdout_console, styled
-from peftcli.options import click_options, from_options
+from peftcli.errors import UsageError
+from peftcli.options import INT, click_options, from_options
 from peftcli.train.config import TrainConfig
 
 
@@ -68,7 +69,7 @@ def _without_nproc(argv: list[str]) -> list[str]:
 )
 @click.option("--force", is_flag=True, help="Train a run that was already trained again, from its current φ.")
 @quiet_option
-@click.option("--nproc", type=int, default=None, help="Train data-parallel in N local workers (torch.distributed, gloo on CPU).")
+@click.option("--nproc", type=INT, default=None, help="Train data-parallel in N local workers (torch.distributed, gloo on CPU).")
 @json_option
 @click_options(TrainConfig)
 def train(run, resume, force, quiet, nproc, as_json, **options):
@@ -86,6 +87,10 @@ def train(run, resume, force, quiet, nproc, as_json, **options):
     """
     if nproc is not None:
         from peftcli.train.distributed import launch
+
+        cores = os.cpu_count() or 1
+        if nproc > cores:  # each worker holds a whole model and computes on a core of its own
+            raise UsageError(f"--nproc {nproc} is more than this machine's {cores} cores", f"give --nproc {cores} or fewer")
 
         # Every worker runs this same command without --nproc; torchrun sets RANK/WORLD_SIZE.
         argv = _without_nproc(sys.argv[1:])

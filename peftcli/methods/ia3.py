@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Callable
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.base import Attached, BudgetRow, peft_key, PEFT_PREFIX
 from peftcli.options import option
+from peftcli.patterns import compile_pattern, from_file
 from peftcli.targets import LinearModule, linear_modules, linear_names_hint, model_type_of, names_hint, resolve_targets
 
 if TYPE_CHECKING:
@@ -143,12 +144,7 @@ class IA3Config:
 
     def __post_init__(self) -> None:
         if self.feedforward and _is_regex(self.feedforward):
-            try:
-                re.compile(self.feedforward)
-            except re.error as exc:
-                raise UsageError(
-                    f"invalid --feedforward regex {self.feedforward!r}: {exc}", "e.g. --feedforward '.*\\.down_proj'"
-                ) from None
+            compile_pattern(self.feedforward, "--feedforward", "e.g. --feedforward '.*\\.down_proj'")
 
 
 def family_defaults(model_type: str | None, paths) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
@@ -177,8 +173,8 @@ def _feedforward_rule(cfg: IA3Config, model_type: str | None, paths, hint: str =
     if spec.strip() == "":
         return lambda path: False
     if _is_regex(spec):
-        pattern = re.compile(spec)
-        return lambda path: pattern.fullmatch(path) is not None
+        pattern = compile_pattern(spec, "--feedforward")
+        return lambda path: pattern.fullmatch(path)
     names = _names(spec)
     return lambda path: any(_name_matches(path, n) for n in names)
 
@@ -189,7 +185,7 @@ def _check_feedforward_spec(cfg: IA3Config, modules: list[LinearModule]) -> None
     if spec is None or spec.strip() == "":
         return
     if _is_regex(spec):
-        pattern = re.compile(spec)
+        pattern = compile_pattern(spec, "--feedforward")
         missing = [] if any(pattern.fullmatch(m.name) for m in modules) else [spec]
     else:
         missing = [n for n in _names(spec) if not any(_name_matches(m.name, n) for m in modules)]
@@ -390,7 +386,8 @@ def _peft_targets(value) -> str | None:
     if isinstance(value, list):
         return ",".join(value)
     if isinstance(value, str) and value != "all-linear":
-        return f"(?:{value})"  # PEFT full-matches a string even without regex characters
+        # PEFT full-matches a string even without regex characters; (?:...) would break a leading (?i)
+        return from_file(value if _is_regex(value) else f"(?:{value})", "adapter_config.json target_modules")
     return value
 
 
@@ -399,7 +396,7 @@ def _peft_feedforward(value) -> str | None:
     if isinstance(value, list):
         return _peft_suffix_regex(value)
     if isinstance(value, str):
-        return f"(?:{value})" if value else ""
+        return from_file(value if _is_regex(value) else f"(?:{value})", "adapter_config.json feedforward_modules") if value else ""
     return value
 
 

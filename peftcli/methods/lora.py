@@ -10,6 +10,7 @@ Written in PEFT's layout: ``base_model.model.<module>.lora_A.weight`` [r, in],
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from peftcli.errors import BadInputError, UsageError
 from peftcli.methods import lora_init
 from peftcli.methods.base import Attached, BudgetRow, LazyTensor, SeededDraws, lazy_zeros, peft_key, PEFT_PREFIX
 from peftcli.options import option
+from peftcli.patterns import Pattern, compile_pattern, from_file
 from peftcli.targets import resolve_targets
 
 if TYPE_CHECKING:
@@ -196,7 +198,7 @@ class LoRA:
             cfg = LoraConfig(
                 rank=int(d["r"]),
                 alpha=float(d.get("lora_alpha", 8)),  # PEFT's default when absent
-                targets=",".join(targets) if isinstance(targets, list) else targets,
+                targets=",".join(targets) if isinstance(targets, list) else from_file(targets, "adapter_config.json target_modules"),
                 layers=",".join(map(str, layers)) if isinstance(layers, list) else (str(layers) if layers is not None else None),
                 dora=bool(d.get("use_dora", False)),
                 rslora=bool(d.get("use_rslora", False)),
@@ -324,11 +326,15 @@ def excluded(name: str, spec: str | tuple[str, ...]) -> bool:
     """Whether PEFT's ``exclude_modules`` removes module ``name``: a regex matching the whole path,
     or a name equal to it or to a dotted suffix of it. (The one place exclusions are matched.)
     A head model's path (``bert.encoder...``) names the checkpoint's ``encoder...`` too."""
-    import re
-
     if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
+        return _exclude_pattern(spec).fullmatch(name)
     return any(name == n or name.endswith("." + n) or n.endswith("." + name) for n in spec)
+
+
+@functools.lru_cache(maxsize=16)
+def _exclude_pattern(spec: str) -> "Pattern":
+    """PEFT's exclude_modules regex, matched in bounded time (it comes from a file)."""
+    return compile_pattern(from_file(spec, "adapter_config.json exclude_modules"), "exclude_modules")
 
 
 def _exclude_spec(value) -> str | tuple[str, ...] | None:

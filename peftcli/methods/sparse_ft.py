@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import TYPE_CHECKING
 
+from peftcli import patterns
 from peftcli.errors import UsageError
 from peftcli.methods import bitfit_inplace as inplace
 from peftcli.methods import sparse_phi
@@ -53,7 +54,7 @@ def dense_tensors(shapes: dict[str, tuple[int, ...]], dense: str | None) -> list
 
 
 def is_dense(name: str, dense: str | None) -> bool:
-    return dense is not None and re.search(dense, name) is not None
+    return dense is not None and patterns.search(dense, name, "--dense")
 
 
 def _check_dense(cfg) -> None:

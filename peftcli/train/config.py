@@ -5,10 +5,11 @@ Kept free of torch so that ``peftcli --help`` stays instant.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from peftcli.errors import UsageError
-from peftcli.options import option
+from peftcli.options import MAX_STEPS, check_declared, option
 from peftcli.train.data import COLUMNS_HELP, TASKS, parse_columns
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -21,30 +22,32 @@ class TrainConfig:
     eval_data: str | None = option(None, "--eval", metavar="FILE", help="validation data (same format)")
     task: str | None = option(None, metavar="lm|sft|classify", help="override the task detected from the data's columns")
     columns: str | None = option(None, metavar="ROLE=COLUMN,...", help=COLUMNS_HELP)
-    steps: int | None = option(None, help="optimizer steps to run (default: 1 epoch unless --epochs)")
+    steps: int | None = option(None, max=MAX_STEPS, help="optimizer steps to run (default: 1 epoch unless --epochs)")
     epochs: float | None = option(None, help="epochs to run instead of --steps")
     batch_size: int = option(8, help="examples per micro-batch (per worker) (default 8)")
     grad_accum: int = option(1, help="micro-batches per optimizer step (default 1)")
     lr: float = option(2e-4, help="peak learning rate (default 2e-4)")
     weight_decay: float = option(0.0, help="AdamW weight decay, never on biases or norms (default 0)")
-    warmup_steps: int = option(0, help="linear warmup steps (default 0)")
+    warmup_steps: int = option(0, max=MAX_STEPS, help="linear warmup steps (default 0)")
     schedule: str = option("linear", metavar="linear|cosine|constant", help="decay after warmup (default linear)")
     max_grad_norm: float = option(1.0, help="clip the gradient norm; 0 disables (default 1.0)")
     max_length: int = option(128, help="truncate examples to this many tokens (default 128)")
     train_seed: int = option(0, help="seed of data order, dropout and a new head (default 0)")
-    eval_every: int | None = option(None, help="evaluate every N steps (default: at the end only, when --eval is given)")
-    patience: int | None = option(None, help="stop after N evaluations without a better validation loss")
-    save_every: int | None = option(None, help="write a resumable checkpoint every N steps")
-    keep_checkpoints: int = option(2, help="how many of the newest checkpoints to keep (default 2)")
-    log_every: int = option(10, help="log a metrics line every N steps (default 10)")
+    eval_every: int | None = option(None, max=MAX_STEPS, help="evaluate every N steps (default: at the end only, when --eval is given)")
+    patience: int | None = option(None, max=MAX_STEPS, help="stop after N evaluations without a better validation loss")
+    save_every: int | None = option(None, max=MAX_STEPS, help="write a resumable checkpoint every N steps")
+    keep_checkpoints: int = option(2, max=MAX_STEPS, help="how many of the newest checkpoints to keep (default 2)")
+    log_every: int = option(10, max=MAX_STEPS, help="log a metrics line every N steps (default 10)")
     device: str = option("auto", metavar="auto|cpu|cuda", help="where to train (default auto: CUDA when present)")
     limit: int | None = option(None, help="use only the first N training examples")
     threads: int | None = option(
-        None, help="CPU threads torch computes with (default: torch's, one per core; on a busy machine 1 can be much faster)"
+        None,
+        help="CPU threads torch computes with, at most 4 per core (default: torch's, one per core; "
+        "on a busy machine 1 can be much faster)",
     )
     full: bool = option(False, help="full fine-tuning of --model: every parameter trains, RUN becomes a checkpoint")
     phase1_steps: int | None = option(
-        None, help="lt-sft, diff-pruning, lottery: steps of each full fine-tuning phase/round (default: --steps)"
+        None, max=MAX_STEPS, help="lt-sft, diff-pruning, lottery: steps of each full fine-tuning phase/round (default: --steps)"
     )
     phase1_lr: float | None = option(None, help="lt-sft, diff-pruning, lottery: learning rate of the full fine-tuning (default: --lr)")
 
@@ -76,7 +79,32 @@ class TrainConfig:
                 "--lr must be positive and --weight-decay, --warmup-steps, --max-grad-norm non-negative",
                 "the defaults are --lr 2e-4 --weight-decay 0 --warmup-steps 0 --max-grad-norm 1.0",
             )
+        check_threads(self.threads)
+        check_declared(self)  # nan, inf and out-of-range values also from a run's train_args.json
         if self.full and self.model is None:
             raise UsageError("--full needs --model DIR, the model to fine-tune", "add --model with the model directory")
         if self.patience is not None and self.eval_data is None:
             raise UsageError("--patience needs --eval data", "add --eval FILE with validation data, or drop --patience")
+
+
+THREADS_PER_CORE = 4  # more threads than this only wait on each other
+
+
+def check_threads(threads: int | None) -> int | None:
+    """``--threads`` (also as read back from a run's train_args.json), at most 4 per core."""
+    if threads is None:
+        return None
+    cap = THREADS_PER_CORE * (os.cpu_count() or 1)
+    if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= cap:
+        raise UsageError(
+            f"--threads {threads!r} is not a thread count for this machine",
+            f"give 1 to {cap}, {THREADS_PER_CORE} per core, or leave it out for torch's default",
+        )
+    return threads
+
+
+def check_total_steps(total: int, what: str = "--epochs") -> int:
+    """A run's step count (from --epochs and the data) must be one that can finish."""
+    if total > MAX_STEPS:
+        raise UsageError(f"{what} makes {total:,} steps, more than the {MAX_STEPS:,} a run may have", "give fewer --epochs or --steps")
+    return total

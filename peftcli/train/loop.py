@@ -35,7 +35,7 @@ from peftcli.threads import torch_threads
 from peftcli.train import distributed
 from peftcli.train import state as ckpt_state
 from peftcli.train.batching import collate, encode, epoch_order, load_tokenizer
-from peftcli.train.config import SCHEDULES, TrainConfig  # noqa: F401 (re-exported)
+from peftcli.train.config import SCHEDULES, TrainConfig, check_threads, check_total_steps  # noqa: F401 (re-exported)
 from peftcli.train.data import load_dataset
 
 ARGS_FILE = "train_args.json"
@@ -187,7 +187,7 @@ def _requested_threads(run: str, cfg: TrainConfig | None, resume: bool) -> int |
     args_path = os.path.join(run, ARGS_FILE)
     if resume and os.path.isfile(args_path):
         try:
-            return _read_json(args_path).get("threads")
+            return check_threads(_read_json(args_path).get("threads"))  # a file may say 100000
         except (OSError, ValueError):
             return None  # resolve_config reports a broken file in one line
     return None
@@ -336,7 +336,7 @@ def train_adapter(
 
     per_step = cfg.batch_size * cfg.grad_accum * world.size
     steps_per_epoch = max(1, len(train_items) // per_step)
-    total = cfg.steps or max(1, round((cfg.epochs or 1.0) * steps_per_epoch))
+    total = check_total_steps(cfg.steps or max(1, round((cfg.epochs or 1.0) * steps_per_epoch)))
     named = adapted.phi_parameters()
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(_param_groups(named, cfg.weight_decay), lr=cfg.lr, fused=fused)
