@@ -327,3 +327,26 @@ def test_a_lora_classification_run_converts_to_a_diff_with_its_head(tiny_bert, t
     assert [t["name"] for t in report.tasks] == ["lora", "clsA"]
     for t in report.tasks:
         _assert_architecture_matches(t["path"])
+
+
+def test_a_decoder_classifier_drops_the_lm_head_and_keeps_its_body_names(tiny_llama, tmp_path):
+    # LlamaForSequenceClassification keeps the base's names (model.*) and has no lm_head: φ covers
+    # the body, the head is score.weight, and lm_head is left out of the diff and of the output.
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=3)
+    model.config.pad_token_id = 0
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.add_(0.05)
+    ft = str(tmp_path / "cls")
+    model.save_pretrained(ft)
+    d = str(tmp_path / "cls.diff")
+    report = diff(tiny_llama, ft, d, DiffOptions(density=0.5))
+    assert report.dropped == ["lm_head.weight"] and "lm_head.weight" not in read_diff(d).names
+    assert sorted(report.task_head["tensors"]) == ["score.weight"] and report.task_head["pad_token_id"] == 0
+    out = str(tmp_path / "merged")
+    merge(tiny_llama, [ft], out)
+    _assert_architecture_matches(out)
+    assert "lm_head.weight" not in _tensor_names(out)
+    assert torch.allclose(_logits(out), _logits(ft), atol=1e-5, rtol=0)
