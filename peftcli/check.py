@@ -25,7 +25,10 @@ problem of every artifact (an artifact that cannot be read has that one problem)
   details listing every difference), with ``content``
   also its content hash with the base's bytes, and every stored value free of NaN/Inf.
 - A fine-tuned checkpoint (a model directory without ``adapter_config.json``), as ``merge`` takes
-  one: the same tensor names, dtypes and shapes as the base (its values are not read).
+  one: the same tensor names, dtypes and shapes as the base (its values are not read); or the
+  base's architecture with a task head (a classifier, ``peftcli.heads``): its body the base's
+  tensors under the head model's names, its head that model's. A mismatch says which differs.
+  A diff's task head is validated with the rest of the diff and scanned for NaN/Inf too.
 
 When everything fits, the report says what ``merge`` of these inputs with ``method`` would do:
 tensors changed, bytes read, hashed and written, peak memory and time
@@ -511,6 +514,12 @@ def check_diff(path: str, ckpt: Checkpoint, content: bool) -> Result:
             problem = nonfinite(name, val, "the diff is not usable: recompute it from finite checkpoints")
             if problem:
                 result.problems.append(problem)
+        if diff.task_head is not None:
+            result.details["task_head"] = diff.task_head.to_json()
+            for name in sorted(diff.task_head.tensors):
+                problem = nonfinite(f"task head {name}", diff.get_head(name), "the diff is not usable: recompute it from finite checkpoints")
+                if problem:
+                    result.problems.append(problem)
         stored = {n: sum(diff.ckpt.tensors[k].nbytes for k in (n, n + IDX, n + VAL) if k in diff.ckpt.tensors) for n in diff.names}
         result.merge_input = Input("diff", set(diff.names), [path], stored)
     return result
@@ -529,10 +538,22 @@ def check_checkpoint(path: str, ckpt: Checkpoint) -> Result:
         return result
     with ft:
         result.details["tensors"] = len(ft.tensors)
-        differences = table_differences(tensor_table(ckpt), tensor_table(ft), "the base", path)
+        body, mine = ft, tensor_table(ckpt)
+        if set(ft.tensors) != set(ckpt.tensors):
+            from peftcli.heads import match_head_checkpoint
+
+            try:
+                headed = match_head_checkpoint(ckpt, ft)
+            except PeftcliError as exc:  # a head model of this base, whose body or head does not fit
+                result.problems.append(Problem.of(exc, path))
+                return result
+            if headed is not None:
+                body, mine = headed.body, {n: t for n, t in mine.items() if n not in set(headed.dropped)}
+                result.details["task_head"] = headed.head.to_json()
+        differences = table_differences(mine, tensor_table(body), "the base", path)
         if differences:
             result.details["differences"] = differences
             result.problems.append(Problem(f"not a fine-tune of this base: {summarize_differences(differences)}", OTHER_BASE))
-        floating = {n for n, t in ckpt.tensors.items() if t.dtype in FLOAT_DTYPES}
+        floating = {n for n in mine if ckpt.tensors[n].dtype in FLOAT_DTYPES}
         result.merge_input = Input("checkpoint", floating, list(ft.files))
     return result

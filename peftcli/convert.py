@@ -1,7 +1,8 @@
 """Tensor level: converting φ between artifact kinds.
 
 - adapter → ``.diff``: the adapter's ΔW (its method's ``deltas``, exact for LoRA, DoRA, IA³,
-  BitFit, layers) written dense or selected by the same exact top-K as ``peftcli diff``;
+  BitFit, layers) written dense or selected by the same exact top-K as ``peftcli diff``; a
+  classification run's trained head goes whole into the diff's ``task_head``;
 - ``.diff`` → LoRA adapter: per linear weight, the best rank-r approximation of φ (truncated
   SVD, Eckart–Young), B = U·√S, A = √S·Vᵀ, α = r so the scale is 1; the report gives the
   share of ‖φ‖² each tensor keeps, and the tensors a LoRA cannot carry (biases, norms,
@@ -76,8 +77,12 @@ def adapter_to_diff(adapter_path: str, out: str, options, *, base: str | None = 
         }
         fingerprint = Fingerprint.of(ckpt, [t.name for t in covered])
         entries = _entries(ckpt, folded, covered, selected, k, options, progress)
-        stored = write_diff(out, entries, DiffMetadata(options.method, fingerprint, provenance), values=options.values, force=force, inputs=[adapter_path, base])
-    return DiffReport(out, options.method, options.selection, options.values, stored, [], os.path.getsize(out))
+        metadata = DiffMetadata(options.method, fingerprint, provenance, source.head)  # a trained head travels whole
+        stored = write_diff(
+            out, entries, metadata, values=options.values, force=force, inputs=[adapter_path, base], head_values=source.head_values,
+        )
+    head = source.head.to_json() if source.head else None
+    return DiffReport(out, options.method, options.selection, options.values, stored, [], os.path.getsize(out), head)
 
 
 @dataclass
@@ -104,6 +109,11 @@ def diff_to_lora(diff_path: str, out: str, rank: int, *, base: str | None = None
     if rank <= 0:
         raise UsageError(f"--rank must be positive, got {rank}", "e.g. --rank 16")
     with read_diff(diff_path) as diff:
+        if diff.task_head is not None:  # dropping it would leave a classifier without its head
+            raise UsageError(
+                f"{diff_path} carries a task head ({diff.task_head.architecture}), which --to lora does not convert",
+                f"merge it instead: peftcli merge BASE {diff_path} -o DIR",
+            )
         recorded = (diff.provenance or {}).get("inputs", {}).get("base") if isinstance(diff.provenance, dict) else None
         base = _base_of(diff_path, base, recorded)
         check_output_path(out, [diff_path, base], force)

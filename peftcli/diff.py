@@ -2,7 +2,11 @@
 
 Covered tensors: every floating-point tensor (F16, BF16, F32, F64), in sorted name order. The two
 checkpoints must have the same tensor names, dtypes and shapes, and their other tensors (integer
-buffers, FP8) must be byte-identical, since a diff cannot carry them. 0-D and 1-D tensors (biases,
+buffers, FP8) must be byte-identical, since a diff cannot carry them. A fine-tune that is the
+base's architecture with a task head (a classifier: ``bert.encoder...`` + ``classifier.*`` over a
+base's ``encoder...``; ``peftcli.heads``) is compared on its body, name by name: φ covers the
+base tensors the head model keeps, and the head is stored whole beside φ (``task_head``), outside
+the selection and the density. 0-D and 1-D tensors (biases,
 norms) are stored whole unless ``sparse_small``; the others are *selected* from:
 
 - global (``density`` or ``top_k``): the K = round(density × N) (half up) or ``top_k`` entries with the
@@ -51,6 +55,8 @@ from peftcli.options import option
 
 if TYPE_CHECKING:
     import torch
+
+    from peftcli.heads import HeadCheckpoint
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total): called as work advances
 
@@ -127,6 +133,8 @@ class DiffReport:
     tensors: list[StoredTensor]
     skipped: list[str]  # non-floating-point tensors (equal in both checkpoints)
     bytes: int
+    task_head: dict | None = None  # the fine-tune's head, stored whole (TaskHead.to_json())
+    dropped: list[str] = dataclasses.field(default_factory=list)  # base tensors the head model has no place for
 
     @property
     def k(self) -> int:
@@ -145,6 +153,8 @@ class DiffReport:
             "values": self.values,
             "skipped": self.skipped,
             "bytes": self.bytes,
+            "task_head": self.task_head,
+            "dropped": self.dropped,
             **stored_summary(self.tensors),
         }
 
@@ -164,7 +174,9 @@ def diff(
         raise UsageError(f"output {out} must be a .diff file", "name it e.g. task.diff")
     check_output_path(out, [base, finetuned], force)  # fail before any work
     with open_checkpoint(base, allow_pickle=allow_pickle) as b, open_checkpoint(finetuned, allow_pickle=allow_pickle) as f:
-        covered, skipped = _match(b, f)
+        headed = _head_checkpoint(b, f)
+        body = headed.body if headed else f  # the fine-tune's tensors under the base's names
+        covered, skipped = _match(b, body, headed.dropped if headed else ())
         selected = [t for t in covered if options.dense or options.sparse_small or len(t.shape) >= 2]
         n = sum(t.numel for t in selected)
         if not n and not options.dense:
@@ -181,31 +193,59 @@ def diff(
             "options": dataclasses.asdict(options),
         }
         fingerprint = Fingerprint.of(b, [t.name for t in covered], progress)
-        entries = _entries(b, f, covered, selected, k, options, progress)
+        entries = _entries(b, body, covered, selected, k, options, progress)
         stored = write_diff(
             out,
             entries,
-            DiffMetadata(options.method, fingerprint, provenance),
+            DiffMetadata(options.method, fingerprint, provenance, headed.head if headed else None),
             values=options.values,
             force=force,
             inputs=[base, finetuned],
+            head_values=functools.partial(_head_values, f) if headed else None,
         )
-    return DiffReport(out, options.method, options.selection, options.values, stored, skipped, os.path.getsize(out))
+    head = headed.head.to_json() if headed else None
+    return DiffReport(
+        out, options.method, options.selection, options.values, stored, skipped, os.path.getsize(out), head,
+        headed.dropped if headed else [],
+    )
 
 
 # -- which tensors -----------------------------------------------------------------------------
 
 
-def _match(base: Checkpoint, ft: Checkpoint) -> tuple[list[TensorInfo], list[str]]:
-    """The covered tensors (sorted by name) and the others, after checking the checkpoints agree."""
-    differences = table_differences(tensor_table(base), tensor_table(ft), base.path, ft.path)
+def _head_checkpoint(base: Checkpoint, ft: Checkpoint) -> "HeadCheckpoint | None":
+    """``ft`` as the base's architecture with a task head, when its tensors are not the base's."""
+    from peftcli.heads import match_head_checkpoint
+
+    if set(ft.tensors) == set(base.tensors):
+        return None
+    return match_head_checkpoint(base, ft)
+
+
+def _head_values(ft: Checkpoint, name: str) -> "torch.Tensor":
+    """A head tensor as the fine-tune holds it (a new head's own values: no θ₀ to subtract)."""
+    import torch
+
+    value = ft.get(name)
+    if not bool(torch.isfinite(value).all()):
+        raise BadInputError(f"{ft.path}: task head tensor {name!r} holds NaN or inf", "a checkpoint holds NaN or inf")
+    return value
+
+
+def _match(base: Checkpoint, ft: Checkpoint, dropped=()) -> tuple[list[TensorInfo], list[str]]:
+    """The covered tensors (sorted by name) and the others, after checking the checkpoints agree.
+
+    ``dropped``: base tensors the fine-tune (a head model) has no place for; neither covered nor compared.
+    """
+    mine = {n: t for n, t in tensor_table(base).items() if n not in set(dropped)}
+    differences = table_differences(mine, tensor_table(ft), base.path, ft.path)
     if differences:
         raise BadInputError(
             f"{base.path} and {ft.path} do not have the same tensors: {summarize_differences(differences)}",
             "diff needs a fine-tuned copy of the base: the same tensor names, dtypes and shapes",
         )
-    covered = [base.tensors[n] for n in sorted(base.tensors) if base.tensors[n].dtype in FLOAT_DTYPES]
-    others = sorted(n for n in base.tensors if base.tensors[n].dtype not in FLOAT_DTYPES)
+    covered = [base.tensors[n] for n in sorted(mine) if base.tensors[n].dtype in FLOAT_DTYPES]
+    others = sorted(n for n in mine if base.tensors[n].dtype not in FLOAT_DTYPES)
     for name in others:
         if not _same_bytes(base, ft, name):
             raise BadInputError(

@@ -38,6 +38,14 @@ covered tensors may be named ``W`` and ``W.idx`` (or ``W.val``): the stored name
 - ``provenance`` (optional): JSON object; peftcli writes ``{"tool", "version", "command",
   "inputs": {role: path}, "input_hashes": {role: {weight file: sha256 of its bytes}}, "options"}``.
   Other keys are free-form; ``inputs`` and ``input_hashes``, when present, must have these types.
+- ``task_head`` (optional): JSON ``{"architecture": head class, "tensors": {name: [dtype, shape]},
+  "labels": [label names in index order], "problem_type": str or null, "pad_token_id": int or
+  null}``: the fine-tune was the base's architecture with a task head (a classifier; see
+  ``peftcli.heads``). φ then covers the body under the base's names, and each head tensor is
+  stored whole under its name in the head model (``classifier.weight``), with its own values
+  (a new head has no θ₀), in the dtype and shape listed; the head is outside ``shapes``,
+  ``dense_tensors`` and ``density``. Head names may not be base tensors or stored φ names.
+  Readers that predate the key refuse such a file (its head tensors are not accounted for).
 
 Applying to a base: check first that the base's tensors equal ``base_fingerprint.tensors`` (and,
 when asked, that their content hash matches); then for each covered ``W``: θ = θ₀ + φ, computed in
@@ -45,7 +53,8 @@ fp32 (fp64 for an F64 base) and cast back to the base dtype once, at the listed 
 everywhere (dense). Other tensors are unchanged.
 
 Readers reject, each with one error naming the file and the tensor: a missing or unknown
-``format``/``version``; a missing or malformed required key; a fingerprint whose hash does not
+``format``/``version``; a malformed ``task_head`` or a head tensor missing, clashing or not as
+listed; a missing or malformed required key; a fingerprint whose hash does not
 match its tensor list, or that disagrees with ``shapes``; a covered tensor with neither form, or
 with both; ``idx`` without ``val`` or the reverse; an ``idx`` that is not 1-D I32/I64, or whose
 length differs from ``val``'s; values that are not 1-D (sparse) or not of the recorded shape
@@ -67,6 +76,8 @@ from peftcli.errors import BadInputError, UsageError
 
 if TYPE_CHECKING:
     import torch
+
+    from peftcli.heads import TaskHead
 
 FORMAT = "peftcli.sparse-diff"
 VERSION = "1"
@@ -143,6 +154,7 @@ class DiffMetadata:
     method: str
     base_fingerprint: Fingerprint
     provenance: dict
+    task_head: "TaskHead | None" = None  # a head stored whole beside φ (its values from ``head_values``)
 
 
 @dataclass(frozen=True)
@@ -215,7 +227,7 @@ def _plan(entries: Sequence[DiffEntry], values: str) -> list[StoredTensor]:
     return out
 
 
-def _specs(plan: list[StoredTensor]):
+def _specs(plan: list[StoredTensor], head: "TaskHead | None" = None, base_names: Iterable[str] = ()):
     from peftcli.checkpoint.writer import TensorSpec
 
     specs = []
@@ -233,6 +245,15 @@ def _specs(plan: list[StoredTensor]):
             f"tensors {clashes[0]!r} and {other!r} cannot both be in a diff",
             f"their names would be ambiguous next to {IDX}/{VAL} entries",
         )
+    if head is not None:
+        stored, base_names = {s.name for s in specs}, set(base_names)
+        clash = sorted(n for n in head.tensors if n in stored or n in base_names)
+        if clash:
+            raise BadInputError(
+                f"task head tensor {clash[0]!r} has the name of a base tensor or of a stored φ",
+                "a head model's head must have names of its own",
+            )
+        specs += [TensorSpec(n, d, s) for n, (d, s) in sorted(head.tensors.items())]
     return specs
 
 
@@ -268,11 +289,13 @@ def write_diff(
     values: str = "base",
     force: bool = False,
     inputs: Iterable[str] = (),
+    head_values: "Callable[[str], torch.Tensor] | None" = None,
 ) -> list[StoredTensor]:
     """Write ``entries`` (in the order given) as a ``.diff`` at ``path``, atomically.
 
     The header comes from the entries' kept counts, so it is written first and each entry's
-    values are then produced, converted and written one at a time.
+    values are then produced, converted and written one at a time; then the task head's
+    tensors (``metadata.task_head``), each from ``head_values(name)``.
     """
     from peftcli.checkpoint.writer import CheckpointWriter
 
@@ -289,12 +312,21 @@ def write_diff(
         "dense_tensors": _dumps([p.name for p in plan if p.whole]),
         "provenance": _dumps(metadata.provenance),
     }
-    with CheckpointWriter(path, _specs(plan), metadata=meta, inputs=inputs, force=force, single_file=True) as w:
+    head = metadata.task_head
+    if head is not None:
+        meta["task_head"] = _dumps(head.to_json())
+    specs = _specs(plan, head, metadata.base_fingerprint.tensors)
+    with CheckpointWriter(path, specs, metadata=meta, inputs=inputs, force=force, single_file=True) as w:
         for p, entry in zip(plan, entries):
             idx, val = entry.values()
             for name, tensor in _to_stored(p, idx, val):
                 w.write(name, tensor)
             del idx, val  # one tensor's values alive at a time
+        if head is not None:
+            from peftcli.checkpoint.dtypes import torch_dtype
+
+            for name, (dtype, _) in sorted(head.tensors.items()):
+                w.write(name, head_values(name).to(torch_dtype(dtype)).contiguous())
     return plan
 
 
@@ -327,6 +359,7 @@ class SparseDiff:
         self.fingerprint = Fingerprint.from_json(_json(self.path, meta, "base_fingerprint"), self.path)
         self.dense_tensors = _parse_name_list(self.path, _json(self.path, meta, "dense_tensors", []), self.shapes)
         self.provenance = _parse_provenance(self.path, _json(self.path, meta, "provenance", {}))
+        self.task_head = _parse_task_head(self.path, meta)
         self._check_fingerprint_covers_shapes()
         self._layout = self._check_tensors()
 
@@ -379,6 +412,7 @@ class SparseDiff:
             else:
                 self._check_sparse(name, shape)
             layout[name] = _Layout(dtype, shape, has_dense)
+        claimed |= self._check_head(claimed)
         extra = sorted(set(stored) - claimed)
         if extra:
             raise BadInputError(
@@ -386,6 +420,21 @@ class SparseDiff:
                 CORRUPT,
             )
         return layout
+
+    def _check_head(self, claimed: set[str]) -> set[str]:
+        """The task head's tensors: stored as listed, with names of their own."""
+        if self.task_head is None:
+            return set()
+        for name, (dtype, shape) in sorted(self.task_head.tensors.items()):
+            where = f"{self.path}: task head tensor {name!r}"
+            if name in claimed or name in self.fingerprint.tensors:
+                raise BadInputError(f"{where} has the name of a base tensor or of a stored φ", CORRUPT)
+            info = self.ckpt.tensors.get(name)
+            if info is None:
+                raise BadInputError(f"{where} is listed in task_head but missing", CORRUPT)
+            if info.dtype != dtype or info.shape != shape:
+                raise BadInputError(f"{where} is {info.dtype}{list(info.shape)}, task_head lists {dtype}{list(shape)}", CORRUPT)
+        return set(self.task_head.tensors)
 
     def _check_dense(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
         info = self.ckpt.tensors[name]
@@ -421,6 +470,12 @@ class SparseDiff:
         if problem:
             raise BadInputError(f"{self.path}: tensor {name!r}: {problem}", CORRUPT)
         return idx, val
+
+    def get_head(self, name: str) -> "torch.Tensor":
+        """A task head tensor's values (named as in the head model)."""
+        if self.task_head is None or name not in self.task_head.tensors:
+            raise BadInputError(f"{self.path}: the diff has no task head tensor {name!r}", f"see its head with peftcli inspect {self.path}")
+        return self.ckpt.get(name)
 
     def validate(self) -> None:
         """Read every tensor once, so that a corrupt index list anywhere is found now."""
@@ -530,6 +585,7 @@ def describe(ckpt: Checkpoint) -> dict:
         "tensors": rows,
         "largest": [{"name": r["name"], "norm": r["norm"]} for r in largest],
         "provenance": diff.provenance,
+        "task_head": diff.task_head.to_json() if diff.task_head is not None else None,
     }
 
 
@@ -612,6 +668,14 @@ def _parse_provenance(path: str, obj: object) -> dict:
     ):
         raise BadInputError(f"{path}: metadata provenance 'input_hashes' must map roles to {{file: sha256}}", CORRUPT)
     return obj
+
+
+def _parse_task_head(path: str, meta: dict[str, str]) -> "TaskHead | None":
+    from peftcli.heads import TaskHead
+
+    if "task_head" not in meta:
+        return None
+    return TaskHead.from_json(_json(path, meta, "task_head"), path, CORRUPT)
 
 
 def _parse_name_list(path: str, obj: object, shapes: dict) -> list[str]:

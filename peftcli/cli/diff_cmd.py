@@ -104,8 +104,21 @@ def render_report(doc: dict, console) -> None:
     add_stored_rows(grid, doc)
     if doc["skipped"]:
         grid.add_row("not covered", f"{len(doc['skipped'])} non-floating-point tensors (equal in both)")
+    if doc.get("task_head"):
+        grid.add_row("task head", describe_head(doc["task_head"]))
     grid.add_row("wrote", f"{doc['output']} ({doc['bytes']:,} bytes, {human_bytes(doc['bytes'])})")
     console.print(grid)
+
+
+def describe_head(head: dict) -> str:
+    """One line for a diff's task head: class, labels, tensors (stored whole, outside the density)."""
+    from rich.markup import escape
+
+    labels = ", ".join(head["labels"][:6]) + (", …" if len(head["labels"]) > 6 else "")
+    return escape(
+        f"{head['architecture']}, {len(head['labels'])} labels ({labels}); "
+        f"{', '.join(sorted(head['tensors']))} stored whole, outside the density"
+    )
 
 
 def render_description(desc: dict, console) -> None:
@@ -122,6 +135,8 @@ def render_description(desc: dict, console) -> None:
         f"{desc['num_tensors']} tensors, {desc['covered_params']:,} params ({len(desc['dense_tensors'])} stored whole)",
     )
     grid.add_row("base", f"{fp['num_tensors']} tensors, fingerprint {fp['hash'][:16]}…")
+    if desc.get("task_head"):
+        grid.add_row("task head", describe_head(desc["task_head"]))
     console.print()
     console.print(grid)
     table = Table(title="largest ‖φ‖", title_justify="left", show_edge=False, pad_edge=False)

@@ -88,5 +88,7 @@ def merge(base, inputs, out, weights, method, density, seed, dtype, max_shard_si
         emit_json(report.to_json())
     elif stream is None:
         click.echo(f"wrote {report.output}: {report.changed} of {report.tensors} tensors changed ({report.method}, {len(inputs)} input{'s' if len(inputs) > 1 else ''})")
+        for t in report.tasks if len(report.tasks) > 1 else []:  # one head model per task
+            click.echo(f"  task {t['name']}: {t['architecture']}, {len(t['labels'])} labels -> {t['path']}")
     else:
         click.echo(f"merged {report.changed} of {report.tensors} tensors to stdout", err=True)

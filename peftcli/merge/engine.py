@@ -28,6 +28,7 @@ from typing import BinaryIO, Callable
 import torch
 
 from peftcli import __version__
+from peftcli.checkpoint.atomic import atomic_output
 from peftcli.checkpoint.dtypes import plus_base, torch_dtype, work_dtype
 from peftcli.checkpoint.reader import open_checkpoint
 from peftcli.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, SafetensorsStreamWriter, TensorSpec
@@ -52,11 +53,12 @@ class MergeReport:
     changed: int
     bytes: int = 0
     metadata: dict[str, str] = field(default_factory=dict)
+    tasks: list[dict] = field(default_factory=list)  # the head models written, one per task
 
     def to_json(self) -> dict:
         return {
             "schema": "peftcli.merge/1", "output": self.output, "method": self.method, "inputs": self.inputs,
-            "tensors": self.tensors, "changed_tensors": self.changed, "bytes": self.bytes,
+            "tensors": self.tensors, "changed_tensors": self.changed, "bytes": self.bytes, "tasks": self.tasks,
         }
 
 
@@ -110,26 +112,20 @@ def merge(
                     raise BadInputError(f"{s.path} changes {unknown[0]!r}, which the base does not have", "merge into the base it was made for")
                 refuse_unmergeable(s, ckpt)
             out_dtype = {t.name: (dtype if dtype and t.dtype in FLOAT_DTYPES else t.dtype) for t in ckpt.tensors.values()}
-            with_heads = [s for s in sources if s.heads]
-            layout = None
-            if with_heads:
-                if len(with_heads) > 1:
-                    raise UsageError("more than one input trains a task head", "merge at most one adapter with a head")
-                if stream is not None or out.endswith(".safetensors"):
-                    raise UsageError("a merged model with a task head is a model directory", "pass -o DIR")
-                from peftcli.merge.heads import head_layout
+            from peftcli.merge import heads
 
-                layout = head_layout(ckpt, with_heads[0].heads, with_heads[0].labels)
-            # output name -> base tensor name (None: a head tensor taken from the adapter)
+            layout = heads.plan_heads(ckpt, sources)  # None: no input carries a task head
+            if layout is not None and (stream is not None or out.endswith(".safetensors")):
+                raise UsageError("a merged model with a task head is a model directory", "pass -o DIR")
+            # output name -> base tensor name (None: a head tensor, of the first task)
             origin = {t.name: t.name for t in ckpt.tensors.values()}
             if layout is not None:
-                origin = {layout.rename[n]: n for n in ckpt.tensors if layout.rename[n]}
-                origin.update({h: None for h in layout.head_names})
-            head_tensors = with_heads[0].heads if with_heads else {}
-            specs = [
-                TensorSpec(o, out_dtype[n], ckpt.tensors[n].shape) if n else TensorSpec(o, dtype or "F32", tuple(head_tensors[o].shape))
-                for o, n in origin.items()
-            ]
+                origin = {layout.model.rename[n]: n for n in ckpt.tensors if layout.model.rename[n]}
+            specs = [TensorSpec(o, out_dtype[n], ckpt.tensors[n].shape) for o, n in origin.items()]
+            body_specs = list(specs)
+            if layout is not None:
+                specs += heads.head_specs(layout.tasks[0], dtype)
+                origin.update({s.name: None for s in specs[len(body_specs) :]})
             metadata = {
                 "format": "pt",
                 "peftcli.merge": json.dumps(
@@ -143,8 +139,10 @@ def merge(
 
             def produce(out_name: str):  # a whole tensor at once: what ranged.py has no task for
                 name = origin[out_name]
-                if name is None:  # the trained head, as the adapter holds it
-                    return head_tensors[out_name].to(torch_dtype(dtype or "F32")).contiguous(), True
+                if name is None:  # the first task's head: as its input holds it (several: their mean)
+                    value = layout.tasks[0].value(out_name, lam, dtype)
+                    check_finite(out_name, value)
+                    return value, True
                 info = ckpt.tensors[name]
                 touched = [(i, s) for i, s in enumerate(sources) if name in s.deltas]
                 if not touched:
@@ -202,17 +200,28 @@ def merge(
 
             changed, total = 0, len(specs)
             with contextlib.ExitStack() as stack:
+                target, multi = out, layout is not None and layout.multi
+                if multi:  # out/ holds a head model per task, and appears whole or not at all
+                    outer = stack.enter_context(atomic_output(out, directory=True, inputs=[base, *inputs], force=force))
+                    target = os.path.join(outer, layout.tasks[0].name)
+
+                    def siblings(exc_type, *_):  # once the first task's directory is complete, the others
+                        for task in layout.tasks[1:] if exc_type is None else []:
+                            heads.write_sibling(
+                                target, os.path.join(outer, task.name), task, lam, dtype, metadata,
+                                heads.config_json(ckpt, task.head, dtype), ckpt.directory, sum(s.nbytes for s in body_specs),
+                            )
+
+                    stack.push(siblings)
                 if stream is not None:
                     writer, order = SafetensorsStreamWriter(stream, specs, metadata), specs
                 else:
-                    plan = None
-                    if max_shard_size is None and not out.endswith(".safetensors") and len(ckpt.files) > 1 and layout is None:
-                        plan = [[t.name for t in ckpt.tensors.values() if t.file == f] for f in ckpt.files]  # the base's layout
+                    plan = _shard_plan(ckpt, out, body_specs, specs, layout, max_shard_size)
                     writer = stack.enter_context(
                         CheckpointWriter(
-                            out, specs, metadata=metadata, max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE,
-                            source_dir=ckpt.directory, inputs=[base, *inputs], force=force, shard_plan=plan,
-                            extra_files=_config_files(ckpt, layout, dtype),
+                            target, specs, metadata=metadata, max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE,
+                            source_dir=ckpt.directory, inputs=[] if multi else [base, *inputs], force=force and not multi,
+                            shard_plan=plan, extra_files=_config_files(ckpt, layout, dtype),
                         )
                     )
                     order = writer.specs
@@ -235,13 +244,51 @@ def merge(
             hasher.stop()
             for s in sources:
                 s.close()
-    size = 0
-    if out and os.path.isfile(out):
-        size = os.path.getsize(out)
-    elif out and os.path.isdir(out):
-        size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
     report_inputs = [{"path": s.path, "kind": s.kind, "weight": w, "tensors": len(s.deltas)} for s, w in zip(sources, lam)]
-    return MergeReport(out or "-", method, report_inputs, len(specs), changed, size, metadata)
+    tasks = _report_tasks(out, layout)
+    return MergeReport(out or "-", method, report_inputs, len(specs), changed, _size(out), metadata, tasks)
+
+
+def _size(out: str | None) -> int:
+    """Bytes of the output on disk; a file hard-linked into several task directories counts once."""
+    if out and os.path.isfile(out):
+        return os.path.getsize(out)
+    seen, size = set(), 0
+    for root, _, files in os.walk(out) if out and os.path.isdir(out) else ():
+        for f in files:
+            st = os.stat(os.path.join(root, f))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                size += st.st_size
+    return size
+
+
+def _report_tasks(out: str | None, layout) -> list[dict]:
+    """The head models written: one per task (in ``out/<task>/`` when there are several)."""
+    if layout is None:
+        return []
+    return [
+        {
+            "name": t.name, "path": os.path.join(out, t.name) if layout.multi else out, "architecture": t.head.architecture,
+            "labels": t.head.labels, "inputs": [i for i, _ in t.members],
+        }
+        for t in layout.tasks
+    ]
+
+
+def _shard_plan(ckpt, out: str, body_specs: list, specs: list, layout, max_shard_size) -> list[list[str]] | None:
+    """Tensor names per shard: the base's layout where it has several files (and no head);
+    with several tasks, the body's shards then the head in a last shard of its own, so that
+    every task directory holds the same body files."""
+    from peftcli.checkpoint.writer import parse_size, plan_shards
+
+    if layout is not None and layout.multi:
+        size = parse_size(max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+        body = [[s.name for s in shard] for shard in plan_shards(body_specs, size)]
+        return body + [[s.name for s in specs[len(body_specs) :]]]
+    if max_shard_size is None and not out.endswith(".safetensors") and len(ckpt.files) > 1 and layout is None:
+        return [[t.name for t in ckpt.tensors.values() if t.file == f] for f in ckpt.files]  # the base's layout
+    return None
 
 
 def _check_fixed(name: str, ckpt, sources: list[Source]) -> None:
@@ -290,11 +337,12 @@ def stdout_stream() -> BinaryIO:
 
 
 def _config_files(ckpt, layout, dtype: str | None) -> dict[str, bytes] | None:
-    """config.json when the merge changes what it says: a head model, or another dtype."""
-    if layout is None and (dtype is None or ckpt.config is None):
+    """config.json when the merge changes what it says: a head model (the first task's), or another dtype."""
+    from peftcli.merge.heads import config_json, with_dtype
+
+    if layout is not None:
+        return {"config.json": config_json(ckpt, layout.tasks[0].head, dtype)}
+    if dtype is None or ckpt.config is None:
         return None
-    config = json.loads(layout.config_json) if layout is not None else dict(ckpt.config)
-    if dtype is not None:
-        name = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}[dtype]
-        config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = name
+    config = with_dtype(dict(ckpt.config), dtype)
     return {"config.json": (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}

@@ -10,6 +10,10 @@ Three kinds of input, all opened lazily and read one tensor at a time:
   the method's ``deltas``, computed from the base tensor;
 - a full checkpoint with the base's tensors: φ = θ_ft − θ₀, read in lockstep with the base.
 
+Each may carry a task head (``peftcli.heads.TaskHead``): a classification run's
+``modules_to_save`` head, a ``.diff``'s ``task_head``, or the head of a full checkpoint that is
+the base's architecture with a head (whose body is then compared with the base name by name).
+
 ``deltas`` gives a tensor's whole φ from the whole base tensor. Diffs and checkpoints also give
 it in flat element ranges (``streams``), so the merge never holds more than a range of a large
 tensor: a ``Stream`` computes φ[start:stop] from the base's values in that range with exactly
@@ -30,6 +34,7 @@ from peftcli.checkpoint.dtypes import torch_dtype, work_dtype
 from peftcli.checkpoint.fingerprint import file_sha256, summarize_differences, table_differences, tensor_table
 from peftcli.checkpoint.reader import Checkpoint, TensorInfo, open_checkpoint
 from peftcli.errors import BadInputError, UsageError
+from peftcli.heads import TaskHead, build_head_model, label_names, match_head_checkpoint
 
 MERGED_DTYPES = ("F16", "BF16", "F32", "F64")  # what a merge computes with; other tensors pass through unchanged
 
@@ -60,8 +65,8 @@ class Source:
     deltas: dict[str, Callable[[torch.Tensor], torch.Tensor]]  # base tensor name -> φ from the base tensor
     hashes: dict[str, str] = field(default_factory=dict)  # weight file -> sha256
     close: Callable[[], None] = lambda: None
-    heads: dict[str, torch.Tensor] = field(default_factory=dict)  # a trained task head: tensor name -> value
-    labels: list[str] | None = None  # the head's label names, from the run's labels.json
+    head: TaskHead | None = None  # a trained task head, named as in the head model
+    head_values: Callable[[str], torch.Tensor] | None = None  # its tensors' values, by name
     streams: dict[str, Callable[[], Stream]] = field(default_factory=dict)  # names with a ranged φ -> opener
     # A full checkpoint's tensors that no merge can change (integers, bool, FP8, F4/F6): they must
     # equal the base's byte for byte, or the merge would drop the fine-tune's change.
@@ -137,7 +142,7 @@ def _diff_source(path: str, base: Checkpoint, sha256: Callable[[str], str] = fil
     names = diff.names
     return Source(
         path, "diff", {n: delta(n) for n in names}, _hashes([path], sha256), diff.close,
-        streams={n: stream(n) for n in names},
+        streams={n: stream(n) for n in names}, head=diff.task_head, head_values=diff.get_head,
     )
 
 
@@ -169,14 +174,33 @@ def _adapter_source(path: str, base: Checkpoint, sha256: Callable[[str], str] = 
     replaced = replaced_modules(adapter.config, adapter.tensors, base.tensors)
     heads = {n: t for n, t in heads.items() if n not in replaced}
     deltas.update({n: (lambda stored, t=t: t.to(work_dtype(stored.dtype)) - stored.to(work_dtype(stored.dtype))) for n, t in replaced.items()})
+    weights = os.path.join(path, "adapter_model.safetensors")
+    head = adapter_head(path, heads, base) if heads else None
+    return Source(path, "adapter", deltas, _hashes([weights], sha256), head=head, head_values=heads.__getitem__)
+
+
+def adapter_head(path: str, heads: dict[str, torch.Tensor], base: Checkpoint) -> TaskHead:
+    """The head a classification run trained (``modules_to_save``), with the labels of its labels.json."""
+    from peftcli.checkpoint.dtypes import safetensors_dtype
+
+    if base.directory is None or base.config is None:
+        raise UsageError("merging a task head needs a base model directory (with config.json)", "pass the base directory")
+    weight = next((t for n, t in sorted(heads.items()) if n.endswith(".weight") and t.dim() == 2), None)
+    if weight is None:
+        raise BadInputError(f"{path}: the adapter's saved head has no weight matrix", "the adapter is incomplete; pass one written whole by peftcli train")
+    model = build_head_model(base, int(weight.shape[0]))
+    if model is None:
+        raise BadInputError(f"{path}: the base has no sequence-classification model for the adapter's head", "merge it into the base it was trained on")
     labels = None
     labels_path = os.path.join(path, "labels.json")
-    if heads and os.path.isfile(labels_path):
+    if os.path.isfile(labels_path):
         from peftcli.checkpoint.reader import load_json
 
         labels = load_json(labels_path, "labels").get("labels")
-    weights = os.path.join(path, "adapter_model.safetensors")
-    return Source(path, "adapter", deltas, _hashes([weights], sha256), heads=heads, labels=labels)
+    if not (isinstance(labels, list) and len(labels) == weight.shape[0] and all(isinstance(x, str) for x in labels)):
+        labels = label_names(None, int(weight.shape[0]))
+    tensors = {n: (safetensors_dtype(t.dtype), tuple(t.shape)) for n, t in heads.items()}
+    return TaskHead(model.architecture, tensors, labels)
 
 
 class _CheckpointStream(Stream):
@@ -194,10 +218,21 @@ class _CheckpointStream(Stream):
 
 
 def _checkpoint_source(path: str, base: Checkpoint, allow_pickle: bool, sha256: Callable[[str], str] = file_sha256) -> Source:
-    ft = open_checkpoint(path, allow_pickle=allow_pickle)
-    differences = table_differences(tensor_table(base), tensor_table(ft), "the base", path)
+    whole = open_checkpoint(path, allow_pickle=allow_pickle)
+    try:
+        headed = match_head_checkpoint(base, whole) if set(whole.tensors) != set(base.tensors) else None
+    except BaseException:
+        whole.close()
+        raise
+    # A classifier of the base: its body under the base's names; the base tensors its head model
+    # has no place for (a causal LM's lm_head) are left as they are.
+    ft = headed.body if headed else whole
+    mine = tensor_table(base)
+    if headed:
+        mine = {n: t for n, t in mine.items() if n not in set(headed.dropped)}
+    differences = table_differences(mine, tensor_table(ft), "the base", path)
     if differences:
-        ft.close()
+        whole.close()
         raise BadInputError(f"{path} does not have the base's tensors: {summarize_differences(differences)}", "merge fine-tunes of this base only")
 
     def delta(name: str):
@@ -207,12 +242,12 @@ def _checkpoint_source(path: str, base: Checkpoint, allow_pickle: bool, sha256: 
 
         return compute
 
-    floating = [t.name for t in base.tensors.values() if t.dtype in MERGED_DTYPES]
-    fixed = {t.name: ft.tensors[t.name] for t in base.tensors.values() if t.dtype not in MERGED_DTYPES}
+    floating = [t.name for t in base.tensors.values() if t.dtype in MERGED_DTYPES and t.name in ft.tensors]
+    fixed = {t.name: ft.tensors[t.name] for t in base.tensors.values() if t.dtype not in MERGED_DTYPES and t.name in ft.tensors}
     streams = {}
     if ft.storage != "pickle":
         streams = {n: (lambda info=ft.tensors[n]: _CheckpointStream(info)) for n in floating}
     return Source(
-        path, "checkpoint", {n: delta(n) for n in floating}, _hashes(ft.files, sha256), ft.close, streams=streams,
-        fixed=fixed, checkpoint=ft,
+        path, "checkpoint", {n: delta(n) for n in floating}, _hashes(ft.files, sha256), whole.close, streams=streams,
+        fixed=fixed, checkpoint=ft, head=headed.head if headed else None, head_values=whole.get if headed else None,
     )

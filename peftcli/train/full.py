@@ -66,6 +66,7 @@ class FullModel(nn.Module):
                 w.write(k, v.detach().to("cpu", torch_dtype(dtypes[k])).contiguous())
         copy_model_files(self.base_dir, directory)  # tokenizer and generation files
         config = json.loads(self.model.config.to_json_string())  # with the head's labels
+        config["architectures"] = [type(self.model).__name__]  # the class whose tensors these are (the base's may be BertModel)
         with atomic_output(os.path.join(directory, "config.json"), directory=False, force=True) as tmp:
             with open_new_file(tmp) as f:
                 f.write((json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
