@@ -190,8 +190,10 @@ def _check_feedforward_spec(cfg: IA3Config, modules: list[LinearModule]) -> None
     else:
         missing = [n for n in _names(spec) if not any(_name_matches(m.name, n) for m in modules)]
     if missing:
+        # A value read from adapter_config.json is named as the file names it, not as a flag.
+        name = getattr(spec, "origin", "") or "--feedforward"
         raise UsageError(
-            f"--feedforward {', '.join(missing)} matches none of the targets",
+            f"{name} {', '.join(missing)} matches none of the targets",
             "feedforward modules must be among --targets; targets here: " + names_hint(m.name for m in modules),
         )
 
