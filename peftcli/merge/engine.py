@@ -250,7 +250,7 @@ def merge(
 
 
 def _size(out: str | None) -> int:
-    """Bytes of the output on disk; a file hard-linked into several task directories counts once."""
+    """Bytes of the output on disk (a file linked into several places counts once)."""
     if out and os.path.isfile(out):
         return os.path.getsize(out)
     seen, size = set(), 0

@@ -148,7 +148,7 @@ def write_sibling(
     os.mkdir(dest)
     for name in files:
         if name != head_file:
-            _link_or_copy(os.path.join(first, name), os.path.join(dest, name))
+            _clone_or_copy(os.path.join(first, name), os.path.join(dest, name))
     specs = head_specs(task, dtype)
     with open_new_file(os.path.join(dest, head_file)) as f:
         writer = SafetensorsStreamWriter(f, specs, metadata, atomic=True)
@@ -171,12 +171,23 @@ def write_sibling(
     _write_new(os.path.join(dest, "config.json"), config)
 
 
-def _link_or_copy(src: str, dest: str) -> None:
-    """A hard link where the file system has them; a copy otherwise (the same bytes either way)."""
-    try:
-        os.link(src, dest)
-    except OSError:
-        shutil.copyfile(src, dest)
+_FICLONE = 0x40049409  # Linux ioctl: dest shares src's extents copy-on-write (btrfs, XFS)
+
+
+def _clone_or_copy(src: str, dest: str) -> None:
+    """The body shard of the first task for another task: a copy-on-write clone where the file
+    system has them, else a plain copy. Never a hard link: a later in-place rewrite of one task's
+    shard (``save_pretrained(out/A)`` truncates and rewrites the same file) would silently change
+    every other task's model too."""
+    import fcntl
+
+    with open(src, "rb") as fin, open_new_file(dest) as fout:
+        try:
+            fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
+        except OSError:  # EOPNOTSUPP / EXDEV / EINVAL: no sharing here, copy the bytes
+            shutil.copyfileobj(fin, fout, 8 << 20)
+        fout.flush()
+        os.fsync(fout.fileno())
 
 
 def _write_new(path: str, data: bytes) -> None:
