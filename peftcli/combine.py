@@ -47,7 +47,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 from peftcli import __version__
-from peftcli.artifacts.sparse_diff import VAL, VALUES, VALUES_HINT, DiffEntry, DiffMetadata, SparseDiff, StoredTensor, read_diff, stored_summary, write_diff
+from peftcli.artifacts.sparse_diff import (
+    VAL, VALUES, VALUES_HINT, DiffEntry, DiffMetadata, SparseDiff, StoredTensor, read_diff, recorded_inputs, stored_summary, write_diff,
+)
 from peftcli.checkpoint.atomic import check_output_path
 from peftcli.checkpoint.fingerprint import Fingerprint, file_hashes
 from peftcli.errors import BadInputError, UsageError
@@ -166,7 +168,7 @@ def combine(
             "tool": "peftcli",
             "version": __version__,
             "command": "combine",
-            "inputs": {f"input{i + 1}": os.path.abspath(p) for i, p in enumerate(inputs)},
+            "inputs": recorded_inputs({f"input{i + 1}": p for i, p in enumerate(inputs)}, out),
             "input_hashes": {f"input{i + 1}": file_hashes(d.ckpt) for i, d in enumerate(diffs)},
             "options": {"op": op, "by": by, "weights": list(weights) if weights is not None else None, "coefficients": coeffs},
         }

@@ -48,7 +48,7 @@ def _base_of(path: str, base: str | None, recorded: str | None) -> str:
 
 def adapter_to_diff(adapter_path: str, out: str, options, *, base: str | None = None, force: bool = False, progress=None):
     """Write the adapter's ΔW as a ``.diff`` (``options``: a ``peftcli.diff.DiffOptions``)."""
-    from peftcli.artifacts.sparse_diff import DiffMetadata, write_diff
+    from peftcli.artifacts.sparse_diff import DiffMetadata, recorded_inputs, write_diff
     from peftcli.checkpoint.fingerprint import Fingerprint, file_hashes
     from peftcli.diff import DiffReport, _entries
     from peftcli.merge.sources import open_source, refuse_unmergeable
@@ -72,7 +72,7 @@ def adapter_to_diff(adapter_path: str, out: str, options, *, base: str | None = 
         folded = _FoldedAdapter(adapter_path, source.deltas, ckpt)
         provenance = {
             "tool": "peftcli", "version": __version__, "command": "convert",
-            "inputs": {"base": os.path.abspath(base), "adapter": os.path.abspath(adapter_path)},
+            "inputs": recorded_inputs({"base": base, "adapter": adapter_path}, out),
             "input_hashes": {"base": file_hashes(ckpt), "adapter": source.hashes}, "options": dataclasses.asdict(options),
         }
         fingerprint = Fingerprint.of(ckpt, [t.name for t in covered])
@@ -102,7 +102,7 @@ def diff_to_lora(diff_path: str, out: str, rank: int, *, base: str | None = None
     import torch
 
     from peftcli.artifacts.adapter_dir import write_adapter
-    from peftcli.artifacts.sparse_diff import check_base, read_diff
+    from peftcli.artifacts.sparse_diff import check_base, read_diff, resolve_recorded
     from peftcli.methods.base import peft_key
     from peftcli.targets import is_output_head, linear_modules
 
@@ -115,6 +115,7 @@ def diff_to_lora(diff_path: str, out: str, rank: int, *, base: str | None = None
                 f"merge it instead: peftcli merge BASE {diff_path} -o DIR",
             )
         recorded = (diff.provenance or {}).get("inputs", {}).get("base") if isinstance(diff.provenance, dict) else None
+        recorded = resolve_recorded(recorded, diff_path)
         base = _base_of(diff_path, base, recorded)
         check_output_path(out, [diff_path, base], force)
         with open_checkpoint(base) as ckpt:

@@ -46,7 +46,9 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import TYPE_CHECKING, Callable
 
 from peftcli import __version__
-from peftcli.artifacts.sparse_diff import FLOAT_DTYPES, VALUES, VALUES_HINT, DiffEntry, DiffMetadata, StoredTensor, stored_summary, write_diff
+from peftcli.artifacts.sparse_diff import (
+    FLOAT_DTYPES, VALUES, VALUES_HINT, DiffEntry, DiffMetadata, StoredTensor, recorded_inputs, stored_summary, write_diff,
+)
 from peftcli.checkpoint.atomic import check_output_path
 from peftcli.checkpoint.fingerprint import Fingerprint, file_hashes, summarize_differences, table_differences, tensor_table
 from peftcli.checkpoint.reader import Checkpoint, TensorInfo, open_checkpoint
@@ -188,7 +190,7 @@ def diff(
             "tool": "peftcli",
             "version": __version__,
             "command": "diff",
-            "inputs": {"base": os.path.abspath(base), "finetuned": os.path.abspath(finetuned)},
+            "inputs": recorded_inputs({"base": base, "finetuned": finetuned}, out),
             "input_hashes": {"base": file_hashes(b, progress), "finetuned": file_hashes(f, progress)},
             "options": dataclasses.asdict(options),
         }

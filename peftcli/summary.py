@@ -219,6 +219,8 @@ def _summarize(ckpt: Checkpoint, with_tensors: bool, name_filter: str | None, ma
         from peftcli.artifacts.sparse_diff import describe
 
         report["diff"] = describe(ckpt)  # reads the (small) diff's values for norms and densities
+        # A diff's parameters are its stored values: an index beside each value is no parameter.
+        report["diff"]["entries"] = ckpt.num_params - sum(t.numel for n, t in ckpt.tensors.items() if n.endswith(".idx"))
     if report["format"] == "adapter":
         from peftcli.artifacts.adapter_dir import read_adapter_config
 

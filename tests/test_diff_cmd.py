@@ -418,7 +418,7 @@ def test_api_reports_progress_per_phase_and_provenance(llama_pair, tmp_path):
             assert d.fingerprint.tensors == {n: [i.dtype, list(i.shape)] for n, i in sorted(b.tensors.items())}
     import hashlib
 
-    assert prov["inputs"] == {"base": os.path.abspath(base), "finetuned": os.path.abspath(ft)}
+    assert prov["inputs"] == {"base": os.path.relpath(base, tmp_path), "finetuned": os.path.relpath(ft, tmp_path)}
     want = hashlib.sha256(open(os.path.join(ft, "model.safetensors"), "rb").read()).hexdigest()
     assert prov["input_hashes"]["finetuned"] == {"model.safetensors": want}
     assert prov["options"]["top_k"] == 500 and prov["tool"] == "peftcli"

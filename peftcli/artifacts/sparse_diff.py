@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
@@ -652,6 +653,21 @@ def _parse_shapes(path: str, obj: object) -> dict[str, tuple[str, tuple[int, ...
             raise BadInputError(f"{path}: tensor {name!r} in 'shapes': {too_large}", CORRUPT)
         out[name] = (entry[0], tuple(entry[1]))
     return out
+
+
+def recorded_inputs(paths: dict[str, str], out: str) -> dict[str, str]:
+    """Input paths as a ``.diff``'s provenance records them: relative to the diff's own
+    directory, so the same diff made in two places (same layout) has the same bytes, and a
+    reader can still find the base from wherever the diff is (``resolve_recorded``)."""
+    where = os.path.dirname(os.path.abspath(out))
+    return {k: os.path.relpath(os.path.abspath(p), where) for k, p in paths.items()}
+
+
+def resolve_recorded(path: str | None, diff_path: str) -> str | None:
+    """A path a ``.diff`` recorded, as a path from here (older diffs recorded absolute paths)."""
+    if not isinstance(path, str) or not path:
+        return None
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(diff_path)), path))
 
 
 def _parse_provenance(path: str, obj: object) -> dict:

@@ -131,6 +131,26 @@ class _DuplicateKey(ValueError):
         self.key = key
 
 
+EXPECTED = (
+    "pass a .safetensors file, a .diff, a model directory (config.json + model.safetensors) "
+    "or an adapter directory (adapter_config.json + adapter_model.safetensors)"
+)
+
+
+def _refuse_other_format(path: str, prefix: bytes) -> None:
+    """An impossible header length: say what the file is when its first bytes tell (a text file
+    read as a checkpoint should not read as a 'header length 8367736964726416744')."""
+    if prefix[:4] == b"GGUF":
+        raise BadInputError(f"{path}: a GGUF file, not safetensors", "peftcli reads safetensors checkpoints; " + EXPECTED)
+    if prefix[:2] == b"PK" or prefix[:1] == b"\x80":
+        raise BadInputError(
+            f"{path}: a PyTorch pickle, not safetensors",
+            "pass --allow-pickle to read it with torch.load(weights_only=True), or " + EXPECTED,
+        )
+    if all(32 <= b < 127 or b in (9, 10, 13) for b in prefix):
+        raise BadInputError(f"{path}: a text file, not safetensors (it starts with {prefix.decode('ascii')!r})", EXPECTED)
+
+
 def read_header(path: str) -> ParsedHeader:
     """Read and validate the header of ``path``; reads only 8 + N bytes of the file."""
     try:
@@ -143,6 +163,8 @@ def read_header(path: str) -> ParsedHeader:
                     "the file is truncated or empty",
                 )
             (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
+                _refuse_other_format(path, prefix)
             if header_len > MAX_HEADER_BYTES:
                 raise BadInputError(
                     f"{path}: header length {header_len} is over the 100 MB limit", "the file is corrupt or not safetensors"

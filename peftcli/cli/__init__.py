@@ -44,6 +44,7 @@ class PeftcliGroup(click.Group):
         # tab-separated) are for the shell, not a terminal.
         completing = bool(os.environ.get(complete_var or "_PEFTCLI_COMPLETE"))
         restore_std_streams = (lambda: None) if completing else escape_std_streams()
+        args = _without_debug(list(sys.argv[1:] if args is None else args))
         try:
             rv = super().main(args, prog_name or "peftcli", complete_var, standalone_mode=False, **extra)
         except BaseException as exc:  # noqa: BLE001 - this is the one place errors become exit codes
@@ -59,6 +60,17 @@ class PeftcliGroup(click.Group):
         if standalone_mode:
             sys.exit(code)
         return rv
+
+
+def _without_debug(args: list[str]) -> list[str]:
+    """``args`` without ``--debug``, which is accepted anywhere before a ``--`` (after the
+    subcommand too: ``peftcli merge ... --debug``), and sets the traceback mode."""
+    global _debug
+    end = args.index("--") if "--" in args else len(args)
+    if "--debug" in args[:end]:
+        _debug = True
+        args = [a for a in args[:end] if a != "--debug"] + args[end:]
+    return args
 
 
 def _fail(message: str, code: int, exc: BaseException) -> int:
@@ -97,6 +109,19 @@ def _report(exc: BaseException) -> int:
         return _fail("error: out of memory (use a machine with more memory or a smaller input)", EXIT_RESOURCE, exc)
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return _fail(f"error: no space left on device ({exc.filename or 'output'})", EXIT_RESOURCE, exc)
+    if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM):
+        return _fail(
+            f"error: the system refused a resource: {exc.strerror or exc} (too many processes, threads or open "
+            "files on this machine; retry when it is less busy, or raise its limits, e.g. ulimit -n)",
+            EXIT_RESOURCE, exc,
+        )
+    if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):
+        # Thread exhaustion (a full process table, a low ulimit -u): the machine, not peftcli.
+        return _fail(
+            "error: the system refused to start a thread (too many processes or threads on this machine; "
+            "retry when it is less busy, lower --threads, or raise ulimit -u)",
+            EXIT_RESOURCE, exc,
+        )
     return _fail(
         f"error: internal error: {type(exc).__name__}: {exc} (a bug in peftcli; rerun with --debug for a traceback)",
         EXIT_BAD_INPUT,

@@ -61,12 +61,22 @@ def combine(inputs, op, by, weights, values, out, force, as_json):
         _render(report.to_json(), stdout_console())
 
 
+def expression(coefficients: list[float], names: list[str]) -> str:
+    """Σ cᵢ·φᵢ as one writes it: ``a − b``, ``0.5·a + 2·b``, ``−a`` (no ``1·``, no ``+ -``)."""
+    text = ""
+    for i, (c, name) in enumerate(zip(coefficients, names)):
+        sign = "−" if c < 0 else "+"
+        term = name if abs(c) == 1 else f"{abs(c):g}·{name}"
+        text += (("−" if sign == "−" else "") + term) if i == 0 else f" {sign} {term}"
+    return text
+
+
 def _render(doc: dict, console) -> None:
     from rich.table import Table
 
     from peftcli.cli.render import human_bytes
 
-    terms = " + ".join(f"{c:g}·{printable(p)}" for c, p in zip(doc["coefficients"], doc["inputs"]))
+    terms = expression(doc["coefficients"], [printable(p) for p in doc["inputs"]])
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()

@@ -17,7 +17,10 @@ def _command(method) -> click.Command:
 
     @click.command(name=method.name, help=f"{method.summary}\n\n\b\nExamples:\n{examples}")
     @click.argument("model", type=click.Path())
-    @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Adapter directory to create.")
+    @click.option(
+        "-o", "--output", "out", type=click.Path(),
+        help="Adapter directory to create (default: runs/MODEL-METHOD/ in the current directory, printed).",
+    )
     @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the initialisation.")
     @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
     @click.option("--allow-pickle", is_flag=True, help="Allow a PyTorch .bin/.pt base (torch.load(weights_only=True)).")
@@ -27,6 +30,7 @@ def _command(method) -> click.Command:
         from peftcli.inject import inject
 
         cfg = from_options(method.config_cls, options)
+        out = out if out is not None else default_output(model, method.name)
         budget = inject(model, method.name, cfg, out, seed=seed, force=force, allow_pickle=allow_pickle)
         if as_json:
             emit_json({"schema": "peftcli.inject/1", "output": out, "budget": budget.to_json()})
@@ -38,6 +42,18 @@ def _command(method) -> click.Command:
         console.print(f"wrote {out}")
 
     return command
+
+
+def default_output(model: str, method: str) -> str:
+    """``runs/<model name>-<method>``: where an adapter goes when ``-o`` is not given."""
+    import os
+
+    name = os.path.basename(os.path.normpath(os.path.abspath(model)))
+    if os.path.isfile(model):  # model.safetensors, x.bin: the directory names the model better
+        stem = os.path.splitext(name)[0]
+        parent = os.path.basename(os.path.dirname(os.path.abspath(model)))
+        name = parent if stem in ("model", "pytorch_model") and parent else stem
+    return os.path.join("runs", f"{name or 'model'}-{method}")
 
 
 class _MethodGroup(click.Group):
@@ -59,9 +75,12 @@ def inject() -> None:
     Works from config.json and tensor headers: the model is never built. Prints what was
     added per target and in total (the numbers of `peftcli inspect --budget`).
 
+    Without -o the adapter goes to runs/MODEL-METHOD/ (e.g. runs/smollm2-lora/), printed.
+
     \b
     Example:
       peftcli inject lora --rank 8 model/ -o runs/lora/
+      peftcli inject lora --rank 8 model/          # writes runs/model-lora/
     """
 
 

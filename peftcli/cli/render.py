@@ -42,7 +42,11 @@ def render_inspect(report: dict, console) -> None:
         ]
         grid.add_row("config", ", ".join(parts))
     grid.add_row("tensors", f"{report['num_tensors']:,}")
-    grid.add_row("parameters", f"{report['num_params']:,} ({human_count(report['num_params'])})")
+    if "diff" in report:  # values stored, not values plus their indices
+        entries = report["diff"]["entries"]
+        grid.add_row("entries", f"{entries:,} ({human_count(entries)}) values stored, {report['num_params']:,} elements with their indices")
+    else:
+        grid.add_row("parameters", f"{report['num_params']:,} ({human_count(report['num_params'])})")
     grid.add_row("on disk", f"{report['bytes']:,} bytes ({human_bytes(report['bytes'])})")
     for dtype, d in report["dtypes"].items():
         grid.add_row("dtype " + dtype, f"{d['params']:,} params in {d['tensors']:,} tensor{'s' if d['tensors'] != 1 else ''} ({human_bytes(d['bytes'])})")

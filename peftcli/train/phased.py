@@ -246,7 +246,7 @@ def _l1_hooks(l1: float, model_dir: str):
 
 def _write_phi_diff(run: str, model_dir: str, method: str) -> None:
     """``RUN/phi.diff``: the adapter's sparse φ in the ``.diff`` format (exactly its K entries)."""
-    from peftcli.artifacts.sparse_diff import FLOAT_DTYPES, DiffEntry, DiffMetadata, write_diff
+    from peftcli.artifacts.sparse_diff import FLOAT_DTYPES, DiffEntry, DiffMetadata, recorded_inputs, write_diff
     from peftcli.checkpoint.fingerprint import Fingerprint
 
     adapter = read_adapter(run)
@@ -266,7 +266,7 @@ def _write_phi_diff(run: str, model_dir: str, method: str) -> None:
                 entries.append(DiffEntry(name, info.dtype, tuple(info.shape), int(idx.numel()), lambda i=idx, v=val: (i, v.float())))
         provenance = {
             "tool": "peftcli", "version": __version__, "command": "train", "method": method,
-            "inputs": {"base": os.path.abspath(model_dir), "run": os.path.abspath(run)},
+            "inputs": recorded_inputs({"base": model_dir, "run": run}, os.path.join(run, DIFF_FILE)),
             "options": json.loads(json.dumps(adapter.config.get("peftcli", {}))),
         }
         fingerprint = Fingerprint.of(base, names)
