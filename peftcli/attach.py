@@ -119,7 +119,9 @@ class AdaptedModel(nn.Module):
     def _model_key(self, key: str) -> str:
         """PEFT keys name module paths in the model they are used with: a BertModel checkpoint's
         ``encoder.layer.0...`` is ``bert.encoder.layer.0...`` in BertForSequenceClassification, and
-        PEFT silently ignores keys that do not match. So write paths as this model has them."""
+        PEFT silently ignores keys that do not match. So write paths as this model has them.
+        Saved modules (a trained head) keep peftcli's inner name ``base_model.model.<module>``;
+        the writer names them as PEFT does for the method (``adapter_dir.to_file_layout``)."""
         if not key.startswith(PEFT_PREFIX) or key in self._head_keys:
             return key
         rest = key[len(PEFT_PREFIX) :]

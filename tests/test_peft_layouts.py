@@ -32,15 +32,16 @@ MERGED = {
     "lora-bias-gpt2": ("gpt2", None, dict(target_modules=["c_attn"], lora_bias=True, fan_in_fan_out=True)),
     "lm-head-lora": ("llama", None, dict(target_modules=["lm_head", "q_proj"])),
     "lm-head-saved": ("llama", None, dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])),
+    "embedding-lora": ("llama", None, dict(target_modules=["embed_tokens", "q_proj"])),
+    "embedding-lora-tied": ("llama-tied", None, dict(target_modules=["embed_tokens", "q_proj"])),
+    "trainable-tokens": ("llama", None, dict(target_modules=["q_proj"], trainable_token_indices=[3, 5, 7])),
+    "trainable-tokens-tied": ("llama-tied", None, dict(target_modules=["q_proj"], trainable_token_indices=[3, 5, 7])),
 }
 # name: (base, LoraConfig options, words the one refusal line must hold)
 REFUSED = {
     "lora-bias-no-base-bias": ("llama", dict(target_modules=["q_proj", "v_proj"], lora_bias=True), "lora_bias"),
-    "embedding-lora": ("llama", dict(target_modules=["embed_tokens", "q_proj"]), "embedding"),
-    "embedding-lora-tied": ("llama-tied", dict(target_modules=["embed_tokens", "q_proj"]), "embedding"),
     "lm-head-saved-tied": ("llama-tied", dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), "modules_to_save names lm_head"),
-    "trainable-tokens": ("llama", dict(target_modules=["q_proj"], trainable_token_indices=[3, 5, 7]), "trainable_token_indices"),
-    "trainable-tokens-tied": ("llama-tied", dict(target_modules=["q_proj"], trainable_token_indices=[3, 5, 7]), "trainable_token_indices"),
+    "embedding-dora": ("llama", dict(target_modules=["embed_tokens", "q_proj"], use_dora=True), "use_dora"),
 }
 
 

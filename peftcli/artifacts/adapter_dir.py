@@ -216,10 +216,56 @@ def read_adapter(path: str) -> Adapter:
             raise BadInputError(f"{path}: adapter weights are a pickle (adapter_model.bin)", "re-save the adapter with safetensors")
         raise BadInputError(f"{path}: no {ADAPTER_WEIGHTS}", "the adapter directory is incomplete; pass one written whole by peftcli inject or train")
     ckpt = open_checkpoint(weights)
-    tensors = {name: ckpt.get(name) for name in ckpt}
+    tensors = from_file_layout(config, {name: ckpt.get(name) for name in ckpt}, path)
     config = _task_heads(config, tensors)
     check_adapter_tensors(config, tensors, path)
     return Adapter(path=path, config=config, tensors=tensors, metadata=dict(ckpt.metadata))
+
+
+# PEFT's prompt-learning models wrap the transformers model directly (LoRA's and IA³'s wrap it in a
+# tuner model), so their saved modules are named ``base_model.<module>.<param>`` where LoRA's are
+# ``base_model.model.<module>.<param>``: PEFT finds nothing else (KeyError at load). peftcli wrote
+# LoRA's names for them before; both are read, PEFT's are written. Inside peftcli every saved
+# module is ``base_model.model.<module>.<param>``, whatever the method.
+PROMPT_LEARNING_TYPES = ("PROMPT_TUNING", "PREFIX_TUNING")
+_SAVED = "base_model.model."  # methods.base.PEFT_PREFIX (not imported: methods import this module)
+_PROMPT_SAVED = "base_model."
+
+
+def from_file_layout(config: dict, tensors: dict, where: str) -> dict:
+    """``tensors`` with a prompt-learning adapter's saved modules under peftcli's inner names,
+    from PEFT's layout or the one peftcli wrote before; a key both could mean is refused."""
+    names = config.get("modules_to_save") or []
+    if config.get("peft_type") not in PROMPT_LEARNING_TYPES or not names:
+        return tensors
+    out = {}
+    for key, t in tensors.items():
+        inner = key
+        rest = key[len(_PROMPT_SAVED) :] if key.startswith(_PROMPT_SAVED) else None
+        if rest is not None and any(rest.startswith(f"{n}.") for n in names):
+            if any(key.startswith(f"{_SAVED}{n}.") for n in names):
+                raise BadInputError(
+                    f"{where}: adapter tensor {key!r} may belong to two of the modules_to_save {names}",
+                    "keep one of them in modules_to_save in adapter_config.json",
+                )
+            inner = _SAVED + rest
+        if inner in out:
+            raise BadInputError(
+                f"{where}: the adapter holds {inner[len(_SAVED) :]!r} twice, as PEFT names it and as peftcli named it before",
+                "keep one of the two tensors",
+            )
+        out[inner] = t
+    return out
+
+
+def to_file_layout(config: dict, tensors: dict) -> dict:
+    """``tensors`` with saved modules named as PEFT names them for this adapter's method
+    (a prompt-learning adapter's ``base_model.<module>.<param>``)."""
+    names = config.get("modules_to_save") or []
+    if config.get("peft_type") not in PROMPT_LEARNING_TYPES or not names:
+        return tensors
+    saved = lambda k: any(k.startswith(f"{_SAVED}{n}.") for n in names)  # noqa: E731
+    return {(_PROMPT_SAVED + k[len(_SAVED) :] if saved(k) else k): t for k, t in tensors.items()}
 
 
 # PEFT's classification wrappers (task_type SEQ_CLS) add both names to ``modules_to_save`` and
@@ -299,6 +345,7 @@ def _write_files(directory: str, config: dict, tensors: dict, metadata: dict[str
     from peftcli.checkpoint.dtypes import safetensors_dtype
     from peftcli.methods.base import materialize
 
+    tensors = to_file_layout(config, tensors)
     specs = [TensorSpec(n, safetensors_dtype(t.dtype), tuple(t.shape)) for n, t in tensors.items()]
     with CheckpointWriter(os.path.join(directory, ADAPTER_WEIGHTS), specs, metadata=metadata, force=force) as w:
         for name, value in tensors.items():

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError, UsageError
-from peftcli.methods import lora_init
+from peftcli.methods import lora_init, lora_tokens
 from peftcli.methods.base import Attached, BudgetRow, LazyTensor, SeededDraws, lazy_zeros, peft_key, PEFT_PREFIX
 from peftcli.options import option
 from peftcli.patterns import Pattern, compile_pattern, from_file
@@ -57,6 +57,11 @@ class LoraConfig:
     exclude: str | tuple[str, ...] | None = field(default=None, metadata={"recorded": False})
     # PEFT's lora_bias: lora_B has a bias, folded into the base's bias.
     lora_bias: bool = field(default=False, metadata={"recorded": False})
+    # Read from a PEFT adapter: target_modules may name embedding layers (lora_embedding_A/B),
+    # and trainable_token_indices ((module or "" for the input embedding, ids), ...) new rows.
+    # Folded by merge (lora_tokens); inject puts LoRA on linear modules only.
+    peft_embeddings: bool = field(default=False, metadata={"recorded": False})
+    token_indices: tuple | None = field(default=None, metadata={"recorded": False})
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
@@ -94,11 +99,21 @@ class LoRA:
         return cfg.rank * (out_features + in_features) + (out_features if cfg.dora else 0)
 
     def _targets(self, shapes, model_config, cfg):
+        """The linear modules the config selects (an adapter's embedding targets: ``_embedding_targets``)."""
         _refuse_embedding_targets(shapes, model_config, cfg)
-        modules = resolve_targets(shapes, model_config, cfg.targets, cfg.layers)
+        embedded = self._embedding_targets(shapes, model_config, cfg)
+        spec = _linear_spec(shapes, model_config, cfg.targets, embedded)
+        try:
+            modules = [] if spec == "" else resolve_targets(shapes, model_config, spec, cfg.layers)
+        except UsageError:
+            if not embedded:
+                raise
+            modules = []  # a regex selecting embeddings only
+        if not modules and embedded:
+            return []
         if cfg.exclude:  # PEFT drops excluded modules before it looks at target_modules
             modules = [m for m in modules if not excluded(m.name, cfg.exclude)]
-            if not modules:
+            if not modules and not embedded:
                 raise UsageError(
                     "exclude_modules removes every module target_modules selects",
                     "the adapter config targets nothing: fix exclude_modules in adapter_config.json",
@@ -111,6 +126,28 @@ class LoRA:
                 f"use --rank {limit} or less: a larger rank adds parameters without adding expressiveness",
             )
         return modules
+
+    @staticmethod
+    def _embedding_targets(shapes, model_config, cfg) -> dict[str, tuple[int, int]]:
+        """The embedding layers an adapter's target_modules selects (none for inject's configs)."""
+        if not cfg.peft_embeddings:
+            return {}
+        from peftcli.targets import linear_modules
+
+        embedded = lora_tokens.targeted(shapes, {m.name for m in linear_modules(shapes, model_config)}, cfg)
+        options = [o for o, on in (("use_dora", cfg.dora), ("lora_bias", cfg.lora_bias), ("init_lora_weights", cfg.base_init)) if on]
+        if embedded and options:
+            raise BadInputError(
+                f"target_modules names the embedding layer {next(iter(embedded))} with {', '.join(options)}: "
+                "peftcli folds plain LoRA on embeddings only",
+                "merge this adapter with PEFT's merge_and_unload, or train it without that option",
+            )
+        return embedded
+
+    def _token_targets(self, shapes, model_config, cfg) -> dict:
+        from peftcli.targets import linear_modules
+
+        return lora_tokens.token_targets(shapes, model_config, {m.name for m in linear_modules(shapes, model_config)}, cfg)
 
     def budget(self, shapes: dict[str, tuple[int, ...]], model_config: dict | None, cfg: LoraConfig) -> list[BudgetRow]:
         return [BudgetRow(m.name, m.shape, self.added_params(m.shape, cfg)) for m in self._targets(shapes, model_config, cfg)]
@@ -139,6 +176,11 @@ class LoRA:
                 out[peft_key(m.name, "lora_magnitude_vector")] = LazyTensor(
                     (d_out,), torch.float32, lambda name=m.name, dim=0 if m.transposed else 1: _row_norms(ckpt, name, dim)
                 )
+        # An adapter's embedding LoRA and trainable tokens: PEFT's keys and shapes (check compares them).
+        embedded = self._embedding_targets(shapes, ckpt.config, cfg)
+        tokens = self._token_targets(shapes, ckpt.config, cfg)
+        for key, shape in lora_tokens.init_shapes(embedded, tokens, r).items():
+            out[key] = lazy_zeros(*shape)
         return out
 
     def adapter_config(self, ckpt, cfg: LoraConfig) -> dict:
@@ -178,12 +220,6 @@ class LoRA:
                 f"adapter config trains biases (bias={d['bias']!r}), which peftcli's LoRA does not support",
                 "train the adapter with bias='none'",
             )
-        if d.get("trainable_token_indices"):
-            raise BadInputError(
-                "adapter config sets trainable_token_indices (PEFT's trainable tokens: new values for chosen "
-                "embedding rows), which peftcli does not read",
-                "merge it with PEFT (merge_and_unload), or train the adapter without trainable_token_indices",
-            )
         if "r" not in d:
             raise BadInputError("LoRA adapter config has no rank 'r'", "add \"r\": <rank> to adapter_config.json")
         targets = d.get("target_modules")
@@ -207,6 +243,8 @@ class LoRA:
                 base_init=lora_init.base_init(d.get("init_lora_weights", True)),
                 exclude=_exclude_spec(d.get("exclude_modules")),
                 lora_bias=bool(d.get("lora_bias")),
+                peft_embeddings=True,
+                token_indices=lora_tokens.token_indices(d.get("trainable_token_indices")),
             )
         except UsageError as exc:
             raise BadInputError(f"adapter config: {exc.message}", "the adapter config is corrupt or was edited by hand") from None
@@ -241,7 +279,11 @@ class LoRA:
         targeted, unfit = self._targeted(shapes, ckpt.config, cfg)
         by_module, problems = _group(tensors)
         out = {}
-        for path, parts in by_module.items():
+        for path, parts in list(by_module.items()):
+            if any(s in parts for s in lora_tokens.SUFFIXES):  # an embedding's LoRA or trainable tokens
+                by_module.pop(path)
+                self._embedding_delta(path, parts, cfg, ckpt, out, problems)
+                continue
             name = base_module(path, linear)
             if name is None:
                 problems.append(f"{path}: no such linear module in the base")
@@ -268,6 +310,42 @@ class LoRA:
         _check_scaled(by_module, cfg)
         return out
 
+    def _embedding_delta(self, path: str, parts: dict, cfg: LoraConfig, ckpt, out: dict, problems: list) -> None:
+        """ΔW of one embedding's LoRA or trainable tokens into ``out``, or its problem into ``problems``."""
+        from functools import partial
+
+        from peftcli.methods.base import base_module
+
+        shapes = {t.name: t.shape for t in ckpt.tensors.values()}
+        tokens = lora_tokens.TOKENS in parts
+        try:
+            chosen = self._token_targets(shapes, ckpt.config, cfg) if tokens else self._embedding_targets(shapes, ckpt.config, cfg)
+        except (BadInputError, UsageError) as exc:
+            problems.append(f"{path}: {exc.message}")
+            return
+        name = base_module(path, chosen)
+        if name is None:
+            what = "trainable_token_indices" if tokens else "target_modules"
+            problems.append(f"{path}: {lora_tokens.NOT_ATTACHED[lora_tokens.TOKENS if tokens else lora_tokens.EMB_A]} for a module {what} does not select on this base")
+            return
+        if name + ".weight" in out:
+            problems.append(f"{path}: both LoRA and trainable tokens change this embedding (peftcli folds one or the other)")
+            return
+        if tokens:
+            indices, dim = chosen[name]
+            problem = lora_tokens.tokens_problem(path, parts, indices, dim)
+            fold = partial(lora_tokens.fold_tokens, indices=indices, values=parts.get(lora_tokens.TOKENS))
+        else:
+            problem = lora_tokens.embedding_problem(path, parts, cfg, *chosen[name])
+            problem = problem or _saved_base_problem(path, parts, lambda: ckpt.get(name + ".weight"))
+            fold = partial(lora_tokens.fold_embedding, a=parts.get(lora_tokens.EMB_A), b=parts.get(lora_tokens.EMB_B), scaling=cfg.scaling)
+        if problem:
+            problems.append(problem)
+            return
+        if not tokens:  # ΔW finite in float32, as for a linear module
+            _check_scaled({path: {"lora_A.weight": parts[lora_tokens.EMB_A], "lora_B.weight": parts[lora_tokens.EMB_B]}}, cfg)
+        out[name + ".weight"] = fold
+
     # -- module level ---------------------------------------------------------------------
     def attach(self, model, cfg: LoraConfig, tensors: dict, model_config: dict) -> Attached:
         from peftcli import modules as mod
@@ -280,6 +358,9 @@ class LoRA:
         targeted, unfit = self._targeted(shapes, model_config, cfg)  # as PEFT selects them: on the model's names
         phi = {}
         for path, parts in by_module.items():
+            folded_only = next((lora_tokens.NOT_ATTACHED[s] for s in lora_tokens.SUFFIXES if s in parts), None)
+            if folded_only is not None:
+                raise BadInputError(f"adapter module {path} has {folded_only}", lora_tokens.NOT_ATTACHED_HINT)
             layer, dims, problem = mod.find_linear(model, path)
             if problem is None and targeted is not None and mod.resolve(model, path) not in targeted:
                 problem = f"{path}: LoRA tensors for a module the adapter config does not target"
@@ -312,14 +393,8 @@ class LoRA:
 
 
 SAVED_BASE = "base_layer.weight"  # PEFT saves the base weight of a targeted lm_head or embedding beside LoRA's
-_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector", SAVED_BASE)
-# PEFT's LoRA on embedding layers and its trainable tokens: keys peftcli names when it refuses them.
-_REFUSED = {
-    "lora_embedding_A": "LoRA on an embedding layer (lora_embedding_A/B)",
-    "lora_embedding_B": "LoRA on an embedding layer (lora_embedding_A/B)",
-    "token_adapter.trainable_tokens_delta": "trainable tokens (trainable_token_indices)",
-}
-_REFUSED_HINT = "peftcli does not fold it: merge this adapter with PEFT's merge_and_unload"
+_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector", SAVED_BASE, *lora_tokens.SUFFIXES)
+_LINEAR_PARTS = ("lora_A.weight", "lora_B.weight")
 
 
 def excluded(name: str, spec: str | tuple[str, ...]) -> bool:
@@ -344,9 +419,22 @@ def _exclude_spec(value) -> str | tuple[str, ...] | None:
     return value if isinstance(value, str) else tuple(value)
 
 
+def _linear_spec(shapes: dict, model_config: dict | None, spec: str | None, embedded: dict) -> str | None:
+    """target_modules without the listed names that select only embedding layers ("" if none is left)."""
+    from peftcli.targets import linear_modules
+
+    if not embedded or not spec or any(c in spec for c in "*+?[](){}|^$\\") or spec.strip() == "all-linear":
+        return spec
+    linear = [m.name for m in linear_modules(shapes, model_config)]
+    names = [t.strip() for t in spec.split(",") if t.strip()]
+    kept = [t for t in names if any(m == t or m.endswith("." + t) for m in linear) or not any(lora_tokens.selects(t, e) for e in embedded)]
+    return ",".join(kept)
+
+
 def _refuse_embedding_targets(shapes: dict, model_config: dict | None, cfg: LoraConfig) -> None:
-    """A target name that selects an embedding, or a tied ``lm_head``, is named as what it is
-    (PEFT adapts them; peftcli does not fold them), not as a module missing from another base."""
+    """For inject: a target name that selects an embedding is named as what it is (PEFT adapts
+    it; peftcli injects LoRA on linear modules only), not as a module missing from the base.
+    For inject and adapters alike: a tied ``lm_head``, which peftcli does not fold."""
     from peftcli.targets import linear_modules
 
     spec = cfg.targets
@@ -358,8 +446,11 @@ def _refuse_embedding_targets(shapes: dict, model_config: dict | None, cfg: Lora
         if any(m == t or m.endswith("." + t) for m in linear):
             continue
         hit = next((e for e in embeddings if e == t or e.endswith("." + t)), None)
-        if hit is not None:
-            raise BadInputError(f"target_modules names the embedding layer {hit}: {_REFUSED['lora_embedding_A']}", _REFUSED_HINT)
+        if hit is not None and not cfg.peft_embeddings:
+            raise BadInputError(
+                f"--targets names the embedding layer {hit}: peftcli inject puts LoRA on linear modules only",
+                "target linear modules (peftcli inspect MODEL lists them); PEFT adapters with LoRA on embeddings are merged",
+            )
         if t.rsplit(".", 1)[-1] == "lm_head" and (model_config or {}).get("tie_word_embeddings", True) and embeddings:
             raise BadInputError(
                 "target_modules names lm_head, which this base ties to its input embedding (no lm_head weight of its own)",
@@ -405,9 +496,6 @@ def _group(tensors: dict) -> tuple[dict[str, dict], list[str]]:
     by_module: dict[str, dict] = {}
     problems: list[str] = []
     for key, t in tensors.items():
-        refused = next((what for s, what in _REFUSED.items() if key.endswith("." + s)), None)
-        if refused is not None:
-            raise BadInputError(f"adapter tensor {key} is {refused}", _REFUSED_HINT)
         suffix = next((s for s in _SUFFIXES if key.endswith("." + s)), None)
         if not key.startswith(PEFT_PREFIX) or suffix is None:
             problems.append(f"unexpected key {key}")
@@ -445,6 +533,8 @@ def _check_scaled(by_module: dict[str, dict], cfg: LoraConfig) -> None:
     import torch
 
     for path, parts in by_module.items():
+        if not all(p in parts for p in _LINEAR_PARTS):
+            continue  # an embedding's LoRA or trainable tokens: checked where it is folded
         a, b = parts["lora_A.weight"], parts["lora_B.weight"]
         bound = cfg.scaling * cfg.rank * float(b.abs().max()) * float(a.abs().max())
         if bound <= FP32_MAX / 2 or bool(torch.isfinite(cfg.scaling * (b.float() @ a.float())).all()):

@@ -1,0 +1,91 @@
+"""PEFT's LoRA on embedding layers and trainable tokens: folded by merge as PEFT's merge_and_unload
+folds them (a tied embedding changes once and stays tied), refused by attach naming the option.
+
+(tests/test_peft_layouts.py compares every merged tensor with PEFT's for the list forms; here:
+the merged model's logits, the tied layout, the dict form and what stays refused.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from peftcli.attach import load_adapted, load_base_model
+from peftcli.cli import cli
+from peftcli.errors import BadInputError
+from tests.helpers import batch, edited_adapter, output_tensor
+from tests.test_peft_layouts import check_and_merge, peft_adapter, peft_merged
+
+peft = pytest.importorskip("peft")
+
+EMBED = "model.embed_tokens.weight"
+CASES = {
+    "embedding": dict(target_modules=["embed_tokens", "q_proj"]),
+    "tokens": dict(target_modules=["q_proj"], trainable_token_indices=[3, 5, 7]),
+    "tokens-dict": dict(target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [9, 2]}),
+    "embedding-only": dict(target_modules=["embed_tokens"]),
+}
+
+
+@pytest.fixture(params=["llama", "llama-tied"])
+def base(request, tiny_llama, tiny_llama_tied):
+    return {"llama": tiny_llama, "llama-tied": tiny_llama_tied}[request.param]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_merged_model_computes_pefts_logits_and_stays_tied(case, base, tmp_path):
+    adapter = peft_adapter(base, str(tmp_path / "adapter"), **CASES[case])
+    checked, merged = check_and_merge(base, adapter, str(tmp_path / "merged"))
+    assert checked.exit_code == 0 and merged.exit_code == 0, (checked.output, merged.output)
+    theirs, logits = peft_merged(base, adapter)
+    ours = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    stored = load_file(os.path.join(base, "model.safetensors"))
+    assert set(ours) == set(stored)  # a tied base stays one embedding tensor, no lm_head of its own
+    assert not torch.equal(ours[EMBED], stored[EMBED])
+    assert torch.allclose(ours[EMBED], theirs[EMBED], atol=1e-5)
+    model = load_base_model(str(tmp_path / "merged"))
+    tied = json.load(open(os.path.join(base, "config.json"))).get("tie_word_embeddings")
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == bool(tied)
+    with torch.no_grad():
+        assert torch.allclose(output_tensor(model(**batch())), logits, atol=1e-5)
+
+
+def test_trainable_tokens_replace_exactly_their_rows(tiny_llama, tmp_path):
+    """PEFT's saved "delta" is the rows' new value (index_copy), not an addition."""
+    adapter = peft_adapter(tiny_llama, str(tmp_path / "adapter"), target_modules=["q_proj"], trainable_token_indices=[3, 5, 7])
+    rows = load_file(os.path.join(adapter, "adapter_model.safetensors"))["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    assert CliRunner().invoke(cli, ["merge", tiny_llama, adapter, "-o", str(tmp_path / "m")]).exit_code == 0
+    got = load_file(str(tmp_path / "m" / "model.safetensors"))[EMBED]
+    was = load_file(os.path.join(tiny_llama, "model.safetensors"))[EMBED]
+    assert torch.allclose(got[[3, 5, 7]], rows, atol=1e-6)
+    others = [i for i in range(was.shape[0]) if i not in (3, 5, 7)]
+    assert torch.equal(got[others], was[others])
+
+
+@pytest.mark.parametrize("case, words", [("embedding", "LoRA on an embedding layer"), ("tokens", "trainable_token_indices")])
+def test_attach_refuses_naming_the_option(case, words, tiny_llama, tmp_path):
+    adapter = peft_adapter(tiny_llama, str(tmp_path / "adapter"), **CASES[case])
+    with pytest.raises(BadInputError, match=words) as info:
+        load_adapted(tiny_llama, adapter)
+    assert "peftcli merge" in info.value.hint
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused_by_check_and_merge(tiny_llama, tmp_path):
+    adapter = peft_adapter(tiny_llama, str(tmp_path / "adapter"), target_modules=["q_proj"], trainable_token_indices=[3, 5, 7])
+    bad = edited_adapter(adapter, tmp_path / "bad", config=lambda c: c.update(trainable_token_indices=[3, 5, 999]))
+    checked, merged = check_and_merge(tiny_llama, bad, str(tmp_path / "merged"))
+    assert checked.exit_code == 1 and "trainable_token_indices" in checked.stdout, checked.stdout
+    lines = merged.stderr.strip().splitlines()
+    assert merged.exit_code == 1 and len(lines) == 1 and "trainable_token_indices" in lines[0], merged.stderr
+    assert not os.path.exists(tmp_path / "merged")
+
+
+def test_inject_still_puts_lora_on_linear_modules_only(tiny_llama, tmp_path):
+    result = CliRunner().invoke(cli, ["inject", "lora", "--targets", "embed_tokens", tiny_llama, "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "embedding layer model.embed_tokens" in result.stderr, result.output
+    assert not os.path.exists(tmp_path / "out")
