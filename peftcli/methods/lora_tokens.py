@@ -47,10 +47,10 @@ def embeddings(shapes: dict, linear: set[str]) -> dict[str, tuple[int, int]]:
 def selects(spec: str, path: str) -> bool:
     """PEFT's target_modules test on one module path: a regex matching it whole, or a listed
     name equal to it or to a dotted suffix of it."""
-    import re
+    from peftcli.patterns import compile_pattern, from_file
 
-    if any(c in spec for c in "*+?[](){}|^$\\"):
-        return re.fullmatch(spec, path) is not None
+    if any(c in spec for c in "*+?[](){}|^$\\"):  # from a file: matched in bounded time
+        return compile_pattern(from_file(spec, "adapter_config.json target_modules"), "target_modules").fullmatch(path)
     return any(path == t or path.endswith("." + t) for t in (t.strip() for t in spec.split(",")) if t)
 
 

@@ -15,7 +15,6 @@ others being accepted too) or the argument's name (``model``, ``run``, ``inputs`
 from __future__ import annotations
 
 import difflib
-import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -219,10 +218,9 @@ def _build_inspect(cmd, p) -> Runner:
     if given and not p["budget"]:
         raise UsageError(f"{given[0]} only applies with budget", "add e.g. budget: lora")
     if p["name_filter"]:
-        try:
-            re.compile(p["name_filter"])
-        except (re.error, OverflowError, RecursionError) as exc:
-            raise UsageError(f"invalid filter regex {p['name_filter']!r}: {exc}", FILTER_HINT) from None
+        from peftcli.patterns import compile_pattern
+
+        compile_pattern(p["name_filter"], "--filter", FILTER_HINT)  # as inspect compiles it: bounded
     method = get_method(p["budget"]) if p["budget"] else None
     cfg = None
     if method is not None:
