@@ -28,9 +28,22 @@ _CONFIG_KEYS: dict[str, tuple[str, ...]] = {
 
 
 def detect_format(ckpt: Checkpoint) -> str:
-    """checkpoint, adapter (a PEFT-style adapter directory) or sparse-diff."""
-    if ckpt.metadata.get("format") == "peftcli.sparse-diff":
+    """checkpoint, adapter (a PEFT-style adapter directory) or sparse-diff.
+
+    A file that claims to be a diff (named ``.diff``, or carrying a diff's metadata keys) but
+    whose ``format`` says otherwise is refused: described as a checkpoint, its idx/val pairs
+    would read as model weights."""
+    fmt = ckpt.metadata.get("format")
+    if fmt == "peftcli.sparse-diff":
         return "sparse-diff"
+    claims = ckpt.path.endswith(".diff") or any(k in ckpt.metadata for k in ("base_fingerprint", "dense_tensors"))
+    if claims and ckpt.directory is None:
+        from peftcli.errors import BadInputError
+
+        raise BadInputError(
+            f"{ckpt.path}: looks like a sparse diff, but its metadata format is {fmt!r}, not 'peftcli.sparse-diff'",
+            "the file is corrupt or was edited; remake it with peftcli diff, or rename a real checkpoint to .safetensors",
+        )
     if ckpt.directory and os.path.isfile(os.path.join(ckpt.directory, "adapter_config.json")):
         return "adapter"
     return "checkpoint"

@@ -152,3 +152,17 @@ def test_a_diff_is_the_same_bytes_wherever_it_is_made_and_finds_its_base(tiny_ll
     # the recorded base is found relative to the diff, from any working directory
     result = run("convert", tmp_path / "one" / "task.diff", "--to", "lora", "--rank", "2", "-o", tmp_path / "back")
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("name", ["edited.diff", "edited.safetensors"])
+def test_a_diff_whose_format_says_otherwise_is_not_described_as_a_checkpoint(a_diff, tmp_path, name):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(a_diff / "task.diff"), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta["format"] = "pt"  # what a checkpoint says
+    save_file(tensors, str(tmp_path / name), metadata=meta)
+    result = run("inspect", tmp_path / name)
+    assert result.exit_code == 1 and "looks like a sparse diff" in one_error_line(result)
+    assert "checkpoint" not in result.stdout
