@@ -99,3 +99,12 @@ def test_epochs_that_make_too_many_steps_are_refused():
     assert check_total_steps(MAX_STEPS) == MAX_STEPS
     with pytest.raises(UsageError, match="more than the 1,000,000,000 a run may have"):
         check_total_steps(MAX_STEPS + 1)
+
+
+def test_shard_sizes_are_written_in_ascii_digits():
+    from peftcli.checkpoint.writer import parse_size
+    from peftcli.errors import UsageError
+
+    assert parse_size("12GB") == 12 * 10**9
+    with pytest.raises(UsageError, match="invalid size"):
+        parse_size("١٢GB")  # Arabic-Indic digits: \d matches them unless ASCII

@@ -56,7 +56,7 @@ def parse_size(text: str | int) -> int:
         if text <= 0:
             raise UsageError(f"invalid size {text}", "the size must be positive")
         return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*((?:[KMGT]i?)?B?)\s*", text, flags=re.IGNORECASE)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*((?:[KMGT]i?)?B?)\s*", text, flags=re.IGNORECASE | re.ASCII)  # "١٢GB" is no size
     if not m:
         raise UsageError(f"invalid size {text!r}", "use e.g. 5GB, 500MB, 2GiB or a number of bytes")
     number, unit = float(m.group(1)), m.group(2).upper().rstrip("B")

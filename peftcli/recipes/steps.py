@@ -388,7 +388,8 @@ def describe(kind: str, doc: dict) -> str:
     if kind == "train":
         text = f"{doc['steps']} steps" + (" (stopped early)" if doc["stopped_early"] else "")
         if doc.get("final_loss") is not None:
-            text += f", final loss {doc['final_loss']:.4f}"
+            n = doc.get("final_loss_steps")
+            text += f", final loss {doc['final_loss']:.4f}" + (f" (mean of the last {n} steps)" if n else "")
         best = doc.get("best") or {}
         if best.get("eval_loss") is not None:
             text += f", best eval loss {best['eval_loss']:.4f} at step {best['step']}"
