@@ -104,7 +104,8 @@ class LoRA:
         embedded = self._embedding_targets(shapes, model_config, cfg)
         spec = _linear_spec(shapes, model_config, cfg.targets, embedded)
         try:
-            modules = [] if spec == "" else resolve_targets(shapes, model_config, spec, cfg.layers)
+            # "" left after taking out embedding names: only embeddings; a user's "" is the default
+            modules = [] if spec == "" and embedded else resolve_targets(shapes, model_config, spec, cfg.layers)
         except UsageError:
             if not embedded:
                 raise
