@@ -324,6 +324,8 @@ def test_a_500000_entry_header_is_summarised_in_bounded_time(tmp_path):
     assert [(m["name"], m["count"]) for m in doc["modules"]] == [("layers.{0..499999}", n)]
     # Linear work takes seconds (tens on a heavily loaded machine); a quadratic step would take hours.
     assert elapsed < 120, elapsed
+    with open_checkpoint(path) as ckpt:  # valid, so the reader accepts it too (checks are O(n log n))
+        assert len(ckpt) == n and ckpt.get("layers.499999.w").tolist() == [0]
 
 
 # -- the shard index ----------------------------------------------------------------------------
