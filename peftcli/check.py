@@ -334,6 +334,16 @@ def _merge_input(result: Result, adapter, method, cfg, head_keys: set[str], ckpt
     except PeftcliError as exc:
         result.problems.append(Problem.of(exc, result.path))
         return
+    from peftcli.merge.sources import MERGED_DTYPES
+
+    unmergeable = sorted(n for n in touches if n in ckpt.tensors and ckpt.tensors[n].dtype not in MERGED_DTYPES)
+    if unmergeable:  # as merge refuses it (sources.refuse_unmergeable)
+        name = unmergeable[0]
+        result.refusal = (
+            f"{result.path} changes {name!r}, a {ckpt.tensors[name].dtype} tensor: peftcli merges only F16, BF16, F32 "
+            "and F64 tensors exactly (dequantize the base first)"
+        )
+        return
     result.merge_input = Input("adapter", touches, [os.path.join(result.path, ADAPTER_WEIGHTS)])
 
 

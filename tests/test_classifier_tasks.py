@@ -222,10 +222,24 @@ def test_one_classifier_merges_into_its_head_model(tiny_bert, tasks, tmp_path):
         _assert_architecture_matches(out)
 
 
+def test_same_labels_are_not_the_same_task_unless_the_user_says_so(tiny_bert, tasks, tmp_path):
+    """Two binary tasks (SST-2, RTE) both have labels 0/1: by default each keeps its own head."""
+    a2 = _classifier(tiny_bert, str(tmp_path / "clsA2"), 2, seed=5)
+    out = str(tmp_path / "each")
+    report = merge(tiny_bert, [tasks["A"], a2], out)
+    assert sorted(t["name"] for t in report.tasks) == ["clsA", "clsA2"] and sorted(os.listdir(out)) == ["clsA", "clsA2"]
+    for task, source in (("clsA", tasks["A"]), ("clsA2", a2)):
+        merged = load_file(os.path.join(out, task, "model-00002-of-00002.safetensors"))
+        own = load_file(os.path.join(source, "model.safetensors"))
+        assert all(torch.equal(merged[n], own[n]) for n in ("classifier.weight", "classifier.bias"))
+    b_average = CliRunner().invoke(cli, ["merge", tiny_bert, tasks["A"], tasks["B"], "--heads", "average", "-o", str(tmp_path / "x")])
+    assert b_average.exit_code == 1 and "cannot average them" in b_average.stderr and not (tmp_path / "x").exists()
+
+
 def test_heads_of_one_task_are_averaged_with_the_weights(tiny_bert, tasks, tmp_path):
     a2 = _classifier(tiny_bert, str(tmp_path / "clsA2"), 2, seed=5)
     out = str(tmp_path / "same")
-    merge(tiny_bert, [tasks["A"], a2], out, weights=[1.0, 3.0])
+    merge(tiny_bert, [tasks["A"], a2], out, weights=[1.0, 3.0], heads="average")
     assert os.path.isfile(os.path.join(out, "model.safetensors"))  # one task: one head model
     merged = load_file(os.path.join(out, "model.safetensors"))
     h1, h2 = load_file(os.path.join(tasks["A"], "model.safetensors")), load_file(os.path.join(a2, "model.safetensors"))

@@ -467,3 +467,26 @@ def test_apply_to_keeps_the_base_bits_where_phi_is_zero(tmp_path, dtype):
         if dtype == torch.float64:  # fp64: θ₀ + (θ_ft − θ₀) exactly here (a power of two added)
             kept = torch.from_numpy(~same) & (got.view(-1) != base["w"].view(-1))
             assert torch.equal(got.view(-1)[kept], ft["w"].view(-1)[kept])
+
+
+def test_check_and_merge_agree_on_an_adapter_over_an_fp8_weight(tiny_llama, tmp_path):
+    """check must say what merge says: a LoRA on a weight stored as F8_E4M3 cannot merge."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    base = tmp_path / "fp8"
+    shutil.copytree(tiny_llama, base)
+    weights = load_file(str(base / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    weights[name] = weights[name].to(torch.float8_e4m3fn)
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    runner = CliRunner()
+    made = runner.invoke(cli, ["inject", "lora", tiny_llama, "-o", str(tmp_path / "lora"), "--targets", "q_proj"])
+    assert made.exit_code == 0, made.output
+    checked = runner.invoke(cli, ["check", str(base), str(tmp_path / "lora"), "--json"])
+    doc = json.loads(checked.stdout)
+    assert f"changes '{name}', a F8_E4M3 tensor" in doc["merge_refusal"]
+    merged = runner.invoke(cli, ["merge", str(base), str(tmp_path / "lora"), "-o", str(tmp_path / "out")])
+    assert merged.exit_code == 1 and f"changes '{name}', a F8_E4M3 tensor" in merged.stderr
+    assert not (tmp_path / "out").exists()

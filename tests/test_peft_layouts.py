@@ -33,6 +33,8 @@ MERGED = {
     "lm-head-lora": ("llama", None, dict(target_modules=["lm_head", "q_proj"])),
     "lm-head-saved": ("llama", None, dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])),
     "embedding-lora": ("llama", None, dict(target_modules=["embed_tokens", "q_proj"])),
+    # every linear target excluded: the embedding is all the adapter changes
+    "embedding-lora-linear-excluded": ("llama", None, dict(target_modules=["embed_tokens", "q_proj"], exclude_modules=["q_proj"])),
     "embedding-lora-tied": ("llama-tied", None, dict(target_modules=["embed_tokens", "q_proj"])),
     "trainable-tokens": ("llama", None, dict(target_modules=["q_proj"], trainable_token_indices=[3, 5, 7])),
     "trainable-tokens-tied": ("llama-tied", None, dict(target_modules=["q_proj"], trainable_token_indices=[3, 5, 7])),

@@ -10,6 +10,7 @@ from peftcli.cli.output import emit_json, json_option, stderr_console, styled
 from peftcli.options import FLOAT, SEED
 
 MERGE_METHODS = ("linear", "ties", "dare", "dare-ties")
+HEAD_MODES = ("each", "average")  # as peftcli.merge.heads.HEAD_MODES (no import: --help stays light)
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # merging computes in fp32: a larger weight, or sum of weights, is inf
@@ -40,8 +41,12 @@ def _floats(ctx, param, value):
 @click.option("--max-shard-size", help="Re-shard the output at this size (default: the base's shard layout).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow PyTorch .bin/.pt checkpoints (torch.load(weights_only=True)).")
+@click.option(
+    "--heads", type=click.Choice(HEAD_MODES), default="each", show_default=True,
+    help="Inputs with classification heads: each (one model per input) or average (one model, heads of one task averaged).",
+)
 @json_option
-def merge(base, inputs, out, weights, method, density, seed, dtype, max_shard_size, force, allow_pickle, as_json):
+def merge(base, inputs, out, weights, method, density, seed, dtype, max_shard_size, force, allow_pickle, heads, as_json):
     """Write BASE + the task vectors of INPUTS as a standalone checkpoint.
 
     INPUTS are .diff files, adapter directories whose method folds into the weights
@@ -78,7 +83,7 @@ def merge(base, inputs, out, weights, method, density, seed, dtype, max_shard_si
     try:
         report = run_merge(
             base, list(inputs), out, weights=weights, method=method, density=density, seed=seed, dtype=dtype,
-            max_shard_size=max_shard_size, force=force, allow_pickle=allow_pickle, stream=stream, progress=progress,
+            max_shard_size=max_shard_size, force=force, allow_pickle=allow_pickle, stream=stream, progress=progress, heads=heads,
             hasher=hasher,
         )
     finally:

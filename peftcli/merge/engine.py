@@ -86,12 +86,18 @@ def merge(
     stream: BinaryIO | None = None,
     progress: Callable[[int, int], None] | None = None,
     hasher: Hasher | None = None,
+    heads: str = "each",
 ) -> MergeReport:
     """Merge ``inputs`` into ``base``; write to ``out`` (file or directory) or to ``stream``.
 
     ``hasher`` hashes the inputs' weight files for the provenance metadata; one started
-    earlier (``Hasher.for_inputs(inputs)``) has them ready sooner.
+    earlier (``Hasher.for_inputs(inputs)``) has them ready sooner. ``heads``: inputs with
+    classification heads give one model each (``each``), or one model whose heads of one task
+    are averaged (``average``; see ``merge.heads``).
     """
+    mode = heads  # the name heads is the module below
+    if mode not in ("each", "average"):
+        raise UsageError(f"unknown heads mode {mode!r}", "choose each or average")
     from peftcli.merge.arithmetic import combine
 
     if not inputs:
@@ -114,7 +120,7 @@ def merge(
             out_dtype = {t.name: (dtype if dtype and t.dtype in FLOAT_DTYPES else t.dtype) for t in ckpt.tensors.values()}
             from peftcli.merge import heads
 
-            layout = heads.plan_heads(ckpt, sources)  # None: no input carries a task head
+            layout = heads.plan_heads(ckpt, sources, mode)  # None: no input carries a task head
             if layout is not None and (stream is not None or out.endswith(".safetensors")):
                 raise UsageError("a merged model with a task head is a model directory", "pass -o DIR")
             # output name -> base tensor name (None: a head tensor, of the first task)
@@ -250,7 +256,7 @@ def merge(
 
 
 def _size(out: str | None) -> int:
-    """Bytes of the output on disk (a file linked into several places counts once)."""
+    """Bytes of the output on disk (a file with several names counts once)."""
     if out and os.path.isfile(out):
         return os.path.getsize(out)
     seen, size = set(), 0

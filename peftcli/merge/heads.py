@@ -7,13 +7,16 @@ of the head model (``BertForSequenceClassification`` ...): the merged body under
 names (``bert.encoder...``), minus the base tensors it has no place for (a causal LM's
 ``lm_head``), plus the head, and a config.json naming the class and its labels.
 
-Heads group into tasks: heads of one task (``TaskHead.same_task``: class, tensor names and
-shapes, labels; a task trained twice) are averaged, weighted by the merge's λᵢ (one input's head
-is taken as it is, whatever its λ). One task: ``-o DIR`` is that head model. Several tasks (2
+Heads group into tasks: by default each input is its own task (equal labels do not make one
+task: SST-2 and RTE are both 0/1); with ``--heads average`` the inputs are one task trained
+several times and their heads (``TaskHead.same_task``: class, tensor names and shapes,
+labels) are averaged, weighted by the merge's λᵢ (one input's head is taken as it is,
+whatever its λ). One task: ``-o DIR`` is that head model. Several tasks (2
 and 4 labels, say): ``DIR`` holds one complete head model per task, ``DIR/<task>/``, named after
 the first input of the task (its file name without ``.diff``; ``-2``, ``-3`` ... on repeats).
-Every task directory holds the same merged body in the same shard files, hard links of one
-another where the file system allows (copies otherwise), and its head in a last shard of its
+Every task directory holds the same merged body in the same shard files, copy-on-write clones
+of the first task's where the file system has them (copies otherwise, never hard links), and
+its head in a last shard of its
 own, with the index, config.json and tokenizer files of that task.
 """
 
@@ -75,8 +78,13 @@ class HeadPlan:
         return len(self.tasks) > 1
 
 
-def plan_heads(base: Checkpoint, sources: list) -> HeadPlan | None:
-    """The tasks of the inputs that carry a head (``Source.head``); None when none does."""
+def plan_heads(base: Checkpoint, sources: list, mode: str = "each") -> HeadPlan | None:
+    """The tasks of the inputs that carry a head (``Source.head``); None when none does.
+
+    ``each``: every input is a task of its own, whatever its labels (SST-2 and RTE both have
+    the labels 0 and 1; averaging their heads would give a classifier for neither). ``average``:
+    the user says the inputs are one task trained several times: their heads are averaged,
+    and heads that cannot be (another class, shape or label set) are an error."""
     tasks: list[Task] = []
     model = None
     for i, s in enumerate(sources):
@@ -89,7 +97,13 @@ def plan_heads(base: Checkpoint, sources: list) -> HeadPlan | None:
                 "merge heads of head models that share the base's body",
             )
         model = model or this
-        task = next((t for t in tasks if t.head.same_task(s.head)), None)
+        task = tasks[0] if mode == "average" and tasks else None
+        if task is not None and not task.head.same_task(s.head):
+            raise BadInputError(
+                f"{s.path}: its head ({s.head.architecture}, labels {s.head.labels}) is not of the same task as "
+                f"{sources[task.members[0][0]].path}'s (labels {task.head.labels}): --heads average cannot average them",
+                "use --heads each for one model per input",
+            )
         if task is None:
             tasks.append(task := Task("", s.head))
         task.members.append((i, s.head_values))
@@ -139,7 +153,7 @@ def write_sibling(
     first: str, dest: str, task: Task, lam: list[float], dtype: str | None, metadata: dict, config: bytes,
     source_dir: str | None, body_bytes: int,
 ) -> None:
-    """Task directory ``dest``: ``first``'s body shards (hard links, else copies) and ``task``'s head shard."""
+    """Task directory ``dest``: ``first``'s body shards (clones, else copies) and ``task``'s head shard."""
     with open(os.path.join(first, SAFETENSORS_INDEX), encoding="utf-8") as f:
         index = json.load(f)
     weight_map = index["weight_map"]

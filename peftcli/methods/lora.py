@@ -114,7 +114,9 @@ class LoRA:
             return []
         if cfg.exclude:  # PEFT drops excluded modules before it looks at target_modules
             modules = [m for m in modules if not excluded(m.name, cfg.exclude)]
-            if not modules and not embedded:
+            if not modules and embedded:
+                return []  # the embedding targets are all that is left
+            if not modules:
                 raise UsageError(
                     "exclude_modules removes every module target_modules selects",
                     "the adapter config targets nothing: fix exclude_modules in adapter_config.json",

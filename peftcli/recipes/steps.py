@@ -323,6 +323,7 @@ def _build_merge(cmd, p) -> Runner:
         return merge(
             p["base"], list(p["inputs"]), p["out"], weights=p["weights"], method=p["method"], density=p["density"],
             seed=p["seed"], dtype=p["dtype"], max_shard_size=p["max_shard_size"], force=p["force"], allow_pickle=p["allow_pickle"],
+            heads=p["heads"],
         ).to_json()
 
     return run

@@ -487,9 +487,11 @@ def train_adapter(
         adapted.save_into(run)
         # The final state, so that the run can be continued (--resume --steps N); written after
         # the result, so a kill between the two resumes from an earlier checkpoint, never
-        # reads as finished with a stale result.
+        # reads as finished with a stale result. A full fine-tune's state is the whole model
+        # plus twice its size of optimizer moments: only where checkpoints were asked for.
         latest = ckpt_state.latest_checkpoint(run)
-        if pass_lr is None and (latest is None or ckpt_state.checkpoint_step(latest) != step):
+        wanted = not cfg.full or cfg.save_every is not None
+        if pass_lr is None and wanted and (latest is None or ckpt_state.checkpoint_step(latest) != step):
             ckpt_state.save_checkpoint(run, step, adapted, trainer_state(), keep=cfg.keep_checkpoints)
     distributed.barrier(world)
     # The DDP wrapper's reducer holds the process group: free it first. Destroying the group
