@@ -39,6 +39,17 @@ class PeftcliError(Exception):
 UNSAFE_CHARS = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
 
 
+# The streams' safety net (cli.output.EscapingStream) lets tab and carriage return through:
+# progress bars of the libraries we call (tqdm) redraw their line with \r, and neither can
+# start an escape sequence. Text from files goes through terminal_safe itself first.
+STREAM_UNSAFE_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
+
+
+def stream_safe(text: str) -> str:
+    """``text`` as the escaping streams write it: ``terminal_safe`` but for tab and CR."""
+    return STREAM_UNSAFE_CHARS.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 def terminal_safe(text: str) -> str:
     """``text`` with every control character but the newline written visibly (ESC as \\x1b)."""
     return UNSAFE_CHARS.sub(lambda m: repr(m.group())[1:-1], text)

@@ -125,3 +125,17 @@ def test_on_a_terminal_rich_styles_but_data_stays_escaped(tiny_llama, tmp_path, 
     assert "\x1b[1m" in text  # rich's own bold reached the terminal
     assert "\x07" not in text and "\x1b]" not in text and "\x1b[2J" not in text and "\x9b" not in text
     assert "\\x1b]0;pwned\\x07" in text
+
+
+def test_the_stream_safety_net_keeps_progress_redraws_but_not_escapes():
+    """Other libraries' progress lines (tqdm) redraw with CR: the streams let CR and tab through,
+    never ESC or BEL; text from files is escaped whole before it gets there (terminal_safe)."""
+    import io
+
+    from peftcli.cli.output import EscapingStream
+    from peftcli.errors import terminal_safe
+
+    raw = io.StringIO()
+    EscapingStream(raw).write("\rWriting shards: 50%\t|\x1b]0;x\x07")
+    assert raw.getvalue() == "\rWriting shards: 50%\t|\\x1b]0;x\\x07"
+    assert terminal_safe("a\rb\tc") == "a\\rb\\tc"

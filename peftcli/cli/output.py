@@ -19,17 +19,18 @@ import sys
 
 import click
 
-from peftcli.errors import UNSAFE_CHARS as _UNSAFE, terminal_safe  # noqa: F401 (terminal_safe re-exported)
+from peftcli.errors import UNSAFE_CHARS as _UNSAFE, stream_safe, terminal_safe  # noqa: F401 (terminal_safe re-exported)
 
 
 class EscapingStream:
-    """A text stream that writes through ``terminal_safe``; bytes (``.buffer``) pass untouched."""
+    """A text stream that writes through ``stream_safe`` (ESC, BEL, C1 ... escaped; tab and CR kept
+    for other libraries' progress lines); bytes (``.buffer``) pass untouched."""
 
     def __init__(self, stream) -> None:
         self.raw = stream
 
     def write(self, text: str) -> int:
-        self.raw.write(terminal_safe(text) if isinstance(text, str) else text)
+        self.raw.write(stream_safe(text) if isinstance(text, str) else text)
         return len(text)
 
     def writelines(self, lines) -> None:
