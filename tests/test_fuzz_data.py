@@ -152,3 +152,16 @@ def test_unicode_digits_and_double_minus_are_string_labels(tmp_path):
     rows = [{"text": "a", "label": "--5"}, {"text": "b", "label": "²"}, {"text": "c", "label": "10"}, {"text": "d", "label": "2"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     assert load_dataset(str(path)).labels == ["2", "10", "--5", "²"]
+
+
+def test_a_rare_integer_class_in_the_first_row_is_data_not_a_header(tmp_path):
+    """Integer labels throughout (SST-2, AG News ids): a first row whose class appears once is an
+    example of a rare class; only a non-integer among integers reads as a header's name."""
+    path = tmp_path / "ids.tsv"
+    path.write_text("rare\t3\n" + "".join(f"t{i}\t{i % 2}\n" for i in range(8)), encoding="utf-8")
+    data = load_dataset(str(path))
+    assert data.labels == ["0", "1", "3"] and data.examples[0].text == "rare"
+    named = tmp_path / "named.tsv"
+    named.write_text("sentence\tlabel_id\n" + "".join(f"t{i}\t{i % 2}\n" for i in range(8)), encoding="utf-8")
+    with pytest.raises(PeftcliError, match="looks like a header"):
+        load_dataset(str(named))

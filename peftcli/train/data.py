@@ -281,6 +281,8 @@ def _refuse_header_as_data(path: str, examples: list[Example]) -> None:
     counts = Counter(ex.label for ex in examples)
     first = examples[0].label
     others = [n for label, n in counts.items() if label != first]
+    if all(is_integer_label(label) for label in counts if label != first) and is_integer_label(first):
+        return  # integer ids throughout: a first row of a rare class, not a header's column name
     if counts[first] == 1 and others and all(n >= 2 for n in others):
         raise BadInputError(
             f"{path}:1: the first row ({examples[0].text[:40]!r}, {first!r}) looks like a header: its label {first!r} "
