@@ -471,9 +471,12 @@ def train_adapter(
                 if cfg.patience is not None and bad_evals >= cfg.patience:
                     stopped_early = True
                     log(f"early stop at step {step}: no better validation loss in {cfg.patience} evaluations (best at step {best['step']})")
-            if ((cfg.save_every and step % cfg.save_every == 0) or flag.stop) and world.main:
+            if (cfg.save_every and step % cfg.save_every == 0) or flag.stop:
+                # Every worker checks φ (the same on all of them): one raising alone would leave
+                # the others waiting at the next collective until the timeout.
                 _check_phi(run, cfg, step, named, world, pass_lr)
-                ckpt_state.save_checkpoint(run, step, adapted, trainer_state(), keep=cfg.keep_checkpoints)
+                if world.main:
+                    ckpt_state.save_checkpoint(run, step, adapted, trainer_state(), keep=cfg.keep_checkpoints)
             if flag.stop:
                 raise Interrupted(f"interrupted at step {step}; checkpoint saved", f"continue with peftcli train {run} --resume")
             if stopped_early:
@@ -482,8 +485,8 @@ def train_adapter(
             progress.finish()
 
     adapted.eval()
+    _check_phi(run, cfg, step, named, world, pass_lr)  # on every worker, as above
     if world.main:
-        _check_phi(run, cfg, step, named, world, pass_lr)
         adapted.save_into(run)
         # The final state, so that the run can be continued (--resume --steps N); written after
         # the result, so a kill between the two resumes from an earlier checkpoint, never
