@@ -32,6 +32,8 @@ MERGED = {
     "lora-bias-gpt2": ("gpt2", None, dict(target_modules=["c_attn"], lora_bias=True, fan_in_fan_out=True)),
     "lm-head-lora": ("llama", None, dict(target_modules=["lm_head", "q_proj"])),
     "lm-head-saved": ("llama", None, dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])),
+    # PEFT matches modules_to_save names as suffixes: it saves model.embed_tokens for "embed_tokens"
+    "embed-saved-by-suffix": ("llama", None, dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"])),
     "embedding-lora": ("llama", None, dict(target_modules=["embed_tokens", "q_proj"])),
     # every linear target excluded: the embedding is all the adapter changes
     "embedding-lora-linear-excluded": ("llama", None, dict(target_modules=["embed_tokens", "q_proj"], exclude_modules=["q_proj"])),
@@ -85,6 +87,11 @@ def check_and_merge(base: str, adapter: str, out: str):
     return checked, merged
 
 
+# Tensors a saved module replaces: PEFT's merge writes them as saved, and so must ours, bit for bit
+# (θ₀ + (t − θ₀) in floating point is not t).
+EXACT = {"lm-head-saved": ("lm_head.weight",), "embed-saved-by-suffix": ("model.embed_tokens.weight",)}
+
+
 @pytest.mark.parametrize("name", sorted(MERGED))
 def test_merged_as_peft_merges(name, bases, tmp_path):
     arch, head, kw = MERGED[name]
@@ -100,6 +107,8 @@ def test_merged_as_peft_merges(name, bases, tmp_path):
     for key, t in ours.items():
         assert key in theirs, key
         assert torch.allclose(t, theirs[key], atol=1e-5), (key, (t - theirs[key]).abs().max())
+        if key in EXACT.get(name, ()):
+            assert torch.equal(t, theirs[key]), (key, int((t != theirs[key]).sum()))
         was = stored.get(key, stored.get(key.split(".", 1)[-1]))  # a head model names bert.encoder...
         changed += was is not None and not torch.equal(t, was)
     assert changed >= 1

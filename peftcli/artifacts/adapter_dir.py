@@ -217,7 +217,7 @@ def read_adapter(path: str) -> Adapter:
         raise BadInputError(f"{path}: no {ADAPTER_WEIGHTS}", "the adapter directory is incomplete; pass one written whole by peftcli inject or train")
     ckpt = open_checkpoint(weights)
     tensors = from_file_layout(config, {name: ckpt.get(name) for name in ckpt}, path)
-    config = _task_heads(config, tensors)
+    config = _task_heads(_saved_paths(config, tensors), tensors)
     check_adapter_tensors(config, tensors, path)
     return Adapter(path=path, config=config, tensors=tensors, metadata=dict(ckpt.metadata))
 
@@ -266,6 +266,34 @@ def to_file_layout(config: dict, tensors: dict) -> dict:
         return tensors
     saved = lambda k: any(k.startswith(f"{_SAVED}{n}.") for n in names)  # noqa: E731
     return {(_PROMPT_SAVED + k[len(_SAVED) :] if saved(k) else k): t for k, t in tensors.items()}
+
+
+def _saved_paths(config: dict, tensors: dict) -> dict:
+    """``config`` with each ``modules_to_save`` name as the module paths the adapter saved it
+    under. PEFT matches a name as a suffix of module paths (``embed_tokens`` saves
+    ``base_model.model.model.embed_tokens.weight``); every command here reads exact paths."""
+    names = config.get("modules_to_save")
+    if not isinstance(names, list) or not names:
+        return config
+    resolved: list[str] = []
+    for name in names:
+        if not isinstance(name, str) or any(k.startswith(f"{_SAVED}{name}.") for k in tensors):
+            resolved.append(name)  # already a path (or not a name: check_adapter_tensors says so)
+            continue
+        paths = sorted({p for k in tensors if k.startswith(_SAVED) for p in _suffix_paths(k[len(_SAVED) :], name)})
+        resolved.extend(paths or [name])
+    return {**config, "modules_to_save": list(dict.fromkeys(resolved))}
+
+
+def _suffix_paths(rest: str, name: str) -> list[str]:
+    """Module paths in ``rest`` (a saved key without PEFT's prefix) that end with ``.name``,
+    where what follows is a saved module's parameter (not LoRA's own tensors)."""
+    parts, want = rest.split("."), name.split(".")
+    found = []
+    for end in range(len(want) + 1, len(parts)):
+        if parts[end - len(want) : end] == want and not any(p.startswith("lora_") for p in parts[end:]):
+            found.append(".".join(parts[:end]))
+    return found
 
 
 # PEFT's classification wrappers (task_type SEQ_CLS) add both names to ``modules_to_save`` and

@@ -33,6 +33,7 @@ from peftcli.checkpoint.dtypes import plus_base, torch_dtype, work_dtype
 from peftcli.checkpoint.reader import open_checkpoint
 from peftcli.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, SafetensorsStreamWriter, TensorSpec
 from peftcli.errors import BadInputError, UsageError
+from peftcli.methods.base import Replacement
 from peftcli.merge.provenance import Hasher
 from peftcli.merge.pipeline import Buffers, ReadAhead, WriteBehind
 from peftcli.merge.ranged import (
@@ -157,6 +158,12 @@ def merge(
                     return ckpt.read_bytes(name), False
                 stored = ckpt.get(name)
                 work = work_dtype(stored.dtype)  # holds the base's values exactly
+                if len(touched) == 1 and lam[touched[0][0]] == 1.0 and isinstance(touched[0][1].deltas[name], Replacement):
+                    # One input whose change is new values (a saved module, new token rows), taken
+                    # whole: written as they are, as PEFT's merge_and_unload writes them.
+                    result = touched[0][1].deltas[name].values(stored).to(torch_dtype(out_dtype[name])).contiguous()
+                    check_finite(name, result)
+                    return result, True
                 if touched and method == "linear":
                     # Σ λᵢφᵢ accumulated one input at a time (the same operations, in the same
                     # order, as combine's weighted sum), so only one φ is alive at once.

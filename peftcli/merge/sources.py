@@ -35,6 +35,7 @@ from peftcli.checkpoint.fingerprint import file_sha256, summarize_differences, t
 from peftcli.checkpoint.reader import Checkpoint, TensorInfo, open_checkpoint
 from peftcli.errors import BadInputError, UsageError
 from peftcli.heads import TaskHead, build_head_model, label_names, match_head_checkpoint
+from peftcli.methods.base import Replacement
 
 MERGED_DTYPES = ("F16", "BF16", "F32", "F64")  # what a merge computes with; other tensors pass through unchanged
 
@@ -173,7 +174,7 @@ def _adapter_source(path: str, base: Checkpoint, sha256: Callable[[str], str] = 
     # A saved module with the base's own tensor names (an lm_head trained whole) replaces them.
     replaced = replaced_modules(adapter.config, adapter.tensors, base.tensors)
     heads = {n: t for n, t in heads.items() if n not in replaced}
-    deltas.update({n: (lambda stored, t=t: t.to(work_dtype(stored.dtype)) - stored.to(work_dtype(stored.dtype))) for n, t in replaced.items()})
+    deltas.update({n: Replacement(lambda stored, t=t: t) for n, t in replaced.items()})  # written as saved
     weights = os.path.join(path, "adapter_model.safetensors")
     head = adapter_head(path, heads, base) if heads else None
     return Source(path, "adapter", deltas, _hashes([weights], sha256), head=head, head_values=heads.__getitem__)

@@ -50,6 +50,22 @@ def base_module(path: str, modules) -> str | None:
     return rest if rest in modules else None
 
 
+class Replacement:
+    """A delta that is really new values: ``Replacement(values)(stored)`` is the change
+    values − stored (for sums of task vectors), and ``values(stored)`` the new tensor itself,
+    which a merge of this input alone with weight 1 writes as it is: θ₀ + (t − θ₀) in floating
+    point is not t bit for bit, and PEFT's merge_and_unload writes t (a saved module, new rows)."""
+
+    def __init__(self, values: Callable[[Any], Any]):
+        self.values = values
+
+    def __call__(self, stored):
+        from peftcli.checkpoint.dtypes import work_dtype
+
+        work = work_dtype(stored.dtype)
+        return self.values(stored).to(work) - stored.to(work)
+
+
 def mismatch_error(problems: list[str]) -> "BadInputError":
     from peftcli.errors import BadInputError
 

@@ -337,7 +337,7 @@ class LoRA:
         if tokens:
             indices, dim = chosen[name]
             problem = lora_tokens.tokens_problem(path, parts, indices, dim)
-            fold = partial(lora_tokens.fold_tokens, indices=indices, values=parts.get(lora_tokens.TOKENS))
+            fold = lora_tokens.fold_tokens(indices=indices, values=parts.get(lora_tokens.TOKENS))
         else:
             problem = lora_tokens.embedding_problem(path, parts, cfg, *chosen[name])
             problem = problem or _saved_base_problem(path, parts, lambda: ckpt.get(name + ".weight"))

@@ -157,14 +157,20 @@ def fold_embedding(stored: "torch.Tensor", *, a: "torch.Tensor", b: "torch.Tenso
     return (scaling * (b.float() @ a.float())).T
 
 
-def fold_tokens(stored: "torch.Tensor", *, indices: tuple[int, ...], values: "torch.Tensor") -> "torch.Tensor":
-    """The change that makes rows ``indices`` equal ``values`` (PEFT's index_copy), 0 elsewhere."""
+def token_rows(stored: "torch.Tensor", *, indices: tuple[int, ...], values: "torch.Tensor") -> "torch.Tensor":
+    """The embedding with rows ``indices`` set to ``values`` (PEFT's index_copy), the others its own."""
     import torch
 
-    from peftcli.checkpoint.dtypes import work_dtype
+    out = stored.clone()
+    out[torch.tensor(indices, dtype=torch.long)] = values.to(stored.dtype)
+    return out
 
-    work = work_dtype(stored.dtype)
-    idx = torch.tensor(indices, dtype=torch.long)
-    delta = torch.zeros(stored.shape, dtype=work)
-    delta[idx] = values.to(work) - stored[idx].to(work)
-    return delta
+
+def fold_tokens(*, indices: tuple[int, ...], values: "torch.Tensor"):
+    """The change that makes rows ``indices`` equal ``values``, 0 elsewhere: a ``Replacement``,
+    so that a merge of this adapter alone writes the rows PEFT writes, bit for bit."""
+    from functools import partial
+
+    from peftcli.methods.base import Replacement
+
+    return Replacement(partial(token_rows, indices=indices, values=values))
