@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from peftcli.attach import load_adapted, load_base_model
 from peftcli.cli import cli
@@ -58,7 +58,12 @@ def test_merged_model_computes_pefts_logits_and_stays_tied(case, base, tmp_path)
 def test_trainable_tokens_replace_exactly_their_rows(tiny_llama, tmp_path):
     """PEFT's saved "delta" is the rows' new value (index_copy), not an addition."""
     adapter = peft_adapter(tiny_llama, str(tmp_path / "adapter"), target_modules=["q_proj"], trainable_token_indices=[3, 5, 7])
-    rows = load_file(os.path.join(adapter, "adapter_model.safetensors"))["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+    saved = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    # new tokens often start near 0: there θ₀ + (t − θ₀) rounds away from t
+    saved[key] = torch.randn(saved[key].shape, generator=torch.Generator().manual_seed(3)) * 1e-3
+    save_file(saved, os.path.join(adapter, "adapter_model.safetensors"), metadata={"format": "pt"})
+    rows = saved[key]
     assert CliRunner().invoke(cli, ["merge", tiny_llama, adapter, "-o", str(tmp_path / "m")]).exit_code == 0
     got = load_file(str(tmp_path / "m" / "model.safetensors"))[EMBED]
     was = load_file(os.path.join(tiny_llama, "model.safetensors"))[EMBED]
