@@ -192,7 +192,8 @@ def test_lt_sft_resumes_byte_identically_after_sigkill_in_phase_1(tiny_llama, da
     ref = _inject(tiny_llama, tmp_path, "lt-sft", "ref", top_k=K)
     cmd = ["--data", data["lm"], "--steps", "4", "--phase1-steps", "40", "--batch-size", "4", "--lr", "1e-2",
            "--phase1-lr", "1e-3", "--save-every", "2", "--quiet"]
-    subprocess.run([sys.executable, "-m", "peftcli", "train", ref, *cmd], check=True, cwd=ROOT, timeout=240)
+    made = CliRunner().invoke(cli, ["train", ref, *cmd])  # the reference in process: no torch import to pay
+    assert made.exit_code == 0, made.stderr
     run = _inject(tiny_llama, tmp_path, "lt-sft", "killed", top_k=K)
     proc = subprocess.Popen([sys.executable, "-m", "peftcli", "train", run, *cmd], cwd=ROOT, stderr=subprocess.DEVNULL)
     marker = os.path.join(run, phased.PHASE1, "checkpoints", "step-0000004")
@@ -204,8 +205,8 @@ def test_lt_sft_resumes_byte_identically_after_sigkill_in_phase_1(tiny_llama, da
     proc.kill()
     proc.wait()
     assert not os.path.isfile(os.path.join(run, phased.PHASE1_DONE)), "phase 1 finished before the kill"
-    resumed = subprocess.run([sys.executable, "-m", "peftcli", "train", run, "--resume", "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=240)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = CliRunner().invoke(cli, ["train", run, "--resume", "--quiet"])
+    assert resumed.exit_code == 0, resumed.stderr
     assert open(os.path.join(ref, "adapter_model.safetensors"), "rb").read() == open(os.path.join(run, "adapter_model.safetensors"), "rb").read()
 
 
@@ -322,7 +323,8 @@ def test_two_gloo_workers_equal_one_process_for_the_multi_pass_methods(tiny_llam
     # no dropout, so both runs compute the same thing up to the order of the gradient sums.
     one, two = _inject(tiny_llama, tmp_path, method, "one", **opts), _inject(tiny_llama, tmp_path, method, "two", **opts)
     common = ["--data", data["lm"], "--steps", "3", "--phase1-steps", "3", "--lr", "1e-2", "--phase1-lr", "1e-3", "--quiet"]
-    subprocess.run([sys.executable, "-m", "peftcli", "train", one, *common, "--batch-size", "8"], check=True, cwd=ROOT)
+    single = CliRunner().invoke(cli, ["train", one, *common, "--batch-size", "8"])  # one process: this one
+    assert single.exit_code == 0, single.stderr
     proc = subprocess.run(
         [sys.executable, "-m", "peftcli", "train", two, *common, "--batch-size", "4", "--nproc", "2", "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=280, env=os.environ | {"PEFTCLI_DIST_TIMEOUT": "120"},

@@ -161,8 +161,8 @@ def test_resume_after_a_kill_is_byte_identical(tiny_llama, data, tmp_path, sig, 
     assert done and done[-1] != f"step-{steps:07d}", "the run finished before it was interrupted"
     assert not [n for n in os.listdir(os.path.join(run, "checkpoints")) if "peftcli-tmp" in n and sig == signal.SIGINT]
 
-    resumed = subprocess.run([sys.executable, "-m", "peftcli", "train", run, "--resume", "--quiet"], cwd=ROOT, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = CliRunner().invoke(cli, ["train", run, "--resume", "--quiet"])  # in process: no second torch import
+    assert resumed.exit_code == 0, resumed.stderr
     a = open(os.path.join(ref, "adapter_model.safetensors"), "rb").read()
     b = open(os.path.join(run, "adapter_model.safetensors"), "rb").read()
     assert a == b
@@ -300,7 +300,8 @@ def test_two_gloo_workers_equal_one_process_with_the_same_global_batch(tiny_llam
     # Llama has no dropout, so both runs see the same computation up to the gradient all-reduce.
     one, two = _run(tiny_llama, tmp_path, "one"), _run(tiny_llama, tmp_path, "two")
     common = ["--data", data["cls"], "--steps", "4", "--lr", "1e-2", "--quiet"]
-    subprocess.run([sys.executable, "-m", "peftcli", "train", one, *common, "--batch-size", "8"], check=True, cwd=ROOT)
+    single = CliRunner().invoke(cli, ["train", one, *common, "--batch-size", "8"])  # one process: this one
+    assert single.exit_code == 0, single.stderr
     proc = subprocess.run(
         [sys.executable, "-m", "peftcli", "train", two, *common, "--batch-size", "4", "--nproc", "2", "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=240, env=os.environ | {"PEFTCLI_DIST_TIMEOUT": "120"},
