@@ -89,7 +89,7 @@ def budget_seconds() -> float:
 def command_budget(seconds: float | None = None):
     """Every pattern matched inside shares one budget (the CLI opens one per command).
 
-    Outside any, each compiled ``Pattern`` has a budget of its own."""
+    Outside any, each match has a budget of its own."""
     token = _command_budget.set(_Budget(seconds if seconds is not None else budget_seconds()))
     try:
         yield
@@ -118,7 +118,6 @@ class Pattern:
             self._compiled = _compile(self.text)
         except _Refused as exc:
             raise self.error(f"invalid {self.source} regex {shown(self.text)}: {exc}", self._hint) from None
-        self._own = _Budget(budget_seconds())
 
     def fullmatch(self, text: str) -> bool:
         return self._run(self._compiled.fullmatch, text)
@@ -127,7 +126,9 @@ class Pattern:
         return self._run(self._compiled.search, text)
 
     def _run(self, match, text: str) -> bool:
-        budget = _command_budget.get() or self._own
+        # Outside a command (library use) each match has a budget of its own: a compiled pattern
+        # can live long (cached), and a budget that only ever shrank would fail it one day.
+        budget = _command_budget.get() or _Budget(budget_seconds())
         if budget.left <= 0:
             raise self._too_slow(budget)
         start = time.thread_time()  # regex's timeout counts CPU time too: a busy machine only stretches it

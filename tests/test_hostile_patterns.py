@@ -188,3 +188,12 @@ def test_search_and_fullmatch_agree_with_re(pattern, text):
     compiled = patterns.Pattern(pattern, "--filter")
     assert compiled.fullmatch(text) == (re.fullmatch(pattern, text) is not None)
     assert compiled.search(text) == (re.search(pattern, text) is not None)
+
+
+def test_outside_a_command_each_match_has_a_budget_of_its_own(monkeypatch):
+    """Library use: a long-lived (cached) pattern is not failed one day by a budget that only shrank."""
+    monkeypatch.setenv(patterns.BUDGET_ENV, "0.2")
+    slow = patterns.compile_pattern("(a|aa)+$", "--targets")
+    with pytest.raises(UsageError, match="did not finish matching in 0.2 s"):
+        slow.fullmatch("a" * 40 + "b")
+    assert slow.fullmatch("aa") and not slow.fullmatch("b")  # quick answers: the spent budget was that call's
