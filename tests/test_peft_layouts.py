@@ -35,6 +35,8 @@ MERGED = {
     # PEFT matches modules_to_save names as suffixes: it saves model.embed_tokens for "embed_tokens"
     "embed-saved-by-suffix": ("llama", None, dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"])),
     "embedding-lora": ("llama", None, dict(target_modules=["embed_tokens", "q_proj"])),
+    # layers_to_transform: PEFT adapts q_proj of layer 0 and skips the embedding (no layer index)
+    "embedding-name-with-layers": ("llama", None, dict(target_modules=["embed_tokens", "q_proj"], layers_to_transform=[0])),
     # every linear target excluded: the embedding is all the adapter changes
     "embedding-lora-linear-excluded": ("llama", None, dict(target_modules=["embed_tokens", "q_proj"], exclude_modules=["q_proj"])),
     "embedding-lora-tied": ("llama-tied", None, dict(target_modules=["embed_tokens", "q_proj"])),

@@ -102,15 +102,16 @@ class LoRA:
         """The linear modules the config selects (an adapter's embedding targets: ``_embedding_targets``)."""
         _refuse_embedding_targets(shapes, model_config, cfg)
         embedded = self._embedding_targets(shapes, model_config, cfg)
-        spec = _linear_spec(shapes, model_config, cfg.targets, embedded)
+        named = embedded or _skipped_embeddings(shapes, model_config, cfg)  # names that are no linear target
+        spec = _linear_spec(shapes, model_config, cfg.targets, named)
         try:
             # "" left after taking out embedding names: only embeddings; a user's "" is the default
-            modules = [] if spec == "" and embedded else resolve_targets(shapes, model_config, spec, cfg.layers)
+            modules = [] if spec == "" and named else resolve_targets(shapes, model_config, spec, cfg.layers)
         except UsageError:
-            if not embedded:
+            if not named:
                 raise
             modules = []  # a regex selecting embeddings only
-        if not modules and embedded:
+        if not modules and named:
             return []
         if cfg.exclude:  # PEFT drops excluded modules before it looks at target_modules
             modules = [m for m in modules if not excluded(m.name, cfg.exclude)]
@@ -420,6 +421,17 @@ def _exclude_spec(value) -> str | tuple[str, ...] | None:
     if not value:
         return None
     return value if isinstance(value, str) else tuple(value)
+
+
+def _skipped_embeddings(shapes: dict, model_config: dict | None, cfg: LoraConfig) -> dict:
+    """Embeddings an adapter's target_modules names but PEFT does not adapt, having no layer
+    index for layers_to_transform: their names are no linear target either (PEFT skips them)."""
+    if not (cfg.peft_embeddings and cfg.layers and cfg.targets) or cfg.targets.strip() == "all-linear":
+        return {}
+    from peftcli.targets import linear_modules
+
+    linear = {m.name for m in linear_modules(shapes, model_config)}
+    return {m: s for m, s in lora_tokens.embeddings(shapes, linear).items() if lora_tokens.selects(cfg.targets, m)}
 
 
 def _linear_spec(shapes: dict, model_config: dict | None, spec: str | None, embedded: dict) -> str | None:
