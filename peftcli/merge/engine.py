@@ -114,6 +114,7 @@ def merge(
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise UsageError(f"unknown --dtype {dtype!r}", "choose F32, BF16, F16 or F64")
     with _one_thread(), open_checkpoint(base, allow_pickle=allow_pickle) as ckpt:
+        m.plan(cfg, list(ckpt.tensors))  # e.g. SLERP's t lists against the base's layers
         sources: list[Source] = []
         hasher = hasher or Hasher.for_inputs(inputs)
         try:
@@ -253,7 +254,9 @@ def merge(
 
 def _extra(cfg) -> dict:
     """The provenance of a method's parameters beyond density (recorded already, for every method)."""
-    return {k: v for k, v in vars(cfg).items() if k != "density"}
+    from peftcli.options import option_fields
+
+    return {f.name: getattr(cfg, f.name) for f in option_fields(type(cfg)) if f.name != "density"}
 
 
 def _size(out: str | None) -> int:

@@ -12,9 +12,10 @@ from peftcli.errors import UsageError
 from peftcli.merge.methods.base import MergeMethod
 from peftcli.merge.methods.dare import DARE, DARE_TIES
 from peftcli.merge.methods.linear import LINEAR
+from peftcli.merge.methods.slerp import SLERP
 from peftcli.merge.methods.ties import TIES
 
-REGISTRY: dict[str, MergeMethod] = {m.name: m for m in (LINEAR, TIES, DARE, DARE_TIES)}
+REGISTRY: dict[str, MergeMethod] = {m.name: m for m in (LINEAR, TIES, DARE, DARE_TIES, SLERP)}
 
 
 def get_merge_method(name: str) -> MergeMethod:

@@ -61,6 +61,9 @@ class MergeMethod:
             exact = f"exactly {least}" if least == most else f"at least {least}"
             raise UsageError(f"{self.name} merges {exact} models, got {n}", f"give {exact} inputs, or use --method linear")
 
+    def plan(self, cfg, names) -> None:
+        """Bind the options to the base's tensor ``names`` (its layers) before anything is written."""
+
     # --- kernels -------------------------------------------------------------------------
 
     def combine(self, phis, weights, cfg, *, seed: int, key: str, dtype, base=None):
