@@ -288,7 +288,7 @@ def test_bf16_inputs_are_upcast_once(method):
 @pytest.mark.parametrize(
     ("args", "kwargs", "error", "words"),
     [
-        (([_t([1.0])], [1.0], "slerp"), {}, UsageError, "unknown merge method"),
+        (([_t([1.0])], [1.0], "spline"), {}, UsageError, "unknown merge method"),
         (([], [], "linear"), {}, UsageError, "nothing to merge"),
         (([_t([1.0]), _t([2.0])], [1.0], "linear"), {}, UsageError, "1 weights for 2"),
         (([_t([1.0])], [float("nan")], "linear"), {}, UsageError, "not a finite"),

@@ -7,9 +7,10 @@ import sys
 import click
 
 from peftcli.cli.output import emit_json, json_option, stderr_console, styled
-from peftcli.options import FLOAT, SEED
+from peftcli.merge.methods import REGISTRY, option_classes, option_names
+from peftcli.options import FLOAT, SEED, click_options
 
-MERGE_METHODS = ("linear", "ties", "dare", "dare-ties")
+MERGE_METHODS = tuple(REGISTRY)  # --method's choices (and check's): the registry's names
 HEAD_MODES = ("each", "average")  # as peftcli.merge.heads.HEAD_MODES (no import: --help stays light)
 
 
@@ -29,13 +30,18 @@ def _floats(ctx, param, value):
     return weights
 
 
+def method_options(values: dict) -> dict:
+    """The merge methods' parameters among click's (or a recipe's) values, by name."""
+    return {k: values.get(k) for k in option_names()}
+
+
 @click.command()
 @click.argument("base", type=click.Path())
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output", "out", type=click.Path(), help="Checkpoint to write (a .safetensors file or a directory); default: stdout, for a single file.")
 @click.option("--weights", callback=_floats, help="Comma-separated λᵢ, one per input (default 1 each): θ₀ + Σ λᵢ φᵢ.")
 @click.option("--method", type=click.Choice(MERGE_METHODS), default="linear", show_default=True, help="How the task vectors combine.")
-@click.option("--density", type=FLOAT, help="Fraction of each task vector kept (ties, dare, dare-ties).")
+@click_options(*option_classes())  # every method's parameters, declared once in its module
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of DARE's random drop.")
 @click.option("--dtype", type=click.Choice(["F32", "BF16", "F16", "F64"]), help="Output dtype of floating tensors (default: the base's).")
 @click.option("--max-shard-size", help="Re-shard the output at this size (default: the base's shard layout).")
@@ -46,7 +52,7 @@ def _floats(ctx, param, value):
     help="Inputs with classification heads: each (one model per input) or average (one model, heads of one task averaged).",
 )
 @json_option
-def merge(base, inputs, out, weights, method, density, seed, dtype, max_shard_size, force, allow_pickle, heads, as_json):
+def merge(base, inputs, out, weights, method, seed, dtype, max_shard_size, force, allow_pickle, heads, as_json, **options):
     """Write BASE + the task vectors of INPUTS as a standalone checkpoint.
 
     INPUTS are .diff files, adapter directories whose method folds into the weights
@@ -82,7 +88,7 @@ def merge(base, inputs, out, weights, method, density, seed, dtype, max_shard_si
         progress = lambda n, total: bar.update(task, completed=n, total=total)  # noqa: E731
     try:
         report = run_merge(
-            base, list(inputs), out, weights=weights, method=method, density=density, seed=seed, dtype=dtype,
+            base, list(inputs), out, weights=weights, method=method, options=method_options(options), seed=seed, dtype=dtype,
             max_shard_size=max_shard_size, force=force, allow_pickle=allow_pickle, stream=stream, progress=progress, heads=heads,
             hasher=hasher,
         )

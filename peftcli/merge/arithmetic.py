@@ -51,8 +51,14 @@ import torch
 
 from peftcli.errors import BadInputError, UsageError
 
-METHODS = ("linear", "ties", "dare", "dare-ties")
-SPARSE = ("ties", "dare", "dare-ties")  # the methods that take a density
+def __getattr__(name: str):
+    # METHODS: the registry's methods that combine task vectors alone (no θ₀), looked up late:
+    # the registry's modules import this one.
+    if name == "METHODS":
+        from peftcli.merge.methods import REGISTRY
+
+        return tuple(n for n, m in REGISTRY.items() if not m.needs_base)
+    raise AttributeError(name)
 
 
 def combine(
@@ -64,22 +70,39 @@ def combine(
     seed: int = 0,
     key: str = "",
     dtype: torch.dtype = torch.float32,
+    base: torch.Tensor | None = None,
+    **options,
 ) -> torch.Tensor:
     """The merged task vector of one tensor (in ``dtype``, a new tensor): see the module docstring.
 
     ``key`` names the tensor (its checkpoint name), so DARE draws an independent mask per tensor.
+    ``options`` are the method's other parameters (``peftcli.merge.methods``); a method that
+    ``needs_base`` takes θ₀ as ``base`` and returns the merged tensor itself.
     """
-    _check(deltas, weights, method, density, key)
+    m, cfg = prepare(method, len(deltas), weights, dict(options, density=density), key)
+    _check_tensors(deltas, key)
     phis = [d.to(dtype) for d in deltas]  # no copy when already in dtype: never written to
-    if method == "linear":
-        return _weighted_sum(phis, weights)
-    if method == "ties":
-        trimmed = [_trim(phi, density) for phi in phis]
-        return _consensus(trimmed, weights, normalize=True)
-    dropped = [_drop(phi, density, dare_generator(seed, key, i)) for i, phi in enumerate(phis)]
-    if method == "dare":
-        return _weighted_sum(dropped, weights)
-    return _consensus(dropped, weights, normalize=False)
+    return m.combine(phis, weights, cfg, seed=seed, key=key, dtype=dtype, base=base)
+
+
+def prepare(method: str, n: int, weights: list[float], options: dict, key: str = ""):
+    """(the method, its options instance) once everything about them is checked: one-line errors."""
+    from peftcli.merge.methods import get_merge_method
+
+    m = get_merge_method(method)
+    where = f" for {key}" if key else ""
+    if not n:
+        raise UsageError(f"nothing to merge{where}: no task vectors", "give at least one model to merge")
+    if len(weights) != n:
+        raise UsageError(f"{len(weights)} weights for {n} task vectors{where}", "give one weight per merged model")
+    for w in weights:
+        if not math.isfinite(w):
+            raise UsageError(f"merge weight {w} is not a finite number", "use weights such as 1.0 or 0.5")
+        if abs(w) > FLOAT32_MAX:  # merging computes in fp32, where this weight is inf
+            raise UsageError(f"merge weight {w} is beyond the float32 range", "use weights such as 1.0 or 0.5")
+    cfg = m.configure(options)
+    m.validate(cfg, weights, n)
+    return m, cfg
 
 
 def keep_count(density: float, n: int) -> int:
@@ -97,32 +120,8 @@ def dare_seed(seed: int, key: str, index: int) -> int:
 FLOAT32_MAX = 3.4028234663852886e38
 
 
-def _check(deltas, weights, method: str, density: float | None, key: str) -> None:
+def _check_tensors(deltas, key: str) -> None:
     where = f" for {key}" if key else ""
-    if method not in METHODS:
-        raise UsageError(f"unknown merge method {method!r}", f"choose one of {', '.join(METHODS)}")
-    if not deltas:
-        raise UsageError(f"nothing to merge{where}: no task vectors", "give at least one model to merge")
-    if len(weights) != len(deltas):
-        raise UsageError(
-            f"{len(weights)} weights for {len(deltas)} task vectors{where}", "give one weight per merged model"
-        )
-    for w in weights:
-        if not math.isfinite(w):
-            raise UsageError(f"merge weight {w} is not a finite number", "use weights such as 1.0 or 0.5")
-        if abs(w) > FLOAT32_MAX:  # merging computes in fp32, where this weight is inf
-            raise UsageError(f"merge weight {w} is beyond the float32 range", "use weights such as 1.0 or 0.5")
-    if method == "ties" and min(weights) < 0:
-        raise UsageError(
-            f"ties needs weights ≥ 0, got {min(weights)}",
-            "ties divides by the agreeing weights; negate a task vector with linear or dare",
-        )
-    if method in SPARSE and density is None:
-        raise UsageError(f"{method} needs a density", "give a density in (0, 1], e.g. 0.5")
-    if method in SPARSE and not 0.0 < density <= 1.0:
-        raise UsageError(f"density must be in (0, 1], got {density}", "e.g. 0.5 keeps half of each task vector")
-    if method not in SPARSE and density is not None:
-        raise UsageError(f"{method} takes no density", f"drop the density or choose one of {', '.join(SPARSE)}")
     shapes = {tuple(d.shape) for d in deltas}
     if len(shapes) > 1:
         raise BadInputError(
@@ -134,14 +133,14 @@ def _check(deltas, weights, method: str, density: float | None, key: str) -> Non
             raise BadInputError(f"task vector{where} has non-floating dtype {d.dtype}", "merge floating tensors only")
 
 
-def _weighted_sum(phis: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+def weighted_sum(phis: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     out = torch.zeros_like(phis[0])
     for phi, w in zip(phis, weights):
         out.add_(phi, alpha=w)
     return out
 
 
-def _trim(phi: torch.Tensor, density: float) -> torch.Tensor:
+def trim(phi: torch.Tensor, density: float) -> torch.Tensor:
     """φ with all but its K largest-|φ| entries zeroed; equal magnitudes go by flat index."""
     n = phi.numel()
     k = keep_count(density, n)
@@ -164,13 +163,13 @@ def dare_generator(seed: int, key: str, index: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(dare_seed(seed, key, index))
 
 
-def _drop(phi: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+def drop(phi: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
     """DARE: each entry survives with probability ``density``; survivors are divided by it."""
     survive = (torch.rand(phi.shape, generator=generator, dtype=torch.float32) < density).to(phi.device)
     return torch.where(survive, phi / density, 0.0)
 
 
-def _consensus(phis: list[torch.Tensor], weights: list[float], *, normalize: bool) -> torch.Tensor:
+def consensus(phis: list[torch.Tensor], weights: list[float], *, normalize: bool) -> torch.Tensor:
     """TIES' elect + disjoint merge of the (sparsified) φ̃_i, weighted before the election."""
     weighted = [phi * w for phi, w in zip(phis, weights)]
     total = torch.zeros_like(weighted[0])

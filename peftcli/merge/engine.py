@@ -29,7 +29,7 @@ import torch
 
 from peftcli import __version__
 from peftcli.checkpoint.atomic import atomic_output
-from peftcli.checkpoint.dtypes import plus_base, torch_dtype, work_dtype
+from peftcli.checkpoint.dtypes import torch_dtype, work_dtype
 from peftcli.checkpoint.reader import open_checkpoint
 from peftcli.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, SafetensorsStreamWriter, TensorSpec
 from peftcli.errors import BadInputError, UsageError
@@ -37,7 +37,7 @@ from peftcli.methods.base import Replacement
 from peftcli.merge.provenance import Hasher
 from peftcli.merge.pipeline import Buffers, ReadAhead, WriteBehind
 from peftcli.merge.ranged import (
-    OUT_BUFFERS, WRITE_LIMIT, Cast, Context, Copy, Dare, Linear, Task, Ties, buffer_bytes, check_cast, check_finite,
+    OUT_BUFFERS, WRITE_LIMIT, Cast, Context, Copy, Task, buffer_bytes, check_cast, check_finite,
     read_buffers, unmergeable_change,
 )
 from peftcli.merge.sources import Source, open_source, refuse_unmergeable
@@ -88,26 +88,33 @@ def merge(
     progress: Callable[[int, int], None] | None = None,
     hasher: Hasher | None = None,
     heads: str = "each",
+    options: dict | None = None,
 ) -> MergeReport:
     """Merge ``inputs`` into ``base``; write to ``out`` (file or directory) or to ``stream``.
 
     ``hasher`` hashes the inputs' weight files for the provenance metadata; one started
     earlier (``Hasher.for_inputs(inputs)``) has them ready sooner. ``heads``: inputs with
     classification heads give one model each (``each``), or one model whose heads of one task
-    are averaged (``average``; see ``merge.heads``).
+    are averaged (``average``; see ``merge.heads``). ``options``: the method's other parameters
+    (``peftcli.merge.methods``; ``density`` is one of them).
     """
     mode = heads  # the name heads is the module below
     if mode not in ("each", "average"):
         raise UsageError(f"unknown heads mode {mode!r}", "choose each or average")
-    from peftcli.merge.arithmetic import combine
+    from peftcli.merge.arithmetic import prepare
 
     if not inputs:
         raise UsageError("nothing to merge", "give at least one .diff, adapter directory or fine-tuned checkpoint")
+    options = dict(options or {})
+    density = options["density"] = density if density is not None else options.get("density")
+    m, cfg = prepare(method, len(inputs), _weights(weights, len(inputs)), options)
+    if weights is not None and not m.takes_weights:
+        raise UsageError(f"{m.name} takes no --weights", "drop --weights")
     lam = _weights(weights, len(inputs))
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise UsageError(f"unknown --dtype {dtype!r}", "choose F32, BF16, F16 or F64")
-    combine([torch.zeros(1)] * len(inputs), lam, method, density=density, seed=seed, key="")  # validates the options early
     with _one_thread(), open_checkpoint(base, allow_pickle=allow_pickle) as ckpt:
+        m.plan(cfg, list(ckpt.tensors))  # e.g. SLERP's t lists against the base's layers
         sources: list[Source] = []
         hasher = hasher or Hasher.for_inputs(inputs)
         try:
@@ -137,7 +144,7 @@ def merge(
                 "format": "pt",
                 "peftcli.merge": json.dumps(
                     {
-                        "version": __version__, "method": method, "weights": lam, "density": density, "seed": seed,
+                        "version": __version__, "method": method, "weights": lam, "density": density, "seed": seed, **_extra(cfg),
                         "base": os.path.abspath(base), "inputs": [{"path": os.path.abspath(s.path), "kind": s.kind, "sha256": s.hashes} for s in sources],
                     },
                     sort_keys=True, separators=(",", ":"),
@@ -158,28 +165,15 @@ def merge(
                     return ckpt.read_bytes(name), False
                 stored = ckpt.get(name)
                 work = work_dtype(stored.dtype)  # holds the base's values exactly
-                if len(touched) == 1 and lam[touched[0][0]] == 1.0 and isinstance(touched[0][1].deltas[name], Replacement):
+                if len(touched) == 1 and lam[touched[0][0]] == 1.0 and not m.needs_base and isinstance(touched[0][1].deltas[name], Replacement):
                     # One input whose change is new values (a saved module, new token rows), taken
                     # whole: written as they are, as PEFT's merge_and_unload writes them.
                     result = touched[0][1].deltas[name].values(stored).to(torch_dtype(out_dtype[name])).contiguous()
                     check_finite(name, result)
                     return result, True
-                if touched and method == "linear":
-                    # Σ λᵢφᵢ accumulated one input at a time (the same operations, in the same
-                    # order, as combine's weighted sum), so only one φ is alive at once.
-                    result = torch.zeros(stored.shape, dtype=work)
-                    for i, s in touched:
-                        phi = s.deltas[name](stored)
-                        result.add_(phi, alpha=lam[i])
-                        del phi
-                    plus_base(result, stored)  # θ₀ + Σ λᵢφᵢ in the work dtype; one cast at the end
-                elif touched:
-                    # Every input takes part (zero where it does not touch this tensor): the same
-                    # result for every method, and DARE's mask for input i depends on i alone.
-                    phis = [s.deltas[name](stored) if name in s.deltas else torch.zeros(stored.shape, dtype=work) for s in sources]
-                    result = combine(phis, lam, method, density=density, seed=seed, key=name, dtype=work)
-                    del phis
-                    plus_base(result, stored)  # accumulated in the work dtype, one cast at the end
+                if touched:
+                    deltas = [s.deltas.get(name) for s in sources]
+                    result = m.whole(stored, deltas, lam, cfg, seed=seed, key=name, work=work)
                 if touched:
                     result = result.to(torch_dtype(out_dtype[name])).contiguous()
                     check_finite(name, result)  # after the cast: beyond F16's range is Inf only there
@@ -204,12 +198,8 @@ def merge(
                     return Cast(out_name, info, out_dtype[name])
                 if info.dtype not in FLOAT_DTYPES or any(name not in sources[i].streams for i in touched):
                     return _Whole(out_name, produce)
-                streams = [(i, lam[i], sources[i].streams[name]()) for i in touched]
-                if method == "linear":
-                    return Linear(out_name, info, out_dtype[name], [(w, st) for _, w, st in streams])
-                if method == "ties":
-                    return Ties(out_name, info, out_dtype[name], [(w, st) for _, w, st in streams], density)
-                return Dare(out_name, info, out_dtype[name], streams, density, seed, name, ties=method == "dare-ties")
+                streams = [(i, lam[i], sources[i].streams[name]) for i in touched]
+                return m.task(out_name, info, out_dtype[name], streams, cfg, seed=seed, key=name, n_inputs=len(sources))
 
             changed, total = 0, len(specs)
             with contextlib.ExitStack() as stack:
@@ -260,6 +250,13 @@ def merge(
     report_inputs = [{"path": s.path, "kind": s.kind, "weight": w, "tensors": len(s.deltas)} for s, w in zip(sources, lam)]
     tasks = _report_tasks(out, layout)
     return MergeReport(out or "-", method, report_inputs, len(specs), changed, _size(out), metadata, tasks)
+
+
+def _extra(cfg) -> dict:
+    """The provenance of a method's parameters beyond density (recorded already, for every method)."""
+    from peftcli.options import option_fields
+
+    return {f.name: getattr(cfg, f.name) for f in option_fields(type(cfg)) if f.name != "density"}
 
 
 def _size(out: str | None) -> int:

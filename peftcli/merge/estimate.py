@@ -10,11 +10,15 @@
   over the tensors the merge changes. Per tensor of N elements, touched by k inputs:
 
   ==========================================  =================================================
-  linear, dare, dare-ties; diffs, checkpoints  the diffs' stored values of it (ranges otherwise)
-  ties, inputs diffs or checkpoints            (k + 1) × wN: the k φ and the ranked |φ|
-  anything else, done whole (adapters)         its base and output bytes, plus wN × (3 for linear,
-                                               2k + 3 for dare, 3k + 4 for ties and dare-ties)
+  inputs diffs or checkpoints (ranges)         the diffs' stored values of it, plus the method's
+                                               ``peak_bytes``: (k + 1) × wN for ties (the k φ and
+                                               the ranked |φ|), 0 for linear, dare, dare-ties
+  anything else, done whole (adapters)         its base and output bytes, plus wN × the method's
+                                               ``whole_factor``: 3 for linear, 2k + 3 for dare,
+                                               3k + 4 for ties and dare-ties
   ==========================================  =================================================
+
+  Each method declares its terms (``peftcli.merge.methods``).
 
   w is the work dtype's size: 8 for F64 tensors (fp64), else 4 (fp32).
 
@@ -82,8 +86,10 @@ class MergeEstimate:
 
 def estimate(ckpt: Checkpoint, inputs: list[Input], method: str = "linear", dtype: str | None = None) -> MergeEstimate:
     """The estimate for merging ``inputs`` into ``ckpt`` with ``method`` (and ``--dtype``)."""
+    from peftcli.merge.methods import get_merge_method
     from peftcli.merge.ranged import buffers_total
 
+    m = get_merge_method(method)
     k = len(inputs)
     out_dtype = {n: (dtype if dtype and t.dtype in FLOAT_DTYPES else t.dtype) for n, t in ckpt.tensors.items()}
     write = sum(expected_nbytes(out_dtype[n], t.shape) for n, t in ckpt.tensors.items())
@@ -100,11 +106,11 @@ def estimate(ckpt: Checkpoint, inputs: list[Input], method: str = "linear", dtyp
         w = 8 if info.dtype == "F64" else 4  # the work dtype's bytes: fp64 for F64 tensors
         stored = sum(i.stored.get(name, 0) for i in touching)
         if not pickle and all(i.ranged for i in touching) and info.dtype in FLOAT_DTYPES:
-            need = stored + ((len(touching) + 1) * w * n if method == "ties" else 0)
-            extra = {"ties": RATES["rank"], "dare": RATES["draw"], "dare-ties": RATES["draw"]}.get(method)
+            need = stored + m.peak_bytes(n, len(touching), w)
+            extra = RATES[m.rate] if m.rate else None
             seconds += n * len(touching) / RATES["merge"] + (n * len(touching) / extra if extra else 0)
         else:
-            factor = {"linear": 3, "dare": 2 * k + 3}.get(method, 3 * k + 4)
+            factor = m.whole_factor(k)
             need = stored + info.nbytes + expected_nbytes(out_dtype[name], info.shape) + factor * w * n
             seconds += n * k / RATES["whole"]
         if need > peak:

@@ -318,10 +318,11 @@ def _build_convert(cmd, p) -> Runner:
 
 def _build_merge(cmd, p) -> Runner:
     def run(ctx: Context) -> dict:
+        from peftcli.cli.merge_cmd import method_options
         from peftcli.merge.engine import merge
 
         return merge(
-            p["base"], list(p["inputs"]), p["out"], weights=p["weights"], method=p["method"], density=p["density"],
+            p["base"], list(p["inputs"]), p["out"], weights=p["weights"], method=p["method"], options=method_options(p),
             seed=p["seed"], dtype=p["dtype"], max_shard_size=p["max_shard_size"], force=p["force"], allow_pickle=p["allow_pickle"],
             heads=p["heads"],
         ).to_json()

@@ -1,0 +1,40 @@
+"""The merge methods: one module per method, and the one registry that maps names to them.
+
+Adding a method: a module here with a ``MergeMethod`` subclass (``base.py``), one line in
+``REGISTRY``, one parity row in tests. An unknown name is an error naming the closest one.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from peftcli.errors import UsageError
+from peftcli.merge.methods.base import MergeMethod
+from peftcli.merge.methods.dare import DARE, DARE_TIES
+from peftcli.merge.methods.linear import LINEAR
+from peftcli.merge.methods.slerp import SLERP
+from peftcli.merge.methods.ties import TIES
+
+REGISTRY: dict[str, MergeMethod] = {m.name: m for m in (LINEAR, TIES, DARE, DARE_TIES, SLERP)}
+
+
+def get_merge_method(name: str) -> MergeMethod:
+    method = REGISTRY.get(name)
+    if method is None:
+        close = difflib.get_close_matches(str(name), REGISTRY, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UsageError(f"unknown merge method {name!r}", f"{hint}choose one of {', '.join(REGISTRY)}")
+    return method
+
+
+def option_classes() -> list[type]:
+    """Every method's options dataclass, once each, in registry order (the CLI's flags)."""
+    seen: list[type] = []
+    for m in REGISTRY.values():
+        if m.options not in seen:
+            seen.append(m.options)
+    return seen
+
+
+def option_names() -> list[str]:
+    return sorted({n for m in REGISTRY.values() for n in m.option_names()})
