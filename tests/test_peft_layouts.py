@@ -157,3 +157,16 @@ def test_load_adapted_is_in_eval_mode(bases, tmp_path):
     with torch.no_grad():
         first, second = (output_tensor(model(**batch())) for _ in range(2))
     assert torch.equal(first, second)
+
+
+def test_a_trimming_method_trims_a_saved_module_too(bases, tmp_path):
+    """Writing a saved module as saved holds for a weighted sum only: TIES keeps half of its change."""
+    base = bases["llama"]
+    adapter = peft_adapter(base, str(tmp_path / "adapter"), None, **MERGED["lm-head-saved"][2])
+    saved = load_file(os.path.join(adapter, "adapter_model.safetensors"))["base_model.model.lm_head.weight"]
+    result = CliRunner().invoke(cli, ["merge", base, adapter, "--method", "ties", "--density", "0.5", "-o", str(tmp_path / "t")])
+    assert result.exit_code == 0, result.output
+    got = load_file(str(tmp_path / "t" / "model.safetensors"))["lm_head.weight"]
+    was = load_file(os.path.join(base, "model.safetensors"))["lm_head.weight"]
+    changed = (got != was).float().mean().item()
+    assert not torch.equal(got, saved) and 0.4 < changed < 0.6  # half of the entries moved, as trimmed

@@ -165,7 +165,7 @@ def merge(
                     return ckpt.read_bytes(name), False
                 stored = ckpt.get(name)
                 work = work_dtype(stored.dtype)  # holds the base's values exactly
-                if len(touched) == 1 and lam[touched[0][0]] == 1.0 and not m.needs_base and isinstance(touched[0][1].deltas[name], Replacement):
+                if m.weighted_sum and len(touched) == 1 and lam[touched[0][0]] == 1.0 and isinstance(touched[0][1].deltas[name], Replacement):
                     # One input whose change is new values (a saved module, new token rows), taken
                     # whole: written as they are, as PEFT's merge_and_unload writes them.
                     result = touched[0][1].deltas[name].values(stored).to(torch_dtype(out_dtype[name])).contiguous()

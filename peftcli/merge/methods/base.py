@@ -35,6 +35,9 @@ class MergeMethod:
     summary: str = ""  # one line, for documentation
     options: type = NoOptions  # a dataclass of option() fields: its flags and recipe keys
     needs_base: bool = False  # the kernel takes θ₀ itself, not only the task vectors φᵢ
+    # θ₀ + Σ λᵢφᵢ exactly as written: one input of weight 1 that replaces values (a saved module,
+    # new token rows) may then be written as its values (merge.engine); a trim or a drop may not.
+    weighted_sum: bool = False
     takes_weights: bool = True  # --weights applies
     inputs: tuple[int, int | None] = (1, None)  # how many inputs, (least, most or None)
     rate: str | None = None  # estimate.RATES key of its per-element cost beyond a linear merge

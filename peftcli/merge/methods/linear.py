@@ -7,6 +7,7 @@ from peftcli.merge.methods.base import MergeMethod
 
 class Linear(MergeMethod):
     name = "linear"
+    weighted_sum = True
     summary = "θ₀ + Σ λᵢ φᵢ (task arithmetic)"
 
     def combine(self, phis, weights, cfg, *, seed, key, dtype, base=None):
