@@ -160,6 +160,11 @@ def check(
         report = CheckReport(base_result, results)
         if report.ok and results:
             refusal = next((r.refusal for r in results if r.refusal), None)
+            if refusal is None:  # what merge --method says of the number of inputs
+                from peftcli.merge.methods import get_merge_method
+
+                count = get_merge_method(method).count_problem(len(results))
+                refusal = count.one_line()[len("error: ") :] if count is not None else None
             if refusal:
                 report = CheckReport(base_result, results, merge_refusal=refusal)
             else:

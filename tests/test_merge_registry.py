@@ -3,6 +3,8 @@ unknown name is an error naming the closest one (never a fall-through to another
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from click.testing import CliRunner
 
@@ -50,3 +52,18 @@ def test_a_parameter_the_method_does_not_take_is_refused_naming_it():
     with pytest.raises(UsageError) as caught:
         get_merge_method("linear").configure({"density": 0.5})
     assert caught.value.message == "linear takes no density" and "ties" in caught.value.hint
+
+
+def test_check_says_what_merge_says_of_the_number_of_inputs(tiny_llama, tmp_path):
+    runner = CliRunner()
+    runs = []
+    for i in range(3):
+        run = str(tmp_path / f"lora{i}")
+        assert runner.invoke(cli, ["inject", "lora", tiny_llama, "-o", run, "--seed", str(i)]).exit_code == 0
+        runs.append(run)
+    checked = json.loads(runner.invoke(cli, ["check", tiny_llama, *runs, "--method", "slerp", "--json"]).stdout)
+    merged = runner.invoke(cli, ["merge", tiny_llama, *runs, "--method", "slerp", "--t", "0.5", "-o", str(tmp_path / "m")])
+    assert merged.exit_code == 2 and "slerp merges exactly 2 models, got 3" in merged.stderr
+    assert "slerp merges exactly 2 models, got 3" in checked["merge_refusal"]
+    two = json.loads(runner.invoke(cli, ["check", tiny_llama, *runs[:2], "--method", "slerp", "--json"]).stdout)
+    assert two["merge_refusal"] is None and two["merge"] is not None

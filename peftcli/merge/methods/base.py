@@ -57,12 +57,19 @@ class MergeMethod:
                 raise UsageError(f"{self.name} takes no {key.replace('_', '-')}", f"drop the {key.replace('_', '-')} or choose one of {', '.join(others)}")
         return from_options(self.options, values)
 
-    def validate(self, cfg, weights: list[float], n: int) -> None:
-        """Method-specific checks of the options and weights (``n`` inputs), before anything is read."""
+    def count_problem(self, n: int) -> UsageError | None:
+        """Why this method cannot merge ``n`` inputs (``check`` says it too), or None."""
         least, most = self.inputs
         if n < least or most is not None and n > most:
             exact = f"exactly {least}" if least == most else f"at least {least}"
-            raise UsageError(f"{self.name} merges {exact} models, got {n}", f"give {exact} inputs, or use --method linear")
+            return UsageError(f"{self.name} merges {exact} models, got {n}", f"give {exact} inputs, or use --method linear")
+        return None
+
+    def validate(self, cfg, weights: list[float], n: int) -> None:
+        """Method-specific checks of the options and weights (``n`` inputs), before anything is read."""
+        problem = self.count_problem(n)
+        if problem is not None:
+            raise problem
 
     def plan(self, cfg, names) -> None:
         """Bind the options to the base's tensor ``names`` (its layers) before anything is written."""
