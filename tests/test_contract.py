@@ -37,7 +37,7 @@ def _options(name: str):
 
 # Methods that choose their φ by training (LT-SFT, diff-pruning, lottery tickets) have no φ to
 # attach before `train` has run their phases: tests/test_sparse_training.py holds their contract.
-ONE_PASS = sorted(n for n, m in METHODS.items() if not (getattr(m, "selects_after_training", False) or getattr(m, "trains_in_rounds", False)))
+ONE_PASS = sorted(n for n, m in METHODS.items() if m.schedule == "one-pass")
 
 
 @pytest.mark.parametrize("name", ONE_PASS)
