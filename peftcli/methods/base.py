@@ -30,6 +30,8 @@ their defaults, so a method's whole contract reads in one place and no caller pr
   trains them; ``inject`` writes no φ) or ``rounds`` (lottery: prune-and-rewind rounds whose
   result is a checkpoint, not an adapter);
 - ``trains_in_place``: trains existing tensors (adds no parameters to the model);
+- ``identity_at_init``: the φ ``inject`` writes leaves the model's outputs those of the base
+  (a zero ΔW, a zero-initialised up projection); prompt and prefix tuning add tokens;
 - ``derived_keys(cfg)``: artifact keys recomputed from φ rather than trained;
 - ``examples``: command lines shown by ``peftcli inject METHOD --help``.
 """
@@ -270,6 +272,7 @@ class MethodBase:
     folds: bool = False  # has ``deltas``: φ is a weight change that ``merge`` and ``convert`` fold
     schedule: str = ONE_PASS  # ONE_PASS | PHASES | ROUNDS
     trains_in_place: bool = False  # trains existing tensors: adds no parameters to the model
+    identity_at_init: bool = True  # the injected φ leaves the base's outputs unchanged
     examples: tuple[str, ...] = ()  # shown by `peftcli inject METHOD --help`
 
     def derived_keys(self, cfg: Any) -> set[str]:
@@ -288,6 +291,7 @@ class Method(Protocol):
     folds: bool
     schedule: str
     trains_in_place: bool
+    identity_at_init: bool
     examples: tuple[str, ...]
 
     def derived_keys(self, cfg: Any) -> set[str]: ...

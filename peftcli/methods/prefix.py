@@ -110,6 +110,7 @@ def _attention_modules(shapes: dict[str, tuple[int, ...]], config: dict | None, 
 
 class PrefixTuning(MethodBase):
     name = "prefix"
+    identity_at_init = False  # its virtual tokens change the outputs from the start
     config_cls = PrefixTuningConfig
     summary = "Learned key/value prefixes in every attention layer, or in --layers only (prefix tuning)."
     peft_type = "PREFIX_TUNING"

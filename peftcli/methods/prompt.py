@@ -89,6 +89,7 @@ class PromptTuningConfig:
 
 class PromptTuning(MethodBase):
     name = "prompt"
+    identity_at_init = False  # its virtual tokens change the outputs from the start
     config_cls = PromptTuningConfig
     summary = "Soft prompt tokens prepended to the input embeddings (prompt tuning)."
     peft_type = "PROMPT_TUNING"
