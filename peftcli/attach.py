@@ -81,6 +81,10 @@ class AdaptedModel(nn.Module):
     them first). ``phi_state_dict`` and ``save`` give φ back in the artifact's layout.
     """
 
+    # Base tensors carry φ's gradient (a sparse φ: LT-SFT, diff-pruning), set by ``attach``:
+    # hooks fill φ's gradients after backward, which distributed training averages by hand.
+    grad_carriers: bool = False
+
     def __init__(self, model: nn.Module, method: Method, cfg: Any, phi: dict, adapter_config: dict, transform=None, export=None):
         super().__init__()
         self.model = model

@@ -48,7 +48,7 @@ from peftcli.checkpoint.fingerprint import content_hash, summarize_differences, 
 from peftcli.checkpoint.reader import ADAPTER_WEIGHTS, Checkpoint, open_checkpoint
 from peftcli.errors import BadInputError, PeftcliError
 from peftcli.merge.estimate import Input, MergeEstimate, estimate
-from peftcli.methods.base import PEFT_PREFIX
+from peftcli.methods.base import ONE_PASS, PEFT_PREFIX
 
 if TYPE_CHECKING:
     import torch
@@ -293,18 +293,18 @@ def check_adapter(path: str, ckpt: Checkpoint, vocab: int | None = None) -> Resu
     heads = adapter.config.get("modules_to_save") or []
     head_keys = {k for k in adapter.tensors if any(k.startswith(f"{PEFT_PREFIX}{h}.") for h in heads)}
     result.details["heads"] = list(heads)
-    if getattr(method, "selects_after_training", False) or getattr(method, "trains_in_rounds", False):
+    if method.schedule != ONE_PASS:
         # Trained entries (LT-SFT, diff-pruning) are not a function of the config: check
         # them as merge reads them — base tensor names, index ranges, idx/val lengths.
         values = _value_problems({k: t for k, t in adapter.tensors.items() if not k.endswith(".idx")})
         try:
-            if hasattr(method, "deltas"):
+            if method.folds:
                 method.deltas(cfg, {k: t for k, t in adapter.tensors.items() if k not in head_keys}, ckpt)
         except PeftcliError as exc:
             result.problems.append(Problem.of(exc, path))
         result.problems += _head_problems(adapter, heads, ckpt, vocab)
         result.problems += values
-        if result.ok and hasattr(method, "deltas"):
+        if result.ok and method.folds:
             _merge_input(result, adapter, method, cfg, head_keys, ckpt)
         elif result.ok:  # a lottery run: its result is a checkpoint, merged as a fine-tune
             result.refusal = f"{path}: a lottery run is not an adapter: its result is the checkpoint {os.path.join(path, 'ticket')}"
@@ -317,7 +317,7 @@ def check_adapter(path: str, ckpt: Checkpoint, vocab: int | None = None) -> Resu
         return result
     expected = {k: tuple(t.shape) for k, t in created.items()}
     del created
-    derived = method.derived_keys(cfg) if hasattr(method, "derived_keys") else set()
+    derived = method.derived_keys(cfg)
     # PEFT's saved copy of a targeted module's base weight is no φ: the method compares it with the base.
     actual = {k: tuple(t.shape) for k, t in adapter.tensors.items() if k not in head_keys and not k.endswith(".base_layer.weight")}
     result.problems += _key_problems(actual, expected, set(derived), cfg, vocab, vocab_modules(ckpt, vocab))
@@ -330,7 +330,7 @@ def check_adapter(path: str, ckpt: Checkpoint, vocab: int | None = None) -> Resu
 
 def _merge_input(result: Result, adapter, method, cfg, head_keys: set[str], ckpt: Checkpoint) -> None:
     """The base tensors merging the adapter changes (its ΔW's), or why merge refuses it."""
-    if not hasattr(method, "deltas"):
+    if not method.folds:
         result.refusal = f"{result.path}: {method.name} adds computation that no weight change reproduces"
         return
     try:

@@ -18,7 +18,7 @@ from peftcli import __version__
 from peftcli.checkpoint.atomic import check_output_path
 from peftcli.checkpoint.reader import open_checkpoint
 from peftcli.methods import get_method
-from peftcli.methods.base import Budget
+from peftcli.methods.base import ONE_PASS, Budget
 
 
 def inject(
@@ -34,12 +34,10 @@ def inject(
         # Values may be LazyTensors: made one at a time as write_adapter writes them, so φ is
         # never in memory whole (layers --layers 0-31 on a 7B model is 26 GB of fp32 zeros).
         tensors = method.init(ckpt, cfg, torch.Generator().manual_seed(seed))
-        derived = method.derived_keys(cfg) if hasattr(method, "derived_keys") else set()
+        derived = method.derived_keys(cfg)
         created = sum(t.numel() for k, t in tensors.items() if k not in derived)  # from shapes: makes nothing
         # Methods that choose their entries by training (LT-SFT) create them in phase 1.
-        if created != budget.trainable and not (
-            getattr(method, "selects_after_training", False) or getattr(method, "trains_in_rounds", False)
-        ):  # the budget and the init are two views of one method
+        if created != budget.trainable and method.schedule == ONE_PASS:  # the budget and the init are two views of one method
             raise AssertionError(f"{method.name}: init created {created} parameters but the budget says {budget.trainable}")
         metadata = {
             "peftcli.version": __version__,

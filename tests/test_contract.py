@@ -16,9 +16,10 @@ from peftcli.errors import UsageError
 from peftcli.attach import load_adapted, load_base_model
 from peftcli.inject import inject
 from peftcli.methods import METHODS
+from tests import matrices
 from tests.helpers import batch, output_tensor
 
-IDENTITY_AT_INIT = {"lora", "ia3", "bitfit", "layers", "adapter"}
+IDENTITY_AT_INIT = matrices.identity_at_init()  # methods declaring identity_at_init
 ARCHS = ("llama", "bert", "gpt2")
 # Methods that cannot apply to an architecture, and what inject says instead (writing nothing).
 NOT_APPLICABLE = {("bitfit", "llama"): "Llama-family checkpoints have no biases"}
@@ -30,14 +31,12 @@ def arch_model(request, tiny_llama, tiny_bert, tiny_gpt2):
 
 
 def _options(name: str):
-    if name == "layers":
-        return {"layers": "1"}
-    return {}
+    return matrices.options(name)
 
 
 # Methods that choose their φ by training (LT-SFT, diff-pruning, lottery tickets) have no φ to
 # attach before `train` has run their phases: tests/test_sparse_training.py holds their contract.
-ONE_PASS = sorted(n for n, m in METHODS.items() if not (getattr(m, "selects_after_training", False) or getattr(m, "trains_in_rounds", False)))
+ONE_PASS = sorted(matrices.one_pass())
 
 
 @pytest.mark.parametrize("name", ONE_PASS)

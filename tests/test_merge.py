@@ -18,10 +18,12 @@ from peftcli.cli import cli
 from peftcli.inject import inject
 from peftcli.merge.engine import merge
 from peftcli.methods import METHODS
+from tests import matrices
 from tests.helpers import batch, noisy_copy, output_tensor, randomize_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FOLDABLE = [("lora", {}), ("lora", {"dora": True}), ("lora", {"rslora": True, "targets": "all-linear"}), ("ia3", {}), ("bitfit", {}), ("layers", {"layers": "1"})]
+# Every one-pass method that folds (from the registry), and the LoRA variants that change ΔW.
+FOLDABLE = matrices.cases(matrices.foldable_one_pass(), {"lora": [{"dora": True}, {"rslora": True, "targets": "all-linear"}]})
 
 
 @pytest.fixture(params=["llama", "bert", "gpt2"])

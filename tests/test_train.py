@@ -25,6 +25,7 @@ from peftcli.train.config import TrainConfig
 from peftcli.train.data import load_dataset
 from peftcli.train.loop import train
 from peftcli.train.state import step_dir
+from tests import matrices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "data")
@@ -220,16 +221,19 @@ def test_shared_datasets_load_as_they_are():
     assert agnews.task == "classify" and set(agnews.labels) <= {"World", "Sports", "Business", "Sci/Tech"}
 
 
-@pytest.mark.parametrize("name", ["lora", "dora", "ia3", "adapter", "adapter-houlsby", "adapter-parallel", "prefix", "prompt", "bitfit", "layers"])
+# Every one-pass method in the registry (phased ones: tests/test_sparse_training.py), and variants.
+TRAIN_CASES = {n: (n, matrices.options(n)) for n in matrices.one_pass()} | {
+    "dora": ("lora", {"dora": True}),
+    "adapter-houlsby": ("adapter", {"style": "houlsby"}),
+    "adapter-parallel": ("adapter", {"style": "parallel"}),
+}
+
+
+@pytest.mark.parametrize("name", list(TRAIN_CASES))
 def test_every_method_trains(name, tiny_llama, tiny_bert, data, tmp_path):
     from peftcli.methods import METHODS
 
-    method, options = {
-        "dora": ("lora", {"dora": True}),
-        "adapter-houlsby": ("adapter", {"style": "houlsby"}),
-        "adapter-parallel": ("adapter", {"style": "parallel"}),
-        "layers": ("layers", {"layers": "1"}),
-    }.get(name, (name, {}))
+    method, options = TRAIN_CASES[name]
     base = tiny_bert if method == "bitfit" else tiny_llama  # the tiny Llama has no biases
     run = str(tmp_path / "run")
     inject(base, method, METHODS[method].config_cls(**options), run)

@@ -6,6 +6,7 @@ import click
 
 from peftcli.cli.output import emit_json, json_option, stdout_console
 from peftcli.diff import DiffOptions
+from peftcli.methods import foldable
 from peftcli.options import INT, click_options, from_options, option_fields
 
 _DIFF_OPTIONS = {f.name for f in option_fields(DiffOptions)}
@@ -23,7 +24,7 @@ _DIFF_OPTIONS = {f.name for f in option_fields(DiffOptions)}
 def convert(source, target, out, base, rank, force, as_json, **diff_options):
     """Convert SOURCE between artifact kinds.
 
-    An adapter directory (LoRA, DoRA, IA³, BitFit, layers) becomes a .diff of its exact ΔW:
+    An adapter directory (FOLDABLE) becomes a .diff of its exact ΔW:
     --dense, or --density / --top-k selected as `peftcli diff` does. A .diff becomes a LoRA
     adapter by truncated SVD of each linear weight's φ (the best rank-r fit); the report
     gives the share of ‖φ‖² kept and what a LoRA cannot carry.
@@ -60,3 +61,6 @@ def convert(source, target, out, base, rank, force, as_json, **diff_options):
     from peftcli.cli.diff_cmd import render_report
 
     render_report(report.to_json(), stdout_console())
+
+
+convert.help = convert.help.replace("FOLDABLE", ", ".join(foldable()))  # from the method registry

@@ -8,6 +8,7 @@ import click
 
 from peftcli.cli.output import emit_json, json_option, stderr_console, styled
 from peftcli.merge.methods import REGISTRY, option_classes, option_names
+from peftcli.methods import foldable
 from peftcli.options import FLOAT, SEED, click_options
 
 MERGE_METHODS = tuple(REGISTRY)  # --method's choices (and check's): the registry's names
@@ -56,7 +57,7 @@ def merge(base, inputs, out, weights, method, seed, dtype, max_shard_size, force
     """Write BASE + the task vectors of INPUTS as a standalone checkpoint.
 
     INPUTS are .diff files, adapter directories whose method folds into the weights
-    (LoRA, DoRA, IA³, BitFit, layers: folded exactly), or fine-tuned checkpoints of BASE
+    (FOLDABLE: folded exactly), or fine-tuned checkpoints of BASE
     (φ = θ_ft − θ₀ on the fly). Streams tensor by tensor; plain transformers loads the
     result. Without -o a single-file result streams to stdout (for pipes).
 
@@ -103,3 +104,6 @@ def merge(base, inputs, out, weights, method, seed, dtype, max_shard_size, force
             click.echo(f"  task {t['name']}: {t['architecture']}, {len(t['labels'])} labels -> {t['path']}")
     else:
         click.echo(f"merged {report.changed} of {report.tensors} tensors to stdout", err=True)
+
+
+merge.help = merge.help.replace("FOLDABLE", ", ".join(foldable()))  # from the method registry

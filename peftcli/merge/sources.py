@@ -6,7 +6,7 @@ merged: the input lists them as ``fixed``, to be checked equal to the base's as 
 
 Three kinds of input, all opened lazily and read one tensor at a time:
 - a ``.diff`` (checked against the base's fingerprint): φ scattered from idx/val or dense;
-- an adapter directory whose method folds (LoRA, DoRA, IA³, BitFit, layers): φ = ΔW from
+- an adapter directory whose method folds (``method.folds``; ``peftcli.methods.foldable()``): φ = ΔW from
   the method's ``deltas``, computed from the base tensor;
 - a full checkpoint with the base's tensors: φ = θ_ft − θ₀, read in lockstep with the base.
 
@@ -148,19 +148,19 @@ def _diff_source(path: str, base: Checkpoint, sha256: Callable[[str], str] = fil
 
 
 def _adapter_source(path: str, base: Checkpoint, sha256: Callable[[str], str] = file_sha256) -> Source:
-    from peftcli.methods import method_for_adapter_config
+    from peftcli.methods import ROUNDS, foldable_hint, method_for_adapter_config
 
     adapter = read_adapter(path)
     method = method_for_adapter_config(adapter.config, path)
-    if getattr(method, "trains_in_rounds", False):
+    if method.schedule == ROUNDS:
         raise UsageError(
             f"{path}: a lottery run is not an adapter: its result is the checkpoint {os.path.join(path, 'ticket')}",
             "use that directory as a model (it is θ ∘ m already), or as a fine-tuned input to merge",
         )
-    if not hasattr(method, "deltas"):
+    if not method.folds:
         raise UsageError(
             f"{path}: {method.name} adds computation (new modules or inputs) that no weight change reproduces",
-            "only LoRA, DoRA, IA³, BitFit and layers adapters fold into the weights",
+            foldable_hint(),
         )
     from peftcli.methods.base import PEFT_PREFIX
 

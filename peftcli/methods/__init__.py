@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.adapter import BottleneckAdapter
-from peftcli.methods.base import Attached, Budget, BudgetRow, Method
+from peftcli.methods.base import ONE_PASS, PHASES, ROUNDS, Attached, Budget, BudgetRow, Method, MethodBase
 from peftcli.methods.bitfit import BitFit
 from peftcli.methods.ia3 import IA3
 from peftcli.methods.layers import Layers
@@ -18,6 +18,18 @@ METHODS: dict[str, Method] = {
     m.name: m for m in (LoRA(), IA3(), BottleneckAdapter(), PrefixTuning(), PromptTuning(), BitFit(), Layers(),
                      LtSft(), DiffPruning(), Lottery())
 }
+
+
+def foldable() -> list[str]:
+    """The methods whose φ folds into the weights (``merge`` and ``convert`` take their adapters), in registry order."""
+    return [name for name, m in METHODS.items() if m.folds]
+
+
+def foldable_hint() -> str:
+    """The hint that names the foldable methods, for a refusal of one that does not fold."""
+    names = foldable()
+    listed = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+    return f"only {listed} adapters fold into the weights"  # lora: DoRA and rsLoRA too
 
 
 # Names people reach for that are options of a method here, not methods of their own.
@@ -78,4 +90,7 @@ def method_for_adapter_config(config: dict, where: str) -> Method:
     raise BadInputError(f"{where}: unsupported adapter method peft_type={peft_type!r}", "supported: " + ", ".join(known))
 
 
-__all__ = ["ALIASES", "Attached", "Budget", "BudgetRow", "Method", "METHODS", "closest_method", "get_method", "method_for_adapter_config"]
+__all__ = [
+    "ALIASES", "Attached", "Budget", "BudgetRow", "Method", "MethodBase", "METHODS", "ONE_PASS", "PHASES", "ROUNDS",
+    "closest_method", "foldable", "foldable_hint", "get_method", "method_for_adapter_config",
+]

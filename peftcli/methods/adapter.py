@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError, UsageError
-from peftcli.methods.base import Attached, BudgetRow, LazyTensor, SeededDraws, lazy_zeros, mismatch_error
+from peftcli.methods.base import Attached, MethodBase, BudgetRow, LazyTensor, SeededDraws, lazy_zeros, mismatch_error
 from peftcli.options import option
 from peftcli.targets import linear_modules, model_type_of, parse_layers, split_layer
 
@@ -225,7 +225,7 @@ def added_params(hidden: int, bottleneck: int) -> int:
     return 2 * hidden * bottleneck + bottleneck + hidden
 
 
-class BottleneckAdapter:
+class BottleneckAdapter(MethodBase):
     name = "adapter"
     config_cls = BottleneckAdapterConfig
     summary = "Bottleneck adapters W_up·σ(W_down·x) in each block: Pfeiffer, Houlsby or parallel."

@@ -17,10 +17,23 @@ declared once with ``peftcli.options.option``) and a class with:
   ``transformers`` model in place and return the φ parameters (and, for input composition,
   a transform of the forward's keyword arguments).
 
-Methods whose φ folds into the weights also have ``deltas(cfg, tensors, ckpt)``: for each
-base tensor they change, a function from that tensor (as stored) to its fp32 ΔW — what
-``peftcli merge`` adds. Prompt, prefix and bottleneck adapters have none: they add
-computation that no weight change reproduces.
+Every method class inherits ``MethodBase``, which declares its optional capabilities with
+their defaults, so a method's whole contract reads in one place and no caller probes with
+``hasattr``:
+
+- ``folds``: φ folds into the weights, and the method has ``deltas(cfg, tensors, ckpt)``: for
+  each base tensor it changes, a function from that tensor (as stored) to its fp32 ΔW — what
+  ``peftcli merge`` adds. Prompt, prefix and bottleneck adapters do not fold: they add
+  computation that no weight change reproduces;
+- ``schedule``: how ``peftcli train`` runs it — ``one-pass`` (one training of the φ that
+  ``inject`` wrote), ``phases`` (LT-SFT, diff-pruning: training chooses the entries, then
+  trains them; ``inject`` writes no φ) or ``rounds`` (lottery: prune-and-rewind rounds whose
+  result is a checkpoint, not an adapter);
+- ``trains_in_place``: trains existing tensors (adds no parameters to the model);
+- ``identity_at_init``: the φ ``inject`` writes leaves the model's outputs those of the base
+  (a zero ΔW, a zero-initialised up projection); prompt and prefix tuning add tokens;
+- ``derived_keys(cfg)``: artifact keys recomputed from φ rather than trained;
+- ``examples``: command lines shown by ``peftcli inject METHOD --help``.
 """
 
 from __future__ import annotations
@@ -192,7 +205,7 @@ class Budget:
         """The budget of ``method`` with options ``cfg`` on checkpoint ``ckpt`` (inspect and inject both use this)."""
         shapes = {t.name: t.shape for t in ckpt.tensors.values()}
         rows = method.budget(shapes, ckpt.config, cfg)
-        return cls(method.name, rows, ckpt.num_params, bool(getattr(method, "trains_in_place", False)))
+        return cls(method.name, rows, ckpt.num_params, method.trains_in_place)
 
     @property
     def trainable(self) -> int:
@@ -249,11 +262,41 @@ class Attached:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+ONE_PASS, PHASES, ROUNDS = "one-pass", "phases", "rounds"  # a method's training ``schedule``
+SCHEDULES = (ONE_PASS, PHASES, ROUNDS)
+
+
+class MethodBase:
+    """The optional capabilities every method declares, with their defaults (see the module docstring)."""
+
+    folds: bool = False  # has ``deltas``: φ is a weight change that ``merge`` and ``convert`` fold
+    schedule: str = ONE_PASS  # ONE_PASS | PHASES | ROUNDS
+    trains_in_place: bool = False  # trains existing tensors: adds no parameters to the model
+    identity_at_init: bool = True  # the injected φ leaves the base's outputs unchanged
+    examples: tuple[str, ...] = ()  # shown by `peftcli inject METHOD --help`
+
+    def derived_keys(self, cfg: Any) -> set[str]:
+        """Artifact keys recomputed from φ on save rather than trained (none by default)."""
+        return set()
+
+    def deltas(self, cfg: Any, tensors: dict, ckpt: "Checkpoint") -> dict:
+        raise AssertionError(f"{type(self).__name__} does not fold (folds is False): callers check method.folds first")
+
+
 class Method(Protocol):
     name: str
     config_cls: type
     summary: str  # one line, shown by `peftcli inject --help`
     peft_type: str | None  # PEFT's peft_type when PEFT has the method, else None
+    folds: bool
+    schedule: str
+    trains_in_place: bool
+    identity_at_init: bool
+    examples: tuple[str, ...]
+
+    def derived_keys(self, cfg: Any) -> set[str]: ...
+
+    def deltas(self, cfg: Any, tensors: dict, ckpt: "Checkpoint") -> dict: ...
 
     def budget(self, shapes: dict[str, tuple[int, ...]], model_config: dict | None, cfg: Any) -> list[BudgetRow]: ...
 

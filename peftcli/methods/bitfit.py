@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable
 
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods import bitfit_inplace as inplace
-from peftcli.methods.base import Attached, BudgetRow
+from peftcli.methods.base import Attached, MethodBase, BudgetRow
 from peftcli.options import option
 from peftcli.targets import layer_index, parse_layers
 
@@ -119,8 +119,9 @@ def _no_biases_error(model_type: str | None) -> UsageError:
     return UsageError("this model has no bias terms to train", "use ia3 or lora")
 
 
-class BitFit:
+class BitFit(MethodBase):
     name = "bitfit"
+    folds = True
     trains_in_place = True  # trains existing tensors: adds no parameters to the model
     config_cls = BitFitConfig
     summary = "Train the biases only (BitFit); φ is the change Δb of each bias."

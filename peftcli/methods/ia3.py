@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from peftcli.errors import BadInputError, UsageError
-from peftcli.methods.base import Attached, BudgetRow, peft_key, PEFT_PREFIX
+from peftcli.methods.base import Attached, MethodBase, BudgetRow, peft_key, PEFT_PREFIX
 from peftcli.options import option
 from peftcli.patterns import compile_pattern, from_file
 from peftcli.targets import LinearModule, linear_modules, linear_names_hint, model_type_of, names_hint, resolve_targets
@@ -198,8 +198,9 @@ def _check_feedforward_spec(cfg: IA3Config, modules: list[LinearModule]) -> None
         )
 
 
-class IA3:
+class IA3(MethodBase):
     name = "ia3"
+    folds = True
     config_cls = IA3Config
     summary = "Learned vectors rescaling keys, values and the FFN intermediate (IA³)."
     peft_type = "IA3"

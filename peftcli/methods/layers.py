@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from peftcli.errors import UsageError
 from peftcli.methods import bitfit_inplace as inplace
 from peftcli.methods.adapter import Family, find_family
-from peftcli.methods.base import Attached, BudgetRow, LazyTensor, lazy_zeros
+from peftcli.methods.base import Attached, MethodBase, BudgetRow, LazyTensor, lazy_zeros
 from peftcli.options import option
 from peftcli.targets import CONV1D_MODEL_TYPES, layer_index, model_type_of, names_hint, parse_layers, split_layer
 
@@ -134,8 +134,9 @@ def _selector(cfg: LayersConfig, model_type: str | None, names: list[str]) -> Ca
     return selected
 
 
-class Layers:
+class Layers(MethodBase):
     name = "layers"
+    folds = True
     trains_in_place = True  # trains existing tensors: adds no parameters to the model
     config_cls = LayersConfig
     summary = "Fully train some layers only (structured composition); φ is the change of their tensors."

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods import lora_init, lora_tokens
-from peftcli.methods.base import Attached, BudgetRow, LazyTensor, SeededDraws, lazy_zeros, peft_key, PEFT_PREFIX
+from peftcli.methods.base import Attached, MethodBase, BudgetRow, LazyTensor, SeededDraws, lazy_zeros, peft_key, PEFT_PREFIX
 from peftcli.options import option
 from peftcli.patterns import Pattern, compile_pattern, from_file
 from peftcli.targets import resolve_targets
@@ -82,8 +82,9 @@ class LoraConfig:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
-class LoRA:
+class LoRA(MethodBase):
     name = "lora"
+    folds = True
     config_cls = LoraConfig
     summary = "Low-rank update ΔW = (α/r)·B·A on linear layers (also DoRA, rsLoRA)."
     peft_type = "LORA"

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods import bitfit_inplace as inplace
-from peftcli.methods.base import Attached, BudgetRow
+from peftcli.methods.base import Attached, MethodBase, ROUNDS, BudgetRow
 from peftcli.options import option
 from peftcli.targets import layer_index
 
@@ -58,10 +58,10 @@ class LotteryConfig:
         return (1.0 - self.prune_rate) ** self.rounds
 
 
-class Lottery:
+class Lottery(MethodBase):
     name = "lottery"
     trains_in_place = True
-    trains_in_rounds = True  # peftcli train runs the rounds (peftcli.train.lottery)
+    schedule = ROUNDS  # peftcli train runs the rounds (peftcli.train.lottery); the result is a checkpoint
     config_cls = LotteryConfig
     summary = "Lottery tickets: iterative magnitude pruning with rewinding; the result is a sparse checkpoint."
     peft_type = None
@@ -83,8 +83,6 @@ class Lottery:
 
     def init(self, ckpt, cfg: LotteryConfig, generator: "torch.Generator") -> dict:
         return {}
-
-    selects_after_training = False
 
     def adapter_config(self, ckpt, cfg: LotteryConfig) -> dict:
         return inplace.adapter_config(ckpt, self.name, cfg)

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError, ResourceError, UsageError
 from peftcli.methods import prompt_learning as pl
-from peftcli.methods.base import Attached, BudgetRow, mismatch_error
+from peftcli.methods.base import Attached, MethodBase, BudgetRow, mismatch_error
 from peftcli.options import option
 from peftcli.targets import parse_layers, resolve_targets
 
@@ -108,8 +108,9 @@ def _attention_modules(shapes: dict[str, tuple[int, ...]], config: dict | None, 
     return [parents[i] for i in range(num_layers)]
 
 
-class PrefixTuning:
+class PrefixTuning(MethodBase):
     name = "prefix"
+    identity_at_init = False  # its virtual tokens change the outputs from the start
     config_cls = PrefixTuningConfig
     summary = "Learned key/value prefixes in every attention layer, or in --layers only (prefix tuning)."
     peft_type = "PREFIX_TUNING"

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods import prompt_learning as pl
-from peftcli.methods.base import Attached, BudgetRow, mismatch_error
+from peftcli.methods.base import Attached, MethodBase, BudgetRow, mismatch_error
 from peftcli.options import option
 
 if TYPE_CHECKING:
@@ -87,8 +87,9 @@ class PromptTuningConfig:
             )
 
 
-class PromptTuning:
+class PromptTuning(MethodBase):
     name = "prompt"
+    identity_at_init = False  # its virtual tokens change the outputs from the start
     config_cls = PromptTuningConfig
     summary = "Soft prompt tokens prepended to the input embeddings (prompt tuning)."
     peft_type = "PROMPT_TUNING"

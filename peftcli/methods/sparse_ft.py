@@ -31,7 +31,7 @@ from peftcli import patterns
 from peftcli.errors import UsageError
 from peftcli.methods import bitfit_inplace as inplace
 from peftcli.methods import sparse_phi
-from peftcli.methods.base import Attached, BudgetRow
+from peftcli.methods.base import Attached, MethodBase, PHASES, BudgetRow
 from peftcli.options import option
 
 if TYPE_CHECKING:
@@ -122,11 +122,12 @@ class DiffPruningConfig:
             raise UsageError(f"--l1 must be non-negative, got {self.l1}", "use 0 for no penalty, or a small λ such as --l1 1e-4")
 
 
-class _SparseFineTuning:
+class _SparseFineTuning(MethodBase):
     """What LT-SFT and diff-pruning share: budget, layout, attaching and folding."""
 
     trains_in_place = True  # φ lives on base tensors: it adds no parameters to the model
-    selects_after_training = True  # inject writes no φ; train's phase 1 picks the entries
+    schedule = PHASES  # inject writes no φ; train's phase 1 picks the entries (peftcli.train.phased)
+    folds = True
     peft_type = None
     resets_after_phase1: bool
 

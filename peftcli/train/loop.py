@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 
 from peftcli.errors import BadInputError, Interrupted, UsageError
+from peftcli.methods.base import ONE_PASS, PHASES, ROUNDS
 from peftcli.threads import torch_threads
 from peftcli.train import distributed
 from peftcli.train import state as ckpt_state
@@ -169,11 +170,11 @@ def train(
     with torch_threads(_requested_threads(run, cfg, resume)), distributed.timeouts_as_errors():
         if method is not None:
             kwargs = dict(resume=resume, force=force, log=log or (lambda line: None), progress=progress, return_model=return_model)
-            if getattr(method, "selects_after_training", False):
+            if method.schedule == PHASES:
                 from peftcli.train import phased
 
                 return phased.train(run, cfg, **kwargs)
-            if getattr(method, "trains_in_rounds", False):
+            if method.schedule == ROUNDS:
                 from peftcli.train import lottery
 
                 return lottery.train(run, cfg, **kwargs)
@@ -235,8 +236,7 @@ def multi_phase_method(run: str):
         method = method_for_adapter_config(_read_json(config_path), run)
     except (ValueError, BadInputError):
         return None  # train_adapter's reader reports a broken config in one line
-    phased = getattr(method, "selects_after_training", False) or getattr(method, "trains_in_rounds", False)
-    return method if phased else None
+    return None if method.schedule == ONE_PASS else method
 
 
 def train_adapter(
@@ -331,7 +331,7 @@ def train_adapter(
     # DDP averages φ's gradients across workers; every worker then applies the same update.
     # A sparse φ (LT-SFT, diff-pruning) gets its gradients from hooks after backward, which
     # DDP's reducer cannot see: those are averaged by hand before the update.
-    sync_by_hand = world.distributed and getattr(adapted, "grad_carriers", False)
+    sync_by_hand = world.distributed and adapted.grad_carriers
     forward = torch.nn.parallel.DistributedDataParallel(adapted) if world.distributed and not sync_by_hand else adapted
 
     per_step = cfg.batch_size * cfg.grad_accum * world.size
