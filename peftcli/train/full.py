@@ -21,6 +21,10 @@ from peftcli.checkpoint.writer import CheckpointWriter, TensorSpec, copy_model_f
 
 
 class FullModel(nn.Module):
+    """Every parameter of the model trains; saved as a checkpoint (the loop's model interface)."""
+
+    grad_carriers = False  # as AdaptedModel declares it: DDP reduces these gradients itself
+
     def __init__(self, model: nn.Module, base_dir: str):
         super().__init__()
         self.model = model
