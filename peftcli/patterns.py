@@ -157,6 +157,17 @@ def _search_pattern(pattern: str, source: str) -> Pattern:
     return Pattern(pattern, source)
 
 
+@functools.lru_cache(maxsize=64)
+def _fullmatch_pattern(pattern: str, source: str, origin: str) -> Pattern:
+    return Pattern(from_file(pattern, origin) if origin else pattern, source)
+
+
+def fullmatch(pattern: str, text: str, source: str) -> bool:
+    """``re.fullmatch(pattern, text) is not None``, bounded, compiled once per pattern (a
+    ``from_file``-marked pattern keeps its origin for errors, as ``Pattern`` does)."""
+    return _fullmatch_pattern(str(pattern), source, getattr(pattern, "origin", "")).fullmatch(text)
+
+
 def search(pattern: str, text: str, source: str) -> bool:
     """``re.search(pattern, text) is not None``, bounded; for callers that get the pattern per call."""
     if isinstance(pattern, FileValue):

@@ -49,6 +49,16 @@ _OUTPUT_HEADS = {"lm_head", "score", "classifier", "qa_outputs", "decoder"}
 _REGEX_CHARS = set("*+?[](){}|^$\\")
 
 
+def is_regex(spec: str) -> bool:
+    """Whether a targets spec is a regex (PEFT: re.fullmatch) rather than comma-separated names."""
+    return bool(_REGEX_CHARS & set(spec))
+
+
+def names_module(path: str, name: str) -> bool:
+    """PEFT's rule for a listed name: the module path itself, or its last dotted pieces."""
+    return path == name or path.endswith("." + name)
+
+
 @dataclass(frozen=True)
 class LinearModule:
     name: str  # module path, e.g. "model.layers.0.self_attn.q_proj"
@@ -173,7 +183,7 @@ def resolve_targets(
         chosen = [m for m in modules if m.kind in names]
     elif targets.strip() == "all-linear":
         chosen = [m for m in modules if not is_output_head(m, config)]
-    elif _REGEX_CHARS & set(targets):
+    elif is_regex(targets):
         pattern = compile_pattern(targets, "--targets", "e.g. --targets '.*\\.(q_proj|v_proj)'")
         chosen = [m for m in modules if pattern.fullmatch(m.name)]  # PEFT: re.fullmatch(target_modules, key)
         if not chosen:
@@ -185,8 +195,8 @@ def resolve_targets(
             )
     else:
         wanted = [t.strip() for t in targets.split(",") if t.strip()]
-        chosen = [m for m in modules if any(m.name == t or m.name.endswith("." + t) for t in wanted)]
-        missing = [t for t in wanted if not any(m.name == t or m.name.endswith("." + t) for m in modules)]
+        chosen = [m for m in modules if any(names_module(m.name, t) for t in wanted)]
+        missing = [t for t in wanted if not any(names_module(m.name, t) for m in modules)]
         if missing:
             raise UsageError(f"target {', '.join(missing)} matches no linear module", linear_names_hint(modules))
     layer_set = parse_layers(layers)

@@ -25,7 +25,7 @@ from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.base import Attached, MethodBase, BudgetRow, peft_key, PEFT_PREFIX
 from peftcli.options import option
 from peftcli.patterns import compile_pattern, from_file
-from peftcli.targets import LinearModule, linear_modules, linear_names_hint, model_type_of, names_hint, resolve_targets
+from peftcli.targets import LinearModule, is_regex, linear_modules, linear_names_hint, model_type_of, names_hint, names_module, resolve_targets
 
 if TYPE_CHECKING:
     import torch
@@ -102,19 +102,12 @@ _BY_NAME: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = tuple(
     )
 )
 
-_REGEX_CHARS = set("*+?[](){}|^$\\")  # the test targets.resolve_targets uses to tell a regex from names
-
-
-def _is_regex(spec: str) -> bool:
-    return bool(_REGEX_CHARS & set(spec))
 
 
 def _names(spec: str) -> list[str]:
     return [t.strip() for t in spec.split(",") if t.strip()]
 
 
-def _name_matches(path: str, name: str) -> bool:
-    return path == name or path.endswith("." + name)
 
 
 def _peft_suffix_regex(names) -> str:
@@ -143,7 +136,7 @@ class IA3Config:
     layers: str | None = option(None, metavar="RANGES", help="only these layers, e.g. 20-29 or 0,2,4-6")
 
     def __post_init__(self) -> None:
-        if self.feedforward and _is_regex(self.feedforward):
+        if self.feedforward and is_regex(self.feedforward):
             compile_pattern(self.feedforward, "--feedforward", "e.g. --feedforward '.*\\.down_proj'")
 
 
@@ -154,7 +147,7 @@ def family_defaults(model_type: str | None, paths) -> tuple[tuple[str, ...], tup
         return IA3_TARGETS[model_type], IA3_FEEDFORWARD[model_type]
     paths = list(paths)
     for targets, feedforward in _BY_NAME:
-        if all(any(_name_matches(p, n) for p in paths) for n in targets):
+        if all(any(names_module(p, n) for p in paths) for n in targets):
             return targets, feedforward
     return None
 
@@ -172,11 +165,11 @@ def _feedforward_rule(cfg: IA3Config, model_type: str | None, paths, hint: str =
         spec = _peft_suffix_regex(found[1])
     if spec.strip() == "":
         return lambda path: False
-    if _is_regex(spec):
+    if is_regex(spec):
         pattern = compile_pattern(spec, "--feedforward")
         return lambda path: pattern.fullmatch(path)
     names = _names(spec)
-    return lambda path: any(_name_matches(path, n) for n in names)
+    return lambda path: any(names_module(path, n) for n in names)
 
 
 def _check_feedforward_spec(cfg: IA3Config, modules: list[LinearModule]) -> None:
@@ -184,11 +177,11 @@ def _check_feedforward_spec(cfg: IA3Config, modules: list[LinearModule]) -> None
     spec = cfg.feedforward
     if spec is None or spec.strip() == "":
         return
-    if _is_regex(spec):
+    if is_regex(spec):
         pattern = compile_pattern(spec, "--feedforward")
         missing = [] if any(pattern.fullmatch(m.name) for m in modules) else [spec]
     else:
-        missing = [n for n in _names(spec) if not any(_name_matches(m.name, n) for m in modules)]
+        missing = [n for n in _names(spec) if not any(names_module(m.name, n) for m in modules)]
     if missing:
         # A value read from adapter_config.json is named as the file names it, not as a flag.
         name = getattr(spec, "origin", "") or "--feedforward"
@@ -390,7 +383,7 @@ def _peft_targets(value) -> str | None:
         return ",".join(value)
     if isinstance(value, str) and value != "all-linear":
         # PEFT full-matches a string even without regex characters; (?:...) would break a leading (?i)
-        return from_file(value if _is_regex(value) else f"(?:{value})", "adapter_config.json target_modules")
+        return from_file(value if is_regex(value) else f"(?:{value})", "adapter_config.json target_modules")
     return value
 
 
@@ -399,7 +392,7 @@ def _peft_feedforward(value) -> str | None:
     if isinstance(value, list):
         return _peft_suffix_regex(value)
     if isinstance(value, str):
-        return from_file(value if _is_regex(value) else f"(?:{value})", "adapter_config.json feedforward_modules") if value else ""
+        return from_file(value if is_regex(value) else f"(?:{value})", "adapter_config.json feedforward_modules") if value else ""
     return value
 
 

@@ -10,7 +10,6 @@ Written in PEFT's layout: ``base_model.model.<module>.lora_A.weight`` [r, in],
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -20,8 +19,8 @@ from peftcli.errors import BadInputError, UsageError
 from peftcli.methods import lora_init, lora_tokens
 from peftcli.methods.base import Attached, MethodBase, BudgetRow, LazyTensor, SeededDraws, lazy_zeros, peft_key, PEFT_PREFIX
 from peftcli.options import option
-from peftcli.patterns import Pattern, compile_pattern, from_file
-from peftcli.targets import resolve_targets
+from peftcli.patterns import from_file, fullmatch
+from peftcli.targets import is_regex, names_module, resolve_targets
 
 if TYPE_CHECKING:
     import torch
@@ -407,14 +406,8 @@ def excluded(name: str, spec: str | tuple[str, ...]) -> bool:
     or a name equal to it or to a dotted suffix of it. (The one place exclusions are matched.)
     A head model's path (``bert.encoder...``) names the checkpoint's ``encoder...`` too."""
     if isinstance(spec, str):
-        return _exclude_pattern(spec).fullmatch(name)
-    return any(name == n or name.endswith("." + n) or n.endswith("." + name) for n in spec)
-
-
-@functools.lru_cache(maxsize=16)
-def _exclude_pattern(spec: str) -> "Pattern":
-    """PEFT's exclude_modules regex, matched in bounded time (it comes from a file)."""
-    return compile_pattern(from_file(spec, "adapter_config.json exclude_modules"), "exclude_modules")
+        return fullmatch(from_file(spec, "adapter_config.json exclude_modules"), name, "exclude_modules")  # bounded
+    return any(names_module(name, n) or names_module(n, name) for n in spec)
 
 
 def _exclude_spec(value) -> str | tuple[str, ...] | None:
@@ -439,11 +432,11 @@ def _linear_spec(shapes: dict, model_config: dict | None, spec: str | None, embe
     """target_modules without the listed names that select only embedding layers ("" if none is left)."""
     from peftcli.targets import linear_modules
 
-    if not embedded or not spec or any(c in spec for c in "*+?[](){}|^$\\") or spec.strip() == "all-linear":
+    if not embedded or not spec or is_regex(spec) or spec.strip() == "all-linear":
         return spec
     linear = [m.name for m in linear_modules(shapes, model_config)]
     names = [t.strip() for t in spec.split(",") if t.strip()]
-    kept = [t for t in names if any(m == t or m.endswith("." + t) for m in linear) or not any(lora_tokens.selects(t, e) for e in embedded)]
+    kept = [t for t in names if any(names_module(m, t) for m in linear) or not any(lora_tokens.selects(t, e) for e in embedded)]
     return ",".join(kept)
 
 
@@ -454,14 +447,14 @@ def _refuse_embedding_targets(shapes: dict, model_config: dict | None, cfg: Lora
     from peftcli.targets import linear_modules
 
     spec = cfg.targets
-    if not spec or any(c in spec for c in "*+?[](){}|^$\\") or spec.strip() == "all-linear":
+    if not spec or is_regex(spec) or spec.strip() == "all-linear":
         return
     linear = {m.name for m in linear_modules(shapes, model_config)}
     embeddings = [n[: -len(".weight")] for n, s in shapes.items() if n.endswith(".weight") and len(s) == 2 and n[: -len(".weight")] not in linear]
     for t in (t.strip() for t in spec.split(",") if t.strip()):
-        if any(m == t or m.endswith("." + t) for m in linear):
+        if any(names_module(m, t) for m in linear):
             continue
-        hit = next((e for e in embeddings if e == t or e.endswith("." + t)), None)
+        hit = next((e for e in embeddings if names_module(e, t)), None)
         if hit is not None and not cfg.peft_embeddings:
             raise BadInputError(
                 f"--targets names the embedding layer {hit}: peftcli inject puts LoRA on linear modules only",

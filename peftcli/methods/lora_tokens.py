@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError
+from peftcli.targets import is_regex, names_module
 
 if TYPE_CHECKING:
     import torch
@@ -47,11 +48,11 @@ def embeddings(shapes: dict, linear: set[str]) -> dict[str, tuple[int, int]]:
 def selects(spec: str, path: str) -> bool:
     """PEFT's target_modules test on one module path: a regex matching it whole, or a listed
     name equal to it or to a dotted suffix of it."""
-    from peftcli.patterns import compile_pattern, from_file
+    from peftcli.patterns import from_file, fullmatch
 
-    if any(c in spec for c in "*+?[](){}|^$\\"):  # from a file: matched in bounded time
-        return compile_pattern(from_file(spec, "adapter_config.json target_modules"), "target_modules").fullmatch(path)
-    return any(path == t or path.endswith("." + t) for t in (t.strip() for t in spec.split(",")) if t)
+    if is_regex(spec):  # from a file: matched in bounded time
+        return fullmatch(from_file(spec, "adapter_config.json target_modules"), path, "target_modules")
+    return any(names_module(path, t) for t in (t.strip() for t in spec.split(",")) if t)
 
 
 def targeted(shapes: dict, linear: set[str], cfg) -> dict[str, tuple[int, int]]:
@@ -96,7 +97,7 @@ def token_targets(shapes: dict, model_config: dict | None, linear: set[str], cfg
         if name == "":
             module = pl.input_embedding(shapes, model_config)[0]
         else:
-            hits = [m for m in candidates if m == name or m.endswith("." + name)]
+            hits = [m for m in candidates if names_module(m, name)]
             if len(hits) != 1:
                 raise BadInputError(
                     f"trainable_token_indices names {name}, which is {'no' if not hits else 'more than one'} embedding of this base",
