@@ -282,7 +282,7 @@ def check_adapter(path: str, ckpt: Checkpoint, vocab: int | None = None) -> Resu
         result.problems.append(Problem.of(exc, path))
         return result
     result.details["tensors"] = len(adapter.tensors)
-    values = _value_problems(adapter.tensors)
+    values = _value_problems(adapter.tensors)  # read_adapter already refused non-float weights
     try:
         method = method_for_adapter_config(adapter.config, path)
         result.method = method.name
@@ -296,7 +296,6 @@ def check_adapter(path: str, ckpt: Checkpoint, vocab: int | None = None) -> Resu
     if method.schedule != ONE_PASS:
         # Trained entries (LT-SFT, diff-pruning) are not a function of the config: check
         # them as merge reads them — base tensor names, index ranges, idx/val lengths.
-        values = _value_problems({k: t for k, t in adapter.tensors.items() if not k.endswith(".idx")})
         try:
             if method.folds:
                 method.deltas(cfg, {k: t for k, t in adapter.tensors.items() if k not in head_keys}, ckpt)
@@ -353,16 +352,8 @@ def _merge_input(result: Result, adapter, method, cfg, head_keys: set[str], ckpt
 
 
 def _value_problems(tensors: dict) -> list[Problem]:
-    from peftcli.checkpoint.dtypes import safetensors_dtype
-
-    problems = []
-    for key in sorted(tensors):
-        t = tensors[key]
-        if not t.is_floating_point():
-            problems.append(Problem(f"{display(key)}: dtype {safetensors_dtype(t.dtype)}, not floating-point", "the adapter is corrupt"))
-        elif problem := nonfinite(display(key), t, DIVERGED):
-            problems.append(problem)
-    return problems
+    """NaN/Inf in the adapter's values (a sparse φ's ``W.idx`` are indices, not values)."""
+    return [p for key in sorted(tensors) if not key.endswith(".idx") if (p := nonfinite(display(key), tensors[key], DIVERGED))]
 
 
 def display(key: str) -> str:
@@ -462,9 +453,7 @@ def _head_problems(adapter, heads: list, ckpt: Checkpoint, vocab: int | None) ->
     problems = []
     for head in heads:
         prefix = f"{PEFT_PREFIX}{head}."
-        keys = sorted(k for k in adapter.tensors if k.startswith(prefix))
-        if not keys:
-            problems.append(Problem(f"modules_to_save names {head}, but the adapter holds no tensor of it", "the adapter is incomplete"))
+        keys = sorted(k for k in adapter.tensors if k.startswith(prefix))  # never none: read_adapter checked
         for key in keys:
             base_name = _base_tensor(ckpt, key[len(PEFT_PREFIX) :])
             if base_name is None:  # a new head (e.g. a classifier): nothing in the base to compare with
