@@ -72,3 +72,18 @@ def edited_adapter(src: str, out, tensors=None, config=None) -> str:
         config(c)
     write_adapter(str(out), c, t)
     return str(out)
+
+
+def whole_tensor_path(monkeypatch) -> None:
+    """Merge inputs opened without ranged streams: every touched tensor goes through the
+    engine's whole-tensor ``produce`` (to compare it with the ranged path)."""
+    from peftcli.merge import engine
+
+    real = engine.open_source
+
+    def opened(*args, **kwargs):
+        source = real(*args, **kwargs)
+        source.streams = {}
+        return source
+
+    monkeypatch.setattr(engine, "open_source", opened)

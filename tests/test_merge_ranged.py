@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+
 import pytest
 import torch
 
@@ -17,9 +18,10 @@ from peftcli.checkpoint.reader import open_checkpoint
 from peftcli.checkpoint.writer import SafetensorsStreamWriter, TensorSpec, save_state_dict
 from peftcli.diff import DiffOptions, diff
 from peftcli.errors import BadInputError, UsageError
-from peftcli.merge import engine, ranged
+from peftcli.merge import ranged
 from peftcli.merge.engine import merge
 from peftcli.merge.pipeline import ReadAhead, WriteBehind
+from tests.helpers import whole_tensor_path
 
 SHAPES = {"a.weight": (37, 29), "b.weight": (1000,), "c.bias": (5,), "d.weight": (64, 3)}
 
@@ -48,18 +50,6 @@ def models(tmp_path):
 
 
 TASK = {"linear": "Linear", "ties": "Ties", "dare": "Dare", "dare-ties": "Dare"}  # the ranged task of each method
-
-
-def _whole_path(monkeypatch):
-    """Inputs opened without ranged streams: every touched tensor goes through ``produce``."""
-    real = engine.open_source
-
-    def opened(*args, **kwargs):
-        source = real(*args, **kwargs)
-        source.streams = {}
-        return source
-
-    monkeypatch.setattr(engine, "open_source", opened)
 
 
 def _bytes(path: str) -> bytes:
@@ -96,7 +86,7 @@ def test_ranged_merge_of_checkpoints_equals_the_whole_tensor_merge(models, tmp_p
     opts = dict(weights=weights, method=method, density=density, dtype=out_dtype)
     merge(base, fts, str(tmp_path / "ranged"), **opts)
     assert runs.get(TASK[method]) == len(SHAPES)
-    _whole_path(monkeypatch)
+    whole_tensor_path(monkeypatch)
     merge(base, fts, str(tmp_path / "whole"), **opts)
     assert _bytes(str(tmp_path / "ranged")) == _bytes(str(tmp_path / "whole"))
 
@@ -115,7 +105,7 @@ def test_ranged_merge_of_diffs_and_a_cast_equals_the_whole_tensor_merge(models, 
     merge(base, diffs, str(tmp_path / "ranged"), **opts)
     assert runs.get(TASK[method]) == len(SHAPES)
     assert runs.get("Copy") == 1  # the int64 tensor, which no diff covers: copied, not cast
-    _whole_path(monkeypatch)
+    whole_tensor_path(monkeypatch)
     merge(base, diffs, str(tmp_path / "whole"), **opts)
     assert _bytes(str(tmp_path / "ranged")) == _bytes(str(tmp_path / "whole"))
 
@@ -135,7 +125,7 @@ def test_dare_leaves_out_inputs_that_do_not_touch_a_tensor_without_changing_a_bi
     runs = _runs(monkeypatch)
     merge(base, [few, ft2], str(tmp_path / "ranged"), **opts)
     assert runs.get("Dare") == floating
-    _whole_path(monkeypatch)
+    whole_tensor_path(monkeypatch)
     merge(base, [few, ft2], str(tmp_path / "whole"), **opts)
     assert _bytes(str(tmp_path / "ranged")) == _bytes(str(tmp_path / "whole"))
     merge(base, [few, ft2], str(tmp_path / "reseeded"), **{**opts, "seed": 8})

@@ -11,6 +11,7 @@ import math
 import os
 
 import numpy as np
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -19,10 +20,10 @@ from safetensors.torch import load_file
 from peftcli.checkpoint.writer import save_state_dict
 from peftcli.cli import cli
 from peftcli.errors import UsageError
-from peftcli.merge import engine
 from peftcli.merge.arithmetic import combine
 from peftcli.merge.engine import merge
 from peftcli.merge.methods._slerp_kernel import coefficients
+from tests.helpers import whole_tensor_path
 
 LAYERS = 4
 
@@ -97,17 +98,6 @@ def test_near_parallel_tensors_interpolate_linearly(tmp_path):
     assert s_a + s_b > 1.0  # not the linear weights
 
 
-def _whole_path(monkeypatch):
-    real = engine.open_source
-
-    def opened(*args, **kwargs):
-        source = real(*args, **kwargs)
-        source.streams = {}
-        return source
-
-    monkeypatch.setattr(engine, "open_source", opened)
-
-
 def test_slerp_bytes_are_reproducible_and_the_ranged_kernel_equals_the_whole_tensor_one(models, tmp_path, monkeypatch):
     base, a, b = models
     runs = []
@@ -115,7 +105,7 @@ def test_slerp_bytes_are_reproducible_and_the_ranged_kernel_equals_the_whole_ten
         out = str(tmp_path / f"r{k}.safetensors")
         merge(base, [a, b], out, method="slerp", options={"t": "0,0.5,1", "t_mlp": "0.7"})
         runs.append(open(out, "rb").read())
-    _whole_path(monkeypatch)
+    whole_tensor_path(monkeypatch)
     out = str(tmp_path / "whole.safetensors")
     merge(base, [a, b], out, method="slerp", options={"t": "0,0.5,1", "t_mlp": "0.7"})
     runs.append(open(out, "rb").read())
