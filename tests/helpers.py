@@ -87,3 +87,19 @@ def whole_tensor_path(monkeypatch) -> None:
         return source
 
     monkeypatch.setattr(engine, "open_source", opened)
+
+
+def lm_rows(n: int) -> list[dict]:
+    """``n`` causal-LM rows of a tiny vocabulary (w4 … w43) that a tiny model can fit."""
+    return [{"text": " ".join(f"w{(3 * j + i) % 40 + 4}" for j in range(10))} for i in range(n)]
+
+
+def cls_rows(n: int) -> list[dict]:
+    """``n`` seeded classification rows a frozen random encoder can learn: the first word is the label."""
+    import random
+
+    rng = random.Random(0)
+    return [
+        {"text": f"{'w1' if i % 2 else 'w2'} " + " ".join(f"w{rng.randint(5, 60)}" for _ in range(5)), "label": "pos" if i % 2 else "neg"}
+        for i in range(n)
+    ]

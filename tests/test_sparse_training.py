@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 
@@ -27,6 +26,7 @@ from peftcli.train import phased
 from peftcli.train import state as ckpt_state
 from peftcli.train.config import TrainConfig
 from peftcli.train.loop import train
+from tests.helpers import cls_rows, lm_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 500
@@ -35,9 +35,7 @@ K = 500
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("sparse-data")
-    rng = random.Random(0)
-    lm = [{"text": " ".join(f"w{(3 * j + i) % 40 + 4}" for j in range(10))} for i in range(48)]
-    cls = [{"text": f"{'w1' if i % 2 else 'w2'} " + " ".join(f"w{rng.randint(5, 60)}" for _ in range(5)), "label": "pos" if i % 2 else "neg"} for i in range(64)]
+    lm, cls = lm_rows(48), cls_rows(64)
     out = {}
     for name, rows in (("lm", lm), ("cls", cls[:48]), ("cls_dev", cls[48:])):
         with open(d / f"{name}.jsonl", "w") as f:

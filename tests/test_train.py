@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -26,6 +25,7 @@ from peftcli.train.data import load_dataset
 from peftcli.train.loop import train
 from peftcli.train.state import step_dir
 from tests import matrices
+from tests.helpers import cls_rows, lm_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "data")
@@ -41,10 +41,7 @@ def _write_jsonl(path, rows):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    rng = random.Random(0)
-    # Classification a frozen random encoder can learn: the label is the first word.
-    cls = [{"text": f"{'w1' if i % 2 else 'w2'} " + " ".join(f"w{rng.randint(5, 60)}" for _ in range(5)), "label": "pos" if i % 2 else "neg"} for i in range(96)]
-    lm = [{"text": " ".join(f"w{(3 * j + i) % 40 + 4}" for j in range(10))} for i in range(64)]
+    cls, lm = cls_rows(96), lm_rows(64)
     sft = [{"prompt": f"w{i % 7 + 4} w{i % 5 + 20}", "completion": f"w{i % 7 + 30}"} for i in range(64)]
     return {
         "cls": _write_jsonl(d / "cls.jsonl", cls[:64]),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 
 import pytest
 from click.testing import CliRunner
@@ -23,6 +22,7 @@ from peftcli.train import state as ckpt_state
 from peftcli.train.config import TrainConfig
 from peftcli.train.data import load_dataset
 from peftcli.train.loop import train
+from tests.helpers import cls_rows, lm_rows
 
 
 def _write_jsonl(path, rows):
@@ -34,9 +34,7 @@ def _write_jsonl(path, rows):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("ux-data")
-    rng = random.Random(0)
-    lm = [{"text": " ".join(f"w{(3 * j + i) % 40 + 4}" for j in range(10))} for i in range(64)]
-    cls = [{"text": f"{'w1' if i % 2 else 'w2'} " + " ".join(f"w{rng.randint(5, 60)}" for _ in range(5)), "label": "pos" if i % 2 else "neg"} for i in range(32)]
+    lm, cls = lm_rows(64), cls_rows(32)
     return {"lm": _write_jsonl(d / "lm.jsonl", lm), "cls": _write_jsonl(d / "cls.jsonl", cls), "cls_rows": cls}
 
 
