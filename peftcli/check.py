@@ -164,7 +164,7 @@ def check(
                 from peftcli.merge.methods import get_merge_method
 
                 count = get_merge_method(method).count_problem(len(results))
-                refusal = count.one_line()[len("error: ") :] if count is not None else None
+                refusal = f"{count.message} ({count.hint})" if count is not None else None
             if refusal:
                 report = CheckReport(base_result, results, merge_refusal=refusal)
             else:
