@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import click
 from click.testing import CliRunner
 
 from peftcli.cli import cli
@@ -398,3 +399,19 @@ def test_every_json_field_of_every_command_is_named_in_its_readme_section(name, 
             f"'### `peftcli {name} ...`' section does not name in backticks: document them there"
         )
     assert "schema" in seen
+
+
+def test_every_flag_of_every_command_is_named_in_the_readme():
+    """A new option reaches the README with the code: each --flag appears in it in backticks."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    missing = []
+
+    def walk(command, path):
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                walk(sub, [*path, name])
+            return
+        missing.extend(f"{' '.join(path)} {o}" for p in command.params for o in p.opts if o.startswith("--") and o not in readme)
+
+    walk(cli, ["peftcli"])
+    assert not missing, f"flags the README does not name: {missing}"
