@@ -18,8 +18,6 @@ import inspect
 import os
 import re
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 DOCS = os.path.join(ROOT, "docs")
@@ -43,7 +41,7 @@ def read_docs() -> str:
 
 def prose(text: str) -> str:
     """``text`` without its fenced code blocks."""
-    return re.sub(r"^```.*?^```[^\n]*$", "", text, flags=re.M | re.S)
+    return re.sub(r"^```.*?^```[^\n]*$", "", text, flags=re.MULTILINE | re.DOTALL)
 
 
 def code_spans(text: str) -> list[str]:
@@ -129,13 +127,23 @@ def test_readme_is_a_short_front_door_linking_every_page():
     assert pages and pages - linked == set(), f"docs pages the README does not link: {sorted(pages - linked)}"
 
 
+def test_ci_installs_and_tests_as_the_readme_says():
+    """The README's first block is what a newcomer runs and what .ci/run runs: they must agree."""
+    block = re.search(r"^```bash\n(.*?)^```", read(README), flags=re.MULTILINE | re.DOTALL).group(1)
+    commands = [c.strip() for line in block.splitlines() if not line.startswith("#") for c in line.split("&&")]
+    ci = [line.strip() for line in read(os.path.join(ROOT, ".ci", "run")).splitlines() if line.strip() and not line.startswith("#")]
+    installs = [line.replace(" -q", "") for line in ci if line.startswith("pip install")]
+    assert installs and all(i in commands for i in installs), (installs, commands)
+    assert "python -m pytest -q" in ci and "python -m pytest -q" in commands
+
+
 def test_readme_tours_every_command():
     from peftcli.cli import cli
 
     readme = prose(read(README))
     missing = [name for name in cli.commands if f"`peftcli {name}`" not in readme]
     assert not missing, f"commands the README's tour does not name: {missing}"
-    examples = "\n".join(re.findall(r"^```bash\n(.*?)^```", read(README), flags=re.M | re.S))
+    examples = "\n".join(re.findall(r"^```bash\n(.*?)^```", read(README), flags=re.MULTILINE | re.DOTALL))
     assert not [n for n in cli.commands if f"peftcli {n} " not in examples], "a command without an example in the README"
 
 
@@ -192,7 +200,7 @@ def test_every_peftcli_name_and_module_named_exists():
 
 def _module_map() -> list[tuple[str, str]]:
     """(line, repository path) of every file and directory docs/architecture.md's module map names."""
-    block = re.search(r"^```\n(peftcli/\n.*?)^```", read(os.path.join(DOCS, "architecture.md")), flags=re.M | re.S).group(1)
+    block = re.search(r"^```\n(peftcli/\n.*?)^```", read(os.path.join(DOCS, "architecture.md")), flags=re.MULTILINE | re.DOTALL).group(1)
     stack: list[tuple[int, str]] = []  # (indent, directory) of the enclosing directories
     found = []
     for line in block.splitlines():
@@ -221,7 +229,7 @@ def test_the_module_map_names_files_that_exist():
 
 def test_the_python_api_examples_import():
     text = read(os.path.join(DOCS, "python-api.md"))
-    imports = [line for block in re.findall(r"^```python\n(.*?)^```", text, flags=re.M | re.S) for line in block.splitlines()
+    imports = [line for block in re.findall(r"^```python\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL) for line in block.splitlines()
                if re.match(r"(from \S+ )?import ", line)]
     assert len(imports) >= 5
     for line in imports:
