@@ -12,6 +12,7 @@ import click
 from click.testing import CliRunner
 
 from peftcli.cli import cli
+from tests.test_docs import command_section, read_docs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,7 +72,7 @@ def test_inspect_json_schema(tiny_llama):
 
 
 def _schema_table(readme: str, heading: str) -> dict[str, str]:
-    """The rows of the README's field table under ``heading``: field name -> its description."""
+    """The rows of the documentation's field table under ``heading``: field name -> its description."""
     section = readme[readme.index(heading):]
     rows = {}
     for line in section.splitlines()[1:]:
@@ -89,8 +90,7 @@ def test_every_inspect_json_field_is_in_the_readme_schema_table(tiny_llama, tmp_
     from peftcli.methods.lora import LoraConfig
     from tests.helpers import noisy_copy
 
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    table = _schema_table(readme, "**`--json` schema** (`peftcli.inspect/1`")
+    table = _schema_table(read_docs(), "**`--json` schema** (`peftcli.inspect/1`")
     adapter = str(tmp_path / "lora")
     inject(tiny_llama, "lora", LoraConfig(), adapter)
     task = str(tmp_path / "task.diff")
@@ -103,10 +103,10 @@ def test_every_inspect_json_field_is_in_the_readme_schema_table(tiny_llama, tmp_
     for path, *flags in cases:
         doc = json.loads(run("inspect", path, "--json", *flags).stdout)
         for key, value in doc.items():
-            assert key in table, f"inspect --json field {key!r} is not in the README's schema table"
+            assert key in table, f"inspect --json field {key!r} is not in the schema table of docs/inspect.md"
             if isinstance(value, dict) and key in ("budget", "diff", "filter"):
                 for sub in value:  # the nested fields are named in the row
-                    assert sub in table[key], f"{key}.{sub} is not described in the README's row for {key!r}"
+                    assert sub in table[key], f"{key}.{sub} is not described in docs/inspect.md's row for {key!r}"
 
 
 def test_inspect_filter_narrows_the_budget_listing_not_its_totals(tiny_llama):
@@ -265,10 +265,11 @@ def test_every_command_takes_json_and_quiet(path):
     assert "--json" in result.stdout and "--quiet" in result.stdout, path
 
 
-def test_every_subcommand_is_documented_in_the_readme():
+def test_every_subcommand_is_documented():
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     for name in cli.commands:
-        assert f"### `peftcli {name}" in readme, f"README has no section for peftcli {name}"
+        command_section(name)  # its one reference section in docs/
+        assert f"`peftcli {name}`" in readme, f"the README's tour does not name peftcli {name}"
     assert "`--quiet`" in readme
 
 
@@ -283,16 +284,6 @@ def test_quiet_leaves_stderr_empty_but_for_the_error(tiny_llama, tmp_path):
     assert bad.exit_code == 1 and len(bad.stderr.strip().splitlines()) == 1 and "missing.safetensors" in bad.stderr
     assert run("completion", "bash", "--json").exit_code == 0
     assert json.loads(run("completion", "bash", "--json").stdout)["shell"] == "bash"
-
-
-def _readme_section(readme: str, name: str) -> str:
-    """The README's section for ``peftcli NAME``: from its ``### `peftcli NAME`` heading to the next ``### ``."""
-    import re
-
-    match = re.search(rf"^### `peftcli {re.escape(name)}[ `]", readme, re.M)
-    assert match, f"README has no section '### `peftcli {name} ...`'"
-    end = readme.find("\n### ", match.end())
-    return readme[match.start() : end if end != -1 else len(readme)]
 
 
 def _named_in_backticks(section: str) -> set[str]:
@@ -377,11 +368,11 @@ def _recipe(tmp, base: str) -> str:
 
 
 @pytest.mark.parametrize("name", sorted(cli.commands))
-def test_every_json_field_of_every_command_is_named_in_its_readme_section(name, json_artifacts, tmp_path, monkeypatch):
+def test_every_json_field_of_every_command_is_named_in_its_reference_section(name, json_artifacts, tmp_path, monkeypatch):
     if name == "plot":
         pytest.importorskip("matplotlib")
     monkeypatch.chdir(tmp_path)  # `peftcli run -o wd` writes below the current directory
-    section = _readme_section(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(), name)
+    page, section = command_section(name)
     named = _named_in_backticks(section)
     seen = set()
     for args, schema in _json_cases(name, json_artifacts, tmp_path):
@@ -391,19 +382,19 @@ def test_every_json_field_of_every_command_is_named_in_its_readme_section(name, 
             continue
         doc = json.loads(result.stdout)  # exactly one JSON document, nothing else on stdout
         assert isinstance(doc, dict) and doc.get("schema") == schema, (args, doc.get("schema"))
-        assert schema in section, f"the README's peftcli {name} section does not name its schema {schema!r}"
+        assert schema in section, f"the peftcli {name} section of {page} does not name its schema {schema!r}"
         seen |= set(doc)
         missing = sorted(set(doc) - named)
         assert not missing, (
-            f"`peftcli {' '.join(args[:2])} ... --json` prints the fields {missing}, which the README's "
-            f"'### `peftcli {name} ...`' section does not name in backticks: document them there"
+            f"`peftcli {' '.join(args[:2])} ... --json` prints the fields {missing}, which the "
+            f"'`peftcli {name} ...`' section of {page} does not name in backticks: document them there"
         )
     assert "schema" in seen
 
 
-def test_every_flag_of_every_command_is_named_in_the_readme():
-    """A new option reaches the README with the code: each --flag appears in it in backticks."""
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+def test_every_flag_of_every_command_is_named_in_the_documentation():
+    """A new option reaches the documentation (README.md + docs/) with the code: each --flag appears in it."""
+    readme = read_docs()
     missing = []
 
     def walk(command, path):
@@ -414,4 +405,4 @@ def test_every_flag_of_every_command_is_named_in_the_readme():
         missing.extend(f"{' '.join(path)} {o}" for p in command.params for o in p.opts if o.startswith("--") and o not in readme)
 
     walk(cli, ["peftcli"])
-    assert not missing, f"flags the README does not name: {missing}"
+    assert not missing, f"flags README.md and docs/*.md do not name: {missing}"
