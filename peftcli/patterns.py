@@ -30,12 +30,12 @@ import sys
 import time
 import warnings
 
-try:  # Python 3.11+
+if sys.version_info >= (3, 11):  # a version test, not try/except: mypy checks the branch of its python_version
     from re import _constants as _c
     from re import _parser as _sre_parse
-except ImportError:  # pragma: no cover - Python 3.10
-    import sre_constants as _c  # type: ignore[no-redef]
-    import sre_parse as _sre_parse  # type: ignore[no-redef]
+else:  # pragma: no cover - Python 3.10
+    import sre_constants as _c
+    import sre_parse as _sre_parse
 
 from peftcli.errors import BadInputError, UsageError
 
@@ -363,7 +363,7 @@ _UNICODE_TESTS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _unicode_class(kind: str) -> tuple[tuple[int, int], ...]:
     """The code point ranges re's Unicode ``\\d``/``\\w``/``\\s`` match (Python's tables, built once)."""
     test = _UNICODE_TESTS[kind]

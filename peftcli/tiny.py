@@ -11,11 +11,13 @@ The same seed gives byte-identical files.
 
 from __future__ import annotations
 
+from typing import Any
+
 ARCHS = ("llama", "llama-tied", "bert", "gpt2")
 VOCAB = ["<pad>", "<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(252)]  # 256 tokens: "w0 w1 ..."
 
 
-def word_tokenizer():
+def word_tokenizer() -> Any:
     """A word-level tokenizer over ``VOCAB``, built offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -19,8 +19,9 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 from peftcli.errors import UsageError
 
@@ -67,7 +68,7 @@ FRAMES = {
 SPLITS = tuple(WORDS)
 
 
-def sentiment_data(n: int, seed: int, split: str | None = None) -> list[dict]:
+def sentiment_data(n: int, seed: int, split: str | None = None) -> list[dict[str, str]]:
     """Templated movie reviews, half positive and half negative, deterministic in ``seed``.
 
     ``split`` picks the vocabulary and frames, "train" or "heldout" (disjoint); by default
@@ -109,7 +110,7 @@ TOPIC_TEMPLATES = [
 ]
 
 
-def topic_data(n: int, seed: int) -> list[dict]:
+def topic_data(n: int, seed: int) -> list[dict[str, str]]:
     """Templated sentences labelled by their nouns' topic (sport or food)."""
     rng = random.Random(seed)
     rows = []
@@ -121,7 +122,7 @@ def topic_data(n: int, seed: int) -> list[dict]:
     return rows
 
 
-DATASETS: dict[str, Callable[[int, int], list[dict]]] = {"sentiment": sentiment_data, "topic": topic_data}
+DATASETS: dict[str, Callable[[int, int], list[dict[str, str]]]] = {"sentiment": sentiment_data, "topic": topic_data}
 MODELS = ("quickstart", "tiny")
 DEFAULT_EXAMPLES = 800
 # Built-in data is for demonstrations and tests: a million templated rows is ~60 MB of JSON
@@ -153,7 +154,7 @@ class Builtin:
     make: Callable[[bool], None]
 
 
-def data_builtin(what: str, spec: dict, path: str, where: str) -> Builtin:
+def data_builtin(what: str, spec: dict[str, Any], path: str, where: str) -> Builtin:
     _check_keys(spec, {"builtin", "examples", "seed"}, where, sorted(DATASETS))
     name = spec["builtin"]
     if name not in DATASETS:
@@ -168,7 +169,7 @@ def data_builtin(what: str, spec: dict, path: str, where: str) -> Builtin:
     return Builtin(what, path, argv, lambda force: write_data(name, path, examples, seed, force=force))
 
 
-def model_builtin(spec: dict, workdir: str, where: str) -> Builtin:
+def model_builtin(spec: dict[str, Any], workdir: str, where: str) -> Builtin:
     _check_keys(spec, {"builtin", "arch", "seed"}, where, MODELS)
     name = spec["builtin"]
     if name not in MODELS:
@@ -193,7 +194,7 @@ def model_builtin(spec: dict, workdir: str, where: str) -> Builtin:
     return Builtin("model", path, argv, lambda force: build_tiny(arch, path, seed))
 
 
-def _check_keys(spec: dict, allowed: set[str], where: str, builtins) -> None:
+def _check_keys(spec: dict[str, Any], allowed: set[str], where: str, builtins: Iterable[str]) -> None:
     from peftcli.recipes.steps import suggest
 
     if "builtin" not in spec:
@@ -203,7 +204,7 @@ def _check_keys(spec: dict, allowed: set[str], where: str, builtins) -> None:
             raise UsageError(f"{where}: unknown key {k!r}{suggest(str(k), allowed)}", "allowed: " + ", ".join(sorted(allowed)))
 
 
-def _int(value, where: str, low: int, high: int) -> int:
+def _int(value: Any, where: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise UsageError(
             f"{where} must be an integer from {low} to {high}, got {value!r}",
