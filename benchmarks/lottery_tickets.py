@@ -164,7 +164,7 @@ def main() -> None:
         print(f"wrote {stem}.png")
         return
 
-    from peftcli.quickstart import minilm_dir
+    from peftcli.recipes.prepare import minilm_dir
 
     model = minilm_dir()
     if model is None:

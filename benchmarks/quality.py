@@ -51,7 +51,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from peftcli.quickstart import minilm_dir  # the MiniLM wheel's model directory, or None
+from peftcli.recipes.prepare import minilm_dir  # the MiniLM wheel's model directory, or None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from train_vs_peft import SST2  # noqa: E402
 
-from peftcli.quickstart import minilm_dir  # noqa: E402
+from peftcli.recipes.prepare import minilm_dir  # noqa: E402
 
 
 def peftcli(*args: str, env=None) -> str:

@@ -62,7 +62,7 @@ import subprocess
 import sys
 import time
 
-from peftcli.quickstart import minilm_dir  # the MiniLM wheel's model directory, or None
+from peftcli.recipes.prepare import minilm_dir  # the MiniLM wheel's model directory, or None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

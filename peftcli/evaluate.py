@@ -19,14 +19,13 @@ example; language modelling: per token) and their largest logit gap. ``threads``
 torch's CPU threads as ``peftcli train --threads`` does (``peftcli.threads``).
 
 Options are declared once in ``EvalOptions`` (the ``evaluate`` flags and recipe keys); this
-module imports no torch at import time. ``python -m peftcli.evaluate MODEL --data FILE``.
+module imports no torch at import time. On the command line: ``peftcli evaluate MODEL --data FILE``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 
 from peftcli.errors import BadInputError, UsageError
@@ -314,19 +313,3 @@ def describe(doc: dict) -> str:
         other = f" ({_head_words('new', c.get('head_seed'))})" if c.get("head") == "new" else ""
         text += f"; agrees with {c['model']}{other} on {100 * c['agreement']:.1f}% (max logit gap {c['max_logit_gap']:.2e})"
     return text
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m peftcli.evaluate``: the ``evaluate`` command with the CLI's error contract."""
-    from peftcli.cli import _report
-    from peftcli.cli.evaluate_cmd import evaluate as command
-
-    try:
-        command.main(argv, prog_name="python -m peftcli.evaluate", standalone_mode=False)
-    except BaseException as exc:  # noqa: BLE001 - errors become one line and an exit code, as in peftcli
-        return _report(exc)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

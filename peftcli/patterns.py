@@ -29,13 +29,15 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
-try:  # Python 3.11+
+if sys.version_info >= (3, 11):  # a version test, not try/except: mypy checks the branch of its python_version
     from re import _constants as _c
     from re import _parser as _sre_parse
-except ImportError:  # pragma: no cover - Python 3.10
-    import sre_constants as _c  # type: ignore[no-redef]
-    import sre_parse as _sre_parse  # type: ignore[no-redef]
+else:  # pragma: no cover - Python 3.10
+    import sre_constants as _c
+    import sre_parse as _sre_parse
 
 from peftcli.errors import BadInputError, UsageError
 
@@ -57,7 +59,7 @@ class FileValue(str):
     origin = ""
 
 
-def from_file(value, origin: str):
+def from_file(value: Any, origin: str) -> Any:
     """A string ``value`` marked as read from a file, e.g. ``from_file(s, "adapter_config.json
     target_modules")``; anything else (None, a list) unchanged."""
     if not isinstance(value, str):
@@ -86,7 +88,7 @@ def budget_seconds() -> float:
 
 
 @contextlib.contextmanager
-def command_budget(seconds: float | None = None):
+def command_budget(seconds: float | None = None) -> Iterator[None]:
     """Every pattern matched inside shares one budget (the CLI opens one per command).
 
     Outside any, each match has a budget of its own."""
@@ -125,7 +127,7 @@ class Pattern:
     def search(self, text: str) -> bool:
         return self._run(self._compiled.search, text)
 
-    def _run(self, match, text: str) -> bool:
+    def _run(self, match: Callable[..., Any], text: str) -> bool:
         # Outside a command (library use) each match has a budget of its own: a compiled pattern
         # can live long (cached), and a budget that only ever shrank would fail it one day.
         budget = _command_budget.get() or _Budget(budget_seconds())
@@ -183,7 +185,7 @@ class _Refused(Exception):
 
 
 @functools.lru_cache(maxsize=256)
-def _compile(pattern: str):
+def _compile(pattern: str) -> Any:  # a regex.Pattern
     import regex
 
     if len(pattern) > MAX_PATTERN_CHARS:
@@ -212,7 +214,7 @@ def _compile(pattern: str):
         raise _Refused(f"not supported: {exc}") from None
 
 
-def _engine_flags(flags: int, regex) -> int:
+def _engine_flags(flags: int, regex: Any) -> int:
     out = 0
     for sre_flag, name in ((_c.SRE_FLAG_IGNORECASE, "IGNORECASE"), (_c.SRE_FLAG_MULTILINE, "MULTILINE"),
                            (_c.SRE_FLAG_DOTALL, "DOTALL"), (_c.SRE_FLAG_ASCII, "ASCII")):
@@ -221,7 +223,7 @@ def _engine_flags(flags: int, regex) -> int:
     return out
 
 
-def _size(items) -> int:
+def _size(items: Iterable[tuple[Any, Any]]) -> int:
     """Pattern nodes with counted repeats unrolled (regex's compiled size grows with it)."""
     total = 0
     for op, av in items:
@@ -266,10 +268,10 @@ class _Writer:
     def __init__(self, ascii_only: bool) -> None:
         self.ascii_only = ascii_only
 
-    def items(self, items) -> str:
+    def items(self, items: Iterable[tuple[Any, Any]]) -> str:
         return "".join(self.item(op, av) for op, av in items)
 
-    def item(self, op, av) -> str:  # noqa: C901 - one branch per opcode of re's parser
+    def item(self, op: Any, av: Any) -> str:  # noqa: C901 - one branch per opcode of re's parser
         if op is _c.LITERAL:
             return _char(av)
         if op is _c.NOT_LITERAL:
@@ -314,7 +316,7 @@ class _Writer:
             return f"(?>{self.items(av)})"
         raise _Refused(f"not supported: {op}")  # pragma: no cover - an opcode of a newer Python
 
-    def charset(self, av) -> str:
+    def charset(self, av: Any) -> str:
         negate = bool(av) and av[0][0] is _c.NEGATE
         parts = []
         for op, value in av[1:] if negate else av:
@@ -328,7 +330,7 @@ class _Writer:
                 raise _Refused(f"not supported in a set: {op}")
         return "[" + ("^" if negate else "") + "".join(parts) + "]"
 
-    def category(self, code) -> str:
+    def category(self, code: Any) -> str:
         """\\d \\w \\s (and negations) as the set re uses: Python's Unicode tables, or ASCII."""
         name = str(code)
         negated = "_NOT_" in name
@@ -338,7 +340,7 @@ class _Writer:
             ranges = _complement(ranges)
         return "".join(_char(lo) if lo == hi else f"{_char(lo)}-{_char(hi)}" for lo, hi in ranges)
 
-    def at(self, code) -> str:
+    def at(self, code: Any) -> str:
         if code is _c.AT_BOUNDARY or code is _c.AT_NON_BOUNDARY:
             word = "[" + self.category(_c.CATEGORY_WORD) + "]"
             boundary = f"(?:(?<={word})(?!{word})|(?<!{word})(?={word}))"
@@ -363,7 +365,7 @@ _UNICODE_TESTS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _unicode_class(kind: str) -> tuple[tuple[int, int], ...]:
     """The code point ranges re's Unicode ``\\d``/``\\w``/``\\s`` match (Python's tables, built once)."""
     test = _UNICODE_TESTS[kind]
@@ -381,7 +383,7 @@ def _unicode_class(kind: str) -> tuple[tuple[int, int], ...]:
     return tuple(ranges)
 
 
-def _complement(ranges) -> tuple[tuple[int, int], ...]:
+def _complement(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
     out, next_code = [], 0
     for lo, hi in ranges:
         if lo > next_code:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 
 from peftcli.errors import UsageError
 
@@ -38,7 +39,7 @@ def check_threads(threads: int | None, flag: str = "--threads") -> int | None:
 
 
 @contextlib.contextmanager
-def torch_threads(threads: int | None):
+def torch_threads(threads: int | None) -> Iterator[None]:
     """torch's intra-op thread count set to ``threads`` (None: left alone), restored after.
 
     On a shared machine every parallel op waits for its slowest thread to be scheduled: with

@@ -1,24 +1,23 @@
 """Tiny seeded models built from ``transformers`` configs, saved as real model directories.
 
-For the quick start (no hub access needed) and for the test suite, which shares them::
+For the quick start and the recipes' built-in models (no hub access needed) and for the
+test suite, which shares them. On the command line (``peftcli.cli.prepare``)::
 
-    python -m peftcli.tiny /tmp/tiny-llama            # Llama-style, GQA
-    python -m peftcli.tiny /tmp/tiny-gpt2 --arch gpt2 # Conv1D, transposed weights
+    python -m peftcli.cli.prepare tiny /tmp/tiny-llama              # Llama-style, GQA
+    python -m peftcli.cli.prepare tiny /tmp/tiny-gpt2 --arch gpt2   # Conv1D, transposed weights
 
 The same seed gives byte-identical files.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
+from typing import Any
 
 ARCHS = ("llama", "llama-tied", "bert", "gpt2")
 VOCAB = ["<pad>", "<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(252)]  # 256 tokens: "w0 w1 ..."
 
 
-def word_tokenizer():
+def word_tokenizer() -> Any:
     """A word-level tokenizer over ``VOCAB``, built offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -57,25 +56,3 @@ def build(arch: str, out: str, seed: int = 0) -> str:
     model.eval().save_pretrained(out)
     word_tokenizer().save_pretrained(out)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m peftcli.tiny", description="Save a tiny seeded model directory.")
-    parser.add_argument("out", help="directory to create")
-    parser.add_argument("--arch", choices=ARCHS, default="llama")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if os.path.isfile(os.path.join(args.out, "config.json")):
-        print(args.out)  # already built: reruns of the quick start reuse it
-        return 0
-    if os.path.exists(args.out):
-        print(f"error: {args.out} exists and is not a model directory (choose another path)", file=sys.stderr)
-        return 2
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    build(args.arch, args.out, args.seed)
-    print(args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

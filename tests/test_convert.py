@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from peftcli.attach import load_adapted, load_base_model
+from peftcli.attach import load_adapted
 from peftcli.cli import cli
 from peftcli.inject import inject
 from peftcli.merge.engine import merge

@@ -24,7 +24,7 @@ def trained(tiny_bert, tmp_path_factory):
     from peftcli.inject import inject
     from peftcli.merge.engine import merge
     from peftcli.methods.lora import LoraConfig
-    from peftcli.quickstart import sentiment_data
+    from peftcli.recipes.prepare import sentiment_data
     from peftcli.train.config import TrainConfig
     from peftcli.train.loop import train
 
@@ -145,14 +145,14 @@ def test_threads_above_four_per_core_are_refused(tiny_bert, trained, monkeypatch
 
 
 def _adjectives(text: str, split: str) -> list[str]:
-    from peftcli.quickstart import WORDS
+    from peftcli.recipes.prepare import WORDS
 
     vocab = {w for words in WORDS[split].values() for w in words}
     return [w.strip(",;") for w in text.split() if w.strip(",;") in vocab]
 
 
 def test_sentiment_data_is_deterministic_balanced_and_split_by_seed_parity():
-    from peftcli.quickstart import WORDS, sentiment_data
+    from peftcli.recipes.prepare import WORDS, sentiment_data
 
     assert sentiment_data(50, 1) == sentiment_data(50, 1) != sentiment_data(50, 3)
     for seed, split in ((1, "train"), (3, "train"), (2, "heldout"), (4, "heldout")):
@@ -173,7 +173,7 @@ def test_no_single_keyword_separates_the_sentiment_data():
     on fresh sentences of the same vocabulary, and every adjective appears under both labels."""
     from collections import Counter, defaultdict
 
-    from peftcli.quickstart import sentiment_data
+    from peftcli.recipes.prepare import sentiment_data
 
     votes = defaultdict(Counter)
     for r in sentiment_data(800, 1):

@@ -13,7 +13,6 @@ from click.testing import CliRunner
 from peftcli.cli import cli
 from peftcli.errors import UsageError
 from peftcli.recipes import plan
-from peftcli.recipes.prepare import main as prepare_main
 from peftcli.recipes.recipe import execute
 
 
@@ -109,11 +108,16 @@ def test_absurd_tiny_model_seed_is_refused_when_planned(tmp_path, in_tmp):
         plan(r)
 
 
-def test_prepare_bounds_its_arguments(tmp_path, capsys):
+def test_prepare_bounds_its_arguments(tmp_path):
+    from peftcli.cli.prepare import prepare
+
     out = tmp_path / "d.jsonl"
-    assert prepare_main(["topic", str(out), "--examples", "1000000000"]) == 2
-    assert prepare_main(["topic", str(out), "--seed", str(10**23)]) == 2
-    assert "--examples must be from 1 to" in capsys.readouterr().err and not out.exists()
+    for args in (["--examples", "1000000000"], ["--seed", str(10**23)]):
+        result = CliRunner().invoke(prepare, ["topic", str(out), *args])
+        assert result.exit_code == 2 and result.stderr.startswith("error: --examples must be from 1 to")
+    tiny = CliRunner().invoke(prepare, ["tiny", str(tmp_path / "m"), "--seed", str(10**23)])
+    assert tiny.exit_code == 2 and tiny.stderr.startswith("error: --seed must be from 0 to")
+    assert os.listdir(tmp_path) == []
 
 
 # -- the workdir boundary at write time ---------------------------------------------------------

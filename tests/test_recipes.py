@@ -44,14 +44,12 @@ def tiny_overrides(recipe: str, model: str) -> list[str]:
 def parse_line(line: str) -> dict:
     """Parse a --dry-run line with the CLI's own parsers (no execution); returns the params."""
     words = shlex.split(line)
-    if words[:3] == ["python", "-m", "peftcli.evaluate"]:
-        from peftcli.cli.evaluate_cmd import evaluate
+    if words[:3] == ["python", "-m", "peftcli.cli.prepare"]:
+        from peftcli.cli.prepare import prepare
 
-        return evaluate.make_context("evaluate", words[3:]).params
-    if words[:3] == ["python", "-m", "peftcli.recipes.prepare"]:
-        from peftcli.recipes.prepare import parser
-
-        return vars(parser().parse_args(words[3:]))
+        ctx = prepare.make_context("prepare", words[3:])
+        name, cmd, args = prepare.resolve_command(ctx, words[3:])
+        return cmd.make_context(name, args, parent=ctx).params
     assert words[0] == "peftcli", line
     cmd, args = cli, words[1:]
     ctx = cli.make_context("peftcli", list(args))
@@ -69,7 +67,7 @@ def in_tmp(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from peftcli.quickstart import sentiment_data
+    from peftcli.recipes.prepare import sentiment_data
 
     d = tmp_path_factory.mktemp("data")
     for name, n, seed in (("train", 24, 1), ("dev", 16, 2)):
@@ -98,8 +96,7 @@ def test_every_recipe_validates_and_says_how_to_run_it(recipe, in_tmp):
     result = run("run", recipe, "--dry-run")
     assert result.exit_code == 0, result.stderr
     for line in result.stdout.splitlines():
-        if not line.startswith("python -m peftcli.tiny "):
-            parse_line(line)  # every printed line is a command the CLI accepts
+        parse_line(line)  # every printed line is a command the CLI accepts
     assert os.listdir(in_tmp) == []  # --dry-run writes nothing
 
 
@@ -139,8 +136,6 @@ def test_dry_run_lines_executed_one_by_one_give_what_run_gives(tiny_bert, tiny_d
     """The printed pipeline, run line by line as shell commands would, writes the same bytes."""
     from safetensors.torch import load_file
 
-    from peftcli.evaluate import main as evaluate_main
-
     recipe = os.path.join(ROOT, "recipes", "lora.yaml")
     overrides = [f"model={tiny_bert}", f"data.train={tiny_data[0]}", f"data.eval={tiny_data[1]}", "train_steps=2"]
     monkeypatch.chdir(tmp_path)
@@ -149,15 +144,10 @@ def test_dry_run_lines_executed_one_by_one_give_what_run_gives(tiny_bert, tiny_d
     dry = run("run", recipe, *overrides, "-o", "b", "--dry-run")
     assert dry.exit_code == 0 and not os.path.exists("b")
     lines = dry.stdout.splitlines()
-    evaluate_words = ["peftcli", "evaluate"] if "evaluate" in cli.commands else ["python", "-m"]
-    assert [w.split()[:2] for w in lines] == [["peftcli", "inject"], ["peftcli", "train"], ["peftcli", "merge"], evaluate_words]
+    assert [w.split()[:2] for w in lines] == [["peftcli", "inject"], ["peftcli", "train"], ["peftcli", "merge"], ["peftcli", "evaluate"]]
     for line in lines:
-        words = shlex.split(line)
-        if words[0] == "peftcli":
-            result = CliRunner().invoke(cli, words[1:])
-            assert result.exit_code == 0, (line, result.stderr)
-        else:
-            assert evaluate_main(words[3:]) == 0
+        result = CliRunner().invoke(cli, shlex.split(line)[1:])
+        assert result.exit_code == 0, (line, result.stderr)
     for rel in ("lora/adapter_model.safetensors", "merged/model.safetensors"):
         ours, theirs = load_file(os.path.join("a", rel)), load_file(os.path.join("b", rel))
         assert ours.keys() == theirs.keys()
@@ -177,7 +167,7 @@ def test_untrained_evaluation_is_the_quickstart_baseline(tiny_bert, tiny_data):
     import torch
 
     from peftcli.evaluate import EvalOptions, evaluate
-    from peftcli.quickstart import _untrained_accuracy
+    from examples.quickstart import _untrained_accuracy
     from peftcli.train.batching import encode, load_tokenizer
     from peftcli.train.data import load_dataset
 
@@ -340,17 +330,17 @@ def test_a_failing_step_names_itself_and_keeps_its_exit_code(tiny_bert, tmp_path
 
 
 def test_builtins_reuse_the_quickstart_and_stay_in_the_workdir(tmp_path, in_tmp, monkeypatch):
-    import peftcli.quickstart as quickstart
+    from peftcli.recipes import prepare
     from peftcli.recipes.prepare import write_data
 
-    monkeypatch.setattr(quickstart, "minilm_dir", lambda: None)  # as on a machine without the wheel
+    monkeypatch.setattr(prepare, "minilm_dir", lambda: None)  # as on a machine without the wheel
     p = plan(os.path.join(ROOT, "recipes", "quickstart.yaml"), workdir="wd")
     assert p.model == str(in_tmp / "wd" / "tiny-bert")
-    assert p.lines()[0] == "python -m peftcli.tiny wd/tiny-bert --arch bert"
-    assert p.lines()[1] == "python -m peftcli.recipes.prepare sentiment wd/data/train.jsonl --examples 800 --seed 1"
+    assert p.lines()[0] == "python -m peftcli.cli.prepare tiny wd/tiny-bert --arch bert"
+    assert p.lines()[1] == "python -m peftcli.cli.prepare sentiment wd/data/train.jsonl --examples 800 --seed 1"
     write_data("sentiment", "s.jsonl", 7, 3)
     with open("s.jsonl") as f:
-        assert [json.loads(line) for line in f] == quickstart.sentiment_data(7, 3)
+        assert [json.loads(line) for line in f] == prepare.sentiment_data(7, 3)
     write_data("sentiment", "s.jsonl", 7, 3)  # the same set again: fine
     with pytest.raises(UsageError, match="already exists"):
         write_data("sentiment", "s.jsonl", 8, 3)

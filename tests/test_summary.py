@@ -92,20 +92,26 @@ def test_tiny_models_are_reproducible(tmp_path):
         assert fa.read() == fb.read()
 
 
-def test_tiny_module_cli_builds_once_and_refuses_foreign_paths(tmp_path, capsys):
-    from peftcli import tiny
+def test_tiny_command_builds_once_and_refuses_foreign_paths(tmp_path):
+    from click.testing import CliRunner
+
+    from peftcli.cli.prepare import prepare
 
     out = str(tmp_path / "m")
-    assert tiny.main([out, "--arch", "bert"]) == 0
-    assert os.path.isfile(os.path.join(out, "config.json"))
-    assert tiny.main([out]) == 0  # rerun reuses it
+    first = CliRunner().invoke(prepare, ["tiny", out, "--arch", "bert"])
+    assert first.exit_code == 0 and first.stdout == out + "\n"
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["model_type"] == "bert"
+    assert CliRunner().invoke(prepare, ["tiny", out]).exit_code == 0  # rerun reuses it
     (tmp_path / "file").write_text("x")
-    assert tiny.main([str(tmp_path / "file")]) == 2
-    assert "not a model directory" in capsys.readouterr().err
+    refused = CliRunner().invoke(prepare, ["tiny", str(tmp_path / "file")])
+    assert refused.exit_code == 2 and refused.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'file'} exists and is not a model directory (choose another path)"
+    ]
 
 
 def test_quickstart_runs_end_to_end_on_the_tiny_model(tmp_path):
-    from peftcli import quickstart
+    from examples import quickstart
 
     result = quickstart.run("tiny", str(tmp_path / "qs"), steps=4, log=lambda line: None)
     assert result["merged_agreement"] == 1.0 and result["merged_max_logit_gap"] < 1e-4

@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 
 from peftcli.attach import load_adapted, load_base_model
 from peftcli.cli import cli
-from peftcli.errors import BadInputError
 from peftcli.inject import inject
 from peftcli.methods.lora import LoraConfig
 from peftcli.train.config import TrainConfig

@@ -485,8 +485,6 @@ class SparseDiff:
 
     def apply_to(self, name: str, base: "torch.Tensor") -> "torch.Tensor":
         """θ₀ + φ for tensor ``name``, in the base dtype (a new tensor; ``base`` is not changed)."""
-        import torch
-
         from peftcli.checkpoint.dtypes import safetensors_dtype
 
         lay = self._layout[self._known(name)]

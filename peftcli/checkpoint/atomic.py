@@ -32,7 +32,7 @@ import re
 import secrets
 import shutil
 import stat
-from typing import Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 from peftcli.errors import ResourceError, UsageError
 
@@ -87,7 +87,7 @@ class _Temp:
 
 def clean_stale_temps(directory: str) -> list[str]:
     """Remove the temporaries in ``directory`` that provably belong to no live writer."""
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(directory)
     except OSError:
@@ -141,7 +141,7 @@ def fsync_tree(root: str) -> None:
     made, and a crash after the rename must not leave a complete-looking output with an
     empty config.json. Files already fsynced cost a no-op system call.
     """
-    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
         for name in filenames:
             path = os.path.join(dirpath, name)
             if os.path.islink(path):
@@ -267,7 +267,7 @@ _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 
 
-def _renameat2():
+def _renameat2() -> Callable[..., Any] | None:
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):  # no glibc 2.28+ wrapper (e.g. another libc)
@@ -309,7 +309,7 @@ def _rename_noreplace_locked(src: str, dst: str) -> bool:
         os.close(fd)  # releases the lock
 
 
-def open_new_file(path: str):
+def open_new_file(path: str) -> BinaryIO:
     """Create ``path`` for binary writing with the usual permissions (0666 minus umask)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     return os.fdopen(fd, "wb")

@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from peftcli.checkpoint.reader import Checkpoint
 from peftcli.errors import BadInputError
@@ -30,12 +30,12 @@ SHOWN_DIFFERENCES = 3  # an error lists this many differences, then a count of t
 Progress = Callable[[str, int, int], None]  # (phase, done, total), done and total in bytes here
 
 
-def tensor_table(ckpt: Checkpoint) -> dict[str, list]:
+def tensor_table(ckpt: Checkpoint) -> dict[str, list[Any]]:
     """``{name: [dtype, shape]}`` for every tensor of ``ckpt``, sorted by name."""
     return {name: [ckpt.tensors[name].dtype, list(ckpt.tensors[name].shape)] for name in sorted(ckpt.tensors)}
 
 
-def structure_hash(table: dict[str, list]) -> str:
+def structure_hash(table: dict[str, list[Any]]) -> str:
     rows = [[name, table[name][0], list(table[name][1])] for name in sorted(table)]
     text = json.dumps(rows, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -79,7 +79,8 @@ def file_hashes(ckpt: Checkpoint, progress: Progress | None = None) -> dict[str,
     def advance(n: int) -> None:
         nonlocal done
         done += n
-        progress(f"hashing {ckpt.path}", done, total)
+        if progress is not None:  # always, where advance is passed on
+            progress(f"hashing {ckpt.path}", done, total)
 
     hashes = {}
     for file in ckpt.files:
@@ -89,7 +90,7 @@ def file_hashes(ckpt: Checkpoint, progress: Progress | None = None) -> dict[str,
 
 
 def table_differences(
-    expected: dict[str, list], actual: dict[str, list], expected_label: str, actual_label: str
+    expected: dict[str, list[Any]], actual: dict[str, list[Any]], expected_label: str, actual_label: str
 ) -> list[str]:
     """Every difference between two tensor tables, in name order, as short phrases."""
     out = []
@@ -115,7 +116,7 @@ def summarize_differences(differences: list[str]) -> str:
 
 @dataclass(frozen=True)
 class Fingerprint:
-    tensors: dict[str, list]  # {name: [dtype, shape]}
+    tensors: dict[str, list[Any]]  # {name: [dtype, shape]}
     hash: str
     content: str | None = None  # sha256 of the bytes of the tensors an artifact touches
 
@@ -127,7 +128,7 @@ class Fingerprint:
         content = content_hash(ckpt, content_names, progress) if content_names is not None else None
         return cls(table, structure_hash(table), content)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"tensors": self.tensors, "hash": self.hash, "content": self.content}
 
     @classmethod

@@ -11,7 +11,7 @@ crash in whichever method reads it first.
 from __future__ import annotations
 
 import json
-from typing import Callable
+from typing import Any, Callable, TypeGuard
 
 from peftcli.errors import BadInputError
 
@@ -19,7 +19,7 @@ MAX_SIZE = 2**31 - 1  # widths, counts and vocabularies: anything larger cannot 
 MAX_POSITIONS = 2**63 - 1  # some configs use "unbounded" context lengths
 
 
-def _int(v: object) -> bool:
+def _int(v: object) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -65,7 +65,7 @@ def _shown(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def check_model_config(config: dict, where: str) -> dict:
+def check_model_config(config: dict[str, Any], where: str) -> dict[str, Any]:
     """``config`` unchanged, once every field peftcli reads has a type transformers could have written."""
     for scope, fields in (("", config), ("text_config.", config.get("text_config"))):
         if scope and fields is None:

@@ -15,8 +15,9 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeGuard
 
 from peftcli.errors import BadInputError
 
@@ -75,7 +76,7 @@ class ParsedHeader:
 
 
 @contextlib.contextmanager
-def gc_paused():
+def gc_paused() -> Iterator[None]:
     """Pause the cyclic garbage collector while building many small acyclic objects.
 
     A header of 500,000 tensors makes millions of dicts, tuples and entries; the collector's
@@ -114,7 +115,7 @@ def expected_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     return (bits + 7) // 8
 
 
-def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     obj = dict(pairs)  # called for every object of the header: the common case stays in C
     if len(obj) != len(pairs):
         seen: set[str] = set()
@@ -226,7 +227,7 @@ def parse_header(path: str, raw: bytes, file_size: int) -> ParsedHeader:
     return ParsedHeader(header_len=header_len, entries=entries, metadata=dict(metadata))
 
 
-def _naturals(values: object) -> bool:
+def _naturals(values: object) -> TypeGuard[list[int]]:
     """A JSON list of non-negative integers (``type(...) is int`` also rules out booleans)."""
     if type(values) is not list:
         return False
@@ -244,8 +245,7 @@ def _parse_entry(path: str, name: str, spec: object) -> RawEntry:
     dtype = spec.get("dtype")
     shape = spec.get("shape")
     offsets = spec.get("data_offsets")
-    known = DTYPES.get(dtype) if type(dtype) is str else None
-    if known is None:
+    if type(dtype) is not str or dtype not in DTYPES:
         raise BadInputError(
             f"{path}: tensor {name!r} has unknown dtype {dtype!r}",
             "known: " + ", ".join(DTYPES),
@@ -258,7 +258,7 @@ def _parse_entry(path: str, name: str, spec: object) -> RawEntry:
     too_large = size_problem(dtype, shape_t)
     if too_large:
         raise BadInputError(f"{path}: tensor {name!r}: {too_large}", "the file is corrupt")
-    bits = known[0] * math.prod(shape_t)
+    bits = DTYPES[dtype][0] * math.prod(shape_t)
     if bits % 8:
         raise BadInputError(f"{path}: tensor {name!r} of {dtype}{list(shape_t)} does not end on a byte boundary", "the file is corrupt")
     want = bits // 8

