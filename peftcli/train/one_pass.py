@@ -10,10 +10,11 @@ on CPU. Ctrl-C saves a checkpoint and raises ``Interrupted`` (exit code 3). Ever
 ends with a checkpoint of its last step, so ``resume`` with ``steps`` N continues a finished
 run to step N (the lr schedule from there on is an N-step run's: ``_continued``).
 
-``prepare`` builds a ``Pass`` (data, model, optimizer: fixed for the pass) and a ``PassState``
-(step, data position, early-stopping state: what a checkpoint saves); ``train_step``,
-``validate`` and ``save_checkpoint`` advance and record the state; ``finish`` writes the result.
-Multi-pass runs (``phased``, ``lottery``) call ``train_adapter`` once per pass.
+``prepare`` builds a ``Pass`` (data, model, optimizer: fixed for the pass); a ``PassState``
+(step, data position, early-stopping state: what a checkpoint saves) starts fresh or from the
+checkpoint resumed; ``train_step``, ``validate`` and ``save_checkpoint`` advance and record it;
+``finish`` writes the result. Multi-pass runs (``phased``, ``lottery``) call ``train_adapter``
+once per pass.
 
 The training loss shown (progress, ``metrics.jsonl``'s ``loss``, the summary's ``final_loss``)
 is one quantity: the mean of the last ``log_every`` steps' losses (``window_loss``).
@@ -48,7 +49,7 @@ from peftcli.train.config import TrainConfig, check_total_steps
 from peftcli.train.data import load_dataset
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Pass:
     """What one pass of the loop trains, fixed once prepared: data, model, optimizer, schedule."""
 
