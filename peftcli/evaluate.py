@@ -96,7 +96,7 @@ def _is_adapter(path: str) -> bool:
 
 def _run_labels(adapter_dir: str) -> list[str] | None:
     """The label order a run trained with (``best/`` keeps none of its own: the run's)."""
-    from peftcli.train.loop import LABELS_FILE
+    from peftcli.train.common import LABELS_FILE
 
     for d in (adapter_dir, os.path.dirname(os.path.normpath(adapter_dir))):
         p = os.path.join(d, LABELS_FILE)
@@ -150,7 +150,7 @@ def _load(path: str, opts: EvalOptions, task: str, labels: list[str] | None, pad
 
     from peftcli.artifacts.adapter_dir import read_adapter
     from peftcli.attach import _load_heads, attach_adapter, load_base_model
-    from peftcli.train.loop import _head_modules, is_decoder
+    from peftcli.train.common import head_modules, is_decoder
 
     model_dir = _model_dir(path, opts)
     adapter = read_adapter(path) if _is_adapter(path) else None
@@ -164,7 +164,7 @@ def _load(path: str, opts: EvalOptions, task: str, labels: list[str] | None, pad
     if task == "classify":
         if base.config.pad_token_id is None:
             base.config.pad_token_id = pad_id
-        head = "new" if _head_modules(info.get("missing_keys", [])) else "checkpoint"
+        head = "new" if head_modules(info.get("missing_keys", [])) else "checkpoint"
     model = base
     if adapter is not None:
         model = attach_adapter(base, adapter)
@@ -226,9 +226,9 @@ def _evaluate(model: str, opts: EvalOptions) -> dict:
     import dataclasses
 
     from peftcli.train.batching import encode, load_tokenizer
+    from peftcli.train.common import evaluate as loop_evaluate
+    from peftcli.train.common import resolve_device
     from peftcli.train.data import load_dataset
-    from peftcli.train.loop import _resolve_device
-    from peftcli.train.loop import evaluate as loop_evaluate
 
     data = load_dataset(opts.data, opts.task, opts.limit, opts.columns)
     if not data.examples:
@@ -241,7 +241,7 @@ def _evaluate(model: str, opts: EvalOptions) -> dict:
             or (_run_labels(model) if _is_adapter(model) else _checkpoint_labels(model))
             or data.labels
         )
-    device = _resolve_device(opts.device)
+    device = resolve_device(opts.device)
     tokenizer = load_tokenizer(_model_dir(model, opts))
     items = encode(data, tokenizer, opts.max_length, labels)
     pad_id = tokenizer.pad_token_id

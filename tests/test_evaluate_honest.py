@@ -99,16 +99,16 @@ def test_min_agreement_is_refused_when_either_head_is_new(tiny_bert, trained, tm
 def test_threads_bounds_torch_during_the_evaluation_only(tiny_bert, trained, monkeypatch):
     import torch
 
-    import peftcli.train.loop as loop
+    import peftcli.train.common as common
 
     seen = []
-    original = loop.evaluate
+    original = common.evaluate
 
     def spy(*args, **kwargs):
         seen.append(torch.get_num_threads())
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "evaluate", spy)
+    monkeypatch.setattr(common, "evaluate", spy)
     before = torch.get_num_threads()
     wanted = 1 if before != 1 else 2
     doc = _json(trained["run"], "--data", trained["dev"], "--threads", wanted)

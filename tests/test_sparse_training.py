@@ -397,7 +397,7 @@ def test_lottery_resumes_to_the_same_bytes_after_a_kill_between_rounds(tiny_llam
 def test_lt_sft_resumes_after_a_kill_between_a_finished_phase_and_what_follows(tiny_llama, data, tmp_path, monkeypatch, point):
     # Each phase's last checkpoint is its end (save_every = steps): resuming must take it as
     # the phase's result, not say "nothing to resume".
-    from peftcli.train import loop as train_loop
+    from peftcli.train import common as train_common
 
     cfg = _cfg(data["lm"], steps=4, phase1_steps=4, save_every=4)
     whole = _inject(tiny_llama, tmp_path, "lt-sft", "whole", top_k=K)
@@ -409,14 +409,14 @@ def test_lt_sft_resumes_after_a_kill_between_a_finished_phase_and_what_follows(t
 
         monkeypatch.setattr(phased, "_write_phi_diff", dying)
     else:
-        real_write = train_loop._write_json
+        real_write = train_common.write_json
 
         def dying(path, obj):
             if path.endswith(phased.PHASE1_DONE):
                 raise _Killed(point)
             return real_write(path, obj)
 
-        monkeypatch.setattr(train_loop, "_write_json", dying)
+        monkeypatch.setattr(train_common, "write_json", dying)
     with pytest.raises(_Killed):
         train(run, cfg)
     monkeypatch.undo()

@@ -21,6 +21,7 @@ round 0 — with 0, the pretrained weights and the seeded initial head.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 
@@ -33,8 +34,9 @@ from peftcli.errors import UsageError
 from peftcli.methods import method_for_adapter_config
 from peftcli.methods.lottery import prunable
 from peftcli.train import distributed
-from peftcli.train import state as ckpt_state
+from peftcli.train.common import ARGS_FILE, METRICS_FILE, TrainHooks, read_json, resolve_config, resolve_device, with_model_dir, write_json
 from peftcli.train.config import TrainConfig
+from peftcli.train.one_pass import train_full_pass
 from peftcli.train.phased import phase1_config
 from peftcli.train.selection import counterparts
 
@@ -50,82 +52,91 @@ def _round_dir(run: str, r: int) -> str:
 
 
 def train(run: str, cfg: TrainConfig | None, *, resume: bool, force: bool, log, progress, return_model: bool):
-    from peftcli.train import loop
-
     adapter = read_adapter(run)
     method = method_for_adapter_config(adapter.config, run)
     lcfg = method.config_from_adapter(adapter.config)
-    args_path = os.path.join(run, loop.ARGS_FILE)
-    state_path = os.path.join(run, STATE)
     if resume:
-        if not os.path.isfile(state_path):
-            raise UsageError(f"{run}: nothing to resume (no {STATE})", "start a run with --data first")
-        cfg = TrainConfig(**loop._read_json(args_path))
-        state = loop._read_json(state_path)
-        if state["round"] > lcfg.rounds and state.get("ticket_from") and os.path.isdir(os.path.join(run, state["ticket_from"])):
-            if int(os.environ.get("RANK", "0")) == 0:  # killed after the last round was committed:
-                _commit_ticket(run)  # only the move was left (rank 0's to do under --nproc)
+        cfg, state = _resumed(run, lcfg)
+        if state["round"] > lcfg.rounds:  # all rounds done: the ticket is in place
             return _finished(run, lcfg, state["summary"], return_model)
-        if state["round"] > lcfg.rounds:
-            raise UsageError(f"{run}: nothing to resume, all {lcfg.rounds} rounds are done", "start a new run to train further")
     else:
-        cfg = loop.resolve_config(run, cfg, resume=False)
-        if os.path.exists(state_path) and not force:
+        cfg = resolve_config(run, cfg, resume=False)
+        if os.path.exists(os.path.join(run, STATE)) and not force:
             raise UsageError(f"{run} has already been trained", "pass --resume to continue it or --force to train it again")
         state = {"round": 0}
-    cfg = loop.with_model_dir(cfg, adapter)
-    model_dir = cfg.model
-    with open_checkpoint(model_dir) as base:
+    cfg = with_model_dir(cfg, adapter)
+    with open_checkpoint(cfg.model) as base:
         base_prunable = prunable({t.name: t.shape for t in base.tensors.values()})
 
     cfg_round = phase1_config(cfg)
     summary = None
     # Under --nproc every worker runs the rounds (each a data-parallel full fine-tuning); rank 0
     # alone writes the run's files between them, and the others wait for it at a barrier.
-    with distributed.held_group(loop._resolve_device(cfg.device).type) as world:
+    with distributed.held_group(resolve_device(cfg.device).type) as world:
         if not world.main:  # one log, from rank 0
             log = lambda line: None  # noqa: E731
-        if not resume:
-            if world.main:
-                _clear(run)
-                loop._write_json(args_path, dataclasses.asdict(cfg))
-                loop._write_json(state_path, state)
-            distributed.barrier(world)
-        elif world.main:
-            _finish_commit(run, state)
-            _drop_metrics_from(run, state["round"])  # a round killed after its metrics line trains again
-        distributed.barrier(world)
+        _begin(run, cfg, state, resume, world)
         for r in range(state["round"], lcfg.rounds + 1):
-            rdir = _round_dir(run, r)
             hooks = _hooks(run, r, lcfg, base_prunable, world.main)
             log(f"round {r}/{lcfg.rounds}: training at density {_density(run):.4f}")
-            if resume and ckpt_state.latest_checkpoint(rdir) is not None:
-                summary = loop.train_adapter(rdir, None, resume=True, log=log, progress=progress, hooks=hooks, finished_ok=True, pass_lr="--phase1-lr")
-            else:
-                if world.main:
-                    shutil.rmtree(rdir, ignore_errors=True)
-                distributed.barrier(world)
-                summary = loop.train_adapter(rdir, cfg_round, force=True, log=log, progress=progress, hooks=hooks, pass_lr="--phase1-lr")
+            summary = train_full_pass(_round_dir(run, r), cfg_round, resume=resume, world=world, log=log, progress=progress, hooks=hooks)
             resume = False  # later rounds start fresh
             if world.main:
-                _append_metrics(run, {
-                    "round": r, "density": _density(run), "steps": summary["steps"], "final_loss": summary["final_loss"],
-                    "eval_loss": summary["best"]["eval_loss"], "eval_accuracy": summary["best"]["eval_accuracy"],
-                    "wall_seconds": summary["wall_seconds"],
-                })
-                # The next mask and the next round are committed together: the mask is written
-                # aside, the state names it, then it replaces the mask. A kill at any point
-                # resumes either round r again (the mask untouched) or round r + 1 on its mask.
-                if r < lcfg.rounds:
-                    _prune(run, rdir, lcfg, cfg.train_seed + r, base_prunable, os.path.join(run, MASK_NEXT))
-                    loop._write_json(state_path, {"round": r + 1, "next_mask": MASK_NEXT})
-                    _commit_mask(run)
-                    shutil.rmtree(rdir)
-                else:
-                    loop._write_json(state_path, {"round": r + 1, "ticket_from": os.path.basename(rdir), "summary": summary})
-                    _commit_ticket(run)
+                _commit_round(run, r, lcfg, cfg.train_seed + r, summary, base_prunable)
             distributed.barrier(world)
     return _finished(run, lcfg, summary, return_model)
+
+
+def _resumed(run: str, lcfg) -> tuple[TrainConfig, dict]:
+    """The configuration and state of the run to resume; a run killed after its last round
+    was committed gets its ticket moved into place (by rank 0 under --nproc)."""
+    state_path = os.path.join(run, STATE)
+    if not os.path.isfile(state_path):
+        raise UsageError(f"{run}: nothing to resume (no {STATE})", "start a run with --data first")
+    cfg = TrainConfig(**read_json(os.path.join(run, ARGS_FILE)))
+    state = read_json(state_path)
+    if state["round"] > lcfg.rounds and state.get("ticket_from") and os.path.isdir(os.path.join(run, state["ticket_from"])):
+        if int(os.environ.get("RANK", "0")) == 0:  # killed after the last round was committed:
+            _commit_ticket(run)  # only the move was left (rank 0's to do under --nproc)
+        return cfg, state
+    if state["round"] > lcfg.rounds:
+        raise UsageError(f"{run}: nothing to resume, all {lcfg.rounds} rounds are done", "start a new run to train further")
+    return cfg, state
+
+
+def _begin(run: str, cfg: TrainConfig, state: dict, resume: bool, world) -> None:
+    """Rank 0 starts the run afresh, or completes what a kill interrupted; the others wait."""
+    if not resume:
+        if world.main:
+            _clear(run)
+            write_json(os.path.join(run, ARGS_FILE), dataclasses.asdict(cfg))
+            write_json(os.path.join(run, STATE), state)
+        distributed.barrier(world)
+    elif world.main:
+        _finish_commit(run, state)
+        _drop_metrics_from(run, state["round"])  # a round killed after its metrics line trains again
+    distributed.barrier(world)
+
+
+def _commit_round(run: str, r: int, lcfg, seed: int, summary: dict, base_prunable: list[str]) -> None:
+    """Record round ``r``, then prune for the next one (or, after the last, keep it as the ticket)."""
+    rdir = _round_dir(run, r)
+    _append_metrics(run, {
+        "round": r, "density": _density(run), "steps": summary["steps"], "final_loss": summary["final_loss"],
+        "eval_loss": summary["best"]["eval_loss"], "eval_accuracy": summary["best"]["eval_accuracy"],
+        "wall_seconds": summary["wall_seconds"],
+    })
+    # The next mask and the next round are committed together: the mask is written aside, the
+    # state names it, then it replaces the mask. A kill at any point resumes either round r
+    # again (the mask untouched) or round r + 1 on its mask.
+    if r < lcfg.rounds:
+        _prune(run, rdir, lcfg, seed, base_prunable, os.path.join(run, MASK_NEXT))
+        write_json(os.path.join(run, STATE), {"round": r + 1, "next_mask": MASK_NEXT})
+        _commit_mask(run)
+        shutil.rmtree(rdir)
+    else:
+        write_json(os.path.join(run, STATE), {"round": r + 1, "ticket_from": os.path.basename(rdir), "summary": summary})
+        _commit_ticket(run)
 
 
 def _finished(run: str, lcfg, summary: dict, return_model: bool):
@@ -140,10 +151,6 @@ def _finished(run: str, lcfg, summary: dict, return_model: bool):
 def _round_walls(run: str) -> dict[str, float]:
     """Each round's training wall time, from its metrics line (rounds of an earlier, resumed
     invocation included): the run's wall time is their sum."""
-    import json
-
-    from peftcli.train.loop import METRICS_FILE
-
     walls = {}
     with open(os.path.join(run, METRICS_FILE), encoding="utf-8") as f:
         for line in f:
@@ -158,9 +165,7 @@ def _commit_mask(run: str) -> None:
 
 
 def _commit_ticket(run: str) -> None:
-    from peftcli.train import loop
-
-    state = loop._read_json(os.path.join(run, STATE))
+    state = read_json(os.path.join(run, STATE))
     rdir = os.path.join(run, state["ticket_from"])
     if os.path.isdir(rdir):  # else: already moved
         shutil.rmtree(os.path.join(run, TICKET), ignore_errors=True)
@@ -180,10 +185,6 @@ def _finish_commit(run: str, state: dict) -> None:
 
 
 def _drop_metrics_from(run: str, first_round: int) -> None:
-    import json
-
-    from peftcli.train.loop import METRICS_FILE, _write_json  # noqa: F401 (atomic writes live there)
-
     path = os.path.join(run, METRICS_FILE)
     if not os.path.isfile(path):
         return
@@ -197,12 +198,10 @@ def _drop_metrics_from(run: str, first_round: int) -> None:
 
 def _clear(run: str) -> None:
     """Forget a previous training (``--force``): the run is as ``inject`` wrote it."""
-    from peftcli.train import loop
-
     for name in os.listdir(run):
         if name.startswith("round-") or name == TICKET:
             shutil.rmtree(os.path.join(run, name))
-        elif name in (MASK, MASK_NEXT, REWIND, loop.METRICS_FILE, loop.ARGS_FILE, STATE):
+        elif name in (MASK, MASK_NEXT, REWIND, METRICS_FILE, ARGS_FILE, STATE):
             os.unlink(os.path.join(run, name))
 
 
@@ -217,10 +216,6 @@ def _density(run: str) -> float:
 
 
 def _append_metrics(run: str, row: dict) -> None:
-    import json
-
-    from peftcli.train.loop import METRICS_FILE
-
     with open(os.path.join(run, METRICS_FILE), "a", encoding="utf-8") as f:
         f.write(json.dumps(row, sort_keys=True) + "\n")
 
@@ -232,8 +227,6 @@ def _load(path: str, device) -> dict[str, torch.Tensor]:
 
 def _hooks(run: str, r: int, lcfg, base_prunable: list[str], main: bool = True):
     """Start from the masked rewind point; keep pruned weights at 0; record the rewind point (``main``: rank 0 writes it)."""
-    from peftcli.train.loop import TrainHooks
-
     masks: dict[str, torch.Tensor] = {}
 
     def snapshot(adapted) -> None:

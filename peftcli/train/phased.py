@@ -39,9 +39,12 @@ from peftcli.errors import UsageError
 from peftcli.methods import method_for_adapter_config, sparse_phi
 from peftcli.methods.base import PEFT_PREFIX
 from peftcli.methods.sparse_ft import candidates, dense_tensors, k_for
-from peftcli.train import distributed
+from peftcli.train import common, distributed
 from peftcli.train import state as ckpt_state
+from peftcli.train.common import ARGS_FILE, BEST_DIR, LABELS_FILE, METRICS_FILE, TrainHooks, head_modules, resolve_config, resolve_device, with_model_dir
 from peftcli.train.config import TrainConfig
+from peftcli.train.one_pass import train_adapter, train_full_pass
+from peftcli.train.selection import counterparts, select
 
 PHASE1 = "phase1"
 PHASE1_DONE = "phase1_summary.json"
@@ -59,69 +62,66 @@ def phase1_config(cfg: TrainConfig) -> TrainConfig:
 
 
 def train(run: str, cfg: TrainConfig | None, *, resume: bool, force: bool, log, progress, return_model: bool):
-    from peftcli.train import loop
-
     adapter = read_adapter(run)
     method = method_for_adapter_config(adapter.config, run)
     mcfg = method.config_from_adapter(adapter.config)
-    selected = sparse_phi.is_selected(adapter.tensors)
-    p1 = os.path.join(run, PHASE1)
-    args_path = os.path.join(run, loop.ARGS_FILE)
-    started = selected or os.path.exists(p1) or os.path.exists(args_path)
-    if resume:
-        if not os.path.isfile(args_path):
-            raise UsageError(f"{run}: nothing to resume (no {loop.ARGS_FILE})", "start a run with --data first")
-        cfg = TrainConfig(**loop._read_json(args_path))
-    else:
-        cfg = loop.resolve_config(run, cfg, resume=False)
-        if started and not force:
-            raise UsageError(f"{run} has already been trained", "pass --resume to continue it or --force to train it again")
-    cfg = loop.with_model_dir(cfg, adapter)
-    model_dir = cfg.model
+    started = sparse_phi.is_selected(adapter.tensors) or any(os.path.exists(os.path.join(run, n)) for n in (PHASE1, ARGS_FILE))
+    cfg = resolve_config(run, cfg, resume)
+    if not resume and started and not force:
+        raise UsageError(f"{run} has already been trained", "pass --resume to continue it or --force to train it again")
+    cfg = with_model_dir(cfg, adapter)
     # Under --nproc every worker runs this function; rank 0 alone touches the run directory
     # between the passes of the loop, and the others wait for it at a barrier.
-    with distributed.held_group(loop._resolve_device(cfg.device).type) as world:
+    with distributed.held_group(resolve_device(cfg.device).type) as world:
         if not world.main:  # one log, from rank 0
             log = lambda line: None  # noqa: E731
         if not resume:
             if world.main:
                 if started:
                     _reset(run, adapter)
-                loop._write_json(args_path, dataclasses.asdict(cfg))
+                common.write_json(os.path.join(run, ARGS_FILE), dataclasses.asdict(cfg))
             distributed.barrier(world)
             adapter = read_adapter(run)
-            selected = sparse_phi.is_selected(adapter.tensors)
-
-        if not selected:
-            summary1 = _phase1(run, cfg, method, mcfg, resume, log, progress, world)
-            if world.main:
-                t0 = time.perf_counter()
-                _select(run, cfg, method, mcfg, adapter, log)
-                summary1 = {**summary1, "selection_seconds": time.perf_counter() - t0}
-                loop._write_json(os.path.join(run, PHASE1_DONE), summary1)  # a resumed run still counts it
-            distributed.barrier(world)
-        else:
-            summary1 = loop._read_json(os.path.join(run, PHASE1_DONE)) if os.path.isfile(os.path.join(run, PHASE1_DONE)) else None
-
+        summary1 = _phase1_and_selection(run, cfg, method, mcfg, adapter, resume, log, progress, world)
         if getattr(mcfg, "no_retrain", False):
             summary, model = summary1, None
             log("diff-pruning --no-retrain: the pruned phase-1 φ is the result")
         else:
-            log("phase 2: training the selected entries only")
-            resume2 = resume and ckpt_state.latest_checkpoint(run) is not None
-            out = loop.train_adapter(
-                run, cfg, resume=resume2, force=True, log=log, progress=progress, return_model=return_model, finished_ok=True,
-                pass_lr="--lr",
-            )
-            summary, model = out if return_model else (out, None)
-            if world.main:
-                loop._write_json(args_path, dataclasses.asdict(cfg))  # the user's options, phase 1 included
+            summary, model = _phase2(run, cfg, resume, log, progress, return_model, world)
         if world.main:
-            _write_phi_diff(run, model_dir, method.name)
+            _write_phi_diff(run, cfg.model, method.name)
         distributed.barrier(world)
     phase2 = None if getattr(mcfg, "no_retrain", False) else summary
     summary = {**summary, "run": run, "phase1": summary1, "k": _k_of(run, mcfg), **_wall_split(summary1, phase2)}
     return (summary, model) if return_model else summary
+
+
+def _phase1_and_selection(run: str, cfg: TrainConfig, method, mcfg, adapter, resume: bool, log, progress, world) -> dict | None:
+    """Phase 1 and the selection, unless the run's entries are already selected; phase 1's summary."""
+    done = os.path.join(run, PHASE1_DONE)
+    if sparse_phi.is_selected(adapter.tensors):
+        return common.read_json(done) if os.path.isfile(done) else None
+    summary1 = _phase1(run, cfg, mcfg, resume, log, progress, world)
+    if world.main:
+        t0 = time.perf_counter()
+        _select(run, cfg, method, mcfg, adapter, log)
+        summary1 = {**summary1, "selection_seconds": time.perf_counter() - t0}
+        common.write_json(done, summary1)  # a resumed run still counts it
+    distributed.barrier(world)
+    return summary1
+
+
+def _phase2(run: str, cfg: TrainConfig, resume: bool, log, progress, return_model: bool, world) -> tuple[dict, object]:
+    """The adapter loop on the selected entries; its summary and (if asked) its model."""
+    log("phase 2: training the selected entries only")
+    resume2 = resume and ckpt_state.latest_checkpoint(run) is not None
+    out = train_adapter(
+        run, cfg, resume=resume2, force=True, log=log, progress=progress, return_model=return_model, finished_ok=True,
+        pass_lr="--lr",
+    )
+    if world.main:
+        common.write_json(os.path.join(run, ARGS_FILE), dataclasses.asdict(cfg))  # the user's options, phase 1 included
+    return out if return_model else (out, None)
 
 
 def _wall_split(phase1: dict | None, phase2: dict | None) -> dict:
@@ -148,11 +148,9 @@ def _k_of(run: str, mcfg) -> int:
 
 def _reset(run: str, adapter):
     """Forget a previous training (``--force``): the run is as ``inject`` wrote it."""
-    from peftcli.train import loop
-
-    for name in (PHASE1, ckpt_state.CHECKPOINTS, loop.BEST_DIR):
+    for name in (PHASE1, ckpt_state.CHECKPOINTS, BEST_DIR):
         shutil.rmtree(os.path.join(run, name), ignore_errors=True)
-    for name in (PHASE1_DONE, PHASE1_METRICS, DIFF_FILE, loop.METRICS_FILE, loop.ARGS_FILE, loop.LABELS_FILE):
+    for name in (PHASE1_DONE, PHASE1_METRICS, DIFF_FILE, METRICS_FILE, ARGS_FILE, LABELS_FILE):
         if os.path.exists(os.path.join(run, name)):
             os.unlink(os.path.join(run, name))
     config = {k: v for k, v in adapter.config.items() if k not in ("modules_to_save", "task_type")}
@@ -160,37 +158,25 @@ def _reset(run: str, adapter):
     return read_adapter(run)
 
 
-def _phase1(run: str, cfg: TrainConfig, method, mcfg, resume: bool, log, progress, world) -> dict:
-    from peftcli.train import loop
-
+def _phase1(run: str, cfg: TrainConfig, mcfg, resume: bool, log, progress, world) -> dict:
+    """The full fine-tuning of phase 1 into ``RUN/phase1/``; its summary (saved by rank 0)."""
     p1 = os.path.join(run, PHASE1)
     done = os.path.join(run, PHASE1_DONE)
     if os.path.isfile(done) and os.path.isfile(os.path.join(p1, "model.safetensors")):
-        return loop._read_json(done)  # killed after phase 1, before the selection was written
+        return common.read_json(done)  # killed after phase 1, before the selection was written
     cfg1 = phase1_config(cfg)
     hooks = _l1_hooks(mcfg.l1, cfg.model) if getattr(mcfg, "l1", 0.0) else None
     log(f"phase 1: full fine-tuning for {cfg1.steps or cfg1.epochs} {'steps' if cfg1.steps else 'epochs'}")
-    if resume and ckpt_state.latest_checkpoint(p1) is not None:
-        summary = loop.train_adapter(p1, None, resume=True, log=log, progress=progress, hooks=hooks, finished_ok=True, pass_lr="--phase1-lr")
-    else:
-        if world.main:
-            shutil.rmtree(p1, ignore_errors=True)
-        distributed.barrier(world)
-        summary = loop.train_adapter(p1, cfg1, force=True, log=log, progress=progress, hooks=hooks, pass_lr="--phase1-lr")
+    summary = train_full_pass(p1, cfg1, resume=resume, world=world, log=log, progress=progress, hooks=hooks)
     summary = {k: v for k, v in summary.items() if k != "labels"}
     if world.main:
-        loop._write_json(done, summary)
+        common.write_json(done, summary)
     return summary
 
 
 def _select(run: str, cfg: TrainConfig, method, mcfg, adapter, log) -> None:
     """Choose the K entries from phase 1 and write the run as a selected sparse adapter."""
-    from peftcli.train import loop
-    from peftcli.train.selection import select
-
     p1 = os.path.join(run, PHASE1)
-    from peftcli.train.selection import counterparts
-
     with open_checkpoint(cfg.model) as base, open_checkpoint(p1) as trained:
         shapes = {t.name: t.shape for t in base.tensors.values()}
         names = candidates(shapes, mcfg.dense)
@@ -209,24 +195,21 @@ def _select(run: str, cfg: TrainConfig, method, mcfg, adapter, log) -> None:
     config = dict(adapter.config)
     if not method.resets_after_phase1 and sel.head:
         # Diff-pruning keeps all of phase 1 but what it prunes: the trained head too.
-        heads = loop._head_modules(list(sel.head))
+        heads = head_modules(list(sel.head))
         tensors.update({PEFT_PREFIX + n: t for n, t in sel.head.items()})
         config.update(modules_to_save=heads, task_type="SEQ_CLS")
     write_adapter_files(run, config, tensors, metadata={"peftcli.version": __version__, "peftcli.method": method.name})
-    metrics = os.path.join(p1, loop.METRICS_FILE)
+    metrics = os.path.join(p1, METRICS_FILE)
     if os.path.isfile(metrics):
         shutil.copyfile(metrics, os.path.join(run, PHASE1_METRICS))
-    labels = os.path.join(p1, loop.LABELS_FILE)
+    labels = os.path.join(p1, LABELS_FILE)
     if os.path.isfile(labels):
-        shutil.copyfile(labels, os.path.join(run, loop.LABELS_FILE))
+        shutil.copyfile(labels, os.path.join(run, LABELS_FILE))
     shutil.rmtree(p1)
 
 
 def _l1_hooks(l1: float, model_dir: str):
     """Diff-pruning's penalty λ·mean|θ − θ₀| over the base's parameters (not a new head)."""
-    from peftcli.train.loop import TrainHooks
-    from peftcli.train.selection import counterparts
-
     theta0: dict[str, torch.Tensor] = {}
 
     def start(adapted, resumed: bool) -> None:
