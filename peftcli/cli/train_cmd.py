@@ -34,7 +34,7 @@ class Progress:
             self.task = self.bar.add_task("train", total=total, completed=done, info="")
 
     def update(self, step: int, loss: float, lr: float, tok_s: float) -> None:
-        # ``loss`` is the mean over the last log_every steps, as in metrics.jsonl (loop.window_loss)
+        # ``loss`` is the mean over the last log_every steps, as in metrics.jsonl (one_pass.window_loss)
         info = f"loss {loss:.4f} (mean of steps {max(1, step - self.every + 1)}-{step}) lr {lr:.2e} {tok_s:,.0f} tok/s"
         if self.tty:
             self.bar.update(self.task, completed=step, info=info)
