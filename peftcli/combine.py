@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from peftcli import __version__
 from peftcli.artifacts.sparse_diff import (
-    VAL, VALUES, VALUES_HINT, DiffEntry, DiffMetadata, SparseDiff, StoredTensor, read_diff, recorded_inputs, stored_summary, write_diff,
+    VAL, VALUES, VALUES_HINT, DiffEntry, DiffMetadata, SparseDiff, StoredCounts, StoredTensor, read_diff, recorded_inputs, stored_summary, write_diff,
 )
 from peftcli.checkpoint.atomic import check_output_path
 from peftcli.checkpoint.fingerprint import Fingerprint, file_hashes
@@ -103,7 +103,7 @@ def coefficients(op: str, n: int, by: float | None = None, weights: Sequence[flo
 
 
 @dataclass(frozen=True)
-class CombineReport:
+class CombineReport(StoredCounts):
     output: str
     op: str
     inputs: list[str]
@@ -111,14 +111,6 @@ class CombineReport:
     values: str  # "base" or "fp32"
     tensors: list[StoredTensor]
     bytes: int
-
-    @property
-    def k(self) -> int:
-        return stored_summary(self.tensors)["k"]
-
-    @property
-    def n(self) -> int:
-        return stored_summary(self.tensors)["n"]
 
     def to_json(self) -> dict:
         return {

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Callable
 
 from peftcli import __version__
 from peftcli.artifacts.sparse_diff import (
-    FLOAT_DTYPES, VALUES, VALUES_HINT, DiffEntry, DiffMetadata, StoredTensor, recorded_inputs, stored_summary, write_diff,
+    FLOAT_DTYPES, VALUES, VALUES_HINT, DiffEntry, DiffMetadata, StoredCounts, StoredTensor, recorded_inputs, stored_summary, write_diff,
 )
 from peftcli.checkpoint.atomic import check_output_path
 from peftcli.checkpoint.fingerprint import Fingerprint, file_hashes, summarize_differences, table_differences, tensor_table
@@ -127,7 +127,7 @@ class DiffOptions:
 
 
 @dataclass(frozen=True)
-class DiffReport:
+class DiffReport(StoredCounts):
     output: str
     method: str
     selection: str
@@ -137,14 +137,6 @@ class DiffReport:
     bytes: int
     task_head: dict | None = None  # the fine-tune's head, stored whole (TaskHead.to_json())
     dropped: list[str] = dataclasses.field(default_factory=list)  # base tensors the head model has no place for
-
-    @property
-    def k(self) -> int:
-        return stored_summary(self.tensors)["k"]
-
-    @property
-    def n(self) -> int:
-        return stored_summary(self.tensors)["n"]
 
     def to_json(self) -> dict:
         return {

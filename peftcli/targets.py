@@ -11,37 +11,10 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
+from peftcli.architectures import CONV1D_KINDS, CONV1D_MODEL_TYPES, DEFAULT_QV_TARGETS, FALLBACK_QV
 from peftcli.errors import UsageError
-from peftcli.patterns import compile_pattern, shown
+from peftcli.patterns import compile_pattern, from_file, fullmatch, shown
 
-# The LoRA paper adapts the query and value projections; these are their names per family.
-DEFAULT_QV_TARGETS: dict[str, tuple[str, ...]] = {
-    "llama": ("q_proj", "v_proj"),
-    "mistral": ("q_proj", "v_proj"),
-    "mixtral": ("q_proj", "v_proj"),
-    "qwen2": ("q_proj", "v_proj"),
-    "qwen3": ("q_proj", "v_proj"),
-    "gemma": ("q_proj", "v_proj"),
-    "gemma2": ("q_proj", "v_proj"),
-    "phi3": ("qkv_proj",),
-    "opt": ("q_proj", "v_proj"),
-    "bert": ("query", "value"),
-    "roberta": ("query", "value"),
-    "xlm-roberta": ("query", "value"),
-    "electra": ("query", "value"),
-    "distilbert": ("q_lin", "v_lin"),
-    "gpt2": ("c_attn",),
-    "gpt_neox": ("query_key_value",),
-    "falcon": ("query_key_value",),
-    "bloom": ("query_key_value",),
-    "t5": ("q", "v"),
-}
-_FALLBACK_QV = (("q_proj", "v_proj"), ("query", "value"), ("q_lin", "v_lin"), ("c_attn",), ("query_key_value",))
-
-# Families whose projections are transformers' Conv1D (every model_type whose modeling file calls
-# `Conv1D(`: gpt2, openai, imagegpt, decision_transformer, clvp); their other layers are nn.Linear.
-CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp", "clvp_decoder"}
-CONV1D_KINDS = {"c_attn", "c_proj", "c_fc", "q_attn"}  # their Conv1D modules; heads such as `score` are nn.Linear
 MAX_HINT_NAMES = 24  # module names listed in an error's hint
 MAX_LAYER_INDEX = 100_000
 _EMBEDDING = re.compile(r"(embed|^wte$|^wpe$|^emb)", re.IGNORECASE)
@@ -98,6 +71,11 @@ def split_layer(path: str) -> tuple[str, str] | None:
     return None
 
 
+def block_paths(paths: Iterable[str]) -> set[str]:
+    """The module paths from their numbered block: 'model.layers.3.mlp' -> 'mlp' (others left out)."""
+    return {s[1] for s in map(split_layer, paths) if s is not None}
+
+
 def names_hint(paths: Iterable[str], cap: int = MAX_HINT_NAMES) -> str:
     """Module paths for an error's hint, each numbered block's once (``self_attn.q_proj``), at most ``cap``."""
     names: list[str] = []
@@ -109,6 +87,15 @@ def names_hint(paths: Iterable[str], cap: int = MAX_HINT_NAMES) -> str:
     names.sort()
     more = f" (and {len(names) - cap} more)" if len(names) > cap else ""
     return ", ".join(names[:cap]) + more
+
+
+def excluded(name: str, spec: str | tuple[str, ...]) -> bool:
+    """Whether PEFT's ``exclude_modules`` removes module ``name``: a regex matching the whole path,
+    or a name equal to it or to a dotted suffix of it. (The one place exclusions are matched.)
+    A head model's path (``bert.encoder...``) names the checkpoint's ``encoder...`` too."""
+    if isinstance(spec, str):
+        return fullmatch(from_file(spec, "adapter_config.json exclude_modules"), name, "exclude_modules")  # bounded
+    return any(names_module(name, n) or names_module(n, name) for n in spec)
 
 
 def linear_names_hint(modules: Iterable[LinearModule]) -> str:
@@ -154,12 +141,22 @@ def parse_layers(spec: str | None) -> set[int] | None:
     return layers
 
 
+def require_layers(layer_set: set[int], present: set[int]) -> None:
+    """Refuse a --layers that names a layer the model does not have (``present``: those it has)."""
+    absent = sorted(layer_set - present)
+    if absent:
+        raise UsageError(
+            f"--layers names layer {absent[0]}, which this model does not have",
+            f"layers here: {min(present)}-{max(present)}" if present else "this model has no numbered layers",
+        )
+
+
 def default_targets(modules: list[LinearModule], config: dict | None) -> tuple[str, ...]:
     kinds = {m.kind for m in modules}
     preset = DEFAULT_QV_TARGETS.get(model_type_of(config) or "")
     if preset and set(preset) <= kinds:
         return preset
-    for names in _FALLBACK_QV:  # unknown family: recognise the projections by name
+    for names in FALLBACK_QV:  # unknown family: recognise the projections by name
         if set(names) <= kinds:
             return names
     raise UsageError(
@@ -201,13 +198,7 @@ def resolve_targets(
             raise UsageError(f"target {', '.join(missing)} matches no linear module", linear_names_hint(modules))
     layer_set = parse_layers(layers)
     if layer_set is not None:
-        present = {m.layer for m in modules if m.layer is not None}
-        absent = sorted(layer_set - present)
-        if absent:
-            raise UsageError(
-                f"--layers names layer {absent[0]}, which this model does not have",
-                f"layers here: {min(present)}-{max(present)}" if present else "this model has no numbered layers",
-            )
+        require_layers(layer_set, {m.layer for m in modules if m.layer is not None})
         chosen = [m for m in chosen if m.layer in layer_set]
     if not chosen:
         what = f"--targets {targets!r} matches no linear module" if targets else "no module matches the default targets"

@@ -27,9 +27,9 @@ from peftcli.methods.bitfit import BitFitConfig
 from peftcli.methods.ia3 import IA3Config
 from peftcli.methods.layers import LayersConfig
 from peftcli.methods.lora import LoraConfig
-from peftcli.methods.prefix import PrefixTuningConfig
-from peftcli.methods.prefix_encoder import MLP_KEYS
-from peftcli.methods.prompt import PromptTuningConfig
+from peftcli.methods.prompting.prefix import PrefixTuningConfig
+from peftcli.methods.prompting.prefix_cache import MLP_KEYS
+from peftcli.methods.prompting.prompt import PromptTuningConfig
 from tests.helpers import edited_adapter, scaled_copy
 
 P = "base_model.model."

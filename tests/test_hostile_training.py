@@ -96,7 +96,7 @@ def test_a_prefix_projection_too_large_to_allocate_is_a_resource_error(tiny_llam
 
 def test_a_failed_allocation_is_the_same_resource_error(monkeypatch):
     from peftcli.errors import ResourceError
-    from peftcli.methods import prefix
+    from peftcli.methods.prompting import prefix
 
     monkeypatch.setattr(prefix, "available_memory", lambda: None)  # nothing to refuse up front
     with pytest.raises(ResourceError, match=r"1.0 GiB of memory needed \(1,073,741,824 bytes\)"):
@@ -108,7 +108,7 @@ def test_a_failed_allocation_is_the_same_resource_error(monkeypatch):
 
 
 def test_a_diverging_phase_of_a_multi_pass_run_stops_it_naming_its_option(tiny_bert, cls_data, tmp_path):
-    from peftcli.methods.sparse_ft import LtSftConfig
+    from peftcli.methods.sparse.fine_tuning import LtSftConfig
 
     run = str(tmp_path / "ltsft")
     inject(tiny_bert, "lt-sft", LtSftConfig(density=0.01), run)

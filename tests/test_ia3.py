@@ -15,7 +15,7 @@ from peftcli.cli import cli
 from peftcli.errors import BadInputError, UsageError
 from peftcli.inject import inject
 from peftcli.methods.ia3 import IA3Config
-from peftcli.methods.ia3_layer import IA3Linear
+from peftcli.methods.ia3.layer import IA3Linear
 from tests.helpers import batch, output_tensor, randomize_
 
 peft = pytest.importorskip("peft")

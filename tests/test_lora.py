@@ -90,7 +90,7 @@ def test_delta_weight_matches_peft_merge_and_unload(tiny_llama, tmp_path):
     adapted.save(str(tmp_path / "t"))
     merged = PeftModel.from_pretrained(load_base_model(tiny_llama), str(tmp_path / "t")).merge_and_unload()
     base_sd = load_base_model(tiny_llama).state_dict()
-    from peftcli.methods.lora_layer import LoraLinear
+    from peftcli.methods.lora.layer import LoraLinear
 
     checked = 0
     for name, module in adapted.model.named_modules():
@@ -212,7 +212,7 @@ def test_every_error_in_the_method_and_target_modules_carries_a_hint():
     import peftcli
 
     root = os.path.dirname(peftcli.__file__)
-    files = ["targets.py"] + [f"methods/{m}.py" for m in ("layers", "ia3", "ia3_layer", "adapter", "adapter_layer", "lora", "lora_layer")]
+    files = ["targets.py"] + [f"methods/{m}.py" for m in ("layers", "ia3/method", "ia3/layer", "adapter/method", "adapter/layer", "lora/method", "lora/layer")]
     errors = {"PeftcliError", "BadInputError", "UsageError", "ResourceError", "Interrupted"}
     bare = []
     for rel in files:

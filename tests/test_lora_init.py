@@ -22,7 +22,7 @@ from peftcli.attach import load_adapted, load_base_model
 from peftcli.cli import cli
 from peftcli.errors import BadInputError
 from peftcli.merge.engine import merge
-from peftcli.methods import lora_init
+from peftcli.methods.lora import base_init as lora_init
 from tests.helpers import batch, edited_adapter, output_tensor, randomize_
 
 peft = pytest.importorskip("peft")

@@ -14,7 +14,7 @@ from peftcli.attach import attach_adapter, load_adapted, load_base_model
 from peftcli.cli import cli
 from peftcli.errors import BadInputError, UsageError
 from peftcli.inject import inject
-from peftcli.methods.prompt import PromptTuningConfig
+from peftcli.methods.prompting.prompt import PromptTuningConfig
 from tests.helpers import batch, output_tensor, randomize_
 
 peft = pytest.importorskip("peft")
@@ -324,7 +324,7 @@ def test_init_reads_only_the_rows_it_takes(wide_embedding, init, tmp_path):
     from transformers import AutoTokenizer
 
     from peftcli.checkpoint.reader import open_checkpoint
-    from peftcli.methods.prompt import PromptTuning
+    from peftcli.methods.prompting.prompt import PromptTuning
 
     n, row = 20, HIDDEN * 2
     cfg = PromptTuningConfig(virtual_tokens=n, init=init, init_text="w1 w2 w3 w1 w9" if init == "text" else None)
@@ -366,7 +366,7 @@ def test_init_reads_only_the_rows_it_takes(wide_embedding, init, tmp_path):
 def test_embedding_rows_match_indexing_the_whole_tensor(wide_embedding):
     """Runs of consecutive ids are read as one range; repeats, the first and the last row included."""
     from peftcli.checkpoint.reader import open_checkpoint
-    from peftcli.methods.prompt import embedding_rows
+    from peftcli.methods.prompting.prompt import embedding_rows
 
     ids = [5, 6, 7, 3, 5, VOCAB - 1, 0, 7, 6]
     with open_checkpoint(wide_embedding) as ckpt:
@@ -378,7 +378,7 @@ def test_embedding_rows_match_indexing_the_whole_tensor(wide_embedding):
 def test_embedding_rows_from_a_pickle_checkpoint(tmp_path):
     """A pickle is already in memory: the rows are indexed from it."""
     from peftcli.checkpoint.reader import open_checkpoint
-    from peftcli.methods.prompt import embedding_rows
+    from peftcli.methods.prompting.prompt import embedding_rows
 
     weight = torch.randn(50, 8, dtype=torch.float16)
     path = str(tmp_path / "model.bin")

@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from peftcli.attach import load_base_model
 from peftcli.evaluate import EvalOptions, _load, _predictions
 from peftcli.inject import inject
-from peftcli.methods.prefix import PrefixTuningConfig
-from peftcli.methods.prompt import PromptTuningConfig
+from peftcli.methods.prompting.prefix import PrefixTuningConfig
+from peftcli.methods.prompting.prompt import PromptTuningConfig
 from peftcli.train.batching import collate, encode, load_tokenizer
 from peftcli.train.config import TrainConfig
 from peftcli.train.data import load_dataset

@@ -25,9 +25,11 @@ from peftcli.checkpoint.atomic import atomic_output, open_new_file
 from peftcli.checkpoint.reader import ADAPTER_WEIGHTS, load_json, open_checkpoint
 from peftcli.checkpoint.writer import CheckpointWriter, TensorSpec
 from peftcli.errors import BadInputError
+from peftcli.methods import METHODS, method_for_adapter_config
+from peftcli.methods.base import materialize
+from peftcli.methods.peftcli_section import PEFTCLI_PEFT_TYPE
 
 ADAPTER_CONFIG = "adapter_config.json"
-PEFTCLI_PEFT_TYPE = "PEFTCLI"
 
 
 @dataclass
@@ -39,8 +41,6 @@ class Adapter:
 
     @property
     def method_name(self) -> str:
-        from peftcli.methods import method_for_adapter_config
-
         return method_for_adapter_config(self.config, self.path).name
 
 
@@ -151,8 +151,6 @@ def check_adapter_config(config: dict, where: str) -> None:
 
 def _check_peftcli_section(section: dict, where: str) -> None:
     """The ``peftcli`` section's options have the types of the method's config class."""
-    from peftcli.methods import METHODS
-
     method = METHODS.get(section["method"])
     if method is None:
         return  # the registry names unknown methods
@@ -371,7 +369,6 @@ def _write_files(directory: str, config: dict, tensors: dict, metadata: dict[str
     ``LazyTensor`` (``peftcli.methods.base``) is made just before it is written and freed after,
     so a lazy φ is never in memory whole."""
     from peftcli.checkpoint.dtypes import safetensors_dtype
-    from peftcli.methods.base import materialize
 
     tensors = to_file_layout(config, tensors)
     specs = [TensorSpec(n, safetensors_dtype(t.dtype), tuple(t.shape)) for n, t in tensors.items()]

@@ -73,12 +73,12 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 from peftcli.checkpoint.fingerprint import Fingerprint, content_hash, is_dtype_shape, summarize_differences
 from peftcli.checkpoint.reader import Checkpoint, open_checkpoint
 from peftcli.checkpoint.safetensors_format import DTYPES, size_problem
+from peftcli.checkpoint.writer import CheckpointWriter, TensorSpec
 from peftcli.errors import BadInputError, UsageError
+from peftcli.heads import TaskHead
 
 if TYPE_CHECKING:
     import torch
-
-    from peftcli.heads import TaskHead
 
 FORMAT = "peftcli.sparse-diff"
 VERSION = "1"
@@ -207,6 +207,20 @@ def stored_summary(stored: Sequence[StoredTensor]) -> dict:
     }
 
 
+class StoredCounts:
+    """The ``k`` and ``n`` of ``stored_summary`` for a report on the ``tensors`` it wrote."""
+
+    tensors: list[StoredTensor]
+
+    @property
+    def k(self) -> int:
+        return stored_summary(self.tensors)["k"]
+
+    @property
+    def n(self) -> int:
+        return stored_summary(self.tensors)["n"]
+
+
 def density_of(stored: Iterable[StoredTensor]) -> float:
     """Kept entries / numel over the tensors that were selected from (see the module docstring)."""
     selected = [s for s in stored if not s.whole]
@@ -229,8 +243,6 @@ def _plan(entries: Sequence[DiffEntry], values: str) -> list[StoredTensor]:
 
 
 def _specs(plan: list[StoredTensor], head: "TaskHead | None" = None, base_names: Iterable[str] = ()):
-    from peftcli.checkpoint.writer import TensorSpec
-
     specs = []
     for p in plan:
         if p.dense:
@@ -298,8 +310,6 @@ def write_diff(
     values are then produced, converted and written one at a time; then the task head's
     tensors (``metadata.task_head``), each from ``head_values(name)``.
     """
-    from peftcli.checkpoint.writer import CheckpointWriter
-
     if values not in VALUES:
         raise UsageError(f"--values must be one of {', '.join(VALUES)}, got {values!r}", VALUES_HINT)
     plan = _plan(entries, values)
@@ -685,8 +695,6 @@ def _parse_provenance(path: str, obj: object) -> dict:
 
 
 def _parse_task_head(path: str, meta: dict[str, str]) -> "TaskHead | None":
-    from peftcli.heads import TaskHead
-
     if "task_head" not in meta:
         return None
     return TaskHead.from_json(_json(path, meta, "task_head"), path, CORRUPT)

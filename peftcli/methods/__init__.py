@@ -1,4 +1,9 @@
-"""The one registry of PEFT methods. A new method is one module here and one entry below."""
+"""The one registry of PEFT methods. A new method is one module here and one entry below.
+
+Beside the methods: ``base`` (the interface), ``in_place`` (training base tensors in place:
+BitFit, layers), ``peftcli_section`` (the adapter config of a method PEFT lacks); what the
+methods know of each architecture is ``peftcli.architectures``.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,10 @@ from peftcli.methods.ia3 import IA3
 from peftcli.methods.layers import Layers
 from peftcli.methods.lora import LoRA
 from peftcli.methods.lottery import Lottery
-from peftcli.methods.prefix import PrefixTuning
-from peftcli.methods.prompt import PromptTuning
-from peftcli.methods.sparse_ft import DiffPruning, LtSft
+from peftcli.methods.peftcli_section import PEFTCLI_PEFT_TYPE
+from peftcli.methods.prompting.prefix import PrefixTuning
+from peftcli.methods.prompting.prompt import PromptTuning
+from peftcli.methods.sparse.fine_tuning import DiffPruning, LtSft
 
 METHODS: dict[str, Method] = {
     m.name: m for m in (LoRA(), IA3(), BottleneckAdapter(), PrefixTuning(), PromptTuning(), BitFit(), Layers(),
@@ -72,8 +78,6 @@ def get_method(name: str) -> Method:
 
 def method_for_adapter_config(config: dict, where: str) -> Method:
     """The method an ``adapter_config.json`` belongs to (PEFT's peft_type, or our own section)."""
-    from peftcli.artifacts.adapter_dir import PEFTCLI_PEFT_TYPE
-
     peft_type = config.get("peft_type")
     if peft_type == PEFTCLI_PEFT_TYPE:
         section = config.get("peftcli")

@@ -1,7 +1,8 @@
 """The small interface every method implements, and the parameter budget it reports.
 
-A method is one module in ``peftcli/methods/`` defining a config dataclass (its options,
-declared once with ``peftcli.options.option``) and a class with:
+A method is one module in ``peftcli/methods/`` (a family of several files is a folder there:
+``lora/``, ``ia3/``, ``adapter/``, ``prompting/``, ``sparse/``) defining a config dataclass (its
+options, declared once with ``peftcli.options.option``) and a class with:
 
 - ``budget(shapes, model_config, cfg)``: tensor level, from shapes alone — which modules it
   touches and the trainable parameters it adds there (``inspect --budget`` and ``inject``
@@ -42,6 +43,8 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
+from peftcli.errors import BadInputError, UsageError
+
 if TYPE_CHECKING:
     import torch
 
@@ -64,6 +67,29 @@ def base_module(path: str, modules) -> str | None:
     return rest if rest in modules else None
 
 
+def selection(select: Callable[[], Any], config: str, edited: str) -> tuple[Any, BadInputError | None]:
+    """``select()``, the modules an adapter ``config`` selects on a base; or None and why it
+    selects none, to raise after the per-key problems (which say more of another base)."""
+    try:
+        return select(), None
+    except UsageError as exc:
+        return None, BadInputError(
+            f"the {config} selects no valid set of modules on this base: {exc.message}",
+            f"was it made for another base model? Or {edited} edited?",
+        )
+
+
+def targeted_module(path: str, modules, targeted, what: str) -> tuple[str | None, str | None]:
+    """The base module an adapter key's ``path`` names (``base_module``) if the adapter config
+    targets it (``targeted``: None when unknown), else None and the problem (``what``: the key)."""
+    name = base_module(path, modules)
+    if name is None:
+        return None, f"{path}: no such linear module in the base"
+    if targeted is not None and name not in targeted:
+        return None, f"{path}: {what} for a module the adapter config does not target"
+    return name, None
+
+
 class Replacement:
     """A delta that is really new values: ``Replacement(values)(stored)`` is the change
     values − stored (for sums of task vectors), and ``values(stored)`` the new tensor itself,
@@ -80,9 +106,7 @@ class Replacement:
         return self.values(stored).to(work) - stored.to(work)
 
 
-def mismatch_error(problems: list[str]) -> "BadInputError":
-    from peftcli.errors import BadInputError
-
+def mismatch_error(problems: list[str]) -> BadInputError:
     return BadInputError(
         f"adapter does not match the base model: {len(problems)} problem(s): " + "; ".join(problems[:5])
         + (" ..." if len(problems) > 5 else ""),

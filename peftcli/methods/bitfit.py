@@ -1,7 +1,7 @@
 """BitFit (Ben Zaken et al., 2022): train the bias terms only.
 
 φ is Δb = b − b₀ for each selected bias, keyed by the base tensor's name (zeros at init, so
-merging is b₀ + Δb); see ``bitfit_inplace`` for the layout. ``--biases`` picks every bias
+merging is b₀ + Δb); see ``in_place`` for the layout. ``--biases`` picks every bias
 (default) or groups of them by role; the role → module-name patterns are per family.
 """
 
@@ -11,9 +11,11 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+from peftcli.architectures import BIAS_ROLES, LLAMA_BIASES
 from peftcli.errors import BadInputError, UsageError
-from peftcli.methods import bitfit_inplace as inplace
+from peftcli.methods import in_place as inplace
 from peftcli.methods.base import Attached, MethodBase, BudgetRow
+from peftcli.methods.peftcli_section import SectionConfig
 from peftcli.options import option
 from peftcli.targets import layer_index, parse_layers
 
@@ -22,40 +24,7 @@ if TYPE_CHECKING:
 
 GROUPS = ("query", "key", "value", "attn-out", "mlp-in", "mlp-out", "norm")
 
-# Role → regex searched in the bias's module path, per naming family.
-_LLAMA = {
-    "query": r"\.q_proj$",
-    "key": r"\.k_proj$",
-    "value": r"\.v_proj$",
-    "attn-out": r"\.o_proj$",
-    "mlp-in": r"\.(gate_proj|up_proj)$",
-    "mlp-out": r"\.down_proj$",
-    "norm": r"norm$",
-}
-_BERT = {
-    "query": r"\.attention\.self\.query$",
-    "key": r"\.attention\.self\.key$",
-    "value": r"\.attention\.self\.value$",
-    "attn-out": r"\.attention\.output\.dense$",
-    "mlp-in": r"\.intermediate\.dense$",
-    "mlp-out": r"\.layer\.\d+\.output\.dense$",  # not attention.output.dense
-    "norm": r"LayerNorm$",
-}
-_GPT2 = {
-    "query": r"\.attn\.c_attn$",  # q, k and v share one fused projection (and bias)
-    "key": r"\.attn\.c_attn$",
-    "value": r"\.attn\.c_attn$",
-    "attn-out": r"\.attn\.c_proj$",
-    "mlp-in": r"\.mlp\.c_fc$",
-    "mlp-out": r"\.mlp\.c_proj$",
-    "norm": r"(^|\.)ln_(\d+|f)$",
-}
-FAMILIES: dict[str, dict[str, str]] = {
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"), _LLAMA),
-    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra"), _BERT),
-    "gpt2": _GPT2,
-}
-_LLAMA_TYPES = {t for t, f in FAMILIES.items() if f is _LLAMA}
+_LLAMA_TYPES = {t for t, f in BIAS_ROLES.items() if f is LLAMA_BIASES}
 
 
 @dataclass
@@ -92,7 +61,7 @@ def _module(name: str) -> str:
 def _group_patterns(cfg: BitFitConfig, model_type: str | None) -> list[re.Pattern] | None:
     if cfg.groups is None:
         return None
-    family = FAMILIES.get(model_type or "")
+    family = BIAS_ROLES.get(model_type or "")
     if family is None:
         raise UsageError(f"peftcli does not know the bias groups of model_type {model_type!r}", "use --biases all")
     return [re.compile(family[g]) for g in cfg.groups]
@@ -119,7 +88,7 @@ def _no_biases_error(model_type: str | None) -> UsageError:
     return UsageError("this model has no bias terms to train", "use ia3 or lora")
 
 
-class BitFit(MethodBase):
+class BitFit(SectionConfig, MethodBase):
     name = "bitfit"
     folds = True
     trains_in_place = True  # trains existing tensors: adds no parameters to the model
@@ -158,14 +127,8 @@ class BitFit(MethodBase):
         shapes = {t.name: t.shape for t in ckpt.tensors.values()}
         return {n: torch.zeros(shapes[n]) for n in self._selected(shapes, ckpt.config, cfg)}  # Δb = 0
 
-    def adapter_config(self, ckpt, cfg: BitFitConfig) -> dict:
-        return inplace.adapter_config(ckpt, self.name, cfg)
-
     def deltas(self, cfg: BitFitConfig, tensors: dict, ckpt) -> dict:
         return inplace.stored_deltas(tensors, ckpt)
-
-    def config_from_adapter(self, d: dict) -> BitFitConfig:
-        return inplace.config_from_adapter(d, self.name, BitFitConfig)
 
     # -- module level ---------------------------------------------------------------------
     def attach(self, model, cfg: BitFitConfig, tensors: dict, model_config: dict) -> Attached:

@@ -7,7 +7,7 @@ A name is either an alias for this architecture's FFN or attention, resolved per
 its path from the block (``mlp``, ``attention.output``, ``input_layernorm``) or its own name
 (``q_proj``, ``output.dense``); a name that is neither may be any dotted piece of the path
 (``self``). Every selected base tensor — weights, biases, norms — is trained in place; φ is
-the dense difference θ − θ₀ of each, keyed by the base tensor's name (see ``bitfit_inplace``).
+the dense difference θ − θ₀ of each, keyed by the base tensor's name (see ``in_place``).
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable
 
+from peftcli.architectures import CONV1D_MODEL_TYPES, GPT2_MASK_BUFFERS, Family, find_family
 from peftcli.errors import UsageError
-from peftcli.methods import bitfit_inplace as inplace
-from peftcli.methods.adapter import Family, find_family
+from peftcli.methods import in_place as inplace
 from peftcli.methods.base import Attached, MethodBase, BudgetRow, LazyTensor, lazy_zeros
+from peftcli.methods.peftcli_section import SectionConfig
 from peftcli.options import option
-from peftcli.targets import CONV1D_MODEL_TYPES, layer_index, model_type_of, names_hint, parse_layers, split_layer
+from peftcli.targets import block_paths, layer_index, model_type_of, names_hint, parse_layers, split_layer
 
 if TYPE_CHECKING:
     import torch
@@ -56,8 +57,7 @@ class LayersConfig:
         return [m.strip() for m in self.modules.split(",") if m.strip()]
 
 
-# Older GPT-2 checkpoints also store each layer's causal-mask buffers; they are not parameters.
-_GPT2_BUFFERS = re.compile(r"\.attn\.(masked_)?bias$")
+_GPT2_BUFFERS = re.compile(GPT2_MASK_BUFFERS + "$")  # stored by older GPT-2 checkpoints, not parameters
 
 
 def _block_module(name: str) -> str | None:
@@ -93,7 +93,7 @@ def _matcher(names: list[str], model_type: str | None, tensors: Iterable[str]) -
     """
     tensors = list(tensors)
     rels = {r for r in map(_block_module, tensors) if r is not None}
-    family = find_family(model_type, [t.rpartition(".")[0] for t in tensors])
+    family = find_family(model_type, block_paths(t.rpartition(".")[0] for t in tensors))
     rules: dict[str, Callable[[str], bool]] = {}
     for name in names:
         modules = _alias_modules(name, family)
@@ -114,7 +114,7 @@ def _matcher(names: list[str], model_type: str | None, tensors: Iterable[str]) -
 
 
 def _hint(chosen: list[str], model_type: str | None) -> str:
-    family = find_family(model_type, [t.rpartition(".")[0] for t in chosen])
+    family = find_family(model_type, block_paths(t.rpartition(".")[0] for t in chosen))
     aliases = ""
     if family is not None:
         aliases = (
@@ -134,7 +134,7 @@ def _selector(cfg: LayersConfig, model_type: str | None, names: list[str]) -> Ca
     return selected
 
 
-class Layers(MethodBase):
+class Layers(SectionConfig, MethodBase):
     name = "layers"
     folds = True
     trains_in_place = True  # trains existing tensors: adds no parameters to the model
@@ -179,14 +179,8 @@ class Layers(MethodBase):
         # Δθ = 0, in fp32, each made only when written: φ is as large as the layers it trains.
         return {n: lazy_zeros(shapes[n]) for n in self._selected(shapes, ckpt.config, cfg)}
 
-    def adapter_config(self, ckpt, cfg: LayersConfig) -> dict:
-        return inplace.adapter_config(ckpt, self.name, cfg)
-
     def deltas(self, cfg: LayersConfig, tensors: dict, ckpt) -> dict:
         return inplace.stored_deltas(tensors, ckpt)
-
-    def config_from_adapter(self, d: dict) -> LayersConfig:
-        return inplace.config_from_adapter(d, self.name, LayersConfig)
 
     # -- module level ---------------------------------------------------------------------
     def attach(self, model, cfg: LayersConfig, tensors: dict, model_config: dict) -> Attached:

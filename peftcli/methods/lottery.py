@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError, UsageError
-from peftcli.methods import bitfit_inplace as inplace
 from peftcli.methods.base import Attached, MethodBase, ROUNDS, BudgetRow
+from peftcli.methods.peftcli_section import SectionConfig
 from peftcli.options import option
 from peftcli.targets import layer_index
 
@@ -58,7 +58,7 @@ class LotteryConfig:
         return (1.0 - self.prune_rate) ** self.rounds
 
 
-class Lottery(MethodBase):
+class Lottery(SectionConfig, MethodBase):
     name = "lottery"
     trains_in_place = True
     schedule = ROUNDS  # peftcli train runs the rounds (peftcli.train.lottery); the result is a checkpoint
@@ -83,12 +83,6 @@ class Lottery(MethodBase):
 
     def init(self, ckpt, cfg: LotteryConfig, generator: "torch.Generator") -> dict:
         return {}
-
-    def adapter_config(self, ckpt, cfg: LotteryConfig) -> dict:
-        return inplace.adapter_config(ckpt, self.name, cfg)
-
-    def config_from_adapter(self, d: dict) -> LotteryConfig:
-        return inplace.config_from_adapter(d, self.name, LotteryConfig)
 
     def attach(self, model, cfg, tensors: dict, model_config: dict) -> Attached:
         raise BadInputError(

@@ -36,9 +36,10 @@ from peftcli import __version__
 from peftcli.artifacts.adapter_dir import read_adapter, write_adapter_files
 from peftcli.checkpoint.reader import open_checkpoint
 from peftcli.errors import UsageError
-from peftcli.methods import method_for_adapter_config, sparse_phi
+from peftcli.methods import method_for_adapter_config
 from peftcli.methods.base import PEFT_PREFIX
-from peftcli.methods.sparse_ft import candidates, dense_tensors, k_for
+from peftcli.methods.sparse import phi as sparse_phi
+from peftcli.methods.sparse.fine_tuning import candidates, dense_tensors, k_for
 from peftcli.train import common, distributed
 from peftcli.train import state as ckpt_state
 from peftcli.train.common import ARGS_FILE, BEST_DIR, LABELS_FILE, METRICS_FILE, TrainHooks, head_modules, resolve_config, resolve_device, with_model_dir
@@ -140,7 +141,7 @@ def _wall_split(phase1: dict | None, phase2: dict | None) -> dict:
 
 def _k_of(run: str, mcfg) -> int:
     """Entries chosen by the top-K (tensors trained whole by --dense not counted)."""
-    from peftcli.methods.sparse_ft import is_dense
+    from peftcli.methods.sparse.fine_tuning import is_dense
 
     pairs = sparse_phi.pairs(read_adapter(run).tensors)
     return sum(int(i.numel()) for name, (i, _) in pairs.items() if not is_dense(name, mcfg.dense))

@@ -11,7 +11,7 @@ Styles (where f goes in each block; h is the hidden size, b the bottleneck):
 - ``parallel`` (He et al., 2022): around the FFN, FFN(x) + s·f(x). BERT splits its FFN over
   ``intermediate`` and ``output``; ``output`` receives the FFN's input as its residual
   argument, so the adapter wraps ``output`` and adds s·f(x) to that argument (see
-  ``adapter_layer.ResidualParallelAdapter``).
+  ``layer.ResidualParallelAdapter``).
 
 Each adds 2·h·b + b + h parameters per placement. W_down starts Kaiming-uniform
 (U(−1/√h, 1/√h), as LoRA's A), W_up and both biases at zero, so f = 0 before training.
@@ -30,10 +30,12 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from peftcli.architectures import BLOCKS_BY_NAME, HIDDEN_SIZE_KEYS, Family, find_family
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.base import Attached, MethodBase, BudgetRow, LazyTensor, SeededDraws, lazy_zeros, mismatch_error
+from peftcli.methods.peftcli_section import PEFTCLI_PEFT_TYPE
 from peftcli.options import option
-from peftcli.targets import linear_modules, model_type_of, parse_layers, split_layer
+from peftcli.targets import block_paths, linear_modules, model_type_of, parse_layers, require_layers, split_layer
 
 if TYPE_CHECKING:
     import torch
@@ -41,7 +43,6 @@ if TYPE_CHECKING:
 STYLES = ("houlsby", "pfeiffer", "parallel")
 ACTIVATION_NAMES = ("relu", "gelu", "silu")
 PARTS = ("adapter.down.weight", "adapter.down.bias", "adapter.up.weight", "adapter.up.bias")
-_HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "dim")  # config.json's name for h, per family
 
 
 @dataclass
@@ -82,70 +83,17 @@ class BottleneckAdapterConfig:
         return self.bottleneck if self.bottleneck is not None else max(1, hidden // self.reduction_factor)
 
 
-# -- which modules, per family ---------------------------------------------------------------
-@dataclass(frozen=True)
-class Family:
-    """Layer-relative module paths of one architecture family's block."""
-
-    attn_out: str  # attention output projection
-    ffn_out: str  # FFN output projection
-    ffn: str | None  # the FFN as one module (parallel style); None where the FFN is inline in the block
-    ffn_takes_residual: bool = False  # the FFN module is called (h, x) and adds x + LayerNorm itself (BERT)
-    ffn_parts: tuple[str, ...] = ()  # the FFN's modules where it is not the one module ``ffn`` (BERT, OPT)
-
-    @property
-    def attention_modules(self) -> tuple[str, ...]:
-        """The block's attention submodule(s): ``self_attn``, ``attention``, ``attn``..."""
-        return (self.attn_out.split(".")[0],)
-
-    @property
-    def ffn_modules(self) -> tuple[str, ...]:
-        """The block's FFN submodule(s): ``mlp``; BERT's ``intermediate`` and ``output``; OPT's ``fc1``, ``fc2``."""
-        return self.ffn_parts or ((self.ffn,) if self.ffn else (self.ffn_out.split(".")[0],))
-
-    def anchors(self, style: str) -> tuple[str, ...]:
-        """The linear layers whose output width is h, one per placement, in block order."""
-        return (self.attn_out, self.ffn_out) if style == "houlsby" else (self.ffn_out,)
-
-
-LLAMA_LIKE = Family("self_attn.o_proj", "mlp.down_proj", "mlp")
-BERT_LIKE = Family(
-    "attention.output.dense", "output.dense", "output", ffn_takes_residual=True, ffn_parts=("intermediate", "output")
-)
-GPT2 = Family("attn.c_proj", "mlp.c_proj", "mlp")
-FAMILIES = {
-    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"), LLAMA_LIKE),
-    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra"), BERT_LIKE),
-    "gpt2": GPT2,
-}
-# Other families are recognised by their block's module names (as in transformers' classes).
-_BY_NAME = (
-    LLAMA_LIKE,
-    BERT_LIKE,
-    GPT2,
-    Family("attention.dense", "mlp.dense_4h_to_h", "mlp"),  # gpt_neox
-    Family("self_attention.dense", "mlp.dense_4h_to_h", "mlp"),  # falcon, bloom
-    Family("attention.out_lin", "ffn.lin2", "ffn"),  # distilbert
-    Family("self_attn.out_proj", "fc2", None, ffn_parts=("fc1", "fc2")),  # opt, bart: fc1/fc2 sit in the block itself
-)
-
-
-def find_family(model_type: str | None, paths) -> Family | None:
-    """The family whose attention and FFN output projections are among the module ``paths``."""
-    rels = {s[1] for s in map(split_layer, paths) if s is not None}
-    preset = FAMILIES.get(model_type or "")
-    for family in ((preset,) if preset else ()) + _BY_NAME:
-        if {family.attn_out, family.ffn_out} <= rels:
-            return family
-    return None
-
-
 def _unsupported(model_type: str | None) -> UsageError:
-    looked = "; ".join(f"{f.attn_out} + {f.ffn_out}" for f in _BY_NAME)
+    looked = "; ".join(f"{f.attn_out} + {f.ffn_out}" for f in BLOCKS_BY_NAME)
     return UsageError(
         f"cannot find the attention and FFN output projections of this architecture (model_type {model_type!r})",
         f"looked for, in each numbered block: {looked}; for other blocks use another method, e.g. lora",
     )
+
+
+def _anchors(family: Family, style: str) -> tuple[str, ...]:
+    """The linear layers whose output width is h, one per placement, in block order."""
+    return (family.attn_out, family.ffn_out) if style == "houlsby" else (family.ffn_out,)
 
 
 @dataclass(frozen=True)
@@ -166,7 +114,7 @@ def plan(shapes: dict[str, tuple[int, ...]], config: dict | None, cfg: Bottlenec
     """Tensor level: the placements for ``cfg`` and the sizes h and b, from shapes and config.json."""
     model_type = model_type_of(config)
     linears = {m.name: m for m in linear_modules(shapes, config)}
-    family = find_family(model_type, linears)
+    family = find_family(model_type, block_paths(linears))
     if family is None:
         raise _unsupported(model_type)
     if cfg.style == "parallel" and family.ffn is None:
@@ -174,7 +122,7 @@ def plan(shapes: dict[str, tuple[int, ...]], config: dict | None, cfg: Bottlenec
             f"--style parallel needs the FFN as one module, but this architecture's FFN ({family.ffn_out}) is inline in its block",
             "use --style pfeiffer or houlsby",
         )
-    order = family.anchors(cfg.style)
+    order = _anchors(family, cfg.style)
     found = []
     for m in linears.values():
         split = split_layer(m.name)
@@ -199,18 +147,13 @@ def _select_layers(placements: list[Placement], layers: str | None) -> list[Plac
     layer_set = parse_layers(layers)
     if layer_set is None:
         return placements
-    present = {p.layer for p in placements}
-    absent = sorted(layer_set - present)
-    if absent:
-        raise UsageError(
-            f"--layers names layer {absent[0]}, which this model does not have", f"layers here: {min(present)}-{max(present)}"
-        )
+    require_layers(layer_set, {p.layer for p in placements})  # not empty: the family was found in a block
     return [p for p in placements if p.layer in layer_set]
 
 
 def _hidden_size(placements: list[Placement], config: dict | None) -> int:
     """h: config.json's hidden size, which every anchor must output (else the family guess is wrong)."""
-    declared = next((config[k] for k in _HIDDEN_KEYS if isinstance((config or {}).get(k), int)), None)
+    declared = next((config[k] for k in HIDDEN_SIZE_KEYS if isinstance((config or {}).get(k), int)), None)
     hidden = declared if declared is not None else placements[0].shape[0]
     wrong = [p for p in placements if p.shape[0] != hidden]
     if wrong:
@@ -259,8 +202,6 @@ class BottleneckAdapter(MethodBase):
         return out
 
     def adapter_config(self, ckpt, cfg: BottleneckAdapterConfig) -> dict:
-        from peftcli.artifacts.adapter_dir import PEFTCLI_PEFT_TYPE
-
         p = plan({t.name: t.shape for t in ckpt.tensors.values()}, ckpt.config, cfg)
         return {
             "peft_type": PEFTCLI_PEFT_TYPE,
@@ -312,7 +253,7 @@ class BottleneckAdapter(MethodBase):
                 problems.append(f"{path}: has tensors but is not among the config's placements")
         family = None
         if cfg.style == "parallel":
-            family = find_family(model_type_of(model_config), [n for n, _ in model.named_modules()])
+            family = find_family(model_type_of(model_config), block_paths(n for n, _ in model.named_modules()))
             if family is None or family.ffn is None:
                 problems.append("cannot tell this architecture's FFN module, which --style parallel wraps")
                 by_module = {}
@@ -342,7 +283,7 @@ def _group(tensors: dict) -> tuple[dict[str, dict[str, "torch.Tensor"]], list[st
 def _attach_one(model, path: str, parts: dict, cfg: BottleneckAdapterConfig, family: Family | None, phi: dict) -> str | None:
     """Wrap module ``path`` with its adapter and add its φ to ``phi``; or say what does not fit."""
     from peftcli import modules as mod
-    from peftcli.methods.adapter_layer import Bottleneck, ParallelAdapter, ResidualParallelAdapter, SequentialAdapter
+    from peftcli.methods.adapter.layer import Bottleneck, ParallelAdapter, ResidualParallelAdapter, SequentialAdapter
 
     real = mod.resolve(model, path)
     if real is None:

@@ -18,7 +18,7 @@ model's real token embeddings are. Both read only the rows they take from the ch
 There is no ``--layers``: the soft tokens enter once, at the input embeddings, and pass
 through every layer. ``--layers`` is accepted only to say so (a usage error pointing to
 ``peftcli inject prefix --layers``, whose learned keys and values sit in the chosen layers).
-Encoder-decoder models are refused (see ``prompt_learning.task_type``).
+Encoder-decoder models are refused (see ``dims.task_type``).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError, UsageError
-from peftcli.methods import prompt_learning as pl
 from peftcli.methods.base import Attached, MethodBase, BudgetRow, mismatch_error
+from peftcli.methods.prompting import dims as pl
 from peftcli.options import option
 
 if TYPE_CHECKING:
@@ -45,11 +45,7 @@ MODULE = "peftcli_prompt"  # where the prompt lives inside the model
 
 @dataclass
 class PromptTuningConfig:
-    virtual_tokens: int = option(
-        20,
-        metavar="N",
-        help="virtual tokens: soft-prompt vectors (prompt) or key/value positions per layer (prefix); default 20",
-    )
+    virtual_tokens: int = pl.virtual_tokens_option()
     init: str | None = option(
         None,
         metavar="random|vocab|text",
@@ -159,7 +155,7 @@ class PromptTuning(MethodBase):
 
     # -- module level ---------------------------------------------------------------------
     def attach(self, model, cfg: PromptTuningConfig, tensors: dict, model_config: dict) -> Attached:
-        from peftcli.methods import prompt_encoder as pe
+        from peftcli.methods.prompting import virtual_tokens as pe
 
         problems = [f"unexpected key {k}" for k in tensors if k != KEY]
         embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -249,7 +245,7 @@ def _transform(prompt, embed, n: int, causal_lm: bool):
     """The forward's keyword arguments with the prompt in front (PEFT's prompt-tuning forward)."""
     import torch
 
-    from peftcli.methods import prompt_encoder as pe
+    from peftcli.methods.prompting import virtual_tokens as pe
 
     def transform(kwargs: dict) -> dict:
         kwargs = dict(kwargs)

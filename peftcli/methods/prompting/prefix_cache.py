@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from peftcli.errors import BadInputError
-from peftcli.methods.prompt_learning import Dims
+from peftcli.methods.prompting.dims import Dims
 
 MLP_KEYS = (
     "prefix_encoder.embedding.weight",

@@ -1,23 +1,17 @@
-"""Methods that train some of the base's own tensors in place (BitFit, layers).
+"""Training some of the base's own tensors in place (BitFit, layers): selecting them by layer,
+attaching their φ, folding it.
 
 φ is the difference Δθ = θ − θ₀ of the selected base tensors, keyed by the base tensor's
 name (``encoder.layer.0.attention.self.query.bias``) so that merging is a plain add. Zeros at
-init. The adapter directory keeps PEFT's two files; PEFT lacks these methods, so
-``adapter_config.json`` is ``{"peft_type": "PEFTCLI", "peftcli": {"method": ..., options},
-"base_model_name_or_path": ...}``.
+init. PEFT lacks these methods: their ``adapter_config.json`` is ``peftcli_section``'s.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from typing import Callable
 
-from peftcli.artifacts.adapter_dir import PEFTCLI_PEFT_TYPE
-from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.base import Attached, mismatch_error
-from peftcli.options import option_fields
-from peftcli.targets import layer_index, parse_layers
+from peftcli.targets import layer_index, parse_layers, require_layers
 
 
 def in_layers(names: list[str], all_names, spec: str | None) -> list[str]:
@@ -25,40 +19,8 @@ def in_layers(names: list[str], all_names, spec: str | None) -> list[str]:
     layer_set = parse_layers(spec)
     if layer_set is None:
         return names
-    present = {i for i in map(layer_index, all_names) if i is not None}
-    absent = sorted(layer_set - present)
-    if absent:
-        raise UsageError(
-            f"--layers names layer {absent[0]}, which this model does not have",
-            f"layers here: {min(present)}-{max(present)}" if present else "this model has no numbered layers",
-        )
+    require_layers(layer_set, {i for i in map(layer_index, all_names) if i is not None})
     return [n for n in names if layer_index(n) in layer_set]
-
-
-def adapter_config(ckpt, method: str, cfg) -> dict:
-    options = {f.name: getattr(cfg, f.name) for f in option_fields(type(cfg))}
-    return {
-        "peft_type": PEFTCLI_PEFT_TYPE,
-        "peftcli": {"method": method, **options},
-        "base_model_name_or_path": os.path.abspath(ckpt.path),
-    }
-
-
-def config_from_adapter(d: dict, method: str, cls: type):
-    section = dict(d.get("peftcli") or {})
-    if section.pop("method", None) != method:
-        raise BadInputError(
-            f"adapter config is not a peftcli {method} adapter",
-            f"its peftcli.method must be {method!r}; the adapter config is corrupt or was edited by hand",
-        )
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(section) - known)
-    if unknown:
-        raise BadInputError(f"{method} adapter config has unknown option {unknown[0]!r}", "was it written by a newer peftcli?")
-    try:
-        return cls(**section)
-    except UsageError as exc:
-        raise BadInputError(f"{method} adapter config: {exc.message}", exc.hint) from None
 
 
 def attach_in_place(model, tensors: dict, selected: Callable[[str], bool], selection: str) -> Attached:

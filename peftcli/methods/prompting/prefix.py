@@ -19,7 +19,7 @@ the decoder (PEFT's ``num_transformer_submodules`` = 2). A forward given a cache
 "prefix", "virtual_tokens", "projection", "layers"}, "base_model_name_or_path"}``. Every
 layer's cache still holds n positions, so masks and positions are the full prefix's, but the
 other layers' are zeros that a pre-hook on their attention module cuts from the mask while
-the cache hands that layer only the input's keys and values (``prefix_encoder.LayerSubsetCache``):
+the cache hands that layer only the input's keys and values (``prefix_cache.LayerSubsetCache``):
 their attention is the base's, as without a prefix.
 
 ``--projection H`` trains the prefix through PEFT's reparameterisation MLP
@@ -40,8 +40,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError, ResourceError, UsageError
-from peftcli.methods import prompt_learning as pl
+from peftcli.methods import peftcli_section
 from peftcli.methods.base import Attached, MethodBase, BudgetRow, mismatch_error
+from peftcli.methods.prompting import dims as pl
 from peftcli.options import option
 from peftcli.targets import parse_layers, resolve_targets
 
@@ -54,11 +55,7 @@ MODULE = "peftcli_prefix"  # where the prefix lives inside the model
 
 @dataclass
 class PrefixTuningConfig:
-    virtual_tokens: int = option(
-        20,
-        metavar="N",
-        help="virtual tokens: soft-prompt vectors (prompt) or key/value positions per layer (prefix); default 20",
-    )
+    virtual_tokens: int = pl.virtual_tokens_option()
     projection: int | None = option(
         None,
         metavar="HIDDEN",
@@ -126,7 +123,7 @@ class PrefixTuning(MethodBase):
         return (dims.num_layers if chosen is None else len(chosen)) * 2 * dims.kv_dim
 
     def _mlp_shapes(self, dims: pl.Dims, cfg: PrefixTuningConfig) -> dict[str, tuple[int, ...]]:
-        from peftcli.methods.prefix_encoder import mlp_shapes
+        from peftcli.methods.prompting.prefix_cache import mlp_shapes
 
         if cfg.projection is None:
             return {}
@@ -162,7 +159,7 @@ class PrefixTuning(MethodBase):
 
         import torch
 
-        from peftcli.methods.prefix_encoder import project
+        from peftcli.methods.prompting.prefix_cache import project
 
         shapes = {t.name: t.shape for t in ckpt.tensors.values()}
         self.budget(shapes, ckpt.config, cfg)
@@ -187,9 +184,7 @@ class PrefixTuning(MethodBase):
     def adapter_config(self, ckpt, cfg: PrefixTuningConfig) -> dict:
         dims = pl.model_dims(ckpt.config)
         if cfg.layers is not None:  # PEFT's layout has every layer: ours
-            from peftcli.methods import bitfit_inplace
-
-            return bitfit_inplace.adapter_config(ckpt, self.name, cfg)
+            return peftcli_section.adapter_config(ckpt, self.name, cfg)
         return {
             "peft_type": self.peft_type,
             **pl.prompt_learning_fields(
@@ -201,12 +196,8 @@ class PrefixTuning(MethodBase):
         }
 
     def config_from_adapter(self, d: dict) -> PrefixTuningConfig:
-        from peftcli.artifacts.adapter_dir import PEFTCLI_PEFT_TYPE
-
-        if d.get("peft_type") == PEFTCLI_PEFT_TYPE:  # written with --layers
-            from peftcli.methods import bitfit_inplace
-
-            return bitfit_inplace.config_from_adapter(d, self.name, PrefixTuningConfig)
+        if d.get("peft_type") == peftcli_section.PEFTCLI_PEFT_TYPE:  # written with --layers
+            return peftcli_section.config_from_adapter(d, self.name, PrefixTuningConfig)
         pl.check_adapter_fields(d, "prefix tuning")
         projection = None
         if d.get("prefix_projection"):
@@ -225,8 +216,8 @@ class PrefixTuning(MethodBase):
 
     # -- module level ---------------------------------------------------------------------
     def attach(self, model, cfg: PrefixTuningConfig, tensors: dict, model_config: dict) -> Attached:
-        from peftcli.methods import prefix_encoder as pfx
-        from peftcli.methods import prompt_encoder as pe
+        from peftcli.methods.prompting import prefix_cache as pfx
+        from peftcli.methods.prompting import virtual_tokens as pe
 
         try:
             pl.task_type(model_config)  # refuses encoder-decoder models, whatever the adapter's layout
@@ -263,7 +254,7 @@ class PrefixTuning(MethodBase):
         )
 
     def _check(self, model, cfg: PrefixTuningConfig, tensors: dict, dims: pl.Dims) -> list[str]:
-        from peftcli.methods import prefix_encoder as pfx
+        from peftcli.methods.prompting import prefix_cache as pfx
 
         problems = [f"unexpected key {k}" for k in tensors if k != KEY and k not in pfx.MLP_KEYS]
         ours = (dims.kv_dim, dims.kv_heads, dims.num_layers)
@@ -352,7 +343,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _attention_of_layers(model, dims: pl.Dims) -> dict:
     """Each layer's attention module, which --layers hooks where there is no prefix."""
-    from peftcli.methods import prefix_encoder as pfx
+    from peftcli.methods.prompting import prefix_cache as pfx
 
     found, problems = pfx.attention_modules(model)
     missing = [i for i in range(dims.num_layers) if i not in found]
@@ -368,8 +359,8 @@ def _attention_of_layers(model, dims: pl.Dims) -> dict:
 
 def _transform(encoder, dims: pl.Dims, n: int, injector, dtype: "torch.dtype", chosen: list[int] | None = None):
     """The forward's keyword arguments with the prefix as a key/value cache (PEFT's prefix-tuning forward)."""
-    from peftcli.methods import prefix_encoder as pfx
-    from peftcli.methods import prompt_encoder as pe
+    from peftcli.methods.prompting import prefix_cache as pfx
+    from peftcli.methods.prompting import virtual_tokens as pe
 
     def transform(kwargs: dict) -> dict:
         kwargs = dict(kwargs)

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 from peftcli.errors import BadInputError, UsageError
+from peftcli.options import option
 
 CAUSAL_LM = "CAUSAL_LM"
 FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
@@ -81,6 +82,15 @@ def task_type(config: dict | None) -> str:
             "use lora, ia3 or adapter on this model",
         )
     return CAUSAL_LM if is_causal_lm(next(iter(config.get("architectures") or []), "")) else FEATURE_EXTRACTION
+
+
+def virtual_tokens_option() -> int:
+    """The ``--virtual-tokens`` field of both methods' configs: one flag, one default, one help."""
+    return option(
+        20,
+        metavar="N",
+        help="virtual tokens: soft-prompt vectors (prompt) or key/value positions per layer (prefix); default 20",
+    )
 
 
 def check_virtual_tokens(n: int, config: dict | None) -> None:

@@ -19,7 +19,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError
-from peftcli.targets import is_regex, names_module
+from peftcli.methods.base import Replacement, peft_key
+from peftcli.methods.prompting import dims as pl
+from peftcli.patterns import from_file, fullmatch
+from peftcli.targets import excluded, is_regex, names_module
 
 if TYPE_CHECKING:
     import torch
@@ -48,8 +51,6 @@ def embeddings(shapes: dict, linear: set[str]) -> dict[str, tuple[int, int]]:
 def selects(spec: str, path: str) -> bool:
     """PEFT's target_modules test on one module path: a regex matching it whole, or a listed
     name equal to it or to a dotted suffix of it."""
-    from peftcli.patterns import from_file, fullmatch
-
     if is_regex(spec):  # from a file: matched in bounded time
         return fullmatch(from_file(spec, "adapter_config.json target_modules"), path, "target_modules")
     return any(names_module(path, t) for t in (t.strip() for t in spec.split(",")) if t)
@@ -58,8 +59,6 @@ def selects(spec: str, path: str) -> bool:
 def targeted(shapes: dict, linear: set[str], cfg) -> dict[str, tuple[int, int]]:
     """The embedding modules an adapter config's target_modules selects, as PEFT selects them
     (never with all-linear; never with layers_to_transform, which needs a layer index)."""
-    from peftcli.methods.lora import excluded
-
     spec = cfg.targets
     if not spec or spec.strip() == "all-linear" or cfg.layers:
         return {}
@@ -87,8 +86,6 @@ def token_indices(value) -> tuple | None:
 
 def token_targets(shapes: dict, model_config: dict | None, linear: set[str], cfg) -> dict[str, tuple[tuple[int, ...], int]]:
     """Embedding module -> (row indices, dim) for the config's trainable tokens, checked against its rows."""
-    from peftcli.methods import prompt_learning as pl
-
     out: dict[str, tuple[tuple[int, ...], int]] = {}
     if not cfg.token_indices:
         return out
@@ -116,8 +113,6 @@ def token_targets(shapes: dict, model_config: dict | None, linear: set[str], cfg
 
 def init_shapes(embedded: dict, tokens: dict, rank: int) -> dict[str, tuple[int, ...]]:
     """The keys and shapes PEFT saves for these embedding targets and trainable tokens."""
-    from peftcli.methods.base import peft_key
-
     out = {}
     for module, (rows, dim) in embedded.items():
         out[peft_key(module, EMB_A)] = (rank, rows)
@@ -171,7 +166,5 @@ def fold_tokens(*, indices: tuple[int, ...], values: "torch.Tensor"):
     """The change that makes rows ``indices`` equal ``values``, 0 elsewhere: a ``Replacement``,
     so that a merge of this adapter alone writes the rows PEFT writes, bit for bit."""
     from functools import partial
-
-    from peftcli.methods.base import Replacement
 
     return Replacement(partial(token_rows, indices=indices, values=values))

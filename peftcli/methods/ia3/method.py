@@ -21,76 +21,15 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
+from peftcli.architectures import IA3_FEEDFORWARD, IA3_TARGETS
 from peftcli.errors import BadInputError, UsageError
-from peftcli.methods.base import Attached, MethodBase, BudgetRow, peft_key, PEFT_PREFIX
+from peftcli.methods.base import Attached, MethodBase, BudgetRow, mismatch_error, peft_key, selection, targeted_module, PEFT_PREFIX
 from peftcli.options import option
 from peftcli.patterns import compile_pattern, from_file
 from peftcli.targets import LinearModule, is_regex, linear_modules, linear_names_hint, model_type_of, names_hint, names_module, resolve_targets
 
 if TYPE_CHECKING:
     import torch
-
-# PEFT 0.21's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING (copied: PEFT is optional).
-IA3_TARGETS: dict[str, tuple[str, ...]] = {
-    "t5": ("k", "v", "wo"),
-    "mt5": ("k", "v", "wi_1"),
-    "gpt2": ("c_attn", "mlp.c_proj"),
-    "bloom": ("query_key_value", "mlp.dense_4h_to_h"),
-    "roberta": ("key", "value", "output.dense"),
-    "opt": ("q_proj", "k_proj", "fc2"),
-    "gptj": ("q_proj", "v_proj", "fc_out"),
-    "gpt_neox": ("query_key_value", "dense_4h_to_h"),
-    "gpt_neo": ("q_proj", "v_proj", "c_proj"),
-    "bart": ("q_proj", "v_proj", "fc2"),
-    "gpt_bigcode": ("c_attn", "mlp.c_proj"),
-    "llama": ("k_proj", "v_proj", "down_proj"),
-    "llama4": ("q_proj", "v_proj", "down_proj"),
-    "mistral": ("k_proj", "v_proj", "down_proj"),
-    "mixtral": ("k_proj", "v_proj", "w2"),
-    "bert": ("key", "value", "output.dense"),
-    "deberta-v2": ("key_proj", "value_proj", "output.dense"),
-    "deberta": ("in_proj", "output.dense"),
-    "RefinedWebModel": ("query_key_value", "dense_4h_to_h"),
-    "RefinedWeb": ("query_key_value", "dense_4h_to_h"),
-    "falcon": ("query_key_value", "dense_4h_to_h"),
-    "phi": ("q_proj", "v_proj", "fc2"),
-    "gemma": ("q_proj", "v_proj", "down_proj"),
-    "gemma2": ("q_proj", "v_proj", "down_proj"),
-    "gemma3_text": ("q_proj", "v_proj", "down_proj"),
-    "qwen2": ("q_proj", "v_proj", "down_proj"),
-    "qwen3": ("q_proj", "v_proj", "down_proj"),
-}
-
-# PEFT 0.21's TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.
-IA3_FEEDFORWARD: dict[str, tuple[str, ...]] = {
-    "t5": ("wo",),
-    "mt5": (),
-    "gpt2": ("mlp.c_proj",),
-    "bloom": ("mlp.dense_4h_to_h",),
-    "roberta": ("output.dense",),
-    "opt": ("fc2",),
-    "gptj": ("fc_out",),
-    "gpt_neox": ("dense_4h_to_h",),
-    "gpt_neo": ("c_proj",),
-    "bart": ("fc2",),
-    "gpt_bigcode": ("mlp.c_proj",),
-    "llama": ("down_proj",),
-    "llama4": ("down_proj",),
-    "mistral": ("down_proj",),
-    "mixtral": ("w2",),
-    "bert": ("output.dense",),
-    "deberta-v2": ("output.dense",),
-    "deberta": ("output.dense",),
-    "RefinedWeb": ("dense_4h_to_h",),
-    "RefinedWebModel": ("dense_4h_to_h",),
-    "falcon": ("dense_4h_to_h",),
-    "phi": ("fc2",),
-    "gemma": ("down_proj",),
-    "gemma2": ("down_proj",),
-    "gemma3_text": ("down_proj",),
-    "qwen2": ("down_proj",),
-    "qwen3": ("down_proj",),
-}
 
 # For a model_type without a mapping: (targets, feedforward) of each family, in the order they are
 # tried against the module names (the common families first; each needs all its targets present).
@@ -280,20 +219,15 @@ class IA3(MethodBase):
     def _selected(self, shapes, model_config, cfg: IA3Config) -> tuple[dict[str, bool] | None, BadInputError | None]:
         """Module path -> is feedforward, for the modules the adapter config selects among
         ``shapes``; or why it selects none (raised after the per-key problems, which say more)."""
-        try:
-            return {m.name: ff for m, ff in self._targets(shapes, model_config, cfg)}, None
-        except UsageError as exc:
-            return None, BadInputError(
-                f"the IA³ adapter config selects no valid set of modules on this base: {exc.message}",
-                "was it made for another base model? Or were target_modules/feedforward_modules edited?",
-            )
+        return selection(
+            lambda: {m.name: ff for m, ff in self._targets(shapes, model_config, cfg)},
+            "IA³ adapter config", "were target_modules/feedforward_modules",
+        )
 
     # -- module level ---------------------------------------------------------------------
     def deltas(self, cfg: IA3Config, tensors: dict, ckpt) -> dict:
         """ΔW = W·(l − 1) on rows (output scaling, the bias too) or columns (feedforward input)."""
         from functools import partial
-
-        from peftcli.methods.base import base_module, mismatch_error
 
         shapes = {t.name: t.shape for t in ckpt.tensors.values()}
         linear = {m.name: m for m in linear_modules(shapes, ckpt.config)}
@@ -304,24 +238,17 @@ class IA3(MethodBase):
                 problems.append(f"unexpected key {key}")
                 continue
             path = key[len(PEFT_PREFIX) : -len(".ia3_l")]
-            name = base_module(path, linear)
-            if name is None:
-                problems.append(f"{path}: no such linear module in the base")
-                continue
-            if selected is not None and name not in selected:
-                problems.append(f"{path}: an ia3_l for a module the adapter config does not target")
+            name, problem = targeted_module(path, linear, selected, "an ia3_l")
+            if problem:
+                problems.append(problem)
                 continue
             m = linear[name]
-            d_out, d_in = m.shape
             if selected is None:
                 continue  # unfit is raised below
             feedforward = selected[name]
-            expected = (1, d_in) if feedforward else (d_out, 1)
-            if tuple(t.shape) != expected:
-                problems.append(
-                    f"{path}: ia3_l {list(t.shape)} does not fit a {d_out}×{d_in} layer "
-                    f"({'feedforward' if feedforward else 'not feedforward'} per the config, so {list(expected)})"
-                )
+            problem = _shape_problem(path, t, *m.shape, feedforward)
+            if problem:
+                problems.append(problem)
                 continue
             out[name + ".weight"] = partial(_fold_weight, scale=t, transposed=m.transposed)
             if not feedforward and name + ".bias" in shapes:  # the output is scaled, bias included
@@ -334,7 +261,7 @@ class IA3(MethodBase):
 
     def attach(self, model, cfg: IA3Config, tensors: dict, model_config: dict) -> Attached:
         from peftcli import modules as mod
-        from peftcli.methods.ia3_layer import IA3Linear
+        from peftcli.methods.ia3.layer import IA3Linear
 
         problems: list[str] = []
         try:
@@ -355,26 +282,31 @@ class IA3(MethodBase):
             if problem:
                 problems.append(problem)
                 continue
-            d_out, d_in = dims
             ff = is_ff(path)
-            expected = (1, d_in) if ff else (d_out, 1)
-            if tuple(t.shape) != expected:
-                problems.append(
-                    f"{path}: ia3_l {list(t.shape)} does not fit a {d_out}×{d_in} layer "
-                    f"({'feedforward' if ff else 'not feedforward'} per the config, so {list(expected)})"
-                )
+            problem = _shape_problem(path, t, *dims, ff)
+            if problem:
+                problems.append(problem)
                 continue
             new = IA3Linear(layer, feedforward=ff)
             new.load_phi(t)
             mod.replace(model, path, new)
             phi[key] = new.ia3_l
         if problems:
-            from peftcli.methods.base import mismatch_error
-
             raise mismatch_error(problems)
         if unfit is not None:
             raise unfit
         return Attached(phi=phi)
+
+
+def _shape_problem(path: str, t: "torch.Tensor", d_out: int, d_in: int, feedforward: bool) -> str | None:
+    """Why ``t`` is not the ia3_l of a d_out×d_in layer, feedforward or not; None if it is."""
+    expected = (1, d_in) if feedforward else (d_out, 1)
+    if tuple(t.shape) != expected:
+        return (
+            f"{path}: ia3_l {list(t.shape)} does not fit a {d_out}×{d_in} layer "
+            f"({'feedforward' if feedforward else 'not feedforward'} per the config, so {list(expected)})"
+        )
+    return None
 
 
 def _peft_targets(value) -> str | None:

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError, UsageError
-from peftcli.methods import lora_init, lora_tokens
-from peftcli.methods.base import Attached, MethodBase, BudgetRow, LazyTensor, SeededDraws, lazy_zeros, peft_key, PEFT_PREFIX
+from peftcli.methods.base import Attached, MethodBase, BudgetRow, LazyTensor, SeededDraws, base_module, lazy_zeros, mismatch_error, peft_key, selection, targeted_module, PEFT_PREFIX
+from peftcli.methods.lora import base_init as lora_init, embeddings as lora_embeddings
 from peftcli.options import option
-from peftcli.patterns import from_file, fullmatch
-from peftcli.targets import is_regex, names_module, resolve_targets
+from peftcli.patterns import from_file
+from peftcli.targets import excluded, is_regex, linear_modules, names_module, resolve_targets
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +47,7 @@ class LoraConfig:
     dropout: float = option(0.0, help="dropout on the LoRA branch's input during training (default 0)")
     init: str = option("kaiming", metavar="kaiming|gaussian", help="initialisation of A (B is always zero); default kaiming, as PEFT")
     # Read from an adapter, not an option: "pissa"/"olora" when PEFT subtracts an initial A·B
-    # from the base weights on load (see lora_init), None for plain LoRA. The fields below are
+    # from the base weights on load (see base_init), None for plain LoRA. The fields below are
     # read from adapters, never options, and not recorded in what inject writes (its options
     # metadata stays as it was).
     base_init: str | None = field(default=None, metadata={"recorded": False})
@@ -58,7 +58,7 @@ class LoraConfig:
     lora_bias: bool = field(default=False, metadata={"recorded": False})
     # Read from a PEFT adapter: target_modules may name embedding layers (lora_embedding_A/B),
     # and trainable_token_indices ((module or "" for the input embedding, ids), ...) new rows.
-    # Folded by merge (lora_tokens); inject puts LoRA on linear modules only.
+    # Folded by merge (lora_embeddings); inject puts LoRA on linear modules only.
     peft_embeddings: bool = field(default=False, metadata={"recorded": False})
     token_indices: tuple | None = field(default=None, metadata={"recorded": False})
 
@@ -136,9 +136,7 @@ class LoRA(MethodBase):
         """The embedding layers an adapter's target_modules selects (none for inject's configs)."""
         if not cfg.peft_embeddings:
             return {}
-        from peftcli.targets import linear_modules
-
-        embedded = lora_tokens.targeted(shapes, {m.name for m in linear_modules(shapes, model_config)}, cfg)
+        embedded = lora_embeddings.targeted(shapes, {m.name for m in linear_modules(shapes, model_config)}, cfg)
         options = [o for o, on in (("use_dora", cfg.dora), ("lora_bias", cfg.lora_bias), ("init_lora_weights", cfg.base_init)) if on]
         if embedded and options:
             raise BadInputError(
@@ -149,9 +147,7 @@ class LoRA(MethodBase):
         return embedded
 
     def _token_targets(self, shapes, model_config, cfg) -> dict:
-        from peftcli.targets import linear_modules
-
-        return lora_tokens.token_targets(shapes, model_config, {m.name for m in linear_modules(shapes, model_config)}, cfg)
+        return lora_embeddings.token_targets(shapes, model_config, {m.name for m in linear_modules(shapes, model_config)}, cfg)
 
     def budget(self, shapes: dict[str, tuple[int, ...]], model_config: dict | None, cfg: LoraConfig) -> list[BudgetRow]:
         return [BudgetRow(m.name, m.shape, self.added_params(m.shape, cfg)) for m in self._targets(shapes, model_config, cfg)]
@@ -183,7 +179,7 @@ class LoRA(MethodBase):
         # An adapter's embedding LoRA and trainable tokens: PEFT's keys and shapes (check compares them).
         embedded = self._embedding_targets(shapes, ckpt.config, cfg)
         tokens = self._token_targets(shapes, ckpt.config, cfg)
-        for key, shape in lora_tokens.init_shapes(embedded, tokens, r).items():
+        for key, shape in lora_embeddings.init_shapes(embedded, tokens, r).items():
             out[key] = lazy_zeros(*shape)
         return out
 
@@ -248,7 +244,7 @@ class LoRA(MethodBase):
                 exclude=_exclude_spec(d.get("exclude_modules")),
                 lora_bias=bool(d.get("lora_bias")),
                 peft_embeddings=True,
-                token_indices=lora_tokens.token_indices(d.get("trainable_token_indices")),
+                token_indices=lora_embeddings.token_indices(d.get("trainable_token_indices")),
             )
         except UsageError as exc:
             raise BadInputError(f"adapter config: {exc.message}", "the adapter config is corrupt or was edited by hand") from None
@@ -262,21 +258,12 @@ class LoRA(MethodBase):
     def _targeted(self, shapes: dict, model_config: dict | None, cfg: LoraConfig) -> tuple[set[str] | None, BadInputError | None]:
         """The module paths the adapter config selects among ``shapes``' linear modules, or why
         it selects none (raised after the per-key problems, which say more about another base)."""
-        try:
-            return {m.name for m in self._targets(shapes, model_config, cfg)}, None
-        except UsageError as exc:
-            return None, BadInputError(
-                f"the adapter config selects no valid set of modules on this base: {exc.message}",
-                "was it made for another base model? Or was target_modules edited?",
-            )
+        return selection(lambda: {m.name for m in self._targets(shapes, model_config, cfg)}, "adapter config", "was target_modules")
 
     # -- folding into the weights ---------------------------------------------------------
     def deltas(self, cfg: LoraConfig, tensors: dict, ckpt) -> dict:
         """ΔW per base weight: s·B·A (DoRA: m·(W+sBA)/‖W+sBA‖ − W), transposed back for Conv1D."""
         from functools import partial
-
-        from peftcli.methods.base import base_module, mismatch_error
-        from peftcli.targets import linear_modules
 
         shapes = {t.name: t.shape for t in ckpt.tensors.values()}
         linear = {m.name: m for m in linear_modules(shapes, ckpt.config)}
@@ -284,16 +271,13 @@ class LoRA(MethodBase):
         by_module, problems = _group(tensors)
         out = {}
         for path, parts in list(by_module.items()):
-            if any(s in parts for s in lora_tokens.SUFFIXES):  # an embedding's LoRA or trainable tokens
+            if any(s in parts for s in lora_embeddings.SUFFIXES):  # an embedding's LoRA or trainable tokens
                 by_module.pop(path)
                 self._embedding_delta(path, parts, cfg, ckpt, out, problems)
                 continue
-            name = base_module(path, linear)
-            if name is None:
-                problems.append(f"{path}: no such linear module in the base")
-                continue
-            if targeted is not None and name not in targeted:
-                problems.append(f"{path}: LoRA tensors for a module the adapter config does not target")
+            name, problem = targeted_module(path, linear, targeted, "LoRA tensors")
+            if problem:
+                problems.append(problem)
                 continue
             m = linear[name]
             problem = _check_module(path, parts, cfg, *m.shape)
@@ -318,10 +302,8 @@ class LoRA(MethodBase):
         """ΔW of one embedding's LoRA or trainable tokens into ``out``, or its problem into ``problems``."""
         from functools import partial
 
-        from peftcli.methods.base import base_module
-
         shapes = {t.name: t.shape for t in ckpt.tensors.values()}
-        tokens = lora_tokens.TOKENS in parts
+        tokens = lora_embeddings.TOKENS in parts
         try:
             chosen = self._token_targets(shapes, ckpt.config, cfg) if tokens else self._embedding_targets(shapes, ckpt.config, cfg)
         except (BadInputError, UsageError) as exc:
@@ -330,31 +312,30 @@ class LoRA(MethodBase):
         name = base_module(path, chosen)
         if name is None:
             what = "trainable_token_indices" if tokens else "target_modules"
-            problems.append(f"{path}: {lora_tokens.NOT_ATTACHED[lora_tokens.TOKENS if tokens else lora_tokens.EMB_A]} for a module {what} does not select on this base")
+            problems.append(f"{path}: {lora_embeddings.NOT_ATTACHED[lora_embeddings.TOKENS if tokens else lora_embeddings.EMB_A]} for a module {what} does not select on this base")
             return
         if name + ".weight" in out:
             problems.append(f"{path}: both LoRA and trainable tokens change this embedding (peftcli folds one or the other)")
             return
         if tokens:
             indices, dim = chosen[name]
-            problem = lora_tokens.tokens_problem(path, parts, indices, dim)
-            fold = lora_tokens.fold_tokens(indices=indices, values=parts.get(lora_tokens.TOKENS))
+            problem = lora_embeddings.tokens_problem(path, parts, indices, dim)
+            fold = lora_embeddings.fold_tokens(indices=indices, values=parts.get(lora_embeddings.TOKENS))
         else:
-            problem = lora_tokens.embedding_problem(path, parts, cfg, *chosen[name])
+            problem = lora_embeddings.embedding_problem(path, parts, cfg, *chosen[name])
             problem = problem or _saved_base_problem(path, parts, lambda: ckpt.get(name + ".weight"))
-            fold = partial(lora_tokens.fold_embedding, a=parts.get(lora_tokens.EMB_A), b=parts.get(lora_tokens.EMB_B), scaling=cfg.scaling)
+            fold = partial(lora_embeddings.fold_embedding, a=parts.get(lora_embeddings.EMB_A), b=parts.get(lora_embeddings.EMB_B), scaling=cfg.scaling)
         if problem:
             problems.append(problem)
             return
         if not tokens:  # ΔW finite in float32, as for a linear module
-            _check_scaled({path: {"lora_A.weight": parts[lora_tokens.EMB_A], "lora_B.weight": parts[lora_tokens.EMB_B]}}, cfg)
+            _check_scaled({path: {"lora_A.weight": parts[lora_embeddings.EMB_A], "lora_B.weight": parts[lora_embeddings.EMB_B]}}, cfg)
         out[name + ".weight"] = fold
 
     # -- module level ---------------------------------------------------------------------
     def attach(self, model, cfg: LoraConfig, tensors: dict, model_config: dict) -> Attached:
         from peftcli import modules as mod
-        from peftcli.methods.base import mismatch_error
-        from peftcli.methods.lora_layer import LoraLinear
+        from peftcli.methods.lora.layer import LoraLinear
 
         by_module, problems = _group(tensors)
         saved: set[str] = set()
@@ -362,9 +343,9 @@ class LoRA(MethodBase):
         targeted, unfit = self._targeted(shapes, model_config, cfg)  # as PEFT selects them: on the model's names
         phi = {}
         for path, parts in by_module.items():
-            folded_only = next((lora_tokens.NOT_ATTACHED[s] for s in lora_tokens.SUFFIXES if s in parts), None)
+            folded_only = next((lora_embeddings.NOT_ATTACHED[s] for s in lora_embeddings.SUFFIXES if s in parts), None)
             if folded_only is not None:
-                raise BadInputError(f"adapter module {path} has {folded_only}", lora_tokens.NOT_ATTACHED_HINT)
+                raise BadInputError(f"adapter module {path} has {folded_only}", lora_embeddings.NOT_ATTACHED_HINT)
             layer, dims, problem = mod.find_linear(model, path)
             if problem is None and targeted is not None and mod.resolve(model, path) not in targeted:
                 problem = f"{path}: LoRA tensors for a module the adapter config does not target"
@@ -397,17 +378,8 @@ class LoRA(MethodBase):
 
 
 SAVED_BASE = "base_layer.weight"  # PEFT saves the base weight of a targeted lm_head or embedding beside LoRA's
-_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector", SAVED_BASE, *lora_tokens.SUFFIXES)
+_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector", SAVED_BASE, *lora_embeddings.SUFFIXES)
 _LINEAR_PARTS = ("lora_A.weight", "lora_B.weight")
-
-
-def excluded(name: str, spec: str | tuple[str, ...]) -> bool:
-    """Whether PEFT's ``exclude_modules`` removes module ``name``: a regex matching the whole path,
-    or a name equal to it or to a dotted suffix of it. (The one place exclusions are matched.)
-    A head model's path (``bert.encoder...``) names the checkpoint's ``encoder...`` too."""
-    if isinstance(spec, str):
-        return fullmatch(from_file(spec, "adapter_config.json exclude_modules"), name, "exclude_modules")  # bounded
-    return any(names_module(name, n) or names_module(n, name) for n in spec)
 
 
 def _exclude_spec(value) -> str | tuple[str, ...] | None:
@@ -422,21 +394,17 @@ def _skipped_embeddings(shapes: dict, model_config: dict | None, cfg: LoraConfig
     index for layers_to_transform: their names are no linear target either (PEFT skips them)."""
     if not (cfg.peft_embeddings and cfg.layers and cfg.targets) or cfg.targets.strip() == "all-linear":
         return {}
-    from peftcli.targets import linear_modules
-
     linear = {m.name for m in linear_modules(shapes, model_config)}
-    return {m: s for m, s in lora_tokens.embeddings(shapes, linear).items() if lora_tokens.selects(cfg.targets, m)}
+    return {m: s for m, s in lora_embeddings.embeddings(shapes, linear).items() if lora_embeddings.selects(cfg.targets, m)}
 
 
 def _linear_spec(shapes: dict, model_config: dict | None, spec: str | None, embedded: dict) -> str | None:
     """target_modules without the listed names that select only embedding layers ("" if none is left)."""
-    from peftcli.targets import linear_modules
-
     if not embedded or not spec or is_regex(spec) or spec.strip() == "all-linear":
         return spec
     linear = [m.name for m in linear_modules(shapes, model_config)]
     names = [t.strip() for t in spec.split(",") if t.strip()]
-    kept = [t for t in names if any(names_module(m, t) for m in linear) or not any(lora_tokens.selects(t, e) for e in embedded)]
+    kept = [t for t in names if any(names_module(m, t) for m in linear) or not any(lora_embeddings.selects(t, e) for e in embedded)]
     return ",".join(kept)
 
 
@@ -444,8 +412,6 @@ def _refuse_embedding_targets(shapes: dict, model_config: dict | None, cfg: Lora
     """For inject: a target name that selects an embedding is named as what it is (PEFT adapts
     it; peftcli injects LoRA on linear modules only), not as a module missing from the base.
     For inject and adapters alike: a tied ``lm_head``, which peftcli does not fold."""
-    from peftcli.targets import linear_modules
-
     spec = cfg.targets
     if not spec or is_regex(spec) or spec.strip() == "all-linear":
         return
@@ -555,7 +521,7 @@ def _check_scaled(by_module: dict[str, dict], cfg: LoraConfig) -> None:
 
 
 def _fold(stored: "torch.Tensor", *, parts: dict, cfg: LoraConfig, transposed: bool) -> "torch.Tensor":
-    from peftcli.methods.lora_layer import lora_delta
+    from peftcli.methods.lora.layer import lora_delta
 
     w0 = stored.T if transposed else stored
     # PiSSA/OLoRA: PEFT's layer holds the residual W_res, so ΔW = (W_res − W) + ΔW over W_res.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from peftcli.artifacts.sparse_diff import index_problem as diff_index_problem
 from peftcli.errors import BadInputError
 from peftcli.methods.base import Attached, mismatch_error
 
@@ -49,8 +50,6 @@ def is_selected(tensors: dict) -> bool:
 def index_problem(name: str, idx: "torch.Tensor", val: "torch.Tensor", numel: int) -> str | None:
     """Why ``idx``/``val`` cannot be a sparse φ of a tensor with ``numel`` entries, or None."""
     import torch
-
-    from peftcli.artifacts.sparse_diff import index_problem as diff_index_problem
 
     if idx.dtype not in (torch.int32, torch.int64) or idx.ndim != 1:
         return f"{name}{IDX}: must be a 1-D int32/int64 tensor"

@@ -10,7 +10,7 @@
 
 ``inject`` writes the options and no tensors: which entries train is only known after phase
 1, which ``peftcli train`` runs (``--phase1-steps``, ``--phase1-lr``; see
-``peftcli.train.phased``). From then on the run is a sparse adapter (``sparse_phi``) that
+``peftcli.train.phased``). From then on the run is a sparse adapter (``phi``) that
 attaches, merges and converts like any other, and training also writes ``RUN/phi.diff``.
 
 Candidates: every floating-point tensor of the base (weights, biases, norms, embeddings),
@@ -28,10 +28,11 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import TYPE_CHECKING
 
 from peftcli import patterns
-from peftcli.errors import UsageError
-from peftcli.methods import bitfit_inplace as inplace
-from peftcli.methods import sparse_phi
+from peftcli.architectures import GPT2_MASK_BUFFERS
+from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.base import Attached, MethodBase, PHASES, BudgetRow
+from peftcli.methods.peftcli_section import SectionConfig
+from peftcli.methods.sparse import phi as sparse_phi
 from peftcli.options import option
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 SELECTIONS = ("magnitude", "movement", "random")
 
 # Stored buffers that are not parameters: integer position ids, GPT-2's causal-mask buffers.
-_NOT_PARAMETERS = re.compile(r"(position_ids|token_type_ids|\.attn\.(masked_)?bias)$")
+_NOT_PARAMETERS = re.compile(rf"(position_ids|token_type_ids|{GPT2_MASK_BUFFERS})$")
 
 
 def candidates(shapes: dict[str, tuple[int, ...]], dense: str | None = None) -> list[str]:
@@ -122,7 +123,7 @@ class DiffPruningConfig:
             raise UsageError(f"--l1 must be non-negative, got {self.l1}", "use 0 for no penalty, or a small λ such as --l1 1e-4")
 
 
-class _SparseFineTuning(MethodBase):
+class _SparseFineTuning(SectionConfig, MethodBase):
     """What LT-SFT and diff-pruning share: budget, layout, attaching and folding."""
 
     trains_in_place = True  # φ lives on base tensors: it adds no parameters to the model
@@ -142,12 +143,6 @@ class _SparseFineTuning(MethodBase):
     def init(self, ckpt, cfg, generator: "torch.Generator") -> dict[str, "torch.Tensor"]:
         return {}  # nothing to train before phase 1 has chosen the entries
 
-    def adapter_config(self, ckpt, cfg) -> dict:
-        return inplace.adapter_config(ckpt, self.name, cfg)
-
-    def config_from_adapter(self, d: dict):
-        return inplace.config_from_adapter(d, self.name, self.config_cls)
-
     def deltas(self, cfg, tensors: dict, ckpt) -> dict:
         self._require_selected(tensors)
         return sparse_phi.stored_deltas(tensors, ckpt)
@@ -158,8 +153,6 @@ class _SparseFineTuning(MethodBase):
 
     def _require_selected(self, tensors: dict) -> None:
         if not sparse_phi.is_selected(tensors):
-            from peftcli.errors import BadInputError
-
             raise BadInputError(
                 f"this {self.name} run has not been trained yet: its entries are chosen by training",
                 "run peftcli train RUN --data FILE first",
