@@ -29,7 +29,7 @@ from peftcli.convert import ConvertOptions
 from peftcli.errors import UsageError
 from peftcli.merge.options import FLOAT32_MAX, MergeOptions, merge_options
 from peftcli.options import from_options
-from peftcli.summary import InspectOptions, inspect_options
+from peftcli.summary import InspectOptions
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "peftcli"
@@ -217,3 +217,34 @@ def test_a_recipe_inspect_step_narrows_the_budget_listing_by_its_filter(tiny_lla
     assert budget == cli_budget
     assert budget["filter"]["num_targets"] == len(budget["targets"]) > 0
     assert all(t["module"].split(".")[2] == "0" for t in budget["targets"] if t["module"].startswith("model.layers"))
+
+
+# -- inspect --budget: a method's options, per method ------------------------------------------
+
+
+def test_inspect_help_lists_its_own_options_and_each_budget_method_its_own():
+    from peftcli.methods import METHODS
+    from peftcli.options import flag_name, option_fields
+
+    plain = run("inspect", "--help")
+    assert plain.exit_code == 0
+    listed = plain.stdout.split("Options:")[1]
+    assert "--budget METHOD" in listed and "--rank" not in listed and "--init " not in listed
+    assert listed.count("\n  -") <= 10  # inspect's own options, not every method's (36 before)
+    for name, method in METHODS.items():
+        text = run("inspect", "--budget", name, "--help").stdout
+        section = text.split(f"Options of --budget {name}:")[1]
+        mine = {flag_name(f) for f in option_fields(method.config_cls)}
+        others = {flag_name(f) for m in METHODS.values() for f in option_fields(m.config_cls)} - mine
+        assert all(flag in section for flag in mine), name
+        assert not any(f"  {flag} " in section or f", {flag} " in section for flag in others), name
+    prompt = run("inspect", "--budget", "prompt", "--help").stdout
+    assert "--init random|vocab|text" in prompt and "kaiming" not in prompt  # its own --init, not LoRA's
+
+
+def test_inspect_budget_invocations_are_unchanged(tiny_llama):
+    doc = json.loads(run("inspect", tiny_llama, "--json", "--budget", "lora", "--rank", "4", "--targets", "q_proj").stdout)
+    assert doc["budget"]["method"] == "lora" and all(t["module"].endswith("q_proj") for t in doc["budget"]["targets"])
+    env = {**os.environ, "_PEFTCLI_COMPLETE": "bash_complete", "COMP_WORDS": "peftcli inspect model --budget lora --ra", "COMP_CWORD": "5"}
+    proc = subprocess.run([sys.executable, "-m", "peftcli"], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert "plain,--rank" in proc.stdout  # the hidden method flags still complete, once the method is named

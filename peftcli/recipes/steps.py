@@ -48,12 +48,12 @@ RUNNER_FLAGS = {"as_json", "quiet", "nproc", "resume"}
 
 @dataclass
 class _Output:
-    out: str | None = option(None, "-o", flag="--output", path=True, help="what the step writes")
+    out: str | None = option(None, "--output", flag="-o", path=True, help="what the step writes")  # -o first, as click has it
 
 
 @dataclass
 class _RequiredOutput:
-    out: str | None = option(None, "-o", flag="--output", path=True, required=True, help="what the step writes")
+    out: str | None = option(None, "--output", flag="-o", path=True, required=True, help="what the step writes")
 
 
 @dataclass
@@ -86,6 +86,7 @@ class Param:
     required: bool = False
     is_flag: bool = False
     default: Any = None
+    bounded: bool = False  # an int refused outside its declared min/max as it is read (click's IntRange)
 
     @property
     def path(self) -> bool:
@@ -103,8 +104,10 @@ def arg(name: str, nargs: int = 1, required: bool = True) -> Param:
     return Param(name, nargs=nargs, required=required)
 
 
-def option_params(*classes: type) -> tuple[Param, ...]:
-    """The flags of ``classes``' option fields (a name two classes declare counts once)."""
+def option_params(*classes: type, bounded: bool = False) -> tuple[Param, ...]:
+    """The flags of ``classes``' option fields (a name two classes declare counts once);
+    ``bounded``: ints are checked against their bounds as they are read (no options class
+    checks these flags later)."""
     seen: dict[str, Param] = {}
     for cls in classes:
         hints = typing.get_type_hints(cls)
@@ -114,7 +117,7 @@ def option_params(*classes: type) -> tuple[Param, ...]:
             meta = f.metadata
             seen[f.name] = Param(
                 f.name, (flag_name(f), *meta["decls"]), f, hints[f.name], required=bool(meta.get("required")),
-                is_flag=_base(hints[f.name]) is bool, default=f.default if meta.get("show_default") else None,
+                is_flag=_base(hints[f.name]) is bool, default=f.default if meta.get("show_default") else None, bounded=bounded,
             )
     return tuple(seen.values())
 
@@ -190,7 +193,7 @@ def _fixed(*params: Param | tuple[Param, ...]) -> Callable[[str | None], tuple[P
 
 def _inject_params(method: str | None) -> tuple[Param, ...]:
     cls = METHODS[method].config_cls
-    return (arg("model"), *option_params(_Output, _Seed, _Force, _Pickle), *option_params(cls))
+    return (arg("model"), *option_params(_Output, _Seed, _Force, _Pickle, bounded=True), *option_params(cls))
 
 
 def _inject_options(p: dict) -> Any:
@@ -453,6 +456,9 @@ def _convert(p: Param, flag: str, text: str) -> Any:
         number = ascii_int(text)
         if number is None:
             raise _BadArgs(f"Invalid value for {_names(p)}: {text!r} is not a valid integer (digits 0-9 only)")
+        lo, hi = p.field.metadata.get("min"), p.field.metadata.get("max")
+        if p.bounded and (lo is not None and number < lo or hi is not None and number > hi):
+            raise _BadArgs(f"Invalid value for {_names(p)}: {number} is not in the range {lo}<=x<={hi}")
         return number
     if base is float:
         number = ascii_float(text)
@@ -463,7 +469,7 @@ def _convert(p: Param, flag: str, text: str) -> Any:
 
 
 def _names(p: Param) -> str:
-    return " / ".join(repr(o) for o in sorted(p.opts, key=len))
+    return " / ".join(repr(o) for o in p.opts)  # in the order the command declares them, as click names them
 
 
 # -- running ------------------------------------------------------------------------------------
