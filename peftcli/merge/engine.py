@@ -101,13 +101,14 @@ def merge(
 
     if not inputs:
         raise UsageError("nothing to merge", "give at least one .diff, adapter directory or fine-tuned checkpoint")
-    m, cfg = prepare(opts.method, len(inputs), _weights(opts.weights, len(inputs)), {**opts.params, "density": opts.density})
+    lam = _weights(opts.weights, len(inputs))
+    m, cfg = prepare(opts.method, len(inputs), lam, {**opts.params, "density": opts.density})
     if opts.weights is not None and not m.takes_weights:
         raise UsageError(f"{m.name} takes no --weights", "drop --weights")
     with _one_thread(), open_checkpoint(base, allow_pickle=opts.allow_pickle) as ckpt:
         m.plan(cfg, list(ckpt.tensors))  # e.g. SLERP's t lists against the base's layers
         hasher = hasher or Hasher.for_inputs(inputs)
-        job = _Job(base, list(inputs), out, opts, ckpt, m, cfg, _weights(opts.weights, len(inputs)))
+        job = _Job(base, list(inputs), out, opts, ckpt, m, cfg, lam)
         try:
             job.open_sources(hasher)
             job.plan(stream)
