@@ -317,7 +317,7 @@ KINDS: dict[str, Kind] = {
         Kind(
             "combine", "arithmetic on .diff files", _fixed(arg("inputs", -1), option_params(CombineOptions, _RequiredOutput)),
             "peftcli.combine:combine", _combine_options, lambda api, p, o, ctx: api(list(p["inputs"]), o, p["out"]),
-            lambda doc: _describe_diff(doc), outputs=("output",), creates=("output",),
+            _describe_diff, outputs=("output",), creates=("output",),
         ),
         Kind(
             "check", "pre-flight of adapters and diffs against a base",
