@@ -54,7 +54,7 @@ class ConvertOptions:
 
 
 def convert_options(values: dict) -> ConvertOptions:
-    """``ConvertOptions`` from click's keyword arguments or a recipe step's keys."""
+    """``ConvertOptions`` from the command line's values or a recipe step's keys."""
     return from_options(ConvertOptions, values, diff={f.name: values.get(f.name) for f in option_fields(DiffOptions)})
 
 

@@ -1,10 +1,10 @@
 """Options declared once, as dataclass fields, and reused by the CLI, recipes and --help.
 
 A field made with ``option(...)`` carries its help text, flag spelling, choices and bounds;
-``peftcli.cli.options.click_options`` turns a config class into click decorators and
-``from_options`` builds the config back from click's keyword arguments (or a recipe step's
-keys), so a flag and a config key can never disagree. This module is plain Python: the
-library validates its own options, and only ``peftcli.cli`` knows about click.
+the CLI layer turns a config class into its command-line flags, and ``from_options`` builds
+the config back from the parsed values (or a recipe step's keys), so a flag and a config key
+can never disagree. This module is plain Python: the library declares and validates its own
+options, and only the CLI layer knows how a command line is parsed.
 
 Every value is checked by its declaration before a config is built (from the CLI and from a
 recipe alike): numbers are written in ASCII digits (Python's int() and float() also read
@@ -70,7 +70,7 @@ def option_fields(cls: type) -> list[dataclasses.Field]:
 
 
 def from_options(cls: type, values: dict[str, Any], **fixed: Any) -> Any:
-    """Build ``cls`` from click kwargs (or a recipe's values); options not given keep the class default.
+    """Build ``cls`` from parsed command-line values (or a recipe's); options not given keep the class default.
 
     A value its declaration refuses (nan, out of bounds, a string for a number) is a
     UsageError, unless the config's own checks refuse it first with a message of their own.

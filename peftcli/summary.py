@@ -306,7 +306,7 @@ def budget_option_classes() -> list[type]:
 
 
 def inspect_options(values: dict[str, Any]) -> InspectOptions:
-    """``InspectOptions`` from click's keyword arguments or a recipe step's keys."""
+    """``InspectOptions`` from the command line's values or a recipe step's keys."""
     names = {f.name for cls in budget_option_classes() for f in option_fields(cls)}
     return from_options(InspectOptions, values, method_options={k: values.get(k) for k in sorted(names)})
 

@@ -85,7 +85,7 @@ def _check_weights(weights: list[float], text: str) -> None:
 
 
 def merge_options(values: dict[str, Any]) -> MergeOptions:
-    """``MergeOptions`` from click's keyword arguments or a recipe step's keys: the declared
+    """``MergeOptions`` from the command line's values or a recipe step's keys: the declared
     options by name, and every merge method's parameters (None where not given) as ``params``."""
     return from_options(MergeOptions, values, params={k: values.get(k) for k in option_names()})
 

@@ -5,7 +5,7 @@ checked against (``peftcli.options`` declarations: the dataclasses the subcomman
 generated from), its positional arguments and the few flags its subcommand takes beside its
 options (``-o``, ``--force``, ``--seed``), which keys are paths, and how its result is described.
 A recipe key and a CLI flag can therefore never disagree; ``tests/test_options_api.py`` checks
-each row's parameters against the click command's.
+each row's parameters against the command line's.
 
 A step is turned into the argument list of its command (what ``--dry-run`` prints), read back
 by those declarations (numbers in ASCII digits, choices, required values, as the command
@@ -48,7 +48,7 @@ RUNNER_FLAGS = {"as_json", "quiet", "nproc", "resume"}
 
 @dataclass
 class _Output:
-    out: str | None = option(None, "--output", flag="-o", path=True, help="what the step writes")  # -o first, as click has it
+    out: str | None = option(None, "--output", flag="-o", path=True, help="what the step writes")  # -o first, as the command declares it
 
 
 @dataclass
@@ -86,7 +86,7 @@ class Param:
     required: bool = False
     is_flag: bool = False
     default: Any = None
-    bounded: bool = False  # an int refused outside its declared min/max as it is read (click's IntRange)
+    bounded: bool = False  # an int refused outside its declared min/max as it is read (as the command line's range does)
 
     @property
     def path(self) -> bool:
@@ -413,7 +413,7 @@ def parse(cmd: Command, words: list[str], argv: list[str], where: str) -> dict:
 
 
 class _BadArgs(Exception):
-    """What the command line would refuse (click's wording, as the command's own error says)."""
+    """What the command line would refuse (in the words the command's own error uses)."""
 
 
 def _read(cmd: Command, argv: list[str]) -> dict:
@@ -444,7 +444,7 @@ def _read(cmd: Command, argv: list[str]) -> dict:
 
 
 def _convert(p: Param, flag: str, text: str) -> Any:
-    """``text`` as the declared type of ``p``, as click reads it (ASCII digits; nan read here,
+    """``text`` as the declared type of ``p``, as the command line reads it (ASCII digits; nan read here,
     refused by the declaration's own check, which says more)."""
     choices = p.field.metadata.get("choices") if p.field is not None else None
     if choices:
@@ -469,7 +469,7 @@ def _convert(p: Param, flag: str, text: str) -> Any:
 
 
 def _names(p: Param) -> str:
-    return " / ".join(repr(o) for o in p.opts)  # in the order the command declares them, as click names them
+    return " / ".join(repr(o) for o in p.opts)  # in the order the command declares them, as its errors name them
 
 
 # -- running ------------------------------------------------------------------------------------
