@@ -46,9 +46,13 @@ from peftcli.artifacts.adapter_dir import replaced_modules
 from peftcli.artifacts.sparse_diff import FLOAT_DTYPES, IDX, VAL, read_diff
 from peftcli.checkpoint.fingerprint import content_hash, summarize_differences, table_differences, tensor_table
 from peftcli.checkpoint.reader import ADAPTER_WEIGHTS, Checkpoint, open_checkpoint
-from peftcli.errors import BadInputError, PeftcliError
+from peftcli.errors import BadInputError, PeftcliError, UsageError
 from peftcli.merge.estimate import Input, MergeEstimate, estimate
+from peftcli.merge.methods import REGISTRY as MERGE_REGISTRY
+from peftcli.merge.methods import get_merge_method
+from peftcli.merge.options import MERGE_DTYPES
 from peftcli.methods.base import ONE_PASS, PEFT_PREFIX
+from peftcli.options import check_declared, option
 
 if TYPE_CHECKING:
     import torch
@@ -126,6 +130,14 @@ class CheckReport:
     def ok(self) -> bool:
         return self.base.ok and not self.failed
 
+    def failure(self) -> str:
+        """What failed, in one line: the error ``peftcli check`` exits with."""
+        n, failed = len(self.artifacts), len(self.failed)
+        if self.base.ok:
+            return f"{failed} of {count_artifacts(n)} {'does' if failed == 1 else 'do'} not fit {self.base.path}"
+        text = f"the base {self.base.path} fails its checks"
+        return text + (f", and {failed} of {count_artifacts(n)} {'does' if failed == 1 else 'do'} not fit it" if failed else "")
+
     def to_json(self) -> dict:
         return {
             "schema": "peftcli.check/1",
@@ -139,21 +151,43 @@ class CheckReport:
         }
 
 
-def check(
-    base: str,
-    artifacts: Iterable[str],
-    *,
-    content: bool = False,
-    scan_base: bool = False,
-    allow_pickle: bool = False,
-    method: str = "linear",
-    dtype: str | None = None,
-) -> CheckReport:
+@dataclass
+class CheckOptions:
+    """The options of ``peftcli check`` (and of a recipe's check step)."""
+
+    content: bool = option(False, help="Also compare each diff's content hash with the base's bytes.")
+    scan_base: bool = option(False, help="Also scan every base tensor for NaN/Inf (reads the whole base).")
+    allow_pickle: bool = option(False, help="Allow a PyTorch .bin/.pt base (torch.load(weights_only=True)).")
+    method: str = option(
+        "linear", help="The merge to estimate (as peftcli merge --method).", choices=tuple(MERGE_REGISTRY), show_default=True
+    )
+    dtype: str | None = option(None, help="The merge's output dtype to estimate (as peftcli merge --dtype).", choices=MERGE_DTYPES)
+
+    def __post_init__(self) -> None:
+        get_merge_method(self.method)  # an unknown one names the closest
+        if self.dtype is not None and self.dtype not in MERGE_DTYPES:
+            raise UsageError(f"unknown --dtype {self.dtype!r}", "choose F32, BF16, F16 or F64")
+        check_declared(self)
+
+
+def count_artifacts(n: int) -> str:
+    """``1 artifact``, ``2 artifacts``."""
+    return f"{n} artifact" if n == 1 else f"{n} artifacts"
+
+
+def check(base: str, artifacts: Iterable[str], opts: CheckOptions | None = None, **keywords) -> CheckReport:
     """Check ``base`` and whether each adapter directory, ``.diff`` or fine-tuned checkpoint fits it.
 
-    ``method`` and ``dtype`` are those of the merge to estimate (``peftcli merge --method/--dtype``).
+    ``opts`` (or its fields as ``keywords``: ``content=``, ``scan_base=``, ``allow_pickle=``,
+    ``method=``, ``dtype=``); ``method`` and ``dtype`` are those of the merge to estimate
+    (``peftcli merge --method/--dtype``).
     """
-    with open_checkpoint(base, allow_pickle=allow_pickle) as ckpt:
+    if opts is None:
+        opts = CheckOptions(**keywords)
+    elif keywords:
+        raise TypeError(f"check() takes options or keywords, not both: {sorted(keywords)}")
+    content, scan_base, method, dtype = opts.content, opts.scan_base, opts.method, opts.dtype
+    with open_checkpoint(base, allow_pickle=opts.allow_pickle) as ckpt:
         base_result = check_base(ckpt, scan_base)
         vocab = base_result.details.get("embedding_rows")
         results = [_check_one(path, ckpt, vocab, content) for path in artifacts]
@@ -161,8 +195,6 @@ def check(
         if report.ok and results:
             refusal = next((r.refusal for r in results if r.refusal), None)
             if refusal is None:  # what merge --method says of the number of inputs
-                from peftcli.merge.methods import get_merge_method
-
                 count = get_merge_method(method).count_problem(len(results))
                 refusal = f"{count.message} ({count.hint})" if count is not None else None
             if refusal:

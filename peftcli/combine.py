@@ -53,6 +53,7 @@ from peftcli.artifacts.sparse_diff import (
 from peftcli.checkpoint.atomic import check_output_path
 from peftcli.checkpoint.fingerprint import Fingerprint, file_hashes
 from peftcli.errors import BadInputError, UsageError
+from peftcli.options import ascii_float, check_declared, option
 
 if TYPE_CHECKING:
     import torch
@@ -62,11 +63,35 @@ METHOD = "combined"
 
 
 def parse_weights(text: str) -> list[float]:
-    """``"1.0,0.5"`` -> ``[1.0, 0.5]``."""
-    try:
-        return [float(w) for w in text.split(",")]
-    except ValueError:
-        raise UsageError(f"--weights must be comma-separated numbers, got {text!r}", "e.g. --weights 1.0,0.5") from None
+    """``"1.0,0.5"`` -> ``[1.0, 0.5]`` (ASCII digits only)."""
+    weights = [ascii_float(w) for w in text.split(",")]
+    if any(w is None for w in weights):
+        raise UsageError(f"--weights must be comma-separated numbers, got {text!r}", "e.g. --weights 1.0,0.5")
+    return weights
+
+
+@dataclass
+class CombineOptions:
+    """The options of ``peftcli combine`` (and of a recipe's combine step); ``coefficients`` checks
+    them against the number of inputs."""
+
+    op: str | None = option(None, help="add (Σ φᵢ), subtract (a − b) or scale (c·φ).", choices=OPS, required=True)
+    by: float | None = option(None, help="The factor of --op scale (-1 negates).", metavar="C", finite=False)
+    weights: list[float] | str | None = option(None, help="One weight per input for --op add: Σ wᵢ·φᵢ.", metavar="W1,W2,...")
+    values: str | None = option(
+        None, choices=VALUES,
+        help="Dtype of the stored values: the base tensor's or fp32 (default: fp32 when an input stores fp32, else base).",
+    )
+    force: bool = option(False, help="Replace OUTPUT if it exists.")
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise UsageError(f"--op must be one of {', '.join(OPS)}, got {self.op!r}", "add sums the diffs, subtract takes a − b, scale multiplies one")
+        if isinstance(self.weights, str):
+            self.weights = parse_weights(self.weights)
+        if self.values is not None and self.values not in VALUES:
+            raise UsageError(f"--values must be one of {', '.join(VALUES)}, got {self.values!r}", VALUES_HINT)
+        check_declared(self)
 
 
 def coefficients(op: str, n: int, by: float | None = None, weights: Sequence[float] | None = None) -> list[float]:
@@ -126,25 +151,20 @@ class CombineReport(StoredCounts):
         }
 
 
-def combine(
-    inputs: Sequence[str],
-    op: str,
-    out: str,
-    *,
-    by: float | None = None,
-    weights: Sequence[float] | None = None,
-    values: str | None = None,
-    force: bool = False,
-) -> CombineReport:
+def combine(inputs: Sequence[str], op: str | CombineOptions, out: str, **keywords) -> CombineReport:
     """Write Σ cᵢ·φᵢ of the ``.diff`` files ``inputs`` (cᵢ from ``op``, ``by``, ``weights``) to ``out``.
 
-    ``values`` ("base" or "fp32") is the stored value dtype; by default fp32 when any input stores
-    fp32 values for a narrower (or wider) base tensor, else the base dtype.
+    ``op``: a ``CombineOptions``, or the operation with the other options as ``keywords``
+    (``by=``, ``weights=``, ``values=``, ``force=``). ``values`` ("base" or "fp32") is the stored
+    value dtype; by default fp32 when any input stores fp32 values for a narrower (or wider)
+    base tensor, else the base dtype.
     """
+    opts = op if isinstance(op, CombineOptions) else CombineOptions(op, **keywords)
+    if keywords and op is opts:
+        raise TypeError(f"combine() takes options or keywords, not both: {sorted(keywords)}")
     inputs = list(inputs)
-    coeffs = coefficients(op, len(inputs), by, weights)
-    if values is not None and values not in VALUES:
-        raise UsageError(f"--values must be one of {', '.join(VALUES)}, got {values!r}", VALUES_HINT)
+    coeffs = coefficients(opts.op, len(inputs), opts.by, opts.weights)
+    values, force = opts.values, opts.force
     if not out.endswith(".diff"):
         raise UsageError(f"output {out} must be a .diff file", "name it e.g. combined.diff")
     check_output_path(out, inputs, force)  # fail before any work
@@ -162,13 +182,17 @@ def combine(
             "command": "combine",
             "inputs": recorded_inputs({f"input{i + 1}": p for i, p in enumerate(inputs)}, out),
             "input_hashes": {f"input{i + 1}": file_hashes(d.ckpt) for i, d in enumerate(diffs)},
-            "options": {"op": op, "by": by, "weights": list(weights) if weights is not None else None, "coefficients": coeffs},
+            "options": {"op": opts.op, "by": opts.by, "weights": _listed(opts.weights), "coefficients": coeffs},
         }
         stored = write_diff(out, plan, DiffMetadata(METHOD, fingerprint, provenance), values=values, force=force, inputs=inputs)
     finally:
         for d in diffs:
             d.close()
-    return CombineReport(out, op, inputs, coeffs, values, stored, os.path.getsize(out))
+    return CombineReport(out, opts.op, inputs, coeffs, values, stored, os.path.getsize(out))
+
+
+def _listed(weights: Sequence[float] | None) -> list[float] | None:
+    return list(weights) if weights is not None else None
 
 
 # -- checks on the inputs ----------------------------------------------------------------------

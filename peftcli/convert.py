@@ -18,7 +18,51 @@ from dataclasses import dataclass, field
 from peftcli import __version__
 from peftcli.checkpoint.atomic import check_output_path
 from peftcli.checkpoint.reader import open_checkpoint
+from peftcli.diff import DiffOptions
 from peftcli.errors import BadInputError, UsageError
+from peftcli.options import check_declared, from_options, option, option_fields
+
+TARGETS = ("diff", "lora")
+
+
+@dataclass
+class ConvertOptions:
+    """The options of ``peftcli convert`` (and of a recipe's convert step).
+
+    ``diff``: the selection of ``--to diff``, given as ``DiffOptions``' fields by name (a mapping,
+    None or False where not given) and built into a ``DiffOptions`` here; with ``--to lora`` none
+    may be given."""
+
+    target: str | None = option(None, help="What to convert SOURCE into.", flag="--to", choices=TARGETS, required=True)
+    base: str | None = option(None, help="The base checkpoint (default: the one SOURCE records).", path=True)
+    rank: int = option(16, "-r", help="LoRA rank of the SVD extraction (--to lora).", show_default=True)
+    force: bool = option(False, help="Replace OUTPUT if it exists.")
+    diff: DiffOptions | dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise UsageError(f"--to must be diff or lora, got {self.target!r}", "see 'peftcli convert --help'")
+        if isinstance(self.diff, dict):
+            given = sorted(k for k, v in self.diff.items() if v not in (None, False))
+            if self.target == "lora" and given:
+                raise UsageError(f"--{given[0].replace('_', '-')} only applies with --to diff", "see 'peftcli convert --help'")
+            chosen = {k: (v if v is not False else None) for k, v in self.diff.items()}
+            self.diff = from_options(DiffOptions, chosen) if self.target == "diff" else None
+        elif self.diff is None and self.target == "diff":
+            self.diff = DiffOptions()  # refuses: exactly one of --density, --top-k or --dense
+        check_declared(self)
+
+
+def convert_options(values: dict) -> ConvertOptions:
+    """``ConvertOptions`` from the command line's values or a recipe step's keys."""
+    return from_options(ConvertOptions, values, diff={f.name: values.get(f.name) for f in option_fields(DiffOptions)})
+
+
+def convert(source: str, out: str, opts: ConvertOptions, *, progress=None):
+    """Convert ``source`` as ``opts`` says: an adapter to a ``.diff``, or a ``.diff`` to a LoRA adapter."""
+    if opts.target == "lora":
+        return diff_to_lora(source, out, opts.rank, base=opts.base, force=opts.force)
+    return adapter_to_diff(source, out, opts.diff, base=opts.base, force=opts.force, progress=progress)
 
 
 class _FoldedAdapter:

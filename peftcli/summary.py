@@ -1,5 +1,8 @@
 """What ``peftcli inspect`` reports: a checkpoint's format, config, sizes and module tree.
 
+``InspectOptions`` are the command's options (the budget method's own among them), checked
+when built; ``inspect`` is the command: the report of a path, with a method's budget.
+
 Everything is computed from headers (and ``config.json``), never from tensor values, so
 summarising a checkpoint of any size reads kilobytes.
 """
@@ -7,10 +10,14 @@ summarising a checkpoint of any size reads kilobytes.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from peftcli.checkpoint.reader import Checkpoint
+from peftcli.checkpoint.reader import Checkpoint, open_checkpoint
 from peftcli.checkpoint.safetensors_format import gc_paused
+from peftcli.errors import UsageError
+from peftcli.methods import METHODS, get_method
+from peftcli.options import check_declared, from_options, option, option_fields
 from peftcli.patterns import FILTER_HINT, compile_pattern
 from peftcli.targets import is_index
 
@@ -254,3 +261,86 @@ def _summarize(ckpt: Checkpoint, with_tensors: bool, name_filter: str | None, ma
 
 def _restricted(ckpt: Checkpoint, names: list[str]) -> Checkpoint:
     return Checkpoint(ckpt.path, ckpt.storage, ckpt.files, {n: ckpt.tensors[n] for n in names}, ckpt.metadata, ckpt.directory)
+
+
+@dataclass
+class InspectOptions:
+    """The options of ``peftcli inspect`` (and of a recipe's inspect step).
+
+    ``method_options``: the budget method's options by name (None where not given), checked
+    against ``budget``'s config class; with no ``budget`` none may be given."""
+
+    with_tensors: bool = option(False, flag="--tensors", help="List every tensor: name, shape, dtype, shard.")
+    name_filter: str | None = option(None, flag="--filter", metavar="REGEX", help="Only tensors whose name matches REGEX (re.search).")
+    depth: int = option(4, min=1, max=64, show_default=True, help="Levels of the module tree to show.")
+    allow_pickle: bool = option(False, help="Allow PyTorch .bin/.pt files (loaded with torch.load(weights_only=True)).")
+    budget: str | None = option(
+        None, metavar="METHOD", choices=tuple(sorted(METHODS)),
+        help="Show the trainable parameters METHOD would add, per target and in total.",
+    )
+    method_options: dict[str, Any] = field(default_factory=dict)
+    config: Any = field(default=None, init=False, repr=False)  # the budget method's config, once checked
+
+    def __post_init__(self) -> None:
+        given = sorted(k for k, v in self.method_options.items() if v is not None)
+        if given and not self.budget:
+            raise UsageError(f"--{given[0].replace('_', '-')} only applies with --budget", "add e.g. --budget lora")
+        if self.name_filter:
+            compile_pattern(self.name_filter, "--filter", FILTER_HINT)  # refused before any reading
+        check_declared(self)
+        if self.budget is None:
+            return
+        method = get_method(self.budget)
+        self.config = from_options(method.config_cls, self.method_options)
+        unused = [k for k in given if k not in {f.name for f in option_fields(method.config_cls)}]
+        if unused:
+            raise UsageError(
+                f"--{unused[0].replace('_', '-')} is not an option of {method.name}",
+                f"drop it; see peftcli inject {method.name} --help for {method.name}'s options",
+            )
+
+
+def budget_option_classes() -> list[type]:
+    """Every method's config class, in registry order: the budget options ``inspect`` takes."""
+    return [m.config_cls for m in METHODS.values()]
+
+
+def inspect_options(values: dict[str, Any]) -> InspectOptions:
+    """``InspectOptions`` from the command line's values or a recipe step's keys."""
+    names = {f.name for cls in budget_option_classes() for f in option_fields(cls)}
+    return from_options(InspectOptions, values, method_options={k: values.get(k) for k in sorted(names)})
+
+
+def inspect(path: str, opts: InspectOptions | None = None) -> dict:
+    """The ``peftcli inspect`` report of the checkpoint, adapter directory or diff at ``path``;
+    with ``opts.budget``, what that method would add to it (a base checkpoint)."""
+    opts = opts if opts is not None else InspectOptions()
+    with open_checkpoint(path, allow_pickle=opts.allow_pickle) as ckpt:
+        report = summarize(ckpt, with_tensors=opts.with_tensors, name_filter=opts.name_filter, max_depth=opts.depth)
+        if opts.budget is None:
+            return report
+        if report["format"] != "checkpoint":
+            article = "an" if report["format"][0] in "aeiou" else "a"
+            raise UsageError(f"--budget needs a base checkpoint, and {path} is {article} {report['format']}", "pass the base model instead")
+        from peftcli.methods.base import Budget
+
+        report["budget"] = Budget.of(get_method(opts.budget), ckpt, opts.config).to_json()
+    if opts.name_filter:
+        _filter_budget(report["budget"], opts.name_filter)
+    return report
+
+
+def _filter_budget(budget: dict, name_filter: str) -> None:
+    """The budget's listing narrowed by ``--filter`` (which names tensors: a module row stands for
+    its weight); the totals stay whole, as for the summary."""
+    pattern = compile_pattern(name_filter, "--filter", FILTER_HINT)
+    named = [t for t in budget["targets"] if " " not in t["module"]]
+    if named:
+        budget["targets"] = [t for t in named if pattern.search(t["module"]) or pattern.search(t["module"] + ".weight")]
+    # else: rows that describe a global selection (lt-sft's top-K) name no tensor
+    budget["filter"] = {
+        "pattern": name_filter,
+        "applies": bool(named),
+        "num_targets": len(budget["targets"]),
+        "trainable_params": sum(t["params"] for t in budget["targets"]),
+    }

@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import click
 
-from peftcli.cli.merge_cmd import MERGE_METHODS
+from peftcli.check import CheckOptions, count_artifacts
+from peftcli.cli.options import click_options
 from peftcli.cli.output import emit_json, json_option, printable
+from peftcli.options import from_options
 
 
 @click.command()
 @click.argument("base", type=click.Path())
 @click.argument("artifacts", nargs=-1, type=click.Path())
-@click.option("--content", is_flag=True, help="Also compare each diff's content hash with the base's bytes.")
-@click.option("--scan-base", is_flag=True, help="Also scan every base tensor for NaN/Inf (reads the whole base).")
-@click.option("--allow-pickle", is_flag=True, help="Allow a PyTorch .bin/.pt base (torch.load(weights_only=True)).")
-@click.option("--method", type=click.Choice(MERGE_METHODS), default="linear", show_default=True, help="The merge to estimate (as peftcli merge --method).")
-@click.option("--dtype", type=click.Choice(["F32", "BF16", "F16", "F64"]), help="The merge's output dtype to estimate (as peftcli merge --dtype).")
+@click_options(CheckOptions)
 @json_option
-def check(base, artifacts, content, scan_base, allow_pickle, method, dtype, as_json):
+def check(base, artifacts, as_json, **values):
     """Check that adapter directories, .diff files and fine-tunes fit BASE, before using them.
 
     For an adapter: its method and config, its tensors' keys and shapes against what that
@@ -44,9 +42,7 @@ def check(base, artifacts, content, scan_base, allow_pickle, method, dtype, as_j
     from peftcli.check import check as run_check
     from peftcli.errors import BadInputError
 
-    report = run_check(
-        base, list(artifacts), content=content, scan_base=scan_base, allow_pickle=allow_pickle, method=method, dtype=dtype
-    )
+    report = run_check(base, list(artifacts), from_options(CheckOptions, values))
     if as_json:
         emit_json(report.to_json())
     else:
@@ -57,7 +53,7 @@ def check(base, artifacts, content, scan_base, allow_pickle, method, dtype, as_j
             click.echo(printable(_merge_line(report)))
     if not report.ok:
         where = "the JSON document lists every problem" if as_json else "the lines above say why; --json lists every problem"
-        raise BadInputError(_failure(report), where)
+        raise BadInputError(report.failure(), where)
 
 
 def _size(n: float) -> str:
@@ -106,25 +102,13 @@ def _what(result) -> str:
     return f"adapter: {result.method}, {_tensors(d['tensors'])}{heads}"
 
 
-def _artifacts(n: int) -> str:
-    return f"{n} artifact" if n == 1 else f"{n} artifacts"
-
-
 def _summary(report) -> str:
     n, fit = len(report.artifacts), len(report.artifacts) - len(report.failed)
     base = report.base.path
     if not report.base.ok:
-        return f"the base {base} fails its checks" + (f"; {fit} of {_artifacts(n)} fit it" if n else "")
+        return f"the base {base} fails its checks" + (f"; {fit} of {count_artifacts(n)} fit it" if n else "")
     if not n:
         return f"{base} is ok (no artifacts given)"
     if fit == n:
-        return f"the {_artifacts(n)} fit{'s' if n == 1 else ''} {base}"
-    return f"{fit} of {_artifacts(n)} fit {base}"
-
-
-def _failure(report) -> str:
-    n, failed = len(report.artifacts), len(report.failed)
-    if report.base.ok:
-        return f"{failed} of {_artifacts(n)} {'does' if failed == 1 else 'do'} not fit {report.base.path}"
-    text = f"the base {report.base.path} fails its checks"
-    return text + (f", and {failed} of {_artifacts(n)} {'does' if failed == 1 else 'do'} not fit it" if failed else "")
+        return f"the {count_artifacts(n)} fit{'s' if n == 1 else ''} {base}"
+    return f"{fit} of {count_artifacts(n)} fit {base}"

@@ -7,26 +7,19 @@ from __future__ import annotations
 
 import click
 
-from peftcli.artifacts.sparse_diff import VALUES
+from peftcli.cli.options import click_options
 from peftcli.cli.output import emit_json, json_option, printable, stdout_console
-from peftcli.combine import OPS  # imports no torch: that happens inside the command
-from peftcli.options import AsciiFloat
+from peftcli.combine import CombineOptions  # imports no torch: that happens inside the command
+from peftcli.options import from_options
 
 
 @click.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
-@click.option("--op", required=True, type=click.Choice(OPS), help="add (Σ φᵢ), subtract (a − b) or scale (c·φ).")
-@click.option("--by", type=AsciiFloat(finite=False), metavar="C", help="The factor of --op scale (-1 negates).")
-@click.option("--weights", metavar="W1,W2,...", help="One weight per input for --op add: Σ wᵢ·φᵢ.")
-@click.option(
-    "--values",
-    type=click.Choice(VALUES),
-    help="Dtype of the stored values: the base tensor's or fp32 (default: fp32 when an input stores fp32, else base).",
-)
+@click_options(CombineOptions, skip=("force",))
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="The .diff file to write.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click_options(CombineOptions, only=("force",))
 @json_option
-def combine(inputs, op, by, weights, values, out, force, as_json):
+def combine(inputs, out, as_json, **values):
     """Combine sparse diffs (.diff) of one base: Σ wᵢ·φᵢ, a − b or c·φ, still sparse.
 
     Every input must carry the same base fingerprint; a tensor only some inputs cover counts
@@ -44,17 +37,8 @@ def combine(inputs, op, by, weights, values, out, force, as_json):
       peftcli combine a.diff --op scale --by -1 -o forget-a.diff
     """
     from peftcli.combine import combine as run_combine
-    from peftcli.combine import parse_weights
 
-    report = run_combine(
-        list(inputs),
-        op,
-        out,
-        by=by,
-        weights=parse_weights(weights) if weights is not None else None,
-        values=values,
-        force=force,
-    )
+    report = run_combine(list(inputs), from_options(CombineOptions, values), out)
     if as_json:
         emit_json(report.to_json())
     else:
@@ -74,15 +58,13 @@ def expression(coefficients: list[float], names: list[str]) -> str:
 def _render(doc: dict, console) -> None:
     from rich.table import Table
 
-    from peftcli.cli.render import human_bytes
+    from peftcli.cli.render import add_stored_rows, human_bytes
 
     terms = expression(doc["coefficients"], [printable(p) for p in doc["inputs"]])
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
     grid.add_row("combined", f"{doc['op']}: {terms}, values {doc['values']}")
-    from peftcli.cli.diff_cmd import add_stored_rows
-
     add_stored_rows(grid, doc)
     grid.add_row("wrote", f"{printable(doc['output'])} ({doc['bytes']:,} bytes, {human_bytes(doc['bytes'])})")
     console.print(grid)

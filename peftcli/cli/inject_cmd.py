@@ -9,7 +9,8 @@ import click
 
 from peftcli.cli.output import emit_json, json_option, stdout_console
 from peftcli.methods import METHODS
-from peftcli.options import SEED, click_options, from_options
+from peftcli.cli.options import SEED, click_options
+from peftcli.options import from_options
 
 
 def _command(method) -> click.Command:

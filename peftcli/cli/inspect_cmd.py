@@ -1,34 +1,65 @@
-"""``peftcli inspect``: what is in a checkpoint, adapter or diff, and what a method would add."""
+"""``peftcli inspect``: what is in a checkpoint, adapter or diff, and what a method would add.
+
+``--budget METHOD`` takes METHOD's own options (those of ``peftcli inject METHOD``). They are
+parsed by one set of flags shared by every method, hidden from ``inspect --help``, which lists
+them per method instead: ``peftcli inspect --budget METHOD --help`` shows METHOD's, generated
+from its config class as ``inject``'s subcommands are.
+"""
 
 from __future__ import annotations
 
 import click
 
+from peftcli.cli.options import click_options
 from peftcli.cli.output import emit_json, json_option, stdout_console
-from peftcli.errors import UsageError
-from peftcli.methods import METHODS, get_method
-from peftcli.options import AsciiInt, click_options, from_options, option_fields
-from peftcli.patterns import FILTER_HINT, compile_pattern
-
-_BUDGET_CLASSES = [m.config_cls for m in METHODS.values()]
-_BUDGET_OPTION_NAMES = {f.name for cls in _BUDGET_CLASSES for f in option_fields(cls)}
+from peftcli.methods import METHODS
+from peftcli.options import option_fields
+from peftcli.summary import InspectOptions, budget_option_classes
 
 
-@click.command()
+def _method_params(method) -> list[click.Parameter]:
+    """METHOD's budget options as click parameters of their own (for its --help section only)."""
+    return click.command()(click_options(method.config_cls)(lambda **_: None)).params
+
+
+class _InspectCommand(click.Command):
+    """``inspect``, whose --help lists a budget method's options after ``--budget METHOD``."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_options(ctx, formatter)  # inspect's own options (the method flags are hidden)
+        name = ctx.params.get("budget")  # --budget is eager: read before --help when given first
+        if name in METHODS:
+            records = [r for p in _method_params(METHODS[name]) if (r := p.get_help_record(ctx))]
+            with formatter.section(f"Options of --budget {name}"):
+                formatter.write_dl(records)
+            return
+        with formatter.section("Budget options"):
+            formatter.write_text(
+                "Each method takes its own options, as `peftcli inject METHOD` does: "
+                "`peftcli inspect --budget METHOD --help` lists them."
+            )
+
+
+    def shell_complete(self, ctx: click.Context, incomplete: str) -> list:
+        """Completion offers the hidden method flags too, once ``--budget METHOD`` names the method."""
+        from click.shell_completion import CompletionItem
+
+        items = super().shell_complete(ctx, incomplete)
+        name = ctx.params.get("budget")
+        if name in METHODS and incomplete.startswith("-"):
+            mine = {f.name for f in option_fields(METHODS[name].config_cls)}
+            items += [
+                CompletionItem(o, help=p.help) for p in self.params if getattr(p, "hidden", False) and p.name in mine for o in p.opts if o.startswith(incomplete)
+            ]
+        return items
+
+
+@click.command(cls=_InspectCommand)
 @click.argument("path", type=click.Path(exists=False))
 @json_option
-@click.option("--tensors", "with_tensors", is_flag=True, help="List every tensor: name, shape, dtype, shard.")
-@click.option("--filter", "name_filter", metavar="REGEX", help="Only tensors whose name matches REGEX (re.search).")
-@click.option("--depth", default=4, show_default=True, type=AsciiInt(1, 64), help="Levels of the module tree to show.")
-@click.option("--allow-pickle", is_flag=True, help="Allow PyTorch .bin/.pt files (loaded with torch.load(weights_only=True)).")
-@click.option(
-    "--budget",
-    metavar="METHOD",
-    type=click.Choice(sorted(METHODS)),
-    help="Show the trainable parameters METHOD would add, per target and in total.",
-)
-@click_options(*_BUDGET_CLASSES)
-def inspect(path, as_json, with_tensors, name_filter, depth, allow_pickle, budget, **method_options):
+@click_options(InspectOptions)
+@click_options(*budget_option_classes())
+def inspect(path, as_json, **values):
     """Summarise a checkpoint, adapter directory or sparse diff at PATH.
 
     Reads headers only: a checkpoint of any size is summarised from kilobytes.
@@ -39,43 +70,12 @@ def inspect(path, as_json, with_tensors, name_filter, depth, allow_pickle, budge
       peftcli inspect model.safetensors --json | jq .num_params
       peftcli inspect model/ --tensors --filter 'layers\\.0\\..*proj'
       peftcli inspect model/ --budget lora --rank 16 --targets q_proj,v_proj
+      peftcli inspect --budget lora --help
     """
-    from peftcli.checkpoint.reader import open_checkpoint
-    from peftcli.summary import summarize
+    from peftcli.summary import inspect as run_inspect
+    from peftcli.summary import inspect_options
 
-    given = sorted(k for k, v in method_options.items() if v is not None)
-    if given and not budget:
-        raise UsageError(f"--{given[0].replace('_', '-')} only applies with --budget", "add e.g. --budget lora")
-    pattern = compile_pattern(name_filter, "--filter", FILTER_HINT) if name_filter else None  # refused before any reading
-
-    method = get_method(budget) if budget else None
-    with open_checkpoint(path, allow_pickle=allow_pickle) as ckpt:
-        report = summarize(ckpt, with_tensors=with_tensors, name_filter=name_filter, max_depth=depth)
-        if method is not None and report["format"] != "checkpoint":
-            raise UsageError(f"--budget needs a base checkpoint, and {path} is {'an' if report['format'][0] in 'aeiou' else 'a'} {report['format']}", "pass the base model instead")
-        if method is not None:
-            from peftcli.methods.base import Budget
-
-            cfg = from_options(method.config_cls, method_options)
-            unused = [k for k in given if k not in {f.name for f in option_fields(method.config_cls)}]
-            if unused:
-                raise UsageError(
-                    f"--{unused[0].replace('_', '-')} is not an option of {method.name}",
-                    f"drop it; see peftcli inject {method.name} --help for {method.name}'s options",
-                )
-            report["budget"] = Budget.of(method, ckpt, cfg).to_json()
-            if name_filter:  # the listing narrows, the totals stay whole (as for the summary)
-                budget = report["budget"]
-                named = [t for t in budget["targets"] if " " not in t["module"]]
-                if named:
-                    budget["targets"] = [t for t in named if _names_match(pattern, t["module"])]
-                # else: rows that describe a global selection (lt-sft's top-K) name no tensor
-                budget["filter"] = {
-                    "pattern": name_filter,
-                    "applies": bool(named),
-                    "num_targets": len(budget["targets"]),
-                    "trainable_params": sum(t["params"] for t in budget["targets"]),
-                }
+    report = run_inspect(path, inspect_options(values))
     if as_json:
         emit_json(report)
     else:
@@ -84,6 +84,9 @@ def inspect(path, as_json, with_tensors, name_filter, depth, allow_pickle, budge
         render_inspect(report, stdout_console())
 
 
-def _names_match(pattern, target: str) -> bool:
-    """A budget row against --filter, which names tensors: a module row stands for its weight."""
-    return pattern.search(target) or pattern.search(target + ".weight")
+_OWN = {f.name for f in option_fields(InspectOptions)}
+for _param in inspect.params:
+    if _param.name == "budget":
+        _param.is_eager = True  # so that `--budget METHOD --help` knows METHOD
+    elif isinstance(_param, click.Option) and _param.name not in _OWN and _param.name not in ("as_json", "quiet"):
+        _param.hidden = True  # a method's option: listed under --budget METHOD --help

@@ -6,54 +6,22 @@ import sys
 
 import click
 
+from peftcli.cli.options import click_options
 from peftcli.cli.output import emit_json, json_option, stderr_console, styled
-from peftcli.merge.methods import REGISTRY, option_classes, option_names
+from peftcli.merge.methods import option_classes
+from peftcli.merge.options import MergeOptions
 from peftcli.methods import foldable
-from peftcli.options import FLOAT, SEED, click_options
-
-MERGE_METHODS = tuple(REGISTRY)  # --method's choices (and check's): the registry's names
-HEAD_MODES = ("each", "average")  # as peftcli.merge.heads.HEAD_MODES (no import: --help stays light)
-
-
-FLOAT32_MAX = 3.4028234663852886e38  # merging computes in fp32: a larger weight, or sum of weights, is inf
-
-
-def _floats(ctx, param, value):
-    """λᵢ in ASCII, finite, and small enough that Σ|λᵢ| is finite in fp32."""
-    if value is None:
-        return None
-    weights = [FLOAT.convert(v, param, ctx) for v in value.split(",")]  # '١', nan, inf: refused
-    total = sum(abs(w) for w in weights)
-    if total > FLOAT32_MAX:
-        raise click.BadParameter(
-            f"{value!r} sums to |λ| = {total:g}, beyond float32's 3.4e+38, where the merge computes: give smaller weights"
-        )
-    return weights
-
-
-def method_options(values: dict) -> dict:
-    """The merge methods' parameters among click's (or a recipe's) values, by name."""
-    return {k: values.get(k) for k in option_names()}
 
 
 @click.command()
 @click.argument("base", type=click.Path())
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output", "out", type=click.Path(), help="Checkpoint to write (a .safetensors file or a directory); default: stdout, for a single file.")
-@click.option("--weights", callback=_floats, help="Comma-separated λᵢ, one per input (default 1 each): θ₀ + Σ λᵢ φᵢ.")
-@click.option("--method", type=click.Choice(MERGE_METHODS), default="linear", show_default=True, help="How the task vectors combine.")
+@click_options(MergeOptions, only=("weights", "method"))
 @click_options(*option_classes())  # every method's parameters, declared once in its module
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of DARE's random drop.")
-@click.option("--dtype", type=click.Choice(["F32", "BF16", "F16", "F64"]), help="Output dtype of floating tensors (default: the base's).")
-@click.option("--max-shard-size", help="Re-shard the output at this size (default: the base's shard layout).")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
-@click.option("--allow-pickle", is_flag=True, help="Allow PyTorch .bin/.pt checkpoints (torch.load(weights_only=True)).")
-@click.option(
-    "--heads", type=click.Choice(HEAD_MODES), default="each", show_default=True,
-    help="Inputs with classification heads: each (one model per input) or average (one model, heads of one task averaged).",
-)
+@click_options(MergeOptions, skip=("weights", "method"))
 @json_option
-def merge(base, inputs, out, weights, method, seed, dtype, max_shard_size, force, allow_pickle, heads, as_json, **options):
+def merge(base, inputs, out, as_json, **values):
     """Write BASE + the task vectors of INPUTS as a standalone checkpoint.
 
     INPUTS are .diff files, adapter directories whose method folds into the weights
@@ -68,6 +36,9 @@ def merge(base, inputs, out, weights, method, seed, dtype, max_shard_size, force
       peftcli merge base/ a.diff b.diff --method ties --density 0.2 -o ties/
       peftcli merge base.safetensors taskA.diff taskB.diff > merged.safetensors
     """
+    from peftcli.merge.options import merge_options
+
+    opts = merge_options(values)  # checked before anything is read
     from peftcli.merge.provenance import Hasher
 
     hasher = Hasher.for_inputs(inputs)  # hashes on its own thread while torch is imported
@@ -88,11 +59,7 @@ def merge(base, inputs, out, weights, method, seed, dtype, max_shard_size, force
         task = bar.add_task("merge", total=None)
         progress = lambda n, total: bar.update(task, completed=n, total=total)  # noqa: E731
     try:
-        report = run_merge(
-            base, list(inputs), out, weights=weights, method=method, options=method_options(options), seed=seed, dtype=dtype,
-            max_shard_size=max_shard_size, force=force, allow_pickle=allow_pickle, stream=stream, progress=progress, heads=heads,
-            hasher=hasher,
-        )
+        report = run_merge(base, list(inputs), out, opts, stream=stream, progress=progress, hasher=hasher)
     finally:
         if progress is not None:
             bar.stop()

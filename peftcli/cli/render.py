@@ -81,8 +81,6 @@ def render_inspect(report: dict, console) -> None:
         console.print(table)
 
     if "diff" in report:
-        from peftcli.cli.diff_cmd import render_description
-
         render_description(report["diff"], console)
 
     if "budget" in report:
@@ -178,3 +176,74 @@ def render_budget(budget: dict, console) -> None:
             console.print(f"filter /{printable(f['pattern'])}/ matches {f['num_targets']:,} targets, {f['trainable_params']:,} of the trainable parameters")
         else:
             console.print(f"filter /{printable(f['pattern'])}/ does not narrow {budget['method']}'s budget: its entries are chosen across every tensor")
+
+
+def add_stored_rows(grid, doc: dict) -> None:
+    """The kept / tensors / stored-whole rows every report of a written .diff shows."""
+    grid.add_row("kept", f"{doc['k']:,} of {doc['n']:,} entries (density {doc['density']:.6g})")
+    sparse = sum(t["stored"] == "sparse" for t in doc["tensors"])
+    grid.add_row("tensors", f"{len(doc['tensors'])} covered: {sparse} sparse, {len(doc['tensors']) - sparse} dense")
+    if doc["dense_tensors"]:
+        grid.add_row("stored whole", f"{len(doc['dense_tensors'])} tensors, not counted in the density")
+
+
+def render_report(doc: dict, console) -> None:
+    from rich.table import Table
+
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("method", f"{doc['method']} ({doc['selection']}), values {doc['values']}")
+    add_stored_rows(grid, doc)
+    if doc["skipped"]:
+        grid.add_row("not covered", f"{len(doc['skipped'])} non-floating-point tensors (equal in both)")
+    if doc.get("task_head"):
+        grid.add_row("task head", describe_head(doc["task_head"]))
+    grid.add_row("wrote", f"{doc['output']} ({doc['bytes']:,} bytes, {human_bytes(doc['bytes'])})")
+    console.print(grid)
+
+
+def describe_head(head: dict) -> str:
+    """One line for a diff's task head: class, labels, tensors (stored whole, outside the density)."""
+    from rich.markup import escape
+
+    labels = ", ".join(head["labels"][:6]) + (", …" if len(head["labels"]) > 6 else "")
+    return escape(
+        f"{head['architecture']}, {len(head['labels'])} labels ({labels}); "
+        f"{', '.join(sorted(head['tensors']))} stored whole, outside the density"
+    )
+
+
+def render_description(desc: dict, console) -> None:
+    """The ``inspect`` section for a sparse diff (``desc`` from ``sparse_diff.describe``)."""
+    from rich.table import Table
+
+    fp = desc["base_fingerprint"]
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("diff", f"method {desc['method']}, version {desc['version']}, density {desc['density']:.6g}")
+    grid.add_row(
+        "covers",
+        f"{desc['num_tensors']} tensors, {desc['covered_params']:,} params ({len(desc['dense_tensors'])} stored whole)",
+    )
+    grid.add_row("base", f"{fp['num_tensors']} tensors, fingerprint {fp['hash'][:16]}…")
+    if desc.get("task_head"):
+        grid.add_row("task head", describe_head(desc["task_head"]))
+    console.print()
+    console.print(grid)
+    table = Table(title="largest ‖φ‖", title_justify="left", show_edge=False, pad_edge=False)
+    for col, justify in (
+        ("tensor", "left"),
+        ("stored", "left"),
+        ("nonzero", "right"),
+        ("density", "right"),
+        ("‖φ‖", "right"),
+    ):
+        table.add_column(col, justify=justify)
+    rows = {r["name"]: r for r in desc["tensors"]}
+    for top in desc["largest"]:
+        r = rows[top["name"]]
+        table.add_row(r["name"], r["stored"], f"{r['nonzero']:,}", f"{r['density']:.4%}", f"{r['norm']:.4g}")
+    console.print()
+    console.print(table)

@@ -10,7 +10,8 @@ import click
 
 from peftcli.cli.output import quiet_option, emit_json, json_option, stderr_console, stdout_console, styled
 from peftcli.errors import UsageError
-from peftcli.options import INT, click_options, from_options
+from peftcli.cli.options import INT, click_options
+from peftcli.options import from_options
 from peftcli.train.config import TrainConfig
 
 

@@ -23,17 +23,18 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 import torch
 
 from peftcli import __version__
 from peftcli.checkpoint.atomic import atomic_output
 from peftcli.checkpoint.dtypes import torch_dtype, work_dtype
-from peftcli.checkpoint.reader import open_checkpoint
+from peftcli.checkpoint.reader import Checkpoint, open_checkpoint
 from peftcli.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, SafetensorsStreamWriter, TensorSpec
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.base import Replacement
+from peftcli.merge.options import MergeOptions, from_keywords
 from peftcli.merge.provenance import Hasher
 from peftcli.merge.pipeline import Buffers, ReadAhead, WriteBehind
 from peftcli.merge.ranged import (
@@ -75,181 +76,217 @@ def merge(
     base: str,
     inputs: list[str],
     out: str | None,
+    opts: MergeOptions | None = None,
     *,
-    weights: list[float] | None = None,
-    method: str = "linear",
-    density: float | None = None,
-    seed: int = 0,
-    dtype: str | None = None,
-    max_shard_size: str | int | None = None,
-    force: bool = False,
-    allow_pickle: bool = False,
     stream: BinaryIO | None = None,
     progress: Callable[[int, int], None] | None = None,
     hasher: Hasher | None = None,
-    heads: str = "each",
-    options: dict | None = None,
+    **keywords,
 ) -> MergeReport:
     """Merge ``inputs`` into ``base``; write to ``out`` (file or directory) or to ``stream``.
 
+    ``opts``: the weights, method and its parameters, seed, dtype, shard size, head mode
+    (``MergeOptions``); or give them as ``keywords`` (``weights=``, ``method=``, ``density=``,
+    ``options=`` the method's other parameters, ...: ``merge.options.from_keywords``).
     ``hasher`` hashes the inputs' weight files for the provenance metadata; one started
-    earlier (``Hasher.for_inputs(inputs)``) has them ready sooner. ``heads``: inputs with
-    classification heads give one model each (``each``), or one model whose heads of one task
-    are averaged (``average``; see ``merge.heads``). ``options``: the method's other parameters
-    (``peftcli.merge.methods``; ``density`` is one of them).
+    earlier (``Hasher.for_inputs(inputs)``) has them ready sooner. Inputs with classification
+    heads give one model each (``heads="each"``), or one model whose heads of one task are
+    averaged (``"average"``; see ``merge.heads``).
     """
-    mode = heads  # the name heads is the module below
-    if mode not in ("each", "average"):
-        raise UsageError(f"unknown heads mode {mode!r}", "choose each or average")
+    if opts is None:
+        opts = from_keywords(**keywords)
+    elif keywords:
+        raise TypeError(f"merge() takes options or keywords, not both: {sorted(keywords)}")
     from peftcli.merge.arithmetic import prepare
 
     if not inputs:
         raise UsageError("nothing to merge", "give at least one .diff, adapter directory or fine-tuned checkpoint")
-    options = dict(options or {})
-    density = options["density"] = density if density is not None else options.get("density")
-    m, cfg = prepare(method, len(inputs), _weights(weights, len(inputs)), options)
-    if weights is not None and not m.takes_weights:
+    lam = _weights(opts.weights, len(inputs))
+    m, cfg = prepare(opts.method, len(inputs), lam, {**opts.params, "density": opts.density})
+    if opts.weights is not None and not m.takes_weights:
         raise UsageError(f"{m.name} takes no --weights", "drop --weights")
-    lam = _weights(weights, len(inputs))
-    if dtype is not None and dtype not in FLOAT_DTYPES:
-        raise UsageError(f"unknown --dtype {dtype!r}", "choose F32, BF16, F16 or F64")
-    with _one_thread(), open_checkpoint(base, allow_pickle=allow_pickle) as ckpt:
+    with _one_thread(), open_checkpoint(base, allow_pickle=opts.allow_pickle) as ckpt:
         m.plan(cfg, list(ckpt.tensors))  # e.g. SLERP's t lists against the base's layers
-        sources: list[Source] = []
         hasher = hasher or Hasher.for_inputs(inputs)
+        job = _Job(base, list(inputs), out, opts, ckpt, m, cfg, lam)
         try:
-            for path in inputs:
-                sources.append(open_source(path, ckpt, allow_pickle, hasher.sha256))
-            for s in sources:
-                unknown = sorted(set(s.deltas) - set(ckpt.tensors))
-                if unknown:
-                    raise BadInputError(f"{s.path} changes {unknown[0]!r}, which the base does not have", "merge into the base it was made for")
-                refuse_unmergeable(s, ckpt)
-            out_dtype = {t.name: (dtype if dtype and t.dtype in FLOAT_DTYPES else t.dtype) for t in ckpt.tensors.values()}
-            from peftcli.merge import heads
-
-            layout = heads.plan_heads(ckpt, sources, mode)  # None: no input carries a task head
-            if layout is not None and (stream is not None or out.endswith(".safetensors")):
-                raise UsageError("a merged model with a task head is a model directory", "pass -o DIR")
-            # output name -> base tensor name (None: a head tensor, of the first task)
-            origin = {t.name: t.name for t in ckpt.tensors.values()}
-            if layout is not None:
-                origin = {layout.model.rename[n]: n for n in ckpt.tensors if layout.model.rename[n]}
-            specs = [TensorSpec(o, out_dtype[n], ckpt.tensors[n].shape) for o, n in origin.items()]
-            body_specs = list(specs)
-            if layout is not None:
-                specs += heads.head_specs(layout.tasks[0], dtype)
-                origin.update({s.name: None for s in specs[len(body_specs) :]})
-            metadata = {
-                "format": "pt",
-                "peftcli.merge": json.dumps(
-                    {
-                        "version": __version__, "method": method, "weights": lam, "density": density, "seed": seed, **_extra(cfg),
-                        "base": os.path.abspath(base), "inputs": [{"path": os.path.abspath(s.path), "kind": s.kind, "sha256": s.hashes} for s in sources],
-                    },
-                    sort_keys=True, separators=(",", ":"),
-                ),
-            }
-
-            def produce(out_name: str):  # a whole tensor at once: what ranged.py has no task for
-                name = origin[out_name]
-                if name is None:  # the first task's head: as its input holds it (several: their mean)
-                    value = layout.tasks[0].value(out_name, lam, dtype)
-                    check_finite(out_name, value)
-                    return value, True
-                info = ckpt.tensors[name]
-                touched = [(i, s) for i, s in enumerate(sources) if name in s.deltas]
-                if not touched:
-                    _check_fixed(name, ckpt, sources)
-                if not touched and out_dtype[name] == info.dtype and ckpt.storage != "pickle":
-                    return ckpt.read_bytes(name), False
-                stored = ckpt.get(name)
-                work = work_dtype(stored.dtype)  # holds the base's values exactly
-                if m.weighted_sum and len(touched) == 1 and lam[touched[0][0]] == 1.0 and isinstance(touched[0][1].deltas[name], Replacement):
-                    # One input whose change is new values (a saved module, new token rows), taken
-                    # whole: written as they are, as PEFT's merge_and_unload writes them.
-                    result = touched[0][1].deltas[name].values(stored).to(torch_dtype(out_dtype[name])).contiguous()
-                    check_finite(name, result)
-                    return result, True
-                if touched:
-                    deltas = [s.deltas.get(name) for s in sources]
-                    result = m.whole(stored, deltas, lam, cfg, seed=seed, key=name, work=work)
-                if touched:
-                    result = result.to(torch_dtype(out_dtype[name])).contiguous()
-                    check_finite(name, result)  # after the cast: beyond F16's range is Inf only there
-                    return result, True
-                result = stored.to(torch_dtype(out_dtype[name])).contiguous()
-                if result.dtype != stored.dtype:
-                    check_cast(name, stored, result)
-                return result, False
-
-            def task_for(out_name: str) -> Task:
-                name = origin[out_name]
-                info = ckpt.tensors[name] if name is not None else None
-                if info is None or ckpt.storage == "pickle" or info.numel == 0:
-                    return _Whole(out_name, produce)
-                touched = [i for i, s in enumerate(sources) if name in s.deltas]
-                if not touched:
-                    fixed = [(s.path, s.fixed[name]) for s in sources if name in s.fixed]
-                    if any(f.begin is None for _, f in fixed):  # a pickled input: compared whole
-                        return _Whole(out_name, produce)
-                    if out_dtype[name] == info.dtype:
-                        return Copy(out_name, info, fixed)
-                    return Cast(out_name, info, out_dtype[name])
-                if info.dtype not in FLOAT_DTYPES or any(name not in sources[i].streams for i in touched):
-                    return _Whole(out_name, produce)
-                streams = [(i, lam[i], sources[i].streams[name]) for i in touched]
-                return m.task(out_name, info, out_dtype[name], streams, cfg, seed=seed, key=name, n_inputs=len(sources))
-
-            changed, total = 0, len(specs)
-            with contextlib.ExitStack() as stack:
-                target, multi = out, layout is not None and layout.multi
-                if multi:  # out/ holds a head model per task, and appears whole or not at all
-                    outer = stack.enter_context(atomic_output(out, directory=True, inputs=[base, *inputs], force=force))
-                    target = os.path.join(outer, layout.tasks[0].name)
-
-                    def siblings(exc_type, *_):  # once the first task's directory is complete, the others
-                        for task in layout.tasks[1:] if exc_type is None else []:
-                            heads.write_sibling(
-                                target, os.path.join(outer, task.name), task, lam, dtype, metadata,
-                                heads.config_json(ckpt, task.head, dtype), ckpt.directory, sum(s.nbytes for s in body_specs),
-                            )
-
-                    stack.push(siblings)
-                if stream is not None:
-                    writer, order = SafetensorsStreamWriter(stream, specs, metadata), specs
-                else:
-                    plan = _shard_plan(ckpt, out, body_specs, specs, layout, max_shard_size)
-                    writer = stack.enter_context(
-                        CheckpointWriter(
-                            target, specs, metadata=metadata, max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE,
-                            source_dir=ckpt.directory, inputs=[] if multi else [base, *inputs], force=force and not multi,
-                            shard_plan=plan, extra_files=_config_files(ckpt, layout, dtype),
-                        )
-                    )
-                    order = writer.specs
-                tasks = [task_for(spec.name) for spec in order]
-                nbytes = buffer_bytes([t.dtype for t in ckpt.tensors.values()] + list(out_dtype.values()))
-                requests = (r for t in tasks for r in t.requests())
-                with (
-                    ReadAhead(requests, read_buffers(len(sources)), nbytes) as reads,
-                    WriteBehind(writer, WRITE_LIMIT) as behind,
-                ):
-                    ctx = Context(reads, behind, Buffers(OUT_BUFFERS, nbytes))
-                    for n, task in enumerate(tasks, 1):
-                        task.run(ctx)
-                        changed += task.changed
-                        if progress:
-                            progress(n, total)
-                if stream is not None:
-                    writer.finish()
+            job.open_sources(hasher)
+            job.plan(stream)
+            changed = job.write(stream, progress)
         finally:
             hasher.stop()
-            for s in sources:
+            for s in job.sources:
                 s.close()
-    report_inputs = [{"path": s.path, "kind": s.kind, "weight": w, "tensors": len(s.deltas)} for s, w in zip(sources, lam)]
-    tasks = _report_tasks(out, layout)
-    return MergeReport(out or "-", method, report_inputs, len(specs), changed, _size(out), metadata, tasks)
+    report_inputs = [{"path": s.path, "kind": s.kind, "weight": w, "tensors": len(s.deltas)} for s, w in zip(job.sources, job.lam)]
+    tasks = _report_tasks(out, job.layout)
+    return MergeReport(out or "-", opts.method, report_inputs, len(job.specs), changed, _size(out), job.metadata, tasks)
+
+
+@dataclass
+class _Job:
+    """One merge once its options are checked: the open base and inputs, and the output's plan."""
+
+    base: str
+    inputs: list[str]
+    out: str | None
+    opts: MergeOptions
+    ckpt: Checkpoint
+    m: Any  # the MergeMethod
+    cfg: Any  # its options instance
+    lam: list[float]
+    sources: list[Source] = field(default_factory=list)
+    layout: Any = None  # merge.heads' layout; None: no input carries a task head
+    out_dtype: dict[str, str] = field(default_factory=dict)
+    origin: dict[str, str | None] = field(default_factory=dict)  # output name -> base tensor (None: a head tensor)
+    specs: list[TensorSpec] = field(default_factory=list)
+    body_specs: list[TensorSpec] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def open_sources(self, hasher: Hasher) -> None:
+        ckpt = self.ckpt
+        for path in self.inputs:
+            self.sources.append(open_source(path, ckpt, self.opts.allow_pickle, hasher.sha256))
+        for s in self.sources:
+            unknown = sorted(set(s.deltas) - set(ckpt.tensors))
+            if unknown:
+                raise BadInputError(f"{s.path} changes {unknown[0]!r}, which the base does not have", "merge into the base it was made for")
+            refuse_unmergeable(s, ckpt)
+
+    def plan(self, stream: BinaryIO | None) -> None:
+        """The output's tensors (names, dtypes, shapes), where each comes from, and its metadata."""
+        from peftcli.merge import heads
+
+        ckpt, dtype = self.ckpt, self.opts.dtype
+        self.out_dtype = {t.name: (dtype if dtype and t.dtype in FLOAT_DTYPES else t.dtype) for t in ckpt.tensors.values()}
+        layout = self.layout = heads.plan_heads(ckpt, self.sources, self.opts.heads)
+        if layout is not None and (stream is not None or self.out.endswith(".safetensors")):
+            raise UsageError("a merged model with a task head is a model directory", "pass -o DIR")
+        self.origin = {t.name: t.name for t in ckpt.tensors.values()}
+        if layout is not None:
+            self.origin = {layout.model.rename[n]: n for n in ckpt.tensors if layout.model.rename[n]}
+        self.specs = [TensorSpec(o, self.out_dtype[n], ckpt.tensors[n].shape) for o, n in self.origin.items()]
+        self.body_specs = list(self.specs)
+        if layout is not None:
+            self.specs += heads.head_specs(layout.tasks[0], dtype)
+            self.origin.update({s.name: None for s in self.specs[len(self.body_specs) :]})
+        self.metadata = {"format": "pt", "peftcli.merge": self._provenance()}
+
+    def _provenance(self) -> str:
+        o = self.opts
+        return json.dumps(
+            {
+                "version": __version__, "method": o.method, "weights": self.lam, "density": o.density, "seed": o.seed,
+                **_extra(self.cfg), "base": os.path.abspath(self.base),
+                "inputs": [{"path": os.path.abspath(s.path), "kind": s.kind, "sha256": s.hashes} for s in self.sources],
+            },
+            sort_keys=True, separators=(",", ":"),
+        )
+
+    def produce(self, out_name: str):
+        """A whole tensor at once, and whether it changed: what ranged.py has no task for."""
+        name, ckpt, sources, lam = self.origin[out_name], self.ckpt, self.sources, self.lam
+        if name is None:  # the first task's head: as its input holds it (several: their mean)
+            value = self.layout.tasks[0].value(out_name, lam, self.opts.dtype)
+            check_finite(out_name, value)
+            return value, True
+        info, out_dtype = ckpt.tensors[name], self.out_dtype[name]
+        touched = [(i, s) for i, s in enumerate(sources) if name in s.deltas]
+        if not touched:
+            _check_fixed(name, ckpt, sources)
+            if out_dtype == info.dtype and ckpt.storage != "pickle":
+                return ckpt.read_bytes(name), False
+        stored = ckpt.get(name)
+        if not touched:
+            result = stored.to(torch_dtype(out_dtype)).contiguous()
+            if result.dtype != stored.dtype:
+                check_cast(name, stored, result)
+            return result, False
+        if self.m.weighted_sum and len(touched) == 1 and lam[touched[0][0]] == 1.0 and isinstance(touched[0][1].deltas[name], Replacement):
+            # One input whose change is new values (a saved module, new token rows), taken
+            # whole: written as they are, as PEFT's merge_and_unload writes them.
+            result = touched[0][1].deltas[name].values(stored)
+        else:
+            deltas = [s.deltas.get(name) for s in sources]
+            work = work_dtype(stored.dtype)  # holds the base's values exactly
+            result = self.m.whole(stored, deltas, lam, self.cfg, seed=self.opts.seed, key=name, work=work)
+        result = result.to(torch_dtype(out_dtype)).contiguous()
+        check_finite(name, result)  # after the cast: beyond F16's range is Inf only there
+        return result, True
+
+    def task_for(self, out_name: str) -> Task:
+        name, ckpt, sources = self.origin[out_name], self.ckpt, self.sources
+        info = ckpt.tensors[name] if name is not None else None
+        if info is None or ckpt.storage == "pickle" or info.numel == 0:
+            return _Whole(out_name, self.produce)
+        touched = [i for i, s in enumerate(sources) if name in s.deltas]
+        if not touched:
+            fixed = [(s.path, s.fixed[name]) for s in sources if name in s.fixed]
+            if any(f.begin is None for _, f in fixed):  # a pickled input: compared whole
+                return _Whole(out_name, self.produce)
+            if self.out_dtype[name] == info.dtype:
+                return Copy(out_name, info, fixed)
+            return Cast(out_name, info, self.out_dtype[name])
+        if info.dtype not in FLOAT_DTYPES or any(name not in sources[i].streams for i in touched):
+            return _Whole(out_name, self.produce)
+        streams = [(i, self.lam[i], sources[i].streams[name]) for i in touched]
+        return self.m.task(out_name, info, self.out_dtype[name], streams, self.cfg, seed=self.opts.seed, key=name, n_inputs=len(sources))
+
+    def write(self, stream: BinaryIO | None, progress) -> int:
+        """Run every tensor's task into the output; the number of tensors changed."""
+        changed, total = 0, len(self.specs)
+        with contextlib.ExitStack() as stack:
+            writer, order = self._writer(stack, stream)
+            tasks = [self.task_for(spec.name) for spec in order]
+            nbytes = buffer_bytes([t.dtype for t in self.ckpt.tensors.values()] + list(self.out_dtype.values()))
+            requests = (r for t in tasks for r in t.requests())
+            with (
+                ReadAhead(requests, read_buffers(len(self.sources)), nbytes) as reads,
+                WriteBehind(writer, WRITE_LIMIT) as behind,
+            ):
+                ctx = Context(reads, behind, Buffers(OUT_BUFFERS, nbytes))
+                for n, task in enumerate(tasks, 1):
+                    task.run(ctx)
+                    changed += task.changed
+                    if progress:
+                        progress(n, total)
+            if stream is not None:
+                writer.finish()
+        return changed
+
+    def _writer(self, stack: contextlib.ExitStack, stream: BinaryIO | None):
+        """The output's writer (entered on ``stack``) and the order it takes the tensors in."""
+        if stream is not None:
+            return SafetensorsStreamWriter(stream, self.specs, self.metadata), self.specs
+        o, ckpt, layout, out = self.opts, self.ckpt, self.layout, self.out
+        target, multi = out, layout is not None and layout.multi
+        if multi:  # out/ holds a head model per task, and appears whole or not at all
+            outer = stack.enter_context(atomic_output(out, directory=True, inputs=[self.base, *self.inputs], force=o.force))
+            target = os.path.join(outer, layout.tasks[0].name)
+            stack.push(self._siblings(target, outer))
+        plan = _shard_plan(ckpt, out, self.body_specs, self.specs, layout, o.max_shard_size)
+        writer = stack.enter_context(
+            CheckpointWriter(
+                target, self.specs, metadata=self.metadata, max_shard_size=o.max_shard_size or DEFAULT_MAX_SHARD_SIZE,
+                source_dir=ckpt.directory, inputs=[] if multi else [self.base, *self.inputs], force=o.force and not multi,
+                shard_plan=plan, extra_files=_config_files(ckpt, layout, o.dtype),
+            )
+        )
+        return writer, writer.specs
+
+    def _siblings(self, target: str, outer: str):
+        """The exit callback writing the other tasks' directories once the first one is complete."""
+        from peftcli.merge import heads
+
+        layout, dtype, ckpt = self.layout, self.opts.dtype, self.ckpt
+
+        def siblings(exc_type, *_):
+            for task in layout.tasks[1:] if exc_type is None else []:
+                heads.write_sibling(
+                    target, os.path.join(outer, task.name), task, self.lam, dtype, self.metadata,
+                    heads.config_json(ckpt, task.head, dtype), ckpt.directory, sum(s.nbytes for s in self.body_specs),
+                )
+
+        return siblings
 
 
 def _extra(cfg) -> dict:

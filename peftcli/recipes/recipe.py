@@ -485,6 +485,8 @@ def _plan_step(path: str, step_id: str, body: Any, names: dict, wd: str, force: 
     if force and "force" in keys and "--force" not in argv:
         argv.append("--force")
     params = parse(cmd, words, argv, where)
+    if kind.selector is not None:
+        params[kind.selector] = words[-1]  # inject's method: the subcommand the step runs
     try:
         runner = build(kind.name, cmd, params)
     except UsageError as exc:

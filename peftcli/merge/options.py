@@ -1,0 +1,101 @@
+"""The options of ``peftcli merge`` (and of a recipe's merge step), declared and checked once.
+
+``MergeOptions`` holds everything but the base, the inputs and the output: the weights λᵢ,
+the method and its parameters (``params``, declared by each method in ``peftcli.merge.methods``),
+the seed, the output dtype and shard size, and the head mode. Building one checks it: the
+weights written in ASCII, finite, and with Σ|λᵢ| finite in the fp32 the merge computes in; a
+known method whose parameters are its own; a known dtype and head mode. No torch is imported
+here, so ``peftcli merge --help`` stays light.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from peftcli.errors import UsageError
+from peftcli.merge.methods import REGISTRY, get_merge_method, option_names
+from peftcli.options import ascii_float, check_declared, from_options, option
+
+MERGE_DTYPES = ("F32", "BF16", "F16", "F64")  # --dtype's choices, in --help's order
+HEAD_MODES = ("each", "average")  # as peftcli.merge.heads.HEAD_MODES
+FLOAT32_MAX = 3.4028234663852886e38  # merging computes in fp32: a larger weight, or sum of weights, is inf
+
+
+@dataclass
+class MergeOptions:
+    weights: list[float] | str | None = option(
+        None, help="Comma-separated λᵢ, one per input (default 1 each): θ₀ + Σ λᵢ φᵢ."
+    )
+    method: str = option("linear", help="How the task vectors combine.", choices=tuple(REGISTRY), show_default=True)
+    seed: int = option(0, help="Seed of DARE's random drop.", min=0, max=2**63 - 1, show_default=True)
+    dtype: str | None = option(None, help="Output dtype of floating tensors (default: the base's).", choices=MERGE_DTYPES)
+    max_shard_size: str | None = option(None, help="Re-shard the output at this size (default: the base's shard layout).")
+    force: bool = option(False, help="Replace OUTPUT if it exists.")
+    allow_pickle: bool = option(False, help="Allow PyTorch .bin/.pt checkpoints (torch.load(weights_only=True)).")
+    heads: str = option(
+        "each", choices=HEAD_MODES, show_default=True,
+        help="Inputs with classification heads: each (one model per input) or average (one model, heads of one task averaged).",
+    )
+    params: dict[str, Any] = field(default_factory=dict)  # the method's parameters by name (None: not given)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.weights, str):
+            self.weights = parse_weights(self.weights)
+        elif self.weights is not None:
+            self.weights = [float(w) for w in self.weights]
+            _check_weights(self.weights, ",".join(map(repr, self.weights)))
+        if self.dtype is not None and self.dtype not in MERGE_DTYPES:
+            raise UsageError(f"unknown --dtype {self.dtype!r}", "choose F32, BF16, F16 or F64")
+        if self.heads not in HEAD_MODES:
+            raise UsageError(f"unknown heads mode {self.heads!r}", "choose each or average")
+        m = get_merge_method(self.method)
+        self.params = dict(self.params)
+        m.configure(self.params)  # a parameter of another method, or a value its declaration refuses
+        check_declared(self)
+
+    @property
+    def density(self) -> float | None:
+        return self.params.get("density")
+
+
+def parse_weights(text: str) -> list[float]:
+    """``--weights 1.0,0.8``: λᵢ in ASCII, finite, and small enough that Σ|λᵢ| is finite in fp32."""
+    weights = []
+    for part in text.split(","):
+        number = ascii_float(part)
+        if number is None:
+            raise UsageError(f"--weights: {part!r} is not a valid float (digits 0-9 only)", "give --weights numbers such as 1.0,0.8")
+        weights.append(number)
+    _check_weights(weights, text)
+    return weights
+
+
+def _check_weights(weights: list[float], text: str) -> None:
+    for w in weights:
+        if not math.isfinite(w):
+            raise UsageError(f"--weights: {w!r} is not a finite number", "give --weights numbers such as 1.0,0.8")
+    total = sum(abs(w) for w in weights)
+    if total > FLOAT32_MAX:
+        raise UsageError(
+            f"--weights {text!r} sums to |λ| = {total:g}, beyond float32's 3.4e+38, where the merge computes",
+            "give smaller weights",
+        )
+
+
+def merge_options(values: dict[str, Any]) -> MergeOptions:
+    """``MergeOptions`` from the command line's values or a recipe step's keys: the declared
+    options by name, and every merge method's parameters (None where not given) as ``params``."""
+    return from_options(MergeOptions, values, params={k: values.get(k) for k in option_names()})
+
+
+def from_keywords(
+    *, weights=None, method: str = "linear", density: float | None = None, seed: int = 0, dtype: str | None = None,
+    max_shard_size=None, force: bool = False, allow_pickle: bool = False, heads: str = "each", options: dict | None = None,
+) -> MergeOptions:
+    """``MergeOptions`` from ``engine.merge``'s keyword form (``options``: the method's parameters)."""
+    params = dict(options or {})
+    if density is not None:
+        params["density"] = density
+    return MergeOptions(weights, method, seed, dtype, max_shard_size, force, allow_pickle, heads, params)
