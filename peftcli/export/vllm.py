@@ -74,6 +74,8 @@ class LoraView:
     scales: dict[str, float] = field(default_factory=dict)  # path -> PEFT's scaling of B·A
     heads: dict[str, list[str]] = field(default_factory=dict)  # modules_to_save entry -> its tensor keys
     stray: list[str] = field(default_factory=list)  # keys that are neither
+    base_init: str | None = None  # "pissa"/"olora": PEFT changes the base on load (LoRA's reading of init_lora_weights)
+    lora_bias: bool = False
 
     @property
     def rank(self) -> int:
@@ -134,7 +136,7 @@ def view_of(adapter) -> LoraView:
 
     config = adapter.config
     cfg = METHODS["lora"].config_from_adapter({k: v for k, v in config.items() if k not in ("rank_pattern", "alpha_pattern")})
-    view = LoraView(adapter.path, {**config, "peftcli_base_init": cfg.base_init, "peftcli_lora_bias": cfg.lora_bias})
+    view = LoraView(adapter.path, config, base_init=cfg.base_init, lora_bias=cfg.lora_bias)
     ranks = _pattern(config, "rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer")
     alphas = _pattern(config, "alpha_pattern", _positive, "a positive number")
     for name in config.get("modules_to_save") or []:
@@ -215,7 +217,7 @@ def _dora(view: LoraView, max_rank: int | None) -> list[Finding]:
 def _init(view: LoraView, max_rank: int | None) -> list[Finding]:
     # PEFT subtracts PiSSA's/OLoRA's initial B·A from the base on load; vLLM does not (newest
     # versions refuse these inits; older ones serve them wrong).
-    init = view.config["peftcli_base_init"]
+    init = view.base_init
     if not init:
         return []
     return [Finding("init", f"init_lora_weights={view.config.get('init_lora_weights')!r}: PEFT changes the base "
@@ -224,7 +226,7 @@ def _init(view: LoraView, max_rank: int | None) -> list[Finding]:
 
 def _bias(view: LoraView, max_rank: int | None) -> list[Finding]:
     # vLLM: "vLLM does not support LoRA bias (lora_bias)"; "Adapter bias is not supported".
-    if not view.config["peftcli_lora_bias"] and not any(LORA_BIAS in p for p in view.modules.values()):
+    if not view.lora_bias and not any(LORA_BIAS in p for p in view.modules.values()):
         return []
     return [Finding("lora-bias", f"{view.run} has lora_bias (a bias on lora_B), which vLLM refuses", way_out=merge_way(view.run))]
 
@@ -372,7 +374,7 @@ def repaired(view: LoraView, adapter, p: Plan) -> tuple[dict, dict]:
     they are."""
     import torch
 
-    config = {k: v for k, v in view.config.items() if not k.startswith("peftcli_")}
+    config = dict(view.config)
     config.update(r=p.rank, lora_alpha=p.alpha, use_rslora=False, rank_pattern={}, alpha_pattern={})
     if view.heads:
         config["modules_to_save"] = [p.heads[name] for name in view.heads]
