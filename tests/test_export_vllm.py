@@ -230,9 +230,9 @@ def test_other_methods_are_refused_naming_the_method(tiny_llama, tmp_path):
     inject(tiny_llama, "prefix", PrefixTuningConfig(virtual_tokens=4), prefix)
     (tmp_path / "out").mkdir()
     line = _refused(ia3, tmp_path / "out" / "a")
-    assert "is a ia3 adapter; vLLM serves LoRA adapters only" in line and "peftcli merge BASE" in line
+    assert "its method is ia3, and vLLM serves LoRA adapters only" in line and "peftcli merge BASE" in line
     line = _refused(prefix, tmp_path / "out" / "b")
-    assert "prefix adapter" in line and "do not fold" in line
+    assert "its method is prefix" in line and "does not fold" in line
 
 
 class _Headed(torch.nn.Module):
@@ -287,3 +287,22 @@ def test_another_saved_module_is_refused(tmp_path):
 def test_an_output_inside_the_input_is_refused(rank12):
     result = _invoke("export", rank12, "--to", "vllm", "-o", os.path.join(rank12, "served"))
     assert result.exit_code == 2 and not os.path.exists(os.path.join(rank12, "served"))
+
+
+@pytest.mark.parametrize("edit, says", [
+    ({"rank_pattern": {"(": 4}}, "invalid adapter_config.json rank_pattern regex '('"),
+    ({"alpha_pattern": {"q_proj": "x"}}, "alpha_pattern['q_proj'] must be a positive number"),
+    ({"rank_pattern": {"q_proj": 0}}, "rank_pattern['q_proj'] must be a positive integer"),
+    ({"rank_pattern": {"q_proj": 4}}, "rank 12 in the tensors but 4 in the config"),
+    ({"alpha_pattern": {"q_proj": 1e300}}, "lora_B times its scale ratio"),
+])
+def test_a_corrupt_pattern_is_one_line_of_bad_input(rank12, edit, says, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    config = {**_config(rank12), **edit}
+    (run / "adapter_config.json").write_text(json.dumps(config))
+    (run / "adapter_model.safetensors").write_bytes(open(os.path.join(rank12, "adapter_model.safetensors"), "rb").read())
+    (tmp_path / "out").mkdir()
+    result = _invoke("export", run, "--to", "vllm", "-o", tmp_path / "out" / "served")
+    assert result.exit_code == 1 and says in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+    assert os.listdir(tmp_path / "out") == []

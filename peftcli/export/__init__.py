@@ -115,8 +115,9 @@ def _not_lora(run: str, method: str):
     if METHODS[method].folds:
         way = merge_way(run)
     else:
-        way = f"{method} adapters do not fold into weights: serve {run} with PEFT (peftcli evaluate loads it)"
-    return Finding("lora-only", f"{run} is a {method} adapter; vLLM serves LoRA adapters only", way_out=way)
+        way = (f"{method} does not fold into the weights, so it cannot be served as a plain model either: use it unmerged "
+               "(peftcli evaluate loads it; PEFT too for prefix and prompt tuning)")
+    return Finding("lora-only", f"{run}: its method is {method}, and vLLM serves LoRA adapters only", way_out=way)
 
 
 def _refuse_or_report(report: ExportReport) -> ExportReport:

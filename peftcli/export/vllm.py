@@ -107,7 +107,7 @@ class Finding:
 
 @dataclass
 class Plan:
-    """What the repairs decide, applied by ``write``: the rank, α and per-module factor on B."""
+    """What the repairs decide, applied by ``repaired``: the rank, α, per-module factor on B, head names."""
 
     rank: int
     alpha: float
@@ -120,7 +120,7 @@ class Rule:
     """A vLLM rule: ``check`` returns the findings (each a repair or a refusal) of an adapter."""
 
     name: str
-    states: str  # the rule in words (docs, --help)
+    states: str  # the rule in words (for the docs table)
     check: Callable[[LoraView, int | None], list[Finding]]
     repairs: str | None  # what the export does, or None: refused with the finding's way out
 
@@ -164,8 +164,13 @@ def _positive(v: object) -> bool:
 
 
 def _pattern(config: dict, key: str, ok: Callable[[object], bool], expected: str) -> dict:
+    """PEFT's ``rank_pattern``/``alpha_pattern``: each key a regex (refused as bad input, naming
+    the file, when it is none), each value ``expected``."""
+    from peftcli.patterns import compile_pattern, from_file
+
     pattern = config.get(key) or {}
     for name, value in pattern.items():
+        compile_pattern(from_file(name, f"adapter_config.json {key}"), key)
         if not ok(value):
             raise BadInputError(
                 f"adapter config: {key}[{name!r}] must be {expected}, not {value!r}",
@@ -178,10 +183,10 @@ def _matched(pattern: dict, path: str, source: str):
     """The value of the first key of PEFT's ``rank_pattern``/``alpha_pattern`` that matches
     module ``path`` as PEFT's ``get_pattern_key`` matches it (``re.match(rf"(.*\\.)?({key})$")``,
     first key in file order wins), or None."""
-    from peftcli.patterns import fullmatch
+    from peftcli.patterns import from_file, fullmatch
 
     for key, value in pattern.items():
-        if fullmatch(rf"(?:.*\.)?(?:{key})", path, f"adapter_config.json {source}"):
+        if fullmatch(from_file(rf"(?:.*\.)?(?:{key})", f"adapter_config.json {source}"), path, source):
             return value
     return None
 
