@@ -306,3 +306,20 @@ def test_a_corrupt_pattern_is_one_line_of_bad_input(rank12, edit, says, tmp_path
     result = _invoke("export", run, "--to", "vllm", "-o", tmp_path / "out" / "served")
     assert result.exit_code == 1 and says in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
     assert os.listdir(tmp_path / "out") == []
+
+
+def test_the_library_call_and_force(rank12, tmp_path):
+    from peftcli.errors import UsageError
+    from peftcli.export import ExportOptions, export
+
+    report = export(rank12, ExportOptions(check=True))
+    assert not report.ok and [f.rule for f in report.repairs] == ["rank"] and report.written_rank is None
+    out = tmp_path / "served"
+    out.mkdir()
+    with pytest.raises(UsageError):
+        export(rank12, ExportOptions(output=str(out)))  # an existing output is replaced only with force
+    assert os.listdir(out) == []
+    report = export(rank12, ExportOptions(output=str(out), force=True))
+    assert report.ok and report.written_rank == 16 and _config(out)["r"] == 16
+    with pytest.raises(UsageError):
+        ExportOptions(to="llama.cpp", output=str(out))
