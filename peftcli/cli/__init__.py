@@ -182,6 +182,7 @@ cli.add_command(check_cmd.check)
 cli.add_command(run_cmd.run)
 cli.add_command(evaluate_cmd.evaluate)
 cli.add_command(completion_cmd.completion)
+cli.add_command(__import__("peftcli.cli.export_cmd", fromlist=["export"]).export)
 
 from peftcli.cli.output import add_quiet  # noqa: E402
 

@@ -1,0 +1,72 @@
+"""``peftcli export RUN --to vllm -o OUT``: an adapter a serving engine loads (``--check``: lint only).
+
+Parses, calls ``peftcli.export.export``, renders. A refusal is the one-line error (exit 1,
+nothing written); ``--check`` prints every finding and exits 1 when any rule fails.
+"""
+
+from __future__ import annotations
+
+import click
+
+from peftcli.cli.output import emit_json, json_option, printable
+from peftcli.export import ExportOptions
+from peftcli.options import click_options, from_options
+
+
+@click.command()
+@click.argument("run", type=click.Path())
+@click_options(ExportOptions)
+@json_option
+def export(run, as_json, **options):
+    """Check the adapter RUN against a serving engine's rules and write one it loads.
+
+    Repairs that are exact are made and reported (the written adapter gives the same
+    outputs): the rank padded with zeros to a max_lora_rank vLLM accepts, rsLoRA and
+    rank_pattern/alpha_pattern folded into one lora_alpha (and, per module, into lora_B),
+    a classification head listed by its path written as classifier/score. What cannot be
+    exact is refused in one line with the way out: DoRA, lora_bias, PiSSA/OLoRA inits,
+    embedding deltas and extra vocabulary, other saved modules (merge instead), a rank
+    above --max-lora-rank (convert --to lora, which reports what it keeps). Only LoRA
+    adapters export. --check lints only and writes nothing.
+
+    \b
+    Examples:
+      peftcli export runs/lora/ --to vllm -o served/lora/
+      peftcli export runs/lora/ --to vllm --check
+      peftcli export runs/lora/ --to vllm --max-lora-rank 32 -o served/lora/ --json
+    """
+    from peftcli.errors import BadInputError
+    from peftcli.export import export as run_export
+
+    opts = from_options(ExportOptions, options)
+    report = run_export(run, opts)
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        for line in _lines(report):
+            click.echo(printable(line))
+    if not report.ok:  # only --check gets here with findings: exporting raises on a refusal
+        n = len(report.findings)
+        raise BadInputError(
+            f"{run} breaks {n} of {opts.to}'s rule{'s' if n > 1 else ''} as it is"
+            f" ({len(report.repairs)} repaired by export, {len(report.refusals)} refused)",
+            f"peftcli export {run} --to {opts.to} -o DIR writes the repaired adapter"
+            if not report.refusals else "each refused line says the way out",
+        )
+
+
+def _lines(report) -> list[str]:
+    lines = []
+    for f in report.findings:
+        if f.repair:
+            lines.append(f"{'FAIL' if report.check else 'repaired'} {f.rule}: {f.message} (export: {f.repair})")
+        else:
+            lines.append(f"FAIL {f.rule}: {f.message} (refused: {f.way_out})")
+    if report.check and not report.findings:
+        lines.append(f"{report.run}: ok, passes every {report.to} rule")
+    if not report.check:
+        lines.append(
+            f"wrote {report.output}: {report.to} adapter, rank {report.written_rank}, lora_alpha {report.written_alpha:g}"
+            + (f" (was rank {report.rank}, lora_alpha {report.lora_alpha:g})" if report.repairs else "")
+        )
+    return lines

@@ -1,0 +1,132 @@
+"""Export: an adapter made loadable by a serving engine — lint, exact repair, write.
+
+Each target is a small rule set (``peftcli.export.vllm``). A rule's finding is either
+repaired exactly (the written adapter computes the same ΔW = s·B·A for every module, so PEFT
+and the engine give the same outputs as the adapter read) or refused with the way out
+(``merge``, or ``convert --to lora`` with the energy it keeps). ``check`` lints only:
+nothing is written. The adapter is read by the one shared reader (``read_adapter``) and
+written atomically by ``write_adapter``, never into its input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from peftcli.errors import BadInputError, UsageError
+from peftcli.options import option
+
+TARGETS = ("vllm",)
+
+
+@dataclass
+class ExportOptions:
+    to: str = option("vllm", metavar="vllm", help="the serving engine to export for (vllm)")
+    output: str | None = option(None, "-o", metavar="DIR", help="the adapter directory to write (not with --check)")
+    check: bool = option(False, help="only lint: report what export would repair or refuse, write nothing; exit 1 if a rule fails")
+    max_lora_rank: int | None = option(
+        None, metavar="R", help="the server's --max-lora-rank (1, 8, 16, ..., 512): a larger adapter rank is refused"
+    )
+    force: bool = option(False, help="replace the output directory if it exists")
+
+    def __post_init__(self) -> None:
+        from peftcli.export.vllm import MAX_LORA_RANKS
+
+        if self.to not in TARGETS:
+            raise UsageError(f"--to {self.to!r} is not an export target", f"choose one of: {', '.join(TARGETS)}")
+        if self.max_lora_rank is not None and self.max_lora_rank not in MAX_LORA_RANKS:
+            raise UsageError(
+                f"--max-lora-rank {self.max_lora_rank} is not a max_lora_rank vLLM accepts",
+                f"choose one of {', '.join(map(str, MAX_LORA_RANKS))}",
+            )
+        if self.check and self.output:
+            raise UsageError("--check writes nothing, so -o/--output has no use with it", "drop -o, or drop --check to export")
+        if not self.check and not self.output:
+            raise UsageError("export needs -o/--output DIR, the adapter directory to write", "or pass --check to lint only")
+
+
+@dataclass
+class ExportReport:
+    run: str
+    to: str
+    output: str | None  # None with --check
+    check: bool
+    rank: int | None = None  # the adapter's largest rank
+    written_rank: int | None = None
+    lora_alpha: float | None = None
+    written_alpha: float | None = None
+    findings: list = field(default_factory=list)  # vllm.Finding: repaired and refused
+
+    @property
+    def repairs(self) -> list:
+        return [f for f in self.findings if f.repair]
+
+    @property
+    def refusals(self) -> list:
+        return [f for f in self.findings if not f.repair]
+
+    @property
+    def ok(self) -> bool:
+        """The adapter passes every rule as it is (--check), or was written (export)."""
+        return not self.findings if self.check else not self.refusals
+
+    def to_json(self) -> dict:
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "findings"}
+        return {
+            "schema": "peftcli.export/1", **d, "ok": self.ok,
+            "repairs": [f.to_json() for f in self.repairs], "refusals": [f.to_json() for f in self.refusals],
+        }
+
+
+def export(run: str, options: ExportOptions) -> ExportReport:
+    """Lint the adapter directory ``run`` against the target's rules and, unless
+    ``options.check``, write the repaired adapter to ``options.output``. A refused finding
+    raises (nothing written); with ``check`` every finding is in the report."""
+    from peftcli.artifacts.adapter_dir import read_adapter, write_adapter
+    from peftcli.checkpoint.atomic import check_output_path
+    from peftcli.export import vllm
+
+    if not options.check:
+        check_output_path(options.output, [run], options.force)  # before reading: a bad -o costs nothing
+    adapter = read_adapter(run)
+    report = ExportReport(run, options.to, options.output, options.check)
+    method = adapter.method_name
+    if method != "lora":
+        report.findings.append(_not_lora(run, method))
+        return _refuse_or_report(report)
+    view = vllm.view_of(adapter)
+    report.rank, report.lora_alpha = view.rank, view.config.get("lora_alpha", 8)
+    report.findings = vllm.lint(view, options.max_lora_rank)
+    if options.check or report.refusals:
+        return _refuse_or_report(report)
+    plan = vllm.plan(view, options.max_lora_rank)
+    config, tensors = vllm.repaired(view, adapter, plan)
+    report.written_rank, report.written_alpha = plan.rank, plan.alpha
+    metadata = {**adapter.metadata, "peftcli.exported_for": options.to, "peftcli.exported_from": os.path.abspath(run)}
+    write_adapter(options.output, config, tensors, metadata=metadata, inputs=[run], force=options.force)
+    return report
+
+
+def _not_lora(run: str, method: str):
+    from peftcli.export.vllm import Finding, merge_way
+    from peftcli.methods import METHODS
+
+    if METHODS[method].folds:
+        way = merge_way(run)
+    else:
+        way = (f"{method} does not fold into the weights, so it cannot be served as a plain model either: use it unmerged "
+               "(peftcli evaluate loads it; PEFT too for prefix and prompt tuning)")
+    return Finding("lora-only", f"{run}: its method is {method}, and vLLM serves LoRA adapters only", way_out=way)
+
+
+def _refuse_or_report(report: ExportReport) -> ExportReport:
+    """The report, or (exporting) the first refusal as the one-line error: nothing is written."""
+    if report.check or not report.refusals:
+        return report
+    first = report.refusals[0]
+    more = len(report.refusals) - 1
+    raise BadInputError(
+        f"cannot export {report.run} for {report.to}: {first.message}" + (f" (and {more} more: --check lists them)" if more else ""),
+        first.way_out,
+    )
