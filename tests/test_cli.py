@@ -345,6 +345,7 @@ def _json_cases(name: str, a: dict, tmp) -> list[tuple[list[str], str]]:
         ],
         "combine": [([a["a"], a["b"], "--op", "add", "-o", f"{out}/ab.diff"], None)],
         "check": [([base, a["lora"], a["a"]], None)],
+        "export": [([a["lora"], "--to", "vllm", "-o", f"{out}/served"], None), ([f"{out}/served", "--to", "vllm", "--check"], None)],
         "plot": [([a["lora"], "-o", f"{out}/curves.png"], None)],
         "run": [
             ([_recipe(tmp, base), "-o", "wd", "--quiet"], None),

@@ -221,7 +221,7 @@ def test_other_methods_are_refused_naming_the_method(tiny_llama, tmp_path):
     from peft import IA3Config, get_peft_model
 
     from peftcli.inject import inject
-    from peftcli.methods.prefix import PrefixTuningConfig
+    from peftcli.methods.prompting.prefix import PrefixTuningConfig
 
     ia3 = str(tmp_path / "ia3")
     get_peft_model(_llama(tiny_llama), IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],

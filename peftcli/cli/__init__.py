@@ -162,6 +162,7 @@ from peftcli.cli import (  # noqa: E402
     convert_cmd,
     diff_cmd,
     evaluate_cmd,
+    export_cmd,
     inject_cmd,
     inspect_cmd,
     merge_cmd,
@@ -182,7 +183,7 @@ cli.add_command(check_cmd.check)
 cli.add_command(run_cmd.run)
 cli.add_command(evaluate_cmd.evaluate)
 cli.add_command(completion_cmd.completion)
-cli.add_command(__import__("peftcli.cli.export_cmd", fromlist=["export"]).export)
+cli.add_command(export_cmd.export)
 
 from peftcli.cli.output import add_quiet  # noqa: E402
 

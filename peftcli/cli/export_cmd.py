@@ -10,7 +10,8 @@ import click
 
 from peftcli.cli.output import emit_json, json_option, printable
 from peftcli.export import ExportOptions
-from peftcli.options import click_options, from_options
+from peftcli.cli.options import click_options
+from peftcli.options import from_options
 
 
 @click.command()

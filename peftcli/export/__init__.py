@@ -23,7 +23,7 @@ TARGETS = ("vllm",)
 @dataclass
 class ExportOptions:
     to: str = option("vllm", metavar="vllm", help="the serving engine to export for (vllm)")
-    output: str | None = option(None, "-o", metavar="DIR", help="the adapter directory to write (not with --check)")
+    output: str | None = option(None, "-o", metavar="DIR", path=True, help="the adapter directory to write (not with --check)")
     check: bool = option(False, help="only lint: report what export would repair or refuse, write nothing; exit 1 if a rule fails")
     max_lora_rank: int | None = option(
         None, metavar="R", help="the server's --max-lora-rank (1, 8, 16, ..., 512): a larger adapter rank is refused"
@@ -87,8 +87,9 @@ def export(run: str, options: ExportOptions) -> ExportReport:
     from peftcli.checkpoint.atomic import check_output_path
     from peftcli.export import vllm
 
-    if not options.check:
-        check_output_path(options.output, [run], options.force)  # before reading: a bad -o costs nothing
+    out = options.output
+    if out is not None:  # given unless --check (ExportOptions says so)
+        check_output_path(out, [run], options.force)  # before reading: a bad -o costs nothing
     adapter = read_adapter(run)
     report = ExportReport(run, options.to, options.output, options.check)
     method = adapter.method_name
@@ -98,13 +99,13 @@ def export(run: str, options: ExportOptions) -> ExportReport:
     view = vllm.view_of(adapter)
     report.rank, report.lora_alpha = view.rank, view.config.get("lora_alpha", 8)
     report.findings = vllm.lint(view, options.max_lora_rank)
-    if options.check or report.refusals:
+    if out is None or report.refusals:
         return _refuse_or_report(report)
     plan = vllm.plan(view, options.max_lora_rank)
     config, tensors = vllm.repaired(view, adapter, plan)
     report.written_rank, report.written_alpha = plan.rank, plan.alpha
     metadata = {**adapter.metadata, "peftcli.exported_for": options.to, "peftcli.exported_from": os.path.abspath(run)}
-    write_adapter(options.output, config, tensors, metadata=metadata, inputs=[run], force=options.force)
+    write_adapter(out, config, tensors, metadata=metadata, inputs=[run], force=options.force)
     return report
 
 

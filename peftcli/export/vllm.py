@@ -365,6 +365,8 @@ def plan(view: LoraView, max_rank: int | None) -> Plan:
     """The exact repair of an adapter none of whose findings is refused: rank R, one α with
     α/R = the scale of the modules no pattern names, and s_m/that on each other module's B."""
     rank = target_rank(view, max_rank)
+    if rank is None:  # the rank rule refused it: plan is called only when nothing is refused
+        raise AssertionError("plan() of an adapter whose rank the rank rule refuses")
     s = view.default_scale
     alpha = s * rank
     factors = {p: m / s for p, m in view.scales.items() if m != s}
