@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from peftcli.checkpoint.safetensors_format import read_header  # noqa: E402
 from peftcli.checkpoint.writer import save_state_dict  # noqa: E402
-from peftcli.diff import DiffOptions, diff  # noqa: E402
+from peftcli.diffing import DiffOptions, diff  # noqa: E402
 
 DENSITIES = (0.001, 0.01, 0.1)
 MEMORY_LAYERS = (6, 24, 96)

@@ -5,7 +5,7 @@ the same model, the same batches (same examples, same order, same shapes), the s
 and the same initial φ, in fresh subprocesses that alternate (peftcli, PEFT, then PEFT,
 peftcli, ...) so that they see the same machine load:
 
-- **peftcli**: ``peftcli.inject.inject`` then ``peftcli.train.loop.train`` (the code behind
+- **peftcli**: ``peftcli.injection.inject`` then ``peftcli.training.loop.train`` (the code behind
   ``peftcli train``), timed through its ``progress`` hook, which the loop calls after every
   optimizer step.
 - **PEFT**: ``get_peft_model`` with the equal ``LoraConfig`` (``task_type`` SEQ_CLS for
@@ -411,10 +411,10 @@ def peftcli_side(spec: dict) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from peftcli.inject import inject
+    from peftcli.injection import inject
     from peftcli.methods.lora import LoraConfig
-    from peftcli.train.config import TrainConfig
-    from peftcli.train.loop import train
+    from peftcli.training.config import TrainConfig
+    from peftcli.training.loop import train
 
     run = os.path.join(spec["work"], "run-peftcli")
     inject(spec["model"], "lora", LoraConfig(rank=spec["rank"], targets=",".join(spec["targets"])), run, seed=spec["seed"], force=True)
@@ -447,8 +447,8 @@ def peft_side(spec: dict) -> dict:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from peftcli.train.batching import collate, encode, epoch_order, load_tokenizer
-    from peftcli.train.data import load_dataset
+    from peftcli.training.batching import collate, encode, epoch_order, load_tokenizer
+    from peftcli.training.data import load_dataset
 
     # Same data, tokens and order as peftcli's loop (untimed preparation).
     data = load_dataset(spec["data"], spec["task"])

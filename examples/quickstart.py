@@ -43,7 +43,7 @@ def _write_jsonl(path: str, rows: list[dict]) -> str:
 def _predict(model, items, pad_id, batch_size=64):
     import torch
 
-    from peftcli.train.batching import collate
+    from peftcli.training.batching import collate
 
     preds = []
     with torch.no_grad():
@@ -61,16 +61,16 @@ def run(model: str | None, out: str, steps: int | None = None, log=print) -> dic
 
     from peftcli.checkpoint.reader import open_checkpoint
     from peftcli.cli.train_cmd import Progress
-    from peftcli.convert import adapter_to_diff
-    from peftcli.diff import DiffOptions
-    from peftcli.inject import inject
-    from peftcli.merge.engine import merge
+    from peftcli.conversion import adapter_to_diff
+    from peftcli.diffing import DiffOptions
+    from peftcli.injection import inject
+    from peftcli.merging.engine import merge
     from peftcli.methods.lora import LoraConfig
     from peftcli.summary import summarize
-    from peftcli.train.batching import encode, load_tokenizer
-    from peftcli.train.config import TrainConfig
-    from peftcli.train.data import load_dataset
-    from peftcli.train.loop import evaluate, train
+    from peftcli.training.batching import encode, load_tokenizer
+    from peftcli.training.config import TrainConfig
+    from peftcli.training.data import load_dataset
+    from peftcli.training.loop import evaluate, train
 
     marker = os.path.join(out, MARKER)
     if os.path.exists(out) and not (os.path.isdir(out) and (os.path.isfile(marker) or not os.listdir(out))):
@@ -148,7 +148,7 @@ def _untrained_accuracy(model: str, items, pad_id: int, labels: list[str]) -> fl
     import torch
 
     from peftcli.attach import load_base_model
-    from peftcli.train.loop import evaluate
+    from peftcli.training.loop import evaluate
 
     torch.manual_seed(TRAIN_SEED)
     base = load_base_model(model, "AutoModelForSequenceClassification", num_labels=len(labels))

@@ -77,7 +77,7 @@ def edited_adapter(src: str, out, tensors=None, config=None) -> str:
 def whole_tensor_path(monkeypatch) -> None:
     """Merge inputs opened without ranged streams: every touched tensor goes through the
     engine's whole-tensor ``produce`` (to compare it with the ranged path)."""
-    from peftcli.merge import engine
+    from peftcli.merging import engine
 
     real = engine.open_source
 

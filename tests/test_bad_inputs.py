@@ -34,9 +34,9 @@ from peftcli.checkpoint import atomic
 from peftcli.checkpoint.reader import open_checkpoint
 from peftcli.checkpoint.writer import save_state_dict
 from peftcli.cli import cli
-from peftcli.diff import DiffOptions, diff
+from peftcli.diffing import DiffOptions, diff
 from peftcli.errors import BadInputError
-from peftcli.inject import inject
+from peftcli.injection import inject
 from peftcli.methods.ia3 import IA3Config
 from peftcli.methods.lora import LoraConfig
 from tests.helpers import edited_adapter

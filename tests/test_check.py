@@ -1,4 +1,4 @@
-"""``peftcli check`` and ``peftcli.check.check``: what passes, what fails and why, against attaching for real."""
+"""``peftcli check`` and ``peftcli.preflight.check``: what passes, what fails and why, against attaching for real."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from peftcli.attach import attach_adapter, load_base_model
 from peftcli.checkpoint.fingerprint import structure_hash
 from peftcli.checkpoint.reader import open_checkpoint
 from peftcli.checkpoint.writer import save_state_dict
-from peftcli.check import check
+from peftcli.preflight import check
 from peftcli.cli import PeftcliGroup
 from peftcli.cli.check_cmd import check as check_command
-from peftcli.diff import DiffOptions, diff
+from peftcli.diffing import DiffOptions, diff
 from peftcli.errors import BadInputError
-from peftcli.inject import inject
+from peftcli.injection import inject
 from peftcli.errors import UsageError
 from peftcli.methods.adapter import BottleneckAdapterConfig
 from peftcli.methods.bitfit import BitFitConfig

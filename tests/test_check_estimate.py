@@ -13,13 +13,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from peftcli.check import check
+from peftcli.preflight import check
 from peftcli.checkpoint.writer import save_state_dict
 from peftcli.cli import cli
-from peftcli.diff import DiffOptions, diff
-from peftcli.inject import inject
-from peftcli.merge.engine import merge
-from peftcli.merge.estimate import RUNTIME_BYTES
+from peftcli.diffing import DiffOptions, diff
+from peftcli.injection import inject
+from peftcli.merging.engine import merge
+from peftcli.merging.estimate import RUNTIME_BYTES
 from peftcli.methods import METHODS
 from tests.helpers import noisy_copy
 
@@ -66,7 +66,7 @@ def _peak_rss_of_merge(base: str, inputs: list[str], out: str, **options) -> int
     """VmHWM of a fresh process running the merge (its own high-water mark, not its parent's)."""
     script = textwrap.dedent(
         f"""
-        from peftcli.merge.engine import merge
+        from peftcli.merging.engine import merge
         merge({base!r}, {inputs!r}, {out!r}, **{options!r})
         print([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1])
         """

@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from peftcli.artifacts.sparse_diff import read_diff
 from peftcli.checkpoint.reader import open_checkpoint
 from peftcli.cli import cli
-from peftcli.diff import DiffOptions, diff
-from peftcli.merge.engine import merge
+from peftcli.diffing import DiffOptions, diff
+from peftcli.merging.engine import merge
 
 INPUTS = {"input_ids": torch.tensor([[2, 5, 6, 7, 9], [2, 11, 12, 13, 0]]), "attention_mask": torch.tensor([[1] * 5, [1, 1, 1, 1, 0]])}
 LABELS = {2: ["neg", "pos"], 4: ["World", "Sports", "Business", "Sci/Tech"]}
@@ -199,7 +199,7 @@ def test_two_classifiers_merge_into_a_model_per_task(tiny_bert, tasks, tmp_path)
 
 
 def test_each_merged_task_evaluates_with_its_own_labels(tiny_bert, tasks, tmp_path):
-    from peftcli.evaluate import EvalOptions, evaluate
+    from peftcli.evaluation import EvalOptions, evaluate
 
     out = str(tmp_path / "multi")
     merge(tiny_bert, [tasks["A"], tasks["B"]], out)  # full checkpoints as task vectors
@@ -296,7 +296,7 @@ def test_check_agrees_with_merge_and_says_what_differs(tiny_bert, tasks, tmp_pat
 
 
 def test_train_full_writes_its_head_models_class_and_diffs_against_the_base(tiny_bert, tmp_path):
-    from peftcli.evaluate import EvalOptions, evaluate
+    from peftcli.evaluation import EvalOptions, evaluate
 
     data = _eval_data(tmp_path / "train.tsv", ["neg", "pos"])
     run = str(tmp_path / "full")
@@ -314,10 +314,10 @@ def test_train_full_writes_its_head_models_class_and_diffs_against_the_base(tiny
 
 
 def test_a_lora_classification_run_converts_to_a_diff_with_its_head(tiny_bert, tasks, tmp_path):
-    from peftcli.inject import inject
+    from peftcli.injection import inject
     from peftcli.methods import METHODS
-    from peftcli.train.config import TrainConfig
-    from peftcli.train.loop import train
+    from peftcli.training.config import TrainConfig
+    from peftcli.training.loop import train
 
     data = _eval_data(tmp_path / "train.tsv", LABELS[4])
     run = str(tmp_path / "lora")

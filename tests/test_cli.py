@@ -85,8 +85,8 @@ def _schema_table(readme: str, heading: str) -> dict[str, str]:
 
 
 def test_every_inspect_json_field_is_in_the_readme_schema_table(tiny_llama, tmp_path):
-    from peftcli.diff import DiffOptions, diff
-    from peftcli.inject import inject
+    from peftcli.diffing import DiffOptions, diff
+    from peftcli.injection import inject
     from peftcli.methods.lora import LoraConfig
     from tests.helpers import noisy_copy
 

@@ -1,4 +1,4 @@
-"""``peftcli combine`` and ``peftcli.combine.combine``: against a dense reference, storage, metadata, errors."""
+"""``peftcli combine`` and ``peftcli.combining.combine``: against a dense reference, storage, metadata, errors."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from peftcli.checkpoint.reader import open_checkpoint
 from peftcli.checkpoint.writer import save_state_dict
 from peftcli.cli import PeftcliGroup
 from peftcli.cli.combine_cmd import combine as combine_command
-from peftcli.combine import combine
-from peftcli.diff import DiffOptions, diff
+from peftcli.combining import combine
+from peftcli.diffing import DiffOptions, diff
 from peftcli.errors import BadInputError, UsageError
 from tests.helpers import scaled_copy
 

@@ -14,7 +14,7 @@ import torch
 
 from peftcli.errors import UsageError
 from peftcli.attach import load_adapted, load_base_model
-from peftcli.inject import inject
+from peftcli.injection import inject
 from peftcli.methods import METHODS
 from tests import matrices
 from tests.helpers import batch, output_tensor

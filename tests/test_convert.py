@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from peftcli.attach import load_adapted
 from peftcli.cli import cli
-from peftcli.inject import inject
-from peftcli.merge.engine import merge
+from peftcli.injection import inject
+from peftcli.merging.engine import merge
 from peftcli.methods.lora import LoraConfig
 from tests.helpers import batch, output_tensor, randomize_
 

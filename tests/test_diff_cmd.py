@@ -1,4 +1,4 @@
-"""``peftcli diff`` and ``peftcli.diff.diff``: exact selection against brute-force references, apply, errors."""
+"""``peftcli diff`` and ``peftcli.diffing.diff``: exact selection against brute-force references, apply, errors."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from peftcli.checkpoint.reader import open_checkpoint
 from peftcli.checkpoint.writer import save_state_dict
 from peftcli.cli import PeftcliGroup
 from peftcli.cli.diff_cmd import diff as diff_command
-from peftcli.diff import DiffOptions, apportion, diff
+from peftcli.diffing import DiffOptions, apportion, diff
 
 
 def _group():

@@ -255,11 +255,11 @@ def test_the_methods_table_is_the_registry():
 
 
 def test_the_merge_method_tables_are_the_registry():
-    from peftcli.merge.methods import REGISTRY
+    from peftcli.merging.methods import REGISTRY
 
     text = read(os.path.join(DOCS, "merging.md"))
     rows = table(text, "| method | class |")
-    assert [r[0].strip("`") for r in rows] == list(REGISTRY), "docs/merging.md lists peftcli.merge.methods.REGISTRY, in order"
+    assert [r[0].strip("`") for r in rows] == list(REGISTRY), "docs/merging.md lists peftcli.merging.methods.REGISTRY, in order"
     for name, cls, inputs, weights, options, needs_base in rows:
         m = REGISTRY[name.strip("`")]
         assert resolve(cls.strip("`")) is type(m), (name, cls)

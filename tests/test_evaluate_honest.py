@@ -21,12 +21,12 @@ def run(*args):
 @pytest.fixture(scope="module")
 def trained(tiny_bert, tmp_path_factory):
     """A classification LoRA run (2 steps), its merge, a fresh LoRA and the dev data."""
-    from peftcli.inject import inject
-    from peftcli.merge.engine import merge
+    from peftcli.injection import inject
+    from peftcli.merging.engine import merge
     from peftcli.methods.lora import LoraConfig
     from peftcli.recipes.prepare import sentiment_data
-    from peftcli.train.config import TrainConfig
-    from peftcli.train.loop import train
+    from peftcli.training.config import TrainConfig
+    from peftcli.training.loop import train
 
     d = tmp_path_factory.mktemp("honest")
     paths = {}
@@ -99,7 +99,7 @@ def test_min_agreement_is_refused_when_either_head_is_new(tiny_bert, trained, tm
 def test_threads_bounds_torch_during_the_evaluation_only(tiny_bert, trained, monkeypatch):
     import torch
 
-    import peftcli.train.common as common
+    import peftcli.training.common as common
 
     seen = []
     original = common.evaluate
@@ -125,7 +125,7 @@ def test_bad_threads_are_one_line_usage_errors(value, message, tiny_bert, traine
 
 
 def test_threads_above_four_per_core_are_refused(tiny_bert, trained, monkeypatch):
-    from peftcli.evaluate import EvalOptions
+    from peftcli.evaluation import EvalOptions
     from peftcli.threads import check_threads
 
     monkeypatch.setattr(os, "cpu_count", lambda: 2)

@@ -220,7 +220,7 @@ def test_a_rank_above_max_lora_rank_is_refused_and_a_bad_one_is_a_usage_error(ra
 def test_other_methods_are_refused_naming_the_method(tiny_llama, tmp_path):
     from peft import IA3Config, get_peft_model
 
-    from peftcli.inject import inject
+    from peftcli.injection import inject
     from peftcli.methods.prompting.prefix import PrefixTuningConfig
 
     ia3 = str(tmp_path / "ia3")
@@ -310,7 +310,7 @@ def test_a_corrupt_pattern_is_one_line_of_bad_input(rank12, edit, says, tmp_path
 
 def test_the_library_call_and_force(rank12, tmp_path):
     from peftcli.errors import UsageError
-    from peftcli.export import ExportOptions, export
+    from peftcli.serving import ExportOptions, export
 
     report = export(rank12, ExportOptions(check=True))
     assert not report.ok and [f.rule for f in report.repairs] == ["rank"] and report.written_rank is None

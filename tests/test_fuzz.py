@@ -231,8 +231,8 @@ def valid(tiny_llama, tmp_path_factory):
 
     from peftcli.artifacts.adapter_dir import write_adapter
     from peftcli.checkpoint.writer import save_state_dict
-    from peftcli.diff import DiffOptions, diff
-    from peftcli.inject import inject
+    from peftcli.diffing import DiffOptions, diff
+    from peftcli.injection import inject
     from peftcli.methods import METHODS
 
     root = tmp_path_factory.mktemp("fuzz")

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the training-data reader (``peftcli.train.data.load_dataset``).
+"""Property-based fuzzing of the training-data reader (``peftcli.training.data.load_dataset``).
 
 Data files are generated as rows of strings (labels drawn among plain ids, words, unicode
 digits such as ``²`` and ``٣``, ``--5``, header names known and unknown) and then written as
@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from peftcli.errors import PeftcliError
-from peftcli.train import data as data_mod
-from peftcli.train.data import KNOWN_COLUMNS, is_integer_label, load_dataset
+from peftcli.training import data as data_mod
+from peftcli.training.data import KNOWN_COLUMNS, is_integer_label, load_dataset
 
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 if PROFILE not in ("ci", "long"):

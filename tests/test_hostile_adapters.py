@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from peftcli.attach import attach_adapter, load_base_model
 from peftcli.cli import cli
 from peftcli.errors import BadInputError
-from peftcli.inject import inject
+from peftcli.injection import inject
 from peftcli.methods.ia3 import IA3Config
 from peftcli.methods.lora import LoraConfig
 from tests.helpers import edited_adapter

@@ -24,8 +24,8 @@ from safetensors.torch import save_file
 from peftcli.checkpoint.reader import open_checkpoint
 from peftcli.cli import cli
 from peftcli.errors import BadInputError
-from peftcli.merge.arithmetic import combine as combine_phis
-from peftcli.merge.engine import merge
+from peftcli.merging.arithmetic import combine as combine_phis
+from peftcli.merging.engine import merge
 from tests.safetensors_craft import make_file, write
 
 
@@ -152,7 +152,7 @@ def test_f64_linear_merge_is_the_fp64_formula(tmp_path, whole):
 
 
 def test_f64_diff_merge_changes_only_the_kept_entries(tmp_path):
-    from peftcli.diff import DiffOptions, diff
+    from peftcli.diffing import DiffOptions, diff
 
     base = _base_tensors()
     ft = _finetune(base, 12)
@@ -279,7 +279,7 @@ def test_merge_copies_unchanged_fp8_bool_and_integer_tensors_verbatim(tmp_path):
 def test_an_adapter_changing_an_fp8_weight_is_refused():
     from types import SimpleNamespace
 
-    from peftcli.merge.sources import Source, refuse_unmergeable
+    from peftcli.merging.sources import Source, refuse_unmergeable
 
     ckpt = SimpleNamespace(tensors={"q": SimpleNamespace(dtype="F8_E4M3"), "w": SimpleNamespace(dtype="F32")})
     refuse_unmergeable(Source("a", "adapter", {"w": lambda t: t}), ckpt)
@@ -320,7 +320,7 @@ def test_f64_overflow_is_refused(tmp_path):
 
 
 def test_nonfinite_reads_every_dtype():
-    from peftcli.check import nonfinite
+    from peftcli.preflight import nonfinite
     from peftcli.checkpoint.dtypes import torch_dtype
     from peftcli.checkpoint.safetensors_format import DTYPES
 
@@ -339,7 +339,7 @@ def test_nonfinite_reads_every_dtype():
 
 
 def test_check_scan_base_reports_fp8_nan_and_skips_integers(tmp_path):
-    from peftcli.check import check
+    from peftcli.preflight import check
 
     q = torch.zeros(4, 4, dtype=torch.uint8)
     q[2, 3] = 0xFF  # NaN in E4M3
@@ -396,8 +396,8 @@ def test_header_accepts_large_but_representable_empty_shapes(tmp_path):
 def test_diff_metadata_shapes_that_overflow_are_refused(tmp_path):
     """A sparse tensor's shape is only in the .diff's metadata: combine would allocate from it."""
     from peftcli.checkpoint.fingerprint import structure_hash
-    from peftcli.combine import combine
-    from peftcli.diff import DiffOptions, diff
+    from peftcli.combining import combine
+    from peftcli.diffing import DiffOptions, diff
 
     base = {"w": torch.randn(8, 8, generator=torch.Generator().manual_seed(0))}
     ft = {"w": base["w"] + 1.0}
@@ -437,7 +437,7 @@ def test_a_dtype_cast_beyond_range_is_refused(tmp_path, whole):
 
 
 def test_check_cast_refuses_only_what_the_cast_made_infinite():
-    from peftcli.merge.ranged import check_cast
+    from peftcli.merging.ranged import check_cast
 
     x = torch.tensor([1.0, 1e5])
     with pytest.raises(BadInputError, match="'t' holds values beyond the range of float16"):
@@ -450,7 +450,7 @@ def test_check_cast_refuses_only_what_the_cast_made_infinite():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_apply_to_keeps_the_base_bits_where_phi_is_zero(tmp_path, dtype):
     from peftcli.artifacts.sparse_diff import read_diff
-    from peftcli.diff import DiffOptions, diff
+    from peftcli.diffing import DiffOptions, diff
 
     base = {"w": _f64_with_zeros((20, 10), 7).to(dtype)}
     ft = {"w": base["w"].clone()}

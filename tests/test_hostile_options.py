@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from peftcli.cli import cli
 from peftcli.options import MAX_STEPS, from_options
-from peftcli.train.config import TrainConfig
+from peftcli.training.config import TrainConfig
 
 
 def invoke(*args):
@@ -94,7 +94,7 @@ def test_other_commands(tiny_llama, tmp_path, args, message):
 
 def test_epochs_that_make_too_many_steps_are_refused():
     from peftcli.errors import UsageError
-    from peftcli.train.config import check_total_steps
+    from peftcli.training.config import check_total_steps
 
     assert check_total_steps(MAX_STEPS) == MAX_STEPS
     with pytest.raises(UsageError, match="more than the 1,000,000,000 a run may have"):

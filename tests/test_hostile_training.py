@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from peftcli.cli import cli
-from peftcli.inject import inject
+from peftcli.injection import inject
 from peftcli.methods.lora import LoraConfig
 
 

@@ -13,7 +13,7 @@ from peftcli.artifacts.adapter_dir import read_adapter
 from peftcli.attach import attach_adapter, load_adapted, load_base_model
 from peftcli.cli import cli
 from peftcli.errors import BadInputError, UsageError
-from peftcli.inject import inject
+from peftcli.injection import inject
 from peftcli.methods.ia3 import IA3Config
 from peftcli.methods.ia3.layer import IA3Linear
 from tests.helpers import batch, output_tensor, randomize_

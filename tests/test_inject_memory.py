@@ -151,7 +151,7 @@ def test_lazy_constants_and_a_broken_promise():
 
 
 def test_a_lazy_tensor_that_breaks_its_shape_writes_nothing(tiny_llama, tmp_path, monkeypatch):
-    from peftcli.inject import inject
+    from peftcli.injection import inject
     from peftcli.methods.layers import Layers, LayersConfig
 
     real_init = Layers.init
@@ -170,7 +170,7 @@ def test_a_lazy_tensor_that_breaks_its_shape_writes_nothing(tiny_llama, tmp_path
 
 
 def test_the_budget_check_counts_lazy_tensors(tiny_llama, tmp_path, monkeypatch):
-    from peftcli.inject import inject
+    from peftcli.injection import inject
     from peftcli.methods.layers import Layers, LayersConfig
 
     real_init = Layers.init
@@ -224,7 +224,7 @@ def test_inject_layers_holds_one_phi_tensor_at_a_time(tmp_path):
         def hwm():
             return int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) * 1024
         import torch
-        from peftcli.inject import inject
+        from peftcli.injection import inject
         from peftcli.methods.layers import LayersConfig
         before = hwm()
         inject({base!r}, "layers", LayersConfig(layers="0-{LAYERS - 1}"), {out!r})

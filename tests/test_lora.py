@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from peftcli.attach import attach_adapter, load_adapted, load_base_model
 from peftcli.cli import cli
 from peftcli.errors import BadInputError
-from peftcli.inject import inject
+from peftcli.injection import inject
 from peftcli.methods.lora import LoraConfig
 from tests.helpers import batch, output_tensor, randomize_
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from peftcli.attach import load_adapted, load_base_model
 from peftcli.cli import cli
 from peftcli.errors import BadInputError
-from peftcli.merge.engine import merge
+from peftcli.merging.engine import merge
 from peftcli.methods.lora import base_init as lora_init
 from tests.helpers import batch, edited_adapter, output_tensor, randomize_
 
@@ -141,7 +141,7 @@ def test_unreproducible_inits_are_refused_alike_by_check_merge_and_evaluate(tiny
 
 def test_olora_on_a_non_square_conv1d_is_refused(tiny_gpt2, tmp_path):
     """PEFT's OLoRA factors Conv1D's stored [in, out] weight, so it cannot load an adapter on c_attn."""
-    from peftcli.inject import inject
+    from peftcli.injection import inject
     from peftcli.methods.lora import LoraConfig
 
     inject(tiny_gpt2, "lora", LoraConfig(rank=4, targets="c_attn"), str(tmp_path / "run"))

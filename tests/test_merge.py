@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from peftcli.attach import load_adapted, load_base_model
 from peftcli.checkpoint.reader import open_checkpoint
 from peftcli.cli import cli
-from peftcli.inject import inject
-from peftcli.merge.engine import merge
+from peftcli.injection import inject
+from peftcli.merging.engine import merge
 from peftcli.methods import METHODS
 from tests import matrices
 from tests.helpers import batch, noisy_copy, output_tensor, randomize_
@@ -162,7 +162,7 @@ def test_kill_9_during_a_merge_leaves_no_output_and_a_rerun_succeeds(tiny_llama,
     script = textwrap.dedent(
         f"""
         import os, signal
-        from peftcli.merge.engine import merge
+        from peftcli.merging.engine import merge
         def progress(n, total):
             if n == 5:  # mid-way through writing the tensors
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -183,8 +183,8 @@ def test_kill_9_during_a_merge_leaves_no_output_and_a_rerun_succeeds(tiny_llama,
 def test_a_trained_classifier_merges_into_the_head_model(fixture, request, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from peftcli.train.config import TrainConfig
-    from peftcli.train.loop import train
+    from peftcli.training.config import TrainConfig
+    from peftcli.training.loop import train
 
     base = request.getfixturevalue(fixture)
     rows = [{"text": f"w{i % 7 + 4} w{i % 5 + 20}", "label": "yes" if i % 2 else "no"} for i in range(32)]

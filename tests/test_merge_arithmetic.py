@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from peftcli.errors import BadInputError, UsageError
-from peftcli.merge.arithmetic import METHODS, combine
+from peftcli.merging.arithmetic import METHODS, combine
 
 
 def _t(values) -> torch.Tensor:

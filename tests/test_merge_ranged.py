@@ -1,4 +1,4 @@
-"""Merging by ranges (peftcli.merge.ranged) writes exactly the bytes of merging whole tensors.
+"""Merging by ranges (peftcli.merging.ranged) writes exactly the bytes of merging whole tensors.
 
 The reference is the whole-tensor path of the engine (``produce`` with ``arithmetic.combine``),
 forced by opening the inputs without their ranged streams. Ranges are made tiny so every tensor
@@ -16,11 +16,11 @@ import torch
 
 from peftcli.checkpoint.reader import open_checkpoint
 from peftcli.checkpoint.writer import SafetensorsStreamWriter, TensorSpec, save_state_dict
-from peftcli.diff import DiffOptions, diff
+from peftcli.diffing import DiffOptions, diff
 from peftcli.errors import BadInputError, UsageError
-from peftcli.merge import ranged
-from peftcli.merge.engine import merge
-from peftcli.merge.pipeline import ReadAhead, WriteBehind
+from peftcli.merging import ranged
+from peftcli.merging.engine import merge
+from peftcli.merging.pipeline import ReadAhead, WriteBehind
 from tests.helpers import whole_tensor_path
 
 SHAPES = {"a.weight": (37, 29), "b.weight": (1000,), "c.bias": (5,), "d.weight": (64, 3)}
@@ -135,7 +135,7 @@ def test_dare_leaves_out_inputs_that_do_not_touch_a_tensor_without_changing_a_bi
 def test_untouched_tensors_are_copied_or_cast_and_stdout_gets_the_same_bytes(tiny_llama, tmp_path, monkeypatch):
     import io
 
-    from peftcli.inject import inject
+    from peftcli.injection import inject
     from peftcli.methods import METHODS
 
     run = str(tmp_path / "lora")

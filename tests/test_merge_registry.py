@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from peftcli.cli import cli
 from peftcli.errors import UsageError
-from peftcli.merge.methods import REGISTRY, get_merge_method
+from peftcli.merging.methods import REGISTRY, get_merge_method
 
 
 def test_every_registered_method_is_a_merge_and_check_choice_with_its_flags():
@@ -27,7 +27,7 @@ def test_every_registered_method_is_a_merge_and_check_choice_with_its_flags():
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_every_registered_method_has_an_estimate(name, tiny_llama, tmp_path):
     from peftcli.checkpoint.reader import open_checkpoint
-    from peftcli.merge.estimate import Input, estimate
+    from peftcli.merging.estimate import Input, estimate
 
     with open_checkpoint(tiny_llama) as ckpt:
         touched = {n for n, t in ckpt.tensors.items() if t.dtype in ("F32", "BF16", "F16")}
@@ -42,7 +42,7 @@ def test_an_unknown_method_names_the_closest_and_never_falls_through():
     with pytest.raises(UsageError) as caught:
         get_merge_method("dare_ties")
     assert "did you mean dare-ties" in caught.value.hint and "\n" not in str(caught.value)
-    from peftcli.merge.engine import merge
+    from peftcli.merging.engine import merge
 
     with pytest.raises(UsageError, match="unknown merge method"):
         merge("unused", ["a.diff"], "out", method="tie")  # refused before anything is opened

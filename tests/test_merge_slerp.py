@@ -1,4 +1,4 @@
-"""SLERP merges (peftcli.merge.methods.slerp) against an fp64 reference written here.
+"""SLERP merges (peftcli.merging.methods.slerp) against an fp64 reference written here.
 
 The reference follows the definition (normalised vectors, ω = arccos(â·b̂), the sin weights,
 linear interpolation when |â·b̂| > 0.9995) and mergekit's gradients (np.interp over the
@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 from peftcli.checkpoint.writer import save_state_dict
 from peftcli.cli import cli
 from peftcli.errors import UsageError
-from peftcli.merge.arithmetic import combine
-from peftcli.merge.engine import merge
-from peftcli.merge.methods._slerp_kernel import coefficients
+from peftcli.merging.arithmetic import combine
+from peftcli.merging.engine import merge
+from peftcli.merging.methods._slerp_kernel import coefficients
 from tests.helpers import whole_tensor_path
 
 LAYERS = 4

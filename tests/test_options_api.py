@@ -22,12 +22,12 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from peftcli.check import CheckOptions
+from peftcli.preflight import CheckOptions
 from peftcli.cli import cli
-from peftcli.combine import CombineOptions
-from peftcli.convert import ConvertOptions
+from peftcli.combining import CombineOptions
+from peftcli.conversion import ConvertOptions
 from peftcli.errors import UsageError
-from peftcli.merge.options import FLOAT32_MAX, MergeOptions, merge_options
+from peftcli.merging.options import FLOAT32_MAX, MergeOptions, merge_options
 from peftcli.options import from_options
 from peftcli.summary import InspectOptions
 
@@ -82,10 +82,10 @@ def test_the_options_build_and_refuse_without_click():
     code = (
         "import sys\n"
         "from peftcli.errors import UsageError\n"
-        "from peftcli.merge.options import MergeOptions\n"
-        "from peftcli.check import CheckOptions\n"
-        "from peftcli.combine import CombineOptions\n"
-        "from peftcli.convert import ConvertOptions\n"
+        "from peftcli.merging.options import MergeOptions\n"
+        "from peftcli.preflight import CheckOptions\n"
+        "from peftcli.combining import CombineOptions\n"
+        "from peftcli.conversion import ConvertOptions\n"
         "from peftcli.summary import InspectOptions\n"
         "import peftcli.recipes.steps\n"
         "assert MergeOptions(weights='1,0.5', method='ties', params={'density': 0.5}).weights == [1.0, 0.5]\n"

@@ -18,14 +18,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from peftcli.attach import load_base_model
-from peftcli.evaluate import EvalOptions, _load, _predictions
-from peftcli.inject import inject
+from peftcli.evaluation import EvalOptions, _load, _predictions
+from peftcli.injection import inject
 from peftcli.methods.prompting.prefix import PrefixTuningConfig
 from peftcli.methods.prompting.prompt import PromptTuningConfig
-from peftcli.train.batching import collate, encode, load_tokenizer
-from peftcli.train.config import TrainConfig
-from peftcli.train.data import load_dataset
-from peftcli.train.loop import train
+from peftcli.training.batching import collate, encode, load_tokenizer
+from peftcli.training.config import TrainConfig
+from peftcli.training.data import load_dataset
+from peftcli.training.loop import train
 from tests.helpers import randomize_
 
 peft = pytest.importorskip("peft")

@@ -166,10 +166,10 @@ def test_untrained_evaluation_is_the_quickstart_baseline(tiny_bert, tiny_data):
     """A model without a head gets the head training starts from: the quick start's baseline."""
     import torch
 
-    from peftcli.evaluate import EvalOptions, evaluate
+    from peftcli.evaluation import EvalOptions, evaluate
     from examples.quickstart import _untrained_accuracy
-    from peftcli.train.batching import encode, load_tokenizer
-    from peftcli.train.data import load_dataset
+    from peftcli.training.batching import encode, load_tokenizer
+    from peftcli.training.data import load_dataset
 
     doc = evaluate(tiny_bert, EvalOptions(data=tiny_data[1], device="cpu"))
     data = load_dataset(tiny_data[1])
@@ -350,7 +350,7 @@ def test_builtins_reuse_the_quickstart_and_stay_in_the_workdir(tmp_path, in_tmp,
 
 
 def test_evaluate_refuses_what_it_cannot_evaluate(tiny_bert, tiny_data, tmp_path):
-    from peftcli.evaluate import EvalOptions, evaluate
+    from peftcli.evaluation import EvalOptions, evaluate
 
     with pytest.raises(UsageError, match="--data is required"):
         EvalOptions()
@@ -361,7 +361,7 @@ def test_evaluate_refuses_what_it_cannot_evaluate(tiny_bert, tiny_data, tmp_path
 
 
 def _fresh_lora(model: str, tmp_path) -> str:
-    from peftcli.inject import inject
+    from peftcli.injection import inject
     from peftcli.methods.lora import LoraConfig
 
     out = str(tmp_path / "fresh")

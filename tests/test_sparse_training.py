@@ -19,13 +19,13 @@ from safetensors.torch import load_file
 
 from peftcli.artifacts.sparse_diff import read_diff
 from peftcli.cli import cli
-from peftcli.inject import inject
-from peftcli.merge.engine import merge
+from peftcli.injection import inject
+from peftcli.merging.engine import merge
 from peftcli.methods import METHODS
-from peftcli.train import phased
-from peftcli.train import state as ckpt_state
-from peftcli.train.config import TrainConfig
-from peftcli.train.loop import train
+from peftcli.training import phased
+from peftcli.training import state as ckpt_state
+from peftcli.training.config import TrainConfig
+from peftcli.training.loop import train
 from tests.helpers import cls_rows, lm_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -358,7 +358,7 @@ class _Killed(Exception):
 
 @pytest.mark.parametrize("point", ["after-training", "after-prune", "after-state", "after-ticket-state"])
 def test_lottery_resumes_to_the_same_bytes_after_a_kill_between_rounds(tiny_llama, data, tmp_path, monkeypatch, point):
-    from peftcli.train import lottery
+    from peftcli.training import lottery
 
     cfg = _cfg(data["lm"], steps=3, phase1_steps=3, save_every=3)  # each round ends with a checkpoint
     whole = _inject(tiny_llama, tmp_path, "lottery", "whole", rounds=2, prune_rate=0.5)
@@ -397,7 +397,7 @@ def test_lottery_resumes_to_the_same_bytes_after_a_kill_between_rounds(tiny_llam
 def test_lt_sft_resumes_after_a_kill_between_a_finished_phase_and_what_follows(tiny_llama, data, tmp_path, monkeypatch, point):
     # Each phase's last checkpoint is its end (save_every = steps): resuming must take it as
     # the phase's result, not say "nothing to resume".
-    from peftcli.train import common as train_common
+    from peftcli.training import common as train_common
 
     cfg = _cfg(data["lm"], steps=4, phase1_steps=4, save_every=4)
     whole = _inject(tiny_llama, tmp_path, "lt-sft", "whole", top_k=K)

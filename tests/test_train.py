@@ -17,12 +17,12 @@ from safetensors.torch import load_file
 
 from peftcli.attach import load_adapted, load_base_model
 from peftcli.cli import cli
-from peftcli.inject import inject
+from peftcli.injection import inject
 from peftcli.methods.lora import LoraConfig
-from peftcli.train.config import TrainConfig
-from peftcli.train.data import load_dataset
-from peftcli.train.loop import train
-from peftcli.train.state import step_dir
+from peftcli.training.config import TrainConfig
+from peftcli.training.data import load_dataset
+from peftcli.training.loop import train
+from peftcli.training.state import step_dir
 from tests import matrices
 from tests.helpers import cls_rows, lm_rows
 
@@ -89,7 +89,7 @@ def test_classification_head_and_label_mapping_round_trip(tiny_bert, data, tmp_p
     saved = load_file(os.path.join(run, "adapter_model.safetensors"))
     assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= set(saved)
 
-    from peftcli.train.batching import collate, encode, load_tokenizer
+    from peftcli.training.batching import collate, encode, load_tokenizer
 
     dev = load_dataset(data["cls_dev"])
     batch = collate(encode(dev, load_tokenizer(tiny_bert), 128, summary["labels"]), 0)
@@ -318,8 +318,8 @@ def test_two_gloo_workers_equal_one_process_with_the_same_global_batch(tiny_llam
 
 def test_lm_eval_loss_is_the_mean_over_predicted_tokens_whatever_the_batch_size(tiny_llama, data):
     from peftcli.attach import load_base_model
-    from peftcli.train.batching import encode, load_tokenizer
-    from peftcli.train.loop import evaluate
+    from peftcli.training.batching import encode, load_tokenizer
+    from peftcli.training.loop import evaluate
 
     model = load_base_model(tiny_llama, "AutoModelForCausalLM")
     tok = load_tokenizer(tiny_llama)

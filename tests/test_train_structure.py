@@ -1,9 +1,9 @@
 """The training code stays readable: short functions, one-way imports, public names only.
 
 AST checks over the source files (nothing is imported or run): no function in
-``peftcli/train/`` over 80 lines; the modules of ``peftcli/train/`` import each other in one
+``peftcli/training/`` over 80 lines; the modules of ``peftcli/training/`` import each other in one
 direction only (no cycle, lazy function-level imports included); no ``nonlocal`` state in the
-loop; and no module of ``peftcli/train/`` (or ``peftcli/evaluate.py``, which uses the loop's
+loop; and no module of ``peftcli/training/`` (or ``peftcli/evaluation.py``, which uses the loop's
 helpers) reaches for another module's private ``_name``, by ``from x import _y`` or ``x._y``.
 """
 
@@ -15,7 +15,7 @@ import os
 import peftcli
 
 PACKAGE = os.path.dirname(peftcli.__file__)
-TRAIN = os.path.join(PACKAGE, "train")
+TRAIN = os.path.join(PACKAGE, "training")
 MAX_LINES = 80
 
 
@@ -86,7 +86,7 @@ def test_train_modules_import_each_other_one_way():
         _module_name(path): {
             target for module, name, _ in _imports(tree)
             for target in ([module] if name is None or not _is_module(f"{module}.{name}") else [f"{module}.{name}"])
-            if target.startswith("peftcli.train.")
+            if target.startswith("peftcli.training.")
         }
         for path, tree in _sources(TRAIN).items()
     }
@@ -105,7 +105,7 @@ def test_train_modules_import_each_other_one_way():
     for module in sorted(graph):
         visit(module, [])
     assert cycles == []
-    assert "peftcli.train.loop" not in set().union(*graph.values())  # the dispatcher is on top
+    assert "peftcli.training.loop" not in set().union(*graph.values())  # the dispatcher is on top
 
 
 def test_no_nonlocal_state_in_train():
@@ -122,6 +122,6 @@ def test_train_uses_no_private_name_of_another_module():
 
 
 def test_evaluate_uses_no_private_name_of_the_training_code():
-    path = os.path.join(PACKAGE, "evaluate.py")
+    path = os.path.join(PACKAGE, "evaluation.py")
     uses = _private_uses(path, ast.parse(open(path, encoding="utf-8").read()))
-    assert [what for module, what in uses if module.startswith("peftcli.train")] == []
+    assert [what for module, what in uses if module.startswith("peftcli.training")] == []

@@ -15,13 +15,13 @@ from click.testing import CliRunner
 
 from peftcli.cli import cli
 from peftcli.errors import BadInputError, UsageError
-from peftcli.inject import inject
+from peftcli.injection import inject
 from peftcli.methods import METHODS
 from peftcli.methods.lora import LoraConfig
-from peftcli.train import state as ckpt_state
-from peftcli.train.config import TrainConfig
-from peftcli.train.data import load_dataset
-from peftcli.train.loop import train
+from peftcli.training import state as ckpt_state
+from peftcli.training.config import TrainConfig
+from peftcli.training.data import load_dataset
+from peftcli.training.loop import train
 from tests.helpers import cls_rows, lm_rows
 
 
@@ -271,6 +271,6 @@ def test_a_continued_run_killed_midway_resumes_to_the_same_bytes(tiny_llama, dat
 
 def test_train_threads_go_through_the_shared_validator():
     from peftcli import threads
-    from peftcli.train import loop
+    from peftcli.training import loop
 
     assert loop.torch_threads is threads.torch_threads

@@ -1,6 +1,6 @@
 """``peftcli check BASE ARTIFACT...``: pre-flight validation of adapters and diffs against a base.
 
-A thin layer over ``peftcli.check.check``. Results (one line per input and a summary, or one
+A thin layer over ``peftcli.preflight.check``. Results (one line per input and a summary, or one
 JSON document) go to stdout; when anything fails, the one-line error on stderr and exit 1.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from peftcli.check import CheckOptions, count_artifacts
+from peftcli.preflight import CheckOptions, count_artifacts
 from peftcli.cli.options import click_options
 from peftcli.cli.output import emit_json, json_option, printable
 from peftcli.options import from_options
@@ -39,7 +39,7 @@ def check(base, artifacts, as_json, **values):
       peftcli check base/ task.diff --content --json
       peftcli check base/ --scan-base
     """
-    from peftcli.check import check as run_check
+    from peftcli.preflight import check as run_check
     from peftcli.errors import BadInputError
 
     report = run_check(base, list(artifacts), from_options(CheckOptions, values))

@@ -1,6 +1,6 @@
 """``peftcli combine A.diff B.diff --op add -o AB.diff``: arithmetic on sparse diffs, kept sparse.
 
-A thin layer over ``peftcli.combine.combine``; the rules are in that module's docstring.
+A thin layer over ``peftcli.combining.combine``; the rules are in that module's docstring.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import click
 
 from peftcli.cli.options import click_options
 from peftcli.cli.output import emit_json, json_option, printable, stdout_console
-from peftcli.combine import CombineOptions  # imports no torch: that happens inside the command
+from peftcli.combining import CombineOptions  # imports no torch: that happens inside the command
 from peftcli.options import from_options
 
 
@@ -36,7 +36,7 @@ def combine(inputs, out, as_json, **values):
       peftcli combine a.diff b.diff --op subtract -o a-minus-b.diff
       peftcli combine a.diff --op scale --by -1 -o forget-a.diff
     """
-    from peftcli.combine import combine as run_combine
+    from peftcli.combining import combine as run_combine
 
     report = run_combine(list(inputs), from_options(CombineOptions, values), out)
     if as_json:

@@ -6,8 +6,8 @@ import click
 
 from peftcli.cli.options import click_options
 from peftcli.cli.output import emit_json, json_option, stdout_console
-from peftcli.convert import ConvertOptions
-from peftcli.diff import DiffOptions
+from peftcli.conversion import ConvertOptions
+from peftcli.diffing import DiffOptions
 from peftcli.methods import foldable
 
 
@@ -32,8 +32,8 @@ def convert(source, out, as_json, **values):
       peftcli convert runs/lora/ --to diff -o lora.diff --dense
       peftcli convert runs/lora/ --to diff -o lora.diff --density 0.01
     """
-    from peftcli.convert import convert as run_convert
-    from peftcli.convert import convert_options
+    from peftcli.conversion import convert as run_convert
+    from peftcli.conversion import convert_options
 
     opts = convert_options(values)
     report = run_convert(source, out, opts)

@@ -1,6 +1,6 @@
 """``peftcli diff BASE FINETUNED -o task.diff``: the task vector φ = θ_ft − θ₀ as a sparse diff.
 
-A thin layer over ``peftcli.diff.diff``; the format is ``peftcli.artifacts.sparse_diff``.
+A thin layer over ``peftcli.diffing.diff``; the format is ``peftcli.artifacts.sparse_diff``.
 ``render_description`` renders what ``describe`` reports for ``peftcli inspect task.diff``.
 """
 
@@ -12,7 +12,7 @@ import click
 
 from peftcli.cli.output import emit_json, json_option, stderr_console, stdout_console
 from peftcli.cli.render import render_report
-from peftcli.diff import DiffOptions  # imports no torch: that happens inside the command
+from peftcli.diffing import DiffOptions  # imports no torch: that happens inside the command
 from peftcli.cli.options import click_options
 from peftcli.options import from_options
 
@@ -71,7 +71,7 @@ def diff(base, finetuned, out, force, allow_pickle, as_json, **options):
       peftcli diff base/ finetuned/ -o task.diff --top-k 1000000 --per-tensor
       peftcli diff base/ finetuned/ -o full.diff --dense
     """
-    from peftcli.diff import diff as compute_diff
+    from peftcli.diffing import diff as compute_diff
 
     cfg = from_options(DiffOptions, options)
     if sys.stderr.isatty():

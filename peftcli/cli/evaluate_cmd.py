@@ -1,4 +1,4 @@
-"""``peftcli evaluate MODEL --data FILE``: validation loss and accuracy (a thin layer over ``peftcli.evaluate``).
+"""``peftcli evaluate MODEL --data FILE``: validation loss and accuracy (a thin layer over ``peftcli.evaluation``).
 
 Also the command behind a recipe's evaluate step.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 from peftcli.cli.output import emit_json, json_option, printable
-from peftcli.evaluate import EvalOptions  # imports no torch: that happens inside the command
+from peftcli.evaluation import EvalOptions  # imports no torch: that happens inside the command
 from peftcli.cli.options import click_options
 from peftcli.options import from_options
 
@@ -32,8 +32,8 @@ def evaluate(model, as_json, **options):
       peftcli evaluate merged/ --data dev.jsonl --compare runs/lora/ --min-agreement 1
       peftcli evaluate multi/ --data sst2-dev.jsonl --head runs/sst2/
     """
-    from peftcli.evaluate import describe
-    from peftcli.evaluate import evaluate as run_evaluate
+    from peftcli.evaluation import describe
+    from peftcli.evaluation import evaluate as run_evaluate
 
     doc = run_evaluate(model, from_options(EvalOptions, options))
     if as_json:

@@ -1,6 +1,6 @@
 """``peftcli export RUN --to vllm -o OUT``: an adapter a serving engine loads (``--check``: lint only).
 
-Parses, calls ``peftcli.export.export``, renders. A refusal is the one-line error (exit 1,
+Parses, calls ``peftcli.serving.export``, renders. A refusal is the one-line error (exit 1,
 nothing written); ``--check`` prints every finding and exits 1 when any rule fails.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from peftcli.cli.output import emit_json, json_option, printable
-from peftcli.export import ExportOptions
+from peftcli.serving import ExportOptions
 from peftcli.cli.options import click_options
 from peftcli.options import from_options
 
@@ -37,7 +37,7 @@ def export(run, as_json, **options):
       peftcli export runs/lora/ --to vllm --max-lora-rank 32 -o served/lora/ --json
     """
     from peftcli.errors import BadInputError
-    from peftcli.export import export as run_export
+    from peftcli.serving import export as run_export
 
     opts = from_options(ExportOptions, options)
     report = run_export(run, opts)

@@ -28,7 +28,7 @@ def _command(method) -> click.Command:
     @json_option
     @click_options(method.config_cls)
     def command(model, out, seed, force, allow_pickle, as_json, **options):
-        from peftcli.inject import inject
+        from peftcli.injection import inject
 
         cfg = from_options(method.config_cls, options)
         out = out if out is not None else default_output(model, method.name)

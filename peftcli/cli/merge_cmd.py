@@ -8,8 +8,8 @@ import click
 
 from peftcli.cli.options import click_options
 from peftcli.cli.output import emit_json, json_option, stderr_console, styled
-from peftcli.merge.methods import option_classes
-from peftcli.merge.options import MergeOptions
+from peftcli.merging.methods import option_classes
+from peftcli.merging.options import MergeOptions
 from peftcli.methods import foldable
 
 
@@ -36,14 +36,14 @@ def merge(base, inputs, out, as_json, **values):
       peftcli merge base/ a.diff b.diff --method ties --density 0.2 -o ties/
       peftcli merge base.safetensors taskA.diff taskB.diff > merged.safetensors
     """
-    from peftcli.merge.options import merge_options
+    from peftcli.merging.options import merge_options
 
     opts = merge_options(values)  # checked before anything is read
-    from peftcli.merge.provenance import Hasher
+    from peftcli.merging.provenance import Hasher
 
     hasher = Hasher.for_inputs(inputs)  # hashes on its own thread while torch is imported
-    from peftcli.merge.engine import merge as run_merge
-    from peftcli.merge.engine import stdout_stream
+    from peftcli.merging.engine import merge as run_merge
+    from peftcli.merging.engine import stdout_stream
 
     stream = None
     if out is None:

@@ -26,7 +26,7 @@ def plot(run, out, force, as_json):
       peftcli plot runs/lora/ -o lora.png
       peftcli plot runs/lth/ --json | jq .png
     """
-    from peftcli.train.plot import plot_run, read_rounds
+    from peftcli.training.plot import plot_run, read_rounds
 
     default = out is None
     out = out or os.path.join(run, "curves.png")

@@ -12,7 +12,7 @@ from peftcli.cli.output import quiet_option, emit_json, json_option, stderr_cons
 from peftcli.errors import UsageError
 from peftcli.cli.options import INT, click_options
 from peftcli.options import from_options
-from peftcli.train.config import TrainConfig
+from peftcli.training.config import TrainConfig
 
 
 class Progress:
@@ -87,7 +87,7 @@ def train(run, resume, force, quiet, nproc, as_json, **options):
       peftcli train runs/lora/ --model model/ --data train.jsonl --nproc 2
     """
     if nproc is not None:
-        from peftcli.train.distributed import launch
+        from peftcli.training.distributed import launch
 
         cores = os.cpu_count() or 1
         if nproc > cores:  # each worker holds a whole model and computes on a core of its own
@@ -96,7 +96,7 @@ def train(run, resume, force, quiet, nproc, as_json, **options):
         # Every worker runs this same command without --nproc; torchrun sets RANK/WORLD_SIZE.
         argv = _without_nproc(sys.argv[1:])
         raise SystemExit(launch(nproc, argv))
-    from peftcli.train.loop import train as run_training
+    from peftcli.training.loop import train as run_training
 
     cfg = None if resume else from_options(TrainConfig, options)
     given = [k for k, v in options.items() if v is not None and k != "steps"]

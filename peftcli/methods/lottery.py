@@ -1,7 +1,7 @@
 """Lottery tickets (Frankle & Carbin, 2019): iterative magnitude pruning with rewinding.
 
 ``inject lottery`` records the options; ``peftcli train`` runs the rounds
-(``peftcli.train.lottery``): train, prune ``--prune-rate`` of the remaining prunable weights
+(``peftcli.training.lottery``): train, prune ``--prune-rate`` of the remaining prunable weights
 with the smallest magnitude (``--select random``: at random, the random-ticket control),
 rewind the survivors to their values at ``--rewind-step`` (0: the pretrained start), repeat.
 ``--rounds N`` prunes N times, so N + 1 trainings, the last one of the final ticket.
@@ -61,7 +61,7 @@ class LotteryConfig:
 class Lottery(SectionConfig, MethodBase):
     name = "lottery"
     trains_in_place = True
-    schedule = ROUNDS  # peftcli train runs the rounds (peftcli.train.lottery); the result is a checkpoint
+    schedule = ROUNDS  # peftcli train runs the rounds (peftcli.training.lottery); the result is a checkpoint
     config_cls = LotteryConfig
     summary = "Lottery tickets: iterative magnitude pruning with rewinding; the result is a sparse checkpoint."
     peft_type = None

@@ -25,18 +25,18 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from peftcli.check import CheckOptions
-from peftcli.combine import CombineOptions, coefficients
-from peftcli.convert import ConvertOptions, convert_options
-from peftcli.diff import DiffOptions
+from peftcli.preflight import CheckOptions
+from peftcli.combining import CombineOptions, coefficients
+from peftcli.conversion import ConvertOptions, convert_options
+from peftcli.diffing import DiffOptions
 from peftcli.errors import BadInputError, UsageError
-from peftcli.evaluate import EvalOptions
-from peftcli.merge.methods import option_classes as merge_method_classes
-from peftcli.merge.options import MergeOptions, merge_options
+from peftcli.evaluation import EvalOptions
+from peftcli.merging.methods import option_classes as merge_method_classes
+from peftcli.merging.options import MergeOptions, merge_options
 from peftcli.methods import METHODS
 from peftcli.options import ascii_float, ascii_int, flag_name, from_options, option, option_fields
 from peftcli.summary import InspectOptions, budget_option_classes, inspect_options
-from peftcli.train.config import TrainConfig
+from peftcli.training.config import TrainConfig
 
 # Not step keys: the subcommands' --json and --quiet (output format, progress) and train's --nproc
 # and --resume (a re-launch, a rerun) are the runner's business, so no row declares them.
@@ -273,7 +273,7 @@ def _describe_check(doc: dict) -> str:
 
 
 def _describe_evaluate(doc: dict) -> str:
-    from peftcli.evaluate import describe
+    from peftcli.evaluation import describe
 
     return describe(doc)
 
@@ -287,46 +287,46 @@ KINDS: dict[str, Kind] = {
             "peftcli.summary:inspect", inspect_options, lambda api, p, o, ctx: api(p["path"], o), _describe_inspect,
         ),
         Kind(
-            "inject", "write an adapter directory with fresh φ", _inject_params, "peftcli.inject:inject", _inject_options, _inject,
+            "inject", "write an adapter directory with fresh φ", _inject_params, "peftcli.injection:inject", _inject_options, _inject,
             _describe_inject, outputs=("output",), creates=("output",), selector="method",
         ),
         Kind(
             "train", "train an adapter run (or --full)", _fixed(arg("run"), option_params(_Force, TrainConfig)),
-            "peftcli.train.loop:train", _options(TrainConfig), _train, _describe_train,
+            "peftcli.training.loop:train", _options(TrainConfig), _train, _describe_train,
             outputs=("run",), extra_paths=("model", "data", "eval"), required=("data",),
         ),
         Kind(
             "diff", "φ = finetuned − base as a sparse .diff",
             _fixed(arg("base"), arg("finetuned"), option_params(_RequiredOutput, DiffOptions, _Force, _Pickle)),
-            "peftcli.diff:diff", _options(DiffOptions),
+            "peftcli.diffing:diff", _options(DiffOptions),
             lambda api, p, o, ctx: api(p["base"], p["finetuned"], p["out"], o, force=p["force"], allow_pickle=p["allow_pickle"]),
             _describe_diff, outputs=("output",), creates=("output",),
         ),
         Kind(
             "convert", "an adapter as a .diff, or a .diff as LoRA",
             _fixed(arg("source"), option_params(ConvertOptions, _RequiredOutput, DiffOptions)),
-            "peftcli.convert:convert", convert_options, lambda api, p, o, ctx: api(p["source"], p["out"], o), _describe_convert,
+            "peftcli.conversion:convert", convert_options, lambda api, p, o, ctx: api(p["source"], p["out"], o), _describe_convert,
             outputs=("output",), creates=("output",),
         ),
         Kind(
             "merge", "fold adapters, diffs or fine-tunes into a checkpoint",
             _fixed(arg("base"), arg("inputs", -1), option_params(_Output, MergeOptions, *merge_method_classes())),
-            "peftcli.merge.engine:merge", merge_options, lambda api, p, o, ctx: api(p["base"], list(p["inputs"]), p["out"], o),
+            "peftcli.merging.engine:merge", merge_options, lambda api, p, o, ctx: api(p["base"], list(p["inputs"]), p["out"], o),
             _describe_merge, outputs=("output",), creates=("output",), required=("output",),
         ),
         Kind(
             "combine", "arithmetic on .diff files", _fixed(arg("inputs", -1), option_params(CombineOptions, _RequiredOutput)),
-            "peftcli.combine:combine", _combine_options, lambda api, p, o, ctx: api(list(p["inputs"]), o, p["out"]),
+            "peftcli.combining:combine", _combine_options, lambda api, p, o, ctx: api(list(p["inputs"]), o, p["out"]),
             _describe_diff, outputs=("output",), creates=("output",),
         ),
         Kind(
             "check", "pre-flight of adapters and diffs against a base",
             _fixed(arg("base"), arg("artifacts", -1, required=False), option_params(CheckOptions)),
-            "peftcli.check:check", _options(CheckOptions), _check, _describe_check,
+            "peftcli.preflight:check", _options(CheckOptions), _check, _describe_check,
         ),
         Kind(
             "evaluate", "validation loss / accuracy of a model, run or checkpoint", _fixed(arg("model"), option_params(EvalOptions)),
-            "peftcli.evaluate:evaluate", _options(EvalOptions), lambda api, p, o, ctx: api(p["model"], o), _describe_evaluate,
+            "peftcli.evaluation:evaluate", _options(EvalOptions), lambda api, p, o, ctx: api(p["model"], o), _describe_evaluate,
             extra_paths=("data", "base", "head", "compare"),
         ),
     )

@@ -10,7 +10,7 @@
 
 ``inject`` writes the options and no tensors: which entries train is only known after phase
 1, which ``peftcli train`` runs (``--phase1-steps``, ``--phase1-lr``; see
-``peftcli.train.phased``). From then on the run is a sparse adapter (``phi``) that
+``peftcli.training.phased``). From then on the run is a sparse adapter (``phi``) that
 attaches, merges and converts like any other, and training also writes ``RUN/phi.diff``.
 
 Candidates: every floating-point tensor of the base (weights, biases, norms, embeddings),
@@ -127,7 +127,7 @@ class _SparseFineTuning(SectionConfig, MethodBase):
     """What LT-SFT and diff-pruning share: budget, layout, attaching and folding."""
 
     trains_in_place = True  # φ lives on base tensors: it adds no parameters to the model
-    schedule = PHASES  # inject writes no φ; train's phase 1 picks the entries (peftcli.train.phased)
+    schedule = PHASES  # inject writes no φ; train's phase 1 picks the entries (peftcli.training.phased)
     folds = True
     peft_type = None
     resets_after_phase1: bool

@@ -38,15 +38,15 @@ from typing import Callable
 import torch
 
 from peftcli.errors import BadInputError, Interrupted, UsageError
-from peftcli.train import distributed
-from peftcli.train import state as ckpt_state
-from peftcli.train.batching import IGNORE, collate, encode, epoch_order, load_tokenizer
-from peftcli.train.common import (
+from peftcli.training import distributed
+from peftcli.training import state as ckpt_state
+from peftcli.training.batching import IGNORE, collate, encode, epoch_order, load_tokenizer
+from peftcli.training.common import (
     ARGS_FILE, BEST_DIR, LABELS_FILE, METRICS_FILE, TrainHooks, evaluate, head_modules, is_decoder, read_json,
     resolve_config, resolve_device, with_model_dir, write_json,
 )
-from peftcli.train.config import TrainConfig, check_total_steps
-from peftcli.train.data import load_dataset
+from peftcli.training.config import TrainConfig, check_total_steps
+from peftcli.training.data import load_dataset
 
 
 @dataclasses.dataclass(eq=False)
@@ -242,7 +242,7 @@ def _build_model(cfg: TrainConfig, adapter, checkpoint: str | None, task: str, l
     else:
         model, info = load_base_model(weights_dir, "AutoModelForCausalLM", with_info=True)
     if cfg.full:
-        from peftcli.train.full import FullModel
+        from peftcli.training.full import FullModel
 
         return FullModel(model, cfg.model)
     adapted = attach_adapter(model, adapter)

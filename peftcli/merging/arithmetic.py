@@ -55,7 +55,7 @@ def __getattr__(name: str):
     # METHODS: the registry's methods that combine task vectors alone (no θ₀), looked up late:
     # the registry's modules import this one.
     if name == "METHODS":
-        from peftcli.merge.methods import REGISTRY
+        from peftcli.merging.methods import REGISTRY
 
         return tuple(n for n, m in REGISTRY.items() if not m.needs_base)
     raise AttributeError(name)
@@ -76,7 +76,7 @@ def combine(
     """The merged task vector of one tensor (in ``dtype``, a new tensor): see the module docstring.
 
     ``key`` names the tensor (its checkpoint name), so DARE draws an independent mask per tensor.
-    ``options`` are the method's other parameters (``peftcli.merge.methods``); a method that
+    ``options`` are the method's other parameters (``peftcli.merging.methods``); a method that
     ``needs_base`` takes θ₀ as ``base`` and returns the merged tensor itself.
     """
     m, cfg = prepare(method, len(deltas), weights, dict(options, density=density), key)
@@ -87,7 +87,7 @@ def combine(
 
 def prepare(method: str, n: int, weights: list[float], options: dict, key: str = ""):
     """(the method, its options instance) once everything about them is checked: one-line errors."""
-    from peftcli.merge.methods import get_merge_method
+    from peftcli.merging.methods import get_merge_method
 
     m = get_merge_method(method)
     where = f" for {key}" if key else ""

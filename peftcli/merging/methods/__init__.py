@@ -9,11 +9,11 @@ from __future__ import annotations
 import difflib
 
 from peftcli.errors import UsageError
-from peftcli.merge.methods.base import MergeMethod
-from peftcli.merge.methods.dare import DARE, DARE_TIES
-from peftcli.merge.methods.linear import LINEAR
-from peftcli.merge.methods.slerp import SLERP
-from peftcli.merge.methods.ties import TIES
+from peftcli.merging.methods.base import MergeMethod
+from peftcli.merging.methods.dare import DARE, DARE_TIES
+from peftcli.merging.methods.linear import LINEAR
+from peftcli.merging.methods.slerp import SLERP
+from peftcli.merging.methods.ties import TIES
 
 REGISTRY: dict[str, MergeMethod] = {m.name: m for m in (LINEAR, TIES, DARE, DARE_TIES, SLERP)}
 

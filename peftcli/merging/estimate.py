@@ -18,7 +18,7 @@
                                                3k + 4 for ties and dare-ties
   ==========================================  =================================================
 
-  Each method declares its terms (``peftcli.merge.methods``).
+  Each method declares its terms (``peftcli.merging.methods``).
 
   w is the work dtype's size: 8 for F64 tensors (fp64), else 4 (fp32).
 
@@ -86,8 +86,8 @@ class MergeEstimate:
 
 def estimate(ckpt: Checkpoint, inputs: list[Input], method: str = "linear", dtype: str | None = None) -> MergeEstimate:
     """The estimate for merging ``inputs`` into ``ckpt`` with ``method`` (and ``--dtype``)."""
-    from peftcli.merge.methods import get_merge_method
-    from peftcli.merge.ranged import buffers_total
+    from peftcli.merging.methods import get_merge_method
+    from peftcli.merging.ranged import buffers_total
 
     m = get_merge_method(method)
     k = len(inputs)

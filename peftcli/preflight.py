@@ -32,7 +32,7 @@ problem of every artifact (an artifact that cannot be read has that one problem)
 
 When everything fits, the report says what ``merge`` of these inputs with ``method`` would do:
 tensors changed, bytes read, hashed and written, peak memory and time
-(``peftcli.merge.estimate``); or why it would refuse (a method that does not fold).
+(``peftcli.merging.estimate``); or why it would refuse (a method that does not fold).
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ from peftcli.artifacts.sparse_diff import FLOAT_DTYPES, IDX, VAL, read_diff
 from peftcli.checkpoint.fingerprint import content_hash, summarize_differences, table_differences, tensor_table
 from peftcli.checkpoint.reader import ADAPTER_WEIGHTS, Checkpoint, open_checkpoint
 from peftcli.errors import BadInputError, PeftcliError, UsageError
-from peftcli.merge.estimate import Input, MergeEstimate, estimate
-from peftcli.merge.methods import REGISTRY as MERGE_REGISTRY
-from peftcli.merge.methods import get_merge_method
-from peftcli.merge.options import MERGE_DTYPES
+from peftcli.merging.estimate import Input, MergeEstimate, estimate
+from peftcli.merging.methods import REGISTRY as MERGE_REGISTRY
+from peftcli.merging.methods import get_merge_method
+from peftcli.merging.options import MERGE_DTYPES
 from peftcli.methods.base import ONE_PASS, PEFT_PREFIX
 from peftcli.options import check_declared, option
 
@@ -370,7 +370,7 @@ def _merge_input(result: Result, adapter, method, cfg, head_keys: set[str], ckpt
     except PeftcliError as exc:
         result.problems.append(Problem.of(exc, result.path))
         return
-    from peftcli.merge.sources import MERGED_DTYPES
+    from peftcli.merging.sources import MERGED_DTYPES
 
     unmergeable = sorted(n for n in touches if n in ckpt.tensors and ckpt.tensors[n].dtype not in MERGED_DTYPES)
     if unmergeable:  # as merge refuses it (sources.refuse_unmergeable)

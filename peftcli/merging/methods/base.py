@@ -1,7 +1,7 @@
 """What a merge method is: a name, its parameters, whether it needs θ₀, and its kernels.
 
 A method is one instance of a ``MergeMethod`` subclass in a module of its own, listed once in
-``peftcli.merge.methods.REGISTRY``. Everything else derives from it: the CLI's ``--method``
+``peftcli.merging.methods.REGISTRY``. Everything else derives from it: the CLI's ``--method``
 choices and flags (the ``options`` dataclass's ``peftcli.options.option`` fields, so recipes'
 keys too), the arithmetic (``combine``), the streaming engine's per-tensor task (``task``) and
 whole-tensor fallback (``whole``), and ``check``'s estimate (``peak_bytes``, ``rate``,
@@ -48,7 +48,7 @@ class MergeMethod:
     def configure(self, values: dict):
         """The options instance from ``values`` (name -> value or None); any option this method
         does not take but that is given is an error naming it."""
-        from peftcli.merge.methods import REGISTRY
+        from peftcli.merging.methods import REGISTRY
 
         mine = self.option_names()
         for key, value in values.items():

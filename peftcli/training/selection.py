@@ -2,7 +2,7 @@
 
 Compares the base θ⁽⁰⁾ with the phase-1 checkpoint θ⁽¹⁾ one tensor at a time (memory
 O(largest tensor)) and selects the exact global top-K of a score with the same radix select
-and tie order as ``peftcli diff`` (``peftcli.diff.global_cuts``):
+and tie order as ``peftcli diff`` (``peftcli.diffing.global_cuts``):
 
 - ``magnitude``: |θ⁽¹⁾ − θ⁽⁰⁾|;
 - ``movement``: θ⁽¹⁾² − θ⁽⁰⁾² where positive, else 0. Movement pruning (Sanh et al., 2020)
@@ -84,7 +84,7 @@ class _Scores:
 
 def select(base: Checkpoint, trained: Checkpoint, candidates: list[str], k: int, how: str, seed: int = 0, progress=None) -> Selection:
     """The K entries of ``candidates`` (base tensor names) to train, and θ⁽¹⁾ − θ⁽⁰⁾ there."""
-    from peftcli.diff import global_cuts
+    from peftcli.diffing import global_cuts
 
     # A base tensor the task model does not use (a causal LM's lm_head under a classifier) has
     # no phase-1 counterpart and cannot be chosen.

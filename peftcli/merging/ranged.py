@@ -32,9 +32,9 @@ from peftcli.checkpoint.dtypes import torch_dtype, work_dtype
 from peftcli.checkpoint.reader import TensorInfo
 from peftcli.checkpoint.safetensors_format import DTYPES
 from peftcli.errors import BadInputError
-from peftcli.merge.arithmetic import dare_generator, keep_count
-from peftcli.merge.pipeline import Buffers, Read, ReadAhead, WriteBehind, chunks
-from peftcli.merge.sources import Stream
+from peftcli.merging.arithmetic import dare_generator, keep_count
+from peftcli.merging.pipeline import Buffers, Read, ReadAhead, WriteBehind, chunks
+from peftcli.merging.sources import Stream
 
 RANGE = 1 << 18  # elements per range: 1 MiB of fp32, so a range's working set stays in cache
 UPCAST = ("F16", "BF16")  # base dtypes whose fp32 upcast is exact

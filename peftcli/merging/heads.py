@@ -35,7 +35,7 @@ from peftcli.checkpoint.dtypes import torch_dtype
 from peftcli.checkpoint.reader import SAFETENSORS_INDEX, Checkpoint
 from peftcli.checkpoint.writer import SafetensorsStreamWriter, TensorSpec, copy_model_files, shard_name
 from peftcli.errors import BadInputError, UsageError
-from peftcli.merge.ranged import check_finite
+from peftcli.merging.ranged import check_finite
 from peftcli.heads import HeadModel, TaskHead, head_config_json, head_model_for
 
 Values = Callable[[str], torch.Tensor]  # a head tensor's values, by name

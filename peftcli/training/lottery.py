@@ -33,12 +33,12 @@ from peftcli.checkpoint.writer import save_state_dict
 from peftcli.errors import UsageError
 from peftcli.methods import method_for_adapter_config
 from peftcli.methods.lottery import prunable
-from peftcli.train import distributed
-from peftcli.train.common import ARGS_FILE, METRICS_FILE, TrainHooks, read_json, resolve_config, resolve_device, with_model_dir, write_json
-from peftcli.train.config import TrainConfig
-from peftcli.train.one_pass import train_full_pass
-from peftcli.train.phased import phase1_config
-from peftcli.train.selection import counterparts
+from peftcli.training import distributed
+from peftcli.training.common import ARGS_FILE, METRICS_FILE, TrainHooks, read_json, resolve_config, resolve_device, with_model_dir, write_json
+from peftcli.training.config import TrainConfig
+from peftcli.training.one_pass import train_full_pass
+from peftcli.training.phased import phase1_config
+from peftcli.training.selection import counterparts
 
 STATE = "lottery_state.json"
 MASK = "mask.safetensors"
@@ -265,7 +265,7 @@ def _hooks(run: str, r: int, lcfg, base_prunable: list[str], main: bool = True):
 
 def _prune(run: str, rdir: str, lcfg, seed: int, base_prunable: list[str], out: str) -> None:
     """Write the next mask to ``out``: drop ``prune_rate`` of the survivors, globally across prunable tensors."""
-    from peftcli.diff import global_cuts
+    from peftcli.diffing import global_cuts
 
     with open_checkpoint(os.path.join(rdir, "model.safetensors")) as trained:
         names = counterparts(base_prunable, trained.tensors)

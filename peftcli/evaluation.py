@@ -3,7 +3,7 @@
 MODEL is a base checkpoint, an adapter directory (a training run, or its ``best/``) or a
 standalone checkpoint (``peftcli merge`` output, a ``train --full`` run). The task comes from
 the data's columns, as in training, and the numbers are those the training loop reports
-(``peftcli.train.loop.evaluate``, same batching and padding), so evaluating a run on its
+(``peftcli.training.loop.evaluate``, same batching and padding), so evaluating a run on its
 ``--eval`` data gives its final validation loss.
 
 Classification needs a head. An adapter run brings the head it trained; a merged checkpoint
@@ -32,7 +32,7 @@ from peftcli.errors import BadInputError, UsageError
 from peftcli.options import option
 from peftcli.threads import HELP as THREADS_HELP
 from peftcli.threads import check_threads
-from peftcli.train.data import COLUMNS_HELP, TASKS, parse_columns
+from peftcli.training.data import COLUMNS_HELP, TASKS, parse_columns
 
 SCHEMA = "peftcli.evaluate/1"
 
@@ -96,7 +96,7 @@ def _is_adapter(path: str) -> bool:
 
 def _run_labels(adapter_dir: str) -> list[str] | None:
     """The label order a run trained with (``best/`` keeps none of its own: the run's)."""
-    from peftcli.train.common import LABELS_FILE
+    from peftcli.training.common import LABELS_FILE
 
     for d in (adapter_dir, os.path.dirname(os.path.normpath(adapter_dir))):
         p = os.path.join(d, LABELS_FILE)
@@ -150,7 +150,7 @@ def _load(path: str, opts: EvalOptions, task: str, labels: list[str] | None, pad
 
     from peftcli.artifacts.adapter_dir import read_adapter
     from peftcli.attach import _load_heads, attach_adapter, load_base_model
-    from peftcli.train.common import head_modules, is_decoder
+    from peftcli.training.common import head_modules, is_decoder
 
     model_dir = _model_dir(path, opts)
     adapter = read_adapter(path) if _is_adapter(path) else None
@@ -188,7 +188,7 @@ def _predictions(loaded: _Loaded, items: list[dict], pad_id: int, batch_size: in
     """Argmax and logits per example (classification) or per real token (language modelling)."""
     import torch
 
-    from peftcli.train.batching import collate
+    from peftcli.training.batching import collate
 
     preds, logits = [], []
     with torch.no_grad():
@@ -225,10 +225,10 @@ def evaluate(model: str, opts: EvalOptions) -> dict:
 def _evaluate(model: str, opts: EvalOptions) -> dict:
     import dataclasses
 
-    from peftcli.train.batching import encode, load_tokenizer
-    from peftcli.train.common import evaluate as loop_evaluate
-    from peftcli.train.common import resolve_device
-    from peftcli.train.data import load_dataset
+    from peftcli.training.batching import encode, load_tokenizer
+    from peftcli.training.common import evaluate as loop_evaluate
+    from peftcli.training.common import resolve_device
+    from peftcli.training.data import load_dataset
 
     data = load_dataset(opts.data, opts.task, opts.limit, opts.columns)
     if not data.examples:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from peftcli import __version__
 from peftcli.checkpoint.atomic import check_output_path
 from peftcli.checkpoint.reader import open_checkpoint
-from peftcli.diff import DiffOptions
+from peftcli.diffing import DiffOptions
 from peftcli.errors import BadInputError, UsageError
 from peftcli.options import check_declared, from_options, option, option_fields
 
@@ -91,11 +91,11 @@ def _base_of(path: str, base: str | None, recorded: str | None) -> str:
 
 
 def adapter_to_diff(adapter_path: str, out: str, options, *, base: str | None = None, force: bool = False, progress=None):
-    """Write the adapter's ΔW as a ``.diff`` (``options``: a ``peftcli.diff.DiffOptions``)."""
+    """Write the adapter's ΔW as a ``.diff`` (``options``: a ``peftcli.diffing.DiffOptions``)."""
     from peftcli.artifacts.sparse_diff import DiffMetadata, recorded_inputs, write_diff
     from peftcli.checkpoint.fingerprint import Fingerprint, file_hashes
-    from peftcli.diff import DiffReport, _entries
-    from peftcli.merge.sources import open_source, refuse_unmergeable
+    from peftcli.diffing import DiffReport, _entries
+    from peftcli.merging.sources import open_source, refuse_unmergeable
 
     if not out.endswith(".diff"):
         raise UsageError(f"output {out} must be a .diff file", "name it e.g. lora.diff")

@@ -17,10 +17,10 @@ from peftcli.errors import BadInputError, UsageError
 from peftcli.methods import method_for_adapter_config
 from peftcli.methods.base import ONE_PASS, PHASES, ROUNDS
 from peftcli.threads import torch_threads
-from peftcli.train import distributed, lottery, phased
-from peftcli.train.common import ARGS_FILE, evaluate, read_json  # noqa: F401 (evaluate re-exported: the public API's)
-from peftcli.train.config import SCHEDULES, TrainConfig, check_threads, check_total_steps  # noqa: F401 (re-exported)
-from peftcli.train.one_pass import train_adapter
+from peftcli.training import distributed, lottery, phased
+from peftcli.training.common import ARGS_FILE, evaluate, read_json  # noqa: F401 (evaluate re-exported: the public API's)
+from peftcli.training.config import SCHEDULES, TrainConfig, check_threads, check_total_steps  # noqa: F401 (re-exported)
+from peftcli.training.one_pass import train_adapter
 
 _SCHEDULED = {PHASES: phased.train, ROUNDS: lottery.train}  # how a multi-pass schedule trains
 

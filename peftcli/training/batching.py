@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from peftcli.errors import BadInputError
-from peftcli.train.data import Dataset
+from peftcli.training.data import Dataset
 
 IGNORE = -100  # transformers' ignore_index for cross-entropy
 

@@ -2,7 +2,7 @@
 
 1. Phase 1 is a full fine-tuning of the base into ``RUN/phase1/`` (the ``--full`` loop, with
    ``--phase1-steps`` and ``--phase1-lr``; diff-pruning adds its L1 penalty on θ − θ₀).
-2. Selection (``peftcli.train.selection``): the exact global top-K by the method's score.
+2. Selection (``peftcli.training.selection``): the exact global top-K by the method's score.
    The run directory becomes a sparse adapter: K indices with values 0 (LT-SFT resets to
    θ₀) or θ⁽¹⁾ − θ⁽⁰⁾ (diff-pruning keeps them, and its trained head). Phase 1's checkpoint
    is then deleted (it is a full copy of the model); its metrics stay in
@@ -40,12 +40,12 @@ from peftcli.methods import method_for_adapter_config
 from peftcli.methods.base import PEFT_PREFIX
 from peftcli.methods.sparse import phi as sparse_phi
 from peftcli.methods.sparse.fine_tuning import candidates, dense_tensors, k_for
-from peftcli.train import common, distributed
-from peftcli.train import state as ckpt_state
-from peftcli.train.common import ARGS_FILE, BEST_DIR, LABELS_FILE, METRICS_FILE, TrainHooks, head_modules, resolve_config, resolve_device, with_model_dir
-from peftcli.train.config import TrainConfig
-from peftcli.train.one_pass import train_adapter, train_full_pass
-from peftcli.train.selection import counterparts, select
+from peftcli.training import common, distributed
+from peftcli.training import state as ckpt_state
+from peftcli.training.common import ARGS_FILE, BEST_DIR, LABELS_FILE, METRICS_FILE, TrainHooks, head_modules, resolve_config, resolve_device, with_model_dir
+from peftcli.training.config import TrainConfig
+from peftcli.training.one_pass import train_adapter, train_full_pass
+from peftcli.training.selection import counterparts, select
 
 PHASE1 = "phase1"
 PHASE1_DONE = "phase1_summary.json"

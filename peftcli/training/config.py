@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from peftcli.errors import UsageError
 from peftcli.options import MAX_STEPS, check_declared, option
-from peftcli.train.data import COLUMNS_HELP, TASKS, parse_columns
+from peftcli.training.data import COLUMNS_HELP, TASKS, parse_columns
 
 SCHEDULES = ("linear", "cosine", "constant")
 

@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 
 from peftcli.errors import UsageError
-from peftcli.train.batching import IGNORE, collate
-from peftcli.train.config import TrainConfig
+from peftcli.training.batching import IGNORE, collate
+from peftcli.training.config import TrainConfig
 
 ARGS_FILE = "train_args.json"
 LABELS_FILE = "labels.json"

@@ -34,14 +34,14 @@ from peftcli.checkpoint.reader import Checkpoint, open_checkpoint
 from peftcli.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, SafetensorsStreamWriter, TensorSpec
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.base import Replacement
-from peftcli.merge.options import MergeOptions, from_keywords
-from peftcli.merge.provenance import Hasher
-from peftcli.merge.pipeline import Buffers, ReadAhead, WriteBehind
-from peftcli.merge.ranged import (
+from peftcli.merging.options import MergeOptions, from_keywords
+from peftcli.merging.provenance import Hasher
+from peftcli.merging.pipeline import Buffers, ReadAhead, WriteBehind
+from peftcli.merging.ranged import (
     OUT_BUFFERS, WRITE_LIMIT, Cast, Context, Copy, Task, buffer_bytes, check_cast, check_finite,
     read_buffers, unmergeable_change,
 )
-from peftcli.merge.sources import Source, open_source, refuse_unmergeable
+from peftcli.merging.sources import Source, open_source, refuse_unmergeable
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
@@ -97,7 +97,7 @@ def merge(
         opts = from_keywords(**keywords)
     elif keywords:
         raise TypeError(f"merge() takes options or keywords, not both: {sorted(keywords)}")
-    from peftcli.merge.arithmetic import prepare
+    from peftcli.merging.arithmetic import prepare
 
     if not inputs:
         raise UsageError("nothing to merge", "give at least one .diff, adapter directory or fine-tuned checkpoint")
@@ -154,7 +154,7 @@ class _Job:
 
     def plan(self, stream: BinaryIO | None) -> None:
         """The output's tensors (names, dtypes, shapes), where each comes from, and its metadata."""
-        from peftcli.merge import heads
+        from peftcli.merging import heads
 
         ckpt, dtype = self.ckpt, self.opts.dtype
         self.out_dtype = {t.name: (dtype if dtype and t.dtype in FLOAT_DTYPES else t.dtype) for t in ckpt.tensors.values()}
@@ -275,7 +275,7 @@ class _Job:
 
     def _siblings(self, target: str, outer: str):
         """The exit callback writing the other tasks' directories once the first one is complete."""
-        from peftcli.merge import heads
+        from peftcli.merging import heads
 
         layout, dtype, ckpt = self.layout, self.opts.dtype, self.ckpt
 
@@ -385,7 +385,7 @@ def stdout_stream() -> BinaryIO:
 
 def _config_files(ckpt, layout, dtype: str | None) -> dict[str, bytes] | None:
     """config.json when the merge changes what it says: a head model (the first task's), or another dtype."""
-    from peftcli.merge.heads import config_json, with_dtype
+    from peftcli.merging.heads import config_json, with_dtype
 
     if layout is not None:
         return {"config.json": config_json(ckpt, layout.tasks[0].head, dtype)}

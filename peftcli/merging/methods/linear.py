@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from peftcli.merge.methods.base import MergeMethod
+from peftcli.merging.methods.base import MergeMethod
 
 
 class Linear(MergeMethod):
@@ -11,7 +11,7 @@ class Linear(MergeMethod):
     summary = "θ₀ + Σ λᵢ φᵢ (task arithmetic)"
 
     def combine(self, phis, weights, cfg, *, seed, key, dtype, base=None):
-        from peftcli.merge.arithmetic import weighted_sum
+        from peftcli.merging.arithmetic import weighted_sum
 
         return weighted_sum(phis, weights)
 
@@ -32,7 +32,7 @@ class Linear(MergeMethod):
         return result
 
     def task(self, name, info, out_dtype, streams, cfg, *, seed, key, n_inputs):
-        from peftcli.merge.ranged import Linear as Ranged
+        from peftcli.merging.ranged import Linear as Ranged
 
         return Ranged(name, info, out_dtype, [(w, opener()) for _, w, opener in streams])
 

@@ -3,8 +3,8 @@ sum (mergekit's ``dare_linear``) or elect signs and sum the agreeing (``dare_tie
 
 from __future__ import annotations
 
-from peftcli.merge.methods.base import Density, MergeMethod
-from peftcli.merge.methods.ties import check_density
+from peftcli.merging.methods.base import Density, MergeMethod
+from peftcli.merging.methods.ties import check_density
 
 
 class Dare(MergeMethod):
@@ -19,13 +19,13 @@ class Dare(MergeMethod):
         check_density(self.name, cfg.density)
 
     def combine(self, phis, weights, cfg, *, seed, key, dtype, base=None):
-        from peftcli.merge.arithmetic import consensus, dare_generator, drop, weighted_sum
+        from peftcli.merging.arithmetic import consensus, dare_generator, drop, weighted_sum
 
         dropped = [drop(phi, cfg.density, dare_generator(seed, key, i)) for i, phi in enumerate(phis)]
         return consensus(dropped, weights, normalize=False) if self.elect else weighted_sum(dropped, weights)
 
     def task(self, name, info, out_dtype, streams, cfg, *, seed, key, n_inputs):
-        from peftcli.merge.ranged import Dare as Ranged
+        from peftcli.merging.ranged import Dare as Ranged
 
         return Ranged(name, info, out_dtype, [(i, w, opener()) for i, w, opener in streams], cfg.density, seed, key, ties=self.elect)
 

@@ -17,9 +17,9 @@ import torch
 
 from peftcli.checkpoint.dtypes import torch_dtype, work_dtype
 from peftcli.checkpoint.reader import TensorInfo
-from peftcli.merge.methods.slerp import DOT_THRESHOLD, EPS
-from peftcli.merge.pipeline import chunks
-from peftcli.merge.ranged import RANGE, Context, Task, _base, _phi, _ranged, _read
+from peftcli.merging.methods.slerp import DOT_THRESHOLD, EPS
+from peftcli.merging.pipeline import chunks
+from peftcli.merging.ranged import RANGE, Context, Task, _base, _phi, _ranged, _read
 
 
 def coefficients(aa: float, bb: float, ab: float, t: float) -> tuple[float, float]:

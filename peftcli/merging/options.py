@@ -1,7 +1,7 @@
 """The options of ``peftcli merge`` (and of a recipe's merge step), declared and checked once.
 
 ``MergeOptions`` holds everything but the base, the inputs and the output: the weights λᵢ,
-the method and its parameters (``params``, declared by each method in ``peftcli.merge.methods``),
+the method and its parameters (``params``, declared by each method in ``peftcli.merging.methods``),
 the seed, the output dtype and shard size, and the head mode. Building one checks it: the
 weights written in ASCII, finite, and with Σ|λᵢ| finite in the fp32 the merge computes in; a
 known method whose parameters are its own; a known dtype and head mode. No torch is imported
@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from peftcli.errors import UsageError
-from peftcli.merge.methods import REGISTRY, get_merge_method, option_names
+from peftcli.merging.methods import REGISTRY, get_merge_method, option_names
 from peftcli.options import ascii_float, check_declared, from_options, option
 
 MERGE_DTYPES = ("F32", "BF16", "F16", "F64")  # --dtype's choices, in --help's order
-HEAD_MODES = ("each", "average")  # as peftcli.merge.heads.HEAD_MODES
+HEAD_MODES = ("each", "average")  # as peftcli.merging.heads.HEAD_MODES
 FLOAT32_MAX = 3.4028234663852886e38  # merging computes in fp32: a larger weight, or sum of weights, is inf
 
 

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 
 from peftcli.errors import UsageError
-from peftcli.merge.methods.base import MergeMethod
+from peftcli.merging.methods.base import MergeMethod
 from peftcli.options import option
 
 DOT_THRESHOLD = 0.9995  # mergekit's: |â·b̂| above it interpolates linearly
@@ -96,20 +96,20 @@ class Slerp(MergeMethod):
         return gradient(schedule, position)
 
     def combine(self, phis, weights, cfg, *, seed, key, dtype, base=None):
-        from peftcli.merge.methods._slerp_kernel import slerp_whole
+        from peftcli.merging.methods._slerp_kernel import slerp_whole
 
         if base is None:
             raise UsageError("slerp needs the base tensor", "pass base= (θ₀) to combine")
         return slerp_whole(base.to(dtype), phis[0], phis[1], self.t_for(cfg, key), dtype)
 
     def whole(self, stored, deltas, lam, cfg, *, seed, key, work):
-        from peftcli.merge.methods._slerp_kernel import slerp_whole
+        from peftcli.merging.methods._slerp_kernel import slerp_whole
 
         phis = [d(stored).to(work) if d is not None else None for d in deltas]
         return slerp_whole(stored.to(work), phis[0], phis[1], self.t_for(cfg, key), work)
 
     def task(self, name, info, out_dtype, streams, cfg, *, seed, key, n_inputs):
-        from peftcli.merge.methods._slerp_kernel import SlerpTask
+        from peftcli.merging.methods._slerp_kernel import SlerpTask
 
         return SlerpTask(name, info, out_dtype, [(i, opener) for i, _, opener in streams], self.t_for(cfg, key))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from peftcli.errors import UsageError
-from peftcli.merge.methods.base import Density, MergeMethod
+from peftcli.merging.methods.base import Density, MergeMethod
 
 
 def check_density(name: str, density: float | None) -> None:
@@ -29,12 +29,12 @@ class Ties(MergeMethod):
         check_density(self.name, cfg.density)
 
     def combine(self, phis, weights, cfg, *, seed, key, dtype, base=None):
-        from peftcli.merge.arithmetic import consensus, trim
+        from peftcli.merging.arithmetic import consensus, trim
 
         return consensus([trim(phi, cfg.density) for phi in phis], weights, normalize=True)
 
     def task(self, name, info, out_dtype, streams, cfg, *, seed, key, n_inputs):
-        from peftcli.merge.ranged import Ties as Ranged
+        from peftcli.merging.ranged import Ties as Ranged
 
         return Ranged(name, info, out_dtype, [(w, opener()) for _, w, opener in streams], cfg.density)
 

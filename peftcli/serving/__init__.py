@@ -1,6 +1,6 @@
 """Export: an adapter made loadable by a serving engine — lint, exact repair, write.
 
-Each target is a small rule set (``peftcli.export.vllm``). A rule's finding is either
+Each target is a small rule set (``peftcli.serving.vllm``). A rule's finding is either
 repaired exactly (the written adapter computes the same ΔW = s·B·A for every module, so PEFT
 and the engine give the same outputs as the adapter read) or refused with the way out
 (``merge``, or ``convert --to lora`` with the energy it keeps). ``check`` lints only:
@@ -31,7 +31,7 @@ class ExportOptions:
     force: bool = option(False, help="replace the output directory if it exists")
 
     def __post_init__(self) -> None:
-        from peftcli.export.vllm import MAX_LORA_RANKS
+        from peftcli.serving.vllm import MAX_LORA_RANKS
 
         if self.to not in TARGETS:
             raise UsageError(f"--to {self.to!r} is not an export target", f"choose one of: {', '.join(TARGETS)}")
@@ -85,7 +85,7 @@ def export(run: str, options: ExportOptions) -> ExportReport:
     raises (nothing written); with ``check`` every finding is in the report."""
     from peftcli.artifacts.adapter_dir import read_adapter, write_adapter
     from peftcli.checkpoint.atomic import check_output_path
-    from peftcli.export import vllm
+    from peftcli.serving import vllm
 
     out = options.output
     if out is not None:  # given unless --check (ExportOptions says so)
@@ -110,7 +110,7 @@ def export(run: str, options: ExportOptions) -> ExportReport:
 
 
 def _not_lora(run: str, method: str):
-    from peftcli.export.vllm import Finding, merge_way
+    from peftcli.serving.vllm import Finding, merge_way
     from peftcli.methods import METHODS
 
     if METHODS[method].folds:
