@@ -11,6 +11,7 @@ import torch
 
 from peftcli.errors import BadInputError
 from peftcli.train.data import Dataset
+from peftcli.train.packing import collate_packed, filler_id
 
 IGNORE = -100  # transformers' ignore_index for cross-entropy
 
@@ -62,6 +63,8 @@ def collate(items: list[dict], pad_id: int, left: bool = False) -> dict[str, tor
     so real tokens go last; position ids then count real tokens only (GPT-2's absolute
     positions must not shift with the padding).
     """
+    if "lengths" in items[0]:  # packed rows (--packing)
+        return collate_packed(items, filler_id(pad_id))
     length = max(len(it["input_ids"]) for it in items)
     ids = torch.full((len(items), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(items), length), dtype=torch.long)
