@@ -47,6 +47,7 @@ from peftcli.train.common import (
 )
 from peftcli.train.config import TrainConfig, check_total_steps
 from peftcli.train.data import load_dataset
+from peftcli.train.chat import resolve_template
 from peftcli.train.packing import prepare_packing
 
 
@@ -228,10 +229,11 @@ def _load_data(run: str, cfg: TrainConfig, resume: bool):
         labels = data.labels
     eval_data = load_dataset(cfg.eval_data, data.task, columns=cfg.columns) if cfg.eval_data else None
     tokenizer = load_tokenizer(cfg.model)
-    train_items = encode(data, tokenizer, cfg.max_length, labels)
+    template, name = resolve_template(data.chat, cfg.chat_template, tokenizer, cfg.model), cfg.chat_template or "the tokenizer's"
+    train_items = encode(data, tokenizer, cfg.max_length, labels, template, name)
     if data.task != "classify" and not any(_predicted_tokens(it) for it in train_items):
         raise BadInputError(f"{cfg.data}: no example has a token to predict (every text is empty?)", "check the data file")
-    eval_items = encode(eval_data, tokenizer, cfg.max_length, labels) if eval_data else None
+    eval_items = encode(eval_data, tokenizer, cfg.max_length, labels, template, name) if eval_data else None
     return data.task, labels, tokenizer, train_items, eval_items
 
 
