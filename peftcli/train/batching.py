@@ -41,8 +41,12 @@ def encode(
     label_ids = dataset.label_ids(label_mapping) if dataset.task == "classify" else None
     for i, ex in enumerate(dataset.examples):
         if ex.messages is not None:
-            if chat_template is None:
-                raise UsageError(f"{dataset.path}: messages rows need a chat template", "give one with --chat-template FILE")
+            if chat_template is None:  # a caller without --chat-template (peftcli evaluate): the tokenizer's own
+                chat_template = getattr(tokenizer, "chat_template", None)
+            if not isinstance(chat_template, str) or not chat_template:
+                raise UsageError(
+                    f"{dataset.path}: messages rows need a chat template and the tokenizer has none", "peftcli train takes one with --chat-template FILE"
+                )
             where = f"{dataset.path}:{ex.line}"
             chat_ids, chat_labels = encode_messages(ex.messages, tokenizer, chat_template, template_name, where, max_length)
             items.append({"input_ids": chat_ids, "labels": chat_labels})

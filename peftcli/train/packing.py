@@ -117,12 +117,17 @@ def refuse_unpackable(task: str, adapted) -> None:
         )
 
 
+def _base_model(adapted):
+    """The transformers model inside an adapted (or fully fine-tuned) model."""
+    from transformers import PreTrainedModel
+
+    return next(m for m in adapted.modules() if isinstance(m, PreTrainedModel))
+
+
 def disable_cache(adapted) -> None:
     """transformers detects packed rows only without a KV cache, which training never reads:
     every forward of the pass runs with ``use_cache=False``."""
-    from transformers import PreTrainedModel
-
-    model = next(m for m in adapted.modules() if isinstance(m, PreTrainedModel))
+    model = _base_model(adapted)
     model.register_forward_pre_hook(lambda module, args, kwargs: (args, {**kwargs, "use_cache": False}), with_kwargs=True)
 
 
@@ -147,7 +152,7 @@ def check_isolation(adapted, rows: list[dict], device, filler: int) -> None:
     expected = torch.cat(singles)
     scale = max(1.0, float(expected.abs().max()))
     if not bool(((packed - expected).abs() <= _PROBE_TOL * scale).all()):
-        arch = getattr(getattr(adapted, "config", None), "model_type", None) or type(adapted).__name__
+        arch = _base_model(adapted).config.model_type
         raise UsageError(
             f"--packing: this model ({arch}) attends across the examples of a packed row",
             "drop --packing for this model: its attention does not restart at position-id 0",
