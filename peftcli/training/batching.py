@@ -1,7 +1,8 @@
 """Tokenising examples into batches, padded per batch (never to a global maximum length).
 
 - ``lm``: labels are the input ids, padding ignored (-100);
-- ``sft``: prompt tokens are ignored too, so the loss is on the completion only;
+- ``sft``: prompt tokens are ignored too, so the loss is on the completion only; from
+  ``messages`` rows, everything but the assistant turns is ignored (``peftcli.training.chat``);
 - ``classify``: one label id per example.
 """
 
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from peftcli.errors import BadInputError
+from peftcli.errors import BadInputError, UsageError
+from peftcli.training.chat import encode_messages
 from peftcli.training.data import Dataset
+from peftcli.training.packing import collate_packed, filler_id
 
 IGNORE = -100  # transformers' ignore_index for cross-entropy
 
@@ -28,12 +31,26 @@ def load_tokenizer(model_dir: str):
     return tok
 
 
-def encode(dataset: Dataset, tokenizer, max_length: int, label_mapping: list[str] | None = None) -> list[dict]:
-    """One dict of token ids (and labels) per example, truncated to ``max_length``."""
+def encode(
+    dataset: Dataset, tokenizer, max_length: int, label_mapping: list[str] | None = None, chat_template: str | None = None,
+    template_name: str = "the tokenizer's",
+) -> list[dict]:
+    """One dict of token ids (and labels) per example, truncated to ``max_length``.
+    ``chat_template``: the template messages rows are rendered with (``chat.resolve_template``)."""
     items = []
     label_ids = dataset.label_ids(label_mapping) if dataset.task == "classify" else None
     for i, ex in enumerate(dataset.examples):
-        if dataset.task == "sft":
+        if ex.messages is not None:
+            if chat_template is None:  # a caller without --chat-template (peftcli evaluate): the tokenizer's own
+                chat_template = getattr(tokenizer, "chat_template", None)
+            if not isinstance(chat_template, str) or not chat_template:
+                raise UsageError(
+                    f"{dataset.path}: messages rows need a chat template and the tokenizer has none", "peftcli train takes one with --chat-template FILE"
+                )
+            where = f"{dataset.path}:{ex.line}"
+            chat_ids, chat_labels = encode_messages(ex.messages, tokenizer, chat_template, template_name, where, max_length)
+            items.append({"input_ids": chat_ids, "labels": chat_labels})
+        elif dataset.task == "sft":
             prompt = tokenizer(ex.text, add_special_tokens=True)["input_ids"]
             completion = tokenizer(ex.completion, add_special_tokens=False)["input_ids"]
             if tokenizer.eos_token_id is not None:
@@ -62,6 +79,8 @@ def collate(items: list[dict], pad_id: int, left: bool = False) -> dict[str, tor
     so real tokens go last; position ids then count real tokens only (GPT-2's absolute
     positions must not shift with the padding).
     """
+    if "lengths" in items[0]:  # packed rows (--packing)
+        return collate_packed(items, filler_id(pad_id))
     length = max(len(it["input_ids"]) for it in items)
     ids = torch.full((len(items), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(items), length), dtype=torch.long)

@@ -50,6 +50,13 @@ class TrainConfig:
         None, max=MAX_STEPS, help="lt-sft, diff-pruning, lottery: steps of each full fine-tuning phase/round (default: --steps)"
     )
     phase1_lr: float | None = option(None, help="lt-sft, diff-pruning, lottery: learning rate of the full fine-tuning (default: --lr)")
+    packing: bool = option(
+        False, help="lm, sft: pack several examples into each row of up to --max-length tokens (attention and positions stay per "
+        "example; the loss is the unpacked one's)"
+    )
+    chat_template: str | None = option(
+        None, metavar="FILE", help="messages rows (chat sft): render them with this Jinja chat template instead of the tokenizer's"
+    )
 
     def __post_init__(self) -> None:
         if self.task is not None and self.task not in TASKS:
@@ -72,6 +79,8 @@ class TrainConfig:
             raise UsageError("--epochs must be positive", "e.g. --epochs 1; fractions such as 0.5 work too")
         if self.steps is not None and self.epochs is not None:
             raise UsageError("give --steps or --epochs, not both", "drop one of them")
+        if self.packing and self.task == "classify":
+            raise UsageError("--packing does not apply to --task classify", "drop --packing: it packs lm and sft examples")
         if self.phase1_lr is not None and self.phase1_lr <= 0:
             raise UsageError("--phase1-lr must be positive", "e.g. --phase1-lr 1e-4, or leave it out to use --lr")
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:

@@ -2,6 +2,8 @@
 
 Columns decide the task (``--task`` overrides):
 - ``prompt`` + ``completion``  → supervised prompt→completion, loss on the completion only (``sft``)
+- ``messages`` (JSON lines)     → chat ``sft``: a conversation rendered with the chat template,
+  loss on the assistant turns only (``peftcli.training.chat``)
 - ``text``/``sentence`` + ``label`` → sequence classification (``classify``)
 - ``text`` alone               → causal language modelling (``lm``)
 
@@ -9,6 +11,9 @@ Columns decide the task (``--task`` overrides):
 (``text``, ``label``, ``prompt``, ``completion``) before the task is detected; the named
 columns must be in every JSON line, or in a CSV/TSV file's header row. A column of the
 file named like a role that ``--columns`` gives to another column is ignored.
+
+The first example's shape decides between the two kinds of ``sft``: after a ``messages`` row
+every row needs ``messages``, after a ``prompt``/``completion`` row every row needs those.
 
 TSV/CSV files may have a header row naming those columns; a file without one (AG News)
 is read positionally: one column is ``text``, two are ``text, label``. A first row that
@@ -32,6 +37,7 @@ import os
 from dataclasses import dataclass, field
 
 from peftcli.errors import BadInputError, UsageError
+from peftcli.training.chat import check_messages
 
 TASKS = ("lm", "sft", "classify")
 _JSONL_HINT = 'a .jsonl data file has one JSON object per line, e.g. {"text": "..."}'
@@ -106,6 +112,8 @@ class Example:
     text: str = ""  # lm / classify input, or sft prompt
     completion: str = ""  # sft only
     label: str | None = None  # classify only, as written in the file
+    messages: list[dict] | None = None  # chat sft only: the validated conversation
+    line: int = field(default=0, compare=False)  # where the example is in its file (for errors found later)
 
 
 @dataclass
@@ -114,6 +122,7 @@ class Dataset:
     task: str
     examples: list[Example]
     labels: list[str] = field(default_factory=list)  # classify: sorted distinct labels (the mapping index → label)
+    chat: bool = False  # sft from messages rows
 
     def label_ids(self, mapping: list[str]) -> list[int]:
         index = {label: i for i, label in enumerate(mapping)}
@@ -225,7 +234,7 @@ def _rows(path: str, mapping: dict[str, str] | None = None):
 
 
 def detect_task(columns: set[str]) -> str | None:
-    if {"prompt", "completion"} <= columns:
+    if "messages" in columns or {"prompt", "completion"} <= columns:
         return "sft"
     if "label" in columns and columns & {"text", "sentence"}:
         return "classify"
@@ -244,6 +253,7 @@ def load_dataset(path: str, task: str | None = None, limit: int | None = None, c
     mapping = parse_columns(columns)
     examples: list[Example] = []
     detected = task
+    chat = False
     first_line = 0  # the line of the first example: 1 when a delimited file has no header
     try:
         for lineno, row in _rows(path, mapping):
@@ -256,7 +266,9 @@ def load_dataset(path: str, task: str | None = None, limit: int | None = None, c
                         f"{path}:{lineno}: cannot tell the task from columns {sorted(columns)}",
                         "use text (lm), prompt+completion (sft) or text/sentence+label (classify), or map yours with --columns text=COLUMN,...",
                     )
-            examples.append(_example(path, lineno, row, detected))
+            if not first_line:
+                chat = detected == "sft" and "messages" in row
+            examples.append(_example(path, lineno, row, detected, chat))
             first_line = first_line or lineno
             if limit is not None and len(examples) >= limit:
                 break
@@ -269,7 +281,7 @@ def load_dataset(path: str, task: str | None = None, limit: int | None = None, c
     labels = sorted({ex.label for ex in examples}, key=_label_order) if detected == "classify" else []
     if detected == "classify" and task is None and len(labels) < 2:
         raise BadInputError(f"{path}: only one distinct label ({labels[0]!r})", "classification needs at least two classes")
-    return Dataset(path=path, task=detected, examples=examples, labels=labels)
+    return Dataset(path=path, task=detected, examples=examples, labels=labels, chat=chat)
 
 
 def _refuse_header_as_data(path: str, examples: list[Example]) -> None:
@@ -316,7 +328,13 @@ def _field(path: str, lineno: int, row: dict, names: tuple[str, ...]) -> str:
     )
 
 
-def _example(path: str, lineno: int, row: dict, task: str) -> Example:
+def _example(path: str, lineno: int, row: dict, task: str, chat: bool = False) -> Example:
+    if task == "sft" and chat:
+        if "messages" not in row:
+            raise BadInputError(f"{path}:{lineno}: missing field 'messages'", "the first row is a conversation (messages): give every row one")
+        if "prompt" in row or "completion" in row:
+            raise BadInputError(f"{path}:{lineno}: both 'messages' and prompt/completion", "give each row one of the two shapes")
+        return Example(messages=check_messages(path, lineno, row["messages"]), line=lineno)
     if task == "sft":
         return Example(text=_field(path, lineno, row, ("prompt",)), completion=_field(path, lineno, row, ("completion",)))
     text = _field(path, lineno, row, ("text", "sentence"))

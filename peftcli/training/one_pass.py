@@ -47,6 +47,8 @@ from peftcli.training.common import (
 )
 from peftcli.training.config import TrainConfig, check_total_steps
 from peftcli.training.data import load_dataset
+from peftcli.training.chat import resolve_template
+from peftcli.training.packing import prepare_packing
 
 
 @dataclasses.dataclass(eq=False)
@@ -74,6 +76,7 @@ class Pass:
     left_pad: bool = False
     sync_by_hand: bool = False
     autocast: contextlib.AbstractContextManager = dataclasses.field(default_factory=contextlib.nullcontext)
+    packing_efficiency: float | None = None  # --packing: the fraction of the rows' token slots holding example tokens
 
     @property
     def global_batch(self) -> int:
@@ -134,6 +137,9 @@ def train_adapter(
     p.adapted.train()
     if not p.world.main:
         progress, log = None, None
+    if log is not None and p.packing_efficiency is not None:
+        examples = sum(len(row["lengths"]) for row in p.train_items)
+        log(f"packing: {examples} examples in {len(p.train_items)} rows of up to {cfg.max_length} tokens, {p.packing_efficiency:.1%} of them example tokens")
     run_steps(p, st, log or (lambda line: None), progress)
     summary = finish(p, st)
     return (summary, p.adapted) if return_model else summary
@@ -187,6 +193,9 @@ def prepare(run: str, cfg: TrainConfig, checkpoint: str | None, hooks: TrainHook
         device = torch.device("cuda", world.local_rank)
     adapted = _build_model(cfg, adapter, checkpoint, task, labels, tokenizer.pad_token_id)
     adapted.to(device)
+    packing_efficiency = None
+    if cfg.packing:  # the rows replace the examples: epochs, order and resume count rows
+        train_items, packing_efficiency = prepare_packing(task, adapted, train_items, cfg.max_length, device, tokenizer.pad_token_id)
     # DDP averages φ's gradients across workers; every worker then applies the same update.
     # A sparse φ (LT-SFT, diff-pruning) gets its gradients from hooks after backward, which
     # DDP's reducer cannot see: those are averaged by hand before the update.
@@ -207,6 +216,7 @@ def prepare(run: str, cfg: TrainConfig, checkpoint: str | None, hooks: TrainHook
         optimizer=optimizer, scheduler=scheduler, total=total, checkpoint=checkpoint, hooks=hooks, pass_lr=pass_lr,
         left_pad=task == "classify" and is_decoder(cfg.model), sync_by_hand=sync_by_hand,
         autocast=torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext(),
+        packing_efficiency=packing_efficiency,
     )
 
 
@@ -219,10 +229,11 @@ def _load_data(run: str, cfg: TrainConfig, resume: bool):
         labels = data.labels
     eval_data = load_dataset(cfg.eval_data, data.task, columns=cfg.columns) if cfg.eval_data else None
     tokenizer = load_tokenizer(cfg.model)
-    train_items = encode(data, tokenizer, cfg.max_length, labels)
+    template, name = resolve_template(data.chat, cfg.chat_template, tokenizer, cfg.model), cfg.chat_template or "the tokenizer's"
+    train_items = encode(data, tokenizer, cfg.max_length, labels, template, name)
     if data.task != "classify" and not any(_predicted_tokens(it) for it in train_items):
         raise BadInputError(f"{cfg.data}: no example has a token to predict (every text is empty?)", "check the data file")
-    eval_items = encode(eval_data, tokenizer, cfg.max_length, labels) if eval_data else None
+    eval_items = encode(eval_data, tokenizer, cfg.max_length, labels, template, name) if eval_data else None
     return data.task, labels, tokenizer, train_items, eval_items
 
 
@@ -336,7 +347,9 @@ def next_batch(p: Pass, st: PassState) -> dict[str, torch.Tensor]:
     start = st.offset + p.world.rank * p.cfg.batch_size  # this worker's slice of the global micro-batch
     idx = st.order[start : start + p.cfg.batch_size]
     st.offset += p.global_batch
-    return collate([p.train_items[i] for i in idx], p.pad_id, p.left_pad)
+    items = [p.train_items[i] for i in idx]
+    st.tokens += sum(len(it["input_ids"]) for it in items)  # example tokens, without padding
+    return collate(items, p.pad_id, p.left_pad)
 
 
 def train_step(p: Pass, st: PassState) -> float:
@@ -345,7 +358,6 @@ def train_step(p: Pass, st: PassState) -> float:
     step_loss = 0.0
     for _ in range(cfg.grad_accum):
         batch = {k: v.to(p.device) for k, v in next_batch(p, st).items()}
-        st.tokens += int(batch["attention_mask"].sum())
         with p.autocast:
             loss = p.forward(**batch).loss / cfg.grad_accum
         step_loss += float(loss.detach())  # the task loss: comparable across methods
@@ -432,12 +444,15 @@ def finish(p: Pass, st: PassState) -> dict:
     distributed.teardown(p.world)
     wall = time.perf_counter() - st.start_time
     final_loss, final_loss_steps = window_loss(st.losses, p.cfg.log_every) if st.losses else (None, 0)
-    return {
+    summary = {
         "run": p.run, "task": p.task, "steps": st.step, "stopped_early": st.stopped_early,
         "final_loss": final_loss, "final_loss_steps": final_loss_steps, "best": st.best,
         "trainable_params": p.adapted.num_trainable, "wall_seconds": wall,
         "peak_memory_bytes": _peak_memory(p.device), "device": str(p.device), "labels": p.labels,
     }
+    if p.packing_efficiency is not None:
+        summary["packing_efficiency"] = p.packing_efficiency
+    return summary
 
 
 # --- the pieces ---------------------------------------------------------------------------
