@@ -91,6 +91,19 @@ def test_bf16_classification_head_trains_in_fp32(tiny_bert, tmp_path):
     assert all(t.dtype == torch.float32 for t in load_file(os.path.join(run, "adapter_model.safetensors")).values())
 
 
+def test_default_base_dtype_is_fp32_on_cpu_and_the_checkpoints_on_cuda(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "bfloat16"}))
+    cuda = torch.device("cuda")
+    assert precision.base_dtype(None, str(tmp_path), torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert precision.base_dtype(None, str(tmp_path), cuda) == torch.bfloat16
+    assert precision.base_dtype("fp16", str(tmp_path), cuda) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert precision.base_dtype(None, str(tmp_path), cuda) == torch.float32  # an older GPU: as before
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "float16"}))
+    assert precision.base_dtype(None, str(tmp_path), cuda) == torch.float16
+
+
 # --- NF4 ---------------------------------------------------------------------------------------
 
 
@@ -142,6 +155,9 @@ def test_nf4_matches_bitsandbytes_bit_for_bit():
         assert bool(((mine[live] - target).abs() <= (its[live] - target).abs()).all())
         nested.absmax = ours.qabsmax  # our indices through bitsandbytes' dequantisation: the same values
         assert torch.equal(nf4.dequantize(ours, dtype), bnb.dequantize_4bit(packed, nested))
+        # the op the CUDA path calls, called here on the CPU with the same arguments
+        fused = nf4._bnb_kernel()(ours.packed.unsqueeze(1), nf4.block_absmax(ours), 64, "nf4", ours.shape, dtype)
+        assert torch.equal(fused, nf4.dequantize(ours, dtype))
         assert float((nested.absmax.int() != ours.qabsmax.int()).float().mean()) < 0.05
 
 
@@ -201,30 +217,35 @@ def test_nf4_linear_backward_matches_dense():
 # --- gradient checkpointing ----------------------------------------------------------------------
 
 
-def _grads(base, run, checkpointing):
-    adapted = load_adapted(base, run)
+def _grads(base, run, checkpointing, model_class=None):
+    torch.manual_seed(7)  # a classification head is initialised at load: the same one each time
+    adapted = load_adapted(base, run, model_class)
     randomize_(adapted.phi_parameters().values(), seed=5)
     adapted.train()
     calls = []
-    adapted.model.model.layers[0].self_attn.register_forward_pre_hook(lambda *a: calls.append(1))  # inside the checkpointed forward; a recomputation may stop early: count starts
+    # inside the checkpointed forward of the first block; a recomputation may stop early: count starts
+    first = next(m for m in adapted.model.modules() if getattr(m, "layer_idx", None) == 0)
+    first.register_forward_pre_hook(lambda *a: calls.append(1))
     if checkpointing:
         precision.enable_checkpointing(adapted, base)
     for p in adapted.phi_parameters().values():
         p.requires_grad_(True)
     inputs = batch(seed=2, vocab=40)
-    torch.manual_seed(0)
-    adapted(**inputs, labels=inputs["input_ids"]).loss.backward()
+    labels = inputs["input_ids"] if model_class is None else torch.tensor([0, 1])
+    torch.manual_seed(0)  # dropout is on: the same masks, with or without recomputation
+    adapted(**inputs, labels=labels).loss.backward()
     return {k: p.grad.clone() for k, p in adapted.phi_parameters().items()}, len(calls)
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt", "prefix"])
-def test_gradient_checkpointing_same_gradients(tiny_llama, tmp_path, method):
+@pytest.mark.parametrize("method", ["lora", "prompt", "prefix", "prefix-bert"])
+def test_gradient_checkpointing_same_gradients(tiny_llama, tiny_bert, tmp_path, method):
     cfg = {"lora": LoraConfig(rank=4, dropout=0.1), "prompt": PromptTuningConfig(virtual_tokens=3),
-           "prefix": PrefixTuningConfig(virtual_tokens=3, projection=16)}[method]
+           "prefix": PrefixTuningConfig(virtual_tokens=3, projection=16), "prefix-bert": PrefixTuningConfig(virtual_tokens=3)}[method]
+    base, model_class = (tiny_bert, "BertForSequenceClassification") if method == "prefix-bert" else (tiny_llama, None)
     run = str(tmp_path / method)
-    inject(tiny_llama, method, cfg, run)
-    plain, plain_calls = _grads(tiny_llama, run, False)
-    checked, checked_calls = _grads(tiny_llama, run, True)
+    inject(base, method.split("-")[0], cfg, run)
+    plain, plain_calls = _grads(base, run, False, model_class)
+    checked, checked_calls = _grads(base, run, True, model_class)
     assert (plain_calls, checked_calls) == (1, 2)  # the block really ran again in the backward
     assert plain.keys() == checked.keys()
     for k in plain:

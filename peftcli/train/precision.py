@@ -57,6 +57,8 @@ def base_dtype(name: str | None, model_dir: str, device: torch.device) -> torch.
     the CPU (as before; these CPUs lack bf16 units), the checkpoint's own dtype on CUDA."""
     if name is None:
         name = _checkpoint_dtype(model_dir) if device.type == "cuda" else "fp32"
+        if name == "bf16" and not torch.cuda.is_bf16_supported():
+            name = "fp32"  # a bf16 checkpoint on an older GPU trains as before, in fp32
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError(
             f"this GPU ({torch.cuda.get_device_name(device)}) cannot compute in bf16",
