@@ -138,10 +138,29 @@ def quantize_frozen_linears(model: nn.Module, model_dir: str) -> int:
             f"{model_dir}: no frozen linear layer to quantise (its linear layers are φ or the output projection)",
             "drop --quantize, or use a method that leaves the base's linear layers frozen (lora, ia3, prompt...)",
         )
-    for name, layer in chosen:  # one at a time: the full-precision weight is freed as it goes
+    count = len(chosen)
+    while chosen:  # one at a time, dropping each reference: the full-precision weight is freed as it goes
+        name, layer = chosen.pop(0)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, NF4Linear(layer, transposed=modules.is_conv1d(layer)))
-    return len(chosen)
+    del layer
+    _off_the_checkpoint_map(model)
+    return count
+
+
+def _off_the_checkpoint_map(model: nn.Module) -> None:
+    """Copy the tensors left in full precision out of the checkpoint file's memory map.
+
+    transformers maps the safetensors file and the model's tensors stay views of it: the
+    whole file (every weight just quantised) stays mapped, and resident once read, for as
+    long as any of them (the embedding, a norm) lives. Copies release the map."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_floating_point() and not t.requires_grad:
+                t.data = t.data.clone()
+    import gc
+
+    gc.collect()
 
 
 def _output_module(model: nn.Module) -> nn.Module | None:
