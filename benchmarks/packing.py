@@ -38,7 +38,7 @@ def write_data(tokenizer, path: str, n: int, seed: int) -> None:
 
 
 def measure(base: str, data: str, work: str, packing: bool, args) -> dict:
-    from peftcli.inject import inject
+    from peftcli.injection import inject
     from peftcli.methods.lora import LoraConfig
     from peftcli.training.config import TrainConfig
     from peftcli.training.loop import train

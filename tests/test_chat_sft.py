@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from peftcli.cli import cli
-from peftcli.inject import inject
+from peftcli.injection import inject
 from peftcli.methods.lora import LoraConfig
 from peftcli.tiny import VOCAB
 from peftcli.training.batching import IGNORE, encode, load_tokenizer

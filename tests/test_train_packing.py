@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from peftcli.attach import load_adapted, load_base_model
 from peftcli.cli import cli
 from peftcli.errors import UsageError
-from peftcli.inject import inject
+from peftcli.injection import inject
 from peftcli.methods.lora import LoraConfig
 from peftcli.training.batching import IGNORE, collate, encode, load_tokenizer
 from peftcli.training.config import TrainConfig

@@ -57,6 +57,18 @@ class TrainConfig:
     chat_template: str | None = option(
         None, metavar="FILE", help="messages rows (chat sft): render them with this Jinja chat template instead of the tokenizer's"
     )
+    # --- the base's precision (peftcli.training.precision) ---
+    base_dtype: str | None = option(
+        None, metavar="fp32|bf16|fp16",
+        help="dtype the frozen base weights are held and computed in; φ and its optimizer state stay fp32 "
+        "(default: fp32 on CPU, the checkpoint's own dtype on CUDA)",
+    )
+    quantize: str | None = option(
+        None, metavar="nf4", help="hold the frozen linear layers in 4-bit NF4 with double quantisation (QLoRA); the adapter stays plain fp32"
+    )
+    gradient_checkpointing: bool = option(
+        False, help="recompute activations in the backward instead of keeping them: less memory, about a third more compute"
+    )
 
     def __post_init__(self) -> None:
         if self.task is not None and self.task not in TASKS:
@@ -89,13 +101,24 @@ class TrainConfig:
                 "the defaults are --lr 2e-4 --weight-decay 0 --warmup-steps 0 --max-grad-norm 1.0",
             )
         check_threads(self.threads)
+        self._check_precision()
         check_declared(self)  # nan, inf and out-of-range values also from a run's train_args.json
         if self.full and self.model is None:
             raise UsageError("--full needs --model DIR, the model to fine-tune", "add --model with the model directory")
         if self.patience is not None and self.eval_data is None:
             raise UsageError("--patience needs --eval data", "add --eval FILE with validation data, or drop --patience")
 
+    def _check_precision(self) -> None:
+        if self.base_dtype is not None and self.base_dtype not in BASE_DTYPES:
+            raise UsageError(f"unknown --base-dtype {self.base_dtype!r}", "choose fp32, bf16 or fp16")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise UsageError(f"unknown --quantize {self.quantize!r}", "choose nf4 (4-bit NormalFloat, as QLoRA)")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise UsageError(f"--gradient-checkpointing {self.gradient_checkpointing!r} is not true or false", "pass the flag or leave it out")
 
+
+BASE_DTYPES = ("fp32", "bf16", "fp16")
+QUANTIZE = ("nf4",)
 THREADS_PER_CORE = 4  # more threads than this only wait on each other
 
 

@@ -19,8 +19,11 @@ once per pass.
 The training loss shown (progress, ``metrics.jsonl``'s ``loss``, the summary's ``final_loss``)
 is one quantity: the mean of the last ``log_every`` steps' losses (``window_loss``).
 
-On CPU compute stays fp32 whatever the checkpoint dtype (these CPUs lack bf16 units);
-on CUDA the forward runs under bf16 autocast with fused AdamW.
+The base's precision (``precision``): on CPU the base stays fp32 whatever the checkpoint
+dtype (these CPUs lack bf16 units) unless ``base_dtype`` says otherwise; on CUDA it is the
+checkpoint's dtype and the forward runs under bf16 (fp16 for an fp16 base) autocast with
+fused AdamW. ``quantize`` holds the frozen linears in NF4; φ and AdamW's moments are fp32
+always.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from typing import Callable
 import torch
 
 from peftcli.errors import BadInputError, Interrupted, UsageError
-from peftcli.training import distributed
+from peftcli.training import distributed, precision
 from peftcli.training import state as ckpt_state
 from peftcli.training.batching import IGNORE, collate, encode, epoch_order, load_tokenizer
 from peftcli.training.common import (
@@ -188,10 +191,12 @@ def prepare(run: str, cfg: TrainConfig, checkpoint: str | None, hooks: TrainHook
 
     torch.manual_seed(cfg.train_seed)  # a new classification head is initialised from this
     device = resolve_device(cfg.device)
+    dtype = precision.resolve(cfg, adapter, device)
     world = distributed.setup(device.type)
     if world.distributed and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
-    adapted = _build_model(cfg, adapter, checkpoint, task, labels, tokenizer.pad_token_id)
+    adapted = _build_model(cfg, adapter, checkpoint, task, labels, tokenizer.pad_token_id, dtype)
+    precision.prepare_base(adapted, cfg, dtype, cfg.model)
     adapted.to(device)
     packing_efficiency = None
     if cfg.packing:  # the rows replace the examples: epochs, order and resume count rows
@@ -215,7 +220,7 @@ def prepare(run: str, cfg: TrainConfig, checkpoint: str | None, hooks: TrainHook
         eval_items=eval_items, device=device, world=world, adapted=adapted, forward=forward, named=named,
         optimizer=optimizer, scheduler=scheduler, total=total, checkpoint=checkpoint, hooks=hooks, pass_lr=pass_lr,
         left_pad=task == "classify" and is_decoder(cfg.model), sync_by_hand=sync_by_hand,
-        autocast=torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext(),
+        autocast=torch.autocast("cuda", dtype=precision.autocast_dtype(dtype)) if device.type == "cuda" else contextlib.nullcontext(),
         packing_efficiency=packing_efficiency,
     )
 
@@ -237,21 +242,23 @@ def _load_data(run: str, cfg: TrainConfig, resume: bool):
     return data.task, labels, tokenizer, train_items, eval_items
 
 
-def _build_model(cfg: TrainConfig, adapter, checkpoint: str | None, task: str, labels: list[str] | None, pad_id: int):
-    """The base with the adapter attached (a new task head trained with it), or the whole model."""
+def _build_model(
+    cfg: TrainConfig, adapter, checkpoint: str | None, task: str, labels: list[str] | None, pad_id: int, dtype: torch.dtype = torch.float32
+):
+    """The base (in ``dtype``) with the adapter attached (a new task head trained with it), or the whole model."""
     from peftcli.attach import attach_adapter, load_base_model
 
     # Full fine-tuning resumes from the weights of its newest checkpoint, adapters from the base.
     weights_dir = checkpoint if (cfg.full and checkpoint) else cfg.model
     if task == "classify":
         model, info = load_base_model(
-            weights_dir, "AutoModelForSequenceClassification", num_labels=len(labels), with_info=True,
+            weights_dir, "AutoModelForSequenceClassification", dtype=dtype, num_labels=len(labels), with_info=True,
             id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
         )
         if model.config.pad_token_id is None:
             model.config.pad_token_id = pad_id
     else:
-        model, info = load_base_model(weights_dir, "AutoModelForCausalLM", with_info=True)
+        model, info = load_base_model(weights_dir, "AutoModelForCausalLM", dtype=dtype, with_info=True)
     if cfg.full:
         from peftcli.training.full import FullModel
 
