@@ -9,6 +9,7 @@ so ``peftcli --help`` and shell completion stay instant.
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import sys
 import traceback
@@ -154,36 +155,15 @@ def main() -> None:
     cli.main(prog_name="peftcli")
 
 
-# Registering subcommands imports their modules, which import nothing heavy.
-from peftcli.cli import (  # noqa: E402
-    check_cmd,
-    combine_cmd,
-    completion_cmd,
-    convert_cmd,
-    diff_cmd,
-    evaluate_cmd,
-    export_cmd,
-    inject_cmd,
-    inspect_cmd,
-    merge_cmd,
-    plot_cmd,
-    run_cmd,
-    train_cmd,
+# The subcommands as (module, command); importing them imports nothing heavy.
+COMMANDS = (
+    ("inspect_cmd", "inspect"), ("inject_cmd", "inject"), ("train_cmd", "train"), ("plot_cmd", "plot"),
+    ("diff_cmd", "diff"), ("merge_cmd", "merge"), ("convert_cmd", "convert"), ("combine_cmd", "combine"),
+    ("check_cmd", "check"), ("run_cmd", "run"), ("evaluate_cmd", "evaluate"), ("completion_cmd", "completion"),
+    ("export_cmd", "export"),
 )
-
-cli.add_command(inspect_cmd.inspect)
-cli.add_command(inject_cmd.inject)
-cli.add_command(train_cmd.train)
-cli.add_command(plot_cmd.plot)
-cli.add_command(diff_cmd.diff)
-cli.add_command(merge_cmd.merge)
-cli.add_command(convert_cmd.convert)
-cli.add_command(combine_cmd.combine)
-cli.add_command(check_cmd.check)
-cli.add_command(run_cmd.run)
-cli.add_command(evaluate_cmd.evaluate)
-cli.add_command(completion_cmd.completion)
-cli.add_command(export_cmd.export)
+for _module, _name in COMMANDS:
+    cli.add_command(getattr(importlib.import_module(f"peftcli.cli.{_module}"), _name))
 
 from peftcli.cli.output import add_quiet  # noqa: E402
 

@@ -39,7 +39,7 @@ from peftcli.errors import UsageError
 from peftcli.methods import method_for_adapter_config
 from peftcli.methods.base import PEFT_PREFIX
 from peftcli.methods.sparse import phi as sparse_phi
-from peftcli.methods.sparse.fine_tuning import candidates, dense_tensors, k_for
+from peftcli.methods.sparse.fine_tuning import SparseFineTuning, candidates, dense_tensors, k_for
 from peftcli.training import common, distributed
 from peftcli.training import state as ckpt_state
 from peftcli.training.common import ARGS_FILE, BEST_DIR, LABELS_FILE, METRICS_FILE, TrainHooks, head_modules, resolve_config, resolve_device, with_model_dir
@@ -65,6 +65,8 @@ def phase1_config(cfg: TrainConfig) -> TrainConfig:
 def train(run: str, cfg: TrainConfig | None, *, resume: bool, force: bool, log, progress, return_model: bool):
     adapter = read_adapter(run)
     method = method_for_adapter_config(adapter.config, run)
+    if not isinstance(method, SparseFineTuning):  # loop.train dispatches only phased methods here
+        raise AssertionError(f"{method.name} does not train in phases")
     mcfg = method.config_from_adapter(adapter.config)
     started = sparse_phi.is_selected(adapter.tensors) or any(os.path.exists(os.path.join(run, n)) for n in (PHASE1, ARGS_FILE))
     cfg = resolve_config(run, cfg, resume)
@@ -84,7 +86,7 @@ def train(run: str, cfg: TrainConfig | None, *, resume: bool, force: bool, log, 
             distributed.barrier(world)
             adapter = read_adapter(run)
         summary1 = _phase1_and_selection(run, cfg, method, mcfg, adapter, resume, log, progress, world)
-        if getattr(mcfg, "no_retrain", False):
+        if not method.retrains(mcfg):
             summary, model = summary1, None
             log("diff-pruning --no-retrain: the pruned phase-1 φ is the result")
         else:
@@ -92,7 +94,7 @@ def train(run: str, cfg: TrainConfig | None, *, resume: bool, force: bool, log, 
         if world.main:
             _write_phi_diff(run, cfg.model, method.name)
         distributed.barrier(world)
-    phase2 = None if getattr(mcfg, "no_retrain", False) else summary
+    phase2 = summary if method.retrains(mcfg) else None
     summary = {**summary, "run": run, "phase1": summary1, "k": _k_of(run, mcfg), **_wall_split(summary1, phase2)}
     return (summary, model) if return_model else summary
 
@@ -102,7 +104,7 @@ def _phase1_and_selection(run: str, cfg: TrainConfig, method, mcfg, adapter, res
     done = os.path.join(run, PHASE1_DONE)
     if sparse_phi.is_selected(adapter.tensors):
         return common.read_json(done) if os.path.isfile(done) else None
-    summary1 = _phase1(run, cfg, mcfg, resume, log, progress, world)
+    summary1 = _phase1(run, cfg, method, mcfg, resume, log, progress, world)
     if world.main:
         t0 = time.perf_counter()
         _select(run, cfg, method, mcfg, adapter, log)
@@ -159,14 +161,15 @@ def _reset(run: str, adapter):
     return read_adapter(run)
 
 
-def _phase1(run: str, cfg: TrainConfig, mcfg, resume: bool, log, progress, world) -> dict:
+def _phase1(run: str, cfg: TrainConfig, method, mcfg, resume: bool, log, progress, world) -> dict:
     """The full fine-tuning of phase 1 into ``RUN/phase1/``; its summary (saved by rank 0)."""
     p1 = os.path.join(run, PHASE1)
     done = os.path.join(run, PHASE1_DONE)
     if os.path.isfile(done) and os.path.isfile(os.path.join(p1, "model.safetensors")):
         return common.read_json(done)  # killed after phase 1, before the selection was written
     cfg1 = phase1_config(cfg)
-    hooks = _l1_hooks(mcfg.l1, cfg.model) if getattr(mcfg, "l1", 0.0) else None
+    l1 = method.phase1_l1(mcfg)
+    hooks = _l1_hooks(l1, cfg.model) if l1 else None
     log(f"phase 1: full fine-tuning for {cfg1.steps or cfg1.epochs} {'steps' if cfg1.steps else 'epochs'}")
     summary = train_full_pass(p1, cfg1, resume=resume, world=world, log=log, progress=progress, hooks=hooks)
     summary = {k: v for k, v in summary.items() if k != "labels"}

@@ -123,7 +123,7 @@ class DiffPruningConfig:
             raise UsageError(f"--l1 must be non-negative, got {self.l1}", "use 0 for no penalty, or a small λ such as --l1 1e-4")
 
 
-class _SparseFineTuning(SectionConfig, MethodBase):
+class SparseFineTuning(SectionConfig, MethodBase):
     """What LT-SFT and diff-pruning share: budget, layout, attaching and folding."""
 
     trains_in_place = True  # φ lives on base tensors: it adds no parameters to the model
@@ -143,6 +143,14 @@ class _SparseFineTuning(SectionConfig, MethodBase):
     def init(self, ckpt, cfg, generator: "torch.Generator") -> dict[str, "torch.Tensor"]:
         return {}  # nothing to train before phase 1 has chosen the entries
 
+    def retrains(self, cfg) -> bool:
+        """Phase 2 fine-tunes the K kept entries (diff-pruning --no-retrain keeps phase 1's)."""
+        return True
+
+    def phase1_l1(self, cfg) -> float:
+        """λ of the L1 penalty on φ added to phase 1's loss (diff-pruning --l1); 0: none."""
+        return 0.0
+
     def deltas(self, cfg, tensors: dict, ckpt) -> dict:
         self._require_selected(tensors)
         return sparse_phi.stored_deltas(tensors, ckpt)
@@ -159,7 +167,7 @@ class _SparseFineTuning(SectionConfig, MethodBase):
             )
 
 
-class LtSft(_SparseFineTuning):
+class LtSft(SparseFineTuning):
     name = "lt-sft"
     config_cls = LtSftConfig
     summary = "Lottery-ticket sparse fine-tuning: full FT, keep the top-K changes, reset, train only those K."
@@ -171,7 +179,7 @@ class LtSft(_SparseFineTuning):
     )
 
 
-class DiffPruning(_SparseFineTuning):
+class DiffPruning(SparseFineTuning):
     name = "diff-pruning"
     config_cls = DiffPruningConfig
     summary = "Diff-pruning: train a dense φ on frozen θ (optional L1), magnitude-prune it to K entries, retrain them."
@@ -181,3 +189,9 @@ class DiffPruning(_SparseFineTuning):
         "peftcli train runs/dp/ --model model/ --data train.jsonl --phase1-steps 300 --steps 100",
         "peftcli inject diff-pruning --density 0.005 --l1 1e-4 --no-retrain model/ -o runs/dp-l1/",
     )
+
+    def retrains(self, cfg) -> bool:
+        return not cfg.no_retrain
+
+    def phase1_l1(self, cfg) -> float:
+        return cfg.l1
