@@ -45,6 +45,8 @@ RATES = {
     "merge": 1.0e9,  # ranged arithmetic, output elements/s per input
     "rank": 7.0e7,  # TIES beyond a linear merge (ranking |φ|, selecting by range), elements/s per input
     "draw": 6.0e7,  # DARE by ranges (the mask's random draw, drop, rescale, sum), elements/s per input
+    "crumbs": 2.0e7,  # Breadcrumbs beyond a linear merge (two cuts of |φ|, a selection by ranges), elements/s per input: one rough run
+    "della": 5.0e6,  # DELLA beyond a linear merge (ranking each row's |φ|, the draw, 1/p), elements/s per input: one rough run
     "whole": 1.5e8,  # whole-tensor arithmetic (adapter folds), elements/s per input
 }
 
