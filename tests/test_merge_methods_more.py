@@ -296,3 +296,97 @@ def test_della_with_density_one_keeps_every_entry_whatever_epsilon():
     assert torch.equal(combine([phi], [1.0], "della-linear", density=1.0, epsilon=0.5), phi)
     with pytest.raises(UsageError, match="epsilon 0.5 with density 0.5"):
         combine([phi], [1.0], "della-linear", density=0.5, epsilon=0.5)
+
+
+# --------------------------------------------------------------------------- model stock
+
+
+def _stock_ref(theta0: torch.Tensor, thetas: list[torch.Tensor]) -> np.ndarray:
+    """mergekit's model_stock (filter_wise false) in fp64: t from the mean pairwise cosine of the
+    offsets, then t·mean(θᵢ) + (1 − t)·θ₀."""
+    w0 = theta0.double().numpy().reshape(-1)
+    ws = [t.double().numpy().reshape(-1) for t in thetas]
+    offsets = [w - w0 for w in ws]
+    cosines = []
+    for i in range(len(offsets)):
+        for j in range(i + 1, len(offsets)):
+            norm = np.linalg.norm(offsets[i]) * np.linalg.norm(offsets[j])
+            cosines.append(min(1.0, max(-1.0, float(offsets[i] @ offsets[j]) / max(norm, 1e-6))))
+    cos, k = float(np.mean(cosines)), len(ws)
+    t = k * cos / (1 + (k - 1) * cos)
+    return (t * sum(ws) / k + (1 - t) * w0).reshape(theta0.shape)
+
+
+def _st(path: str) -> dict:
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def test_model_stock_by_hand():
+    base, phi = torch.zeros(4), torch.tensor([1.0, 2.0, 0.0, -1.0])
+    ortho = torch.tensor([2.0, -1.0, 3.0, 0.0])  # φ·ortho = 0: cos 0, t 0, θ₀
+    assert torch.equal(combine([phi, ortho], [1.0, 1.0], "model-stock", base=base), base)
+    same = combine([phi, phi], [1.0, 1.0], "model-stock", base=base)  # cos 1, t 1: θ₀ + φ
+    torch.testing.assert_close(same, phi)
+    from peftcli.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="mean cosine -1"):  # 1 + (k − 1)·cos = 0: t undefined
+        combine([phi, -phi], [1.0, 1.0], "model-stock", base=base, key="w")
+
+
+def test_model_stock_of_three_checkpoints_follows_the_fp64_reference(models, tmp_path):
+    base, *fts = models(torch.float32)
+    third = str(tmp_path / "ft3")
+    g = torch.Generator().manual_seed(9)
+    save_state_dict({n: t + _grid(t.shape, g, -3, 4) if t.is_floating_point() else t for n, t in _st(fts[0]).items()}, third)
+    out = str(tmp_path / "m")
+    result = CliRunner().invoke(cli, ["merge", base, *fts, third, "--method", "model-stock", "-o", out])
+    assert result.exit_code == 0, result.output
+    merged, theta0 = _st(out), _st(base)
+    thetas = [_st(p) for p in (*fts, third)]
+    for name in SHAPES:
+        expected = _stock_ref(theta0[name], [t[name] for t in thetas])
+        np.testing.assert_allclose(merged[name].double().numpy(), expected, rtol=1e-5, atol=1e-5, err_msg=name)
+    assert torch.equal(merged["steps"], theta0["steps"])
+    checked = json.loads(CliRunner().invoke(cli, ["check", base, *fts, third, "--method", "model-stock", "--json"]).stdout)
+    assert checked["merge_refusal"] is None and checked["merge"]["changed_tensors"] == len(SHAPES)
+
+
+@pytest.mark.parametrize("dtype, out_dtype", [(torch.float32, None), (torch.bfloat16, "F16"), (torch.float64, None)], ids=str)
+def test_model_stock_ranged_equals_whole_and_an_untouching_input_counts_as_zero(models, tmp_path, monkeypatch, dtype, out_dtype):
+    base, ft1, ft2 = models(dtype)
+    few = str(tmp_path / "few.diff")
+    diff(base, ft1, few, DiffOptions(top_k=20))  # most tensors untouched by this input: φ = 0 there
+    monkeypatch.setattr(ranged, "RANGE", 64)
+    merge(base, [few, ft2], str(tmp_path / "ranged"), method="model-stock", dtype=out_dtype)
+    if dtype == torch.float32:  # an untouching input counts with φ = 0 (mergekit sees θ₀ there)
+        merge(base, [few], str(tmp_path / "few"), method="linear")  # θ₀ + φ_few, the diff applied
+        merged, theta0, t_few, t2 = _st(str(tmp_path / "ranged")), _st(base), _st(str(tmp_path / "few")), _st(ft2)
+        untouched = 0
+        for name in SHAPES:
+            expected = _stock_ref(theta0[name], [t_few[name], t2[name]])
+            np.testing.assert_allclose(merged[name].double().numpy(), expected, rtol=1e-5, atol=1e-5, err_msg=name)
+            untouched += torch.equal(t_few[name], theta0[name])
+        assert untouched >= 2  # cosine 0 with the zero φ: t = 0, θ₀ itself
+    whole_tensor_path(monkeypatch)
+    merge(base, [few, ft2], str(tmp_path / "whole"), method="model-stock", dtype=out_dtype)
+    assert _bytes(str(tmp_path / "ranged")) == _bytes(str(tmp_path / "whole"))
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["ONLY_ONE"], "model-stock merges at least 2 models, got 1"),
+        (["--weights", "1,1"], "model-stock takes no --weights"),
+        (["--density", "0.5"], "model-stock takes no density"),
+    ],
+)
+def test_bad_model_stock_calls_are_one_line_errors(models, tmp_path, extra, words):
+    base, *fts = models(torch.float32)
+    inputs = fts[:1] if extra == ["ONLY_ONE"] else fts
+    extra = [] if extra == ["ONLY_ONE"] else extra
+    out = str(tmp_path / "m")
+    result = CliRunner().invoke(cli, ["merge", base, *inputs, "--method", "model-stock", *extra, "-o", out])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], result.output
+    assert not os.path.exists(out)
