@@ -390,3 +390,106 @@ def test_bad_model_stock_calls_are_one_line_errors(models, tmp_path, extra, word
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], result.output
     assert not os.path.exists(out)
+
+
+# --------------------------------------------------------------------------- karcher
+
+
+def _karcher_ref(thetas: list[torch.Tensor], max_iter: int = 10, tol: float = 1e-5) -> np.ndarray:
+    """mergekit's karcher_merge_tensors on whole fp64 vectors (not on coefficients, as the kernel)."""
+    ts = [t.double().numpy().reshape(-1) for t in thetas]
+    norms = [float(np.linalg.norm(t)) for t in ts]
+    units = [t / n for t, n in zip(ts, norms) if n > tol]
+    if not units:
+        return np.zeros(thetas[0].shape)
+    a = 1.0 / len(units)
+    u = sum(a * x for x in units)
+    size = float(np.linalg.norm(u))
+    u = units[0].copy() if size < tol else u / size
+    for _ in range(max_iter):
+        step = np.zeros_like(u)
+        for x in units:
+            dot = float(np.clip(u @ x, -1.0, 1.0))
+            angle = np.arccos(dot)
+            if angle >= tol:
+                step += a * (angle / np.sin(angle)) * (x - dot * u)
+        size = float(np.linalg.norm(step))
+        if size < tol:
+            break
+        u = np.cos(size) * u + np.sin(size) * step / size
+        if np.linalg.norm(u) > tol:
+            u = u / np.linalg.norm(u)
+    return (sum(norms) / len(ts) * u).reshape(thetas[0].shape)
+
+
+def test_karcher_by_hand():
+    base = torch.zeros(3)
+    e1, e2 = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 2.0, 0.0])  # norms 1 and 2, 90° apart
+    out = combine([e1, e2], [1.0, 1.0], "karcher", base=base)  # the midpoint of the arc, × mean norm 1.5
+    torch.testing.assert_close(out, torch.tensor([1.5, 1.5, 0.0]) / 2**0.5)
+    same = combine([e1, 3 * e1], [1.0, 1.0], "karcher", base=base)  # one direction: the mean norm along it
+    torch.testing.assert_close(same, 2 * e1)
+    from peftcli.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="opposite directions"):
+        combine([e1, e1, -e1], [1.0] * 3, "karcher", base=base, key="w")  # u = e1 at the start: −e1 is its antipode
+
+
+@pytest.mark.parametrize("max_iter", [0, 1, 10])
+def test_karcher_follows_the_fp64_reference(max_iter):
+    gen = torch.Generator().manual_seed(max_iter)
+    base = torch.randn(40, 30, generator=gen)
+    phis = [torch.randn(40, 30, generator=gen) * s for s in (0.5, 1.0, 2.0)]
+    got = combine(phis, [1.0] * 3, "karcher", base=base, key="w", max_iter=max_iter)
+    expected = _karcher_ref([base + p for p in phis], max_iter=max_iter)
+    np.testing.assert_allclose(got.double().numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_karcher_of_three_checkpoints_and_the_ranged_path(models, tmp_path, monkeypatch):
+    base, *fts = models(torch.float32)
+    few = str(tmp_path / "few.diff")
+    diff(base, fts[0], few, DiffOptions(top_k=20))  # elsewhere this input is the point θ₀
+    out = str(tmp_path / "m")
+    monkeypatch.setattr(ranged, "RANGE", 64)
+    result = CliRunner().invoke(cli, ["merge", base, *fts, few, "--method", "karcher", "--max-iter", "5", "--tol", "1e-6", "-o", out])
+    assert result.exit_code == 0, result.output
+    merge(base, [few], str(tmp_path / "few"), method="linear")  # θ₀ + φ_few
+    merged, points = _st(out), [_st(p) for p in (*fts, str(tmp_path / "few"))]
+    for name in SHAPES:
+        expected = _karcher_ref([p[name] for p in points], max_iter=5, tol=1e-6)
+        np.testing.assert_allclose(merged[name].double().numpy(), expected, rtol=1e-5, atol=1e-5, err_msg=name)
+    checked = json.loads(CliRunner().invoke(cli, ["check", base, *fts, few, "--method", "karcher", "--json"]).stdout)
+    assert checked["merge_refusal"] is None and checked["merge"]["changed_tensors"] == len(SHAPES)
+    whole_tensor_path(monkeypatch)
+    merge(base, [*fts, few], str(tmp_path / "whole"), method="karcher", options={"max_iter": 5, "tol": 1e-6})
+    assert _bytes(out) == _bytes(str(tmp_path / "whole"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
+def test_karcher_ranged_equals_whole_in_other_dtypes(models, tmp_path, monkeypatch, dtype):
+    base, *fts = models(dtype)
+    monkeypatch.setattr(ranged, "RANGE", 64)
+    merge(base, fts, str(tmp_path / "ranged"), method="karcher")
+    whole_tensor_path(monkeypatch)
+    merge(base, fts, str(tmp_path / "whole"), method="karcher")
+    assert _bytes(str(tmp_path / "ranged")) == _bytes(str(tmp_path / "whole"))
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--max-iter", "-1"], "max-iter"),
+        (["--tol", "-1e-5"], "tol must be ≥ 0, got -1e-05"),
+        (["--weights", "1,1"], "karcher takes no --weights"),
+        (["--density", "0.5"], "karcher takes no density"),
+        (["--max-iter", "3", "--method", "model-stock"], "model-stock takes no max"),
+    ],
+)
+def test_bad_karcher_calls_are_one_line_errors(models, tmp_path, extra, words):
+    base, *fts = models(torch.float32)
+    out = str(tmp_path / "m")
+    result = CliRunner().invoke(cli, ["merge", base, *fts, "--method", "karcher", *extra, "-o", out])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], result.output
+    assert not os.path.exists(out)
