@@ -24,7 +24,7 @@ from peftcli.errors import UsageError
 from peftcli.merging import ranged
 from peftcli.merging.arithmetic import combine, dare_seed
 from peftcli.merging.engine import merge
-from peftcli.merging.methods._sparse_kernel import SparseTask
+from peftcli.merging.methods._sparse_kernel import RowTask, SparseTask
 from tests.helpers import whole_tensor_path
 
 
@@ -200,12 +200,16 @@ def _bytes(path: str) -> bytes:
 def test_ranged_merge_equals_the_whole_tensor_merge(models, tmp_path, monkeypatch, method, dtype, out_dtype):
     base, *fts = models(dtype)
     monkeypatch.setattr(ranged, "RANGE", 64)  # every tensor but two spans several ranges
-    runs = []
-    real = SparseTask.run
-    monkeypatch.setattr(SparseTask, "run", lambda self, ctx: (runs.append(self.name), real(self, ctx))[1])
+    runs: dict[str, list] = {"SparseTask": [], "RowTask": []}
+    for cls in (SparseTask, RowTask):
+        real = cls.run
+        monkeypatch.setattr(cls, "run", lambda self, ctx, real=real, key=cls.__name__: (runs[key].append(self.name), real(self, ctx))[1])
     opts = dict(weights=[0.9, 0.6], method=method, options=OPTIONS[method], dtype=out_dtype, seed=4)
     merge(base, fts, str(tmp_path / "ranged"), **opts)
-    assert len(runs) == len(SHAPES)
+    if method.startswith("della"):  # by blocks of rows, but b.weight: a row of 1000 > 64 entries, held whole
+        assert runs["SparseTask"] == ["b.weight"] and len(runs["RowTask"]) == len(SHAPES) - 1
+    else:
+        assert len(runs["SparseTask"]) == len(SHAPES) and not runs["RowTask"]
     whole_tensor_path(monkeypatch)
     merge(base, fts, str(tmp_path / "whole"), **opts)
     assert _bytes(str(tmp_path / "ranged")) == _bytes(str(tmp_path / "whole"))
@@ -493,3 +497,15 @@ def test_bad_karcher_calls_are_one_line_errors(models, tmp_path, extra, words):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], result.output
     assert not os.path.exists(out)
+
+
+def test_the_registry_with_the_new_methods_imports_neither_torch_nor_numpy():
+    # `peftcli merge --help` builds its flags from the registry: the kernels load only when merging.
+    import subprocess
+    import sys
+
+    code = "import sys, peftcli.merging.methods; print([m for m in ('torch', 'numpy') if m in sys.modules])"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env, timeout=120)
+    assert done.stdout.strip() == "[]", done.stderr

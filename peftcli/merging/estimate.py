@@ -11,11 +11,14 @@
 
   ==========================================  =================================================
   inputs diffs or checkpoints (ranges)         the diffs' stored values of it, plus the method's
-                                               ``peak_bytes``: (k + 1) × wN for ties (the k φ and
-                                               the ranked |φ|), 0 for linear, dare, dare-ties
+                                               ``peak_bytes``: (k + 1) × wN for ties and
+                                               breadcrumbs (the k φ and the ranked |φ|), k × wN
+                                               for della (plus a block of rows' ranks), 0 for
+                                               linear, dare, dare-ties, slerp, model-stock, karcher
   anything else, done whole (adapters)         its base and output bytes, plus wN × the method's
-                                               ``whole_factor``: 3 for linear, 2k + 3 for dare,
-                                               3k + 4 for ties and dare-ties
+                                               ``whole_factor``: 3 for linear, 2k + 3 for dare and
+                                               della-linear, 3k + 4 for ties, dare-ties,
+                                               breadcrumbs and della, k + 4 for model-stock, karcher
   ==========================================  =================================================
 
   Each method declares its terms (``peftcli.merging.methods``).

@@ -1,4 +1,7 @@
-"""The sparsify-then-combine methods' arithmetic (breadcrumbs, della): a two-pass ranged task.
+"""The sparsify-then-combine methods' arithmetic (breadcrumbs, della): Breadcrumbs' trim,
+DELLA's MagPrune, and the ranged tasks that apply them.
+
+``SparseTask`` (breadcrumbs; DELLA where a row is longer than a range), two passes:
 
 These methods sparsify each task vector by a rule over the whole tensor (ranks of magnitude),
 then combine the sparsified φ̃ᵢ entry by entry (a weighted sum, or TIES' sign election):
@@ -12,6 +15,9 @@ The whole-tensor path (adapters, pickles, ``arithmetic.combine``) runs the same 
 copy of each whole φ and the same ``mix`` on whole tensors; ``mix`` is element-wise, so both
 paths write the same bytes (tests/test_merge_methods_more.py compares them).
 Memory: the k touched φ whole in the work dtype, plus breadcrumbs' |φ| (one more), plus ranges.
+
+``RowTask`` (DELLA): its ranks run within rows, so it reads, prunes, mixes and writes one block
+of whole rows (about a range) at a time, in one pass; memory: a few ranges, nothing whole.
 Inputs that do not touch a tensor are left out: their φ̃ = 0 adds exact zeros and never agrees
 with an elected sign, and no other input's draw depends on theirs (della seeds each input by its
 position ``i``).
@@ -27,14 +33,144 @@ import torch
 
 from peftcli.checkpoint.dtypes import torch_dtype, work_dtype
 from peftcli.checkpoint.reader import TensorInfo
+from peftcli.errors import BadInputError
 from peftcli.merging.pipeline import chunks
 from peftcli.merging import ranged
+from peftcli.merging.methods.breadcrumbs import crumb_counts
 from peftcli.merging.ranged import Context, Task, _base, _phi, _ranged, _read
 
 # sparsify(flat φ as a numpy array, written in place; the tensor's shape; the input's position i)
 Sparsify = Callable[[np.ndarray, tuple, int], None]
 # mix(the sparsified φ̃ of the inputs, their weights) -> the merged task vector, a new tensor
 Mix = Callable[[list, list], torch.Tensor]
+
+def crumbs(phi: np.ndarray, density: float, gamma: float) -> None:
+    """φ (flat, in place) with all but its entries of magnitude rank T … T + K − 1 zeroed."""
+    n = phi.size
+    if density >= 1 or n == 0:
+        return
+    t, k = crumb_counts(density, gamma, n)
+    part = np.abs(phi)
+    if np.isnan(part.max()):
+        raise BadInputError("a task vector holds NaN", "check the inputs with peftcli check")
+    # The T-th and the (T + K)-th largest magnitudes, and how many entries lie above each.
+    kth = sorted({i for i in (n - t, n - t - k) if 0 <= i < n})
+    part.partition(kth)
+    cuts = {}  # "hi": entries above it are dropped, "lo": entries below it; [value, entries above it, equal ones seen]
+    if t > 0:
+        cuts["hi"] = [part[n - t], int(np.count_nonzero(part > part[n - t])), 0]
+    if t + k < n:
+        cuts["lo"] = [part[n - t - k], int(np.count_nonzero(part > part[n - t - k])), 0]
+    del part
+    for start, stop in chunks(n, ranged.RANGE):
+        _keep_range(phi[start:stop], t, k, cuts)
+
+
+def _keep_range(phi: np.ndarray, t: int, k: int, cuts: dict) -> None:
+    """Zero one range's entries outside ranks [T, T + K) (``crumbs``' cuts; their counts advance)."""
+    mag = np.abs(phi)
+    keep = np.ones(mag.shape, dtype=bool)
+    if "hi" in cuts:
+        keep &= mag < cuts["hi"][0]
+    if "lo" in cuts:
+        keep &= mag > cuts["lo"][0]
+    for cut in cuts.values():
+        value, above, seen = cut
+        equal = mag == value
+        count = int(np.count_nonzero(equal))
+        if count:
+            # The equal entries' ranks, in flat order, continue from the earlier ranges'.
+            rank = above + seen + np.cumsum(equal) - 1
+            keep |= equal & (rank >= t) & (rank < t + k)
+            cut[2] = seen + count
+    phi[~keep] = 0.0
+
+
+def row_blocks(shape: tuple, n: int) -> tuple[list[tuple[int, int]], int, int]:
+    """DELLA's ranking unit: (flat element blocks of whole rows, about a range each; B; inner size).
+
+    Ranks run along dimension 1 (within each row of a matrix; a 1-D tensor is one row), so a
+    block of whole slices of dimension 0 is contiguous and ranked on its own."""
+    rows, width = (1, n) if len(shape) < 2 else (shape[0], shape[1])
+    inner = n // (rows * width) if rows * width else 1  # the dimensions after 1
+    per = width * inner
+    step = max(1, ranged.RANGE // per) if per else 1
+    return [(r0 * per, min(rows, r0 + step) * per) for r0 in range(0, rows, step)], width, inner
+
+
+def magprune(block: np.ndarray, width: int, inner: int, generator, density: float, epsilon: float) -> None:
+    """MagPrune of one block of whole rows, in place: keep with p by rank, divide by p (della.py)."""
+    x = block.reshape(-1, width, inner)
+    order = np.argsort(-np.abs(x), axis=1, kind="stable")  # the largest first, ties by index
+    position = np.empty_like(order)
+    np.put_along_axis(position, order, np.arange(width).reshape(1, width, 1), axis=1)
+    if width > 1:
+        p = (density - epsilon) + 2 * epsilon * ((width - 1 - position) / (width - 1))
+    else:
+        p = np.full(x.shape, float(density))
+    del order, position
+    u = torch.rand(x.size, generator=generator, dtype=torch.float32).numpy().reshape(x.shape)
+    x[...] = np.where(u < p, x.astype(np.float64) / p, 0.0).astype(x.dtype)
+
+
+def della_drop(phi: np.ndarray, shape: tuple, generator, density: float, epsilon: float) -> None:
+    """MagPrune of one whole flat φ, in place, block after block (the draws continue one stream)."""
+    if density >= 1 or phi.size == 0:
+        return
+    blocks, width, inner = row_blocks(shape, phi.size)
+    for start, stop in blocks:
+        magprune(phi[start:stop], width, inner, generator, density, epsilon)
+
+
+@dataclass
+class RowTask(Task):
+    """θ₀ + mix(MagPrune(φ₁) … MagPrune(φₖ)) by blocks of whole rows: nothing is held whole.
+
+    Each block is read, pruned (input i's draws continue its own generator, block after block
+    as ``della_drop``), mixed and written; rows longer than a range take ``SparseTask`` instead.
+    """
+
+    name: str
+    info: TensorInfo
+    out_dtype: str
+    streams: list  # (i, λᵢ, φᵢ stream) of the touching inputs, in input order
+    generators: list  # input i's generator, as della_drop draws from it
+    density: float
+    epsilon: float
+    mix: Mix
+    changed = True
+
+    def _blocks(self):
+        return row_blocks(tuple(self.info.shape), self.info.numel)
+
+    def requests(self) -> Iterator:
+        for start, stop in self._blocks()[0]:
+            yield _read(self.info, start, stop)
+            for _, _, stream in self.streams:
+                if stream.read is not None:
+                    yield _ranged(stream.read, start, stop)
+
+    def run(self, ctx: Context) -> None:
+        work, out_dtype = work_dtype(torch_dtype(self.info.dtype)), torch_dtype(self.out_dtype)
+        blocks, width, inner = self._blocks()
+        weights = [lam for _, lam, _ in self.streams]
+        for start, stop in blocks:
+            m = stop - start
+            bbuf, raw = ctx.reads.next()
+            base = _base(ctx, raw, self.info)
+            xs = [ctx.scratch(f"x{j}", m, work) for j in range(len(self.streams))]
+            for (_, _, stream), x, generator in zip(self.streams, xs, self.generators):
+                _phi(ctx, stream, start, stop, base, x)
+                if self.density < 1:
+                    magprune(x.numpy(), width, inner, generator, self.density, self.epsilon)
+            merged = self.mix(xs, weights)
+            buf, result = ctx.take(m, work)
+            result.copy_(merged)
+            del merged
+            ctx.plus_base(result, base)
+            ctx.reads.give(bbuf)
+            ctx.put(self.name, result, buf, out_dtype)
+        self.streams = []
 
 
 def sparse_whole(phis: list, indices: list[int], weights: list[float], sparsify: Sparsify, mix: Mix) -> torch.Tensor:

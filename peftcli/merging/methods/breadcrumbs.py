@@ -17,9 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import ROUND_FLOOR, Decimal
 
-import numpy as np
-
-from peftcli.errors import BadInputError, UsageError
+from peftcli.errors import UsageError
 from peftcli.merging.methods.base import Density, MergeMethod
 from peftcli.merging.methods.ties import check_density
 from peftcli.options import option
@@ -43,55 +41,6 @@ def crumb_counts(density: float, gamma: float, n: int) -> tuple[int, int]:
     return min(_floor(gamma, n), n - k), k
 
 
-def crumbs(phi: np.ndarray, density: float, gamma: float) -> None:
-    """φ (flat, in place) with all but its entries of magnitude rank T … T + K − 1 zeroed."""
-    n = phi.size
-    if density >= 1 or n == 0:
-        return
-    t, k = crumb_counts(density, gamma, n)
-    part = np.abs(phi)
-    if np.isnan(part.max()):
-        raise BadInputError("a task vector holds NaN", "check the inputs with peftcli check")
-    # The T-th and the (T + K)-th largest magnitudes, and how many entries lie above each.
-    kth = sorted({i for i in (n - t, n - t - k) if 0 <= i < n})
-    part.partition(kth)
-    cuts = {}  # "hi": entries above it are dropped, "lo": entries below it; [value, entries above it, equal ones seen]
-    if t > 0:
-        cuts["hi"] = [part[n - t], int(np.count_nonzero(part > part[n - t])), 0]
-    if t + k < n:
-        cuts["lo"] = [part[n - t - k], int(np.count_nonzero(part > part[n - t - k])), 0]
-    del part
-    for start, stop in _ranges(n):
-        _keep_range(phi[start:stop], t, k, cuts)
-
-
-def _ranges(n: int):
-    from peftcli.merging.pipeline import chunks
-    from peftcli.merging.ranged import RANGE
-
-    return chunks(n, RANGE)
-
-
-def _keep_range(phi: np.ndarray, t: int, k: int, cuts: dict) -> None:
-    """Zero one range's entries outside ranks [T, T + K) (``crumbs``' cuts; their counts advance)."""
-    mag = np.abs(phi)
-    keep = np.ones(mag.shape, dtype=bool)
-    if "hi" in cuts:
-        keep &= mag < cuts["hi"][0]
-    if "lo" in cuts:
-        keep &= mag > cuts["lo"][0]
-    for cut in cuts.values():
-        value, above, seen = cut
-        equal = mag == value
-        count = int(np.count_nonzero(equal))
-        if count:
-            # The equal entries' ranks, in flat order, continue from the earlier ranges'.
-            rank = above + seen + np.cumsum(equal) - 1
-            keep |= equal & (rank >= t) & (rank < t + k)
-            cut[2] = seen + count
-    phi[~keep] = 0.0
-
-
 class Breadcrumbs(MergeMethod):
     name = "breadcrumbs"
     summary = "drop the γ largest and the smallest magnitudes, keep the density, Σ λᵢ φ̃ᵢ"
@@ -111,6 +60,8 @@ class Breadcrumbs(MergeMethod):
             )
 
     def _sparsify(self, cfg):
+        from peftcli.merging.methods._sparse_kernel import crumbs
+
         return lambda flat, shape, i: crumbs(flat, cfg.density, cfg.gamma)
 
     def _mix(self):

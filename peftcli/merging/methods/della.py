@@ -9,7 +9,8 @@ An entry of rank r among the row's B (0 the smallest) is kept with probability
 p = (d − ε) + 2ε·r/(B − 1) (d when B = 1) and kept as φ/p, so E[φ̃] = φ; d = 1 keeps φ whole.
 The draw is u < p, u uniform in [0, 1) from input i's generator of DARE's seeding
 (``arithmetic.dare_generator(seed, key, i)``) in flat order: the mask depends only on
-(seed, tensor name, i, shape).
+(seed, tensor name, i, shape). A merge streams blocks of whole rows (``_sparse_kernel.RowTask``):
+nothing is held whole, but a row longer than a range (a long 1-D tensor), whose φ is held whole.
 
 Where mergekit 0.1.5 differs: its MagPrune rescales the whole masked φ by ‖φ‖₁ / ‖m ⊙ φ‖₁
 (one factor per tensor, 1/p only in expectation), draws from torch's global generator, computes
@@ -21,8 +22,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
-
-import numpy as np
 
 from peftcli.errors import UsageError
 from peftcli.merging.methods.base import Density, MergeMethod
@@ -36,34 +35,6 @@ class DellaOptions(Density):
 
     epsilon: float = option(0.15, help="della: keep probabilities range over density ± epsilon by magnitude rank (default 0.15).")
     scale: float = option(1.0, help="della: the merged task vector is multiplied by this (mergekit's lambda; default 1).")
-
-
-def della_drop(phi: np.ndarray, shape: tuple, generator, density: float, epsilon: float) -> None:
-    """MagPrune of one flat φ, in place: row blocks of about a range at a time (see the module docstring)."""
-    import torch
-
-    from peftcli.merging.ranged import RANGE
-
-    n = phi.size
-    if density >= 1 or n == 0:
-        return
-    rows, width = (1, n) if len(shape) < 2 else (shape[0], shape[1])
-    inner = n // (rows * width)  # the dimensions after 1, which a rank does not cross
-    per = width * inner
-    step = max(1, RANGE // per)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        block = phi[r0 * per : r1 * per].reshape(r1 - r0, width, inner)
-        order = np.argsort(-np.abs(block), axis=1, kind="stable")  # the largest first, ties by index
-        position = np.empty_like(order)
-        np.put_along_axis(position, order, np.arange(width).reshape(1, width, 1), axis=1)
-        if width > 1:
-            p = (density - epsilon) + 2 * epsilon * ((width - 1 - position) / (width - 1))
-        else:
-            p = np.full(block.shape, float(density))
-        del order, position
-        u = torch.rand(block.size, generator=generator, dtype=torch.float32).numpy().reshape(block.shape)
-        block[...] = np.where(u < p, block.astype(np.float64) / p, 0.0).astype(block.dtype)
 
 
 class Della(MergeMethod):
@@ -90,6 +61,7 @@ class Della(MergeMethod):
 
     def _sparsify(self, cfg, seed, key):
         from peftcli.merging.arithmetic import dare_generator
+        from peftcli.merging.methods._sparse_kernel import della_drop
 
         def sparsify(flat, shape, i):
             della_drop(flat, shape, dare_generator(seed, key, i), cfg.density, cfg.epsilon)
@@ -113,13 +85,19 @@ class Della(MergeMethod):
         return sparse_whole(phis, list(range(len(phis))), weights, self._sparsify(cfg, seed, key), self._mix(cfg))
 
     def task(self, name, info, out_dtype, streams, cfg, *, seed, key, n_inputs):
-        from peftcli.merging.methods._sparse_kernel import SparseTask
+        from peftcli.merging import ranged
+        from peftcli.merging.arithmetic import dare_generator
+        from peftcli.merging.methods._sparse_kernel import RowTask, SparseTask, row_blocks
 
         opened = [(i, w, opener()) for i, w, opener in streams]
-        return SparseTask(name, info, out_dtype, opened, self._sparsify(cfg, seed, key), self._mix(cfg))
+        blocks, _, _ = row_blocks(tuple(info.shape), info.numel)
+        if max(stop - start for start, stop in blocks) > ranged.RANGE:  # a row longer than a range: held whole
+            return SparseTask(name, info, out_dtype, opened, self._sparsify(cfg, seed, key), self._mix(cfg))
+        generators = [dare_generator(seed, key, i) for i, _, _ in opened]
+        return RowTask(name, info, out_dtype, opened, generators, cfg.density, cfg.epsilon, self._mix(cfg))
 
     def peak_bytes(self, n, touching, w):
-        return touching * w * n + 32 * min(n, 1 << 18)  # the k φ held whole; a row block's ranks, p and u
+        return 32 * min(n, 1 << 18)  # a block of rows' ranks, p and u (a row longer than a range: k φ whole)
 
     def whole_factor(self, k):
         return 3 * k + 4 if self.elect else 2 * k + 3
