@@ -24,7 +24,7 @@ from peftcli.errors import UsageError
 from peftcli.merging import ranged
 from peftcli.merging.arithmetic import combine, dare_seed
 from peftcli.merging.engine import merge
-from peftcli.merging.methods._sparse_kernel import RowTask, SparseTask
+from peftcli.merging.methods._sparse_kernel import CrumbsTask, RowTask, SparseTask
 from tests.helpers import whole_tensor_path
 
 
@@ -200,16 +200,16 @@ def _bytes(path: str) -> bytes:
 def test_ranged_merge_equals_the_whole_tensor_merge(models, tmp_path, monkeypatch, method, dtype, out_dtype):
     base, *fts = models(dtype)
     monkeypatch.setattr(ranged, "RANGE", 64)  # every tensor but two spans several ranges
-    runs: dict[str, list] = {"SparseTask": [], "RowTask": []}
-    for cls in (SparseTask, RowTask):
+    runs: dict[str, list] = {"SparseTask": [], "RowTask": [], "CrumbsTask": []}
+    for cls in (SparseTask, RowTask, CrumbsTask):
         real = cls.run
         monkeypatch.setattr(cls, "run", lambda self, ctx, real=real, key=cls.__name__: (runs[key].append(self.name), real(self, ctx))[1])
     opts = dict(weights=[0.9, 0.6], method=method, options=OPTIONS[method], dtype=out_dtype, seed=4)
     merge(base, fts, str(tmp_path / "ranged"), **opts)
     if method.startswith("della"):  # by blocks of rows, but b.weight: a row of 1000 > 64 entries, held whole
         assert runs["SparseTask"] == ["b.weight"] and len(runs["RowTask"]) == len(SHAPES) - 1
-    else:
-        assert len(runs["SparseTask"]) == len(SHAPES) and not runs["RowTask"]
+    else:  # a cut pass per input, then one pass to combine
+        assert len(runs["CrumbsTask"]) == len(SHAPES) and not runs["RowTask"] and not runs["SparseTask"]
     whole_tensor_path(monkeypatch)
     merge(base, fts, str(tmp_path / "whole"), **opts)
     assert _bytes(str(tmp_path / "ranged")) == _bytes(str(tmp_path / "whole"))

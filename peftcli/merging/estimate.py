@@ -11,10 +11,11 @@
 
   ==========================================  =================================================
   inputs diffs or checkpoints (ranges)         the diffs' stored values of it, plus the method's
-                                               ``peak_bytes``: (k + 1) × wN for ties and
-                                               breadcrumbs (the k φ and the ranked |φ|), k × wN
-                                               for della (plus a block of rows' ranks), 0 for
-                                               linear, dare, dare-ties, slerp, model-stock, karcher
+                                               ``peak_bytes``: (k + 1) × wN for ties (the k φ
+                                               and the ranked |φ|), wN for breadcrumbs (one |φ|
+                                               at a time), a block of rows' ranks for della, 0
+                                               for linear, dare, dare-ties, slerp, model-stock,
+                                               karcher
   anything else, done whole (adapters)         its base and output bytes, plus wN × the method's
                                                ``whole_factor``: 3 for linear, 2k + 3 for dare and
                                                della-linear, 3k + 4 for ties, dare-ties,

@@ -1,23 +1,17 @@
 """The sparsify-then-combine methods' arithmetic (breadcrumbs, della): Breadcrumbs' trim,
-DELLA's MagPrune, and the ranged tasks that apply them.
+DELLA's MagPrune, and the ranged tasks that apply them. Each task applies, element by element,
+the operations of the whole-tensor path (``sparse_whole``: ``crumbs`` or ``della_drop`` on a
+copy of each whole φ, then ``mix``, element-wise), so both write the same bytes
+(tests/test_merge_methods_more.py compares them):
 
-``SparseTask`` (breadcrumbs; DELLA where a row is longer than a range), two passes:
+- ``CrumbsTask`` (breadcrumbs): a pass per touching input writes its |φ| by ranges into one
+  whole buffer and takes the two cuts; a last pass keeps, mixes and writes by ranges. Memory:
+  one work-dtype copy of the tensor, plus ranges.
+- ``RowTask`` (DELLA): its ranks run within rows, so it reads, prunes, mixes and writes one
+  block of whole rows (about a range) at a time, in one pass. Memory: a few ranges.
+- ``SparseTask`` (DELLA where a row is longer than a range): the touching φ read whole, each
+  sparsified in place, then mixed by ranges. Memory: the k touched φ in the work dtype.
 
-These methods sparsify each task vector by a rule over the whole tensor (ranks of magnitude),
-then combine the sparsified φ̃ᵢ entry by entry (a weighted sum, or TIES' sign election):
-
-- pass 1 reads θ₀ and the touching inputs' φᵢ a range at a time into whole work-dtype buffers,
-  then each φᵢ is sparsified in place (``sparsify(flat, shape, i)``, numpy over the whole
-  buffer, its own scratch a range or a row block at a time, except breadcrumbs' |φ|, whole);
-- pass 2 reads θ₀ again and writes, range by range, ``mix(φ̃ slices, weights)`` + θ₀, cast once.
-
-The whole-tensor path (adapters, pickles, ``arithmetic.combine``) runs the same ``sparsify`` on a
-copy of each whole φ and the same ``mix`` on whole tensors; ``mix`` is element-wise, so both
-paths write the same bytes (tests/test_merge_methods_more.py compares them).
-Memory: the k touched φ whole in the work dtype, plus breadcrumbs' |φ| (one more), plus ranges.
-
-``RowTask`` (DELLA): its ranks run within rows, so it reads, prunes, mixes and writes one block
-of whole rows (about a range) at a time, in one pass; memory: a few ranges, nothing whole.
 Inputs that do not touch a tensor are left out: their φ̃ = 0 adds exact zeros and never agrees
 with an elected sign, and no other input's draw depends on theirs (della seeds each input by its
 position ``i``).
@@ -44,25 +38,28 @@ Sparsify = Callable[[np.ndarray, tuple, int], None]
 # mix(the sparsified φ̃ of the inputs, their weights) -> the merged task vector, a new tensor
 Mix = Callable[[list, list], torch.Tensor]
 
-def crumbs(phi: np.ndarray, density: float, gamma: float) -> None:
-    """φ (flat, in place) with all but its entries of magnitude rank T … T + K − 1 zeroed."""
-    n = phi.size
-    if density >= 1 or n == 0:
-        return
+def crumb_cuts(part: np.ndarray, density: float, gamma: float) -> tuple[int, int, dict]:
+    """(T, K, cuts) of Breadcrumbs from |φ| (``part``, reordered here): the T-th and the
+    (T + K)-th largest magnitudes, each with how many entries lie above it."""
+    n = part.size
     t, k = crumb_counts(density, gamma, n)
-    part = np.abs(phi)
     if np.isnan(part.max()):
         raise BadInputError("a task vector holds NaN", "check the inputs with peftcli check")
-    # The T-th and the (T + K)-th largest magnitudes, and how many entries lie above each.
-    kth = sorted({i for i in (n - t, n - t - k) if 0 <= i < n})
-    part.partition(kth)
+    part.partition(sorted({i for i in (n - t, n - t - k) if 0 <= i < n}))
     cuts = {}  # "hi": entries above it are dropped, "lo": entries below it; [value, entries above it, equal ones seen]
     if t > 0:
         cuts["hi"] = [part[n - t], int(np.count_nonzero(part > part[n - t])), 0]
     if t + k < n:
         cuts["lo"] = [part[n - t - k], int(np.count_nonzero(part > part[n - t - k])), 0]
-    del part
-    for start, stop in chunks(n, ranged.RANGE):
+    return t, k, cuts
+
+
+def crumbs(phi: np.ndarray, density: float, gamma: float) -> None:
+    """φ (flat, in place) with all but its entries of magnitude rank T … T + K − 1 zeroed."""
+    if density >= 1 or phi.size == 0:
+        return
+    t, k, cuts = crumb_cuts(np.abs(phi), density, gamma)
+    for start, stop in chunks(phi.size, ranged.RANGE):
         _keep_range(phi[start:stop], t, k, cuts)
 
 
@@ -227,3 +224,76 @@ class SparseTask(Task):
             ctx.reads.give(bbuf)
             ctx.put(self.name, result, buf, out_dtype)
         self.streams = []
+
+
+@dataclass
+class CrumbsTask(Task):
+    """θ₀ + mix(trim(φ₁) … trim(φₖ)) for Breadcrumbs, holding one tensor's |φ| and ranges only.
+
+    One pass per touching input writes its |φ| by ranges into one whole buffer and takes the
+    cuts from it (``crumb_cuts``, the buffer reused by the next input); a last pass reads θ₀ and
+    every φ again by ranges, keeps what the cuts keep (``_keep_range``, in flat order as
+    ``crumbs``), mixes and writes. The same cuts and the same ranges as ``crumbs`` over a whole φ:
+    the same bytes. Memory: one work-dtype copy of the tensor, plus ranges.
+    """
+
+    name: str
+    info: TensorInfo
+    out_dtype: str
+    openers: list  # (i, λᵢ, opener) of the touching inputs, in input order
+    density: float
+    gamma: float
+    mix: Mix
+    changed = True
+
+    def __post_init__(self) -> None:
+        self.reads = [opener().read for _, _, opener in self.openers]
+
+    def _ranges(self):
+        return chunks(self.info.numel, ranged.RANGE)
+
+    def requests(self) -> Iterator:
+        for read in self.reads if self.density < 1 else []:  # a cut pass per input
+            for start, stop in self._ranges():
+                yield _read(self.info, start, stop)
+                if read is not None:
+                    yield _ranged(read, start, stop)
+        for start, stop in self._ranges():
+            yield _read(self.info, start, stop)
+            for read in self.reads:
+                if read is not None:
+                    yield _ranged(read, start, stop)
+
+    def _cuts(self, ctx: Context, work: torch.dtype, opener) -> tuple[int, int, dict]:
+        mag = ctx.scratch("mag", self.info.numel, work)
+        stream = opener()
+        for start, stop in self._ranges():
+            bbuf, raw = ctx.reads.next()
+            _phi(ctx, stream, start, stop, _base(ctx, raw, self.info), mag[start:stop])
+            ctx.reads.give(bbuf)
+        part = mag.numpy()
+        np.abs(part, out=part)
+        return crumb_cuts(part, self.density, self.gamma)
+
+    def run(self, ctx: Context) -> None:
+        work, out_dtype = work_dtype(torch_dtype(self.info.dtype)), torch_dtype(self.out_dtype)
+        rules = [self._cuts(ctx, work, opener) for _, _, opener in self.openers] if self.density < 1 else []
+        streams = [opener() for _, _, opener in self.openers]
+        weights = [lam for _, lam, _ in self.openers]
+        for start, stop in self._ranges():
+            m = stop - start
+            bbuf, raw = ctx.reads.next()
+            base = _base(ctx, raw, self.info)
+            xs = [ctx.scratch(f"x{j}", m, work) for j in range(len(streams))]
+            for j, (stream, x) in enumerate(zip(streams, xs)):
+                _phi(ctx, stream, start, stop, base, x)
+                if rules:
+                    _keep_range(x.numpy(), *rules[j])
+            merged = self.mix(xs, weights)
+            buf, result = ctx.take(m, work)
+            result.copy_(merged)
+            del merged
+            ctx.plus_base(result, base)
+            ctx.reads.give(bbuf)
+            ctx.put(self.name, result, buf, out_dtype)
+        self.openers = []

@@ -10,6 +10,9 @@ whole, outliers included (as mergekit: γ applies below d = 1 only). Where merge
 differs: its ascending torch.sort breaks ties at the two cuts in no documented order, and where
 ⌊γ·N⌋ = 0 its slice ``indices[n_bot:-0]`` is empty, so it drops the whole task vector (tensors
 of fewer than 1/γ entries); peftcli keeps the density's share there.
+
+A merge holds one input's |φ| of a tensor at a time, whole (the cuts rank a whole tensor), and
+ranges otherwise (``_sparse_kernel.CrumbsTask``).
 """
 
 from __future__ import annotations
@@ -77,13 +80,12 @@ class Breadcrumbs(MergeMethod):
         return sparse_whole(phis, list(range(len(phis))), weights, self._sparsify(cfg), self._mix())
 
     def task(self, name, info, out_dtype, streams, cfg, *, seed, key, n_inputs):
-        from peftcli.merging.methods._sparse_kernel import SparseTask
+        from peftcli.merging.methods._sparse_kernel import CrumbsTask
 
-        opened = [(i, w, opener()) for i, w, opener in streams]
-        return SparseTask(name, info, out_dtype, opened, self._sparsify(cfg), self._mix())
+        return CrumbsTask(name, info, out_dtype, list(streams), cfg.density, cfg.gamma, self._mix())
 
     def peak_bytes(self, n, touching, w):
-        return (touching + 1) * w * n  # the k φ held whole and the partitioned |φ|
+        return w * n  # one input's |φ| at a time, whole (the cuts rank a whole tensor)
 
 
 class BreadcrumbsTies(Breadcrumbs):
