@@ -11,11 +11,15 @@
 
   ==========================================  =================================================
   inputs diffs or checkpoints (ranges)         the diffs' stored values of it, plus the method's
-                                               ``peak_bytes``: (k + 1) × wN for ties (the k φ and
-                                               the ranked |φ|), 0 for linear, dare, dare-ties
+                                               ``peak_bytes``: (k + 1) × wN for ties (the k φ
+                                               and the ranked |φ|), wN for breadcrumbs (one |φ|
+                                               at a time), a block of rows' ranks for della, 0
+                                               for linear, dare, dare-ties, slerp, model-stock,
+                                               karcher
   anything else, done whole (adapters)         its base and output bytes, plus wN × the method's
-                                               ``whole_factor``: 3 for linear, 2k + 3 for dare,
-                                               3k + 4 for ties and dare-ties
+                                               ``whole_factor``: 3 for linear, 2k + 3 for dare and
+                                               della-linear, 3k + 4 for ties, dare-ties,
+                                               breadcrumbs and della, k + 4 for model-stock, karcher
   ==========================================  =================================================
 
   Each method declares its terms (``peftcli.merging.methods``).
@@ -45,6 +49,8 @@ RATES = {
     "merge": 1.0e9,  # ranged arithmetic, output elements/s per input
     "rank": 7.0e7,  # TIES beyond a linear merge (ranking |φ|, selecting by range), elements/s per input
     "draw": 6.0e7,  # DARE by ranges (the mask's random draw, drop, rescale, sum), elements/s per input
+    "crumbs": 2.0e7,  # Breadcrumbs beyond a linear merge (two cuts of |φ|, a selection by ranges), elements/s per input: one rough run
+    "della": 5.0e6,  # DELLA beyond a linear merge (ranking each row's |φ|, the draw, 1/p), elements/s per input: one rough run
     "whole": 1.5e8,  # whole-tensor arithmetic (adapter folds), elements/s per input
 }
 

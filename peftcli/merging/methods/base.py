@@ -23,9 +23,9 @@ class NoOptions:
 
 @dataclass
 class Density:
-    """The parameter of the sparsifying methods (ties, dare, dare-ties)."""
+    """The parameter of the sparsifying methods (ties, dare, breadcrumbs, della and their -ties/-linear)."""
 
-    density: float | None = option(None, help="Fraction of each task vector kept (ties, dare, dare-ties).")
+    density: float | None = option(None, help="Fraction of each task vector kept (ties, dare, dare-ties, breadcrumbs, della and their variants).")
 
 
 class MergeMethod:
