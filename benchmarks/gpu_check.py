@@ -106,7 +106,7 @@ def run_rows(args, base: str, label: str) -> list[dict]:
         for i in range(args.batch_size * args.steps):
             f.write(json.dumps({"text": " ".join(f"w{(7 * j + i) % 40 + 4}" for j in range(args.max_length + 8))}) + "\n")
     results = []
-    for name, options in ROWS.items():
+    for name in ROWS:
         cmd = [sys.executable, __file__, "--worker", name, "--base", base, "--data", data, "--work", args.work, "--device", args.device,
                "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
