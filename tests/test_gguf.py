@@ -95,7 +95,9 @@ def write_gguf(model_dir: str, out: str, quant=None, arch: str = "llama", tensor
     if edit:
         edit(w)
     for name, value in tensors.items():
-        if quant is not None and value.ndim == 2:
+        if quant == "F16":
+            w.add_tensor(name, value.astype(np.float16))
+        elif quant is not None and value.ndim == 2:
             w.add_tensor(name, gguf.quants.quantize(value, quant), raw_dtype=quant)
         else:
             w.add_tensor(name, value.astype(np.float32))
@@ -157,6 +159,20 @@ def test_q8_gguf_is_gguf_dequantisation_with_the_permutation_undone(tiny_llama, 
         "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 256,
     }
     assert config["tie_word_embeddings"] is False and config["architectures"] == ["LlamaForCausalLM"]
+
+
+@pytest.mark.parametrize("kind", ["F16", "BF16"])
+def test_f16_and_bf16_keep_their_type(tiny_llama, tmp_path, kind):
+    want = hf_state(tiny_llama)
+    quant = "F16" if kind == "F16" else gguf.GGMLQuantizationType.BF16
+    with open_checkpoint(write_gguf(tiny_llama, str(tmp_path / "half.gguf"), quant)) as ckpt:
+        assert ckpt.config["torch_dtype"] == ("float16" if kind == "F16" else "float32")  # all F16, or BF16 with F32 norms
+        for name, value in want.items():
+            got = ckpt.get(name)
+            stored = kind if value.ndim == 2 or kind == "F16" else "F32"
+            assert ckpt.tensors[name].dtype == stored and got.dtype == getattr(torch, {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}[stored])
+            # exactly what torch rounds the original to (gguf's BF16 rounds to nearest even, as torch does)
+            assert torch.equal(got, value.to(got.dtype)), name
 
 
 @pytest.mark.parametrize("which", ["q8", "tied"])
