@@ -341,12 +341,10 @@ def test_an_architecture_peftcli_does_not_map_is_refused(tiny_llama, tmp_path):
 
 def test_a_tensor_type_nothing_dequantises_is_refused_by_name(tiny_llama, tmp_path):
     q81 = gguf.GGMLQuantizationType.Q8_1
-    tensors = gguf_tensors(tiny_llama)
-    raw = {n: v for n, v in tensors.items()}
     path = str(tmp_path / "q81.gguf")
     w = gguf.GGUFWriter(path, "llama")
     w.add_block_count(2)
-    for name, value in raw.items():
+    for name, value in gguf_tensors(tiny_llama).items():
         if name == "blk.0.attn_v.weight":  # bytes of Q8_1's block size: gguf cannot dequantise it, nor can peftcli
             w.add_tensor(name, np.zeros((value.shape[0], value.shape[1] // 32 * 40), np.uint8), raw_dtype=q81)
         else:
