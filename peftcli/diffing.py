@@ -254,7 +254,7 @@ def _same_bytes(base: Checkpoint, ft: Checkpoint, name: str) -> bool:
     """Whether tensor ``name`` holds the same bytes in both (F4/F6 too, which torch cannot read)."""
     import torch
 
-    if base.storage != "pickle" and ft.storage != "pickle":
+    if base.tensors[name].begin is not None and ft.tensors[name].begin is not None:  # not pickle or GGUF
         return base.read_bytes(name) == ft.read_bytes(name)
     return torch.equal(base.get(name).reshape(-1).view(torch.uint8), ft.get(name).reshape(-1).view(torch.uint8))
 

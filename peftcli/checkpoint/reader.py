@@ -3,7 +3,8 @@
 ``open_checkpoint`` accepts one ``.safetensors`` file, a directory with ``model.safetensors``,
 a sharded directory with ``model.safetensors.index.json``, an adapter directory
 (``adapter_model.safetensors``) and, only with ``allow_pickle=True``, PyTorch ``.bin``/``.pt``
-files through ``torch.load(weights_only=True)``.
+files through ``torch.load(weights_only=True)``, and a llama.cpp ``.gguf`` file under Hugging Face
+names (peftcli.checkpoint.gguf_format).
 
 Opening reads headers only (kilobytes, whatever the checkpoint's size). ``get`` reads one
 tensor from its file into a buffer of its own, ``read_range`` a byte range of one into a
@@ -66,7 +67,7 @@ class Checkpoint:
     """A read-only view of a checkpoint's tensors; use as a context manager or call ``close``."""
 
     path: str  # as the user gave it
-    storage: str  # "safetensors" | "safetensors-sharded" | "pickle"
+    storage: str  # "safetensors" | "safetensors-sharded" | "pickle" | "gguf"
     files: list[str]
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str] = field(default_factory=dict)
@@ -233,7 +234,9 @@ def open_checkpoint(path: str, allow_pickle: bool = False) -> Checkpoint:
     if path.endswith(PICKLE_SUFFIXES):
         return _open_pickle(path, [path], None, allow_pickle)
     if path.endswith(".gguf"):
-        raise BadInputError(f"{path}: GGUF files are not read directly", "load it with transformers and save_pretrained it")
+        from peftcli.checkpoint.gguf_format import open_gguf
+
+        return open_gguf(path)
     _refuse_pickle_magic(path)
     # A weights file inside a model directory still has its config.json (GPT-2's Conv1D
     # layout, layer counts) beside it.

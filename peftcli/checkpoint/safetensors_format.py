@@ -142,7 +142,7 @@ def _refuse_other_format(path: str, prefix: bytes) -> None:
     """An impossible header length: say what the file is when its first bytes tell (a text file
     read as a checkpoint should not read as a 'header length 8367736964726416744')."""
     if prefix[:4] == b"GGUF":
-        raise BadInputError(f"{path}: a GGUF file, not safetensors", "peftcli reads safetensors checkpoints; " + EXPECTED)
+        raise BadInputError(f"{path}: a GGUF file, not safetensors", "name it .gguf to read it as a llama GGUF base, or " + EXPECTED)
     if prefix[:2] == b"PK" or prefix[:1] == b"\x80":
         raise BadInputError(
             f"{path}: a PyTorch pickle, not safetensors",

@@ -193,7 +193,7 @@ class _Job:
         touched = [(i, s) for i, s in enumerate(sources) if name in s.deltas]
         if not touched:
             _check_fixed(name, ckpt, sources)
-            if out_dtype == info.dtype and ckpt.storage != "pickle":
+            if out_dtype == info.dtype and info.begin is not None:  # pickle and GGUF tensors have no byte range
                 return ckpt.read_bytes(name), False
         stored = ckpt.get(name)
         if not touched:
@@ -216,7 +216,7 @@ class _Job:
     def task_for(self, out_name: str) -> Task:
         name, ckpt, sources = self.origin[out_name], self.ckpt, self.sources
         info = ckpt.tensors[name] if name is not None else None
-        if info is None or ckpt.storage == "pickle" or info.numel == 0:
+        if info is None or info.begin is None or info.numel == 0:  # pickle, GGUF: produced whole
             return _Whole(out_name, self.produce)
         touched = [i for i, s in enumerate(sources) if name in s.deltas]
         if not touched:
@@ -389,7 +389,8 @@ def _config_files(ckpt, layout, dtype: str | None) -> dict[str, bytes] | None:
 
     if layout is not None:
         return {"config.json": config_json(ckpt, layout.tasks[0].head, dtype)}
-    if dtype is None or ckpt.config is None:
+    rebuilt = ckpt.storage == "gguf"  # no config.json beside it to copy: write the one rebuilt from its metadata
+    if (dtype is None and not rebuilt) or ckpt.config is None:
         return None
     config = with_dtype(dict(ckpt.config), dtype)
     return {"config.json": (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}

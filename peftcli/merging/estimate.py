@@ -111,7 +111,7 @@ def estimate(ckpt: Checkpoint, inputs: list[Input], method: str = "linear", dtyp
         n = info.numel
         w = 8 if info.dtype == "F64" else 4  # the work dtype's bytes: fp64 for F64 tensors
         stored = sum(i.stored.get(name, 0) for i in touching)
-        if not pickle and all(i.ranged for i in touching) and info.dtype in FLOAT_DTYPES:
+        if info.begin is not None and all(i.ranged for i in touching) and info.dtype in FLOAT_DTYPES:
             need = stored + m.peak_bytes(n, len(touching), w)
             extra = RATES[m.rate] if m.rate else None
             seconds += n * len(touching) / RATES["merge"] + (n * len(touching) / extra if extra else 0)

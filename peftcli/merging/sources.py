@@ -245,9 +245,7 @@ def _checkpoint_source(path: str, base: Checkpoint, allow_pickle: bool, sha256: 
 
     floating = [t.name for t in base.tensors.values() if t.dtype in MERGED_DTYPES and t.name in ft.tensors]
     fixed = {t.name: ft.tensors[t.name] for t in base.tensors.values() if t.dtype not in MERGED_DTYPES and t.name in ft.tensors}
-    streams = {}
-    if ft.storage != "pickle":
-        streams = {n: (lambda info=ft.tensors[n]: _CheckpointStream(info)) for n in floating}
+    streams = {n: (lambda info=ft.tensors[n]: _CheckpointStream(info)) for n in floating if ft.tensors[n].begin is not None}
     return Source(
         path, "checkpoint", {n: delta(n) for n in floating}, _hashes(ft.files, sha256), whole.close, streams=streams,
         fixed=fixed, checkpoint=ft, head=headed.head if headed else None, head_values=whole.get if headed else None,
