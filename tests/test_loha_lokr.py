@@ -219,3 +219,13 @@ def test_gpt2_conv1d_is_refused_as_peft_refuses_it(tiny_gpt2, tmp_path):
     with pytest.raises(UsageError, match="Conv1D"):
         inject(tiny_gpt2, "loha", METHODS["loha"].config_cls(), str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("case, parts", [("loha-qv", ("hada_w1_a", "hada_w2_a")), ("lokr-decompose-both", ("lokr_w1_a", "lokr_w2_a"))])
+def test_an_update_not_finite_in_float32_is_refused_by_check_and_merge(case, parts, peft_adapters, tiny_llama, tmp_path):
+    # Each part is finite in float32, but α/r·ΔW is not: merge would otherwise write Inf weights.
+    src = peft_adapters[case][0]
+    saved = load_file(os.path.join(src, "adapter_model.safetensors"))
+    key = f"base_model.model.{LLAMA_LAYER0}.q_proj."
+    adapter = _edited(src, str(tmp_path / "edited"), tensors={key + p: saved[key + p] * 1e25 for p in parts})
+    _refused_alike(tiny_llama, adapter, tmp_path, "q_proj", "not finite in float32", check_words=("q_proj", "not finite in float32"))

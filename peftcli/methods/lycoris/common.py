@@ -306,9 +306,7 @@ class LycorisMethod(MethodBase):
             if problem is None and selected is not None:
                 m = selected[found[0]]
                 expected, scale = self._module_parts(m, cfg)
-                problem = self._parts_problem(path, parts, expected)
-                if problem is None and not (abs(scale) <= FP32_MAX):
-                    problem = f"{path}: the scale alpha/r = {scale:g} does not fit a float32"
+                problem = self._parts_problem(path, parts, expected) or self._finite_problem(path, parts, scale)
             if problem:
                 problems.append(problem)
             elif selected is not None:
@@ -318,6 +316,25 @@ class LycorisMethod(MethodBase):
         if unfit is not None:
             raise unfit
         return out
+
+    def bound(self, parts: dict) -> float:
+        """An upper bound of max |ΔW| before scaling, from the parts' largest entries."""
+        raise NotImplementedError
+
+    def _finite_problem(self, path: str, parts: dict, scale: float) -> str | None:
+        """Why α/r·ΔW is not finite in float32, or None. The bound decides it in an adapter-sized
+        pass; only a module whose bound passes float32's range is multiplied out (merge would
+        otherwise write Inf or NaN weights; attach and merge check the same modules)."""
+        import torch
+
+        if not abs(scale) <= FP32_MAX:
+            return f"{path}: the scale alpha/r = {scale:g} does not fit a float32"
+        if abs(scale) * self.bound(parts) <= FP32_MAX / 2:
+            return None  # False for NaN: multiplied out below, NaN is not finite
+        if bool(torch.isfinite(self.delta({s: t.float() for s, t in parts.items()}) * scale).all()):
+            return None
+        return (f"{path}: the scaled update ΔW = (alpha/r)·{self.label} = {scale:g}·{self.label} is not finite in float32 "
+                "(absurd alpha for these weights, or NaN/Inf in them)")
 
     # -- folding --------------------------------------------------------------------------------
     def deltas(self, cfg, tensors: dict, ckpt) -> dict:
@@ -361,6 +378,15 @@ class LycorisMethod(MethodBase):
 
     def rescales_rank_dropout(self, cfg) -> bool:
         return True
+
+
+def peak(t: "torch.Tensor") -> float:
+    return float(t.abs().max())
+
+
+def product_bound(parts: dict, a: str, b: str) -> float:
+    """max |(A·B)_ij| ≤ inner · max|A| · max|B|."""
+    return parts[a].shape[1] * peak(parts[a]) * peak(parts[b])
 
 
 def _fold(stored: "torch.Tensor", *, parts: dict, scale: float, delta) -> "torch.Tensor":

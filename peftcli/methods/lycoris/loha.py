@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from peftcli.methods.lycoris.common import (
-    LycorisMethod, alpha_option, build, check_common, common_fields, layers_option, rank_option, read_only, refuse_unknown, targets_option,
+    LycorisMethod, alpha_option, build, check_common, common_fields, layers_option, product_bound, rank_option, read_only, refuse_unknown,
+    targets_option,
 )
 
 _CP = "the CP decomposition PEFT uses for convolution kernels (use_effective_conv2d)"
@@ -58,6 +59,9 @@ class LoHa(LycorisMethod):
 
     def delta(self, p):
         return (p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"])
+
+    def bound(self, p):
+        return product_bound(p, "hada_w1_a", "hada_w1_b") * product_bound(p, "hada_w2_a", "hada_w2_b")
 
     def config_from_adapter(self, d: dict) -> LohaConfig:
         refuse_unknown(d, self.label, ())

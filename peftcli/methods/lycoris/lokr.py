@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.lycoris.common import (
-    CORRUPT, LycorisMethod, alpha_option, build, check_common, common_fields, layers_option, rank_option, read_only, refuse_unknown,
-    targets_option,
+    CORRUPT, LycorisMethod, alpha_option, build, check_common, common_fields, layers_option, peak, product_bound, rank_option, read_only,
+    refuse_unknown, targets_option,
 )
 from peftcli.options import option
 
@@ -96,6 +96,11 @@ class LoKr(LycorisMethod):
         w1 = p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"] @ p["lokr_w1_b"]
         w2 = p["lokr_w2"] if "lokr_w2" in p else p["lokr_w2_a"] @ p["lokr_w2_b"]
         return torch.kron(w1, w2.contiguous())
+
+    def bound(self, p):
+        w1 = peak(p["lokr_w1"]) if "lokr_w1" in p else product_bound(p, "lokr_w1_a", "lokr_w1_b")
+        w2 = peak(p["lokr_w2"]) if "lokr_w2" in p else product_bound(p, "lokr_w2_a", "lokr_w2_b")
+        return w1 * w2  # each entry of W1⊗W2 is one product of an entry of each
 
     def own_config(self, cfg) -> dict:
         return {"decompose_both": cfg.decompose_both, "decompose_factor": cfg.decompose_factor, "rank_dropout_scale": False}
