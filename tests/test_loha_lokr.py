@@ -229,3 +229,23 @@ def test_an_update_not_finite_in_float32_is_refused_by_check_and_merge(case, par
     key = f"base_model.model.{LLAMA_LAYER0}.q_proj."
     adapter = _edited(src, str(tmp_path / "edited"), tensors={key + p: saved[key + p] * 1e25 for p in parts})
     _refused_alike(tiny_llama, adapter, tmp_path, "q_proj", "not finite in float32", check_words=("q_proj", "not finite in float32"))
+
+
+@pytest.mark.parametrize("peft_type", ["LOHA", "LOKR"])
+def test_rank_and_module_dropout_act_in_training_only(peft_type, tiny_llama, tmp_path):
+    kwargs = dict(r=2, alpha=2, target_modules=["q_proj", "v_proj"], rank_dropout=0.5, module_dropout=0.3)
+    if peft_type == "LOKR":
+        kwargs.update(decompose_both=True, rank_dropout_scale=True)
+    _, theirs = _peft_adapter(tiny_llama, str(tmp_path / "a"), peft_type, kwargs)
+    ours = load_adapted(tiny_llama, str(tmp_path / "a")).eval()
+    inputs = batch()
+    with torch.no_grad():
+        evaluated = output_tensor(ours(**inputs))
+        assert torch.allclose(evaluated, theirs, atol=1e-5)  # no dropout when evaluating, as PEFT
+        ours.train()
+        trained = []
+        for seed in range(4):
+            torch.manual_seed(seed)
+            trained.append(output_tensor(ours(**inputs)))
+    assert any(not torch.allclose(t, evaluated, atol=1e-5) for t in trained)  # read, not ignored
+    assert any(not torch.allclose(t, trained[0], atol=1e-5) for t in trained[1:])

@@ -43,8 +43,8 @@ _READ = ("peft_type", "r", "alpha", "target_modules", "exclude_modules", "layers
          "rank_pattern", "alpha_pattern", "rank_dropout", "module_dropout")
 
 
-def rank_option():
-    return option(8, "-r", help="rank r of each low-rank factor (default 8)")
+def rank_option(help: str = "rank r of each low-rank factor (default 8)"):
+    return option(8, "-r", help=help)
 
 
 def alpha_option():

@@ -27,11 +27,13 @@ _OWN = ("decompose_both", "decompose_factor", "rank_dropout_scale")
 
 @dataclass
 class LokrConfig:
-    rank: int = rank_option()
+    rank: int = rank_option(
+        "rank r of a factor made low-rank (W2 when r < half its larger side); α/r scales ΔW whether or not any is (default 8)"
+    )
     alpha: float | None = alpha_option()
     targets: str | None = targets_option()
     layers: str | None = layers_option()
-    decompose_both: bool = option(False, help="also factor the left Kronecker factor W1 into rank-r matrices (when r < max(a, c)/2)")
+    decompose_both: bool = option(False, help="also make the left Kronecker factor W1 a rank-r product (when r < half its larger side)")
     decompose_factor: int = option(
         -1, min=-1, help="split each dimension as factor × rest when the factor divides it; -1 (default): near its square root",
     )
