@@ -249,3 +249,15 @@ def test_rank_and_module_dropout_act_in_training_only(peft_type, tiny_llama, tmp
             trained.append(output_tensor(ours(**inputs)))
     assert any(not torch.allclose(t, evaluated, atol=1e-5) for t in trained)  # read, not ignored
     assert any(not torch.allclose(t, trained[0], atol=1e-5) for t in trained[1:])
+
+
+def test_an_adapter_on_gpt2_conv1d_is_refused_by_check_and_merge(tiny_gpt2, tmp_path):
+    # PEFT cannot make one (its LyCORIS layers refuse Conv1D), so a hand-made one is not folded
+    # by guessing its orientation.
+    adapter = tmp_path / "hand-made"
+    adapter.mkdir()
+    json.dump({"peft_type": "LOHA", "r": 2, "alpha": 2, "target_modules": ["c_attn"]}, open(adapter / "adapter_config.json", "w"))
+    key = "base_model.model.transformer.h.0.attn.c_attn."
+    save_file({key + "hada_w1_a": torch.ones(192, 2), key + "hada_w1_b": torch.ones(2, 64),
+               key + "hada_w2_a": torch.ones(192, 2), key + "hada_w2_b": torch.ones(2, 64)}, str(adapter / "adapter_model.safetensors"))
+    _refused_alike(tiny_gpt2, str(adapter), tmp_path, "Conv1D", "LoHa")
