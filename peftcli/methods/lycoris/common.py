@@ -34,8 +34,9 @@ FP32_MAX = 3.4028234663852886e38
 CORRUPT = "the adapter config is corrupt or was edited by hand"
 
 # Keys PEFT writes that cannot change the fold, nor φ's layout on linear layers: bookkeeping,
-# the initialisation of φ before training (init_weights) and the decomposition PEFT uses for
-# convolution kernels only (use_effective_conv2d: linear layers ignore it in PEFT's update_layer).
+# the initialisation of φ before training (init_weights), the decomposition PEFT uses for
+# convolution kernels only (use_effective_conv2d: linear layers ignore it in PEFT's update_layer)
+# and modules_to_save (the saved heads, which merge and check read for every method).
 _ACCEPTED = ("task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
              "modules_to_save", "init_weights", "use_effective_conv2d")
 # Keys whose values are read into the config (LoKr adds its own).

@@ -64,5 +64,5 @@ class LoHa(LycorisMethod):
         return product_bound(p, "hada_w1_a", "hada_w1_b") * product_bound(p, "hada_w2_a", "hada_w2_b")
 
     def config_from_adapter(self, d: dict) -> LohaConfig:
-        refuse_unknown(d, self.label, ())
+        refuse_unknown(d, self.label, self.own_keys)
         return build(LohaConfig, common_fields(d, self.label), self.label)

@@ -111,7 +111,7 @@ class LoKr(LycorisMethod):
         return cfg.rank_dropout_scale
 
     def config_from_adapter(self, d: dict) -> LokrConfig:
-        refuse_unknown(d, self.label, _OWN)
+        refuse_unknown(d, self.label, self.own_keys)
         fields = common_fields(d, self.label)
         both, factor, rescale = d.get("decompose_both", False), d.get("decompose_factor", -1), d.get("rank_dropout_scale", False)
         if not isinstance(both, bool) or not isinstance(rescale, bool):
