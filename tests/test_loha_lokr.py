@@ -132,19 +132,23 @@ def test_inspect_budget_counts_what_inject_adds(name, tiny_llama, tmp_path):
 @pytest.mark.parametrize(
     "name, opts",
     [("loha", {}), ("loha", {"rank": 3, "alpha": 6.0, "targets": "all-linear"}), ("lokr", {}),
-     ("lokr", {"rank": 1, "decompose_both": True, "targets": "all-linear"}), ("lokr", {"rank": 2, "decompose_factor": 4})],
+     ("lokr", {"rank": 1, "decompose_both": True, "targets": "all-linear"}), ("lokr", {"rank": 2, "decompose_factor": 4}),
+     ("loha", {"rank": 2, "targets": "all-linear", "bert": True}), ("lokr", {"rank": 2, "targets": "all-linear", "bert": True})],
 )
-def test_our_adapter_loads_in_peft_with_identical_outputs(name, opts, tiny_llama, tmp_path):
+def test_our_adapter_loads_in_peft_with_identical_outputs(name, opts, tiny_llama, tiny_bert, tmp_path):
     from peft import PeftModel
 
+    opts = dict(opts)
+    base = tiny_bert if opts.pop("bert", False) else tiny_llama  # BERT: an encoder, with biases outside ΔW
+
     run = str(tmp_path / "run")
-    budget = inject(tiny_llama, name, METHODS[name].config_cls(**opts), run, seed=2)
-    adapted = load_adapted(tiny_llama, run)
+    budget = inject(base, name, METHODS[name].config_cls(**opts), run, seed=2)
+    adapted = load_adapted(base, run)
     trainable = [p for p in adapted.parameters() if p.requires_grad]
     assert sum(p.numel() for p in trainable) == budget.trainable
     inputs = batch()
     with torch.no_grad():
-        base_out = output_tensor(load_base_model(tiny_llama)(**inputs))
+        base_out = output_tensor(load_base_model(base)(**inputs))
         assert torch.allclose(output_tensor(adapted(**inputs)), base_out, atol=1e-6)  # ΔW = 0 at init
     randomize_(trainable, scale=0.3)
     with torch.no_grad():
@@ -152,7 +156,7 @@ def test_our_adapter_loads_in_peft_with_identical_outputs(name, opts, tiny_llama
     assert not torch.allclose(ours, base_out, atol=1e-4)
     adapted.save(str(tmp_path / "trained"))
 
-    theirs = PeftModel.from_pretrained(load_base_model(tiny_llama), str(tmp_path / "trained")).eval()
+    theirs = PeftModel.from_pretrained(load_base_model(base), str(tmp_path / "trained")).eval()
     with torch.no_grad():
         assert torch.allclose(ours, output_tensor(theirs(**inputs)), atol=1e-5)
     # PEFT creates the same parameters, shape for shape (so the layout is PEFT's, not only the outputs).
