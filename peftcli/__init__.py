@@ -59,6 +59,8 @@ _LAZY = {
     "get_method": "peftcli.methods",
     "LoraConfig": "peftcli.methods.lora.method",
     "IA3Config": "peftcli.methods.ia3.method",
+    "LohaConfig": "peftcli.methods.lycoris.loha",
+    "LokrConfig": "peftcli.methods.lycoris.lokr",
     "BottleneckAdapterConfig": "peftcli.methods.adapter.method",
     "PrefixTuningConfig": "peftcli.methods.prompting.prefix",
     "PromptTuningConfig": "peftcli.methods.prompting.prompt",

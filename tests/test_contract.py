@@ -22,7 +22,10 @@ from tests.helpers import batch, output_tensor
 IDENTITY_AT_INIT = matrices.identity_at_init()  # methods declaring identity_at_init
 ARCHS = ("llama", "bert", "gpt2")
 # Methods that cannot apply to an architecture, and what inject says instead (writing nothing).
-NOT_APPLICABLE = {("bitfit", "llama"): "Llama-family checkpoints have no biases"}
+NOT_APPLICABLE = {
+    ("bitfit", "llama"): "Llama-family checkpoints have no biases",
+    ("loha", "gpt2"): "Conv1D", ("lokr", "gpt2"): "Conv1D",  # PEFT's LyCORIS layers take nn.Linear only
+}
 
 
 @pytest.fixture(params=ARCHS)

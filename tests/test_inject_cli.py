@@ -178,4 +178,4 @@ def test_completion_of_an_unknown_method_stays_quiet():
     assert result.exit_code == 0 and "error" not in result.output and "--help" in result.output
     env["COMP_WORDS"], env["COMP_CWORD"] = "peftcli inject l", "2"
     result = CliRunner().invoke(cli, [], env=env, prog_name="peftcli")
-    assert result.output.split() == ["plain,layers", "plain,lora", "plain,lottery", "plain,lt-sft"]
+    assert result.output.split() == ["plain,layers", "plain,loha", "plain,lokr", "plain,lora", "plain,lottery", "plain,lt-sft"]

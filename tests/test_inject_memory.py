@@ -47,6 +47,11 @@ GOLDEN = {  # "arch: inject arguments" -> digest, from the eager implementation 
     "llama: prefix --seed 1": "6bc980d8f5e8a81dc3f23535582f4d949a1439163c236c84e45a0357bddddbff",
     "gpt2: prefix --projection 8 --virtual-tokens 3": "ab36cf39efb440f5ed527b6f1884840e5f01e8e1625062680a1f9b16b1058914",
     "llama: prompt --init random --seed 7": "063900b602ef18dca8a1c4613102abc3d62db509c61a0d93015121d4ee2ca4bf",
+    "llama: loha": "47cee08ad81f2aaa49567b284e326cb94b97ab16cf1a5a8d152649ca24aac96b",
+    "bert: loha --rank 2 --alpha 4 --targets all-linear --seed 1": "ab48cbd0b4c8e262050a46006e78aba8ecfc9f41744619caf297234401c3331a",
+    "llama: lokr": "70ce12537a246f29c9d4353e7b691a3b7fcdf84bf974785f2fad63244e2db016",
+    "llama: lokr --rank 1 --decompose-both --targets all-linear --seed 2": "b3c38dce6c799425a785091f70d15c0e5d5fdcb88bb17685353946d5b7eb397c",
+    "bert: lokr --rank 2 --decompose-factor 4": "a844be24df9d38e23526747cde17a43ecb754b9ce0dc588fea91f4d6051d4730",
 }
 
 # Every method, including those whose φ depends on the base's weights (DoRA, prompt from rows).

@@ -437,7 +437,7 @@ def test_merge_refuses_and_check_accepts_prefix_adapters_alike(tiny_gpt2, tmp_pa
     assert merged.exit_code == 2 and not os.path.exists(out)
     assert merged.stderr.strip().splitlines() == [
         f"error: {run}: prefix adds computation (new modules or inputs) that no weight change reproduces "
-        "(only lora, ia3, bitfit, layers, lt-sft and diff-pruning adapters fold into the weights)"
+        "(only lora, ia3, loha, lokr, bitfit, layers, lt-sft and diff-pruning adapters fold into the weights)"
     ]
     checked = CliRunner().invoke(cli, ["check", tiny_gpt2, run])
     assert checked.exit_code == 0, checked.output
