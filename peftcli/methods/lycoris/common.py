@@ -191,6 +191,7 @@ class LycorisMethod(MethodBase):
 
     folds = True
     label: str  # "LoHa", "LoKr": how errors name the type
+    peft_type: str  # "LOHA", "LOKR"
     suffixes: tuple[str, ...]  # every φ part PEFT may save for a linear layer
     conv_parts: dict[str, str] = {}  # φ parts PEFT saves for convolutions only -> what they are
     own_keys: tuple[str, ...] = ()  # adapter_config.json keys of this type alone
@@ -230,7 +231,6 @@ class LycorisMethod(MethodBase):
         ]
 
     def init(self, ckpt, cfg, generator: "torch.Generator") -> dict:
-        import torch
 
         shapes = {t.name: t.shape for t in ckpt.tensors.values()}
         draws, out = SeededDraws(generator), {}
@@ -239,8 +239,7 @@ class LycorisMethod(MethodBase):
                 if self.initial(suffix, shape) == "zeros":
                     out[peft_key(m.name, suffix)] = lazy_zeros(*shape)
                 else:
-                    bound = 1.0 / math.sqrt(shape[1])
-                    out[peft_key(m.name, suffix)] = draws.draw(shape, lambda g, s=shape, b=bound: torch.empty(s).uniform_(-b, b, generator=g))
+                    out[peft_key(m.name, suffix)] = draws.draw(shape, _kaiming_uniform(shape))
         return out
 
     def adapter_config(self, ckpt, cfg) -> dict:
@@ -277,7 +276,8 @@ class LycorisMethod(MethodBase):
 
     def _group(self, tensors: dict) -> tuple[dict[str, dict], list[str]]:
         """Adapter tensors by module path; a convolution's part is refused naming what it is."""
-        by_module, problems = {}, []
+        by_module: dict[str, dict] = {}
+        problems: list[str] = []
         for key, t in tensors.items():
             suffix = key.rsplit(".", 1)[-1]
             if suffix in self.conv_parts:
@@ -369,7 +369,7 @@ class LycorisMethod(MethodBase):
             return (real, layer), problem
 
         phi = {}
-        for path, (real, layer), parts, scale in self._matched(tensors, selected, unfit, find, cfg):
+        for path, (_real, layer), parts, scale in self._matched(tensors, selected, unfit, find, cfg):
             new = LycorisLinear(layer, {s: tuple(t.shape) for s, t in parts.items()}, self.delta, scale,
                                 cfg.rank_dropout, cfg.module_dropout, self.rescales_rank_dropout(cfg))
             new.load_phi(parts)
@@ -392,3 +392,11 @@ def product_bound(parts: dict, a: str, b: str) -> float:
 
 def _fold(stored: "torch.Tensor", *, parts: dict, scale: float, delta) -> "torch.Tensor":
     return delta({s: t.float() for s, t in parts.items()}) * scale
+
+
+def _kaiming_uniform(shape: tuple[int, int]) -> Callable[["torch.Generator"], "torch.Tensor"]:
+    """A draw of U(−1/√fan_in, 1/√fan_in) of ``shape``, as PEFT initialises these factors."""
+    import torch
+
+    bound = 1.0 / math.sqrt(shape[1])
+    return lambda g: torch.empty(shape).uniform_(-bound, bound, generator=g)
