@@ -15,13 +15,13 @@ error naming the field, never a crash further on in a method.
 from __future__ import annotations
 
 import json
-import math
 import os
 import types
 import typing
 from dataclasses import dataclass
 
 from peftcli.checkpoint.atomic import atomic_output, open_new_file
+from peftcli.checkpoint.model_config import is_json_number
 from peftcli.checkpoint.reader import ADAPTER_WEIGHTS, load_json, open_checkpoint
 from peftcli.checkpoint.writer import CheckpointWriter, TensorSpec
 from peftcli.errors import BadInputError
@@ -53,16 +53,6 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v: object) -> bool:
-    """A finite JSON number that fits a float (a 400-digit integer does not)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(v))
-    except OverflowError:
-        return False
-
-
 def _is_names(v: object) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
@@ -77,8 +67,8 @@ _KINDS: dict[str, tuple[typing.Callable[[object], bool], str]] = {
     "bool?": (lambda v: v is None or isinstance(v, bool), "true, false or null"),
     "count": (_count, f"an integer from 1 to {MAX_COUNT}"),
     "count?": (lambda v: v is None or _count(v), f"an integer from 1 to {MAX_COUNT}, or null"),
-    "positive": (lambda v: _is_number(v) and v > 0, "a positive number"),
-    "fraction": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "positive": (lambda v: is_json_number(v) and v > 0, "a positive number"),
+    "fraction": (lambda v: is_json_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "names?": (lambda v: v is None or isinstance(v, str) or _is_names(v), "a string, a list of strings or null"),
     "list-of-names?": (lambda v: v is None or _is_names(v), "a list of strings or null"),
     "layers?": (
@@ -176,7 +166,7 @@ def _fits(value: object, hint: object) -> bool:
     if hint is int:
         return _is_int(value) and abs(value) <= MAX_COUNT
     if hint is float:
-        return _is_number(value)
+        return is_json_number(value)
     if hint is str:
         return isinstance(value, str)
     if origin in (list, tuple):

@@ -11,6 +11,7 @@ crash in whichever method reads it first.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Callable, TypeGuard
 
 from peftcli.errors import BadInputError
@@ -58,6 +59,16 @@ FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
 }
 
 CORRUPT = "config.json is corrupt or was edited by hand"
+
+
+def is_json_number(v: object) -> bool:
+    """A finite JSON number that fits a float (a 400-digit integer does not; JSON's true is no number)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
 
 
 def _shown(value: object) -> str:

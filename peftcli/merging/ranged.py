@@ -168,6 +168,18 @@ def _read(info: TensorInfo, start: int, stop: int) -> Read:
     return info.file, info.begin + start * size, (stop - start) * size
 
 
+def two_pass_requests(info: TensorInfo, reads) -> Iterator[Read]:
+    """The reads of a task that streams its tensor twice (a statistic of the whole tensor, then
+    the result: SLERP, Model Stock, Karcher): each range of the base, then of every input that
+    stores the tensor (``reads``: its (file, offset, dtype) or None), once per pass."""
+    for _ in range(2):
+        for start, stop in chunks(info.numel, RANGE):
+            yield _read(info, start, stop)
+            for read in reads:
+                if read is not None:
+                    yield _ranged(read, start, stop)
+
+
 @dataclass
 class Copy(Task):
     """The base tensor's bytes, unchanged (any dtype, sub-byte ones included).

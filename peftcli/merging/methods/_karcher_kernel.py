@@ -22,7 +22,7 @@ from peftcli.errors import BadInputError
 from peftcli.merging import ranged
 from peftcli.merging.methods.karcher import KarcherOptions
 from peftcli.merging.pipeline import chunks
-from peftcli.merging.ranged import Context, Task, _base, _phi, _ranged, _read
+from peftcli.merging.ranged import Context, Task, _base, _phi
 
 OPPOSITE = 1e-6  # sin of an angle within ~1e-6 of π: the step is undefined
 
@@ -128,12 +128,7 @@ class KarcherTask(Task):
         self.reads = [opener().read for _, opener in self.openers]
 
     def requests(self) -> Iterator:
-        for _ in range(2):
-            for start, stop in chunks(self.info.numel, ranged.RANGE):
-                yield _read(self.info, start, stop)
-                for read in self.reads:
-                    if read is not None:
-                        yield _ranged(read, start, stop)
+        return ranged.two_pass_requests(self.info, self.reads)
 
     def _pass(self, ctx: Context, work: torch.dtype, each) -> None:
         streams = [(i, opener()) for i, opener in self.openers]  # a fresh stream per pass

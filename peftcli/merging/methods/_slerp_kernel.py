@@ -19,7 +19,7 @@ from peftcli.checkpoint.dtypes import torch_dtype, work_dtype
 from peftcli.checkpoint.reader import TensorInfo
 from peftcli.merging.methods.slerp import DOT_THRESHOLD, EPS
 from peftcli.merging.pipeline import chunks
-from peftcli.merging.ranged import RANGE, Context, Task, _base, _phi, _ranged, _read
+from peftcli.merging.ranged import RANGE, Context, Task, _base, _phi, two_pass_requests
 
 
 def coefficients(aa: float, bb: float, ab: float, t: float) -> tuple[float, float]:
@@ -76,12 +76,7 @@ class SlerpTask(Task):
         self.reads = [(i, opener().read) for i, opener in self.openers]
 
     def requests(self) -> Iterator:
-        for _ in range(2):
-            for start, stop in chunks(self.info.numel, RANGE):
-                yield _read(self.info, start, stop)
-                for _, read in self.reads:
-                    if read is not None:
-                        yield _ranged(read, start, stop)
+        return two_pass_requests(self.info, [read for _, read in self.reads])
 
     def _pass(self, ctx: Context, work: torch.dtype, each) -> None:
         streams = [(i, opener()) for i, opener in self.openers]  # a fresh stream per pass

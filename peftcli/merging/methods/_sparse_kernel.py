@@ -119,6 +119,18 @@ def della_drop(phi: np.ndarray, shape: tuple, generator, density: float, epsilon
         magprune(phi[start:stop], width, inner, generator, density, epsilon)
 
 
+def _put_merged(ctx: Context, name: str, merged: torch.Tensor, base: torch.Tensor, bbuf, work: torch.dtype, out_dtype: torch.dtype) -> None:
+    """Write θ₀ + ``merged`` (one range) cast once to ``out_dtype``; the base's read buffer goes
+    back first. ``merged`` is the only reference the caller passes, so it is freed before the
+    sum is cast: one range of scratch, not two."""
+    buf, result = ctx.take(merged.numel(), work)
+    result.copy_(merged)
+    del merged
+    ctx.plus_base(result, base)
+    ctx.reads.give(bbuf)
+    ctx.put(name, result, buf, out_dtype)
+
+
 @dataclass
 class RowTask(Task):
     """θ₀ + mix(MagPrune(φ₁) … MagPrune(φₖ)) by blocks of whole rows: nothing is held whole.
@@ -160,13 +172,7 @@ class RowTask(Task):
                 _phi(ctx, stream, start, stop, base, x)
                 if self.density < 1:
                     magprune(x.numpy(), width, inner, generator, self.density, self.epsilon)
-            merged = self.mix(xs, weights)
-            buf, result = ctx.take(m, work)
-            result.copy_(merged)
-            del merged
-            ctx.plus_base(result, base)
-            ctx.reads.give(bbuf)
-            ctx.put(self.name, result, buf, out_dtype)
+            _put_merged(ctx, self.name, self.mix(xs, weights), base, bbuf, work, out_dtype)
         self.streams = []
 
 
@@ -289,11 +295,5 @@ class CrumbsTask(Task):
                 _phi(ctx, stream, start, stop, base, x)
                 if rules:
                     _keep_range(x.numpy(), *rules[j])
-            merged = self.mix(xs, weights)
-            buf, result = ctx.take(m, work)
-            result.copy_(merged)
-            del merged
-            ctx.plus_base(result, base)
-            ctx.reads.give(bbuf)
-            ctx.put(self.name, result, buf, out_dtype)
+            _put_merged(ctx, self.name, self.mix(xs, weights), base, bbuf, work, out_dtype)
         self.openers = []

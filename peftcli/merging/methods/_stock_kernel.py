@@ -19,7 +19,7 @@ from peftcli.checkpoint.reader import TensorInfo
 from peftcli.errors import BadInputError
 from peftcli.merging import ranged
 from peftcli.merging.pipeline import chunks
-from peftcli.merging.ranged import Context, Task, _base, _phi, _ranged, _read
+from peftcli.merging.ranged import Context, Task, _base, _phi
 
 NORM_FLOOR = 1e-6  # mergekit's clamp of ‖φᵢ‖·‖φⱼ‖
 
@@ -82,12 +82,7 @@ class StockTask(Task):
         self.reads = [opener().read for opener in self.openers]
 
     def requests(self) -> Iterator:
-        for _ in range(2):
-            for start, stop in chunks(self.info.numel, ranged.RANGE):
-                yield _read(self.info, start, stop)
-                for read in self.reads:
-                    if read is not None:
-                        yield _ranged(read, start, stop)
+        return ranged.two_pass_requests(self.info, self.reads)
 
     def _pass(self, ctx: Context, work: torch.dtype, each) -> None:
         streams = [opener() for opener in self.openers]  # a fresh stream per pass

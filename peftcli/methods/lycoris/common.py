@@ -19,6 +19,7 @@ from dataclasses import field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable
 
+from peftcli.checkpoint.model_config import is_json_number
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.base import (
     PEFT_PREFIX, Attached, BudgetRow, MethodBase, SeededDraws, lazy_zeros, mismatch_error, peft_key, selection, targeted_module,
@@ -104,15 +105,6 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v) -> bool:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(v))
-    except OverflowError:
-        return False
-
-
 def _pattern_pairs(d: dict, key: str, what: str, ok: Callable[[Any], bool]) -> tuple:
     value = d.get(key) or {}
     if not isinstance(value, dict) or not all(isinstance(k, str) and ok(v) for k, v in value.items()):
@@ -145,10 +137,10 @@ def common_fields(d: dict, what: str) -> dict:
     r, alpha = d["r"], d.get("alpha", 8)  # PEFT's default alpha when absent
     if not _is_int(r) or r < 1:
         raise BadInputError(f"{what} adapter config: 'r' must be a positive integer, not {r!r}", CORRUPT)
-    if not _is_number(alpha) or alpha <= 0:
+    if not is_json_number(alpha) or alpha <= 0:
         raise BadInputError(f"{what} adapter config: 'alpha' must be a positive number, not {alpha!r}", CORRUPT)
     for key in ("rank_dropout", "module_dropout"):
-        if not _is_number(d.get(key, 0.0)) or not 0 <= d.get(key, 0.0) < 1:
+        if not is_json_number(d.get(key, 0.0)) or not 0 <= d.get(key, 0.0) < 1:
             raise BadInputError(f"{what} adapter config: '{key}' must be a number in [0, 1)", CORRUPT)
     targets = d.get("target_modules")
     if targets is not None and not (targets.strip() if isinstance(targets, str) else targets):
@@ -171,7 +163,7 @@ def common_fields(d: dict, what: str) -> dict:
         layers=",".join(map(str, layers)) if isinstance(layers, list) else (str(layers) if layers is not None else None),
         exclude=(exclude if isinstance(exclude, str) else tuple(exclude)) if exclude else None,
         rank_pattern=_pattern_pairs(d, "rank_pattern", what, lambda v: _is_int(v) and v >= 1),
-        alpha_pattern=_pattern_pairs(d, "alpha_pattern", what, lambda v: _is_number(v) and v > 0),
+        alpha_pattern=_pattern_pairs(d, "alpha_pattern", what, lambda v: is_json_number(v) and v > 0),
         rank_dropout=float(d.get("rank_dropout", 0.0)),
         module_dropout=float(d.get("module_dropout", 0.0)),
     )
