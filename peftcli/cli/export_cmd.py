@@ -1,4 +1,4 @@
-"""``peftcli export RUN --to vllm -o OUT``: an adapter a serving engine loads (``--check``: lint only).
+"""``peftcli export RUN --to vllm|gguf -o OUT``: an adapter a serving engine loads (``--check``: lint only).
 
 Parses, calls ``peftcli.serving.export``, renders. A refusal is the one-line error (exit 1,
 nothing written); ``--check`` prints every finding and exits 1 when any rule fails.
@@ -30,11 +30,19 @@ def export(run, as_json, **options):
     above --max-lora-rank (convert --to lora, which reports what it keeps). Only LoRA
     adapters export. --check lints only and writes nothing.
 
+    --to gguf writes one llama.cpp LoRA file (adapter.type lora, one
+    adapter.lora.alpha, the base's tensor names, attn_q/attn_k rows of lora_B
+    permuted as llama.cpp's converter permutes the base) for a Llama-family base,
+    whose config.json comes from --base DIR (default: the adapter's
+    base_model_name_or_path; nothing is downloaded). --outtype f32 (default), f16,
+    bf16 or q8_0 (rows that are not whole Q8_0 blocks are written f16).
+
     \b
     Examples:
       peftcli export runs/lora/ --to vllm -o served/lora/
       peftcli export runs/lora/ --to vllm --check
       peftcli export runs/lora/ --to vllm --max-lora-rank 32 -o served/lora/ --json
+      peftcli export runs/lora/ --to gguf --base models/llama/ -o lora.gguf --outtype f16
     """
     from peftcli.errors import BadInputError
     from peftcli.serving import export as run_export
@@ -65,7 +73,12 @@ def _lines(report) -> list[str]:
             lines.append(f"FAIL {f.rule}: {f.message} (refused: {f.way_out})")
     if report.check and not report.findings:
         lines.append(f"{report.run}: ok, passes every {report.to} rule")
-    if not report.check:
+    if not report.check and report.gguf is not None:
+        g = report.gguf
+        types = ", ".join(f"{n} {t}" for t, n in g["tensor_types"].items())
+        lines.append(f"wrote {report.output}: llama.cpp LoRA adapter for {g['architecture']} ({g['base']}), "
+                     f"rank {report.written_rank}, adapter.lora.alpha {report.written_alpha:g}, tensors: {types}")
+    elif not report.check:
         lines.append(
             f"wrote {report.output}: {report.to} adapter, rank {report.written_rank}, lora_alpha {report.written_alpha:g}"
             + (f" (was rank {report.rank}, lora_alpha {report.lora_alpha:g})" if report.repairs else "")

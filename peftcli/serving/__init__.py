@@ -1,11 +1,13 @@
 """Export: an adapter made loadable by a serving engine — lint, exact repair, write.
 
-Each target is a small rule set (``peftcli.serving.vllm``). A rule's finding is either
+Each target is a small rule set (``peftcli.serving.vllm``, ``peftcli.serving.gguf`` for
+llama.cpp). A rule's finding is either
 repaired exactly (the written adapter computes the same ΔW = s·B·A for every module, so PEFT
 and the engine give the same outputs as the adapter read) or refused with the way out
 (``merge``, or ``convert --to lora`` with the energy it keeps). ``check`` lints only:
 nothing is written. The adapter is read by the one shared reader (``read_adapter``) and
-written atomically by ``write_adapter``, never into its input.
+written atomically (``write_adapter``; the GGUF file through ``atomic_output``), never into
+its input.
 """
 
 from __future__ import annotations
@@ -17,24 +19,32 @@ from dataclasses import dataclass, field
 from peftcli.errors import BadInputError, UsageError
 from peftcli.options import option
 
-TARGETS = ("vllm",)
+TARGETS = ("vllm", "gguf")
 
 
 @dataclass
 class ExportOptions:
-    to: str = option("vllm", metavar="vllm", help="the serving engine to export for (vllm)")
-    output: str | None = option(None, "-o", metavar="DIR", path=True, help="the adapter directory to write (not with --check)")
+    to: str = option("vllm", metavar="vllm|gguf", help="the serving engine to export for: vllm, or gguf (a llama.cpp LoRA file)")
+    output: str | None = option(
+        None, "-o", metavar="PATH", path=True, help="the adapter directory (vllm) or .gguf file (gguf) to write (not with --check)"
+    )
     check: bool = option(False, help="only lint: report what export would repair or refuse, write nothing; exit 1 if a rule fails")
     max_lora_rank: int | None = option(
         None, metavar="R", help="the server's --max-lora-rank (1, 8, 16, ..., 512): a larger adapter rank is refused"
     )
-    force: bool = option(False, help="replace the output directory if it exists")
+    outtype: str | None = option(None, metavar="f32|f16|bf16|q8_0", help="--to gguf: the tensors' type (default f32)")
+    base: str | None = option(
+        None, metavar="DIR", path=True,
+        help="--to gguf: the base model's directory, for its config.json (default: the adapter's base_model_name_or_path)",
+    )
+    force: bool = option(False, help="replace the output if it exists")
 
     def __post_init__(self) -> None:
         from peftcli.serving.vllm import MAX_LORA_RANKS
 
         if self.to not in TARGETS:
             raise UsageError(f"--to {self.to!r} is not an export target", f"choose one of: {', '.join(TARGETS)}")
+        self._check_gguf_options()
         if self.max_lora_rank is not None and self.max_lora_rank not in MAX_LORA_RANKS:
             raise UsageError(
                 f"--max-lora-rank {self.max_lora_rank} is not a max_lora_rank vLLM accepts",
@@ -44,6 +54,21 @@ class ExportOptions:
             raise UsageError("--check writes nothing, so -o/--output has no use with it", "drop -o, or drop --check to export")
         if not self.check and not self.output:
             raise UsageError("export needs -o/--output DIR, the adapter directory to write", "or pass --check to lint only")
+
+    def _check_gguf_options(self) -> None:
+        from peftcli.serving.gguf import OUTTYPES
+
+        if self.to != "gguf":
+            used = next((f for f, v in (("--outtype", self.outtype), ("--base", self.base)) if v is not None), None)
+            if used:
+                raise UsageError(f"{used} is an option of --to gguf, not of --to {self.to}", f"drop {used}, or pass --to gguf")
+            return
+        if self.max_lora_rank is not None:
+            raise UsageError("--max-lora-rank is vLLM's, and llama.cpp has no such limit", "drop --max-lora-rank")
+        if self.outtype is None:
+            self.outtype = "f32"
+        if self.outtype not in OUTTYPES:
+            raise UsageError(f"--outtype {self.outtype!r} is not a type llama.cpp's adapter converter writes", f"choose one of: {', '.join(OUTTYPES)}")
 
 
 @dataclass
@@ -57,6 +82,7 @@ class ExportReport:
     lora_alpha: float | None = None
     written_alpha: float | None = None
     findings: list = field(default_factory=list)  # vllm.Finding: repaired and refused
+    gguf: dict | None = None  # --to gguf: architecture, base, outtype, tensor_types (absent from vllm's JSON)
 
     @property
     def repairs(self) -> list:
@@ -72,7 +98,7 @@ class ExportReport:
         return not self.findings if self.check else not self.refusals
 
     def to_json(self) -> dict:
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "findings"}
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "findings" and (k != "gguf" or v is not None)}
         return {
             "schema": "peftcli.export/1", **d, "ok": self.ok,
             "repairs": [f.to_json() for f in self.repairs], "refusals": [f.to_json() for f in self.refusals],
@@ -94,9 +120,11 @@ def export(run: str, options: ExportOptions) -> ExportReport:
     report = ExportReport(run, options.to, options.output, options.check)
     method = adapter.method_name
     if method != "lora":
-        report.findings.append(_not_lora(run, method))
+        report.findings.append(_not_lora(run, method, options.to))
         return _refuse_or_report(report)
     view = vllm.view_of(adapter)
+    if options.to == "gguf":
+        return _export_gguf(run, options, view, report)
     report.rank, report.lora_alpha = view.rank, view.config.get("lora_alpha", 8)
     report.findings = vllm.lint(view, options.max_lora_rank)
     if out is None or report.refusals:
@@ -109,7 +137,26 @@ def export(run: str, options: ExportOptions) -> ExportReport:
     return report
 
 
-def _not_lora(run: str, method: str):
+def _export_gguf(run: str, options: ExportOptions, view, report: ExportReport) -> ExportReport:
+    """Lint against llama.cpp's rules and, unless --check, write the GGUF adapter file."""
+    from peftcli.checkpoint.atomic import atomic_output
+    from peftcli.serving import gguf
+
+    base, arch = gguf.base_arch(run, view.config, options.base)
+    report.rank, report.lora_alpha = view.rank, view.config.get("lora_alpha", 8)
+    report.gguf = {"architecture": arch.name, "base": base, "outtype": options.outtype, "tensor_types": None}
+    report.findings = gguf.lint(view, arch)
+    if options.output is None or report.refusals:
+        return _refuse_or_report(report)
+    alpha, arrays = gguf.tensors(view, arch)
+    report.written_rank, report.written_alpha = view.rank, alpha
+    name = os.path.basename(os.path.normpath(os.path.abspath(run)))
+    with atomic_output(options.output, directory=False, inputs=[run, base], force=options.force) as tmp:
+        report.gguf["tensor_types"] = gguf.write(tmp, arch, alpha, arrays, str(options.outtype), name)
+    return report
+
+
+def _not_lora(run: str, method: str, to: str = "vllm"):
     from peftcli.serving.vllm import Finding, merge_way
     from peftcli.methods import METHODS
 
@@ -118,7 +165,8 @@ def _not_lora(run: str, method: str):
     else:
         way = (f"{method} does not fold into the weights, so it cannot be served as a plain model either: use it unmerged "
                "(peftcli evaluate loads it; PEFT too for prefix and prompt tuning)")
-    return Finding("lora-only", f"{run}: its method is {method}, and vLLM serves LoRA adapters only", way_out=way)
+    engine = {"vllm": "vLLM serves", "gguf": "llama.cpp loads"}[to]
+    return Finding("lora-only", f"{run}: its method is {method}, and {engine} LoRA adapters only", way_out=way)
 
 
 def _refuse_or_report(report: ExportReport) -> ExportReport:
