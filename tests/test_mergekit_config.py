@@ -145,6 +145,30 @@ parameters:
   normalize: true
 dtype: float32
 """
+BREADCRUMBS_TIES = """\
+models:
+  - model: {a}
+    parameters:
+      weight: 1.0
+  - model: {b}
+    parameters:
+      weight: 0.5
+merge_method: breadcrumbs_ties
+base_model: {base}
+parameters:
+  density: 0.5
+  gamma: 0.02
+  lambda: 2.0
+"""
+KARCHER = """\
+models:
+  - model: {a}
+  - model: {b}
+merge_method: karcher
+parameters:
+  max_iter: 5
+  tol: 0.0001
+"""
 PASSTHROUGH = """\
 slices:
   - sources:
@@ -172,6 +196,8 @@ SAME_AS_FLAGS = {
     "dare_ties": (DARE_TIES, ["base", "a", "b", "--method", "dare-ties", "--density", "0.53", "--weights", "0.4,0.3", "--dtype", "BF16"]),
     "slerp": (SLERP, ["base", "base", "a", "--method", "slerp", "--t", "0.5", "--t-attention", "0.0,0.7", "--t-mlp", "1.0,0.3", "--dtype", "F16"]),
     "model_stock": (MODEL_STOCK, ["base", "a", "b", "--method", "model-stock", "--dtype", "F32"]),
+    "breadcrumbs_ties": (BREADCRUMBS_TIES, ["base", "a", "b", "--method", "breadcrumbs-ties", "--density", "0.5", "--gamma", "0.02", "--weights", "2.0,1.0"]),
+    "karcher": (KARCHER, ["a", "a", "b", "--method", "karcher", "--max-iter", "5", "--tol", "0.0001"]),
     "della": (DELLA, ["base", "a", "b", "--method", "della", "--density", "0.5", "--epsilon", "0.1", "--scale", "1.2", "--weights", "1.0,0.5", "--dtype", "F32"]),
 }
 
@@ -204,7 +230,7 @@ def _ties_ref(phis, weights, density):
         trimmed.append((flat * keep).reshape(phi.shape))
     w = torch.tensor(weights, dtype=torch.float64).view(-1, *[1] * phis[0].dim())
     stacked = torch.stack(trimmed) * w
-    sign = torch.sign(stacked.sum(0))
+    sign = torch.where(stacked.sum(0) >= 0, 1.0, -1.0).double()  # mergekit's get_mask(method=sum)
     mask = torch.sign(stacked) == sign
     divisor = (w * mask).sum(0)
     divisor[divisor == 0] = 1
@@ -237,13 +263,15 @@ def test_config_is_mergekits_formula_in_fp64(models, tmp_path, name):
         (TIES.replace("density: 0.5\n      weight: 0.3", "density: 0.7\n      weight: 0.3"), "density"),
         (TIES.replace("normalize: true", "normalize: false"), "normalize"),
         (TIES.replace("normalize: true", "lambda: 2"), "lambda"),
+        (TIES.replace("normalize: true", "rescale: true"), "rescale"),
         (TIES.replace("dtype: float32", "dtype: float8"), "dtype"),
         (TIES.replace("dtype: float32", "tokenizer_source: union"), "tokenizer_source"),
         (TIES.replace("weight: 0.3", "weight: [0, 1]"), "weight"),
         (TIES.replace("weight: 0.3", "gamma: 0.1"), "models.parameters.gamma"),
         (LINEAR.replace("weight: 0.5\n  - model: {b}", "weight: 0.25\n  - model: {b}").replace("merge_method: linear", "merge_method: linear\nparameters:\n  normalize: false"), "normalize"),
         (SLERP.replace("- filter: mlp", "- filter: q_proj"), "t.filter"),
-        (SLERP.replace("layer_range: [0, {layers}]", "layer_range: [0, 1]"), "slices"),
+        (SLERP.replace("layer_range: [0, {layers}]", "layer_range: [0, 1]"), "slices.sources.layer_range"),
+        (SLERP.replace("merge_method: slerp", "merge_method: slerp\nmodels:\n  - model: {a}"), "slices"),
         (DELLA.replace("      epsilon: 0.1\n", ""), "epsilon"),
         (MODEL_STOCK.replace("base_model: {base}\n", ""), "base_model"),
     ],
@@ -255,7 +283,7 @@ def test_what_peftcli_does_not_read_is_refused_naming_the_key(models, tmp_path, 
     result = _run(["--config", config, "-o", str(out)])
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and f" {key}" in lines[0], result.output
+    assert len(lines) == 1 and lines[0].startswith(f"error: mergekit config: {key}: "), result.output
     assert not out.exists()
 
 
@@ -272,5 +300,6 @@ def test_config_with_base_or_method_flags_is_a_usage_error(models, tmp_path):
     config = _config(tmp_path, TIES, base=base, a=a, b=b)
     for extra in ([base, a], ["--method", "ties"], ["--density", "0.3"]):
         result = _run(["--config", config, *extra, "-o", str(tmp_path / "out")])
-        assert result.exit_code == 2 and "--config" in result.output, result.output
+        assert result.exit_code == 2 and "--config" in result.output and "not" in result.output.split("--config", 1)[1], result.output
+        assert "No such option" not in result.output
     assert not (tmp_path / "out").exists()

@@ -43,15 +43,17 @@ PER_MODEL = {
     "breadcrumbs": TASK + ("gamma",), "breadcrumbs_ties": TASK + ("gamma",), "della": TASK + ("epsilon",),
     "della_linear": TASK + ("epsilon",), "slerp": (), "model_stock": (), "karcher": (),
 }
-SPARSE_GLOBAL = ("normalize", "lambda", "int8_mask")
+SPARSE_GLOBAL = ("normalize", "lambda", "int8_mask", "rescale")
 GLOBAL = {
-    "linear": ("normalize",), "task_arithmetic": ("normalize", "lambda"), "ties": SPARSE_GLOBAL,
-    "dare_ties": SPARSE_GLOBAL + ("rescale",), "dare_linear": SPARSE_GLOBAL + ("rescale",),
+    "linear": ("normalize",), "task_arithmetic": SPARSE_GLOBAL, "ties": SPARSE_GLOBAL,
+    "dare_ties": SPARSE_GLOBAL, "dare_linear": SPARSE_GLOBAL,
     "breadcrumbs": SPARSE_GLOBAL, "breadcrumbs_ties": SPARSE_GLOBAL, "della": SPARSE_GLOBAL, "della_linear": SPARSE_GLOBAL,
     "slerp": ("t",), "model_stock": ("filter_wise",), "karcher": ("max_iter", "tol"),
 }
 NORMALIZE = {"linear": True, "task_arithmetic": False, "ties": True, "dare_ties": False, "dare_linear": False,
              "breadcrumbs": False, "breadcrumbs_ties": False, "della": True, "della_linear": False}
+RESCALE = {"ties": False, "dare_ties": True, "dare_linear": True, "breadcrumbs": False, "breadcrumbs_ties": False,
+           "della": True, "della_linear": True}  # mergekit's default_rescale: peftcli's methods have it fixed
 ELECTS = {"ties", "dare_ties", "breadcrumbs_ties", "della"}  # a sign election: normalize is not a weight factor
 DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "tokenizer_source")
@@ -65,6 +67,8 @@ def load(path: str) -> tuple[str, list[str], dict[str, Any]]:
     """(base, inputs, MergeOptions values) of the mergekit configuration at ``path``."""
     from peftcli.recipes.recipe import _read_recipe, _yaml  # the bounded YAML loader, shared
 
+    if not os.path.exists(path):
+        raise BadInputError(f"{path}: no such mergekit config file", "give the path of a mergekit YAML configuration")
     raw = _yaml(_read_recipe(path), path)
     if not isinstance(raw, dict):
         raise BadInputError(f"{path}: a mergekit config is a YAML mapping, not a {type(raw).__name__}", HINT)
@@ -90,7 +94,7 @@ def parse(raw: dict) -> tuple[str, list[str], dict[str, Any]]:
     models = _models(raw)
     params = _parameters(raw.get("parameters"), "parameters", PER_MODEL[method] + GLOBAL[method])
     resolved = [(path, {**{k: v for k, v in params.items() if k in PER_MODEL[method]}, **mp}) for path, mp in models]
-    for path, mp in models:
+    for _, mp in models:
         bad = next((k for k in mp if k not in PER_MODEL[method]), None)
         if bad is not None:
             raise refuse(f"models.parameters.{bad}", f"{method} takes no per-model {bad}", HINT)
@@ -216,8 +220,9 @@ def _weighted(method: str, base: str | None, resolved: list[tuple[str, dict]], g
         raise refuse("base_model", f"{method} needs the base model its task vectors are taken from", "give base_model: PATH")
     normalize = _flag(glob.get("normalize", NORMALIZE[method]), "normalize")
     _flag(glob.get("int8_mask", False), "int8_mask")  # a storage choice of mergekit's: the same values
-    if not _flag(glob.get("rescale", True), "rescale"):
-        raise refuse("rescale", "peftcli's DARE always rescales by 1/density", "drop rescale: false")
+    rescale = _flag(glob.get("rescale", RESCALE.get(method, False)), "rescale")
+    if method in RESCALE and rescale != RESCALE[method]:
+        raise refuse("rescale", f"peftcli's {METHODS[method]} has rescale {str(RESCALE[method]).lower()} only", "drop rescale")
     lam = _number(glob.get("lambda", 1.0), "lambda")
     inputs = [(path, p) for path, p in resolved if not _same(path, base)]  # θ₀'s task vector is 0
     if not inputs:
@@ -297,7 +302,7 @@ def _t(value: Any, base: str) -> dict[str, str]:
         return {"t": _schedule(value, "t")}
     out: dict[str, str] = {}
     order = []
-    for i, entry in enumerate(value):
+    for entry in value:
         bad = next((k for k in entry if k not in ("filter", "value")), None)
         if bad is not None:
             raise refuse(f"t.{bad}", "not a key peftcli reads", "write {filter: self_attn, value: ...}")
