@@ -303,3 +303,15 @@ def test_config_with_base_or_method_flags_is_a_usage_error(models, tmp_path):
         assert result.exit_code == 2 and "--config" in result.output and "not" in result.output.split("--config", 1)[1], result.output
         assert "No such option" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_slerp_filters_that_would_pick_another_t_than_mergekit_are_refused(tiny_gpt2, tmp_path):
+    """GPT-2's attention is h.N.attn.*: mergekit's filter self_attn matches none of it (the
+    fallback t), peftcli's attention family all of it; the config is refused, not merged."""
+    other = noisy_copy(tiny_gpt2, str(tmp_path / "ft"), 3)
+    text = SLERP.replace("slices:\n  - sources:\n      - model: {base}\n        layer_range: [0, {layers}]\n      - model: {a}\n        layer_range: [0, {layers}]\n",
+                         "models:\n  - model: {base}\n  - model: {a}\n")
+    config = _config(tmp_path, text, base=tiny_gpt2, a=other)
+    result = _run(["--config", config, "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and result.output.startswith("error: mergekit config: t.filter: tensor ") and ".attn." in result.output, result.output
+    assert not (tmp_path / "out").exists()
