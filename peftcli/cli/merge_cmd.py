@@ -14,14 +14,15 @@ from peftcli.methods import foldable
 
 
 @click.command()
-@click.argument("base", type=click.Path())
-@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.argument("base", required=False, type=click.Path())
+@click.argument("inputs", nargs=-1, type=click.Path())
 @click.option("-o", "--output", "out", type=click.Path(), help="Checkpoint to write (a .safetensors file or a directory); default: stdout, for a single file.")
+@click.option("--config", "config", type=click.Path(), help="A mergekit YAML merge configuration: the base, inputs, method and its parameters (instead of BASE INPUT...).")
 @click_options(MergeOptions, only=("weights", "method"))
 @click_options(*option_classes())  # every method's parameters, declared once in its module
 @click_options(MergeOptions, skip=("weights", "method"))
 @json_option
-def merge(base, inputs, out, as_json, **values):
+def merge(base, inputs, out, config, as_json, **values):
     """Write BASE + the task vectors of INPUTS as a standalone checkpoint.
 
     INPUTS are .diff files, adapter directories whose method folds into the weights
@@ -35,9 +36,14 @@ def merge(base, inputs, out, as_json, **values):
       peftcli merge base/ sst2.diff agnews.diff --weights 1.0,0.8 -o multi/
       peftcli merge base/ a.diff b.diff --method ties --density 0.2 -o ties/
       peftcli merge base.safetensors taskA.diff taskB.diff > merged.safetensors
+      peftcli merge --config mergekit.yml -o merged/
     """
     from peftcli.merging.options import merge_options
 
+    if config is not None:
+        base, inputs, values = _from_config(config, base, values)
+    elif not inputs:
+        raise click.UsageError(f"Missing argument '{'INPUTS...' if base else 'BASE'}'.")
     opts = merge_options(values)  # checked before anything is read
     from peftcli.merging.provenance import Hasher
 
@@ -71,6 +77,24 @@ def merge(base, inputs, out, as_json, **values):
             click.echo(f"  task {t['name']}: {t['architecture']}, {len(t['labels'])} labels -> {t['path']}")
     else:
         click.echo(f"merged {report.changed} of {report.tensors} tensors to stdout", err=True)
+
+
+def _from_config(config: str, base, values: dict):
+    """BASE, INPUTS and the method's options from a mergekit configuration; the command line
+    keeps only the options a configuration does not set (output, seed, shards, heads, force)."""
+    from peftcli.errors import UsageError
+    from peftcli.merging import mergekit_config
+
+    if base is not None:
+        raise UsageError("--config gives BASE and INPUTS", "give --config or BASE INPUT..., not both")
+    ctx = click.get_current_context()
+    cli_only = ("seed", "max_shard_size", "force", "allow_pickle", "heads")
+    given = next((k for k in values if k not in cli_only and ctx.get_parameter_source(k) is click.core.ParameterSource.COMMANDLINE), None)
+    if given is not None:
+        flag = "--" + given.replace("_", "-")
+        raise UsageError(f"--config sets the method and its parameters; {flag} is not taken with it", f"drop {flag}, or set it in the configuration")
+    base, inputs, mk = mergekit_config.load(config)
+    return base, tuple(inputs), {**{k: values[k] for k in cli_only}, **mk}
 
 
 merge.help = merge.help.replace("FOLDABLE", ", ".join(foldable()))  # from the method registry
