@@ -172,3 +172,14 @@ def test_a_few_steps_on_the_real_smollm2_gguf(tmp_path):
     assert result.exit_code == 0, result.stderr
     losses = [json.loads(l).get("loss") for l in open(os.path.join(run, "metrics.jsonl"))]
     assert any(l is not None and 0 < l < 30 for l in losses)
+
+
+def test_bf16_base_trains_on_a_gguf(ggufs, data, tmp_path, tiny_tokenizer):
+    from peftcli.training.config import TrainConfig
+    from peftcli.training.loop import train
+
+    run = str(tmp_path / "bf16")
+    inject(ggufs["q8"], "lora", LoraConfig(rank=4), run)
+    _, adapted = train(run, TrainConfig(data=data, steps=2, batch_size=4, base_dtype="bf16"), return_model=True)
+    assert adapted.model.model.embed_tokens.weight.dtype == adapted.model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in adapted.phi_parameters().values())
