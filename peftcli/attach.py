@@ -27,7 +27,8 @@ from peftcli.modules import freeze
 def load_base_model(
     path: str, model_class: str | None = None, dtype: torch.dtype = torch.float32, with_info: bool = False, **kwargs
 ):
-    """The model in directory ``path``, built by transformers from local files only.
+    """The model in directory ``path``, built by transformers from local files only (or from
+    the llama GGUF file ``path``, see ``peftcli.checkpoint.gguf_model``).
 
     ``model_class`` names a transformers class (e.g. ``AutoModelForSequenceClassification``);
     by default the checkpoint's own architecture. ``with_info`` also returns transformers'
@@ -35,6 +36,11 @@ def load_base_model(
     """
     import transformers
 
+    from peftcli.checkpoint.gguf_model import is_gguf, load_gguf_model
+
+    if is_gguf(path):  # built in memory from the GGUF, dequantised tensor by tensor
+        model, info = load_gguf_model(path, model_class, dtype, **kwargs)
+        return (model, info) if with_info else model
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise BadInputError(f"{path}: no config.json, so no model can be built from it", "pass a Hugging Face model directory")

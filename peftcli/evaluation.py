@@ -139,8 +139,10 @@ def _model_dir(path: str, opts: EvalOptions) -> str:
         return path
     from peftcli.artifacts.adapter_dir import read_adapter
 
+    from peftcli.checkpoint.gguf_model import is_gguf
+
     model_dir = opts.base or read_adapter(path).config.get("base_model_name_or_path")
-    if not model_dir or not os.path.isdir(model_dir):
+    if not model_dir or not (os.path.isdir(model_dir) or is_gguf(model_dir)):
         raise UsageError(f"{path}: its base model {model_dir!r} is not there", "pass --base DIR")
     return model_dir
 

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from peftcli.errors import BadInputError, UsageError
@@ -19,16 +21,42 @@ IGNORE = -100  # transformers' ignore_index for cross-entropy
 
 
 def load_tokenizer(model_dir: str):
+    """The tokenizer of a model directory, or the one transformers builds from a GGUF's metadata."""
     from transformers import AutoTokenizer
 
+    from peftcli.checkpoint.gguf_model import is_gguf
+
+    if is_gguf(model_dir):
+        return _gguf_tokenizer(model_dir)
     try:
         tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise BadInputError(f"{model_dir}: no usable tokenizer: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}", "the model directory needs its tokenizer files") from None
+    return _with_pad(tok)
+
+
+def _with_pad(tok):
     if tok.pad_token_id is None:
         # Causal LMs often ship without a pad token; padding positions are masked anyway.
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
+
+
+def _gguf_tokenizer(path: str):
+    """transformers' tokenizer from the GGUF's ``tokenizer.*`` metadata (offline; needs ``gguf``)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path), local_files_only=True)
+    except Exception as exc:  # transformers' GGUF converters raise anything from KeyError to NotImplementedError
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if isinstance(exc, KeyError):  # a field its converter needs, e.g. the token scores
+            first = f"its tokenizer metadata lacks {first}"
+        raise BadInputError(
+            f"{path}: transformers cannot build a tokenizer from this GGUF: {first}",
+            "convert it with transformers (from_pretrained(dir, gguf_file=...), then save_pretrained) and pass that directory",
+        ) from None
+    return _with_pad(tok)
 
 
 def encode(

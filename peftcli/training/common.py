@@ -65,9 +65,11 @@ def resolve_config(run: str, cfg: TrainConfig | None, resume: bool) -> TrainConf
 
 
 def with_model_dir(cfg: TrainConfig, adapter) -> TrainConfig:
-    """``cfg`` with its base model directory: ``--model``, else the one the adapter records."""
+    """``cfg`` with its base model directory (or llama GGUF file): ``--model``, else the one the adapter records."""
+    from peftcli.checkpoint.gguf_model import is_gguf
+
     model_dir = cfg.model or (adapter.config.get("base_model_name_or_path") if adapter is not None else None)
-    if not model_dir or not os.path.isdir(model_dir):
+    if not model_dir or not (os.path.isdir(model_dir) or (is_gguf(model_dir) and not cfg.full)):
         raise UsageError(f"base model directory {model_dir!r} not found", "pass --model DIR")
     return dataclasses.replace(cfg, model=model_dir)
 
@@ -84,7 +86,9 @@ def head_modules(missing_keys: list[str]) -> list[str]:
 
 def is_decoder(model_dir: str) -> bool:
     """A causal LM checkpoint (its classifier scores the last position), from config.json."""
-    archs = read_json(os.path.join(model_dir, "config.json")).get("architectures") or []
+    from peftcli.checkpoint.gguf_model import is_gguf, model_config
+
+    archs = (model_config(model_dir) if is_gguf(model_dir) else read_json(os.path.join(model_dir, "config.json"))).get("architectures") or []
     return any(isinstance(a, str) and a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 

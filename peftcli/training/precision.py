@@ -13,7 +13,6 @@ model: those runs are the same, bit for bit, as before these options existed.
 
 from __future__ import annotations
 
-import os
 
 import torch
 from torch import nn
@@ -69,9 +68,9 @@ def base_dtype(name: str | None, model_dir: str, device: torch.device) -> torch.
 
 def _checkpoint_dtype(model_dir: str) -> str:
     """config.json's ``dtype`` (``torch_dtype`` before transformers 5), fp32 if it names none we hold."""
-    from peftcli.checkpoint.reader import load_json
+    from peftcli.checkpoint.gguf_model import model_config
 
-    config = load_json(os.path.join(model_dir, "config.json"), "config")
+    config = model_config(model_dir)
     name = config.get("dtype") or config.get("torch_dtype")
     return _CONFIG_DTYPES.get(name, "fp32") if isinstance(name, str) else "fp32"
 
