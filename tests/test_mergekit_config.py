@@ -315,3 +315,25 @@ def test_slerp_filters_that_would_pick_another_t_than_mergekit_are_refused(tiny_
     result = _run(["--config", config, "-o", str(tmp_path / "out")])
     assert result.exit_code == 2 and result.output.startswith("error: mergekit config: t.filter: tensor ") and ".attn." in result.output, result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_recipe_merge_step_takes_a_mergekit_config_as_the_command_does(models, tmp_path, monkeypatch):
+    """`merge: {config: …}` in a recipe is the merge `peftcli merge --config` writes, byte for byte;
+    a step with a config and its own method option, or with neither config nor inputs, is refused
+    when the recipe is planned."""
+    from peftcli.errors import UsageError
+    from peftcli.recipes import execute, plan
+
+    base, a, b = models
+    config = _config(tmp_path, TIES, base=base, a=a, b=b)
+    assert _run(["--config", config, "-o", str(tmp_path / "cli")]).exit_code == 0
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"steps:\n  merge: {{config: {config}, output: merged}}\n")
+    execute(plan(str(recipe), workdir=str(tmp_path / "wd")))
+    assert _bytes(str(tmp_path / "wd" / "merged")) == _bytes(str(tmp_path / "cli"))
+    for body, message in ((f"config: {config}, method: ties, output: m", "--method is not taken"),
+                          (f"config: {config}, base: {base}, output: m", "gives BASE and INPUTS"),
+                          ("output: m", "missing key 'base'")):
+        recipe.write_text(f"steps:\n  merge: {{{body}}}\n")
+        with pytest.raises(UsageError, match=message):
+            plan(str(recipe), workdir=str(tmp_path / "wd2"))

@@ -80,21 +80,13 @@ def merge(base, inputs, out, config, as_json, **values):
 
 
 def _from_config(config: str, base, values: dict):
-    """BASE, INPUTS and the method's options from a mergekit configuration; the command line
-    keeps only the options a configuration does not set (output, seed, shards, heads, force)."""
-    from peftcli.errors import UsageError
+    """BASE, INPUTS and the options from a mergekit configuration; the flags given on the
+    command line (not their defaults) are what the configuration may not also set."""
     from peftcli.merging import mergekit_config
 
-    if base is not None:
-        raise UsageError("--config gives BASE and INPUTS", "give --config or BASE INPUT..., not both")
     ctx = click.get_current_context()
-    cli_only = ("seed", "max_shard_size", "force", "allow_pickle", "heads")
-    given = next((k for k in values if k not in cli_only and ctx.get_parameter_source(k) is click.core.ParameterSource.COMMANDLINE), None)
-    if given is not None:
-        flag = "--" + given.replace("_", "-")
-        raise UsageError(f"--config sets the method and its parameters; {flag} is not taken with it", f"drop {flag}, or set it in the configuration")
-    base, inputs, mk = mergekit_config.load(config)
-    return base, tuple(inputs), {**{k: values[k] for k in cli_only}, **mk}
+    given = [k for k in values if ctx.get_parameter_source(k) is click.core.ParameterSource.COMMANDLINE]
+    return mergekit_config.with_config(config, base, (), values, given)
 
 
 merge.help = merge.help.replace("FOLDABLE", ", ".join(foldable()))  # from the method registry

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, Iterable
 
 from peftcli.errors import BadInputError, UsageError
 
@@ -337,3 +337,22 @@ def _check_filters(base: str, filters: list[str], given: dict) -> None:
             ours = family if family in given else "t"
         if theirs != ours:
             raise refuse("t.filter", f"tensor {name} takes {theirs} in mergekit but {ours} in peftcli", "give t one value or list for every tensor")
+
+
+# What a merge takes beside a configuration: output, seed, shards, heads, force, pickles.
+KEPT_WITH_CONFIG = ("seed", "max_shard_size", "force", "allow_pickle", "heads")
+
+
+def with_config(path: str, base, inputs, values: dict[str, Any], given: Iterable[str]) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+    """(base, inputs, values) of a merge run from the mergekit configuration at ``path``: the
+    configuration gives the base, the inputs, the method and its parameters; ``values`` keeps
+    only KEPT_WITH_CONFIG. ``given``: the options the command line or recipe step set itself,
+    refused when the configuration sets them (never silently overridden)."""
+    if base or inputs:
+        raise UsageError("--config gives BASE and INPUTS", "give --config or BASE INPUT..., not both")
+    clash = next((k for k in given if k not in KEPT_WITH_CONFIG), None)
+    if clash is not None:
+        flag = "--" + clash.replace("_", "-")
+        raise UsageError(f"--config sets the method and its parameters; {flag} is not taken with it", f"drop {flag}, or set it in the configuration")
+    base, found, mk = load(path)
+    return base, tuple(found), {**{k: values.get(k) for k in KEPT_WITH_CONFIG}, **mk}

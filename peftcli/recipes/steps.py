@@ -52,6 +52,11 @@ class _Output:
 
 
 @dataclass
+class _MergeConfig:
+    config: str | None = option(None, path=True, help="a mergekit YAML merge configuration (instead of base and inputs)")
+
+
+@dataclass
 class _RequiredOutput:
     out: str | None = option(None, "--output", flag="-o", path=True, required=True, help="what the step writes")
 
@@ -227,6 +232,22 @@ def _options(cls: type) -> Callable[[dict], Any]:
     return lambda p: from_options(cls, p)
 
 
+def _merge_options(p: dict) -> Any:
+    """A merge step's options, as ``peftcli merge`` reads them: from its keys, or from the
+    mergekit configuration ``config`` (which then also gives ``base`` and ``inputs``)."""
+    if p.get("config") is None:
+        missing = next((k for k in ("base", "inputs") if not p.get(k)), None)
+        if missing is not None:
+            raise UsageError(f"missing key {missing!r}", "merge needs base and inputs, or config (a mergekit YAML)")
+        return merge_options(p)
+    from peftcli.merging import mergekit_config
+
+    declared = {f.name: f.default for cls in (MergeOptions, *merge_method_classes()) for f in option_fields(cls)}
+    given = [k for k, default in declared.items() if p.get(k) is not None and p.get(k) != default]
+    p["base"], p["inputs"], values = mergekit_config.with_config(p["config"], p.get("base"), p.get("inputs"), p, given)
+    return merge_options(values)
+
+
 def _describe_inspect(doc: dict) -> str:
     text = f"{doc['format']}: {doc['num_params']:,} params in {doc['num_tensors']} tensors"
     if doc.get("budget"):
@@ -310,8 +331,9 @@ KINDS: dict[str, Kind] = {
         ),
         Kind(
             "merge", "fold adapters, diffs or fine-tunes into a checkpoint",
-            _fixed(arg("base"), arg("inputs", -1), option_params(_Output, MergeOptions, *merge_method_classes())),
-            "peftcli.merging.engine:merge", merge_options, lambda api, p, o, ctx: api(p["base"], list(p["inputs"]), p["out"], o),
+            _fixed(arg("base", required=False), arg("inputs", -1, required=False),
+                   option_params(_Output, _MergeConfig, MergeOptions, *merge_method_classes())),
+            "peftcli.merging.engine:merge", _merge_options, lambda api, p, o, ctx: api(p["base"], list(p["inputs"]), p["out"], o),
             _describe_merge, outputs=("output",), creates=("output",), required=("output",),
         ),
         Kind(
