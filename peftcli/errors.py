@@ -3,6 +3,12 @@
 Every failure a user can cause is a ``PeftcliError``; the CLI turns it into one line
 ``error: <what> (<hint>)`` on stderr and the exit code below. Anything else that escapes
 is a bug and is reported as such (with a traceback under ``--debug``).
+
+The library names an option by its field, in backticks (``` `max_length` must be positive ```):
+that reads right from Python and as a recipe key, and the CLI, which alone knows the flags,
+renders each named field of the running command as its flag (``--max-length``) with
+``render_fields``. A flag written out in a library message is only ever part of a whole
+command to copy (```run `peftcli train --full` ```).
 """
 
 from __future__ import annotations
@@ -25,13 +31,27 @@ class PeftcliError(Exception):
         self.message = message
         self.hint = hint
 
-    def one_line(self) -> str:
+    def one_line(self, flags: dict[str, str] | None = None) -> str:
+        """``error: <what> (<hint>)``; ``flags`` maps field names to the words that replace them
+        (the CLI's flags), see ``render_fields``."""
         text = f"error: {self.message}"
         if self.hint:
             text += f" ({self.hint})"
+        if flags:
+            text = render_fields(text, flags)
         # One line, whatever the message carried (file names with newlines, JSON errors), and
         # no control character from a file name or config value reaching a terminal raw.
         return terminal_safe(" ".join(text.split()))
+
+
+# A field named in a message: a Python identifier in backticks.
+FIELD_REF = re.compile(r"`([a-z_][a-z0-9_]*)`")
+
+
+def render_fields(text: str, flags: dict[str, str]) -> str:
+    """``text`` with each backticked field name that ``flags`` knows replaced by its flag; other
+    backticked words (fields of another command, code) are left as they are."""
+    return FIELD_REF.sub(lambda m: flags.get(m.group(1), m.group(0)), text)
 
 
 # C0 controls but the newline, DEL and C1, lone surrogates (unwritable as UTF-8) and the bidi

@@ -103,7 +103,7 @@ def check_declared(cfg: Any) -> None:
 
 def value_problem(field: dataclasses.Field, hints: dict[str, Any], value: Any) -> UsageError | None:
     """The error to raise when ``value`` breaks ``field``'s declaration, else None."""
-    flag = flag_name(field)
+    flag = f"`{field.name}`"  # the CLI renders it as the flag, a recipe reads it as its key
     hint = hints[field.name]
     kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     meta = field.metadata

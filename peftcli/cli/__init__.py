@@ -17,13 +17,14 @@ import traceback
 import click
 
 from peftcli import __version__
+from peftcli.cli.flags import CommandRecorder, resolved_flags
 from peftcli.errors import EXIT_BAD_INPUT, EXIT_RESOURCE, EXIT_USAGE, Interrupted, PeftcliError
 
 _debug = False
 INTERRUPTED_HINT = "outputs are written whole or not at all; rerun the command"
 
 
-class PeftcliGroup(click.Group):
+class PeftcliGroup(CommandRecorder):
     """A click group whose ``main`` applies the one-line error contract."""
 
     def invoke(self, ctx: click.Context):
@@ -35,6 +36,11 @@ class PeftcliGroup(click.Group):
         except KeyboardInterrupt:
             # Caught before click's own handler, which would print an empty line first.
             raise Interrupted("interrupted", INTERRUPTED_HINT) from None
+        except PeftcliError as exc:
+            # The library names fields; the user typed flags: render with the running command's.
+            if getattr(exc, "flags", None) is None:
+                exc.flags = resolved_flags(ctx)  # type: ignore[attr-defined]
+            raise
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         global _debug
@@ -88,7 +94,7 @@ def _report(exc: BaseException) -> int:
     if isinstance(exc, SystemExit):
         return exc.code if isinstance(exc.code, int) else 1
     if isinstance(exc, PeftcliError):
-        return _fail(exc.one_line(), exc.exit_code, exc)
+        return _fail(exc.one_line(getattr(exc, "flags", None)), exc.exit_code, exc)
     if isinstance(exc, click.exceptions.NoArgsIsHelpError):
         from peftcli.cli.output import error_stream
 

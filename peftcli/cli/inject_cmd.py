@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import click
 
+from peftcli.cli.flags import CommandRecorder
 from peftcli.cli.output import emit_json, json_option, stdout_console
 from peftcli.methods import METHODS
 from peftcli.cli.options import SEED, click_options
@@ -57,7 +58,7 @@ def default_output(model: str, method: str) -> str:
     return os.path.join("runs", f"{name or 'model'}-{method}")
 
 
-class _MethodGroup(click.Group):
+class _MethodGroup(CommandRecorder):
     """The methods as subcommands; an unknown one is the registry's usage error (the methods, the closest)."""
 
     def resolve_command(self, ctx: click.Context, args: list[str]):

@@ -70,3 +70,6 @@ def _render(doc: dict) -> None:
     for s in doc["steps"]:
         table.add_row(printable(s["id"]), s["kind"], printable(describe(s["kind"], s["result"])), f"{s['seconds']:.1f} s")
     stdout_console().print(table)
+
+
+run.fields_are_keys = True  # type: ignore[attr-defined]  # a step's errors name recipe keys, which are the fields
