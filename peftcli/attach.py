@@ -111,6 +111,10 @@ class AdaptedModel(nn.Module):
     def phi_parameters(self) -> dict[str, nn.Parameter]:
         return dict(self._phi)
 
+    def head_parameter_names(self) -> set[str]:
+        """The keys of ``phi_parameters`` that are a task head trained with φ (``modules_to_save``)."""
+        return set(self._head_keys)
+
     @property
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self._phi.values())

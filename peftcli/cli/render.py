@@ -170,6 +170,10 @@ def render_budget(budget: dict, console) -> None:
     console.print()
     console.print(table)
     console.print(share_line(budget))
+    if "train_defaults" in budget:
+        from peftcli.methods.base import TrainDefaults
+
+        console.print(f"train defaults: {TrainDefaults(**budget['train_defaults']).describe()} (peftcli train's flags override them)")
     if "filter" in budget:
         f = budget["filter"]
         if f.get("applies", True):

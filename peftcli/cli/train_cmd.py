@@ -61,7 +61,21 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-@click.command()
+def _defaults_epilog() -> str:
+    """The learning rates each method trains with when --lr and --head-lr are left out."""
+    from peftcli.methods import METHODS
+    from peftcli.training.defaults import FULL_FINE_TUNING
+
+    rows = [(name, m.train_defaults) for name, m in METHODS.items()] + [("--full", FULL_FINE_TUNING)]
+    lines = [
+        f"  {name:<13} {d.lr:<7g} {d.lr_for('lm'):<7g} {d.head_lr if d.head_lr is not None else 'lr'!s:<6} {d.warmup_ratio:<7.0%} {d.schedule}"
+        for name, d in rows
+    ]
+    return "\b\nDefaults by method (flags override them; a new classification head trains at 'head'):\n" \
+        + f"  {'method':<13} {'lr':<7} {'lm/sft':<7} {'head':<6} {'warmup':<7} decay\n" + "\n".join(lines)
+
+
+@click.command(epilog=_defaults_epilog())
 @click.argument("run", type=click.Path())
 @click.option(
     "--resume", is_flag=True,
@@ -81,7 +95,7 @@ def train(run, resume, force, quiet, nproc, as_json, **options):
 
     \b
     Examples:
-      peftcli train runs/lora/ --model model/ --data train.jsonl --eval dev.jsonl --steps 500 --batch-size 16 --lr 2e-4
+      peftcli train runs/lora/ --model model/ --data train.jsonl --eval dev.jsonl --steps 500 --batch-size 16
       peftcli train runs/lora/ --model model/ --data ../shared/data/sst2/train.tsv --task classify --eval-every 100 --patience 3
       peftcli train runs/lora/ --resume
       peftcli train runs/lora/ --model model/ --data train.jsonl --nproc 2

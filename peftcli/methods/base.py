@@ -34,11 +34,14 @@ their defaults, so a method's whole contract reads in one place and no caller pr
 - ``identity_at_init``: the φ ``inject`` writes leaves the model's outputs those of the base
   (a zero ΔW, a zero-initialised up projection); prompt and prefix tuning add tokens;
 - ``derived_keys(cfg)``: artifact keys recomputed from φ rather than trained;
-- ``examples``: command lines shown by ``peftcli inject METHOD --help``.
+- ``examples``: command lines shown by ``peftcli inject METHOD --help``;
+- ``train_defaults``: the ``TrainDefaults`` ``peftcli train`` uses for what the user leaves
+  out (learning rates, warmup, schedule), chosen by measurement (benchmarks/README.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
@@ -211,6 +214,36 @@ def materialized(tensors: Mapping[str, "torch.Tensor | LazyTensor"]) -> dict[str
     return {k: materialize(v) for k, v in tensors.items()}
 
 
+
+@dataclass(frozen=True)
+class TrainDefaults:
+    """What ``peftcli train`` uses for a method when the command line leaves it out.
+
+    ``lr``: peak learning rate of φ for classification; ``generative_lr``: for ``lm``/``sft``
+    (a decoder's whole vocabulary is the output: a φ that suits a 2-way head can be too
+    eager there), None for the same as ``lr``; ``head_lr``: a new classification head's
+    (hundreds of fresh parameters that must move far, where φ nudges pretrained ones), None
+    for ``lr``;
+    ``warmup_ratio``: the share of the run's steps the learning rate warms up over;
+    ``schedule``: its decay after warmup. The full fine-tuning of a method that trains in
+    phases or rounds (LT-SFT, diff-pruning, lottery) takes full fine-tuning's."""
+
+    lr: float
+    generative_lr: float | None = None
+    head_lr: float | None = 2e-3
+    warmup_ratio: float = 0.06
+    schedule: str = "linear"
+
+    def lr_for(self, task: str) -> float:
+        return self.generative_lr if task in ("lm", "sft") and self.generative_lr is not None else self.lr
+
+    def describe(self) -> str:
+        """One line for people: ``lr 0.001 (lm/sft 0.0002), head 0.002, warmup 6% of the steps, linear decay``."""
+        text = f"lr {self.lr:g}" + (f" (lm/sft {self.generative_lr:g})" if self.generative_lr is not None else "")
+        text += f", head {self.head_lr:g}" if self.head_lr is not None else ", head at lr"
+        return text + f", warmup {self.warmup_ratio:.0%} of the steps, {self.schedule} decay"
+
+
 @dataclass(frozen=True)
 class BudgetRow:
     module: str
@@ -224,13 +257,14 @@ class Budget:
     rows: list[BudgetRow]
     base_params: int  # every parameter of the base checkpoint
     in_place: bool = False  # the method trains existing tensors (BitFit, layers) instead of adding some
+    train_defaults: TrainDefaults | None = None  # what `peftcli train` will use where its flags are left out
 
     @classmethod
     def of(cls, method: "Method", ckpt: "Checkpoint", cfg: Any) -> "Budget":
         """The budget of ``method`` with options ``cfg`` on checkpoint ``ckpt`` (inspect and inject both use this)."""
         shapes = {t.name: t.shape for t in ckpt.tensors.values()}
         rows = method.budget(shapes, ckpt.config, cfg)
-        return cls(method.name, rows, ckpt.num_params, method.trains_in_place)
+        return cls(method.name, rows, ckpt.num_params, method.trains_in_place, method.train_defaults)
 
     @property
     def trainable(self) -> int:
@@ -268,6 +302,7 @@ class Budget:
             "pct_of_total": self.pct_of_total,
             "reduction_pct": self.reduction_pct,
             "reduction_pct_of_total": self.reduction_pct_of_total,
+            **({"train_defaults": dataclasses.asdict(self.train_defaults)} if self.train_defaults is not None else {}),
         }
 
 
@@ -299,6 +334,7 @@ class MethodBase:
     trains_in_place: bool = False  # trains existing tensors: adds no parameters to the model
     identity_at_init: bool = True  # the injected φ leaves the base's outputs unchanged
     examples: tuple[str, ...] = ()  # shown by `peftcli inject METHOD --help`
+    train_defaults: TrainDefaults = TrainDefaults(lr=1e-3)  # each method declares its own
 
     def derived_keys(self, cfg: Any) -> set[str]:
         """Artifact keys recomputed from φ on save rather than trained (none by default)."""
@@ -329,6 +365,8 @@ class Method(Protocol):
     def identity_at_init(self) -> bool: ...
     @property
     def examples(self) -> tuple[str, ...]: ...
+    @property
+    def train_defaults(self) -> TrainDefaults: ...
 
     def derived_keys(self, cfg: Any) -> set[str]: ...
 

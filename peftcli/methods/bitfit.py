@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 from peftcli.architectures import BIAS_ROLES, LLAMA_BIASES
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods import in_place as inplace
-from peftcli.methods.base import Attached, MethodBase, BudgetRow
+from peftcli.methods.base import Attached, MethodBase, BudgetRow, TrainDefaults
 from peftcli.methods.peftcli_section import SectionConfig
 from peftcli.options import option
 from peftcli.targets import layer_index, parse_layers
@@ -90,6 +90,7 @@ def _no_biases_error(model_type: str | None) -> UsageError:
 
 class BitFit(SectionConfig, MethodBase):
     name = "bitfit"
+    train_defaults = TrainDefaults(lr=2e-3, generative_lr=5e-4)  # benchmarks/README.md: "Training defaults"
     folds = True
     trains_in_place = True  # trains existing tensors: adds no parameters to the model
     config_cls = BitFitConfig

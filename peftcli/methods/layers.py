@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from peftcli.architectures import CONV1D_MODEL_TYPES, GPT2_MASK_BUFFERS, Family, find_family
 from peftcli.errors import UsageError
 from peftcli.methods import in_place as inplace
-from peftcli.methods.base import Attached, MethodBase, BudgetRow, LazyTensor, lazy_zeros
+from peftcli.methods.base import Attached, MethodBase, BudgetRow, LazyTensor, lazy_zeros, TrainDefaults
 from peftcli.methods.peftcli_section import SectionConfig
 from peftcli.options import option
 from peftcli.targets import block_paths, layer_index, model_type_of, names_hint, parse_layers, split_layer
@@ -136,6 +136,7 @@ def _selector(cfg: LayersConfig, model_type: str | None, names: list[str]) -> Ca
 
 class Layers(SectionConfig, MethodBase):
     name = "layers"
+    train_defaults = TrainDefaults(lr=3e-4, generative_lr=5e-5)  # benchmarks/README.md: "Training defaults"
     folds = True
     trains_in_place = True  # trains existing tensors: adds no parameters to the model
     config_cls = LayersConfig

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError, UsageError
-from peftcli.methods.base import Attached, MethodBase, ROUNDS, BudgetRow
+from peftcli.methods.base import Attached, MethodBase, ROUNDS, BudgetRow, TrainDefaults
 from peftcli.methods.peftcli_section import SectionConfig
 from peftcli.options import option
 from peftcli.targets import layer_index
@@ -60,6 +60,7 @@ class LotteryConfig:
 
 class Lottery(SectionConfig, MethodBase):
     name = "lottery"
+    train_defaults = TrainDefaults(lr=1e-4, generative_lr=2e-5, head_lr=None)  # benchmarks/README.md: "Training defaults"
     trains_in_place = True
     schedule = ROUNDS  # peftcli train runs the rounds (peftcli.training.lottery); the result is a checkpoint
     config_cls = LotteryConfig

@@ -58,7 +58,10 @@ def resolve_config(run: str, cfg: TrainConfig | None, resume: bool) -> TrainConf
     if resume:
         if not os.path.isfile(args_path):
             raise UsageError(f"{run}: nothing to resume (no {ARGS_FILE})", "start a run with --data first")
-        return TrainConfig(**read_json(args_path))
+        saved = read_json(args_path)
+        if isinstance(saved, dict) and "head_lr" not in saved and saved.get("lr") is not None:
+            saved = {**saved, "head_lr": saved["lr"]}  # a run from before head_lr trained its head at lr
+        return TrainConfig(**saved)
     if cfg is None or cfg.data is None:
         raise UsageError("--data is required", "e.g. peftcli train runs/lora/ --data train.jsonl")
     return cfg

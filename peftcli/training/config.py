@@ -26,10 +26,14 @@ class TrainConfig:
     epochs: float | None = option(None, help="epochs to run instead of --steps")
     batch_size: int = option(8, help="examples per micro-batch (per worker) (default 8)")
     grad_accum: int = option(1, help="micro-batches per optimizer step (default 1)")
-    lr: float = option(2e-4, help="peak learning rate (default 2e-4)")
+    lr: float | None = option(None, help="peak learning rate (default: the method's, e.g. 1e-3 for lora; see `peftcli inspect --budget METHOD`)")
+    head_lr: float | None = option(
+        None, help="peak learning rate of a new classification head (default: the method's, e.g. 2e-3 for lora)"
+    )
     weight_decay: float = option(0.0, help="AdamW weight decay, never on biases or norms (default 0)")
-    warmup_steps: int = option(0, max=MAX_STEPS, help="linear warmup steps (default 0)")
-    schedule: str = option("linear", metavar="linear|cosine|constant", help="decay after warmup (default linear)")
+    warmup_steps: int | None = option(None, max=MAX_STEPS, help="linear warmup steps (default: --warmup-ratio of the steps)")
+    warmup_ratio: float | None = option(None, help="warm up over this share of the steps (default: the method's, 0.06)")
+    schedule: str | None = option(None, metavar="linear|cosine|constant", help="decay after warmup (default: the method's, linear)")
     max_grad_norm: float = option(1.0, help="clip the gradient norm; 0 disables (default 1.0)")
     max_length: int = option(128, help="truncate examples to this many tokens (default 128)")
     train_seed: int = option(0, help="seed of data order, dropout and a new head (default 0)")
@@ -74,7 +78,7 @@ class TrainConfig:
         if self.task is not None and self.task not in TASKS:
             raise UsageError(f"unknown --task {self.task!r}", "choose lm, sft or classify")
         parse_columns(self.columns)
-        if self.schedule not in SCHEDULES:
+        if self.schedule is not None and self.schedule not in SCHEDULES:
             raise UsageError(f"unknown --schedule {self.schedule!r}", "choose linear, cosine or constant")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"unknown --device {self.device!r}", "choose auto, cpu or cuda")
@@ -95,14 +99,23 @@ class TrainConfig:
             raise UsageError("--packing does not apply to --task classify", "drop --packing: it packs lm and sft examples")
         if self.phase1_lr is not None and self.phase1_lr <= 0:
             raise UsageError("--phase1-lr must be positive", "e.g. --phase1-lr 1e-4, or leave it out to use --lr")
-        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
+        for name in ("lr", "head_lr"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UsageError(f"`{name}` must be positive", f"e.g. `{name}` 1e-3, or leave it out for the method's default")
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
+            raise UsageError("`warmup_ratio` must be in [0, 1)", "e.g. `warmup_ratio` 0.06, or leave it out for the method's default")
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise UsageError("give `warmup_steps` or `warmup_ratio`, not both", "drop one of them")
+        if self.weight_decay < 0 or (self.warmup_steps or 0) < 0 or self.max_grad_norm < 0:
             raise UsageError(
-                "--lr must be positive and --weight-decay, --warmup-steps, --max-grad-norm non-negative",
-                "the defaults are --lr 2e-4 --weight-decay 0 --warmup-steps 0 --max-grad-norm 1.0",
+                "--weight-decay, --warmup-steps and --max-grad-norm must be non-negative",
+                "the defaults are --weight-decay 0 --max-grad-norm 1.0 and the method's warmup",
             )
         check_threads(self.threads)
         self._check_precision()
         check_declared(self)  # nan, inf and out-of-range values also from a run's train_args.json
+        if self.full and self.head_lr is not None and self.head_lr != self.lr:
+            raise UsageError("`head_lr` applies to adapter runs", "full fine-tuning trains the head at `lr`: drop `head_lr`")
         if self.full and self.model is None:
             raise UsageError("--full needs --model DIR, the model to fine-tune", "add --model with the model directory")
         if self.patience is not None and self.eval_data is None:

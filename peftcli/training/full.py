@@ -49,6 +49,10 @@ class FullModel(nn.Module):
     def phi_parameters(self) -> dict[str, nn.Parameter]:
         return self._unique_parameters()
 
+    def head_parameter_names(self) -> set[str]:
+        """None apart: a fine-tuned model trains its head at the model's rate (``head_lr`` is refused)."""
+        return set()
+
     @property
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self._unique_parameters().values())

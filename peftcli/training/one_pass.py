@@ -44,6 +44,7 @@ from peftcli.errors import BadInputError, Interrupted, UsageError
 from peftcli.training import distributed, precision
 from peftcli.training import state as ckpt_state
 from peftcli.training.batching import IGNORE, collate, encode, epoch_order, load_tokenizer
+from peftcli.training.defaults import defaults_for, warmup_steps, with_defaults
 from peftcli.training.common import (
     ARGS_FILE, BEST_DIR, LABELS_FILE, METRICS_FILE, TrainHooks, evaluate, head_modules, is_decoder, read_json,
     resolve_config, resolve_device, with_model_dir, write_json,
@@ -127,6 +128,7 @@ def train_adapter(
     """
     cfg, checkpoint = _check_run(run, cfg, resume, force, continue_to)
     p = prepare(run, cfg, checkpoint, hooks, pass_lr)
+    cfg = p.cfg  # completed with the method's defaults
     st = _restore(p, finished_ok, continue_to) if checkpoint is not None else _start_fresh(p)
     distributed.barrier(p.world)  # workers start once rank 0 has reset the run directory
     st.order = epoch_order(len(p.train_items), cfg.train_seed, st.epoch)
@@ -140,6 +142,9 @@ def train_adapter(
     p.adapted.train()
     if not p.world.main:
         progress, log = None, None
+    if log is not None and checkpoint is None:
+        head = f", head {cfg.head_lr:g}" if cfg.head_lr is not None and p.adapted.head_parameter_names() else ""
+        log(f"lr {cfg.lr:g}{head}, warmup {warmup_steps(cfg, p.total)} of {p.total} steps, {cfg.schedule} decay")
     if log is not None and p.packing_efficiency is not None:
         examples = sum(len(row["lengths"]) for row in p.train_items)
         log(f"packing: {examples} examples in {len(p.train_items)} rows of up to {cfg.max_length} tokens, {p.packing_efficiency:.1%} of them example tokens")
@@ -188,6 +193,7 @@ def prepare(run: str, cfg: TrainConfig, checkpoint: str | None, hooks: TrainHook
     cfg = with_model_dir(cfg, adapter)
     _check_inputs(cfg.model, adapter, run)
     task, labels, tokenizer, train_items, eval_items = _load_data(run, cfg, checkpoint is not None)
+    cfg = with_defaults(cfg, defaults_for(cfg, adapter.config if adapter is not None else None), task)
 
     torch.manual_seed(cfg.train_seed)  # a new classification head is initialised from this
     device = resolve_device(cfg.device)
@@ -211,7 +217,8 @@ def prepare(run: str, cfg: TrainConfig, checkpoint: str | None, hooks: TrainHook
     steps_per_epoch = max(1, len(train_items) // per_step)
     total = check_total_steps(cfg.steps or max(1, round((cfg.epochs or 1.0) * steps_per_epoch)))
     named = adapted.phi_parameters()
-    optimizer = torch.optim.AdamW(_param_groups(named, cfg.weight_decay), lr=cfg.lr, fused=device.type == "cuda")
+    groups = _param_groups(named, cfg.weight_decay, adapted.head_parameter_names(), cfg.head_lr if cfg.head_lr != cfg.lr else None)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total))
     if hooks is not None and hooks.start is not None:
         hooks.start(adapted, checkpoint is not None)
@@ -475,12 +482,14 @@ def window_loss(losses: list[float], log_every: int) -> tuple[float, int]:
 
 
 def _schedule(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+    warmup = warmup_steps(cfg, total)
+
     def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
         if cfg.schedule == "constant":
             return 1.0
-        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        progress = (step - warmup) / max(1, total - warmup)
         if cfg.schedule == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
         return max(0.0, 1.0 - progress)
@@ -488,11 +497,20 @@ def _schedule(cfg: TrainConfig, total: int) -> Callable[[int], float]:
     return factor
 
 
-def _param_groups(named: dict[str, torch.nn.Parameter], weight_decay: float) -> list[dict]:
-    # Biases and norm scales are 1-D: decaying them towards 0 only hurts (as in BERT, GPT-2 recipes).
-    decay = [p for n, p in named.items() if p.ndim >= 2 and "norm" not in n.lower()]
-    no_decay = [p for n, p in named.items() if not (p.ndim >= 2 and "norm" not in n.lower())]
-    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+def _param_groups(named: dict[str, torch.nn.Parameter], weight_decay: float, head: set[str], head_lr: float | None) -> list[dict]:
+    """AdamW's groups: φ, then a new task head at its own rate (when it has one that differs,
+    so that a run from before ``head_lr`` resumes into the groups it saved)."""
+    split = {"body": named}
+    if head_lr is not None and head:
+        split = {"body": {n: p for n, p in named.items() if n not in head}, "head": {n: p for n, p in named.items() if n in head}}
+    groups = []
+    for part, params in split.items():
+        # Biases and norm scales are 1-D: decaying them towards 0 only hurts (as in BERT, GPT-2 recipes).
+        decay = [p for n, p in params.items() if p.ndim >= 2 and "norm" not in n.lower()]
+        no_decay = [p for n, p in params.items() if not (p.ndim >= 2 and "norm" not in n.lower())]
+        extra = {"lr": head_lr} if part == "head" else {}
+        groups += [{"params": decay, "weight_decay": weight_decay, **extra}, {"params": no_decay, "weight_decay": 0.0, **extra}]
+    return [g for g in groups if g["params"]]
 
 
 class _StopFlag:

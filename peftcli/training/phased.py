@@ -54,11 +54,12 @@ DIFF_FILE = "phi.diff"
 
 
 def phase1_config(cfg: TrainConfig) -> TrainConfig:
-    """The full fine-tuning of phase 1: ``--phase1-steps``/``--phase1-lr`` where given."""
+    """The full fine-tuning of phase 1: ``--phase1-steps``/``--phase1-lr`` where given (else
+    ``--lr`` if given, else full fine-tuning's default rate; the head trains at that rate)."""
     steps = cfg.phase1_steps or cfg.steps
     return dataclasses.replace(
         cfg, full=True, steps=steps, epochs=None if cfg.phase1_steps else cfg.epochs, lr=cfg.phase1_lr or cfg.lr,
-        phase1_steps=None, phase1_lr=None,
+        phase1_steps=None, phase1_lr=None, head_lr=None,
     )
 
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from peftcli.architectures import BLOCKS_BY_NAME, HIDDEN_SIZE_KEYS, Family, find_family
 from peftcli.errors import BadInputError, UsageError
-from peftcli.methods.base import Attached, MethodBase, BudgetRow, LazyTensor, SeededDraws, lazy_zeros, mismatch_error
+from peftcli.methods.base import Attached, MethodBase, BudgetRow, LazyTensor, SeededDraws, lazy_zeros, mismatch_error, TrainDefaults
 from peftcli.methods.peftcli_section import PEFTCLI_PEFT_TYPE
 from peftcli.options import option
 from peftcli.targets import block_paths, linear_modules, model_type_of, parse_layers, require_layers, split_layer
@@ -170,6 +170,7 @@ def added_params(hidden: int, bottleneck: int) -> int:
 
 class BottleneckAdapter(MethodBase):
     name = "adapter"
+    train_defaults = TrainDefaults(lr=1e-3, generative_lr=2e-4)  # benchmarks/README.md: "Training defaults"
     config_cls = BottleneckAdapterConfig
     summary = "Bottleneck adapters W_up·σ(W_down·x) in each block: Pfeiffer, Houlsby or parallel."
     peft_type = None

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable
 
 from peftcli.architectures import IA3_FEEDFORWARD, IA3_TARGETS
 from peftcli.errors import BadInputError, UsageError
-from peftcli.methods.base import Attached, MethodBase, BudgetRow, mismatch_error, peft_key, selection, targeted_module, PEFT_PREFIX
+from peftcli.methods.base import Attached, MethodBase, BudgetRow, mismatch_error, peft_key, selection, targeted_module, PEFT_PREFIX, TrainDefaults
 from peftcli.options import option
 from peftcli.patterns import compile_pattern, from_file
 from peftcli.targets import LinearModule, is_regex, linear_modules, linear_names_hint, model_type_of, names_hint, names_module, resolve_targets
@@ -132,6 +132,7 @@ def _check_feedforward_spec(cfg: IA3Config, modules: list[LinearModule]) -> None
 
 class IA3(MethodBase):
     name = "ia3"
+    train_defaults = TrainDefaults(lr=5e-3, generative_lr=1e-3)  # benchmarks/README.md: "Training defaults"
     folds = True
     config_cls = IA3Config
     summary = "Learned vectors rescaling keys, values and the FFN intermediate (IA³)."

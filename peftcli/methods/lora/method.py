@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError, UsageError
-from peftcli.methods.base import Attached, MethodBase, BudgetRow, LazyTensor, SeededDraws, base_module, lazy_zeros, mismatch_error, peft_key, selection, targeted_module, PEFT_PREFIX
+from peftcli.methods.base import Attached, MethodBase, BudgetRow, LazyTensor, SeededDraws, base_module, lazy_zeros, mismatch_error, peft_key, selection, targeted_module, PEFT_PREFIX, TrainDefaults
 from peftcli.methods.lora import base_init as lora_init, embeddings as lora_embeddings
 from peftcli.options import option
 from peftcli.patterns import from_file
@@ -83,6 +83,7 @@ class LoraConfig:
 
 class LoRA(MethodBase):
     name = "lora"
+    train_defaults = TrainDefaults(lr=1e-3, generative_lr=2e-4)  # benchmarks/README.md: "Training defaults"
     folds = True
     config_cls = LoraConfig
     summary = "Low-rank update ΔW = (α/r)·B·A on linear layers (also DoRA, rsLoRA)."

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from peftcli.checkpoint.model_config import is_json_number
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.base import (
+    TrainDefaults,
     PEFT_PREFIX, Attached, BudgetRow, MethodBase, SeededDraws, lazy_zeros, mismatch_error, peft_key, selection, targeted_module,
 )
 from peftcli.options import option
@@ -180,6 +181,7 @@ def build(cls: type, fields: dict, what: str):
 
 class LycorisMethod(MethodBase):
     """LoHa and LoKr: subclasses give ``parts``, ``initial`` and ``delta`` (see the module docstring)."""
+    train_defaults = TrainDefaults(lr=2e-3, generative_lr=4e-4)  # benchmarks/README.md: "Training defaults"
 
     folds = True
     label: str  # "LoHa", "LoKr": how errors name the type

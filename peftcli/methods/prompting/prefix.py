@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError, ResourceError, UsageError
 from peftcli.methods import peftcli_section
-from peftcli.methods.base import Attached, MethodBase, BudgetRow, mismatch_error
+from peftcli.methods.base import Attached, MethodBase, BudgetRow, mismatch_error, TrainDefaults
 from peftcli.methods.prompting import dims as pl
 from peftcli.options import option
 from peftcli.targets import parse_layers, resolve_targets
@@ -107,6 +107,7 @@ def _attention_modules(shapes: dict[str, tuple[int, ...]], config: dict | None, 
 
 class PrefixTuning(MethodBase):
     name = "prefix"
+    train_defaults = TrainDefaults(lr=1e-2, generative_lr=3e-3)  # benchmarks/README.md: "Training defaults"
     identity_at_init = False  # its virtual tokens change the outputs from the start
     config_cls = PrefixTuningConfig
     summary = "Learned key/value prefixes in every attention layer, or in --layers only (prefix tuning)."

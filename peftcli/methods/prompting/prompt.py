@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError, UsageError
-from peftcli.methods.base import Attached, MethodBase, BudgetRow, mismatch_error
+from peftcli.methods.base import Attached, MethodBase, BudgetRow, mismatch_error, TrainDefaults
 from peftcli.methods.prompting import dims as pl
 from peftcli.options import option
 
@@ -85,6 +85,7 @@ class PromptTuningConfig:
 
 class PromptTuning(MethodBase):
     name = "prompt"
+    train_defaults = TrainDefaults(lr=3e-2, generative_lr=1e-2)  # benchmarks/README.md: "Training defaults"
     identity_at_init = False  # its virtual tokens change the outputs from the start
     config_cls = PromptTuningConfig
     summary = "Soft prompt tokens prepended to the input embeddings (prompt tuning)."

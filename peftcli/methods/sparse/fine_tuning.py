@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from peftcli import patterns
 from peftcli.architectures import GPT2_MASK_BUFFERS
 from peftcli.errors import BadInputError, UsageError
-from peftcli.methods.base import Attached, MethodBase, PHASES, BudgetRow
+from peftcli.methods.base import Attached, MethodBase, PHASES, BudgetRow, TrainDefaults
 from peftcli.methods.peftcli_section import SectionConfig
 from peftcli.methods.sparse import phi as sparse_phi
 from peftcli.options import option
@@ -169,6 +169,7 @@ class SparseFineTuning(SectionConfig, MethodBase):
 
 class LtSft(SparseFineTuning):
     name = "lt-sft"
+    train_defaults = TrainDefaults(lr=1e-3, generative_lr=2e-4)  # benchmarks/README.md: "Training defaults"
     config_cls = LtSftConfig
     summary = "Lottery-ticket sparse fine-tuning: full FT, keep the top-K changes, reset, train only those K."
     resets_after_phase1 = True
@@ -181,6 +182,7 @@ class LtSft(SparseFineTuning):
 
 class DiffPruning(SparseFineTuning):
     name = "diff-pruning"
+    train_defaults = TrainDefaults(lr=1e-4, generative_lr=2e-5)  # benchmarks/README.md: "Training defaults"
     config_cls = DiffPruningConfig
     summary = "Diff-pruning: train a dense φ on frozen θ (optional L1), magnitude-prune it to K entries, retrain them."
     resets_after_phase1 = False
