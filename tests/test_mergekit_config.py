@@ -331,7 +331,7 @@ def test_a_recipe_merge_step_takes_a_mergekit_config_as_the_command_does(models,
     recipe.write_text(f"steps:\n  merge: {{config: {config}, output: merged}}\n")
     execute(plan(str(recipe), workdir=str(tmp_path / "wd")))
     assert _bytes(str(tmp_path / "wd" / "merged")) == _bytes(str(tmp_path / "cli"))
-    for body, message in ((f"config: {config}, method: ties, output: m", "--method is not taken"),
+    for body, message in ((f"config: {config}, method: ties, output: m", "`method` is not taken"),
                           (f"config: {config}, base: {base}, output: m", "gives BASE and INPUTS"),
                           ("output: m", "missing key 'base'")):
         recipe.write_text(f"steps:\n  merge: {{{body}}}\n")

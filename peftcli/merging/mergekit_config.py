@@ -349,10 +349,10 @@ def with_config(path: str, base, inputs, values: dict[str, Any], given: Iterable
     only KEPT_WITH_CONFIG. ``given``: the options the command line or recipe step set itself,
     refused when the configuration sets them (never silently overridden)."""
     if base or inputs:
-        raise UsageError("--config gives BASE and INPUTS", "give --config or BASE INPUT..., not both")
+        raise UsageError("`config` gives BASE and INPUTS", "give `config` or BASE INPUT..., not both")
     clash = next((k for k in given if k not in KEPT_WITH_CONFIG), None)
     if clash is not None:
-        flag = "--" + clash.replace("_", "-")
-        raise UsageError(f"--config sets the method and its parameters; {flag} is not taken with it", f"drop {flag}, or set it in the configuration")
+        flag = f"`{clash}`"
+        raise UsageError(f"`config` sets the method and its parameters; {flag} is not taken with it", f"drop {flag}, or set it in the configuration")
     base, found, mk = load(path)
     return base, tuple(found), {**{k: values.get(k) for k in KEPT_WITH_CONFIG}, **mk}

@@ -133,14 +133,14 @@ def check_cast(name: str, stored: torch.Tensor, cast: torch.Tensor) -> None:
     """Refuse a ``--dtype`` cast that turns finite values into Inf (beyond F16's 65504)."""
     if not all_finite(cast) and all_finite(stored):
         out = str(cast.dtype).removeprefix("torch.")
-        raise BadInputError(f"{name!r} holds values beyond the range of {out}", "choose a wider --dtype, or none")
+        raise BadInputError(f"{name!r} holds values beyond the range of {out}", "choose a wider `dtype`, or none")
 
 
 def check_finite(name: str, result: torch.Tensor) -> None:
     if not all_finite(result):
         raise BadInputError(
             f"merging gives NaN or Inf in {name!r} ({str(result.dtype).removeprefix('torch.')})",
-            "check the inputs with peftcli check, or use smaller --weights",
+            "check the inputs with peftcli check, or use smaller `weights`",
         )
 
 

@@ -67,7 +67,7 @@ def karcher_weights(gram: np.ndarray, max_iter: int, tol: float, name: str) -> n
             if math.sin(angle) < OPPOSITE:  # the geodesic to an antipode is not unique; its step unbounded
                 raise BadInputError(
                     f"karcher: two models' tensors {name!r} point in opposite directions, where the mean's step is undefined",
-                    "merge models whose tensors are not opposite, or use --method linear",
+                    "merge models whose tensors are not opposite, or use `method` linear",
                 )
             step += a[i] * (angle / math.sin(angle)) * (np.eye(len(valid))[i] - dot * c)
         size = _norm(step, unit)

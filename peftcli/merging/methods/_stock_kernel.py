@@ -45,7 +45,7 @@ def coefficient(gram: dict, k: int, name: str) -> float:
     if denominator == 0:
         raise BadInputError(
             f"model-stock: the task vectors of {name!r} have mean cosine {cos:.6g}, where t = k·cos/(1 + (k − 1)·cos) is undefined",
-            "merge task vectors that do not point in opposite directions, or use --method linear",
+            "merge task vectors that do not point in opposite directions, or use `method` linear",
         )
     return k * cos / denominator / k
 
