@@ -65,11 +65,11 @@ def refuse(key: str, why: str, hint: str = HINT) -> UsageError:
 
 def load(path: str) -> tuple[str, list[str], dict[str, Any]]:
     """(base, inputs, MergeOptions values) of the mergekit configuration at ``path``."""
-    from peftcli.recipes.recipe import _read_recipe, _yaml  # the bounded YAML loader, shared
+    from peftcli.recipes.recipe import read_yaml_file  # the recipes' bounded reader and YAML loader, shared
 
     if not os.path.exists(path):
         raise BadInputError(f"{path}: no such mergekit config file", "give the path of a mergekit YAML configuration")
-    raw = _yaml(_read_recipe(path), path)
+    raw = read_yaml_file(path, "mergekit config")
     if not isinstance(raw, dict):
         raise BadInputError(f"{path}: a mergekit config is a YAML mapping, not a {type(raw).__name__}", HINT)
     return parse(raw)
