@@ -66,7 +66,7 @@ def parse_weights(text: str) -> list[float]:
     """``"1.0,0.5"`` -> ``[1.0, 0.5]`` (ASCII digits only)."""
     weights = [ascii_float(w) for w in text.split(",")]
     if any(w is None for w in weights):
-        raise UsageError(f"--weights must be comma-separated numbers, got {text!r}", "e.g. --weights 1.0,0.5")
+        raise UsageError(f"`weights` must be comma-separated numbers, got {text!r}", "e.g. `weights` 1.0,0.5")
     return weights
 
 
@@ -86,43 +86,43 @@ class CombineOptions:
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
-            raise UsageError(f"--op must be one of {', '.join(OPS)}, got {self.op!r}", "add sums the diffs, subtract takes a − b, scale multiplies one")
+            raise UsageError(f"`op` must be one of {', '.join(OPS)}, got {self.op!r}", "add sums the diffs, subtract takes a − b, scale multiplies one")
         if isinstance(self.weights, str):
             self.weights = parse_weights(self.weights)
         if self.values is not None and self.values not in VALUES:
-            raise UsageError(f"--values must be one of {', '.join(VALUES)}, got {self.values!r}", VALUES_HINT)
+            raise UsageError(f"`values` must be one of {', '.join(VALUES)}, got {self.values!r}", VALUES_HINT)
         check_declared(self)
 
 
 def coefficients(op: str, n: int, by: float | None = None, weights: Sequence[float] | None = None) -> list[float]:
     """The cᵢ of Σ cᵢ·φᵢ for ``op`` on ``n`` inputs, after checking the options fit the operation."""
     if op not in OPS:
-        raise UsageError(f"--op must be one of {', '.join(OPS)}, got {op!r}", "add sums the diffs, subtract takes a − b, scale multiplies one")
+        raise UsageError(f"`op` must be one of {', '.join(OPS)}, got {op!r}", "add sums the diffs, subtract takes a − b, scale multiplies one")
     if op != "scale" and by is not None:
-        raise UsageError("--by only applies to --op scale", "use --weights with --op add")
+        raise UsageError("`by` only applies to `op` scale", "use `weights` with `op` add")
     if op != "add" and weights is not None:
-        raise UsageError("--weights only applies to --op add", "e.g. --op add --weights 1,-0.5 for a − 0.5·b")
+        raise UsageError("`weights` only applies to `op` add", "e.g. `op` add `weights` 1,-0.5 for a − 0.5·b")
     if op == "scale":
         if n != 1:
-            raise UsageError(f"--op scale takes one input, got {n}", "use --op add --weights for several")
+            raise UsageError(f"`op` scale takes one input, got {n}", "use `op` add `weights` for several")
         if by is None:
-            raise UsageError("--op scale needs --by", "e.g. --by -1 to negate")
+            raise UsageError("`op` scale needs `by`", "e.g. `by` -1 to negate")
         coeffs = [float(by)]
     elif op == "subtract":
         if n != 2:
-            raise UsageError(f"--op subtract takes two inputs (a − b), got {n}", "pass exactly two diffs, or use --op add --weights for more")
+            raise UsageError(f"`op` subtract takes two inputs (a − b), got {n}", "pass exactly two diffs, or use `op` add `weights` for more")
         coeffs = [1.0, -1.0]
     else:
         if n < 2:
-            raise UsageError(f"--op add takes two or more inputs, got {n}", "use --op scale for one")
+            raise UsageError(f"`op` add takes two or more inputs, got {n}", "use `op` scale for one")
         if weights is not None and len(weights) != n:
-            raise UsageError(f"--weights gives {len(weights)} weights for {n} inputs", "give one weight per input")
+            raise UsageError(f"`weights` gives {len(weights)} weights for {n} inputs", "give one weight per input")
         coeffs = [float(w) for w in weights] if weights is not None else [1.0] * n
     bad = [c for c in coeffs if not math.isfinite(c)]
     if bad:
         raise UsageError(
-            f"{'--by' if op == 'scale' else '--weights'} must be finite numbers, got {bad[0]}",
-            "e.g. --by -1" if op == "scale" else "e.g. --weights 1.0,0.5",
+            f"{'`by`' if op == 'scale' else '`weights`'} must be finite numbers, got {bad[0]}",
+            "e.g. `by` -1" if op == "scale" else "e.g. `weights` 1.0,0.5",
         )
     return coeffs
 
@@ -318,6 +318,6 @@ def _cast(acc: "torch.Tensor", vdt: str, name: str) -> "torch.Tensor":
     if not bool(finite.all()):
         raise BadInputError(
             f"tensor {name!r}: the combined φ overflows {vdt} at {out.numel() - int(finite.sum())} of {out.numel()} entries",
-            "pass --values fp32, or use smaller weights",
+            "pass `values` fp32, or use smaller weights",
         )
     return out

@@ -274,7 +274,7 @@ def test_bad_adapter_files_are_bad_input(tiny_llama, tmp_path):
     with pytest.raises(BadInputError, match="unexpected key model.layers.0.mlp.gate_proj.weight.*missing adapter.up.bias"):
         attach_adapter(load_base_model(tiny_llama), str(tmp_path / "bad"))
     _edit_config(run, style="serial")
-    with pytest.raises(BadInputError, match="adapter config: --style must be one of"):
+    with pytest.raises(BadInputError, match="adapter config: `style` must be one of"):
         attach_adapter(load_base_model(tiny_llama), run)
     with pytest.raises(BadInputError, match="no peftcli section"):
         BottleneckAdapter().config_from_adapter({"peft_type": "PEFTCLI"})

@@ -202,7 +202,7 @@ def test_feedforward_must_be_among_the_targets(tiny_llama):
 
     with open_checkpoint(tiny_llama) as ckpt:
         shapes = {t.name: t.shape for t in ckpt.tensors.values()}
-        with pytest.raises(UsageError, match="--feedforward up_proj matches none of the targets"):
+        with pytest.raises(UsageError, match="`feedforward` up_proj matches none of the targets"):
             get_method("ia3").budget(shapes, ckpt.config, IA3Config(feedforward="up_proj"))
 
 

@@ -160,7 +160,7 @@ def test_cli_mlp_on_bert_trains_the_ffn(tiny_bert, tmp_path):
 
 
 def test_layers_is_required():
-    with pytest.raises(UsageError, match="needs --layers"):
+    with pytest.raises(UsageError, match="needs `layers`"):
         LayersConfig()
 
 

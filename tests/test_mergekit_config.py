@@ -287,6 +287,30 @@ def test_what_peftcli_does_not_read_is_refused_naming_the_key(models, tmp_path, 
     assert not out.exists()
 
 
+@pytest.mark.timeout(60)
+def test_an_unreadable_config_is_refused_as_a_mergekit_config(tmp_path):
+    """The file is read as recipes are (regular, bounded, UTF-8, bounded YAML), and what is wrong
+    with it is said of the mergekit config the user passed, never of a recipe."""
+    cases = {
+        "directory": (tmp_path / "dir", "is a directory, not a mergekit config file"),
+        "fifo": (tmp_path / "fifo", "is not a regular file"),
+        "binary": (tmp_path / "bin.yml", "not a text (UTF-8) file"),
+        "yaml": (tmp_path / "bad.yml", "not valid YAML"),
+        "nested": (tmp_path / "deep.yml", "nested deeper than"),
+    }
+    (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "fifo")  # reading would wait for a writer forever
+    (tmp_path / "bin.yml").write_bytes(b"merge_method: linear\n\xff\xfe\n")
+    (tmp_path / "bad.yml").write_text("models: [unclosed\n")
+    (tmp_path / "deep.yml").write_text("models: " + "[" * 100 + "]" * 100 + "\n")
+    for name, (path, message) in cases.items():
+        result = _run(["--config", str(path), "-o", str(tmp_path / "out")])
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1 and message in lines[0], (name, result.output)
+        assert "recipe" not in lines[0] and "mergekit config" in lines[0], (name, lines[0])
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_hub_id_is_not_downloaded(models, tmp_path):
     base, a, _ = models
     config = _config(tmp_path, TIES.replace("model: {b}", "model: mistralai/Mistral-7B-v0.1"), base=base, a=a, b="")
@@ -331,7 +355,7 @@ def test_a_recipe_merge_step_takes_a_mergekit_config_as_the_command_does(models,
     recipe.write_text(f"steps:\n  merge: {{config: {config}, output: merged}}\n")
     execute(plan(str(recipe), workdir=str(tmp_path / "wd")))
     assert _bytes(str(tmp_path / "wd" / "merged")) == _bytes(str(tmp_path / "cli"))
-    for body, message in ((f"config: {config}, method: ties, output: m", "--method is not taken"),
+    for body, message in ((f"config: {config}, method: ties, output: m", "`method` is not taken"),
                           (f"config: {config}, base: {base}, output: m", "gives BASE and INPUTS"),
                           ("output: m", "missing key 'base'")):
         recipe.write_text(f"steps:\n  merge: {{{body}}}\n")

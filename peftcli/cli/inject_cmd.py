@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from peftcli.cli.flags import CommandRecorder
+from peftcli.cli.flags import CommandRecorder, command_flags
 from peftcli.cli.output import emit_json, json_option, stdout_console
 from peftcli.methods import METHODS
 from peftcli.cli.options import SEED, click_options
@@ -64,9 +64,16 @@ class _MethodGroup(CommandRecorder):
     def resolve_command(self, ctx: click.Context, args: list[str]):
         name = args[0] if args else ""
         if name and not name.startswith("-") and not ctx.resilient_parsing and self.get_command(ctx, name) is None:
+            from peftcli.errors import PeftcliError
             from peftcli.methods import get_method
 
-            get_method(name)  # raises: "unknown method 'lroa' (did you mean 'lora'?) (choose one of: ...)"
+            try:
+                get_method(name)  # raises: "unknown method 'lroa' (did you mean 'lora'?) (choose one of: ...)"
+            except PeftcliError as exc:
+                # A suggestion may name another method's option field ('lora `dora`'): no method
+                # was resolved, so render with the flags of them all (one flag per field name).
+                exc.flags = {k: v for c in self.commands.values() for k, v in command_flags(c).items()}  # type: ignore[attr-defined]
+                raise
         return super().resolve_command(ctx, args)
 
 

@@ -68,7 +68,7 @@ def _weights(weights: list[float] | None, n: int) -> list[float]:
     if weights is None:
         return [1.0] * n
     if len(weights) != n:
-        raise UsageError(f"--weights has {len(weights)} values for {n} inputs", "give one weight per input, e.g. --weights 1.0,0.8")
+        raise UsageError(f"`weights` has {len(weights)} values for {n} inputs", "give one weight per input, e.g. `weights` 1.0,0.8")
     return list(weights)
 
 
@@ -104,7 +104,7 @@ def merge(
     lam = _weights(opts.weights, len(inputs))
     m, cfg = prepare(opts.method, len(inputs), lam, {**opts.params, "density": opts.density})
     if opts.weights is not None and not m.takes_weights:
-        raise UsageError(f"{m.name} takes no --weights", "drop --weights")
+        raise UsageError(f"{m.name} takes no `weights`", "drop `weights`")
     with _one_thread(), open_checkpoint(base, allow_pickle=opts.allow_pickle) as ckpt:
         m.plan(cfg, list(ckpt.tensors))  # e.g. SLERP's t lists against the base's layers
         hasher = hasher or Hasher.for_inputs(inputs)

@@ -101,8 +101,8 @@ def plan_heads(base: Checkpoint, sources: list, mode: str = "each") -> HeadPlan 
         if task is not None and not task.head.same_task(s.head):
             raise BadInputError(
                 f"{s.path}: its head ({s.head.architecture}, labels {s.head.labels}) is not of the same task as "
-                f"{sources[task.members[0][0]].path}'s (labels {task.head.labels}): --heads average cannot average them",
-                "use --heads each for one model per input",
+                f"{sources[task.members[0][0]].path}'s (labels {task.head.labels}): `heads` average cannot average them",
+                "use `heads` each for one model per input",
             )
         if task is None:
             tasks.append(task := Task("", s.head))

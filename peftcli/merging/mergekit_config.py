@@ -65,11 +65,11 @@ def refuse(key: str, why: str, hint: str = HINT) -> UsageError:
 
 def load(path: str) -> tuple[str, list[str], dict[str, Any]]:
     """(base, inputs, MergeOptions values) of the mergekit configuration at ``path``."""
-    from peftcli.recipes.recipe import _read_recipe, _yaml  # the bounded YAML loader, shared
+    from peftcli.recipes.recipe import read_yaml_file  # the recipes' bounded reader and YAML loader, shared
 
     if not os.path.exists(path):
         raise BadInputError(f"{path}: no such mergekit config file", "give the path of a mergekit YAML configuration")
-    raw = _yaml(_read_recipe(path), path)
+    raw = read_yaml_file(path, "mergekit config")
     if not isinstance(raw, dict):
         raise BadInputError(f"{path}: a mergekit config is a YAML mapping, not a {type(raw).__name__}", HINT)
     return parse(raw)
@@ -349,10 +349,10 @@ def with_config(path: str, base, inputs, values: dict[str, Any], given: Iterable
     only KEPT_WITH_CONFIG. ``given``: the options the command line or recipe step set itself,
     refused when the configuration sets them (never silently overridden)."""
     if base or inputs:
-        raise UsageError("--config gives BASE and INPUTS", "give --config or BASE INPUT..., not both")
+        raise UsageError("`config` gives BASE and INPUTS", "give `config` or BASE INPUT..., not both")
     clash = next((k for k in given if k not in KEPT_WITH_CONFIG), None)
     if clash is not None:
-        flag = "--" + clash.replace("_", "-")
-        raise UsageError(f"--config sets the method and its parameters; {flag} is not taken with it", f"drop {flag}, or set it in the configuration")
+        flag = f"`{clash}`"
+        raise UsageError(f"`config` sets the method and its parameters; {flag} is not taken with it", f"drop {flag}, or set it in the configuration")
     base, found, mk = load(path)
     return base, tuple(found), {**{k: values.get(k) for k in KEPT_WITH_CONFIG}, **mk}

@@ -47,7 +47,7 @@ class MergeOptions:
             self.weights = [float(w) for w in self.weights]
             _check_weights(self.weights, ",".join(map(repr, self.weights)))
         if self.dtype is not None and self.dtype not in MERGE_DTYPES:
-            raise UsageError(f"unknown --dtype {self.dtype!r}", "choose F32, BF16, F16 or F64")
+            raise UsageError(f"unknown `dtype` {self.dtype!r}", "choose F32, BF16, F16 or F64")
         if self.heads not in HEAD_MODES:
             raise UsageError(f"unknown heads mode {self.heads!r}", "choose each or average")
         m = get_merge_method(self.method)
@@ -66,7 +66,7 @@ def parse_weights(text: str) -> list[float]:
     for part in text.split(","):
         number = ascii_float(part)
         if number is None:
-            raise UsageError(f"--weights: {part!r} is not a valid float (digits 0-9 only)", "give --weights numbers such as 1.0,0.8")
+            raise UsageError(f"`weights`: {part!r} is not a valid float (digits 0-9 only)", "give `weights` numbers such as 1.0,0.8")
         weights.append(number)
     _check_weights(weights, text)
     return weights
@@ -75,11 +75,11 @@ def parse_weights(text: str) -> list[float]:
 def _check_weights(weights: list[float], text: str) -> None:
     for w in weights:
         if not math.isfinite(w):
-            raise UsageError(f"--weights: {w!r} is not a finite number", "give --weights numbers such as 1.0,0.8")
+            raise UsageError(f"`weights`: {w!r} is not a finite number", "give `weights` numbers such as 1.0,0.8")
     total = sum(abs(w) for w in weights)
     if total > FLOAT32_MAX:
         raise UsageError(
-            f"--weights {text!r} sums to |λ| = {total:g}, beyond float32's 3.4e+38, where the merge computes",
+            f"`weights` {text!r} sums to |λ| = {total:g}, beyond float32's 3.4e+38, where the merge computes",
             "give smaller weights",
         )
 

@@ -114,7 +114,7 @@ class Context:
         np.copyto(acc.numpy(), base.numpy(), where=zero.numpy())
 
 
-def _base(ctx: Context, raw: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+def base_range(ctx: Context, raw: torch.Tensor, info: TensorInfo) -> torch.Tensor:
     """The base's range as the arithmetic takes it: fp32 (an exact upcast) or F64 as stored."""
     stored = raw.view(torch_dtype(info.dtype))
     if info.dtype in UPCAST:
@@ -133,14 +133,14 @@ def check_cast(name: str, stored: torch.Tensor, cast: torch.Tensor) -> None:
     """Refuse a ``--dtype`` cast that turns finite values into Inf (beyond F16's 65504)."""
     if not all_finite(cast) and all_finite(stored):
         out = str(cast.dtype).removeprefix("torch.")
-        raise BadInputError(f"{name!r} holds values beyond the range of {out}", "choose a wider --dtype, or none")
+        raise BadInputError(f"{name!r} holds values beyond the range of {out}", "choose a wider `dtype`, or none")
 
 
 def check_finite(name: str, result: torch.Tensor) -> None:
     if not all_finite(result):
         raise BadInputError(
             f"merging gives NaN or Inf in {name!r} ({str(result.dtype).removeprefix('torch.')})",
-            "check the inputs with peftcli check, or use smaller --weights",
+            "check the inputs with peftcli check, or use smaller `weights`",
         )
 
 
@@ -163,7 +163,8 @@ class Task:
         raise NotImplementedError
 
 
-def _read(info: TensorInfo, start: int, stop: int) -> Read:
+def tensor_read(info: TensorInfo, start: int, stop: int) -> Read:
+    """The read of elements [start, stop) of the tensor ``info`` describes."""
     size = itemsize(info.dtype)
     return info.file, info.begin + start * size, (stop - start) * size
 
@@ -174,10 +175,10 @@ def two_pass_requests(info: TensorInfo, reads) -> Iterator[Read]:
     stores the tensor (``reads``: its (file, offset, dtype) or None), once per pass."""
     for _ in range(2):
         for start, stop in chunks(info.numel, RANGE):
-            yield _read(info, start, stop)
+            yield tensor_read(info, start, stop)
             for read in reads:
                 if read is not None:
-                    yield _ranged(read, start, stop)
+                    yield read_at(read, start, stop)
 
 
 @dataclass
@@ -226,7 +227,7 @@ class Cast(Task):
 
     def requests(self) -> Iterator[Read]:
         for start, stop in chunks(self.info.numel, RANGE):
-            yield _read(self.info, start, stop)
+            yield tensor_read(self.info, start, stop)
 
     def run(self, ctx: Context) -> None:
         dtype, out = torch_dtype(self.info.dtype), torch_dtype(self.out_dtype)
@@ -253,22 +254,22 @@ class Linear(Task):
 
     def requests(self) -> Iterator[Read]:
         for start, stop in chunks(self.info.numel, RANGE):
-            yield _read(self.info, start, stop)
+            yield tensor_read(self.info, start, stop)
             for _, stream in self.streams:
                 if stream.read is not None:
-                    yield _ranged(stream.read, start, stop)
+                    yield read_at(stream.read, start, stop)
 
     def run(self, ctx: Context) -> None:
         out_dtype, work = torch_dtype(self.out_dtype), work_dtype(torch_dtype(self.info.dtype))
         for start, stop in chunks(self.info.numel, RANGE):
             n = stop - start
             bbuf, raw = ctx.reads.next()
-            base = _base(ctx, raw, self.info)
+            base = base_range(ctx, raw, self.info)
             buf, acc = ctx.take(n, work)
             acc.zero_()
             phi = ctx.scratch("phi", n, work)
             for lam, stream in self.streams:
-                _phi(ctx, stream, start, stop, base, phi)
+                stream_phi(ctx, stream, start, stop, base, phi)
                 acc.add_(phi, alpha=lam)
             ctx.plus_base(acc, base)
             ctx.reads.give(bbuf)
@@ -276,7 +277,8 @@ class Linear(Task):
         self.streams = []  # what a stream loaded (a diff's values) goes with it
 
 
-def _phi(ctx: Context, stream: Stream, start: int, stop: int, base: torch.Tensor, out: torch.Tensor) -> None:
+def stream_phi(ctx: Context, stream: Stream, start: int, stop: int, base: torch.Tensor, out: torch.Tensor) -> None:
+    """``out`` = the stream's φ over [start, stop), from the next read of ``ctx`` if it stores one."""
     if stream.read is None:
         stream.phi(start, stop, base, None, out)
         return
@@ -285,7 +287,8 @@ def _phi(ctx: Context, stream: Stream, start: int, stop: int, base: torch.Tensor
     ctx.reads.give(buf)
 
 
-def _ranged(where: tuple[str, int, str], start: int, stop: int) -> Read:
+def read_at(where: tuple[str, int, str], start: int, stop: int) -> Read:
+    """The read of elements [start, stop) of a tensor stored at ``where``: (file, offset, dtype)."""
     file, offset, dtype = where
     size = itemsize(dtype)
     return file, offset + start * size, (stop - start) * size
@@ -333,12 +336,12 @@ class Ties(Task):
 
     def requests(self) -> Iterator[Read]:
         for start, stop in chunks(self.info.numel, RANGE):  # pass 1: the φᵢ
-            yield _read(self.info, start, stop)
+            yield tensor_read(self.info, start, stop)
             for _, stream in self.streams:
                 if stream.read is not None:
-                    yield _ranged(stream.read, start, stop)
+                    yield read_at(stream.read, start, stop)
         for start, stop in chunks(self.info.numel, RANGE):  # pass 2: θ₀ again, to add
-            yield _read(self.info, start, stop)
+            yield tensor_read(self.info, start, stop)
 
     def run(self, ctx: Context) -> None:
         n = self.info.numel
@@ -346,9 +349,9 @@ class Ties(Task):
         phis = [ctx.scratch(f"ties{i}", n, work) for i in range(len(self.streams))]
         for start, stop in chunks(n, RANGE):
             bbuf, raw = ctx.reads.next()
-            base = _base(ctx, raw, self.info)
+            base = base_range(ctx, raw, self.info)
             for (_, stream), phi in zip(self.streams, phis):
-                _phi(ctx, stream, start, stop, base, phi[start:stop])
+                stream_phi(ctx, stream, start, stop, base, phi[start:stop])
             ctx.reads.give(bbuf)
         rules = [_trim_rule(phi, self.density, ctx) for phi in phis]
         # torch.where and torch's comparisons ran at ~60 M elements/s here (a random mask defeats
@@ -392,7 +395,7 @@ class Ties(Task):
             buf, result = ctx.take(m, work)
             np.divide(total, divisor, out=result.numpy())
             bbuf, raw = ctx.reads.next()
-            ctx.plus_base(result, _base(ctx, raw, self.info))
+            ctx.plus_base(result, base_range(ctx, raw, self.info))
             ctx.reads.give(bbuf)
             ctx.put(self.name, result, buf, out_dtype)
         self.streams = []
@@ -446,10 +449,10 @@ class Dare(Task):
 
     def requests(self) -> Iterator[Read]:
         for start, stop in chunks(self.info.numel, RANGE):
-            yield _read(self.info, start, stop)
+            yield tensor_read(self.info, start, stop)
             for _, _, stream in self.streams:
                 if stream.read is not None:
-                    yield _ranged(stream.read, start, stop)
+                    yield read_at(stream.read, start, stop)
 
     def run(self, ctx: Context) -> None:
         generators = [dare_generator(self.seed, self.key, i) for i, _, _ in self.streams]
@@ -458,14 +461,14 @@ class Dare(Task):
         for start, stop in chunks(self.info.numel, RANGE):
             m = stop - start
             bbuf, raw = ctx.reads.next()
-            base = _base(ctx, raw, self.info)
+            base = base_range(ctx, raw, self.info)
             u = ctx.scratch("u", m)
             dropped = ctx.scratch("drop", m, torch.bool)
             xs = []
             # Each step is the whole-tensor definition's own torch operation on the range.
             for j, ((_, _lam, stream), generator) in enumerate(zip(self.streams, generators)):
                 x = ctx.scratch(f"x{j}", m, work)
-                _phi(ctx, stream, start, stop, base, x)
+                stream_phi(ctx, stream, start, stop, base, x)
                 torch.rand(m, generator=generator, out=u)
                 torch.ge(u, d, out=dropped)  # survives where u < d
                 torch.div(x, d, out=x).masked_fill_(dropped, 0.0)  # where(survive, φ / d, 0)

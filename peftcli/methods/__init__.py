@@ -39,13 +39,14 @@ def foldable_hint() -> str:
     return f"only {listed} adapters fold into the weights"  # lora: DoRA and rsLoRA too
 
 
-# Names people reach for that are options of a method here, not methods of their own.
+# Names people reach for that are options of a method here, not methods of their own: the
+# suggestion names the option by field (the CLI renders it as the flag, ``lora --dora``).
 ALIASES = {
-    "dora": "lora --dora",
-    "rslora": "lora --rslora",
-    "houlsby": "adapter --style houlsby",
-    "pfeiffer": "adapter --style pfeiffer",
-    "parallel": "adapter --style parallel",
+    "dora": "lora `dora`",
+    "rslora": "lora `rslora`",
+    "houlsby": "adapter `style` houlsby",
+    "pfeiffer": "adapter `style` pfeiffer",
+    "parallel": "adapter `style` parallel",
     "prefix-tuning": "prefix",
     "prompt-tuning": "prompt",
     "ltsft": "lt-sft",
@@ -54,7 +55,7 @@ ALIASES = {
 
 
 def closest_method(name: str) -> str | None:
-    """The method (or ``method --option``) ``name`` most likely meant, or None."""
+    """The method (or a method and its option field, ``lora `dora```) ``name`` most likely meant, or None."""
     import difflib
 
     word = name.strip().lower().replace("_", "-")

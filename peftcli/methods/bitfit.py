@@ -39,7 +39,7 @@ class BitFitConfig:
     def __post_init__(self) -> None:
         groups = self.groups
         if groups is not None and (not groups or any(g not in GROUPS for g in groups)):
-            raise UsageError(f"invalid --biases {self.biases!r}", "use all or a comma list of " + ", ".join(GROUPS))
+            raise UsageError(f"invalid `biases` {self.biases!r}", "use all or a comma list of " + ", ".join(GROUPS))
         parse_layers(self.layers)
 
     @property
@@ -63,7 +63,7 @@ def _group_patterns(cfg: BitFitConfig, model_type: str | None) -> list[re.Patter
         return None
     family = BIAS_ROLES.get(model_type or "")
     if family is None:
-        raise UsageError(f"peftcli does not know the bias groups of model_type {model_type!r}", "use --biases all")
+        raise UsageError(f"peftcli does not know the bias groups of model_type {model_type!r}", "use `biases` all")
     return [re.compile(family[g]) for g in cfg.groups]
 
 
@@ -111,11 +111,11 @@ class BitFit(SectionConfig, MethodBase):
         if patterns is not None:
             for group, pattern in zip(cfg.groups, patterns):
                 if not any(pattern.search(_module(n)) for n in biases):
-                    raise UsageError(f"--biases {group} matches no bias in this model", "peftcli inspect MODEL --budget bitfit lists every bias")
+                    raise UsageError(f"`biases` {group} matches no bias in this model", "`peftcli inspect MODEL --budget bitfit` lists every bias")
             biases = [n for n in biases if any(p.search(_module(n)) for p in patterns)]
         chosen = inplace.in_layers(biases, shapes, cfg.layers)
         if not chosen:
-            raise UsageError(f"--biases {cfg.biases} has no bias in --layers {cfg.layers}", "choose other layers or groups")
+            raise UsageError(f"`biases` {cfg.biases} has no bias in `layers` {cfg.layers}", "choose other layers or groups")
         return chosen
 
     def budget(self, shapes: dict[str, tuple[int, ...]], model_config: dict | None, cfg: BitFitConfig) -> list[BudgetRow]:
@@ -137,4 +137,4 @@ class BitFit(SectionConfig, MethodBase):
             selected = _selector(cfg, (model_config or {}).get("model_type"))
         except UsageError as exc:
             raise BadInputError(f"adapter config: {exc.message}", exc.hint) from None
-        return inplace.attach_in_place(model, tensors, selected, f"--biases {cfg.biases} --layers {cfg.layers or 'all'}")
+        return inplace.attach_in_place(model, tensors, selected, f"`biases` {cfg.biases}, `layers` {cfg.layers or 'all'}")

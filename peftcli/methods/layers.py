@@ -45,10 +45,10 @@ class LayersConfig:
 
     def __post_init__(self) -> None:
         if self.layers is None or self.layers.strip() == "":
-            raise UsageError("the layers method needs --layers", "e.g. --layers 28-29 to train the last two of 30 layers")
+            raise UsageError("the layers method needs `layers`", "e.g. `layers` 28-29 to train the last two of 30 layers")
         parse_layers(self.layers)
         if self.modules is not None and not self.module_names:
-            raise UsageError(f"invalid --modules {self.modules!r}", "give comma-separated names such as mlp,attention")
+            raise UsageError(f"invalid `modules` {self.modules!r}", "give comma-separated names such as mlp,attention")
 
     @property
     def module_names(self) -> list[str] | None:
@@ -162,7 +162,7 @@ class Layers(SectionConfig, MethodBase):
             missing = [p for p in parts if p not in found]
             if missing:
                 raise UsageError(
-                    f"--modules {', '.join(missing)} matches no tensor of --layers {cfg.layers}", _hint(chosen, model_type)
+                    f"`modules` {', '.join(missing)} matches no tensor of `layers` {cfg.layers}", _hint(chosen, model_type)
                 )
             chosen = [n for n in chosen if hits[n]]
         return chosen
@@ -185,6 +185,6 @@ class Layers(SectionConfig, MethodBase):
 
     # -- module level ---------------------------------------------------------------------
     def attach(self, model, cfg: LayersConfig, tensors: dict, model_config: dict) -> Attached:
-        selection = f"--layers {cfg.layers} --modules {cfg.modules or 'all'}"
+        selection = f"`layers` {cfg.layers}, `modules` {cfg.modules or 'all'}"
         names = [n for n, _ in model.named_parameters()]
         return inplace.attach_in_place(model, tensors, _selector(cfg, model_type_of(model_config), names), selection)

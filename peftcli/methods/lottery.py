@@ -45,13 +45,13 @@ class LotteryConfig:
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
-            raise UsageError(f"--rounds must be at least 1, got {self.rounds}", "e.g. --rounds 5")
+            raise UsageError(f"`rounds` must be at least 1, got {self.rounds}", "e.g. `rounds` 5")
         if not 0 < self.prune_rate < 1:
-            raise UsageError(f"--prune-rate must be in (0, 1), got {self.prune_rate}", "it is the fraction pruned per round: --prune-rate 0.2 prunes 20%")
+            raise UsageError(f"`prune_rate` must be in (0, 1), got {self.prune_rate}", "it is the fraction pruned per round: `prune_rate` 0.2 prunes 20%")
         if self.rewind_step < 0:
-            raise UsageError(f"--rewind-step must be non-negative, got {self.rewind_step}", "use 0 to rewind to the start, or a step of round 0")
+            raise UsageError(f"`rewind_step` must be non-negative, got {self.rewind_step}", "use 0 to rewind to the start, or a step of round 0")
         if self.select not in LOTTERY_SELECTIONS:
-            raise UsageError(f"unknown --select {self.select!r}", "choose magnitude or random")
+            raise UsageError(f"unknown `select` {self.select!r}", "choose magnitude or random")
 
     @property
     def final_density(self) -> float:

@@ -131,7 +131,14 @@ def _expanded_size(root) -> int:
     return size(root)
 
 
-def _yaml(text: str, where: str) -> Any:
+def read_yaml_file(path: str, what: str = "recipe") -> Any:
+    """The YAML document in the file at ``path``, read as recipes are: a regular file of at most
+    ``MAX_RECIPE_BYTES``, UTF-8, parsed by the bounded loader; errors call the file a ``what``
+    (``"mergekit config"`` for ``peftcli merge --config``)."""
+    return _yaml(_read_text(path, what), path, what)
+
+
+def _yaml(text: str, where: str, what: str) -> Any:
     import yaml
 
     try:
@@ -140,18 +147,18 @@ def _yaml(text: str, where: str) -> Any:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise BadInputError(f"{where}: not valid YAML: {problem}{at}", "fix the recipe file") from None
+        raise BadInputError(f"{where}: not valid YAML: {problem}{at}", f"fix the {what} file") from None
 
 
 def load(path: str) -> dict:
     """The recipe file's YAML mapping (one-line errors for unreadable or malformed files)."""
-    raw = _yaml(_read_recipe(path), path)
+    raw = read_yaml_file(path)
     if not isinstance(raw, dict):
         raise BadInputError(f"{path}: a recipe is a YAML mapping with steps:, not a {type(raw).__name__}", "see recipes/README.md")
     return raw
 
 
-def _read_recipe(path: str) -> str:
+def _read_text(path: str, what: str) -> str:
     """The text of the regular file ``path``; a FIFO, device or directory is refused unread."""
     import stat
 
@@ -160,25 +167,27 @@ def _read_recipe(path: str) -> str:
         # and the fstat checks what was opened, not what was there a moment before.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise BadInputError(f"{path}: no such recipe file", "see recipes/ for the shipped recipes") from None
+        hint = "see recipes/ for the shipped recipes" if what == "recipe" else f"give the path of a {what} file"
+        raise BadInputError(f"{path}: no such {what} file", hint) from None
     except OSError as exc:
-        raise BadInputError(f"{path}: cannot read the recipe: {exc.strerror or exc}", "check the recipe's path and permissions") from None
-    with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(fd).st_mode
+        raise BadInputError(f"{path}: cannot read the {what}: {exc.strerror or exc}", f"check the {what}'s path and permissions") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)  # checked before os.fdopen, which itself refuses a directory with IsADirectoryError
         if stat.S_ISDIR(mode):
-            raise BadInputError(f"{path} is a directory, not a recipe file", "pass a .yaml file")
-        if not stat.S_ISREG(mode):
-            raise BadInputError(f"{path} is not a regular file (a pipe or a device)", "pass a .yaml recipe file")
+            raise BadInputError(f"{path} is a directory, not a {what} file", "pass a .yaml file")
+        raise BadInputError(f"{path} is not a regular file (a pipe or a device)", f"pass a .yaml {what} file")
+    with os.fdopen(fd, "rb") as f:
         try:
             data = f.read(MAX_RECIPE_BYTES + 1)
         except OSError as exc:
-            raise BadInputError(f"{path}: cannot read the recipe: {exc.strerror or exc}", "check the recipe's path and permissions") from None
+            raise BadInputError(f"{path}: cannot read the {what}: {exc.strerror or exc}", f"check the {what}'s path and permissions") from None
     if len(data) > MAX_RECIPE_BYTES:
-        raise BadInputError(f"{path}: larger than {MAX_RECIPE_BYTES // 2**20} MiB, not a recipe", "pass a YAML recipe file")
+        raise BadInputError(f"{path}: larger than {MAX_RECIPE_BYTES // 2**20} MiB, not a {what}", f"pass a YAML {what} file")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise BadInputError(f"{path}: not a text (UTF-8) file", "pass a YAML recipe") from None
+        raise BadInputError(f"{path}: not a text (UTF-8) file", f"pass a YAML {what}") from None
 
 
 # -- overrides ----------------------------------------------------------------------------------

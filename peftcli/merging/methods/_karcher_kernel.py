@@ -22,7 +22,7 @@ from peftcli.errors import BadInputError
 from peftcli.merging import ranged
 from peftcli.merging.methods.karcher import KarcherOptions
 from peftcli.merging.pipeline import chunks
-from peftcli.merging.ranged import Context, Task, _base, _phi
+from peftcli.merging.ranged import Context, Task, base_range, stream_phi
 
 OPPOSITE = 1e-6  # sin of an angle within ~1e-6 of π: the step is undefined
 
@@ -67,7 +67,7 @@ def karcher_weights(gram: np.ndarray, max_iter: int, tol: float, name: str) -> n
             if math.sin(angle) < OPPOSITE:  # the geodesic to an antipode is not unique; its step unbounded
                 raise BadInputError(
                     f"karcher: two models' tensors {name!r} point in opposite directions, where the mean's step is undefined",
-                    "merge models whose tensors are not opposite, or use --method linear",
+                    "merge models whose tensors are not opposite, or use `method` linear",
                 )
             step += a[i] * (angle / math.sin(angle)) * (np.eye(len(valid))[i] - dot * c)
         size = _norm(step, unit)
@@ -136,12 +136,12 @@ class KarcherTask(Task):
         for start, stop in chunks(self.info.numel, ranged.RANGE):
             n = stop - start
             bbuf, raw = ctx.reads.next()
-            base = _base(ctx, raw, self.info)
+            base = base_range(ctx, raw, self.info)
             if base.dtype != work:  # an F64 base is already fp64; others are upcast
                 base = base.to(work)
             xs = [ctx.scratch(f"x{j}", n, work) for j in range(len(streams))]
             for (_, stream), x in zip(streams, xs):
-                _phi(ctx, stream, start, stop, base, x)
+                stream_phi(ctx, stream, start, stop, base, x)
             each(start, stop, _points(base, order, self.k, xs))
             ctx.reads.give(bbuf)
 

@@ -19,7 +19,7 @@ from peftcli.checkpoint.dtypes import torch_dtype, work_dtype
 from peftcli.checkpoint.reader import TensorInfo
 from peftcli.merging.methods.slerp import DOT_THRESHOLD, EPS
 from peftcli.merging.pipeline import chunks
-from peftcli.merging.ranged import RANGE, Context, Task, _base, _phi, two_pass_requests
+from peftcli.merging.ranged import RANGE, Context, Task, base_range, stream_phi, two_pass_requests
 
 
 def coefficients(aa: float, bb: float, ab: float, t: float) -> tuple[float, float]:
@@ -83,12 +83,12 @@ class SlerpTask(Task):
         for start, stop in chunks(self.info.numel, RANGE):
             n = stop - start
             bbuf, raw = ctx.reads.next()
-            base = _base(ctx, raw, self.info)
+            base = base_range(ctx, raw, self.info)
             ab = [ctx.scratch(f"x{j}", n, work) for j in range(2)]
             ab[0].zero_()
             ab[1].zero_()
             for i, stream in streams:
-                _phi(ctx, stream, start, stop, base, ab[i])
+                stream_phi(ctx, stream, start, stop, base, ab[i])
             a, b = ab[0].add_(base), ab[1].add_(base)  # θ₀ + φ, as slerp_whole adds them
             ctx.reads.give(bbuf)
             each(start, stop, a, b)

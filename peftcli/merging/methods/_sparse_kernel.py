@@ -31,7 +31,7 @@ from peftcli.errors import BadInputError
 from peftcli.merging.pipeline import chunks
 from peftcli.merging import ranged
 from peftcli.merging.methods.breadcrumbs import crumb_counts
-from peftcli.merging.ranged import Context, Task, _base, _phi, _ranged, _read
+from peftcli.merging.ranged import Context, Task, base_range, read_at, stream_phi, tensor_read
 
 # sparsify(flat φ as a numpy array, written in place; the tensor's shape; the input's position i)
 Sparsify = Callable[[np.ndarray, tuple, int], None]
@@ -154,10 +154,10 @@ class RowTask(Task):
 
     def requests(self) -> Iterator:
         for start, stop in self._blocks()[0]:
-            yield _read(self.info, start, stop)
+            yield tensor_read(self.info, start, stop)
             for _, _, stream in self.streams:
                 if stream.read is not None:
-                    yield _ranged(stream.read, start, stop)
+                    yield read_at(stream.read, start, stop)
 
     def run(self, ctx: Context) -> None:
         work, out_dtype = work_dtype(torch_dtype(self.info.dtype)), torch_dtype(self.out_dtype)
@@ -166,10 +166,10 @@ class RowTask(Task):
         for start, stop in blocks:
             m = stop - start
             bbuf, raw = ctx.reads.next()
-            base = _base(ctx, raw, self.info)
+            base = base_range(ctx, raw, self.info)
             xs = [ctx.scratch(f"x{j}", m, work) for j in range(len(self.streams))]
             for (_, _, stream), x, generator in zip(self.streams, xs, self.generators):
-                _phi(ctx, stream, start, stop, base, x)
+                stream_phi(ctx, stream, start, stop, base, x)
                 if self.density < 1:
                     magprune(x.numpy(), width, inner, generator, self.density, self.epsilon)
             _put_merged(ctx, self.name, self.mix(xs, weights), base, bbuf, work, out_dtype)
@@ -200,12 +200,12 @@ class SparseTask(Task):
 
     def requests(self) -> Iterator:
         for start, stop in chunks(self.info.numel, ranged.RANGE):  # pass 1: θ₀ and the φᵢ
-            yield _read(self.info, start, stop)
+            yield tensor_read(self.info, start, stop)
             for _, _, stream in self.streams:
                 if stream.read is not None:
-                    yield _ranged(stream.read, start, stop)
+                    yield read_at(stream.read, start, stop)
         for start, stop in chunks(self.info.numel, ranged.RANGE):  # pass 2: θ₀ again, to add
-            yield _read(self.info, start, stop)
+            yield tensor_read(self.info, start, stop)
 
     def run(self, ctx: Context) -> None:
         n = self.info.numel
@@ -213,9 +213,9 @@ class SparseTask(Task):
         phis = [ctx.scratch(f"ties{j}", n, work) for j in range(len(self.streams))]
         for start, stop in chunks(n, ranged.RANGE):
             bbuf, raw = ctx.reads.next()
-            base = _base(ctx, raw, self.info)
+            base = base_range(ctx, raw, self.info)
             for (_, _, stream), phi in zip(self.streams, phis):
-                _phi(ctx, stream, start, stop, base, phi[start:stop])
+                stream_phi(ctx, stream, start, stop, base, phi[start:stop])
             ctx.reads.give(bbuf)
         for (i, _, _), phi in zip(self.streams, phis):
             self.sparsify(phi.numpy(), tuple(self.info.shape), i)
@@ -226,7 +226,7 @@ class SparseTask(Task):
             result.copy_(merged)
             del merged
             bbuf, raw = ctx.reads.next()
-            ctx.plus_base(result, _base(ctx, raw, self.info))
+            ctx.plus_base(result, base_range(ctx, raw, self.info))
             ctx.reads.give(bbuf)
             ctx.put(self.name, result, buf, out_dtype)
         self.streams = []
@@ -261,21 +261,21 @@ class CrumbsTask(Task):
     def requests(self) -> Iterator:
         for read in self.reads if self.density < 1 else []:  # a cut pass per input
             for start, stop in self._ranges():
-                yield _read(self.info, start, stop)
+                yield tensor_read(self.info, start, stop)
                 if read is not None:
-                    yield _ranged(read, start, stop)
+                    yield read_at(read, start, stop)
         for start, stop in self._ranges():
-            yield _read(self.info, start, stop)
+            yield tensor_read(self.info, start, stop)
             for read in self.reads:
                 if read is not None:
-                    yield _ranged(read, start, stop)
+                    yield read_at(read, start, stop)
 
     def _cuts(self, ctx: Context, work: torch.dtype, opener) -> tuple[int, int, dict]:
         mag = ctx.scratch("mag", self.info.numel, work)
         stream = opener()
         for start, stop in self._ranges():
             bbuf, raw = ctx.reads.next()
-            _phi(ctx, stream, start, stop, _base(ctx, raw, self.info), mag[start:stop])
+            stream_phi(ctx, stream, start, stop, base_range(ctx, raw, self.info), mag[start:stop])
             ctx.reads.give(bbuf)
         part = mag.numpy()
         np.abs(part, out=part)
@@ -289,10 +289,10 @@ class CrumbsTask(Task):
         for start, stop in self._ranges():
             m = stop - start
             bbuf, raw = ctx.reads.next()
-            base = _base(ctx, raw, self.info)
+            base = base_range(ctx, raw, self.info)
             xs = [ctx.scratch(f"x{j}", m, work) for j in range(len(streams))]
             for j, (stream, x) in enumerate(zip(streams, xs)):
-                _phi(ctx, stream, start, stop, base, x)
+                stream_phi(ctx, stream, start, stop, base, x)
                 if rules:
                     _keep_range(x.numpy(), *rules[j])
             _put_merged(ctx, self.name, self.mix(xs, weights), base, bbuf, work, out_dtype)

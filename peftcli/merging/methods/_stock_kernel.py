@@ -19,7 +19,7 @@ from peftcli.checkpoint.reader import TensorInfo
 from peftcli.errors import BadInputError
 from peftcli.merging import ranged
 from peftcli.merging.pipeline import chunks
-from peftcli.merging.ranged import Context, Task, _base, _phi
+from peftcli.merging.ranged import Context, Task, base_range, stream_phi
 
 NORM_FLOOR = 1e-6  # mergekit's clamp of ‖φᵢ‖·‖φⱼ‖
 
@@ -45,7 +45,7 @@ def coefficient(gram: dict, k: int, name: str) -> float:
     if denominator == 0:
         raise BadInputError(
             f"model-stock: the task vectors of {name!r} have mean cosine {cos:.6g}, where t = k·cos/(1 + (k − 1)·cos) is undefined",
-            "merge task vectors that do not point in opposite directions, or use --method linear",
+            "merge task vectors that do not point in opposite directions, or use `method` linear",
         )
     return k * cos / denominator / k
 
@@ -89,10 +89,10 @@ class StockTask(Task):
         for start, stop in chunks(self.info.numel, ranged.RANGE):
             n = stop - start
             bbuf, raw = ctx.reads.next()
-            base = _base(ctx, raw, self.info)
+            base = base_range(ctx, raw, self.info)
             xs = [ctx.scratch(f"x{j}", n, work) for j in range(len(streams))]
             for stream, x in zip(streams, xs):
-                _phi(ctx, stream, start, stop, base, x)
+                stream_phi(ctx, stream, start, stop, base, x)
             each(start, stop, base, xs)
             ctx.reads.give(bbuf)
 

@@ -62,7 +62,7 @@ class MergeMethod:
         least, most = self.inputs
         if n < least or most is not None and n > most:
             exact = f"exactly {least}" if least == most else f"at least {least}"
-            return UsageError(f"{self.name} merges {exact} models, got {n}", f"give {exact} inputs, or use --method linear")
+            return UsageError(f"{self.name} merges {exact} models, got {n}", f"give {exact} inputs, or use `method` linear")
         return None
 
     def validate(self, cfg, weights: list[float], n: int) -> None:

@@ -56,7 +56,7 @@ class Della(MergeMethod):
         if e < 0 or d < 1 and not (d - e > 0 and d + e < 1):
             raise UsageError(
                 f"epsilon {cfg.epsilon} with density {cfg.density} puts keep probabilities outside (0, 1)",
-                f"give --epsilon from 0 to below {min(d, 1 - d)}: probabilities range over density ± epsilon",
+                f"give `epsilon` from 0 to below {min(d, 1 - d)}: probabilities range over density ± epsilon",
             )
 
     def _sparsify(self, cfg, seed, key):

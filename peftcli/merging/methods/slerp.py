@@ -43,13 +43,13 @@ class SlerpOptions:
 
     def __post_init__(self) -> None:
         if self.t is None:
-            raise UsageError("slerp needs --t", "give --t 0.5, or a list across layers such as --t 0,0.5,1")
+            raise UsageError("slerp needs `t`", "give `t` 0.5, or a list across layers such as `t` 0,0.5,1")
         self.schedules = {k: _schedule(k, getattr(self, k)) for k in ("t", "t_attention", "t_mlp") if getattr(self, k) is not None}
 
 
 def _schedule(key: str, value) -> tuple[float, ...]:
-    """A t value or list, each in [0, 1]; the error names the key (--t, --t-attention, --t-mlp)."""
-    flag = "--" + key.replace("_", "-")
+    """A t value or list, each in [0, 1]; the error names the key (`t`, `t_attention`, `t_mlp`)."""
+    flag = f"`{key}`"
     parts = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value).split(",")
     try:
         values = tuple(float(p) if isinstance(p, (int, float)) else float(p.strip()) for p in parts)
@@ -76,7 +76,7 @@ class Slerp(MergeMethod):
         cfg.layers = max(indices) + 1 if indices else 0
         for key, values in cfg.schedules.items():
             if len(values) > 1 and len(values) > cfg.layers:
-                flag = "--" + key.replace("_", "-")
+                flag = f"`{key}`"
                 raise UsageError(
                     f"{flag} has {len(values)} values but the base has {cfg.layers} layers",
                     f"give {flag} one value, or 2 to {cfg.layers} values interpolated across the layers" if cfg.layers > 1 else f"give {flag} one value",

@@ -65,19 +65,19 @@ class BottleneckAdapterConfig:
 
     def __post_init__(self) -> None:
         if self.style not in STYLES:
-            raise UsageError(f"--style must be one of {', '.join(STYLES)}, got {self.style!r}", "e.g. --style pfeiffer")
+            raise UsageError(f"`style` must be one of {', '.join(STYLES)}, got {self.style!r}", "e.g. `style` pfeiffer")
         if self.activation not in ACTIVATION_NAMES:
             raise UsageError(
-                f"--activation must be one of {', '.join(ACTIVATION_NAMES)}, got {self.activation!r}", "e.g. --activation relu"
+                f"`activation` must be one of {', '.join(ACTIVATION_NAMES)}, got {self.activation!r}", "e.g. `activation` relu"
             )
         if self.reduction_factor <= 0:
-            raise UsageError(f"--reduction-factor must be positive, got {self.reduction_factor}", "e.g. --reduction-factor 16")
+            raise UsageError(f"`reduction_factor` must be positive, got {self.reduction_factor}", "e.g. `reduction_factor` 16")
         if self.bottleneck is not None and self.bottleneck <= 0:
-            raise UsageError(f"--bottleneck must be positive, got {self.bottleneck}", "e.g. --bottleneck 64")
+            raise UsageError(f"`bottleneck` must be positive, got {self.bottleneck}", "e.g. `bottleneck` 64")
         if self.scaling is None:
             self.scaling = 4.0 if self.style == "parallel" else 1.0
         elif not (math.isfinite(self.scaling) and self.scaling > 0):
-            raise UsageError(f"--scaling must be a positive number, got {self.scaling}", "e.g. --scaling 1")
+            raise UsageError(f"`scaling` must be a positive number, got {self.scaling}", "e.g. `scaling` 1")
 
     def bottleneck_for(self, hidden: int) -> int:
         return self.bottleneck if self.bottleneck is not None else max(1, hidden // self.reduction_factor)
@@ -119,8 +119,8 @@ def plan(shapes: dict[str, tuple[int, ...]], config: dict | None, cfg: Bottlenec
         raise _unsupported(model_type)
     if cfg.style == "parallel" and family.ffn is None:
         raise UsageError(
-            f"--style parallel needs the FFN as one module, but this architecture's FFN ({family.ffn_out}) is inline in its block",
-            "use --style pfeiffer or houlsby",
+            f"`style` parallel needs the FFN as one module, but this architecture's FFN ({family.ffn_out}) is inline in its block",
+            "use `style` pfeiffer or houlsby",
         )
     order = _anchors(family, cfg.style)
     found = []
@@ -136,8 +136,8 @@ def plan(shapes: dict[str, tuple[int, ...]], config: dict | None, cfg: Bottlenec
     bottleneck = cfg.bottleneck_for(hidden)
     if bottleneck > hidden:
         raise UsageError(
-            f"--bottleneck {bottleneck} is larger than the hidden size {hidden}",
-            f"use --bottleneck {max(1, hidden // 16)} or another value up to {hidden}: "
+            f"`bottleneck` {bottleneck} is larger than the hidden size {hidden}",
+            f"use `bottleneck` {max(1, hidden // 16)} or another value up to {hidden}: "
             "an adapter wider than the hidden state is no bottleneck",
         )
     return Plan(placements, hidden, bottleneck)
@@ -256,7 +256,7 @@ class BottleneckAdapter(MethodBase):
         if cfg.style == "parallel":
             family = find_family(model_type_of(model_config), block_paths(n for n, _ in model.named_modules()))
             if family is None or family.ffn is None:
-                problems.append("cannot tell this architecture's FFN module, which --style parallel wraps")
+                problems.append("cannot tell this architecture's FFN module, which `style` parallel wraps")
                 by_module = {}
         phi = {}
         for path, parts in by_module.items():

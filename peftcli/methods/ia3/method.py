@@ -76,7 +76,7 @@ class IA3Config:
 
     def __post_init__(self) -> None:
         if self.feedforward and is_regex(self.feedforward):
-            compile_pattern(self.feedforward, "--feedforward", "e.g. --feedforward '.*\\.down_proj'")
+            compile_pattern(self.feedforward, "`feedforward`", "e.g. `feedforward` '.*\\.down_proj'")
 
 
 def family_defaults(model_type: str | None, paths) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
@@ -99,13 +99,13 @@ def _feedforward_rule(cfg: IA3Config, model_type: str | None, paths, hint: str =
         if found is None:
             raise UsageError(
                 f"peftcli does not know which IA³ targets are feedforward for model_type {model_type!r}",
-                "pass --feedforward NAMES (or --feedforward '' for none)" + (f"; {hint}" if hint else ""),
+                "pass `feedforward` NAMES (or `feedforward` '' for none)" + (f"; {hint}" if hint else ""),
             )
         spec = _peft_suffix_regex(found[1])
     if spec.strip() == "":
         return lambda path: False
     if is_regex(spec):
-        pattern = compile_pattern(spec, "--feedforward")
+        pattern = compile_pattern(spec, "`feedforward`")
         return lambda path: pattern.fullmatch(path)
     names = _names(spec)
     return lambda path: any(names_module(path, n) for n in names)
@@ -117,16 +117,16 @@ def _check_feedforward_spec(cfg: IA3Config, modules: list[LinearModule]) -> None
     if spec is None or spec.strip() == "":
         return
     if is_regex(spec):
-        pattern = compile_pattern(spec, "--feedforward")
+        pattern = compile_pattern(spec, "`feedforward`")
         missing = [] if any(pattern.fullmatch(m.name) for m in modules) else [spec]
     else:
         missing = [n for n in _names(spec) if not any(names_module(m.name, n) for m in modules)]
     if missing:
-        # A value read from adapter_config.json is named as the file names it, not as a flag.
-        name = getattr(spec, "origin", "") or "--feedforward"
+        # A value read from adapter_config.json is named as the file names it, not as a field.
+        name = getattr(spec, "origin", "") or "`feedforward`"
         raise UsageError(
             f"{name} {', '.join(missing)} matches none of the targets",
-            "feedforward modules must be among --targets; targets here: " + names_hint(m.name for m in modules),
+            "feedforward modules must be among `targets`; targets here: " + names_hint(m.name for m in modules),
         )
 
 
@@ -154,7 +154,7 @@ class IA3(MethodBase):
             if found is None and linear:
                 raise UsageError(
                     f"peftcli has no default IA³ targets for model_type {model_type!r} and recognises none of its modules",
-                    "pass --targets and --feedforward; " + linear_names_hint(linear),
+                    "pass `targets` and `feedforward`; " + linear_names_hint(linear),
                 )
             targets = ",".join(found[0]) if found else None  # None: resolve_targets says there is no linear weight
         modules = resolve_targets(shapes, model_config, targets, cfg.layers)

@@ -64,17 +64,17 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
-            raise UsageError(f"--rank must be positive, got {self.rank}", "e.g. --rank 8")
+            raise UsageError(f"`rank` must be positive, got {self.rank}", "e.g. `rank` 8")
         if self.alpha is None:
             self.alpha = 2.0 * self.rank
         elif not math.isfinite(self.alpha) or self.alpha <= 0:
             raise UsageError(
-                f"--alpha must be a positive number, got {self.alpha}", "e.g. --alpha 16, or leave it out for 2×rank"
+                f"`alpha` must be a positive number, got {self.alpha}", "e.g. `alpha` 16, or leave it out for 2×rank"
             )
         if not 0.0 <= self.dropout < 1.0:
-            raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}", "e.g. --dropout 0.05")
+            raise UsageError(f"`dropout` must be in [0, 1), got {self.dropout}", "e.g. `dropout` 0.05")
         if self.init not in INITS:
-            raise UsageError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}", "e.g. --init kaiming")
+            raise UsageError(f"`init` must be one of {', '.join(INITS)}, got {self.init!r}", "e.g. `init` kaiming")
 
     @property
     def scaling(self) -> float:
@@ -127,8 +127,8 @@ class LoRA(MethodBase):
         limit = min(smallest.shape)
         if cfg.rank > limit:
             raise UsageError(
-                f"--rank {cfg.rank} is larger than min(out, in) = {limit} of {smallest.name}",
-                f"use --rank {limit} or less: a larger rank adds parameters without adding expressiveness",
+                f"`rank` {cfg.rank} is larger than min(out, in) = {limit} of {smallest.name}",
+                f"use `rank` {limit} or less: a larger rank adds parameters without adding expressiveness",
             )
         return modules
 
@@ -424,7 +424,7 @@ def _refuse_embedding_targets(shapes: dict, model_config: dict | None, cfg: Lora
         hit = next((e for e in embeddings if names_module(e, t)), None)
         if hit is not None and not cfg.peft_embeddings:
             raise BadInputError(
-                f"--targets names the embedding layer {hit}: peftcli inject puts LoRA on linear modules only",
+                f"`targets` names the embedding layer {hit}: peftcli inject puts LoRA on linear modules only",
                 "target linear modules (peftcli inspect MODEL lists them); PEFT adapters with LoRA on embeddings are merged",
             )
         if t.rsplit(".", 1)[-1] == "lm_head" and (model_config or {}).get("tie_word_embeddings", True) and embeddings:

@@ -76,11 +76,11 @@ def read_only(default: Any) -> Any:
 def check_common(cfg: Any) -> None:
     """``__post_init__`` of both configs: rank, alpha (default: the rank) and dropouts."""
     if not isinstance(cfg.rank, int) or cfg.rank <= 0:
-        raise UsageError(f"--rank must be a positive integer, got {cfg.rank}", "e.g. --rank 8")
+        raise UsageError(f"`rank` must be a positive integer, got {cfg.rank}", "e.g. `rank` 8")
     if cfg.alpha is None:
         cfg.alpha = float(cfg.rank)
     elif not math.isfinite(cfg.alpha) or cfg.alpha <= 0:
-        raise UsageError(f"--alpha must be a positive number, got {cfg.alpha}", "e.g. --alpha 8, or leave it out for the rank")
+        raise UsageError(f"`alpha` must be a positive number, got {cfg.alpha}", "e.g. `alpha` 8, or leave it out for the rank")
     for name in ("rank_dropout", "module_dropout"):
         if not 0.0 <= getattr(cfg, name) < 1.0:
             raise UsageError(f"{name} must be in [0, 1), got {getattr(cfg, name)}", "e.g. 0.0")

@@ -48,7 +48,7 @@ class LokrConfig:
     def __post_init__(self) -> None:
         check_common(self)
         if self.decompose_factor == 0 or self.decompose_factor < -1:
-            raise UsageError(f"--decompose-factor must be -1 or positive, got {self.decompose_factor}", "e.g. --decompose-factor 4")
+            raise UsageError(f"`decompose_factor` must be -1 or positive, got {self.decompose_factor}", "e.g. `decompose_factor` 4")
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:

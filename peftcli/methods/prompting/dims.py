@@ -99,7 +99,7 @@ def check_virtual_tokens(n: int, config: dict | None) -> None:
     limit = config.get("n_positions") or config.get("max_position_embeddings")
     if limit is not None and n >= int(limit):
         raise UsageError(
-            f"--virtual-tokens {n} leaves no position for the input: the model has {limit} positions",
+            f"`virtual_tokens` {n} leaves no position for the input: the model has {limit} positions",
             "use fewer virtual tokens",
         )
 
@@ -117,7 +117,7 @@ def input_embedding(shapes: dict[str, tuple[int, ...]], config: dict | None) -> 
     if not candidates:
         raise BadInputError(
             "cannot find the input embedding (a [vocab, hidden] embedding weight) in this checkpoint",
-            "peftcli inspect MODEL --tensors lists its tensors; is vocab_size in config.json right?",
+            "`peftcli inspect MODEL --tensors` lists its tensors; is vocab_size in config.json right?",
         )
     # Position embeddings (wpe, position_embeddings) have as many rows as positions, not words.
     words = [c for c in candidates if "pos" not in c[0].rsplit(".", 1)[-1]]

@@ -72,9 +72,9 @@ class PrefixTuningConfig:
 
     def __post_init__(self) -> None:
         if self.virtual_tokens <= 0:
-            raise UsageError(f"--virtual-tokens must be positive, got {self.virtual_tokens}", "e.g. --virtual-tokens 20")
+            raise UsageError(f"`virtual_tokens` must be positive, got {self.virtual_tokens}", "e.g. `virtual_tokens` 20")
         if self.projection is not None and self.projection <= 0:
-            raise UsageError(f"--projection must be positive, got {self.projection}", "e.g. --projection 512, or leave it out")
+            raise UsageError(f"`projection` must be positive, got {self.projection}", "e.g. `projection` 512, or leave it out")
         parse_layers(self.layers)
 
     def chosen_layers(self, num_layers: int) -> list[int] | None:
@@ -85,7 +85,7 @@ class PrefixTuningConfig:
         absent = sorted(i for i in layer_set if i >= num_layers)
         if absent:
             raise UsageError(
-                f"--layers names layer {absent[0]}, which this model does not have", f"layers here: 0-{num_layers - 1}"
+                f"`layers` names layer {absent[0]}, which this model does not have", f"layers here: 0-{num_layers - 1}"
             )
         return sorted(layer_set)
 
@@ -110,7 +110,7 @@ class PrefixTuning(MethodBase):
     train_defaults = TrainDefaults(lr=1e-2, generative_lr=3e-3)  # benchmarks/README.md: "Training defaults"
     identity_at_init = False  # its virtual tokens change the outputs from the start
     config_cls = PrefixTuningConfig
-    summary = "Learned key/value prefixes in every attention layer, or in --layers only (prefix tuning)."
+    summary = "Learned key/value prefixes in every attention layer, or in some layers only (prefix tuning)."
     peft_type = "PREFIX_TUNING"
     examples = (
         "peftcli inject prefix --virtual-tokens 20 model/ -o runs/prefix/",
@@ -169,7 +169,7 @@ class PrefixTuning(MethodBase):
         prefix_shape = (cfg.virtual_tokens, self._width(dims, cfg))
         # Everything init holds at once, in fp32: the MLP, the prefix, and the projection's hidden activations.
         needed = 4 * (sum(map(_numel, mlp_shapes.values())) + _numel(prefix_shape) + (cfg.virtual_tokens * (cfg.projection or 0)))
-        with allocation(needed, "the prefix" + (f" and its --projection {cfg.projection} MLP" if mlp_shapes else "")):
+        with allocation(needed, "the prefix" + (f" and its `projection` {cfg.projection} MLP" if mlp_shapes else "")):
             if not mlp_shapes:  # nn.Embedding's N(0, 1), as PEFT
                 return {KEY: torch.randn(prefix_shape, generator=generator)}
             mlp: dict[str, torch.Tensor] = {}
@@ -322,7 +322,7 @@ def allocation(nbytes: int, what: str):
         left = f"{available / 2**30:,.1f} GiB available" if available is not None else "the allocation failed"
         return ResourceError(
             f"{what}: {nbytes / 2**30:,.1f} GiB of memory needed ({nbytes:,} bytes), {left}",
-            "use fewer --virtual-tokens or a smaller --projection (or no --projection), or a machine with more memory",
+            "use fewer `virtual_tokens` or a smaller `projection` (or no `projection`), or a machine with more memory",
         )
 
     if available is not None and nbytes > available:
@@ -352,8 +352,8 @@ def _attention_of_layers(model, dims: pl.Dims) -> dict:
         problems.append(f"no attention module with layer_idx {missing[0]}")
     if problems:
         raise BadInputError(
-            f"prefix tuning --layers needs each layer's attention module: {'; '.join(problems[:3])}",
-            "this architecture supports prefix tuning only in every layer: inject without --layers",
+            f"prefix tuning `layers` needs each layer's attention module: {'; '.join(problems[:3])}",
+            "this architecture supports prefix tuning only in every layer: inject without `layers`",
         )
     return {i: found[i] for i in range(dims.num_layers)}
 

@@ -165,9 +165,9 @@ def _subset_cache_class():
                 return keys, values
             if layer_idx not in self.masked:
                 raise BadInputError(
-                    f"prefix tuning --layers: the attention of layer {layer_idx} was called without its "
+                    f"prefix tuning `layers`: the attention of layer {layer_idx} was called without its "
                     "attention_mask and cache as keyword arguments, so the prefix cannot be hidden from it",
-                    "this architecture supports prefix tuning only in every layer: inject without --layers",
+                    "this architecture supports prefix tuning only in every layer: inject without `layers`",
                 )
             n = self.prefix_length
             return keys[..., n:, :], values[..., n:, :]
@@ -213,7 +213,7 @@ def hide_prefix(module: nn.Module, args, kwargs):
         return None
     if not isinstance(mask, torch.Tensor):
         raise BadInputError(
-            f"prefix tuning --layers: the attention mask is a {type(mask).__name__}, which peftcli cannot cut",
+            f"prefix tuning `layers`: the attention mask is a {type(mask).__name__}, which peftcli cannot cut",
             "load the model with attn_implementation='sdpa' or 'eager'",
         )
     return args, {**kwargs, "attention_mask": mask[..., cache.prefix_length :]}

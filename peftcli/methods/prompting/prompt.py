@@ -65,21 +65,21 @@ class PromptTuningConfig:
     def __post_init__(self) -> None:
         if self.layers is not None:
             raise UsageError(
-                "--layers does not apply to prompt tuning: its soft tokens enter at the input embeddings, before every layer",
-                f"for learned prompts in some layers only, use prefix tuning: peftcli inject prefix --layers {self.layers} ...",
+                "`layers` does not apply to prompt tuning: its soft tokens enter at the input embeddings, before every layer",
+                f"for learned prompts in some layers only, use prefix tuning: peftcli inject prefix `layers` {self.layers} ...",
             )
         if self.virtual_tokens <= 0:
-            raise UsageError(f"--virtual-tokens must be positive, got {self.virtual_tokens}", "e.g. --virtual-tokens 20")
+            raise UsageError(f"`virtual_tokens` must be positive, got {self.virtual_tokens}", "e.g. `virtual_tokens` 20")
         if self.init is None:
             self.init = "text" if self.init_text is not None else "vocab"
         if self.init not in INITS:
-            raise UsageError(f"--init must be one of {', '.join(INITS)}, got {self.init!r}", "e.g. --init vocab")
+            raise UsageError(f"`init` must be one of {', '.join(INITS)}, got {self.init!r}", "e.g. `init` vocab")
         if self.init == "text" and not self.init_text:
-            raise UsageError("--init text needs --init-text", 'e.g. --init-text "Classify the sentiment:"')
+            raise UsageError("`init` text needs `init_text`", 'e.g. `init_text` "Classify the sentiment:"')
         if self.init != "text" and self.init_text is not None:
             raise UsageError(
-                f"--init-text only applies with --init text, not --init {self.init}",
-                "drop --init-text, or pass --init text",
+                f"`init_text` only applies with `init` text, not `init` {self.init}",
+                "drop `init_text`, or pass `init` text",
             )
 
 
@@ -184,11 +184,11 @@ def text_token_ids(ckpt, text: str, n: int, vocab: int) -> list[int]:
     """PEFT's TEXT init: the text's token ids, repeated until there are n, then cut to n."""
     ids = _tokenizer(ckpt)(text)["input_ids"]
     if not ids:
-        raise UsageError(f"--init-text {text!r} tokenizes to nothing", "give a text with at least one token")
+        raise UsageError(f"`init_text` {text!r} tokenizes to nothing", "give a text with at least one token")
     if max(ids) >= vocab:
         raise BadInputError(
             f"the tokenizer gives id {max(ids)}, beyond the {vocab} rows of the input embedding",
-            "is the tokenizer beside config.json this model's? Otherwise use --init vocab",
+            "is the tokenizer beside config.json this model's? Otherwise use `init` vocab",
         )
     return (ids * math.ceil(n / len(ids)))[:n]
 
@@ -230,10 +230,10 @@ def embedding_rows(ckpt, name: str, ids: list[int]) -> "torch.Tensor":
 
 
 def _tokenizer(ckpt):
-    hint = "put the tokenizer files beside config.json, or use --init vocab"
+    hint = "put the tokenizer files beside config.json, or use `init` vocab"
     directory = ckpt.directory
     if directory is None or not any(os.path.isfile(os.path.join(directory, f)) for f in _TOKENIZER_FILES):
-        raise UsageError(f"--init text needs the model's tokenizer, and {ckpt.path} has none", hint)
+        raise UsageError(f"`init` text needs the model's tokenizer, and {ckpt.path} has none", hint)
     from transformers import AutoTokenizer
 
     try:

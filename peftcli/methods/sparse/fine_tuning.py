@@ -55,7 +55,7 @@ def dense_tensors(shapes: dict[str, tuple[int, ...]], dense: str | None) -> list
 
 
 def is_dense(name: str, dense: str | None) -> bool:
-    return dense is not None and patterns.search(dense, name, "--dense")
+    return dense is not None and patterns.search(dense, name, "`dense`")
 
 
 def _check_dense(cfg) -> None:
@@ -64,15 +64,15 @@ def _check_dense(cfg) -> None:
             re.compile(cfg.dense)
         except re.error as exc:
             raise UsageError(
-                f"--dense {cfg.dense!r} is not a valid regular expression: {exc}",
-                "--dense takes a Python regex over tensor names, e.g. --dense 'norm|bias'",
+                f"`dense` {cfg.dense!r} is not a valid regular expression: {exc}",
+                "`dense` takes a Python regex over tensor names, e.g. `dense` 'norm|bias'",
             ) from None
 
 
 def k_for(cfg, n: int) -> int:
     if cfg.top_k is not None:
         if cfg.top_k > n:
-            raise UsageError(f"--top-k {cfg.top_k} is more than the {n:,} entries of the base", f"give at most {n}")
+            raise UsageError(f"`top_k` {cfg.top_k} is more than the {n:,} entries of the base", f"give at most {n}")
         return cfg.top_k
     # round half up, as peftcli diff counts K, and at least one entry
     return max(1, int((Decimal(repr(cfg.density)) * n).to_integral_value(ROUND_HALF_UP)))
@@ -80,13 +80,13 @@ def k_for(cfg, n: int) -> int:
 
 def _check_size(cfg) -> None:
     if (cfg.density is None) == (cfg.top_k is None):
-        raise UsageError("give exactly one of --density or --top-k", "e.g. --density 0.01 keeps 1% of the entries")
+        raise UsageError("give exactly one of `density` or `top_k`", "e.g. `density` 0.01 keeps 1% of the entries")
     if cfg.density is not None and not 0 < cfg.density <= 1:
-        raise UsageError(f"--density must be in (0, 1], got {cfg.density}", "it is the fraction of entries kept: --density 0.01 keeps 1%")
+        raise UsageError(f"`density` must be in (0, 1], got {cfg.density}", "it is the fraction of entries kept: `density` 0.01 keeps 1%")
     if cfg.top_k is not None and cfg.top_k <= 0:
-        raise UsageError(f"--top-k must be positive, got {cfg.top_k}", "it is the number of entries kept, e.g. --top-k 1000")
+        raise UsageError(f"`top_k` must be positive, got {cfg.top_k}", "it is the number of entries kept, e.g. `top_k` 1000")
     if cfg.select not in SELECTIONS:
-        raise UsageError(f"unknown --select {cfg.select!r}", "choose " + ", ".join(SELECTIONS))
+        raise UsageError(f"unknown `select` {cfg.select!r}", "choose " + ", ".join(SELECTIONS))
     _check_dense(cfg)
 
 
@@ -120,7 +120,7 @@ class DiffPruningConfig:
     def __post_init__(self) -> None:
         _check_size(self)
         if self.l1 < 0:
-            raise UsageError(f"--l1 must be non-negative, got {self.l1}", "use 0 for no penalty, or a small λ such as --l1 1e-4")
+            raise UsageError(f"`l1` must be non-negative, got {self.l1}", "use 0 for no penalty, or a small λ such as `l1` 1e-4")
 
 
 class SparseFineTuning(SectionConfig, MethodBase):
@@ -135,7 +135,7 @@ class SparseFineTuning(SectionConfig, MethodBase):
     def budget(self, shapes: dict[str, tuple[int, ...]], model_config: dict | None, cfg) -> list[BudgetRow]:
         names = candidates(shapes, cfg.dense)
         if not names:
-            raise UsageError(f"--dense {cfg.dense!r} leaves no tensor to select entries from", "narrow the pattern")
+            raise UsageError(f"`dense` {cfg.dense!r} leaves no tensor to select entries from", "narrow the pattern")
         n = sum(math.prod(shapes[x]) for x in names)
         rows = [BudgetRow(f"global top-K of {len(names)} tensors (chosen after phase 1)", (n,), k_for(cfg, n))]
         return rows + [BudgetRow(x, tuple(shapes[x]), math.prod(shapes[x])) for x in dense_tensors(shapes, cfg.dense)]
@@ -163,7 +163,7 @@ class SparseFineTuning(SectionConfig, MethodBase):
         if not sparse_phi.is_selected(tensors):
             raise BadInputError(
                 f"this {self.name} run has not been trained yet: its entries are chosen by training",
-                "run peftcli train RUN --data FILE first",
+                "run `peftcli train RUN --data FILE` first",
             )
 
 
