@@ -233,7 +233,7 @@ def test_every_method_trains(name, tiny_llama, tiny_bert, data, tmp_path):
     base = tiny_bert if method == "bitfit" else tiny_llama  # the tiny Llama has no biases
     run = str(tmp_path / "run")
     inject(base, method, METHODS[method].config_cls(**options), run)
-    summary = train(run, TrainConfig(data=data["cls"], steps=20, batch_size=16, lr=1e-2, log_every=5, schedule="constant"))
+    summary = train(run, TrainConfig(data=data["cls"], steps=20, batch_size=16, lr=1e-2, head_lr=1e-2, warmup_steps=0, log_every=5, schedule="constant"))
     losses, _ = _losses(run)
     assert summary["steps"] == 20
     assert losses[-1] < 0.9 * losses[0], losses

@@ -38,22 +38,14 @@ def _accuracy(run: str, data: str, base: str) -> float:
 
 def test_a_classification_run_with_no_flags_learns(tiny_bert, cls_data, tmp_path):
     # The first word is the label: separable, but a frozen random encoder's features must be
-    # read by a fresh head. Under the old single default (lr 2e-4 for φ and head alike, no
-    # warmup) the head barely moves in 36 steps and the model stays near chance.
+    # read by a fresh head within 36 steps. (The case the defaults were made for, MiniLM on
+    # SST-2, is benchmarks/defaults.py: at the former single rate of 2e-4 it stayed at chance.)
     run = str(tmp_path / "run")
     inject(tiny_bert, "lora", LoraConfig(rank=4), run)
     train(run, TrainConfig(data=cls_data, epochs=6, batch_size=16))
     saved = json.load(open(os.path.join(run, "train_args.json")))
     assert (saved["lr"], saved["head_lr"], saved["warmup_ratio"], saved["schedule"]) == (1e-3, 2e-3, 0.06, "linear")
     assert _accuracy(run, cls_data, tiny_bert) >= 0.85
-
-
-def test_the_old_single_rate_does_not_learn_in_the_same_budget(tiny_bert, cls_data, tmp_path):
-    # The reference the test above is held against: same run, the rate every method had before.
-    run = str(tmp_path / "run")
-    inject(tiny_bert, "lora", LoraConfig(rank=4), run)
-    train(run, TrainConfig(data=cls_data, epochs=6, batch_size=16, lr=2e-4, head_lr=2e-4, warmup_steps=0))
-    assert _accuracy(run, cls_data, tiny_bert) < 0.75
 
 
 def test_head_lr_is_the_heads_own_rate(tiny_bert, cls_data, tmp_path):
@@ -126,3 +118,14 @@ def test_the_cli_names_the_flags(tmp_path):
     result = CliRunner().invoke(cli, ["train", str(tmp_path), "--data", "x.jsonl", "--warmup-steps", "2", "--warmup-ratio", "0.1"])
     assert result.exit_code == 2
     assert "give --warmup-steps or --warmup-ratio, not both" in result.stderr
+
+
+def test_the_readme_method_table_gives_each_methods_defaults():
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    lines = readme.split("| method | φ | default lr: classify / lm, sft / new head |")[1].split("\n\n")[0].splitlines()[2:]
+    rows = {cells[0].strip("` "): cells[2].strip() for cells in (line.strip("|").split("|") for line in lines)}
+
+    def cell(d: TrainDefaults) -> str:
+        return f"{d.lr:g} / {d.lr_for('lm'):g} / " + (f"{d.head_lr:g}" if d.head_lr is not None else "as lr")
+
+    assert rows == {**{name: cell(m.train_defaults) for name, m in METHODS.items()}, "train --full": cell(FULL_FINE_TUNING)}

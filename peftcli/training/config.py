@@ -53,7 +53,9 @@ class TrainConfig:
     phase1_steps: int | None = option(
         None, max=MAX_STEPS, help="lt-sft, diff-pruning, lottery: steps of each full fine-tuning phase/round (default: --steps)"
     )
-    phase1_lr: float | None = option(None, help="lt-sft, diff-pruning, lottery: learning rate of the full fine-tuning (default: --lr)")
+    phase1_lr: float | None = option(
+        None, help="lt-sft, diff-pruning, lottery: learning rate of the full fine-tuning (default: --lr if given, else full fine-tuning's)"
+    )
     packing: bool = option(
         False, help="lm, sft: pack several examples into each row of up to --max-length tokens (attention and positions stay per "
         "example; the loss is the unpacked one's)"
