@@ -17,11 +17,17 @@ subset of SST-2 dev (default 1,000); everything through the CLI (``peftcli injec
    batches in the same order), at each rate of ``--peft-lrs``, for each seed; beside it
    ``peftcli train`` with that same explicit recipe (``--lr X --head-lr X --warmup-steps 0``).
 
+4. **smollm2** (``--smol BASE``, a separate run): SmolLM2-135M-Instruct + LoRA r=8 on q/v
+   trained as prompted SFT on SST-2 (``--smol-train`` phrases, one epoch at batch 16), with
+   defaults and at each rate of ``--smol-lrs``, scored by comparing the logits of " positive"
+   and " negative" after the prompt on ``--smol-eval`` dev phrases; the base zero-shot beside.
+
 Accuracy is after the last step (no selection on dev). Every run is independent and seeded;
 the table gives mean ± standard deviation over seeds.
 
     nice -n 10 python benchmarks/defaults.py                       # ~90 runs: 1.5-3 h on 2 shared cores
     nice -n 10 python benchmarks/defaults.py --only lora --seeds 0  # one method, one seed
+    python benchmarks/defaults.py --smol /path/SmolLM2-135M-Instruct.Q4_1.gguf   # 4. SmolLM2 only
     python benchmarks/defaults.py --render                          # the table from the saved JSON
 """
 
@@ -159,8 +165,58 @@ def peft_execute(job: dict) -> dict:
             "wall_seconds": time.perf_counter() - t0}
 
 
+PROMPT = "Review: {}\nSentiment:"
+LABELS = (" negative", " positive")
+
+
+def write_prompted(tsv: str, out: str, n: int) -> str:
+    """SST-2 rows as prompted SFT rows: the completion is the label word."""
+    rows = [line.split("\t") for line in open(tsv, encoding="utf-8").read().splitlines()[1:] if line.strip()][:n]
+    with open(out, "w", encoding="utf-8") as f:
+        for text, label in rows:
+            f.write(json.dumps({"prompt": PROMPT.format(text.strip()), "completion": LABELS[int(label)]}) + "\n")
+    return out
+
+
+def smol_execute(job: dict) -> dict:
+    """SmolLM2 + LoRA r=8 on q/v trained as prompted SFT (no lr flag, or ``lr``); accuracy by
+    scoring the two label words after the prompt (``lr`` 0: the base, zero-shot)."""
+    import torch
+
+    from peftcli.attach import load_adapted, load_base_model
+    from peftcli.training.batching import load_tokenizer
+
+    res = {"kind": job["kind"], "method": "smollm2 lora r=8", "seed": job["seed"], "lr": job.get("lr")}
+    t0 = time.perf_counter()
+    run = job["dir"]
+    shutil.rmtree(run, ignore_errors=True)
+    if job.get("lr") != 0:
+        code, _, err = cli(["inject", "lora", "--rank", "8", job["smol"], "-o", run, "--seed", str(job["seed"]), "--quiet"])
+        if code != 0:
+            return {**res, "error": "inject: " + _last_line(err)}
+        flags = [] if job.get("lr") is None else ["--lr", repr(job["lr"])]
+        code, _, err = cli(["train", run, "--model", job["smol"], "--data", job["smol_train"], "--epochs", "1", "--batch-size", "16",
+                            "--train-seed", str(job["seed"]), "--device", "cpu", "--quiet", *flags])
+        if code != 0:
+            return {**res, "error": "train: " + _last_line(err)}
+        model = load_adapted(job["smol"], run)
+    else:
+        model = load_base_model(job["smol"], "AutoModelForCausalLM").eval()
+    tok = load_tokenizer(job["smol"])
+    ids = [tok(w, add_special_tokens=False)["input_ids"][0] for w in LABELS]
+    rows = [json.loads(line) for line in open(job["smol_dev"], encoding="utf-8")]
+    correct = 0
+    with torch.no_grad():
+        for r in rows:
+            enc = tok(r["prompt"], return_tensors="pt")
+            logits = model(**enc).logits[0, -1]
+            correct += int(LABELS[int(logits[ids[1]] > logits[ids[0]])] == r["completion"])
+    shutil.rmtree(run, ignore_errors=True)
+    return {**res, "accuracy": correct / len(rows), "wall_seconds": time.perf_counter() - t0}
+
+
 def _run(job: dict) -> dict:
-    return peft_execute(job) if job["kind"] == "peft" else execute(job)
+    return {"peft": peft_execute, "smol": smol_execute}.get(job["kind"], execute)(job)
 
 
 def plan(methods: list[Method], seeds: list[int], factors: list[float], peft_lrs: list[float]) -> list[dict]:
@@ -178,6 +234,14 @@ def plan(methods: list[Method], seeds: list[int], factors: list[float], peft_lrs
                 jobs.append({"kind": "explicit", "method": lora, "seed": seed, "lr": lr, "head_lr": lr, "extra": ["--warmup-steps", "0"]})
         if seed != seeds[0]:
             jobs += [{"kind": "defaults", "method": m, "seed": seed} for m in methods]
+    return jobs
+
+
+def smol_plan(seeds: list[int], lrs: list[float]) -> list[dict]:
+    """SmolLM2: the base zero-shot, LoRA with defaults and at each rate of ``lrs``, per seed."""
+    jobs = [{"kind": "smol", "seed": seeds[0], "lr": 0}]
+    for seed in seeds:
+        jobs += [{"kind": "smol", "seed": seed, "lr": None}] + [{"kind": "smol", "seed": seed, "lr": lr} for lr in lrs]
     return jobs
 
 
@@ -226,6 +290,14 @@ def render(doc: dict) -> str:
         for lr in sorted({r["lr"] for r in peft}):
             cell = [_stats([r["accuracy"] for r in peft if r["kind"] == k and r["lr"] == lr]) for k in ("peft", "explicit")]
             out.append(f"| {lr:g} | {cell[0]} | {cell[1]} |")
+    smol = [r for r in runs if r["kind"] == "smol"]
+    if smol:
+        out += ["", f"SmolLM2-135M-Instruct + LoRA r=8 (q/v), prompted SST-2 (\"Review: …\\nSentiment:\" → \" positive\"/\" negative\"), "
+                f"{doc['settings'].get('smol_train', '')} examples, 1 epoch at batch 16; accuracy by scoring the two label words", "",
+                "| lr | accuracy |", "|---|---|"]
+        for lr in sorted({r["lr"] for r in smol}, key=lambda x: (x is not None, x or 0)):
+            name = "defaults" if lr is None else ("zero-shot (the base)" if lr == 0 else f"{lr:g}")
+            out.append(f"| {name} | {_stats([r['accuracy'] for r in smol if r['lr'] == lr])} |")
     return "\n".join(out)
 
 
@@ -244,6 +316,10 @@ def main() -> None:
     ap.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "peftcli-defaults-bench"))
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--render", action="store_true", help="print the table of the saved results and exit")
+    ap.add_argument("--smol", help="SmolLM2 base (a directory or the wheel's .gguf): run only the SmolLM2 experiment")
+    ap.add_argument("--smol-lrs", default="1e-4,5e-4,1e-3", help="SmolLM2: learning rates beside the defaults")
+    ap.add_argument("--smol-train", type=int, default=512, help="SmolLM2: training examples")
+    ap.add_argument("--smol-eval", type=int, default=400, help="SmolLM2: dev examples scored")
     args = ap.parse_args()
     if args.render:
         with open(args.out) as f:
@@ -264,6 +340,8 @@ def main() -> None:
     shutil.rmtree(args.work, ignore_errors=True)
     os.makedirs(args.work)
     files, dev = write_subsets(args.sst2, args.work, [args.train_size], args.eval_size, 0)
+    if args.smol:  # a separate result file: the MiniLM table is not rerun
+        args.out = args.out.replace(".json", "_smollm2.json") if args.out == OUT else args.out
     random.seed(0)
     import peftcli
     import torch
@@ -283,6 +361,11 @@ def main() -> None:
         "default_lrs": {m.label: lrs(m) for m in methods}, "runs": [],
     }
     jobs = plan(methods, seeds, factors, peft_lrs)
+    if args.smol:
+        doc["settings"]["smol_train"] = args.smol_train
+        common_smol = {"smol": args.smol, "smol_train": write_prompted(files[args.train_size], os.path.join(args.work, "smol-train.jsonl"), args.smol_train),
+                       "smol_dev": write_prompted(dev, os.path.join(args.work, "smol-dev.jsonl"), args.smol_eval)}
+        jobs = [{**j, **common_smol} for j in smol_plan(seeds, [float(x) for x in args.smol_lrs.split(",") if x])]
     print(f"{len(jobs)} runs on {args.jobs} worker(s), 1 thread each", file=sys.stderr)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     t0 = time.perf_counter()

@@ -9,8 +9,9 @@ once per worker, not twice per run):
    diff-pruning, included when ``peftcli inject --help`` lists it) trains on the same
    ``--train-size`` examples for the same steps and batch, then is evaluated once, at the
    end, on the same dev subset. A method is one entry: the ``inject`` arguments (None for full
-   fine-tuning), its learning rate (the usual one for the method, not tuned on dev) and any
-   extra ``train`` arguments.
+   fine-tuning), its learning rate (the usual one for the method, not tuned on dev; a new
+   classification head trains at the same rate) and any extra ``train`` arguments. What
+   ``peftcli train`` does with no learning-rate flag is benchmarks/defaults.py's table.
 2. **LoRA rank × targets**: r ∈ ``--ranks`` × {query,value; all-linear}, same budget.
 3. **Sample efficiency**: dev accuracy against the number of training examples n
    (``--sample-sizes``) for LoRA and full fine-tuning; each n trains for
@@ -196,7 +197,7 @@ def execute(job: dict) -> dict:
         target = [run, "--full"]
     code, out, err = cli([
         "train", *target, "--model", job["model"], "--data", job["data"], "--eval", job["dev"], "--steps", str(r.steps),
-        "--batch-size", str(job["batch_size"]), "--lr", repr(r.method.lr), "--warmup-steps", str(job["warmup"]),
+        "--batch-size", str(job["batch_size"]), "--lr", repr(r.method.lr), "--head-lr", repr(r.method.lr), "--warmup-steps", str(job["warmup"]),
         "--max-length", str(job["max_length"]), "--train-seed", str(job["seed"]), "--device", job["device"],
         "--json", "--quiet", *r.method.train,
     ])
