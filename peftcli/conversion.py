@@ -33,7 +33,8 @@ class ConvertOptions:
     None or False where not given) and built into a ``DiffOptions`` here; with ``--to lora`` none
     may be given."""
 
-    target: str | None = option(None, help="What to convert SOURCE into.", flag="--to", choices=TARGETS, required=True)
+    # flag: the spelling the command line gives the field, as argv does.
+    target: str | None = option(None, help="What to convert SOURCE into.", flag="--to", choices=TARGETS, required=True)  # argv
     base: str | None = option(None, help="The base checkpoint (default: the one SOURCE records).", path=True)
     rank: int = option(16, "-r", help="LoRA rank of the SVD extraction (--to lora).", show_default=True)
     force: bool = option(False, help="Replace OUTPUT if it exists.")
@@ -41,11 +42,11 @@ class ConvertOptions:
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
-            raise UsageError(f"--to must be diff or lora, got {self.target!r}", "see 'peftcli convert --help'")
+            raise UsageError(f"`target` must be diff or lora, got {self.target!r}", "see `peftcli convert --help`")
         if isinstance(self.diff, dict):
             given = sorted(k for k, v in self.diff.items() if v not in (None, False))
             if self.target == "lora" and given:
-                raise UsageError(f"--{given[0].replace('_', '-')} only applies with --to diff", "see 'peftcli convert --help'")
+                raise UsageError(f"`{given[0]}` only applies with `target` diff", "see `peftcli convert --help`")
             chosen = {k: (v if v is not False else None) for k, v in self.diff.items()}
             self.diff = from_options(DiffOptions, chosen) if self.target == "diff" else None
         elif self.diff is None and self.target == "diff":
@@ -86,7 +87,7 @@ class _FoldedAdapter:
 def _base_of(path: str, base: str | None, recorded: str | None) -> str:
     chosen = base or recorded
     if not chosen or not os.path.exists(chosen):
-        raise UsageError(f"{path}: the base checkpoint is needed and {chosen!r} is not there", "pass --base DIR")
+        raise UsageError(f"{path}: the base checkpoint is needed and {chosen!r} is not there", "pass `base` DIR")
     return chosen
 
 
@@ -111,7 +112,7 @@ def adapter_to_diff(adapter_path: str, out: str, options, *, base: str | None = 
         selected = [t for t in covered if options.dense or options.sparse_small or len(t.shape) >= 2]
         n = sum(t.numel for t in selected)
         if not n and not options.dense:
-            raise UsageError(f"{adapter_path} changes no tensor with two or more dimensions", "use --dense")
+            raise UsageError(f"{adapter_path} changes no tensor with two or more dimensions", "use `dense`")
         k = options.k_for(n)
         folded = _FoldedAdapter(adapter_path, source.deltas, ckpt)
         provenance = {
@@ -151,11 +152,11 @@ def diff_to_lora(diff_path: str, out: str, rank: int, *, base: str | None = None
     from peftcli.targets import is_output_head, linear_modules
 
     if rank <= 0:
-        raise UsageError(f"--rank must be positive, got {rank}", "e.g. --rank 16")
+        raise UsageError(f"`rank` must be positive, got {rank}", "e.g. `rank` 16")
     with read_diff(diff_path) as diff:
         if diff.task_head is not None:  # dropping it would leave a classifier without its head
             raise UsageError(
-                f"{diff_path} carries a task head ({diff.task_head.architecture}), which --to lora does not convert",
+                f"{diff_path} carries a task head ({diff.task_head.architecture}), which `target` lora does not convert",
                 f"merge it instead: peftcli merge BASE {diff_path} -o DIR",
             )
         recorded = (diff.provenance or {}).get("inputs", {}).get("base") if isinstance(diff.provenance, dict) else None
@@ -176,7 +177,7 @@ def diff_to_lora(diff_path: str, out: str, rank: int, *, base: str | None = None
                 m = linear.get(name)
                 if m is not None and rank > min(m.shape):
                     raise UsageError(
-                        f"--rank {rank} is larger than min(out, in) = {min(m.shape)} of {name}",
+                        f"`rank` {rank} is larger than min(out, in) = {min(m.shape)} of {name}",
                         "a rank above that cannot add anything",
                     )
                 if m is None:
