@@ -37,15 +37,16 @@ class ConvertOptions:
     base: str | None = option(None, help="The base checkpoint (default: the one SOURCE records).", path=True)
     rank: int = option(16, "-r", help="LoRA rank of the SVD extraction (--to lora).", show_default=True)
     force: bool = option(False, help="Replace OUTPUT if it exists.")
+    allow_pickle: bool = option(False, help="Allow a PyTorch .bin/.pt base (torch.load(weights_only=True)).")
     diff: DiffOptions | dict | None = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
-            raise UsageError(f"--to must be diff or lora, got {self.target!r}", "see 'peftcli convert --help'")
+            raise UsageError(f"`target` must be diff or lora, got {self.target!r}", "see `peftcli convert --help`")
         if isinstance(self.diff, dict):
             given = sorted(k for k, v in self.diff.items() if v not in (None, False))
             if self.target == "lora" and given:
-                raise UsageError(f"--{given[0].replace('_', '-')} only applies with --to diff", "see 'peftcli convert --help'")
+                raise UsageError(f"`{given[0]}` only applies with `target` diff", "see `peftcli convert --help`")
             chosen = {k: (v if v is not False else None) for k, v in self.diff.items()}
             self.diff = from_options(DiffOptions, chosen) if self.target == "diff" else None
         elif self.diff is None and self.target == "diff":
@@ -61,8 +62,8 @@ def convert_options(values: dict) -> ConvertOptions:
 def convert(source: str, out: str, opts: ConvertOptions, *, progress=None):
     """Convert ``source`` as ``opts`` says: an adapter to a ``.diff``, or a ``.diff`` to a LoRA adapter."""
     if opts.target == "lora":
-        return diff_to_lora(source, out, opts.rank, base=opts.base, force=opts.force)
-    return adapter_to_diff(source, out, opts.diff, base=opts.base, force=opts.force, progress=progress)
+        return diff_to_lora(source, out, opts.rank, base=opts.base, force=opts.force, allow_pickle=opts.allow_pickle)
+    return adapter_to_diff(source, out, opts.diff, base=opts.base, force=opts.force, progress=progress, allow_pickle=opts.allow_pickle)
 
 
 class _FoldedAdapter:
@@ -86,11 +87,13 @@ class _FoldedAdapter:
 def _base_of(path: str, base: str | None, recorded: str | None) -> str:
     chosen = base or recorded
     if not chosen or not os.path.exists(chosen):
-        raise UsageError(f"{path}: the base checkpoint is needed and {chosen!r} is not there", "pass --base DIR")
+        raise UsageError(f"{path}: the base checkpoint is needed and {chosen!r} is not there", "pass `base` DIR")
     return chosen
 
 
-def adapter_to_diff(adapter_path: str, out: str, options, *, base: str | None = None, force: bool = False, progress=None):
+def adapter_to_diff(
+    adapter_path: str, out: str, options, *, base: str | None = None, force: bool = False, progress=None, allow_pickle: bool = False,
+):
     """Write the adapter's ΔW as a ``.diff`` (``options``: a ``peftcli.diffing.DiffOptions``)."""
     from peftcli.artifacts.sparse_diff import DiffMetadata, recorded_inputs, write_diff
     from peftcli.checkpoint.fingerprint import Fingerprint, file_hashes
@@ -104,14 +107,14 @@ def adapter_to_diff(adapter_path: str, out: str, options, *, base: str | None = 
     recorded = read_adapter(adapter_path).config.get("base_model_name_or_path")
     base = _base_of(adapter_path, base, recorded)
     check_output_path(out, [adapter_path, base], force)
-    with open_checkpoint(base) as ckpt:
+    with open_checkpoint(base, allow_pickle=allow_pickle) as ckpt:
         source = open_source(adapter_path, ckpt)
         refuse_unmergeable(source, ckpt)  # a .diff holds floating-point tensors only
         covered = [ckpt.tensors[n] for n in sorted(source.deltas)]
         selected = [t for t in covered if options.dense or options.sparse_small or len(t.shape) >= 2]
         n = sum(t.numel for t in selected)
         if not n and not options.dense:
-            raise UsageError(f"{adapter_path} changes no tensor with two or more dimensions", "use --dense")
+            raise UsageError(f"{adapter_path} changes no tensor with two or more dimensions", "use `dense`")
         k = options.k_for(n)
         folded = _FoldedAdapter(adapter_path, source.deltas, ckpt)
         provenance = {
@@ -141,7 +144,9 @@ class LoraExtraction:
         return {"schema": "peftcli.convert/1", "to": "lora", **dataclasses.asdict(self)}
 
 
-def diff_to_lora(diff_path: str, out: str, rank: int, *, base: str | None = None, force: bool = False) -> LoraExtraction:
+def diff_to_lora(
+    diff_path: str, out: str, rank: int, *, base: str | None = None, force: bool = False, allow_pickle: bool = False,
+) -> LoraExtraction:
     """Write the best rank-``rank`` LoRA of the ``.diff``'s linear-layer φ as a PEFT adapter."""
     import torch
 
@@ -151,18 +156,18 @@ def diff_to_lora(diff_path: str, out: str, rank: int, *, base: str | None = None
     from peftcli.targets import is_output_head, linear_modules
 
     if rank <= 0:
-        raise UsageError(f"--rank must be positive, got {rank}", "e.g. --rank 16")
+        raise UsageError(f"`rank` must be positive, got {rank}", "e.g. `rank` 16")
     with read_diff(diff_path) as diff:
         if diff.task_head is not None:  # dropping it would leave a classifier without its head
             raise UsageError(
-                f"{diff_path} carries a task head ({diff.task_head.architecture}), which --to lora does not convert",
+                f"{diff_path} carries a task head ({diff.task_head.architecture}), which `target` lora does not convert",
                 f"merge it instead: peftcli merge BASE {diff_path} -o DIR",
             )
         recorded = (diff.provenance or {}).get("inputs", {}).get("base") if isinstance(diff.provenance, dict) else None
         recorded = resolve_recorded(recorded, diff_path)
         base = _base_of(diff_path, base, recorded)
         check_output_path(out, [diff_path, base], force)
-        with open_checkpoint(base) as ckpt:
+        with open_checkpoint(base, allow_pickle=allow_pickle) as ckpt:
             check_base(diff, ckpt)
             shapes = {t.name: t.shape for t in ckpt.tensors.values()}
             linear = {m.name + ".weight": m for m in linear_modules(shapes, ckpt.config) if not is_output_head(m, ckpt.config)}
@@ -176,7 +181,7 @@ def diff_to_lora(diff_path: str, out: str, rank: int, *, base: str | None = None
                 m = linear.get(name)
                 if m is not None and rank > min(m.shape):
                     raise UsageError(
-                        f"--rank {rank} is larger than min(out, in) = {min(m.shape)} of {name}",
+                        f"`rank` {rank} is larger than min(out, in) = {min(m.shape)} of {name}",
                         "a rank above that cannot add anything",
                     )
                 if m is None:

@@ -81,26 +81,26 @@ class DiffOptions:
         given = [
             f
             for f, on in (
-                ("--density", self.density is not None),
-                ("--top-k", self.top_k is not None),
-                ("--dense", self.dense),
+                ("`density`", self.density is not None),
+                ("`top_k`", self.top_k is not None),
+                ("`dense`", self.dense),
             )
             if on
         ]
         if len(given) != 1:
             got = f" (got {' and '.join(given)})" if given else ""
-            raise UsageError(f"give exactly one of --density, --top-k or --dense{got}", "e.g. --density 0.01")
+            raise UsageError(f"give exactly one of `density`, `top_k` or `dense`{got}", "e.g. `density` 0.01")
         if self.density is not None and not 0.0 < self.density <= 1.0:
-            raise UsageError(f"--density must be in (0, 1], got {self.density}", "it is the fraction of entries kept: --density 0.01 keeps 1%")
+            raise UsageError(f"`density` must be in (0, 1], got {self.density}", "it is the fraction of entries kept: `density` 0.01 keeps 1%")
         if self.top_k is not None and self.top_k < 1:
-            raise UsageError(f"--top-k must be at least 1, got {self.top_k}", "it is the number of entries kept, e.g. --top-k 1000")
+            raise UsageError(f"`top_k` must be at least 1, got {self.top_k}", "it is the number of entries kept, e.g. `top_k` 1000")
         if self.dense and (self.per_tensor or self.sparse_small):
             raise UsageError(
-                "--per-tensor and --sparse-small only apply with --density or --top-k",
-                "--dense keeps every entry of every tensor",
+                "`per_tensor` and `sparse_small` only apply with `density` or `top_k`",
+                "`dense` keeps every entry of every tensor",
             )
         if self.values not in VALUES:
-            raise UsageError(f"--values must be one of {', '.join(VALUES)}, got {self.values!r}", VALUES_HINT)
+            raise UsageError(f"`values` must be one of {', '.join(VALUES)}, got {self.values!r}", VALUES_HINT)
 
     @property
     def method(self) -> str:
@@ -117,12 +117,12 @@ class DiffOptions:
         if self.top_k is not None:
             if self.top_k > n:
                 raise UsageError(
-                    f"--top-k {self.top_k} is more than the {n:,} entries to select from", "use --dense to keep them all"
+                    f"`top_k` {self.top_k} is more than the {n:,} entries to select from", "use `dense` to keep them all"
                 )
             return self.top_k
         k = int((Decimal(repr(self.density)) * n).to_integral_value(ROUND_HALF_UP))  # the decimal the user typed
         if k == 0:
-            raise UsageError(f"--density {self.density} keeps no entry of {n:,}", "raise --density or use --top-k")
+            raise UsageError(f"`density` {self.density} keeps no entry of {n:,}", "raise `density` or use `top_k`")
         return k
 
 
@@ -175,7 +175,7 @@ def diff(
         n = sum(t.numel for t in selected)
         if not n and not options.dense:
             raise UsageError(
-                f"{base} has no tensor with two or more dimensions to select from", "add --sparse-small, or use --dense"
+                f"{base} has no tensor with two or more dimensions to select from", "add `sparse_small`, or use `dense`"
             )
         k = options.k_for(n)
         provenance = {

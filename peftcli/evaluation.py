@@ -55,25 +55,25 @@ class EvalOptions:
 
     def __post_init__(self) -> None:
         if self.data is None:
-            raise UsageError("--data is required", "e.g. --data dev.jsonl")
+            raise UsageError("`data` is required", "e.g. `data` dev.jsonl")
         if self.task is not None and self.task not in TASKS:
-            raise UsageError(f"unknown --task {self.task!r}", "choose lm, sft or classify")
+            raise UsageError(f"unknown `task` {self.task!r}", "choose lm, sft or classify")
         if self.device not in ("auto", "cpu", "cuda"):
-            raise UsageError(f"unknown --device {self.device!r}", "choose auto, cpu or cuda")
+            raise UsageError(f"unknown `device` {self.device!r}", "choose auto, cpu or cuda")
         for name in ("batch_size", "max_length"):
             if getattr(self, name) <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive", f"e.g. --{name.replace('_', '-')} {getattr(EvalOptions, name)}")
+                raise UsageError(f"`{name}` must be positive", f"e.g. `{name}` {getattr(EvalOptions, name)}")
         if self.limit is not None and self.limit <= 0:
-            raise UsageError("--limit must be positive", "e.g. --limit 100, or leave it out to use every example")
+            raise UsageError("`limit` must be positive", "e.g. `limit` 100, or leave it out to use every example")
         check_threads(self.threads)
         parse_columns(self.columns)
         if self.min_agreement is not None:
             if self.compare is None:
-                raise UsageError("--min-agreement needs --compare OTHER", "add --compare with the model to agree with")
+                raise UsageError("`min_agreement` needs `compare` OTHER", "add `compare` with the model to agree with")
             if not 0.0 <= self.min_agreement <= 1.0:
                 raise UsageError(
-                    f"--min-agreement must be between 0 and 1, got {self.min_agreement}",
-                    "it is a fraction of examples: --min-agreement 0.95 needs 95% agreement",
+                    f"`min_agreement` must be between 0 and 1, got {self.min_agreement}",
+                    "it is a fraction of examples: `min_agreement` 0.95 needs 95% agreement",
                 )
 
 
@@ -143,7 +143,7 @@ def _model_dir(path: str, opts: EvalOptions) -> str:
 
     model_dir = opts.base or read_adapter(path).config.get("base_model_name_or_path")
     if not model_dir or not (os.path.isdir(model_dir) or is_gguf(model_dir)):
-        raise UsageError(f"{path}: its base model {model_dir!r} is not there", "pass --base DIR")
+        raise UsageError(f"{path}: its base model {model_dir!r} is not there", "pass `base` DIR")
     return model_dir
 
 
@@ -174,7 +174,7 @@ def _load(path: str, opts: EvalOptions, task: str, labels: list[str] | None, pad
             head = "adapter"
     if opts.head is not None:
         if task != "classify":
-            raise UsageError("--head applies to classification data only", "drop --head, or pass --data with a label column")
+            raise UsageError("`head` applies to classification data only", "drop `head`, or pass `data` with a label column")
         head_run = read_adapter(opts.head)
         if not head_run.config.get("modules_to_save"):
             raise BadInputError(f"{opts.head}: this run trained no classification head", "pass the run of a classification task")
@@ -210,9 +210,9 @@ def _refuse_untrained_assertion(model: str, loaded: _Loaded, opts: EvalOptions) 
     for every input, and then two different models agree on 100%."""
     if opts.min_agreement is not None and loaded.head == "new":
         raise UsageError(
-            f"--min-agreement: {model} has no trained classification head, only a new one drawn from seed {opts.seed}, "
+            f"`min_agreement`: {model} has no trained classification head, only a new one drawn from seed {opts.seed}, "
             "so agreeing with it says nothing about the model",
-            "compare trained classifiers (a classification run, or a merge of one), or pass --head RUN",
+            "compare trained classifiers (a classification run, or a merge of one), or pass `head` RUN",
         )
 
 
@@ -274,7 +274,7 @@ def _evaluate(model: str, opts: EvalOptions) -> dict:
         if opts.min_agreement is not None and agreement < opts.min_agreement:
             raise BadInputError(
                 f"{model} and {opts.compare} agree on {100 * agreement:.2f}% of the predictions, "
-                f"below --min-agreement {opts.min_agreement:g}",
+                f"below `min_agreement` {opts.min_agreement:g}",
                 f"their largest logit gap is {gap:.3g}",
             )
     return doc

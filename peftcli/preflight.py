@@ -166,7 +166,7 @@ class CheckOptions:
     def __post_init__(self) -> None:
         get_merge_method(self.method)  # an unknown one names the closest
         if self.dtype is not None and self.dtype not in MERGE_DTYPES:
-            raise UsageError(f"unknown --dtype {self.dtype!r}", "choose F32, BF16, F16 or F64")
+            raise UsageError(f"unknown `dtype` {self.dtype!r}", "choose F32, BF16, F16 or F64")
         check_declared(self)
 
 
@@ -533,7 +533,7 @@ def check_diff(path: str, ckpt: Checkpoint, content: bool) -> Result:
             result.problems.append(Problem(f"made from another base: {summarize_differences(differences)}", hint))
         if content and not differences:
             if diff.fingerprint.content is None:
-                result.problems.append(Problem("the fingerprint has no content hash to check", "check without --content"))
+                result.problems.append(Problem("the fingerprint has no content hash to check", "check without `content`"))
             elif content_hash(ckpt, diff.names) != diff.fingerprint.content:
                 result.problems.append(
                     Problem(

@@ -200,7 +200,7 @@ def module_tree(ckpt: Checkpoint, max_depth: int = 4) -> list[ModuleRow]:
 # -- the report -----------------------------------------------------------------------------
 
 
-def filter_names(names: list[str], pattern: str | None, source: str = "--filter") -> list[str]:
+def filter_names(names: list[str], pattern: str | None, source: str = "`name_filter`") -> list[str]:
     """The names ``pattern`` finds (re.search), matched in bounded time (peftcli.patterns)."""
     if not pattern:
         return names
@@ -263,6 +263,10 @@ def _restricted(ckpt: Checkpoint, names: list[str]) -> Checkpoint:
     return Checkpoint(ckpt.path, ckpt.storage, ckpt.files, {n: ckpt.tensors[n] for n in names}, ckpt.metadata, ckpt.directory)
 
 
+# One string, so that the command to copy is one span (an f-string would split it around METHOD).
+_INJECT_HELP = "drop it; see `peftcli inject {method} --help` for {method}'s options"
+
+
 @dataclass
 class InspectOptions:
     """The options of ``peftcli inspect`` (and of a recipe's inspect step).
@@ -284,9 +288,9 @@ class InspectOptions:
     def __post_init__(self) -> None:
         given = sorted(k for k, v in self.method_options.items() if v is not None)
         if given and not self.budget:
-            raise UsageError(f"--{given[0].replace('_', '-')} only applies with --budget", "add e.g. --budget lora")
+            raise UsageError(f"`{given[0]}` only applies with `budget`", "add e.g. `budget` lora")
         if self.name_filter:
-            compile_pattern(self.name_filter, "--filter", FILTER_HINT)  # refused before any reading
+            compile_pattern(self.name_filter, "`name_filter`", FILTER_HINT)  # refused before any reading
         check_declared(self)
         if self.budget is None:
             return
@@ -295,8 +299,8 @@ class InspectOptions:
         unused = [k for k in given if k not in {f.name for f in option_fields(method.config_cls)}]
         if unused:
             raise UsageError(
-                f"--{unused[0].replace('_', '-')} is not an option of {method.name}",
-                f"drop it; see peftcli inject {method.name} --help for {method.name}'s options",
+                f"`{unused[0]}` is not an option of {method.name}",
+                _INJECT_HELP.format(method=method.name),
             )
 
 
@@ -321,7 +325,7 @@ def inspect(path: str, opts: InspectOptions | None = None) -> dict:
             return report
         if report["format"] != "checkpoint":
             article = "an" if report["format"][0] in "aeiou" else "a"
-            raise UsageError(f"--budget needs a base checkpoint, and {path} is {article} {report['format']}", "pass the base model instead")
+            raise UsageError(f"`budget` needs a base checkpoint, and {path} is {article} {report['format']}", "pass the base model instead")
         from peftcli.methods.base import Budget
 
         report["budget"] = Budget.of(get_method(opts.budget), ckpt, opts.config).to_json()
@@ -333,7 +337,7 @@ def inspect(path: str, opts: InspectOptions | None = None) -> dict:
 def _filter_budget(budget: dict, name_filter: str) -> None:
     """The budget's listing narrowed by ``--filter`` (which names tensors: a module row stands for
     its weight); the totals stay whole, as for the summary."""
-    pattern = compile_pattern(name_filter, "--filter", FILTER_HINT)
+    pattern = compile_pattern(name_filter, "`name_filter`", FILTER_HINT)
     named = [t for t in budget["targets"] if " " not in t["module"]]
     if named:
         budget["targets"] = [t for t in named if pattern.search(t["module"]) or pattern.search(t["module"] + ".weight")]

@@ -131,12 +131,12 @@ def parse_layers(spec: str | None) -> set[int] | None:
     for part in spec.split(","):
         m = re.fullmatch(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?", part, flags=re.ASCII)  # not '١-٣'
         if not m:
-            raise UsageError(f"invalid --layers {spec!r}", "use a list of indices and ranges such as 0,2,20-29")
+            raise UsageError(f"invalid `layers` {spec!r}", "use a list of indices and ranges such as 0,2,20-29")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
-            raise UsageError(f"invalid --layers range {part.strip()!r}", "write ranges low-high")
+            raise UsageError(f"invalid `layers` range {part.strip()!r}", "write ranges low-high")
         if hi > MAX_LAYER_INDEX:
-            raise UsageError(f"--layers index {hi} is beyond any real model", f"layer indices stop at {MAX_LAYER_INDEX}")
+            raise UsageError(f"`layers` index {hi} is beyond any real model", f"layer indices stop at {MAX_LAYER_INDEX}")
         layers.update(range(lo, hi + 1))
     return layers
 
@@ -146,7 +146,7 @@ def require_layers(layer_set: set[int], present: set[int]) -> None:
     absent = sorted(layer_set - present)
     if absent:
         raise UsageError(
-            f"--layers names layer {absent[0]}, which this model does not have",
+            f"`layers` names layer {absent[0]}, which this model does not have",
             f"layers here: {min(present)}-{max(present)}" if present else "this model has no numbered layers",
         )
 
@@ -161,7 +161,7 @@ def default_targets(modules: list[LinearModule], config: dict | None) -> tuple[s
             return names
     raise UsageError(
         "cannot tell this architecture's query/value projections",
-        "pass --targets; " + linear_names_hint(modules),
+        "pass `targets`; " + linear_names_hint(modules),
     )
 
 
@@ -181,7 +181,7 @@ def resolve_targets(
     elif targets.strip() == "all-linear":
         chosen = [m for m in modules if not is_output_head(m, config)]
     elif is_regex(targets):
-        pattern = compile_pattern(targets, "--targets", "e.g. --targets '.*\\.(q_proj|v_proj)'")
+        pattern = compile_pattern(targets, "`targets`", "e.g. `targets` '.*\\.(q_proj|v_proj)'")
         chosen = [m for m in modules if pattern.fullmatch(m.name)]  # PEFT: re.fullmatch(target_modules, key)
         if not chosen:
             raise UsageError(
@@ -201,6 +201,6 @@ def resolve_targets(
         require_layers(layer_set, {m.layer for m in modules if m.layer is not None})
         chosen = [m for m in chosen if m.layer in layer_set]
     if not chosen:
-        what = f"--targets {targets!r} matches no linear module" if targets else "no module matches the default targets"
-        raise UsageError(what + (f" in --layers {layers}" if layer_set is not None else ""), linear_names_hint(modules))
+        what = f"`targets` {targets!r} matches no linear module" if targets else "no module matches the default targets"
+        raise UsageError(what + (f" in `layers` {layers}" if layer_set is not None else ""), linear_names_hint(modules))
     return chosen

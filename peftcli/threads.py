@@ -22,7 +22,7 @@ def max_threads() -> int:
     return THREADS_PER_CORE * (os.cpu_count() or 1)
 
 
-def check_threads(threads: int | None, flag: str = "--threads") -> int | None:
+def check_threads(threads: int | None, flag: str = "`threads`") -> int | None:
     """``threads`` if it is None or a whole number from 1 to 4 × the cores; else a UsageError."""
     if threads is None:
         return None

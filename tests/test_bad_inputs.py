@@ -884,6 +884,14 @@ def test_pickles_are_refused_without_allow_pickle_by_every_command(art, pickles,
     assert invoke("merge", art["base"], art["lora-trained"], "-o", tmp_path / "ref").exit_code == 0
     with open_checkpoint(str(out)) as a, open_checkpoint(str(tmp_path / "ref")) as b:
         assert sorted(a) == sorted(b) and all(torch.equal(a.get(n), b.get(n)) for n in a)
+    # convert takes the flag too, and its .diff is that of the safetensors twin.
+    pickled_diff, ref_diff = tmp_path / "p.diff", tmp_path / "r.diff"
+    assert invoke("convert", art["lora-trained"], "--to", "diff", "--dense", "--base", pickles["base"], "-o", pickled_diff, "--allow-pickle").exit_code == 0
+    assert invoke("convert", art["lora-trained"], "--to", "diff", "--dense", "--base", art["base"], "-o", ref_diff).exit_code == 0
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(pickled_diff)), load_file(str(ref_diff))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
 
 
 # -- faults: SIGKILL and a full disk -------------------------------------------------------------------

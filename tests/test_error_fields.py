@@ -2,8 +2,9 @@
 
 The scan below is the rule's keeper: outside ``peftcli/cli/``, a string in the package may
 spell a flag (``--rank``) only inside a whole command to copy (```peftcli train --full` ``),
-in a docstring, in an option's help text or a method's ``examples`` (both rendered by the CLI
-alone), or on a line marked ``# argv`` (a command line peftcli itself runs).
+in a docstring, in an option's declaration (its spellings, its help text) or a method's
+``examples`` (all rendered by the CLI alone), or on a line marked ``# argv`` (a command line
+peftcli itself builds).
 """
 
 from __future__ import annotations
@@ -36,12 +37,15 @@ def _docstrings(tree: ast.AST) -> set[int]:
 
 
 def _help_texts(tree: ast.AST) -> set[int]:
-    """String constants passed as ``help=`` or assigned to ``examples`` (text for --help)."""
+    """String constants of option declarations (``option(...)``'s spellings, ``flag=``, ``help=``)
+    and ``examples``: text for --help and the parser."""
     ids = set()
     for node in ast.walk(tree):
         value = None
-        if isinstance(node, ast.keyword) and node.arg in ("help", "examples"):
+        if isinstance(node, ast.keyword) and node.arg in ("help", "examples", "flag"):
             value = node.value
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "option":
+            ids |= {id(a) for a in node.args if isinstance(a, ast.Constant)}  # a flag's declared spellings
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             if any(isinstance(t, ast.Name) and t.id.lower() == "examples" for t in targets):

@@ -137,7 +137,7 @@ def test_threads_above_four_per_core_are_refused(tiny_bert, trained, monkeypatch
         "(use at most --threads 8; on a busy machine --threads 1 is often fastest)"
     )
     for bad in (True, 1.5, "2"):
-        with pytest.raises(UsageError, match="--threads must be a whole number"):
+        with pytest.raises(UsageError, match="`threads` must be a whole number"):
             EvalOptions(data=trained["dev"], threads=bad)
 
 

@@ -210,9 +210,9 @@ def test_overrides_split_on_the_first_equals_and_read_yaml_values(tiny_bert, in_
         ("train.eval_evry=5", "unknown key 'eval_evry' (did you mean 'eval_every'?)"),
         ("train.steps=abc", "'abc' is not a valid integer"),
         ("train.dense=true", "unknown key 'dense'"),
-        ("train.batch_size=0", "--batch-size must be positive"),
+        ("train.batch_size=0", "`batch_size` must be positive"),
         ("merge.inputs=", "missing key 'inputs'"),
-        ("evaluate.compare=", "--min-agreement needs --compare"),
+        ("evaluate.compare=", "`min_agreement` needs `compare`"),
         ("lr", "is not key=value"),
     ],
 )
@@ -352,7 +352,7 @@ def test_builtins_reuse_the_quickstart_and_stay_in_the_workdir(tmp_path, in_tmp,
 def test_evaluate_refuses_what_it_cannot_evaluate(tiny_bert, tiny_data, tmp_path):
     from peftcli.evaluation import EvalOptions, evaluate
 
-    with pytest.raises(UsageError, match="--data is required"):
+    with pytest.raises(UsageError, match="`data` is required"):
         EvalOptions()
     with pytest.raises(BadInputError, match="not a model or adapter directory"):
         evaluate(str(tmp_path / "nope"), EvalOptions(data=tiny_data[1], device="cpu"))

@@ -285,7 +285,7 @@ def test_quantize_without_linear_layers_to_quantise():
     lm.get_output_embeddings = lambda: None
     with pytest.raises(BadInputError) as err:
         precision.quantize_frozen_linears(lm, "tiny/")
-    assert "no frozen linear layer to quantise" in err.value.message and "drop --quantize" in err.value.hint
+    assert "no frozen linear layer to quantise" in err.value.message and "drop `quantize`" in err.value.hint
     head = torch.nn.Linear(4, 8)
     lm.append(head)
     lm.get_output_embeddings = lambda: head  # the output projection alone stays as it is

@@ -125,7 +125,7 @@ def test_columns_maps_other_names_before_the_task_is_detected(data, tmp_path):
     # Without --columns, the unknown header's error points at --columns.
     with pytest.raises(BadInputError) as err:
         load_dataset(str(csv_path))
-    assert "--columns" in err.value.hint
+    assert "`columns`" in err.value.hint
 
 
 @pytest.mark.parametrize(

@@ -178,7 +178,7 @@ def test_disk_full_gives_a_resource_error_and_removes_the_temporary(tmp_path, mo
 def test_refuses_existing_output_without_force(tmp_path):
     target = str(tmp_path / "x.safetensors")
     save_state_dict({"w": torch.ones(2)}, target)
-    with pytest.raises(UsageError, match="already exists.*--force"):
+    with pytest.raises(UsageError, match="already exists.*`force`"):
         save_state_dict({"w": torch.zeros(2)}, target)
     save_state_dict({"w": torch.zeros(2)}, target, force=True)
     assert torch.equal(load_file(target)["w"], torch.zeros(2))

@@ -71,7 +71,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from peftcli.checkpoint.fingerprint import Fingerprint, content_hash, is_dtype_shape, summarize_differences
-from peftcli.checkpoint.reader import Checkpoint, open_checkpoint
+from peftcli.checkpoint.reader import Checkpoint, list_tensors_hint, open_checkpoint
 from peftcli.checkpoint.safetensors_format import DTYPES, size_problem
 from peftcli.checkpoint.writer import CheckpointWriter, TensorSpec
 from peftcli.errors import BadInputError, UsageError
@@ -311,7 +311,7 @@ def write_diff(
     tensors (``metadata.task_head``), each from ``head_values(name)``.
     """
     if values not in VALUES:
-        raise UsageError(f"--values must be one of {', '.join(VALUES)}, got {values!r}", VALUES_HINT)
+        raise UsageError(f"`values` must be one of {', '.join(VALUES)}, got {values!r}", VALUES_HINT)
     plan = _plan(entries, values)
     meta = {
         "format": FORMAT,
@@ -384,7 +384,7 @@ class SparseDiff:
 
     def _known(self, name: str) -> str:
         if name not in self._layout:
-            raise BadInputError(f"{self.path}: the diff has no tensor {name!r}", f"list its tensors with peftcli inspect {self.path} --tensors")
+            raise BadInputError(f"{self.path}: the diff has no tensor {name!r}", list_tensors_hint(self.path))
         return name
 
     def _check_fingerprint_covers_shapes(self) -> None:

@@ -193,7 +193,7 @@ def check_output_path(target: str, inputs: Iterable[str] = (), force: bool = Fal
         if os.path.isdir(inp) and _same_or_inside(target, inp):
             raise UsageError(f"output {target} is inside the input directory {inp}", "write the output outside the input directory")
     if os.path.lexists(target) and not force:
-        raise UsageError(f"output {target} already exists", "pass --force to replace it, or choose another -o path")
+        raise UsageError(f"output {target} already exists", "pass `force` to replace it, or choose another `output` path")
     parent = os.path.dirname(os.path.abspath(target))
     existing = parent
     while not os.path.exists(existing):
@@ -245,7 +245,7 @@ def atomic_output(target: str, *, directory: bool, inputs: Iterable[str] = (), f
 def _move_into_place(payload: str, target: str, force: bool) -> None:
     if not force:
         if not _rename_noreplace(payload, target):
-            raise UsageError(f"output {target} already exists", "another run wrote it first; pass --force to replace it, or choose another -o path")
+            raise UsageError(f"output {target} already exists", "another run wrote it first; pass `force` to replace it, or choose another `output` path")
         return
     if os.path.lexists(target) and (os.path.isdir(payload) or (os.path.isdir(target) and not os.path.islink(target))):
         # rename() cannot replace a non-empty directory: move the old one aside (into this

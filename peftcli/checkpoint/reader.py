@@ -33,7 +33,14 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLE_SINGLE = ("pytorch_model.bin", "model.bin", "model.pt")
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-PICKLE_HINT = "pass --allow-pickle to load it with torch.load(weights_only=True), or re-save it as safetensors"
+PICKLE_HINT = "pass `allow_pickle` to load it with torch.load(weights_only=True), or re-save it as safetensors"
+# One string, so that the command to copy is one span (an f-string would split it around PATH).
+_LIST_TENSORS = "list its tensors with `peftcli inspect {path} --tensors`"
+
+
+def list_tensors_hint(path: str) -> str:
+    """The hint of a missing tensor: the command that lists the tensors ``path`` holds."""
+    return _LIST_TENSORS.format(path=path)
 
 
 class TensorInfo(NamedTuple):
@@ -112,7 +119,7 @@ class Checkpoint:
 
         info = self.tensors.get(name)
         if info is None:
-            raise BadInputError(f"{self.path}: no tensor named {name!r}", f"list its tensors with peftcli inspect {self.path} --tensors")
+            raise BadInputError(f"{self.path}: no tensor named {name!r}", list_tensors_hint(self.path))
         if self.storage == "pickle":
             return self._loaded[name]
         from peftcli.checkpoint.dtypes import torch_dtype
@@ -129,7 +136,7 @@ class Checkpoint:
         """The raw little-endian bytes of tensor ``name`` (safetensors storage only)."""
         info = self.tensors.get(name)
         if info is None:
-            raise BadInputError(f"{self.path}: no tensor named {name!r}", f"list its tensors with peftcli inspect {self.path} --tensors")
+            raise BadInputError(f"{self.path}: no tensor named {name!r}", list_tensors_hint(self.path))
         if info.begin is None:
             raise UsageError("raw bytes are only available from safetensors files", "read pickle checkpoints with Checkpoint.get")
         return self._raw(info).numpy().tobytes()
@@ -142,7 +149,7 @@ class Checkpoint:
         """
         info = self.tensors.get(name)
         if info is None:
-            raise BadInputError(f"{self.path}: no tensor named {name!r}", f"list its tensors with peftcli inspect {self.path} --tensors")
+            raise BadInputError(f"{self.path}: no tensor named {name!r}", list_tensors_hint(self.path))
         if info.begin is None:
             raise UsageError("byte ranges are only available from safetensors files", "read pickle checkpoints with Checkpoint.get")
         if not 0 <= begin <= end <= info.end - info.begin:

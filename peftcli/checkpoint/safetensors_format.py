@@ -146,7 +146,7 @@ def _refuse_other_format(path: str, prefix: bytes) -> None:
     if prefix[:2] == b"PK" or prefix[:1] == b"\x80":
         raise BadInputError(
             f"{path}: a PyTorch pickle, not safetensors",
-            "pass --allow-pickle to read it with torch.load(weights_only=True), or " + EXPECTED,
+            "pass `allow_pickle` to read it with torch.load(weights_only=True), or " + EXPECTED,
         )
     if all(32 <= b < 127 or b in (9, 10, 13) for b in prefix):
         raise BadInputError(f"{path}: a text file, not safetensors (it starts with {prefix.decode('ascii')!r})", EXPECTED)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from peftcli.preflight import CheckOptions, count_artifacts
+from peftcli.cli.flags import command_flags
 from peftcli.cli.options import click_options
 from peftcli.cli.output import emit_json, json_option, printable
 from peftcli.options import from_options
@@ -40,17 +41,18 @@ def check(base, artifacts, as_json, **values):
       peftcli check base/ --scan-base
     """
     from peftcli.preflight import check as run_check
-    from peftcli.errors import BadInputError
+    from peftcli.errors import BadInputError, render_fields
 
     report = run_check(base, list(artifacts), from_options(CheckOptions, values))
     if as_json:
         emit_json(report.to_json())
     else:
+        flags = command_flags(click.get_current_context().command)  # a problem names fields, as errors do
         for result in [report.base, *report.artifacts]:
-            click.echo(printable(_line(result)))
+            click.echo(printable(render_fields(_line(result), flags)))
         click.echo(printable(_summary(report)))
         if report.merge or report.merge_refusal:
-            click.echo(printable(_merge_line(report)))
+            click.echo(printable(render_fields(_merge_line(report), flags)))
     if not report.ok:
         where = "the JSON document lists every problem" if as_json else "the lines above say why; --json lists every problem"
         raise BadInputError(report.failure(), where)

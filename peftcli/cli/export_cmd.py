@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import click
 
+from peftcli.cli.flags import command_flags
 from peftcli.cli.output import emit_json, json_option, printable
 from peftcli.serving import ExportOptions
 from peftcli.cli.options import click_options
@@ -44,7 +45,7 @@ def export(run, as_json, **options):
       peftcli export runs/lora/ --to vllm --max-lora-rank 32 -o served/lora/ --json
       peftcli export runs/lora/ --to gguf --base models/llama/ -o lora.gguf --outtype f16
     """
-    from peftcli.errors import BadInputError
+    from peftcli.errors import BadInputError, render_fields
     from peftcli.serving import export as run_export
 
     opts = from_options(ExportOptions, options)
@@ -52,8 +53,9 @@ def export(run, as_json, **options):
     if as_json:
         emit_json(report.to_json())
     else:
+        flags = command_flags(click.get_current_context().command)  # a finding names fields, as errors do
         for line in _lines(report):
-            click.echo(printable(line))
+            click.echo(printable(render_fields(line, flags)))
     if not report.ok:  # only --check gets here with findings: exporting raises on a refusal
         n = len(report.findings)
         raise BadInputError(

@@ -165,7 +165,7 @@ def data_builtin(what: str, spec: dict[str, Any], path: str, where: str) -> Buil
     seed = _int(spec.get("seed", 0), f"{where}.seed", 0, MAX_SEED)
     from peftcli.recipes.steps import display
 
-    argv = [*COMMAND, name, display(path), "--examples", str(examples), "--seed", str(seed)]
+    argv = [*COMMAND, name, display(path), "--examples", str(examples), "--seed", str(seed)]  # argv
     return Builtin(what, path, argv, lambda force: write_data(name, path, examples, seed, force=force))
 
 
@@ -190,7 +190,7 @@ def model_builtin(spec: dict[str, Any], workdir: str, where: str) -> Builtin:
     path = os.path.join(workdir, f"tiny-{arch}" + (f"-seed{seed}" if seed else ""))
     from peftcli.recipes.steps import display
 
-    argv = [*COMMAND, "tiny", display(path), "--arch", arch] + (["--seed", str(seed)] if seed else [])
+    argv = [*COMMAND, "tiny", display(path), "--arch", arch] + (["--seed", str(seed)] if seed else [])  # argv
     return Builtin("model", path, argv, lambda force: build_tiny(arch, path, seed))
 
 

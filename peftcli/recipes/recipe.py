@@ -491,8 +491,8 @@ def _plan_step(path: str, step_id: str, body: Any, names: dict, wd: str, force: 
     # Commands name paths as you would type them here: relative to the current directory when inside it.
     shown = {k: ((list(map(display, v)) if isinstance(v, list) else display(v)) if k in paths else v) for k, v in resolved.items()}
     argv = to_argv(kind, keys, shown, where)
-    if force and "force" in keys and "--force" not in argv:
-        argv.append("--force")
+    if force and "force" in keys and "--force" not in argv:  # argv
+        argv.append("--force")  # argv
     params = parse(cmd, words, argv, where)
     if kind.selector is not None:
         params[kind.selector] = words[-1]  # inject's method: the subcommand the step runs
@@ -530,7 +530,7 @@ def execute(p: Plan, *, force: bool = False, log=None, progress=None) -> dict:
             if os.path.lexists(out) and not force:
                 raise UsageError(
                     f"step {step.id}: {display(out)} already exists",
-                    "pass --force to replace this recipe's outputs, or -o a new workdir",
+                    "rerun with `peftcli run RECIPE --force` to replace this recipe's outputs, or -o a new workdir",
                 )
     started = time.perf_counter()
     doc = p.to_json()

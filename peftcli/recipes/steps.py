@@ -224,7 +224,7 @@ def _combine_options(p: dict) -> CombineOptions:
 def _check(api, p: dict, opts, ctx):
     report = api(p["base"], list(p["artifacts"]), opts)
     if not report.ok:
-        raise BadInputError(report.failure(), "peftcli check with --json lists every problem")
+        raise BadInputError(report.failure(), "`peftcli check --json` lists every problem")
     return report
 
 
@@ -312,7 +312,7 @@ KINDS: dict[str, Kind] = {
             _describe_inject, outputs=("output",), creates=("output",), selector="method",
         ),
         Kind(
-            "train", "train an adapter run (or --full)", _fixed(arg("run"), option_params(_Force, TrainConfig)),
+            "train", "train an adapter run (or `full`)", _fixed(arg("run"), option_params(_Force, TrainConfig)),
             "peftcli.training.loop:train", _options(TrainConfig), _train, _describe_train,
             outputs=("run",), extra_paths=("model", "data", "eval"), required=("data",),
         ),
@@ -426,12 +426,16 @@ def _safe_positional(text: str) -> str:
     return "./" + text if text.startswith("-") else text
 
 
+# One string, so that the command to copy is one span (an f-string would split it around the command).
+_KEYS_HINT = "the step's keys are the options of peftcli {command}: see `peftcli {command} --help`"
+
+
 def parse(cmd: Command, words: list[str], argv: list[str], where: str) -> dict:
     """Read ``argv`` back as the command line is read: the declared types, choices and required values."""
     try:
         return _read(cmd, argv)
     except _BadArgs as exc:
-        raise UsageError(f"{where}: {exc}", f"the step's keys are the options of {' '.join(words)}: see its --help") from None
+        raise UsageError(f"{where}: {exc}", _KEYS_HINT.format(command=" ".join(words[1:]))) from None
 
 
 class _BadArgs(Exception):

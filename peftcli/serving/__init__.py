@@ -43,32 +43,32 @@ class ExportOptions:
         from peftcli.serving.vllm import MAX_LORA_RANKS
 
         if self.to not in TARGETS:
-            raise UsageError(f"--to {self.to!r} is not an export target", f"choose one of: {', '.join(TARGETS)}")
+            raise UsageError(f"`to` {self.to!r} is not an export target", f"choose one of: {', '.join(TARGETS)}")
         self._check_gguf_options()
         if self.max_lora_rank is not None and self.max_lora_rank not in MAX_LORA_RANKS:
             raise UsageError(
-                f"--max-lora-rank {self.max_lora_rank} is not a max_lora_rank vLLM accepts",
+                f"`max_lora_rank` {self.max_lora_rank} is not a max_lora_rank vLLM accepts",
                 f"choose one of {', '.join(map(str, MAX_LORA_RANKS))}",
             )
         if self.check and self.output:
-            raise UsageError("--check writes nothing, so -o/--output has no use with it", "drop -o, or drop --check to export")
+            raise UsageError("`check` writes nothing, so `output` has no use with it", "drop `output`, or drop `check` to export")
         if not self.check and not self.output:
-            raise UsageError("export needs -o/--output DIR, the adapter directory to write", "or pass --check to lint only")
+            raise UsageError("export needs `output` DIR, the adapter directory to write", "or pass `check` to lint only")
 
     def _check_gguf_options(self) -> None:
         from peftcli.serving.gguf import OUTTYPES
 
         if self.to != "gguf":
-            used = next((f for f, v in (("--outtype", self.outtype), ("--base", self.base)) if v is not None), None)
+            used = next((f for f, v in (("`outtype`", self.outtype), ("`base`", self.base)) if v is not None), None)
             if used:
-                raise UsageError(f"{used} is an option of --to gguf, not of --to {self.to}", f"drop {used}, or pass --to gguf")
+                raise UsageError(f"{used} is an option of `to` gguf, not of `to` {self.to}", f"drop {used}, or pass `to` gguf")
             return
         if self.max_lora_rank is not None:
-            raise UsageError("--max-lora-rank is vLLM's, and llama.cpp has no such limit", "drop --max-lora-rank")
+            raise UsageError("`max_lora_rank` is vLLM's, and llama.cpp has no such limit", "drop `max_lora_rank`")
         if self.outtype is None:
             self.outtype = "f32"
         if self.outtype not in OUTTYPES:
-            raise UsageError(f"--outtype {self.outtype!r} is not a type llama.cpp's adapter converter writes", f"choose one of: {', '.join(OUTTYPES)}")
+            raise UsageError(f"`outtype` {self.outtype!r} is not a type llama.cpp's adapter converter writes", f"choose one of: {', '.join(OUTTYPES)}")
 
 
 @dataclass
@@ -176,6 +176,6 @@ def _refuse_or_report(report: ExportReport) -> ExportReport:
     first = report.refusals[0]
     more = len(report.refusals) - 1
     raise BadInputError(
-        f"cannot export {report.run} for {report.to}: {first.message}" + (f" (and {more} more: --check lists them)" if more else ""),
+        f"cannot export {report.run} for {report.to}: {first.message}" + (f" (and {more} more: `check` lists them)" if more else ""),
         first.way_out,
     )

@@ -58,13 +58,13 @@ def base_arch(run: str, config: dict, base: str | None) -> tuple[str, Arch]:
     if not base or not os.path.isfile(path):
         raise BadInputError(
             f"{run}: the base model's config.json is needed and {named!r} is no local directory holding one",
-            "pass --base DIR, the base model's directory (nothing is downloaded)",
+            "pass `base` DIR, the base model's directory (nothing is downloaded)",
         )
     try:
         with open(path, encoding="utf-8") as f:
             hf = json.load(f)
     except (OSError, ValueError) as exc:
-        raise BadInputError(f"{path}: cannot read it as JSON ({exc})", "pass --base DIR with an intact config.json") from None
+        raise BadInputError(f"{path}: cannot read it as JSON ({exc})", "pass `base` DIR with an intact config.json") from None
     archs = hf.get("architectures") if isinstance(hf, dict) else None
     arch = archs[0] if isinstance(archs, list) and archs else None
     if arch not in ARCHITECTURES:
@@ -77,7 +77,7 @@ def base_arch(run: str, config: dict, base: str | None) -> tuple[str, Arch]:
     layers = hf.get("num_hidden_layers")
     if not all(type(v) is int and v > 0 for v in (heads, kv, layers)):
         raise BadInputError(f"{path}: num_attention_heads/num_key_value_heads/num_hidden_layers are not positive integers",
-                            "pass --base DIR with an intact config.json")
+                            "pass `base` DIR with an intact config.json")
     return base, Arch(ARCHITECTURES[arch], heads, kv, layers, bool(hf.get("tie_word_embeddings", False)))
 
 

@@ -55,11 +55,15 @@ def merge_way(run: str) -> str:
     return f"merge it into the base and serve the result: peftcli merge BASE {run} -o DIR"
 
 
+# One string, so that each command to copy is one span (an f-string would split it around RUN).
+_CONVERT_WAY = (
+    "or make a plain LoRA of rank R: `peftcli convert {run} --to diff --dense -o d.diff`, then "
+    "`peftcli convert d.diff --to lora --rank R` (it reports the share of the update it keeps)"
+)
+
+
 def convert_way(run: str) -> str:
-    return (
-        f"or make a plain LoRA of rank R: peftcli convert {run} --to diff --dense -o d.diff, then "
-        "peftcli convert d.diff --to lora --rank R (it reports the share of the update it keeps)"
-    )
+    return _CONVERT_WAY.format(run=run)
 
 
 @dataclass
@@ -314,9 +318,9 @@ def _rank(view: LoraView, max_rank: int | None) -> list[Finding]:
     ranks = sorted(set(view.ranks.values()))
     if target is None:
         cap = max_rank or MAX_LORA_RANKS[-1]
-        flag = "--max-lora-rank" if max_rank else "vLLM's largest max_lora_rank"
+        flag = "`max_lora_rank`" if max_rank else "vLLM's largest max_lora_rank"
         return [Finding("rank", f"rank {view.rank} is above {flag} {cap}, and cutting a rank is not exact",
-                        way_out=f"serve it with a larger --max-lora-rank, {convert_way(view.run)}".replace(", or make", "; or make"))]
+                        way_out=f"serve it with a larger `max_lora_rank`, {convert_way(view.run)}".replace(", or make", "; or make"))]
     if ranks == [target] and int(view.config["r"]) == target:
         return []
     what = f"ranks {', '.join(map(str, ranks))} (rank_pattern)" if len(ranks) > 1 else f"rank {view.rank}"
@@ -346,7 +350,7 @@ RULES: tuple[Rule, ...] = (
     Rule("saved-modules", "modules_to_save holds at most a classification head named classifier or score", _heads,
          "a head listed by its path is written under its name classifier or score"),
     Rule("tensor-names", "every tensor is a lora_A.weight or lora_B.weight of a module (or of the head)", _names, None),
-    Rule("rank", "one rank, one of 1, 8, 16, 32, 64, 128, 256, 320, 512, at most --max-lora-rank", _rank,
+    Rule("rank", "one rank, one of 1, 8, 16, 32, 64, 128, 256, 320, 512, at most `max_lora_rank`", _rank,
          "padded with zeros to the next allowed rank, lora_alpha rescaled: exact"),
     Rule("scaling", "one α/r: use_rslora false, no rank_pattern or alpha_pattern", _scaling,
          "rsLoRA and the patterns folded into lora_alpha and, per module, into lora_B: exact"),

@@ -73,7 +73,7 @@ def encode(
                 chat_template = getattr(tokenizer, "chat_template", None)
             if not isinstance(chat_template, str) or not chat_template:
                 raise UsageError(
-                    f"{dataset.path}: messages rows need a chat template and the tokenizer has none", "peftcli train takes one with --chat-template FILE"
+                    f"{dataset.path}: messages rows need a chat template and the tokenizer has none", "peftcli train takes one: `peftcli train RUN --chat-template FILE`"
                 )
             where = f"{dataset.path}:{ex.line}"
             chat_ids, chat_labels = encode_messages(ex.messages, tokenizer, chat_template, template_name, where, max_length)

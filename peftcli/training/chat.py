@@ -26,7 +26,7 @@ CHAT_ROLES = ("system", "user", "assistant")
 IGNORE = -100  # transformers' ignore_index (as batching.IGNORE; batching imports this module)
 MAX_TEMPLATE_BYTES = 1 << 20  # a chat template is a page of Jinja, not megabytes
 _MESSAGES_HINT = 'each row is {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
-_TEMPLATE_HINT = "give a chat template with --chat-template FILE (a Jinja file, e.g. the chat_template of a chat model)"
+_TEMPLATE_HINT = "give a chat template with `chat_template` FILE (a Jinja file, e.g. the chat_template of a chat model)"
 
 
 def check_messages(path: str, lineno: int, value) -> list[dict]:
@@ -55,14 +55,14 @@ def read_template(path: str | None) -> str | None:
     if path is None:
         return None
     if not os.path.isfile(path):
-        raise BadInputError(f"--chat-template {path}: no such file", "give the path of a Jinja chat template file")
+        raise BadInputError(f"`chat_template` {path}: no such file", "give the path of a Jinja chat template file")
     if os.path.getsize(path) > MAX_TEMPLATE_BYTES:
-        raise BadInputError(f"--chat-template {path}: larger than {MAX_TEMPLATE_BYTES:,} bytes", "a chat template is a short Jinja file; check the path")
+        raise BadInputError(f"`chat_template` {path}: larger than {MAX_TEMPLATE_BYTES:,} bytes", "a chat template is a short Jinja file; check the path")
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except UnicodeDecodeError:
-        raise BadInputError(f"--chat-template {path}: not UTF-8 text", "save the template as UTF-8") from None
+        raise BadInputError(f"`chat_template` {path}: not UTF-8 text", "save the template as UTF-8") from None
 
 
 def resolve_template(chat: bool, option_path: str | None, tokenizer, model_dir: str) -> str | None:
@@ -70,7 +70,7 @@ def resolve_template(chat: bool, option_path: str | None, tokenizer, model_dir: 
     for data without ``messages`` (where ``--chat-template`` is refused: it would do nothing)."""
     if not chat:
         if option_path is not None:
-            raise UsageError("--chat-template applies to messages rows (chat sft) only", "drop --chat-template, or train on rows with messages")
+            raise UsageError("`chat_template` applies to messages rows (chat sft) only", "drop `chat_template`, or train on rows with messages")
         return None
     text = read_template(option_path)
     if text is None:

@@ -46,7 +46,7 @@ def write_json(path: str, obj: dict) -> None:
 def resolve_device(name: str) -> torch.device:
     """``--device``: ``auto`` is CUDA where there is one, else the CPU."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no CUDA device is available", "use --device cpu or auto")
+        raise UsageError("`device` cuda but no CUDA device is available", "use `device` cpu or auto")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -57,13 +57,13 @@ def resolve_config(run: str, cfg: TrainConfig | None, resume: bool) -> TrainConf
     args_path = os.path.join(run, ARGS_FILE)
     if resume:
         if not os.path.isfile(args_path):
-            raise UsageError(f"{run}: nothing to resume (no {ARGS_FILE})", "start a run with --data first")
+            raise UsageError(f"{run}: nothing to resume (no {ARGS_FILE})", "start a run with `data` first")
         saved = read_json(args_path)
         if isinstance(saved, dict) and "head_lr" not in saved and saved.get("lr") is not None:
             saved = {**saved, "head_lr": saved["lr"]}  # a run from before head_lr trained its head at lr
         return TrainConfig(**saved)
     if cfg is None or cfg.data is None:
-        raise UsageError("--data is required", "e.g. peftcli train runs/lora/ --data train.jsonl")
+        raise UsageError("`data` is required", "e.g. `peftcli train runs/lora/ --data train.jsonl`")
     return cfg
 
 
@@ -73,7 +73,7 @@ def with_model_dir(cfg: TrainConfig, adapter) -> TrainConfig:
 
     model_dir = cfg.model or (adapter.config.get("base_model_name_or_path") if adapter is not None else None)
     if not model_dir or not (os.path.isdir(model_dir) or (is_gguf(model_dir) and not cfg.full)):
-        raise UsageError(f"base model directory {model_dir!r} not found", "pass --model DIR")
+        raise UsageError(f"base model directory {model_dir!r} not found", "pass `model` DIR")
     return dataclasses.replace(cfg, model=model_dir)
 
 

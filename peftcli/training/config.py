@@ -78,29 +78,29 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.task is not None and self.task not in TASKS:
-            raise UsageError(f"unknown --task {self.task!r}", "choose lm, sft or classify")
+            raise UsageError(f"unknown `task` {self.task!r}", "choose lm, sft or classify")
         parse_columns(self.columns)
         if self.schedule is not None and self.schedule not in SCHEDULES:
-            raise UsageError(f"unknown --schedule {self.schedule!r}", "choose linear, cosine or constant")
+            raise UsageError(f"unknown `schedule` {self.schedule!r}", "choose linear, cosine or constant")
         if self.device not in ("auto", "cpu", "cuda"):
-            raise UsageError(f"unknown --device {self.device!r}", "choose auto, cpu or cuda")
+            raise UsageError(f"unknown `device` {self.device!r}", "choose auto, cpu or cuda")
         for name in ("batch_size", "grad_accum", "max_length", "log_every", "keep_checkpoints"):
             if getattr(self, name) <= 0:
-                flag = f"--{name.replace('_', '-')}"
+                flag = f"`{name}`"
                 raise UsageError(f"{flag} must be positive", f"e.g. {flag} {getattr(TrainConfig, name)}, its default")
         for name in ("steps", "eval_every", "patience", "save_every", "limit", "phase1_steps", "threads"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                flag = f"--{name.replace('_', '-')}"
+                flag = f"`{name}`"
                 raise UsageError(f"{flag} must be positive", f"give {flag} a value of at least 1, or leave it out")
         if self.epochs is not None and self.epochs <= 0:
-            raise UsageError("--epochs must be positive", "e.g. --epochs 1; fractions such as 0.5 work too")
+            raise UsageError("`epochs` must be positive", "e.g. `epochs` 1; fractions such as 0.5 work too")
         if self.steps is not None and self.epochs is not None:
-            raise UsageError("give --steps or --epochs, not both", "drop one of them")
+            raise UsageError("give `steps` or `epochs`, not both", "drop one of them")
         if self.packing and self.task == "classify":
-            raise UsageError("--packing does not apply to --task classify", "drop --packing: it packs lm and sft examples")
+            raise UsageError("`packing` does not apply to `task` classify", "drop `packing`: it packs lm and sft examples")
         if self.phase1_lr is not None and self.phase1_lr <= 0:
-            raise UsageError("--phase1-lr must be positive", "e.g. --phase1-lr 1e-4, or leave it out to use --lr")
+            raise UsageError("`phase1_lr` must be positive", "e.g. `phase1_lr` 1e-4, or leave it out to use `lr`")
         for name in ("lr", "head_lr"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UsageError(f"`{name}` must be positive", f"e.g. `{name}` 1e-3, or leave it out for the method's default")
@@ -110,8 +110,8 @@ class TrainConfig:
             raise UsageError("give `warmup_steps` or `warmup_ratio`, not both", "drop one of them")
         if self.weight_decay < 0 or (self.warmup_steps or 0) < 0 or self.max_grad_norm < 0:
             raise UsageError(
-                "--weight-decay, --warmup-steps and --max-grad-norm must be non-negative",
-                "the defaults are --weight-decay 0 --max-grad-norm 1.0 and the method's warmup",
+                "`weight_decay`, `warmup_steps` and `max_grad_norm` must be non-negative",
+                "the defaults are `weight_decay` 0, `max_grad_norm` 1.0 and the method's warmup",
             )
         check_threads(self.threads)
         self._check_precision()
@@ -119,17 +119,17 @@ class TrainConfig:
         if self.full and self.head_lr is not None and self.head_lr != self.lr:
             raise UsageError("`head_lr` applies to adapter runs", "full fine-tuning trains the head at `lr`: drop `head_lr`")
         if self.full and self.model is None:
-            raise UsageError("--full needs --model DIR, the model to fine-tune", "add --model with the model directory")
+            raise UsageError("`full` needs `model` DIR, the model to fine-tune", "add `model` with the model directory")
         if self.patience is not None and self.eval_data is None:
-            raise UsageError("--patience needs --eval data", "add --eval FILE with validation data, or drop --patience")
+            raise UsageError("`patience` needs `eval_data`", "add `eval_data` FILE with validation data, or drop `patience`")
 
     def _check_precision(self) -> None:
         if self.base_dtype is not None and self.base_dtype not in BASE_DTYPES:
-            raise UsageError(f"unknown --base-dtype {self.base_dtype!r}", "choose fp32, bf16 or fp16")
+            raise UsageError(f"unknown `base_dtype` {self.base_dtype!r}", "choose fp32, bf16 or fp16")
         if self.quantize is not None and self.quantize not in QUANTIZE:
-            raise UsageError(f"unknown --quantize {self.quantize!r}", "choose nf4 (4-bit NormalFloat, as QLoRA)")
+            raise UsageError(f"unknown `quantize` {self.quantize!r}", "choose nf4 (4-bit NormalFloat, as QLoRA)")
         if not isinstance(self.gradient_checkpointing, bool):
-            raise UsageError(f"--gradient-checkpointing {self.gradient_checkpointing!r} is not true or false", "pass the flag or leave it out")
+            raise UsageError(f"`gradient_checkpointing` {self.gradient_checkpointing!r} is not true or false", "pass the flag or leave it out")
 
 
 BASE_DTYPES = ("fp32", "bf16", "fp16")
@@ -144,14 +144,14 @@ def check_threads(threads: int | None) -> int | None:
     cap = THREADS_PER_CORE * (os.cpu_count() or 1)
     if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= cap:
         raise UsageError(
-            f"--threads {threads!r} is not a thread count for this machine",
+            f"`threads` {threads!r} is not a thread count for this machine",
             f"give 1 to {cap}, {THREADS_PER_CORE} per core, or leave it out for torch's default",
         )
     return threads
 
 
-def check_total_steps(total: int, what: str = "--epochs") -> int:
+def check_total_steps(total: int, what: str = "`epochs`") -> int:
     """A run's step count (from --epochs and the data) must be one that can finish."""
     if total > MAX_STEPS:
-        raise UsageError(f"{what} makes {total:,} steps, more than the {MAX_STEPS:,} a run may have", "give fewer --epochs or --steps")
+        raise UsageError(f"{what} makes {total:,} steps, more than the {MAX_STEPS:,} a run may have", "give fewer `epochs` or `steps`")
     return total

@@ -46,10 +46,10 @@ KNOWN_COLUMNS = {"text", "sentence", "label", "prompt", "completion", "idx", "id
 MAX_LINE_CHARS = 16 * 2**20  # a data line (an example) longer than 16 Mi characters is refused, not allocated
 _HEADER_HINT = (
     "name the columns in a header row (text or sentence, label, prompt, completion), map yours with "
-    "--columns text=COLUMN,label=COLUMN, or remove the header"
+    "`columns` text=COLUMN,label=COLUMN, or remove the header"
 )
 ROLES = ("text", "label", "prompt", "completion")  # what --columns maps a file's columns to
-_COLUMNS_HINT = "e.g. --columns text=review,label=sentiment (roles: text, label, prompt, completion)"
+_COLUMNS_HINT = "e.g. `columns` text=review,label=sentiment (roles: text, label, prompt, completion)"
 COLUMNS_HELP = "use the data's columns COLUMN as ROLE (text, label, prompt, completion), e.g. text=review,label=sentiment"
 _TABS_HINT = "it looks tab-separated: rename it to .tsv"
 
@@ -62,14 +62,14 @@ def parse_columns(spec: str | None) -> dict[str, str] | None:
     for part in spec.split(","):
         role, sep, column = (x.strip() for x in part.partition("="))
         if not sep or not role or not column:
-            raise UsageError(f"--columns: {part.strip()!r} is not ROLE=COLUMN", _COLUMNS_HINT)
+            raise UsageError(f"`columns`: {part.strip()!r} is not ROLE=COLUMN", _COLUMNS_HINT)
         if role not in ROLES:
-            raise UsageError(f"--columns: unknown role {role!r} (for column {column!r})", _COLUMNS_HINT)
+            raise UsageError(f"`columns`: unknown role {role!r} (for column {column!r})", _COLUMNS_HINT)
         if role in mapping:
-            raise UsageError(f"--columns gives the role {role!r} twice ({mapping[role]!r} and {column!r})", "give each role one column")
+            raise UsageError(f"`columns` gives the role {role!r} twice ({mapping[role]!r} and {column!r})", "give each role one column")
         other = next((r for r, c in mapping.items() if c == column), None)
         if other is not None:
-            raise UsageError(f"--columns gives the column {column!r} two roles ({other} and {role})", "give each column one role")
+            raise UsageError(f"`columns` gives the column {column!r} two roles ({other} and {role})", "give each column one role")
         mapping[role] = column
     return mapping
 
@@ -86,8 +86,8 @@ def _missing_column(path: str, lineno: int, column: str, columns) -> BadInputErr
     names = [str(c)[:40] for c in columns]
     listed = ", ".join(names[:20]) + (f", … ({len(names)} in all)" if len(names) > 20 else "")
     return BadInputError(
-        f"{path}:{lineno}: no column {column!r} (named by --columns); the file's columns: {listed or 'none'}",
-        "give --columns the names the file uses",
+        f"{path}:{lineno}: no column {column!r} (named by `columns`); the file's columns: {listed or 'none'}",
+        "give `columns` the names the file uses",
     )
 
 
@@ -102,7 +102,7 @@ def _lines(f, path: str):
         lineno += 1
         if len(line) > MAX_LINE_CHARS:
             raise BadInputError(
-                f"{path}:{lineno}: line longer than {MAX_LINE_CHARS:,} characters", "split the example, or shorten it: longer texts are truncated to --max-length tokens anyway"
+                f"{path}:{lineno}: line longer than {MAX_LINE_CHARS:,} characters", "split the example, or shorten it: longer texts are truncated to `max_length` tokens anyway"
             )
         yield line
 
@@ -249,7 +249,7 @@ def load_dataset(path: str, task: str | None = None, limit: int | None = None, c
     if not os.path.isfile(path):
         raise BadInputError(f"{path}: no such data file", "check the path; the data is a .jsonl, .csv or .tsv file")
     if task is not None and task not in TASKS:
-        raise UsageError(f"unknown --task {task!r}", "choose lm, sft or classify")
+        raise UsageError(f"unknown `task` {task!r}", "choose lm, sft or classify")
     mapping = parse_columns(columns)
     examples: list[Example] = []
     detected = task
@@ -264,7 +264,7 @@ def load_dataset(path: str, task: str | None = None, limit: int | None = None, c
                 if detected is None:
                     raise BadInputError(
                         f"{path}:{lineno}: cannot tell the task from columns {sorted(columns)}",
-                        "use text (lm), prompt+completion (sft) or text/sentence+label (classify), or map yours with --columns text=COLUMN,...",
+                        "use text (lm), prompt+completion (sft) or text/sentence+label (classify), or map yours with `columns` text=COLUMN,...",
                     )
             if not first_line:
                 chat = detected == "sft" and "messages" in row
@@ -324,7 +324,7 @@ def _field(path: str, lineno: int, row: dict, names: tuple[str, ...]) -> str:
     raise BadInputError(
         f"{path}:{lineno}: missing field {' or '.join(repr(n) for n in names)}",
         "every example needs the columns of its task: text (lm), prompt+completion (sft), text/sentence+label (classify); "
-        "--columns maps other names to them",
+        "`columns` maps other names to them",
     )
 
 

@@ -160,14 +160,14 @@ def average_gradients(world: World, params) -> None:
 def launch(nproc: int, argv: list[str]) -> int:
     """Run ``peftcli <argv>`` in ``nproc`` workers through torch.distributed.run; its exit code."""
     if nproc < 1:
-        raise UsageError(f"--nproc must be positive, got {nproc}", "e.g. --nproc 2 for two worker processes, or leave it out for one")
+        raise UsageError(f"`nproc` must be positive, got {nproc}", "e.g. `nproc` 2 for two worker processes, or leave it out for one")
     # Every worker runs on this machine, so all traffic stays on loopback. Without this, torchrun
     # hands the workers this host's name as MASTER_ADDR and gloo binds to whatever that name
     # resolves to: on a machine whose hostname does not resolve (a CI sandbox, a container),
     # the workers retry the lookup for the full 30-minute timeout instead of starting.
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1",
-        f"--nproc-per-node={nproc}", "-m", "peftcli", *argv,
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1",  # argv
+        f"--nproc-per-node={nproc}", "-m", "peftcli", *argv,  # argv
     ]
     env = dict(os.environ)
     loopback = _loopback_interface()

@@ -39,7 +39,7 @@ def train(
     if steps is not None and resume and method is not None:
         raise UsageError(
             f"cannot continue {run} to {steps} steps: a {method.name} run trains in phases or rounds",
-            "train it again with --force and the --steps you want",
+            "train it again with `force` and the `steps` you want",
         )
     with torch_threads(_requested_threads(run, cfg, resume)), distributed.timeouts_as_errors():
         if method is not None:

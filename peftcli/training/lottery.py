@@ -62,7 +62,7 @@ def train(run: str, cfg: TrainConfig | None, *, resume: bool, force: bool, log, 
     else:
         cfg = resolve_config(run, cfg, resume=False)
         if os.path.exists(os.path.join(run, STATE)) and not force:
-            raise UsageError(f"{run} has already been trained", "pass --resume to continue it or --force to train it again")
+            raise UsageError(f"{run} has already been trained", "pass `resume` to continue it or `force` to train it again")
         state = {"round": 0}
     cfg = with_model_dir(cfg, adapter)
     with open_checkpoint(cfg.model) as base:
@@ -92,7 +92,7 @@ def _resumed(run: str, lcfg) -> tuple[TrainConfig, dict]:
     was committed gets its ticket moved into place (by rank 0 under --nproc)."""
     state_path = os.path.join(run, STATE)
     if not os.path.isfile(state_path):
-        raise UsageError(f"{run}: nothing to resume (no {STATE})", "start a run with --data first")
+        raise UsageError(f"{run}: nothing to resume (no {STATE})", "start a run with `data` first")
     cfg = TrainConfig(**read_json(os.path.join(run, ARGS_FILE)))
     state = read_json(state_path)
     if state["round"] > lcfg.rounds and state.get("ticket_from") and os.path.isdir(os.path.join(run, state["ticket_from"])):

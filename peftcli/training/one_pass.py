@@ -120,8 +120,8 @@ def train_adapter(
 
     ``finished_ok``: resuming a pass whose newest checkpoint is its end is not an error but
     the pass's result (a multi-pass run killed between a pass and the work after it).
-    ``pass_lr``: for one pass of a multi-pass run, the option that set ``cfg.lr`` (``--lr``,
-    or ``--phase1-lr`` for the full fine-tuning passes), named if training diverges; such a
+    ``pass_lr``: for one pass of a multi-pass run, the option that set ``cfg.lr`` (`` `lr` ``,
+    or `` `phase1_lr` `` for the full fine-tuning passes), named if training diverges; such a
     pass writes no final checkpoint (its directory is deleted or kept as a result).
     ``continue_to`` (with ``resume``): train until step N instead of the saved total; see
     ``_continued``.
@@ -137,7 +137,7 @@ def train_adapter(
     if p.world.distributed and len(p.train_items) < p.global_batch:
         raise UsageError(
             f"{len(p.train_items)} training examples are fewer than one global batch ({cfg.batch_size} × {p.world.size} workers)",
-            "lower --batch-size or --nproc",
+            "lower `batch_size` or `nproc`",
         )
     p.adapted.train()
     if not p.world.main:
@@ -158,11 +158,11 @@ def train_full_pass(directory: str, cfg: TrainConfig, *, resume: bool, world, lo
     ``directory``: resumed from its checkpoints where it has some, else from scratch (the
     directory emptied by rank 0 first). Its end is its result, also when resumed there."""
     if resume and ckpt_state.latest_checkpoint(directory) is not None:
-        return train_adapter(directory, None, resume=True, log=log, progress=progress, hooks=hooks, finished_ok=True, pass_lr="--phase1-lr")
+        return train_adapter(directory, None, resume=True, log=log, progress=progress, hooks=hooks, finished_ok=True, pass_lr="`phase1_lr`")
     if world.main:
         shutil.rmtree(directory, ignore_errors=True)
     distributed.barrier(world)
-    return train_adapter(directory, cfg, force=True, log=log, progress=progress, hooks=hooks, pass_lr="--phase1-lr")
+    return train_adapter(directory, cfg, force=True, log=log, progress=progress, hooks=hooks, pass_lr="`phase1_lr`")
 
 
 # --- prepare ---------------------------------------------------------------------------
@@ -174,12 +174,12 @@ def _check_run(run: str, cfg: TrainConfig | None, resume: bool, force: bool, con
     if cfg.full:
         _prepare_full_run(run, cfg, resume, force)
     elif not os.path.isfile(os.path.join(run, "adapter_config.json")):
-        raise BadInputError(f"{run}: not an adapter directory", "create one with peftcli inject METHOD MODEL -o RUN, or pass --full")
+        raise BadInputError(f"{run}: not an adapter directory", "create one with `peftcli inject METHOD MODEL -o RUN`, or pass `full`")
     if not resume and os.path.exists(os.path.join(run, ARGS_FILE)) and not force:
-        raise UsageError(f"{run} has already been trained", "pass --resume to continue it or --force to train it again")
+        raise UsageError(f"{run} has already been trained", "pass `resume` to continue it or `force` to train it again")
     checkpoint = ckpt_state.latest_checkpoint(run) if resume else None
     if resume and checkpoint is None:
-        raise UsageError(f"{run}: no checkpoint to resume from", "train with --save-every N to write checkpoints")
+        raise UsageError(f"{run}: no checkpoint to resume from", "train with `save_every` N to write checkpoints")
     if continue_to is not None:
         cfg = _continued(run, cfg, checkpoint, continue_to)
     return cfg, checkpoint
@@ -302,11 +302,11 @@ def _restore(p: Pass, finished_ok: bool, continue_to: int | None) -> PassState:
         if st.step < p.total:
             raise UsageError(
                 f"{p.run}: the run stopped early at step {st.step} ({st.bad_evals} evaluations without a better validation loss)",
-                "train it again with --force and a larger --patience",
+                "train it again with `force` and a larger `patience`",
             )
         raise UsageError(
             f"{p.run}: nothing to resume, the run already finished at step {st.step}",
-            f"continue it with --resume --steps N (N above {st.step}), or train it again with --force",
+            f"continue it with `resume` `steps` N (N above {st.step}), or train it again with `force`",
         )
     if p.world.main:
         _truncate_metrics(os.path.join(p.run, METRICS_FILE), st.step)
@@ -332,6 +332,10 @@ def _start_fresh(p: Pass) -> PassState:
 # --- step → evaluate → save --------------------------------------------------------------
 
 
+# One string, so that the command to copy is one span (an f-string would split it around RUN).
+_RESUME_HINT = "continue with `peftcli train {run} --resume`"
+
+
 def run_steps(p: Pass, st: PassState, log: Callable[[str], None], progress) -> None:
     """Step until the total, an early stop or Ctrl-C (which saves a checkpoint, then raises)."""
     cfg = p.cfg
@@ -346,7 +350,7 @@ def run_steps(p: Pass, st: PassState, log: Callable[[str], None], progress) -> N
             if (cfg.save_every and st.step % cfg.save_every == 0) or flag.stop:
                 save_checkpoint(p, st)
             if flag.stop:
-                raise Interrupted(f"interrupted at step {st.step}; checkpoint saved", f"continue with peftcli train {p.run} --resume")
+                raise Interrupted(f"interrupted at step {st.step}; checkpoint saved", _RESUME_HINT.format(run=p.run))
             if st.stopped_early:
                 break
         if progress is not None:
@@ -568,7 +572,7 @@ def _continued(run: str, cfg: TrainConfig, checkpoint: str, steps: int) -> Train
     """
     done = ckpt_state.checkpoint_step(checkpoint)
     if steps <= done:
-        raise UsageError(f"{run} already has {done} steps (--steps {steps})", f"pass --steps above {done} to train it further")
+        raise UsageError(f"{run} already has {done} steps (`steps` {steps})", f"pass `steps` above {done} to train it further")
     return dataclasses.replace(cfg, steps=steps, epochs=None)  # validates steps as a new run's --steps
 
 
@@ -604,9 +608,9 @@ def diverged(run: str, cfg: TrainConfig, step: int, what: str, world, pass_lr: s
     if good is None and pass_lr is None and world.main:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(run, ARGS_FILE))
-    lr_option = pass_lr or "--lr"
-    clip = "a smaller --max-grad-norm" if cfg.max_grad_norm > 0 else "--max-grad-norm 1.0 (clipping was off)"
-    force = " and --force (which starts over)" if good is not None or pass_lr is not None else ""
+    lr_option = pass_lr or "`lr`"
+    clip = "a smaller `max_grad_norm`" if cfg.max_grad_norm > 0 else "`max_grad_norm` 1.0 (clipping was off)"
+    force = " and `force` (which starts over)" if good is not None or pass_lr is not None else ""
     if good is not None:
         kept = f"the last good checkpoint is {good}"
     else:
@@ -625,7 +629,7 @@ def _prepare_full_run(run: str, cfg: TrainConfig, resume: bool, force: bool) -> 
         return  # under --nproc rank 0 prepares RUN (the others would race with its first writes)
     if os.path.isdir(run) and os.listdir(run) and not os.path.isfile(os.path.join(run, ARGS_FILE)):
         check_output_path(run, [cfg.model], force=False)  # names the input if RUN is (inside) the base
-        raise UsageError(f"{run} exists and is not a training run", "choose a new RUN directory for --full")
+        raise UsageError(f"{run} exists and is not a training run", "choose a new RUN directory for `full`")
     check_output_path(os.path.join(run, "model.safetensors"), [cfg.model], force=True)
     os.makedirs(run, exist_ok=True)
 

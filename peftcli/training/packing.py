@@ -108,12 +108,12 @@ def filler_id(pad_id: int) -> int:
 def refuse_unpackable(task: str, adapted) -> None:
     """``--packing`` only where its rows are right: causal LM tasks, methods that add no tokens."""
     if task == "classify":
-        raise UsageError("--packing does not apply to classify", "drop --packing: it packs lm and sft examples, one label per example cannot be packed")
+        raise UsageError("`packing` does not apply to classify", "drop `packing`: it packs lm and sft examples, one label per example cannot be packed")
     if getattr(adapted, "_transform", None) is not None:
         method = getattr(getattr(adapted, "method", None), "name", None) or "this method"
         raise UsageError(
-            f"--packing does not work with {method}: it adds virtual tokens to each row, which packed examples would share",
-            "drop --packing for prompt and prefix tuning",
+            f"`packing` does not work with {method}: it adds virtual tokens to each row, which packed examples would share",
+            "drop `packing` for prompt and prefix tuning",
         )
 
 
@@ -154,8 +154,8 @@ def check_isolation(adapted, rows: list[dict], device, filler: int) -> None:
     if not bool(((packed - expected).abs() <= _PROBE_TOL * scale).all()):
         arch = _base_model(adapted).config.model_type
         raise UsageError(
-            f"--packing: this model ({arch}) attends across the examples of a packed row",
-            "drop --packing for this model: its attention does not restart at position-id 0",
+            f"`packing`: this model ({arch}) attends across the examples of a packed row",
+            "drop `packing` for this model: its attention does not restart at position-id 0",
         )
 
 

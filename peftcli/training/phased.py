@@ -72,7 +72,7 @@ def train(run: str, cfg: TrainConfig | None, *, resume: bool, force: bool, log, 
     started = sparse_phi.is_selected(adapter.tensors) or any(os.path.exists(os.path.join(run, n)) for n in (PHASE1, ARGS_FILE))
     cfg = resolve_config(run, cfg, resume)
     if not resume and started and not force:
-        raise UsageError(f"{run} has already been trained", "pass --resume to continue it or --force to train it again")
+        raise UsageError(f"{run} has already been trained", "pass `resume` to continue it or `force` to train it again")
     cfg = with_model_dir(cfg, adapter)
     # Under --nproc every worker runs this function; rank 0 alone touches the run directory
     # between the passes of the loop, and the others wait for it at a barrier.
@@ -89,7 +89,7 @@ def train(run: str, cfg: TrainConfig | None, *, resume: bool, force: bool, log, 
         summary1 = _phase1_and_selection(run, cfg, method, mcfg, adapter, resume, log, progress, world)
         if not method.retrains(mcfg):
             summary, model = summary1, None
-            log("diff-pruning --no-retrain: the pruned phase-1 φ is the result")
+            log("diff-pruning `no_retrain`: the pruned phase-1 φ is the result")
         else:
             summary, model = _phase2(run, cfg, resume, log, progress, return_model, world)
         if world.main:
@@ -121,7 +121,7 @@ def _phase2(run: str, cfg: TrainConfig, resume: bool, log, progress, return_mode
     resume2 = resume and ckpt_state.latest_checkpoint(run) is not None
     out = train_adapter(
         run, cfg, resume=resume2, force=True, log=log, progress=progress, return_model=return_model, finished_ok=True,
-        pass_lr="--lr",
+        pass_lr="`lr`",
     )
     if world.main:
         common.write_json(os.path.join(run, ARGS_FILE), dataclasses.asdict(cfg))  # the user's options, phase 1 included

@@ -14,7 +14,7 @@ def read_metrics(run: str) -> tuple[list[dict], list[dict]]:
     """(training log lines, evaluation lines) of ``run``'s metrics.jsonl."""
     path = os.path.join(run, METRICS_FILE)
     if not os.path.isfile(path):
-        raise BadInputError(f"{run}: no {METRICS_FILE}", "train the run first: peftcli train RUN --data FILE")
+        raise BadInputError(f"{run}: no {METRICS_FILE}", "train the run first: `peftcli train RUN --data FILE`")
     train, evals = [], []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -28,7 +28,7 @@ def read_metrics(run: str) -> tuple[list[dict], list[dict]]:
                 continue
             (evals if "eval_loss" in row else train).append(row)
     if not train:
-        raise BadInputError(f"{path}: no training steps logged", "train the run for at least --log-every steps first")
+        raise BadInputError(f"{path}: no training steps logged", "train the run for at least `log_every` steps first")
     return train, evals
 
 

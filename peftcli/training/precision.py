@@ -28,12 +28,12 @@ def resolve(cfg, adapter, device: torch.device) -> torch.dtype:
     anything is read or written). A run that trains the base's own weights (``--full``, a
     full fine-tuning pass, BitFit, LT-SFT...) keeps them fp32: φ must not be rounded."""
     if cfg.full or (adapter is not None and _trains_in_place(adapter)):
-        what = "--full (or a full fine-tuning pass)" if cfg.full else _method_name(adapter)
+        what = "`full` (or a full fine-tuning pass)" if cfg.full else _method_name(adapter)
         if cfg.quantize is not None or cfg.base_dtype not in (None, "fp32"):
-            flag = f"--quantize {cfg.quantize}" if cfg.quantize is not None else f"--base-dtype {cfg.base_dtype}"
+            flag = f"`quantize` {cfg.quantize}" if cfg.quantize is not None else f"`base_dtype` {cfg.base_dtype}"
             raise UsageError(
                 f"{what} trains the base's own weights, which {flag} would round",
-                "drop --base-dtype and --quantize for this run (they suit lora, ia3, adapter, prompt, prefix)",
+                "drop `base_dtype` and `quantize` for this run (they suit lora, ia3, adapter, prompt, prefix)",
             )
         return torch.float32
     return base_dtype(cfg.base_dtype, cfg.model, device)
@@ -61,7 +61,7 @@ def base_dtype(name: str | None, model_dir: str, device: torch.device) -> torch.
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError(
             f"this GPU ({torch.cuda.get_device_name(device)}) cannot compute in bf16",
-            "pass --base-dtype fp16 or fp32",
+            "pass `base_dtype` fp16 or fp32",
         )
     return DTYPES[name]
 
@@ -98,9 +98,9 @@ def _phi_in_fp32(adapted, dtype: torch.dtype) -> None:
     inner = [k for k in low if k not in head_keys]
     if inner:
         raise UsageError(
-            f"{adapted.method.name} trains the base's own tensors (e.g. {inner[0]}), which --base-dtype "
+            f"{adapted.method.name} trains the base's own tensors (e.g. {inner[0]}), which `base_dtype` "
             f"{_name(dtype)} would hold in {_name(dtype)}",
-            "train it with --base-dtype fp32, or use a method with separate weights (lora, ia3, prompt...)",
+            "train it with `base_dtype` fp32, or use a method with separate weights (lora, ia3, prompt...)",
         )
     heads = (adapted.adapter_config.get("modules_to_save") or []) if low else []
     for name in heads:
@@ -135,7 +135,7 @@ def quantize_frozen_linears(model: nn.Module, model_dir: str) -> int:
     if not chosen:
         raise BadInputError(
             f"{model_dir}: no frozen linear layer to quantise (its linear layers are φ or the output projection)",
-            "drop --quantize, or use a method that leaves the base's linear layers frozen (lora, ia3, prompt...)",
+            "drop `quantize`, or use a method that leaves the base's linear layers frozen (lora, ia3, prompt...)",
         )
     count = len(chosen)
     while chosen:  # one at a time, dropping each reference: the full-precision weight is freed as it goes
@@ -179,7 +179,7 @@ def enable_checkpointing(adapted: nn.Module, model_dir: str, keep_config: bool =
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise UsageError(
             f"{model_dir}: transformers cannot checkpoint the activations of this architecture",
-            "drop --gradient-checkpointing",
+            "drop `gradient_checkpointing`",
         )
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name; the old one warns
@@ -218,8 +218,8 @@ def _keep_prefix_cache(model: nn.Module) -> None:
                     layer.__class__ = ReadOnlyLayer
                 elif not isinstance(layer, ReadOnlyLayer):
                     raise UsageError(
-                        f"--gradient-checkpointing cannot keep this model's prefix cache ({type(cache).__name__})",
-                        "drop --gradient-checkpointing for prefix tuning of this architecture",
+                        f"`gradient_checkpointing` cannot keep this model's prefix cache ({type(cache).__name__})",
+                        "drop `gradient_checkpointing` for prefix tuning of this architecture",
                     )
         return None
 

@@ -68,7 +68,7 @@ class _Scores:
         if not bool(torch.isfinite(theta1).all()):
             raise BadInputError(
                 f"{self.trained.path}: tensor {self.names[name]!r} is not finite after phase 1",
-                "lower --phase1-lr (training diverged)",
+                "lower `phase1_lr` (training diverged)",
             )
         return theta0, theta1
 
@@ -91,7 +91,7 @@ def select(base: Checkpoint, trained: Checkpoint, candidates: list[str], k: int,
     names = counterparts(candidates, trained.tensors)
     present = [n for n in candidates if n in names]
     if k > sum(base.tensors[n].numel for n in present):
-        raise BadInputError(f"K = {k:,} is more than the entries of the tensors this task trains", "lower --density or --top-k")
+        raise BadInputError(f"K = {k:,} is more than the entries of the tensors this task trains", "lower `density` or `top_k`")
     scores = _Scores(base, trained, names, how, seed)
     infos = [base.tensors[n] for n in present]
     cuts = global_cuts(base, scores, infos, k, progress)
