@@ -63,7 +63,7 @@ def test_head_lr_is_the_heads_own_rate(tiny_bert, cls_data, tmp_path):
     heads = [k for k in frozen if "classifier" in k]
     assert heads and all(k not in before for k in heads)
     lora = [k for k in frozen if "lora_B" in k]
-    assert all(not torch.equal(frozen[k], before[k]) for k in lora)  # φ trained in both runs
+    assert lora and all(frozen[k].abs().max() > 0 for k in lora)  # B starts at 0: φ trained
     for k in heads:
         assert not torch.equal(frozen[k], moving[k])
     # The frozen head equals the seeded initial head: train a run for 0 effective head steps again.
