@@ -90,7 +90,7 @@ def _no_biases_error(model_type: str | None) -> UsageError:
 
 class BitFit(SectionConfig, MethodBase):
     name = "bitfit"
-    train_defaults = TrainDefaults(lr=2e-3, generative_lr=5e-4)  # benchmarks/README.md: "Training defaults"
+    train_defaults = TrainDefaults(lr=6e-3, generative_lr=6e-4)  # benchmarks/README.md: "Training defaults"
     folds = True
     trains_in_place = True  # trains existing tensors: adds no parameters to the model
     config_cls = BitFitConfig

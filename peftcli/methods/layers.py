@@ -136,7 +136,7 @@ def _selector(cfg: LayersConfig, model_type: str | None, names: list[str]) -> Ca
 
 class Layers(SectionConfig, MethodBase):
     name = "layers"
-    train_defaults = TrainDefaults(lr=3e-4, generative_lr=5e-5)  # benchmarks/README.md: "Training defaults"
+    train_defaults = TrainDefaults(lr=5e-4, generative_lr=5e-5)  # benchmarks/README.md: "Training defaults"
     folds = True
     trains_in_place = True  # trains existing tensors: adds no parameters to the model
     config_cls = LayersConfig

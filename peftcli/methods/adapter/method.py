@@ -170,7 +170,7 @@ def added_params(hidden: int, bottleneck: int) -> int:
 
 class BottleneckAdapter(MethodBase):
     name = "adapter"
-    train_defaults = TrainDefaults(lr=1e-3, generative_lr=2e-4)  # benchmarks/README.md: "Training defaults"
+    train_defaults = TrainDefaults(lr=3e-3, generative_lr=3e-4)  # benchmarks/README.md: "Training defaults"
     config_cls = BottleneckAdapterConfig
     summary = "Bottleneck adapters W_up·σ(W_down·x) in each block: Pfeiffer, Houlsby or parallel."
     peft_type = None

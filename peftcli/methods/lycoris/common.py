@@ -181,7 +181,7 @@ def build(cls: type, fields: dict, what: str):
 
 class LycorisMethod(MethodBase):
     """LoHa and LoKr: subclasses give ``parts``, ``initial`` and ``delta`` (see the module docstring)."""
-    train_defaults = TrainDefaults(lr=2e-3, generative_lr=4e-4)  # benchmarks/README.md: "Training defaults"
+    train_defaults = TrainDefaults(lr=1e-2, generative_lr=1e-3)  # benchmarks/README.md: "Training defaults"
 
     folds = True
     label: str  # "LoHa", "LoKr": how errors name the type

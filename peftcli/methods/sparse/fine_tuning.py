@@ -169,7 +169,7 @@ class SparseFineTuning(SectionConfig, MethodBase):
 
 class LtSft(SparseFineTuning):
     name = "lt-sft"
-    train_defaults = TrainDefaults(lr=1e-3, generative_lr=2e-4)  # benchmarks/README.md: "Training defaults"
+    train_defaults = TrainDefaults(lr=3e-3, generative_lr=3e-4)  # benchmarks/README.md: "Training defaults"
     config_cls = LtSftConfig
     summary = "Lottery-ticket sparse fine-tuning: full FT, keep the top-K changes, reset, train only those K."
     resets_after_phase1 = True
