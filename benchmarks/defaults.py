@@ -113,11 +113,15 @@ def execute(job: dict) -> dict:
         "train", *target, "--model", job["model"], "--data", job["data"], "--eval", job["dev"], "--epochs", "1",
         "--batch-size", str(job["batch_size"]), "--train-seed", str(job["seed"]), "--device", "cpu", "--json", "--quiet", *flags,
     ])
-    shutil.rmtree(run, ignore_errors=True)
     if code != 0:
+        shutil.rmtree(run, ignore_errors=True)
         return {**res, "error": "train: " + _last_line(err)}
+    with open(os.path.join(run, "train_args.json")) as f:
+        used = json.load(f)  # the rates the run trained with: given, or the method's defaults
+    shutil.rmtree(run, ignore_errors=True)
     summary = json.loads(out)
-    return {**res, "accuracy": summary["best"]["eval_accuracy"], "wall_seconds": time.perf_counter() - t0}
+    return {**res, "used_lr": used["lr"], "used_head_lr": used.get("head_lr"), "accuracy": summary["best"]["eval_accuracy"],
+            "wall_seconds": time.perf_counter() - t0}
 
 
 def peft_execute(job: dict) -> dict:
@@ -219,13 +223,14 @@ def _run(job: dict) -> dict:
     return {"peft": peft_execute, "smol": smol_execute}.get(job["kind"], execute)(job)
 
 
-def plan(methods: list[Method], seeds: list[int], factors: list[float], peft_lrs: list[float]) -> list[dict]:
+def plan(methods: list[Method], seeds: list[int], factors: list[float], peft_lrs: list[float], head_lrs: list[float] = ()) -> list[dict]:
     """Every run, in the order they matter: sweep and defaults at seed 0 first, then the other seeds."""
     jobs = []
     for m in methods:
         jobs.append({"kind": "defaults", "method": m, "seed": seeds[0]})
         d = default_lr(m)
         jobs += [{"kind": "sweep", "method": m, "seed": seeds[0], "lr": d * f, "factor": f} for f in factors]
+        jobs += [{"kind": "head", "method": m, "seed": seeds[0], "head_lr": h} for h in head_lrs]
     lora = next((m for m in methods if m.label == "lora r=8"), None)
     for seed in seeds:
         if lora is not None:
@@ -243,6 +248,20 @@ def smol_plan(seeds: list[int], lrs: list[float]) -> list[dict]:
     for seed in seeds:
         jobs += [{"kind": "smol", "seed": seed, "lr": None}] + [{"kind": "smol", "seed": seed, "lr": lr} for lr in lrs]
     return jobs
+
+
+def already_run(job: dict, runs: list[dict]) -> bool:
+    """A MiniLM job whose method, seed and rates (given, or the current defaults) a saved run has."""
+    if job["kind"] not in ("defaults", "sweep", "head"):
+        return False
+    lr, head = current_defaults()[job["method"].label]
+    want_lr = job.get("lr") or lr
+    want_head = job.get("head_lr") or head or want_lr
+    return any(
+        r.get("method") == job["method"].label and r.get("seed") == job["seed"] and "error" not in r and r["kind"] in ("defaults", "sweep", "head")
+        and _same(r["used_lr"], want_lr) and _same(r.get("used_head_lr") or r["used_lr"], want_head)
+        for r in runs
+    )
 
 
 def run_all(jobs: list[dict], common: dict, workers: int, work: str, done: list[dict], save) -> None:
@@ -269,20 +288,52 @@ def _stats(values: list[float]) -> str:
     return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {100 * statistics.stdev(values):.1f} (n={len(values)})"
 
 
+def current_defaults() -> dict[str, tuple[float, float | None]]:
+    """Each method's (lr, head lr) for classification as the code declares them now."""
+    from peftcli.methods import METHODS as REGISTRY
+    from peftcli.training.defaults import FULL_FINE_TUNING
+
+    out = {}
+    for m in METHODS:
+        d = FULL_FINE_TUNING if m.inject is None else REGISTRY[m.inject[0]].train_defaults
+        out[m.label] = (d.lr_for("classify"), d.head_lr)
+    return out
+
+
+def _same(a: float | None, b: float | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and abs(a - b) <= 1e-9 * max(abs(a), abs(b)))
+
+
 def render(doc: dict) -> str:
-    runs = [r for r in doc["runs"] if "error" not in r]
+    """The table, read against the defaults the code declares now: a run whose rates (as it
+    recorded them) are a method's current defaults counts as a defaults run, whichever
+    invocation made it; every run at the default head rate is a point of the sweep."""
+    # A head rate of None is the body's (full fine-tuning trains its head at lr).
+    runs = [{**r, "used_head_lr": r.get("used_head_lr") or r["used_lr"]} for r in doc["runs"]
+            if "error" not in r and r["kind"] in ("defaults", "sweep", "head")]
+    now = current_defaults()
     out = [f"Training defaults: MiniLM, {doc['settings']['train_size']:,} SST-2 phrases, 1 epoch at batch "
            f"{doc['settings']['batch_size']}, dev subset of {doc['settings']['eval_size']:,}; dev accuracy %, mean ± std over seeds", "",
-           "| method | default lr (head) | defaults | swept lr: accuracy (seed 0) | best swept − defaults (seed 0) |", "|---|---|---|---|---|"]
-    for label in dict.fromkeys(r["method"] for r in runs if r["kind"] in ("defaults", "sweep")):
-        dflt = [r for r in runs if r["kind"] == "defaults" and r["method"] == label]
-        sweep = sorted((r for r in runs if r["kind"] == "sweep" and r["method"] == label), key=lambda r: r["lr"])
-        d0 = next((r for r in dflt if r["seed"] == 0), None)
-        cells = [f"{r['lr']:.2g}: {100 * r['accuracy']:.1f}" for r in sweep]
-        best = max([r["accuracy"] for r in sweep] + ([d0["accuracy"]] if d0 else []), default=None)
-        gap = f"{100 * (best - d0['accuracy']):+.1f}" if d0 and best is not None else "–"
-        lrs = doc.get("default_lrs", {}).get(label, "")
-        out.append(f"| {label} | {lrs} | {_stats([r['accuracy'] for r in dflt])} | {'; '.join(cells) or '–'} | {gap} |")
+           "| method | default lr (head) | defaults | lr swept, head at its default: accuracy (seed 0) | best swept − defaults (seed 0) | other head rates (seed 0) |",
+           "|---|---|---|---|---|---|"]
+    for label in [m.label for m in METHODS if any(r["method"] == m.label for r in runs)]:
+        lr, head = now[label]
+        mine = [r for r in runs if r["method"] == label]
+        head_now = head if head is not None else lr
+        dflt = [r for r in mine if _same(r["used_lr"], lr) and _same(r["used_head_lr"], head_now)]
+        sweep = {}
+        for r in mine:
+            if r["seed"] == 0 and _same(r["used_head_lr"], head if head is not None else r["used_lr"]):
+                sweep[round(r["used_lr"], 12)] = r["accuracy"]
+        d0 = next((r["accuracy"] for r in dflt if r["seed"] == 0), None)
+        cells = [f"{x:.3g}: {100 * a:.1f}" for x, a in sorted(sweep.items())]
+        gap = f"{100 * (max(sweep.values()) - d0):+.1f}" if d0 is not None and sweep else "–"
+        heads = sorted({(r["used_head_lr"], r["accuracy"]) for r in mine
+                        if r["seed"] == 0 and _same(r["used_lr"], lr) and not _same(r["used_head_lr"], head_now)})
+        other = "; ".join(f"head {h:.2g}: {100 * a:.1f}" for h, a in heads) or "–"
+        shown = f"{lr:g} ({head:g})" if head is not None else f"{lr:g} (same)"
+        out.append(f"| {label} | {shown} | {_stats([r['accuracy'] for r in dflt])} | {'; '.join(cells) or '–'} | {gap} | {other} |")
+    runs = [r for r in doc["runs"] if "error" not in r]
     peft = [r for r in runs if r["kind"] in ("peft", "explicit")]
     if peft:
         out += ["", "LoRA r=8 (α 16, query/value) with one explicit recipe (the head at the same rate, no warmup): "
@@ -316,6 +367,8 @@ def main() -> None:
     ap.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "peftcli-defaults-bench"))
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--render", action="store_true", help="print the table of the saved results and exit")
+    ap.add_argument("--head-lrs", default="", help="extra runs: each method at its default lr with these head rates (seed 0)")
+    ap.add_argument("--fresh", action="store_true", help="start a new results file instead of adding to --out")
     ap.add_argument("--smol", help="SmolLM2 base (a directory or the wheel's .gguf): run only the SmolLM2 experiment")
     ap.add_argument("--smol-lrs", default="1e-4,5e-4,1e-3", help="SmolLM2: learning rates beside the defaults")
     ap.add_argument("--smol-train", type=int, default=512, help="SmolLM2: training examples")
@@ -346,21 +399,20 @@ def main() -> None:
     import peftcli
     import torch
 
-    from peftcli.methods import METHODS as REGISTRY
-
-    def lrs(m: Method) -> str:
-        d = REGISTRY[m.inject[0]].train_defaults if m.inject else None
-        head = d.head_lr if d is not None else None
-        return f"{default_lr(m):g}" + (f" ({head:g})" if head is not None else " (same)")
-
     doc = {
         "date": datetime.date.today().isoformat(), "command": " ".join(["python", *sys.argv]),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__, "peftcli": peftcli.__version__,
                     "jobs": args.jobs, "threads_per_worker": 1, "load_at_start": os.getloadavg()[0]},
         "settings": {"train_size": args.train_size, "eval_size": args.eval_size, "batch_size": args.batch_size, "epochs": 1},
-        "default_lrs": {m.label: lrs(m) for m in methods}, "runs": [],
+        "runs": [],
     }
-    jobs = plan(methods, seeds, factors, peft_lrs)
+    if os.path.isfile(args.out) and not args.fresh:  # runs accumulate across invocations; each records its rates
+        with open(args.out) as f:
+            old = json.load(f)
+        doc["runs"], doc["commands"] = old["runs"], old.get("commands", [old.get("command")])
+    doc["commands"] = [*doc.get("commands", []), doc["command"]]
+    jobs = plan(methods, seeds, factors, peft_lrs, [float(h) for h in args.head_lrs.split(",") if h])
+    jobs = [j for j in jobs if not already_run(j, doc["runs"])]
     if args.smol:
         doc["settings"]["smol_train"] = args.smol_train
         common_smol = {"smol": args.smol, "smol_train": write_prompted(files[args.train_size], os.path.join(args.work, "smol-train.jsonl"), args.smol_train),

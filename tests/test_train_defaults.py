@@ -44,7 +44,8 @@ def test_a_classification_run_with_no_flags_learns(tiny_bert, cls_data, tmp_path
     inject(tiny_bert, "lora", LoraConfig(rank=4), run)
     train(run, TrainConfig(data=cls_data, epochs=6, batch_size=16))
     saved = json.load(open(os.path.join(run, "train_args.json")))
-    assert (saved["lr"], saved["head_lr"], saved["warmup_ratio"], saved["schedule"]) == (1e-3, 2e-3, 0.06, "linear")
+    d = METHODS["lora"].train_defaults
+    assert (saved["lr"], saved["head_lr"], saved["warmup_ratio"], saved["schedule"]) == (d.lr, d.head_lr, d.warmup_ratio, d.schedule)
     assert _accuracy(run, cls_data, tiny_bert) >= 0.85
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from peftcli.errors import BadInputError, UsageError
+from peftcli.methods.base import TrainDefaults
 from peftcli.methods.lycoris.common import (
     CORRUPT, LycorisMethod, alpha_option, build, check_common, common_fields, layers_option, peak, product_bound, rank_option, read_only,
     refuse_unknown, targets_option,
@@ -70,6 +71,7 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 
 class LoKr(LycorisMethod):
     name = "lokr"
+    train_defaults = TrainDefaults(lr=3e-2, generative_lr=3e-3)  # benchmarks/README.md: "Training defaults"
     label = "LoKr"
     config_cls = LokrConfig
     summary = "Kronecker product of two small factors, ΔW = (α/r)·W1⊗W2, each full or rank r (LoKr)."
