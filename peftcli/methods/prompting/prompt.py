@@ -85,7 +85,7 @@ class PromptTuningConfig:
 
 class PromptTuning(MethodBase):
     name = "prompt"
-    train_defaults = TrainDefaults(lr=1e-1, generative_lr=1e-2)  # benchmarks/README.md: "Training defaults"
+    train_defaults = TrainDefaults(lr=3e-2, generative_lr=1e-2)  # benchmarks/README.md: "Training defaults"
     identity_at_init = False  # its virtual tokens change the outputs from the start
     config_cls = PromptTuningConfig
     summary = "Soft prompt tokens prepended to the input embeddings (prompt tuning)."
