@@ -320,7 +320,8 @@ def render(doc: dict) -> str:
         lr, head = now[label]
         mine = [r for r in runs if r["method"] == label]
         head_now = head if head is not None else lr
-        dflt = [r for r in mine if _same(r["used_lr"], lr) and _same(r["used_head_lr"], head_now)]
+        # One run per seed: a run repeated by a later invocation is the same run (seeded, deterministic).
+        dflt = list({r["seed"]: r for r in mine if _same(r["used_lr"], lr) and _same(r["used_head_lr"], head_now)}.values())
         sweep = {}
         for r in mine:
             if r["seed"] == 0 and _same(r["used_head_lr"], head if head is not None else r["used_lr"]):

@@ -29,13 +29,13 @@ def defaults_for(cfg: TrainConfig, adapter_config: dict | None) -> TrainDefaults
 
 def with_defaults(cfg: TrainConfig, defaults: TrainDefaults, task: str) -> TrainConfig:
     """``cfg`` with every training setting it leaves out taken from ``defaults`` for ``task``."""
-    warmup = {} if cfg.warmup_steps is not None or cfg.warmup_ratio is not None else {"warmup_ratio": defaults.warmup_ratio}
+    given_warmup = cfg.warmup_steps is not None or cfg.warmup_ratio is not None
     return dataclasses.replace(
         cfg,
         lr=cfg.lr if cfg.lr is not None else defaults.lr_for(task),
         head_lr=cfg.head_lr if cfg.head_lr is not None else defaults.head_lr,  # None: the head trains at lr
         schedule=cfg.schedule or defaults.schedule,
-        **warmup,
+        warmup_ratio=cfg.warmup_ratio if given_warmup else defaults.warmup_ratio,
     )
 
 
