@@ -284,10 +284,11 @@ def _suffix_paths(rest: str, name: str) -> list[str]:
     return found
 
 
-# PEFT's classification wrappers (task_type SEQ_CLS) add both names to ``modules_to_save`` and
+# PEFT's classification wrappers (task_type SEQ_CLS) add these names to ``modules_to_save`` and
 # wrap whichever exists in the head model: a BERT classifier saves ``classifier``, a Llama one
-# ``score``, and the config lists both.
-TASK_HEADS = {"SEQ_CLS": ("classifier", "score")}
+# ``score``, and the config lists them all. PEFT 0.22 adds ``pre_classifier`` (DistilBERT's
+# freshly initialised layer before ``classifier``).
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score", "pre_classifier")}
 
 
 def _task_heads(config: dict, tensors: dict) -> dict:

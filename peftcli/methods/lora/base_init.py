@@ -11,8 +11,11 @@ Reproduced, by the same operations in the same dtype as PEFT 0.21 (``LoraLayer.p
 
 - ``"pissa"``: full SVD of W (fp32, [out, in]: GPT-2's Conv1D transposed first);
   B₀A₀ = s·V_r·√(S_r/s)·√(S_r/s)·Uh_r;
-- ``"olora"``: QR of W (fp32, as stored: PEFT does not transpose Conv1D here, so it only
-  fits square Conv1D layers); B₀A₀ = Q[:, :r]·R[:r].
+- ``"olora"``: QR of W; B₀A₀ = Q[:, :r]·R[:r]. Up to PEFT 0.21 on W as stored (Conv1D not
+  transposed, so it only fits square Conv1D layers); from PEFT 0.22 on in the Linear layout
+  (Conv1D transposed first, as for PiSSA): the kind ``"olora-linear"``, chosen by the
+  adapter config's ``peft_version``. The two give different residuals on a Conv1D layer, so
+  an adapter whose version cannot be read is refused there rather than guessed.
 
 The residual is rounded to the weight's dtype, as PEFT stores it in the base layer.
 
@@ -20,22 +23,24 @@ Refused, because the files do not determine the base PEFT trained against: ``pis
 (randomised SVD), ``corda`` (needs calibration statistics), ``loftq`` (quantised base),
 ``lora_ga`` (PEFT changed the base by a gradient-derived A·B while training but does not redo
 it on load). Plain LoRA at load time (the base is left alone): true, false, ``gaussian``,
-``eva``, ``orthogonal``, ``mica`` (A, B are overwritten by the file; MiCA only freezes B).
+``eva``, ``orthogonal``, ``mica``, ``nora`` (A, B are overwritten by the file; MiCA only
+freezes B; NoRA, PEFT 0.22, only normalises A's columns).
 Anything else PEFT rejects, so peftcli does too. The dispatch mirrors PEFT's
 ``LoraLayer.update_layer`` (its case rules included).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from peftcli.errors import BadInputError
 
 if TYPE_CHECKING:
     import torch
 
-REPRODUCED = ("pissa", "olora")
-PLAIN = (True, False, None, "gaussian", "eva", "orthogonal", "mica")
+REPRODUCED = ("pissa", "olora", "olora-linear")
+PLAIN = (True, False, None, "gaussian", "eva", "orthogonal", "mica", "nora")
+OLORA_LINEAR_FROM = (0, 22)  # the PEFT release whose OLoRA factors Conv1D in the Linear layout
 
 _CONVERT = (
     "convert it to plain LoRA with PEFT: save_pretrained(out, path_initial_model_for_weight_conversion=<the "
@@ -49,12 +54,18 @@ _REASONS = {
 }
 
 
-def base_init(value) -> str | None:
-    """``"pissa"`` / ``"olora"`` when PEFT subtracts an initial A·B from the base on load and
-    peftcli reproduces it, None for plain LoRA; a ``BadInputError`` naming the value otherwise."""
+def base_init(value, peft_version: object = None) -> str | None:
+    """``"pissa"`` / ``"olora"`` / ``"olora-linear"`` when PEFT subtracts an initial A·B from the
+    base on load and peftcli reproduces it, None for plain LoRA; a ``BadInputError`` naming the
+    value otherwise. ``peft_version``: the adapter config's, which says how OLoRA treated Conv1D."""
     kind = _peft_dispatch(value)
     if kind == "plain":
         return None
+    if kind == "olora":
+        version = _release(peft_version)
+        if version is False:
+            return "olora-unknown"
+        return "olora-linear" if version is not None and version >= OLORA_LINEAR_FROM else "olora"
     if kind in REPRODUCED:
         return kind
     if kind == "unknown":
@@ -79,17 +90,36 @@ def _peft_dispatch(value) -> str:
         return "corda"
     if value.lower() == "olora":
         return "olora"
-    if value.lower() == "mica" or value in ("eva", "orthogonal"):
+    if value.lower() == "mica" or value in ("eva", "orthogonal", "nora"):
         return "plain"
     if value in ("loftq", "lora_ga"):
         return value
     return "plain" if value.lower() == "gaussian" else "unknown"
 
 
+def _release(version: object) -> "tuple[int, int] | None | Literal[False]":
+    """(major, minor) of a ``peft_version`` such as ``"0.22.0"`` or ``"0.22.0.dev0@<sha>"``;
+    None when the config has none (PEFT before it recorded one); False when it cannot be read."""
+    import re
+
+    if version is None:
+        return None
+    m = re.match(r"(\d{1,4})\.(\d{1,4})(?:[.+@]|$)", version) if isinstance(version, str) else None
+    return (int(m.group(1)), int(m.group(2))) if m else False
+
+
 def module_problem(kind: str | None, path: str, rank: int, d_out: int, d_in: int, transposed: bool) -> str | None:
-    """Why PEFT could not load this ``kind`` of adapter on a d_out×d_in layer, or None."""
+    """Why PEFT could not load this ``kind`` of adapter on a d_out×d_in layer (or why peftcli
+    cannot tell which base PEFT made), or None."""
     if kind is None:
         return None
+    if kind == "olora-unknown":
+        if not transposed:
+            return None  # a Linear layer: every PEFT release factors it the same way
+        return (
+            f"{path}: OLoRA on a Conv1D layer changed in PEFT 0.22, and the adapter config's peft_version "
+            "cannot be read to tell which base PEFT made"
+        )
     if rank > min(d_out, d_in):
         return f"{path}: {kind} needs r ≤ min(out, in) = {min(d_out, d_in)}, the config has r={rank} (PEFT cannot load it)"
     if kind == "olora" and transposed and d_out != d_in:
@@ -109,9 +139,12 @@ def residual(kind: str, stored: "torch.Tensor", rank: int, scaling: float, trans
         w = w.T if transposed else w
         res = (w - _pissa_init(w, rank, scaling)).to(stored.dtype).float()
         return res
-    if kind == "olora":
+    if kind in ("olora", "olora-unknown"):  # -unknown reaches here for Linear layers only
         res = (w - _olora_init(w, rank, scaling)).to(stored.dtype).float()
         return res.T if transposed else res
+    if kind == "olora-linear":
+        w = w.T if transposed else w
+        return (w - _olora_init(w, rank, scaling)).to(stored.dtype).float()
     raise AssertionError(f"no residual for {kind!r}")
 
 

@@ -241,7 +241,7 @@ class LoRA(MethodBase):
                 rslora=bool(d.get("use_rslora", False)),
                 dropout=float(d.get("lora_dropout", 0.0)),
                 init="gaussian" if d.get("init_lora_weights") == "gaussian" else "kaiming",
-                base_init=lora_init.base_init(d.get("init_lora_weights", True)),
+                base_init=lora_init.base_init(d.get("init_lora_weights", True), d.get("peft_version")),
                 exclude=_exclude_spec(d.get("exclude_modules")),
                 lora_bias=bool(d.get("lora_bias")),
                 peft_embeddings=True,
