@@ -1,10 +1,14 @@
-"""Shared test helpers: model inputs, output comparison, and derived artifacts (fine-tunes, edited adapters)."""
+"""Shared test helpers: model inputs, output comparison, derived artifacts (fine-tunes, edited
+adapters), and the one-line error contract (``assert_error``)."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import torch
+
+from peftcli.checkpoint import atomic
 
 
 def batch(seed: int = 0, size: int = 2, length: int = 7, vocab: int = 256) -> dict:
@@ -45,8 +49,6 @@ def noisy_copy(base: str, out: str, seed: int, scale: float = 0.01) -> str:
 
 def scaled_copy(base: str, out: str, changes: dict[str, float], seed: int) -> str:
     """A "fine-tune" of ``base`` changing only the named tensors: W × (1 + scale × (u − ½)), u uniform."""
-    import os
-
     from peftcli.checkpoint.reader import open_checkpoint
     from peftcli.checkpoint.writer import save_state_dict
 
@@ -103,3 +105,22 @@ def cls_rows(n: int) -> list[dict]:
         {"text": f"{'w1' if i % 2 else 'w2'} " + " ".join(f"w{rng.randint(5, 60)}" for _ in range(5)), "label": "pos" if i % 2 else "neg"}
         for i in range(n)
     ]
+
+
+def temporaries(directory) -> list[str]:
+    """Temporaries an atomic write left in ``directory`` (none, when it failed cleanly)."""
+    return [n for n in os.listdir(directory) if atomic.TEMP_MARK in n] if os.path.isdir(directory) else []
+
+
+def assert_error(result, code: int, message: str, *absent, on_stdout: bool = False) -> str:
+    """Exit ``code``, one ``error:`` line on stderr, ``message`` in it (or, for check, on stdout), no output left."""
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+    assert result.exit_code == code, (result.exit_code, result.stdout[-2000:], result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "internal error" not in lines[0], lines[0]
+    assert message in (result.stdout if on_stdout else lines[0]), (message, result.stdout[-2000:], lines[0])
+    for path in absent:
+        assert not os.path.lexists(path), f"{path} was left behind"
+        assert temporaries(os.path.dirname(os.path.abspath(path))) == []
+    return lines[0]

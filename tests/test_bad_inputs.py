@@ -39,7 +39,7 @@ from peftcli.errors import BadInputError
 from peftcli.injection import inject
 from peftcli.methods.ia3 import IA3Config
 from peftcli.methods.lora import LoraConfig
-from tests.helpers import edited_adapter
+from tests.helpers import assert_error, edited_adapter, temporaries
 from tests.safetensors_craft import make_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,24 +52,6 @@ Q = "model.layers.0.self_attn.q_proj"
 
 def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def temporaries(directory) -> list[str]:
-    return [n for n in os.listdir(directory) if atomic.TEMP_MARK in n] if os.path.isdir(directory) else []
-
-
-def assert_error(result, code: int, message: str, *absent, on_stdout: bool = False) -> str:
-    """Exit ``code``, one ``error:`` line on stderr, ``message`` in it (or, for check, on stdout), no output left."""
-    assert "Traceback" not in result.stdout + result.stderr, result.stderr
-    assert result.exit_code == code, (result.exit_code, result.stdout[-2000:], result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "internal error" not in lines[0], lines[0]
-    assert message in (result.stdout if on_stdout else lines[0]), (message, result.stdout[-2000:], lines[0])
-    for path in absent:
-        assert not os.path.lexists(path), f"{path} was left behind"
-        assert temporaries(os.path.dirname(os.path.abspath(path))) == []
-    return lines[0]
 
 
 # -- the artifacts every case starts from --------------------------------------------------------

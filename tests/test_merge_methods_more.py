@@ -25,7 +25,7 @@ from peftcli.merging import ranged
 from peftcli.merging.arithmetic import combine, dare_seed
 from peftcli.merging.engine import merge
 from peftcli.merging.methods._sparse_kernel import CrumbsTask, RowTask, SparseTask
-from tests.helpers import whole_tensor_path
+from tests.helpers import assert_error, whole_tensor_path
 
 
 def _grid(shape, gen, lo=-6, hi=7) -> torch.Tensor:
@@ -289,10 +289,7 @@ def test_bad_parameters_are_one_line_errors_and_nothing_is_written(models, tmp_p
     base, *fts = models(torch.float32)
     out = str(tmp_path / "m")
     result = CliRunner().invoke(cli, ["merge", base, *fts, "--method", method, *extra, "-o", out])
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], result.output
-    assert not os.path.exists(out)
+    assert_error(result, 2, words, out)
 
 
 def test_della_with_density_one_keeps_every_entry_whatever_epsilon():
@@ -390,10 +387,7 @@ def test_bad_model_stock_calls_are_one_line_errors(models, tmp_path, extra, word
     extra = [] if extra == ["ONLY_ONE"] else extra
     out = str(tmp_path / "m")
     result = CliRunner().invoke(cli, ["merge", base, *inputs, "--method", "model-stock", *extra, "-o", out])
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], result.output
-    assert not os.path.exists(out)
+    assert_error(result, 2, words, out)
 
 
 # --------------------------------------------------------------------------- karcher
@@ -493,10 +487,7 @@ def test_bad_karcher_calls_are_one_line_errors(models, tmp_path, extra, words):
     base, *fts = models(torch.float32)
     out = str(tmp_path / "m")
     result = CliRunner().invoke(cli, ["merge", base, *fts, "--method", "karcher", *extra, "-o", out])
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], result.output
-    assert not os.path.exists(out)
+    assert_error(result, 2, words, out)
 
 
 def test_the_registry_with_the_new_methods_imports_neither_torch_nor_numpy():
