@@ -111,6 +111,12 @@ class AdaptedModel(nn.Module):
     def phi_parameters(self) -> dict[str, nn.Parameter]:
         return dict(self._phi)
 
+    @property
+    def rewrites_inputs(self) -> bool:
+        """Whether φ enters through the inputs of each call (prompt and prefix tuning), so a
+        key/value cache of earlier tokens cannot be reused across calls."""
+        return self._transform is not None
+
     def head_parameter_names(self) -> set[str]:
         """The keys of ``phi_parameters`` that are a task head trained with φ (``modules_to_save``)."""
         return set(self._head_keys)

@@ -1,4 +1,4 @@
-"""Module level: the validation loss (and accuracy) of a model on a data file.
+"""Module level: the validation loss (and accuracy, and greedy answers) of a model on a data file.
 
 MODEL is a base checkpoint, an adapter directory (a training run, or its ``best/``) or a
 standalone checkpoint (``peftcli merge`` output, a ``train --full`` run). The task comes from
@@ -18,6 +18,9 @@ different models would agree). Every classification result names the head it use
 example; language modelling: per token) and their largest logit gap. ``threads`` bounds
 torch's CPU threads as ``peftcli train --threads`` does (``peftcli.threads``).
 
+On ``sft`` data the model also answers: each prompt is completed greedily and scored against
+its reference (exact match, token F1, accuracy over a label list; ``peftcli.generation``).
+
 Options are declared once in ``EvalOptions`` (the ``evaluate`` flags and recipe keys); this
 module imports no torch at import time. On the command line: ``peftcli evaluate MODEL --data FILE``.
 """
@@ -29,6 +32,7 @@ import os
 from dataclasses import dataclass
 
 from peftcli.errors import BadInputError, UsageError
+from peftcli.generation import check_predictions_path, generate_and_score, parse_labels, prepare, write_predictions
 from peftcli.options import option
 from peftcli.threads import HELP as THREADS_HELP
 from peftcli.threads import check_threads
@@ -52,6 +56,15 @@ class EvalOptions:
     seed: int = option(0, help="seed of a new classification head, for a model without one (default 0: the head train starts from)")
     device: str = option("auto", metavar="auto|cpu|cuda", help="where to run (default auto: CUDA when present)")
     threads: int | None = option(None, help=THREADS_HELP)
+    max_new_tokens: int = option(
+        32, min=0, max=1_000_000, help="sft data: complete each prompt greedily with up to N tokens and score the answers (default 32; 0: loss only)",
+    )
+    labels: str | None = option(None, metavar="L1,L2,...", help="sft data: the answers are these labels; also report classification accuracy by generation")
+    predictions: str | None = option(None, metavar="FILE", path=True, help="sft data: write each prompt, reference and completion as JSON lines to FILE")
+    force: bool = option(False, help="replace --predictions FILE if it exists")
+    chat_template: str | None = option(
+        None, metavar="FILE", path=True, help="render messages rows with this Jinja chat template (default: the run's, else the tokenizer's)",
+    )
 
     def __post_init__(self) -> None:
         if self.data is None:
@@ -67,6 +80,7 @@ class EvalOptions:
             raise UsageError("`limit` must be positive", "e.g. `limit` 100, or leave it out to use every example")
         check_threads(self.threads)
         parse_columns(self.columns)
+        parse_labels(self.labels)
         if self.min_agreement is not None:
             if self.compare is None:
                 raise UsageError("`min_agreement` needs `compare` OTHER", "add `compare` with the model to agree with")
@@ -229,7 +243,7 @@ def _evaluate(model: str, opts: EvalOptions) -> dict:
 
     from peftcli.training.batching import encode, load_tokenizer
     from peftcli.training.common import evaluate as loop_evaluate
-    from peftcli.training.common import resolve_device
+    from peftcli.training.common import is_decoder, resolve_device
     from peftcli.training.data import load_dataset
 
     data = load_dataset(opts.data, opts.task, opts.limit, opts.columns)
@@ -243,10 +257,20 @@ def _evaluate(model: str, opts: EvalOptions) -> dict:
             or (_run_labels(model) if _is_adapter(model) else _checkpoint_labels(model))
             or data.labels
         )
+    if task != "sft":
+        for name in ("labels", "predictions"):
+            if getattr(opts, name) is not None:
+                raise UsageError(f"`{name}` applies to sft data (answers to complete) only", f"drop `{name}`, or pass sft data")
+    inputs = [model, data.path]
+    check_predictions_path(opts.predictions, inputs, opts.force)
     device = resolve_device(opts.device)
-    tokenizer = load_tokenizer(_model_dir(model, opts))
-    items = encode(data, tokenizer, opts.max_length, labels)
+    model_dir = _model_dir(model, opts)
+    tokenizer = load_tokenizer(model_dir)
+    template, template_name = _chat_template(model, opts, data.chat, tokenizer, model_dir)
+    items = encode(data, tokenizer, opts.max_length, labels, chat_template=template, template_name=template_name)
     pad_id = tokenizer.pad_token_id
+    generating = task == "sft" and opts.max_new_tokens > 0
+    prompts = prepare(data, tokenizer, opts, template, template_name) if generating else None
 
     loaded = _load(model, opts, task, labels, pad_id)
     _refuse_untrained_assertion(model, loaded, opts)
@@ -258,6 +282,9 @@ def _evaluate(model: str, opts: EvalOptions) -> dict:
         "data": opts.data, "task": task, "examples": len(items), "head": loaded.head,
         "head_seed": opts.seed if baseline else None, "baseline": baseline, "labels": labels, **result,
     }
+    records = None
+    if prompts is not None:
+        doc["generation"], records, prompt_texts = generate_and_score(loaded.model, prompts, data, tokenizer, opts, device, is_decoder(loaded.model_dir))
     if opts.compare is not None:
         ours = _predictions(loaded, items, pad_id, opts.batch_size, device, task)
         del loaded  # one model in memory at a time
@@ -277,7 +304,30 @@ def _evaluate(model: str, opts: EvalOptions) -> dict:
                 f"below `min_agreement` {opts.min_agreement:g}",
                 f"their largest logit gap is {gap:.3g}",
             )
+    if opts.predictions is not None and records is not None:
+        write_predictions(opts.predictions, records, prompt_texts, [model, data.path], opts.force)
     return doc
+
+
+def _chat_template(model: str, opts: EvalOptions, chat: bool, tokenizer, model_dir: str) -> tuple[str | None, str]:
+    """The template messages rows are rendered with: `chat_template`'s, else the one the run
+    was trained with (its ``train_args.json``), else the tokenizer's."""
+    from peftcli.training.chat import resolve_template
+    from peftcli.training.common import ARGS_FILE
+
+    path = opts.chat_template
+    if path is None and chat and _is_adapter(model):
+        for d in (model, os.path.dirname(os.path.normpath(model))):  # a run, or its best/
+            args = os.path.join(d, ARGS_FILE)
+            if os.path.isfile(args):
+                path = _read_json(args).get("chat_template")
+                if path is not None and not os.path.isfile(path):
+                    raise UsageError(
+                        f"{model} was trained with the chat template {path}, which is not there",
+                        "pass `chat_template` FILE with the same template",
+                    )
+                break
+    return resolve_template(chat, path, tokenizer, model_dir), path or "the tokenizer's"
 
 
 def _head_words(head: str | None, seed) -> str:
@@ -310,6 +360,13 @@ def describe(doc: dict) -> str:
         text = f"{numbers}, with {_head_words(head, None)}"
     else:
         text = numbers
+    gen = doc.get("generation")
+    if gen:
+        text += f"; greedy answers: exact match {gen['exact_match']:.4f}, F1 {gen['f1']:.4f}"
+        if gen.get("labels"):
+            text += f", label accuracy {gen['label_accuracy']:.4f} ({gen['unmatched']} naming no label)"
+        if gen["truncated_prompts"]:
+            text += f" ({gen['truncated_prompts']} prompts cut to their last tokens)"
     if doc.get("compare"):
         c = doc["compare"]
         other = f" ({_head_words('new', c.get('head_seed'))})" if c.get("head") == "new" else ""

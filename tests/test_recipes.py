@@ -125,6 +125,9 @@ def test_every_recipe_runs_end_to_end_on_a_tiny_model(recipe, tiny_bert, tmp_pat
             assert r["examples"] == 16 and r["eval_loss"] > 0
             if "compare" in r:
                 assert r["compare"]["agreement"] == 1.0  # merged predicts what the adapted model predicts
+            if r["task"] == "sft":  # greedy answers, each written to the predictions file
+                with open(wd / "answers.jsonl") as f:
+                    assert len(f.readlines()) == r["generation"]["examples"] == 16
         if step["kind"] in ("inject", "merge", "convert", "combine"):
             assert os.path.exists(r["output"]) and os.path.realpath(r["output"]).startswith(str(wd) + os.sep)
 

@@ -24,13 +24,16 @@ def evaluate(model, as_json, **options):
     (merged, or trained with --full). The numbers are the training loop's own. A model
     without a classification head gets a new one seeded like training's (--seed), the
     untrained baseline; --head RUN takes the head trained in RUN. --compare OTHER adds how
-    often OTHER's predictions agree with MODEL's.
+    often OTHER's predictions agree with MODEL's. On sft and chat data the model also answers
+    each prompt greedily (--max-new-tokens), scored by exact match and F1 against the
+    reference, or as a classifier with --labels.
 
     \b
     Examples:
       peftcli evaluate runs/lora/ --data dev.jsonl
       peftcli evaluate merged/ --data dev.jsonl --compare runs/lora/ --min-agreement 1
       peftcli evaluate multi/ --data sst2-dev.jsonl --head runs/sst2/
+      peftcli evaluate runs/chat/ --data dev.jsonl --labels positive,negative --predictions answers.jsonl
     """
     from peftcli.evaluation import describe
     from peftcli.evaluation import evaluate as run_evaluate

@@ -349,7 +349,7 @@ KINDS: dict[str, Kind] = {
         Kind(
             "evaluate", "validation loss / accuracy of a model, run or checkpoint", _fixed(arg("model"), option_params(EvalOptions)),
             "peftcli.evaluation:evaluate", _options(EvalOptions), lambda api, p, o, ctx: api(p["model"], o), _describe_evaluate,
-            extra_paths=("data", "base", "head", "compare"),
+            extra_paths=("data", "base", "head", "compare"), outputs=("predictions",), creates=("predictions",),
         ),
     )
 }

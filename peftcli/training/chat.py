@@ -70,7 +70,7 @@ def resolve_template(chat: bool, option_path: str | None, tokenizer, model_dir: 
     for data without ``messages`` (where ``--chat-template`` is refused: it would do nothing)."""
     if not chat:
         if option_path is not None:
-            raise UsageError("`chat_template` applies to messages rows (chat sft) only", "drop `chat_template`, or train on rows with messages")
+            raise UsageError("`chat_template` applies to messages rows (chat sft) only", "drop `chat_template`, or use rows with messages")
         return None
     text = read_template(option_path)
     if text is None:
@@ -82,7 +82,7 @@ def resolve_template(chat: bool, option_path: str | None, tokenizer, model_dir: 
     return text
 
 
-def _render(tokenizer, messages: list[dict], template: str, name: str, where: str, generation: bool) -> list[int]:
+def render_chat(tokenizer, messages: list[dict], template: str, name: str, where: str, generation: bool) -> list[int]:
     try:
         ids = tokenizer.apply_chat_template(
             messages, chat_template=template, tokenize=True, add_generation_prompt=generation, return_dict=False,
@@ -98,13 +98,13 @@ def _render(tokenizer, messages: list[dict], template: str, name: str, where: st
 def encode_messages(messages: list[dict], tokenizer, template: str, name: str, where: str, max_length: int) -> tuple[list[int], list[int]]:
     """Token ids of the rendered conversation and labels: the ids on assistant tokens, IGNORE
     elsewhere; both truncated to ``max_length``."""
-    full = _render(tokenizer, messages, template, name, where, generation=False)
+    full = render_chat(tokenizer, messages, template, name, where, generation=False)
     labels = [IGNORE] * len(full)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], template, name, where, generation=True) if i else []
-        after = _render(tokenizer, messages[: i + 1], template, name, where, generation=False)
+        before = render_chat(tokenizer, messages[:i], template, name, where, generation=True) if i else []
+        after = render_chat(tokenizer, messages[: i + 1], template, name, where, generation=False)
         if after[: len(before)] != before or full[: len(after)] != after or len(after) == len(before):
             raise BadInputError(
                 f"{where}: the chat template ({name}) does not render message {i + 1} (assistant) as an extension of the conversation before it",

@@ -336,11 +336,11 @@ def _example(path: str, lineno: int, row: dict, task: str, chat: bool = False) -
             raise BadInputError(f"{path}:{lineno}: both 'messages' and prompt/completion", "give each row one of the two shapes")
         return Example(messages=check_messages(path, lineno, row["messages"]), line=lineno)
     if task == "sft":
-        return Example(text=_field(path, lineno, row, ("prompt",)), completion=_field(path, lineno, row, ("completion",)))
+        return Example(text=_field(path, lineno, row, ("prompt",)), completion=_field(path, lineno, row, ("completion",)), line=lineno)
     text = _field(path, lineno, row, ("text", "sentence"))
     if task == "classify":
         label = _field(path, lineno, row, ("label",)).strip()
         if not label:
             raise BadInputError(f"{path}:{lineno}: empty label", "give every classification example a label")
-        return Example(text=text, label=label)
-    return Example(text=text)
+        return Example(text=text, label=label, line=lineno)
+    return Example(text=text, line=lineno)
