@@ -296,10 +296,12 @@ def test_full_fine_tuning_never_writes_into_the_base(tiny_llama, data, tmp_path)
     assert missing.exit_code == 2 and "--full needs --model" in missing.stderr
 
 
-def test_two_gloo_workers_equal_one_process_with_the_same_global_batch(tiny_llama, data, tmp_path):
-    # Llama has no dropout, so both runs see the same computation up to the gradient all-reduce.
+@pytest.mark.parametrize("extra", [[], ["--quantize", "nf4", "--gradient-checkpointing"]], ids=["fp32", "nf4"])
+def test_two_gloo_workers_equal_one_process_with_the_same_global_batch(tiny_llama, data, tmp_path, extra):
+    # Llama has no dropout, so both runs see the same computation up to the gradient all-reduce
+    # (with an NF4 base, each worker quantises the same weights to the same bits).
     one, two = _run(tiny_llama, tmp_path, "one"), _run(tiny_llama, tmp_path, "two")
-    common = ["--data", data["cls"], "--steps", "4", "--lr", "1e-2", "--quiet"]
+    common = ["--data", data["cls"], "--steps", "4", "--lr", "1e-2", "--quiet", *extra]
     single = CliRunner().invoke(cli, ["train", one, *common, "--batch-size", "8"])  # one process: this one
     assert single.exit_code == 0, single.stderr
     proc = subprocess.run(
