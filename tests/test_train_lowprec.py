@@ -314,3 +314,65 @@ def test_base_dtype_the_device_cannot_run(tiny_llama, lm_data, tmp_path, monkeyp
 def test_unknown_precision_values(tiny_llama, lm_data, tmp_path, args):
     run = _lora_run(tiny_llama, tmp_path)
     _refused(run, ["--data", lm_data, *args], 2, args[0])
+
+
+# --- fp16: dynamic loss scaling ------------------------------------------------------------------
+
+
+def test_loss_scaling_recovers_fp16_gradients_that_underflow():
+    # Why an fp16 base needs it: a gradient of 1e-8 through an fp16 activation is 0 unscaled.
+    layer = torch.nn.Linear(8, 8).half()
+    phi = torch.nn.Parameter(torch.full((8,), 1e-3))
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+
+    def grad(scaler):
+        phi.grad = None
+        loss = (layer((x * phi).half()).float() * 1e-8).sum()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.unscale_(torch.optim.SGD([phi], lr=0.0))
+        return phi.grad.clone()
+
+    import copy
+
+    exact = copy.deepcopy(layer).double()  # the reference: the same weights in fp64
+    p64 = phi.detach().double().requires_grad_()
+    (exact(x.double() * p64) * 1e-8).sum().backward()
+    reference = p64.grad.float()
+    assert torch.count_nonzero(grad(None)) == 0  # underflowed: φ would not move
+    scaled = grad(precision.loss_scaler(torch.float16, torch.device("cpu")))
+    assert torch.allclose(scaled, reference, rtol=2e-2)
+    assert precision.loss_scaler(torch.bfloat16, torch.device("cpu")) is None and precision.loss_scaler(torch.float32, torch.device("cpu")) is None
+
+
+def test_fp16_base_skips_overflowing_steps_and_resumes_with_its_scale(tiny_llama, lm_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(precision, "INIT_SCALE", 2.0**34)  # far too high: the first steps overflow
+    run = _lora_run(tiny_llama, tmp_path)
+    summary = train(run, _cfg(lm_data, base_dtype="fp16", steps=30, save_every=15, keep_checkpoints=5))
+    scale = summary["loss_scale"]
+    assert 0 < scale["skipped_steps"] < 30 and scale["final"] < 2.0**34 and summary["steps"] == 30
+    saved = load_file(os.path.join(run, "adapter_model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    assert any(not torch.equal(t, torch.zeros_like(t)) for k, t in saved.items() if "lora_B" in k)  # it trained
+    assert [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl"))][-1] == 30
+
+    # Resumed from step 15, the run goes on from the saved scale: the same adapter, bit for bit.
+    again = str(tmp_path / "again")
+    import shutil
+
+    shutil.copytree(run, again)
+    shutil.rmtree(os.path.join(again, "checkpoints", "step-0000030"))
+    os.unlink(os.path.join(again, "adapter_model.safetensors"))
+    resumed = train(again, resume=True)
+    assert resumed["loss_scale"] == scale
+    assert open(os.path.join(again, "adapter_model.safetensors"), "rb").read() == open(os.path.join(run, "adapter_model.safetensors"), "rb").read()
+
+
+def test_fp16_gradients_overflowing_at_any_scale_stop_the_run(tiny_llama, lm_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(precision, "INIT_SCALE", 2.0**34)
+    monkeypatch.setattr(precision, "MIN_SCALE", 2.0**32)  # two halvings and the scale is "too low"
+    run = _lora_run(tiny_llama, tmp_path)
+    from peftcli.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="overflow fp16 even at loss scale"):
+        train(run, _cfg(lm_data, base_dtype="fp16", steps=10))

@@ -36,6 +36,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -80,6 +81,7 @@ class Pass:
     left_pad: bool = False
     sync_by_hand: bool = False
     autocast: contextlib.AbstractContextManager = dataclasses.field(default_factory=contextlib.nullcontext)
+    scaler: torch.amp.GradScaler | None = None  # an fp16 base: dynamic loss scaling
     packing_efficiency: float | None = None  # --packing: the fraction of the rows' token slots holding example tokens
 
     @property
@@ -102,13 +104,18 @@ class PassState:
     order: list[int] = dataclasses.field(default_factory=list)
     tokens: int = 0
     start_time: float = 0.0
+    skipped_steps: int = 0  # fp16: steps whose scaled gradients overflowed (no update; the scale halves)
 
     def trainer_state(self, p: Pass) -> dict:
-        return {
+        state = {
             "optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(), "rng": ckpt_state.rng_state(),
             "step": self.step, "epoch": self.epoch, "offset": self.offset, "best": self.best, "bad_evals": self.bad_evals,
             "recent_losses": self.losses[-p.cfg.log_every :],  # so the first metrics line after a resume is the same
         }
+        if p.scaler is not None:  # the scale a resumed run goes on from (bit-exact resume)
+            state["scaler"] = p.scaler.state_dict()
+            state["skipped_steps"] = self.skipped_steps
+        return state
 
 
 def train_adapter(
@@ -228,7 +235,7 @@ def prepare(run: str, cfg: TrainConfig, checkpoint: str | None, hooks: TrainHook
         optimizer=optimizer, scheduler=scheduler, total=total, checkpoint=checkpoint, hooks=hooks, pass_lr=pass_lr,
         left_pad=task == "classify" and is_decoder(cfg.model), sync_by_hand=sync_by_hand,
         autocast=torch.autocast("cuda", dtype=precision.autocast_dtype(dtype)) if device.type == "cuda" else contextlib.nullcontext(),
-        packing_efficiency=packing_efficiency,
+        scaler=precision.loss_scaler(dtype, device), packing_efficiency=packing_efficiency,
     )
 
 
@@ -293,9 +300,11 @@ def _restore(p: Pass, finished_ok: bool, continue_to: int | None) -> PassState:
             group["lr"] = lr
         p.scheduler._last_lr = lrs
     ckpt_state.set_rng_state(saved["rng"])
+    if p.scaler is not None and "scaler" in saved:
+        p.scaler.load_state_dict(saved["scaler"])
     st = PassState(
         step=saved["step"], epoch=saved["epoch"], offset=saved["offset"], best=saved["best"], bad_evals=saved["bad_evals"],
-        losses=list(saved.get("recent_losses", [])),
+        losses=list(saved.get("recent_losses", [])), skipped_steps=saved.get("skipped_steps", 0),
     )
     st.finished = st.step >= p.total or (p.cfg.patience is not None and st.bad_evals >= p.cfg.patience)
     if st.finished and not finished_ok:
@@ -381,16 +390,26 @@ def train_step(p: Pass, st: PassState) -> float:
         step_loss += float(loss.detach())  # the task loss: comparable across methods
         if p.hooks is not None and p.hooks.extra_loss is not None:
             loss = loss + p.hooks.extra_loss(p.adapted) / cfg.grad_accum
-        loss.backward()
+        (p.scaler.scale(loss) if p.scaler is not None else loss).backward()
     if p.sync_by_hand:
         distributed.average_gradients(p.world, p.named.values())
+    if p.scaler is not None:
+        p.scaler.unscale_(p.optimizer)  # the true gradients, for the norm and the clipping
     # The norm before clipping (an infinite max_norm scales by exactly 1: no clipping).
     grad_norm = torch.nn.utils.clip_grad_norm_(list(p.named.values()), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-    if _nonfinite(p.world, step_loss, grad_norm):  # before the step: φ stays the last finite one
+    # With loss scaling an overflowing gradient is the scaler's to handle (the step is skipped
+    # and the scale halves); the workers' gradients are already averaged, so all skip alike.
+    checked_norm = grad_norm if p.scaler is None else torch.zeros(())
+    if _nonfinite(p.world, step_loss, checked_norm):  # before the step: φ stays the last finite one
         what = f"the loss is {step_loss:g}" if not math.isfinite(step_loss) else f"the gradient norm is {float(grad_norm):g}"
         raise diverged(p.run, cfg, st.step + 1, what, p.world, p.pass_lr)
-    p.optimizer.step()
-    p.scheduler.step()
+    if p.scaler is not None:
+        _scaled_step(p, st, p.scaler, bool(torch.isfinite(grad_norm)))
+    else:
+        p.optimizer.step()
+    with warnings.catch_warnings():  # after a skipped first step torch warns the schedule ran first: it is meant to
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+        p.scheduler.step()
     p.optimizer.zero_grad(set_to_none=True)
     st.step += 1
     if p.hooks is not None and p.hooks.after_step is not None:
@@ -470,6 +489,8 @@ def finish(p: Pass, st: PassState) -> dict:
     }
     if p.packing_efficiency is not None:
         summary["packing_efficiency"] = p.packing_efficiency
+    if p.scaler is not None:
+        summary["loss_scale"] = {"final": p.scaler.get_scale(), "skipped_steps": st.skipped_steps}
     return summary
 
 
@@ -574,6 +595,18 @@ def _continued(run: str, cfg: TrainConfig, checkpoint: str, steps: int) -> Train
     if steps <= done:
         raise UsageError(f"{run} already has {done} steps (`steps` {steps})", f"pass `steps` above {done} to train it further")
     return dataclasses.replace(cfg, steps=steps, epochs=None)  # validates steps as a new run's --steps
+
+
+def _scaled_step(p: Pass, st: PassState, scaler: torch.amp.GradScaler, finite: bool) -> None:
+    """The optimizer step under loss scaling: skipped when the scaled gradients overflowed,
+    and the run refused as diverged once the scale has fallen below ``MIN_SCALE``."""
+    scaler.step(p.optimizer)  # skips the update when unscale_ found Inf/NaN
+    scaler.update()
+    if finite:
+        return
+    st.skipped_steps += 1
+    if scaler.get_scale() < precision.MIN_SCALE:
+        raise diverged(p.run, p.cfg, st.step + 1, f"the gradients overflow fp16 even at loss scale {scaler.get_scale():g}", p.world, p.pass_lr)
 
 
 def _nonfinite(world, loss: float, grad_norm: torch.Tensor) -> bool:

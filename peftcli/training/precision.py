@@ -1,5 +1,5 @@
-"""The base model's precision in training (module level): ``--base-dtype``, ``--quantize nf4``
-and ``--gradient-checkpointing``.
+"""The base model's precision in training (module level): ``--base-dtype``, ``--quantize nf4``,
+``--gradient-checkpointing`` and the loss scaling an fp16 base needs.
 
 φ and its optimizer state stay fp32 whatever the base: only the frozen base weights are held
 in bf16/fp16 or NF4 (``peftcli.quantize.nf4``), so the adapter written is the same fp32
@@ -73,6 +73,22 @@ def _checkpoint_dtype(model_dir: str) -> str:
     config = model_config(model_dir)
     name = config.get("dtype") or config.get("torch_dtype")
     return _CONFIG_DTYPES.get(name, "fp32") if isinstance(name, str) else "fp32"
+
+
+# Dynamic loss scaling for an fp16 base (torch's defaults: start at 2**16, halve on an
+# overflow, double after 2000 clean steps). fp16's smallest normal is 6e-5: the gradients of
+# activations held in fp16 underflow to zero without it, and φ silently stops learning.
+INIT_SCALE = 2.0**16
+# Below this the gradients overflow at any useful scale: the run has diverged, not spiked.
+MIN_SCALE = 2.0**-8
+
+
+def loss_scaler(dtype: torch.dtype, device: torch.device) -> "torch.amp.GradScaler | None":
+    """A dynamic loss scaler when the base computes in fp16 (an fp16 base, on CPU or under
+    CUDA's fp16 autocast); None for fp32 and bf16, whose range needs none."""
+    if dtype != torch.float16:
+        return None
+    return torch.amp.GradScaler(device.type, init_scale=INIT_SCALE)
 
 
 def autocast_dtype(dtype: torch.dtype) -> torch.dtype:
