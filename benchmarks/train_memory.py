@@ -2,8 +2,11 @@
 and --gradient-checkpointing (``peftcli train``'s low-precision options, issue #12).
 
 Each configuration runs in a fresh Python process (``--worker``), so its peak RSS is its own.
-Reported per configuration: the process's peak RSS (ru_maxrss: loading included), its RSS at
-the end of training (what the model, φ, optimizer and allocator hold), and the wall time.
+Reported per configuration: the process's peak RSS (ru_maxrss: loading included), the peak
+``peftcli check --train`` predicts for it (computed in the worker before training), its RSS
+at the end of training (what the model, φ, optimizer and allocator hold), and the wall time.
+``--live`` runs the workers with ``MALLOC_MMAP_THRESHOLD_=131072``, so that RSS follows live
+memory, which is what the prediction is of (glibc otherwise keeps freed activation blocks).
 
 The base is SmolLM2-135M when its fp32 directory exists (``smollm2_to_safetensors.py``,
 default /tmp/smollm2); else a random Llama of SmolLM2-135M's shape (30 layers, hidden 576,
@@ -60,9 +63,13 @@ def worker(args) -> None:
     from peftcli.training.config import TrainConfig
     from peftcli.training.loop import train
 
+    from peftcli.training.memory import TrainMemoryOptions, predict
+
     run = os.path.join(args.work, "run-" + str(os.getpid()))
     inject(args.base, "lora", LoraConfig(rank=8), run)
     options = json.loads(args.options)
+    # The prediction first, in this process (the meta device holds no memory): peftcli check --train.
+    predicted = predict(args.base, run, TrainMemoryOptions(batch_size=args.batch_size, max_length=args.max_length, **options)).peak
     start = time.perf_counter()
     summary = train(run, TrainConfig(
         data=args.data, steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, log_every=1, threads=args.threads, **options,
@@ -70,7 +77,7 @@ def worker(args) -> None:
     with open("/proc/self/status") as f:
         rss_end = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak_rss": peak, "rss_end": rss_end, "wall": time.perf_counter() - start, "loss": summary["final_loss"]}))
+    print(json.dumps({"peak_rss": peak, "rss_end": rss_end, "wall": time.perf_counter() - start, "loss": summary["final_loss"], "predicted": predicted}))
 
 
 def main() -> None:
@@ -82,6 +89,8 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", action="append", choices=list(CONFIGS), help="run only these configurations")
+    ap.add_argument("--live", action="store_true",
+                    help="MALLOC_MMAP_THRESHOLD_=131072 in the workers: RSS follows live memory (what check --train predicts)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--options", default="{}", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
@@ -98,17 +107,20 @@ def main() -> None:
     print(f"base: {base} ({'SmolLM2-135M' if real else 'random weights, SmolLM2-135M shape'}); "
           f"{args.steps} steps of batch {args.batch_size} x {args.max_length} tokens, LoRA r=8, {args.threads} thread(s)")
     print(f"load: {os.getloadavg()}")
-    print(f"{'configuration':24} {'peak RSS':>10} {'RSS at end':>11} {'wall':>8}")
+    print(f"malloc: {'MALLOC_MMAP_THRESHOLD_=131072 (RSS follows live memory)' if args.live else 'glibc default'}")
+    print(f"{'configuration':24} {'peak RSS':>10} {'predicted':>10} {'pred/peak':>9} {'RSS at end':>11} {'wall':>8}")
+    env = os.environ | ({"MALLOC_MMAP_THRESHOLD_": "131072"} if args.live else {})
     for name in args.only or list(CONFIGS):
         cmd = [sys.executable, __file__, "--worker", "--base", base, "--work", args.work, "--data", data, "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--threads", str(args.threads),
                "--options", json.dumps(CONFIGS[name])]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode != 0:
             print(f"{name:24} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{name:24} {r['peak_rss'] / 2**20:9.0f}M {r['rss_end'] / 2**20:10.0f}M {r['wall']:7.1f}s")
+        print(f"{name:24} {r['peak_rss'] / 2**20:9.0f}M {r['predicted'] / 2**20:9.0f}M {r['predicted'] / r['peak_rss']:9.2f} "
+              f"{r['rss_end'] / 2**20:10.0f}M {r['wall']:7.1f}s")
     print(f"load: {os.getloadavg()}")
 
 

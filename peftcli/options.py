@@ -44,6 +44,14 @@ def option(
     return dataclasses.field(default=default, metadata=meta)
 
 
+def borrowed(cls: type, name: str, **changes: Any) -> Any:
+    """The option ``name`` of ``cls`` declared again in another options class: the same
+    default, flag, help and bounds (``changes`` replaces metadata such as ``help``), so two
+    commands that take one option cannot drift apart."""
+    f = cls.__dataclass_fields__[name]  # type: ignore[attr-defined]
+    return dataclasses.field(default=f.default, metadata={**f.metadata, **changes})
+
+
 def flag_name(field: dataclasses.Field) -> str:
     """The long flag of an option field: ``--field-name`` unless its declaration names another."""
     return field.metadata.get("flag") or "--" + field.name.replace("_", "-")

@@ -37,6 +37,7 @@ tensors changed, bytes read, hashed and written, peak memory and time
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from peftcli.checkpoint.fingerprint import content_hash, summarize_differences, 
 from peftcli.checkpoint.reader import ADAPTER_WEIGHTS, Checkpoint, open_checkpoint
 from peftcli.errors import BadInputError, PeftcliError, UsageError
 from peftcli.merging.estimate import Input, MergeEstimate, estimate
+from peftcli.training.memory import TrainMemory, TrainMemoryOptions
 from peftcli.merging.methods import REGISTRY as MERGE_REGISTRY
 from peftcli.merging.methods import get_merge_method
 from peftcli.merging.options import MERGE_DTYPES
@@ -121,6 +123,7 @@ class CheckReport:
     artifacts: list[Result]
     merge: MergeEstimate | None = None  # what merge would do, when everything fits
     merge_refusal: str | None = None  # or why it would refuse
+    train_memory: dict[str, TrainMemory] | None = None  # with `train`: each run's predicted training memory
 
     @property
     def failed(self) -> list[Result]:
@@ -148,12 +151,14 @@ class CheckReport:
             "total": len(self.artifacts),
             "merge": self.merge.to_json() if self.merge else None,
             "merge_refusal": self.merge_refusal,
+            "train_memory": {k: v.to_json() for k, v in self.train_memory.items()} if self.train_memory is not None else None,
         }
 
 
 @dataclass
-class CheckOptions:
-    """The options of ``peftcli check`` (and of a recipe's check step)."""
+class CheckOptions(TrainMemoryOptions):
+    """The options of ``peftcli check`` (and of a recipe's check step); with ``train``, the
+    options of the training run whose memory is predicted (``peftcli.training.memory``)."""
 
     content: bool = option(False, help="Also compare each diff's content hash with the base's bytes.")
     scan_base: bool = option(False, help="Also scan every base tensor for NaN/Inf (reads the whole base).")
@@ -162,8 +167,12 @@ class CheckOptions:
         "linear", help="The merge to estimate (as peftcli merge --method).", choices=tuple(MERGE_REGISTRY), show_default=True
     )
     dtype: str | None = option(None, help="The merge's output dtype to estimate (as peftcli merge --dtype).", choices=MERGE_DTYPES)
+    train: bool = option(False, help="Also predict the peak memory of training each RUN (peftcli train's options below).")
 
     def __post_init__(self) -> None:
+        TrainMemoryOptions.__post_init__(self)
+        if not self.train and self.changed():
+            raise UsageError(f"`{self.changed()[0]}` applies to the training-memory prediction", "add `train`, or drop it")
         get_merge_method(self.method)  # an unknown one names the closest
         if self.dtype is not None and self.dtype not in MERGE_DTYPES:
             raise UsageError(f"unknown `dtype` {self.dtype!r}", "choose F32, BF16, F16 or F64")
@@ -201,7 +210,21 @@ def check(base: str, artifacts: Iterable[str], opts: CheckOptions | None = None,
                 report = CheckReport(base_result, results, merge_refusal=refusal)
             else:
                 report = CheckReport(base_result, results, estimate(ckpt, [r.merge_input for r in results], method, dtype))
+    if opts.train:
+        report = dataclasses.replace(report, train_memory=_train_memory(base, list(artifacts), report, opts))
     return report
+
+
+def _train_memory(base: str, artifacts: list[str], report: CheckReport, opts: CheckOptions) -> dict[str, TrainMemory]:
+    """Each adapter run's predicted training memory (when every artifact fits the base)."""
+    from peftcli.training.memory import predict
+
+    runs = [p for p in artifacts if os.path.isfile(os.path.join(p, "adapter_config.json"))]
+    if not runs:
+        raise UsageError("`train` predicts the memory of training an adapter: give its RUN", "e.g. `peftcli check base/ runs/lora/ --train`")
+    if not report.ok:
+        return {}
+    return {run: predict(base, run, opts) for run in runs}
 
 
 def _check_one(path: str, ckpt: Checkpoint, vocab: int | None, content: bool) -> Result:

@@ -133,13 +133,14 @@ def test_no_library_module_imports_click_or_the_cli():
 # -- a recipe step is its subcommand ------------------------------------------------------------
 
 
-def _click_params(cmd: click.Command) -> dict:
-    from peftcli.recipes.steps import RUNNER_FLAGS
+def _click_params(cmd: click.Command, kind: str) -> dict:
+    from peftcli.recipes.steps import RUNNER_FLAGS, RUNNER_FLAGS_OF
 
+    runner = RUNNER_FLAGS | RUNNER_FLAGS_OF.get(kind, set())
     return {
         p.name: (sorted(p.opts) if isinstance(p, click.Option) else [], p.nargs, bool(p.required), isinstance(p, click.Option) and p.is_flag,
                  isinstance(p.type, click.Path))
-        for p in cmd.params if p.name not in RUNNER_FLAGS
+        for p in cmd.params if p.name not in runner
     }
 
 
@@ -164,7 +165,7 @@ def test_every_step_kind_takes_exactly_its_subcommands_parameters():
             if method is not None:
                 cmd = cmd.commands[method]
             assert words == ["peftcli", name] + ([method] if method else [])
-            assert params == _click_params(cmd), (name, method)
+            assert params == _click_params(cmd, name), (name, method)
 
 
 def test_a_recipe_step_reads_values_as_the_command_line_does(tmp_path, monkeypatch):

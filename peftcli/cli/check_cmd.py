@@ -32,6 +32,8 @@ def check(base, artifacts, as_json, **values):
     mismatches). Prints one line per input, ok or FAIL with the first problem (--json lists
     every problem); exits 1 when any fails. When all fit, says what peftcli merge of them
     would do: tensors changed, bytes written, peak memory and time (estimated from headers).
+    --train predicts the peak memory of training each adapter RUN with peftcli train's
+    options (weights, φ, gradients, optimizer state, activations), reading no weights.
 
     \b
     Examples:
@@ -39,8 +41,10 @@ def check(base, artifacts, as_json, **values):
       peftcli check base/ ftA/ ftB/ --method ties
       peftcli check base/ task.diff --content --json
       peftcli check base/ --scan-base
+      peftcli check llm/ runs/qlora/ --train --batch-size 4 --max-length 2048 --quantize nf4 --gradient-checkpointing
     """
     from peftcli.preflight import check as run_check
+    from peftcli.training.memory import describe as describe_memory
     from peftcli.errors import BadInputError, render_fields
 
     report = run_check(base, list(artifacts), from_options(CheckOptions, values))
@@ -53,6 +57,8 @@ def check(base, artifacts, as_json, **values):
         click.echo(printable(_summary(report)))
         if report.merge or report.merge_refusal:
             click.echo(printable(render_fields(_merge_line(report), flags)))
+        for run, memory in (report.train_memory or {}).items():
+            click.echo(printable(f"{run}: {describe_memory(memory)}"))
     if not report.ok:
         where = "the JSON document lists every problem" if as_json else "the lines above say why; --json lists every problem"
         raise BadInputError(report.failure(), where)

@@ -40,7 +40,9 @@ from peftcli.training.config import TrainConfig
 
 # Not step keys: the subcommands' --json and --quiet (output format, progress) and train's --nproc
 # and --resume (a re-launch, a rerun) are the runner's business, so no row declares them.
-RUNNER_FLAGS = {"as_json", "quiet", "nproc", "resume"}
+# (check's --nproc is an option of its training-memory prediction: a step key.)
+RUNNER_FLAGS = {"as_json", "quiet"}
+RUNNER_FLAGS_OF = {"train": {"nproc", "resume"}}
 
 
 # -- the flags a subcommand takes beside its options class ------------------------------------

@@ -55,7 +55,7 @@ def base_dtype(name: str | None, model_dir: str, device: torch.device) -> torch.
     """``--base-dtype``, refused where the device cannot compute in it. Its default: fp32 on
     the CPU (as before; these CPUs lack bf16 units), the checkpoint's own dtype on CUDA."""
     if name is None:
-        name = _checkpoint_dtype(model_dir) if device.type == "cuda" else "fp32"
+        name = checkpoint_dtype(model_dir) if device.type == "cuda" else "fp32"
         if name == "bf16" and not torch.cuda.is_bf16_supported():
             name = "fp32"  # a bf16 checkpoint on an older GPU trains as before, in fp32
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -66,7 +66,7 @@ def base_dtype(name: str | None, model_dir: str, device: torch.device) -> torch.
     return DTYPES[name]
 
 
-def _checkpoint_dtype(model_dir: str) -> str:
+def checkpoint_dtype(model_dir: str) -> str:
     """config.json's ``dtype`` (``torch_dtype`` before transformers 5), fp32 if it names none we hold."""
     from peftcli.checkpoint.gguf_model import model_config
 
@@ -115,7 +115,7 @@ def _phi_in_fp32(adapted, dtype: torch.dtype) -> None:
     if inner:
         raise UsageError(
             f"{adapted.method.name} trains the base's own tensors (e.g. {inner[0]}), which `base_dtype` "
-            f"{_name(dtype)} would hold in {_name(dtype)}",
+            f"{dtype_name(dtype)} would hold in {dtype_name(dtype)}",
             "train it with `base_dtype` fp32, or use a method with separate weights (lora, ia3, prompt...)",
         )
     heads = (adapted.adapter_config.get("modules_to_save") or []) if low else []
@@ -131,8 +131,22 @@ def _inputs_to_fp32(module: nn.Module, args: tuple) -> tuple:
     return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
-def _name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """fp32, bf16 or fp16: a dtype as ``base_dtype`` spells it."""
     return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+def quantizable_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers ``quantize nf4`` replaces: every frozen linear (or GPT-2 Conv1D) layer but
+    the output projection (also what ``peftcli.training.memory`` counts as NF4)."""
+    from peftcli import modules
+
+    skip = {id(m) for m in (_output_module(model),) if m is not None}
+    return [
+        (name, layer) for name, layer in model.named_modules()
+        if (isinstance(layer, nn.Linear) or modules.is_conv1d(layer)) and id(layer) not in skip
+        and not any(p.requires_grad for p in layer.parameters())
+    ]
 
 
 def quantize_frozen_linears(model: nn.Module, model_dir: str) -> int:
@@ -142,12 +156,7 @@ def quantize_frozen_linears(model: nn.Module, model_dir: str) -> int:
     from peftcli import modules
     from peftcli.quantize.nf4 import NF4Linear
 
-    skip = {id(m) for m in (_output_module(model),) if m is not None}
-    chosen = [
-        (name, layer) for name, layer in model.named_modules()
-        if (isinstance(layer, nn.Linear) or modules.is_conv1d(layer)) and id(layer) not in skip
-        and not any(p.requires_grad for p in layer.parameters())
-    ]
+    chosen = quantizable_linears(model)
     if not chosen:
         raise BadInputError(
             f"{model_dir}: no frozen linear layer to quantise (its linear layers are φ or the output projection)",
