@@ -20,7 +20,8 @@ checkpointing and workers, split into the parts a user can act on:
   the output and a log-sum-exp per row, not the S×S probabilities (the meta device has no
   fused kernel to run). With ``gradient_checkpointing`` the blocks keep only their inputs,
   and one block's activations are rebuilt at a time in the backward. The backward adds a
-  transient: the gradient of the largest saved tensor (for a language model, the logits).
+  transient: the op that kept the largest tensor (for a language model, the logits' log
+  softmax) holds the gradients of its output and its input at once, two more of its size.
 - **runtime**: on CPU, the memory of this very process (Python, torch, transformers, the
   model's classes: the stack ``peftcli train`` runs), measured after the trace, since the
   peak ``train`` reports is the process's RSS. glibc's malloc keeps blocks that held freed
@@ -210,7 +211,9 @@ def predict(base: str, run: str, opts: TrainMemoryOptions) -> TrainMemory:
         activations = trace["outside"] + sum(layers)
     mask = opts.batch_size * trace["length"] ** 2 if task != "classify" or not opts.packing else 0  # a 4-D boolean mask
     activations += mask
-    transient = trace["largest"] + quantized_max * dtype.itemsize  # NF4: one layer's weight dequantised at a time
+    # The backward of the op that kept the largest tensor holds its output's gradient and its
+    # input's at once (for a language model: two logits-sized tensors besides the kept one).
+    transient = 2 * trace["largest"] + quantized_max * dtype.itemsize  # NF4: one layer's weight dequantised at a time
     # The runtime is measured now: building and tracing the model imported what train imports
     # (its model classes too), and meta tensors hold no memory.
     runtime = _process_rss() if device.type == "cpu" else 0
