@@ -20,7 +20,8 @@ subset of SST-2 dev (default 1,000); everything through the CLI (``peftcli injec
 4. **smollm2** (``--smol BASE``, a separate run): SmolLM2-135M-Instruct + LoRA r=8 on q/v
    trained as prompted SFT on SST-2 (``--smol-train`` phrases, one epoch at batch 16), with
    defaults and at each rate of ``--smol-lrs``, scored by comparing the logits of " positive"
-   and " negative" after the prompt on ``--smol-eval`` dev phrases; the base zero-shot beside.
+   and " negative" after the prompt on ``--smol-eval`` dev phrases, and by the greedy answer
+   (``peftcli evaluate --labels``); the base zero-shot beside.
 
 Accuracy is after the last step (no selection on dev). Every run is independent and seeded;
 the table gives mean ± standard deviation over seeds.
@@ -218,8 +219,16 @@ def smol_execute(job: dict) -> dict:
             enc = tok(r["prompt"], return_tensors="pt")
             logits = model(**enc).logits[0, -1]
             correct += int(LABELS[int(logits[ids[1]] > logits[ids[0]])] == r["completion"])
+    # The same dev rows answered greedily by `peftcli evaluate` (classification by generation):
+    # a completion counts only when it is exactly one label word.
+    from peftcli.evaluation import EvalOptions, evaluate
+
+    doc = evaluate(run if job.get("lr") != 0 else job["smol"],
+                   EvalOptions(data=job["smol_dev"], labels="negative,positive", max_new_tokens=3, batch_size=16, device="cpu"))
     shutil.rmtree(run, ignore_errors=True)
-    return {**res, "accuracy": correct / len(rows), "wall_seconds": time.perf_counter() - t0}
+    gen = doc["generation"]
+    return {**res, "accuracy": correct / len(rows), "generation_accuracy": gen["label_accuracy"], "unmatched": gen["unmatched"],
+            "wall_seconds": time.perf_counter() - t0}
 
 
 def _run(job: dict) -> dict:
@@ -356,11 +365,17 @@ def render(doc: dict) -> str:
     smol = [r for r in runs if r["kind"] == "smol"]
     if smol:
         out += ["", f"SmolLM2-135M-Instruct + LoRA r=8 (q/v), prompted SST-2 (\"Review: …\\nSentiment:\" → \" positive\"/\" negative\"), "
-                f"{doc['settings'].get('smol_train', '')} examples, 1 epoch at batch 16; accuracy by scoring the two label words", "",
-                "| lr | accuracy |", "|---|---|"]
+                f"{doc['settings'].get('smol_train', '')} examples, 1 epoch at batch 16; dev accuracy % by scoring the two label words, "
+                "and by the greedy answer (`peftcli evaluate --labels negative,positive --max-new-tokens 3`: only an answer that is "
+                "exactly a label word counts; the answers naming neither are counted)", "",
+                "| lr | accuracy, label scores | accuracy, greedy answer | answers naming no label |", "|---|---|---|---|"]
         for lr in sorted({r["lr"] for r in smol}, key=lambda x: (x is not None, x or 0)):
             name = "defaults" if lr is None else ("zero-shot (the base)" if lr == 0 else f"{lr:g}")
-            out.append(f"| {name} | {_stats([r['accuracy'] for r in smol if r['lr'] == lr])} |")
+            these = [r for r in smol if r["lr"] == lr]
+            generated = [r["generation_accuracy"] for r in these if "generation_accuracy" in r]
+            unmatched = [r["unmatched"] for r in these if "unmatched" in r]
+            out.append(f"| {name} | {_stats([r['accuracy'] for r in these])} | {_stats(generated)} | "
+                       f"{statistics.mean(unmatched):.0f} |" if unmatched else f"| {name} | {_stats([r['accuracy'] for r in these])} | – | – |")
     return "\n".join(out)
 
 

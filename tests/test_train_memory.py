@@ -129,7 +129,7 @@ def test_check_train_cli_line_json_and_refusals(mid, tmp_path):
     runner = CliRunner()
     result = runner.invoke(cli, ["check", mid["model"], run, "--train", "--batch-size", "4", "--max-length", "128", "--nproc", "2"])
     assert result.exit_code == 0, result.stderr
-    assert "training memory (predicted peak, process RSS)" in result.stdout and "2 workers" in result.stdout
+    assert "training memory (predicted peak, memory in use by the process)" in result.stdout and "2 workers" in result.stdout
     doc = json.loads(runner.invoke(cli, ["check", mid["model"], run, "--train", "--json"]).stdout)
     memory = doc["train_memory"][run]
     parts = ("weights", "phi", "gradients", "optimizer", "activations", "transient")

@@ -141,7 +141,8 @@ def describe(m: TrainMemory) -> str:
     ]
     if m.runtime:
         parts.append(f"runtime {_gib(m.runtime)}")
-    where = "torch's CUDA allocator, CUDA context not included" if m.device == "cuda" else "process RSS"
+    # On CPU the prediction is of memory in use; glibc's malloc can keep the RSS higher (docs).
+    where = "torch's CUDA allocator, CUDA context not included" if m.device == "cuda" else "memory in use by the process"
     text = f"training memory (predicted peak, {where}): {_gib(m.peak)} per worker = " + " + ".join(parts)
     if m.load > m.training:
         text += f" (loading, {_gib(m.load)}, is the larger phase)"

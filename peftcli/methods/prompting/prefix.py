@@ -107,7 +107,7 @@ def _attention_modules(shapes: dict[str, tuple[int, ...]], config: dict | None, 
 
 class PrefixTuning(MethodBase):
     name = "prefix"
-    train_defaults = TrainDefaults(lr=3e-2, generative_lr=3e-3)  # benchmarks/README.md: "Training defaults"
+    train_defaults = TrainDefaults(lr=9e-2, generative_lr=3e-3)  # benchmarks/README.md: "Training defaults"
     identity_at_init = False  # its virtual tokens change the outputs from the start
     config_cls = PrefixTuningConfig
     summary = "Learned key/value prefixes in every attention layer, or in some layers only (prefix tuning)."
