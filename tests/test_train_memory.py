@@ -141,3 +141,15 @@ def test_check_train_cli_line_json_and_refusals(mid, tmp_path):
     assert_error(runner.invoke(cli, ["check", mid["model"], run, "--train", "--task", "classify", "--packing"]), 2, "--packing applies to lm and sft")
     layers = _inject(mid, "cli-layers", "layers", "--layers", "3")
     assert_error(runner.invoke(cli, ["check", mid["model"], layers, "--train", "--quantize", "nf4"]), 2, "trains the base's own weights")
+
+
+@pytest.mark.parametrize("arch, task", [("gpt2", "classify"), ("gpt2", "lm"), ("bert", "classify")])
+def test_classifiers_and_models_with_a_pad_token_trace_too(arch, task, tiny_gpt2, tiny_bert, tmp_path):
+    # GPT-2 and BERT look for a pad token in the ids when no mask is given (a value the meta
+    # device does not have); a decoder classifier finds the last token by the pad id.
+    base = {"gpt2": tiny_gpt2, "bert": tiny_bert}[arch]
+    for method in (["lora"], ["bitfit"]):
+        run = str(tmp_path / f"{method[0]}-{task}")
+        assert CliRunner().invoke(cli, ["inject", *method, base, "-o", run, "--quiet"]).exit_code == 0
+        m = predict(base, run, TrainMemoryOptions(batch_size=2, max_length=16, task=task))
+        assert m.activations > 0 and m.details["task"] == task

@@ -130,7 +130,9 @@ class TrainMemory:
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 def describe(m: TrainMemory) -> str:
@@ -298,15 +300,21 @@ class _FusedAttention:
 
 
 @contextlib.contextmanager
-def _fused_sdpa():
+def _traceable():
+    """SDPA as the fused kernels keep it, and no padding warning: transformers checks the
+    input ids for a pad token when no attention mask is given (GPT-2, BERT), which reads a
+    value, and the meta device has none (the trace's rows are full: there is no padding)."""
     import torch.nn.functional as F
+    from transformers import PreTrainedModel
 
-    original = F.scaled_dot_product_attention
+    original, warn = F.scaled_dot_product_attention, PreTrainedModel.warn_if_padding_and_no_attention_mask
     F.scaled_dot_product_attention = _FusedAttention.function()
+    PreTrainedModel.warn_if_padding_and_no_attention_mask = lambda self, *a, **k: None
     try:
         yield
     finally:
         F.scaled_dot_product_attention = original
+        PreTrainedModel.warn_if_padding_and_no_attention_mask = warn
 
 
 def _trace_activations(adapted, inner, task: str, batch: int, length: int) -> dict:
@@ -337,7 +345,7 @@ def _trace_activations(adapted, inner, task: str, batch: int, length: int) -> di
     ids = torch.zeros(batch, length, dtype=torch.long, device="meta")
     labels = torch.zeros(batch, dtype=torch.long, device="meta") if task == "classify" else ids
     try:
-        with _fused_sdpa(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with _traceable(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             adapted.train()
             adapted(input_ids=ids, labels=labels)
     except (RuntimeError, NotImplementedError, TypeError) as exc:
