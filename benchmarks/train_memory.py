@@ -2,7 +2,7 @@
 and --gradient-checkpointing (``peftcli train``'s low-precision options, issue #12).
 
 Each configuration runs in a fresh Python process (``--worker``), so its peak RSS is its own.
-Reported per configuration: the process's peak RSS (ru_maxrss: loading included), the peak
+Reported per configuration: the process's peak RSS (VmHWM: loading included), the peak
 ``peftcli check --train`` predicts for it (computed in the worker before training), its RSS
 at the end of training (what the model, φ, optimizer and allocator hold), and the wall time.
 ``--live`` runs the workers with ``MALLOC_MMAP_THRESHOLD_=131072``, so that RSS follows live
@@ -56,7 +56,6 @@ def build_random_smollm2_shape(out: str) -> str:
 
 
 def worker(args) -> None:
-    import resource
 
     from peftcli.injection import inject
     from peftcli.methods.lora import LoraConfig
@@ -76,7 +75,9 @@ def worker(args) -> None:
     ))
     with open("/proc/self/status") as f:
         rss_end = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from peftcli.training.one_pass import peak_rss
+
+    peak = peak_rss()
     print(json.dumps({"peak_rss": peak, "rss_end": rss_end, "wall": time.perf_counter() - start, "loss": summary["final_loss"], "predicted": predicted}))
 
 

@@ -52,7 +52,7 @@ def load_base_model(
     if cls is None or not hasattr(cls, "from_pretrained"):
         cls = transformers.AutoModel  # still local-only; the Auto mapping picks the class from model_type
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model, info = cls.from_pretrained(path, dtype=dtype, local_files_only=True, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise BadInputError(
@@ -64,7 +64,7 @@ def load_base_model(
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """transformers' load bars and reports ("score.weight MISSING") are expected here, not news."""
     from transformers.utils import logging as hf_logging
 

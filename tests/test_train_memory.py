@@ -1,6 +1,7 @@
 """Training-memory prediction (``peftcli check BASE RUN --train``) held against measured peaks.
 
-Each configuration runs in a fresh process (the peak RSS of a process only grows): the
+Each configuration runs in a fresh process (the peak RSS of a process only grows; VmHWM, since
+``ru_maxrss`` would keep the forking test runner's): the
 prediction first (the meta device: no memory), then one real training step; the measured
 peak must be within ±25% of the predicted one. glibc's malloc is told to return large
 blocks to the system (``MALLOC_MMAP_THRESHOLD_``) so that RSS follows live memory, which is
@@ -27,7 +28,7 @@ from tests.helpers import assert_error
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MEASURE = """
-import json, resource, sys
+import json, sys
 import torch
 torch.set_num_threads(1)
 from peftcli.training.config import TrainConfig
@@ -36,7 +37,8 @@ from peftcli.training.memory import TrainMemoryOptions, predict
 base, run, data, options = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 predicted = predict(base, run, TrainMemoryOptions(**options)).peak
 train(run, TrainConfig(data=data, steps=1, lr=1e-3, **options))
-print(json.dumps({"predicted": predicted, "measured": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+from peftcli.training.one_pass import peak_rss
+print(json.dumps({"predicted": predicted, "measured": peak_rss()}))
 """
 
 

@@ -250,7 +250,7 @@ def _meta_model(base: str, task: str, dtype):
     import torch
     import transformers
 
-    from peftcli.attach import _quiet_transformers
+    from peftcli.attach import quiet_transformers
     from peftcli.checkpoint.gguf_model import is_gguf, model_config
 
     try:
@@ -264,7 +264,7 @@ def _meta_model(base: str, task: str, dtype):
                 raise BadInputError(f"{base}: no config.json, so no model can be built from it", "pass a Hugging Face model directory")
             config = transformers.AutoConfig.from_pretrained(base, local_files_only=True, **({"num_labels": 2} if task == "classify" else {}))
         cls = transformers.AutoModelForSequenceClassification if task == "classify" else transformers.AutoModelForCausalLM
-        with _quiet_transformers(), torch.device("meta"):
+        with quiet_transformers(), torch.device("meta"):
             return cls.from_config(config, dtype=dtype)
     except (OSError, ValueError, KeyError) as exc:
         raise BadInputError(

@@ -709,6 +709,21 @@ def _truncate_metrics(path: str, step: int) -> None:
 def _peak_memory(device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    return peak_rss()
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory, in bytes: Linux's VmHWM, which a new program
+    starts afresh (``ru_maxrss`` keeps the high-water mark of the process that forked and
+    exec'd it, so a run started from a large parent, a test runner or a notebook, would
+    report the parent's); ``ru_maxrss`` where /proc is not there."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
