@@ -238,7 +238,7 @@ class TrainDefaults:
         return self.generative_lr if task in ("lm", "sft") and self.generative_lr is not None else self.lr
 
     def describe(self) -> str:
-        """One line for people: ``lr 0.003 (lm/sft 0.0002), head 0.002, warmup 6% of the steps, linear decay``."""
+        """One line for people: ``lr 0.006 (lm/sft 0.001), head 0.002, warmup 6% of the steps, linear decay``."""
         text = f"lr {self.lr:g}" + (f" (lm/sft {self.generative_lr:g})" if self.generative_lr is not None else "")
         text += f", head {self.head_lr:g}" if self.head_lr is not None else ", head at lr"
         return text + f", warmup {self.warmup_ratio:.0%} of the steps, {self.schedule} decay"

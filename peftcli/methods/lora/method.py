@@ -83,7 +83,7 @@ class LoraConfig:
 
 class LoRA(MethodBase):
     name = "lora"
-    train_defaults = TrainDefaults(lr=6e-3, generative_lr=2e-4)  # benchmarks/README.md: "Training defaults"
+    train_defaults = TrainDefaults(lr=6e-3, generative_lr=1e-3)  # benchmarks/README.md: "Training defaults"
     folds = True
     config_cls = LoraConfig
     summary = "Low-rank update ΔW = (α/r)·B·A on linear layers (also DoRA, rsLoRA)."
