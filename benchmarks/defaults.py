@@ -121,9 +121,10 @@ def execute(job: dict) -> dict:
         used = json.load(f)  # the rates the run trained with: given, or the method's defaults
     shutil.rmtree(run, ignore_errors=True)
     summary = json.loads(out)
-    if used["lr"] is None:  # a multi-phase run (lt-sft, diff-pruning) records the options as given
-        declared_lr, declared_head = current_defaults()[m.label]
-        used = {"lr": job.get("lr") or declared_lr, "head_lr": job.get("head_lr") or declared_head}
+    declared_lr, declared_head = current_defaults()[m.label]
+    # A multi-phase run (lt-sft, diff-pruning) records the options as given: a rate left out
+    # was the declared default (a head rate of None is the body's only where it is declared so).
+    used = {"lr": used["lr"] or job.get("lr") or declared_lr, "head_lr": used.get("head_lr") or job.get("head_lr") or declared_head}
     return {**res, "used_lr": used["lr"], "used_head_lr": used.get("head_lr"), "accuracy": summary["best"]["eval_accuracy"],
             "wall_seconds": time.perf_counter() - t0}
 
