@@ -125,9 +125,9 @@ def run(model: str | None, out: str, steps: int | None = None, log=print) -> dic
     merge(model, [run_dir], merged_dir)
     from transformers import AutoModelForSequenceClassification
 
-    from peftcli.attach import _quiet_transformers
+    from peftcli.attach import quiet_transformers
 
-    with _quiet_transformers():
+    with quiet_transformers():
         merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()  # plain transformers
     adapted.eval()
     ours, theirs = _predict(adapted, items, tokenizer.pad_token_id), _predict(merged, items, tokenizer.pad_token_id)
