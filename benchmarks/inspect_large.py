@@ -13,7 +13,6 @@ end (a fresh process, start-up included), the in-process API, and the reference
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess

@@ -305,7 +305,7 @@ def _evaluate(model: str, opts: EvalOptions) -> dict:
                 f"their largest logit gap is {gap:.3g}",
             )
     if opts.predictions is not None and records is not None:
-        write_predictions(opts.predictions, records, prompt_texts, [model, data.path], opts.force)
+        write_predictions(opts.predictions, records, prompt_texts, inputs, opts.force)
     return doc
 
 

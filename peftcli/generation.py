@@ -34,6 +34,7 @@ the reference, the completion and its scores), atomically.
 from __future__ import annotations
 
 import json
+import os
 import re
 import string
 from collections import Counter
@@ -231,8 +232,6 @@ def check_references(prompts: list[Prompt], labels: list[str] | None, data_path:
 
 def check_predictions_path(path: str | None, inputs: list[str], force: bool) -> None:
     """Refuse ``predictions`` FILE before any work: an input, or an existing file without ``force``."""
-    import os
-
     from peftcli.checkpoint.atomic import check_output_path
 
     if path is None:
@@ -251,8 +250,6 @@ def write_predictions(path: str, records: list[dict], prompts_text: list[str], i
             for record, prompt in zip(records, prompts_text):
                 f.write(json.dumps({"line": record["line"], "prompt": prompt, **{k: v for k, v in record.items() if k != "line"}}, ensure_ascii=False) + "\n")
             f.flush()
-            import os
-
             os.fsync(f.fileno())
 
 

@@ -159,18 +159,32 @@ def test_chat_prompt_is_the_conversation_before_the_last_answer(trained, tiny_ll
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "args, code, message",
     [
-        (["--labels", "w60"], "at least two labels"),
-        (["--labels", "w60,W60."], "the same answer once normalised"),
-        (["--labels", "w60,The"], "'The' is empty once normalised"),
-        (["--labels", "w60,w62"], "is none of --labels"),
-        (["--max-new-tokens", "-1"], "--max-new-tokens"),
+        (["--labels", "w60"], 2, "at least two labels"),
+        (["--labels", "w60,W60."], 2, "the same answer once normalised"),
+        (["--labels", "w60,The"], 2, "'The' is empty once normalised"),
+        (["--labels", "w60,w62"], 1, "is none of --labels"),  # the data's fault: a bad-input exit
+        (["--max-new-tokens", "-1"], 2, "--max-new-tokens"),
     ],
 )
-def test_bad_generation_options_are_one_line_errors(trained, args, message):
+def test_bad_generation_options_are_one_line_errors(trained, args, code, message):
     result = CliRunner().invoke(cli, ["evaluate", trained["run"], "--data", trained["data"], *args])
-    assert_error(result, 2, message) if "none of" not in message else assert_error(result, 1, message)
+    assert_error(result, code, message)
+
+
+def test_a_run_whose_recorded_chat_template_is_gone_is_refused(trained, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    args = json.loads((run / "train_args.json").read_text())
+    (run / "train_args.json").write_text(json.dumps({**args, "chat_template": str(tmp_path / "gone.jinja")}))
+    data = _write(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "w10"}, {"role": "assistant", "content": "w11"}]}])
+    out = tmp_path / "answers.jsonl"
+    result = CliRunner().invoke(cli, ["evaluate", str(run), "--data", data, "--predictions", str(out)])
+    assert_error(result, 2, "was trained with the chat template", str(out))
+    assert "--chat-template" in result.stderr
 
 
 def test_labels_on_classification_data_is_refused(tiny_bert, tmp_path):

@@ -162,13 +162,9 @@ def predict(base: str, run: str, opts: TrainMemoryOptions) -> TrainMemory:
     from peftcli.training.common import resolve_device
 
     adapter = read_adapter(run)
-    method_dtype_check = _trains_in_place(adapter)
+    precision.keeps_fp32(False, adapter, opts.quantize, opts.base_dtype)  # refused as train refuses it
+    # The device predicted for, not this machine's: a CUDA run is planned from a laptop too.
     device = resolve_device(opts.device) if opts.device != "cuda" else torch.device("cuda")
-    if method_dtype_check and (opts.quantize is not None or opts.base_dtype not in (None, "fp32")):
-        raise UsageError(
-            f"{run}: this method trains the base's own weights, which a low-precision base would round",
-            "drop `base_dtype` and `quantize` (as `peftcli train` refuses them for this method)",
-        )
     dtype = precision.DTYPES[opts.base_dtype] if opts.base_dtype else (
         precision.DTYPES[precision.checkpoint_dtype(base)] if device.type == "cuda" else torch.float32
     )
@@ -212,8 +208,7 @@ def predict(base: str, run: str, opts: TrainMemoryOptions) -> TrainMemory:
         activations = trace["outside"] + block_inputs + (max(layers) if layers else 0)
     else:
         activations = trace["outside"] + sum(layers)
-    mask = opts.batch_size * trace["length"] ** 2 if task != "classify" or not opts.packing else 0  # a 4-D boolean mask
-    activations += mask
+    activations += opts.batch_size * trace["length"] ** 2  # a padded batch's 4-D boolean attention mask
     # The backward of the op that kept the largest tensor holds its output's gradient and its
     # input's at once (for a language model: two logits-sized tensors besides the kept one).
     transient = 2 * trace["largest"] + quantized_max * dtype.itemsize  # NF4: one layer's weight dequantised at a time
@@ -232,12 +227,6 @@ def predict(base: str, run: str, opts: TrainMemoryOptions) -> TrainMemory:
             "quantize": opts.quantize, "trainable_params": phi_numel,
         },
     )
-
-
-def _trains_in_place(adapter) -> bool:
-    from peftcli.methods import method_for_adapter_config
-
-    return bool(getattr(method_for_adapter_config(adapter.config, adapter.path), "trains_in_place", False))
 
 
 def _process_rss() -> int:

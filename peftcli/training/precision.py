@@ -27,16 +27,25 @@ def resolve(cfg, adapter, device: torch.device) -> torch.dtype:
     """The dtype the base is loaded in, checked against the method and the device (before
     anything is read or written). A run that trains the base's own weights (``--full``, a
     full fine-tuning pass, BitFit, LT-SFT...) keeps them fp32: φ must not be rounded."""
-    if cfg.full or (adapter is not None and _trains_in_place(adapter)):
-        what = "`full` (or a full fine-tuning pass)" if cfg.full else _method_name(adapter)
-        if cfg.quantize is not None or cfg.base_dtype not in (None, "fp32"):
-            flag = f"`quantize` {cfg.quantize}" if cfg.quantize is not None else f"`base_dtype` {cfg.base_dtype}"
-            raise UsageError(
-                f"{what} trains the base's own weights, which {flag} would round",
-                "drop `base_dtype` and `quantize` for this run (they suit lora, ia3, adapter, prompt, prefix)",
-            )
+    if keeps_fp32(cfg.full, adapter, cfg.quantize, cfg.base_dtype):
         return torch.float32
     return base_dtype(cfg.base_dtype, cfg.model, device)
+
+
+def keeps_fp32(full: bool, adapter, quantize: str | None, base_dtype_name: str | None) -> bool:
+    """Whether the run trains the base's own weights (``full``, BitFit, LT-SFT...), which stay
+    fp32; refused when ``quantize`` or a low ``base_dtype`` is asked for such a run (also by
+    ``peftcli check --train``, ``peftcli.training.memory``)."""
+    if not (full or (adapter is not None and _trains_in_place(adapter))):
+        return False
+    what = "`full` (or a full fine-tuning pass)" if full else _method_name(adapter)
+    if quantize is not None or base_dtype_name not in (None, "fp32"):
+        flag = f"`quantize` {quantize}" if quantize is not None else f"`base_dtype` {base_dtype_name}"
+        raise UsageError(
+            f"{what} trains the base's own weights, which {flag} would round",
+            "drop `base_dtype` and `quantize` for this run (they suit lora, ia3, adapter, prompt, prefix)",
+        )
+    return True
 
 
 def _trains_in_place(adapter) -> bool:
