@@ -107,11 +107,22 @@ def test_prediction_reads_no_weight(mid, tmp_path):
     opts = TrainMemoryOptions(batch_size=4, max_length=64, quantize="nf4")
     with_weights, without = predict(mid["model"], run, opts), predict(str(bare), run, opts)
     assert (with_weights.weights, with_weights.activations) == (without.weights, without.activations)
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     adapter = load_file(os.path.join(run, "adapter_model.safetensors"))
     assert without.phi == 4 * sum(t.numel() for t in adapter.values())  # φ in fp32, as the adapter holds it
-    assert without.load > without.weights  # NF4: loading holds the full-precision weights first
+    # NF4: loading reads one weight at a time, quantising each; a checkpoint whose names
+    # transformers maps loads whole, holding every weight in full precision first.
+    assert without.details["loads"] == with_weights.details["loads"] == "one weight at a time"
+    largest = max(t.numel() for t in load_file(os.path.join(mid["model"], "model.safetensors")).values() if t.dim() == 2)
+    assert with_weights.weights < with_weights.load <= with_weights.weights + largest * 24
+    renamed = tmp_path / "renamed"
+    shutil.copytree(mid["model"], renamed, ignore=shutil.ignore_patterns("*.safetensors"))
+    tensors = load_file(os.path.join(mid["model"], "model.safetensors"))
+    save_file({k.removeprefix("model."): v for k, v in tensors.items()}, str(renamed / "model.safetensors"))
+    whole = predict(str(renamed), run, opts)
+    full = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert whole.details["loads"] == "whole" and whole.load >= full
 
 
 @pytest.mark.parametrize(

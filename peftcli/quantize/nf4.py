@@ -159,9 +159,11 @@ class NF4Linear(nn.Module):
     parameter in its dtype. The forward runs in the input's dtype (autocast's on CUDA).
     """
 
-    def __init__(self, layer: nn.Module, transposed: bool):
+    def __init__(self, layer: nn.Module, transposed: bool, weight: torch.Tensor | None = None):
+        """``weight``: the layer's weight when ``layer`` holds a placeholder for it
+        (``peftcli.quantize.on_load``), in the layer's own layout."""
         super().__init__()
-        weight = layer.weight.detach()
+        weight = (layer.weight if weight is None else weight).detach()
         weight = weight.T if transposed else weight
         self.out_features, self.in_features = weight.shape
         self.weight_dtype = weight.dtype

@@ -7,8 +7,9 @@ checkpointing and workers, split into the parts a user can act on:
 - **weights**: the frozen base, every parameter at the base dtype (the checkpoint's on CUDA,
   fp32 on CPU, or ``base_dtype``); with ``quantize nf4`` the linear layers training
   quantises (``precision.quantizable_linears``) at NF4's 4 bits plus its two levels of
-  absmaxes. Loading holds the full-precision weights before quantising them, so the peak
-  is also at least that.
+  absmaxes. Loading reads one linear weight at a time, quantising each before the next
+  (``peftcli.quantize.on_load``); where it cannot, it holds the full-precision weights before
+  quantising them, and the peak is also at least that.
 - **φ, gradients, optimizer**: φ in fp32, one fp32 gradient each, AdamW's two fp32 moments
   (and DDP's gradient buckets, one more copy, with several workers).
 - **activations**: measured, not modelled. The model is built on the meta device (shapes,
@@ -104,7 +105,7 @@ class TrainMemory:
     optimizer: int
     activations: int
     transient: int  # the backward's largest temporary (and NF4's dequantised weight)
-    load: int  # the peak while loading (full-precision weights before quantisation)
+    load: int  # the peak while loading (with NF4: the quantised base and one weight, or all of it in full precision)
     runtime: int  # CPU: this process's memory before the model (0 on CUDA)
     workers: int
     device: str
@@ -170,6 +171,7 @@ def predict(base: str, run: str, opts: TrainMemoryOptions) -> TrainMemory:
     )
     task = opts.task or ("classify" if adapter.config.get("task_type") == "SEQ_CLS" else "lm")
     model = _meta_model(base, task, dtype)
+    deferred = opts.quantize == "nf4" and _loads_deferred(base, model, adapter, task)
     from peftcli.attach import attach_adapter
 
     adapted = attach_adapter(model, adapter)
@@ -219,14 +221,42 @@ def predict(base: str, run: str, opts: TrainMemoryOptions) -> TrainMemory:
     gradients = 4 * phi_numel * (2 if workers > 1 else 1)  # DDP's buckets hold one more copy
     return TrainMemory(
         weights=weights, phi=4 * phi_numel, gradients=gradients, optimizer=8 * phi_numel, activations=activations,
-        transient=transient, load=weights_full if quantized else 0, runtime=runtime, workers=workers, device=device.type,
+        transient=transient, load=_load_peak(quantized, deferred, weights, weights_full, quantized_max, dtype),
+        runtime=runtime, workers=workers, device=device.type,
         dtype=precision.dtype_name(dtype),
         details={
             "weights_as": ("nf4 linears, " if quantized else "") + precision.dtype_name(dtype), "task": task,
             "batch_size": opts.batch_size, "length": trace["length"], "gradient_checkpointing": opts.gradient_checkpointing,
             "quantize": opts.quantize, "trainable_params": phi_numel,
+            "loads": ("one weight at a time" if deferred else "whole") if quantized else "whole",
         },
     )
+
+
+def _loads_deferred(base: str, skeleton, adapter, task: str) -> bool:
+    """Whether ``train`` builds this base with its linear weights read one at a time
+    (``peftcli.quantize.on_load``); only the checkpoint's header is read."""
+    from peftcli.checkpoint.gguf_model import is_gguf
+    from peftcli.checkpoint.reader import open_checkpoint
+    from peftcli.quantize import on_load
+
+    if is_gguf(base) or not on_load.eligible(adapter, task, full=False):
+        return False
+    if os.path.isdir(base) and not any(f.endswith((".safetensors", ".bin", ".pt", ".pth")) for f in os.listdir(base)):
+        return True  # planned before the weights are there: as transformers' save_pretrained names them
+    with open_checkpoint(base) as ckpt:
+        return on_load.deferrable(skeleton, ckpt) is not None
+
+
+def _load_peak(quantized: set, deferred: bool, weights: int, weights_full: int, largest: int, dtype) -> int:
+    """Memory while loading. Loaded whole, an NF4 base holds every weight in the base dtype
+    before quantising; deferred, the NF4 model so far plus the one weight being quantised (read,
+    cast, and about four fp32-sized working copies in the quantiser)."""
+    if not quantized:
+        return 0
+    if not deferred:
+        return weights_full
+    return weights + largest * (2 * dtype.itemsize + 16)
 
 
 def _process_rss() -> int:

@@ -208,8 +208,8 @@ def prepare(run: str, cfg: TrainConfig, checkpoint: str | None, hooks: TrainHook
     world = distributed.setup(device.type)
     if world.distributed and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
-    adapted = _build_model(cfg, adapter, checkpoint, task, labels, tokenizer.pad_token_id, dtype)
-    precision.prepare_base(adapted, cfg, dtype, cfg.model)
+    adapted, deferred = _build_model(cfg, adapter, checkpoint, task, labels, tokenizer.pad_token_id, dtype)
+    precision.prepare_base(adapted, cfg, dtype, cfg.model, deferred)
     adapted.to(device)
     packing_efficiency = None
     if cfg.packing:  # the rows replace the examples: epochs, order and resume count rows
@@ -259,11 +259,13 @@ def _load_data(run: str, cfg: TrainConfig, resume: bool):
 def _build_model(
     cfg: TrainConfig, adapter, checkpoint: str | None, task: str, labels: list[str] | None, pad_id: int, dtype: torch.dtype = torch.float32
 ):
-    """The base (in ``dtype``) with the adapter attached (a new task head trained with it), or the whole model."""
+    """The base (in ``dtype``) with the adapter attached (a new task head trained with it), or
+    the whole model; and the weights left in the checkpoint until quantised (or None)."""
     from peftcli.attach import attach_adapter, load_base_model
 
     # Full fine-tuning resumes from the weights of its newest checkpoint, adapters from the base.
     weights_dir = checkpoint if (cfg.full and checkpoint) else cfg.model
+    deferred = None
     if task == "classify":
         model, info = load_base_model(
             weights_dir, "AutoModelForSequenceClassification", dtype=dtype, num_labels=len(labels), with_info=True,
@@ -272,11 +274,12 @@ def _build_model(
         if model.config.pad_token_id is None:
             model.config.pad_token_id = pad_id
     else:
-        model, info = load_base_model(weights_dir, "AutoModelForCausalLM", dtype=dtype, with_info=True)
+        loaded = _load_deferred(cfg, adapter, task, weights_dir, dtype)
+        model, info, deferred = loaded or (*load_base_model(weights_dir, "AutoModelForCausalLM", dtype=dtype, with_info=True), None)
     if cfg.full:
         from peftcli.training.full import FullModel
 
-        return FullModel(model, cfg.model)
+        return FullModel(model, cfg.model), None
     adapted = attach_adapter(model, adapter)
     if task == "classify" and not adapter.config.get("modules_to_save"):
         heads = head_modules(info.get("missing_keys", []))
@@ -286,7 +289,18 @@ def _build_model(
                 "its checkpoint already holds a task head of its own; pass the pretrained model without one",
             )
         adapted.add_head(heads, "SEQ_CLS")
-    return adapted
+    return adapted, deferred
+
+
+def _load_deferred(cfg: TrainConfig, adapter, task: str, weights_dir: str, dtype: torch.dtype):
+    """With ``quantize nf4``, the base with its linear weights left in the checkpoint until
+    quantised (``peftcli.quantize.on_load``); None where it loads whole."""
+    from peftcli.checkpoint.gguf_model import is_gguf
+    from peftcli.quantize import on_load
+
+    if cfg.quantize != "nf4" or is_gguf(weights_dir) or not on_load.eligible(adapter, task, cfg.full):
+        return None
+    return on_load.load_deferred(weights_dir, dtype)
 
 
 def _restore(p: Pass, finished_ok: bool, continue_to: int | None) -> PassState:

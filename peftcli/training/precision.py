@@ -105,14 +105,16 @@ def autocast_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float16 if dtype == torch.float16 else torch.bfloat16
 
 
-def prepare_base(adapted, cfg, dtype: torch.dtype, model_dir: str) -> None:
-    """After the adapter is attached: φ in fp32, the frozen linears in NF4 (``--quantize``),
-    activation checkpointing (``--gradient-checkpointing``). Raises before anything is written."""
+def prepare_base(adapted, cfg, dtype: torch.dtype, model_dir: str, deferred=None) -> None:
+    """After the adapter is attached: φ in fp32, the frozen linears in NF4 (``--quantize``;
+    ``deferred``: the weights the model holds placeholders for, read from the checkpoint
+    now, see ``peftcli.quantize.on_load``), activation checkpointing
+    (``--gradient-checkpointing``). Raises before anything is written."""
     model = adapted.model if hasattr(adapted, "model") else adapted
     if dtype != torch.float32:
         _phi_in_fp32(adapted, dtype)
     if cfg.quantize == "nf4":
-        quantize_frozen_linears(model, model_dir)
+        quantize_frozen_linears(model, model_dir, deferred)
     if cfg.gradient_checkpointing:
         enable_checkpointing(adapted, model_dir, keep_config=cfg.full)
 
@@ -158,10 +160,11 @@ def quantizable_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-def quantize_frozen_linears(model: nn.Module, model_dir: str) -> int:
+def quantize_frozen_linears(model: nn.Module, model_dir: str, deferred=None) -> int:
     """Replace every frozen linear layer but the output projection by an ``NF4Linear``; the
     number replaced. A layer holding φ (a trained head, LoRA's A and B, a sparse φ's base
-    weights) stays as it is."""
+    weights) stays as it is. ``deferred`` (``peftcli.quantize.on_load.Deferred``): weights
+    still in the checkpoint, read one at a time."""
     from peftcli import modules
     from peftcli.quantize.nf4 import NF4Linear
 
@@ -172,13 +175,37 @@ def quantize_frozen_linears(model: nn.Module, model_dir: str) -> int:
             "drop `quantize`, or use a method that leaves the base's linear layers frozen (lora, ia3, prompt...)",
         )
     count = len(chosen)
-    while chosen:  # one at a time, dropping each reference: the full-precision weight is freed as it goes
-        name, layer = chosen.pop(0)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, NF4Linear(layer, transposed=modules.is_conv1d(layer)))
-    del layer
+    ckpt = None
+    if deferred is not None:
+        from peftcli.checkpoint.reader import open_checkpoint
+
+        ckpt = open_checkpoint(deferred.path)
+    try:
+        while chosen:  # one at a time, dropping each reference: the full-precision weight is freed as it goes
+            name, layer = chosen.pop(0)
+            parent, _, child = name.rpartition(".")
+            stored = deferred.name_of(layer.weight) if deferred is not None else None
+            weight = deferred.read(ckpt, stored) if stored is not None else None
+            setattr(model.get_submodule(parent), child, NF4Linear(layer, transposed=modules.is_conv1d(layer), weight=weight))
+            del weight
+        del layer
+        if deferred is not None:
+            _restore_placeholders(model, deferred, ckpt)
+    finally:
+        if ckpt is not None:
+            ckpt.close()
     _off_the_checkpoint_map(model)
     return count
+
+
+def _restore_placeholders(model: nn.Module, deferred, ckpt) -> None:
+    """A deferred weight no NF4 layer took (its layer became φ after all) gets its real
+    tensor: a placeholder never reaches training."""
+    for module in model.modules():
+        for pname, param in list(module.named_parameters(recurse=False)):
+            stored = deferred.name_of(param)
+            if stored is not None:
+                module._parameters[pname] = nn.Parameter(deferred.read(ckpt, stored), requires_grad=param.requires_grad)
 
 
 def _off_the_checkpoint_map(model: nn.Module) -> None:
