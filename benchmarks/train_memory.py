@@ -14,6 +14,12 @@ GQA 9/3 heads, vocabulary 49152, tied embeddings) is built once in --work: memor
 on the shapes, not on the values.
 
     python benchmarks/train_memory.py [--base DIR] [--steps 2] [--batch-size 4] [--max-length 128]
+    python benchmarks/train_memory.py --llama-7b --steps 1 --batch-size 1 --max-length 64 \
+        --only "nf4 + checkpointing" --only "bf16 + checkpointing"
+
+``--llama-7b`` trains on a Llama-2-7B-shaped checkpoint instead (``sparse_checkpoint.py``: real
+headers, 13.5 GB of sparse holes that read as zeros, so the disk holds kilobytes): memory
+depends on the shapes, not on the values.
 
 Run it alone on the machine: it takes a few minutes of CPU per configuration.
 """
@@ -29,6 +35,7 @@ import time
 
 CONFIGS = {
     "fp32": {},
+    "bf16 + checkpointing": {"base_dtype": "bf16", "gradient_checkpointing": True},
     "fp32 + checkpointing": {"gradient_checkpointing": True},
     "bf16": {"base_dtype": "bf16"},
     "nf4": {"quantize": "nf4"},
@@ -52,6 +59,19 @@ def build_random_smollm2_shape(out: str) -> str:
     )
     tf.LlamaForCausalLM(cfg).save_pretrained(out)
     tiny.word_tokenizer().save_pretrained(out)
+    return out
+
+
+def build_llama7b_shape(out: str) -> str:
+    """A Llama-2-7B-shaped bf16 checkpoint of sparse holes (``sparse_checkpoint.py``) with a word tokenizer."""
+    if not os.path.isfile(os.path.join(out, "model.safetensors.index.json")):
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from sparse_checkpoint import build_sparse_checkpoint
+
+        from peftcli import tiny
+
+        build_sparse_checkpoint(out)
+        tiny.word_tokenizer().save_pretrained(out)
     return out
 
 
@@ -89,6 +109,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--llama-7b", action="store_true", help="a Llama-2-7B-shaped sparse checkpoint as the base")
     ap.add_argument("--only", action="append", choices=list(CONFIGS), help="run only these configurations")
     ap.add_argument("--live", action="store_true",
                     help="MALLOC_MMAP_THRESHOLD_=131072 in the workers: RSS follows live memory (what check --train predicts)")
@@ -100,12 +121,16 @@ def main() -> None:
         return worker(args)
     os.makedirs(args.work, exist_ok=True)
     real = os.path.isfile(os.path.join(args.base, "model.safetensors")) and os.path.isfile(os.path.join(args.base, "tokenizer.json"))
-    base = args.base if real else build_random_smollm2_shape(os.path.join(args.work, "smollm2-shape"))
+    if args.llama_7b:
+        base, real = build_llama7b_shape(os.path.join(args.work, "llama-2-7b-shape")), False
+    else:
+        base = args.base if real else build_random_smollm2_shape(os.path.join(args.work, "smollm2-shape"))
     data = os.path.join(args.work, "lm.jsonl")
     with open(data, "w") as f:  # long enough rows that every example fills --max-length
         for i in range(args.batch_size * args.steps):
             f.write(json.dumps({"text": " ".join(f"w{(7 * j + i) % 40 + 4}" for j in range(args.max_length + 8))}) + "\n")
-    print(f"base: {base} ({'SmolLM2-135M' if real else 'random weights, SmolLM2-135M shape'}); "
+    shape = "Llama-2-7B shape, sparse (zero) weights" if args.llama_7b else "random weights, SmolLM2-135M shape"
+    print(f"base: {base} ({'SmolLM2-135M' if real else shape}); "
           f"{args.steps} steps of batch {args.batch_size} x {args.max_length} tokens, LoRA r=8, {args.threads} thread(s)")
     print(f"load: {os.getloadavg()}")
     print(f"malloc: {'MALLOC_MMAP_THRESHOLD_=131072 (RSS follows live memory)' if args.live else 'glibc default'}")

@@ -126,15 +126,36 @@ class AdaptedModel(nn.Module):
         return sum(p.numel() for p in self._phi.values())
 
     def phi_state_dict(self) -> dict[str, torch.Tensor]:
-        """φ in the artifact's layout (fp32, CPU), ready for ``write_adapter``."""
+        """φ in the artifact's layout (fp32, CPU), ready for ``write_adapter``. Sharded φ
+        (``train --shard``) is gathered whole: then every worker must call this."""
         tensors = self._phi
         if self._export is not None:  # a trained head is saved as itself beside the exported φ
             tensors = {**self._export(), **{k: self._phi[k] for k in self._head_keys}}
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            from peftcli.training.sharding import full
+
+            tensors = {k: full(t) for k, t in tensors.items()}
         # Integer tensors (a sparse φ's indices) keep their dtype; values are saved as fp32.
         return {
             self._model_key(k): t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype).contiguous().clone()
             for k, t in tensors.items()
         }
+
+    def _apply(self, fn, recurse=True):
+        # A move that cannot convert in place (to or from the meta device) registers new
+        # parameter objects: φ's map must follow them, or it holds (and counts) the old ones.
+        owners = {id(p): (m, n) for m in self.modules() for n, p in m.named_parameters(recurse=False)}
+        out = super()._apply(fn, recurse)
+        self._phi.update({k: getattr(*owners[id(p)]) for k, p in self._phi.items() if id(p) in owners})
+        return out
+
+    def rebind_phi(self, params: dict[str, nn.Parameter]) -> None:
+        """Hold these parameters as φ under the same keys: a wrapper that registers new ones
+        (FSDP2's sharded parameters) replaces them here too."""
+        unknown = set(params) - set(self._phi)
+        if unknown:
+            raise KeyError(f"not φ: {sorted(unknown)[:3]}")
+        self._phi.update(params)
 
     def _model_key(self, key: str) -> str:
         """PEFT keys name module paths in the model they are used with: a BertModel checkpoint's
@@ -158,9 +179,11 @@ class AdaptedModel(nn.Module):
         """Write φ (and a trained head) as a new adapter directory ``out``."""
         write_adapter(out, self.adapter_config, self.phi_state_dict(), metadata=self._metadata(metadata), force=force)
 
-    def save_into(self, directory: str, metadata: dict[str, str] | None = None) -> None:
-        """Replace the adapter files inside an existing directory (a training run), each atomically."""
-        write_adapter_files(directory, self.adapter_config, self.phi_state_dict(), metadata=self._metadata(metadata))
+    def save_into(self, directory: str, metadata: dict[str, str] | None = None, phi: dict[str, torch.Tensor] | None = None) -> None:
+        """Replace the adapter files inside an existing directory (a training run), each
+        atomically. ``phi``: ``phi_state_dict()`` already gathered (by every worker of a sharded run)."""
+        state = phi if phi is not None else self.phi_state_dict()
+        write_adapter_files(directory, self.adapter_config, state, metadata=self._metadata(metadata))
 
     def _metadata(self, extra: dict[str, str] | None) -> dict[str, str]:
         return {"peftcli.version": __version__, "peftcli.method": self.method.name, **(extra or {})}

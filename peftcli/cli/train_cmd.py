@@ -113,14 +113,16 @@ def train(run, resume, force, quiet, nproc, as_json, **options):
     from peftcli.training.loop import train as run_training
 
     cfg = None if resume else from_options(TrainConfig, options)
-    given = [k for k, v in options.items() if v is not None and k != "steps"]
+    given = [k for k, v in options.items() if v is not None and k not in ("steps", "shard")]
     if resume and given:
-        raise click.UsageError(f"--resume takes its options from the run (but --steps); drop --{given[0].replace('_', '-')}")
+        raise click.UsageError(f"--resume takes its options from the run (but --steps and --shard); drop --{given[0].replace('_', '-')}")
     log_every = options.get("log_every") or _saved_log_every(run, resume)
     progress = None if quiet else Progress(log_every)
     log = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
     steps = options.get("steps") if resume else None
-    summary = run_training(run, cfg, resume=resume, force=force, log=log, progress=progress, steps=steps)
+    # How this invocation runs, not an option of the run: a run resumes sharded or not.
+    shard = bool(options.get("shard")) if resume else None
+    summary = run_training(run, cfg, resume=resume, force=force, log=log, progress=progress, steps=steps, shard=shard)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun only rank 0 reports
     if as_json:

@@ -75,6 +75,11 @@ class TrainConfig:
     gradient_checkpointing: bool = option(
         False, help="recompute activations in the backward instead of keeping them: less memory, about a third more compute"
     )
+    # --- several workers (peftcli.training.distributed, peftcli.training.sharding) ---
+    shard: bool = option(
+        False, help="with --nproc N: shard the model across the workers with FSDP2, each holding 1/N of the frozen base "
+        "(adapters; not with --quantize)"
+    )
 
     def __post_init__(self) -> None:
         if self.task is not None and self.task not in TASKS:
@@ -128,6 +133,8 @@ class TrainConfig:
             raise UsageError(f"unknown `base_dtype` {self.base_dtype!r}", "choose fp32, bf16 or fp16")
         if self.quantize is not None and self.quantize not in QUANTIZE:
             raise UsageError(f"unknown `quantize` {self.quantize!r}", "choose nf4 (4-bit NormalFloat, as QLoRA)")
+        if not isinstance(self.shard, bool):
+            raise UsageError(f"`shard` {self.shard!r} is not true or false", "pass the flag or leave it out")
         if not isinstance(self.gradient_checkpointing, bool):
             raise UsageError(f"`gradient_checkpointing` {self.gradient_checkpointing!r} is not true or false", "pass the flag or leave it out")
 

@@ -28,12 +28,15 @@ _SCHEDULED = {PHASES: phased.train, ROUNDS: lottery.train}  # how a multi-pass s
 def train(
     run: str, cfg: TrainConfig | None = None, *, resume: bool = False, force: bool = False,
     log: Callable[[str], None] | None = None, progress=None, return_model: bool = False, steps: int | None = None,
+    shard: bool | None = None,
 ):
     """Train the run in directory ``run``; returns the final summary (and the model if asked).
 
     Methods that train in phases or rounds (LT-SFT, diff-pruning: ``phased``; lottery tickets:
     ``lottery``) drive this loop themselves; every other run is one pass of it. ``steps``
     (with ``resume``): continue the run, finished or not, until it has that many steps.
+    ``shard`` (with ``resume``): whether this invocation shards the model (``TrainConfig.shard``:
+    how the run is executed, not what it trains), whatever the run recorded.
     """
     method = None if (cfg is not None and cfg.full) else multi_phase_method(run)
     if steps is not None and resume and method is not None:
@@ -45,7 +48,10 @@ def train(
         if method is not None:
             scheduled = _SCHEDULED[method.schedule]
             return scheduled(run, cfg, resume=resume, force=force, log=log or (lambda line: None), progress=progress, return_model=return_model)
-        return train_adapter(run, cfg, resume=resume, force=force, log=log, progress=progress, return_model=return_model, continue_to=steps if resume else None)
+        return train_adapter(
+            run, cfg, resume=resume, force=force, log=log, progress=progress, return_model=return_model,
+            continue_to=steps if resume else None, shard=shard if resume else None,
+        )
 
 
 def _requested_threads(run: str, cfg: TrainConfig | None, resume: bool) -> int | None:

@@ -70,6 +70,7 @@ class TrainMemoryOptions:
     task: str | None = borrowed(TrainConfig, "task", help="the task to predict for (default: the adapter's: classify for a SEQ_CLS adapter, else lm)")
     device: str = borrowed(TrainConfig, "device")
     nproc: int = option(1, min=1, max=4096, help="data-parallel workers the run will use (each holds a replica)")
+    shard: bool = borrowed(TrainConfig, "shard")
 
     def __post_init__(self) -> None:
         from peftcli.training.config import QUANTIZE
@@ -89,6 +90,10 @@ class TrainMemoryOptions:
             raise UsageError(f"unknown `device` {self.device!r}", "choose auto, cpu or cuda")
         if self.packing and self.task == "classify":
             raise UsageError("`packing` applies to lm and sft", "drop `packing` for classification")
+        if self.shard and self.nproc < 2:
+            raise UsageError("`shard` splits the base across workers and needs `nproc` 2 or more", "add `nproc` 2 (or more), or drop `shard`")
+        if self.shard and self.quantize is not None:
+            raise UsageError(f"`shard` cannot split an `quantize` {self.quantize} base", "drop one of `shard` and `quantize`")
 
     def changed(self) -> list[str]:
         """The fields given other values than their defaults (refused without ``train``)."""
@@ -181,6 +186,8 @@ def predict(base: str, run: str, opts: TrainMemoryOptions) -> TrainMemory:
     phi_numel = sum(p.numel() for p in phi.values())
     phi_ids = {id(p) for p in phi.values()}
 
+    workers = opts.nproc
+    shards = workers if opts.shard else 1
     weights_full = weights = 0
     quantized_max = 0
     quantized = {id(layer.weight) for _, layer in precision.quantizable_linears(inner)} if opts.quantize == "nf4" else set()
@@ -195,6 +202,8 @@ def predict(base: str, run: str, opts: TrainMemoryOptions) -> TrainMemory:
         if id(t) in quantized:
             weights += nf4_bytes(t.numel())
             quantized_max = max(quantized_max, t.numel())
+        elif opts.shard and isinstance(t, torch.nn.Parameter):  # FSDP2: dim 0 split over the workers (padded)
+            weights += _shard_bytes(t, shards)
         else:
             weights += size
     if opts.quantize == "nf4" and not quantized:
@@ -214,13 +223,15 @@ def predict(base: str, run: str, opts: TrainMemoryOptions) -> TrainMemory:
     # The backward of the op that kept the largest tensor holds its output's gradient and its
     # input's at once (for a language model: two logits-sized tensors besides the kept one).
     transient = 2 * trace["largest"] + quantized_max * dtype.itemsize  # NF4: one layer's weight dequantised at a time
+    if opts.shard:  # FSDP2 gathers one block whole at a time, and prefetches the next one
+        transient += 2 * _largest_block(inner)
     # The runtime is measured now: building and tracing the model imported what train imports
     # (its model classes too), and meta tensors hold no memory.
     runtime = _process_rss() if device.type == "cpu" else 0
-    workers = opts.nproc
-    gradients = 4 * phi_numel * (2 if workers > 1 else 1)  # DDP's buckets hold one more copy
+    phi_held = -(-phi_numel // shards)  # sharded, each worker holds its part of φ and of its state
+    gradients = 4 * phi_held * (2 if workers > 1 and not opts.shard else 1)  # DDP's buckets hold one more copy
     return TrainMemory(
-        weights=weights, phi=4 * phi_numel, gradients=gradients, optimizer=8 * phi_numel, activations=activations,
+        weights=weights, phi=4 * phi_held, gradients=gradients, optimizer=8 * phi_held, activations=activations,
         transient=transient, load=_load_peak(quantized, deferred, weights, weights_full, quantized_max, dtype),
         runtime=runtime, workers=workers, device=device.type,
         dtype=precision.dtype_name(dtype),
@@ -228,9 +239,24 @@ def predict(base: str, run: str, opts: TrainMemoryOptions) -> TrainMemory:
             "weights_as": ("nf4 linears, " if quantized else "") + precision.dtype_name(dtype), "task": task,
             "batch_size": opts.batch_size, "length": trace["length"], "gradient_checkpointing": opts.gradient_checkpointing,
             "quantize": opts.quantize, "trainable_params": phi_numel,
-            "loads": ("one weight at a time" if deferred else "whole") if quantized else "whole",
+            "loads": ("one weight at a time" if deferred else "whole") if quantized else "whole", "shard": opts.shard,
         },
     )
+
+
+def _shard_bytes(t, shards: int) -> int:
+    """What one worker holds of parameter ``t`` under FSDP2: ⌈dim 0 / N⌉ rows."""
+    if t.dim() == 0:
+        return t.element_size()
+    rows = -(-t.shape[0] // shards)
+    return rows * (t.numel() // max(1, t.shape[0])) * t.element_size()
+
+
+def _largest_block(model) -> int:
+    """Bytes of the parameters of the largest transformer block (what FSDP2 gathers at once)."""
+    classes = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in classes] or [model]
+    return max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks)
 
 
 def _loads_deferred(base: str, skeleton, adapter, task: str) -> bool:

@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 
 from peftcli.errors import BadInputError, Interrupted, UsageError
-from peftcli.training import distributed, precision
+from peftcli.training import distributed, precision, sharding
 from peftcli.training import state as ckpt_state
 from peftcli.training.batching import IGNORE, collate, encode, epoch_order, load_tokenizer
 from peftcli.training.defaults import defaults_for, warmup_steps, with_defaults
@@ -107,8 +107,10 @@ class PassState:
     skipped_steps: int = 0  # fp16: steps whose scaled gradients overflowed (no update; the scale halves)
 
     def trainer_state(self, p: Pass) -> dict:
+        """What a checkpoint saves; sharded (``shard``), every worker must call it (it gathers)."""
+        optimizer = sharding.full_optimizer_state(p.optimizer) if p.cfg.shard else p.optimizer.state_dict()
         state = {
-            "optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(), "rng": ckpt_state.rng_state(),
+            "optimizer": optimizer, "scheduler": p.scheduler.state_dict(), "rng": ckpt_state.rng_state(),
             "step": self.step, "epoch": self.epoch, "offset": self.offset, "best": self.best, "bad_evals": self.bad_evals,
             "recent_losses": self.losses[-p.cfg.log_every :],  # so the first metrics line after a resume is the same
         }
@@ -121,7 +123,7 @@ class PassState:
 def train_adapter(
     run: str, cfg: TrainConfig | None = None, *, resume: bool = False, force: bool = False, log: Callable[[str], None] | None = None,
     progress=None, return_model: bool = False, hooks: TrainHooks | None = None, finished_ok: bool = False,
-    pass_lr: str | None = None, continue_to: int | None = None,
+    pass_lr: str | None = None, continue_to: int | None = None, shard: bool | None = None,
 ):
     """One pass of the loop over the adapter (or, with ``cfg.full``, the whole model) in ``run``.
 
@@ -134,6 +136,8 @@ def train_adapter(
     ``_continued``.
     """
     cfg, checkpoint = _check_run(run, cfg, resume, force, continue_to)
+    if shard is not None and shard != cfg.shard:  # a resumed run is sharded as this invocation says
+        cfg = dataclasses.replace(cfg, shard=shard)
     p = prepare(run, cfg, checkpoint, hooks, pass_lr)
     cfg = p.cfg  # completed with the method's defaults
     st = _restore(p, finished_ok, continue_to) if checkpoint is not None else _start_fresh(p)
@@ -198,6 +202,7 @@ def prepare(run: str, cfg: TrainConfig, checkpoint: str | None, hooks: TrainHook
 
     adapter = None if cfg.full else read_adapter(checkpoint or run)
     cfg = with_model_dir(cfg, adapter)
+    sharding.check(cfg, adapter, int(os.environ.get("WORLD_SIZE", "1")))
     _check_inputs(cfg.model, adapter, run)
     task, labels, tokenizer, train_items, eval_items = _load_data(run, cfg, checkpoint is not None)
     cfg = with_defaults(cfg, defaults_for(cfg, adapter.config if adapter is not None else None), task)
@@ -210,7 +215,10 @@ def prepare(run: str, cfg: TrainConfig, checkpoint: str | None, hooks: TrainHook
         device = torch.device("cuda", world.local_rank)
     adapted, deferred = _build_model(cfg, adapter, checkpoint, task, labels, tokenizer.pad_token_id, dtype)
     precision.prepare_base(adapted, cfg, dtype, cfg.model, deferred)
-    adapted.to(device)
+    if cfg.shard:  # FSDP2 moves each worker's shards to its device
+        sharding.shard(adapted, device, world.size)
+    else:
+        adapted.to(device)
     packing_efficiency = None
     if cfg.packing:  # the rows replace the examples: epochs, order and resume count rows
         train_items, packing_efficiency = prepare_packing(task, adapted, train_items, cfg.max_length, device, tokenizer.pad_token_id)
@@ -218,7 +226,8 @@ def prepare(run: str, cfg: TrainConfig, checkpoint: str | None, hooks: TrainHook
     # A sparse φ (LT-SFT, diff-pruning) gets its gradients from hooks after backward, which
     # DDP's reducer cannot see: those are averaged by hand before the update.
     sync_by_hand = world.distributed and adapted.grad_carriers
-    forward = torch.nn.parallel.DistributedDataParallel(adapted) if world.distributed and not sync_by_hand else adapted
+    ddp = world.distributed and not sync_by_hand and not cfg.shard  # FSDP2 averages the sharded gradients itself
+    forward = torch.nn.parallel.DistributedDataParallel(adapted) if ddp else adapted
 
     per_step = cfg.batch_size * cfg.grad_accum * world.size
     steps_per_epoch = max(1, len(train_items) // per_step)
@@ -306,7 +315,7 @@ def _load_deferred(cfg: TrainConfig, adapter, task: str, weights_dir: str, dtype
 def _restore(p: Pass, finished_ok: bool, continue_to: int | None) -> PassState:
     """The state saved in the checkpoint the pass resumes from: optimizer, schedule, RNG, data position."""
     saved = ckpt_state.load_state(p.checkpoint)
-    p.optimizer.load_state_dict(saved["optimizer"])
+    p.optimizer.load_state_dict(sharding.sharded_optimizer_state(p.optimizer, saved["optimizer"]) if p.cfg.shard else saved["optimizer"])
     p.scheduler.load_state_dict(saved["scheduler"])
     if continue_to is not None:  # the next step's lr is the new schedule's, not the old one's
         lrs = [base * _schedule(p.cfg, p.total)(p.scheduler.last_epoch) for base in p.scheduler.base_lrs]
@@ -411,6 +420,7 @@ def train_step(p: Pass, st: PassState) -> float:
         p.scaler.unscale_(p.optimizer)  # the true gradients, for the norm and the clipping
     # The norm before clipping (an infinite max_norm scales by exactly 1: no clipping).
     grad_norm = torch.nn.utils.clip_grad_norm_(list(p.named.values()), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+    grad_norm = sharding.full(grad_norm)  # sharded: a replicated DTensor
     # With loss scaling an overflowing gradient is the scaler's to handle (the step is skipped
     # and the scale halves); the workers' gradients are already averaged, so all skip alike.
     checked_norm = grad_norm if p.scaler is None else torch.zeros(())
@@ -451,8 +461,9 @@ def validate(p: Pass, st: PassState, write_metric, log: Callable[[str], None]) -
     if st.best["eval_loss"] is None or result["eval_loss"] < st.best["eval_loss"]:
         st.best = {"eval_loss": result["eval_loss"], "step": st.step, "eval_accuracy": result.get("eval_accuracy")}
         st.bad_evals = 0
+        phi = p.adapted.phi_state_dict() if p.cfg.shard else None  # gathered by every worker
         if p.world.main:
-            _save_best(p.run, p.adapted)
+            _save_best(p.run, p.adapted, phi)
     else:
         st.bad_evals += 1
     if p.cfg.patience is not None and st.bad_evals >= p.cfg.patience:
@@ -465,16 +476,18 @@ def save_checkpoint(p: Pass, st: PassState) -> None:
     # Every worker checks φ (the same on all of them): one raising alone would leave the
     # others waiting at the next collective until the timeout.
     _check_phi(p, st.step)
+    phi, state = _gathered(p, st)
     if p.world.main:
-        ckpt_state.save_checkpoint(p.run, st.step, p.adapted, st.trainer_state(p), keep=p.cfg.keep_checkpoints)
+        ckpt_state.save_checkpoint(p.run, st.step, p.adapted, state or st.trainer_state(p), keep=p.cfg.keep_checkpoints, phi=phi)
 
 
 def finish(p: Pass, st: PassState) -> dict:
     """Write the result (and the final checkpoint), leave the process group; the pass's summary."""
     p.adapted.eval()
     _check_phi(p, st.step)  # on every worker, as above
+    phi, state = _gathered(p, st)
     if p.world.main:
-        p.adapted.save_into(p.run)
+        p.adapted.save_into(p.run, phi=phi) if phi is not None else p.adapted.save_into(p.run)
         # The final state, so that the run can be continued (--resume --steps N); written after
         # the result, so a kill between the two resumes from an earlier checkpoint, never
         # reads as finished with a stale result. A full fine-tune's state is the whole model
@@ -482,7 +495,7 @@ def finish(p: Pass, st: PassState) -> dict:
         latest = ckpt_state.latest_checkpoint(p.run)
         wanted = not p.cfg.full or p.cfg.save_every is not None
         if p.pass_lr is None and wanted and (latest is None or ckpt_state.checkpoint_step(latest) != st.step):
-            ckpt_state.save_checkpoint(p.run, st.step, p.adapted, st.trainer_state(p), keep=p.cfg.keep_checkpoints)
+            ckpt_state.save_checkpoint(p.run, st.step, p.adapted, state or st.trainer_state(p), keep=p.cfg.keep_checkpoints, phi=phi)
     distributed.barrier(p.world)
     # The DDP wrapper's reducer holds the process group: free it first. Destroying the group
     # and then leaving the reducer to the frame's exit hung a gloo worker in a futex (seen
@@ -505,6 +518,9 @@ def finish(p: Pass, st: PassState) -> dict:
         summary["packing_efficiency"] = p.packing_efficiency
     if p.scaler is not None:
         summary["loss_scale"] = {"final": p.scaler.get_scale(), "skipped_steps": st.skipped_steps}
+    if p.cfg.shard:
+        held, total = sharding.held_bytes(p.adapted)
+        summary["shard"] = {"workers": p.world.size, "held_bytes_per_worker": held, "model_bytes": total}
     return summary
 
 
@@ -640,7 +656,13 @@ def _check_phi(p: Pass, step: int) -> None:
     """φ is finite before it is written (a checkpoint or the result): a step can overflow φ
     itself even when the loss and gradients before it were finite."""
     with torch.no_grad():
-        bad = next((n for n, t in p.named.items() if not bool(torch.isfinite(t).all())), None)
+        bad = next((n for n, t in p.named.items() if not bool(torch.isfinite(sharding.local(t)).all())), None)
+    if p.cfg.shard and p.world.distributed:  # each worker sees its shards: they agree before one raises
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if bad is not None else 0.0], device=p.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bad = bad or ("a shard of φ on another worker" if flag.item() else None)
     if bad is not None:
         raise diverged(p.run, p.cfg, step, f"{bad} holds NaN or Inf after it", p.world, p.pass_lr)
 
@@ -681,11 +703,19 @@ def _prepare_full_run(run: str, cfg: TrainConfig, resume: bool, force: bool) -> 
     os.makedirs(run, exist_ok=True)
 
 
-def _save_best(run: str, adapted) -> None:
+def _save_best(run: str, adapted, phi: dict | None = None) -> None:
     from peftcli.checkpoint.atomic import atomic_output
 
     with atomic_output(os.path.join(run, BEST_DIR), directory=True, force=True) as tmp:
-        adapted.save_into(tmp)
+        adapted.save_into(tmp, phi=phi) if phi is not None else adapted.save_into(tmp)
+
+
+def _gathered(p: Pass, st: PassState) -> tuple[dict | None, dict | None]:
+    """φ and the trainer state gathered whole by every worker of a sharded run (rank 0 then
+    writes them); (None, None) otherwise, where rank 0 reads them itself."""
+    if not p.cfg.shard:
+        return None, None
+    return p.adapted.phi_state_dict(), st.trainer_state(p)
 
 
 class _metrics_writer:

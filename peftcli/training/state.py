@@ -54,11 +54,12 @@ def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def save_checkpoint(run: str, step: int, adapted, trainer_state: dict, keep: int | None = None) -> str:
-    """Write checkpoint ``step`` atomically; keep only the newest ``keep`` (None: all)."""
+def save_checkpoint(run: str, step: int, adapted, trainer_state: dict, keep: int | None = None, phi: dict | None = None) -> str:
+    """Write checkpoint ``step`` atomically; keep only the newest ``keep`` (None: all).
+    ``phi``: φ already gathered (a sharded run), else read from ``adapted``."""
     target = step_dir(run, step)
     with atomic_output(target, directory=True, force=True) as tmp:
-        adapted.save_into(tmp)
+        adapted.save_into(tmp, phi=phi) if phi is not None else adapted.save_into(tmp)
         with open(os.path.join(tmp, STATE_FILE), "wb") as f:
             torch.save(trainer_state, f)
             f.flush()
