@@ -122,7 +122,7 @@ def test_multislerp_follows_the_fp64_reference(origin, normalize):
     g = torch.Generator().manual_seed(3)
     base = torch.randn(9, 6, generator=g, dtype=torch.float64)
     phis = [torch.randn(9, 6, generator=g, dtype=torch.float64) * s for s in (0.5, 1.0, 2.0)]
-    weights = [0.2, 0.5, 0.3] if normalize else [0.4, 1.0, 0.6]
+    weights = [0.2, 0.5, 0.3] if normalize or origin == "zero" else [0.4, 1.0, 0.6]  # zero: as given, Σw = 1
     got = combine(phis, weights, "multislerp", base=base, dtype=torch.float64, origin=origin, weights_as_given=not normalize)
     if origin == "base":
         expected = _np(base) + _multislerp_ref([_np(p) for p in phis], weights, normalize)
@@ -183,7 +183,7 @@ CASES = {
     "nuslerp-rows": ("nuslerp", 2, {"nuslerp_vectors": "rows", "origin": "zero"}),
     "nuslerp-columns": ("nuslerp", 2, {"nuslerp_vectors": "columns"}),
     "multislerp": ("multislerp", 3, {}),
-    "multislerp-zero": ("multislerp", 3, {"origin": "zero", "weights_as_given": True}),
+    "multislerp-zero": ("multislerp", 3, {"origin": "zero"}),
 }
 
 
@@ -263,6 +263,7 @@ def test_cli_merge_and_check_estimate(models, tmp_path, method, flags, options):
         ("multislerp", 1, [], "multislerp merges at least 2 models, got 1"),
         ("multislerp", 2, ["--weights", "1,-1"], "multislerp's weights sum to 0"),
         ("multislerp", 2, ["--eps", "-1"], "eps must be > 0"),
+        ("multislerp", 2, ["--origin", "zero", "--weights-as-given", "--weights", "1,2"], "needs weights summing to 1, got 3.0"),
         ("multislerp", 2, ["--nuslerp-vectors", "rows"], "multislerp takes no nuslerp-vectors"),
         ("multislerp", 2, ["--density", "0.5"], "multislerp takes no density"),
     ],
@@ -507,3 +508,19 @@ def test_passthrough_needs_a_directory_and_is_not_a_recipe_merge(llamas, tmp_pat
     assert_error(result, 2, "a stacked model is a model directory", str(tmp_path / "x.safetensors"))
     with pytest.raises(UsageError, match="merge_method: passthrough stacks layers"):
         with_config(config, None, (), {}, [])  # a recipe's merge step: never merged as something else
+
+
+def test_passthrough_of_one_tied_model_repeats_its_layers(tiny_llama_tied, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    text = STACK.replace("{b}", "{a}").replace("{c}", "{a}")
+    out = str(tmp_path / "deep")
+    result = CliRunner().invoke(cli, ["merge", "--config", _config(tmp_path, text, a=tiny_llama_tied), "-o", out])
+    assert result.exit_code == 0, result.output
+    stacked, source = _st(out), _st(tiny_llama_tied)
+    assert "lm_head.weight" not in stacked and set(stacked) - {n for n in stacked if ".layers." in n} == set(source) - {n for n in source if ".layers." in n}
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert len(model.model.layers) == 4 and model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    for i, j in enumerate([0, 1, 1, 0]):
+        name = "model.layers.{}.self_attn.o_proj.weight"
+        assert torch.equal(model.state_dict()[name.format(i)], source[name.format(j)])

@@ -100,9 +100,12 @@ def _mix(points: list[torch.Tensor], w: np.ndarray, lay: Layout, start: int, sto
 
 
 def symmetric(gram: np.ndarray) -> np.ndarray:
-    """The full Gram matrices from their upper triangles."""
-    upper = np.triu(gram)
-    return upper + np.triu(gram, 1).transpose(0, 2, 1)
+    """The full Gram matrices from their upper triangles, in place."""
+    k = gram.shape[1]
+    for a in range(k):
+        for b in range(a + 1, k):
+            gram[:, b, a] = gram[:, a, b]
+    return gram
 
 
 def _points(base: torch.Tensor, xs: dict, k: int, around_base: bool, zero: torch.Tensor) -> list[torch.Tensor]:

@@ -15,7 +15,10 @@ mergekit's ``multislerp`` with ``eps`` (``--eps``, default 1e-8):
 Every vector here is a combination of the xᵢ, so the coefficients follow in fp64 from the Gram
 matrix xᵢ·xⱼ (pass 1 over ranges), and pass 2 writes Σ cᵢxᵢ (``_sphere_kernel.py``): nothing
 is held whole. mergekit computes in the model's dtype; peftcli's fp64 sums agree with it to
-that rounding.
+that rounding. Tensors no input changes are copied (the engine's rule for every method):
+mergekit's formula gives θ₀ there too with ``--origin base`` and two inputs, but raises with
+three or more (every xᵢ = 0), and with ``--origin zero`` scales θ₀ by Σwᵢ·n/(n + eps) — so
+``--origin zero`` with ``--weights-as-given`` needs Σwᵢ = 1.
 """
 
 from __future__ import annotations
@@ -51,6 +54,12 @@ class Multislerp(MergeMethod):
         total = sum(weights)
         if not cfg.weights_as_given and total == 0:
             raise UsageError("multislerp's weights sum to 0: they cannot be divided by their sum", "give `weights` whose sum is not 0, or `weights_as_given`")
+        if cfg.weights_as_given and cfg.origin == "zero" and abs(total - 1.0) > 1e-6:
+            # mergekit would scale every tensor by Σw, those no input changes too, which peftcli copies
+            raise UsageError(
+                f"multislerp with `origin` zero and `weights_as_given` needs weights summing to 1, got {total!r}",
+                "drop `weights_as_given`, or give weights that sum to 1",
+            )
         cfg.w = [w / total for w in weights] if not cfg.weights_as_given else list(weights)
 
     def coefficients(self, cfg):
