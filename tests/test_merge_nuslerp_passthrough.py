@@ -524,3 +524,14 @@ def test_passthrough_of_one_tied_model_repeats_its_layers(tiny_llama_tied, tmp_p
     for i, j in enumerate([0, 1, 1, 0]):
         name = "model.layers.{}.self_attn.o_proj.weight"
         assert torch.equal(model.state_dict()[name.format(i)], source[name.format(j)])
+
+
+def test_passthrough_refuses_layers_that_are_not_alike(llamas, tmp_path):
+    _, a, b, c = llamas
+    odd = str(tmp_path / "odd")
+    sd = _st(b)
+    sd["model.layers.1.mlp.up_proj.weight"] = sd["model.layers.1.mlp.up_proj.weight"][:-1].clone()  # a shape its config does not say
+    save_state_dict(sd, odd, source_dir=b)
+    out = str(tmp_path / "m")
+    result = CliRunner().invoke(cli, ["merge", "--config", _config(tmp_path, STACK, a=a, b=odd, c=c), "-o", out])
+    assert_error(result, 2, f"layer 1 of {odd} holds other tensors than layer 0 of {a}", out)

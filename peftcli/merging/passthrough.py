@@ -8,7 +8,8 @@ model, those after them (the final norm, the head) from the last slice's; the co
 tokenizer files from the first slice's model. Every tensor is copied byte for byte (or cast
 once, with ``dtype``), a range at a time through the merge engine's reader and writer
 (``ranged.Copy``, ``ranged.Cast``). Nothing is computed, so nothing is guessed: models whose
-configs differ beyond the layer count, a layer range beyond a model, a non-layer tensor that is
+configs differ beyond the layer count, layers that are not alike (tensor names, dtypes, shapes),
+a layer range beyond a model, a non-layer tensor that is
 neither an embedding nor a final norm or head where the first and last models differ, and a
 config that lists something per layer (``layer_types``) are refused naming what.
 """
@@ -58,6 +59,22 @@ def _layers(ckpt, path: str) -> tuple[int, str, dict[str, tuple[int, re.Match]]]
     return count, keys[0], found
 
 
+def _check_layers(models: dict[str, tuple], ckpts: dict) -> None:
+    """Refuse layers that are not alike: every layer of every model must hold the same tensors
+    (names but for the index, dtypes, shapes) as the first model's layer 0, or a renumbered
+    stack could put a layer where another kind belongs."""
+    def template(path: str, layer: int) -> set:
+        tensors = ckpts[path].tensors
+        return {(n[: m.start(1)] + "{}" + n[m.end(1) :], tensors[n].dtype, tuple(tensors[n].shape)) for n, (i, m) in models[path][2].items() if i == layer}
+
+    first = next(iter(models))
+    want = template(first, 0)
+    for path, (count, _, _) in models.items():
+        bad = next((i for i in range(count) if template(path, i) != want), None)
+        if bad is not None:
+            raise UsageError(f"passthrough: layer {bad} of {path} holds other tensors than layer 0 of {first}", "stack layers of models of one architecture whose layers are alike")
+
+
 def _check_same(configs: list[tuple[str, dict]]) -> None:
     """Refuse models whose configs differ beyond FREE_KEYS (hidden size, heads, vocabulary, ...)."""
     first_path, first = configs[0]
@@ -85,6 +102,7 @@ def plan(slices: list[Slice], ckpts: dict) -> tuple[list[tuple[str, str, str]], 
             infos[s.path] = _layers(ckpts[s.path], s.path)
     configs = [(p, ckpts[p].config) for p in infos]
     _check_same(configs)
+    _check_layers(infos, ckpts)
     first, last = slices[0].path, slices[-1].path
     count, key, _ = infos[first]
     _per_layer(ckpts[first].config, count, first)
