@@ -258,7 +258,7 @@ def test_config_is_mergekits_formula_in_fp64(models, tmp_path, name):
 @pytest.mark.parametrize(
     "text, key",
     [
-        (PASSTHROUGH, "merge_method"),
+        (PASSTHROUGH.replace("layer_range: [1, 2]", "layer_range: [1, 9]"), "slices.sources.layer_range"),
         (TIES.replace("merge_method: ties", "merge_method: ties\nchat_template: chatml"), "chat_template"),
         (TIES.replace("density: 0.5\n      weight: 0.3", "density: 0.7\n      weight: 0.3"), "density"),
         (TIES.replace("normalize: true", "normalize: false"), "normalize"),

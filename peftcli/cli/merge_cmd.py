@@ -42,6 +42,8 @@ def merge(base, inputs, out, config, as_json, **values):
 
     if config is not None:
         base, inputs, values = _from_config(config, base, values)
+        if "stack" in values:  # passthrough: layers of several models, copied (merging.passthrough)
+            return _stack(values, out, as_json)
     elif not inputs:
         raise click.UsageError(f"Missing argument '{'INPUTS...' if base else 'BASE'}'.")
     opts = merge_options(values)  # checked before anything is read
@@ -86,7 +88,17 @@ def _from_config(config: str, base, values: dict):
 
     ctx = click.get_current_context()
     given = [k for k in values if ctx.get_parameter_source(k) is click.core.ParameterSource.COMMANDLINE]
-    return mergekit_config.with_config(config, base, (), values, given)
+    return mergekit_config.with_config(config, base, (), values, given, stack=True)
+
+
+def _stack(values: dict, out, as_json: bool) -> None:
+    from peftcli.merging.passthrough import stack
+
+    report = stack(values["stack"], out, dtype=values["dtype"], max_shard_size=values["max_shard_size"], force=bool(values["force"]))
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        click.echo(f"wrote {report.output}: {report.tensors} tensors stacked from {len(report.inputs)} model{'s' if len(report.inputs) > 1 else ''} (passthrough)")
 
 
 merge.help = merge.help.replace("FOLDABLE", ", ".join(foldable()))  # from the method registry

@@ -15,11 +15,12 @@
                                                and the ranked |φ|), wN for breadcrumbs (one |φ|
                                                at a time), a block of rows' ranks for della, 0
                                                for linear, dare, dare-ties, slerp, model-stock,
-                                               karcher
+                                               karcher, nuslerp, multislerp
   anything else, done whole (adapters)         its base and output bytes, plus wN × the method's
                                                ``whole_factor``: 3 for linear, 2k + 3 for dare and
                                                della-linear, 3k + 4 for ties, dare-ties,
                                                breadcrumbs and della, k + 4 for model-stock, karcher
+                                               and multislerp, 5 for slerp and nuslerp
   ==========================================  =================================================
 
   Each method declares its terms (``peftcli.merging.methods``).

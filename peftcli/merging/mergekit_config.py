@@ -19,6 +19,11 @@ The key map (mergekit → peftcli):
 - ``density``, ``gamma``, ``epsilon``: one value for every model (peftcli's methods take one).
 - ``slerp``: the base is ``base_model`` (mergekit's first model), the other model the second input.
 - ``model_stock``, ``karcher``: their parameters (``filter_wise: false``; ``max_iter``, ``tol``).
+- ``nuslerp``, ``multislerp``: ``weight`` per model (required, as in mergekit) → ``--weights``;
+  ``base_model`` → ``origin: base`` (the task vectors are interpolated; nuslerp's base_model
+  must not be one of its two models), none → ``origin: zero`` with the first model as peftcli's
+  base; ``nuslerp_flatten``/``nuslerp_row_wise`` → ``nuslerp_vectors`` tensor/rows/columns;
+  ``normalize_weights: false`` → ``weights_as_given``; ``eps`` → ``eps``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ METHODS = {  # mergekit name -> peftcli method
     "linear": "linear", "task_arithmetic": "linear", "ties": "ties", "dare_ties": "dare-ties",
     "dare_linear": "dare", "slerp": "slerp", "breadcrumbs": "breadcrumbs", "breadcrumbs_ties": "breadcrumbs-ties",
     "della": "della", "della_linear": "della-linear", "model_stock": "model-stock", "karcher": "karcher",
+    "nuslerp": "nuslerp", "multislerp": "multislerp",
 }
 # mergekit's tensor parameters (per model or global) and its global ones, per method; and the
 # value of ``normalize`` each method has by default (None: it takes no normalize).
@@ -42,6 +48,7 @@ PER_MODEL = {
     "linear": ("weight",), "task_arithmetic": ("weight",), "ties": TASK, "dare_ties": TASK, "dare_linear": TASK,
     "breadcrumbs": TASK + ("gamma",), "breadcrumbs_ties": TASK + ("gamma",), "della": TASK + ("epsilon",),
     "della_linear": TASK + ("epsilon",), "slerp": (), "model_stock": (), "karcher": (),
+    "nuslerp": ("weight",), "multislerp": ("weight",),
 }
 SPARSE_GLOBAL = ("normalize", "lambda", "int8_mask", "rescale")
 GLOBAL = {
@@ -49,6 +56,7 @@ GLOBAL = {
     "dare_ties": SPARSE_GLOBAL, "dare_linear": SPARSE_GLOBAL,
     "breadcrumbs": SPARSE_GLOBAL, "breadcrumbs_ties": SPARSE_GLOBAL, "della": SPARSE_GLOBAL, "della_linear": SPARSE_GLOBAL,
     "slerp": ("t",), "model_stock": ("filter_wise",), "karcher": ("max_iter", "tol"),
+    "nuslerp": ("nuslerp_flatten", "nuslerp_row_wise"), "multislerp": ("normalize_weights", "eps"),
 }
 NORMALIZE = {"linear": True, "task_arithmetic": False, "ties": True, "dare_ties": False, "dare_linear": False,
              "breadcrumbs": False, "breadcrumbs_ties": False, "della": True, "della_linear": False}
@@ -65,6 +73,10 @@ def refuse(key: str, why: str, hint: str = HINT) -> UsageError:
 
 def load(path: str) -> tuple[str, list[str], dict[str, Any]]:
     """(base, inputs, MergeOptions values) of the mergekit configuration at ``path``."""
+    return parse(_read(path))
+
+
+def _read(path: str) -> dict:
     from peftcli.recipes.recipe import read_yaml_file  # the recipes' bounded reader and YAML loader, shared
 
     if not os.path.exists(path):
@@ -72,10 +84,48 @@ def load(path: str) -> tuple[str, list[str], dict[str, Any]]:
     raw = read_yaml_file(path, "mergekit config")
     if not isinstance(raw, dict):
         raise BadInputError(f"{path}: a mergekit config is a YAML mapping, not a {type(raw).__name__}", HINT)
-    return parse(raw)
+    return raw
+
+
+PASSTHROUGH_KEYS = ("merge_method", "slices", "dtype")
+
+
+def passthrough(raw: dict) -> tuple[list, str | None]:
+    """(the slices, the output dtype) of a passthrough configuration: one model per slice, no scale."""
+    from peftcli.merging.passthrough import Slice
+
+    unknown = next((k for k in raw if k not in PASSTHROUGH_KEYS), None)
+    if unknown is not None:
+        raise refuse(str(unknown), "not a key peftcli's passthrough reads", f"drop {unknown}; passthrough takes slices: and dtype:")
+    slices = raw.get("slices")
+    if not isinstance(slices, list) or not slices:
+        raise refuse("slices", "passthrough needs a list of slices, each - sources: [{model: PATH, layer_range: [A, B]}]", HINT)
+    out = []
+    for entry in slices:
+        if not isinstance(entry, dict) or set(entry) != {"sources"}:
+            bad = next((k for k in entry if k != "sources"), "sources") if isinstance(entry, dict) else "sources"
+            raise refuse(f"slices.{bad}", "each slice is - sources: [one model]", HINT)
+        sources = entry["sources"]
+        if not isinstance(sources, list) or len(sources) != 1 or not isinstance(sources[0], dict):
+            raise refuse("slices.sources", "passthrough takes exactly one model per slice", "give - sources: [{model: PATH, layer_range: [A, B]}]")
+        source = sources[0]
+        bad = next((k for k in source if k not in ("model", "layer_range")), None)
+        if bad is not None:
+            raise refuse(f"slices.sources.{bad}", "not a key peftcli's passthrough reads (no scale)", f"drop {bad}")
+        path = _local(source.get("model"), "slices.sources.model")
+        span = source.get("layer_range")
+        if not (isinstance(span, list) and len(span) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in span)):
+            raise refuse("slices.sources.layer_range", f"{span!r} is not [START, STOP]", "give layer_range: [0, 16]")
+        out.append(Slice(path, span[0], span[1]))
+    dtype = raw.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise refuse("dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}", "give dtype float32, bfloat16 or float16")
+    return out, DTYPES[dtype] if dtype is not None else None
 
 
 def parse(raw: dict) -> tuple[str, list[str], dict[str, Any]]:
+    if raw.get("merge_method") == "passthrough":
+        raise refuse("merge_method", "passthrough stacks layers: peftcli merge --config writes it, a recipe's merge step does not", "run peftcli merge --config")
     unknown = next((k for k in raw if k not in TOP_KEYS), None)
     if unknown is not None:
         raise refuse(str(unknown), "not a key peftcli reads", f"drop {unknown}; {HINT}")
@@ -101,6 +151,8 @@ def parse(raw: dict) -> tuple[str, list[str], dict[str, Any]]:
     glob = {k: v for k, v in params.items() if k in GLOBAL[method]}
     if method in ("slerp", "model_stock", "karcher"):
         base, inputs = _geometric(method, base, [p for p, _ in models], glob, values)
+    elif method in ("nuslerp", "multislerp"):
+        base, inputs = _spherical(method, base, resolved, glob, values)
     else:
         base, inputs = _weighted(method, base, resolved, glob, values)
     return base, inputs, values
@@ -286,6 +338,33 @@ def _geometric(method: str, base: str | None, models: list[str], glob: dict, val
     return base, [base, others[0]]
 
 
+def _spherical(method: str, base: str | None, resolved: list[tuple[str, dict]], glob: dict, values: dict) -> tuple[str, list[str]]:
+    """nuslerp and multislerp: with base_model the points are the task vectors (``origin`` base),
+    without it the models themselves (``origin`` zero, peftcli's base the first model)."""
+    if base is not None:
+        inputs = [(path, p) for path, p in resolved if not _same(path, base)]
+        if method == "nuslerp" and len(inputs) != len(resolved):
+            raise refuse("base_model", "nuslerp's base_model cannot be one of its two models (mergekit refuses it too)", "list two other models, or drop base_model")
+        values["origin"] = "base"
+    else:
+        inputs, base = resolved, resolved[0][0]
+        values["origin"] = "zero"
+    least, most = (2, 2) if method == "nuslerp" else (2, None)
+    if len(inputs) < least or most is not None and len(inputs) > most:
+        exact = "exactly" if most else "at least"
+        raise refuse("models", f"{method} merges {exact} 2 models besides base_model, got {len(inputs)}", f"list {exact} two models")
+    values["weights"] = _weights(inputs)
+    if method == "nuslerp":
+        flatten = _flag(glob.get("nuslerp_flatten", True), "nuslerp_flatten")
+        row_wise = _flag(glob.get("nuslerp_row_wise", False), "nuslerp_row_wise")
+        values["nuslerp_vectors"] = "tensor" if flatten else "columns" if row_wise else "rows"  # mergekit's dim 0 or -1
+    else:
+        values["weights_as_given"] = not _flag(glob.get("normalize_weights", True), "normalize_weights")
+        if "eps" in glob:
+            values["eps"] = _number(glob["eps"], "eps")
+    return base, [path for path, _ in inputs]
+
+
 FILTERS = {"self_attn": "t_attention", "mlp": "t_mlp"}
 
 
@@ -343,16 +422,24 @@ def _check_filters(base: str, filters: list[str], given: dict) -> None:
 KEPT_WITH_CONFIG = ("seed", "max_shard_size", "force", "allow_pickle", "heads")
 
 
-def with_config(path: str, base, inputs, values: dict[str, Any], given: Iterable[str]) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+def with_config(path: str, base, inputs, values: dict[str, Any], given: Iterable[str], *, stack: bool = False) -> tuple[str, tuple[str, ...], dict[str, Any]]:
     """(base, inputs, values) of a merge run from the mergekit configuration at ``path``: the
     configuration gives the base, the inputs, the method and its parameters; ``values`` keeps
     only KEPT_WITH_CONFIG. ``given``: the options the command line or recipe step set itself,
-    refused when the configuration sets them (never silently overridden)."""
+    refused when the configuration sets them (never silently overridden). ``stack``: the caller
+    writes a passthrough configuration (``values["stack"]``: its slices, for ``passthrough.stack``)."""
     if base or inputs:
         raise UsageError("`config` gives BASE and INPUTS", "give `config` or BASE INPUT..., not both")
     clash = next((k for k in given if k not in KEPT_WITH_CONFIG), None)
     if clash is not None:
         flag = f"`{clash}`"
         raise UsageError(f"`config` sets the method and its parameters; {flag} is not taken with it", f"drop {flag}, or set it in the configuration")
-    base, found, mk = load(path)
-    return base, tuple(found), {**{k: values.get(k) for k in KEPT_WITH_CONFIG}, **mk}
+    kept = {k: values.get(k) for k in KEPT_WITH_CONFIG}
+    raw = _read(path)
+    if raw.get("merge_method") == "passthrough":
+        if not stack:
+            raise refuse("merge_method", "passthrough stacks layers: peftcli merge --config writes it, a recipe's merge step does not", "run peftcli merge --config")
+        slices, dtype = passthrough(raw)
+        return "", (), {**kept, "stack": slices, "dtype": dtype}
+    base, found, mk = parse(raw)
+    return base, tuple(found), {**kept, **mk}

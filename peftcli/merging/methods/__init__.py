@@ -16,10 +16,12 @@ from peftcli.merging.methods.karcher import KARCHER
 from peftcli.merging.methods.della import DELLA, DELLA_LINEAR
 from peftcli.merging.methods.linear import LINEAR
 from peftcli.merging.methods.model_stock import MODEL_STOCK
+from peftcli.merging.methods.multislerp import MULTISLERP
+from peftcli.merging.methods.nuslerp import NUSLERP
 from peftcli.merging.methods.slerp import SLERP
 from peftcli.merging.methods.ties import TIES
 
-REGISTRY: dict[str, MergeMethod] = {m.name: m for m in (LINEAR, TIES, DARE, DARE_TIES, SLERP, BREADCRUMBS, BREADCRUMBS_TIES, DELLA, DELLA_LINEAR, MODEL_STOCK, KARCHER)}
+REGISTRY: dict[str, MergeMethod] = {m.name: m for m in (LINEAR, TIES, DARE, DARE_TIES, SLERP, BREADCRUMBS, BREADCRUMBS_TIES, DELLA, DELLA_LINEAR, MODEL_STOCK, KARCHER, NUSLERP, MULTISLERP)}
 
 
 def get_merge_method(name: str) -> MergeMethod:
