@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from peftcli.attach import load_adapted
+from peftcli.attach import load_adapted, load_base_model
 from peftcli.cli import cli
 from peftcli.injection import inject
 from peftcli.lowrank import rank_for_energy
+from peftcli.merging.engine import merge
 from peftcli.methods.lora import LoraConfig
 from tests.helpers import assert_error, batch, output_tensor, randomize_
 
@@ -143,3 +145,135 @@ def test_energy_with_to_diff_is_refused(tiny_llama, tmp_path):
     _, lora = _trained_lora(tiny_llama, tmp_path)
     result = CliRunner().invoke(cli, ["convert", lora, "--to", "diff", "--dense", "--energy", "0.5", "-o", str(tmp_path / "x.diff")])
     assert_error(result, 2, "only applies with --to lora")
+
+
+# -- slice 2: any foldable adapter → LoRA -----------------------------------------------------
+
+PEFT_ADAPTERS = {
+    "loha": ("LoHaConfig", dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "lokr": ("LoKrConfig", dict(r=2, alpha=3, decompose_both=True, target_modules=["q_proj", "k_proj", "up_proj"])),
+    "dora": ("LoraConfig", dict(r=3, lora_alpha=6, use_dora=True, target_modules=["q_proj", "o_proj", "gate_proj"])),
+    "ia3": ("IA3Config", dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False)),
+}
+
+
+def _peft_adapter(base: str, out: str, config_class: str, kwargs: dict):
+    """A PEFT adapter with random φ saved to ``out``; PEFT's merge_and_unload state dict and the adapted outputs."""
+    import peft
+
+    model = peft.get_peft_model(load_base_model(base), getattr(peft, config_class)(**kwargs))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_" in name or "magnitude" in name:  # multiplicative: around 1
+                p.mul_(1 + 0.3 * torch.randn_like(p))
+            elif any(k in name for k in ("hada_", "lokr_", "lora_")):
+                p.copy_(torch.randn_like(p) * 0.3)
+    model.eval()
+    model.save_pretrained(out)
+    with torch.no_grad():
+        outputs = output_tensor(model(**batch()))
+    merged = {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
+    return merged, outputs
+
+
+@pytest.fixture(scope="module")
+def peft_adapters(tiny_llama, tmp_path_factory):
+    pytest.importorskip("peft")
+    root = tmp_path_factory.mktemp("lowrank-peft")
+    return {case: (str(root / case), *_peft_adapter(tiny_llama, str(root / case), *spec)) for case, spec in PEFT_ADAPTERS.items()}
+
+
+def _reference_deltas(tiny_llama, merged) -> dict[str, torch.Tensor]:
+    base = load_file(os.path.join(tiny_llama, "model.safetensors"))
+    deltas = {n: merged[n].double() - base[n].double() for n in base if n in merged and not torch.equal(merged[n], base[n])}
+    assert deltas, "PEFT's merge changed nothing: the comparison would be vacuous"
+    return deltas
+
+
+@pytest.mark.parametrize("case", list(PEFT_ADAPTERS))
+def test_full_rank_lora_of_an_adapter_folds_to_the_adapters_fold_and_loads_in_peft(case, peft_adapters, tiny_llama, tmp_path):
+    from peft import PeftModel
+
+    adapter, merged, outputs = peft_adapters[case]
+    doc = _json("convert", adapter, "--to", "lora", "--energy", "1", "-o", tmp_path / "lora")
+    assert doc["source"] == "adapter" and doc["dropped"] == []
+    assert doc["kept_energy"] == pytest.approx(1.0, abs=1e-6)
+    reference, folded = _reference_deltas(tiny_llama, merged), _fold(str(tmp_path / "lora"))
+    assert set(folded) == set(reference)
+    for name, delta in reference.items():
+        assert torch.allclose(folded[name], delta, atol=1e-5), (name, float((folded[name] - delta).abs().max()))
+    model = PeftModel.from_pretrained(load_base_model(tiny_llama), str(tmp_path / "lora")).eval()
+    with torch.no_grad():
+        assert torch.allclose(output_tensor(model(**batch())), outputs, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", list(PEFT_ADAPTERS))
+def test_lower_rank_keeps_the_fp64_svd_share_of_the_adapters_delta(case, peft_adapters, tiny_llama, tmp_path):
+    adapter, merged, _ = peft_adapters[case]
+    doc = _json("convert", adapter, "--to", "lora", "--rank", "2", "-o", tmp_path / "r2")
+    reference = _reference_deltas(tiny_llama, merged)
+    total = kept = 0.0
+    for t in doc["tensors"]:
+        s2 = torch.linalg.svdvals(reference[t["name"]]) ** 2
+        assert t["rank"] == 2 and t["kept_energy"] == pytest.approx(float(s2[:2].sum() / s2.sum()), abs=1e-6), t
+        total, kept = total + float(s2.sum()), kept + float(s2[:2].sum())
+    assert doc["kept_energy"] == pytest.approx(kept / total, abs=1e-6) and doc["kept_energy"] < 0.999
+    folded = _fold(str(tmp_path / "r2"))
+    assert all(torch.allclose(folded[n], _truncated(reference[n], 2), atol=1e-4) for n in folded)
+
+
+@pytest.mark.parametrize("rank", [2, 0.9])
+def test_matches_peft_convert_to_lora(rank, peft_adapters, tiny_llama, tmp_path):
+    peft = pytest.importorskip("peft")
+    convert_to_lora = getattr(peft.tuners, "convert_to_lora", None) or pytest.skip("this PEFT has no convert_to_lora")
+    adapter, _, _ = peft_adapters["lokr"]
+    model = peft.PeftModel.from_pretrained(load_base_model(tiny_llama), adapter)
+    config, state = convert_to_lora(model, rank)
+    flag = ["--rank", str(rank)] if isinstance(rank, int) else ["--energy", str(rank)]
+    doc = _json("convert", adapter, "--to", "lora", *flag, "-o", tmp_path / "ours")
+    ours = _fold(str(tmp_path / "ours"))
+    for key, a in state.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[len("base_model.model.") : -len(".lora_A.weight")]
+        theirs = state[key.replace("lora_A", "lora_B")].double() @ a.double()  # α = r: scale 1
+        assert torch.allclose(ours[module + ".weight"], theirs, atol=1e-4), module
+        if not isinstance(rank, int):
+            chosen = next(t["rank"] for t in doc["tensors"] if t["name"] == module + ".weight")
+            assert chosen == config.rank_pattern.get(module, config.r), module
+    assert len(ours) == sum(k.endswith(".lora_A.weight") for k in state)
+
+
+def test_what_a_lora_cannot_carry_is_reported_with_its_share(tiny_llama, tmp_path):
+    from peftcli.methods.layers import LayersConfig
+
+    inject(tiny_llama, "layers", LayersConfig(layers="1"), str(tmp_path / "init"))
+    adapted = load_adapted(tiny_llama, str(tmp_path / "init"))
+    randomize_([p for p in adapted.parameters() if p.requires_grad], scale=0.05)
+    adapted.save(str(tmp_path / "layers"))
+    doc = _json("convert", tmp_path / "layers", "--to", "lora", "--rank", "4", "-o", tmp_path / "lora")
+    merge(tiny_llama, [str(tmp_path / "layers")], str(tmp_path / "merged"))  # the adapter's fold, written out
+    base, merged = load_file(os.path.join(tiny_llama, "model.safetensors")), load_file(str(tmp_path / "merged" / "model.safetensors"))
+    energy = {n: float((merged[n].double() - base[n].double()).pow(2).sum()) for n in base}
+    total = sum(energy.values())
+    dropped = {d["name"]: d["energy_share"] for d in doc["dropped"]}
+    assert set(dropped) == {"model.layers.1.input_layernorm.weight", "model.layers.1.post_attention_layernorm.weight"}
+    assert all(share == pytest.approx(energy[n] / total, rel=1e-5) and share > 0 for n, share in dropped.items())
+    assert {t["name"] for t in doc["tensors"]} == {f"model.layers.1.{m}.weight" for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+
+
+def test_unfoldable_adapters_and_ambiguous_directories_are_refused(tiny_llama, tiny_bert, tmp_path):
+    from peftcli.methods.bitfit import BitFitConfig
+
+    inject(tiny_bert, "bitfit", BitFitConfig(), str(tmp_path / "bitfit"))
+    result = CliRunner().invoke(cli, ["convert", str(tmp_path / "bitfit"), "--to", "lora", "-o", str(tmp_path / "x")])
+    assert_error(result, 1, "no linear layer", tmp_path / "x")
+    _run("inject", "prompt", tiny_llama, "-o", tmp_path / "prompt")
+    result = CliRunner().invoke(cli, ["convert", str(tmp_path / "prompt"), "--to", "lora", "-o", str(tmp_path / "x")])
+    assert_error(result, 2, "adds computation", tmp_path / "x")
+    _, lora = _trained_lora(tiny_llama, tmp_path)
+    shutil.copy(os.path.join(tiny_llama, "model.safetensors"), lora)
+    result = CliRunner().invoke(cli, ["convert", lora, "--to", "lora", "-o", str(tmp_path / "x")])
+    assert_error(result, 2, "ambiguous", tmp_path / "x")
