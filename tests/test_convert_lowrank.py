@@ -34,9 +34,14 @@ def _json(*args) -> dict:
     return json.loads(_run(*args, "--json").stdout)
 
 
+def _read_json(path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
 def _fold(peft_dir: str) -> dict[str, torch.Tensor]:
     """B·A·(α/r) per base weight name of a LoRA adapter, read from its files (PEFT's layout)."""
-    config = json.load(open(os.path.join(peft_dir, "adapter_config.json")))
+    config = _read_json(os.path.join(peft_dir, "adapter_config.json"))
     tensors = load_file(os.path.join(peft_dir, "adapter_model.safetensors"))
     scale = config["lora_alpha"] / config["r"]
     out = {}
@@ -92,7 +97,7 @@ def test_energy_keeps_the_smallest_rank_per_weight_and_pads_the_rest(energy, lor
         assert t["kept_energy"] >= energy - 1e-6
     assert len(set(ranks.values())) > 1, "one rank for all: the per-weight choice is untested"
     assert doc["energy"] == energy and doc["rank"] == max(ranks.values())
-    config = json.load(open(tmp_path / "e" / "adapter_config.json"))
+    config = _read_json(tmp_path / "e" / "adapter_config.json")
     assert config["r"] == config["lora_alpha"] == doc["rank"] and config["rank_pattern"] == {}
     folded = _fold(str(tmp_path / "e"))  # the zero padding adds nothing: B·A is the rank-k truncation
     for name, k in ranks.items():
@@ -277,3 +282,102 @@ def test_unfoldable_adapters_and_ambiguous_directories_are_refused(tiny_llama, t
     shutil.copy(os.path.join(tiny_llama, "model.safetensors"), lora)
     result = CliRunner().invoke(cli, ["convert", lora, "--to", "lora", "-o", str(tmp_path / "x")])
     assert_error(result, 2, "ambiguous", tmp_path / "x")
+
+
+# -- slice 3: extraction from a fine-tuned checkpoint -----------------------------------------
+
+L_RANK = 3
+
+
+def _finetune(base: str, out, noise: float = 0.0, extra: dict | None = None, seed: int = 0) -> tuple[str, dict]:
+    """A copy of ``base`` with W + L (rank L_RANK) + noise on every block's linear weight; ``extra``: name -> change."""
+    shutil.copytree(base, out)
+    weights = load_file(os.path.join(base, "model.safetensors"))
+    g = torch.Generator().manual_seed(seed)
+    lows = {}
+    for name, w in weights.items():
+        if ".layers." in name and name.endswith("_proj.weight"):
+            low = (torch.randn(w.shape[0], L_RANK, generator=g) @ torch.randn(L_RANK, w.shape[1], generator=g)) * 0.02
+            lows[name] = low
+            weights[name] = w + low + noise * torch.randn(w.shape, generator=g)
+    for name, change in (extra or {}).items():
+        weights[name] = weights[name] + change
+    save_file(weights, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    return str(out), lows
+
+
+def _file_deltas(base: str, ft: str) -> dict[str, torch.Tensor]:
+    a, b = load_file(os.path.join(base, "model.safetensors")), load_file(os.path.join(ft, "model.safetensors"))
+    return {n: b[n].double() - a[n].double() for n in a}
+
+
+def _logits(path: str, adapter: str | None = None) -> torch.Tensor:
+    from peft import PeftModel
+
+    model = load_base_model(path)
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter)
+    with torch.no_grad():
+        return output_tensor(model.eval()(**batch()))
+
+
+def test_extraction_at_the_rank_of_the_change_is_exact(tiny_llama, tmp_path):
+    pytest.importorskip("peft")
+    ft, lows = _finetune(tiny_llama, tmp_path / "ft")
+    doc = _json("convert", ft, "--base", tiny_llama, "--to", "lora", "--rank", L_RANK, "-o", tmp_path / "lora")
+    assert doc["source"] == "checkpoint" and doc["dropped"] == [] and doc["rank"] == L_RANK
+    assert {t["name"] for t in doc["tensors"]} == set(lows)  # unchanged tensors are left out
+    assert doc["kept_energy"] == pytest.approx(1.0, abs=1e-6)
+    folded, deltas = _fold(str(tmp_path / "lora")), _file_deltas(tiny_llama, ft)
+    for name in lows:
+        assert torch.allclose(folded[name], _truncated(deltas[name], L_RANK), atol=1e-6), name
+        assert torch.allclose(folded[name], lows[name].double(), atol=1e-5), name
+    assert torch.allclose(_logits(tiny_llama, str(tmp_path / "lora")), _logits(ft), atol=1e-5)
+
+
+def test_extraction_with_noise_keeps_the_top_directions(tiny_llama, tmp_path):
+    pytest.importorskip("peft")
+    ft, lows = _finetune(tiny_llama, tmp_path / "ft", noise=1e-3)
+    doc = _json("convert", ft, "--base", tiny_llama, "--to", "lora", "--rank", L_RANK, "-o", tmp_path / "lora")
+    folded, deltas = _fold(str(tmp_path / "lora")), _file_deltas(tiny_llama, ft)
+    for t in doc["tensors"]:
+        s2 = torch.linalg.svdvals(deltas[t["name"]]) ** 2
+        assert t["kept_energy"] == pytest.approx(float(s2[:L_RANK].sum() / s2.sum()), abs=1e-6)
+        assert torch.allclose(folded[t["name"]], _truncated(deltas[t["name"]], L_RANK), atol=1e-5), t["name"]
+    assert 0.9 < doc["kept_energy"] < 1.0
+    # base + extracted LoRA is far closer to the fine-tune than the base is: off by the dropped noise only
+    base, ours, theirs = _logits(tiny_llama), _logits(tiny_llama, str(tmp_path / "lora")), _logits(ft)
+    assert (ours - theirs).abs().max() < 0.1 * (base - theirs).abs().max()
+
+
+def test_extraction_reports_what_a_lora_cannot_carry(tiny_llama, tmp_path):
+    norm, embed = "model.layers.1.post_attention_layernorm.weight", "model.embed_tokens.weight"
+    extra = {norm: torch.full((64,), 0.05), embed: torch.zeros(256, 64).index_fill_(0, torch.tensor([7]), 0.1)}
+    ft, _ = _finetune(tiny_llama, tmp_path / "ft", extra=extra)
+    doc = _json("convert", ft, "--base", tiny_llama, "--to", "lora", "--energy", "0.99", "-o", tmp_path / "lora")
+    deltas = _file_deltas(tiny_llama, ft)
+    total = sum(float(d.pow(2).sum()) for d in deltas.values())
+    dropped = {d["name"]: d["energy_share"] for d in doc["dropped"]}
+    assert set(dropped) == {norm, embed}
+    for name, share in dropped.items():
+        assert share == pytest.approx(float(deltas[name].pow(2).sum()) / total, rel=1e-5)
+    assert "dropped 2 tensors" in _run("convert", ft, "--base", tiny_llama, "--to", "lora", "-o", tmp_path / "t").stdout
+
+
+def test_extraction_refuses_what_is_not_a_finetune_of_the_base(tiny_llama, tiny_gpt2, tmp_path):
+    ft, _ = _finetune(tiny_llama, tmp_path / "ft")
+    result = CliRunner().invoke(cli, ["convert", ft, "--to", "lora", "-o", str(tmp_path / "x")])
+    assert_error(result, 2, "needs the base", tmp_path / "x")
+    result = CliRunner().invoke(cli, ["convert", tiny_gpt2, "--base", tiny_llama, "--to", "lora", "-o", str(tmp_path / "x")])
+    assert_error(result, 1, "does not have the base's tensors", tmp_path / "x")
+    weights = load_file(os.path.join(ft, "model.safetensors"))
+    weights["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(64, 32)
+    save_file(weights, os.path.join(ft, "model.safetensors"), metadata={"format": "pt"})
+    result = CliRunner().invoke(cli, ["convert", ft, "--base", tiny_llama, "--to", "lora", "-o", str(tmp_path / "x")])
+    assert_error(result, 1, "model.layers.0.self_attn.q_proj.weight", tmp_path / "x")
+    other, _ = _finetune(tiny_llama, tmp_path / "other")
+    config = _read_json(os.path.join(other, "config.json"))
+    with open(os.path.join(other, "config.json"), "w") as f:
+        json.dump({**config, "model_type": "mistral"}, f)
+    result = CliRunner().invoke(cli, ["convert", other, "--base", tiny_llama, "--to", "lora", "-o", str(tmp_path / "x")])
+    assert_error(result, 1, "mistral", tmp_path / "x")
