@@ -263,29 +263,120 @@ def _check_fixed_equal(path: str, source, ckpt) -> None:
             )
 
 
-def _write_lora(source: str, kind: str, out: str, opts: ConvertOptions, ckpt, items) -> LoraExtraction:
+def _lora_config(made, linear: dict, base: str) -> dict:
+    modules = sorted(k[len("base_model.model.") : -len(".lora_A.weight")] for k in made.tensors if k.endswith(".lora_A.weight"))
+    return {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": os.path.abspath(base), "r": made.rank,
+        "lora_alpha": made.rank, "target_modules": modules, "lora_dropout": 0.0,
+        "fan_in_fan_out": any(linear[m + ".weight"].transposed for m in modules), "bias": "none", "use_dora": False,
+        "use_rslora": False, "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": False,
+    }
+
+
+def _extract_and_write(
+    inputs: list[str], kind: str, out: str, ckpt, items, *, rank: int | None, energy: float | None, force: bool, metadata: dict,
+):
+    """Factor ``items`` (name, ΔW maker) into one LoRA on ``ckpt``'s linear weights and write it to ``out``."""
     from peftcli.artifacts.adapter_dir import write_adapter
     from peftcli.lowrank import extract
     from peftcli.targets import is_output_head, linear_modules
 
     shapes = {t.name: t.shape for t in ckpt.tensors.values()}
     linear = {m.name + ".weight": m for m in linear_modules(shapes, ckpt.config) if not is_output_head(m, ckpt.config)}
-    rank = opts.rank if opts.rank is not None or opts.energy is not None else DEFAULT_RANK
-    made = extract(items, linear, rank=rank, energy=opts.energy, where=source, skip_unchanged=kind == "checkpoint")
+    rank = rank if rank is not None or energy is not None else DEFAULT_RANK
+    where = inputs[0] if len(inputs) == 1 else "the weighted sum"
+    made = extract(items, linear, rank=rank, energy=energy, where=where, skip_unchanged=kind in ("checkpoint", "merge"))
     if not made.tensors:
-        what = "changes no linear layer" if kind != "checkpoint" else "differs from the base in no linear layer"
-        raise BadInputError(f"{source} {what} a LoRA could carry", "convert only sources that change linear weights")
-    modules = sorted(k[len("base_model.model.") : -len(".lora_A.weight")] for k in made.tensors if k.endswith(".lora_A.weight"))
-    config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": os.path.abspath(ckpt.path), "r": made.rank,
-        "lora_alpha": made.rank, "target_modules": modules, "lora_dropout": 0.0,
-        "fan_in_fan_out": any(linear[m + ".weight"].transposed for m in modules), "bias": "none", "use_dora": False,
-        "use_rslora": False, "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": False,
-    }
-    metadata = {"peftcli.version": __version__, "peftcli.method": "lora", "peftcli.converted_from": os.path.abspath(source)}
-    write_adapter(out, config, made.tensors, metadata=metadata, inputs=[source, ckpt.path], force=opts.force)
+        what = "changes no linear layer" if kind in ("diff", "adapter") else "differs from the base in no linear layer"
+        raise BadInputError(f"{where} {what} a LoRA could carry", "convert only sources that change linear weights")
+    metadata = {"peftcli.version": __version__, "peftcli.method": "lora", **metadata}
+    write_adapter(out, _lora_config(made, linear, ckpt.path), made.tensors, metadata=metadata, inputs=[*inputs, ckpt.path], force=force)
+    return made
+
+
+def _write_lora(source: str, kind: str, out: str, opts: ConvertOptions, ckpt, items) -> LoraExtraction:
+    made = _extract_and_write(
+        [source], kind, out, ckpt, items, rank=opts.rank, energy=opts.energy, force=opts.force,
+        metadata={"peftcli.converted_from": os.path.abspath(source)},
+    )
     return LoraExtraction(out, made.rank, kind, opts.energy, made.modules, made.dropped, made.kept_energy)
+
+
+# -- merge --to-adapter: Σ λᵢ ΔWᵢ of several inputs as one LoRA ---------------------------------
+
+
+def merge_to_adapter(base: str, inputs: list[str], out: str | None, opts, lam: list[float]) -> AdapterMergeReport:
+    """``peftcli merge --to-adapter``: per linear weight Σ λᵢ ΔWᵢ (one tensor at a time), re-factored
+    by truncated SVD into one LoRA adapter at ``opts.rank`` or ``opts.energy`` (exact at full rank)."""
+    import json
+
+    from peftcli.merging.sources import open_source, refuse_unmergeable
+
+    if out is None:
+        raise UsageError("`to_adapter` writes an adapter directory, not a checkpoint stream", "pass -o DIR")
+    check_output_path(out, [*inputs, base], opts.force)
+    with open_checkpoint(base, allow_pickle=opts.allow_pickle) as ckpt:
+        sources = []
+        try:
+            for path in inputs:
+                sources.append(open_source(path, ckpt, allow_pickle=opts.allow_pickle))
+                if sources[-1].head is not None:
+                    raise UsageError(f"{path} carries a task head, which a LoRA adapter does not hold", "merge it into a checkpoint instead")
+                refuse_unmergeable(sources[-1], ckpt)
+            names = sorted(set().union(*(s.deltas for s in sources)))
+            items = ((n, lambda n=n: _weighted_sum(n, sources, lam, ckpt)) for n in names)
+            recorded = json.dumps([{"path": os.path.abspath(p), "weight": w} for p, w in zip(inputs, lam)])
+            made = _extract_and_write(
+                inputs, "merge", out, ckpt, items, rank=opts.rank, energy=opts.energy, force=opts.force,
+                metadata={"peftcli.merged_from": recorded},
+            )
+        finally:
+            for s in sources:
+                s.close()
+    report_inputs = [{"path": s.path, "kind": s.kind, "weight": w, "tensors": len(s.deltas)} for s, w in zip(sources, lam)]
+    size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+    return AdapterMergeReport(
+        out, opts.method, report_inputs, len(names), len(made.modules), size, rank=made.rank, energy=opts.energy,
+        kept_energy=made.kept_energy, adapter_tensors=made.modules, dropped=made.dropped,
+    )
+
+
+def _weighted_sum(name: str, sources, lam: list[float], ckpt):
+    from peftcli.checkpoint.dtypes import work_dtype
+
+    stored = ckpt.get(name)
+    total = None
+    for s, w in zip(sources, lam):
+        if name in s.deltas:
+            d = s.deltas[name](stored).to(work_dtype(stored.dtype)) * w
+            total = d if total is None else total.add_(d)
+    return total
+
+
+@dataclass
+class AdapterMergeReport:
+    """``merge --to-adapter``'s report: ``merging.engine.MergeReport``'s fields, with the LoRA's rank and kept energy."""
+
+    output: str
+    method: str
+    inputs: list[dict]
+    tensors: int  # tensors any input changes
+    changed: int  # weights the adapter carries
+    bytes: int = 0
+    rank: int = 0
+    energy: float | None = None
+    kept_energy: float = 1.0
+    adapter_tensors: list[dict] = field(default_factory=list)  # {name, shape, rank, kept_energy}
+    dropped: list[dict] = field(default_factory=list)  # {name, shape, energy_share}
+    metadata: dict[str, str] = field(default_factory=dict)
+    tasks: list[dict] = field(default_factory=list)  # none: a task head is refused
+
+    def to_json(self) -> dict:
+        doc = {"schema": "peftcli.merge/1", "output": self.output, "method": self.method, "inputs": self.inputs, "to": "lora"}
+        keys = ("tensors", "changed", "bytes", "tasks", "rank", "energy", "kept_energy", "adapter_tensors", "dropped")
+        doc.update({("changed_tensors" if k == "changed" else k): getattr(self, k) for k in keys})
+        return doc
 
 
 def _dtype(ckpt, name: str):

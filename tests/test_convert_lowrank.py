@@ -123,6 +123,22 @@ def test_text_output_names_each_weights_rank_and_kept_energy(lora_diff, tmp_path
     assert "model.layers.0.self_attn.q_proj.weight: rank " in out and "keeps " in out
 
 
+def test_randomized_svd_of_a_large_matrix_keeps_the_top_directions(monkeypatch):
+    import peftcli.lowrank as lowrank
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 3, generator=g) @ torch.randn(3, 80, generator=g) + 1e-3 * torch.randn(96, 80, generator=g)
+    calls = []
+    monkeypatch.setattr(lowrank, "LOWRANK_MIN_SIDE", 64)  # what > 4096 on both sides takes, on a small matrix
+    real = torch.svd_lowrank
+    monkeypatch.setattr(torch, "svd_lowrank", lambda *a, **k: calls.append(k) or real(*a, **k))
+    f = lowrank.factor(w, rank=3)
+    assert calls, "the randomized SVD was not used"
+    assert torch.allclose(f.b.double() @ f.a.double(), _truncated(w, 3), atol=1e-5)
+    s2 = torch.linalg.svdvals(w.double()) ** 2
+    assert f.kept / f.total == pytest.approx(float(s2[:3].sum() / s2.sum()), abs=1e-6)
+
+
 def test_rank_for_energy_matches_the_cumulative_formula():
     s = torch.tensor([4.0, 2.0, 1.0, 0.0])  # σ² = 16, 4, 1, 0: shares 16/21, 20/21, 1
     assert [rank_for_energy(s, e) for e in (0.5, 16 / 21, 0.77, 0.96, 1.0)] == [1, 1, 2, 3, 3]
@@ -381,3 +397,58 @@ def test_extraction_refuses_what_is_not_a_finetune_of_the_base(tiny_llama, tiny_
         json.dump({**config, "model_type": "mistral"}, f)
     result = CliRunner().invoke(cli, ["convert", other, "--base", tiny_llama, "--to", "lora", "-o", str(tmp_path / "x")])
     assert_error(result, 1, "mistral", tmp_path / "x")
+
+
+# -- slice 4: merge --to-adapter --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_loras(tiny_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lowrank-two")
+    (root / "a").mkdir(), (root / "b").mkdir()
+    _, a = _trained_lora(tiny_llama, root / "a", rank=2, targets="q_proj,v_proj")
+    _, b = _trained_lora(tiny_llama, root / "b", rank=4, targets="q_proj,k_proj,down_proj")
+    return a, b
+
+
+def _weighted_reference(a: str, b: str, wa: float, wb: float) -> dict[str, torch.Tensor]:
+    fa, fb = _fold(a), _fold(b)  # independent of the merge: B·A·α/r from the adapters' own files
+    return {n: wa * fa.get(n, 0) + wb * fb.get(n, 0) for n in set(fa) | set(fb)}
+
+
+def test_merge_to_adapter_at_full_rank_is_the_weighted_sum_and_loads(two_loras, tiny_llama, tmp_path):
+    a, b = two_loras
+    doc = _json("merge", tiny_llama, a, b, "--weights", "1.0,-0.5", "--to-adapter", "--energy", "1", "-o", tmp_path / "ab")
+    reference, folded = _weighted_reference(a, b, 1.0, -0.5), _fold(str(tmp_path / "ab"))
+    assert doc["to"] == "lora" and set(folded) == set(reference) and doc["kept_energy"] == pytest.approx(1.0, abs=1e-6)
+    assert doc["rank"] == 6  # q_proj: rank 2 + rank 4; the other weights padded up to it
+    for name, delta in reference.items():
+        assert torch.allclose(folded[name], delta, atol=1e-5), name
+    merge(tiny_llama, [a, b], str(tmp_path / "merged"), weights=[1.0, -0.5])  # the checkpoint the adapter stands for
+    assert torch.allclose(_logits(tiny_llama, str(tmp_path / "ab")), _logits(str(tmp_path / "merged")), atol=1e-5)
+
+
+def test_merge_to_adapter_at_lower_rank_keeps_the_fp64_svd_share(two_loras, tiny_llama, tmp_path):
+    a, b = two_loras
+    doc = _json("merge", tiny_llama, a, b, "--to-adapter", "--rank", "3", "-o", tmp_path / "ab")
+    reference = _weighted_reference(a, b, 1.0, 1.0)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    t = next(t for t in doc["adapter_tensors"] if t["name"] == q)
+    s2 = torch.linalg.svdvals(reference[q]) ** 2
+    assert t["kept_energy"] == pytest.approx(float(s2[:3].sum() / s2.sum()), abs=1e-6) and t["kept_energy"] < 0.9999
+    assert torch.allclose(_fold(str(tmp_path / "ab"))[q], _truncated(reference[q], 3), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--rank", "2"], "only applies with --to-adapter"),
+        (["--to-adapter", "--method", "ties", "--density", "0.5"], "use --method linear"),
+        (["--to-adapter", "--dtype", "BF16"], "--dtype does not apply"),
+        (["--to-adapter", "--rank", "2", "--energy", "0.5"], "give one"),
+    ],
+)
+def test_merge_to_adapter_refuses_what_does_not_apply(args, message, two_loras, tiny_llama, tmp_path):
+    a, b = two_loras
+    result = CliRunner().invoke(cli, ["merge", tiny_llama, a, b, *args, "-o", str(tmp_path / "x")])
+    assert_error(result, 2, message.replace("`", ""), tmp_path / "x")
