@@ -169,6 +169,8 @@ _MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_
 
 def source_kind(path: str) -> str:
     """What ``path`` is: a ``.diff``, an adapter directory or a full checkpoint; a directory that is both is refused."""
+    if not os.path.exists(path):
+        raise BadInputError(f"{path} does not exist", "give a .diff, an adapter directory or a fine-tuned checkpoint")
     if os.path.isdir(path):
         from peftcli.artifacts.adapter_dir import ADAPTER_CONFIG
 

@@ -384,6 +384,8 @@ def test_extraction_refuses_what_is_not_a_finetune_of_the_base(tiny_llama, tiny_
     ft, _ = _finetune(tiny_llama, tmp_path / "ft")
     result = CliRunner().invoke(cli, ["convert", ft, "--to", "lora", "-o", str(tmp_path / "x")])
     assert_error(result, 2, "needs the base", tmp_path / "x")
+    result = CliRunner().invoke(cli, ["convert", str(tmp_path / "absent"), "--to", "lora", "-o", str(tmp_path / "x")])
+    assert_error(result, 1, "does not exist", tmp_path / "x")
     result = CliRunner().invoke(cli, ["convert", tiny_gpt2, "--base", tiny_llama, "--to", "lora", "-o", str(tmp_path / "x")])
     assert_error(result, 1, "does not have the base's tensors", tmp_path / "x")
     weights = load_file(os.path.join(ft, "model.safetensors"))
