@@ -102,6 +102,10 @@ def merge(
     if not inputs:
         raise UsageError("nothing to merge", "give at least one .diff, adapter directory or fine-tuned checkpoint")
     lam = _weights(opts.weights, len(inputs))
+    if opts.to_adapter:  # Σ λᵢ ΔWᵢ re-factored into one LoRA: peftcli.conversion, not a checkpoint write
+        from peftcli.conversion import merge_to_adapter
+
+        return merge_to_adapter(base, list(inputs), out, opts, lam)  # type: ignore[return-value]  # MergeReport-shaped
     m, cfg = prepare(opts.method, len(inputs), lam, {**opts.params, "density": opts.density})
     if opts.weights is not None and not m.takes_weights:
         raise UsageError(f"{m.name} takes no `weights`", "drop `weights`")

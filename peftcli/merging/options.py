@@ -39,6 +39,10 @@ class MergeOptions:
         help="Inputs with classification heads: each (one model per input) or average (one model, heads of one task averaged).",
     )
     params: dict[str, Any] = field(default_factory=dict)  # the method's parameters by name (None: not given)
+    # --to-adapter (peftcli.conversion.merge_to_adapter): after params, so from_keywords' positions hold
+    to_adapter: bool = option(False, help="Write one LoRA adapter (-o DIR): Σ λᵢ ΔWᵢ per linear weight re-factored by truncated SVD.")
+    rank: int | None = option(None, min=1, help="With --to-adapter: the LoRA's rank (default 16).")
+    energy: float | None = option(None, metavar="E", help="With --to-adapter, instead of --rank: per weight the smallest rank keeping E of ‖ΔW‖².")
 
     def __post_init__(self) -> None:
         if isinstance(self.weights, str):
@@ -50,6 +54,7 @@ class MergeOptions:
             raise UsageError(f"unknown `dtype` {self.dtype!r}", "choose F32, BF16, F16 or F64")
         if self.heads not in HEAD_MODES:
             raise UsageError(f"unknown heads mode {self.heads!r}", "choose each or average")
+        _check_to_adapter(self)
         m = get_merge_method(self.method)
         self.params = dict(self.params)
         m.configure(self.params)  # a parameter of another method, or a value its declaration refuses
@@ -58,6 +63,24 @@ class MergeOptions:
     @property
     def density(self) -> float | None:
         return self.params.get("density")
+
+
+def _check_to_adapter(opts: MergeOptions) -> None:
+    """``to_adapter`` sums the task vectors (linear) into an adapter; the checkpoint's options do not apply."""
+    if not opts.to_adapter:
+        given = next((k for k in ("rank", "energy") if getattr(opts, k) is not None), None)
+        if given:
+            raise UsageError(f"`{given}` only applies with `to_adapter`", "add `to_adapter`, or drop it")
+        return
+    if opts.method != "linear":
+        raise UsageError(f"`to_adapter` writes the weighted sum Σ λᵢ ΔWᵢ, not {opts.method}", "use `method` linear")
+    other = next((k for k, v in (("dtype", opts.dtype), ("max_shard_size", opts.max_shard_size)) if v is not None), None)
+    if other or opts.heads != "each":
+        raise UsageError(f"`{other or 'heads'}` does not apply with `to_adapter`: it writes an adapter", f"drop `{other or 'heads'}`")
+    if opts.rank is not None and opts.energy is not None:
+        raise UsageError("`rank` and `energy` are two ways to choose the rank: give one", "e.g. `rank` 16, or `energy` 0.9")
+    if opts.energy is not None and not (isinstance(opts.energy, (int, float)) and 0 < opts.energy <= 1):
+        raise UsageError(f"`energy` must be in (0, 1], got {opts.energy!r}", "e.g. `energy` 0.9 keeps 90% of ‖ΔW‖² per weight")
 
 
 def parse_weights(text: str) -> list[float]:
