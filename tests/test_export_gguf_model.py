@@ -278,31 +278,75 @@ def _smollm2() -> tuple[str, str]:
     return real, SMOLLM2_DIR
 
 
-@pytest.mark.timeout(240)
-def test_smollm2_export_matches_the_llama_cpp_converted_file(tmp_path):
+def kv_bytes(path: str) -> dict[str, tuple[int, bytes]]:
+    """Each metadata key's value type and raw bytes, walked here from the GGUF layout (gguf's own
+    reader takes tens of seconds over two 49k-token vocabularies; equal bytes are equal values)."""
+    import struct
+
+    with open(path, "rb") as f:
+        data = f.read(16 << 20)
+    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    assert data[:4] == b"GGUF" and struct.unpack_from("<I", data, 4)[0] == 3
+    n_kv, pos, out = struct.unpack_from("<Q", data, 16)[0], 24, {}
+
+    def skip(vtype: int, pos: int) -> int:
+        if vtype in sizes:
+            return pos + sizes[vtype]
+        if vtype == 8:
+            return pos + 8 + struct.unpack_from("<Q", data, pos)[0]
+        item, n = struct.unpack_from("<IQ", data, pos)
+        pos += 12
+        if item in sizes:
+            return pos + n * sizes[item]
+        for _ in range(n):
+            pos = skip(item, pos)
+        return pos
+
+    for _ in range(n_kv):
+        n = struct.unpack_from("<Q", data, pos)[0]
+        key = data[pos + 8: pos + 8 + n].decode()
+        vtype = struct.unpack_from("<I", data, pos + 8 + n)[0]
+        start = pos + 12 + n
+        pos = skip(vtype, start)
+        out[key] = (vtype, data[start:pos])
+    return out
+
+
+def tensor_values(path: str, tensor) -> np.ndarray:
+    """A tensor of peftcli's GGUF header table as float32, dequantised by gguf (numpy order, as stored)."""
     from gguf.quants import dequantize
 
+    raw = np.memmap(path, np.uint8, "r")[tensor.begin: tensor.begin + tensor.nbytes]
+    if tensor.type_name == "F32":
+        return np.asarray(raw).view(np.float32).reshape(tensor.shape)
+    return dequantize(np.asarray(raw).reshape(tensor.shape[0], -1), gguf.GGMLQuantizationType[tensor.type_name])
+
+
+@pytest.mark.timeout(240)
+def test_smollm2_export_matches_the_llama_cpp_converted_file(tmp_path):
+    from peftcli.checkpoint.gguf_format import read_gguf_header
     from peftcli.serving import ExportOptions, export as run_export
 
     real_path, src = _smollm2()
     out = str(tmp_path / "smollm2.gguf")
     run_export(src, ExportOptions(to="gguf", output=out))
-    real, ours = gguf.GGUFReader(real_path), gguf.GGUFReader(out)
-    keys = {k for k in real.fields if k.startswith(("llama.", "tokenizer."))}
-    mine = {k for k in ours.fields if k.startswith(("llama.", "tokenizer."))}
+    real, ours = kv_bytes(real_path), kv_bytes(out)
+    keys = {k for k in real if k.startswith(("llama.", "tokenizer."))}
+    mine = {k for k in ours if k.startswith(("llama.", "tokenizer."))}
     # The real file's converter predates writing head_dim as key/value_length; its add_space_prefix came
     # from the original tokenizer_config.json, which the directory rebuilt from the GGUF does not keep.
     assert mine - keys == {"llama.attention.key_length", "llama.attention.value_length"}
     assert keys - mine == {"tokenizer.ggml.add_space_prefix"}
-    for key in keys & mine:  # every value equal: hyperparameters, tokens, types, merges, ids, pre, chat template
-        assert ours.fields[key].contents() == real.fields[key].contents(), key
-    assert ours.fields["tokenizer.ggml.pre"].contents() == "smollm" and len(ours.fields["tokenizer.ggml.tokens"].contents()) == 49152
-    theirs = {t.name: t for t in real.tensors}
-    mine_t = {t.name: t for t in ours.tensors}
-    assert {n: tuple(t.shape) for n, t in mine_t.items()} == {n: tuple(t.shape) for n, t in theirs.items()}  # no output.weight: tied
-    assert {n for n, t in theirs.items() if t.tensor_type.name == "F32"} == {n for n in mine_t if n.endswith("norm.weight")}
+    for key in keys & mine:  # every value byte-equal: hyperparameters, tokens, types, merges, ids, pre, chat template
+        assert ours[key] == real[key], key
+    assert ours["tokenizer.ggml.pre"][1][8:] == b"smollm" and len(ours["tokenizer.ggml.tokens"][1]) > 49152 * 8
+    assert ours["general.architecture"] == real["general.architecture"] and ours["general.type"] == real["general.type"]
+    theirs = {t.name: t for t in read_gguf_header(real_path).tensors}
+    mine_t = {t.name: t for t in read_gguf_header(out).tensors}
+    assert {n: t.shape for n, t in mine_t.items()} == {n: t.shape for n, t in theirs.items()}  # no output.weight: tied
+    assert {n for n, t in theirs.items() if t.type_name == "F32"} == {n for n in mine_t if n.endswith("norm.weight")}
+    assert {t.type_name for t in mine_t.values()} == {"F32"}
     # The directory holds the real file's dequantised values (transformers un-permuted q/k): written
-    # back at f32, every sampled tensor is bit-identical to the real file's dequantisation.
+    # back at f32, each sampled tensor is bit-identical to the real file's dequantisation.
     for name in ("token_embd.weight", "blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.29.attn_q.weight", "blk.29.attn_k.weight", "blk.7.ffn_down.weight"):
-        t = theirs[name]
-        assert np.array_equal(np.asarray(mine_t[name].data).reshape(-1), dequantize(t.data, t.tensor_type).reshape(-1)), name
+        assert np.array_equal(tensor_values(out, mine_t[name]), tensor_values(real_path, theirs[name])), name
