@@ -61,7 +61,7 @@ def build(out: str, tied: bool, seed: int = 0, **extra) -> str:
                       vocab_size=264, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, tie_word_embeddings=tied, **extra)
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:  # norms away from 1: a dropped or misplaced norm shows
                 p.copy_(1 + 0.5 * torch.randn_like(p))
     model.eval().save_pretrained(out)
@@ -350,3 +350,16 @@ def test_smollm2_export_matches_the_llama_cpp_converted_file(tmp_path):
     # back at f32, each sampled tensor is bit-identical to the real file's dequantisation.
     for name in ("token_embd.weight", "blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.29.attn_q.weight", "blk.29.attn_k.weight", "blk.7.ffn_down.weight"):
         assert np.array_equal(tensor_values(out, mine_t[name]), tensor_values(real_path, theirs[name])), name
+
+
+def test_check_writes_nothing_and_an_existing_output_needs_force(models, tmp_path):
+    src, out = models["tied"], tmp_path / "m.gguf"
+    result = CliRunner().invoke(cli, ["export", src, "--to", "gguf", "--check"])
+    assert result.exit_code == 0 and "ok, a llama.cpp llama model (llama tokenizer) can be written" in result.stdout, result.stderr
+    assert os.listdir(tmp_path) == []
+    out.write_bytes(b"old")
+    fails(["export", src, "--to", "gguf", "-o", str(out)], "already exists", code=2)
+    assert out.read_bytes() == b"old"
+    result = CliRunner().invoke(cli, ["export", src, "--to", "gguf", "-o", str(out), "--force"])
+    assert result.exit_code == 0 and result.stdout.startswith(f"wrote {out}: llama.cpp llama model, llama tokenizer, tensors: 20 F32")
+    assert out.read_bytes()[:4] == b"GGUF" and os.listdir(tmp_path) == ["m.gguf"]  # no temporary left

@@ -198,6 +198,7 @@ def _vocab(source: str, vocab_size: int) -> dict[str, Any]:
         raise BadInputError(f"{path}: a {kind} tokenizer: llama.cpp's llama reads BPE tokenizers only (gpt2 or llama)", CONVERTER)
     import gguf
 
+    vocab: dict[str, Any]
     try:
         hf = gguf.LlamaHfVocab(Path(source))
     except (FileNotFoundError, TypeError):  # not a byte-fallback BPE: the converter's gpt2 path
