@@ -196,6 +196,20 @@ def test_lower_precisions_round_each_weight_within_its_bound_and_load_in_transfo
     assert (logits_of(transformers_gguf(out)) - logits_of(reference)).abs().max() <= 1e-5
 
 
+def test_biases_are_written_and_q_k_biases_permuted_like_their_rows(tmp_path):
+    # transformers' GGUF loader drops llama biases, so the check is gguf's raw view and peftcli's reader
+    src = build(str(tmp_path / "bias"), False, attention_bias=True, mlp_bias=True)
+    out = str(tmp_path / "bias.gguf")
+    assert export(src, out)["gguf"]["tensor_types"] == {"F32": 35}
+    state = source_state(src)
+    raw = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(out).tensors}
+    assert np.array_equal(raw["blk.0.attn_q.bias"], permute(state["model.layers.0.self_attn.q_proj.bias"].numpy(), 4))
+    assert np.array_equal(raw["blk.1.attn_k.bias"], permute(state["model.layers.1.self_attn.k_proj.bias"].numpy(), 2))
+    assert np.array_equal(raw["blk.1.ffn_down.bias"], state["model.layers.1.mlp.down_proj.bias"].numpy())
+    with open_checkpoint(out) as ckpt:
+        assert set(ckpt.tensors) == set(state) and all(torch.equal(ckpt.get(n), v) for n, v in state.items())
+
+
 def test_linear_rope_scaling_is_written_as_the_converter_writes_it(tmp_path):
     src = build(str(tmp_path / "linear"), False, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0})
     out = str(tmp_path / "linear.gguf")
