@@ -377,3 +377,11 @@ def test_check_writes_nothing_and_an_existing_output_needs_force(models, tmp_pat
     result = CliRunner().invoke(cli, ["export", src, "--to", "gguf", "-o", str(out), "--force"])
     assert result.exit_code == 0 and result.stdout.startswith(f"wrote {out}: llama.cpp llama model, llama tokenizer, tensors: 20 F32")
     assert out.read_bytes()[:4] == b"GGUF" and os.listdir(tmp_path) == ["m.gguf"]  # no temporary left
+
+
+def test_without_the_gguf_package_it_is_one_line(models, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf now raises ImportError
+    fails(["export", models["tied"], "--to", "gguf", "-o", str(tmp_path / "m.gguf")], "needs the gguf package")
+    assert os.listdir(tmp_path) == []

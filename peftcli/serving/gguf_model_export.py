@@ -83,6 +83,12 @@ def is_model_dir(path: str) -> bool:
 def plan(source: str) -> ModelPlan:
     """Check ``source`` against everything the export maps and return what it will write; reads
     the config, the tokenizer and the checkpoint's header, no tensor values."""
+    try:
+        import gguf  # noqa: F401  (the writer, its vocabulary readers and quantisers)
+    except ImportError:
+        from peftcli.checkpoint.gguf_format import NEEDS_GGUF
+
+        raise BadInputError(f"{source}: writing a llama.cpp model file needs the gguf package", NEEDS_GGUF) from None
     hparams = _hparams(source)
     heads, kv_heads = hparams["num_attention_heads"], hparams.get("num_key_value_heads") or hparams["num_attention_heads"]
     tied = bool(hparams.get("tie_word_embeddings", False))
