@@ -53,13 +53,14 @@ def bpe_tokenizer():
     return fast
 
 
-def build(out: str, tied: bool, seed: int = 0, **extra) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build(out: str, tied: bool, seed: int = 0, arch: str = "Llama", **extra) -> str:
+    import transformers
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    config_class, model_class = getattr(transformers, f"{arch}Config"), getattr(transformers, f"{arch}ForCausalLM")
+    cfg = config_class(hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       vocab_size=264, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, tie_word_embeddings=tied, **extra)
-    model = LlamaForCausalLM(cfg)
+    model = model_class(cfg)
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 1:  # norms away from 1: a dropped or misplaced norm shows
@@ -210,6 +211,25 @@ def test_biases_are_written_and_q_k_biases_permuted_like_their_rows(tmp_path):
         assert set(ckpt.tensors) == set(state) and all(torch.equal(ckpt.get(n), v) for n, v in state.items())
 
 
+def test_mistral_without_a_sliding_window_is_a_llama_file_and_with_one_is_refused(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    # (not named "mistral": transformers' GGUF loader reads a llama file whose general.name says mistral as its own mistral)
+    src = build(str(tmp_path / "windowless"), False, arch="Mistral", sliding_window=None)
+    out = str(tmp_path / "windowless.gguf")
+    export(src, out)
+    assert gguf.GGUFReader(out).fields["general.architecture"].contents() == "llama"
+    with open_checkpoint(out) as ckpt:
+        state = source_state(src)
+        assert set(ckpt.tensors) == set(state) and all(torch.equal(ckpt.get(n), v) for n, v in state.items())
+    source = AutoModelForCausalLM.from_pretrained(src).eval()
+    assert type(source).__name__ == "MistralForCausalLM"
+    assert (logits_of(transformers_gguf(out)) - logits_of(source)).abs().max() <= 1e-5  # loaded as a llama
+    windowed = build(str(tmp_path / "windowed"), False, arch="Mistral", sliding_window=64)
+    fails(["export", windowed, "--to", "gguf", "-o", str(tmp_path / "w.gguf")], "sliding_window 64 (below max_position_embeddings)")
+    assert not os.path.exists(tmp_path / "w.gguf")
+
+
 def test_linear_rope_scaling_is_written_as_the_converter_writes_it(tmp_path):
     src = build(str(tmp_path / "linear"), False, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0})
     out = str(tmp_path / "linear.gguf")
@@ -234,12 +254,12 @@ def _edited(src: str, dst, edit) -> str:
 def test_refusals_are_one_line_and_write_nothing(models, tiny_llama, tiny_gpt2, tmp_path):
     src = models["untied"]
     out = tmp_path / "out" / "model.gguf"
-    mistral = _edited(src, tmp_path / "mistral", lambda c: c.update(architectures=["MistralForCausalLM"], model_type="mistral"))
+    qwen2 = _edited(src, tmp_path / "qwen2", lambda c: c.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2"))
     yarn = _edited(src, tmp_path / "yarn", lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
                                                                                "original_max_position_embeddings": 32}))
     gelu = _edited(src, tmp_path / "gelu", lambda c: c.update(hidden_act="gelu"))
     cases = [
-        (mistral, "architecture 'MistralForCausalLM' is not one peftcli writes as a llama.cpp model"),
+        (qwen2, "architecture 'Qwen2ForCausalLM' is not one peftcli writes as a llama.cpp model"),
         (tiny_gpt2, "architecture 'GPT2LMHeadModel'"),
         (yarn, "RoPE scaling 'yarn'"),
         (gelu, "hidden_act 'gelu'"),

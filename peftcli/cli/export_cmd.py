@@ -40,7 +40,7 @@ def export(run, as_json, **options):
 
     With a whole model directory as RUN (a merged model: config.json, no
     adapter_config.json), --to gguf writes a complete llama.cpp model file
-    (LlamaForCausalLM only) with its tokenizer, as llama.cpp's
+    (LlamaForCausalLM; MistralForCausalLM without a sliding window) with its tokenizer, as llama.cpp's
     convert_hf_to_gguf.py does; --outtype as above (norms and 1-D tensors stay
     f32).
 

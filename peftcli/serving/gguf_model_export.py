@@ -20,8 +20,11 @@ noted where it is made), reproduced here with the ``gguf`` package's ``GGUFWrite
   check hash (only the hashes listed in ``PRE_TOKENIZERS``); merges, special token ids,
   ``add_*_token`` and the chat template through gguf's ``SpecialVocab``.
 
-Refused, naming the thing: another architecture (Mistral and Qwen2 included: their extra
-fields are not verified here), an activation other than SiLU, RoPE scaling other than none
+``MistralForCausalLM`` is written the same way (the converter registers it on ``LlamaModel``)
+when it has no sliding window shorter than its context: llama.cpp's llama has none.
+
+Refused, naming the thing: another architecture (Qwen2 included: llama.cpp's qwen2 is not
+verified here), a Mistral sliding window, an activation other than SiLU, RoPE scaling other than none
 or ``linear``, a sentencepiece ``tokenizer.model`` (the converter reads it with
 sentencepiece), a tokenizer that is not BPE, a pre-tokenizer hash not in the table, tensors
 that are missing, extra, of the wrong shape or not floating point.
@@ -37,8 +40,9 @@ from typing import Any
 
 from peftcli.errors import BadInputError
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama"}
-NOT_VERIFIED = ("MistralForCausalLM", "Qwen2ForCausalLM")  # convert_hf_to_gguf maps them, but not verified here
+# convert_hf_to_gguf registers MistralForCausalLM on its LlamaModel: the same file, general.architecture llama
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
+NOT_VERIFIED = ("Qwen2ForCausalLM",)  # convert_hf_to_gguf maps it (as qwen2), but not verified here
 CONVERTER = "convert it with llama.cpp's convert_hf_to_gguf.py"
 # general.file_type of each outtype (gguf.LlamaFileType: ALL_F32, MOSTLY_F16, MOSTLY_BF16, MOSTLY_Q8_0)
 FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7}
@@ -113,6 +117,10 @@ def _hparams(source: str) -> dict[str, Any]:
         hparams = AutoConfig.from_pretrained(source, trust_remote_code=False).to_dict()
     except (OSError, ValueError, TypeError) as exc:
         raise BadInputError(f"{source}/config.json: transformers cannot read it ({exc})", "pass a directory with an intact config.json") from None
+    window = hparams.get("sliding_window")
+    if arch == "MistralForCausalLM" and window is not None and window < hparams.get("max_position_embeddings", 0):
+        raise BadInputError(f"{source}: sliding_window {window} (below max_position_embeddings): llama.cpp's llama attends to "
+                            "the whole context, so its outputs would differ past that many tokens", CONVERTER + " (it ignores sliding_window)")
     act = hparams.get("hidden_act", "silu")
     if act != "silu":
         raise BadInputError(f"{source}: hidden_act {act!r}: llama.cpp's llama computes SiLU", CONVERTER)
