@@ -1,4 +1,4 @@
-"""``peftcli export RUN --to vllm|gguf -o OUT``: an adapter a serving engine loads (``--check``: lint only).
+"""``peftcli export RUN --to vllm|gguf -o OUT``: an adapter (or, for gguf, a whole model) a serving engine loads (``--check``: lint only).
 
 Parses, calls ``peftcli.serving.export``, renders. A refusal is the one-line error (exit 1,
 nothing written); ``--check`` prints every finding and exits 1 when any rule fails.
@@ -38,12 +38,19 @@ def export(run, as_json, **options):
     base_model_name_or_path; nothing is downloaded). --outtype f32 (default), f16,
     bf16 or q8_0 (rows that are not whole Q8_0 blocks are written f16).
 
+    With a whole model directory as RUN (a merged model: config.json, no
+    adapter_config.json), --to gguf writes a complete llama.cpp model file
+    (LlamaForCausalLM; MistralForCausalLM without a sliding window) with its tokenizer, as llama.cpp's
+    convert_hf_to_gguf.py does; --outtype as above (norms and 1-D tensors stay
+    f32).
+
     \b
     Examples:
       peftcli export runs/lora/ --to vllm -o served/lora/
       peftcli export runs/lora/ --to vllm --check
       peftcli export runs/lora/ --to vllm --max-lora-rank 32 -o served/lora/ --json
       peftcli export runs/lora/ --to gguf --base models/llama/ -o lora.gguf --outtype f16
+      peftcli export merged/ --to gguf --outtype q8_0 -o model.gguf
     """
     from peftcli.errors import BadInputError, render_fields
     from peftcli.serving import export as run_export
@@ -75,6 +82,12 @@ def _lines(report) -> list[str]:
             lines.append(f"FAIL {f.rule}: {f.message} (refused: {f.way_out})")
     if report.check and not report.findings:
         lines.append(f"{report.run}: ok, passes every {report.to} rule")
+    if report.gguf is not None and report.gguf.get("model"):
+        g = report.gguf
+        if report.check:
+            return [f"{report.run}: ok, a llama.cpp {g['architecture']} model ({g['tokenizer']} tokenizer) can be written"]
+        types = ", ".join(f"{n} {t}" for t, n in g["tensor_types"].items())
+        return [f"wrote {report.output}: llama.cpp {g['architecture']} model, {g['tokenizer']} tokenizer, tensors: {types}"]
     if not report.check and report.gguf is not None:
         g = report.gguf
         types = ", ".join(f"{n} {t}" for t, n in g["tensor_types"].items())

@@ -24,7 +24,7 @@ TARGETS = ("vllm", "gguf")
 
 @dataclass
 class ExportOptions:
-    to: str = option("vllm", metavar="vllm|gguf", help="the serving engine to export for: vllm, or gguf (a llama.cpp LoRA file)")
+    to: str = option("vllm", metavar="vllm|gguf", help="the serving engine to export for: vllm, or gguf (a llama.cpp LoRA file, or model file for a model directory)")
     output: str | None = option(
         None, "-o", metavar="PATH", path=True, help="the adapter directory (vllm) or .gguf file (gguf) to write (not with --check)"
     )
@@ -82,7 +82,7 @@ class ExportReport:
     lora_alpha: float | None = None
     written_alpha: float | None = None
     findings: list = field(default_factory=list)  # vllm.Finding: repaired and refused
-    gguf: dict | None = None  # --to gguf: architecture, base, outtype, tensor_types (absent from vllm's JSON)
+    gguf: dict | None = None  # --to gguf: architecture, base, outtype, tensor_types (absent from vllm's JSON); a model: model, tokenizer
 
     @property
     def repairs(self) -> list:
@@ -116,6 +116,8 @@ def export(run: str, options: ExportOptions) -> ExportReport:
     out = options.output
     if out is not None:  # given unless --check (ExportOptions says so)
         check_output_path(out, [run], options.force)  # before reading: a bad -o costs nothing
+    if options.to == "gguf" and _is_model_dir(run):
+        return _export_gguf_model(run, options)
     adapter = read_adapter(run)
     report = ExportReport(run, options.to, options.output, options.check)
     method = adapter.method_name
@@ -153,6 +155,32 @@ def _export_gguf(run: str, options: ExportOptions, view, report: ExportReport) -
     name = os.path.basename(os.path.normpath(os.path.abspath(run)))
     with atomic_output(options.output, directory=False, inputs=[run, base], force=options.force) as tmp:
         report.gguf["tensor_types"] = gguf.write(tmp, arch, alpha, arrays, str(options.outtype), name)
+    return report
+
+
+def _is_model_dir(path: str) -> bool:
+    from peftcli.serving.gguf_model_export import is_model_dir
+
+    return is_model_dir(path)
+
+
+def _export_gguf_model(source: str, options: ExportOptions) -> ExportReport:
+    """A whole model directory (a merged model) written as one llama.cpp model file;
+    ``--check`` checks everything the export maps and writes nothing."""
+    from peftcli.checkpoint.atomic import atomic_output
+    from peftcli.serving import gguf_model_export as model_export
+
+    if options.base is not None:
+        raise UsageError(f"{source} is a whole model: `base` is for exporting an adapter", "drop `base`")
+    plan = model_export.plan(source)
+    report = ExportReport(source, options.to, options.output, options.check)
+    report.gguf = {"architecture": "llama", "base": None, "outtype": options.outtype, "tensor_types": None,
+                   "model": True, "tokenizer": plan.vocab["model"]}
+    if options.output is None:
+        return report
+    name = os.path.basename(os.path.normpath(os.path.abspath(source)))
+    with atomic_output(options.output, directory=False, inputs=[source], force=options.force) as tmp:
+        report.gguf["tensor_types"] = model_export.write(tmp, plan, str(options.outtype), name)
     return report
 
 
