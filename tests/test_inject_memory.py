@@ -52,6 +52,9 @@ GOLDEN = {  # "arch: inject arguments" -> digest, from the eager implementation 
     "llama: lokr": "70ce12537a246f29c9d4353e7b691a3b7fcdf84bf974785f2fad63244e2db016",
     "llama: lokr --rank 1 --decompose-both --targets all-linear --seed 2": "b3c38dce6c799425a785091f70d15c0e5d5fdcb88bb17685353946d5b7eb397c",
     "bert: lokr --rank 2 --decompose-factor 4": "a844be24df9d38e23526747cde17a43ecb754b9ce0dc588fea91f4d6051d4730",
+    # VeRA: projections are PEFT's draws for projection_prng_key 0 (--seed does not change them, as in PEFT).
+    "llama: vera": "c304b80e664da5bd3bac5ad4cd6ffb77f62c44e36dda9a6448b9839f8422d791",
+    "gpt2: vera --rank 8 --targets all-linear --d-initial 0.05 --seed 3": "5abe70e0debc79b0cc81b4bf561beec42f401ca6e5f604652262433d8345b741",
 }
 
 # Every method, including those whose φ depends on the base's weights (DoRA, prompt from rows).

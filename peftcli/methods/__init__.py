@@ -20,9 +20,10 @@ from peftcli.methods.peftcli_section import PEFTCLI_PEFT_TYPE
 from peftcli.methods.prompting.prefix import PrefixTuning
 from peftcli.methods.prompting.prompt import PromptTuning
 from peftcli.methods.sparse.fine_tuning import DiffPruning, LtSft
+from peftcli.methods.vera import Vera
 
 METHODS: dict[str, Method] = {
-    m.name: m for m in (LoRA(), IA3(), LoHa(), LoKr(), BottleneckAdapter(), PrefixTuning(), PromptTuning(), BitFit(), Layers(),
+    m.name: m for m in (LoRA(), IA3(), LoHa(), LoKr(), Vera(), BottleneckAdapter(), PrefixTuning(), PromptTuning(), BitFit(), Layers(),
                      LtSft(), DiffPruning(), Lottery())
 }
 
