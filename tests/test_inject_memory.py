@@ -55,6 +55,8 @@ GOLDEN = {  # "arch: inject arguments" -> digest, from the eager implementation 
     # VeRA: projections are PEFT's draws for projection_prng_key 0 (--seed does not change them, as in PEFT).
     "llama: vera": "c304b80e664da5bd3bac5ad4cd6ffb77f62c44e36dda9a6448b9839f8422d791",
     "gpt2: vera --rank 8 --targets all-linear --d-initial 0.05 --seed 3": "5abe70e0debc79b0cc81b4bf561beec42f401ca6e5f604652262433d8345b741",
+    "llama: oft": "a7c5ec7200d42bd35abd5658cb3fd83488d10229ee05abadf41062ea8f41811d",
+    "bert: oft --block-size 16 --targets all-linear --exact-cayley": "247cf699f3fc1f48c7fbdb85fc753e57d501e6503c4159a338e79d20217959a0",
 }
 
 # Every method, including those whose φ depends on the base's weights (DoRA, prompt from rows).

@@ -16,6 +16,7 @@ from peftcli.methods.layers import Layers
 from peftcli.methods.lora import LoRA
 from peftcli.methods.lottery import Lottery
 from peftcli.methods.lycoris import LoHa, LoKr
+from peftcli.methods.oft import Oft
 from peftcli.methods.peftcli_section import PEFTCLI_PEFT_TYPE
 from peftcli.methods.prompting.prefix import PrefixTuning
 from peftcli.methods.prompting.prompt import PromptTuning
@@ -23,7 +24,7 @@ from peftcli.methods.sparse.fine_tuning import DiffPruning, LtSft
 from peftcli.methods.vera import Vera
 
 METHODS: dict[str, Method] = {
-    m.name: m for m in (LoRA(), IA3(), LoHa(), LoKr(), Vera(), BottleneckAdapter(), PrefixTuning(), PromptTuning(), BitFit(), Layers(),
+    m.name: m for m in (LoRA(), IA3(), LoHa(), LoKr(), Vera(), Oft(), BottleneckAdapter(), PrefixTuning(), PromptTuning(), BitFit(), Layers(),
                      LtSft(), DiffPruning(), Lottery())
 }
 
