@@ -57,6 +57,8 @@ GOLDEN = {  # "arch: inject arguments" -> digest, from the eager implementation 
     "gpt2: vera --rank 8 --targets all-linear --d-initial 0.05 --seed 3": "5abe70e0debc79b0cc81b4bf561beec42f401ca6e5f604652262433d8345b741",
     "llama: oft": "a7c5ec7200d42bd35abd5658cb3fd83488d10229ee05abadf41062ea8f41811d",
     "bert: oft --block-size 16 --targets all-linear --exact-cayley": "247cf699f3fc1f48c7fbdb85fc753e57d501e6503c4159a338e79d20217959a0",
+    "llama: hra": "718ff4b65bc5e841773779961f61fd3f4365cf9ce7d768ec73a59f27ebc39b1d",
+    "bert: hra --rank 4 --targets all-linear --seed 7": "6786b1b3a0df559e27c39a8ef24eb21c6a1e2adaef2d82e8cdb4338e844e3bab",
 }
 
 # Every method, including those whose φ depends on the base's weights (DoRA, prompt from rows).

@@ -1,4 +1,4 @@
-"""VeRA and OFT: ours load in PEFT with the same outputs (after a training step), PEFT's merge in
+"""VeRA, OFT and HRA: ours load in PEFT with the same outputs (after a training step), PEFT's merge in
 peftcli as PEFT's merge_and_unload folds them, and what peftcli does not read is refused in one
 line, writing nothing."""
 
@@ -33,7 +33,7 @@ def _models(tiny_llama, tiny_bert, tiny_gpt2):
 
 
 def _peft_config(peft_type: str, kwargs: dict):
-    return {"VERA": peft.VeraConfig, "OFT": peft.OFTConfig}[peft_type](**kwargs)
+    return {"VERA": peft.VeraConfig, "OFT": peft.OFTConfig, "HRA": peft.HRAConfig}[peft_type](**kwargs)
 
 
 def _peft_adapter(base: str, out: str, peft_type: str, kwargs: dict, seed: int = 0):
@@ -266,6 +266,62 @@ def test_an_oft_adapter_peftcli_cannot_fold_exactly_is_refused_in_one_line(edit,
 def test_oft_options_are_checked_before_anything_is_written(args, words, tiny_llama, tiny_gpt2, tmp_path):
     base = tiny_gpt2 if "c_attn" in args else tiny_llama
     code, out = _run(["inject", "oft", *args, base, "-o", str(tmp_path / "run")])
+    line = out.strip()
+    assert code == 2 and line.startswith("error: ") and "\n" not in line and all(w in line for w in words), out
+    assert not os.path.exists(tmp_path / "run")
+
+
+# -- HRA ----------------------------------------------------------------------------------------
+
+HRA_PEFT = {
+    "llama-qv": ("llama", dict(r=4, target_modules=["q_proj", "v_proj"])),
+    "llama-gs-odd": ("llama", dict(r=3, apply_GS=True, target_modules="all-linear")),  # Gram-Schmidt, an odd rank
+    "bert-exclude-layer0": ("bert", dict(r=2, target_modules=["query", "dense"], exclude_modules=["output.dense"],
+                                         layers_to_transform=[0])),
+}
+
+
+@pytest.fixture(scope="module")
+def hra_adapters(tiny_llama, tiny_bert, tiny_gpt2, tmp_path_factory):
+    root, models = tmp_path_factory.mktemp("peft-hra"), _models(tiny_llama, tiny_bert, tiny_gpt2)
+    return {case: (models[arch], str(root / case), *_peft_adapter(models[arch], str(root / case), "HRA", kw))
+            for case, (arch, kw) in HRA_PEFT.items()}
+
+
+@pytest.mark.parametrize("case", list(HRA_PEFT))
+def test_peft_hra_adapter_merges_and_evaluates_as_peft(case, hra_adapters, tmp_path):
+    base, adapter, reference, theirs = hra_adapters[case]
+    _peft_merges_alike(base, adapter, reference, theirs, tmp_path)
+
+
+@pytest.mark.parametrize("arch, opts", [("llama", {}), ("llama", {"rank": 2, "targets": "all-linear"}), ("bert", {"rank": 4, "targets": "all-linear"})])
+def test_our_hra_adapter_trained_a_step_loads_in_peft_with_identical_outputs(arch, opts, tiny_llama, tiny_bert, tiny_gpt2, tmp_path):
+    _ours_loads_in_peft(_models(tiny_llama, tiny_bert, tiny_gpt2)[arch], "hra", opts, tmp_path)
+
+
+def test_inspect_budget_counts_what_hra_trains(tiny_llama):
+    code, out = _run(["inspect", tiny_llama, "--budget", "hra", "--rank", "4", "--targets", "all-linear", "--json"])
+    assert code == 0, out
+    theirs = peft.get_peft_model(load_base_model(tiny_llama), peft.HRAConfig(r=4, target_modules="all-linear"))
+    assert json.loads(out)["budget"]["trainable_params"] == sum(p.numel() for p in theirs.parameters() if p.requires_grad) > 0
+
+
+@pytest.mark.parametrize("edit, words", [
+    (dict(config={"bias": "hra_only"}), ("bias",)),
+    (dict(config={"hra_mystery": 1}), ("hra_mystery", "HRA")),  # a key PEFT 0.21 does not write
+    (dict(config={"r": 2}), ("hra_u", "[64, 2]")),
+    (dict(tensors={LAYER0 + "q_proj.hra_u": torch.zeros(64, 4)}), ("q_proj", "not finite")),  # û = u/‖u‖ of a zero column
+], ids=["bias", "unknown-key", "rank", "zero-column"])
+def test_an_hra_adapter_peftcli_cannot_fold_exactly_is_refused_in_one_line(edit, words, hra_adapters, tmp_path):
+    base, src = hra_adapters["llama-qv"][:2]
+    adapter = _edited(src, str(tmp_path / "edited"), **edit)
+    _refused(base, adapter, tmp_path, *words)
+
+
+@pytest.mark.parametrize("args, words", [(["--rank", "3"], ("odd",)), (["--targets", "c_attn"], ("Conv1D",))])
+def test_hra_options_are_checked_before_anything_is_written(args, words, tiny_llama, tiny_gpt2, tmp_path):
+    base = tiny_gpt2 if "c_attn" in args else tiny_llama
+    code, out = _run(["inject", "hra", *args, base, "-o", str(tmp_path / "run")])
     line = out.strip()
     assert code == 2 and line.startswith("error: ") and "\n" not in line and all(w in line for w in words), out
     assert not os.path.exists(tmp_path / "run")
