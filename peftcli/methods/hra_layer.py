@@ -1,7 +1,8 @@
 """The module that carries HRA at run time: a linear layer whose weight is multiplied by H.
 
-As PEFT's HRA linear layer: y = x·(W·H)ᵀ + b, H rebuilt from φ (``hra_u`` [in, r]) at every
-forward (``peftcli.methods.hra.reflections``).
+As PEFT's HRA linear layer, y = x·(W·H)ᵀ + b, with H rebuilt from φ (``hra_u`` [in, r]) at every
+forward (``peftcli.methods.hra.reflections``), computed as base(x·Hᵀ): the same product in another
+order (equal to PEFT's within float32 rounding), which leaves the base layer as it is.
 """
 
 from __future__ import annotations
@@ -28,8 +29,7 @@ class HraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from peftcli.methods.hra import reflections
 
+        # x·(W·H)ᵀ = (x·Hᵀ)·Wᵀ: the base layer runs as it is (a quantised one too), on x rotated by Hᵀ.
         previous = x.dtype
         h = reflections(self.hra_u, self.gram_schmidt)
-        weight = torch.mm(self.base_layer.weight.to(h.dtype), h)
-        bias = self.base_layer.bias.to(h.dtype) if self.base_layer.bias is not None else None
-        return F.linear(x.to(h.dtype), weight, bias).to(previous)
+        return self.base_layer(F.linear(x.to(h.dtype), h).to(previous)).to(previous)

@@ -43,5 +43,6 @@ class VeraLinear(nn.Module):
         a = self.projections.vera_A[:, : self.in_features]
         b = self.projections.vera_B[: self.out_features, :]
         x = x.to(self.vera_lambda_d.dtype)
-        update = self.vera_lambda_b * F.linear(self.vera_lambda_d * F.linear(self.dropout(x), a.to(x.dtype)), b.to(x.dtype))
+        a, b = a.to(device=x.device, dtype=x.dtype), b.to(device=x.device, dtype=x.dtype)  # no-ops unless sharded or cast
+        update = self.vera_lambda_b * F.linear(self.vera_lambda_d * F.linear(self.dropout(x), a), b)
         return (result + update).to(result.dtype)
