@@ -325,3 +325,23 @@ def test_hra_options_are_checked_before_anything_is_written(args, words, tiny_ll
     line = out.strip()
     assert code == 2 and line.startswith("error: ") and "\n" not in line and all(w in line for w in words), out
     assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("method, case", [("vera", "gpt2-conv1d"), ("oft", "llama-r-exact"), ("hra", "llama-gs-odd")])
+def test_convert_to_a_dense_diff_writes_what_peft_merges(method, case, vera_adapters, oft_adapters, hra_adapters, tmp_path):
+    from peftcli.artifacts.sparse_diff import read_diff
+
+    base, adapter, reference, _ = {"vera": vera_adapters, "oft": oft_adapters, "hra": hra_adapters}[method][case]
+    code, out = _run(["convert", adapter, "--to", "diff", "--dense", "--base", base, "-o", str(tmp_path / "a.diff"), "--quiet"])
+    assert code == 0, out
+    base_sd = load_file(os.path.join(base, "model.safetensors"))
+    changed = {n for n in base_sd if not torch.equal(base_sd[n], reference[n])}
+    diff = read_diff(str(tmp_path / "a.diff"))
+    try:
+        assert changed and set(diff.names) == changed
+        for name in changed:
+            idx, val = diff.get(name)
+            dense = val if idx is None else torch.zeros(base_sd[name].numel()).index_put_((idx.long(),), val.float())
+            assert torch.allclose(dense.float().view(base_sd[name].shape), reference[name] - base_sd[name], atol=1e-5, rtol=0), name
+    finally:
+        diff.close()
