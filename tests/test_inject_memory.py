@@ -52,6 +52,13 @@ GOLDEN = {  # "arch: inject arguments" -> digest, from the eager implementation 
     "llama: lokr": "70ce12537a246f29c9d4353e7b691a3b7fcdf84bf974785f2fad63244e2db016",
     "llama: lokr --rank 1 --decompose-both --targets all-linear --seed 2": "b3c38dce6c799425a785091f70d15c0e5d5fdcb88bb17685353946d5b7eb397c",
     "bert: lokr --rank 2 --decompose-factor 4": "a844be24df9d38e23526747cde17a43ecb754b9ce0dc588fea91f4d6051d4730",
+    # VeRA: projections are PEFT's draws for projection_prng_key 0 (--seed does not change them, as in PEFT).
+    "llama: vera": "c304b80e664da5bd3bac5ad4cd6ffb77f62c44e36dda9a6448b9839f8422d791",
+    "gpt2: vera --rank 8 --targets all-linear --d-initial 0.05 --seed 3": "5abe70e0debc79b0cc81b4bf561beec42f401ca6e5f604652262433d8345b741",
+    "llama: oft": "a7c5ec7200d42bd35abd5658cb3fd83488d10229ee05abadf41062ea8f41811d",
+    "bert: oft --block-size 16 --targets all-linear --exact-cayley": "247cf699f3fc1f48c7fbdb85fc753e57d501e6503c4159a338e79d20217959a0",
+    "llama: hra": "718ff4b65bc5e841773779961f61fd3f4365cf9ce7d768ec73a59f27ebc39b1d",
+    "bert: hra --rank 4 --targets all-linear --seed 7": "6786b1b3a0df559e27c39a8ef24eb21c6a1e2adaef2d82e8cdb4338e844e3bab",
 }
 
 # Every method, including those whose φ depends on the base's weights (DoRA, prompt from rows).

@@ -126,6 +126,8 @@ def _short(value: object) -> str:
 def check_adapter_config(config: dict, where: str) -> None:
     """Refuse an adapter config whose fields have types (or values) PEFT never writes."""
     for key, kind in PEFT_FIELDS.items():
+        if key == "r" and config.get("peft_type") == "OFT":
+            continue  # OFT's r counts blocks, 0 when oft_block_size is given: peftcli.methods.oft checks it
         if key in config:
             ok, expected = _KINDS[kind]
             if not ok(config[key]):

@@ -11,18 +11,21 @@ from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.adapter import BottleneckAdapter
 from peftcli.methods.base import ONE_PASS, PHASES, ROUNDS, Attached, Budget, BudgetRow, Method, MethodBase
 from peftcli.methods.bitfit import BitFit
+from peftcli.methods.hra import Hra
 from peftcli.methods.ia3 import IA3
 from peftcli.methods.layers import Layers
 from peftcli.methods.lora import LoRA
 from peftcli.methods.lottery import Lottery
 from peftcli.methods.lycoris import LoHa, LoKr
+from peftcli.methods.oft import Oft
 from peftcli.methods.peftcli_section import PEFTCLI_PEFT_TYPE
 from peftcli.methods.prompting.prefix import PrefixTuning
 from peftcli.methods.prompting.prompt import PromptTuning
 from peftcli.methods.sparse.fine_tuning import DiffPruning, LtSft
+from peftcli.methods.vera import Vera
 
 METHODS: dict[str, Method] = {
-    m.name: m for m in (LoRA(), IA3(), LoHa(), LoKr(), BottleneckAdapter(), PrefixTuning(), PromptTuning(), BitFit(), Layers(),
+    m.name: m for m in (LoRA(), IA3(), LoHa(), LoKr(), Vera(), Oft(), Hra(), BottleneckAdapter(), PrefixTuning(), PromptTuning(), BitFit(), Layers(),
                      LtSft(), DiffPruning(), Lottery())
 }
 
