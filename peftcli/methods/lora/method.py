@@ -3,9 +3,11 @@
 Variants: rsLoRA scales by α/√r; DoRA (Liu et al., 2024) learns a magnitude m per output
 feature and uses W' = m · (W₀ + sBA) / ‖W₀ + sBA‖ (row norms, treated as a constant in
 backprop, as the paper suggests). On a d×k matrix LoRA adds r·(d + k) parameters (+ d for
-DoRA). A starts Kaiming-uniform (or Gaussian), B at zero, so ΔW = 0 before training.
+DoRA, + d for lora_B's bias). A starts Kaiming-uniform (or Gaussian), B at zero, so ΔW = 0
+before training (PEFT's orthogonal init: A and B non-zero with B·A = 0). PEFT's
+rank_pattern/alpha_pattern give modules their own r and α (``LoraConfig.for_module``).
 Written in PEFT's layout: ``base_model.model.<module>.lora_A.weight`` [r, in],
-``...lora_B.weight`` [out, r], ``...lora_magnitude_vector`` [out].
+``...lora_B.weight`` [out, r] (``...lora_B.bias`` [out]), ``...lora_magnitude_vector`` [out].
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from peftcli.targets import excluded, is_regex, linear_modules, names_module, re
 if TYPE_CHECKING:
     import torch
 
-INITS = ("kaiming", "gaussian")
+INITS = ("kaiming", "gaussian", "orthogonal")
 FP32_MAX = 3.4028234663852886e38  # the largest finite float32
 
 
@@ -53,7 +55,10 @@ class LoraConfig:
     dora: bool = option(False, help="DoRA: also learn a magnitude per output feature")
     rslora: bool = option(False, help="rsLoRA: scale by α/√r instead of α/r")
     dropout: float = option(0.0, help="dropout on the LoRA branch's input during training (default 0)")
-    init: str = option("kaiming", metavar="kaiming|gaussian", help="initialisation of A (B is always zero); default kaiming, as PEFT")
+    init: str = option(
+        "kaiming", metavar="kaiming|gaussian|orthogonal",
+        help="initialisation of A (B zero); default kaiming, as PEFT; orthogonal: PEFT's, A and B both non-zero with B·A = 0 (even ranks)",
+    )
     rank_pattern: str | None = _when_given(option(
         None, metavar="REGEX=R,...",
         help="per-module ranks, written as PEFT's rank_pattern: a module whose path matches REGEX (whole, or after a dot) "
@@ -76,8 +81,10 @@ class LoraConfig:
     # PEFT's exclude_modules: module names (exact or a dotted suffix) or one regex over module
     # paths, removed from the targets as PEFT removes them.
     exclude: str | tuple[str, ...] | None = field(default=None, metadata={"recorded": False})
-    # PEFT's lora_bias: lora_B has a bias, folded into the base's bias.
-    lora_bias: bool = field(default=False, metadata={"recorded": False})
+    # PEFT's lora_bias: lora_B has a bias (zero at first), folded into the base's bias.
+    lora_bias: bool = _when_given(option(
+        False, help="also train a bias on lora_B (PEFT's lora_bias), merged into the base's bias: targets with a bias only; not with --dora or --init"
+    ))
     # Read from a PEFT adapter: target_modules may name embedding layers (lora_embedding_A/B),
     # and trainable_token_indices ((module or "" for the input embedding, ids), ...) new rows.
     # Folded by merge (lora_embeddings); inject puts LoRA on linear modules only.
@@ -97,6 +104,10 @@ class LoraConfig:
             raise UsageError(f"`dropout` must be in [0, 1), got {self.dropout}", "e.g. `dropout` 0.05")
         if self.init not in INITS:
             raise UsageError(f"`init` must be one of {', '.join(INITS)}, got {self.init!r}", "e.g. `init` kaiming")
+        if self.lora_bias and (self.dora or self.init != "kaiming"):
+            # PEFT's LoraConfig refuses both: it cannot create such an adapter
+            raise UsageError("`lora_bias` goes with plain LoRA only (PEFT refuses it with DoRA or an `init` other than kaiming)",
+                             "drop `lora_bias`, or `dora` and `init`")
         for name, parsed, is_rank in (("rank_pattern", "ranks", True), ("alpha_pattern", "alphas", False)):
             text = getattr(self, name)
             if text is None:
@@ -104,6 +115,10 @@ class LoraConfig:
             if not isinstance(text, str) or not text.strip():
                 raise UsageError(f"`{name}` must be text REGEX=VALUE,..., got {text!r}", f"e.g. `{name}` 'q_proj=4'")
             setattr(self, parsed, rank_patterns.parse(text, name, is_rank))
+        odd = next((r for r in (self.rank, *(v for _, v in self.ranks)) if r % 2), None)
+        if self.init == "orthogonal" and odd is not None:
+            raise UsageError(f"`init` orthogonal needs even ranks (PEFT splits an orthogonal r×r matrix in two), got {odd}",
+                             f"use rank {odd + 1} or {odd - 1} there" if odd > 1 else "use rank 2")
 
     def for_module(self, module: str) -> "LoraConfig":
         """The config of one module: its rank and alpha from the patterns (self when there are none)."""
@@ -133,7 +148,7 @@ class LoRA(MethodBase):
     @staticmethod
     def added_params(shape: tuple[int, int], cfg: LoraConfig) -> int:
         out_features, in_features = shape
-        return cfg.rank * (out_features + in_features) + (out_features if cfg.dora else 0)
+        return cfg.rank * (out_features + in_features) + (out_features if cfg.dora else 0) + (out_features if cfg.lora_bias else 0)
 
     def _targets(self, shapes, model_config, cfg):
         """The linear modules the config selects (an adapter's embedding targets: ``_embedding_targets``)."""
@@ -160,6 +175,13 @@ class LoRA(MethodBase):
                     "the adapter config targets nothing: fix exclude_modules in adapter_config.json",
                 )
         _check_given_patterns(modules, cfg)
+        if cfg.lora_bias and not cfg.peft_embeddings:  # inject's option (an adapter's lora_bias is refused where it is merged)
+            bare = next((m for m in modules if m.name + ".bias" not in shapes), None)
+            if bare is not None:
+                raise UsageError(
+                    f"`lora_bias` needs targets with a bias to merge lora_B's bias into, and {bare.name} has none",
+                    "target modules with a bias (BERT, GPT-2 have them), or drop `lora_bias`",
+                )
         # resolve_targets never returns none; the smallest module too small for its rank is named
         too_small = [m for m in modules if cfg.for_module(m.name).rank > min(m.shape)]
         if too_small:
@@ -202,20 +224,18 @@ class LoRA(MethodBase):
         draws = SeededDraws(generator)  # the A's, drawn in target order as an eager loop would
         for m in self._targets(shapes, ckpt.config, cfg):
             d_out, d_in = m.shape
-            r = cfg.for_module(m.name).rank
-            if cfg.init == "kaiming":
-                # PEFT's default: kaiming_uniform_(a=√5) on [r, in], i.e. U(−1/√in, 1/√in).
-                bound = 1.0 / math.sqrt(d_in)
-                a = draws.draw((r, d_in), lambda g, r=r, d_in=d_in, b=bound: torch.empty(r, d_in).uniform_(-b, b, generator=g))
-            else:
-                a = draws.draw((r, d_in), lambda g, r=r, d_in=d_in: torch.empty(r, d_in).normal_(0.0, 1.0 / r, generator=g))
+            mcfg = cfg.for_module(m.name)
+            a, b = _draw_ab(draws, cfg.init, mcfg.rank, d_in, d_out)
             out[peft_key(m.name, "lora_A.weight")] = a
-            out[peft_key(m.name, "lora_B.weight")] = lazy_zeros(d_out, r)
+            out[peft_key(m.name, "lora_B.weight")] = b
             if cfg.lora_bias:
                 out[peft_key(m.name, "lora_B.bias")] = lazy_zeros(d_out)
             if cfg.dora:
+                dim = 0 if m.transposed else 1
+                # PEFT's magnitude is ‖W + s·B·A‖; B·A is 0 but for orthogonal's rounding, computed then
+                ab = (a, b, mcfg.scaling) if cfg.init == "orthogonal" else None
                 out[peft_key(m.name, "lora_magnitude_vector")] = LazyTensor(
-                    (d_out,), torch.float32, lambda name=m.name, dim=0 if m.transposed else 1: _row_norms(ckpt, name, dim)
+                    (d_out,), torch.float32, lambda name=m.name, dim=dim, ab=ab: _row_norms(ckpt, name, dim, ab)
                 )
         # An adapter's embedding LoRA and trainable tokens: PEFT's keys and shapes (check compares them).
         embedded = self._embedding_targets(shapes, ckpt.config, cfg)
@@ -242,12 +262,13 @@ class LoRA(MethodBase):
             "bias": "none",
             "use_dora": cfg.dora,
             "use_rslora": cfg.rslora,
-            "init_lora_weights": True if cfg.init == "kaiming" else "gaussian",
+            "init_lora_weights": True if cfg.init == "kaiming" else cfg.init,
             "modules_to_save": None,
             "layers_to_transform": None,
             "rank_pattern": ranks,
             "alpha_pattern": alphas,
             "inference_mode": False,
+            **({"lora_bias": True} if cfg.lora_bias else {}),  # absent: PEFT's default false (plain configs stay as they were)
         }
 
     def config_from_adapter(self, d: dict) -> LoraConfig:
@@ -275,7 +296,7 @@ class LoRA(MethodBase):
                 dora=bool(d.get("use_dora", False)),
                 rslora=bool(d.get("use_rslora", False)),
                 dropout=float(d.get("lora_dropout", 0.0)),
-                init="gaussian" if d.get("init_lora_weights") == "gaussian" else "kaiming",
+                init=d["init_lora_weights"] if d.get("init_lora_weights") in ("gaussian", "orthogonal") else "kaiming",
                 base_init=lora_init.base_init(d.get("init_lora_weights", True), d.get("peft_version")),
                 exclude=_exclude_spec(d.get("exclude_modules")),
                 lora_bias=bool(d.get("lora_bias")),
@@ -545,12 +566,42 @@ def _fold_bias(stored: "torch.Tensor", *, bias: "torch.Tensor", scaling: float) 
     return bias.float() * scaling
 
 
-def _row_norms(ckpt, module: str, dim: int) -> "torch.Tensor":
-    """DoRA's initial magnitude ‖W₀ + s·B·A‖ per output feature with B = 0: accumulated in fp32
-    without an fp32 copy of W (``dim`` 1 for [out, in], 0 for Conv1D's [in, out])."""
+def _row_norms(ckpt, module: str, dim: int, ab: tuple | None = None) -> "torch.Tensor":
+    """DoRA's initial magnitude ‖W₀ + s·B·A‖ per output feature (``dim`` 1 for [out, in], 0 for
+    Conv1D's [in, out]). With B = 0 (``ab`` None) accumulated in fp32 without an fp32 copy of W;
+    else ``ab`` = (A, B, s) as LazyTensors and the scale, added to an fp32 copy as PEFT does."""
     import torch
 
-    return torch.linalg.vector_norm(ckpt.get(module + ".weight"), dim=dim, dtype=torch.float32)
+    w = ckpt.get(module + ".weight")
+    if ab is None:
+        return torch.linalg.vector_norm(w, dim=dim, dtype=torch.float32)
+    a, b, scaling = ab
+    w = (w.T if dim == 0 else w).float() + scaling * (b.make() @ a.make())
+    return torch.linalg.vector_norm(w, dim=1)
+
+
+def _draw_ab(draws: SeededDraws, init: str, r: int, d_in: int, d_out: int) -> tuple[LazyTensor, LazyTensor]:
+    """A [r, in] and B [out, r] of one module as PEFT initialises them, drawn from ``draws``."""
+    import torch
+
+    if init == "kaiming":
+        # PEFT's default: kaiming_uniform_(a=√5) on [r, in], i.e. U(−1/√in, 1/√in).
+        bound = 1.0 / math.sqrt(d_in)
+        return draws.draw((r, d_in), lambda g: torch.empty(r, d_in).uniform_(-bound, bound, generator=g)), lazy_zeros(d_out, r)
+    if init == "gaussian":
+        return draws.draw((r, d_in), lambda g: torch.empty(r, d_in).normal_(0.0, 1.0 / r, generator=g)), lazy_zeros(d_out, r)
+
+    def both(g: "torch.Generator") -> "torch.Tensor":
+        # PEFT's LoraLayer.orthogonal_init, its draws in its order: Q of an r×r Gaussian; A from its
+        # even-indexed rows, B from its odd ones, so B·A = 0 while neither is.
+        q, _ = torch.linalg.qr(torch.randn(r, r, generator=g))
+        a = torch.randn(d_in, r // 2, generator=g).mm(q[0::2, :]).T / 10.0
+        b = torch.randn(r // 2, d_out, generator=g).T.mm(q[1::2, :]) / 10.0
+        return torch.cat([a.reshape(-1), b.reshape(-1)])
+
+    packed, n = draws.draw((r * d_in + d_out * r,), both), r * d_in  # one draw: A and B share Q
+    return (LazyTensor((r, d_in), torch.float32, lambda: packed.make()[:n].view(r, d_in).clone()),
+            LazyTensor((d_out, r), torch.float32, lambda: packed.make()[n:].view(d_out, r).clone()))
 
 
 def _group(tensors: dict) -> tuple[dict[str, dict], list[str]]:
