@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from peftcli.attach import load_adapted, load_base_model
 from peftcli.cli import cli
+from peftcli.errors import UsageError
 from peftcli.injection import inject
 from peftcli.merging.engine import merge
 from peftcli.methods import rank_patterns
@@ -185,3 +186,15 @@ def test_bad_adapter_patterns_are_refused(tiny_llama, peft_adapter, tmp_path, ke
     edited = edited_adapter(peft_adapter[0], tmp_path / "bad", config=lambda c: c.update({key: value}))
     result = CliRunner().invoke(cli, ["merge", tiny_llama, edited, "-o", str(tmp_path / "m")])
     assert_error(result, 1, message, str(tmp_path / "m"))
+
+
+def test_python_api_takes_peft_dicts(tiny_llama, tmp_path):
+    from_dict = LoraConfig(rank=4, rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 3})
+    from_text = LoraConfig(rank=4, rank_pattern="v_proj=2", alpha_pattern="q_proj=3")
+    assert (from_dict.ranks, from_dict.alphas) == (from_text.ranks, from_text.alphas) == ((("v_proj", 2),), (("q_proj", 3.0),))
+    inject(tiny_llama, "lora", from_dict, str(tmp_path / "run"))
+    written = json.load(open(tmp_path / "run" / "adapter_config.json"))
+    assert (written["rank_pattern"], written["alpha_pattern"]) == ({"v_proj": 2}, {"q_proj": 3})
+    for bad in ({"v_proj": 2.0}, {"v_proj": True}, {"v_proj": 0}, {}):
+        with pytest.raises(UsageError, match="rank_pattern"):
+            LoraConfig(rank=4, rank_pattern=bad)

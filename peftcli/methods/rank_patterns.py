@@ -88,26 +88,35 @@ def module_values(ranks: tuple, alphas: tuple, module: str, r: Any, alpha: Any, 
     )
 
 
-def parse(text: str, what: str, is_rank: bool) -> tuple:
-    """``--rank-pattern``/``--alpha-pattern`` text ``REGEX=VALUE,...`` as ((regex, value), ...)."""
+def parse(value: "str | dict", what: str, is_rank: bool) -> tuple:
+    """``--rank-pattern``/``--alpha-pattern`` text ``REGEX=VALUE,...`` (or, from Python, a dict
+    as PEFT's) as ((regex, value), ...), each regex one PEFT can compile."""
     from peftcli.options import ascii_float, ascii_int
     from peftcli.patterns import compile_pattern
 
-    example = "'layers\\.0\\..*=4,v_proj=16'" if is_rank else "'layers\\.0\\..*=8,v_proj=32'"
-    pairs: list[tuple[str, Any]] = []
-    for item in text.split(","):
-        key, eq, value = item.strip().rpartition("=")
-        if not eq or not key:
-            raise UsageError(f"`{what}` entry {item.strip()!r} is not REGEX=VALUE", f"e.g. `{what}` {example}")
-        number = ascii_int(value) if is_rank else ascii_float(value)
-        if number is None or number <= 0 or (not is_rank and number == float("inf")) or number != number:
-            kind = "a positive whole rank" if is_rank else "a positive finite alpha"
-            raise UsageError(f"`{what}` entry {item.strip()!r}: {value.strip()!r} is not {kind}", f"e.g. `{what}` {example}")
-        if key in dict(pairs):
+    example = f"`{what}` " + ("'layers\\.0\\..*=4,v_proj=16'" if is_rank else "'layers\\.0\\..*=8,v_proj=32'")
+    if isinstance(value, dict):
+        entries = [(k, v, f"{k}={v}") for k, v in value.items()]
+    else:
+        entries = []
+        for item in value.split(","):
+            key, eq, text = item.strip().rpartition("=")
+            if not eq or not key:
+                raise UsageError(f"`{what}` entry {item.strip()!r} is not REGEX=VALUE", f"e.g. {example}")
+            entries.append((key, ascii_int(text) if is_rank else ascii_float(text), item.strip()))
+    pairs: dict[str, Any] = {}
+    for key, number, shown in entries:
+        kind = "a positive whole rank" if is_rank else "a positive finite alpha"
+        if not isinstance(key, str) or not key:
+            raise UsageError(f"`{what}` key {key!r} is not a regex", f"e.g. {example}")
+        numeric = isinstance(number, int if is_rank else (int, float)) and not isinstance(number, bool)
+        if not numeric or not 0 < number < float("inf"):  # also NaN
+            raise UsageError(f"`{what}` entry {shown!r}: {shown.rpartition('=')[2]!r} is not {kind}", f"e.g. {example}")
+        if key in pairs:
             raise UsageError(f"`{what}` gives {key!r} twice", "give each regex once")
         compile_pattern(rf"(.*\.)?({key})$", f"`{what}` {key!r}")  # PEFT compiles it so: refuse what it cannot
-        pairs.append((key, number))
-    return tuple(pairs)
+        pairs[key] = number
+    return tuple(pairs.items())
 
 
 def from_config(d: dict, key: str, what: str, hint: str) -> tuple:

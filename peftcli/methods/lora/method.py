@@ -59,12 +59,12 @@ class LoraConfig:
         "kaiming", metavar="kaiming|gaussian|orthogonal",
         help="initialisation of A (B zero); default kaiming, as PEFT; orthogonal: PEFT's, A and B both non-zero with B·A = 0 (even ranks)",
     )
-    rank_pattern: str | None = _when_given(option(
+    rank_pattern: str | dict | None = _when_given(option(
         None, metavar="REGEX=R,...",
         help="per-module ranks, written as PEFT's rank_pattern: a module whose path matches REGEX (whole, or after a dot) "
         "gets rank R, the first matching REGEX wins; the others keep --rank (--alpha is not changed by it)",
     ))
-    alpha_pattern: str | None = _when_given(option(
+    alpha_pattern: str | dict | None = _when_given(option(
         None, metavar="REGEX=ALPHA,...", help="per-module α, written as PEFT's alpha_pattern (matched as --rank-pattern)",
     ))
     # The patterns as ((regex, value), ...): parsed from the two options above, or read from an
@@ -112,8 +112,8 @@ class LoraConfig:
             text = getattr(self, name)
             if text is None:
                 continue
-            if not isinstance(text, str) or not text.strip():
-                raise UsageError(f"`{name}` must be text REGEX=VALUE,..., got {text!r}", f"e.g. `{name}` 'q_proj=4'")
+            if not (isinstance(text, dict) and text) and not (isinstance(text, str) and text.strip()):
+                raise UsageError(f"`{name}` must be text REGEX=VALUE,... (or a dict), got {text!r}", f"e.g. `{name}` 'q_proj=4'")
             setattr(self, parsed, rank_patterns.parse(text, name, is_rank))
         odd = next((r for r in (self.rank, *(v for _, v in self.ranks)) if r % 2), None)
         if self.init == "orthogonal" and odd is not None:
