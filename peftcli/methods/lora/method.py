@@ -83,7 +83,7 @@ class LoraConfig:
     exclude: str | tuple[str, ...] | None = field(default=None, metadata={"recorded": False})
     # PEFT's lora_bias: lora_B has a bias (zero at first), folded into the base's bias.
     lora_bias: bool = _when_given(option(
-        False, help="also train a bias on lora_B (PEFT's lora_bias), merged into the base's bias: targets with a bias only; not with --dora or --init"
+        False, help="also train a bias on lora_B (PEFT's lora_bias), merged into the base's bias: targets with a bias only; not with --dora or another --init"
     ))
     # Read from a PEFT adapter: target_modules may name embedding layers (lora_embedding_A/B),
     # and trainable_token_indices ((module or "" for the input embedding, ids), ...) new rows.
