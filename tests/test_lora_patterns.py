@@ -129,7 +129,11 @@ def test_injected_patterns_train_and_load_in_peft(tiny_llama, tmp_path):
     cfg = LoraConfig(rank=4, targets="all-linear", rank_pattern=r"layers\.0\..*=2,v_proj=3", alpha_pattern="q_proj=5", rslora=True)
     budget = inject(tiny_llama, "lora", cfg, run)
     written = json.load(open(os.path.join(run, "adapter_config.json")))
-    assert written["rank_pattern"] and written["alpha_pattern"]
+    # layer 0's q_proj: a rank regex and another alpha regex, which PEFT before 0.14 read as one
+    # key (alpha 8 there), so each changed module is written by its whole path instead
+    assert written["alpha_pattern"]["model.layers.0.self_attn.q_proj"] == 5
+    assert written["rank_pattern"]["model.layers.0.self_attn.q_proj"] == 2
+    assert all(k.startswith("model.layers.") for k in [*written["rank_pattern"], *written["alpha_pattern"]])
     train(run, TrainConfig(data=str(data), steps=1, batch_size=4, lr=1e-2))
     tensors = load_file(os.path.join(run, "adapter_model.safetensors"))
     ranks = {k: t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight")}
