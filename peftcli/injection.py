@@ -54,6 +54,9 @@ def inject(
 
 def _recorded(cfg: Any) -> dict:
     """The config's fields as the adapter's ``peftcli.options`` metadata records them: every
-    field but those marked ``recorded=False`` (state read from an adapter, never an option)."""
-    skip = {f.name for f in dataclasses.fields(cfg) if f.metadata.get("recorded") is False}
+    field but those marked ``recorded=False`` (state read from an adapter, never an option), and
+    those marked ``recorded="given"`` when left at their default."""
+    fields = dataclasses.fields(cfg)
+    skip = {f.name for f in fields if f.metadata.get("recorded") is False}
+    skip |= {f.name for f in fields if f.metadata.get("recorded") == "given" and getattr(cfg, f.name) == f.default}
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}

@@ -30,6 +30,10 @@ class TrainConfig:
     head_lr: float | None = option(
         None, help="peak learning rate of a new classification head (default: the method's, e.g. 2e-3 for lora)"
     )
+    loraplus_ratio: float | None = option(
+        None, help="LoRA+: train lora_B, and LoRA's 1-D parameters (DoRA magnitudes, lora_B biases), at this multiple of "
+        "the learning rate, lora_A at the rate, as PEFT's create_loraplus_optimizer (lora runs only; the paper suggests 16)"
+    )
     weight_decay: float = option(0.0, help="AdamW weight decay, never on biases or norms (default 0)")
     warmup_steps: int | None = option(None, max=MAX_STEPS, help="linear warmup steps (default: --warmup-ratio of the steps)")
     warmup_ratio: float | None = option(None, help="warm up over this share of the steps (default: the method's, 0.06)")
@@ -106,7 +110,7 @@ class TrainConfig:
             raise UsageError("`packing` does not apply to `task` classify", "drop `packing`: it packs lm and sft examples")
         if self.phase1_lr is not None and self.phase1_lr <= 0:
             raise UsageError("`phase1_lr` must be positive", "e.g. `phase1_lr` 1e-4, or leave it out to use `lr`")
-        for name in ("lr", "head_lr"):
+        for name in ("lr", "head_lr", "loraplus_ratio"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UsageError(f"`{name}` must be positive", f"e.g. `{name}` 1e-3, or leave it out for the method's default")
         if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
@@ -121,6 +125,8 @@ class TrainConfig:
         check_threads(self.threads)
         self._check_precision()
         check_declared(self)  # nan, inf and out-of-range values also from a run's train_args.json
+        if self.loraplus_ratio is not None and self.full:
+            raise UsageError("`loraplus_ratio` applies to lora runs", "drop `loraplus_ratio`: full fine-tuning has no lora_A and lora_B")
         if self.full and self.head_lr is not None and self.head_lr != self.lr:
             raise UsageError("`head_lr` applies to adapter runs", "full fine-tuning trains the head at `lr`: drop `head_lr`")
         if self.full and self.model is None:

@@ -38,6 +38,8 @@ def train(
     ``shard`` (with ``resume``): whether this invocation shards the model (``TrainConfig.shard``:
     how the run is executed, not what it trains), whatever the run recorded.
     """
+    if cfg is not None and cfg.loraplus_ratio is not None and not resume:
+        _check_loraplus(run)
     method = None if (cfg is not None and cfg.full) else multi_phase_method(run)
     if steps is not None and resume and method is not None:
         raise UsageError(
@@ -65,6 +67,19 @@ def _requested_threads(run: str, cfg: TrainConfig | None, resume: bool) -> int |
         except (OSError, ValueError):
             return None  # resolve_config reports a broken file in one line
     return None
+
+
+def _check_loraplus(run: str) -> None:
+    """``loraplus_ratio`` needs a LoRA run (its lora_A and lora_B); full runs are refused by the config."""
+    config_path = os.path.join(run, "adapter_config.json")
+    if not os.path.isfile(config_path):
+        return  # train_adapter names what is missing
+    try:
+        name = method_for_adapter_config(read_json(config_path), run).name
+    except (ValueError, BadInputError):
+        return  # train_adapter's reader reports a broken config in one line
+    if name != "lora":
+        raise UsageError(f"`loraplus_ratio` applies to lora runs, and {run} is a {name} run", "drop `loraplus_ratio`")
 
 
 def multi_phase_method(run: str):

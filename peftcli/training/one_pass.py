@@ -155,6 +155,7 @@ def train_adapter(
         progress, log = None, None
     if log is not None and checkpoint is None:
         head = f", head {cfg.head_lr:g}" if cfg.head_lr is not None and p.adapted.head_parameter_names() else ""
+        head += f", lora_B {(cfg.lr or 0.0) * cfg.loraplus_ratio:g} (LoRA+)" if cfg.loraplus_ratio is not None else ""
         log(f"lr {cfg.lr:g}{head}, warmup {warmup_steps(cfg, p.total)} of {p.total} steps, {cfg.schedule} decay")
     if log is not None and p.packing_efficiency is not None:
         examples = sum(len(row["lengths"]) for row in p.train_items)
@@ -233,7 +234,8 @@ def prepare(run: str, cfg: TrainConfig, checkpoint: str | None, hooks: TrainHook
     steps_per_epoch = max(1, len(train_items) // per_step)
     total = check_total_steps(cfg.steps or max(1, round((cfg.epochs or 1.0) * steps_per_epoch)))
     named = adapted.phi_parameters()
-    groups = _param_groups(named, cfg.weight_decay, adapted.head_parameter_names(), cfg.head_lr if cfg.head_lr != cfg.lr else None)
+    b_lr = (cfg.lr or 0.0) * cfg.loraplus_ratio if cfg.loraplus_ratio is not None else None  # lr: set by with_defaults
+    groups = _param_groups(named, cfg.weight_decay, adapted.head_parameter_names(), cfg.head_lr if cfg.head_lr != cfg.lr else None, b_lr)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total))
     if hooks is not None and hooks.start is not None:
@@ -552,20 +554,34 @@ def _schedule(cfg: TrainConfig, total: int) -> Callable[[int], float]:
     return factor
 
 
-def _param_groups(named: dict[str, torch.nn.Parameter], weight_decay: float, head: set[str], head_lr: float | None) -> list[dict]:
+def _param_groups(
+    named: dict[str, torch.nn.Parameter], weight_decay: float, head: set[str], head_lr: float | None, b_lr: float | None = None
+) -> list[dict]:
     """AdamW's groups: φ, then a new task head at its own rate (when it has one that differs,
-    so that a run from before ``head_lr`` resumes into the groups it saved)."""
+    so that a run from before ``head_lr`` resumes into the groups it saved), then LoRA+'s
+    (``b_lr``): the parameters PEFT's ``create_loraplus_optimizer`` trains at lr·ratio."""
     split = {"body": named}
     if head_lr is not None and head:
         split = {"body": {n: p for n, p in named.items() if n not in head}, "head": {n: p for n, p in named.items() if n in head}}
+    if b_lr is not None:
+        body = split["body"]
+        faster = {n for n, p in body.items() if n not in head and loraplus_b(n, p)}
+        split = {**split, "body": {n: p for n, p in body.items() if n not in faster}, "b": {n: body[n] for n in faster}}
     groups = []
     for part, params in split.items():
         # Biases and norm scales are 1-D: decaying them towards 0 only hurts (as in BERT, GPT-2 recipes).
         decay = [p for n, p in params.items() if p.ndim >= 2 and "norm" not in n.lower()]
         no_decay = [p for n, p in params.items() if not (p.ndim >= 2 and "norm" not in n.lower())]
-        extra = {"lr": head_lr} if part == "head" else {}
+        extra = {"lr": head_lr} if part == "head" else {"lr": b_lr} if part == "b" else {}
         groups += [{"params": decay, "weight_decay": weight_decay, **extra}, {"params": no_decay, "weight_decay": 0.0, **extra}]
     return [g for g in groups if g["params"]]
+
+
+def loraplus_b(name: str, param: torch.nn.Parameter) -> bool:
+    """Whether LoRA+ trains φ's parameter ``name`` at lr·ratio: PEFT's rule, ``"lora_B" in name or
+    param.ndim == 1`` (lora_B, its bias, DoRA's magnitude); the rest (lora_A) at lr. A task head
+    keeps its own groups (``head_lr``), where PEFT would put a saved head's bias at lr·ratio."""
+    return "lora_B" in name or param.ndim == 1
 
 
 class _StopFlag:

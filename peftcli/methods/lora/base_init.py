@@ -31,9 +31,10 @@ Anything else PEFT rejects, so peftcli does too. The dispatch mirrors PEFT's
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError
+from peftcli.methods import rank_patterns
 
 if TYPE_CHECKING:
     import torch
@@ -62,7 +63,7 @@ def base_init(value, peft_version: object = None) -> str | None:
     if kind == "plain":
         return None
     if kind == "olora":
-        version = _release(peft_version)
+        version = rank_patterns.release(peft_version)
         if version is False:
             return "olora-unknown"
         return "olora-linear" if version is not None and version >= OLORA_LINEAR_FROM else "olora"
@@ -95,17 +96,6 @@ def _peft_dispatch(value) -> str:
     if value in ("loftq", "lora_ga"):
         return value
     return "plain" if value.lower() == "gaussian" else "unknown"
-
-
-def _release(version: object) -> "tuple[int, int] | None | Literal[False]":
-    """(major, minor) of a ``peft_version`` such as ``"0.22.0"`` or ``"0.22.0.dev0@<sha>"``;
-    None when the config has none (PEFT before it recorded one); False when it cannot be read."""
-    import re
-
-    if version is None:
-        return None
-    m = re.match(r"(\d{1,4})\.(\d{1,4})(?:[.+@]|$)", version) if isinstance(version, str) else None
-    return (int(m.group(1)), int(m.group(2))) if m else False
 
 
 def module_problem(kind: str | None, path: str, rank: int, d_out: int, d_in: int, transposed: bool) -> str | None:

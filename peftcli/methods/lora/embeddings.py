@@ -111,10 +111,12 @@ def token_targets(shapes: dict, model_config: dict | None, linear: set[str], cfg
     return out
 
 
-def init_shapes(embedded: dict, tokens: dict, rank: int) -> dict[str, tuple[int, ...]]:
-    """The keys and shapes PEFT saves for these embedding targets and trainable tokens."""
+def init_shapes(embedded: dict, tokens: dict, rank_of) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes PEFT saves for these embedding targets (``rank_of(module)``: each
+    one's rank) and trainable tokens."""
     out = {}
     for module, (rows, dim) in embedded.items():
+        rank = rank_of(module)
         out[peft_key(module, EMB_A)] = (rank, rows)
         out[peft_key(module, EMB_B)] = (dim, rank)
     for module, (indices, dim) in tokens.items():

@@ -3,13 +3,16 @@
 Variants: rsLoRA scales by α/√r; DoRA (Liu et al., 2024) learns a magnitude m per output
 feature and uses W' = m · (W₀ + sBA) / ‖W₀ + sBA‖ (row norms, treated as a constant in
 backprop, as the paper suggests). On a d×k matrix LoRA adds r·(d + k) parameters (+ d for
-DoRA). A starts Kaiming-uniform (or Gaussian), B at zero, so ΔW = 0 before training.
+DoRA, + d for lora_B's bias). A starts Kaiming-uniform (or Gaussian), B at zero, so ΔW = 0
+before training (PEFT's orthogonal init: A and B non-zero with B·A = 0). PEFT's
+rank_pattern/alpha_pattern give modules their own r and α (``LoraConfig.for_module``).
 Written in PEFT's layout: ``base_model.model.<module>.lora_A.weight`` [r, in],
-``...lora_B.weight`` [out, r], ``...lora_magnitude_vector`` [out].
+``...lora_B.weight`` [out, r] (``...lora_B.bias`` [out]), ``...lora_magnitude_vector`` [out].
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -17,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.base import Attached, MethodBase, BudgetRow, LazyTensor, SeededDraws, base_module, lazy_zeros, mismatch_error, peft_key, selection, targeted_module, PEFT_PREFIX, TrainDefaults
+from peftcli.methods import rank_patterns
 from peftcli.methods.lora import base_init as lora_init, embeddings as lora_embeddings
 from peftcli.options import option
 from peftcli.patterns import from_file
@@ -25,8 +29,14 @@ from peftcli.targets import excluded, is_regex, linear_modules, names_module, re
 if TYPE_CHECKING:
     import torch
 
-INITS = ("kaiming", "gaussian")
+INITS = ("kaiming", "gaussian", "orthogonal")
 FP32_MAX = 3.4028234663852886e38  # the largest finite float32
+
+
+def _when_given(declared):
+    """An option recorded in inject's ``peftcli.options`` metadata only when it is given (an
+    adapter made without it stays byte for byte what it was before the option existed)."""
+    return dataclasses.field(default=declared.default, metadata={**declared.metadata, "recorded": "given"})
 
 
 @dataclass
@@ -45,7 +55,24 @@ class LoraConfig:
     dora: bool = option(False, help="DoRA: also learn a magnitude per output feature")
     rslora: bool = option(False, help="rsLoRA: scale by α/√r instead of α/r")
     dropout: float = option(0.0, help="dropout on the LoRA branch's input during training (default 0)")
-    init: str = option("kaiming", metavar="kaiming|gaussian", help="initialisation of A (B is always zero); default kaiming, as PEFT")
+    init: str = option(
+        "kaiming", metavar="kaiming|gaussian|orthogonal",
+        help="initialisation of A (B zero); default kaiming, as PEFT; orthogonal: PEFT's, A and B both non-zero with B·A = 0 (even ranks)",
+    )
+    rank_pattern: str | dict | None = _when_given(option(
+        None, metavar="REGEX=R,...",
+        help="per-module ranks, written as PEFT's rank_pattern: a module whose path matches REGEX (whole, or after a dot) "
+        "gets rank R, the first matching REGEX wins; the others keep --rank (--alpha is not changed by it)",
+    ))
+    alpha_pattern: str | dict | None = _when_given(option(
+        None, metavar="REGEX=ALPHA,...", help="per-module α, written as PEFT's alpha_pattern (matched as --rank-pattern)",
+    ))
+    # The patterns as ((regex, value), ...): parsed from the two options above, or read from an
+    # adapter's rank_pattern/alpha_pattern; and how PEFT matches their keys (``rank_patterns``:
+    # the reading of the PEFT release that wrote the adapter, None when it is not known).
+    ranks: tuple = field(default=(), metadata={"recorded": False})
+    alphas: tuple = field(default=(), metadata={"recorded": False})
+    pattern_reading: str | None = field(default=rank_patterns.CURRENT, metadata={"recorded": False})
     # Read from an adapter, not an option: "pissa"/"olora" when PEFT subtracts an initial A·B
     # from the base weights on load (see base_init), None for plain LoRA. The fields below are
     # read from adapters, never options, and not recorded in what inject writes (its options
@@ -54,8 +81,10 @@ class LoraConfig:
     # PEFT's exclude_modules: module names (exact or a dotted suffix) or one regex over module
     # paths, removed from the targets as PEFT removes them.
     exclude: str | tuple[str, ...] | None = field(default=None, metadata={"recorded": False})
-    # PEFT's lora_bias: lora_B has a bias, folded into the base's bias.
-    lora_bias: bool = field(default=False, metadata={"recorded": False})
+    # PEFT's lora_bias: lora_B has a bias (zero at first), folded into the base's bias.
+    lora_bias: bool = _when_given(option(
+        False, help="also train a bias on lora_B (PEFT's lora_bias), merged into the base's bias: targets with a bias only; not with --dora or another --init"
+    ))
     # Read from a PEFT adapter: target_modules may name embedding layers (lora_embedding_A/B),
     # and trainable_token_indices ((module or "" for the input embedding, ids), ...) new rows.
     # Folded by merge (lora_embeddings); inject puts LoRA on linear modules only.
@@ -75,6 +104,28 @@ class LoraConfig:
             raise UsageError(f"`dropout` must be in [0, 1), got {self.dropout}", "e.g. `dropout` 0.05")
         if self.init not in INITS:
             raise UsageError(f"`init` must be one of {', '.join(INITS)}, got {self.init!r}", "e.g. `init` kaiming")
+        if self.lora_bias and (self.dora or self.init != "kaiming"):
+            # PEFT's LoraConfig refuses both: it cannot create such an adapter
+            raise UsageError("`lora_bias` goes with plain LoRA only (PEFT refuses it with DoRA or an `init` other than kaiming)",
+                             "drop `lora_bias`, or `dora` and `init`")
+        for name, parsed, is_rank in (("rank_pattern", "ranks", True), ("alpha_pattern", "alphas", False)):
+            text = getattr(self, name)
+            if text is None:
+                continue
+            if not (isinstance(text, dict) and text) and not (isinstance(text, str) and text.strip()):
+                raise UsageError(f"`{name}` must be text REGEX=VALUE,... (or a dict), got {text!r}", f"e.g. `{name}` 'q_proj=4'")
+            setattr(self, parsed, rank_patterns.parse(text, name, is_rank))
+        odd = next((r for r in (self.rank, *(v for _, v in self.ranks)) if r % 2), None)
+        if self.init == "orthogonal" and odd is not None:
+            raise UsageError(f"`init` orthogonal needs even ranks (PEFT splits an orthogonal r×r matrix in two), got {odd}",
+                             f"use rank {odd + 1} or {odd - 1} there" if odd > 1 else "use rank 2")
+
+    def for_module(self, module: str) -> "LoraConfig":
+        """The config of one module: its rank and alpha from the patterns (self when there are none)."""
+        if not self.ranks and not self.alphas:
+            return self
+        r, a = rank_patterns.module_values(self.ranks, self.alphas, module, self.rank, self.alpha, self.pattern_reading)
+        return dataclasses.replace(self, rank=r, alpha=float(a), rank_pattern=None, alpha_pattern=None, ranks=(), alphas=())
 
     @property
     def scaling(self) -> float:
@@ -97,7 +148,7 @@ class LoRA(MethodBase):
     @staticmethod
     def added_params(shape: tuple[int, int], cfg: LoraConfig) -> int:
         out_features, in_features = shape
-        return cfg.rank * (out_features + in_features) + (out_features if cfg.dora else 0)
+        return cfg.rank * (out_features + in_features) + (out_features if cfg.dora else 0) + (out_features if cfg.lora_bias else 0)
 
     def _targets(self, shapes, model_config, cfg):
         """The linear modules the config selects (an adapter's embedding targets: ``_embedding_targets``)."""
@@ -123,12 +174,23 @@ class LoRA(MethodBase):
                     "exclude_modules removes every module target_modules selects",
                     "the adapter config targets nothing: fix exclude_modules in adapter_config.json",
                 )
-        smallest = min(modules, key=lambda m: min(m.shape))  # resolve_targets never returns none
-        limit = min(smallest.shape)
-        if cfg.rank > limit:
+        _check_given_patterns(modules, cfg)
+        if cfg.lora_bias and not cfg.peft_embeddings:  # inject's option (an adapter's lora_bias is refused where it is merged)
+            bare = next((m for m in modules if m.name + ".bias" not in shapes), None)
+            if bare is not None:
+                raise UsageError(
+                    f"`lora_bias` needs targets with a bias to merge lora_B's bias into, and {bare.name} has none",
+                    "target modules with a bias (BERT, GPT-2 have them), or drop `lora_bias`",
+                )
+        # resolve_targets never returns none; the smallest module too small for its rank is named
+        too_small = [m for m in modules if cfg.for_module(m.name).rank > min(m.shape)]
+        if too_small:
+            smallest = min(too_small, key=lambda m: min(m.shape))
+            limit, rank = min(smallest.shape), cfg.for_module(smallest.name).rank
+            source = "`rank`" if rank == cfg.rank else "`rank_pattern` rank"
             raise UsageError(
-                f"`rank` {cfg.rank} is larger than min(out, in) = {limit} of {smallest.name}",
-                f"use `rank` {limit} or less: a larger rank adds parameters without adding expressiveness",
+                f"{source} {rank} is larger than min(out, in) = {limit} of {smallest.name}",
+                f"use a rank of {limit} or less there: a larger rank adds parameters without adding expressiveness",
             )
         return modules
 
@@ -151,7 +213,7 @@ class LoRA(MethodBase):
         return lora_embeddings.token_targets(shapes, model_config, {m.name for m in linear_modules(shapes, model_config)}, cfg)
 
     def budget(self, shapes: dict[str, tuple[int, ...]], model_config: dict | None, cfg: LoraConfig) -> list[BudgetRow]:
-        return [BudgetRow(m.name, m.shape, self.added_params(m.shape, cfg)) for m in self._targets(shapes, model_config, cfg)]
+        return [BudgetRow(m.name, m.shape, self.added_params(m.shape, cfg.for_module(m.name))) for m in self._targets(shapes, model_config, cfg)]
 
     # -- tensor level --------------------------------------------------------------------
     def init(self, ckpt, cfg: LoraConfig, generator: "torch.Generator") -> dict[str, LazyTensor]:
@@ -160,34 +222,33 @@ class LoRA(MethodBase):
         shapes = {t.name: t.shape for t in ckpt.tensors.values()}
         out: dict[str, LazyTensor] = {}  # each made when written (inject holds one at a time)
         draws = SeededDraws(generator)  # the A's, drawn in target order as an eager loop would
-        r = cfg.rank
         for m in self._targets(shapes, ckpt.config, cfg):
             d_out, d_in = m.shape
-            if cfg.init == "kaiming":
-                # PEFT's default: kaiming_uniform_(a=√5) on [r, in], i.e. U(−1/√in, 1/√in).
-                bound = 1.0 / math.sqrt(d_in)
-                a = draws.draw((r, d_in), lambda g, d_in=d_in, b=bound: torch.empty(r, d_in).uniform_(-b, b, generator=g))
-            else:
-                a = draws.draw((r, d_in), lambda g, d_in=d_in: torch.empty(r, d_in).normal_(0.0, 1.0 / r, generator=g))
+            mcfg = cfg.for_module(m.name)
+            a, b = _draw_ab(draws, cfg.init, mcfg.rank, d_in, d_out)
             out[peft_key(m.name, "lora_A.weight")] = a
-            out[peft_key(m.name, "lora_B.weight")] = lazy_zeros(d_out, r)
+            out[peft_key(m.name, "lora_B.weight")] = b
             if cfg.lora_bias:
                 out[peft_key(m.name, "lora_B.bias")] = lazy_zeros(d_out)
             if cfg.dora:
+                dim = 0 if m.transposed else 1
+                # PEFT's magnitude is ‖W + s·B·A‖; B·A is 0 but for orthogonal's rounding, computed then
+                ab = (a, b, mcfg.scaling) if cfg.init == "orthogonal" else None
                 out[peft_key(m.name, "lora_magnitude_vector")] = LazyTensor(
-                    (d_out,), torch.float32, lambda name=m.name, dim=0 if m.transposed else 1: _row_norms(ckpt, name, dim)
+                    (d_out,), torch.float32, lambda name=m.name, dim=dim, ab=ab: _row_norms(ckpt, name, dim, ab)
                 )
         # An adapter's embedding LoRA and trainable tokens: PEFT's keys and shapes (check compares them).
         embedded = self._embedding_targets(shapes, ckpt.config, cfg)
         tokens = self._token_targets(shapes, ckpt.config, cfg)
-        for key, shape in lora_embeddings.init_shapes(embedded, tokens, r).items():
+        for key, shape in lora_embeddings.init_shapes(embedded, tokens, lambda module: cfg.for_module(module).rank).items():
             out[key] = lazy_zeros(*shape)
         return out
 
     def adapter_config(self, ckpt, cfg: LoraConfig) -> dict:
         shapes = {t.name: t.shape for t in ckpt.tensors.values()}
         modules = self._targets(shapes, ckpt.config, cfg)
-        alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
+        alpha = _number(cfg.alpha)
+        ranks, alphas = _written_patterns(modules, cfg) if cfg.ranks or cfg.alphas else ({}, {})
         return {
             "peft_type": "LORA",
             "task_type": None,
@@ -201,21 +262,16 @@ class LoRA(MethodBase):
             "bias": "none",
             "use_dora": cfg.dora,
             "use_rslora": cfg.rslora,
-            "init_lora_weights": True if cfg.init == "kaiming" else "gaussian",
+            "init_lora_weights": True if cfg.init == "kaiming" else cfg.init,
             "modules_to_save": None,
             "layers_to_transform": None,
-            "rank_pattern": {},
-            "alpha_pattern": {},
+            "rank_pattern": ranks,
+            "alpha_pattern": alphas,
             "inference_mode": False,
+            **({"lora_bias": True} if cfg.lora_bias else {}),  # absent: PEFT's default false (plain configs stay as they were)
         }
 
     def config_from_adapter(self, d: dict) -> LoraConfig:
-        for key in ("rank_pattern", "alpha_pattern"):
-            if d.get(key):
-                raise BadInputError(
-                    f"adapter config uses {key}, which peftcli does not support yet",
-                    "save one adapter per rank and alpha, with empty rank_pattern and alpha_pattern",
-                )
         if d.get("bias", "none") != "none":
             raise BadInputError(
                 f"adapter config trains biases (bias={d['bias']!r}), which peftcli's LoRA does not support",
@@ -240,19 +296,26 @@ class LoRA(MethodBase):
                 dora=bool(d.get("use_dora", False)),
                 rslora=bool(d.get("use_rslora", False)),
                 dropout=float(d.get("lora_dropout", 0.0)),
-                init="gaussian" if d.get("init_lora_weights") == "gaussian" else "kaiming",
+                init=d["init_lora_weights"] if d.get("init_lora_weights") in ("gaussian", "orthogonal") else "kaiming",
                 base_init=lora_init.base_init(d.get("init_lora_weights", True), d.get("peft_version")),
                 exclude=_exclude_spec(d.get("exclude_modules")),
                 lora_bias=bool(d.get("lora_bias")),
                 peft_embeddings=True,
                 token_indices=lora_embeddings.token_indices(d.get("trainable_token_indices")),
+                ranks=rank_patterns.from_config(d, "rank_pattern", "LoRA", _CORRUPT),
+                alphas=rank_patterns.from_config(d, "alpha_pattern", "LoRA", _CORRUPT),
+                pattern_reading=rank_patterns.reading(d.get("peft_version")),
             )
         except UsageError as exc:
-            raise BadInputError(f"adapter config: {exc.message}", "the adapter config is corrupt or was edited by hand") from None
-        if not cfg.scaling <= FP32_MAX:  # also NaN; float32(α/r) would be inf, and inf·0 NaN
+            raise BadInputError(f"adapter config: {exc.message}", _CORRUPT) from None
+        # The largest scaling any module may get: the largest alpha over the smallest rank.
+        largest = dataclasses.replace(
+            cfg, rank=min([cfg.rank, *(v for _, v in cfg.ranks)]), alpha=max([float(cfg.alpha or 0), *(float(v) for _, v in cfg.alphas)])
+        )
+        if not largest.scaling <= FP32_MAX:  # also NaN; float32(α/r) would be inf, and inf·0 NaN
             raise BadInputError(
-                f"adapter config: the LoRA scaling lora_alpha/r = {cfg.scaling:g} does not fit a float32",
-                "lora_alpha in adapter_config.json is corrupt: LoRA's scaling is usually 1-4",
+                f"adapter config: the LoRA scaling lora_alpha/r = {largest.scaling:g} does not fit a float32",
+                "lora_alpha (or alpha_pattern) in adapter_config.json is corrupt: LoRA's scaling is usually 1-4",
             )
         return cfg
 
@@ -270,7 +333,7 @@ class LoRA(MethodBase):
         linear = {m.name: m for m in linear_modules(shapes, ckpt.config)}
         targeted, unfit = self._targeted(shapes, ckpt.config, cfg)
         by_module, problems = _group(tensors)
-        out = {}
+        out, configs = {}, {}
         for path, parts in list(by_module.items()):
             if any(s in parts for s in lora_embeddings.SUFFIXES):  # an embedding's LoRA or trainable tokens
                 by_module.pop(path)
@@ -280,23 +343,24 @@ class LoRA(MethodBase):
             if problem:
                 problems.append(problem)
                 continue
-            m = linear[name]
-            problem = _check_module(path, parts, cfg, *m.shape)
-            problem = problem or lora_init.module_problem(cfg.base_init, path, cfg.rank, *m.shape, m.transposed)
+            m, mcfg = linear[name], cfg.for_module(name)  # rank_pattern/alpha_pattern match the base's module names
+            configs[path] = mcfg
+            problem = _check_module(path, parts, mcfg, *m.shape)
+            problem = problem or lora_init.module_problem(cfg.base_init, path, mcfg.rank, *m.shape, m.transposed)
             problem = problem or _saved_base_problem(path, parts, lambda name=name: ckpt.get(name + ".weight"))
             if problem:
                 problems.append(problem)
                 continue
-            out[name + ".weight"] = partial(_fold, parts=parts, cfg=cfg, transposed=m.transposed)
+            out[name + ".weight"] = partial(_fold, parts=parts, cfg=mcfg, transposed=m.transposed)
             if cfg.lora_bias:
                 if name + ".bias" not in ckpt.tensors:
                     raise _no_base_bias(name)
-                out[name + ".bias"] = partial(_fold_bias, bias=parts["lora_B.bias"], scaling=cfg.scaling)
+                out[name + ".bias"] = partial(_fold_bias, bias=parts["lora_B.bias"], scaling=mcfg.scaling)
         if problems:
             raise mismatch_error(problems)
         if unfit is not None:
             raise unfit
-        _check_scaled(by_module, cfg)
+        _check_scaled(by_module, configs)
         return out
 
     def _embedding_delta(self, path: str, parts: dict, cfg: LoraConfig, ckpt, out: dict, problems: list) -> None:
@@ -318,19 +382,20 @@ class LoRA(MethodBase):
         if name + ".weight" in out:
             problems.append(f"{path}: both LoRA and trainable tokens change this embedding (peftcli folds one or the other)")
             return
+        ecfg = cfg.for_module(name)
         if tokens:
             indices, dim = chosen[name]
             problem = lora_embeddings.tokens_problem(path, parts, indices, dim)
             fold = lora_embeddings.fold_tokens(indices=indices, values=parts.get(lora_embeddings.TOKENS))
         else:
-            problem = lora_embeddings.embedding_problem(path, parts, cfg, *chosen[name])
+            problem = lora_embeddings.embedding_problem(path, parts, ecfg, *chosen[name])
             problem = problem or _saved_base_problem(path, parts, lambda: ckpt.get(name + ".weight"))
-            fold = partial(lora_embeddings.fold_embedding, a=parts.get(lora_embeddings.EMB_A), b=parts.get(lora_embeddings.EMB_B), scaling=cfg.scaling)
+            fold = partial(lora_embeddings.fold_embedding, a=parts.get(lora_embeddings.EMB_A), b=parts.get(lora_embeddings.EMB_B), scaling=ecfg.scaling)
         if problem:
             problems.append(problem)
             return
         if not tokens:  # ΔW finite in float32, as for a linear module
-            _check_scaled({path: {"lora_A.weight": parts[lora_embeddings.EMB_A], "lora_B.weight": parts[lora_embeddings.EMB_B]}}, cfg)
+            _check_scaled({path: {"lora_A.weight": parts[lora_embeddings.EMB_A], "lora_B.weight": parts[lora_embeddings.EMB_B]}}, {path: ecfg})
         out[name + ".weight"] = fold
 
     # -- module level ---------------------------------------------------------------------
@@ -342,7 +407,7 @@ class LoRA(MethodBase):
         saved: set[str] = set()
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
         targeted, unfit = self._targeted(shapes, model_config, cfg)  # as PEFT selects them: on the model's names
-        phi = {}
+        phi, configs = {}, {}
         for path, parts in by_module.items():
             folded_only = next((lora_embeddings.NOT_ATTACHED[s] for s in lora_embeddings.SUFFIXES if s in parts), None)
             if folded_only is not None:
@@ -351,15 +416,16 @@ class LoRA(MethodBase):
             if problem is None and targeted is not None and mod.resolve(model, path) not in targeted:
                 problem = f"{path}: LoRA tensors for a module the adapter config does not target"
             if problem is None:
-                problem = _check_module(path, parts, cfg, *dims)
-                problem = problem or lora_init.module_problem(cfg.base_init, path, cfg.rank, *dims, mod.is_conv1d(layer))
+                mcfg = configs[path] = cfg.for_module(mod.resolve(model, path))  # as PEFT: the model's module name
+                problem = _check_module(path, parts, mcfg, *dims)
+                problem = problem or lora_init.module_problem(cfg.base_init, path, mcfg.rank, *dims, mod.is_conv1d(layer))
                 problem = problem or _saved_base_problem(path, parts, lambda layer=layer: layer.weight)
             if problem:
                 problems.append(problem)
                 continue
             if cfg.base_init:  # the base PEFT trains and evaluates this adapter on
-                _to_residual(layer, cfg)
-            new = LoraLinear(layer, cfg.rank, cfg.scaling, cfg.dropout, dora=cfg.dora, bias=cfg.lora_bias)
+                _to_residual(layer, mcfg)
+            new = LoraLinear(layer, mcfg.rank, mcfg.scaling, cfg.dropout, dora=cfg.dora, bias=cfg.lora_bias)
             new.load_phi(parts["lora_A.weight"], parts["lora_B.weight"], parts.get("lora_magnitude_vector"), parts.get("lora_B.bias"))
             mod.replace(model, path, new)
             phi[peft_key(path, "lora_A.weight")] = new.lora_A.weight
@@ -374,13 +440,54 @@ class LoRA(MethodBase):
             raise mismatch_error(problems)
         if unfit is not None:
             raise unfit
-        _check_scaled(by_module, cfg)
+        _check_scaled(by_module, configs)
         return Attached(phi=phi, derived=frozenset(saved))
 
 
+_CORRUPT = "the adapter config is corrupt or was edited by hand"
 SAVED_BASE = "base_layer.weight"  # PEFT saves the base weight of a targeted lm_head or embedding beside LoRA's
 _SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector", SAVED_BASE, *lora_embeddings.SUFFIXES)
 _LINEAR_PARTS = ("lora_A.weight", "lora_B.weight")
+
+
+def _number(v: float) -> int | float:
+    """α as PEFT writes it: 16, not 16.0."""
+    return int(v) if float(v).is_integer() else v
+
+
+def _check_given_patterns(modules: list, cfg: LoraConfig) -> None:
+    """For inject: each --rank-pattern/--alpha-pattern regex must select a target."""
+    for name, pairs in (("rank_pattern", cfg.ranks), ("alpha_pattern", cfg.alphas)):
+        if getattr(cfg, name) is None:
+            continue  # read from an adapter: PEFT ignores a key that matches nothing, so does peftcli
+        for key, _ in pairs:
+            if not any(rank_patterns.values(((key, 1),), (), m.name, 0, 0, rank_patterns.CURRENT)[0] for m in modules):
+                raise UsageError(
+                    f"`{name}` regex {key!r} matches none of the {len(modules)} target modules",
+                    "match a target's path whole or after a dot, e.g. 'q_proj' or 'layers\\.0\\..*' (peftcli inspect --budget lists them)",
+                )
+
+
+def _written_patterns(modules: list, cfg: LoraConfig) -> tuple[dict, dict]:
+    """rank_pattern and alpha_pattern as inject writes them: the given regexes when every PEFT
+    release reads them alike on these targets (peftcli writes no peft_version to say which),
+    else each module whose rank or alpha differs named by its whole path, which every release
+    reads alike (PEFT before 0.14 takes one key for both dicts: a rank regex and another alpha
+    regex that match one module give it the default alpha there)."""
+    want = {m.name: (c.rank, float(c.alpha)) for m in modules for c in [cfg.for_module(m.name)]}
+    exact = (tuple((n, r) for n, (r, _) in want.items() if r != cfg.rank),
+             tuple((n, a) for n, (_, a) in want.items() if a != cfg.alpha))
+    for ranks, alphas in ((cfg.ranks, cfg.alphas), exact):
+        try:
+            read = {n: rank_patterns.module_values(ranks, alphas, n, cfg.rank, cfg.alpha, None) for n in want}
+        except BadInputError:
+            continue
+        if all((r, float(a)) == want[n] for n, (r, a) in read.items()):
+            return {k: v for k, v in ranks}, {k: _number(v) for k, v in alphas}
+    raise UsageError(  # a module path that, as a regex, also matches another module's path
+        "`rank_pattern`/`alpha_pattern` cannot be written so that every PEFT release reads them alike on these modules",
+        "give `rank_pattern` and `alpha_pattern` the same regex for a module they both change",
+    )
 
 
 def _exclude_spec(value) -> str | tuple[str, ...] | None:
@@ -459,12 +566,42 @@ def _fold_bias(stored: "torch.Tensor", *, bias: "torch.Tensor", scaling: float) 
     return bias.float() * scaling
 
 
-def _row_norms(ckpt, module: str, dim: int) -> "torch.Tensor":
-    """DoRA's initial magnitude ‖W₀ + s·B·A‖ per output feature with B = 0: accumulated in fp32
-    without an fp32 copy of W (``dim`` 1 for [out, in], 0 for Conv1D's [in, out])."""
+def _row_norms(ckpt, module: str, dim: int, ab: tuple | None = None) -> "torch.Tensor":
+    """DoRA's initial magnitude ‖W₀ + s·B·A‖ per output feature (``dim`` 1 for [out, in], 0 for
+    Conv1D's [in, out]). With B = 0 (``ab`` None) accumulated in fp32 without an fp32 copy of W;
+    else ``ab`` = (A, B, s) as LazyTensors and the scale, added to an fp32 copy as PEFT does."""
     import torch
 
-    return torch.linalg.vector_norm(ckpt.get(module + ".weight"), dim=dim, dtype=torch.float32)
+    w = ckpt.get(module + ".weight")
+    if ab is None:
+        return torch.linalg.vector_norm(w, dim=dim, dtype=torch.float32)
+    a, b, scaling = ab
+    w = (w.T if dim == 0 else w).float() + scaling * (b.make() @ a.make())
+    return torch.linalg.vector_norm(w, dim=1)
+
+
+def _draw_ab(draws: SeededDraws, init: str, r: int, d_in: int, d_out: int) -> tuple[LazyTensor, LazyTensor]:
+    """A [r, in] and B [out, r] of one module as PEFT initialises them, drawn from ``draws``."""
+    import torch
+
+    if init == "kaiming":
+        # PEFT's default: kaiming_uniform_(a=√5) on [r, in], i.e. U(−1/√in, 1/√in).
+        bound = 1.0 / math.sqrt(d_in)
+        return draws.draw((r, d_in), lambda g: torch.empty(r, d_in).uniform_(-bound, bound, generator=g)), lazy_zeros(d_out, r)
+    if init == "gaussian":
+        return draws.draw((r, d_in), lambda g: torch.empty(r, d_in).normal_(0.0, 1.0 / r, generator=g)), lazy_zeros(d_out, r)
+
+    def both(g: "torch.Generator") -> "torch.Tensor":
+        # PEFT's LoraLayer.orthogonal_init, its draws in its order: Q of an r×r Gaussian; A from its
+        # even-indexed rows, B from its odd ones, so B·A = 0 while neither is.
+        q, _ = torch.linalg.qr(torch.randn(r, r, generator=g))
+        a = torch.randn(d_in, r // 2, generator=g).mm(q[0::2, :]).T / 10.0
+        b = torch.randn(r // 2, d_out, generator=g).T.mm(q[1::2, :]) / 10.0
+        return torch.cat([a.reshape(-1), b.reshape(-1)])
+
+    packed, n = draws.draw((r * d_in + d_out * r,), both), r * d_in  # one draw: A and B share Q
+    return (LazyTensor((r, d_in), torch.float32, lambda: packed.make()[:n].view(r, d_in).clone()),
+            LazyTensor((d_out, r), torch.float32, lambda: packed.make()[n:].view(d_out, r).clone()))
 
 
 def _group(tensors: dict) -> tuple[dict[str, dict], list[str]]:
@@ -491,7 +628,7 @@ def _check_module(path: str, parts: dict, cfg: LoraConfig, d_out: int, d_in: int
     if m is not None and m.dim() != 1:
         return f"{path}.lora_magnitude_vector: shape {list(m.shape)}, expected 1-D [{d_out}]"
     if a.shape[0] != cfg.rank or b.shape[1] != cfg.rank:
-        return f"{path}: rank {a.shape[0]} in the tensors but r={cfg.rank} in the config"
+        return f"{path}: rank {a.shape[0]} in the tensors but r={cfg.rank} in the config (r or rank_pattern)"
     if tuple(a.shape) != (cfg.rank, d_in) or tuple(b.shape) != (d_out, cfg.rank):
         return f"{path}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit a {d_out}×{d_in} layer"
     if cfg.dora != (m is not None) or (m is not None and tuple(m.shape) != (d_out,)):
@@ -502,16 +639,17 @@ def _check_module(path: str, parts: dict, cfg: LoraConfig, d_out: int, d_in: int
     return None
 
 
-def _check_scaled(by_module: dict[str, dict], cfg: LoraConfig) -> None:
-    """Refuse a module whose ΔW = s·B·A is not finite in fp32. |ΔW_ij| <= s·r·max|B|·max|A|
-    decides it in an adapter-sized pass; only a module whose bound passes float32's range is
-    multiplied out (attach and merge check the same modules, so check reports what merge refuses)."""
+def _check_scaled(by_module: dict[str, dict], configs: dict[str, LoraConfig]) -> None:
+    """Refuse a module whose ΔW = s·B·A is not finite in fp32 (``configs``: each module's rank
+    and scaling). |ΔW_ij| <= s·r·max|B|·max|A| decides it in an adapter-sized pass; only a
+    module whose bound passes float32's range is multiplied out (attach and merge check the
+    same modules, so check reports what merge refuses)."""
     import torch
 
     for path, parts in by_module.items():
         if not all(p in parts for p in _LINEAR_PARTS):
             continue  # an embedding's LoRA or trainable tokens: checked where it is folded
-        a, b = parts["lora_A.weight"], parts["lora_B.weight"]
+        a, b, cfg = parts["lora_A.weight"], parts["lora_B.weight"], configs[path]
         bound = cfg.scaling * cfg.rank * float(b.abs().max()) * float(a.abs().max())
         if bound <= FP32_MAX / 2 or bool(torch.isfinite(cfg.scaling * (b.float() @ a.float())).all()):
             continue  # the bound is False for NaN: multiplied out, NaN is not finite

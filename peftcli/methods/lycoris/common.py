@@ -25,8 +25,9 @@ from peftcli.methods.base import (
     TrainDefaults,
     PEFT_PREFIX, Attached, BudgetRow, MethodBase, SeededDraws, lazy_zeros, mismatch_error, peft_key, selection, targeted_module,
 )
+from peftcli.methods import rank_patterns
 from peftcli.options import option
-from peftcli.patterns import from_file, fullmatch
+from peftcli.patterns import from_file
 from peftcli.targets import LinearModule, excluded, linear_modules, resolve_targets
 
 if TYPE_CHECKING:
@@ -86,31 +87,17 @@ def check_common(cfg: Any) -> None:
             raise UsageError(f"{name} must be in [0, 1), got {getattr(cfg, name)}", "e.g. 0.0")
 
 
-def _pattern_value(patterns: tuple, module: str, default):
-    """PEFT's ``get_pattern_key``: the first pattern matching the module path as
-    ``(.*\\.)?(pattern)$``, else ``default``."""
-    for pattern, value in patterns:
-        if fullmatch(from_file(rf"(?:.*\.)?(?:{pattern})", "adapter_config.json rank_pattern/alpha_pattern"), module, "pattern"):
-            return value
-    return default
-
-
 def rank_alpha(cfg: Any, module: str) -> tuple[int, float]:
-    """The rank and alpha PEFT gives ``module`` (rank_pattern/alpha_pattern, else r and alpha)."""
-    return _pattern_value(cfg.rank_pattern, module, cfg.rank), float(_pattern_value(cfg.alpha_pattern, module, cfg.alpha))
+    """The rank and alpha PEFT gives ``module`` (rank_pattern/alpha_pattern, else r and alpha),
+    as PEFT 0.15 on matches the keys (``rank_patterns``)."""
+    rank, alpha = rank_patterns.module_values(cfg.rank_pattern, cfg.alpha_pattern, module, cfg.rank, cfg.alpha, rank_patterns.CURRENT)
+    return rank, float(alpha)
 
 
 # -- reading adapter_config.json ------------------------------------------------------------------
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _pattern_pairs(d: dict, key: str, what: str, ok: Callable[[Any], bool]) -> tuple:
-    value = d.get(key) or {}
-    if not isinstance(value, dict) or not all(isinstance(k, str) and ok(v) for k, v in value.items()):
-        raise BadInputError(f"{what} adapter config: '{key}' must map module patterns to {'ranks' if key == 'rank_pattern' else 'alphas'}", CORRUPT)
-    return tuple(value.items())
 
 
 def refuse_unknown(d: dict, what: str, own: tuple[str, ...]) -> None:
@@ -163,8 +150,8 @@ def common_fields(d: dict, what: str) -> dict:
         targets=",".join(targets) if isinstance(targets, list) else from_file(targets, "adapter_config.json target_modules"),
         layers=",".join(map(str, layers)) if isinstance(layers, list) else (str(layers) if layers is not None else None),
         exclude=(exclude if isinstance(exclude, str) else tuple(exclude)) if exclude else None,
-        rank_pattern=_pattern_pairs(d, "rank_pattern", what, lambda v: _is_int(v) and v >= 1),
-        alpha_pattern=_pattern_pairs(d, "alpha_pattern", what, lambda v: is_json_number(v) and v > 0),
+        rank_pattern=rank_patterns.from_config(d, "rank_pattern", what, CORRUPT),
+        alpha_pattern=rank_patterns.from_config(d, "alpha_pattern", what, CORRUPT),
         rank_dropout=float(d.get("rank_dropout", 0.0)),
         module_dropout=float(d.get("module_dropout", 0.0)),
     )
