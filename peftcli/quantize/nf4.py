@@ -21,8 +21,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch import nn
 from torch.nn import functional as F
+
+from peftcli.quantize.linear import QuantizedLinear
 
 BLOCK = 64  # values per absmax (QLoRA's and bitsandbytes' default)
 BLOCK2 = 256  # absmaxes per second-level absmax (double quantisation)
@@ -136,42 +137,14 @@ def _bnb_kernel():
     return torch.ops.bitsandbytes.dequantize_4bit.default
 
 
-class _NF4Matmul(torch.autograd.Function):
-    """x·Wᵀ with W dequantised in the forward and again in the backward: autograd keeps the
-    4-bit weight, never its dequantised copy (what makes QLoRA's memory small)."""
+class NF4Linear(QuantizedLinear):
+    """A frozen linear layer (nn.Linear or GPT-2's Conv1D) whose weight is held in NF4."""
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: "NF4Linear") -> torch.Tensor:
-        ctx.layer, ctx.x_dtype = layer, x.dtype
-        return F.linear(x, layer.dequantized(x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        w = ctx.layer.dequantized(grad.dtype)
-        return (grad @ w).to(ctx.x_dtype), None
-
-
-class NF4Linear(nn.Module):
-    """A frozen linear layer (nn.Linear or GPT-2's Conv1D) whose weight is held in NF4.
-
-    ``weight`` is the dequantised [out, in] weight (what merging and DoRA read);
-    ``in_features``/``out_features`` as nn.Linear's. The bias, if any, stays a frozen
-    parameter in its dtype. The forward runs in the input's dtype (autocast's on CUDA).
-    """
-
-    def __init__(self, layer: nn.Module, transposed: bool, weight: torch.Tensor | None = None):
-        """``weight``: the layer's weight when ``layer`` holds a placeholder for it
-        (``peftcli.quantize.on_load``), in the layer's own layout."""
-        super().__init__()
-        weight = (layer.weight if weight is None else weight).detach()
-        weight = weight.T if transposed else weight
-        self.out_features, self.in_features = weight.shape
-        self.weight_dtype = weight.dtype
+    def _hold(self, weight: torch.Tensor) -> None:
         q = quantize(weight)
         self.shape = q.shape
         for name in ("packed", "qabsmax", "absmax2", "offset"):
             self.register_buffer(name, getattr(q, name))
-        self.bias = layer.bias  # frozen with the rest of the base (None where there is none)
 
     def nf4(self) -> NF4Weight:
         return NF4Weight(self.packed, self.qabsmax, self.absmax2, self.offset, self.shape)
@@ -179,14 +152,5 @@ class NF4Linear(nn.Module):
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize(self.nf4(), dtype)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.dequantized(self.weight_dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        out = _NF4Matmul.apply(x.to(dtype), self)
-        return out if self.bias is None else out + self.bias.to(out.dtype)
-
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, nf4"
+        return super().extra_repr() + ", nf4"

@@ -74,7 +74,8 @@ class TrainConfig:
         "(default: fp32 on CPU, the checkpoint's own dtype on CUDA)",
     )
     quantize: str | None = option(
-        None, metavar="nf4", help="hold the frozen linear layers in 4-bit NF4 with double quantisation (QLoRA); the adapter stays plain fp32"
+        None, metavar="nf4|int8", help="hold the frozen linear layers in 4-bit NF4 with double quantisation (QLoRA), or int8 rows "
+        "with one scale each; the adapter stays plain fp32"
     )
     gradient_checkpointing: bool = option(
         False, help="recompute activations in the backward instead of keeping them: less memory, about a third more compute"
@@ -138,7 +139,7 @@ class TrainConfig:
         if self.base_dtype is not None and self.base_dtype not in BASE_DTYPES:
             raise UsageError(f"unknown `base_dtype` {self.base_dtype!r}", "choose fp32, bf16 or fp16")
         if self.quantize is not None and self.quantize not in QUANTIZE:
-            raise UsageError(f"unknown `quantize` {self.quantize!r}", "choose nf4 (4-bit NormalFloat, as QLoRA)")
+            raise UsageError(f"unknown `quantize` {self.quantize!r}", "choose nf4 (4-bit NormalFloat, as QLoRA) or int8")
         if not isinstance(self.shard, bool):
             raise UsageError(f"`shard` {self.shard!r} is not true or false", "pass the flag or leave it out")
         if not isinstance(self.gradient_checkpointing, bool):
@@ -146,7 +147,7 @@ class TrainConfig:
 
 
 BASE_DTYPES = ("fp32", "bf16", "fp16")
-QUANTIZE = ("nf4",)
+QUANTIZE = ("nf4", "int8")  # peftcli.quantize.SCHEMES (this module imports no torch)
 THREADS_PER_CORE = 4  # more threads than this only wait on each other
 
 

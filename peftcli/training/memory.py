@@ -7,7 +7,7 @@ checkpointing and workers, split into the parts a user can act on:
 - **weights**: the frozen base, every parameter at the base dtype (the checkpoint's on CUDA,
   fp32 on CPU, or ``base_dtype``); with ``quantize nf4`` the linear layers training
   quantises (``precision.quantizable_linears``) at NF4's 4 bits plus its two levels of
-  absmaxes. Loading reads one linear weight at a time, quantising each before the next
+  absmaxes (``quantize int8``: a byte a value and an fp32 scale a row). Loading reads one linear weight at a time, quantising each before the next
   (``peftcli.quantize.on_load``); where it cannot, it holds the full-precision weights before
   quantising them, and the peak is also at least that.
 - **φ, gradients, optimizer**: φ in fp32, one fp32 gradient each, AdamW's two fp32 moments
@@ -83,7 +83,7 @@ class TrainMemoryOptions:
         if self.base_dtype is not None and self.base_dtype not in DTYPES:
             raise UsageError(f"unknown `base_dtype` {self.base_dtype!r}", "choose fp32, bf16 or fp16")
         if self.quantize is not None and self.quantize not in QUANTIZE:
-            raise UsageError(f"unknown `quantize` {self.quantize!r}", "choose nf4 (4-bit NormalFloat, as QLoRA)")
+            raise UsageError(f"unknown `quantize` {self.quantize!r}", "choose nf4 (4-bit NormalFloat, as QLoRA) or int8")
         if self.task is not None and self.task not in TASKS:
             raise UsageError(f"unknown `task` {self.task!r}", "choose lm, sft or classify")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -176,7 +176,7 @@ def predict(base: str, run: str, opts: TrainMemoryOptions) -> TrainMemory:
     )
     task = opts.task or ("classify" if adapter.config.get("task_type") == "SEQ_CLS" else "lm")
     model = _meta_model(base, task, dtype)
-    deferred = opts.quantize == "nf4" and _loads_deferred(base, model, adapter, task)
+    deferred = opts.quantize is not None and _loads_deferred(base, model, adapter, task)
     from peftcli.attach import attach_adapter
 
     adapted = attach_adapter(model, adapter)
@@ -190,7 +190,9 @@ def predict(base: str, run: str, opts: TrainMemoryOptions) -> TrainMemory:
     shards = workers if opts.shard else 1
     weights_full = weights = 0
     quantized_max = 0
-    quantized = {id(layer.weight) for _, layer in precision.quantizable_linears(inner)} if opts.quantize == "nf4" else set()
+    from peftcli.quantize.int8 import int8_bytes
+
+    quantized = {id(layer.weight) for _, layer in precision.quantizable_linears(inner)} if opts.quantize is not None else set()
     seen: set[int] = set()
     for t in [*inner.parameters(), *inner.buffers()]:
         key = t.untyped_storage()._cdata
@@ -200,13 +202,13 @@ def predict(base: str, run: str, opts: TrainMemoryOptions) -> TrainMemory:
         size = t.numel() * t.element_size()
         weights_full += size
         if id(t) in quantized:
-            weights += nf4_bytes(t.numel())
+            weights += nf4_bytes(t.numel()) if opts.quantize == "nf4" else int8_bytes(t.shape[0], t.numel() // t.shape[0])
             quantized_max = max(quantized_max, t.numel())
         elif opts.shard and isinstance(t, torch.nn.Parameter):  # FSDP2: dim 0 split over the workers (padded)
             weights += _shard_bytes(t, shards)
         else:
             weights += size
-    if opts.quantize == "nf4" and not quantized:
+    if opts.quantize is not None and not quantized:
         raise BadInputError(f"{base}: no frozen linear layer to quantise", "drop `quantize`")
 
     trace = _trace_activations(adapted, inner, task, opts.batch_size, opts.max_length)
@@ -236,7 +238,7 @@ def predict(base: str, run: str, opts: TrainMemoryOptions) -> TrainMemory:
         runtime=runtime, workers=workers, device=device.type,
         dtype=precision.dtype_name(dtype),
         details={
-            "weights_as": ("nf4 linears, " if quantized else "") + precision.dtype_name(dtype), "task": task,
+            "weights_as": (f"{opts.quantize} linears, " if quantized else "") + precision.dtype_name(dtype), "task": task,
             "batch_size": opts.batch_size, "length": trace["length"], "gradient_checkpointing": opts.gradient_checkpointing,
             "quantize": opts.quantize, "trainable_params": phi_numel,
             "loads": ("one weight at a time" if deferred else "whole") if quantized else "whole", "shard": opts.shard,

@@ -304,12 +304,12 @@ def _build_model(
 
 
 def _load_deferred(cfg: TrainConfig, adapter, task: str, weights_dir: str, dtype: torch.dtype):
-    """With ``quantize nf4``, the base with its linear weights left in the checkpoint until
+    """With ``quantize``, the base with its linear weights left in the checkpoint until
     quantised (``peftcli.quantize.on_load``); None where it loads whole."""
     from peftcli.checkpoint.gguf_model import is_gguf
     from peftcli.quantize import on_load
 
-    if cfg.quantize != "nf4" or is_gguf(weights_dir) or not on_load.eligible(adapter, task, cfg.full):
+    if cfg.quantize is None or is_gguf(weights_dir) or not on_load.eligible(adapter, task, cfg.full):
         return None
     return on_load.load_deferred(weights_dir, dtype)
 

@@ -113,8 +113,8 @@ def prepare_base(adapted, cfg, dtype: torch.dtype, model_dir: str, deferred=None
     model = adapted.model if hasattr(adapted, "model") else adapted
     if dtype != torch.float32:
         _phi_in_fp32(adapted, dtype)
-    if cfg.quantize == "nf4":
-        quantize_frozen_linears(model, model_dir, deferred)
+    if cfg.quantize is not None:
+        quantize_frozen_linears(model, model_dir, deferred, cfg.quantize)
     if cfg.gradient_checkpointing:
         enable_checkpointing(adapted, model_dir, keep_config=cfg.full)
 
@@ -160,13 +160,16 @@ def quantizable_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-def quantize_frozen_linears(model: nn.Module, model_dir: str, deferred=None) -> int:
-    """Replace every frozen linear layer but the output projection by an ``NF4Linear``; the
-    number replaced. A layer holding φ (a trained head, LoRA's A and B, a sparse φ's base
-    weights) stays as it is. ``deferred`` (``peftcli.quantize.on_load.Deferred``): weights
-    still in the checkpoint, read one at a time."""
+def quantize_frozen_linears(model: nn.Module, model_dir: str, deferred=None, scheme: str = "nf4") -> int:
+    """Replace every frozen linear layer but the output projection by a layer holding its
+    weight in ``scheme`` (``NF4Linear``, ``Int8Linear``); the number replaced. A layer holding
+    φ (a trained head, LoRA's A and B, a sparse φ's base weights) stays as it is.
+    ``deferred`` (``peftcli.quantize.on_load.Deferred``): weights still in the checkpoint,
+    read one at a time."""
     from peftcli import modules
-    from peftcli.quantize.nf4 import NF4Linear
+    from peftcli.quantize import layer_class
+
+    quantized = layer_class(scheme)
 
     chosen = quantizable_linears(model)
     if not chosen:
@@ -186,7 +189,7 @@ def quantize_frozen_linears(model: nn.Module, model_dir: str, deferred=None) -> 
             parent, _, child = name.rpartition(".")
             stored = deferred.name_of(layer.weight) if deferred is not None else None
             weight = deferred.read(ckpt, stored) if stored is not None else None
-            setattr(model.get_submodule(parent), child, NF4Linear(layer, transposed=modules.is_conv1d(layer), weight=weight))
+            setattr(model.get_submodule(parent), child, quantized(layer, transposed=modules.is_conv1d(layer), weight=weight))
             del weight
         del layer
         if deferred is not None:
