@@ -31,6 +31,7 @@ ROWS = {
     "peftcli bf16 + packing": {"base_dtype": "bf16", "packing": True},
     "peftcli nf4": {"quantize": "nf4"},
     "peftcli nf4 + checkpointing": {"quantize": "nf4", "gradient_checkpointing": True},
+    "peftcli int8": {"quantize": "int8"},
     "PEFT bf16 (anchor)": None,
 }
 SHAPES = {  # name → LlamaConfig fields beyond the SmolLM2 shape; built with random weights

@@ -15,5 +15,5 @@ mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')" || exit 1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"; date -u; } | tee "$out/machine.txt"
-timeout 180 python3 -m pytest -q -x -p no:cacheprovider tests/test_train_lowprec.py tests/test_train_packing.py 2>&1 | tail -15 | tee "$out/tests.txt"
+timeout 180 python3 -m pytest -q -x -p no:cacheprovider tests/test_train_lowprec.py tests/test_train_int8.py tests/test_quantize_on_load.py tests/test_train_packing.py 2>&1 | tail -15 | tee "$out/tests.txt"
 timeout 330 python3 benchmarks/gpu_check.py --out "$out" 2>&1 | tee "$out/gpu_check.log"
