@@ -9,6 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from peftcli.methods import foldable_hint
 from peftcli.attach import attach_adapter, load_adapted, load_base_model
 from peftcli.cli import cli
 from peftcli.errors import BadInputError, UsageError
@@ -437,7 +438,7 @@ def test_merge_refuses_and_check_accepts_prefix_adapters_alike(tiny_gpt2, tmp_pa
     assert merged.exit_code == 2 and not os.path.exists(out)
     assert merged.stderr.strip().splitlines() == [
         f"error: {run}: prefix adds computation (new modules or inputs) that no weight change reproduces "
-        "(only lora, ia3, loha, lokr, bitfit, layers, lt-sft and diff-pruning adapters fold into the weights)"
+        f"({foldable_hint()})"
     ]
     checked = CliRunner().invoke(cli, ["check", tiny_gpt2, run])
     assert checked.exit_code == 0, checked.output

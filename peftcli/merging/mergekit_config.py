@@ -125,7 +125,7 @@ def passthrough(raw: dict) -> tuple[list, str | None]:
 
 def parse(raw: dict) -> tuple[str, list[str], dict[str, Any]]:
     if raw.get("merge_method") == "passthrough":
-        raise refuse("merge_method", "passthrough stacks layers: peftcli merge --config writes it, a recipe's merge step does not", "run peftcli merge --config")
+        raise refuse("merge_method", "passthrough stacks layers: `peftcli merge --config FILE` writes it, a recipe's merge step does not", "run `peftcli merge --config FILE`")
     unknown = next((k for k in raw if k not in TOP_KEYS), None)
     if unknown is not None:
         raise refuse(str(unknown), "not a key peftcli reads", f"drop {unknown}; {HINT}")
@@ -438,7 +438,7 @@ def with_config(path: str, base, inputs, values: dict[str, Any], given: Iterable
     raw = _read(path)
     if raw.get("merge_method") == "passthrough":
         if not stack:
-            raise refuse("merge_method", "passthrough stacks layers: peftcli merge --config writes it, a recipe's merge step does not", "run peftcli merge --config")
+            raise refuse("merge_method", "passthrough stacks layers: `peftcli merge --config FILE` writes it, a recipe's merge step does not", "run `peftcli merge --config FILE`")
         slices, dtype = passthrough(raw)
         return "", (), {**kept, "stack": slices, "dtype": dtype}
     base, found, mk = parse(raw)

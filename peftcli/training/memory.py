@@ -184,30 +184,11 @@ def predict(base: str, run: str, opts: TrainMemoryOptions) -> TrainMemory:
     inner = adapted.model
     phi = adapted.phi_parameters()
     phi_numel = sum(p.numel() for p in phi.values())
-    phi_ids = {id(p) for p in phi.values()}
 
     workers = opts.nproc
     shards = workers if opts.shard else 1
-    weights_full = weights = 0
-    quantized_max = 0
-    from peftcli.quantize.int8 import int8_bytes
-
     quantized = {id(layer.weight) for _, layer in precision.quantizable_linears(inner)} if opts.quantize is not None else set()
-    seen: set[int] = set()
-    for t in [*inner.parameters(), *inner.buffers()]:
-        key = t.untyped_storage()._cdata
-        if id(t) in phi_ids or key in seen:
-            continue
-        seen.add(key)
-        size = t.numel() * t.element_size()
-        weights_full += size
-        if id(t) in quantized:
-            weights += nf4_bytes(t.numel()) if opts.quantize == "nf4" else int8_bytes(t.shape[0], t.numel() // t.shape[0])
-            quantized_max = max(quantized_max, t.numel())
-        elif opts.shard and isinstance(t, torch.nn.Parameter):  # FSDP2: dim 0 split over the workers (padded)
-            weights += _shard_bytes(t, shards)
-        else:
-            weights += size
+    weights, weights_full, quantized_max = _weights(inner, {id(p) for p in phi.values()}, quantized, opts.quantize, shards)
     if opts.quantize is not None and not quantized:
         raise BadInputError(f"{base}: no frozen linear layer to quantise", "drop `quantize`")
 
@@ -244,6 +225,33 @@ def predict(base: str, run: str, opts: TrainMemoryOptions) -> TrainMemory:
             "loads": ("one weight at a time" if deferred else "whole") if quantized else "whole", "shard": opts.shard,
         },
     )
+
+
+def _weights(inner, phi_ids: set[int], quantized: set[int], scheme: str | None, shards: int) -> tuple[int, int, int]:
+    """(bytes of the frozen base as held, bytes of it in full precision, values in the largest
+    quantised weight): each storage once, φ not at all; a quantised weight at its scheme's
+    bytes, a sharded parameter at one worker's rows."""
+    import torch
+
+    from peftcli.quantize.int8 import int8_bytes
+
+    weights = weights_full = quantized_max = 0
+    seen: set[int] = set()
+    for t in [*inner.parameters(), *inner.buffers()]:
+        key = t.untyped_storage()._cdata
+        if id(t) in phi_ids or key in seen:
+            continue
+        seen.add(key)
+        size = t.numel() * t.element_size()
+        weights_full += size
+        if id(t) in quantized:
+            weights += nf4_bytes(t.numel()) if scheme == "nf4" else int8_bytes(t.shape[0], t.numel() // t.shape[0])
+            quantized_max = max(quantized_max, t.numel())
+        elif shards > 1 and isinstance(t, torch.nn.Parameter):  # FSDP2: dim 0 split over the workers (padded)
+            weights += _shard_bytes(t, shards)
+        else:
+            weights += size
+    return weights, weights_full, quantized_max
 
 
 def _shard_bytes(t, shards: int) -> int:

@@ -464,7 +464,7 @@ def _check_given_patterns(modules: list, cfg: LoraConfig) -> None:
             if not any(rank_patterns.values(((key, 1),), (), m.name, 0, 0, rank_patterns.CURRENT)[0] for m in modules):
                 raise UsageError(
                     f"`{name}` regex {key!r} matches none of the {len(modules)} target modules",
-                    "match a target's path whole or after a dot, e.g. 'q_proj' or 'layers\\.0\\..*' (peftcli inspect --budget lists them)",
+                    "match a target's path whole or after a dot, e.g. 'q_proj' or 'layers\\.0\\..*' (`peftcli inspect MODEL --budget lora` lists them)",
                 )
 
 
