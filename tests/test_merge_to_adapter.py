@@ -115,7 +115,9 @@ def test_ties_at_lower_rank_keeps_the_fp64_svd_share(loras, tiny_llama, tmp_path
         assert torch.allclose(folded[name], _truncated(delta, 3), atol=1e-5), name
 
 
-@pytest.mark.parametrize("method, extra", [("ties", []), ("dare", []), ("breadcrumbs", ["--gamma", "0.05"])])
+@pytest.mark.parametrize(
+    "method, extra", [("ties", []), ("dare", []), ("breadcrumbs", ["--gamma", "0.05"]), ("della", ["--epsilon", "0.1"])],
+)
 def test_full_rank_adapter_is_the_checkpoint_merge_of_the_same_method(method, extra, loras, tiny_llama, tmp_path):
     """The registry's one kernel: θ − θ₀ of `merge --method M` equals the adapter's ΔW (same options)."""
     a, b, _ = loras
