@@ -8,7 +8,10 @@
   Eckart–Young), B = U·√S, A = √S·Vᵀ, α = r so the scale is 1, r given or chosen per weight by
   the share of ‖ΔW‖² to keep; ΔW is made one tensor at a time, never for the whole model. The
   report gives the share of ‖ΔW‖² each tensor keeps, and the tensors a LoRA cannot carry
-  (biases, norms, embeddings) with their share."""
+  (biases, norms, embeddings) with their share;
+- several inputs → one LoRA (``merge --to-adapter``): per linear weight the merge method's
+  combination of the ΔWᵢ (the registry's kernel with θ₀ = 0; linear, TIES, DARE...), factored
+  the same way."""
 
 from __future__ import annotations
 
@@ -305,18 +308,26 @@ def _write_lora(source: str, kind: str, out: str, opts: ConvertOptions, ckpt, it
     return LoraExtraction(out, made.rank, kind, opts.energy, made.modules, made.dropped, made.kept_energy)
 
 
-# -- merge --to-adapter: Σ λᵢ ΔWᵢ of several inputs as one LoRA ---------------------------------
+# -- merge --to-adapter: the inputs' ΔWs combined by a merge method, as one LoRA -------------
 
 
 def merge_to_adapter(base: str, inputs: list[str], out: str | None, opts, lam: list[float]) -> AdapterMergeReport:
-    """``peftcli merge --to-adapter``: per linear weight Σ λᵢ ΔWᵢ (one tensor at a time), re-factored
-    by truncated SVD into one LoRA adapter at ``opts.rank`` or ``opts.energy`` (exact at full rank)."""
+    """``peftcli merge --to-adapter``: per linear weight the merge method's combination of the inputs'
+    ΔWᵢ (one tensor at a time; linear: Σ λᵢ ΔWᵢ), re-factored by truncated SVD into one LoRA
+    adapter at ``opts.rank`` or ``opts.energy`` (exact at full rank).
+
+    The method is the registry's own (``MergeMethod.combine``, the kernel a checkpoint merge
+    uses on whole tensors) with the ΔWs as the task vectors; DARE's masks are keyed by the
+    tensor's name and the input's position, as in a checkpoint merge, so at full rank the
+    adapter is θ − θ₀ of ``merge --method M`` with the same options (up to rounding)."""
     import json
 
+    from peftcli.merging.arithmetic import prepare
     from peftcli.merging.sources import open_source, refuse_unmergeable
 
     if out is None:
         raise UsageError("`to_adapter` writes an adapter directory, not a checkpoint stream", "pass -o DIR")
+    m, cfg = prepare(opts.method, len(inputs), lam, {**opts.params, "density": opts.density})  # before anything is read
     check_output_path(out, [*inputs, base], opts.force)
     with open_checkpoint(base, allow_pickle=opts.allow_pickle) as ckpt:
         sources = []
@@ -327,11 +338,13 @@ def merge_to_adapter(base: str, inputs: list[str], out: str | None, opts, lam: l
                     raise UsageError(f"{path} carries a task head, which a LoRA adapter does not hold", "merge it into a checkpoint instead")
                 refuse_unmergeable(sources[-1], ckpt)
             names = sorted(set().union(*(s.deltas for s in sources)))
-            items = ((n, lambda n=n: _weighted_sum(n, sources, lam, ckpt)) for n in names)
+            combine = _weighted_sum if m.weighted_sum else _method_combination(m, cfg, opts.seed)
+            items = ((n, lambda n=n: combine(n, sources, lam, ckpt)) for n in names)
             recorded = json.dumps([{"path": os.path.abspath(p), "weight": w} for p, w in zip(inputs, lam)])
+            method = {"method": m.name, "seed": opts.seed, **{f.name: getattr(cfg, f.name) for f in option_fields(type(cfg))}}
             made = _extract_and_write(
                 inputs, "merge", out, ckpt, items, rank=opts.rank, energy=opts.energy, force=opts.force,
-                metadata={"peftcli.merged_from": recorded},
+                metadata={"peftcli.merged_from": recorded, "peftcli.merge_method": json.dumps(method, sort_keys=True)},
             )
         finally:
             for s in sources:
@@ -345,6 +358,7 @@ def merge_to_adapter(base: str, inputs: list[str], out: str | None, opts, lam: l
 
 
 def _weighted_sum(name: str, sources, lam: list[float], ckpt):
+    """Σ λᵢ ΔWᵢ of one tensor, one input's ΔW alive at a time (``linear``)."""
     from peftcli.checkpoint.dtypes import work_dtype
 
     stored = ckpt.get(name)
@@ -354,6 +368,24 @@ def _weighted_sum(name: str, sources, lam: list[float], ckpt):
             d = s.deltas[name](stored).to(work_dtype(stored.dtype)) * w
             total = d if total is None else total.add_(d)
     return total
+
+
+def _method_combination(m, cfg, seed: int):
+    """The combination of one tensor's ΔWᵢ by merge method ``m`` (one of the task vectors alone)."""
+
+    def combine(name: str, sources, lam: list[float], ckpt):
+        import torch
+
+        from peftcli.checkpoint.dtypes import work_dtype
+
+        stored = ckpt.get(name)
+        work = work_dtype(stored.dtype)
+        # Every input takes part, zero where it leaves this tensor alone, as MergeMethod.whole
+        # does: the same result as a checkpoint merge, and DARE's mask for input i depends on i alone.
+        phis = [s.deltas[name](stored).to(work) if name in s.deltas else torch.zeros(stored.shape, dtype=work) for s in sources]
+        return m.combine(phis, lam, cfg, seed=seed, key=name, dtype=work)
+
+    return combine
 
 
 @dataclass

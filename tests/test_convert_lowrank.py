@@ -445,7 +445,7 @@ def test_merge_to_adapter_at_lower_rank_keeps_the_fp64_svd_share(two_loras, tiny
     "args, message",
     [
         (["--rank", "2"], "only applies with --to-adapter"),
-        (["--to-adapter", "--method", "ties", "--density", "0.5"], "use --method linear"),
+        (["--to-adapter", "--method", "slerp", "--t", "0.5"], "slerp needs the base tensor"),
         (["--to-adapter", "--dtype", "BF16"], "--dtype does not apply"),
         (["--to-adapter", "--rank", "2", "--energy", "0.5"], "give one"),
     ],

@@ -73,12 +73,30 @@ def merge(base, inputs, out, config, as_json, **values):
             bar.stop()
     if as_json:
         emit_json(report.to_json())
+    elif opts.to_adapter:
+        _print_adapter(report, len(inputs))
     elif stream is None:
         click.echo(f"wrote {report.output}: {report.changed} of {report.tensors} tensors changed ({report.method}, {len(inputs)} input{'s' if len(inputs) > 1 else ''})")
         for t in report.tasks if len(report.tasks) > 1 else []:  # one head model per task
             click.echo(f"  task {t['name']}: {t['architecture']}, {len(t['labels'])} labels -> {t['path']}")
     else:
         click.echo(f"merged {report.changed} of {report.tensors} tensors to stdout", err=True)
+
+
+def _print_adapter(report, n_inputs: int) -> None:
+    """``--to-adapter``'s report, as ``convert --to lora`` prints it: rank and kept ‖ΔW‖² per weight."""
+    from peftcli.cli.output import printable
+
+    dropped = report.dropped
+    click.echo(
+        f"wrote {printable(report.output)}: rank {report.rank} LoRA on {report.changed} weights ({report.method}, {n_inputs} input"
+        f"{'s' if n_inputs > 1 else ''}), keeping {100 * report.kept_energy:.2f}% of ‖ΔW‖²"
+        + (f"; dropped {len(dropped)} tensors a LoRA cannot carry ({100 * sum(d['energy_share'] for d in dropped):.2f}% of ‖ΔW‖²)" if dropped else "")
+    )
+    for t in report.adapter_tensors:
+        click.echo(f"  {printable(t['name'])}: rank {t['rank']}, keeps {100 * t['kept_energy']:.2f}%")
+    for d in dropped:
+        click.echo(f"  {printable(d['name'])}: dropped, {100 * d['energy_share']:.2f}% of ‖ΔW‖²")
 
 
 def _from_config(config: str, base, values: dict):

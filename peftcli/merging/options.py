@@ -40,7 +40,7 @@ class MergeOptions:
     )
     params: dict[str, Any] = field(default_factory=dict)  # the method's parameters by name (None: not given)
     # --to-adapter (peftcli.conversion.merge_to_adapter): after params, so from_keywords' positions hold
-    to_adapter: bool = option(False, help="Write one LoRA adapter (-o DIR): Σ λᵢ ΔWᵢ per linear weight re-factored by truncated SVD.")
+    to_adapter: bool = option(False, help="Write one LoRA adapter (-o DIR): the method's combination of the ΔWᵢ per linear weight (linear: Σ λᵢ ΔWᵢ), re-factored by truncated SVD.")
     rank: int | None = option(None, min=1, help="With --to-adapter: the LoRA's rank (default 16).")
     energy: float | None = option(None, metavar="E", help="With --to-adapter, instead of --rank: per weight the smallest rank keeping E of ‖ΔW‖².")
 
@@ -66,14 +66,17 @@ class MergeOptions:
 
 
 def _check_to_adapter(opts: MergeOptions) -> None:
-    """``to_adapter`` sums the task vectors (linear) into an adapter; the checkpoint's options do not apply."""
+    """``to_adapter`` combines the task vectors (the ΔWs, θ₀ = 0) into an adapter: a method of the
+    task vectors alone (linear, ties, dare...); the checkpoint's options do not apply."""
     if not opts.to_adapter:
         given = next((k for k in ("rank", "energy") if getattr(opts, k) is not None), None)
         if given:
             raise UsageError(f"`{given}` only applies with `to_adapter`", "add `to_adapter`, or drop it")
         return
-    if opts.method != "linear":
-        raise UsageError(f"`to_adapter` writes the weighted sum Σ λᵢ ΔWᵢ, not {opts.method}", "use `method` linear")
+    method = REGISTRY.get(opts.method)
+    if method is not None and method.needs_base:  # θ₀ = 0 would silently change what the method means
+        alone = ", ".join(n for n, m in REGISTRY.items() if not m.needs_base)
+        raise UsageError(f"`to_adapter` combines the ΔWs alone, and {opts.method} needs the base tensor θ₀", f"use `method` {alone}")
     other = next((k for k, v in (("dtype", opts.dtype), ("max_shard_size", opts.max_shard_size)) if v is not None), None)
     if other or opts.heads != "each":
         raise UsageError(f"`{other or 'heads'}` does not apply with `to_adapter`: it writes an adapter", f"drop `{other or 'heads'}`")
