@@ -19,6 +19,9 @@ Reproduced, by the same operations in the same dtype as PEFT 0.21 (``LoraLayer.p
 
 The residual is rounded to the weight's dtype, as PEFT stores it in the base layer.
 
+``factors`` gives inject's ``--init pissa|olora`` the initial A₀, B₀ by the same functions,
+so what peftcli writes and what it (and PEFT) subtract on load come from one computation.
+
 Refused, because the files do not determine the base PEFT trained against: ``pissa_niter_N``
 (randomised SVD), ``corda`` (needs calibration statistics), ``loftq`` (quantised base),
 ``lora_ga`` (PEFT changed the base by a gradient-derived A·B while training but does not redo
