@@ -4,7 +4,8 @@ Variants: rsLoRA scales by α/√r; DoRA (Liu et al., 2024) learns a magnitude m
 feature and uses W' = m · (W₀ + sBA) / ‖W₀ + sBA‖ (row norms, treated as a constant in
 backprop, as the paper suggests). On a d×k matrix LoRA adds r·(d + k) parameters (+ d for
 DoRA, + d for lora_B's bias). A starts Kaiming-uniform (or Gaussian), B at zero, so ΔW = 0
-before training (PEFT's orthogonal init: A and B non-zero with B·A = 0). PEFT's
+before training (PEFT's orthogonal init: A and B non-zero with B·A = 0; PiSSA/OLoRA: A, B
+from W's SVD/QR, and the base PEFT loads them on is W − s·B·A, see base_init). PEFT's
 rank_pattern/alpha_pattern give modules their own r and α (``LoraConfig.for_module``).
 Written in PEFT's layout: ``base_model.model.<module>.lora_A.weight`` [r, in],
 ``...lora_B.weight`` [out, r] (``...lora_B.bias`` [out]), ``...lora_magnitude_vector`` [out].
