@@ -41,6 +41,9 @@ def _command(method) -> click.Command:
 
         console = stdout_console()
         render_budget(budget.to_json(), console)
+        note = getattr(method, "inject_note", lambda cfg: None)(cfg)  # e.g. LoRA's PiSSA: the base PEFT loads it on
+        if note:
+            console.print(note, markup=False, highlight=False)
         console.print(f"wrote {out}")
 
     return command

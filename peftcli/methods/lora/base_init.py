@@ -19,6 +19,9 @@ Reproduced, by the same operations in the same dtype as PEFT 0.21 (``LoraLayer.p
 
 The residual is rounded to the weight's dtype, as PEFT stores it in the base layer.
 
+``factors`` gives inject's ``--init pissa|olora`` the initial A₀, B₀ by the same functions,
+so what peftcli writes and what it (and PEFT) subtract on load come from one computation.
+
 Refused, because the files do not determine the base PEFT trained against: ``pissa_niter_N``
 (randomised SVD), ``corda`` (needs calibration statistics), ``loftq`` (quantised base),
 ``lora_ga`` (PEFT changed the base by a gradient-derived A·B while training but does not redo
@@ -138,8 +141,23 @@ def residual(kind: str, stored: "torch.Tensor", rank: int, scaling: float, trans
     raise AssertionError(f"no residual for {kind!r}")
 
 
-def _pissa_init(w: "torch.Tensor", r: int, scaling: float) -> "torch.Tensor":
-    """s·B₀·A₀ exactly as PEFT's ``pissa_init`` computes it (same operations, same order)."""
+def factors(kind: str, stored: "torch.Tensor", rank: int, scaling: float, transposed: bool) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """The initial A₀ [r, in] and B₀ [out, r] (fp32) PEFT's ``kind`` initialisation gives the
+    layer whose weight is ``stored`` (as in the checkpoint: [in, out] for Conv1D), for inject.
+    OLoRA on Conv1D is not offered: PEFT 0.21 and 0.22 factor it differently."""
+    import torch
+
+    w = stored.to(torch.float32)
+    if kind == "pissa":
+        return _pissa_factors(w.T if transposed else w, rank, scaling)
+    if kind == "olora" and not transposed:
+        return _olora_factors(w, rank)
+    raise AssertionError(f"no inject factors for {kind!r} (transposed={transposed})")
+
+
+def _pissa_factors(w: "torch.Tensor", r: int, scaling: float) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """A₀, B₀ exactly as PEFT's ``pissa_init`` computes them (same operations, same order) on
+    ``w`` [out, in] in fp32: A₀ = √(S_r/s)·Uh_r, B₀ = V_r·√(S_r/s)."""
     import torch
 
     V, S, Uh = torch.linalg.svd(w, full_matrices=False)
@@ -148,12 +166,24 @@ def _pissa_init(w: "torch.Tensor", r: int, scaling: float) -> "torch.Tensor":
     Uhr = Uh[:r]
     lora_A = torch.diag(torch.sqrt(Sr)) @ Uhr
     lora_B = Vr @ torch.diag(torch.sqrt(Sr))
+    return lora_A, lora_B
+
+
+def _olora_factors(w: "torch.Tensor", r: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """A₀ = R[:r], B₀ = Q[:, :r] of W = Q·R, as PEFT's ``olora_init`` (on ``w`` as stored)."""
+    import torch
+
+    Q, R = torch.linalg.qr(w)
+    return R[:r].contiguous(), Q[:, :r].contiguous()
+
+
+def _pissa_init(w: "torch.Tensor", r: int, scaling: float) -> "torch.Tensor":
+    """s·B₀·A₀ exactly as PEFT's ``pissa_init`` computes it (same operations, same order)."""
+    lora_A, lora_B = _pissa_factors(w, r, scaling)
     return scaling * lora_B @ lora_A
 
 
 def _olora_init(w: "torch.Tensor", r: int, scaling: float) -> "torch.Tensor":
     """s·B₀·A₀ exactly as PEFT's ``olora_init`` computes it, on ``w`` as stored."""
-    import torch
-
-    Q, R = torch.linalg.qr(w)
-    return scaling * Q[:, :r].contiguous() @ R[:r].contiguous()
+    lora_A, lora_B = _olora_factors(w, r)
+    return scaling * lora_B @ lora_A

@@ -4,7 +4,8 @@ Variants: rsLoRA scales by α/√r; DoRA (Liu et al., 2024) learns a magnitude m
 feature and uses W' = m · (W₀ + sBA) / ‖W₀ + sBA‖ (row norms, treated as a constant in
 backprop, as the paper suggests). On a d×k matrix LoRA adds r·(d + k) parameters (+ d for
 DoRA, + d for lora_B's bias). A starts Kaiming-uniform (or Gaussian), B at zero, so ΔW = 0
-before training (PEFT's orthogonal init: A and B non-zero with B·A = 0). PEFT's
+before training (PEFT's orthogonal init: A and B non-zero with B·A = 0; PiSSA/OLoRA: A, B
+from W's SVD/QR, and the base PEFT loads them on is W − s·B·A, see base_init). PEFT's
 rank_pattern/alpha_pattern give modules their own r and α (``LoraConfig.for_module``).
 Written in PEFT's layout: ``base_model.model.<module>.lora_A.weight`` [r, in],
 ``...lora_B.weight`` [out, r] (``...lora_B.bias`` [out]), ``...lora_magnitude_vector`` [out].
@@ -29,7 +30,8 @@ from peftcli.targets import excluded, is_regex, linear_modules, names_module, re
 if TYPE_CHECKING:
     import torch
 
-INITS = ("kaiming", "gaussian", "orthogonal")
+INITS = ("kaiming", "gaussian", "orthogonal", "pissa", "olora")
+BASE_INITS = ("pissa", "olora")  # PEFT subtracts s·B₀·A₀ from the base weights when it loads the adapter
 FP32_MAX = 3.4028234663852886e38  # the largest finite float32
 
 
@@ -56,8 +58,9 @@ class LoraConfig:
     rslora: bool = option(False, help="rsLoRA: scale by α/√r instead of α/r")
     dropout: float = option(0.0, help="dropout on the LoRA branch's input during training (default 0)")
     init: str = option(
-        "kaiming", metavar="kaiming|gaussian|orthogonal",
-        help="initialisation of A (B zero); default kaiming, as PEFT; orthogonal: PEFT's, A and B both non-zero with B·A = 0 (even ranks)",
+        "kaiming", metavar="kaiming|gaussian|orthogonal|pissa|olora",
+        help="initialisation of A (B zero); default kaiming, as PEFT; orthogonal: PEFT's, A and B both non-zero with B·A = 0 (even ranks); "
+        "pissa (SVD of W) / olora (QR of W): PEFT's, A and B from the base weight, which PEFT replaces by W − (α/r)·B·A when it loads the adapter",
     )
     rank_pattern: str | dict | None = _when_given(option(
         None, metavar="REGEX=R,...",
@@ -102,6 +105,12 @@ class LoraConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"`dropout` must be in [0, 1), got {self.dropout}", "e.g. `dropout` 0.05")
+        if isinstance(self.init, str) and self.init.startswith("pissa_niter"):
+            raise UsageError(
+                f"`init` {self.init} is not offered: PEFT redoes its randomised SVD each time it loads the adapter, "
+                "so the base weights it trains against are not fixed by the files",
+                "use `init` pissa (the full SVD, which PEFT reproduces exactly)",
+            )
         if self.init not in INITS:
             raise UsageError(f"`init` must be one of {', '.join(INITS)}, got {self.init!r}", "e.g. `init` kaiming")
         if self.lora_bias and (self.dora or self.init != "kaiming"):
@@ -146,6 +155,16 @@ class LoRA(MethodBase):
     )
 
     @staticmethod
+    def inject_note(cfg: LoraConfig) -> str | None:
+        """A line for inject to print when the adapter changes the base it is applied to."""
+        if cfg.init not in BASE_INITS:
+            return None
+        return (
+            f"note: init_lora_weights={cfg.init!r}: the adapter is relative to the residual base W − (α/r)·B₀·A₀, "
+            "which PEFT (and peftcli) compute from the original base when they load it: load it on the original base"
+        )
+
+    @staticmethod
     def added_params(shape: tuple[int, int], cfg: LoraConfig) -> int:
         out_features, in_features = shape
         return cfg.rank * (out_features + in_features) + (out_features if cfg.dora else 0) + (out_features if cfg.lora_bias else 0)
@@ -175,6 +194,13 @@ class LoRA(MethodBase):
                     "the adapter config targets nothing: fix exclude_modules in adapter_config.json",
                 )
         _check_given_patterns(modules, cfg)
+        conv1d = next((m for m in modules if m.transposed), None)
+        if cfg.init == "olora" and conv1d is not None:  # inject's option (an adapter's OLoRA is read by its peft_version)
+            raise UsageError(
+                f"`init` olora on the Conv1D layer {conv1d.name}: PEFT 0.21 and 0.22 factor such layers differently, "
+                "so the base PEFT would load the adapter on depends on its release",
+                "use `init` pissa on this model, or target nn.Linear modules only",
+            )
         if cfg.lora_bias and not cfg.peft_embeddings:  # inject's option (an adapter's lora_bias is refused where it is merged)
             bare = next((m for m in modules if m.name + ".bias" not in shapes), None)
             if bare is not None:
@@ -225,17 +251,22 @@ class LoRA(MethodBase):
         for m in self._targets(shapes, ckpt.config, cfg):
             d_out, d_in = m.shape
             mcfg = cfg.for_module(m.name)
-            a, b = _draw_ab(draws, cfg.init, mcfg.rank, d_in, d_out)
+            if cfg.init in BASE_INITS:
+                a, b = _factored_ab(ckpt, m, cfg.init, mcfg)
+            else:
+                a, b = _draw_ab(draws, cfg.init, mcfg.rank, d_in, d_out)
             out[peft_key(m.name, "lora_A.weight")] = a
             out[peft_key(m.name, "lora_B.weight")] = b
             if cfg.lora_bias:
                 out[peft_key(m.name, "lora_B.bias")] = lazy_zeros(d_out)
             if cfg.dora:
                 dim = 0 if m.transposed else 1
-                # PEFT's magnitude is ‖W + s·B·A‖; B·A is 0 but for orthogonal's rounding, computed then
-                ab = (a, b, mcfg.scaling) if cfg.init == "orthogonal" else None
+                # PEFT's magnitude is ‖W + s·B·A‖; B·A is 0 but for orthogonal's rounding, computed then;
+                # PiSSA/OLoRA: ‖W_res + s·B₀·A₀‖ on the residual PEFT's layer holds
+                ab = (a, b, mcfg.scaling) if cfg.init in ("orthogonal", *BASE_INITS) else None
+                res = (cfg.init, mcfg.rank) if cfg.init in BASE_INITS else None
                 out[peft_key(m.name, "lora_magnitude_vector")] = LazyTensor(
-                    (d_out,), torch.float32, lambda name=m.name, dim=dim, ab=ab: _row_norms(ckpt, name, dim, ab)
+                    (d_out,), torch.float32, lambda name=m.name, dim=dim, ab=ab, res=res: _row_norms(ckpt, name, dim, ab, res)
                 )
         # An adapter's embedding LoRA and trainable tokens: PEFT's keys and shapes (check compares them).
         embedded = self._embedding_targets(shapes, ckpt.config, cfg)
@@ -566,18 +597,40 @@ def _fold_bias(stored: "torch.Tensor", *, bias: "torch.Tensor", scaling: float) 
     return bias.float() * scaling
 
 
-def _row_norms(ckpt, module: str, dim: int, ab: tuple | None = None) -> "torch.Tensor":
+def _row_norms(ckpt, module: str, dim: int, ab: tuple | None = None, res: tuple | None = None) -> "torch.Tensor":
     """DoRA's initial magnitude ‖W₀ + s·B·A‖ per output feature (``dim`` 1 for [out, in], 0 for
     Conv1D's [in, out]). With B = 0 (``ab`` None) accumulated in fp32 without an fp32 copy of W;
-    else ``ab`` = (A, B, s) as LazyTensors and the scale, added to an fp32 copy as PEFT does."""
+    else ``ab`` = (A, B, s) as LazyTensors and the scale, added to an fp32 copy as PEFT does.
+    ``res`` = (init, rank) for PiSSA/OLoRA: W₀ is the residual PEFT's layer holds."""
     import torch
 
     w = ckpt.get(module + ".weight")
     if ab is None:
         return torch.linalg.vector_norm(w, dim=dim, dtype=torch.float32)
     a, b, scaling = ab
-    w = (w.T if dim == 0 else w).float() + scaling * (b.make() @ a.make())
+    if res is not None:
+        w = lora_init.residual(res[0], w, res[1], scaling, dim == 0)  # fp32 [out, in]
+    else:
+        w = (w.T if dim == 0 else w).float()
+    w = w + scaling * (b.make() @ a.make())
     return torch.linalg.vector_norm(w, dim=1)
+
+
+def _factored_ab(ckpt, m, init: str, cfg: LoraConfig) -> tuple[LazyTensor, LazyTensor]:
+    """A₀ [r, in] and B₀ [out, r] of one module from its base weight (PiSSA's SVD, OLoRA's QR),
+    as PEFT computes them: one factorisation serves both, each kept only until it is written."""
+    import torch
+
+    made: dict = {}
+
+    def part(key: str) -> "torch.Tensor":
+        if key not in made:  # the first of the two (or one made again): factor W
+            made.clear()
+            made.update(zip("AB", lora_init.factors(init, ckpt.get(m.name + ".weight"), cfg.rank, cfg.scaling, m.transposed)))
+        return made.pop(key)
+
+    d_out, d_in = m.shape
+    return LazyTensor((cfg.rank, d_in), torch.float32, lambda: part("A")), LazyTensor((d_out, cfg.rank), torch.float32, lambda: part("B"))
 
 
 def _draw_ab(draws: SeededDraws, init: str, r: int, d_in: int, d_out: int) -> tuple[LazyTensor, LazyTensor]:
