@@ -60,7 +60,7 @@ def _merge(*args: str):
 
 
 def _one_line_error(result, *words: str) -> None:
-    assert result.exit_code != 0 and result.exception is None or isinstance(result.exception, SystemExit), result.output
+    assert result.exit_code in (1, 2), result.output
     lines = [line for line in result.output.splitlines() if line]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     for w in words:
@@ -224,3 +224,44 @@ def test_missing_tokenizer_refused(models, tmp_path):
     result = _merge(models["base"], str(bare), "--tokenizer-source", "union", "-o", str(out))
     _one_line_error(result, "no tokenizer.json", str(bare))
     assert result.exit_code == 1 and not out.exists()
+
+
+def test_new_tokenizer_needs_a_directory(models, tmp_path):
+    """A single .safetensors file has no room for the union's tokenizer: refused, not written without it."""
+    out = tmp_path / "merged.safetensors"
+    result = _merge(models["base"], models["a"], "--tokenizer-source", "union", "-o", str(out))
+    _one_line_error(result, "model directory", "--tokenizer-source")
+    assert not out.exists()
+    ok = _merge(models["base"], models["a"], "--tokenizer-source", "base", "-o", str(out))  # the base's vocabulary: a file will do
+    assert ok.exit_code == 0, ok.output
+    assert _tensors(str(out))[EMBED].shape == (256, 64)
+
+
+def test_diff_input_not_merged_by_token(models, tmp_path):
+    diff = str(tmp_path / "same.diff")
+    assert CliRunner().invoke(cli, ["diff", models["base"], models["same"], "-o", diff, "--dense"]).exit_code == 0
+    out = tmp_path / "out"
+    result = _merge(models["base"], models["a"], diff, "--tokenizer-source", "union", "-o", str(out))
+    _one_line_error(result, "same.diff", "full checkpoints")
+    assert not out.exists()
+
+
+def test_padding_rows_keep_the_sources(models, tmp_path):
+    """A base padded to 260 rows with 256 tokens, an input whose 4 added tokens fill those ids: the same
+    shapes, so only the tokenizers tell them apart; with `base` the padding rows stay the base's."""
+    import transformers as tf
+
+    padded = str(tmp_path / "padded")
+    model = tf.AutoModelForCausalLM.from_pretrained(models["base"])
+    model.resize_token_embeddings(260, mean_resizing=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[256:] = torch.randn(4, 64, generator=torch.Generator().manual_seed(5))
+    model.save_pretrained(padded)
+    tf.AutoTokenizer.from_pretrained(models["base"]).save_pretrained(padded)
+    out = tmp_path / "out"
+    _one_line_error(_merge(padded, models["a"], "-o", str(out)), "'x0'", "--tokenizer-source")
+    result = _merge(padded, models["a"], "--tokenizer-source", "base", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    merged, base, a = _tensors(str(out)), _tensors(padded), _tensors(models["a"])
+    assert torch.equal(merged[EMBED][256:], base[EMBED][256:])  # not a's x0..x3
+    torch.testing.assert_close(merged[EMBED][:256], a[EMBED][:256], rtol=0, atol=1e-6)  # θ₀ + (θ_a − θ₀)

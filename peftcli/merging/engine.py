@@ -172,6 +172,8 @@ class _Job:
         layout = self.layout = heads.plan_heads(ckpt, self.sources, self.opts.heads)
         if layout is not None and (stream is not None or self.out.endswith(".safetensors")):
             raise UsageError("a merged model with a task head is a model directory", "pass -o DIR")
+        if self.tokens and self.tokens.files and (stream is not None or self.out.endswith(".safetensors")):
+            raise UsageError(f"with `tokenizer_source` {self.tokens.source}, the merged model's tokenizer is not the base's: it is a model directory", "pass -o DIR")
         self.origin = {t.name: t.name for t in ckpt.tensors.values()}
         if layout is not None:
             self.origin = {layout.model.rename[n]: n for n in ckpt.tensors if layout.model.rename[n]}

@@ -231,6 +231,15 @@ class Reindexed:
     def __getattr__(self, attr: str) -> Any:
         return getattr(self._inner, attr)
 
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
     @property
     def config(self) -> dict | None:
         config = self._inner.config
