@@ -200,11 +200,8 @@ def test_mergekit_yaml_union_equals_flags(models, tmp_path):
     result = _merge(models["base"], models["a"], models["b"], "--weights", "0.6,0.7", "--tokenizer-source", "union", "-o", flags)
     assert result.exit_code == 0, result.output
     assert sorted(os.listdir(yml)) == sorted(os.listdir(flags))
-    for name in os.listdir(flags):
-        if name != "model.safetensors":  # its metadata names the configuration's paths, the same here
-            assert open(os.path.join(yml, name), "rb").read() == open(os.path.join(flags, name), "rb").read(), name
-    assert _tensors(yml).keys() == _tensors(flags).keys()
-    assert all(torch.equal(x, _tensors(flags)[n]) for n, x in _tensors(yml).items())
+    for name in os.listdir(flags):  # weights (and their provenance), tokenizer, config: byte for byte
+        assert open(os.path.join(yml, name), "rb").read() == open(os.path.join(flags, name), "rb").read(), name
 
 
 def test_source_not_among_inputs_refused(models, tmp_path):
@@ -265,3 +262,19 @@ def test_padding_rows_keep_the_sources(models, tmp_path):
     merged, base, a = _tensors(str(out)), _tensors(padded), _tensors(models["a"])
     assert torch.equal(merged[EMBED][256:], base[EMBED][256:])  # not a's x0..x3
     torch.testing.assert_close(merged[EMBED][:256], a[EMBED][:256], rtol=0, atol=1e-6)  # θ₀ + (θ_a − θ₀)
+
+
+def test_recipe_step_takes_tokenizer_source(models, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"steps:\n  merge: {{base: '{models['base']}', inputs: ['{models['a']}', '{models['b']}'], weights: '0.6,0.7', "
+        f"tokenizer_source: union, output: m}}\n"
+    )
+    result = CliRunner().invoke(cli, ["run", str(recipe), "-o", "wd", "--quiet"])
+    assert result.exit_code == 0, result.output
+    flags = str(tmp_path / "flags")
+    assert _merge(models["base"], models["a"], models["b"], "--weights", "0.6,0.7", "--tokenizer-source", "union", "-o", flags).exit_code == 0
+    got, want = _tensors(str(tmp_path / "wd" / "m")), _tensors(flags)
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    assert open(tmp_path / "wd" / "m" / "tokenizer.json", "rb").read() == open(os.path.join(flags, "tokenizer.json"), "rb").read()
