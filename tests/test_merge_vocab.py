@@ -278,3 +278,20 @@ def test_recipe_step_takes_tokenizer_source(models, tmp_path, monkeypatch):
     got, want = _tensors(str(tmp_path / "wd" / "m")), _tensors(flags)
     assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
     assert open(tmp_path / "wd" / "m" / "tokenizer.json", "rb").read() == open(os.path.join(flags, "tokenizer.json"), "rb").read()
+
+
+def test_unknown_per_token_tensor_refused(models, tmp_path):
+    """A tensor with one entry per token that is neither an embedding nor a head is not guessed at."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    odd = tmp_path / "odd"
+    shutil.copytree(models["base"], odd)
+    sd = _tensors(models["base"])
+    sd["model.token_scale"] = torch.ones(256)
+    save_file(sd, str(odd / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    result = _merge(str(odd), models["a"], "--tokenizer-source", "union", "-o", str(out))
+    _one_line_error(result, "'model.token_scale'", "256 rows")
+    assert not out.exists()

@@ -278,6 +278,7 @@ def plan(base: Checkpoint, inputs: list[str], source: str | None, allow_pickle: 
         names = vocab_tensors(base, models[0].rows)
         if not names:
             raise BadInputError(f"{base.path}: no embedding or head with config.json's vocab_size of {models[0].rows} rows", "merge models with a token embedding")
+        _check_unknown(base, models[0].rows, names)
         for m in models[1:]:
             _check_tensors(m, models[0], names)
         out_tokens, rows, files = _output(source, chosen, models)
@@ -310,6 +311,17 @@ def _model(path: str, ckpt: Checkpoint) -> _Model:
     with open(os.path.join(str(ckpt.directory), "tokenizer.json"), encoding="utf-8") as f:
         added = json.load(f).get("added_tokens") or []
     return _Model(path, ckpt, rows, {t: i for t, i in tokens.items() if i < rows}, added)
+
+
+def _check_unknown(base: Checkpoint, rows: int, names: list[str]) -> None:
+    """Refuse a tensor with one entry per token that is not named as an embedding or a head:
+    left in the inputs' own token order, it would be merged row by row across other tokens."""
+    other = next((t for t in sorted(base.tensors.values()) if t.shape and t.shape[0] == rows and t.name not in names), None)
+    if other is not None:
+        raise BadInputError(
+            f"{base.path}: {other.name!r} has {rows} rows, one per token, but is not an embedding or a head peftcli reindexes",
+            "merge models whose vocabularies are the base's, or whose only per-token tensors are the embedding and head",
+        )
 
 
 def _check_tensors(m: _Model, base: _Model, names: list[str]) -> None:
