@@ -157,6 +157,9 @@ def test_union_has_every_token_rows_by_mergekit_rule(models, tmp_path):
     torch.testing.assert_close(merged[EMBED][vocab["x2"]].double(), mean + 0.6 * (ra - mean) + 0.7 * (rb - mean), rtol=0, atol=1e-6)
     # it loads, and the tokenizer gives the added tokens the ids whose rows were written
     assert json.load(open(os.path.join(out, "config.json")))["vocab_size"] == 261
+    with open_checkpoint(out) as ckpt:
+        provenance = json.loads(ckpt.metadata["peftcli.merge"])
+    assert (provenance["tokenizer_source"], provenance["vocab_size"]) == ("union", 261)
     model = tf.AutoModelForCausalLM.from_pretrained(out)
     assert model.get_input_embeddings().weight.shape == (261, 64)
     ids = tok("w3 x0 x9 x2", add_special_tokens=False)["input_ids"]

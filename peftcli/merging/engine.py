@@ -190,6 +190,7 @@ class _Job:
             {
                 "version": __version__, "method": o.method, "weights": self.lam, "density": o.density, "seed": o.seed,
                 **_extra(self.cfg), "base": os.path.abspath(self.base),
+                **({"tokenizer_source": self.tokens.source, "vocab_size": self.tokens.rows} if self.tokens else {}),
                 "inputs": [{"path": os.path.abspath(s.path), "kind": s.kind, "sha256": s.hashes} for s in self.sources],
             },
             sort_keys=True, separators=(",", ":"),
