@@ -265,7 +265,7 @@ def test_config_is_mergekits_formula_in_fp64(models, tmp_path, name):
         (TIES.replace("normalize: true", "lambda: 2"), "lambda"),
         (TIES.replace("normalize: true", "rescale: true"), "rescale"),
         (TIES.replace("dtype: float32", "dtype: float8"), "dtype"),
-        (TIES.replace("dtype: float32", "tokenizer_source: union"), "tokenizer_source"),
+        (TIES.replace("dtype: float32", "tokenizer_source: [base, union]"), "tokenizer_source"),  # union and models: tests/test_merge_vocab.py
         (TIES.replace("weight: 0.3", "weight: [0, 1]"), "weight"),
         (TIES.replace("weight: 0.3", "gamma: 0.1"), "models.parameters.gamma"),
         (LINEAR.replace("weight: 0.5\n  - model: {b}", "weight: 0.25\n  - model: {b}").replace("merge_method: linear", "merge_method: linear\nparameters:\n  normalize: false"), "normalize"),

@@ -109,10 +109,14 @@ def merge(
     m, cfg = prepare(opts.method, len(inputs), lam, {**opts.params, "density": opts.density})
     if opts.weights is not None and not m.takes_weights:
         raise UsageError(f"{m.name} takes no `weights`", "drop `weights`")
-    with _one_thread(), open_checkpoint(base, allow_pickle=opts.allow_pickle) as ckpt:
+    from peftcli.merging import vocab
+
+    with _one_thread(), open_checkpoint(base, allow_pickle=opts.allow_pickle) as raw:
+        tokens = vocab.plan(raw, list(inputs), opts.tokenizer_source, opts.allow_pickle)  # differing vocabularies
+        ckpt = tokens.reindexed(raw) if tokens else raw  # its embedding and head in the output's token order
         m.plan(cfg, list(ckpt.tensors))  # e.g. SLERP's t lists against the base's layers
         hasher = hasher or Hasher.for_inputs(inputs)
-        job = _Job(base, list(inputs), out, opts, ckpt, m, cfg, lam)
+        job = _Job(base, list(inputs), out, opts, ckpt, m, cfg, lam, tokens=tokens)
         try:
             job.open_sources(hasher)
             job.plan(stream)
@@ -121,6 +125,8 @@ def merge(
             hasher.stop()
             for s in job.sources:
                 s.close()
+            if tokens:
+                tokens.close()
     report_inputs = [{"path": s.path, "kind": s.kind, "weight": w, "tensors": len(s.deltas)} for s, w in zip(job.sources, job.lam)]
     tasks = _report_tasks(out, job.layout)
     return MergeReport(out or "-", opts.method, report_inputs, len(job.specs), changed, _size(out), job.metadata, tasks)
@@ -145,11 +151,12 @@ class _Job:
     specs: list[TensorSpec] = field(default_factory=list)
     body_specs: list[TensorSpec] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
+    tokens: Any = None  # merging.vocab's VocabPlan where the inputs' vocabularies differ
 
     def open_sources(self, hasher: Hasher) -> None:
         ckpt = self.ckpt
         for path in self.inputs:
-            self.sources.append(open_source(path, ckpt, self.opts.allow_pickle, hasher.sha256))
+            self.sources.append(open_source(path, ckpt, self.opts.allow_pickle, hasher.sha256, self.tokens and self.tokens.reindexed))
         for s in self.sources:
             unknown = sorted(set(s.deltas) - set(ckpt.tensors))
             if unknown:
@@ -165,6 +172,8 @@ class _Job:
         layout = self.layout = heads.plan_heads(ckpt, self.sources, self.opts.heads)
         if layout is not None and (stream is not None or self.out.endswith(".safetensors")):
             raise UsageError("a merged model with a task head is a model directory", "pass -o DIR")
+        if self.tokens and self.tokens.files and (stream is not None or self.out.endswith(".safetensors")):
+            raise UsageError(f"with `tokenizer_source` {self.tokens.source}, the merged model's tokenizer is not the base's: it is a model directory", "pass -o DIR")
         self.origin = {t.name: t.name for t in ckpt.tensors.values()}
         if layout is not None:
             self.origin = {layout.model.rename[n]: n for n in ckpt.tensors if layout.model.rename[n]}
@@ -181,6 +190,7 @@ class _Job:
             {
                 "version": __version__, "method": o.method, "weights": self.lam, "density": o.density, "seed": o.seed,
                 **_extra(self.cfg), "base": os.path.abspath(self.base),
+                **({"tokenizer_source": self.tokens.source, "vocab_size": self.tokens.rows} if self.tokens else {}),
                 "inputs": [{"path": os.path.abspath(s.path), "kind": s.kind, "sha256": s.hashes} for s in self.sources],
             },
             sort_keys=True, separators=(",", ":"),
@@ -268,11 +278,14 @@ class _Job:
             target = os.path.join(outer, layout.tasks[0].name)
             stack.push(self._siblings(target, outer))
         plan = _shard_plan(ckpt, out, self.body_specs, self.specs, layout, o.max_shard_size)
+        source_dir, extra = ckpt.directory, _config_files(ckpt, layout, o.dtype)
+        if self.tokens:  # the output tokenizer's files and vocab_size
+            source_dir, extra = self.tokens.source_dir, self.tokens.extra_files(extra)
         writer = stack.enter_context(
             CheckpointWriter(
                 target, self.specs, metadata=self.metadata, max_shard_size=o.max_shard_size or DEFAULT_MAX_SHARD_SIZE,
-                source_dir=ckpt.directory, inputs=[] if multi else [self.base, *self.inputs], force=o.force and not multi,
-                shard_plan=plan, extra_files=_config_files(ckpt, layout, o.dtype),
+                source_dir=source_dir, inputs=[] if multi else [self.base, *self.inputs], force=o.force and not multi,
+                shard_plan=plan, extra_files=extra,
             )
         )
         return writer, writer.specs

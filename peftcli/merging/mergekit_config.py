@@ -2,7 +2,7 @@
 
 Scope: read a mergekit configuration (``merge_method``, ``base_model``, ``models`` with
 ``parameters``, one full-range ``slices`` entry, ``parameters`` with per-filter lists for slerp's
-``t``, ``dtype``, ``tokenizer_source: base``) and return the (base, inputs, values) that
+``t``, ``dtype``, ``tokenizer_source: base|union|<model>``) and return the (base, inputs, values) that
 ``peftcli merge`` takes, where ``values`` are MergeOptions' keys. Only what peftcli computes with
 mergekit's formula is accepted: everything else (an unknown key, a method peftcli lacks, a value
 that only mergekit's own code would give a meaning to) is refused naming the key, never ignored.
@@ -132,8 +132,9 @@ def parse(raw: dict) -> tuple[str, list[str], dict[str, Any]]:
     method = raw.get("merge_method")
     if method not in METHODS:
         raise refuse("merge_method", f"{method!r} is not a method peftcli merges", f"choose one of {', '.join(METHODS)}")
-    _check_tokenizer(raw.get("tokenizer_source"))
     values: dict[str, Any] = {"method": METHODS[method]}
+    if _check_tokenizer(raw.get("tokenizer_source")) is not None:
+        values["tokenizer_source"] = raw["tokenizer_source"]  # merging.vocab: by token where vocabularies differ
     if raw.get("dtype") is not None:
         if raw["dtype"] not in DTYPES:
             raise refuse("dtype", f"{raw['dtype']!r} is not one of {', '.join(DTYPES)}", "give dtype float32, bfloat16 or float16")
@@ -158,9 +159,11 @@ def parse(raw: dict) -> tuple[str, list[str], dict[str, Any]]:
     return base, inputs, values
 
 
-def _check_tokenizer(source: Any) -> None:
-    if source is not None and source != "base":
-        raise refuse("tokenizer_source", f"{source!r}: peftcli writes the base's tokenizer files only", "give tokenizer_source: base, or drop it")
+def _check_tokenizer(source: Any) -> str | None:
+    """``tokenizer_source``: base, union or a model's path (``merging.vocab``; mergekit's ``{model: ...}`` form is refused)."""
+    if source is not None and not (isinstance(source, str) and source):
+        raise refuse("tokenizer_source", f"{source!r}: peftcli takes base, union or a model's path", "give tokenizer_source: base, union or a model path")
+    return source
 
 
 def _local(name: Any, key: str) -> str:

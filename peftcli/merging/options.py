@@ -43,6 +43,11 @@ class MergeOptions:
     to_adapter: bool = option(False, help="Write one LoRA adapter (-o DIR): the method's combination of the ΔWᵢ per linear weight (linear: Σ λᵢ ΔWᵢ), re-factored by truncated SVD.")
     rank: int | None = option(None, min=1, help="With --to-adapter: the LoRA's rank (default 16).")
     energy: float | None = option(None, metavar="E", help="With --to-adapter, instead of --rank: per weight the smallest rank keeping E of ‖ΔW‖².")
+    # merging.vocab: full checkpoints whose vocabularies differ, merged token by token
+    tokenizer_source: str | None = option(
+        None, metavar="base|union|MODEL",
+        help="Merge models whose vocabularies differ by token: the output takes the base's tokenizer, the union of all, or MODEL's.",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.weights, str):
@@ -54,6 +59,8 @@ class MergeOptions:
             raise UsageError(f"unknown `dtype` {self.dtype!r}", "choose F32, BF16, F16 or F64")
         if self.heads not in HEAD_MODES:
             raise UsageError(f"unknown heads mode {self.heads!r}", "choose each or average")
+        if self.tokenizer_source is not None and not (isinstance(self.tokenizer_source, str) and self.tokenizer_source):
+            raise UsageError(f"`tokenizer_source` {self.tokenizer_source!r} is not a name", "give base, union, or a merged model's path")
         _check_to_adapter(self)
         m = get_merge_method(self.method)
         self.params = dict(self.params)
@@ -68,6 +75,8 @@ class MergeOptions:
 def _check_to_adapter(opts: MergeOptions) -> None:
     """``to_adapter`` combines the task vectors (the ΔWs, θ₀ = 0) into an adapter: a method of the
     task vectors alone (linear, ties, dare...); the checkpoint's options do not apply."""
+    if opts.to_adapter and opts.tokenizer_source is not None:
+        raise UsageError("`tokenizer_source` does not apply with `to_adapter`: an adapter keeps the base's vocabulary", "drop `tokenizer_source`")
     if not opts.to_adapter:
         given = next((k for k in ("rank", "energy") if getattr(opts, k) is not None), None)
         if given:

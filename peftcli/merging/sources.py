@@ -75,16 +75,20 @@ class Source:
     checkpoint: Checkpoint | None = None  # a full checkpoint input, to read ``fixed`` tensors whole
 
 
-def open_source(path: str, base: Checkpoint, allow_pickle: bool = False, sha256: Callable[[str], str] = file_sha256) -> Source:
+def open_source(
+    path: str, base: Checkpoint, allow_pickle: bool = False, sha256: Callable[[str], str] = file_sha256,
+    reindex: Callable[[Checkpoint], Checkpoint] | None = None,
+) -> Source:
     """Open merge input ``path`` against ``base``; every mismatch is a one-line error.
 
     ``sha256`` hashes a weight file for provenance (a ``Hasher``'s, to get hashes computed ahead).
+    ``reindex`` wraps a full checkpoint's reader (``merging.vocab``: its rows in the output's token order).
     """
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
         return _adapter_source(path, base, sha256)
     if path.endswith(".diff"):
         return _diff_source(path, base, sha256)
-    return _checkpoint_source(path, base, allow_pickle, sha256)
+    return _checkpoint_source(path, base, allow_pickle, sha256, reindex)
 
 
 def refuse_unmergeable(source: Source, base: Checkpoint) -> None:
@@ -218,8 +222,11 @@ class _CheckpointStream(Stream):
             out.sub_(base)
 
 
-def _checkpoint_source(path: str, base: Checkpoint, allow_pickle: bool, sha256: Callable[[str], str] = file_sha256) -> Source:
+def _checkpoint_source(
+    path: str, base: Checkpoint, allow_pickle: bool, sha256: Callable[[str], str] = file_sha256, reindex=None,
+) -> Source:
     whole = open_checkpoint(path, allow_pickle=allow_pickle)
+    whole = reindex(whole) if reindex else whole
     try:
         headed = match_head_checkpoint(base, whole) if set(whole.tensors) != set(base.tensors) else None
     except BaseException:
