@@ -17,9 +17,11 @@ What llama.cpp does with a LoRA (read from ``convert_lora_to_gguf.py``, ``gguf-p
   the base model's (llama.cpp refuses a mismatch). The architecture's config comes from the
   base directory's ``config.json`` (``--base``), never downloaded.
 
-Only the Llama family is mapped (``LlamaForCausalLM``/``MistralForCausalLM``, which the
-converter writes as ``llama``): GQA and tied embeddings included (a LoRA on a tied
-``lm_head`` is refused, as the converter refuses it). Embedding LoRA is refused here (merge).
+The Llama family is mapped (``LlamaForCausalLM``/``MistralForCausalLM``, which the converter
+writes as ``llama``) and ``Qwen2ForCausalLM`` (``qwen2``: the same tensor names, gguf-py's
+MODEL_TENSORS for QWEN2; its ``Qwen2Model`` does not permute q/k, so neither is ``lora_B``):
+GQA and tied embeddings included (a LoRA on a tied ``lm_head`` is refused, as the converter
+refuses it). Embedding LoRA is refused here (merge).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from peftcli.serving.vllm import (
     LORA_A, LORA_B, MAGNITUDE, LORA_BIAS, UNSERVED, VOCABULARY, Finding, LoraView, convert_way, merge_way,
 )
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}  # convert_hf_to_gguf's LlamaModel
+# convert_hf_to_gguf's LlamaModel (llama, q/k permuted) and Qwen2Model (qwen2, not permuted)
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # convert_lora_to_gguf --outtype (its "auto" is a guess: not offered)
 Q8_BLOCK = 32  # a Q8_0 row is blocks of 32: the converter falls back to F16 for a row of another length
 
@@ -204,7 +207,7 @@ def lint(view: LoraView, arch: Arch) -> list[Finding]:
 
 def tensors(view: LoraView, arch: Arch) -> tuple[float, dict]:
     """The one alpha and the GGUF tensors (name -> fp64 numpy array, numpy order): per module
-    A as it is, B times s_m·r_m/alpha (llama.cpp's scale is alpha/r_m), q/k rows of B permuted."""
+    A as it is, B times s_m·r_m/alpha (llama.cpp's scale is alpha/r_m), q/k rows of B permuted (llama only)."""
     import torch
 
     alpha = view.default_scale * int(view.config["r"])
@@ -217,7 +220,7 @@ def tensors(view: LoraView, arch: Arch) -> tuple[float, dict]:
         a, b = view.modules[path][LORA_A].double(), view.modules[path][LORA_B].double()
         b = b * (view.scales[path] * view.ranks[path] / alpha)
         kind = name.split(".")[2] if name and name.startswith("blk.") else ""
-        if kind in ("attn_q", "attn_k"):
+        if arch.name == "llama" and kind in ("attn_q", "attn_k"):  # LlamaModel.permute; Qwen2Model keeps HF's rows
             b = permute(b, arch.heads if kind == "attn_q" else arch.kv_heads)
         if not bool(torch.isfinite(b).all()):
             raise BadInputError(f"{view.run}: {path}: lora_B times its scale is not finite",
