@@ -230,11 +230,13 @@ def _vocab(source: str, vocab_size: int, arch: str) -> dict[str, Any]:
     import gguf
 
     vocab: dict[str, Any]
-    try:
-        if arch != "llama":
-            raise TypeError("Qwen2Model.set_vocab goes to _set_vocab_gpt2")
-        hf = gguf.LlamaHfVocab(Path(source))
-    except (FileNotFoundError, TypeError):  # not a byte-fallback BPE: the converter's gpt2 path
+    hf = None
+    if arch == "llama":  # Qwen2Model.set_vocab has no LlamaHfVocab step
+        try:
+            hf = gguf.LlamaHfVocab(Path(source))
+        except (FileNotFoundError, TypeError):  # not a byte-fallback BPE: the converter's gpt2 path
+            hf = None
+    if hf is None:
         tokens, types, pre = _gpt2_tokens(source, vocab_size)
         special = gguf.SpecialVocab(Path(source), load_merges=True)
         vocab = {"model": "gpt2", "pre": pre, "tokens": tokens, "types": types, "scores": None}
