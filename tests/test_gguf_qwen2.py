@@ -277,6 +277,11 @@ def test_inspect_check_and_train_on_a_qwen2_gguf_base(models, tmp_path, qwen_has
     result = CliRunner().invoke(cli, ["check", path])
     assert result.exit_code == 0, (result.stdout, result.stderr)
 
+    # the tokenizer transformers builds from the exported metadata encodes as the source's
+    from transformers import AutoTokenizer
+
+    text = "w12 w5 ab hello <|im_start|> x\n"
+    assert batching.load_tokenizer(path).encode(text) == AutoTokenizer.from_pretrained(src).encode(text)
     # the same tokenizer for both runs (the source's), so both see the same ids; the model is the GGUF's
     real = batching.load_tokenizer
     monkeypatch.setattr(one_pass, "load_tokenizer", lambda p: real(src if p.endswith(".gguf") else p))
