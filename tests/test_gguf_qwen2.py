@@ -332,3 +332,51 @@ def test_lora_adapter_on_a_qwen2_base_has_llamacpp_names_and_peft_tensors(models
     assert set(tensors) == set(want) and len(want) == 2 * 5 * 2
     for name, value in want.items():
         assert np.array_equal(tensors[name], value), name  # B as PEFT stores it: qwen2's q/k rows are not permuted
+
+
+def peft_run(base: str, out: str, targets: list[str]) -> str:
+    """A PEFT LoRA (r 8, alpha 16) on ``base`` with a random, non-zero lora_B, saved at ``out``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    model.save_pretrained(out, save_embedding_layers=False)  # PEFT would save lm_head's base weight (a saved module) too
+    return out
+
+
+@pytest.mark.parametrize("arch", ["Gemma", "Gemma2", "Gemma3"])
+def test_lora_adapter_on_a_gemma_base_has_llamacpp_names_and_peft_tensors(arch, tmp_path):
+    """convert_hf_to_gguf's GemmaModel/Gemma2Model/Gemma3Model shift the norms and permute nothing:
+    the adapter's tensors are PEFT's, under gguf-py's names for that architecture."""
+    import transformers
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{arch}{'Text' if arch == 'Gemma3' else ''}Config")(
+        hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        vocab_size=264, max_position_embeddings=128, tie_word_embeddings=False)  # untied: lm_head is refused even so
+    base = str(tmp_path / "base")
+    getattr(transformers, f"{arch}ForCausalLM")(cfg).save_pretrained(base)
+    run = peft_run(base, str(tmp_path / "run"), ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"])
+    out = str(tmp_path / "a.gguf")
+    result = CliRunner().invoke(cli, ["export", run, "--to", "gguf", "--base", base, "-o", out])
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    fields, tensors = read(out)
+    name = arch.lower()
+    assert fields["general.architecture"] == name and fields["adapter.lora.alpha"] == 16.0
+    mapping = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, name.upper()), 2)
+    want = {}
+    for key, value in load_file(os.path.join(run, "adapter_model.safetensors")).items():
+        module, kind = key.removeprefix("base_model.model.").rsplit(".", 2)[:2]
+        want[f"{mapping.get_name(module + '.weight', try_suffixes=('.weight',))}.lora_{kind[-1].lower()}"] = value.numpy()
+    assert set(tensors) == set(want) and len(want) == 20
+    for key, value in want.items():
+        assert np.array_equal(tensors[key], value), key
+    if arch == "Gemma":  # llama.cpp's gemma has no output tensor (the converter skips lm_head): no name for its LoRA
+        head = peft_run(base, str(tmp_path / "head"), ["q_proj", "lm_head"])
+        fails(["export", head, "--to", "gguf", "--base", base, "-o", str(tmp_path / "h.gguf")], "has no llama.cpp gemma tensor name")
