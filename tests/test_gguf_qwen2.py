@@ -380,3 +380,21 @@ def test_lora_adapter_on_a_gemma_base_has_llamacpp_names_and_peft_tensors(arch, 
     if arch == "Gemma":  # llama.cpp's gemma has no output tensor (the converter skips lm_head): no name for its LoRA
         head = peft_run(base, str(tmp_path / "head"), ["q_proj", "lm_head"])
         fails(["export", head, "--to", "gguf", "--base", base, "-o", str(tmp_path / "h.gguf")], "has no llama.cpp gemma tensor name")
+
+
+def test_q8_0_keeps_qwen2_biases_and_norms_f32(models, tmp_path, qwen_hash):
+    from peftcli.checkpoint.reader import open_checkpoint
+
+    out = str(tmp_path / "q8.gguf")
+    doc = export(models["untied"], out, "--outtype", "q8_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert {n for n, t in types.items() if t == "F32"} == {n for n in types if n.endswith((".bias", "_norm.weight"))}
+    assert {n for n, t in types.items() if t == "F16"} == {f"blk.{i}.ffn_down.weight" for i in range(2)}  # rows of 80: not whole blocks
+    assert doc["gguf"]["tensor_types"] == {"F16": 2, "F32": 2 * 5 + 1, "Q8_0": 2 * 6 + 2}
+    source = state(models["untied"])
+    with open_checkpoint(out) as ckpt:
+        for hf, value in source.items():
+            got = ckpt.get(hf)
+            assert got.shape == value.shape
+            if value.ndim == 1:
+                assert torch.equal(got, value), hf
