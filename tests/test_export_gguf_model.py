@@ -255,11 +255,13 @@ def test_refusals_are_one_line_and_write_nothing(models, tiny_llama, tiny_gpt2, 
     src = models["untied"]
     out = tmp_path / "out" / "model.gguf"
     qwen2 = _edited(src, tmp_path / "qwen2", lambda c: c.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2"))
+    qwen3 = _edited(src, tmp_path / "qwen3", lambda c: c.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3"))
     yarn = _edited(src, tmp_path / "yarn", lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
                                                                                "original_max_position_embeddings": 32}))
     gelu = _edited(src, tmp_path / "gelu", lambda c: c.update(hidden_act="gelu"))
     cases = [
-        (qwen2, "architecture 'Qwen2ForCausalLM' is not one peftcli writes as a llama.cpp model"),
+        (qwen3, "architecture 'Qwen3ForCausalLM' is not one peftcli writes as a llama.cpp model"),
+        (qwen2, "no tensor for llama.cpp's 'blk.0.attn_q.bias'"),  # a llama relabelled Qwen2 lacks qwen2's q/k/v biases
         (tiny_gpt2, "architecture 'GPT2LMHeadModel'"),
         (yarn, "RoPE scaling 'yarn'"),
         (gelu, "hidden_act 'gelu'"),

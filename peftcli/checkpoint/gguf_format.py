@@ -7,10 +7,11 @@ types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants, the IQ and TQ types) are dequ
 F32 by the ``gguf`` package (llama.cpp's own Python reader, the optional ``peftcli[gguf]``
 extra), which is imported only then.
 
-Only the llama architecture is mapped back (GGUF names to Hugging Face names, the config from
-the metadata): llama.cpp's converter permutes the rows of ``attn_q`` and ``attn_k`` for its
-rotary layout (``LlamaModel.permute`` in ``convert_hf_to_gguf.py``), and reading undoes that
-permutation exactly. Anything not understood (another architecture, a tensor with no Hugging
+Two architectures are mapped back (GGUF names to Hugging Face names, the config from the
+metadata): ``llama`` and ``qwen2``. For llama, llama.cpp's converter permutes the rows of
+``attn_q`` and ``attn_k`` for its rotary layout (``LlamaModel.permute`` in
+``convert_hf_to_gguf.py``), and reading undoes that permutation exactly; its ``Qwen2Model``
+does not permute, so qwen2 rows are read as stored (with qwen2's q/k/v biases). Anything not understood (another architecture, a tensor with no Hugging
 Face name, RoPE scaling, experts, a type nothing here dequantises) is refused, naming it.
 
 Layout (GGUF v2/v3, little-endian): magic ``GGUF``, uint32 version, uint64 tensor count,
@@ -239,14 +240,27 @@ _LAYER_NAMES = {
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
 
 
-def hf_name(path: str, name: str, layers: int) -> str:
-    """The Hugging Face (transformers ``LlamaForCausalLM``) name of GGUF tensor ``name``."""
+# general.architecture -> (the transformers class, its model_type, q/k rows permuted by the converter).
+# llama.cpp's converter permutes q/k in LlamaModel.modify_tensors only; Qwen2Model maps the names
+# and leaves the rows as Hugging Face stores them. Both use the same tensor names (gguf-py's
+# MODEL_TENSORS for LLAMA and QWEN2, TensorNameMap), so one name table serves both.
+ARCHS: dict[str, tuple[str, str, bool]] = {
+    "llama": ("LlamaForCausalLM", "llama", True),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
+}
+# The bias groups each architecture has: transformers' Qwen2Attention has q/k/v biases (always)
+# and none on o_proj or the MLP; a llama has them where attention_bias/mlp_bias say.
+_QWEN2_BIASES = ("attn_q", "attn_k", "attn_v")
+
+
+def hf_name(path: str, name: str, layers: int, arch: str = "llama") -> str:
+    """The Hugging Face (``LlamaForCausalLM``/``Qwen2ForCausalLM``) name of GGUF tensor ``name``."""
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     m = _LAYER.fullmatch(name)
     if m and m.group(2) in _LAYER_NAMES and int(m.group(1)) < layers and m.group(1) == str(int(m.group(1))):
         return f"model.layers.{int(m.group(1))}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
-    raise BadInputError(f"{path}: GGUF tensor {name!r} has no Hugging Face llama counterpart peftcli knows", CONVERT)
+    raise BadInputError(f"{path}: GGUF tensor {name!r} has no Hugging Face {arch} counterpart peftcli knows", CONVERT)
 
 
 def _int_field(path: str, fields: dict[str, Any], key: str, default: int | None = None) -> int:
@@ -258,44 +272,45 @@ def _int_field(path: str, fields: dict[str, Any], key: str, default: int | None 
 
 
 def llama_config(path: str, header: GGUFHeader) -> dict[str, Any]:
-    """The ``config.json`` of the ``LlamaForCausalLM`` the GGUF was converted from, from its metadata."""
+    """The ``config.json`` of the ``LlamaForCausalLM`` or ``Qwen2ForCausalLM`` the GGUF was
+    converted from, from its metadata (keys under ``general.architecture``'s prefix)."""
     f, tensors = header.fields, {t.name: t for t in header.tensors}
     arch = f.get("general.architecture")
-    if arch != "llama":
-        raise BadInputError(f"{path}: GGUF architecture {arch!r}: peftcli maps GGUF names back for 'llama' only", CONVERT)
-    for key in ("llama.expert_count", "llama.rope.scaling.type", "llama.rope.scaling.factor"):
-        if key in f and f[key] not in (0, "none", 1.0):
-            raise BadInputError(f"{path}: GGUF metadata {key!r} = {f[key]!r} (experts or RoPE scaling), which peftcli does not rebuild", CONVERT)
-    if "rope_freqs.weight" in tensors:
-        raise BadInputError(f"{path}: the GGUF holds rope_freqs (llama 3 RoPE scaling), which peftcli does not rebuild", CONVERT)
-    hidden, heads = _int_field(path, f, "llama.embedding_length"), _int_field(path, f, "llama.attention.head_count")
-    kv_heads = _int_field(path, f, "llama.attention.head_count_kv", heads)
-    head_dim = _int_field(path, f, "llama.attention.key_length", hidden // heads if hidden % heads == 0 else None)
-    if _int_field(path, f, "llama.rope.dimension_count", head_dim) != head_dim or f.get("llama.attention.value_length", head_dim) != head_dim:
+    if arch not in ARCHS:
+        raise BadInputError(f"{path}: GGUF architecture {arch!r}: peftcli maps GGUF names back for {', '.join(map(repr, ARCHS))} only", CONVERT)
+    _refuse_unrebuilt(path, f, tensors, arch)
+    hidden, heads = _int_field(path, f, f"{arch}.embedding_length"), _int_field(path, f, f"{arch}.attention.head_count")
+    kv_heads = _int_field(path, f, f"{arch}.attention.head_count_kv", heads)
+    head_dim = _int_field(path, f, f"{arch}.attention.key_length", hidden // heads if hidden % heads == 0 else None)
+    if (_int_field(path, f, f"{arch}.rope.dimension_count", head_dim) != head_dim
+            or f.get(f"{arch}.attention.value_length", head_dim) != head_dim):
         raise BadInputError(f"{path}: GGUF rotary or value dimensions differ from the head size {head_dim}", CONVERT)
     embed = tensors.get("token_embd.weight")
     if embed is None or len(embed.shape) != 2 or embed.shape[1] != hidden:
         raise BadInputError(f"{path}: the GGUF has no token_embd.weight of width {hidden}", CORRUPT)
-    vocab = _int_field(path, f, "llama.vocab_size", embed.shape[0])
+    vocab = _int_field(path, f, f"{arch}.vocab_size", embed.shape[0])
     tokens = f.get("tokenizer.ggml.tokens")
     n_tokens = tokens.length if isinstance(tokens, ArrayInfo) else len(tokens) if isinstance(tokens, list) else vocab
     if not vocab == embed.shape[0] == n_tokens:
         raise BadInputError(
-            f"{path}: the GGUF's vocabulary sizes disagree (llama.vocab_size {vocab}, token_embd {embed.shape[0]} rows, {n_tokens} tokens)",
+            f"{path}: the GGUF's vocabulary sizes disagree ({arch}.vocab_size {vocab}, token_embd {embed.shape[0]} rows, {n_tokens} tokens)",
             CORRUPT,
         )
     config: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": hidden, "intermediate_size": _int_field(path, f, "llama.feed_forward_length"),
-        "num_hidden_layers": _int_field(path, f, "llama.block_count"),
+        "architectures": [ARCHS[arch][0]], "model_type": ARCHS[arch][1],
+        "hidden_size": hidden, "intermediate_size": _int_field(path, f, f"{arch}.feed_forward_length"),
+        "num_hidden_layers": _int_field(path, f, f"{arch}.block_count"),
         "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
-        "max_position_embeddings": _int_field(path, f, "llama.context_length"),
-        "rms_norm_eps": float(f.get("llama.attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(f.get("llama.rope.freq_base", 10000.0)),
+        "max_position_embeddings": _int_field(path, f, f"{arch}.context_length"),
+        "rms_norm_eps": float(f.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(f.get(f"{arch}.rope.freq_base", 10000.0)),
         "vocab_size": vocab, "tie_word_embeddings": "output.weight" not in tensors,
-        "attention_bias": "blk.0.attn_q.bias" in tensors, "mlp_bias": "blk.0.ffn_up.bias" in tensors,
         "hidden_act": "silu", "torch_dtype": _config_dtype(header.tensors),
     }
+    if arch == "llama":
+        config.update({"attention_bias": "blk.0.attn_q.bias" in tensors, "mlp_bias": "blk.0.ffn_up.bias" in tensors})
+    else:  # llama.cpp's qwen2 attends to the whole context: so does the rebuilt model
+        config.update({"use_sliding_window": False, "sliding_window": None})
     for key, hf in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("padding_token_id", "pad_token_id")):
         value = f.get(f"tokenizer.ggml.{key}")
         if type(value) is int:
@@ -303,8 +318,18 @@ def llama_config(path: str, header: GGUFHeader) -> dict[str, Any]:
     return config
 
 
-def llama_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Every weight a ``LlamaForCausalLM`` of ``config`` has, under GGUF names, with its shape."""
+def _refuse_unrebuilt(path: str, f: dict[str, Any], tensors: dict[str, Any], arch: str) -> None:
+    """Refuse what the rebuilt config could not express: experts, RoPE scaling, llama 3's rope_freqs."""
+    for key in (f"{arch}.expert_count", f"{arch}.rope.scaling.type", f"{arch}.rope.scaling.factor"):
+        if key in f and f[key] not in (0, "none", 1.0):
+            raise BadInputError(f"{path}: GGUF metadata {key!r} = {f[key]!r} (experts or RoPE scaling), which peftcli does not rebuild", CONVERT)
+    if "rope_freqs.weight" in tensors:
+        raise BadInputError(f"{path}: the GGUF holds rope_freqs (llama 3 RoPE scaling), which peftcli does not rebuild", CONVERT)
+
+
+def llama_shapes(config: dict[str, Any], arch: str = "llama") -> dict[str, tuple[int, ...]]:
+    """Every weight a ``LlamaForCausalLM`` (or, with ``arch`` qwen2, a ``Qwen2ForCausalLM``) of
+    ``config`` has, under GGUF names, with its shape."""
     hidden, inter, vocab, hd = config["hidden_size"], config["intermediate_size"], config["vocab_size"], config["head_dim"]
     q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
     per_layer = {
@@ -314,27 +339,31 @@ def llama_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,)}
     if not config["tie_word_embeddings"]:
         shapes["output.weight"] = (vocab, hidden)
+    if arch == "qwen2":
+        groups: tuple[tuple[str, ...], ...] = (_QWEN2_BIASES,)
+    else:  # transformers' llama has a bias on every projection of a group, or on none
+        groups = tuple(g for flag, g in (("attention_bias", ("attn_q", "attn_k", "attn_v", "attn_output")),
+                                         ("mlp_bias", ("ffn_gate", "ffn_up", "ffn_down"))) if config[flag])
     for i in range(config["num_hidden_layers"]):
         shapes.update({f"blk.{i}.{k}.weight": s for k, s in per_layer.items()})
-        for flag, group in (("attention_bias", ("attn_q", "attn_k", "attn_v", "attn_output")), ("mlp_bias", ("ffn_gate", "ffn_up", "ffn_down"))):
-            if config[flag]:  # transformers has a bias on every projection of the group, or on none
-                shapes.update({f"blk.{i}.{k}.bias": per_layer[k][:1] for k in group})
+        for group in groups:
+            shapes.update({f"blk.{i}.{k}.bias": per_layer[k][:1] for k in group})
     return shapes
 
 
-def check_llama_shapes(path: str, shapes: dict[str, tuple[int, ...]], config: dict[str, Any]) -> None:
+def check_llama_shapes(path: str, shapes: dict[str, tuple[int, ...]], config: dict[str, Any], arch: str = "llama") -> None:
     """Refuse a GGUF whose tensors are not exactly the config's model's: transformers would
     initialise a missing one at random, and a wrong shape would load as nothing sensible."""
-    expected = llama_shapes(config)
+    expected = llama_shapes(config, arch)
     for name, shape in expected.items():
         if name not in shapes:
-            raise BadInputError(f"{path}: the GGUF has no tensor {name!r}, which its metadata's llama model needs", CORRUPT)
+            raise BadInputError(f"{path}: the GGUF has no tensor {name!r}, which its metadata's {arch} model needs", CORRUPT)
         if shapes[name] != shape:
-            raise BadInputError(f"{path}: GGUF tensor {name!r} has shape {list(shapes[name])}, its metadata's llama model needs {list(shape)}", CORRUPT)
+            raise BadInputError(f"{path}: GGUF tensor {name!r} has shape {list(shapes[name])}, its metadata's {arch} model needs {list(shape)}", CORRUPT)
     for name in shapes:
         if name not in expected:
-            hf_name(path, name, config["num_hidden_layers"])  # one error for a name with no counterpart
-            raise BadInputError(f"{path}: GGUF tensor {name!r} does not belong in the llama model its metadata describes", CORRUPT)
+            hf_name(path, name, config["num_hidden_layers"], arch)  # one error for a name with no counterpart
+            raise BadInputError(f"{path}: GGUF tensor {name!r} does not belong in the {arch} model its metadata describes", CORRUPT)
 
 
 def _config_dtype(tensors: list[GGUFTensor]) -> str:
@@ -401,16 +430,18 @@ def unpermute(w: "torch.Tensor", heads: int) -> "torch.Tensor":
 
 
 def open_gguf(path: str) -> GGUFCheckpoint:
-    """``path`` as a checkpoint under Hugging Face llama names, its config rebuilt from the metadata."""
+    """``path`` as a checkpoint under Hugging Face names (llama or qwen2), its config rebuilt from the metadata."""
     header = read_gguf_header(path)
     config = llama_config(path, header)
-    check_llama_shapes(path, {t.name: t.shape for t in header.tensors}, config)
+    arch = header.fields["general.architecture"]
+    check_llama_shapes(path, {t.name: t.shape for t in header.tensors}, config, arch)
     layers, heads, kv_heads = config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"]
+    permuted_rows = ARCHS[arch][2]
     tensors: dict[str, TensorInfo] = {}
     entries: dict[str, tuple[GGUFTensor, int | None]] = {}
     for t in header.tensors:
-        name = hf_name(path, t.name, layers)
-        permuted = {"attn_q": heads, "attn_k": kv_heads}.get(t.name.split(".")[2]) if t.name.startswith("blk.") else None
+        name = hf_name(path, t.name, layers, arch)
+        permuted = {"attn_q": heads, "attn_k": kv_heads}.get(t.name.split(".")[2]) if permuted_rows and t.name.startswith("blk.") else None
         if permuted is not None and t.shape[0] % (2 * permuted):
             raise BadInputError(f"{path}: tensor {t.name!r} has {t.shape[0]} rows, not a multiple of 2 × {permuted} heads", CORRUPT)
         tensors[name] = TensorInfo(name, STORED.get(t.type_name, "F32"), t.shape, path)

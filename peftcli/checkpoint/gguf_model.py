@@ -1,4 +1,4 @@
-"""Module level: a transformers ``LlamaForCausalLM`` built in memory from a llama GGUF file.
+"""Module level: a transformers ``LlamaForCausalLM`` (or ``Qwen2ForCausalLM``) built in memory from a llama (qwen2) GGUF file.
 
 The model is made on the meta device from the config ``gguf_format`` rebuilds from the
 metadata, then each parameter is put in place from peftcli's own GGUF checkpoint, one tensor
@@ -37,22 +37,27 @@ def model_config(path: str) -> dict[str, Any]:
 
 
 def load_gguf_model(path: str, model_class: str | None = None, dtype: torch.dtype = torch.float32, **kwargs):
-    """``LlamaForCausalLM`` of the GGUF at ``path``, its weights in ``dtype``, in eval mode.
+    """``LlamaForCausalLM`` (``Qwen2ForCausalLM`` for a qwen2 GGUF) of the GGUF at ``path``, its
+    weights in ``dtype``, in eval mode.
 
     Returns ``(model, info)`` like transformers' ``output_loading_info`` (nothing missing).
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     from peftcli.checkpoint.reader import open_checkpoint
 
-    if model_class not in (None, "AutoModelForCausalLM", "LlamaForCausalLM") or kwargs:
-        raise BadInputError(f"{path}: a GGUF base is built as a causal LM only ({model_class} asked)", CONVERT)
     with open_checkpoint(path) as ckpt:
-        fields = {k: v for k, v in (ckpt.config or {}).items() if k not in ("architectures", "model_type", "torch_dtype", "dtype")}
-        config = LlamaConfig(**fields)
+        rebuilt = dict(ckpt.config or {})
+        arch = rebuilt["architectures"][0]  # gguf_format names one of its ARCHS classes
+        if model_class not in (None, "AutoModelForCausalLM", arch) or kwargs:
+            raise BadInputError(f"{path}: a GGUF base is built as a causal LM only ({model_class} asked)", CONVERT)
+        config_class = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+        model_class_ = getattr(transformers, arch)
+        fields = {k: v for k, v in rebuilt.items() if k not in ("architectures", "model_type", "torch_dtype", "dtype")}
+        config = config_class(**fields)
         config.dtype = dtype
         with torch.device("meta"):
-            model = LlamaForCausalLM(config)
+            model = model_class_(config)
         _load_parameters(model, ckpt, dtype)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its buffers, computed on the CPU
     if config.tie_word_embeddings:

@@ -174,7 +174,7 @@ def _export_gguf_model(source: str, options: ExportOptions) -> ExportReport:
         raise UsageError(f"{source} is a whole model: `base` is for exporting an adapter", "drop `base`")
     plan = model_export.plan(source)
     report = ExportReport(source, options.to, options.output, options.check)
-    report.gguf = {"architecture": "llama", "base": None, "outtype": options.outtype, "tensor_types": None,
+    report.gguf = {"architecture": plan.arch, "base": None, "outtype": options.outtype, "tensor_types": None,
                    "model": True, "tokenizer": plan.vocab["model"]}
     if options.output is None:
         return report

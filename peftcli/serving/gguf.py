@@ -17,9 +17,13 @@ What llama.cpp does with a LoRA (read from ``convert_lora_to_gguf.py``, ``gguf-p
   the base model's (llama.cpp refuses a mismatch). The architecture's config comes from the
   base directory's ``config.json`` (``--base``), never downloaded.
 
-Only the Llama family is mapped (``LlamaForCausalLM``/``MistralForCausalLM``, which the
-converter writes as ``llama``): GQA and tied embeddings included (a LoRA on a tied
-``lm_head`` is refused, as the converter refuses it). Embedding LoRA is refused here (merge).
+The Llama family is mapped (``LlamaForCausalLM``/``MistralForCausalLM``, which the converter
+writes as ``llama``), ``Qwen2ForCausalLM`` (``qwen2``) and ``Gemma``/``Gemma2``/``Gemma3ForCausalLM``
+(``gemma``, ``gemma2``, ``gemma3``): the same projection names (gguf-py's TensorNameMap for each),
+and only ``LlamaModel`` permutes q/k, so only a llama ``lora_B`` is permuted; a LoRA on a
+gemma/gemma2 ``lm_head`` is refused (those have no ``output`` tensor in llama.cpp);
+GQA and tied embeddings included (a LoRA on a tied ``lm_head`` is refused, as the converter
+refuses it). Embedding LoRA is refused here (merge).
 """
 
 from __future__ import annotations
@@ -34,7 +38,13 @@ from peftcli.serving.vllm import (
     LORA_A, LORA_B, MAGNITUDE, LORA_BIAS, UNSERVED, VOCABULARY, Finding, LoraView, convert_way, merge_way,
 )
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}  # convert_hf_to_gguf's LlamaModel
+# convert_hf_to_gguf's LlamaModel (llama, q/k permuted), Qwen2Model and GemmaModel/Gemma2Model/
+# Gemma3Model (not permuted: their modify_tensors only shift the norms by 1, which no LoRA touches)
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                 "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3"}
+# gguf-py's gemma and gemma2 tensor lists have no `output` (the converter skips lm_head.weight:
+# llama.cpp reads the tied token_embd), so a LoRA on lm_head has no name there, tied or not
+NO_OUTPUT = ("gemma", "gemma2")
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")  # convert_lora_to_gguf --outtype (its "auto" is a guess: not offered)
 Q8_BLOCK = 32  # a Q8_0 row is blocks of 32: the converter falls back to F16 for a row of another length
 
@@ -88,7 +98,7 @@ def gguf_name(path: str, arch: Arch) -> str | None:
     hf = path[len("model.") :] if path.startswith("model.model.") else path  # PeftModelForCausalLM keeps "model."
     for g, h in _GLOBAL_NAMES.items():
         if hf + ".weight" == h:
-            return None if g == "output.weight" and arch.tied else g
+            return None if g == "output.weight" and (arch.tied or arch.name in NO_OUTPUT) else g
     parts = hf.split(".")
     if len(parts) == 5 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) < arch.layers:
         inverse = {v: k for k, v in _LAYER_NAMES.items()}
@@ -204,7 +214,7 @@ def lint(view: LoraView, arch: Arch) -> list[Finding]:
 
 def tensors(view: LoraView, arch: Arch) -> tuple[float, dict]:
     """The one alpha and the GGUF tensors (name -> fp64 numpy array, numpy order): per module
-    A as it is, B times s_m·r_m/alpha (llama.cpp's scale is alpha/r_m), q/k rows of B permuted."""
+    A as it is, B times s_m·r_m/alpha (llama.cpp's scale is alpha/r_m), q/k rows of B permuted (llama only)."""
     import torch
 
     alpha = view.default_scale * int(view.config["r"])
@@ -217,7 +227,7 @@ def tensors(view: LoraView, arch: Arch) -> tuple[float, dict]:
         a, b = view.modules[path][LORA_A].double(), view.modules[path][LORA_B].double()
         b = b * (view.scales[path] * view.ranks[path] / alpha)
         kind = name.split(".")[2] if name and name.startswith("blk.") else ""
-        if kind in ("attn_q", "attn_k"):
+        if arch.name == "llama" and kind in ("attn_q", "attn_k"):  # LlamaModel.permute; Qwen2Model keeps HF's rows
             b = permute(b, arch.heads if kind == "attn_q" else arch.kv_heads)
         if not bool(torch.isfinite(b).all()):
             raise BadInputError(f"{view.run}: {path}: lora_B times its scale is not finite",

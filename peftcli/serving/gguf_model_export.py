@@ -1,4 +1,4 @@
-"""A whole Hugging Face Llama checkpoint directory written as one llama.cpp model GGUF file.
+"""A whole Hugging Face Llama or Qwen2 checkpoint directory written as one llama.cpp model GGUF file.
 
 What llama.cpp's ``convert_hf_to_gguf.py`` writes for a ``LlamaForCausalLM`` (read from its
 ``LlamaModel``/``TextModel`` classes and ``gguf-py``; the facts each step relies on are
@@ -23,9 +23,16 @@ noted where it is made), reproduced here with the ``gguf`` package's ``GGUFWrite
 ``MistralForCausalLM`` is written the same way (the converter registers it on ``LlamaModel``)
 when it has no sliding window shorter than its context: llama.cpp's llama has none.
 
-Refused, naming the thing: another architecture (Qwen2 included: llama.cpp's qwen2 is not
-verified here), a Mistral sliding window, an activation other than SiLU, RoPE scaling other than none
-or ``linear``, a sentencepiece ``tokenizer.model`` (the converter reads it with
+``Qwen2ForCausalLM`` is written as llama.cpp's ``qwen2`` (the converter's ``Qwen2Model``, a
+plain ``TextModel``): ``qwen2.*`` keys (TextModel.set_gguf_parameters only: no ``vocab_size``,
+``rope.dimension_count`` or RoPE scaling keys), the same tensor names plus the q/k/v biases
+``blk.N.attn_{q,k,v}.bias``, no q/k permutation (that is ``LlamaModel``'s), and the tokenizer
+by ``Qwen2Model.set_vocab``: a sentencepiece model (refused) or the byte-level BPE path, never
+``LlamaHfVocab``, and without LlamaModel's ``add_space_prefix``/SmolLM extras. Its sliding
+window (``use_sliding_window``) is refused: llama.cpp's qwen2 attends to the whole context.
+
+Refused, naming the thing: another architecture, a Mistral or Qwen2 sliding window, an
+activation other than SiLU, RoPE scaling other than none or (llama only) ``linear``, a sentencepiece ``tokenizer.model`` (the converter reads it with
 sentencepiece), a tokenizer that is not BPE, a pre-tokenizer hash not in the table, tensors
 that are missing, extra, of the wrong shape or not floating point.
 """
@@ -41,8 +48,7 @@ from typing import Any
 from peftcli.errors import BadInputError
 
 # convert_hf_to_gguf registers MistralForCausalLM on its LlamaModel: the same file, general.architecture llama
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
-NOT_VERIFIED = ("Qwen2ForCausalLM",)  # convert_hf_to_gguf maps it (as qwen2), but not verified here
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 CONVERTER = "convert it with llama.cpp's convert_hf_to_gguf.py"
 # general.file_type of each outtype (gguf.LlamaFileType: ALL_F32, MOSTLY_F16, MOSTLY_BF16, MOSTLY_Q8_0)
 FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7}
@@ -60,6 +66,10 @@ CHECK_TEXT = (
 PRE_TOKENIZERS = {
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM/SmolLM2 (verified here)
     "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3
+    # Qwen1.5/Qwen2/Qwen2.5 (the converter's "ref: Qwen/Qwen1.5-7B"). Read from its table, not
+    # recomputed here (no Qwen tokenizer on this machine): a tokenizer that encodes the check text
+    # differently has another hash and is refused, so the entry can only name what it names there.
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",
 }
 SKIPPED = (".rotary_emb.inv_freq",)  # buffers older checkpoints saved: the converter skips them too
 
@@ -69,6 +79,7 @@ class ModelPlan:
     """What will be written: the hyperparameters, the tensors (HF name -> GGUF name) and the vocabulary."""
 
     source: str
+    arch: str  # general.architecture: llama or qwen2
     hparams: dict[str, Any]
     heads: int
     kv_heads: int
@@ -93,23 +104,22 @@ def plan(source: str) -> ModelPlan:
         from peftcli.checkpoint.gguf_format import NEEDS_GGUF
 
         raise BadInputError(f"{source}: writing a llama.cpp model file needs the gguf package", NEEDS_GGUF) from None
-    hparams = _hparams(source)
+    arch, hparams = _hparams(source)
     heads, kv_heads = hparams["num_attention_heads"], hparams.get("num_key_value_heads") or hparams["num_attention_heads"]
     tied = bool(hparams.get("tie_word_embeddings", False))
-    p = ModelPlan(source, hparams, heads, kv_heads, tied, _names(source, hparams, tied), _rope(source, hparams))
-    p.vocab = _vocab(source, hparams["vocab_size"])
+    p = ModelPlan(source, arch, hparams, heads, kv_heads, tied, _names(source, hparams, tied, arch), _rope(source, hparams, arch))
+    p.vocab = _vocab(source, hparams["vocab_size"], arch)
     return p
 
 
-def _hparams(source: str) -> dict[str, Any]:
+def _hparams(source: str) -> tuple[str, dict[str, Any]]:
     from peftcli.checkpoint.reader import load_json
 
     raw = load_json(os.path.join(source, "config.json"), "config")
     archs = raw.get("architectures")
     arch = archs[0] if isinstance(archs, list) and len(archs) == 1 else archs
     if arch not in ARCHITECTURES:
-        why = " (convert_hf_to_gguf maps it; its fields are not verified by peftcli)" if arch in NOT_VERIFIED else ""
-        raise BadInputError(f"{source}: architecture {arch!r} is not one peftcli writes as a llama.cpp model{why}; "
+        raise BadInputError(f"{source}: architecture {arch!r} is not one peftcli writes as a llama.cpp model; "
                             f"it writes {', '.join(ARCHITECTURES)}", CONVERTER)
     from transformers import AutoConfig
 
@@ -121,31 +131,37 @@ def _hparams(source: str) -> dict[str, Any]:
     if arch == "MistralForCausalLM" and window is not None and window < hparams.get("max_position_embeddings", 0):
         raise BadInputError(f"{source}: sliding_window {window} (below max_position_embeddings): llama.cpp's llama attends to "
                             "the whole context, so its outputs would differ past that many tokens", CONVERTER + " (it ignores sliding_window)")
+    layer_types = hparams.get("layer_types") or []
+    if arch == "Qwen2ForCausalLM" and (hparams.get("use_sliding_window") or any(t != "full_attention" for t in layer_types)):
+        raise BadInputError(f"{source}: use_sliding_window (sliding_window {window}, layer_types {sorted(set(layer_types))}): llama.cpp's "
+                            "qwen2 attends to the whole context, so its outputs would differ", CONVERTER)
     act = hparams.get("hidden_act", "silu")
     if act != "silu":
-        raise BadInputError(f"{source}: hidden_act {act!r}: llama.cpp's llama computes SiLU", CONVERTER)
+        raise BadInputError(f"{source}: hidden_act {act!r}: llama.cpp's {ARCHITECTURES[arch]} computes SiLU", CONVERTER)
     for key in ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size", "vocab_size", "max_position_embeddings"):
         if type(hparams.get(key)) is not int or hparams[key] <= 0:
             raise BadInputError(f"{source}/config.json: {key} is {hparams.get(key)!r}, not a positive integer", "pass an intact config.json")
-    return hparams
+    return ARCHITECTURES[arch], hparams
 
 
-def _rope(source: str, hparams: dict[str, Any]) -> tuple[str, float] | None:
-    """The RoPE scaling the converter writes (TextModel.set_gguf_parameters): none, or linear with its factor."""
+def _rope(source: str, hparams: dict[str, Any], arch: str) -> tuple[str, float] | None:
+    """The RoPE scaling the converter writes (LlamaModel.set_gguf_parameters): none, or for llama
+    linear with its factor; for qwen2 none only."""
     params = hparams.get("rope_parameters") or hparams.get("rope_scaling") or {}
     params = params.get("full_attention", params) if isinstance(params, dict) else {}
     kind = params.get("rope_type", params.get("type"))
     if kind in (None, "default"):
         return None
     factor = params.get("factor")
-    if kind == "linear" and isinstance(factor, (int, float)) and factor > 0:
+    if arch == "llama" and kind == "linear" and isinstance(factor, (int, float)) and factor > 0:
         return ("linear", float(factor))
-    raise BadInputError(f"{source}: RoPE scaling {kind!r} ({params}), which peftcli does not write for llama.cpp (it writes none or linear)",
+    written = "none or linear" if arch == "llama" else "none"
+    raise BadInputError(f"{source}: RoPE scaling {kind!r} ({params}), which peftcli does not write for llama.cpp's {arch} (it writes {written})",
                         CONVERTER)
 
 
-def _names(source: str, hparams: dict[str, Any], tied: bool) -> dict[str, str]:
-    """Every checkpoint tensor's GGUF name, checked against the llama model the config describes."""
+def _names(source: str, hparams: dict[str, Any], tied: bool, arch: str) -> dict[str, str]:
+    """Every checkpoint tensor's GGUF name, checked against the model the config describes."""
     from peftcli.checkpoint.gguf_format import _GLOBAL_NAMES, llama_shapes
     from peftcli.checkpoint.reader import open_checkpoint
 
@@ -156,7 +172,7 @@ def _names(source: str, hparams: dict[str, Any], tied: bool) -> dict[str, str]:
         "head_dim": hparams.get("head_dim") or hparams["hidden_size"] // heads,
         "tie_word_embeddings": tied, "attention_bias": bool(hparams.get("attention_bias")), "mlp_bias": bool(hparams.get("mlp_bias")),
     }
-    expected = llama_shapes(config)  # GGUF name -> shape
+    expected = llama_shapes(config, arch)  # GGUF name -> shape
     with open_checkpoint(source) as ckpt:
         found = {n: t for n, t in ckpt.tensors.items() if not n.endswith(SKIPPED) and not (tied and n == "lm_head.weight")}
     inverse = {v: k for k, v in _GLOBAL_NAMES.items()}
@@ -164,9 +180,9 @@ def _names(source: str, hparams: dict[str, Any], tied: bool) -> dict[str, str]:
     for hf, info in found.items():
         name = inverse.get(hf) or _layer_name(hf)
         if name not in expected:
-            raise BadInputError(f"{source}: tensor {hf!r} has no place in the llama.cpp llama model its config describes", CONVERTER)
+            raise BadInputError(f"{source}: tensor {hf!r} has no place in the llama.cpp {arch} model its config describes", CONVERTER)
         if tuple(info.shape) != tuple(expected[name]) or info.dtype not in ("F32", "F16", "BF16"):
-            raise BadInputError(f"{source}: tensor {hf!r} is {info.dtype} {list(info.shape)}, the config's llama model needs a float "
+            raise BadInputError(f"{source}: tensor {hf!r} is {info.dtype} {list(info.shape)}, the config's {arch} model needs a float "
                                 f"{list(expected[name])}", "pass a plain (unquantised) checkpoint that matches its config.json")
         names[hf] = name
     missing = [n for n in expected if n not in names.values()]
@@ -190,10 +206,11 @@ def _layer_name(hf: str) -> str | None:
 # -- the tokenizer -------------------------------------------------------------------------------
 
 
-def _vocab(source: str, vocab_size: int) -> dict[str, Any]:
+def _vocab(source: str, vocab_size: int, arch: str) -> dict[str, Any]:
     """The tokenizer.ggml.* values, by convert_hf_to_gguf's LlamaModel.set_vocab order: a
     sentencepiece tokenizer.model first (refused here), then gguf's LlamaHfVocab (a byte-fallback
-    BPE), then the byte-level BPE path (_set_vocab_gpt2)."""
+    BPE), then the byte-level BPE path (_set_vocab_gpt2). Qwen2Model.set_vocab has no
+    LlamaHfVocab step: sentencepiece, then _set_vocab_gpt2."""
     from pathlib import Path
 
     path = os.path.join(source, "tokenizer.json")
@@ -209,13 +226,17 @@ def _vocab(source: str, vocab_size: int) -> dict[str, Any]:
     except (OSError, ValueError, AttributeError) as exc:
         raise BadInputError(f"{path}: cannot read it as a tokenizer ({exc})", "save the tokenizer again (save_pretrained)") from None
     if kind != "BPE":
-        raise BadInputError(f"{path}: a {kind} tokenizer: llama.cpp's llama reads BPE tokenizers only (gpt2 or llama)", CONVERTER)
+        raise BadInputError(f"{path}: a {kind} tokenizer: llama.cpp's {arch} reads BPE tokenizers only here (gpt2 or llama)", CONVERTER)
     import gguf
 
     vocab: dict[str, Any]
-    try:
-        hf = gguf.LlamaHfVocab(Path(source))
-    except (FileNotFoundError, TypeError):  # not a byte-fallback BPE: the converter's gpt2 path
+    hf = None
+    if arch == "llama":  # Qwen2Model.set_vocab has no LlamaHfVocab step
+        try:
+            hf = gguf.LlamaHfVocab(Path(source))
+        except (FileNotFoundError, TypeError):  # not a byte-fallback BPE: the converter's gpt2 path
+            hf = None
+    if hf is None:
         tokens, types, pre = _gpt2_tokens(source, vocab_size)
         special = gguf.SpecialVocab(Path(source), load_merges=True)
         vocab = {"model": "gpt2", "pre": pre, "tokens": tokens, "types": types, "scores": None}
@@ -227,7 +248,7 @@ def _vocab(source: str, vocab_size: int) -> dict[str, Any]:
         vocab = {"model": "llama", "pre": "default", "tokens": [t for t, _, _ in triples],
                  "scores": [s for _, s, _ in triples], "types": [int(k) for _, _, k in triples]}
         special = gguf.SpecialVocab(Path(source), n_vocab=len(triples))
-    _special_extras(source, special, vocab_size)
+    _special_extras(source, special, vocab_size, arch)
     vocab["special"] = special
     return vocab
 
@@ -272,14 +293,14 @@ def _looks_special(token: str) -> bool:
             or (token.startswith("<\uff5c") and token.endswith("\uff5c>")) or (token.startswith("<unused") and token.endswith(">")))
 
 
-def _special_extras(source: str, special: Any, vocab_size: int) -> None:
+def _special_extras(source: str, special: Any, vocab_size: int, arch: str) -> None:
     """What LlamaModel.set_vocab adds to gguf's SpecialVocab, and the chat template newer
     transformers save as chat_template.jinja (which gguf 0.17's SpecialVocab does not read)."""
     jinja = os.path.join(source, "chat_template.jinja")
     if special.chat_template is None and os.path.isfile(jinja):
         with open(jinja, encoding="utf-8") as f:
             special.chat_template = f.read()
-    if vocab_size == 49152:  # LlamaModel.set_vocab: "granite small models" (SmolLM's vocabulary size too)
+    if arch == "llama" and vocab_size == 49152:  # LlamaModel.set_vocab: "granite small models" (SmolLM's vocabulary size too)
         special.add_special_token["bos"] = False
 
 
@@ -287,7 +308,9 @@ def _special_extras(source: str, special: Any, vocab_size: int) -> None:
 
 
 def _add_hparams(w: Any, p: ModelPlan, outtype: str) -> None:
-    """TextModel.set_gguf_parameters and LlamaModel.set_gguf_parameters, in their order."""
+    """TextModel.set_gguf_parameters and (llama only) LlamaModel.set_gguf_parameters, in their
+    order; Qwen2Model adds nothing a causal LM without RoPE scaling uses (its pooling type is
+    for embedding models)."""
     import gguf
 
     h = p.hparams
@@ -297,7 +320,7 @@ def _add_hparams(w: Any, p: ModelPlan, outtype: str) -> None:
     w.add_feed_forward_length(h["intermediate_size"])
     w.add_head_count(p.heads)
     w.add_head_count_kv(p.kv_heads)
-    if p.rope is not None:
+    if p.rope is not None:  # llama only (_rope)
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(p.rope[1])
     params = h.get("rope_parameters") or {}
@@ -309,14 +332,15 @@ def _add_hparams(w: Any, p: ModelPlan, outtype: str) -> None:
         w.add_key_length(h["head_dim"])
         w.add_value_length(h["head_dim"])
     w.add_file_type(FILE_TYPES[outtype])
-    w.add_vocab_size(h["vocab_size"])
-    w.add_rope_dimension_count(h.get("head_dim") or h["hidden_size"] // p.heads)
+    if p.arch == "llama":
+        w.add_vocab_size(h["vocab_size"])
+        w.add_rope_dimension_count(h.get("head_dim") or h["hidden_size"] // p.heads)
 
 
 def _add_vocab(w: Any, p: ModelPlan) -> None:
     v = p.vocab
     tokenizer_config = os.path.join(p.source, "tokenizer_config.json")
-    if os.path.isfile(tokenizer_config):
+    if p.arch == "llama" and os.path.isfile(tokenizer_config):  # LlamaModel.set_vocab's, not Qwen2Model's
         with open(tokenizer_config, encoding="utf-8") as f:
             prefix = json.load(f).get("add_prefix_space")
         if isinstance(prefix, bool):
@@ -352,7 +376,7 @@ def write(target: str, p: ModelPlan, outtype: str, name: str) -> dict[str, int]:
     from peftcli.checkpoint.reader import open_checkpoint
     from peftcli.serving.gguf import permute
 
-    w = GGUFWriter(target, "llama")
+    w = GGUFWriter(target, p.arch)
     w.add_type(GGUFType.MODEL)
     w.add_name(name)
     _add_hparams(w, p, outtype)
@@ -373,7 +397,7 @@ def write(target: str, p: ModelPlan, outtype: str, name: str) -> dict[str, int]:
         for hf, gname in p.names.items():
             value = ckpt.get(hf).float().numpy()
             kind = gname.split(".")[2] if gname.startswith("blk.") else ""
-            if kind in ("attn_q", "attn_k"):  # LlamaModel.permute, weights and biases alike
+            if p.arch == "llama" and kind in ("attn_q", "attn_k"):  # LlamaModel.permute, weights and biases alike (not Qwen2Model)
                 value = permute(value, p.heads if kind == "attn_q" else p.kv_heads)
             w.write_tensor_data(np.ascontiguousarray(quantize(np.ascontiguousarray(value, np.float32), plan_types[hf])))
     w.close()
