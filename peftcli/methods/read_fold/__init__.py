@@ -1,0 +1,15 @@
+"""Read-and-fold only methods: PEFT adapter types peftcli reads and folds into the weights
+(``check``, ``merge``, ``convert --to diff``, ``inspect``) but never injects, attaches or
+trains. They are a small registry of their own (``READ_FOLD`` in ``peftcli.methods``), beside
+``METHODS``, so that ``inject``, ``train``, recipes and ``inspect --budget`` never offer them;
+each declares ``read_only = True`` and inherits ``ReadFoldBase``'s one-line refusals.
+
+``base``: that class and PEFT's target matching; ``ln_tuning``: PEFT's LN_TUNING.
+"""
+
+from __future__ import annotations
+
+from peftcli.methods.read_fold.base import ReadFoldBase
+from peftcli.methods.read_fold.ln_tuning import LnTuning
+
+__all__ = ["LnTuning", "ReadFoldBase"]

@@ -1,0 +1,182 @@
+"""PEFT adapter types peftcli reads and folds without injecting them (``READ_FOLD``): PEFT makes
+the adapter (random trained values, so the fold is no identity), then ``merge`` equals PEFT's
+merge_and_unload, ``check`` passes, ``convert --to diff --dense`` added to the base is the merge,
+``inspect`` names the type; what peftcli cannot fold exactly is refused in one line, writing
+nothing; inject, attach and train refuse a read-only type by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from peftcli.attach import load_adapted, load_base_model
+from peftcli.cli import cli
+from peftcli.methods import METHODS, READ_FOLD, method_for_adapter_config
+
+peft = pytest.importorskip("peft")
+
+
+def _run(args):
+    result = CliRunner().invoke(cli, args)
+    return result.exit_code, result.output
+
+
+def _peft_adapter(base: str, out: str, config, seed: int = 0) -> dict:
+    """PEFT's adapter of ``config`` on ``base`` with random trained values, saved to ``out``;
+    returns PEFT's merge_and_unload state dict."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(load_base_model(base), config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    model.eval()
+    model.save_pretrained(out)
+    return {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
+
+
+def _edited(src: str, dst: str, config: dict | None = None, tensors: dict | None = None, drop: tuple = ()) -> str:
+    os.makedirs(dst)
+    cfg = json.load(open(os.path.join(src, "adapter_config.json")))
+    json.dump({**cfg, **(config or {})}, open(os.path.join(dst, "adapter_config.json"), "w"))
+    t = load_file(os.path.join(src, "adapter_model.safetensors"))
+    save_file({k: v for k, v in {**t, **(tensors or {})}.items() if k not in drop}, os.path.join(dst, "adapter_model.safetensors"))
+    return dst
+
+
+def _folds_as_peft(base: str, adapter: str, reference: dict, peft_type: str, tmp_path) -> None:
+    """check passes; merge equals PEFT's merge_and_unload; the dense diff added to the base too; inspect names the type."""
+    base_sd = load_file(os.path.join(base, "model.safetensors"))
+    changed = {n for n in base_sd if not torch.allclose(base_sd[n].float(), reference[n].float(), atol=1e-4)}
+    assert changed, "PEFT's merge changed nothing"
+    code, out = _run(["check", base, adapter])
+    assert code == 0 and "ok" in out, out
+    code, out = _run(["merge", base, adapter, "-o", str(tmp_path / "merged"), "--quiet"])
+    assert code == 0, out
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    assert set(merged) == set(base_sd)
+    for name, t in merged.items():
+        assert torch.allclose(t.float(), reference[name].float(), atol=1e-5, rtol=0), name
+    _dense_diff_is_the_merge(base, adapter, base_sd, reference, changed, tmp_path)
+    code, out = _run(["inspect", adapter])
+    assert code == 0 and peft_type in out, out
+
+
+def _dense_diff_is_the_merge(base, adapter, base_sd, reference, changed, tmp_path) -> None:
+    from peftcli.artifacts.sparse_diff import read_diff
+
+    code, out = _run(["convert", adapter, "--to", "diff", "--dense", "--base", base, "-o", str(tmp_path / "a.diff"), "--quiet"])
+    assert code == 0, out
+    diff = read_diff(str(tmp_path / "a.diff"))
+    try:
+        assert changed <= set(diff.names)
+        for name in diff.names:
+            idx, val = diff.get(name)
+            dense = val if idx is None else torch.zeros(base_sd[name].numel()).index_put_((idx.long(),), val.float())
+            applied = base_sd[name].float() + dense.float().view(base_sd[name].shape)
+            assert torch.allclose(applied, reference[name].float(), atol=1e-5, rtol=0), name
+    finally:
+        diff.close()
+
+
+def _refused(base: str, adapter: str, tmp_path, *words: str) -> None:
+    """merge refuses the adapter in one line naming ``words`` and writes nothing; check fails it."""
+    merged = str(tmp_path / "merged")
+    code, out = _run(["merge", base, adapter, "-o", merged])
+    line = out.strip()
+    assert code != 0 and not os.path.exists(merged), out
+    assert "\n" not in line and line.startswith("error: ") and all(w in line for w in words), out
+    code, out = _run(["check", base, adapter])
+    assert code == 1 and "FAIL" in out, out
+
+
+def test_read_fold_types_are_a_registry_of_their_own():
+    """Declared, not probed: READ_FOLD's methods are read_only, fold, and are no METHODS entry
+    (so inject, train, recipes and inspect --budget, which read METHODS, never offer them);
+    the test matrices over METHODS leave them out by construction, and this file covers each."""
+    assert READ_FOLD and not set(READ_FOLD) & set(METHODS)
+    assert all(m.read_only and m.folds and m.name == n for n, m in READ_FOLD.items())
+    assert not any(m.read_only for m in METHODS.values())
+    covered = {"ln-tuning"}  # the types this file folds against PEFT
+    assert set(READ_FOLD) == covered
+
+
+# -- LN tuning ----------------------------------------------------------------------------------
+
+LN_CASES = {
+    "llama-default": ("llama", {}),  # PEFT's own targets for Llama: both RMSNorms of each layer and the final one
+    "bert-list": ("bert", dict(target_modules=["LayerNorm"])),  # weight and bias
+    "gpt2-regex-exclude": ("gpt2", dict(target_modules=r".*ln_(1|2|f)", exclude_modules=["h.1.ln_2"])),
+}
+
+
+@pytest.fixture(scope="module")
+def ln_adapters(tiny_llama, tiny_bert, tiny_gpt2, tmp_path_factory):
+    root, models = tmp_path_factory.mktemp("peft-ln"), {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}
+    return {case: (models[arch], str(root / case), _peft_adapter(models[arch], str(root / case), peft.LNTuningConfig(**kw)))
+            for case, (arch, kw) in LN_CASES.items()}
+
+
+@pytest.mark.parametrize("case", list(LN_CASES))
+def test_peft_ln_tuning_adapter_folds_as_peft_merges_it(case, ln_adapters, tmp_path):
+    base, adapter, reference = ln_adapters[case]
+    _folds_as_peft(base, adapter, reference, "LN_TUNING", tmp_path)
+
+
+LN0 = "base_model.model.model.layers.0.input_layernorm.ln_tuning_layers.weight"
+
+
+@pytest.mark.parametrize("edit, words", [
+    (dict(drop=(LN0,)), ("model.layers.0.input_layernorm.weight", "targets")),
+    (dict(tensors={LN0: torch.ones(32)}), ("input_layernorm", "[32]", "[64]")),
+    (dict(config={"ln_mystery_scale": 2.0}), ("ln_mystery_scale", "LN_TUNING")),  # a key PEFT 0.21 does not write
+    (dict(config={"target_modules": ["post_attention_layernorm", "norm"]}), ("input_layernorm", "does not target")),
+    (dict(tensors={"base_model.model.model.layers.0.mlp.ln_tuning_layers.weight": torch.ones(64)}), ("layers.0.mlp",)),
+    (dict(config={"target_modules": None}), ("target_modules",)),
+], ids=["missing-tensor", "wrong-shape", "unknown-key", "untargeted-copy", "no-base-tensor", "no-targets"])
+def test_an_ln_tuning_adapter_peftcli_cannot_fold_exactly_is_refused_in_one_line(edit, words, ln_adapters, tmp_path):
+    base, src, _ = ln_adapters["llama-default"]
+    _refused(base, _edited(src, str(tmp_path / "edited"), **edit), tmp_path, *words)
+
+
+def test_a_read_only_type_is_refused_by_attach_and_inject_by_name(ln_adapters, tiny_llama, tmp_path):
+    from peftcli.errors import UsageError
+
+    base, adapter, _ = ln_adapters["llama-default"]
+    with pytest.raises(UsageError, match="ln-tuning .* read-and-fold only"):
+        load_adapted(base, adapter)
+    code, out = _run(["inject", "ln-tuning", tiny_llama, "-o", str(tmp_path / "run")])
+    assert code == 2 and out.strip().startswith("error: ln-tuning (LN_TUNING) adapters are read-and-fold only"), out
+    assert "\n" not in out.strip()
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("peft_type", ["FROBNICATE_TUNING", "SHIRA"])
+def test_a_peft_type_peftcli_does_not_fold_is_refused_by_check_and_merge_naming_it(peft_type, ln_adapters, tmp_path):
+    base, src, _ = ln_adapters["llama-default"]
+    adapter = _edited(src, str(tmp_path / "other"), config={"peft_type": peft_type})
+    _refused(base, adapter, tmp_path, peft_type)
+    code, out = _run(["check", base, adapter])
+    assert f"unsupported adapter method peft_type={peft_type!r}" in out, out
+    with pytest.raises(Exception, match=peft_type):
+        method_for_adapter_config(json.load(open(os.path.join(adapter, "adapter_config.json"))), adapter)
+
+
+def test_docs_list_the_read_fold_types_of_the_registry():
+    """docs/methods.md's read-and-fold table is READ_FOLD's: name, class and peft_type, in order."""
+    text = open(os.path.join(os.path.dirname(__file__), "..", "docs", "methods.md"), encoding="utf-8").read()
+    lines = text.split("| type | class |", 1)[1].splitlines()[2:]
+    rows = [line.split("|")[1:-1] for line in lines[: lines.index("")]]
+    assert [r[0].strip(" `") for r in rows] == list(READ_FOLD)
+    for (name, cls, *_, peft_type) in rows:
+        m = READ_FOLD[name.strip(" `")]
+        assert cls.strip(" `") == f"{type(m).__module__.rsplit('.', 1)[0]}.{type(m).__name__}"
+        assert peft_type.strip(" `") == m.peft_type
