@@ -159,6 +159,55 @@ def test_a_read_only_type_is_refused_by_attach_and_inject_by_name(ln_adapters, t
     assert not os.path.exists(tmp_path / "run")
 
 
+# -- LoRA with bias "all" / "lora_only" -----------------------------------------------------------
+
+BIAS_CASES = {
+    "bert-all": ("bert", dict(r=2, bias="all", target_modules=["query", "value"])),  # LayerNorm and pooler biases too
+    "bert-lora-only": ("bert", dict(r=2, bias="lora_only", target_modules=["query", "output.dense"])),
+    "gpt2-all-conv1d": ("gpt2", dict(r=2, bias="all", target_modules=["c_attn"], fan_in_fan_out=True)),
+    "bert-all-lora-bias": ("bert", dict(r=2, bias="all", lora_bias=True, target_modules=["query", "key"])),
+    "llama-lora-only-no-biases": ("llama", dict(r=2, bias="lora_only", target_modules=["q_proj"])),  # nothing to save
+}
+
+
+@pytest.fixture(scope="module")
+def bias_adapters(tiny_llama, tiny_bert, tiny_gpt2, tmp_path_factory):
+    root, models = tmp_path_factory.mktemp("peft-lora-bias"), {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}
+    return {case: (models[arch], str(root / case), _peft_adapter(models[arch], str(root / case), peft.LoraConfig(**kw)))
+            for case, (arch, kw) in BIAS_CASES.items()}
+
+
+@pytest.mark.parametrize("case", list(BIAS_CASES))
+def test_peft_lora_adapter_with_trained_biases_folds_as_peft_merges_it(case, bias_adapters, tmp_path):
+    base, adapter, reference = bias_adapters[case]
+    if case.startswith("bert-all"):  # the biases of modules LoRA does not adapt are merged too
+        assert not torch.equal(load_file(os.path.join(base, "model.safetensors"))["pooler.dense.bias"], reference["pooler.dense.bias"])
+    _folds_as_peft(base, adapter, reference, "LORA", tmp_path)
+
+
+Q0 = "base_model.model.encoder.layer.0.attention.self.query."
+
+
+@pytest.mark.parametrize("case, edit, words", [
+    ("bert-all", dict(drop=("base_model.model.pooler.dense.bias",)), ("pooler.dense.bias", "saves")),
+    ("bert-lora-only", dict(drop=(Q0 + "base_layer.bias",)), ("query.bias",)),
+    ("bert-all", dict(tensors={Q0 + "base_layer.bias": torch.ones(32)}), ("query.base_layer.bias", "[32]", "[64]")),
+    ("bert-lora-only", dict(tensors={"base_model.model.encoder.layer.0.attention.self.key.bias": torch.ones(64)}), ("key.bias",)),
+    ("bert-all", dict(config={"bias": "some"}), ("bias", "'some'")),
+], ids=["all-missing", "lora-only-missing", "wrong-shape", "lora-only-untargeted", "unknown-bias"])
+def test_a_lora_bias_adapter_peftcli_cannot_fold_exactly_is_refused_in_one_line(case, edit, words, bias_adapters, tmp_path):
+    base, src, _ = bias_adapters[case]
+    _refused(base, _edited(src, str(tmp_path / "edited"), **edit), tmp_path, *words)
+
+
+def test_a_lora_bias_adapter_is_refused_by_attach_naming_bias(bias_adapters):
+    from peftcli.errors import BadInputError
+
+    base, adapter, _ = bias_adapters["bert-all"]
+    with pytest.raises(BadInputError, match="bias='all'.*reads and folds it only"):
+        load_adapted(base, adapter)
+
+
 @pytest.mark.parametrize("peft_type", ["FROBNICATE_TUNING", "SHIRA"])
 def test_a_peft_type_peftcli_does_not_fold_is_refused_by_check_and_merge_naming_it(peft_type, ln_adapters, tmp_path):
     base, src, _ = ln_adapters["llama-default"]
