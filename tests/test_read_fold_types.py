@@ -105,7 +105,7 @@ def test_read_fold_types_are_a_registry_of_their_own():
     assert READ_FOLD and not set(READ_FOLD) & set(METHODS)
     assert all(m.read_only and m.folds and m.name == n for n, m in READ_FOLD.items())
     assert not any(m.read_only for m in METHODS.values())
-    covered = {"ln-tuning"}  # the types this file folds against PEFT
+    covered = {"ln-tuning", "fourierft"}  # the types this file folds against PEFT
     assert set(READ_FOLD) == covered
 
 
@@ -206,6 +206,64 @@ def test_a_lora_bias_adapter_is_refused_by_attach_naming_bias(bias_adapters):
     base, adapter, _ = bias_adapters["bert-all"]
     with pytest.raises(BadInputError, match="bias='all'.*reads and folds it only"):
         load_adapted(base, adapter)
+
+
+# -- FourierFT ----------------------------------------------------------------------------------
+
+FOURIER_CASES = {
+    "llama-qv": ("llama", dict(n_frequency=50, scaling=100.0, target_modules=["q_proj", "v_proj"])),  # v: 32×64
+    "gpt2-conv1d-seed": ("gpt2", dict(n_frequency=40, random_loc_seed=5, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
+    "bert-regex": ("bert", dict(n_frequency=30, scaling=20.0, target_modules=r".*\.(query|output\.dense)")),
+    "bert-layer1": ("bert", dict(n_frequency=30, target_modules=["query", "value"], layers_to_transform=[1])),
+}
+
+
+@pytest.fixture(scope="module")
+def fourier_adapters(tiny_llama, tiny_bert, tiny_gpt2, tmp_path_factory):
+    root, models = tmp_path_factory.mktemp("peft-fourierft"), {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}
+    return {case: (models[arch], str(root / case), _peft_adapter(models[arch], str(root / case), peft.FourierFTConfig(**kw)))
+            for case, (arch, kw) in FOURIER_CASES.items()}
+
+
+@pytest.mark.parametrize("case", list(FOURIER_CASES))
+def test_peft_fourierft_adapter_folds_as_peft_merges_it(case, fourier_adapters, tmp_path):
+    base, adapter, reference = fourier_adapters[case]
+    _folds_as_peft(base, adapter, reference, "FOURIERFT", tmp_path)
+
+
+@pytest.mark.parametrize("case", list(FOURIER_CASES))
+def test_fourierft_frequencies_are_those_peft_draws_bit_for_bit(case, fourier_adapters):
+    """PEFT does not save the frequencies: they are drawn again, and equal PEFT's layers' own."""
+    from peftcli.methods.read_fold.fourierft import frequencies
+
+    base, adapter, _ = fourier_adapters[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.PeftModel.from_pretrained(load_base_model(base), adapter)
+    layers = [m for m in model.modules() if isinstance(m, peft.tuners.fourierft.FourierFTLayer)]
+    assert layers
+    for layer in layers:
+        want = layer.indices["default"]
+        got = frequencies(layer.out_features, layer.in_features, layer.fourierft_n_frequency["default"],
+                          layer.fourierft_random_loc_seed["default"])
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+F0 = "base_model.model.model.layers.0.self_attn."
+
+
+@pytest.mark.parametrize("edit, words", [
+    (dict(drop=(F0 + "q_proj.fourierft_spectrum",)), ("fourierft_spectrum", "model.layers.0.self_attn.q_proj")),
+    (dict(tensors={F0 + "v_proj.fourierft_spectrum": torch.ones(49)}), ("v_proj", "[49]", "n_frequency")),
+    (dict(config={"fourier_mystery": 1}), ("fourier_mystery", "FOURIERFT")),
+    (dict(config={"n_frequency_pattern": {"q_proj": 20}}), ("n_frequency_pattern",)),
+    (dict(config={"bias": "all"}), ("bias",)),
+    (dict(tensors={F0 + "k_proj.fourierft_spectrum": torch.ones(50)}), ("k_proj", "does not target")),
+    (dict(tensors={F0 + "q_proj.fourierft_spectrum": torch.full((50,), 3e38)}, config={"scaling": 1e30}), ("q_proj", "not finite")),
+], ids=["missing-tensor", "wrong-shape", "unknown-key", "n-frequency-pattern", "bias", "untargeted", "overflow"])
+def test_a_fourierft_adapter_peftcli_cannot_fold_exactly_is_refused_in_one_line(edit, words, fourier_adapters, tmp_path):
+    base, src, _ = fourier_adapters["llama-qv"]
+    _refused(base, _edited(src, str(tmp_path / "edited"), **edit), tmp_path, *words)
 
 
 @pytest.mark.parametrize("peft_type", ["FROBNICATE_TUNING", "SHIRA"])

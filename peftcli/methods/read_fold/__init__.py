@@ -4,12 +4,14 @@ trains. They are a small registry of their own (``READ_FOLD`` in ``peftcli.metho
 ``METHODS``, so that ``inject``, ``train``, recipes and ``inspect --budget`` never offer them;
 each declares ``read_only = True`` and inherits ``ReadFoldBase``'s one-line refusals.
 
-``base``: that class and PEFT's target matching; ``ln_tuning``: PEFT's LN_TUNING.
+``base``: that class and PEFT's target matching; ``ln_tuning``: PEFT's LN_TUNING;
+``fourierft``: PEFT's FOURIERFT.
 """
 
 from __future__ import annotations
 
 from peftcli.methods.read_fold.base import ReadFoldBase
+from peftcli.methods.read_fold.fourierft import FourierFt
 from peftcli.methods.read_fold.ln_tuning import LnTuning
 
-__all__ = ["LnTuning", "ReadFoldBase"]
+__all__ = ["FourierFt", "LnTuning", "ReadFoldBase"]
