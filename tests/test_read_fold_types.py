@@ -105,7 +105,7 @@ def test_read_fold_types_are_a_registry_of_their_own():
     assert READ_FOLD and not set(READ_FOLD) & set(METHODS)
     assert all(m.read_only and m.folds and m.name == n for n, m in READ_FOLD.items())
     assert not any(m.read_only for m in METHODS.values())
-    covered = {"ln-tuning", "fourierft"}  # the types this file folds against PEFT
+    covered = {"ln-tuning", "fourierft", "shira"}  # the types this file folds against PEFT
     assert set(READ_FOLD) == covered
 
 
@@ -266,7 +266,59 @@ def test_a_fourierft_adapter_peftcli_cannot_fold_exactly_is_refused_in_one_line(
     _refused(base, _edited(src, str(tmp_path / "edited"), **edit), tmp_path, *words)
 
 
-@pytest.mark.parametrize("peft_type", ["FROBNICATE_TUNING", "SHIRA"])
+# -- SHiRA --------------------------------------------------------------------------------------
+
+SHIRA_CASES = {
+    "llama-qv": ("llama", dict(r=2, target_modules=["q_proj", "v_proj"], random_seed=3)),  # v: 32×64
+    "bert-regex": ("bert", dict(r=1, target_modules=r".*\.(query|output\.dense)", random_seed=7)),
+}
+
+
+@pytest.fixture(scope="module")
+def shira_adapters(tiny_llama, tiny_bert, tmp_path_factory):
+    root, models = tmp_path_factory.mktemp("peft-shira"), {"llama": tiny_llama, "bert": tiny_bert}
+    return {case: (models[arch], str(root / case), _peft_adapter(models[arch], str(root / case), peft.ShiraConfig(**kw)))
+            for case, (arch, kw) in SHIRA_CASES.items()}
+
+
+@pytest.mark.parametrize("case", list(SHIRA_CASES))
+def test_peft_shira_adapter_folds_as_peft_merges_it(case, shira_adapters, tmp_path):
+    base, adapter, reference = shira_adapters[case]
+    _folds_as_peft(base, adapter, reference, "SHIRA", tmp_path)
+
+
+def test_a_shira_adapter_with_windows_float_indices_folds_alike(shira_adapters, tmp_path):
+    """PEFT on Windows saves the positions as float32 (and reads them back as integers)."""
+    base, src, reference = shira_adapters["llama-qv"]
+    t = load_file(os.path.join(src, "adapter_model.safetensors"))
+    adapter = _edited(src, str(tmp_path / "win"), tensors={k: v.float() for k, v in t.items() if k.endswith("shira_indices")})
+    _folds_as_peft(base, adapter, reference, "SHIRA", tmp_path)
+
+
+S0 = "base_model.model.model.layers.0.self_attn."
+
+
+def _moved(src: str, key: str, row: int) -> dict:
+    idx = load_file(os.path.join(src, "adapter_model.safetensors"))[key].clone()
+    idx[0, 0] = row
+    return {key: idx}
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda src: dict(drop=(S0 + "q_proj.shira_indices",)), ("q_proj", "shira_indices")),
+    (lambda src: dict(drop=(S0 + "q_proj.shira_weight", S0 + "q_proj.shira_indices")), ("no SHiRA tensors", "q_proj")),
+    (lambda src: dict(tensors={S0 + "v_proj.shira_weight": torch.ones(10)}), ("v_proj", "[10]")),
+    (lambda src: dict(tensors=_moved(src, S0 + "q_proj.shira_indices", 64)), ("q_proj.shira_indices", "outside")),
+    (lambda src: dict(tensors=_moved(src, S0 + "q_proj.shira_indices", -1)), ("q_proj.shira_indices", "outside")),
+    (lambda src: dict(config={"shira_mystery": 1}), ("shira_mystery", "SHIRA")),
+    (lambda src: dict(config={"mask_type": "custom"}), ("mask_type",)),
+], ids=["missing-indices", "missing-module", "wrong-shape", "index-past-end", "negative-index", "unknown-key", "mask-type"])
+def test_a_shira_adapter_peftcli_cannot_fold_exactly_is_refused_in_one_line(edit, words, shira_adapters, tmp_path):
+    base, src, _ = shira_adapters["llama-qv"]
+    _refused(base, _edited(src, str(tmp_path / "edited"), **edit(src)), tmp_path, *words)
+
+
+@pytest.mark.parametrize("peft_type", ["FROBNICATE_TUNING", "C3A"])
 def test_a_peft_type_peftcli_does_not_fold_is_refused_by_check_and_merge_naming_it(peft_type, ln_adapters, tmp_path):
     base, src, _ = ln_adapters["llama-default"]
     adapter = _edited(src, str(tmp_path / "other"), config={"peft_type": peft_type})

@@ -343,6 +343,8 @@ def check_adapter_tensors(config: dict, tensors: dict, where: str) -> None:
         if t.is_floating_point():
             continue
         index = key.endswith(".idx") and key[: -len(".idx")] + ".val" in tensors and t.dtype in (torch.int32, torch.int64)
+        # PEFT's SHiRA saves its entries' positions beside them (peftcli.methods.read_fold.shira)
+        index = index or (key.endswith(".shira_indices") and key[: -len("indices")] + "weight" in tensors and t.dtype in (torch.int32, torch.int64))
         if not index:
             raise BadInputError(
                 f"{where}: adapter tensor {key!r} is {safetensors_dtype(t.dtype)}, not floating-point",
