@@ -105,7 +105,7 @@ def test_read_fold_types_are_a_registry_of_their_own():
     assert READ_FOLD and not set(READ_FOLD) & set(METHODS)
     assert all(m.read_only and m.folds and m.name == n for n, m in READ_FOLD.items())
     assert not any(m.read_only for m in METHODS.values())
-    covered = {"ln-tuning", "fourierft", "shira"}  # the types this file folds against PEFT
+    covered = {"ln-tuning", "fourierft", "shira", "c3a"}  # the types this file folds against PEFT
     assert set(READ_FOLD) == covered
 
 
@@ -318,7 +318,59 @@ def test_a_shira_adapter_peftcli_cannot_fold_exactly_is_refused_in_one_line(edit
     _refused(base, _edited(src, str(tmp_path / "edited"), **edit(src)), tmp_path, *words)
 
 
-@pytest.mark.parametrize("peft_type", ["FROBNICATE_TUNING", "C3A"])
+# -- C3A ----------------------------------------------------------------------------------------
+
+C3A_CASES = {
+    "llama-qv": ("llama", dict(block_size=16, target_modules=["q_proj", "v_proj"], init_weights="gaussian")),  # v: 32×64
+    "bert-layer1": ("bert", dict(block_size=32, target_modules=["query", "intermediate.dense"], layers_to_transform=[1])),
+}
+
+
+@pytest.fixture(scope="module")
+def c3a_adapters(tiny_llama, tiny_bert, tmp_path_factory):
+    root, models = tmp_path_factory.mktemp("peft-c3a"), {"llama": tiny_llama, "bert": tiny_bert}
+    return {case: (models[arch], str(root / case), _peft_adapter(models[arch], str(root / case), peft.C3AConfig(**kw)))
+            for case, (arch, kw) in C3A_CASES.items()}
+
+
+@pytest.mark.parametrize("case", list(C3A_CASES))
+def test_peft_c3a_adapter_folds_as_peft_merges_it(case, c3a_adapters, tmp_path):
+    base, adapter, reference = c3a_adapters[case]
+    _folds_as_peft(base, adapter, reference, "C3A", tmp_path)
+
+
+def test_c3a_circulant_is_the_block_circulant_matrix_of_the_kernel():
+    """An independent reference: block (p, q) of C is the circulant matrix whose first row is w[p, q]
+    and each next row the one above shifted right by one, C[i, j] = w[p, q, (j - i) mod b]."""
+    from peftcli.methods.read_fold.c3a import circulant
+
+    w = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    want = torch.zeros(8, 12, dtype=torch.float64)
+    for p in range(2):
+        for q in range(3):
+            for i in range(4):
+                for j in range(4):
+                    want[4 * p + i, 4 * q + j] = w[p, q, (j - i) % 4]
+    assert torch.allclose(circulant(w), want, atol=1e-12)
+
+
+C0 = "base_model.model.model.layers.0.self_attn."
+
+
+@pytest.mark.parametrize("edit, words", [
+    (dict(drop=(C0 + "q_proj.c3a_kernel",)), ("c3a_kernel", "model.layers.0.self_attn.q_proj")),
+    (dict(tensors={C0 + "v_proj.c3a_kernel": torch.ones(2, 2, 16)}), ("v_proj", "[2, 2, 16]", "[2, 4, 16]")),
+    (dict(config={"block_size": 24}), ("block_size 24", "does not divide")),
+    (dict(config={"c3a_mystery": 1}), ("c3a_mystery", "C3A")),
+    (dict(config={"block_size_pattern": {"q_proj": 8}}), ("block_size_pattern",)),
+    (dict(tensors={C0 + "k_proj.c3a_kernel": torch.ones(2, 4, 16)}), ("k_proj", "does not target")),
+], ids=["missing-tensor", "wrong-shape", "block-size", "unknown-key", "block-size-pattern", "untargeted"])
+def test_a_c3a_adapter_peftcli_cannot_fold_exactly_is_refused_in_one_line(edit, words, c3a_adapters, tmp_path):
+    base, src, _ = c3a_adapters["llama-qv"]
+    _refused(base, _edited(src, str(tmp_path / "edited"), **edit), tmp_path, *words)
+
+
+@pytest.mark.parametrize("peft_type", ["FROBNICATE_TUNING", "MISS"])
 def test_a_peft_type_peftcli_does_not_fold_is_refused_by_check_and_merge_naming_it(peft_type, ln_adapters, tmp_path):
     base, src, _ = ln_adapters["llama-default"]
     adapter = _edited(src, str(tmp_path / "other"), config={"peft_type": peft_type})

@@ -5,14 +5,16 @@ trains. They are a small registry of their own (``READ_FOLD`` in ``peftcli.metho
 each declares ``read_only = True`` and inherits ``ReadFoldBase``'s one-line refusals.
 
 ``base``: that class and PEFT's target matching; ``ln_tuning``: PEFT's LN_TUNING;
-``fourierft``: PEFT's FOURIERFT; ``shira``: PEFT's SHIRA.
+``fourierft``: PEFT's FOURIERFT; ``shira``: PEFT's SHIRA;
+``c3a``: PEFT's C3A.
 """
 
 from __future__ import annotations
 
 from peftcli.methods.read_fold.base import ReadFoldBase
+from peftcli.methods.read_fold.c3a import C3a
 from peftcli.methods.read_fold.fourierft import FourierFt
 from peftcli.methods.read_fold.ln_tuning import LnTuning
 from peftcli.methods.read_fold.shira import Shira
 
-__all__ = ["FourierFt", "LnTuning", "ReadFoldBase", "Shira"]
+__all__ = ["C3a", "FourierFt", "LnTuning", "ReadFoldBase", "Shira"]
