@@ -105,7 +105,7 @@ def test_read_fold_types_are_a_registry_of_their_own():
     assert READ_FOLD and not set(READ_FOLD) & set(METHODS)
     assert all(m.read_only and m.folds and m.name == n for n, m in READ_FOLD.items())
     assert not any(m.read_only for m in METHODS.values())
-    covered = {"ln-tuning", "fourierft", "shira", "c3a"}  # the types this file folds against PEFT
+    covered = {"ln-tuning", "fourierft", "shira", "c3a", "randlora"}  # the types this file folds against PEFT
     assert set(READ_FOLD) == covered
 
 
@@ -367,6 +367,45 @@ C0 = "base_model.model.model.layers.0.self_attn."
 ], ids=["missing-tensor", "wrong-shape", "block-size", "unknown-key", "block-size-pattern", "untargeted"])
 def test_a_c3a_adapter_peftcli_cannot_fold_exactly_is_refused_in_one_line(edit, words, c3a_adapters, tmp_path):
     base, src, _ = c3a_adapters["llama-qv"]
+    _refused(base, _edited(src, str(tmp_path / "edited"), **edit), tmp_path, *words)
+
+
+# -- RandLoRA -----------------------------------------------------------------------------------
+
+RANDLORA_CASES = {
+    "llama-qv": ("llama", dict(r=4, randlora_alpha=8, target_modules=["q_proj", "v_proj"])),  # v: 32×64, out < in
+    "llama-up-down": ("llama", dict(r=5, target_modules=["up_proj", "down_proj"], sparse=True)),  # out > in and out < in, ⌈·⌉
+    "gpt2-conv1d": ("gpt2", dict(r=8, randlora_alpha=16, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)),
+}
+
+
+@pytest.fixture(scope="module")
+def randlora_adapters(tiny_llama, tiny_gpt2, tmp_path_factory):
+    root, models = tmp_path_factory.mktemp("peft-randlora"), {"llama": tiny_llama, "gpt2": tiny_gpt2}
+    return {case: (models[arch], str(root / case), _peft_adapter(models[arch], str(root / case), peft.RandLoraConfig(**kw)))
+            for case, (arch, kw) in RANDLORA_CASES.items()}
+
+
+@pytest.mark.parametrize("case", list(RANDLORA_CASES))
+def test_peft_randlora_adapter_folds_as_peft_merges_it(case, randlora_adapters, tmp_path):
+    base, adapter, reference = randlora_adapters[case]
+    _folds_as_peft(base, adapter, reference, "RANDLORA", tmp_path)
+
+
+R0 = "base_model.model.model.layers.0.self_attn."
+
+
+@pytest.mark.parametrize("edit, words", [
+    (dict(drop=("base_model.randlora_A", "base_model.randlora_B")), ("randlora_A", "save_projection")),
+    (dict(config={"save_projection": False}), ("save_projection",)),
+    (dict(drop=(R0 + "q_proj.randlora_gamma",)), ("q_proj", "randlora_gamma")),
+    (dict(tensors={R0 + "v_proj.randlora_lambda": torch.ones(4, 3)}), ("v_proj", "randlora_lambda")),
+    (dict(tensors={R0 + "q_proj.randlora_A": torch.ones(4, 1, 64)}), ("q_proj.randlora_A", "differs")),
+    (dict(config={"randlora_mystery": 1}), ("randlora_mystery", "RANDLORA")),
+    (dict(config={"bias": "all"}), ("bias",)),
+], ids=["no-bases", "save-projection-false", "missing-gamma", "lambda-shape", "base-copy-differs", "unknown-key", "bias"])
+def test_a_randlora_adapter_peftcli_cannot_fold_exactly_is_refused_in_one_line(edit, words, randlora_adapters, tmp_path):
+    base, src, _ = randlora_adapters["llama-qv"]
     _refused(base, _edited(src, str(tmp_path / "edited"), **edit), tmp_path, *words)
 
 
