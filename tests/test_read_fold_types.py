@@ -105,7 +105,7 @@ def test_read_fold_types_are_a_registry_of_their_own():
     assert READ_FOLD and not set(READ_FOLD) & set(METHODS)
     assert all(m.read_only and m.folds and m.name == n for n, m in READ_FOLD.items())
     assert not any(m.read_only for m in METHODS.values())
-    covered = {"ln-tuning", "fourierft", "shira", "c3a", "randlora"}  # the types this file folds against PEFT
+    covered = {"ln-tuning", "fourierft", "shira", "c3a", "randlora", "miss"}  # the types this file folds against PEFT
     assert set(READ_FOLD) == covered
 
 
@@ -409,7 +409,45 @@ def test_a_randlora_adapter_peftcli_cannot_fold_exactly_is_refused_in_one_line(e
     _refused(base, _edited(src, str(tmp_path / "edited"), **edit), tmp_path, *words)
 
 
-@pytest.mark.parametrize("peft_type", ["FROBNICATE_TUNING", "MISS"])
+# -- MiSS ---------------------------------------------------------------------------------------
+
+MISS_CASES = {
+    "llama-miss-remainder": ("llama", dict(r=5, target_modules=["q_proj", "v_proj", "down_proj"])),  # 64 % 5, 128 % 5: remainders
+    "llama-bat": ("llama", dict(r=8, init_weights="bat", target_modules=["q_proj", "up_proj"])),
+    "bert-mini": ("bert", dict(r=4, init_weights="mini", mini_r=8, target_modules=["query", "intermediate.dense"])),
+}
+
+
+@pytest.fixture(scope="module")
+def miss_adapters(tiny_llama, tiny_bert, tmp_path_factory):
+    root, models = tmp_path_factory.mktemp("peft-miss"), {"llama": tiny_llama, "bert": tiny_bert}
+    return {case: (models[arch], str(root / case), _peft_adapter(models[arch], str(root / case), peft.MissConfig(**kw)))
+            for case, (arch, kw) in MISS_CASES.items()}
+
+
+@pytest.mark.parametrize("case", list(MISS_CASES))
+def test_peft_miss_adapter_folds_as_peft_merges_it(case, miss_adapters, tmp_path):
+    base, adapter, reference = miss_adapters[case]
+    _folds_as_peft(base, adapter, reference, "MISS", tmp_path)
+
+
+M0 = "base_model.model.model.layers.0.self_attn."
+
+
+@pytest.mark.parametrize("case, edit, words", [
+    ("llama-miss-remainder", dict(drop=(M0 + "q_proj.miss_block",)), ("miss_block", "model.layers.0.self_attn.q_proj")),
+    ("llama-miss-remainder", dict(tensors={M0 + "v_proj.miss_block": torch.ones(5, 64)}), ("v_proj", "[5, 64]", "[5, 32]")),
+    ("llama-bat", dict(config={"r": 6}), ("bat", "r = 6")),
+    ("llama-miss-remainder", dict(config={"miss_mystery": 1}), ("miss_mystery", "MISS")),
+    ("llama-miss-remainder", dict(config={"init_weights": "pissa"}), ("init_weights", "'pissa'")),
+    ("llama-miss-remainder", dict(tensors={M0 + "k_proj.miss_block": torch.ones(5, 32)}), ("k_proj", "does not target")),
+], ids=["missing-tensor", "wrong-shape", "bat-indivisible", "unknown-key", "unknown-init", "untargeted"])
+def test_a_miss_adapter_peftcli_cannot_fold_exactly_is_refused_in_one_line(case, edit, words, miss_adapters, tmp_path):
+    base, src, _ = miss_adapters[case]
+    _refused(base, _edited(src, str(tmp_path / "edited"), **edit), tmp_path, *words)
+
+
+@pytest.mark.parametrize("peft_type", ["FROBNICATE_TUNING", "VBLORA"])
 def test_a_peft_type_peftcli_does_not_fold_is_refused_by_check_and_merge_naming_it(peft_type, ln_adapters, tmp_path):
     base, src, _ = ln_adapters["llama-default"]
     adapter = _edited(src, str(tmp_path / "other"), config={"peft_type": peft_type})

@@ -25,7 +25,7 @@ from peftcli.methods.lottery import Lottery
 from peftcli.methods.lycoris import LoHa, LoKr
 from peftcli.methods.oft import Oft
 from peftcli.methods.peftcli_section import PEFTCLI_PEFT_TYPE
-from peftcli.methods.read_fold import C3a, FourierFt, LnTuning, RandLora, Shira
+from peftcli.methods.read_fold import C3a, FourierFt, LnTuning, Miss, RandLora, Shira
 from peftcli.methods.prompting.prefix import PrefixTuning
 from peftcli.methods.prompting.prompt import PromptTuning
 from peftcli.methods.sparse.fine_tuning import DiffPruning, LtSft
@@ -37,7 +37,7 @@ METHODS: dict[str, Method] = {
 }
 
 # Read-and-fold only (``read_only``): found by adapter config, never injected nor trained.
-READ_FOLD: dict[str, Method] = {m.name: m for m in (LnTuning(), FourierFt(), Shira(), C3a(), RandLora())}
+READ_FOLD: dict[str, Method] = {m.name: m for m in (LnTuning(), FourierFt(), Shira(), C3a(), RandLora(), Miss())}
 
 
 def foldable() -> list[str]:

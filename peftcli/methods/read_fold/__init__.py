@@ -7,7 +7,7 @@ each declares ``read_only = True`` and inherits ``ReadFoldBase``'s one-line refu
 ``base``: that class and PEFT's target matching; ``ln_tuning``: PEFT's LN_TUNING;
 ``fourierft``: PEFT's FOURIERFT; ``shira``: PEFT's SHIRA;
 ``c3a``: PEFT's C3A;
-``randlora``: PEFT's RANDLORA.
+``randlora``: PEFT's RANDLORA; ``miss``: PEFT's MISS.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from peftcli.methods.read_fold.base import ReadFoldBase
 from peftcli.methods.read_fold.c3a import C3a
 from peftcli.methods.read_fold.fourierft import FourierFt
 from peftcli.methods.read_fold.ln_tuning import LnTuning
+from peftcli.methods.read_fold.miss import Miss
 from peftcli.methods.read_fold.randlora import RandLora
 from peftcli.methods.read_fold.shira import Shira
 
-__all__ = ["C3a", "FourierFt", "LnTuning", "RandLora", "ReadFoldBase", "Shira"]
+__all__ = ["C3a", "FourierFt", "LnTuning", "Miss", "RandLora", "ReadFoldBase", "Shira"]
