@@ -105,8 +105,11 @@ def test_read_fold_types_are_a_registry_of_their_own():
     assert READ_FOLD and not set(READ_FOLD) & set(METHODS)
     assert all(m.read_only and m.folds and m.name == n for n, m in READ_FOLD.items())
     assert not any(m.read_only for m in METHODS.values())
+    from tests import matrices
+
     covered = {"ln-tuning", "fourierft", "shira", "c3a", "randlora", "miss"}  # the types this file folds against PEFT
-    assert set(READ_FOLD) == covered
+    assert set(READ_FOLD) == set(matrices.read_fold_only()) == covered
+    assert not set(READ_FOLD) & set(matrices.one_pass())
 
 
 # -- LN tuning ----------------------------------------------------------------------------------
