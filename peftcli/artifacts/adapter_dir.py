@@ -332,7 +332,8 @@ def replaced_modules(config: dict, tensors: dict, base_names) -> dict[str, objec
 def check_adapter_tensors(config: dict, tensors: dict, where: str) -> None:
     """What every command reading an adapter refuses before its method sees it (so that check,
     merge, convert, evaluate and attach refuse alike): a φ tensor that is not floating-point
-    (only a sparse φ's ``W.idx`` beside its ``W.val`` holds integers), and a
+    (only a sparse φ's ``W.idx`` beside its ``W.val``, and SHiRA's ``shira_indices`` beside its
+    ``shira_weight``, hold integers), and a
     ``modules_to_save`` entry the adapter holds no tensor of."""
     import torch
 
