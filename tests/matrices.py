@@ -7,7 +7,7 @@ math, such as DoRA); the methods come from ``METHODS``, never from a hand-writte
 
 from __future__ import annotations
 
-from peftcli.methods import METHODS, ONE_PASS
+from peftcli.methods import METHODS, ONE_PASS, READ_FOLD
 
 # Options a method cannot inject without on the tiny fixtures.
 REQUIRED_OPTIONS = {"layers": {"layers": "1"}}
@@ -37,3 +37,10 @@ def identity_at_init() -> set[str]:
 def cases(names: list[str], variants: dict[str, list[dict]]) -> list[tuple[str, dict]]:
     """``(method, options)``: each method with its default options, then its variants."""
     return [(n, options(n, **v)) for n in names for v in [{}, *variants.get(n, [])]]
+
+
+def read_fold_only() -> list[str]:
+    """PEFT types peftcli reads and folds but never injects (``READ_FOLD``, ``read_only``): in none
+    of the matrices above, which derive from ``METHODS`` (no inject, no training, no golden);
+    tests/test_read_fold_types.py folds each against PEFT and fails on one it does not cover."""
+    return list(READ_FOLD)

@@ -332,7 +332,8 @@ def replaced_modules(config: dict, tensors: dict, base_names) -> dict[str, objec
 def check_adapter_tensors(config: dict, tensors: dict, where: str) -> None:
     """What every command reading an adapter refuses before its method sees it (so that check,
     merge, convert, evaluate and attach refuse alike): a φ tensor that is not floating-point
-    (only a sparse φ's ``W.idx`` beside its ``W.val`` holds integers), and a
+    (only a sparse φ's ``W.idx`` beside its ``W.val``, and SHiRA's ``shira_indices`` beside its
+    ``shira_weight``, hold integers), and a
     ``modules_to_save`` entry the adapter holds no tensor of."""
     import torch
 
@@ -343,6 +344,8 @@ def check_adapter_tensors(config: dict, tensors: dict, where: str) -> None:
         if t.is_floating_point():
             continue
         index = key.endswith(".idx") and key[: -len(".idx")] + ".val" in tensors and t.dtype in (torch.int32, torch.int64)
+        # PEFT's SHiRA saves its entries' positions beside them (peftcli.methods.read_fold.shira)
+        index = index or (key.endswith(".shira_indices") and key[: -len("indices")] + "weight" in tensors and t.dtype in (torch.int32, torch.int64))
         if not index:
             raise BadInputError(
                 f"{where}: adapter tensor {key!r} is {safetensors_dtype(t.dtype)}, not floating-point",

@@ -3,6 +3,12 @@
 Beside the methods: ``base`` (the interface), ``in_place`` (training base tensors in place:
 BitFit, layers), ``peftcli_section`` (the adapter config of a method PEFT lacks); what the
 methods know of each architecture is ``peftcli.architectures``.
+
+``READ_FOLD`` is the second, small registry: PEFT types peftcli reads and folds (``check``,
+``merge``, ``convert``, ``inspect``) but never injects or trains (``read_only``,
+``peftcli.methods.read_fold``). ``method_for_adapter_config`` finds an adapter's method in
+both; everything that injects or trains (``inject``, ``train``, recipes, ``inspect --budget``)
+reads ``METHODS`` alone.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from peftcli.methods.lottery import Lottery
 from peftcli.methods.lycoris import LoHa, LoKr
 from peftcli.methods.oft import Oft
 from peftcli.methods.peftcli_section import PEFTCLI_PEFT_TYPE
+from peftcli.methods.read_fold import C3a, FourierFt, LnTuning, Miss, RandLora, Shira
 from peftcli.methods.prompting.prefix import PrefixTuning
 from peftcli.methods.prompting.prompt import PromptTuning
 from peftcli.methods.sparse.fine_tuning import DiffPruning, LtSft
@@ -28,6 +35,9 @@ METHODS: dict[str, Method] = {
     m.name: m for m in (LoRA(), IA3(), LoHa(), LoKr(), Vera(), Oft(), Hra(), BottleneckAdapter(), PrefixTuning(), PromptTuning(), BitFit(), Layers(),
                      LtSft(), DiffPruning(), Lottery())
 }
+
+# Read-and-fold only (``read_only``): found by adapter config, never injected nor trained.
+READ_FOLD: dict[str, Method] = {m.name: m for m in (LnTuning(), FourierFt(), Shira(), C3a(), RandLora(), Miss())}
 
 
 def foldable() -> list[str]:
@@ -72,6 +82,8 @@ def closest_method(name: str) -> str | None:
 
 def get_method(name: str) -> Method:
     method = METHODS.get(name)
+    if method is None and name in READ_FOLD:
+        READ_FOLD[name].budget({}, None, None)  # raises: "ln-tuning (LN_TUNING) adapters are read-and-fold only ..."
     if method is None:
         close = closest_method(name)
         raise UsageError(
@@ -90,16 +102,16 @@ def method_for_adapter_config(config: dict, where: str) -> Method:
         if name not in METHODS:
             raise BadInputError(f"{where}: adapter config names unknown peftcli method {name!r}", "known: " + ", ".join(METHODS))
         return METHODS[name]
-    for method in METHODS.values():
+    for method in (*METHODS.values(), *READ_FOLD.values()):
         if method.peft_type is not None and method.peft_type == peft_type:
             return method
     if peft_type is None:
         raise BadInputError(f"{where}: adapter config has no peft_type", "is this an adapter_config.json from PEFT or peftcli?")
-    known = sorted(m.peft_type for m in METHODS.values() if m.peft_type)
+    known = sorted(m.peft_type for m in (*METHODS.values(), *READ_FOLD.values()) if m.peft_type)
     raise BadInputError(f"{where}: unsupported adapter method peft_type={peft_type!r}", "supported: " + ", ".join(known))
 
 
 __all__ = [
-    "ALIASES", "Attached", "Budget", "BudgetRow", "Method", "MethodBase", "METHODS", "ONE_PASS", "PHASES", "ROUNDS",
+    "ALIASES", "Attached", "Budget", "BudgetRow", "Method", "MethodBase", "METHODS", "ONE_PASS", "PHASES", "READ_FOLD", "ROUNDS",
     "closest_method", "foldable", "foldable_hint", "get_method", "method_for_adapter_config",
 ]

@@ -36,7 +36,9 @@ their defaults, so a method's whole contract reads in one place and no caller pr
 - ``derived_keys(cfg)``: artifact keys recomputed from φ rather than trained;
 - ``examples``: command lines shown by ``peftcli inject METHOD --help``;
 - ``train_defaults``: the ``TrainDefaults`` ``peftcli train`` uses for what the user leaves
-  out (learning rates, warmup, schedule), chosen by measurement (benchmarks/README.md).
+  out (learning rates, warmup, schedule), chosen by measurement (benchmarks/README.md);
+- ``read_only``: a PEFT type peftcli reads and folds but never injects, attaches or trains
+  (``peftcli.methods.read_fold``; registered in ``READ_FOLD``, not ``METHODS``).
 """
 
 from __future__ import annotations
@@ -335,6 +337,7 @@ class MethodBase:
     identity_at_init: bool = True  # the injected φ leaves the base's outputs unchanged
     examples: tuple[str, ...] = ()  # shown by `peftcli inject METHOD --help`
     train_defaults: TrainDefaults = TrainDefaults(lr=1e-3)  # each method declares its own
+    read_only: bool = False  # read and folded only (READ_FOLD): inject, attach and train refuse it
 
     def derived_keys(self, cfg: Any) -> set[str]:
         """Artifact keys recomputed from φ on save rather than trained (none by default)."""
@@ -367,6 +370,8 @@ class Method(Protocol):
     def examples(self) -> tuple[str, ...]: ...
     @property
     def train_defaults(self) -> TrainDefaults: ...
+    @property
+    def read_only(self) -> bool: ...
 
     def derived_keys(self, cfg: Any) -> set[str]: ...
 

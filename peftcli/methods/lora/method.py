@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.base import Attached, MethodBase, BudgetRow, LazyTensor, SeededDraws, base_module, lazy_zeros, mismatch_error, peft_key, selection, targeted_module, PEFT_PREFIX, TrainDefaults
 from peftcli.methods import rank_patterns
-from peftcli.methods.lora import base_init as lora_init, embeddings as lora_embeddings
+from peftcli.methods.lora import base_init as lora_init, embeddings as lora_embeddings, trained_bias
 from peftcli.options import option
 from peftcli.patterns import from_file
 from peftcli.targets import excluded, is_regex, linear_modules, names_module, resolve_targets
@@ -93,6 +93,9 @@ class LoraConfig:
     # Folded by merge (lora_embeddings); inject puts LoRA on linear modules only.
     peft_embeddings: bool = field(default=False, metadata={"recorded": False})
     token_indices: tuple | None = field(default=None, metadata={"recorded": False})
+    # PEFT's bias "all"/"lora_only": the base's biases trained and saved beside LoRA (read and
+    # folded only: trained_bias); inject trains none.
+    bias: str = field(default="none", metadata={"recorded": False})
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
@@ -268,6 +271,8 @@ class LoRA(MethodBase):
                 out[peft_key(m.name, "lora_magnitude_vector")] = LazyTensor(
                     (d_out,), torch.float32, lambda name=m.name, dim=dim, ab=ab, res=res: _row_norms(ckpt, name, dim, ab, res)
                 )
+        # PEFT's bias "all"/"lora_only": the base's biases, saved beside LoRA (check compares them).
+        out.update(trained_bias.init(cfg.bias, ckpt, {m.name for m in self._targets(shapes, ckpt.config, cfg)}))
         # An adapter's embedding LoRA and trainable tokens: PEFT's keys and shapes (check compares them).
         embedded = self._embedding_targets(shapes, ckpt.config, cfg)
         tokens = self._token_targets(shapes, ckpt.config, cfg)
@@ -303,11 +308,7 @@ class LoRA(MethodBase):
         }
 
     def config_from_adapter(self, d: dict) -> LoraConfig:
-        if d.get("bias", "none") != "none":
-            raise BadInputError(
-                f"adapter config trains biases (bias={d['bias']!r}), which peftcli's LoRA does not support",
-                "train the adapter with bias='none'",
-            )
+        bias = trained_bias.read(d.get("bias", "none"), _CORRUPT)
         if "r" not in d:
             raise BadInputError("LoRA adapter config has no rank 'r'", "add \"r\": <rank> to adapter_config.json")
         targets = d.get("target_modules")
@@ -331,6 +332,7 @@ class LoRA(MethodBase):
                 base_init=lora_init.base_init(d.get("init_lora_weights", True), d.get("peft_version")),
                 exclude=_exclude_spec(d.get("exclude_modules")),
                 lora_bias=bool(d.get("lora_bias")),
+                bias=bias,
                 peft_embeddings=True,
                 token_indices=lora_embeddings.token_indices(d.get("trainable_token_indices")),
                 ranks=rank_patterns.from_config(d, "rank_pattern", "LoRA", _CORRUPT),
@@ -363,6 +365,7 @@ class LoRA(MethodBase):
         shapes = {t.name: t.shape for t in ckpt.tensors.values()}
         linear = {m.name: m for m in linear_modules(shapes, ckpt.config)}
         targeted, unfit = self._targeted(shapes, ckpt.config, cfg)
+        biases, tensors = trained_bias.split(tensors, cfg.bias, _SUFFIXES)
         by_module, problems = _group(tensors)
         out, configs = {}, {}
         for path, parts in list(by_module.items()):
@@ -387,6 +390,8 @@ class LoRA(MethodBase):
                 if name + ".bias" not in ckpt.tensors:
                     raise _no_base_bias(name)
                 out[name + ".bias"] = partial(_fold_bias, bias=parts["lora_B.bias"], scaling=mcfg.scaling)
+        if targeted is not None:
+            trained_bias.fold(cfg.bias, biases, ckpt, targeted, out, problems)
         if problems:
             raise mismatch_error(problems)
         if unfit is not None:
@@ -434,6 +439,7 @@ class LoRA(MethodBase):
         from peftcli import modules as mod
         from peftcli.methods.lora.layer import LoraLinear
 
+        trained_bias.refuse_attach(cfg.bias)
         by_module, problems = _group(tensors)
         saved: set[str] = set()
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
