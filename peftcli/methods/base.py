@@ -95,6 +95,32 @@ def targeted_module(path: str, modules, targeted, what: str) -> tuple[str | None
     return name, None
 
 
+def checkpoint_finder(linear: dict, selected, what: str) -> Callable:
+    """``find(path)`` for a fold over a checkpoint: (the targeted linear module's name,), or
+    the problem (``targeted_module``'s, ``what`` naming the method's tensors)."""
+
+    def find(path):
+        name, problem = targeted_module(path, linear, selected, what)
+        return (name,), problem
+
+    return find
+
+
+def model_finder(model, selected, what: str) -> Callable:
+    """``find(path)`` for an attach: (the module's real path, its linear layer), or the
+    problem (no such linear layer, or one the adapter config does not target)."""
+    from peftcli import modules as mod
+
+    def find(path):
+        layer, dims, problem = mod.find_linear(model, path)
+        real = mod.resolve(model, path) if problem is None else None
+        if problem is None and selected is not None and real not in selected:
+            problem = f"{path}: {what} for a module the adapter config does not target"
+        return (real, layer), problem
+
+    return find
+
+
 class Replacement:
     """A delta that is really new values: ``Replacement(values)(stored)`` is the change
     values − stored (for sums of task vectors), and ``values(stored)`` the new tensor itself,

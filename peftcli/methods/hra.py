@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.base import (
     PEFT_PREFIX, Attached, BudgetRow, LazyTensor, MethodBase, Replacement, SeededDraws, TrainDefaults, mismatch_error, peft_key,
-    selection, targeted_module,
+    selection, checkpoint_finder, model_finder,
 )
 from peftcli.methods.vera import CORRUPT, build, is_int, layers_option, read_only, refuse_unknown, target_fields, targets_option
 from peftcli.options import option
@@ -156,9 +156,7 @@ class Hra(MethodBase):
         linear = {m.name: m for m in linear_modules(shapes, ckpt.config)}
         selected, unfit = self._selected(shapes, ckpt.config, cfg)
 
-        def find(path):
-            name, problem = targeted_module(path, linear, selected, "an hra_u")
-            return (name,), problem
+        find = checkpoint_finder(linear, selected, "an hra_u")
 
         return {found[0] + ".weight": Replacement(partial(_reflected, u=u, gs=cfg.apply_gs, name=found[0]))
                 for path, found, u in self._matched(tensors, selected, unfit, find, cfg)}
@@ -170,12 +168,7 @@ class Hra(MethodBase):
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
         selected, unfit = self._selected(shapes, model_config, cfg)  # as PEFT selects them: on the model's names
 
-        def find(path):
-            layer, dims, problem = mod.find_linear(model, path)
-            real = mod.resolve(model, path) if problem is None else None
-            if problem is None and selected is not None and real not in selected:
-                problem = f"{path}: an hra_u for a module the adapter config does not target"
-            return (real, layer), problem
+        find = model_finder(model, selected, "an hra_u")
 
         phi = {}
         for path, (_real, layer), u in self._matched(tensors, selected, unfit, find, cfg):

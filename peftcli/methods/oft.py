@@ -27,7 +27,7 @@ from peftcli.checkpoint.model_config import is_json_number
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.base import (
     PEFT_PREFIX, Attached, BudgetRow, MethodBase, Replacement, TrainDefaults, lazy_zeros, mismatch_error, peft_key, selection,
-    targeted_module,
+    checkpoint_finder, model_finder,
 )
 from peftcli.methods.vera import CORRUPT, build, is_int, layers_option, read_only, refuse_unknown, target_fields, targets_option
 from peftcli.options import option
@@ -227,9 +227,7 @@ class Oft(MethodBase):
         linear = {m.name: m for m in linear_modules(shapes, ckpt.config)}
         selected, unfit = self._selected(shapes, ckpt.config, cfg)
 
-        def find(path):
-            name, problem = targeted_module(path, linear, selected, "an oft_R.weight")
-            return (name,), problem
+        find = checkpoint_finder(linear, selected, "an oft_R.weight")
 
         return {found[0] + ".weight": Replacement(partial(_rotated, phi=phi, block=b, cfg=cfg, name=found[0]))
                 for path, found, phi, b in self._matched(tensors, selected, unfit, find, cfg)}
@@ -243,12 +241,7 @@ class Oft(MethodBase):
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
         selected, unfit = self._selected(shapes, model_config, cfg)  # as PEFT selects them: on the model's names
 
-        def find(path):
-            layer, dims, problem = mod.find_linear(model, path)
-            real = mod.resolve(model, path) if problem is None else None
-            if problem is None and selected is not None and real not in selected:
-                problem = f"{path}: an oft_R.weight for a module the adapter config does not target"
-            return (real, layer), problem
+        find = model_finder(model, selected, "an oft_R.weight")
 
         phi = {}
         for path, (_real, layer), t, b in self._matched(tensors, selected, unfit, find, cfg):

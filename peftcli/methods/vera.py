@@ -27,7 +27,7 @@ from peftcli.checkpoint.model_config import is_json_number
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.base import (
     PEFT_PREFIX, Attached, BudgetRow, MethodBase, SeededDraws, TrainDefaults, lazy_full, lazy_zeros, mismatch_error, peft_key, selection,
-    targeted_module,
+    checkpoint_finder, model_finder,
 )
 from peftcli.options import option
 from peftcli.patterns import from_file
@@ -293,9 +293,7 @@ class Vera(MethodBase):
         linear = {m.name: m for m in linear_modules(shapes, ckpt.config)}
         selected, unfit = self._selected(shapes, ckpt.config, cfg)
 
-        def find(path):
-            name, problem = targeted_module(path, linear, selected, "VeRA tensors")
-            return (name,), problem
+        find = checkpoint_finder(linear, selected, "VeRA tensors")
 
         a, b, matched = self._matched(tensors, selected, unfit, find, cfg)
         return {
@@ -310,12 +308,7 @@ class Vera(MethodBase):
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
         selected, unfit = self._selected(shapes, model_config, cfg)  # as PEFT selects them: on the model's names
 
-        def find(path):
-            layer, dims, problem = mod.find_linear(model, path)
-            real = mod.resolve(model, path) if problem is None else None
-            if problem is None and selected is not None and real not in selected:
-                problem = f"{path}: VeRA tensors for a module the adapter config does not target"
-            return (real, layer), problem
+        find = model_finder(model, selected, "VeRA tensors")
 
         a, b, matched = self._matched(tensors, selected, unfit, find, cfg)
         device = next(iter(model.parameters())).device

@@ -86,3 +86,20 @@ def peft_targets(d: dict, what: str) -> PeftTargets:
         raise BadInputError(f"{what} adapter config: 'modules_to_save' must be a list of module names", CORRUPT)
     return PeftTargets(targets if isinstance(targets, str) else tuple(targets),
                        exclude if isinstance(exclude, str) or exclude is None else tuple(exclude), tuple(save))
+
+
+def checked_folds(out: dict, problems: list[str], selected, unfit, what: str) -> dict:
+    """The folds of ``deltas`` (``out``: base weight → delta), once every targeted module has
+    one: the problems found (or the first targeted module with no ``what``, and how many more)
+    raised together, then the config's own unfitness (``unfit``), else ``out``."""
+    from peftcli.methods.base import mismatch_error
+
+    missing = sorted(n for n in (selected or {}) if n + ".weight" not in out)
+    if missing and not problems:
+        problems.append(f"no {what} for {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+                        + ", which the adapter config targets")
+    if problems:
+        raise mismatch_error(problems)
+    if unfit is not None:
+        raise unfit
+    return out

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 
 from peftcli.checkpoint.model_config import is_json_number
 from peftcli.errors import BadInputError, UsageError
-from peftcli.methods.base import PEFT_PREFIX, lazy_zeros, mismatch_error, peft_key, selection, targeted_module
-from peftcli.methods.read_fold.base import CORRUPT, ReadFoldBase
+from peftcli.methods.base import PEFT_PREFIX, lazy_zeros, peft_key, selection, targeted_module
+from peftcli.methods.read_fold.base import CORRUPT, ReadFoldBase, checked_folds
 from peftcli.methods.vera import FP32_MAX, is_int, refuse_unknown, target_fields
 from peftcli.targets import LinearModule, linear_modules, resolve_targets
 
@@ -97,15 +97,7 @@ class FourierFt(ReadFoldBase):
                 problems.append(problem)
             elif name is not None:
                 out[name + ".weight"] = partial(_fold, spectrum=t, cfg=cfg, transposed=linear[name].transposed)
-        missing = sorted(n for n in (selected or {}) if n + ".weight" not in out)
-        if missing and not problems:
-            problems.append(f"no {SUFFIX} for {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-                            + ", which the adapter config targets")
-        if problems:
-            raise mismatch_error(problems)
-        if unfit is not None:
-            raise unfit
-        return out
+        return checked_folds(out, problems, selected, unfit, SUFFIX)
 
 
 def _spectrum_problem(key: str, t, cfg: FourierFtConfig, m: LinearModule) -> str | None:

@@ -17,8 +17,8 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError
-from peftcli.methods.base import PEFT_PREFIX, lazy_zeros, mismatch_error, peft_key, selection, targeted_module
-from peftcli.methods.read_fold.base import CORRUPT, ReadFoldBase
+from peftcli.methods.base import PEFT_PREFIX, lazy_zeros, peft_key, selection, targeted_module
+from peftcli.methods.read_fold.base import CORRUPT, ReadFoldBase, checked_folds
 from peftcli.methods.vera import FP32_MAX, is_int, refuse_unknown, target_fields
 from peftcli.targets import linear_modules, resolve_targets
 
@@ -92,15 +92,7 @@ class Shira(ReadFoldBase):
                 problems.append(problem)
             elif name is not None:
                 out[name + ".weight"] = partial(_fold, weight=got[WEIGHT], indices=got[INDICES].long())
-        missing = sorted(n for n in (selected or {}) if n + ".weight" not in out)
-        if missing and not problems:
-            problems.append(f"no SHiRA tensors for {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-                            + ", which the adapter config targets")
-        if problems:
-            raise mismatch_error(problems)
-        if unfit is not None:
-            raise unfit
-        return out
+        return checked_folds(out, problems, selected, unfit, 'SHiRA tensors')
 
 
 def _problem(path: str, got: dict, rank: int, m) -> str | None:
