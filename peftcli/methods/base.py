@@ -137,6 +137,32 @@ class Replacement:
         return self.values(stored).to(work) - stored.to(work)
 
 
+def matched_keys(tensors: dict, suffix: str, find: Callable, check: Callable, selected, unfit, unexpected: Callable = lambda key: "") -> list:
+    """The adapter's tensors ``PEFT_PREFIX + path + "." + suffix`` matched to their modules:
+    ``find(path)`` → (found, problem), then, where the config's targets are known,
+    ``check(path, found, tensor)`` → (problem, item). Every problem is raised at once, then the
+    config's own unfitness (``unfit``); else the items. ``unexpected(key)``: what to add to
+    the message of a key of another kind."""
+    problems, out = [], []
+    for key, t in tensors.items():
+        if not key.startswith(PEFT_PREFIX) or not key.endswith("." + suffix):
+            problems.append(f"unexpected key {key}" + unexpected(key))
+            continue
+        path = key[len(PEFT_PREFIX) : -len(suffix) - 1]
+        found, problem = find(path)
+        if problem is None and selected is not None:
+            problem, item = check(path, found, t)
+            if problem is None:
+                out.append(item)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise mismatch_error(problems)
+    if unfit is not None:
+        raise unfit
+    return out
+
+
 def mismatch_error(problems: list[str]) -> BadInputError:
     return BadInputError(
         f"adapter does not match the base model: {len(problems)} problem(s): " + "; ".join(problems[:5])

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.base import (
-    PEFT_PREFIX, Attached, BudgetRow, LazyTensor, MethodBase, Replacement, SeededDraws, TrainDefaults, mismatch_error, peft_key,
-    selection, checkpoint_finder, model_finder,
+    Attached, BudgetRow, LazyTensor, MethodBase, Replacement, SeededDraws, TrainDefaults, peft_key,
+    selection, checkpoint_finder, matched_keys, model_finder,
 )
 from peftcli.methods.vera import CORRUPT, build, is_int, layers_option, read_only, refuse_unknown, target_fields, targets_option
 from peftcli.options import option
@@ -125,28 +125,16 @@ class Hra(MethodBase):
 
     def _matched(self, tensors: dict, selected, unfit, find, cfg: HraConfig) -> list:
         """(path, found, φ) per adapted module, after refusing every problem."""
-        problems, out = [], []
-        for key, t in tensors.items():
-            if not key.startswith(PEFT_PREFIX) or not key.endswith("." + SUFFIX):
-                problems.append(f"unexpected key {key}")
-                continue
-            path = key[len(PEFT_PREFIX) : -len(SUFFIX) - 1]
-            found, problem = find(path)
-            if problem is None and selected is not None:
-                want = [selected[found[0]].shape[1], cfg.rank]
-                if list(t.shape) != want:
-                    problem = f"{path}: hra_u {list(t.shape)} does not match {want}, [in, r] for this layer and config"
-                elif not bool(reflections(t, cfg.apply_gs).isfinite().all()):
-                    problem = f"{path}: the reflections built from hra_u are not finite in float32 (a zero column, NaN/Inf or absurd values)"
-                if problem is None:
-                    out.append((path, found, t))
-            if problem:
-                problems.append(problem)
-        if problems:
-            raise mismatch_error(problems)
-        if unfit is not None:
-            raise unfit
-        return out
+
+        def check(path, found, t):
+            want = [selected[found[0]].shape[1], cfg.rank]
+            if list(t.shape) != want:
+                return f"{path}: hra_u {list(t.shape)} does not match {want}, [in, r] for this layer and config", None
+            if not bool(reflections(t, cfg.apply_gs).isfinite().all()):
+                return f"{path}: the reflections built from hra_u are not finite in float32 (a zero column, NaN/Inf or absurd values)", None
+            return None, (path, found, t)
+
+        return matched_keys(tensors, SUFFIX, find, check, selected, unfit)
 
     def deltas(self, cfg: HraConfig, tensors: dict, ckpt) -> dict:
         """The merged weight itself, W·H as PEFT's merge computes it (a ``Replacement``)."""

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 from peftcli.checkpoint.model_config import is_json_number
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.base import (
-    PEFT_PREFIX, Attached, BudgetRow, MethodBase, Replacement, TrainDefaults, lazy_zeros, mismatch_error, peft_key, selection,
-    checkpoint_finder, model_finder,
+    Attached, BudgetRow, MethodBase, Replacement, TrainDefaults, lazy_zeros, peft_key, selection,
+    checkpoint_finder, matched_keys, model_finder,
 )
 from peftcli.methods.vera import CORRUPT, build, is_int, layers_option, read_only, refuse_unknown, target_fields, targets_option
 from peftcli.options import option
@@ -194,30 +194,21 @@ class Oft(MethodBase):
 
     def _matched(self, tensors: dict, selected, unfit, find, cfg: OftConfig) -> list:
         """(path, found, φ, block size) per adapted module, after refusing every problem."""
-        problems, out = [], []
-        for key, t in tensors.items():
-            if not key.startswith(PEFT_PREFIX) or not key.endswith("." + SUFFIX):
-                problems.append(f"unexpected key {key}" + (" (an embedding's OFT, which peftcli does not fold)" if "oft_embedding_R" in key else ""))
-                continue
-            path = key[len(PEFT_PREFIX) : -len(SUFFIX) - 1]
-            found, problem = find(path)
-            if problem is None and selected is not None:
-                m = selected[found[0]]
-                b = cfg.block(m)
-                want = [m.shape[1] // b, _n(b)]
-                if list(t.shape) != want:
-                    problem = f"{path}: oft_R.weight {list(t.shape)} does not match {want}, what block size {b} gives an input of {m.shape[1]}"
-                elif not bool(rotation(t, b, cfg).isfinite().all()):
-                    problem = f"{path}: the rotation R built from oft_R.weight is not finite in float32 (NaN/Inf or absurd values)"
-                if problem is None:
-                    out.append((path, found, t, b))
-            if problem:
-                problems.append(problem)
-        if problems:
-            raise mismatch_error(problems)
-        if unfit is not None:
-            raise unfit
-        return out
+
+        def check(path, found, t):
+            m = selected[found[0]]
+            b = cfg.block(m)
+            want = [m.shape[1] // b, _n(b)]
+            if list(t.shape) != want:
+                return f"{path}: oft_R.weight {list(t.shape)} does not match {want}, what block size {b} gives an input of {m.shape[1]}", None
+            if not bool(rotation(t, b, cfg).isfinite().all()):
+                return f"{path}: the rotation R built from oft_R.weight is not finite in float32 (NaN/Inf or absurd values)", None
+            return None, (path, found, t, b)
+
+        def unexpected(key):
+            return " (an embedding's OFT, which peftcli does not fold)" if "oft_embedding_R" in key else ""
+
+        return matched_keys(tensors, SUFFIX, find, check, selected, unfit, unexpected)
 
     def deltas(self, cfg: OftConfig, tensors: dict, ckpt) -> dict:
         """The merged weight itself, (R·Wᵀ)ᵀ as PEFT's merge computes it (a ``Replacement``)."""
