@@ -238,6 +238,18 @@ def copy_model_files(source_dir: str, dest_dir: str) -> list[str]:
     copying it would publish a file that is not part of the model.
     """
     copied = []
+    for name, real in checked_model_files(source_dir):
+        if os.path.isfile(real):  # directories, FIFOs, devices and dangling links are not model files
+            _copy_regular(real, os.path.join(dest_dir, name))
+            copied.append(name)
+    return copied
+
+
+def checked_model_files(source_dir: str) -> list[tuple[str, str]]:
+    """(name, real path) of the model files ``copy_model_files`` would copy, after refusing a
+    link out of the model directory (the rule above); a merge calls it before reading any of
+    them, so that the refusal is this one whichever reader comes first."""
+    files = []
     root = _link_root(source_dir)
     for name in sorted(os.listdir(source_dir)):
         if not _COPY_PATTERNS.match(name):
@@ -249,10 +261,8 @@ def copy_model_files(source_dir: str, dest_dir: str) -> list[str]:
                 f"{src} is a symlink to {real}, outside the model directory",
                 "replace the link with the file itself (cp -L) if it belongs to the model, or remove it",
             )
-        if os.path.isfile(real):  # directories, FIFOs, devices and dangling links are not model files
-            _copy_regular(real, os.path.join(dest_dir, name))
-            copied.append(name)
-    return copied
+        files.append((name, real))
+    return files
 
 
 def _link_root(source_dir: str) -> str:

@@ -95,6 +95,11 @@ def json_vocab(directory: str | None) -> dict[str, int] | None:
     return tokens
 
 
+class VocabularyMismatchError(BadInputError):
+    """Inputs whose vocabulary is not the base's (exit 1: the files disagree; the hint names
+    ``tokenizer_source``, which merges them token by token)."""
+
+
 def check(base: Checkpoint, inputs: list[str], allow_pickle: bool) -> None:
     """Refuse full-checkpoint inputs whose vocabulary is not the base's (rows, or tokenizer ids)."""
     mine = _rows(base)
@@ -113,13 +118,13 @@ def check(base: Checkpoint, inputs: list[str], allow_pickle: bool) -> None:
             for name in names:
                 t = ft.tensors.get(name)
                 if t is not None and len(t.shape) == len(base.tensors[name].shape) and t.shape[1:] == base.tensors[name].shape[1:] and t.shape[0] != mine:
-                    raise UsageError(
+                    raise VocabularyMismatchError(
                         f"the vocabularies differ: {path} has {t.shape[0]} tokens, the base {mine} ({name!r} is "
                         f"{list(t.shape)} there, {list(base.tensors[name].shape)} in the base)", HINT,
                     )
             theirs = json_vocab(ft.directory)
             if base_vocab is not None and theirs is not None and theirs != base_vocab:
-                raise UsageError(f"the vocabularies differ: {path}'s tokenizer.json {_first_difference(base_vocab, theirs)}", HINT)
+                raise VocabularyMismatchError(f"the vocabularies differ: {path}'s tokenizer.json {_first_difference(base_vocab, theirs)}", HINT)
 
 
 def _first_difference(base: dict[str, int], other: dict[str, int]) -> str:
@@ -267,7 +272,7 @@ def plan(base: Checkpoint, inputs: list[str], source: str | None, allow_pickle: 
         try:
             check(base, inputs, allow_pickle)
             return None  # one vocabulary: the base's, merged row by row as without the option
-        except UsageError:
+        except VocabularyMismatchError:
             pass
     models = [_model(base.path, base)]
     try:
