@@ -12,7 +12,7 @@ import shlex
 
 import pytest
 
-from peftcli.methods import METHODS, ONE_PASS, PHASES, ROUNDS, MethodBase, foldable, foldable_hint
+from peftcli.methods import METHODS, ONE_PASS, PHASES, READ_FOLD, ROUNDS, MethodBase, foldable, foldable_hint
 from peftcli.methods.base import SCHEDULES
 from tests import matrices
 from tests.test_contract import IDENTITY_AT_INIT, ONE_PASS as CONTRACT
@@ -59,7 +59,7 @@ def test_the_foldable_hint_names_exactly_the_methods_that_fold():
     hint = foldable_hint()
     assert hint.startswith("only ") and hint.endswith(" adapters fold into the weights"), hint
     listed = hint[len("only ") : -len(" adapters fold into the weights")].replace(" and ", ", ").split(", ")
-    assert listed == foldable() == [n for n, m in METHODS.items() if m.folds]
+    assert listed == foldable() == [n for n, m in (*METHODS.items(), *READ_FOLD.items()) if m.folds]
 
 
 class _NewMethod(MethodBase):

@@ -41,8 +41,9 @@ READ_FOLD: dict[str, Method] = {m.name: m for m in (LnTuning(), FourierFt(), Shi
 
 
 def foldable() -> list[str]:
-    """The methods whose φ folds into the weights (``merge`` and ``convert`` take their adapters), in registry order."""
-    return [name for name, m in METHODS.items() if m.folds]
+    """The methods and read-and-fold types whose φ folds into the weights (``merge`` and
+    ``convert`` take their adapters), in registry order."""
+    return [name for name, m in (*METHODS.items(), *READ_FOLD.items()) if m.folds]
 
 
 def foldable_hint() -> str:
