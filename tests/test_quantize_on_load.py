@@ -135,3 +135,40 @@ def test_a_placeholder_no_nf4_layer_takes_gets_its_real_weight(tiny_llama):
     restored = model.model.layers[0].mlp.down_proj.weight
     stored = load_file(os.path.join(tiny_llama, "model.safetensors"))["model.layers.0.mlp.down_proj.weight"]
     assert torch.equal(restored, stored) and restored.requires_grad
+
+
+
+def _quantizable_methods() -> list[str]:
+    """One-pass methods whose φ lives outside the base's tensors: the ones ``quantize`` trains."""
+    from peftcli.methods import METHODS
+    from tests import matrices
+
+    return [n for n in matrices.one_pass() if not METHODS[n].trains_in_place]
+
+
+@pytest.mark.parametrize("method", [*_quantizable_methods(), "dora"])
+def test_every_method_trains_the_same_on_a_deferred_base(method, tiny_llama, lm_data, tmp_path, monkeypatch):
+    """Attaching must not read the placeholders: each method trains on the deferred base to the
+    adapter it trains on the base loaded whole, bit for bit."""
+    from peftcli.methods import METHODS
+    from peftcli.options import from_options
+    from tests import matrices
+
+    name = "lora" if method == "dora" else method
+    cfg = from_options(METHODS[name].config_cls, matrices.options(name, **({"dora": True} if method == "dora" else {})))
+    train_cfg = TrainConfig(data=lm_data, steps=2, batch_size=4, lr=1e-2, quantize="nf4")
+    loads = []
+    real = on_load.load_deferred
+    monkeypatch.setattr(on_load, "load_deferred", lambda *a: loads.append(real(*a)) or loads[-1])
+    runs = {}
+    for kind in ("deferred", "whole"):
+        runs[kind] = str(tmp_path / kind)
+        inject(tiny_llama, name, cfg, runs[kind])
+        if kind == "whole":
+            monkeypatch.setattr(on_load, "load_deferred", lambda *a: None)
+        train(runs[kind], train_cfg)
+    assert loads and loads[0] is not None  # the first run did load deferred
+    ours = load_file(os.path.join(runs["deferred"], "adapter_model.safetensors"))
+    theirs = load_file(os.path.join(runs["whole"], "adapter_model.safetensors"))
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert all(bool(t.isfinite().all()) for t in ours.values())
