@@ -24,6 +24,14 @@ from the base (1 − (1 − d)² expected with two inputs, both tools) and the m
 over all entries of each tool, as the ratio peftcli / mergekit (≈ 1 when both implement the same
 method: a missing 1/d rescale or a normalisation by the weights would move it by 2×; mergekit
 rescales by ‖φ‖₁ / ‖m ⊙ φ‖₁ per tensor, peftcli by 1/d, equal in expectation).
+
+The methods added later run from one mergekit YAML per case, the same file given to both tools
+(`mergekit-yaml cfg out` and `peftcli merge --config cfg -o out`): slerp (slices form, t lists
+filtered by self_attn / mlp), nuslerp, multislerp (3 inputs: a third fine-tune, seed 3),
+breadcrumbs, breadcrumbs_ties, della, della_linear, model_stock, karcher and passthrough (a
+stack of layer ranges of two models). Deterministic ones are compared tensor by tensor (max |Δ|
+and the worst tensor); della and della_linear drop at random and are compared statistically, as
+DARE. `peftcli check` has no estimate for a configuration, so those rows show none.
 """
 
 from __future__ import annotations
@@ -77,11 +85,11 @@ def check_estimate(base: str, inputs, method: str) -> dict:
     return json.loads(proc.stdout)["merge"]
 
 
-def make_finetunes(base: str, work: str) -> tuple[str, str]:
-    """Two full checkpoints of base + seeded noise (σ = 1e-3 × the tensor's std), same dtype and config."""
+def make_finetunes(base: str, work: str, n: int = 2) -> tuple[str, ...]:
+    """n (2 or 3) full checkpoints of base + seeded noise (σ = 1e-3 × the tensor's std), same dtype and config."""
     tensors = load_file(os.path.join(base, "model.safetensors"))
     dirs = []
-    for seed, name in ((1, "ftA"), (2, "ftB")):
+    for seed, name in ((1, "ftA"), (2, "ftB"), (3, "ftC"))[:n]:
         out = os.path.join(work, name)
         dirs.append(out)
         if os.path.exists(os.path.join(out, "model.safetensors")):
@@ -95,7 +103,7 @@ def make_finetunes(base: str, work: str) -> tuple[str, str]:
             noisy[key] = (t.float() + noise).to(t.dtype).contiguous()
         save_file(noisy, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
         shutil.copy(os.path.join(base, "config.json"), out)
-    return dirs[0], dirs[1]
+    return tuple(dirs)
 
 
 # name: (label, mergekit method, peftcli method, whether the outputs can agree bit for bit)
@@ -107,11 +115,57 @@ CASES = {
 }
 
 
+def _models(fts, weights, **extra):
+    return [{"model": ft, "parameters": {"weight": w, **extra}} for ft, w in zip(fts, weights)]
+
+
+def _slerp(base, fts, layers):
+    return {
+        "slices": [{"sources": [{"model": fts[0], "layer_range": [0, layers]},
+                                {"model": fts[1], "layer_range": [0, layers]}]}],
+        "merge_method": "slerp", "base_model": fts[0],
+        "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                             {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]},
+    }
+
+
+# name: (label, mergekit configuration (base, fine-tunes, layers) -> dict without dtype, fine-tunes used,
+# whether the outputs can agree bit for bit). The same YAML goes to both tools.
+CONFIG_CASES = {
+    "slerp": ("slerp, t lists by self_attn / mlp", _slerp, 2, True),
+    "nuslerp": ("nuslerp w=1,0.5", lambda b, f, n: {
+        "merge_method": "nuslerp", "base_model": b, "models": _models(f, [1.0, 0.5])}, 2, True),
+    "multislerp": ("multislerp, 3 inputs w=1,0.8,0.6", lambda b, f, n: {
+        "merge_method": "multislerp", "base_model": b, "models": _models(f, [1.0, 0.8, 0.6])}, 3, True),
+    "breadcrumbs": ("breadcrumbs d=0.5 γ=0.01", lambda b, f, n: {
+        "merge_method": "breadcrumbs", "base_model": b,
+        "models": _models(f, [1.0, 1.0], density=0.5, gamma=0.01)}, 2, True),
+    "breadcrumbs-ties": ("breadcrumbs_ties d=0.5 γ=0.01", lambda b, f, n: {
+        "merge_method": "breadcrumbs_ties", "base_model": b,
+        "models": _models(f, [1.0, 1.0], density=0.5, gamma=0.01)}, 2, True),
+    "della": ("della d=0.5 ε=0.1", lambda b, f, n: {
+        "merge_method": "della", "base_model": b,
+        "models": _models(f, [1.0, 1.0], density=0.5, epsilon=0.1)}, 2, False),
+    "della-linear": ("della_linear d=0.5 ε=0.1", lambda b, f, n: {
+        "merge_method": "della_linear", "base_model": b,
+        "models": _models(f, [1.0, 1.0], density=0.5, epsilon=0.1)}, 2, False),
+    "model-stock": ("model_stock", lambda b, f, n: {
+        "merge_method": "model_stock", "base_model": b, "models": [{"model": x} for x in f]}, 2, True),
+    "karcher": ("karcher", lambda b, f, n: {
+        "merge_method": "karcher", "models": [{"model": x} for x in f]}, 2, True),
+    "passthrough": ("passthrough, layers 0–19 of base + 10–29 of ftA", lambda b, f, n: {
+        "merge_method": "passthrough",
+        "slices": [{"sources": [{"model": b, "layer_range": [0, 20]}]},
+                   {"sources": [{"model": f[0], "layer_range": [10, n]}]}]}, 1, True),
+}
+ALL_CASES = [*CASES, *CONFIG_CASES]
+
+
 def parse_cases(text: str) -> list[str]:
     names = [c.strip() for c in text.split(",") if c.strip()]
-    bad = [c for c in names if c not in CASES]
+    bad = [c for c in names if c not in ALL_CASES]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown case(s) {', '.join(bad) or text!r}: choose from {', '.join(CASES)}")
+        raise argparse.ArgumentTypeError(f"unknown case(s) {', '.join(bad) or text!r}: choose from {', '.join(ALL_CASES)}")
     return list(dict.fromkeys(names))
 
 
@@ -216,22 +270,37 @@ def copy_bandwidth(src: str, work: str, runs: int) -> float:
 
 def smollm2_bench(args) -> dict:
     base = args.base
-    fts = make_finetunes(base, args.work)
+    fts = make_finetunes(base, args.work, 3 if "multislerp" in args.cases else 2)
+    with open(os.path.join(base, "config.json")) as f:
+        layers = json.load(f)["num_hidden_layers"]
     results = {}
     for case in args.cases:
-        label, mk_method, pc_method, exact = CASES[case]
-        label = label.format(d=args.density)
-        pc_flags = ["--weights", "1,1"]
-        if pc_method != "linear":
-            pc_flags += ["--method", pc_method, "--density", str(args.density)]
-        pc_out = os.path.join(args.work, f"pc-{mk_method}")
-        mk_out = os.path.join(args.work, f"mk-{mk_method}")
-        pc_cmd = [*PEFTCLI, "merge", base, *fts, *pc_flags, "-o", pc_out, "--force"]
-        mk_cmd = None
-        if args.mergekit:
-            cfg = os.path.join(args.work, f"{mk_method}.yml")
-            mergekit_config(cfg, mk_method, base, fts, args.density)
-            mk_cmd = [args.mergekit, cfg, mk_out, "--lazy-unpickle", "--no-copy-tokenizer"]
+        if case in CONFIG_CASES:  # one mergekit YAML, given to both tools
+            label, build, n_fts, exact = CONFIG_CASES[case]
+            mk_method = pc_method = case
+            cfg = os.path.join(args.work, f"{case}.yml")
+            with open(cfg, "w") as f:
+                json.dump({**build(base, list(fts[:n_fts]), layers), "dtype": "float32"}, f, indent=1)  # JSON is YAML
+            pc_out = os.path.join(args.work, f"pc-{case}")
+            mk_out = os.path.join(args.work, f"mk-{case}")
+            pc_cmd = [*PEFTCLI, "merge", "--config", cfg, "-o", pc_out, "--force"]
+            mk_cmd = [args.mergekit, cfg, mk_out, "--lazy-unpickle", "--no-copy-tokenizer"] if args.mergekit else None
+            case_fts = fts[:n_fts]
+        else:
+            label, mk_method, pc_method, exact = CASES[case]
+            label = label.format(d=args.density)
+            pc_flags = ["--weights", "1,1"]
+            if pc_method != "linear":
+                pc_flags += ["--method", pc_method, "--density", str(args.density)]
+            pc_out = os.path.join(args.work, f"pc-{mk_method}")
+            mk_out = os.path.join(args.work, f"mk-{mk_method}")
+            pc_cmd = [*PEFTCLI, "merge", base, *fts[:2], *pc_flags, "-o", pc_out, "--force"]
+            mk_cmd = None
+            if args.mergekit:
+                cfg = os.path.join(args.work, f"{mk_method}.yml")
+                mergekit_config(cfg, mk_method, base, fts[:2], args.density)
+                mk_cmd = [args.mergekit, cfg, mk_out, "--lazy-unpickle", "--no-copy-tokenizer"]
+            case_fts = fts[:2]
         runs = {"peftcli": [], "mergekit": []}
         for i in range(1 - args.warmup, args.runs + 1):
             for tool, cmd, out in (("peftcli", pc_cmd, pc_out), ("mergekit", mk_cmd, mk_out)):
@@ -251,10 +320,10 @@ def smollm2_bench(args) -> dict:
                     "walls": [round(r[0], 2) for r in rs],
                     "loads": [round(r[3], 1) for r in rs],
                 }
-        entry["estimate"] = check_estimate(base, fts, pc_method)
+        entry["estimate"] = None if case in CONFIG_CASES else check_estimate(base, case_fts, pc_method)
         entry["out_bytes"] = output_bytes(pc_out)
         if exact:
-            entry["compare"] = compare(base, fts, pc_out, mk_out if mk_cmd else None, pc_method == "linear")
+            entry["compare"] = compare(base, case_fts, pc_out, mk_out if mk_cmd else None, pc_method == "linear")
         else:
             entry["compare"] = {"random": True}
             entry["stats"] = dare_stats(base, pc_out, mk_out if mk_cmd else None)
@@ -333,13 +402,16 @@ def report(small: dict, bw: float, big: dict | None, args) -> str:
         if c.get("random"):
             diff = "random drop: see below"
         else:
-            diff = f"{c['max_abs_diff']:.2e} ({c['identical_tensors']}/{c['common']} identical)" if mk else "n/a"
+            diff = (f"{c['max_abs_diff']:.2e} ({c['identical_tensors']}/{c['common']} identical"
+                    + (f"; worst {c['worst_tensor']}, rel {c['worst_rel']:.1e}" if c['max_abs_diff'] else "")
+                    + (f"; only in one tool: {len(c['only_peftcli'])} + {len(c['only_mergekit'])}"
+                       if c['only_peftcli'] or c['only_mergekit'] else "") + ")") if mk else "n/a"
         ref = f"{c['peftcli_vs_ref']:.2e}" if "peftcli_vs_ref" in c else "—"
         thr = e["out_bytes"] / pc["wall_s"]
         lines.append(f"| {label} | {tr} | {cr} | {rr} | {diff} | {ref} | {thr / MB:,.0f} MB/s | {thr / bw:.3f} |")
     dare = {label: e["stats"] for label, e in small.items() if "stats" in e}
     if dare:
-        lines += ["", "DARE drops at random (different RNGs), so these outputs cannot match bit for bit; "
+        lines += ["", "DARE and DELLA drop at random (different RNGs), so these outputs cannot match bit for bit; "
                   "instead, over all entries, the fraction that differs from the base and the mean |merged − base|:",
                   "", "| merge | entries changed: peftcli | entries changed: mergekit | mean abs change: peftcli | "
                   "mean abs change: mergekit | ratio peftcli / mergekit | per-tensor ratio (min – max) |",
@@ -356,7 +428,8 @@ def report(small: dict, bw: float, big: dict | None, args) -> str:
     lines += ["", f"Copy bandwidth (shutil.copyfile of the 538 MB base, median): {bw / MB:,.0f} MB/s."]
     lines += ["", "| merge | `peftcli check` estimate: peak memory | measured peak RSS | estimate: time | measured wall |",
               "|---|---|---|---|---|"]
-    rows = [(label, e["estimate"], e["peftcli"]["rss"], e["peftcli"]["wall_s"]) for label, e in small.items()]
+    rows = [(label, e["estimate"], e["peftcli"]["rss"], e["peftcli"]["wall_s"]) for label, e in small.items()
+            if e["estimate"]]
     if big:
         rows.append((f"{big['bytes'] / 1e9:.2f} GB BF16, one input", big["estimate"], big["rss"], big["wall_s"]))
     for label, est, rss, wall in rows:
@@ -378,8 +451,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="runs per tool (0: only the large check)")
     ap.add_argument("--warmup", type=int, choices=(0, 1), default=1, help="one untimed run of each first")
     ap.add_argument("--density", type=float, default=0.5)
-    ap.add_argument("--cases", type=parse_cases, default=list(CASES),
-                    help=f"comma-separated merges to run (default all: {','.join(CASES)})")
+    ap.add_argument("--cases", type=parse_cases, default=list(ALL_CASES),
+                    help=f"comma-separated merges to run (default all: {','.join(ALL_CASES)})")
     ap.add_argument("--big-gb", type=float, default=4.0, help="size of the large checkpoint (0 to skip)")
     ap.add_argument("--json", help="also write the raw results here")
     args = ap.parse_args()

@@ -35,6 +35,8 @@ def convert(out: str) -> None:
     loaded = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     config = loaded.config
     config.torch_dtype = "float32"
+    if hasattr(config, "quantization_config"):  # the GGUF it came from: the weights written are plain fp32
+        del config.quantization_config
     plain = LlamaForCausalLM(config)
     missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
     # lm_head is tied to embed_tokens, so it may be reported missing; anything else is an error.

@@ -119,3 +119,18 @@ def test_loraplus_on_another_method_or_a_bad_ratio_is_a_usage_error(tiny_llama, 
     for bad in ("0", "-2", "nan"):
         result = CliRunner().invoke(cli, ["train", lora, "--data", lm_data, "--loraplus-ratio", bad])
         assert result.exit_code == 2 and "--loraplus-ratio" in result.stderr, result.stderr
+
+
+def test_the_groups_keep_phis_order_whatever_the_hash_seed():
+    """AdamW's state is saved by position: the faster group must list lora_B in φ's own order
+    (a set's order changes with PYTHONHASHSEED, and a resumed run would swap moments)."""
+    from peftcli.training.one_pass import _param_groups
+
+    named = {}
+    for i in range(40):
+        for part in ("lora_A", "lora_B"):
+            named[f"base_model.model.layers.{i}.q_proj.{part}.weight"] = torch.nn.Parameter(torch.zeros(4, 4))
+    groups = _param_groups(named, 0.0, set(), None, b_lr=1e-2)
+    faster = [p for g in groups if g.get("lr") == 1e-2 for p in g["params"]]
+    expected = [p for n, p in named.items() if "lora_B" in n]
+    assert len(faster) == 40 and all(a is b for a, b in zip(faster, expected))

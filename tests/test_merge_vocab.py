@@ -298,3 +298,63 @@ def test_unknown_per_token_tensor_refused(models, tmp_path):
     result = _merge(str(odd), models["a"], "--tokenizer-source", "union", "-o", str(out))
     _one_line_error(result, "'model.token_scale'", "256 rows")
     assert not out.exists()
+
+
+def test_model_source_moves_the_special_token_ids_to_its_vocabulary(models, tmp_path):
+    """The base's eos/bos/pad ids must name the same tokens in MODEL's numbering (config.json and
+    generation_config.json), never the ids of other tokens."""
+    import transformers as tf
+
+    swapped = tmp_path / "swapped"
+    os.makedirs(swapped)
+    base_tok = tf.AutoTokenizer.from_pretrained(models["base"])
+    eos = base_tok.eos_token
+    for name in os.listdir(models["same"]):
+        data = open(os.path.join(models["same"], name), "rb").read()
+        if name == "tokenizer.json":  # eos and the plain token w0 trade ids
+            doc = json.loads(data)
+            vocab, w0_id, eos_id = doc["model"]["vocab"], doc["model"]["vocab"]["w0"], base_tok.eos_token_id
+            for added in doc["added_tokens"]:
+                if added["content"] == eos:
+                    added["id"] = w0_id
+            if eos in vocab:
+                vocab[eos] = w0_id
+            vocab["w0"] = eos_id
+            data = json.dumps(doc).encode()
+        (swapped / name).write_bytes(data)
+    out = tmp_path / "out"
+    result = _merge(models["base"], str(swapped), "--tokenizer-source", str(swapped), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    written = tf.AutoTokenizer.from_pretrained(str(out))
+    config = json.loads((out / "config.json").read_text())
+    assert written.convert_ids_to_tokens(config["eos_token_id"]) == eos
+    generation = out / "generation_config.json"
+    if generation.exists() and "eos_token_id" in json.loads(generation.read_text()):
+        assert written.convert_ids_to_tokens(json.loads(generation.read_text())["eos_token_id"]) == eos
+
+
+def test_an_input_whose_tokenizer_files_cannot_be_compared_is_refused(models, tmp_path):
+    """Rows of the base's count may still name other tokens: an input whose tokenizer shares no
+    file with the base's, or whose shared file differs, is refused; one saved with no tokenizer is
+    taken to use the base's."""
+    bare, other = tmp_path / "bare", tmp_path / "other"
+    for d in (bare, other):
+        os.makedirs(d)
+        for name in os.listdir(models["same"]):
+            if name != "tokenizer.json":
+                (d / name).write_bytes(open(os.path.join(models["same"], name), "rb").read())
+    (other / "vocab.json").write_text(json.dumps({"w0": 1, "w1": 0}))
+    out = tmp_path / "out"
+    result = _merge(models["base"], str(other), "-o", str(out))
+    _one_line_error(result, "cannot tell whether", "vocab.json", "--tokenizer-source")
+    assert result.exit_code == 1 and not out.exists()
+    (other / "tokenizer.model").write_bytes(b"one")
+    base_copy = tmp_path / "base"
+    os.makedirs(base_copy)
+    for name in os.listdir(models["base"]):
+        (base_copy / name).write_bytes(open(os.path.join(models["base"], name), "rb").read())
+    (base_copy / "tokenizer.model").write_bytes(b"two")
+    result = _merge(str(base_copy), str(other), "-o", str(out))
+    _one_line_error(result, "tokenizer.model is not the base's")
+    assert not out.exists()
+    assert _merge(models["base"], str(bare), "-o", str(out)).exit_code == 0  # no tokenizer: the base's

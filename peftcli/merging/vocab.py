@@ -125,6 +125,37 @@ def check(base: Checkpoint, inputs: list[str], allow_pickle: bool) -> None:
             theirs = json_vocab(ft.directory)
             if base_vocab is not None and theirs is not None and theirs != base_vocab:
                 raise VocabularyMismatchError(f"the vocabularies differ: {path}'s tokenizer.json {_first_difference(base_vocab, theirs)}", HINT)
+            if base.directory and ft.directory:
+                _other_files_agree(base.directory, ft.directory, path, compared=base_vocab is not None and theirs is not None)
+
+
+# The files that say which token each id is, beside tokenizer.json (sentencepiece, BPE, WordPiece).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json")
+
+
+def _other_files_agree(base_dir: str, ft_dir: str, path: str, compared: bool) -> None:
+    """Where the two tokenizer.json could not be compared (``compared`` False: one side or both
+    lack it), the tokenizer files both have must be the same bytes, and an input with a
+    tokenizer must share one with the base: rows of equal count may still name other tokens.
+    An input saved without any tokenizer file is taken to use the base's (its rows are counted
+    above)."""
+    if compared:
+        return
+    mine = {n for n in _TOKENIZER_FILES if os.path.isfile(os.path.join(base_dir, n))}
+    theirs = {n for n in _TOKENIZER_FILES if os.path.isfile(os.path.join(ft_dir, n))}
+    if not theirs:
+        return
+    common = sorted(mine & theirs)
+    for name in common:
+        with open(os.path.join(base_dir, name), "rb") as a, open(os.path.join(ft_dir, name), "rb") as b:
+            if a.read() != b.read():
+                raise VocabularyMismatchError(f"the vocabularies may differ: {path}'s {name} is not the base's", HINT)
+    if not common:
+        raise VocabularyMismatchError(
+            f"cannot tell whether {path}'s vocabulary is the base's: it has {', '.join(sorted(theirs))}, "
+            f"the base {', '.join(sorted(mine)) or 'no tokenizer file'}",
+            "give the base and the input the same tokenizer files (tokenizer.json), or pass `tokenizer_source`",
+        )
 
 
 def _first_difference(base: dict[str, int], other: dict[str, int]) -> str:
@@ -177,7 +208,39 @@ class VocabPlan:
             out.update(self.files)
         config = json.loads(config_files["config.json"]) if config_files and "config.json" in config_files else dict(base.config or {})
         config["vocab_size"] = self.rows
-        out["config.json"] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+        # The special-token ids (eos, bos, pad...) are the base's: each must name the same token
+        # in the output's vocabulary (another model's tokenizer numbers it otherwise).
+        out["config.json"] = (json.dumps(self._special_ids(config, "config.json"), indent=2, sort_keys=True) + "\n").encode()
+        if "generation_config.json" in out:
+            generation = json.loads(out["generation_config.json"])
+            out["generation_config.json"] = (json.dumps(self._special_ids(generation, "generation_config.json"), indent=2, sort_keys=True) + "\n").encode()
+        return out
+
+    def _special_ids(self, doc: dict, what: str) -> dict:
+        """``doc`` with every ``*_token_id`` (an id or a list of ids of the base's vocabulary)
+        moved to the id its token has in the output's; refused where the output lacks it."""
+        base = self.models[0]
+        ids = self.perm[base.path].tolist()
+        output_id = {row: i for i, row in enumerate(ids) if row >= 0}
+        names = {i: t for t, i in base.tokens.items()}
+
+        def moved(key: str, value: int) -> int:
+            if value not in output_id:
+                token = names.get(value, f"id {value}")
+                raise BadInputError(
+                    f"the base's {what} {key} names {token!r}, which the output's vocabulary lacks",
+                    "merge with `tokenizer_source` base or union, or give the merged model's tokenizer that token",
+                )
+            return output_id[value]
+
+        out = dict(doc)
+        for key, value in doc.items():
+            if not key.endswith("_token_id") or isinstance(value, bool):
+                continue
+            if isinstance(value, int) and value >= 0:
+                out[key] = moved(key, value)
+            elif isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+                out[key] = [moved(key, v) for v in value]
         return out
 
     def reindexed(self, ckpt: Checkpoint) -> "Reindexed":
@@ -372,11 +435,11 @@ def _union_files(models: list[_Model]) -> dict[str, bytes]:
     tok = AutoTokenizer.from_pretrained(base.ckpt.directory, use_fast=True, trust_remote_code=False)
     if not tok.is_fast:
         raise BadInputError(f"{base.path}: no fast tokenizer to extend", "save the base's tokenizer with tokenizer.json")
-    plain: list[str] = []
+    plain: dict[str, None] = {}  # an ordered set: 32k-token vocabularies would make a list's lookups quadratic
     added: dict[str, dict] = {}
     for m in models:
         marked = {a.get("content") for a in m.added}
-        plain += [t for t, _ in sorted(m.tokens.items(), key=lambda kv: kv[1]) if t not in marked and t not in base.tokens and t not in plain]
+        plain.update((t, None) for t, _ in sorted(m.tokens.items(), key=lambda kv: kv[1]) if t not in marked and t not in base.tokens and t not in plain)
         added.update({a["content"]: a for a in m.added if a.get("content") in m.tokens and a["content"] not in added})
     tok.add_tokens([t for t in plain if t not in added])
     tok.add_tokens([

@@ -57,6 +57,29 @@ def setup(device_type: str) -> World:
     return world
 
 
+def any_worker(world: World, flag: bool, device) -> bool:
+    """``flag`` raised on any worker (all of them get the same answer); ``flag`` alone for one process."""
+    if not world.distributed:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def rank0_says(world: World, flag: bool, device) -> bool:
+    """Rank 0's ``flag`` on every worker: a decision all must take alike (nondeterministic GPU
+    kernels can make the workers' own evaluations differ in the last bits)."""
+    if not world.distributed:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         import torch.distributed as dist

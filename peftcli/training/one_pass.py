@@ -381,9 +381,10 @@ def run_steps(p: Pass, st: PassState, log: Callable[[str], None], progress) -> N
             _record_step(p, st, step_loss, write_metric, progress)
             if p.eval_items is not None and ((cfg.eval_every and st.step % cfg.eval_every == 0) or st.step == p.total):
                 validate(p, st, write_metric, log)
-            if (cfg.save_every and st.step % cfg.save_every == 0) or flag.stop:
+            stop = distributed.any_worker(p.world, flag.stop, p.device)  # a signal seen by one worker stops all alike
+            if (cfg.save_every and st.step % cfg.save_every == 0) or stop:
                 save_checkpoint(p, st)
-            if flag.stop:
+            if stop:
                 raise Interrupted(f"interrupted at step {st.step}; checkpoint saved", _RESUME_HINT.format(run=p.run))
             if st.stopped_early:
                 break
@@ -460,7 +461,8 @@ def validate(p: Pass, st: PassState, write_metric, log: Callable[[str], None]) -
     p.adapted.train()
     write_metric({"step": st.step, **result})
     log(f"step {st.step}: eval_loss {result['eval_loss']:.4f}" + (f", eval_accuracy {result['eval_accuracy']:.4f}" if "eval_accuracy" in result else ""))
-    if st.best["eval_loss"] is None or result["eval_loss"] < st.best["eval_loss"]:
+    better = st.best["eval_loss"] is None or result["eval_loss"] < st.best["eval_loss"]
+    if distributed.rank0_says(p.world, better, p.device):  # all workers take the same branch: it may gather φ
         st.best = {"eval_loss": result["eval_loss"], "step": st.step, "eval_accuracy": result.get("eval_accuracy")}
         st.bad_evals = 0
         phi = p.adapted.phi_state_dict() if p.cfg.shard else None  # gathered by every worker
@@ -565,7 +567,9 @@ def _param_groups(
         split = {"body": {n: p for n, p in named.items() if n not in head}, "head": {n: p for n, p in named.items() if n in head}}
     if b_lr is not None:
         body = split["body"]
-        faster = {n for n, p in body.items() if n not in head and loraplus_b(n, p)}
+        # In φ's own order, never a set's: the optimizer's state is saved by position, and a
+        # set's order changes from one process to the next (a resume would swap moments).
+        faster = [n for n, p in body.items() if n not in head and loraplus_b(n, p)]
         split = {**split, "body": {n: p for n, p in body.items() if n not in faster}, "b": {n: body[n] for n in faster}}
     groups = []
     for part, params in split.items():
