@@ -6,8 +6,9 @@ n_l = ⌈min(out, in) / r⌉. ΔW is PEFT's ``get_delta_weight``: Â = (λ ⊗ A
 [r·n_l, min], B̂ = B[:max, :n_l] flattened [max, n_l·r], ΔW = (α/r)·(B̂·Â or its transpose
 arrangement when out < in), in the same float32 operations as PEFT.
 
-PEFT also saves each layer's view of the shared bases under the layer's name; they must be the
-shared ones bit for bit (PEFT loads both into one buffer). Refused, by name: an adapter without
+PEFT before 0.22 also saves each layer's view of the shared bases under the layer's name; they
+must be the shared ones bit for bit (PEFT loads both into one buffer). PEFT 0.22 saves the
+shared bases alone (the ``peft_version`` recorded says which layout to expect). Refused, by name: an adapter without
 its bases (``save_projection`` false: PEFT regenerates them), ``bias`` other than ``"none"``,
 ``layers_pattern``, a config key PEFT 0.21 does not write, tensors of other shapes or missing,
 a module the config does not target, a ΔW that could leave float32's range.
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 from peftcli.checkpoint.model_config import is_json_number
 from peftcli.errors import BadInputError
 from peftcli.methods.base import PEFT_PREFIX, lazy_zeros, peft_key, selection, targeted_module
+from peftcli.methods.rank_patterns import release
 from peftcli.methods.read_fold.base import CORRUPT, ReadFoldBase, checked_folds
 from peftcli.methods.vera import FP32_MAX, is_int, refuse_unknown, target_fields
 from peftcli.targets import linear_modules, resolve_targets
@@ -43,6 +45,7 @@ class RandLoraConfig:
     layers: str | None
     rank: int
     alpha: float
+    views: bool = True  # each layer's copy of the shared bases saved too (PEFT before 0.22)
 
     @property
     def scaling(self) -> float:
@@ -75,7 +78,12 @@ class RandLora(ReadFoldBase):
             raise BadInputError(f"RANDLORA adapter config: 'r' must be a positive integer, not {r!r}", CORRUPT)
         if not is_json_number(alpha) or not abs(alpha) <= FP32_MAX:
             raise BadInputError(f"RANDLORA adapter config: 'randlora_alpha' must be a finite number, not {alpha!r}", CORRUPT)
-        return RandLoraConfig(**target_fields(d, "RANDLORA"), rank=r, alpha=float(alpha))
+        version = release(d.get("peft_version"))
+        if version is False:
+            raise BadInputError(f"RANDLORA adapter config: 'peft_version' {d.get('peft_version')!r} is not a version", CORRUPT)
+        # Without a version: PEFT from before it recorded one, long before 0.22.
+        views = version is None or version < (0, 22)
+        return RandLoraConfig(**target_fields(d, "RANDLORA"), rank=r, alpha=float(alpha), views=views)
 
     def _selected(self, ckpt, cfg: RandLoraConfig):
         shapes = {t.name: t.shape for t in ckpt.tensors.values()}
@@ -99,7 +107,8 @@ class RandLora(ReadFoldBase):
             n = bases(m.shape, cfg.rank)
             out[peft_key(m.name, "randlora_lambda")] = lazy_zeros(cfg.rank, n)
             out[peft_key(m.name, "randlora_gamma")] = lazy_zeros(n, min(m.shape))
-            out[peft_key(m.name, "randlora_A")], out[peft_key(m.name, "randlora_B")] = lazy_zeros(*a), lazy_zeros(*b)
+            if cfg.views:
+                out[peft_key(m.name, "randlora_A")], out[peft_key(m.name, "randlora_B")] = lazy_zeros(*a), lazy_zeros(*b)
         return out
 
     def deltas(self, cfg: RandLoraConfig, tensors: dict, ckpt) -> dict:
@@ -141,10 +150,11 @@ class RandLora(ReadFoldBase):
 def _problem(path: str, got: dict, a, b, cfg: RandLoraConfig, shape: tuple[int, int]) -> str | None:
     import torch
 
-    if any(s not in got for s in TRAINED + VIEWS):
-        return f"{path}: randlora_lambda, randlora_gamma, randlora_A and randlora_B must all be present"
+    expected = TRAINED + VIEWS if cfg.views else TRAINED
+    if any(s not in got for s in expected) or (not cfg.views and any(s in got for s in VIEWS)):
+        return f"{path}: {', '.join(expected)} must be present" + ("" if cfg.views else ", and no copy of the shared bases (PEFT 0.22 saves none)")
     for suffix, shared in (("randlora_A", a), ("randlora_B", b)):
-        if got[suffix].shape != shared.shape or not torch.equal(got[suffix], shared):
+        if cfg.views and (got[suffix].shape != shared.shape or not torch.equal(got[suffix], shared)):
             return f"{path}.{suffix}: this layer's copy of the shared base differs from base_model.{suffix}"
     n = bases(shape, cfg.rank)
     want = {"randlora_lambda": (cfg.rank, n), "randlora_gamma": (n, min(shape))}
