@@ -3,8 +3,9 @@ format (module level): ``train --quantize int8``.
 
 Each row of the [out, in] weight is divided by its absolute maximum and rounded to the
 nearest of the 255 levels −127 … 127 (``CB``, int8); the fp32 row maxima are ``SCB``. The
-weight back is ``CB · SCB / 127``. That is what bitsandbytes stores for an 8-bit layer
-(``int8_vectorwise_quant``); its LLM.int8 matmul also quantises the activations and keeps
+weight back is ``CB · SCB / 127``. That is bitsandbytes' layout and rounding for an 8-bit layer
+(``int8_vectorwise_quant``), applied to the weight in its own dtype (bitsandbytes casts to fp16
+first: the bytes are its own for an fp16 base); its LLM.int8 matmul also quantises the activations and keeps
 outlier columns in fp16, which this layer does not: it dequantises the weight and multiplies
 in the input's dtype, as the NF4 layer does. Half the memory of bf16, twice NF4's.
 """
