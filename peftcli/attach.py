@@ -44,9 +44,12 @@ def load_base_model(
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise BadInputError(f"{path}: no config.json, so no model can be built from it", "pass a Hugging Face model directory")
+    from peftcli.checkpoint.model_config import check_model_config
     from peftcli.checkpoint.reader import load_json
 
-    config = load_json(config_path, "config")  # one line, not a traceback, for a broken config.json
+    # One line, not a traceback, for a broken config.json; a pre-quantized one is refused here
+    # before transformers would reach for its quantizer.
+    config = check_model_config(load_json(config_path, "config"), config_path)
     name = model_class or next(iter(config.get("architectures") or []), None)
     cls = getattr(transformers, name, None) if name else None
     if cls is None or not hasattr(cls, "from_pretrained"):

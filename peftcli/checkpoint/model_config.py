@@ -76,8 +76,26 @@ def _shown(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _refuse_prequantized(config: dict[str, Any], where: str) -> None:
+    """A ``quantization_config`` means the stored weights are not what their names say: packed
+    4-bit bytes (bitsandbytes, GPTQ, AWQ), int8 with separate scales, fp8 with block scales.
+    Read as plain tensors they would be folded, diffed and counted as if they were the weights,
+    silently wrong; peftcli reads full-precision checkpoints and quantises them itself."""
+    quantized = config.get("quantization_config")
+    if quantized is None:
+        return
+    method = quantized.get("quant_method") if isinstance(quantized, dict) else None
+    what = f"quant_method {method!r}" if isinstance(method, str) else "a quantization_config"
+    raise BadInputError(
+        f"{where}: a pre-quantized checkpoint ({what}): its stored weights are quantized codes, not weights peftcli can read",
+        "use the full-precision model it was quantized from; `train --quantize nf4|int8` quantizes a base itself",
+    )
+
+
 def check_model_config(config: dict[str, Any], where: str) -> dict[str, Any]:
-    """``config`` unchanged, once every field peftcli reads has a type transformers could have written."""
+    """``config`` unchanged, once every field peftcli reads has a type transformers could have written
+    and it describes full-precision weights (no ``quantization_config``)."""
+    _refuse_prequantized(config, where)
     for scope, fields in (("", config), ("text_config.", config.get("text_config"))):
         if scope and fields is None:
             continue
