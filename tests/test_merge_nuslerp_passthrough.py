@@ -535,3 +535,53 @@ def test_passthrough_refuses_layers_that_are_not_alike(llamas, tmp_path):
     out = str(tmp_path / "m")
     result = CliRunner().invoke(cli, ["merge", "--config", _config(tmp_path, STACK, a=a, b=odd, c=c), "-o", out])
     assert_error(result, 2, f"layer 1 of {odd} holds other tensors than layer 0 of {a}", out)
+
+
+@pytest.fixture(scope="module")
+def qwen2s(tmp_path_factory):
+    """Two tiny Qwen2 models whose layer_types differ per layer (full, then sliding attention)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    d = tmp_path_factory.mktemp("qwen2_stack")
+    config = Qwen2Config(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        use_sliding_window=True, sliding_window=4, max_window_layers=1,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(str(d / "a"))
+    return noisy_copy(str(d / "a"), str(d / "b"), 1), noisy_copy(str(d / "a"), str(d / "c"), 2)
+
+
+def test_passthrough_restacks_layer_types(qwen2s, tmp_path):
+    """transformers 5 writes Qwen2's layer_types (one attention kind per layer): the stacked
+    model's list follows its layers, so each layer keeps its own kind of attention."""
+    from transformers import AutoModelForCausalLM
+
+    a, b = qwen2s
+    with open(os.path.join(a, "config.json")) as f:
+        assert json.load(f)["layer_types"] == ["full_attention", "sliding_attention"]  # the case is real
+    text = STACK.replace("{c}", "{a}").replace("layer_range: [0, 1]", "layer_range: [1, 2]")  # a 0-1, b 1, a 1
+    out = str(tmp_path / "stacked")
+    result = CliRunner().invoke(cli, ["merge", "--config", _config(tmp_path, text, a=a, b=b), "-o", out])
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention", "sliding_attention"]
+    assert [layer.self_attn.layer_type for layer in model.model.layers] == model.config.layer_types
+
+
+def test_passthrough_refuses_per_layer_lists_it_cannot_restack(qwen2s, tmp_path):
+    import shutil
+
+    a, b = qwen2s
+    for key, value, words in (("layer_types", ["full_attention"], "layer_types is not a list of its 2 layers' entries"),
+                              ("rope_layers", [1, 0], "lists rope_layers per layer")):
+        odd = str(tmp_path / key)
+        shutil.copytree(b, odd)
+        with open(os.path.join(odd, "config.json")) as f:
+            config = json.load(f)
+        config[key] = value
+        with open(os.path.join(odd, "config.json"), "w") as f:
+            json.dump(config, f)
+        out = str(tmp_path / f"m_{key}")
+        result = CliRunner().invoke(cli, ["merge", "--config", _config(tmp_path, STACK.replace("{c}", "{a}"), a=a, b=odd), "-o", out])
+        assert_error(result, 2, words, out)

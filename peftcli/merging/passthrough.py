@@ -11,7 +11,10 @@ once, with ``dtype``), a range at a time through the merge engine's reader and w
 configs differ beyond the layer count, layers that are not alike (tensor names, dtypes, shapes),
 a layer range beyond a model, a non-layer tensor that is
 neither an embedding nor a final norm or head where the first and last models differ, and a
-config that lists something per layer (``layer_types``) are refused naming what.
+config that lists something per layer other than ``PER_LAYER_KEYS`` are refused naming what.
+The keys in ``PER_LAYER_KEYS`` (``layer_types``, which transformers 5 writes for Qwen2, Qwen3,
+Gemma and others) are restacked like the layers: each slice contributes its model's entries
+[a, b).
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ from peftcli.errors import BadInputError, UsageError
 LAYER_COUNTS = ("num_hidden_layers", "n_layer")  # the config key holding the number of layers
 # config keys that may differ between the stacked models: their names, versions, dtypes
 FREE_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", *LAYER_COUNTS)
+# config lists known to hold one entry per layer, in layer order: restacked with the layers.
+# Any other list as long as the layer count is refused: it may be per layer, and a guess
+# would leave a layer described as another (sliding vs full attention).
+PER_LAYER_KEYS = ("layer_types",)
 PRE = re.compile(r"(?:^|\.)(?:embed_tokens|embeddings|wte|wpe|word_embeddings|embed_in)\.")  # before the layers
 POST = re.compile(r"(?:^|\.)(?:norm|ln_f|final_layernorm|final_layer_norm|lm_head|embed_out)\.|^lm_head\.")  # after them
 HINT = "see docs/merging.md, mergekit configurations"
@@ -80,7 +87,7 @@ def _check_same(configs: list[tuple[str, dict]]) -> None:
     first_path, first = configs[0]
     for path, config in configs[1:]:
         for key in sorted(set(first) | set(config)):
-            if key not in FREE_KEYS and first.get(key) != config.get(key):
+            if key not in (*FREE_KEYS, *PER_LAYER_KEYS) and first.get(key) != config.get(key):
                 raise UsageError(
                     f"passthrough: {path} has {key} {config.get(key)!r} but {first_path} has {first.get(key)!r}",
                     "stack layers of models of one architecture and size",
@@ -88,10 +95,31 @@ def _check_same(configs: list[tuple[str, dict]]) -> None:
 
 
 def _per_layer(config: dict, count: int, path: str) -> None:
-    """Refuse a config that lists something per layer: renumbering the layers would leave it wrong."""
+    """Refuse a config that lists something per layer other than PER_LAYER_KEYS (renumbering the
+    layers would leave it wrong), and a PER_LAYER_KEYS entry that is not one item per layer."""
     for key, value in config.items():
-        if isinstance(value, list) and len(value) == count and key != "architectures" and count > 1:
+        if key in PER_LAYER_KEYS:
+            if value is not None and not (isinstance(value, list) and len(value) == count):
+                raise UsageError(
+                    f"passthrough: {path}'s config.json {key} is not a list of its {count} layers' entries",
+                    f"fix {key} in {path}/config.json, or stack models whose configs describe their layers",
+                )
+        elif isinstance(value, list) and len(value) == count and key != "architectures" and count > 1:
             raise UsageError(f"passthrough: {path}'s config.json lists {key} per layer, which peftcli does not restack", "stack models whose config has no per-layer lists")
+
+
+def _restacked(slices: list[Slice], ckpts: dict) -> dict:
+    """PER_LAYER_KEYS of the stacked model: each slice's model's entries [start, stop), in order.
+    A key some models list and others lack is refused (the stacked layers would be half described)."""
+    out = {}
+    for key in PER_LAYER_KEYS:
+        lists = [ckpts[s.path].config.get(key) for s in slices]
+        if all(v is None for v in lists):
+            continue
+        if any(v is None for v in lists):
+            raise UsageError(f"passthrough: some models' config.json list {key} and some do not", "stack models whose configs describe their layers alike")
+        out[key] = [entry for s, v in zip(slices, lists) for entry in v[s.start : s.stop]]
+    return out
 
 
 def plan(slices: list[Slice], ckpts: dict) -> tuple[list[tuple[str, str, str]], dict, int]:
@@ -100,12 +128,13 @@ def plan(slices: list[Slice], ckpts: dict) -> tuple[list[tuple[str, str, str]], 
     for s in slices:
         if s.path not in infos:
             infos[s.path] = _layers(ckpts[s.path], s.path)
+    for path, (layers, _, _) in infos.items():  # first: a per-layer list is what makes configs differ
+        _per_layer(ckpts[path].config, layers, path)
     configs = [(p, ckpts[p].config) for p in infos]
     _check_same(configs)
     _check_layers(infos, ckpts)
     first, last = slices[0].path, slices[-1].path
     count, key, _ = infos[first]
-    _per_layer(ckpts[first].config, count, first)
     names: list[tuple[str, str, str]] = []
     for name in ckpts[first].tensors:  # the embeddings, before the layers
         if name not in infos[first][2] and (first == last or PRE.search(name)):
@@ -130,6 +159,7 @@ def plan(slices: list[Slice], ckpts: dict) -> tuple[list[tuple[str, str, str]], 
             names.append((name, last, name))
     config = dict(ckpts[first].config)
     config[key] = total
+    config.update(_restacked(slices, ckpts))
     return names, config, total
 
 
