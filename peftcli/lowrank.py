@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from peftcli.errors import BadInputError, UsageError
+from peftcli.errors import BadInputError
 from peftcli.methods.base import peft_key
 
 # Both sides above this: torch.svd_lowrank (randomized, O(mn·r)) for a fixed rank well below the
@@ -106,10 +106,11 @@ def extract(
         if m is None:
             out.dropped.append({"name": name, "shape": list(phi.shape), "energy": energy_of})
             continue
-        if rank is not None and rank > min(m.shape):
-            raise UsageError(f"`rank` {rank} is larger than min(out, in) = {min(m.shape)} of {name}", "a rank above that cannot add anything")
         w = phi.reshape(m.shape[::-1]).T if m.transposed else phi.reshape(m.shape)  # [out, in]
-        f = factor(w, rank=rank, energy=energy)
+        # A weight narrower than the rank is kept whole at its own min(out, in), exactly, and
+        # padded with zero directions like an --energy choice: one small projection (a GQA
+        # k_proj) must not refuse the rank the others want.
+        f = factor(w, rank=min(rank, min(m.shape)) if rank is not None else None, energy=energy)
         del phi, w
         factors[m.name] = f
         kept += f.kept

@@ -454,3 +454,19 @@ def test_merge_to_adapter_refuses_what_does_not_apply(args, message, two_loras, 
     a, b = two_loras
     result = CliRunner().invoke(cli, ["merge", tiny_llama, a, b, *args, "-o", str(tmp_path / "x")])
     assert_error(result, 2, message.replace("`", ""), tmp_path / "x")
+
+
+def test_a_rank_above_a_narrow_weight_keeps_that_weight_whole(lora_diff, tmp_path):
+    """tiny llama's v_proj is 32 wide: --rank 48 keeps it exactly (rank 32, all its energy) and
+    the wider weights at 48, instead of refusing the whole conversion."""
+    diff, _ = lora_diff
+    doc = _json("convert", diff, "--to", "lora", "--rank", 48, "-o", tmp_path / "r")
+    phi = load_file(diff)
+    ranks = {t["name"]: t["rank"] for t in doc["tensors"]}
+    narrow = [n for n in ranks if min(phi[n].shape) < 48]
+    assert narrow and all(ranks[n] == min(phi[n].shape) for n in narrow)
+    assert all(r == 48 for n, r in ranks.items() if n not in narrow)
+    assert _read_json(tmp_path / "r" / "adapter_config.json")["r"] == 48
+    folded = _fold(str(tmp_path / "r"))
+    for name in ranks:
+        assert torch.allclose(folded[name], _truncated(phi[name], min(48, *phi[name].shape)), atol=1e-5), name
