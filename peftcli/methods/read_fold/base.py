@@ -43,6 +43,39 @@ class ReadFoldBase(MethodBase):
     def attach(self, model, cfg, tensors, model_config) -> NoReturn:
         self._refuse("attach or train")
 
+    def _selected(self, ckpt, cfg):
+        """(the modules ``cfg`` targets on ``ckpt``, or the error that they do not fit: ``selection``)."""
+        from peftcli.methods.base import selection
+        from peftcli.targets import resolve_targets
+
+        shapes = {t.name: t.shape for t in ckpt.tensors.values()}
+        return selection(lambda: {m.name: m for m in resolve_targets(shapes, ckpt.config, cfg.targets, cfg.layers)},
+                         f"{self.peft_type} adapter config", "was target_modules")
+
+
+def refuse_options(d: dict, what: str, label: str, unused: dict[str, Any]) -> None:
+    """Refuse each option of adapter config ``d`` set to anything but its value when unused
+    (``unused``: key → that value; null counts as unused too): peftcli's fold would ignore it."""
+    for key, empty in unused.items():
+        if d.get(key, empty) not in (empty, None):
+            raise BadInputError(f"{what} adapter config has {key} {d[key]!r}, which peftcli does not read",
+                                f"peftcli folds {label} adapters without {key}; merge this one with PEFT's merge_and_unload")
+
+
+def require_targets(d: dict, what: str) -> None:
+    if d.get("target_modules") is None:
+        raise BadInputError(f"{what} adapter config has no target_modules", CORRUPT)
+
+
+def positive_int(d: dict, what: str, key: str, default: int) -> int:
+    """``d[key]`` (``default`` when absent), refused unless a positive integer."""
+    from peftcli.methods.vera import is_int
+
+    value = d.get(key, default)
+    if not is_int(value) or value < 1:
+        raise BadInputError(f"{what} adapter config: {key!r} must be a positive integer, not {value!r}", CORRUPT)
+    return value
+
 
 @dataclass(frozen=True)
 class PeftTargets:

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
-from peftcli.errors import BadInputError
-from peftcli.methods.base import PEFT_PREFIX, lazy_zeros, peft_key, selection, targeted_module
-from peftcli.methods.read_fold.base import CORRUPT, ReadFoldBase, checked_folds
-from peftcli.methods.vera import FP32_MAX, is_int, refuse_unknown, target_fields
-from peftcli.targets import linear_modules, resolve_targets
+from peftcli.methods.base import PEFT_PREFIX, lazy_zeros, peft_key, targeted_module
+from peftcli.methods.read_fold.base import ReadFoldBase, checked_folds, positive_int, refuse_options, require_targets
+from peftcli.methods.vera import FP32_MAX, refuse_unknown, target_fields
+from peftcli.targets import linear_modules
 
 if TYPE_CHECKING:
     import torch
@@ -43,21 +42,9 @@ class C3a(ReadFoldBase):
 
     def config_from_adapter(self, d: dict) -> C3aConfig:
         refuse_unknown(d, "C3A", _KEYS)
-        for key, empty in (("block_size_pattern", {}), ("bias", "none")):
-            if d.get(key, empty) not in (empty, None):
-                raise BadInputError(f"C3A adapter config has {key} {d[key]!r}, which peftcli does not read",
-                                    f"peftcli folds C3A adapters without {key}; merge this one with PEFT's merge_and_unload")
-        if d.get("target_modules") is None:
-            raise BadInputError("C3A adapter config has no target_modules", CORRUPT)
-        b = d.get("block_size", 256)
-        if not is_int(b) or b < 1:
-            raise BadInputError(f"C3A adapter config: 'block_size' must be a positive integer, not {b!r}", CORRUPT)
-        return C3aConfig(**target_fields(d, "C3A"), block_size=b)
-
-    def _selected(self, ckpt, cfg: C3aConfig):
-        shapes = {t.name: t.shape for t in ckpt.tensors.values()}
-        return selection(lambda: {m.name: m for m in resolve_targets(shapes, ckpt.config, cfg.targets, cfg.layers)},
-                         "C3A adapter config", "was target_modules")
+        refuse_options(d, "C3A", "C3A", {"block_size_pattern": {}, "bias": "none"})
+        require_targets(d, "C3A")
+        return C3aConfig(**target_fields(d, "C3A"), block_size=positive_int(d, "C3A", "block_size", 256))
 
     def init(self, ckpt, cfg: C3aConfig, generator: "torch.Generator") -> dict:
         """The kernels PEFT saves for this config on ``ckpt`` (shapes only matter: check compares them)."""

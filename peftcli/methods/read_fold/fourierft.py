@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 
 from peftcli.checkpoint.model_config import is_json_number
 from peftcli.errors import BadInputError, UsageError
-from peftcli.methods.base import PEFT_PREFIX, lazy_zeros, peft_key, selection, targeted_module
-from peftcli.methods.read_fold.base import CORRUPT, ReadFoldBase, checked_folds
+from peftcli.methods.base import PEFT_PREFIX, lazy_zeros, peft_key, targeted_module
+from peftcli.methods.read_fold.base import CORRUPT, ReadFoldBase, checked_folds, positive_int, refuse_options, require_targets
 from peftcli.methods.vera import FP32_MAX, is_int, refuse_unknown, target_fields
 from peftcli.targets import LinearModule, linear_modules, resolve_targets
 
@@ -50,25 +50,14 @@ class FourierFt(ReadFoldBase):
     def config_from_adapter(self, d: dict) -> FourierFtConfig:
         what = "FOURIERFT"
         refuse_unknown(d, what, _KEYS)
-        for key, empty in (("n_frequency_pattern", {}), ("exclude_modules", None), ("bias", "none")):
-            if d.get(key, empty) not in (empty, None):
-                raise BadInputError(f"FOURIERFT adapter config has {key} {d[key]!r}, which peftcli does not read",
-                                    f"peftcli folds FourierFT adapters without {key}; merge this one with PEFT's merge_and_unload")
-        if d.get("target_modules") is None:
-            raise BadInputError("FOURIERFT adapter config has no target_modules", CORRUPT)
-        n, scaling, seed = d.get("n_frequency", 1000), d.get("scaling", 150.0), d.get("random_loc_seed", 777)
-        if not is_int(n) or n < 1:
-            raise BadInputError(f"FOURIERFT adapter config: 'n_frequency' must be a positive integer, not {n!r}", CORRUPT)
+        refuse_options(d, what, "FourierFT", {"n_frequency_pattern": {}, "exclude_modules": None, "bias": "none"})
+        require_targets(d, what)
+        n, scaling, seed = positive_int(d, what, "n_frequency", 1000), d.get("scaling", 150.0), d.get("random_loc_seed", 777)
         if not is_json_number(scaling) or not abs(scaling) <= FP32_MAX:
             raise BadInputError(f"FOURIERFT adapter config: 'scaling' must be a finite number, not {scaling!r}", CORRUPT)
         if not is_int(seed):
             raise BadInputError(f"FOURIERFT adapter config: 'random_loc_seed' must be an integer, not {seed!r}", CORRUPT)
         return FourierFtConfig(**target_fields(d, what), n_frequency=n, scaling=float(scaling), random_loc_seed=seed)
-
-    @staticmethod
-    def _selected(shapes, model_config, cfg: FourierFtConfig):
-        return selection(lambda: {m.name: m for m in resolve_targets(shapes, model_config, cfg.targets, cfg.layers)},
-                         "FOURIERFT adapter config", "was target_modules")
 
     def init(self, ckpt, cfg: FourierFtConfig, generator: "torch.Generator") -> dict:
         """The spectra PEFT saves for this config on ``ckpt`` (zero at PEFT's init), for check."""
@@ -84,7 +73,7 @@ class FourierFt(ReadFoldBase):
         """ΔW per base weight: PEFT's get_delta_weight, in the stored orientation."""
         shapes = {t.name: t.shape for t in ckpt.tensors.values()}
         linear = {m.name: m for m in linear_modules(shapes, ckpt.config)}
-        selected, unfit = self._selected(shapes, ckpt.config, cfg)
+        selected, unfit = self._selected(ckpt, cfg)
         problems, out = [], {}
         for key, t in sorted(tensors.items()):
             if not key.startswith(PEFT_PREFIX) or not key.endswith("." + SUFFIX):

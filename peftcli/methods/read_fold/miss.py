@@ -21,10 +21,10 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError
-from peftcli.methods.base import PEFT_PREFIX, lazy_zeros, peft_key, selection, targeted_module
-from peftcli.methods.read_fold.base import CORRUPT, ReadFoldBase, checked_folds
-from peftcli.methods.vera import FP32_MAX, is_int, refuse_unknown, target_fields
-from peftcli.targets import linear_modules, resolve_targets
+from peftcli.methods.base import PEFT_PREFIX, lazy_zeros, peft_key, targeted_module
+from peftcli.methods.read_fold.base import CORRUPT, ReadFoldBase, checked_folds, positive_int, refuse_options, require_targets
+from peftcli.methods.vera import FP32_MAX, refuse_unknown, target_fields
+from peftcli.targets import linear_modules
 
 if TYPE_CHECKING:
     import torch
@@ -53,24 +53,13 @@ class Miss(ReadFoldBase):
 
     def config_from_adapter(self, d: dict) -> MissConfig:
         refuse_unknown(d, "MISS", _KEYS)
-        for key, empty in (("exclude_modules", None), ("bias", "none")):
-            if d.get(key, empty) not in (empty, None):
-                raise BadInputError(f"MISS adapter config has {key} {d[key]!r}, which peftcli does not read",
-                                    f"peftcli folds MiSS adapters without {key}; merge this one with PEFT's merge_and_unload")
-        if d.get("target_modules") is None:
-            raise BadInputError("MISS adapter config has no target_modules", CORRUPT)
-        r, mini_r, init = d.get("r", 64), d.get("mini_r", 1), d.get("init_weights", True)
-        if not is_int(r) or r < 1 or not is_int(mini_r) or mini_r < 1:
-            raise BadInputError(f"MISS adapter config: 'r' and 'mini_r' must be positive integers, not {r!r} and {mini_r!r}", CORRUPT)
+        refuse_options(d, "MISS", "MiSS", {"exclude_modules": None, "bias": "none"})
+        require_targets(d, "MISS")
+        r, mini_r, init = positive_int(d, "MISS", "r", 64), positive_int(d, "MISS", "mini_r", 1), d.get("init_weights", True)
         if init not in (True, False, "bat", "mini"):
             raise BadInputError(f"MISS adapter config has init_weights {init!r}, which peftcli does not read",
                                 "PEFT's MiSS writes true, false, \"bat\" or \"mini\"; " + CORRUPT)
         return MissConfig(**target_fields(d, "MISS"), rank=r, fn=init if isinstance(init, str) else "miss", mini_r=mini_r)
-
-    def _selected(self, ckpt, cfg: MissConfig):
-        shapes = {t.name: t.shape for t in ckpt.tensors.values()}
-        return selection(lambda: {m.name: m for m in resolve_targets(shapes, ckpt.config, cfg.targets, cfg.layers)},
-                         "MISS adapter config", "was target_modules")
 
     def init(self, ckpt, cfg: MissConfig, generator: "torch.Generator") -> dict:
         """The blocks PEFT saves for this config on ``ckpt`` (shapes only matter: check compares them)."""

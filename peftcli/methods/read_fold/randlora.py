@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 
 from peftcli.checkpoint.model_config import is_json_number
 from peftcli.errors import BadInputError
-from peftcli.methods.base import PEFT_PREFIX, lazy_zeros, peft_key, selection, targeted_module
+from peftcli.methods.base import PEFT_PREFIX, lazy_zeros, peft_key, targeted_module
 from peftcli.methods.rank_patterns import release
-from peftcli.methods.read_fold.base import CORRUPT, ReadFoldBase, checked_folds
-from peftcli.methods.vera import FP32_MAX, is_int, refuse_unknown, target_fields
-from peftcli.targets import linear_modules, resolve_targets
+from peftcli.methods.read_fold.base import CORRUPT, ReadFoldBase, checked_folds, positive_int, refuse_options, require_targets
+from peftcli.methods.vera import FP32_MAX, refuse_unknown, target_fields
+from peftcli.targets import linear_modules
 
 if TYPE_CHECKING:
     import torch
@@ -68,14 +68,9 @@ class RandLora(ReadFoldBase):
         if d.get("save_projection", True) is not True:
             raise BadInputError("RANDLORA adapter config has save_projection false: its bases randlora_A and randlora_B are not stored",
                                 "PEFT regenerates them from its PRNG, which peftcli does not reproduce: save the adapter with save_projection=True")
-        if d.get("bias", "none") != "none":
-            raise BadInputError(f"RANDLORA adapter config has bias {d['bias']!r}, which peftcli does not read",
-                                "peftcli folds RandLoRA adapters saved with bias \"none\"; merge this one with PEFT's merge_and_unload")
-        if d.get("target_modules") is None:
-            raise BadInputError("RANDLORA adapter config has no target_modules", CORRUPT)
-        r, alpha = d.get("r", 32), d.get("randlora_alpha", 640)
-        if not is_int(r) or r < 1:
-            raise BadInputError(f"RANDLORA adapter config: 'r' must be a positive integer, not {r!r}", CORRUPT)
+        refuse_options(d, "RANDLORA", "RandLoRA", {"bias": "none"})
+        require_targets(d, "RANDLORA")
+        r, alpha = positive_int(d, "RANDLORA", "r", 32), d.get("randlora_alpha", 640)
         if not is_json_number(alpha) or not abs(alpha) <= FP32_MAX:
             raise BadInputError(f"RANDLORA adapter config: 'randlora_alpha' must be a finite number, not {alpha!r}", CORRUPT)
         version = release(d.get("peft_version"))
@@ -84,11 +79,6 @@ class RandLora(ReadFoldBase):
         # Without a version: PEFT from before it recorded one, long before 0.22.
         views = version is None or version < (0, 22)
         return RandLoraConfig(**target_fields(d, "RANDLORA"), rank=r, alpha=float(alpha), views=views)
-
-    def _selected(self, ckpt, cfg: RandLoraConfig):
-        shapes = {t.name: t.shape for t in ckpt.tensors.values()}
-        return selection(lambda: {m.name: m for m in resolve_targets(shapes, ckpt.config, cfg.targets, cfg.layers)},
-                         "RANDLORA adapter config", "was target_modules")
 
     @staticmethod
     def _base_shapes(modules, r: int) -> tuple[tuple, tuple]:

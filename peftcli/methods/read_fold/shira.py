@@ -17,10 +17,10 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError
-from peftcli.methods.base import PEFT_PREFIX, lazy_zeros, peft_key, selection, targeted_module
-from peftcli.methods.read_fold.base import CORRUPT, ReadFoldBase, checked_folds
-from peftcli.methods.vera import FP32_MAX, is_int, refuse_unknown, target_fields
-from peftcli.targets import linear_modules, resolve_targets
+from peftcli.methods.base import PEFT_PREFIX, lazy_zeros, peft_key, targeted_module
+from peftcli.methods.read_fold.base import ReadFoldBase, checked_folds, positive_int, require_targets
+from peftcli.methods.vera import FP32_MAX, refuse_unknown, target_fields
+from peftcli.targets import linear_modules
 
 if TYPE_CHECKING:
     import torch
@@ -47,21 +47,12 @@ class Shira(ReadFoldBase):
         if d.get("mask_type", "random") != "random":
             raise BadInputError(f"SHIRA adapter config has mask_type {d['mask_type']!r}, which peftcli does not read",
                                 "peftcli folds SHiRA adapters of PEFT's random mask; merge this one with PEFT's merge_and_unload")
-        if d.get("target_modules") is None:
-            raise BadInputError("SHIRA adapter config has no target_modules", CORRUPT)
-        r = d.get("r", 32)
-        if not is_int(r) or r < 1:
-            raise BadInputError(f"SHIRA adapter config: 'r' must be a positive integer, not {r!r}", CORRUPT)
-        return ShiraConfig(**target_fields(d, "SHIRA"), rank=r)
-
-    def _modules(self, ckpt, cfg: ShiraConfig):
-        shapes = {t.name: t.shape for t in ckpt.tensors.values()}
-        return selection(lambda: {m.name: m for m in resolve_targets(shapes, ckpt.config, cfg.targets, cfg.layers)},
-                         "SHIRA adapter config", "was target_modules")
+        require_targets(d, "SHIRA")
+        return ShiraConfig(**target_fields(d, "SHIRA"), rank=positive_int(d, "SHIRA", "r", 32))
 
     def init(self, ckpt, cfg: ShiraConfig, generator: "torch.Generator") -> dict:
         """The tensors PEFT saves for this config on ``ckpt`` (shapes only matter: check compares them)."""
-        selected, unfit = self._modules(ckpt, cfg)
+        selected, unfit = self._selected(ckpt, cfg)
         if unfit is not None:
             raise unfit
         out = {}
@@ -75,7 +66,7 @@ class Shira(ReadFoldBase):
         """ΔW per base weight: the entries at their positions (PEFT's get_delta_weight, densely)."""
         shapes = {t.name: t.shape for t in ckpt.tensors.values()}
         linear = {m.name: m for m in linear_modules(shapes, ckpt.config)}
-        selected, unfit = self._modules(ckpt, cfg)
+        selected, unfit = self._selected(ckpt, cfg)
         problems: list[str] = []
         parts: dict[str, dict] = {}
         for key, t in sorted(tensors.items()):
