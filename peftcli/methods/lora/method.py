@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.base import Attached, MethodBase, BudgetRow, LazyTensor, SeededDraws, base_module, lazy_zeros, mismatch_error, peft_key, selection, targeted_module, PEFT_PREFIX, TrainDefaults
 from peftcli.methods import rank_patterns
-from peftcli.methods.lora import base_init as lora_init, embeddings as lora_embeddings, trained_bias
+from peftcli.methods.lora import base_init as lora_init, config_keys, embeddings as lora_embeddings, trained_bias
 from peftcli.options import option
 from peftcli.patterns import from_file
 from peftcli.targets import excluded, is_regex, linear_modules, names_module, resolve_targets
@@ -308,6 +308,7 @@ class LoRA(MethodBase):
         }
 
     def config_from_adapter(self, d: dict) -> LoraConfig:
+        config_keys.check_keys(d)  # an option that changes what LoRA computes is refused by name
         bias = trained_bias.read(d.get("bias", "none"), _CORRUPT)
         if "r" not in d:
             raise BadInputError("LoRA adapter config has no rank 'r'", "add \"r\": <rank> to adapter_config.json")
