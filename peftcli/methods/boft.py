@@ -86,7 +86,7 @@ class BoftConfig:
             fits = inp % count == 0 and (k == 0 or (k <= int(math.log2(count)) and count % 2**k == 0))
             size = inp // count if fits else 0
         else:
-            size = self.block_size
+            size = self.block_size or 4  # set by __post_init__
             fits = inp % size == 0 and (k == 0 or inp % (size * 2**k) == 0)
             count = inp // size if fits else 0
         if fits and k and (count % 2 or size % 2):
