@@ -33,7 +33,8 @@ Q0 = "base_model.model.model.layers.0.self_attn.q_proj."
 
 
 def _block_diag(x: torch.Tensor) -> list:
-    """What PEFT's fbd_cuda extension's forward returns: [N, D, H, H] -> [N, D·H, D·H]."""
+    """What PEFT's fbd_cuda extension's forward returns: [N, D, H, H] -> [N, D·H, D·H] (its kernel
+    writes output[z, d·H + x, d·H + y] = input[z, d, x, y], zeros elsewhere)."""
     return [torch.stack([torch.block_diag(*factor) for factor in x])]
 
 
