@@ -54,6 +54,8 @@ PEFT_CASES = {  # case -> BOFTConfig arguments
                                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                           layers_to_transform=[1]),
     "llama-size2-factor3": dict(boft_block_size=2, boft_n_butterfly_factor=3, target_modules=["k_proj", "o_proj", "down_proj"]),
+    "llama-q-exclude-saved-head": dict(target_modules=["q_proj"], exclude_modules=["model.layers.0.self_attn.q_proj"],
+                                       modules_to_save=["lm_head"]),
 }
 
 
