@@ -26,6 +26,7 @@ NOT_APPLICABLE = {
     ("bitfit", "llama"): "Llama-family checkpoints have no biases",
     ("loha", "gpt2"): "Conv1D", ("lokr", "gpt2"): "Conv1D",  # PEFT's LyCORIS layers take nn.Linear only
     ("oft", "gpt2"): "Conv1D", ("hra", "gpt2"): "Conv1D",  # so do PEFT's OFT and HRA
+    ("boft", "gpt2"): "Conv1D",  # and PEFT's BOFT
 }
 
 

@@ -57,6 +57,9 @@ GOLDEN = {  # "arch: inject arguments" -> digest, from the eager implementation 
     "gpt2: vera --rank 8 --targets all-linear --d-initial 0.05 --seed 3": "5abe70e0debc79b0cc81b4bf561beec42f401ca6e5f604652262433d8345b741",
     "llama: oft": "a7c5ec7200d42bd35abd5658cb3fd83488d10229ee05abadf41062ea8f41811d",
     "bert: oft --block-size 16 --targets all-linear --exact-cayley": "247cf699f3fc1f48c7fbdb85fc753e57d501e6503c4159a338e79d20217959a0",
+    # BOFT: boft_R = 0 and boft_s = 1, shaped [factors, blocks, b, b] and [out, 1] as PEFT's.
+    "llama: boft": "194892af6d2363e5bf1d4744869eb8beed45d3d59bc0e355813c010af997d478",
+    "bert: boft --blocks 8 --butterfly-factor 2 --targets all-linear --dropout 0.1": "c7c9efa24690cf3333b46e51f6a61538c826bac43299cd4d97c9759b47061652",
     "llama: hra": "718ff4b65bc5e841773779961f61fd3f4365cf9ce7d768ec73a59f27ebc39b1d",
     "bert: hra --rank 4 --targets all-linear --seed 7": "6786b1b3a0df559e27c39a8ef24eb21c6a1e2adaef2d82e8cdb4338e844e3bab",
 }

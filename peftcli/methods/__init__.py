@@ -17,6 +17,7 @@ from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.adapter import BottleneckAdapter
 from peftcli.methods.base import ONE_PASS, PHASES, ROUNDS, Attached, Budget, BudgetRow, Method, MethodBase
 from peftcli.methods.bitfit import BitFit
+from peftcli.methods.boft import Boft
 from peftcli.methods.hra import Hra
 from peftcli.methods.ia3 import IA3
 from peftcli.methods.layers import Layers
@@ -32,7 +33,7 @@ from peftcli.methods.sparse.fine_tuning import DiffPruning, LtSft
 from peftcli.methods.vera import Vera
 
 METHODS: dict[str, Method] = {
-    m.name: m for m in (LoRA(), IA3(), LoHa(), LoKr(), Vera(), Oft(), Hra(), BottleneckAdapter(), PrefixTuning(), PromptTuning(), BitFit(), Layers(),
+    m.name: m for m in (LoRA(), IA3(), LoHa(), LoKr(), Vera(), Oft(), Boft(), Hra(), BottleneckAdapter(), PrefixTuning(), PromptTuning(), BitFit(), Layers(),
                      LtSft(), DiffPruning(), Lottery())
 }
 

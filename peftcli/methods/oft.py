@@ -265,6 +265,16 @@ def skew(q: "torch.Tensor", block: int) -> "torch.Tensor":
     return matrix - matrix.transpose(-2, -1)
 
 
+def cayley(q_skew: "torch.Tensor") -> "torch.Tensor":
+    """The exact Cayley transform (I − Q)(I + Q)⁻¹ of each skew-symmetric block [r, b, b], as PEFT
+    solves it (the identity in float32; BOFT's ``cayley_batch`` too)."""
+    import torch
+
+    b, block = q_skew.shape[0], q_skew.shape[-1]
+    eye = torch.eye(block, device=q_skew.device).unsqueeze(0).expand(b, block, block)
+    return torch.linalg.solve(eye + q_skew, eye - q_skew, left=False)
+
+
 def rotation_blocks(q: "torch.Tensor", block: int, cfg: OftConfig) -> "torch.Tensor":
     """PEFT's ``_cayley_batch``: the r orthogonal blocks [r, b, b], in PEFT's order of operations."""
     import torch
@@ -272,8 +282,7 @@ def rotation_blocks(q: "torch.Tensor", block: int, cfg: OftConfig) -> "torch.Ten
     b, previous = q.shape[0], q.dtype
     q_skew = skew(q, block)
     if cfg.exact_cayley:
-        eye = torch.eye(block, device=q.device).unsqueeze(0).expand(b, block, block)
-        return torch.linalg.solve(eye + q_skew, eye - q_skew, left=False).to(previous)
+        return cayley(q_skew).to(previous)
     terms = cfg.neumann_terms
     r = torch.eye(block, device=q.device, dtype=q.dtype).repeat(b, 1, 1)
     if terms > 1:
