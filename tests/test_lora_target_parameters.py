@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from peftcli.attach import load_adapted
+from peftcli.attach import load_adapted, load_base_model
 from peftcli.cli import cli
 from peftcli.injection import inject
 from peftcli.methods.lora import LoraConfig
@@ -93,15 +93,9 @@ def test_peft_adapter_folds_as_merge_and_unload(llama4, tmp_path, config):
     assert changed and all(k.endswith(("experts.gate_up_proj", "experts.down_proj", "o_proj.weight", "v_proj.weight")) for k in changed)
     for k in ours:
         assert torch.allclose(ours[k], theirs[k], atol=1e-5, rtol=0), k
-    merged = load_adapted_base(str(tmp_path / "merged"))
+    merged = load_base_model(str(tmp_path / "merged")).eval()
     with torch.no_grad():
         assert torch.allclose(output_tensor(merged(**batch(vocab=len(VOCAB)))), want_logits, atol=1e-5)
-
-
-def load_adapted_base(path: str):
-    from peftcli.attach import load_base_model
-
-    return load_base_model(path).eval()
 
 
 def test_injected_adapter_loads_in_peft_with_our_logits(llama4, tmp_path):
@@ -149,12 +143,25 @@ def test_train_changes_the_expert_lora(llama4, tmp_path):
     (["--target-parameters", EXPERTS[0], "--dora"], 2, "with --dora"),
     (["--target-parameters", EXPERTS[0], "--lora-bias"], 2, "with --lora-bias"),
     (["--target-parameters", EXPERTS[0], "--init", "gaussian"], 2, "gaussian"),
+    (["--target-parameters", EXPERTS[0], "--layers", "0"], 2, "with --layers: PEFT applies layers_to_transform to modules"),
     (["--target-parameters", "self_attn.q_proj.weight", "--targets", "q_proj"], 1, "targeted both by --targets and by --target-parameters"),
-], ids=["unknown", "1-D", "dropout", "dora", "lora-bias", "init", "twice"])
+], ids=["unknown", "1-D", "dropout", "dora", "lora-bias", "init", "layers", "twice"])
 def test_inject_refuses_naming_it(llama4, tmp_path, args, code, words):
     out = str(tmp_path / "run")
     result = CliRunner().invoke(cli, ["inject", "lora", *args, llama4, "-o", out])
     assert_error(result, code, words, out)
+
+
+def test_3d_parameters_of_a_model_type_of_unknown_layout_are_refused(llama4, tmp_path):
+    """Whether experts are stored transposed (PEFT's other layout) is in modeling code, not in the checkpoint."""
+    import shutil
+
+    base = str(tmp_path / "other")
+    shutil.copytree(llama4, base)
+    config = json.load(open(os.path.join(base, "config.json")))
+    json.dump({**config, "model_type": "gpt_oss"}, open(os.path.join(base, "config.json"), "w"))
+    result = CliRunner().invoke(cli, ["inject", "lora", "--target-parameters", EXPERTS[0], base, "-o", str(tmp_path / "run")])
+    assert_error(result, 1, "3-D parameter model.layers.0.feed_forward.experts.gate_up_proj of a gpt_oss model", str(tmp_path / "run"))
 
 
 def test_merge_refuses_an_adapter_in_another_layout(llama4, tmp_path):
@@ -176,3 +183,10 @@ def test_adapter_config_target_parameters_must_be_names(llama4, tmp_path):
     json.dump({**config, "target_parameters": "feed_forward.experts.gate_up_proj"}, open(os.path.join(run, "adapter_config.json"), "w"))
     result = CliRunner().invoke(cli, ["merge", llama4, run, "-o", str(tmp_path / "m")])
     assert_error(result, 1, "'target_parameters' must be a list of parameter names", str(tmp_path / "m"))
+
+
+def test_export_refuses_lora_on_parameters(llama4, tmp_path):
+    run = str(tmp_path / "run")
+    inject(llama4, "lora", LoraConfig(rank=2, target_parameters=EXPERTS[1]), run)
+    result = CliRunner().invoke(cli, ["export", run, "-o", str(tmp_path / "out")])
+    assert_error(result, 1, "puts LoRA on parameters (target_parameters), which peftcli does not export", str(tmp_path / "out"))

@@ -80,10 +80,13 @@ def refuse_options(cfg) -> None:
              (cfg.dora, "dora", "PEFT's ParamWrapper refuses DoRA"),
              (cfg.lora_bias, "lora_bias", "PEFT's ParamWrapper refuses lora_bias"),
              (cfg.init != "kaiming" and not cfg.peft_embeddings, f"init {cfg.init}", "peftcli initialises parameter targets as kaiming only"),
-             (bool(cfg.ranks or cfg.alphas), "rank_pattern/alpha_pattern", "peftcli gives parameter targets the one rank and alpha")]
+             (bool(cfg.ranks or cfg.alphas), "rank_pattern/alpha_pattern", "peftcli gives parameter targets the one rank and alpha"),
+             # PEFT applies layers_to_transform (and exclude_modules) to target_modules only, as peftcli reads adapters
+             (bool(cfg.layers) and not cfg.peft_embeddings, "layers", "PEFT applies layers_to_transform to modules, not to target_parameters")]
     for on, what, why in given:
         if on:
-            raise UsageError(f"`target_parameters` with `{what}`: {why}", f"drop `{what}`, or target modules with `targets` instead")
+            raise UsageError(f"`target_parameters` with `{what}`: {why}",
+                             "name the parameters of the layers wanted by their paths" if what == "layers" else f"drop `{what}`, or target modules with `targets` instead")
 
 
 def targets(shapes: dict, model_config: dict | None, spec, linear_targets: set[str]) -> list[Target]:
@@ -248,7 +251,6 @@ def attach(model, by_module: dict, found: list[Target], cfg) -> dict:
 @functools.cache
 def param_lora() -> type:
     """The parametrization class (made on first use: this module imports torch lazily)."""
-    import torch
     from torch import nn
 
     class ParamLora(nn.Module):
