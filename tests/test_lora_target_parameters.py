@@ -164,6 +164,18 @@ def test_3d_parameters_of_a_model_type_of_unknown_layout_are_refused(llama4, tmp
     assert_error(result, 1, "3-D parameter model.layers.0.feed_forward.experts.gate_up_proj of a gpt_oss model", str(tmp_path / "run"))
 
 
+def test_a_tied_embedding_is_refused(tiny_llama_tied, tmp_path):
+    """PEFT's wrapped embedding changes the input only, its merge the one tied tensor: no fold is right."""
+    result = CliRunner().invoke(cli, ["inject", "lora", "--target-parameters", "embed_tokens.weight", tiny_llama_tied, "-o", str(tmp_path / "run")])
+    assert_error(result, 1, "names model.embed_tokens.weight, which this model ties to its output head", str(tmp_path / "run"))
+
+
+def test_conv1d_targets_beside_parameters_are_refused(tiny_gpt2, tmp_path):
+    """GPT-2's Conv1D targets make the config's fan_in_fan_out true, which PEFT's ParamWrapper refuses."""
+    result = CliRunner().invoke(cli, ["inject", "lora", "--targets", "c_attn", "--target-parameters", "wpe.weight", tiny_gpt2, "-o", str(tmp_path / "run")])
+    assert_error(result, 2, "beside the Conv1D target transformer.h.0.attn.c_attn", str(tmp_path / "run"))
+
+
 def test_merge_refuses_an_adapter_in_another_layout(llama4, tmp_path):
     """lora_A/lora_B laid out for the other orientation of [E, d1, d2] would fold a wrong ΔW: refused."""
     run = str(tmp_path / "run")

@@ -241,7 +241,7 @@ class LoRA(MethodBase):
         """The parameters target_parameters names (``lora_params.Target``s), none without it."""
         if not cfg.target_parameters:
             return []
-        return lora_params.targets(shapes, model_config, cfg.target_parameters, {m.name for m in self._targets(shapes, model_config, cfg)})
+        return lora_params.targets(shapes, model_config, cfg.target_parameters, self._targets(shapes, model_config, cfg))
 
     @staticmethod
     def _embedding_targets(shapes, model_config, cfg) -> dict[str, tuple[int, int]]:

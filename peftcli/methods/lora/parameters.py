@@ -89,9 +89,14 @@ def refuse_options(cfg) -> None:
                              "name the parameters of the layers wanted by their paths" if what == "layers" else f"drop `{what}`, or target modules with `targets` instead")
 
 
-def targets(shapes: dict, model_config: dict | None, spec, linear_targets: set[str]) -> list[Target]:
+def targets(shapes: dict, model_config: dict | None, spec, linear_targets: list) -> list[Target]:
     """The parameters ``spec`` names among ``shapes`` (a name equal to a tensor's path or to a
-    dotted suffix of it, as PEFT matches), each with the path PEFT keys its LoRA under."""
+    dotted suffix of it, as PEFT matches), each with the path PEFT keys its LoRA under
+    (``linear_targets``: the modules target_modules selects beside them)."""
+    conv1d = next((m.name for m in linear_targets if m.transposed), None)
+    if conv1d is not None:  # the config's fan_in_fan_out, which PEFT's ParamWrapper refuses
+        raise UsageError(f"`target_parameters` beside the Conv1D target {conv1d}: PEFT's ParamWrapper refuses fan_in_fan_out",
+                         "target this model's modules with `targets` alone, or its parameters alone")
     wanted = names(spec)
     found: dict[str, tuple[int, ...]] = {}
     for t in wanted:
@@ -107,7 +112,24 @@ def targets(shapes: dict, model_config: dict | None, spec, linear_targets: set[s
             raise BadInputError(f"`target_parameters` names {bad}, a {len(hits[bad])}-D parameter: LoRA needs a 2-D or 3-D one",
                                 "name matrices or stacked expert matrices only")
         found.update(hits)
-    return _nest(found, (model_config or {}).get("model_type"), linear_targets)
+    _refuse_tied(found, shapes, model_config)
+    return _nest(found, (model_config or {}).get("model_type"), {m.name for m in linear_targets})
+
+
+def _refuse_tied(found: dict, shapes: dict, model_config: dict | None) -> None:
+    """A tied input embedding: PEFT's ParamWrapper changes it for the input only (the output
+    head keeps W) while its merge changes the one tensor for both, so no fold is right."""
+    from peftcli.methods.prompting import dims
+
+    if not (model_config or {}).get("tie_word_embeddings", True):
+        return
+    try:
+        embedding = dims.input_embedding(shapes, model_config)[0] + ".weight"
+    except BadInputError:
+        return  # no input embedding found: nothing to be tied
+    if embedding in found:
+        raise BadInputError(f"`target_parameters` names {embedding}, which this model ties to its output head",
+                            "PEFT's model with it computes other outputs than its merge: target another parameter")
 
 
 def _nest(found: dict[str, tuple[int, ...]], model_type: str | None, linear_targets: set[str]) -> list[Target]:
