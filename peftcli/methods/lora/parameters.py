@@ -251,6 +251,7 @@ def check_finite(t: Target, parts: dict, scaling: float, rank: int) -> None:
 # -- module level ---------------------------------------------------------------------------
 def attach(model, by_module: dict, found: list[Target], cfg) -> dict:
     """Put each target's LoRA on its parameter as a parametrization W + ΔW(A, B); returns φ."""
+    import torch
     from torch.nn.utils import parametrize
 
     grouped = split(by_module, found)
@@ -260,6 +261,10 @@ def attach(model, by_module: dict, found: list[Target], cfg) -> dict:
     phi = {}
     for t, parts in grouped.items():
         owner = model.get_submodule(t.module)
+        weight = getattr(owner, t.param, None)
+        if not (isinstance(weight, torch.nn.Parameter) and weight.is_floating_point()):  # e.g. quantised: no W to add ΔW to
+            raise BadInputError(f"{t.name} is no floating-point parameter in this model ({type(owner).__name__})",
+                                "load the base unquantised to train or evaluate LoRA on its parameters")
         if getattr(owner, "is_transposed", False):  # PEFT's other layout ("e i o"): not the one EXPERTS promises
             raise BadInputError(f"{t.module} stores its experts transposed (is_transposed), which peftcli does not attach",
                                 "use PEFT for this model")
