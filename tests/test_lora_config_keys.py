@@ -46,7 +46,6 @@ ON = {
     "monteclora_config": {"n": 2},
     "use_bdlora": {"lora_a_is_blockdiagonal": True},
     "astra_config": {"k": 1},
-    "target_parameters": ["mlp.experts.down_proj"],
     "ensure_weight_tying": True,
 }
 

@@ -140,6 +140,9 @@ def view_of(adapter) -> LoraView:
 
     config = adapter.config
     cfg = METHODS["lora"].config_from_adapter({k: v for k, v in config.items() if k not in ("rank_pattern", "alpha_pattern")})
+    if cfg.target_parameters:  # keyed by the parameter's owner module, not a layer an engine's LoRA replaces
+        raise BadInputError(f"{adapter.path} puts LoRA on parameters (target_parameters), which peftcli does not export",
+                            "merge it into the base instead: peftcli merge BASE RUN -o OUT")
     view = LoraView(adapter.path, config, base_init=cfg.base_init, lora_bias=cfg.lora_bias)
     ranks = _pattern(config, "rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive integer")
     alphas = _pattern(config, "alpha_pattern", _positive, "a positive number")

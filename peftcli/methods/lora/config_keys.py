@@ -22,7 +22,7 @@ from peftcli.errors import BadInputError
 READ = (
     "r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "fan_in_fan_out", "bias", "use_rslora",
     "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
-    "trainable_token_indices", "use_dora", "lora_bias", "peft_version",
+    "trainable_token_indices", "use_dora", "lora_bias", "peft_version", "target_parameters",
 )
 IGNORED = (
     "task_type", "peft_type", "auto_mapping", "base_model_name_or_path", "revision", "inference_mode",
@@ -39,7 +39,6 @@ OFF = {
     "use_qalora": "QA-LoRA, whose A reads pooled groups of the input",
     "monteclora_config": "MonteCLoRA's sampled adapters",
     "layer_replication": "layer replication, which gives the adapted model more layers than the base",
-    "target_parameters": "LoRA on nn.Parameters",
     "use_bdlora": "block-diagonal LoRA factors",
     "arrow_config": "Arrow routing between adapters",
     "kasa_config": "KaSA, a learned singular-value diagonal between A and B",

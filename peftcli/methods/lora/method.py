@@ -23,6 +23,7 @@ from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.base import Attached, MethodBase, BudgetRow, LazyTensor, SeededDraws, base_module, lazy_zeros, mismatch_error, peft_key, selection, targeted_module, PEFT_PREFIX, TrainDefaults
 from peftcli.methods import rank_patterns
 from peftcli.methods.lora import base_init as lora_init, config_keys, embeddings as lora_embeddings, trained_bias
+from peftcli.methods.lora import parameters as lora_params
 from peftcli.options import option
 from peftcli.patterns import from_file
 from peftcli.targets import excluded, is_regex, linear_modules, names_module, resolve_targets
@@ -96,6 +97,13 @@ class LoraConfig:
     # PEFT's bias "all"/"lora_only": the base's biases trained and saved beside LoRA (read and
     # folded only: trained_bias); inject trains none.
     bias: str = field(default="none", metadata={"recorded": False})
+    # PEFT's target_parameters (its ParamWrapper): LoRA on 2-D/3-D parameters, see lora/parameters.py.
+    target_parameters: str | None = _when_given(option(
+        None, metavar="NAMES",
+        help="LoRA on these parameters (PEFT's target_parameters): comma-separated parameter paths or suffixes, 2-D ones "
+        "or Llama 4's fused 3-D experts (feed_forward.experts.gate_up_proj,feed_forward.experts.down_proj); "
+        "without --targets no module is adapted besides them",
+    ))
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
@@ -131,6 +139,10 @@ class LoraConfig:
         if self.init == "orthogonal" and odd is not None:
             raise UsageError(f"`init` orthogonal needs even ranks (PEFT splits an orthogonal r×r matrix in two), got {odd}",
                              f"use rank {odd + 1} or {odd - 1} there" if odd > 1 else "use rank 2")
+        if self.target_parameters is not None:
+            if not lora_params.names(self.target_parameters):
+                raise UsageError("`target_parameters` names no parameter", "e.g. `target_parameters` feed_forward.experts.gate_up_proj")
+            lora_params.refuse_options(self)
 
     def for_module(self, module: str) -> "LoraConfig":
         """The config of one module: its rank and alpha from the patterns (self when there are none)."""
@@ -175,6 +187,8 @@ class LoRA(MethodBase):
     def _targets(self, shapes, model_config, cfg):
         """The linear modules the config selects (an adapter's embedding targets: ``_embedding_targets``)."""
         _refuse_embedding_targets(shapes, model_config, cfg)
+        if cfg.target_parameters and not cfg.targets:
+            return []  # PEFT's target_modules [] (or none) beside target_parameters: parameters only
         embedded = self._embedding_targets(shapes, model_config, cfg)
         named = embedded or _skipped_embeddings(shapes, model_config, cfg)  # names that are no linear target
         spec = _linear_spec(shapes, model_config, cfg.targets, named)
@@ -223,6 +237,12 @@ class LoRA(MethodBase):
             )
         return modules
 
+    def _param_targets(self, shapes, model_config, cfg) -> list:
+        """The parameters target_parameters names (``lora_params.Target``s), none without it."""
+        if not cfg.target_parameters:
+            return []
+        return lora_params.targets(shapes, model_config, cfg.target_parameters, self._targets(shapes, model_config, cfg))
+
     @staticmethod
     def _embedding_targets(shapes, model_config, cfg) -> dict[str, tuple[int, int]]:
         """The embedding layers an adapter's target_modules selects (none for inject's configs)."""
@@ -242,7 +262,8 @@ class LoRA(MethodBase):
         return lora_embeddings.token_targets(shapes, model_config, {m.name for m in linear_modules(shapes, model_config)}, cfg)
 
     def budget(self, shapes: dict[str, tuple[int, ...]], model_config: dict | None, cfg: LoraConfig) -> list[BudgetRow]:
-        return [BudgetRow(m.name, m.shape, self.added_params(m.shape, cfg.for_module(m.name))) for m in self._targets(shapes, model_config, cfg)]
+        rows = [BudgetRow(m.name, m.shape, self.added_params(m.shape, cfg.for_module(m.name))) for m in self._targets(shapes, model_config, cfg)]
+        return rows + [BudgetRow(t.name, t.shape, lora_params.added_params(t, cfg.rank)) for t in self._param_targets(shapes, model_config, cfg)]
 
     # -- tensor level --------------------------------------------------------------------
     def init(self, ckpt, cfg: LoraConfig, generator: "torch.Generator") -> dict[str, LazyTensor]:
@@ -271,6 +292,7 @@ class LoRA(MethodBase):
                 out[peft_key(m.name, "lora_magnitude_vector")] = LazyTensor(
                     (d_out,), torch.float32, lambda name=m.name, dim=dim, ab=ab, res=res: _row_norms(ckpt, name, dim, ab, res)
                 )
+        out.update(lora_params.init(self._param_targets(shapes, ckpt.config, cfg), cfg.rank, draws))
         # PEFT's bias "all"/"lora_only": the base's biases, saved beside LoRA (check compares them).
         out.update(trained_bias.init(cfg.bias, ckpt, {m.name for m in self._targets(shapes, ckpt.config, cfg)}))
         # An adapter's embedding LoRA and trainable tokens: PEFT's keys and shapes (check compares them).
@@ -305,6 +327,7 @@ class LoRA(MethodBase):
             "alpha_pattern": alphas,
             "inference_mode": False,
             **({"lora_bias": True} if cfg.lora_bias else {}),  # absent: PEFT's default false (plain configs stay as they were)
+            **({"target_parameters": [t.name for t in self._param_targets(shapes, ckpt.config, cfg)]} if cfg.target_parameters else {}),
         }
 
     def config_from_adapter(self, d: dict) -> LoraConfig:
@@ -313,7 +336,10 @@ class LoRA(MethodBase):
         if "r" not in d:
             raise BadInputError("LoRA adapter config has no rank 'r'", "add \"r\": <rank> to adapter_config.json")
         targets = d.get("target_modules")
-        if targets is not None and not (targets.strip() if isinstance(targets, str) else targets):
+        params = d.get("target_parameters")
+        if params is not None and not (isinstance(params, list) and all(isinstance(p, str) and p.strip() for p in params)):
+            raise BadInputError("adapter config: 'target_parameters' must be a list of parameter names", _CORRUPT)
+        if targets is not None and not params and not (targets.strip() if isinstance(targets, str) else targets):
             # PEFT's default targets are not what an empty list says: refuse rather than guess.
             raise BadInputError(
                 "adapter config: 'target_modules' is empty, so the adapter targets no module",
@@ -339,6 +365,7 @@ class LoRA(MethodBase):
                 ranks=rank_patterns.from_config(d, "rank_pattern", "LoRA", _CORRUPT),
                 alphas=rank_patterns.from_config(d, "alpha_pattern", "LoRA", _CORRUPT),
                 pattern_reading=rank_patterns.reading(d.get("peft_version")),
+                target_parameters=",".join(params) if params else None,
             )
         except UsageError as exc:
             raise BadInputError(f"adapter config: {exc.message}", _CORRUPT) from None
@@ -369,6 +396,7 @@ class LoRA(MethodBase):
         biases, tensors = trained_bias.split(tensors, cfg.bias, _SUFFIXES)
         by_module, problems = _group(tensors)
         out, configs = {}, {}
+        lora_params.deltas(by_module, self._param_targets(shapes, ckpt.config, cfg), cfg, out, problems)  # takes theirs out of by_module
         for path, parts in list(by_module.items()):
             if any(s in parts for s in lora_embeddings.SUFFIXES):  # an embedding's LoRA or trainable tokens
                 by_module.pop(path)
@@ -446,6 +474,7 @@ class LoRA(MethodBase):
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
         targeted, unfit = self._targeted(shapes, model_config, cfg)  # as PEFT selects them: on the model's names
         phi, configs = {}, {}
+        phi.update(lora_params.attach(model, by_module, self._param_targets(shapes, model_config, cfg), cfg))  # takes theirs out of by_module
         for path, parts in by_module.items():
             folded_only = next((lora_embeddings.NOT_ATTACHED[s] for s in lora_embeddings.SUFFIXES if s in parts), None)
             if folded_only is not None:
