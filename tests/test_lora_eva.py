@@ -48,11 +48,11 @@ def _sft_rows(n: int) -> list[dict]:
             for i in range(n)]
 
 
-def _peft_eva(base: str, data: str, targets: list[str]):
+def _peft_eva(base: str, data: str, targets: list[str], rank: int = RANK, **extra):
     """PEFT's EVA model on one batch of all of ``data``, its IPCA with a full (exact) SVD."""
     items = encode(load_dataset(data), load_tokenizer(base), 128)
     loader = [collate(items, load_tokenizer(base).pad_token_id)]
-    cfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets, init_lora_weights="eva", eva_config=peft.EvaConfig(rho=RHO))
+    cfg = peft.LoraConfig(r=rank, lora_alpha=ALPHA, target_modules=targets, init_lora_weights="eva", eva_config=peft.EvaConfig(rho=RHO), **extra)
     exact = functools.partial(eva.IncrementalPCA, lowrank=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -162,6 +162,25 @@ def test_peft_loads_it_as_base_and_train_trains_it(runs, tmp_path):
     train(copy, TrainConfig(data=data, steps=1, batch_size=4, lr=5e-2, warmup_steps=0, schedule="constant"))
     after = load_file(os.path.join(copy, "adapter_model.safetensors"))
     assert set(after) == set(tensors) and any(not torch.equal(after[k], tensors[k]) for k in tensors)
+
+
+def test_gpt2_conv1d_equals_peft(tiny_gpt2, tmp_path):
+    """GPT-2's Conv1D (weights stored [in, out]): A [k, in] spans PEFT's, ranks PEFT's; PEFT loads it at the base."""
+    data = _write(tmp_path / "d.jsonl", lm_rows(8))
+    run = str(tmp_path / "run")
+    inject(tiny_gpt2, "lora", LoraConfig(rank=2, alpha=ALPHA, targets="c_attn,c_fc", init="eva", init_data=data, eva_rho=RHO), run)
+    theirs = _peft_as(_peft_eva(tiny_gpt2, data, ["c_attn", "c_fc"], rank=2, fan_in_fan_out=True))
+    tensors = load_file(os.path.join(run, "adapter_model.safetensors"))
+    ours = {k[len(PREFIX):-len(".lora_A.weight")]: t.double() for k, t in tensors.items() if k.endswith("lora_A.weight")}
+    assert {m: a.shape for m, a in ours.items()} == {m: a.shape for m, a in theirs.items()} and len(ours) >= 2
+    for m, a in ours.items():
+        assert (a.T @ a - theirs[m].double().T @ theirs[m].double()).abs().max() <= 1e-4, m
+    inputs = batch(vocab=40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(load_base_model(tiny_gpt2), run)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(**inputs).logits, load_base_model(tiny_gpt2)(**inputs).logits)
 
 
 def test_sft_prompts_do_not_reach_eva(tiny_llama, tmp_path):

@@ -1,6 +1,7 @@
 """EVA (Paischer et al., 2024, "Explained Variance Adaptation"): LoRA's A from the data.
 
-``peftcli inject lora --init eva --init-data FILE`` runs the base model (fp32, CPU) over the
+``peftcli inject lora --init eva --init-data FILE`` runs the base model (fp32, CPU, its own
+architecture class) over the
 examples of FILE, read and tokenised exactly as ``peftcli train`` reads them (the same JSONL /
 CSV formats, ``encode`` and ``collate``), and for each targeted linear layer takes the
 principal components of the inputs it sees: A [k, in] holds the top k right-singular vectors
@@ -52,8 +53,6 @@ class EvaResult:
 def eva_components(base: str, modules: list, rank: int, rho: float, data_path: str, limit: int | None, max_length: int) -> EvaResult:
     """EVA's A for each of ``modules`` (``targets.Module``s, all of rank ``rank``) from the
     base model ``base`` run over the data file ``data_path``."""
-    import torch
-
     items, pad_id = _items(base, data_path, limit, max_length)
     most = round(rank * rho)  # PEFT's max_components
     _check_sizes(modules, most, rank, rho)
@@ -104,9 +103,11 @@ def _check_sizes(modules: list, most: int, rank: int, rho: float) -> None:
 
 
 def _load(base: str):
+    """The checkpoint's own architecture (config.json's ``architectures``), as PEFT's user
+    builds it: a causal LM class would make an encoder's attention causal."""
     from peftcli.attach import load_base_model
 
-    return load_base_model(base, "AutoModelForCausalLM")
+    return load_base_model(base)
 
 
 def _layers(model, modules: list) -> tuple[list[str], dict]:
@@ -129,7 +130,9 @@ class _Stats:
     """Sum, scatter and count of the rows seen, float64."""
 
     def __init__(self) -> None:
-        self.n, self.sum, self.scatter = 0, None, None
+        self.n = 0
+        self.sum: "torch.Tensor | None" = None
+        self.scatter: "torch.Tensor | None" = None
 
     def add(self, x: "torch.Tensor") -> None:
         import torch
@@ -194,6 +197,7 @@ def _principal(s: _Stats, k: int) -> tuple["torch.Tensor", "torch.Tensor"]:
     row's largest |entry| positive) and their explained-variance ratios (float64)."""
     import torch
 
+    assert s.sum is not None and s.scatter is not None  # more tokens than components were counted
     mean = s.sum / s.n
     centred = s.scatter - s.n * torch.outer(mean, mean)
     centred = (centred + centred.T) / 2
