@@ -2,9 +2,10 @@
 
 From ``config.json`` and tensor headers alone (plus the few base tensors a method's init
 needs, e.g. DoRA's row norms or prompt embeddings): the model is never built, so this takes
-seconds on a checkpoint of any size. φ is streamed: the header is written from the tensors'
-shapes and each tensor is made, written and freed in turn, so memory stays at the largest
-φ tensor (plus what the method's init holds eagerly), not the whole φ.
+seconds on a checkpoint of any size (but for LoRA's ``--init eva``, which runs the base over
+data first: ``LoRA.prepare_init``, ``methods.lora.eva_init``). φ is streamed: the header is
+written from the tensors' shapes and each tensor is made, written and freed in turn, so
+memory stays at the largest φ tensor (plus what the method's init holds eagerly), not the whole φ.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def inject(
     method = get_method(method_name)
     check_output_path(out, [base], force)  # fail before any work
     with open_checkpoint(base, allow_pickle=allow_pickle) as ckpt:
+        given = cfg  # what the metadata records: the options as given
+        cfg = getattr(method, "prepare_init", lambda ckpt, cfg: cfg)(ckpt, cfg)  # LoRA's EVA: ranks and A from data
         budget = Budget.of(method, ckpt, cfg)
         # Values may be LazyTensors: made one at a time as write_adapter writes them, so φ is
         # never in memory whole (layers --layers 0-31 on a 7B model is 26 GB of fp32 zeros).
@@ -42,7 +45,7 @@ def inject(
         metadata = {
             "peftcli.version": __version__,
             "peftcli.method": method.name,
-            "peftcli.options": json.dumps(_recorded(cfg), sort_keys=True),
+            "peftcli.options": json.dumps(_recorded(given), sort_keys=True),
             "peftcli.seed": str(seed),
             "peftcli.base": os.path.abspath(base),
         }

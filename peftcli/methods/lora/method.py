@@ -5,7 +5,8 @@ feature and uses W' = m · (W₀ + sBA) / ‖W₀ + sBA‖ (row norms, treated a
 backprop, as the paper suggests). On a d×k matrix LoRA adds r·(d + k) parameters (+ d for
 DoRA, + d for lora_B's bias). A starts Kaiming-uniform (or Gaussian), B at zero, so ΔW = 0
 before training (PEFT's orthogonal init: A and B non-zero with B·A = 0; PiSSA/OLoRA: A, B
-from W's SVD/QR, and the base PEFT loads them on is W − s·B·A, see base_init). PEFT's
+from W's SVD/QR, and the base PEFT loads them on is W − s·B·A, see base_init; EVA: A from the
+principal components of each layer's inputs over data, ranks redistributed, see eva_init). PEFT's
 rank_pattern/alpha_pattern give modules their own r and α (``LoraConfig.for_module``).
 Written in PEFT's layout: ``base_model.model.<module>.lora_A.weight`` [r, in],
 ``...lora_B.weight`` [out, r] (``...lora_B.bias`` [out]), ``...lora_magnitude_vector`` [out].
@@ -31,7 +32,7 @@ from peftcli.targets import excluded, is_regex, linear_modules, names_module, re
 if TYPE_CHECKING:
     import torch
 
-INITS = ("kaiming", "gaussian", "orthogonal", "pissa", "olora")
+INITS = ("kaiming", "gaussian", "orthogonal", "pissa", "olora", "eva")
 BASE_INITS = ("pissa", "olora")  # PEFT subtracts s·B₀·A₀ from the base weights when it loads the adapter
 FP32_MAX = 3.4028234663852886e38  # the largest finite float32
 
@@ -59,10 +60,25 @@ class LoraConfig:
     rslora: bool = option(False, help="rsLoRA: scale by α/√r instead of α/r")
     dropout: float = option(0.0, help="dropout on the LoRA branch's input during training (default 0)")
     init: str = option(
-        "kaiming", metavar="kaiming|gaussian|orthogonal|pissa|olora",
+        "kaiming", metavar="kaiming|gaussian|orthogonal|pissa|olora|eva",
         help="initialisation of A (B zero); default kaiming, as PEFT; orthogonal: PEFT's, A and B both non-zero with B·A = 0 (even ranks); "
-        "pissa (SVD of W) / olora (QR of W): PEFT's, A and B from the base weight, which PEFT replaces by W − (α/r)·B·A when it loads the adapter",
+        "pissa (SVD of W) / olora (QR of W): PEFT's, A and B from the base weight, which PEFT replaces by W − (α/r)·B·A when it loads the adapter; "
+        "eva: A from the principal components of each target's inputs over `init_data`, ranks redistributed (PEFT's EVA; base unchanged)",
     )
+    init_data: str | None = _when_given(option(
+        None, metavar="FILE", path=True,
+        help="`init` eva: the examples the base is run over (the formats train reads: text, prompt+completion or messages rows)",
+    ))
+    eva_rho: float = _when_given(option(
+        2.0, help="`init` eva: a target may get up to round(eva_rho·rank) ranks of the total rank·targets (PEFT's EvaConfig.rho, >= 1; "
+        "default 2; 1 keeps every rank); α is scaled with each rank, as PEFT's adjust_scaling_factors",
+    ))
+    eva_examples: int | None = _when_given(option(
+        None, min=1, help="`init` eva: use only the first N examples of `init_data` (default all)",
+    ))
+    eva_max_length: int = _when_given(option(
+        128, min=1, help="`init` eva: truncate examples to this many tokens (default 128, as train)",
+    ))
     rank_pattern: str | dict | None = _when_given(option(
         None, metavar="REGEX=R,...",
         help="per-module ranks, written as PEFT's rank_pattern: a module whose path matches REGEX (whole, or after a dot) "
@@ -104,6 +120,9 @@ class LoraConfig:
         "or Llama 4's fused 3-D experts (feed_forward.experts.gate_up_proj,feed_forward.experts.down_proj); "
         "without --targets no module is adapted besides them",
     ))
+    # EVA's A per target module path (torch tensors [k, in]), made by ``LoRA.prepare_init`` from
+    # the data; the targets, ranks and α's of that config are EVA's.
+    eva: dict | None = field(default=None, metadata={"recorded": False}, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
@@ -124,6 +143,7 @@ class LoraConfig:
             )
         if self.init not in INITS:
             raise UsageError(f"`init` must be one of {', '.join(INITS)}, got {self.init!r}", "e.g. `init` kaiming")
+        self._check_eva()
         if self.lora_bias and (self.dora or self.init != "kaiming"):
             # PEFT's LoraConfig refuses both: it cannot create such an adapter
             raise UsageError("`lora_bias` goes with plain LoRA only (PEFT refuses it with DoRA or an `init` other than kaiming)",
@@ -143,6 +163,21 @@ class LoraConfig:
             if not lora_params.names(self.target_parameters):
                 raise UsageError("`target_parameters` names no parameter", "e.g. `target_parameters` feed_forward.experts.gate_up_proj")
             lora_params.refuse_options(self)
+
+    def _check_eva(self) -> None:
+        given = [n for n in ("init_data", "eva_examples") if getattr(self, n) is not None]
+        given += [n for n, d in (("eva_rho", 2.0), ("eva_max_length", 128)) if getattr(self, n) != d]
+        if self.init != "eva":
+            if given:
+                raise UsageError(f"`{given[0]}` applies to `init` eva only", "add `init` eva, or drop it")
+            return
+        if self.init_data is None:
+            raise UsageError("`init` eva needs `init_data`: the examples whose layer inputs give A", "e.g. `init_data` train.jsonl")
+        if not self.eva_rho >= 1.0:
+            raise UsageError(f"`eva_rho` must be at least 1, got {self.eva_rho}", "e.g. `eva_rho` 2 (1: no redistribution)")
+        clash = next((n for n, on in (("dora", self.dora), ("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)) if on), None)
+        if clash:
+            raise UsageError(f"`init` eva does not take `{clash}`: EVA chooses each target's rank (and α) itself", f"drop `{clash}`")
 
     def for_module(self, module: str) -> "LoraConfig":
         """The config of one module: its rank and alpha from the patterns (self when there are none)."""
@@ -177,6 +212,25 @@ class LoRA(MethodBase):
         return (
             f"note: init_lora_weights={cfg.init!r}: the adapter is relative to the residual base W − (α/r)·B₀·A₀, "
             "which PEFT (and peftcli) compute from the original base when they load it: load it on the original base"
+        )
+
+    def prepare_init(self, ckpt, cfg: LoraConfig) -> LoraConfig:
+        """For inject: ``cfg`` with what EVA's data decides (the targets it keeps, their ranks and
+        α's as rank/alpha patterns, and each A); ``cfg`` itself for the other inits."""
+        if cfg.init != "eva" or cfg.eva is not None:
+            return cfg
+        from peftcli.methods.lora.eva_init import eva_components
+
+        shapes = {t.name: t.shape for t in ckpt.tensors.values()}
+        modules = self._targets(shapes, ckpt.config, cfg)
+        found = eva_components(ckpt.path, modules, cfg.rank, cfg.eva_rho, cfg.init_data, cfg.eva_examples, cfg.eva_max_length)
+        ranks = found.ranks()
+        kept = [m.name for m in modules if ranks[m.name]]  # a target given rank 0 is dropped, as PEFT drops it
+        changed = [(n, ranks[n]) for n in kept if ranks[n] != cfg.rank]
+        return dataclasses.replace(
+            cfg, targets=",".join(kept), layers=None, ranks=tuple(changed),
+            alphas=tuple((n, cfg.alpha * k / cfg.rank) for n, k in changed),  # PEFT's adjust_scaling_factors: α/r kept
+            eva={n: found.components[n] for n in kept},
         )
 
     @staticmethod
@@ -277,6 +331,11 @@ class LoRA(MethodBase):
             mcfg = cfg.for_module(m.name)
             if cfg.init in BASE_INITS:
                 a, b = _factored_ab(ckpt, m, cfg.init, mcfg)
+            elif cfg.init == "eva":
+                if cfg.eva is None:
+                    raise AssertionError("init eva without prepare_init: the data's components were not computed")
+                a = LazyTensor((mcfg.rank, d_in), torch.float32, lambda t=cfg.eva[m.name]: t.clone())
+                b = lazy_zeros(d_out, mcfg.rank)
             else:
                 a, b = _draw_ab(draws, cfg.init, mcfg.rank, d_in, d_out)
             out[peft_key(m.name, "lora_A.weight")] = a
@@ -328,6 +387,7 @@ class LoRA(MethodBase):
             "inference_mode": False,
             **({"lora_bias": True} if cfg.lora_bias else {}),  # absent: PEFT's default false (plain configs stay as they were)
             **({"target_parameters": [t.name for t in self._param_targets(shapes, ckpt.config, cfg)]} if cfg.target_parameters else {}),
+            **({"eva_config": _eva_config(cfg)} if cfg.init == "eva" else {}),
         }
 
     def config_from_adapter(self, d: dict) -> LoraConfig:
@@ -520,6 +580,13 @@ _LINEAR_PARTS = ("lora_A.weight", "lora_B.weight")
 def _number(v: float) -> int | float:
     """α as PEFT writes it: 16, not 16.0."""
     return int(v) if float(v).is_integer() else v
+
+
+def _eva_config(cfg: LoraConfig) -> dict:
+    """PEFT's EvaConfig as it saves it: ρ as given, the rest PEFT's defaults, which peftcli
+    follows (label mask on, no whitening, α scaled with the rank; τ, the incremental PCA's
+    stopping threshold, plays no part in peftcli's exact PCA)."""
+    return {"rho": cfg.eva_rho, "tau": 0.99, "use_label_mask": True, "label_mask_value": -100, "whiten": False, "adjust_scaling_factors": True}
 
 
 def _check_given_patterns(modules: list, cfg: LoraConfig) -> None:
