@@ -161,6 +161,8 @@ def test_training_trains_lora_on_the_embedding_and_lm_head(base, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--targets", "embed_tokens", "--dora"], "takes plain LoRA only"),
+    (["--targets", "q_proj,embed_tokens", "--layers", "0"], "which is in no layer that --layers selects"),
+    (["--targets", "embed_tokens", "--trainable-tokens", "3"], "whose rows --trainable-tokens trains whole"),
     (["--trainable-tokens", "3,x"], "--trainable-tokens must be token ids"),
     (["--trainable-tokens", "3,3"], "lists a token id twice"),
     (["--trainable-tokens", "3,999"], "token ids must be distinct and below its 256 rows"),

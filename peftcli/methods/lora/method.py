@@ -240,6 +240,12 @@ class LoRA(MethodBase):
         """The embedding layers an adapter's target_modules selects (inject's: those its `targets` list by name)."""
         if not cfg.peft_embeddings and (not cfg.targets or is_regex(cfg.targets)):
             return {}
+        if not cfg.peft_embeddings and cfg.layers:
+            linear = {m.name for m in linear_modules(shapes, model_config)}
+            named = next((m for m in lora_embeddings.embeddings(shapes, linear) if lora_embeddings.selects(cfg.targets, m)), None)
+            if named is not None:  # PEFT skips it: layers_to_transform needs a layer index
+                raise UsageError(f"`targets` names the embedding layer {named}, which is in no layer that `layers` selects",
+                                 "drop `layers`, or the embedding from `targets`")
         embedded = lora_embeddings.targeted(shapes, {m.name for m in linear_modules(shapes, model_config)}, cfg)
         options = [o for o, on in (("use_dora", cfg.dora), ("lora_bias", cfg.lora_bias), ("init_lora_weights", cfg.base_init)) if on]
         if embedded and not cfg.peft_embeddings and (cfg.dora or cfg.lora_bias or cfg.init not in ("kaiming", "gaussian")):
@@ -260,8 +266,12 @@ class LoRA(MethodBase):
 
     def budget(self, shapes: dict[str, tuple[int, ...]], model_config: dict | None, cfg: LoraConfig) -> list[BudgetRow]:
         rows = [BudgetRow(m.name, m.shape, self.added_params(m.shape, cfg.for_module(m.name))) for m in self._targets(shapes, model_config, cfg)]
-        rows += [BudgetRow(e, s, cfg.for_module(e).rank * sum(s)) for e, s in self._embedding_targets(shapes, model_config, cfg).items()]
-        return rows + [BudgetRow(t, (len(ids), dim), len(ids) * dim) for t, (ids, dim) in self._token_targets(shapes, model_config, cfg).items()]
+        embedded, tokens = self._embedding_targets(shapes, model_config, cfg), self._token_targets(shapes, model_config, cfg)
+        both = next((e for e in embedded if e in tokens), None)
+        if both is not None:  # merge folds one or the other
+            raise UsageError(f"`targets` puts LoRA on {both}, whose rows `trainable_tokens` trains whole", "choose one of the two for this embedding")
+        rows += [BudgetRow(e, s, cfg.for_module(e).rank * sum(s)) for e, s in embedded.items()]
+        return rows + [BudgetRow(t, (len(ids), dim), len(ids) * dim) for t, (ids, dim) in tokens.items()]
 
     # -- tensor level --------------------------------------------------------------------
     def init(self, ckpt, cfg: LoraConfig, generator: "torch.Generator") -> dict[str, LazyTensor]:
