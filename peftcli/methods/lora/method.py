@@ -9,6 +9,7 @@ from W's SVD/QR, and the base PEFT loads them on is W − s·B·A, see base_init
 rank_pattern/alpha_pattern give modules their own r and α (``LoraConfig.for_module``).
 Written in PEFT's layout: ``base_model.model.<module>.lora_A.weight`` [r, in],
 ``...lora_B.weight`` [out, r] (``...lora_B.bias`` [out]), ``...lora_magnitude_vector`` [out].
+Embedding layers named in the targets, a tied ``lm_head`` and trainable tokens: ``embeddings``.
 """
 
 from __future__ import annotations
@@ -268,7 +269,7 @@ class LoRA(MethodBase):
         rows = [BudgetRow(m.name, m.shape, self.added_params(m.shape, cfg.for_module(m.name))) for m in self._targets(shapes, model_config, cfg)]
         embedded, tokens = self._embedding_targets(shapes, model_config, cfg), self._token_targets(shapes, model_config, cfg)
         both = next((e for e in embedded if e in tokens), None)
-        if both is not None:  # merge folds one or the other
+        if both is not None and not cfg.peft_embeddings:  # merge folds one or the other (an adapter's: refused there)
             raise UsageError(f"`targets` puts LoRA on {both}, whose rows `trainable_tokens` trains whole", "choose one of the two for this embedding")
         rows += [BudgetRow(e, s, cfg.for_module(e).rank * sum(s)) for e, s in embedded.items()]
         return rows + [BudgetRow(t, (len(ids), dim), len(ids) * dim) for t, (ids, dim) in tokens.items()]
