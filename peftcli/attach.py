@@ -172,6 +172,9 @@ class AdaptedModel(nn.Module):
         prefix = getattr(self.model, "base_model_prefix", "") or ""
         if not prefix:
             return key
+        first = rest.split(".", 1)[0]
+        if first != prefix and isinstance(getattr(self.model, first, None), nn.Module):
+            return key  # a module of the head class itself (its lm_head), outside the base model
         if rest.startswith(prefix + "."):
             rest = rest[len(prefix) + 1 :]
         if isinstance(getattr(self.model, prefix, None), nn.Module):  # a head class wrapping the base model

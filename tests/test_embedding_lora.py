@@ -1,5 +1,5 @@
 """PEFT's LoRA on embedding layers and trainable tokens: folded by merge as PEFT's merge_and_unload
-folds them (a tied embedding changes once and stays tied), refused by attach naming the option.
+folds them (a tied embedding changes once and stays tied), attached with PEFT's forward.
 
 (tests/test_peft_layouts.py compares every merged tensor with PEFT's for the list forms; here:
 the merged model's logits, the tied layout, the dict form and what stays refused.)
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -17,7 +18,6 @@ from safetensors.torch import load_file, save_file
 
 from peftcli.attach import load_adapted, load_base_model
 from peftcli.cli import cli
-from peftcli.errors import BadInputError
 from tests.helpers import batch, edited_adapter, output_tensor
 from tests.test_peft_layouts import check_and_merge, peft_adapter, peft_merged
 
@@ -72,12 +72,16 @@ def test_trainable_tokens_replace_exactly_their_rows(tiny_llama, tmp_path):
     assert torch.equal(got[others], was[others])
 
 
-@pytest.mark.parametrize("case, words", [("embedding", "LoRA on an embedding layer"), ("tokens", "trainable_token_indices")])
-def test_attach_refuses_naming_the_option(case, words, tiny_llama, tmp_path):
-    adapter = peft_adapter(tiny_llama, str(tmp_path / "adapter"), **CASES[case])
-    with pytest.raises(BadInputError, match=words) as info:
-        load_adapted(tiny_llama, adapter)
-    assert "peftcli merge" in info.value.hint
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_attach_computes_pefts_unmerged_logits(case, base, tmp_path):
+    """Attached (evaluate, train), not merged: PEFT's forward, where a tied lm_head keeps the
+    base weight under LoRA on the embedding and reads the new rows of trainable tokens."""
+    adapter = peft_adapter(base, str(tmp_path / "adapter"), **CASES[case])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(load_base_model(base), adapter).eval()
+    with torch.no_grad():
+        assert torch.allclose(output_tensor(load_adapted(base, adapter)(**batch())), output_tensor(theirs(**batch())), atol=1e-5)
 
 
 def test_token_ids_beyond_the_vocabulary_are_refused_by_check_and_merge(tiny_llama, tmp_path):
@@ -88,9 +92,3 @@ def test_token_ids_beyond_the_vocabulary_are_refused_by_check_and_merge(tiny_lla
     lines = merged.stderr.strip().splitlines()
     assert merged.exit_code == 1 and len(lines) == 1 and "trainable_token_indices" in lines[0], merged.stderr
     assert not os.path.exists(tmp_path / "merged")
-
-
-def test_inject_still_puts_lora_on_linear_modules_only(tiny_llama, tmp_path):
-    result = CliRunner().invoke(cli, ["inject", "lora", "--targets", "embed_tokens", tiny_llama, "-o", str(tmp_path / "out")])
-    assert result.exit_code == 1 and "embedding layer model.embed_tokens" in result.stderr, result.output
-    assert not os.path.exists(tmp_path / "out")

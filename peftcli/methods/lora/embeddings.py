@@ -9,16 +9,17 @@ A list of indices means the input embedding; a dict maps module names to indices
 
 A tied base stores one [vocab, dim] tensor for the input embedding and the output head; it
 changes once and stays one tensor, which is what PEFT's ``merge_and_unload`` leaves (its tied
-``lm_head`` shares the embedding's weight and its trainable-token delta). Both options come
-from PEFT adapters only: ``peftcli inject`` does not put LoRA on embeddings, and attach
-(evaluate, train) refuses them naming the option, since its forward does not carry them.
+``lm_head`` shares the embedding's weight and its trainable-token delta). LoRA on a tied
+``lm_head`` folds into that one tensor too (``tied_head``), as PEFT's merge does. inject writes
+both options in PEFT's layout (``--targets ...,embed_tokens``, ``--trainable-tokens``); attach
+carries them with ``embedding_layers``.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from peftcli.errors import BadInputError
+from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.base import Replacement, peft_key
 from peftcli.methods.prompting import dims as pl
 from peftcli.patterns import from_file, fullmatch
@@ -35,7 +36,7 @@ NOT_ATTACHED = {
     EMB_B: "LoRA on an embedding layer (lora_embedding_A/B)",
     TOKENS: "trainable tokens (trainable_token_indices)",
 }
-NOT_ATTACHED_HINT = "peftcli folds it but does not attach it: peftcli merge BASE ADAPTER -o OUT, then use OUT"
+HEAD = "lm_head"  # the output head a tied base shares with its input embedding
 
 
 def embeddings(shapes: dict, linear: set[str]) -> dict[str, tuple[int, int]]:
@@ -170,3 +171,103 @@ def fold_tokens(*, indices: tuple[int, ...], values: "torch.Tensor"):
     from functools import partial
 
     return Replacement(partial(token_rows, indices=indices, values=values))
+
+
+def tied_head(shapes: dict, model_config: dict | None, spec: str | None) -> tuple[dict, str | None]:
+    """``shapes`` with the ``lm_head.weight`` of a tied base that ``spec`` lists by name (the
+    checkpoint stores the input embedding alone), and that embedding's module; else ``shapes``
+    and None. LoRA on it is a linear module's, [vocab, dim] as [out, in], folded into the one tensor."""
+    if not spec or is_regex(spec) or HEAD + ".weight" in shapes or not (model_config or {}).get("tie_word_embeddings", True):
+        return shapes, None
+    if not any(t.strip() == HEAD for t in spec.split(",")):
+        return shapes, None
+    try:
+        module, shape = pl.input_embedding(shapes, model_config)
+    except BadInputError:
+        return shapes, None
+    return {**shapes, HEAD + ".weight": shape}, module
+
+
+def parse_tokens(text) -> tuple:
+    """inject's ``--trainable-tokens``: ``3,5,7`` (the input embedding) or ``MODULE=3,5;MODULE=...``,
+    as LoraConfig.token_indices ((module or "", ids), ...)."""
+    example = "e.g. `trainable_tokens` 3,5,7 (rows of the input embedding) or embed_tokens=3,5,7"
+    parts = [p.strip() for p in str(text).split(";") if p.strip()]
+    out = []
+    for part in parts:
+        module, _, ids = part.rpartition("=")
+        try:
+            values = tuple(int(i) for i in ids.split(",") if i.strip())
+        except ValueError:
+            values = ()
+        if not values or min(values) < 0 or (len(parts) > 1 and not module.strip()):
+            raise UsageError(f"`trainable_tokens` must be token ids or MODULE=ids;..., got {text!r}", example)
+        if len(set(values)) != len(values):
+            raise UsageError(f"`trainable_tokens` lists a token id twice: {part!r}", "list each token id once")
+        out.append((module.strip(), values))
+    if not out or len({m for m, _ in out}) != len(out):
+        raise UsageError(f"`trainable_tokens` must name each module once, got {text!r}", example)
+    return tuple(out)
+
+
+def written_tokens(token_indices: tuple) -> list | dict:
+    """LoraConfig.token_indices as PEFT's trainable_token_indices: a list for the input embedding, else a dict."""
+    if len(token_indices) == 1 and token_indices[0][0] == "":
+        return list(token_indices[0][1])
+    return {module: list(ids) for module, ids in token_indices}
+
+
+def attach(model, path: str, parts: dict, cfg, name: str, chosen: dict, phi: dict) -> str | None:
+    """Put one embedding's LoRA or trainable tokens on ``model`` at ``path`` (``name``: its module
+    in ``chosen``, the targets), its φ into ``phi``; or what is wrong."""
+    from torch import nn
+
+    from peftcli import modules as mod
+    from peftcli.methods.lora.embedding_layers import LoraEmbedding, TrainableTokens
+
+    real = mod.resolve(model, path)
+    layer = model.get_submodule(real) if real is not None else None
+    if not isinstance(layer, nn.Embedding):
+        return f"{path}: an embedding's LoRA or trainable tokens on a {type(layer).__name__}, not an embedding layer"
+    rows, dim = layer.num_embeddings, layer.embedding_dim
+    if TOKENS in parts:
+        indices = chosen[name][0]
+        problem = tokens_problem(path, parts, indices, dim)
+        if problem:
+            return problem
+        new = TrainableTokens(layer, indices)
+        new.load_phi(parts[TOKENS])
+        mod.replace(model, path, new)
+        phi[peft_key(path, TOKENS)] = new.trainable_tokens_delta
+        return None
+    problem = embedding_problem(path, parts, cfg, rows, dim)
+    if problem:
+        return problem
+    new = LoraEmbedding(layer, cfg.rank, cfg.scaling)
+    new.load_phi(parts[EMB_A], parts[EMB_B])
+    mod.replace(model, path, new)
+    phi[peft_key(path, EMB_A)], phi[peft_key(path, EMB_B)] = new.lora_embedding_A, new.lora_embedding_B
+    return None
+
+
+def tie_tokens_head(model) -> str | None:
+    """PEFT's tied adapter: an output head sharing a ``TrainableTokens`` embedding's weight reads
+    the replaced rows too (attach's forward, as the merged tied tensor); or what is wrong."""
+    from torch import nn
+
+    from peftcli import modules as mod
+    from peftcli.methods.lora.embedding_layers import TiedTokensHead, TrainableTokens
+
+    tokens = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(tokens, TrainableTokens) or not getattr(model.config, "tie_word_embeddings", False):
+        return None
+    def shares(m) -> bool:  # the head itself, or a layer wrapping it (LoRA on it)
+        return any(getattr(x, "weight", None) is tokens.weight for x in (m, getattr(m, "base_layer", None)))
+
+    path, head = next(((n, m) for n, m in model.named_modules() if shares(m) and m is not tokens and m is not tokens.base_layer), (None, None))
+    if head is None:
+        return None
+    if type(head) is not nn.Linear or head.bias is not None:
+        return f"{path}: trainable tokens on an embedding this {type(head).__name__} is tied to (peftcli ties them to a plain bias-free linear head only)"
+    mod.replace(model, path, TiedTokensHead(head, tokens))
+    return None

@@ -10,6 +10,7 @@ principal components of each layer's inputs over data, ranks redistributed, see 
 rank_pattern/alpha_pattern give modules their own r and α (``LoraConfig.for_module``).
 Written in PEFT's layout: ``base_model.model.<module>.lora_A.weight`` [r, in],
 ``...lora_B.weight`` [out, r] (``...lora_B.bias`` [out]), ``...lora_magnitude_vector`` [out].
+Embedding layers named in the targets, a tied ``lm_head`` and trainable tokens: ``embeddings``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError, UsageError
-from peftcli.methods.base import Attached, MethodBase, BudgetRow, LazyTensor, SeededDraws, base_module, lazy_zeros, mismatch_error, peft_key, selection, targeted_module, PEFT_PREFIX, TrainDefaults
+from peftcli.methods.base import Attached, MethodBase, BudgetRow, LazyTensor, Replacement, SeededDraws, base_module, lazy_zeros, mismatch_error, peft_key, selection, targeted_module, PEFT_PREFIX, TrainDefaults
 from peftcli.methods import rank_patterns
 from peftcli.methods.lora import base_init as lora_init, config_keys, embeddings as lora_embeddings, trained_bias
 from peftcli.methods.lora import parameters as lora_params
@@ -105,9 +106,14 @@ class LoraConfig:
     lora_bias: bool = _when_given(option(
         False, help="also train a bias on lora_B (PEFT's lora_bias), merged into the base's bias: targets with a bias only; not with --dora or another --init"
     ))
-    # Read from a PEFT adapter: target_modules may name embedding layers (lora_embedding_A/B),
-    # and trainable_token_indices ((module or "" for the input embedding, ids), ...) new rows.
-    # Folded by merge (lora_embeddings); inject puts LoRA on linear modules only.
+    trainable_tokens: str | None = _when_given(option(
+        None, metavar="IDS|MODULE=IDS;...",
+        help="also train these rows of the input embedding (PEFT's trainable_token_indices): token ids 3,5,7, "
+        "or MODULE=IDS per embedding, ';' between; a tied output head reads the trained rows too",
+    ))
+    # Read from a PEFT adapter (inject: from `targets` names and `trainable_tokens`): embedding
+    # layers with LoRA (lora_embedding_A/B), and token_indices ((module or "" for the input
+    # embedding, ids), ...), rows trained whole. peft_embeddings: read from an adapter.
     peft_embeddings: bool = field(default=False, metadata={"recorded": False})
     token_indices: tuple | None = field(default=None, metadata={"recorded": False})
     # PEFT's bias "all"/"lora_only": the base's biases trained and saved beside LoRA (read and
@@ -155,6 +161,8 @@ class LoraConfig:
             if not (isinstance(text, dict) and text) and not (isinstance(text, str) and text.strip()):
                 raise UsageError(f"`{name}` must be text REGEX=VALUE,... (or a dict), got {text!r}", f"e.g. `{name}` 'q_proj=4'")
             setattr(self, parsed, rank_patterns.parse(text, name, is_rank))
+        if self.trainable_tokens is not None:
+            self.token_indices = lora_embeddings.parse_tokens(self.trainable_tokens)
         odd = next((r for r in (self.rank, *(v for _, v in self.ranks)) if r % 2), None)
         if self.init == "orthogonal" and odd is not None:
             raise UsageError(f"`init` orthogonal needs even ranks (PEFT splits an orthogonal r×r matrix in two), got {odd}",
@@ -184,7 +192,8 @@ class LoraConfig:
         if not self.ranks and not self.alphas:
             return self
         r, a = rank_patterns.module_values(self.ranks, self.alphas, module, self.rank, self.alpha, self.pattern_reading)
-        return dataclasses.replace(self, rank=r, alpha=float(a), rank_pattern=None, alpha_pattern=None, ranks=(), alphas=())
+        return dataclasses.replace(self, rank=r, alpha=float(a), rank_pattern=None, alpha_pattern=None, ranks=(), alphas=(),
+                                   trainable_tokens=None)
 
     @property
     def scaling(self) -> float:
@@ -239,8 +248,9 @@ class LoRA(MethodBase):
         return cfg.rank * (out_features + in_features) + (out_features if cfg.dora else 0) + (out_features if cfg.lora_bias else 0)
 
     def _targets(self, shapes, model_config, cfg):
-        """The linear modules the config selects (an adapter's embedding targets: ``_embedding_targets``)."""
-        _refuse_embedding_targets(shapes, model_config, cfg)
+        """The linear modules the config selects (the embedding targets: ``_embedding_targets``;
+        a tied ``lm_head`` named in the list is one, on the input embedding's tensor)."""
+        shapes, tied = lora_embeddings.tied_head(shapes, model_config, cfg.targets)
         if cfg.target_parameters and not cfg.targets:
             return []  # PEFT's target_modules [] (or none) beside target_parameters: parameters only
         embedded = self._embedding_targets(shapes, model_config, cfg)
@@ -265,6 +275,9 @@ class LoRA(MethodBase):
                     "the adapter config targets nothing: fix exclude_modules in adapter_config.json",
                 )
         _check_given_patterns(modules, cfg)
+        if tied and (cfg.dora or cfg.lora_bias or cfg.init in BASE_INITS):
+            raise UsageError("LoRA on a tied lm_head goes without DoRA, lora_bias and a PiSSA/OLoRA init (peftcli folds plain LoRA there)",
+                             "drop that option, or lm_head from the targets")
         conv1d = next((m for m in modules if m.transposed), None)
         if cfg.init == "olora" and conv1d is not None:  # inject's option (an adapter's OLoRA is read by its peft_version)
             raise UsageError(
@@ -299,11 +312,22 @@ class LoRA(MethodBase):
 
     @staticmethod
     def _embedding_targets(shapes, model_config, cfg) -> dict[str, tuple[int, int]]:
-        """The embedding layers an adapter's target_modules selects (none for inject's configs)."""
-        if not cfg.peft_embeddings:
+        """The embedding layers an adapter's target_modules selects (inject's: those its `targets` list by name)."""
+        if not cfg.peft_embeddings and (not cfg.targets or is_regex(cfg.targets)):
             return {}
+        if not cfg.peft_embeddings and cfg.layers:
+            linear = {m.name for m in linear_modules(shapes, model_config)}
+            named = next((m for m in lora_embeddings.embeddings(shapes, linear) if lora_embeddings.selects(cfg.targets, m)), None)
+            if named is not None:  # PEFT skips it: layers_to_transform needs a layer index
+                raise UsageError(f"`targets` names the embedding layer {named}, which is in no layer that `layers` selects",
+                                 "drop `layers`, or the embedding from `targets`")
         embedded = lora_embeddings.targeted(shapes, {m.name for m in linear_modules(shapes, model_config)}, cfg)
         options = [o for o, on in (("use_dora", cfg.dora), ("lora_bias", cfg.lora_bias), ("init_lora_weights", cfg.base_init)) if on]
+        if embedded and not cfg.peft_embeddings and (cfg.dora or cfg.lora_bias or cfg.init not in ("kaiming", "gaussian")):
+            raise UsageError(  # PEFT's lora.Embedding: A zeros, B Gaussian, whatever init_lora_weights says
+                f"`targets` names the embedding layer {next(iter(embedded))}, which takes plain LoRA only (not `dora`, `lora_bias` or `init` {cfg.init})",
+                "drop the option, or the embedding from `targets`",
+            )
         if embedded and options:
             raise BadInputError(
                 f"target_modules names the embedding layer {next(iter(embedded))} with {', '.join(options)}: "
@@ -317,6 +341,12 @@ class LoRA(MethodBase):
 
     def budget(self, shapes: dict[str, tuple[int, ...]], model_config: dict | None, cfg: LoraConfig) -> list[BudgetRow]:
         rows = [BudgetRow(m.name, m.shape, self.added_params(m.shape, cfg.for_module(m.name))) for m in self._targets(shapes, model_config, cfg)]
+        embedded, tokens = self._embedding_targets(shapes, model_config, cfg), self._token_targets(shapes, model_config, cfg)
+        both = next((e for e in embedded if e in tokens), None)
+        if both is not None and not cfg.peft_embeddings:  # merge folds one or the other (an adapter's: refused there)
+            raise UsageError(f"`targets` puts LoRA on {both}, whose rows `trainable_tokens` trains whole", "choose one of the two for this embedding")
+        rows += [BudgetRow(e, s, cfg.for_module(e).rank * sum(s)) for e, s in embedded.items()]
+        rows += [BudgetRow(t, (len(ids), dim), len(ids) * dim) for t, (ids, dim) in tokens.items()]
         return rows + [BudgetRow(t.name, t.shape, lora_params.added_params(t, cfg.rank)) for t in self._param_targets(shapes, model_config, cfg)]
 
     # -- tensor level --------------------------------------------------------------------
@@ -358,7 +388,7 @@ class LoRA(MethodBase):
         embedded = self._embedding_targets(shapes, ckpt.config, cfg)
         tokens = self._token_targets(shapes, ckpt.config, cfg)
         for key, shape in lora_embeddings.init_shapes(embedded, tokens, lambda module: cfg.for_module(module).rank).items():
-            out[key] = lazy_zeros(*shape)
+            out[key] = lazy_zeros(*shape) if cfg.peft_embeddings else _embedding_init(ckpt, draws, key, shape, tokens)
         return out
 
     def adapter_config(self, ckpt, cfg: LoraConfig) -> dict:
@@ -373,7 +403,7 @@ class LoRA(MethodBase):
             "r": cfg.rank,
             "lora_alpha": alpha,
             # Exact module paths: PEFT suffix-matches them, so it selects exactly these modules.
-            "target_modules": [m.name for m in modules],
+            "target_modules": [m.name for m in modules] + list(self._embedding_targets(shapes, ckpt.config, cfg)),
             "lora_dropout": cfg.dropout,
             "fan_in_fan_out": any(m.transposed for m in modules),
             "bias": "none",
@@ -388,6 +418,7 @@ class LoRA(MethodBase):
             **({"lora_bias": True} if cfg.lora_bias else {}),  # absent: PEFT's default false (plain configs stay as they were)
             **({"target_parameters": [t.name for t in self._param_targets(shapes, ckpt.config, cfg)]} if cfg.target_parameters else {}),
             **({"eva_config": _eva_config(cfg)} if cfg.init == "eva" else {}),
+            **({"trainable_token_indices": lora_embeddings.written_tokens(cfg.token_indices)} if cfg.token_indices else {}),
         }
 
     def config_from_adapter(self, d: dict) -> LoraConfig:
@@ -451,7 +482,9 @@ class LoRA(MethodBase):
         from functools import partial
 
         shapes = {t.name: t.shape for t in ckpt.tensors.values()}
-        linear = {m.name: m for m in linear_modules(shapes, ckpt.config)}
+        # a tied lm_head's ΔW goes to the one tensor it shares with the input embedding
+        tied_shapes, tied = lora_embeddings.tied_head(shapes, ckpt.config, cfg.targets)
+        linear = {m.name: m for m in linear_modules(tied_shapes, ckpt.config)}
         targeted, unfit = self._targeted(shapes, ckpt.config, cfg)
         biases, tensors = trained_bias.split(tensors, cfg.bias, _SUFFIXES)
         by_module, problems = _group(tensors)
@@ -470,11 +503,12 @@ class LoRA(MethodBase):
             configs[path] = mcfg
             problem = _check_module(path, parts, mcfg, *m.shape)
             problem = problem or lora_init.module_problem(cfg.base_init, path, mcfg.rank, *m.shape, m.transposed)
-            problem = problem or _saved_base_problem(path, parts, lambda name=name: ckpt.get(name + ".weight"))
+            stored = (tied if name == lora_embeddings.HEAD and tied else name) + ".weight"
+            problem = problem or _saved_base_problem(path, parts, lambda stored=stored: ckpt.get(stored))
             if problem:
                 problems.append(problem)
                 continue
-            out[name + ".weight"] = partial(_fold, parts=parts, cfg=mcfg, transposed=m.transposed)
+            out[stored] = _joined(out.get(stored), partial(_fold, parts=parts, cfg=mcfg, transposed=m.transposed))
             if cfg.lora_bias:
                 if name + ".bias" not in ckpt.tensors:
                     raise _no_base_bias(name)
@@ -504,7 +538,7 @@ class LoRA(MethodBase):
             what = "trainable_token_indices" if tokens else "target_modules"
             problems.append(f"{path}: {lora_embeddings.NOT_ATTACHED[lora_embeddings.TOKENS if tokens else lora_embeddings.EMB_A]} for a module {what} does not select on this base")
             return
-        if name + ".weight" in out:
+        if name + ".weight" in out and (tokens or isinstance(out[name + ".weight"], Replacement)):
             problems.append(f"{path}: both LoRA and trainable tokens change this embedding (peftcli folds one or the other)")
             return
         ecfg = cfg.for_module(name)
@@ -521,7 +555,7 @@ class LoRA(MethodBase):
             return
         if not tokens:  # ΔW finite in float32, as for a linear module
             _check_scaled({path: {"lora_A.weight": parts[lora_embeddings.EMB_A], "lora_B.weight": parts[lora_embeddings.EMB_B]}}, {path: ecfg})
-        out[name + ".weight"] = fold
+        out[name + ".weight"] = fold if tokens else _joined(out.get(name + ".weight"), fold)
 
     # -- module level ---------------------------------------------------------------------
     def attach(self, model, cfg: LoraConfig, tensors: dict, model_config: dict) -> Attached:
@@ -536,9 +570,13 @@ class LoRA(MethodBase):
         phi, configs = {}, {}
         phi.update(lora_params.attach(model, by_module, self._param_targets(shapes, model_config, cfg), cfg))  # takes theirs out of by_module
         for path, parts in by_module.items():
-            folded_only = next((lora_embeddings.NOT_ATTACHED[s] for s in lora_embeddings.SUFFIXES if s in parts), None)
-            if folded_only is not None:
-                raise BadInputError(f"adapter module {path} has {folded_only}", lora_embeddings.NOT_ATTACHED_HINT)
+            if any(s in parts for s in lora_embeddings.SUFFIXES):  # an embedding's LoRA or trainable tokens
+                problem = self._attach_embedding(model, path, parts, cfg, model_config, shapes, phi)
+                if problem:
+                    problems.append(problem)
+                elif SAVED_BASE in parts:  # PEFT's copy of the base embedding, equal to the model's
+                    saved.add(peft_key(path, SAVED_BASE))
+                continue
             layer, dims, problem = mod.find_linear(model, path)
             if problem is None and targeted is not None and mod.resolve(model, path) not in targeted:
                 problem = f"{path}: LoRA tensors for a module the adapter config does not target"
@@ -563,12 +601,37 @@ class LoRA(MethodBase):
                 saved.add(peft_key(path, SAVED_BASE))
             if cfg.dora:
                 phi[peft_key(path, "lora_magnitude_vector")] = new.lora_magnitude
+        problem = lora_embeddings.tie_tokens_head(model)  # after LoRA on lm_head, which it refuses beside tied tokens
+        if problem:
+            problems.append(problem)
         if problems:
             raise mismatch_error(problems)
         if unfit is not None:
             raise unfit
         _check_scaled(by_module, configs)
         return Attached(phi=phi, derived=frozenset(saved))
+
+    def _attach_embedding(self, model, path: str, parts: dict, cfg: LoraConfig, model_config: dict, shapes: dict, phi: dict) -> str | None:
+        """One embedding's LoRA or trainable tokens on ``model`` (``lora_embeddings.attach``), or its problem."""
+        from peftcli import modules as mod
+
+        tokens = lora_embeddings.TOKENS in parts
+        try:
+            chosen = self._token_targets(shapes, model_config, cfg) if tokens else self._embedding_targets(shapes, model_config, cfg)
+        except (BadInputError, UsageError) as exc:
+            return f"{path}: {exc.message}"
+        name = base_module(path, chosen)
+        if name is None:
+            what = "trainable_token_indices" if tokens else "target_modules"
+            return f"{path}: {lora_embeddings.NOT_ATTACHED[lora_embeddings.TOKENS if tokens else lora_embeddings.EMB_A]} for a module {what} does not select on this base"
+        if not tokens:  # ΔW finite in float32, as for a linear module
+            ecfg = cfg.for_module(name)
+            problem = lora_embeddings.embedding_problem(path, parts, ecfg, *chosen[name])
+            problem = problem or _saved_base_problem(path, parts, lambda: model.get_submodule(mod.resolve(model, path)).weight)
+            if problem:
+                return problem
+            _check_scaled({path: {"lora_A.weight": parts[lora_embeddings.EMB_A], "lora_B.weight": parts[lora_embeddings.EMB_B]}}, {path: ecfg})
+        return lora_embeddings.attach(model, path, parts, cfg.for_module(name), name, chosen, phi)
 
 
 _CORRUPT = "the adapter config is corrupt or was edited by hand"
@@ -650,29 +713,30 @@ def _linear_spec(shapes: dict, model_config: dict | None, spec: str | None, embe
     return ",".join(kept)
 
 
-def _refuse_embedding_targets(shapes: dict, model_config: dict | None, cfg: LoraConfig) -> None:
-    """For inject: a target name that selects an embedding is named as what it is (PEFT adapts
-    it; peftcli injects LoRA on linear modules only), not as a module missing from the base.
-    For inject and adapters alike: a tied ``lm_head``, which peftcli does not fold."""
-    spec = cfg.targets
-    if not spec or is_regex(spec) or spec.strip() == "all-linear":
-        return
-    linear = {m.name for m in linear_modules(shapes, model_config)}
-    embeddings = [n[: -len(".weight")] for n, s in shapes.items() if n.endswith(".weight") and len(s) == 2 and n[: -len(".weight")] not in linear]
-    for t in (t.strip() for t in spec.split(",") if t.strip()):
-        if any(names_module(m, t) for m in linear):
-            continue
-        hit = next((e for e in embeddings if names_module(e, t)), None)
-        if hit is not None and not cfg.peft_embeddings:
-            raise BadInputError(
-                f"`targets` names the embedding layer {hit}: peftcli inject puts LoRA on linear modules only",
-                "target linear modules (peftcli inspect MODEL lists them); PEFT adapters with LoRA on embeddings are merged",
-            )
-        if t.rsplit(".", 1)[-1] == "lm_head" and (model_config or {}).get("tie_word_embeddings", True) and embeddings:
-            raise BadInputError(
-                "target_modules names lm_head, which this base ties to its input embedding (no lm_head weight of its own)",
-                "peftcli does not fold LoRA on a tied lm_head: merge this adapter with PEFT's merge_and_unload",
-            )
+def _joined(first, second):
+    """Two folds of one tensor as one (LoRA on a tied embedding and on its lm_head): their ΔW summed,
+    as PEFT's merge adds both into the shared weight."""
+    if first is None:
+        return second
+    if isinstance(first, Replacement) or isinstance(second, Replacement):
+        raise BadInputError("the adapter has trainable tokens on an embedding and LoRA on the lm_head tied to it",
+                            "peftcli folds one or the other on a tied base: merge this adapter with PEFT's merge_and_unload")
+    return lambda stored: first(stored) + second(stored)
+
+
+def _embedding_init(ckpt, draws: SeededDraws, key: str, shape: tuple, tokens: dict) -> LazyTensor:
+    """inject's embedding φ as PEFT initialises it: lora_embedding_A zeros, lora_embedding_B
+    standard normal (reset_lora_parameters, whatever init_lora_weights says), trainable tokens
+    their rows' current values (so that the adapted model starts as the base)."""
+    import torch
+
+    if key.endswith(lora_embeddings.EMB_A):
+        return lazy_zeros(*shape)
+    if key.endswith(lora_embeddings.EMB_B):
+        return draws.draw(shape, lambda g: torch.empty(shape).normal_(0.0, 1.0, generator=g))
+    module = key[len(PEFT_PREFIX) : -len(lora_embeddings.TOKENS) - 1]
+    rows = torch.tensor(tokens[module][0], dtype=torch.long)
+    return LazyTensor(shape, torch.float32, lambda: ckpt.get(module + ".weight")[rows].float())
 
 
 def _no_base_bias(module: str) -> BadInputError:
