@@ -130,6 +130,10 @@ def _check_feedforward_spec(cfg: IA3Config, modules: list[LinearModule]) -> None
         )
 
 
+# PEFT 0.21/0.22's IA3Config keys beside the ones every PEFT config has (``vera.ACCEPTED``).
+_IA3_KEYS = ("exclude_modules", "feedforward_modules", "fan_in_fan_out", "init_ia3_weights")
+
+
 class IA3(MethodBase):
     name = "ia3"
     train_defaults = TrainDefaults(lr=4.5e-2, generative_lr=3e-3)  # benchmarks/README.md: "Training defaults"
@@ -195,6 +199,9 @@ class IA3(MethodBase):
         }
 
     def config_from_adapter(self, d: dict) -> IA3Config:
+        from peftcli.methods.vera import refuse_unknown
+
+        refuse_unknown(d, "IA3", _IA3_KEYS)  # a newer PEFT's option may change what IA³ computes
         if d.get("exclude_modules"):
             raise BadInputError(
                 "IA³ adapter config uses exclude_modules, which peftcli does not support yet",

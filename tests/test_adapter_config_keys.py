@@ -1,4 +1,4 @@
-"""Every key of PEFT's LoraConfig is classified (read, ignored, or refused unless off), and an
+"""Every key of PEFT's LoraConfig and IA3Config is classified (read, ignored, or refused unless off), and an
 adapter that switches on a LoRA variant peftcli does not implement is refused by name by check
 and merge alike: folded as plain LoRA it would be a silently different model."""
 
@@ -86,3 +86,19 @@ def test_every_field_of_peft_lora_config_is_classified_or_off_by_default():
             assert config_keys.is_off(getattr(defaults, field.name)), f"{field.name}: classify it in config_keys"
     saved = defaults.to_dict()  # what save_pretrained writes: a default config passes the check
     config_keys.check_keys(json.loads(json.dumps(saved, default=str)))
+
+
+def test_an_ia3_option_peftcli_does_not_know_is_refused(tiny_llama, tmp_path):
+    ia3 = str(tmp_path / "ia3")
+    assert CliRunner().invoke(cli, ["inject", "ia3", tiny_llama, "-o", ia3]).exit_code == 0
+    edited = _with(ia3, tmp_path, future_scaling={"k": 2})
+    out = str(tmp_path / "merged")
+    assert_error(CliRunner().invoke(cli, ["merge", tiny_llama, edited, "-o", out]), 1, "IA3 adapter config has 'future_scaling'", out)
+
+
+def test_every_field_of_peft_ia3_config_is_read():
+    peft = pytest.importorskip("peft")
+    from peftcli.methods.ia3.method import _IA3_KEYS
+    from peftcli.methods.vera import ACCEPTED
+
+    assert {f.name for f in dataclasses.fields(peft.IA3Config)} <= set(ACCEPTED) | set(_IA3_KEYS)
