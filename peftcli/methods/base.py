@@ -95,6 +95,24 @@ def targeted_module(path: str, modules, targeted, what: str) -> tuple[str | None
     return name, None
 
 
+def rotated_targets(shapes: dict, model_config: dict | None, cfg, label: str) -> list:
+    """The nn.Linear modules ``cfg`` (``targets``, ``layers``, ``exclude``) selects for a method
+    that multiplies the weight (OFT, BOFT, HRA: ``label``), which PEFT applies to nn.Linear only:
+    a GPT-2 Conv1D among them is refused naming the method."""
+    from peftcli.targets import excluded, resolve_targets
+
+    modules = resolve_targets(shapes, model_config, cfg.targets, cfg.layers)
+    if cfg.exclude:
+        modules = [m for m in modules if not excluded(m.name, cfg.exclude)]
+        if not modules:
+            raise UsageError("exclude_modules removes every module target_modules selects", "fix exclude_modules in adapter_config.json")
+    conv1d = next((m for m in modules if m.transposed), None)
+    if conv1d is not None:
+        raise UsageError(f"{conv1d.name} is a transformers Conv1D (GPT-2 style), which PEFT's {label} does not adapt",
+                         f"{label} applies to nn.Linear layers; use lora or vera on this model")
+    return modules
+
+
 def checkpoint_finder(linear: dict, selected, what: str) -> Callable:
     """``find(path)`` for a fold over a checkpoint: (the targeted linear module's name,), or
     the problem (``targeted_module``'s, ``what`` naming the method's tensors)."""

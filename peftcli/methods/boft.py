@@ -30,13 +30,25 @@ from typing import TYPE_CHECKING
 from peftcli.checkpoint.model_config import is_json_number
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.base import (
-    PEFT_PREFIX, Attached, BudgetRow, MethodBase, Replacement, TrainDefaults, checkpoint_finder, lazy_ones, lazy_zeros,
-    mismatch_error, model_finder, peft_key, selection,
+    PEFT_PREFIX,
+    Attached,
+    BudgetRow,
+    MethodBase,
+    Replacement,
+    TrainDefaults,
+    checkpoint_finder,
+    lazy_ones,
+    lazy_zeros,
+    mismatch_error,
+    model_finder,
+    peft_key,
+    rotated_targets,
+    selection,
 )
 from peftcli.methods.oft import cayley
 from peftcli.methods.vera import CORRUPT, build, is_int, layers_option, read_only, refuse_unknown, target_fields, targets_option
 from peftcli.options import option
-from peftcli.targets import LinearModule, excluded, linear_modules, resolve_targets
+from peftcli.targets import LinearModule, linear_modules
 
 if TYPE_CHECKING:
     import torch
@@ -113,15 +125,7 @@ class Boft(MethodBase):
     )
 
     def _targets(self, shapes, model_config, cfg: BoftConfig) -> list[LinearModule]:
-        modules = resolve_targets(shapes, model_config, cfg.targets, cfg.layers)
-        if cfg.exclude:
-            modules = [m for m in modules if not excluded(m.name, cfg.exclude)]
-            if not modules:
-                raise UsageError("exclude_modules removes every module target_modules selects", "fix exclude_modules in adapter_config.json")
-        conv1d = next((m for m in modules if m.transposed), None)
-        if conv1d is not None:
-            raise UsageError(f"{conv1d.name} is a transformers Conv1D (GPT-2 style), which PEFT's BOFT does not adapt",
-                             "BOFT applies to nn.Linear layers; use lora or vera on this model")
+        modules = rotated_targets(shapes, model_config, cfg, "BOFT")
         for m in modules:
             cfg.geometry(m)
         return modules

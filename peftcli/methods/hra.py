@@ -21,12 +21,23 @@ from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.base import (
-    Attached, BudgetRow, LazyTensor, MethodBase, Replacement, SeededDraws, TrainDefaults, peft_key,
-    selection, checkpoint_finder, matched_keys, model_finder,
+    Attached,
+    BudgetRow,
+    LazyTensor,
+    MethodBase,
+    Replacement,
+    SeededDraws,
+    TrainDefaults,
+    checkpoint_finder,
+    matched_keys,
+    model_finder,
+    peft_key,
+    rotated_targets,
+    selection,
 )
 from peftcli.methods.vera import CORRUPT, build, is_int, layers_option, read_only, refuse_unknown, target_fields, targets_option
 from peftcli.options import option
-from peftcli.targets import LinearModule, excluded, linear_modules, resolve_targets
+from peftcli.targets import LinearModule, linear_modules
 
 if TYPE_CHECKING:
     import torch
@@ -66,15 +77,7 @@ class Hra(MethodBase):
     )
 
     def _targets(self, shapes, model_config, cfg: HraConfig) -> list[LinearModule]:
-        modules = resolve_targets(shapes, model_config, cfg.targets, cfg.layers)
-        if cfg.exclude:
-            modules = [m for m in modules if not excluded(m.name, cfg.exclude)]
-            if not modules:
-                raise UsageError("exclude_modules removes every module target_modules selects", "fix exclude_modules in adapter_config.json")
-        conv1d = next((m for m in modules if m.transposed), None)
-        if conv1d is not None:
-            raise UsageError(f"{conv1d.name} is a transformers Conv1D (GPT-2 style), which PEFT's HRA does not adapt",
-                             "HRA applies to nn.Linear layers; use lora or vera on this model")
+        modules = rotated_targets(shapes, model_config, cfg, "HRA")
         return modules
 
     def budget(self, shapes, model_config, cfg: HraConfig) -> list[BudgetRow]:

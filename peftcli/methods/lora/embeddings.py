@@ -261,11 +261,12 @@ def tie_tokens_head(model) -> str | None:
     tokens = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if not isinstance(tokens, TrainableTokens) or not getattr(model.config, "tie_word_embeddings", False):
         return None
+
     def shares(m) -> bool:  # the head itself, or a layer wrapping it (LoRA on it)
         return any(getattr(x, "weight", None) is tokens.weight for x in (m, getattr(m, "base_layer", None)))
 
     path, head = next(((n, m) for n, m in model.named_modules() if shares(m) and m is not tokens and m is not tokens.base_layer), (None, None))
-    if head is None:
+    if head is None or path is None:
         return None
     if type(head) is not nn.Linear or head.bias is not None:
         return f"{path}: trainable tokens on an embedding this {type(head).__name__} is tied to (peftcli ties them to a plain bias-free linear head only)"
