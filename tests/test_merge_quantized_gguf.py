@@ -86,7 +86,7 @@ def _invoke(*args):
 
 
 def _expected(base: str, run: str, tiny_llama: str, outtype: str) -> dict[str, tuple[float, float, np.ndarray]]:
-    """Per changed GGUF tensor: ‖ΔW‖, ‖Q(W+ΔW) − (W+ΔW)‖ and W+ΔW (fp32, llama.cpp's layout)."""
+    """Per changed GGUF tensor: ‖ΔW‖, ‖Q(W+ΔW) − (W+ΔW)‖, W+ΔW (fp32, llama.cpp's layout) and the share of ΔW kept."""
     config = json.load(open(os.path.join(tiny_llama, "config.json")))
     stored = {t.name: t for t in gguf.GGUFReader(base).tensors}
     expected = {}
@@ -97,7 +97,8 @@ def _expected(base: str, run: str, tiny_llama: str, outtype: str) -> dict[str, t
         merged = (w + d).astype(np.float32)
         qtype = Q[outtype.upper()]
         back = gguf.quants.dequantize(gguf.quants.quantize(merged, qtype), qtype).astype(np.float64)
-        expected[gguf_name(hf)] = (float(np.linalg.norm(d)), float(np.linalg.norm(back - merged)), merged)
+        kept = float(((back - w) * d).sum() / (d * d).sum())  # the share of ΔW the written values keep
+        expected[gguf_name(hf)] = (float(np.linalg.norm(d)), float(np.linalg.norm(back - merged)), merged, kept)
     return expected
 
 
@@ -111,12 +112,13 @@ def test_the_report_and_the_file_are_the_independent_fp64_computation(base, lora
     expected = _expected(base, lora, tiny_llama, outtype)
     stats = {s["name"]: s for s in doc["gguf"]["tensors"]}
     assert set(stats) == set(expected)
-    for name, (norm, error, _) in expected.items():
+    for name, (norm, error, _, kept) in expected.items():
         s = stats[name]
         assert s["type"] == outtype.upper()
         assert s["delta_norm"] == pytest.approx(norm, rel=1e-5), name
         assert s["quant_error"] == pytest.approx(error, rel=1e-5), name
         assert s["ratio"] == pytest.approx(error / norm, rel=2e-5) and s["below_noise"] is (s["ratio"] >= 1)
+        assert s["kept"] == pytest.approx(kept, rel=1e-5, abs=1e-6), name
     _read_back(base, out, outtype, expected)
 
 
@@ -129,7 +131,7 @@ def _read_back(base: str, out: str, outtype: str, expected: dict) -> None:
         assert list(g.shape) == list(s.shape), s.name
         if s.name in expected:
             assert g.tensor_type == Q[outtype.upper()], s.name
-            _, error, merged = expected[s.name]
+            _, error, merged, _ = expected[s.name]
             back = gguf.quants.dequantize(g.data, g.tensor_type).astype(np.float64)
             assert float(np.linalg.norm(back - merged)) == pytest.approx(error, rel=1e-5, abs=1e-6), s.name
         else:

@@ -110,13 +110,13 @@ def _report_gguf(report, quant, n_inputs: int, as_json: bool) -> None:
     types = ", ".join(f"{k} {v}" for k, v in quant.tensor_types.items())
     click.echo(f"wrote {printable(report.output)}: {quant.requantized} of {quant.requantized + quant.copied} tensors changed and requantised to "
                f"{quant.outtype}, the others copied as stored ({types}; {report.method}, {n_inputs} input{'s' if n_inputs > 1 else ''})")
-    click.echo(f"  {'tensor':<32} {'type':<5} {'‖ΔW‖':>11} {'‖Q(W+ΔW)−(W+ΔW)‖':>18} {'ratio':>8}")
+    click.echo(f"  {'tensor':<32} {'type':<5} {'‖ΔW‖':>11} {'‖Q(W+ΔW)−(W+ΔW)‖':>18} {'ratio':>8} {'kept':>7}")
     for s in quant.stats:
-        click.echo(f"  {printable(s.name):<32} {s.type:<5} {s.delta_norm:>11.4g} {s.quant_error:>18.4g} {s.ratio:>8.3g}")
+        click.echo(f"  {printable(s.name):<32} {s.type:<5} {s.delta_norm:>11.4g} {s.quant_error:>18.4g} {s.ratio:>8.3g} {s.kept:>7.3f}")
     for s in quant.stats:
         if s.ratio >= 1:
             click.echo(f"warning: {printable(s.name)}: the update (‖ΔW‖ {s.delta_norm:.3g}) is below the {s.type} quantisation noise "
-                       f"({s.quant_error:.3g}, ratio {s.ratio:.3g}): it is largely lost", err=True)
+                       f"({s.quant_error:.3g}, ratio {s.ratio:.3g}): the written tensor keeps {100 * s.kept:.1f}% of it", err=True)
     p = quant.probe
     if p is not None:
         click.echo(f"probe: {p['prompts']} prompts, {p['positions']} positions: max |Δlogit| {p['max_abs_logit_diff']:.4g}, "

@@ -13,7 +13,8 @@ and a row that is not whole 32-value blocks is written F16 for a quantised outty
 
 For every changed tensor it reports ‖ΔW‖ (the fp32 merge minus the dequantised base, in fp64),
 the requantisation error ‖Q(W+ΔW) − (W+ΔW)‖ (dequantised with ``gguf.quants``, in fp64) and
-their ratio; a ratio ≥ 1 means the update is below the quantisation noise: largely lost.
+their ratio; a ratio ≥ 1 means the update is below the quantisation noise: largely lost. It
+also gives the share of the update the written tensor keeps, ⟨Q(W+ΔW) − W, ΔW⟩ / ‖ΔW‖².
 
 ``--probe FILE`` loads the fp32 merge and the written GGUF through peftcli's own GGUF model
 builder (``gguf_model``) and compares their next-token logits on each prompt: the largest
@@ -46,10 +47,11 @@ class TensorStat:
     delta_norm: float
     quant_error: float
     ratio: float
+    kept: float  # ⟨Q(W+ΔW) − W, ΔW⟩ / ‖ΔW‖²: 1 the update is all there, 0 it is gone
 
     def to_json(self) -> dict:
         return {"name": self.name, "type": self.type, "delta_norm": self.delta_norm, "quant_error": self.quant_error,
-                "ratio": self.ratio, "below_noise": self.ratio >= NOISE}
+                "ratio": self.ratio, "below_noise": self.ratio >= NOISE, "kept": self.kept}
 
 
 @dataclass
@@ -235,16 +237,18 @@ def _requantize(name: str, merged, base, heads: int | None, qtype) -> tuple[Any,
 
     from peftcli.serving.gguf import permute
 
-    value = merged.numpy()
-    delta = float(np.linalg.norm((value.astype(np.float64) - base.float().numpy().astype(np.float64)).ravel()))
+    value, w = merged.numpy(), base.float().numpy().astype(np.float64)
     if heads is not None:  # LlamaModel.permute: the rows back in llama.cpp's order (norms do not change)
-        value = permute(value, heads)
+        value, w = permute(value, heads), permute(w, heads)
     value = np.ascontiguousarray(value, dtype=np.float32)
     data = np.ascontiguousarray(quantize(value, qtype))
-    back = dequantize(data, qtype).astype(np.float64)
-    error = float(np.linalg.norm((back - value.astype(np.float64)).ravel()))
+    back = dequantize(data, qtype).astype(np.float64).ravel()
+    update = value.astype(np.float64).ravel() - w.ravel()
+    delta = float(np.linalg.norm(update))
+    error = float(np.linalg.norm(back - value.astype(np.float64).ravel()))
     ratio = error / delta if delta > 0 else math.inf
-    return data, TensorStat(name, qtype.name, delta, error, ratio)
+    kept = float(np.dot(back - w.ravel(), update)) / delta**2 if delta > 0 else 0.0
+    return data, TensorStat(name, qtype.name, delta, error, ratio, kept)
 
 
 # -- --probe -------------------------------------------------------------------------------------
