@@ -102,7 +102,7 @@ def _expected(base: str, run: str, tiny_llama: str, outtype: str) -> dict[str, t
     return expected
 
 
-@pytest.mark.parametrize("outtype", ["q8_0", "q4_1"])
+@pytest.mark.parametrize("outtype", ["q8_0", "q4_1", "q4_0", "f16"])
 def test_the_report_and_the_file_are_the_independent_fp64_computation(base, lora, tiny_llama, tmp_path, outtype):
     out = str(tmp_path / f"merged-{outtype}.gguf")
     result = _invoke(base, lora, "-o", out, "--outtype", outtype, "--json")
@@ -116,7 +116,10 @@ def test_the_report_and_the_file_are_the_independent_fp64_computation(base, lora
         s = stats[name]
         assert s["type"] == outtype.upper()
         assert s["delta_norm"] == pytest.approx(norm, rel=1e-5), name
-        assert s["quant_error"] == pytest.approx(error, rel=1e-5), name
+        # F16's rounding error is ~1e-3 of the weights: the merge's own fp32 ΔW (not this fp64 one)
+        # moves it by a few 1e-6 relative; the block quantisers' errors are 100x larger than that
+        tol = 1e-4 if outtype == "f16" else 1e-5
+        assert s["quant_error"] == pytest.approx(error, rel=tol), name
         assert s["ratio"] == pytest.approx(error / norm, rel=2e-5) and s["below_noise"] is (s["ratio"] >= 1)
         assert s["kept"] == pytest.approx(kept, rel=1e-5, abs=1e-6), name
     _read_back(base, out, outtype, expected)
@@ -133,7 +136,7 @@ def _read_back(base: str, out: str, outtype: str, expected: dict) -> None:
             assert g.tensor_type == Q[outtype.upper()], s.name
             _, error, merged, _ = expected[s.name]
             back = gguf.quants.dequantize(g.data, g.tensor_type).astype(np.float64)
-            assert float(np.linalg.norm(back - merged)) == pytest.approx(error, rel=1e-5, abs=1e-6), s.name
+            assert float(np.linalg.norm(back - merged)) == pytest.approx(error, rel=1e-4 if outtype == "f16" else 1e-5, abs=1e-6), s.name
         else:
             assert g.tensor_type == s.tensor_type and bytes(g.data.tobytes()) == bytes(s.data.tobytes()), s.name
     for key, f in src.fields.items():
