@@ -210,3 +210,21 @@ def test_a_model_directory_base_is_refused_for_a_gguf_output(tiny_llama, lora, t
     result = _invoke(tiny_llama, lora, "-o", str(tmp_path / "m.gguf"), "--outtype", "q8_0")
     assert result.exit_code == 2 and "takes a .gguf base file" in result.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_a_tied_base_stays_tied_and_its_f32_probe_has_no_drift(tiny_llama_tied, tmp_path, monkeypatch):
+    """No output.weight in the file written (llama.cpp ties it to token_embd), and the probe's
+    two models (the fp32 merge, the GGUF) share the embedding as the head alike."""
+    real = batching.load_tokenizer
+    monkeypatch.setattr(batching, "load_tokenizer", lambda path: real(tiny_llama_tied if path.endswith(".gguf") else path))
+    base = write_gguf(tiny_llama_tied, str(tmp_path / "tied.gguf"), Q8)
+    run = _lora(tiny_llama_tied, str(tmp_path / "lora"), 1.0, targets="all-linear")
+    (tmp_path / "p.txt").write_text("the cat sat\n")
+    out = str(tmp_path / "m.gguf")
+    result = _invoke(base, run, "-o", out, "--outtype", "f32", "--probe", str(tmp_path / "p.txt"), "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)["gguf"]
+    names = [t.name for t in gguf.GGUFReader(out).tensors]
+    assert "output.weight" not in names and names == [t.name for t in gguf.GGUFReader(base).tensors]
+    assert doc["requantized"] == len(_deltas(run)) and doc["tensor_types"] == {"F32": doc["requantized"] + 5, "Q8_0": 1}  # token_embd, untouched
+    assert doc["probe"]["max_abs_logit_diff"] == 0.0 and doc["probe"]["top1_agreement"] == 1.0
