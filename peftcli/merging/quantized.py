@@ -154,11 +154,14 @@ def write_gguf(base: str, fp32: str, target: str, outtype: str, provenance: str)
     import gguf
     import numpy as np
 
+    from peftcli.checkpoint.gguf_format import GGUFCheckpoint
     from peftcli.checkpoint.reader import open_checkpoint
 
     reader = gguf.GGUFReader(base)
     report = QuantizedReport(outtype)
     with open_checkpoint(base) as ckpt, open_checkpoint(fp32) as merged:
+        if not isinstance(ckpt, GGUFCheckpoint):  # check_request saw a .gguf name; the reader decides
+            raise BadInputError(f"{base}: not read as a GGUF file", "pass a llama.cpp .gguf base")
         changed = _changed(ckpt, merged)
         by_gguf = {entry.name: (hf, entry, heads) for hf, (entry, heads) in ckpt._entries.items()}
         plan = []  # (gguf name, hf name, entry, heads, type written, changed)
@@ -221,7 +224,7 @@ def _file_type(reader: Any, plan: list) -> int:
     for _, _, entry, _, qtype, _ in plan:
         if len(entry.shape) >= 2:
             elements[qtype.name] = elements.get(qtype.name, 0) + math.prod(entry.shape)
-    top = max(elements, key=elements.get) if elements else "F32"
+    top = max(elements, key=lambda k: elements[k]) if elements else "F32"
     names = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16"}
     kind = getattr(LlamaFileType, names.get(top, f"MOSTLY_{top}"), None)
     if kind is not None:
@@ -242,7 +245,7 @@ def _requantize(name: str, merged, base, heads: int | None, qtype) -> tuple[Any,
         value, w = permute(value, heads), permute(w, heads)
     value = np.ascontiguousarray(value, dtype=np.float32)
     data = np.ascontiguousarray(quantize(value, qtype))
-    back = dequantize(data, qtype).astype(np.float64).ravel()
+    back: Any = dequantize(data, qtype).astype(np.float64).ravel()
     update = value.astype(np.float64).ravel() - w.ravel()
     delta = float(np.linalg.norm(update))
     error = float(np.linalg.norm(back - value.astype(np.float64).ravel()))
