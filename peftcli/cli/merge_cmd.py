@@ -9,6 +9,7 @@ import click
 from peftcli.cli.options import click_options
 from peftcli.cli.output import emit_json, json_option, stderr_console, styled
 from peftcli.merging.methods import option_classes
+from peftcli.merging.quantized import OUTTYPES
 from peftcli.merging.options import MergeOptions
 from peftcli.methods import foldable
 
@@ -21,8 +22,10 @@ from peftcli.methods import foldable
 @click_options(MergeOptions, only=("weights", "method"))
 @click_options(*option_classes())  # every method's parameters, declared once in its module
 @click_options(MergeOptions, skip=("weights", "method"))
+@click.option("--outtype", "outtype", metavar="|".join(OUTTYPES), help="With a .gguf base and -o OUT.gguf: the type the changed tensors are requantised to; the others keep their stored bytes.")
+@click.option("--probe", "probe", type=click.Path(), help="With --outtype: prompts (one per line, or JSONL text) to report the GGUF's logit drift from the fp32 merge on.")
 @json_option
-def merge(base, inputs, out, config, as_json, **values):
+def merge(base, inputs, out, config, as_json, outtype, probe, **values):
     """Write BASE + the task vectors of INPUTS as a standalone checkpoint.
 
     INPUTS are .diff files, adapter directories whose method folds into the weights
@@ -37,6 +40,7 @@ def merge(base, inputs, out, config, as_json, **values):
       peftcli merge base/ a.diff b.diff --method ties --density 0.2 -o ties/
       peftcli merge base.safetensors taskA.diff taskB.diff > merged.safetensors
       peftcli merge --config mergekit.yml -o merged/
+      peftcli merge model.Q4_1.gguf runs/lora/ -o merged.gguf --outtype q4_1 --probe prompts.txt
     """
     from peftcli.merging.options import merge_options
 
@@ -47,6 +51,11 @@ def merge(base, inputs, out, config, as_json, **values):
     elif not inputs:
         raise click.UsageError(f"Missing argument '{'INPUTS...' if base else 'BASE'}'.")
     opts = merge_options(values)  # checked before anything is read
+    from peftcli.merging.quantized import check_request
+
+    if config is not None and (outtype or probe):
+        raise click.UsageError("--outtype and --probe take BASE INPUT... on the command line, not --config")
+    to_gguf = check_request(base, out, outtype, probe, opts)
     from peftcli.merging.provenance import Hasher
 
     hasher = Hasher.for_inputs(inputs)  # hashes on its own thread while torch is imported
@@ -66,11 +75,19 @@ def merge(base, inputs, out, config, as_json, **values):
         bar.start()
         task = bar.add_task("merge", total=None)
         progress = lambda n, total: bar.update(task, completed=n, total=total)  # noqa: E731
+    quant = None
     try:
-        report = run_merge(base, list(inputs), out, opts, stream=stream, progress=progress, hasher=hasher)
+        if to_gguf:
+            from peftcli.merging.quantized import merge_to_gguf
+
+            report, quant = merge_to_gguf(base, list(inputs), out, opts, outtype, probe, progress=progress, hasher=hasher)
+        else:
+            report = run_merge(base, list(inputs), out, opts, stream=stream, progress=progress, hasher=hasher)
     finally:
         if progress is not None:
             bar.stop()
+    if quant is not None:
+        return _report_gguf(report, quant, len(inputs), as_json)
     if as_json:
         emit_json(report.to_json())
     elif opts.to_adapter:
@@ -81,6 +98,29 @@ def merge(base, inputs, out, config, as_json, **values):
             click.echo(f"  task {t['name']}: {t['architecture']}, {len(t['labels'])} labels -> {t['path']}")
     else:
         click.echo(f"merged {report.changed} of {report.tensors} tensors to stdout", err=True)
+
+
+def _report_gguf(report, quant, n_inputs: int, as_json: bool) -> None:
+    """A GGUF output's report: per changed tensor ‖ΔW‖ against the requantisation error, the
+    warnings for updates below the quantisation noise, and --probe's drift."""
+    from peftcli.cli.output import printable
+
+    if as_json:
+        return emit_json({**report.to_json(), "gguf": quant.to_json()})
+    types = ", ".join(f"{k} {v}" for k, v in quant.tensor_types.items())
+    click.echo(f"wrote {printable(report.output)}: {quant.requantized} of {quant.requantized + quant.copied} tensors changed and requantised to "
+               f"{quant.outtype}, the others copied as stored ({types}; {report.method}, {n_inputs} input{'s' if n_inputs > 1 else ''})")
+    click.echo(f"  {'tensor':<32} {'type':<5} {'‖ΔW‖':>11} {'‖Q(W+ΔW)−(W+ΔW)‖':>18} {'ratio':>8} {'kept':>7}")
+    for s in quant.stats:
+        click.echo(f"  {printable(s.name):<32} {s.type:<5} {s.delta_norm:>11.4g} {s.quant_error:>18.4g} {s.ratio:>8.3g} {s.kept:>7.3f}")
+    for s in quant.stats:
+        if s.ratio >= 1:
+            click.echo(f"warning: {printable(s.name)}: the update (‖ΔW‖ {s.delta_norm:.3g}) is below the {s.type} quantisation noise "
+                       f"({s.quant_error:.3g}, ratio {s.ratio:.3g}): the written tensor keeps {100 * s.kept:.1f}% of it", err=True)
+    p = quant.probe
+    if p is not None:
+        click.echo(f"probe: {p['prompts']} prompts, {p['positions']} positions: max |Δlogit| {p['max_abs_logit_diff']:.4g}, "
+                   f"mean KL {p['mean_kl']:.4g}, top-1 agreement {100 * p['top1_agreement']:.2f}% (vs the fp32 merge)")
 
 
 def _print_adapter(report, n_inputs: int) -> None:
