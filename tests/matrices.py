@@ -29,6 +29,11 @@ def foldable_one_pass() -> list[str]:
     return [n for n in one_pass() if METHODS[n].folds]
 
 
+def linear_only() -> set[str]:
+    """Methods declaring that they do not adapt GPT-2's Conv1D (inject refuses it, naming Conv1D)."""
+    return {n for n, m in METHODS.items() if not m.adapts_conv1d}
+
+
 def identity_at_init() -> set[str]:
     """One-pass methods whose injected φ reproduces the base's outputs."""
     return {n for n in one_pass() if METHODS[n].identity_at_init}

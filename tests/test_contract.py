@@ -24,9 +24,7 @@ ARCHS = ("llama", "bert", "gpt2")
 # Methods that cannot apply to an architecture, and what inject says instead (writing nothing).
 NOT_APPLICABLE = {
     ("bitfit", "llama"): "Llama-family checkpoints have no biases",
-    ("loha", "gpt2"): "Conv1D", ("lokr", "gpt2"): "Conv1D",  # PEFT's LyCORIS layers take nn.Linear only
-    ("oft", "gpt2"): "Conv1D", ("hra", "gpt2"): "Conv1D",  # so do PEFT's OFT and HRA
-    ("boft", "gpt2"): "Conv1D",  # and PEFT's BOFT
+    **{(name, "gpt2"): "Conv1D" for name in matrices.linear_only()},  # declared: adapts_conv1d False
 }
 
 

@@ -44,8 +44,8 @@ def _trained(base, tmp_path, name, opts, seed=1):
 def test_merged_forward_equals_adapted_forward(base, name, opts, tmp_path):
     if name == "bitfit" and "llama" in base:
         pytest.skip("the tiny Llama has no biases")
-    if name in ("loha", "lokr", "oft", "boft", "hra") and "gpt2" in base:
-        pytest.skip("PEFT's LoHa, LoKr, OFT, BOFT and HRA adapt nn.Linear, not GPT-2's Conv1D (tests/test_loha_lokr.py, tests/test_vera_oft.py, tests/test_boft.py)")
+    if not METHODS[name].adapts_conv1d and "gpt2" in base:
+        pytest.skip(f"{name} declares adapts_conv1d False: GPT-2's Conv1D is refused (tests/test_contract.py checks it)")
     adapted, run = _trained(base, tmp_path, name, opts)
     out = str(tmp_path / "merged")
     report = merge(base, [run], out)

@@ -93,3 +93,13 @@ def test_any_quantization_config_is_refused_even_with_float_tensors(value, tiny_
     method = value.get("quant_method") if isinstance(value, dict) else None
     expected = f"quant_method {method!r}" if method else "a quantization_config"
     assert_error(CliRunner().invoke(cli, ["inspect", base]), 1, f"pre-quantized checkpoint ({expected})")
+
+
+def test_a_model_transformers_loaded_from_a_gguf_is_read(tiny_llama, tmp_path):
+    """transformers dequantises a GGUF when it loads one and records quant_method "gguf": the
+    tensors it saves are plain, so such a directory is read like any other."""
+    base = str(tmp_path / "from_gguf")
+    shutil.copytree(tiny_llama, base)
+    _quantization_config(base, {"quant_method": "gguf", "gguf_file": "model.Q4_1.gguf", "dequantize": False})
+    result = CliRunner().invoke(cli, ["inspect", base])
+    assert result.exit_code == 0, result.output

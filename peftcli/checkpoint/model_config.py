@@ -85,6 +85,8 @@ def _refuse_prequantized(config: dict[str, Any], where: str) -> None:
     if quantized is None:
         return
     method = quantized.get("quant_method") if isinstance(quantized, dict) else None
+    if method == "gguf":  # transformers dequantises a GGUF on load: what it saves is plain tensors
+        return
     what = f"quant_method {method!r}" if isinstance(method, str) else "a quantization_config"
     raise BadInputError(
         f"{where}: a pre-quantized checkpoint ({what}): its stored weights are quantized codes, not weights peftcli can read",

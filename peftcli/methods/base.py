@@ -405,6 +405,7 @@ class MethodBase:
     schedule: str = ONE_PASS  # ONE_PASS | PHASES | ROUNDS
     trains_in_place: bool = False  # trains existing tensors: adds no parameters to the model
     identity_at_init: bool = True  # the injected φ leaves the base's outputs unchanged
+    adapts_conv1d: bool = True  # adapts GPT-2's Conv1D layers (PEFT's LyCORIS, OFT, BOFT and HRA take nn.Linear only)
     examples: tuple[str, ...] = ()  # shown by `peftcli inject METHOD --help`
     train_defaults: TrainDefaults = TrainDefaults(lr=1e-3)  # each method declares its own
     read_only: bool = False  # read and folded only (READ_FOLD): inject, attach and train refuse it

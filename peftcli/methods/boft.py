@@ -118,6 +118,7 @@ class Boft(MethodBase):
     summary = "Butterfly product of permuted block-diagonal rotations of each layer's input and a row scale, W' = (W·Rᵀ)⊙s (BOFT)."
     peft_type = "BOFT"
     folds = True
+    adapts_conv1d = False  # PEFT's layer takes nn.Linear only: a Conv1D target is refused
     train_defaults = TrainDefaults(lr=1e-3, generative_lr=1e-4)  # not measured yet: as OFT's; PEFT's BOFT examples use 1e-4 to 3e-3
     examples = (
         "peftcli inject boft model/ -o runs/boft/",

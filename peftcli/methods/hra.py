@@ -70,6 +70,7 @@ class Hra(MethodBase):
     summary = "A chain of r Householder reflections multiplying each layer's weight, W' = W·Π(I − 2ûûᵀ) (HRA)."
     peft_type = "HRA"
     folds = True
+    adapts_conv1d = False  # PEFT's layer takes nn.Linear only: a Conv1D target is refused
     train_defaults = TrainDefaults(lr=1e-3, generative_lr=1e-4)  # not measured yet: as OFT, an orthogonal method
     examples = (
         "peftcli inject hra model/ -o runs/hra/",

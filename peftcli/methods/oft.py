@@ -102,6 +102,7 @@ class Oft(MethodBase):
     summary = "Block-diagonal orthogonal rotation of each layer's input, W' = W·Rᵀ, R from a Cayley transform (OFT)."
     peft_type = "OFT"
     folds = True
+    adapts_conv1d = False  # PEFT's layer takes nn.Linear only: a Conv1D target is refused
     train_defaults = TrainDefaults(lr=1e-3, generative_lr=1e-4)  # not measured yet: PEFT's examples train OFT at 1e-4 to 1e-3
     examples = (
         "peftcli inject oft model/ -o runs/oft/",

@@ -171,6 +171,7 @@ class LycorisMethod(MethodBase):
     train_defaults = TrainDefaults(lr=1e-2, generative_lr=1e-3)  # benchmarks/README.md: "Training defaults"
 
     folds = True
+    adapts_conv1d = False  # PEFT's layer takes nn.Linear only: a Conv1D target is refused
     label: str  # "LoHa", "LoKr": how errors name the type
     peft_type: str  # "LOHA", "LOKR"
     suffixes: tuple[str, ...]  # every φ part PEFT may save for a linear layer
