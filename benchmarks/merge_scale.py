@@ -110,7 +110,6 @@ open(report, "w").write(f"{loaded} {after_merge} {hwm()}")
 
 def max_abs_diff(base: str, adapter: str, peft_dir: str, out: str) -> float:
     """Max |peftcli's merged weight − PEFT's| over the tensors both write (an untimed peftcli run to ``out``)."""
-    import torch
     from safetensors.torch import load_file
 
     subprocess.run([*PEFTCLI, "merge", base, adapter, "-o", out, "--force", "--quiet"], check=True)
