@@ -52,7 +52,7 @@ def factor(w: torch.Tensor, rank: int | None = None, energy: float | None = None
     The SVD runs in fp32 (fp64 for an fp64 ΔW); the factors are returned in fp32."""
     work = torch.float64 if w.dtype == torch.float64 else torch.float32
     w = w.to(work)
-    total = float(w.double().pow(2).sum())
+    total = squared_norm(w)
     small = min(w.shape)
     if rank is not None and small > LOWRANK_MIN_SIDE and rank + OVERSAMPLE < small // 2:
         u, s, v = torch.svd_lowrank(w, q=rank + OVERSAMPLE, niter=4)
@@ -83,7 +83,16 @@ class Extraction:
     kept_energy: float = 1.0  # share of Σ‖ΔW‖² over every tensor that the LoRA keeps
 
 
-Delta = Callable[[], torch.Tensor]  # makes one tensor's ΔW, in the stored tensor's layout
+Delta = Callable[[], torch.Tensor]
+
+_ROWS = 1 << 20  # elements per fp64 block: a 262 MB embedding's ΔW needs 8 MB of fp64, not 2 × 1 GB
+
+
+def squared_norm(t: torch.Tensor) -> float:
+    """‖t‖² accumulated in fp64, a block at a time (a whole-tensor ``t.double()`` copy of a
+    7B model's embedding change is 1 GB, twice with ``pow``)."""
+    flat = t.reshape(-1)
+    return sum(float(flat[i : i + _ROWS].double().pow(2).sum()) for i in range(0, flat.numel(), _ROWS))  # makes one tensor's ΔW, in the stored tensor's layout
 
 
 def extract(
@@ -98,9 +107,9 @@ def extract(
         phi = make()
         if not bool(torch.isfinite(phi).all()):
             raise BadInputError(f"{where}: ΔW of {name!r} holds NaN or Inf", "the source is corrupt: recompute it")
-        energy_of = float(phi.double().pow(2).sum())
-        if skip_unchanged and energy_of == 0.0:
+        if skip_unchanged and not bool(phi.any()):  # a fine-tune's untouched weight: no fp64 pass over it
             continue
+        energy_of = squared_norm(phi)
         total += energy_of
         m = linear.get(name)
         if m is None:
