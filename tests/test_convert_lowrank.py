@@ -456,7 +456,7 @@ def test_merge_to_adapter_refuses_what_does_not_apply(args, message, two_loras, 
     assert_error(result, 2, message.replace("`", ""), tmp_path / "x")
 
 
-def test_a_rank_above_a_narrow_weight_keeps_that_weight_whole(lora_diff, tmp_path):
+def test_a_rank_above_a_narrow_weight_keeps_that_weight_whole(lora_diff, tiny_llama, tmp_path):
     """tiny llama's v_proj is 32 wide: --rank 48 keeps it exactly (rank 32, all its energy) and
     the wider weights at 48, instead of refusing the whole conversion."""
     diff, _ = lora_diff
@@ -470,3 +470,11 @@ def test_a_rank_above_a_narrow_weight_keeps_that_weight_whole(lora_diff, tmp_pat
     folded = _fold(str(tmp_path / "r"))
     for name in ranks:
         assert torch.allclose(folded[name], _truncated(phi[name], min(48, *phi[name].shape)), atol=1e-5), name
+    # peftcli reads what it wrote: check and merge take an r above a narrow module's
+    result = CliRunner().invoke(cli, ["check", tiny_llama, str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    _run("merge", tiny_llama, tmp_path / "r", "-o", tmp_path / "m.safetensors")
+    merged = load_file(str(tmp_path / "m.safetensors"))
+    base = load_file(os.path.join(tiny_llama, "model.safetensors"))
+    for name in ranks:
+        assert torch.allclose((merged[name] - base[name]).double(), folded[name].double(), atol=1e-5), name

@@ -171,3 +171,28 @@ def test_bad_embedding_options_are_refused(flags, message, tiny_llama, tmp_path)
     result = CliRunner().invoke(cli, ["inject", "lora", *flags, tiny_llama, "-o", str(tmp_path / "out")])
     assert_error(result, 2 if "999" not in flags[-1] else 1, message)
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("scale", [2.5, "buffer"])
+def test_a_scaled_embeddings_lora_is_scaled_like_its_lookup(scale):
+    """Gemma keeps embed_scale as a buffer, BioGPT and BART as a Python float: LoRA's lookup is
+    scaled by it either way (PEFT's _get_embed_scale), never a crash on the float."""
+    from peftcli.methods.lora.embedding_layers import LoraEmbedding
+
+    class Scaled(torch.nn.Embedding):
+        def forward(self, x):
+            return super().forward(x) * self.embed_scale
+
+    base = Scaled(10, 4)
+    if scale == "buffer":
+        base.register_buffer("embed_scale", torch.tensor(1.5))
+    else:
+        base.embed_scale = scale
+    g = torch.Generator().manual_seed(0)
+    layer = LoraEmbedding(base, rank=2, scaling=0.5)
+    a, b = torch.randn(2, 10, generator=g), torch.randn(4, 2, generator=g)
+    layer.load_phi(a, b)
+    x = torch.tensor([[1, 3, 7]])
+    factor = float(base.embed_scale)
+    expected = (base.weight[x] + 0.5 * (b @ a).T[x]) * factor  # the scaled lookup of W + s·(B·A)ᵀ
+    assert torch.allclose(layer(x), expected, atol=1e-6)

@@ -22,8 +22,8 @@ def _embed(base: nn.Embedding, x: torch.Tensor, weight: torch.Tensor) -> torch.T
 
 def _scaled(base: nn.Module, out: torch.Tensor) -> torch.Tensor:
     """A scaled embedding's factor (Gemma's ``embed_scale``), applied as PEFT applies it."""
-    scale = getattr(base, "embed_scale", None)
-    return out if scale is None else out * scale.to(out.dtype)
+    scale = getattr(base, "embed_scale", None)  # a buffer (Gemma) or a Python float (BioGPT, BART)
+    return out if scale is None else out * torch.as_tensor(scale, dtype=out.dtype, device=out.device)
 
 
 class LoraEmbedding(nn.Module):

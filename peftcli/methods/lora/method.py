@@ -292,8 +292,10 @@ class LoRA(MethodBase):
                     f"`lora_bias` needs targets with a bias to merge lora_B's bias into, and {bare.name} has none",
                     "target modules with a bias (BERT, GPT-2 have them), or drop `lora_bias`",
                 )
-        # resolve_targets never returns none; the smallest module too small for its rank is named
-        too_small = [m for m in modules if cfg.for_module(m.name).rank > min(m.shape)]
+        # resolve_targets never returns none; the smallest module too small for its rank is named.
+        # inject's options only: an adapter may carry a rank above a narrow module's (PEFT takes
+        # it, and convert --to lora zero-pads such a module to the adapter's r).
+        too_small = [m for m in modules if cfg.for_module(m.name).rank > min(m.shape)] if not cfg.peft_embeddings else []
         if too_small:
             smallest = min(too_small, key=lambda m: min(m.shape))
             limit, rank = min(smallest.shape), cfg.for_module(smallest.name).rank
