@@ -196,3 +196,30 @@ def test_a_scaled_embeddings_lora_is_scaled_like_its_lookup(scale):
     factor = float(base.embed_scale)
     expected = (base.weight[x] + 0.5 * (b @ a).T[x]) * factor  # the scaled lookup of W + s·(B·A)ᵀ
     assert torch.allclose(layer(x), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("flags", [["--targets", "q_proj", "--trainable-tokens", "5,6,7"], ["--targets", "q_proj,lm_head"]])
+def test_a_tied_base_storing_both_heads_is_not_merged_into_two_heads(flags, tiny_llama_tied, tmp_path):
+    """A tied config over a checkpoint that stores lm_head.weight too (equal to the embedding):
+    a merge changing one of them would write a tied config over two different tensors, which
+    transformers unties on load. Refused, nothing written."""
+    import shutil
+
+    base = str(tmp_path / "both")
+    shutil.copytree(tiny_llama_tied, base)
+    tensors = load_file(os.path.join(base, "model.safetensors"))
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, os.path.join(base, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(base, "config.json")) as f:
+        assert json.load(f)["tie_word_embeddings"] is True
+    run = str(tmp_path / "run")
+    assert CliRunner().invoke(cli, ["inject", "lora", base, *flags, "-o", run]).exit_code == 0
+    out = str(tmp_path / "merged")
+    assert_error(CliRunner().invoke(cli, ["merge", base, run, "-o", out]), 1, "the merged config would tie two different heads", out)
+
+
+def test_lora_on_a_tied_head_beside_trainable_tokens_of_its_embedding_is_refused_at_inject(tiny_llama_tied, tmp_path):
+    """merge and train refuse the pair (one tensor, changed two ways): inject says so first."""
+    out = str(tmp_path / "run")
+    result = CliRunner().invoke(cli, ["inject", "lora", tiny_llama_tied, "--targets", "q_proj,lm_head", "--trainable-tokens", "3,4", "-o", out])
+    assert_error(result, 2, "puts LoRA on lm_head, tied to model.embed_tokens", out)

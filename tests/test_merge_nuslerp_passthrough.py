@@ -567,6 +567,10 @@ def test_passthrough_restacks_layer_types(qwen2s, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention", "sliding_attention"]
     assert [layer.self_attn.layer_type for layer in model.model.layers] == model.config.layer_types
+    assert model.config.max_window_layers == 1  # the older way of saying it agrees
+    swapped = STACK.replace("{c}", "{a}").replace("layer_range: [0, 2]", "layer_range: [1, 2]")  # sliding, then b's 1, a's 0
+    result = CliRunner().invoke(cli, ["merge", "--config", _config(tmp_path, swapped, a=a, b=b), "-o", str(tmp_path / "swapped")])
+    assert_error(result, 2, "full attention after sliding attention", str(tmp_path / "swapped"))
 
 
 def test_passthrough_refuses_per_layer_lists_it_cannot_restack(qwen2s, tmp_path):

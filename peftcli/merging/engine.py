@@ -166,6 +166,7 @@ class _Job:
             if unknown:
                 raise BadInputError(f"{s.path} changes {unknown[0]!r}, which the base does not have", "merge into the base it was made for")
             refuse_unmergeable(s, ckpt)
+        _check_ties(self.base, ckpt, self.sources)
 
     def plan(self, stream: BinaryIO | None) -> None:
         """The output's tensors (names, dtypes, shapes), where each comes from, and its metadata."""
@@ -308,6 +309,27 @@ class _Job:
                 )
 
         return siblings
+
+
+def _check_ties(base: str, ckpt, sources: list) -> None:
+    """Refuse a merge that would write a tied config over two different heads. A base whose
+    config ties lm_head to the input embedding may still store both tensors (equal), and
+    transformers ties them on load only while they are equal: a merge changing one of the two
+    would write a model transformers unties, silently not the one merged."""
+    from peftcli.preflight import input_embedding
+
+    head = "lm_head.weight"
+    embedding = input_embedding(ckpt) if head in ckpt.tensors else None
+    if embedding is None or (ckpt.config or {}).get("tie_word_embeddings") is not True:
+        return
+    changed = [n for n in (embedding, head) if any(n in s.deltas for s in sources)]
+    if len(changed) == 1:
+        other = head if changed[0] == embedding else embedding
+        raise BadInputError(
+            f"{base}: config.json ties lm_head to {embedding} and the checkpoint stores both, but the merge changes "
+            f"{changed[0]} and not {other}: the merged config would tie two different heads",
+            f"drop {head} from the base (it is {embedding}) or set tie_word_embeddings false in its config.json, then merge again",
+        )
 
 
 def _extra(cfg) -> dict:

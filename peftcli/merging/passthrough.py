@@ -119,7 +119,23 @@ def _restacked(slices: list[Slice], ckpts: dict) -> dict:
         if any(v is None for v in lists):
             raise UsageError(f"passthrough: some models' config.json list {key} and some do not", "stack models whose configs describe their layers alike")
         out[key] = [entry for s, v in zip(slices, lists) for entry in v[s.start : s.stop]]
+    config = ckpts[slices[0].path].config
+    if "layer_types" in out and config.get("use_sliding_window") is True and "max_window_layers" in config:
+        out["max_window_layers"] = _window_start(out["layer_types"])
     return out
+
+
+def _window_start(types: list) -> int:
+    """Qwen2's max_window_layers for the stacked ``layer_types`` (layers from it on use sliding
+    attention), so that readers deriving the kinds from it (not from layer_types) agree; a
+    stack whose sliding layers are not one run at the end cannot be said that way: refused."""
+    k = next((i for i, t in enumerate(types) if t == "sliding_attention"), len(types))
+    if any(t != "sliding_attention" for t in types[k:]):
+        raise UsageError(
+            "passthrough: the stacked layer_types put full attention after sliding attention, which max_window_layers cannot describe",
+            "order the slices so that the layers with sliding attention come last",
+        )
+    return k
 
 
 def plan(slices: list[Slice], ckpts: dict) -> tuple[list[tuple[str, str, str]], dict, int]:

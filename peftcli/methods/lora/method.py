@@ -347,6 +347,10 @@ class LoRA(MethodBase):
         both = next((e for e in embedded if e in tokens), None)
         if both is not None and not cfg.peft_embeddings:  # merge folds one or the other (an adapter's: refused there)
             raise UsageError(f"`targets` puts LoRA on {both}, whose rows `trainable_tokens` trains whole", "choose one of the two for this embedding")
+        _, tied = lora_embeddings.tied_head(shapes, model_config, cfg.targets)
+        if tied is not None and tied in tokens and not cfg.peft_embeddings:  # the same one tensor, through the head
+            raise UsageError(f"`targets` puts LoRA on lm_head, tied to {tied}, whose rows `trainable_tokens` trains whole",
+                             "choose LoRA on lm_head or trainable tokens on this tied embedding")
         rows += [BudgetRow(e, s, cfg.for_module(e).rank * sum(s)) for e, s in embedded.items()]
         rows += [BudgetRow(t, (len(ids), dim), len(ids) * dim) for t, (ids, dim) in tokens.items()]
         return rows + [BudgetRow(t.name, t.shape, lora_params.added_params(t, cfg.rank)) for t in self._param_targets(shapes, model_config, cfg)]
