@@ -155,7 +155,9 @@ def test_peft_loads_it_as_base_and_train_trains_it(runs, tmp_path):
         warnings.simplefilter("ignore")
         loaded = peft.PeftModel.from_pretrained(load_base_model(base), run)
     tensors = load_file(os.path.join(run, "adapter_model.safetensors"))
-    for module, a in _peft_as(loaded).items():
+    loaded_as = _peft_as(loaded)
+    assert loaded_as and len(loaded_as) == sum(k.endswith(".lora_A.weight") for k in tensors)  # PEFT built every LoRA module
+    for module, a in loaded_as.items():
         assert torch.equal(a, tensors[f"{PREFIX}{module}.lora_A.weight"])
     with torch.no_grad():
         assert torch.equal(loaded.eval()(**inputs).logits, load_base_model(base)(**inputs).logits)
