@@ -60,6 +60,10 @@ class LoHa(LycorisMethod):
     def delta(self, p):
         return (p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"])
 
+    def fold_delta(self, p):
+        # The same product, the second factor multiplied into the first's own memory (no grad here).
+        return (p["hada_w1_a"] @ p["hada_w1_b"]).mul_(p["hada_w2_a"] @ p["hada_w2_b"])
+
     def bound(self, p):
         return product_bound(p, "hada_w1_a", "hada_w1_b") * product_bound(p, "hada_w2_a", "hada_w2_b")
 
