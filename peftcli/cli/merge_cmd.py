@@ -50,11 +50,13 @@ def merge(base, inputs, out, config, as_json, **values):
     from peftcli.merging.provenance import Hasher
 
     hasher = Hasher.for_inputs(inputs)  # hashes on its own thread while torch is imported
-    from peftcli.merging.engine import merge as run_merge
-    from peftcli.merging.engine import stdout_stream
+    from peftcli.merging import fast_linear
 
+    fast = fast_linear.plan(base, list(inputs), out, opts)  # task arithmetic of safetensors checkpoints: no torch
     stream = None
     if out is None:
+        from peftcli.merging.engine import stdout_stream
+
         stream = stdout_stream()
         if as_json:
             raise click.UsageError("--json needs -o: stdout carries the checkpoint")
@@ -67,7 +69,7 @@ def merge(base, inputs, out, config, as_json, **values):
         task = bar.add_task("merge", total=None)
         progress = lambda n, total: bar.update(task, completed=n, total=total)  # noqa: E731
     try:
-        report = run_merge(base, list(inputs), out, opts, stream=stream, progress=progress, hasher=hasher)
+        report = _fast(fast, hasher, progress) if fast else _torch_merge(base, inputs, out, opts, stream, progress, hasher)
     finally:
         if progress is not None:
             bar.stop()
@@ -81,6 +83,20 @@ def merge(base, inputs, out, config, as_json, **values):
             click.echo(f"  task {t['name']}: {t['architecture']}, {len(t['labels'])} labels -> {t['path']}")
     else:
         click.echo(f"merged {report.changed} of {report.tensors} tensors to stdout", err=True)
+
+
+def _fast(fast, hasher, progress):
+    try:
+        return fast.run(hasher.sha256, progress)
+    finally:
+        hasher.stop()
+        fast.close()
+
+
+def _torch_merge(base, inputs, out, opts, stream, progress, hasher):
+    from peftcli.merging.engine import merge as run_merge
+
+    return run_merge(base, list(inputs), out, opts, stream=stream, progress=progress, hasher=hasher)
 
 
 def _print_adapter(report, n_inputs: int) -> None:

@@ -1,0 +1,237 @@
+"""``peftcli merge``'s torch-free path for task arithmetic between full safetensors checkpoints.
+
+Importing torch takes seconds, more than merging a small model does. This path takes a narrow,
+declared set of merges and does them with numpy (``fast_kernel``), writing the bytes, config
+files and provenance metadata the torch path (``engine.py`` with ``ranged.Linear``) writes:
+
+- ``--method linear``, no ``--dtype``, ``--to-adapter`` or ``--tokenizer-source``, ``-o`` given;
+- a base that is one safetensors file or a safetensors model directory (sharded or not) whose
+  tensors are all F32, F16 or BF16, and inputs that are full checkpoints of it: safetensors,
+  with exactly its tensor names, dtypes and shapes (no .diff, adapter, pickle or GGUF input);
+- a CPU whose torch adds ``alpha·φ`` with a fused multiply-add (x86-64 with AVX2 and FMA, or
+  aarch64), unless ``ATEN_CPU_CAPABILITY`` forces torch's generic kernels.
+
+``plan`` decides from the headers alone, before torch is imported; anything else (or anything
+it cannot open: the torch path then says what is wrong) returns None and goes the torch way,
+unchanged. Output writes go through the same ``CheckpointWriter`` (atomic; never over an input).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from peftcli import __version__
+from peftcli.checkpoint.reader import Checkpoint, open_checkpoint
+from peftcli.errors import BadInputError, PeftcliError
+from peftcli.merging.fast_kernel import FAST_DTYPES, LinearKernel
+
+RANGE = 1 << 18  # elements per range, as ranged.RANGE: a range's working set stays in cache
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # writer.DEFAULT_MAX_SHARD_SIZE
+
+
+@dataclass
+class FastReport:
+    """``engine.MergeReport``'s fields and JSON, for the merges this path takes."""
+
+    output: str
+    method: str
+    inputs: list[dict]
+    tensors: int
+    changed: int
+    bytes: int = 0
+    metadata: dict[str, str] = field(default_factory=dict)
+    tasks: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "schema": "peftcli.merge/1", "output": self.output, "method": self.method, "inputs": self.inputs,
+            "tensors": self.tensors, "changed_tensors": self.changed, "bytes": self.bytes, "tasks": self.tasks,
+        }
+
+
+def fused_add_cpu() -> bool:
+    """Whether torch's ``add_(x, alpha=λ)`` rounds once here (the fused multiply-add fast_kernel computes)."""
+    if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() == "default":
+        return False
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return True
+    if machine not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+def plan(base: str, inputs: list[str], out: str | None, opts) -> "FastMerge | None":
+    """The fast merge of ``inputs`` into ``base``, or None where the torch path must do it."""
+    if opts.method != "linear" or opts.dtype or opts.to_adapter or opts.tokenizer_source or out is None or not inputs:
+        return None
+    if any(p.endswith(".diff") or os.path.isfile(os.path.join(p, "adapter_config.json")) for p in [base, *inputs]):
+        return None
+    lam = list(opts.weights) if opts.weights is not None else [1.0] * len(inputs)
+    if len(lam) != len(inputs) or not fused_add_cpu():
+        return None
+    opened: list[Checkpoint] = []
+    try:
+        from peftcli.merging.methods import get_merge_method
+
+        m = get_merge_method("linear")
+        cfg = m.configure({**opts.params, "density": opts.density})
+        m.validate(cfg, lam, len(inputs))
+        for path in [base, *inputs]:
+            opened.append(open_checkpoint(path))
+        if not _eligible(opened):
+            raise _NotFast
+        if opened[0].directory is not None:  # as engine.merge, in its order: links out, then vocabularies
+            from peftcli.checkpoint.writer import checked_model_files
+
+            checked_model_files(opened[0].directory)
+        from peftcli.merging import vocab
+
+        vocab.plan(opened[0], list(inputs), None, False)
+    except (PeftcliError, _NotFast):
+        for c in opened:
+            c.close()
+        return None
+    return FastMerge(base, list(inputs), out, opts, cfg, lam, opened[0], opened[1:])
+
+
+class _NotFast(Exception):
+    pass
+
+
+def _eligible(ckpts: list[Checkpoint]) -> bool:
+    base = ckpts[0]
+    if not base.storage.startswith("safetensors") or any(t.dtype not in FAST_DTYPES or t.begin is None for t in base.tensors.values()):
+        return False
+    table = {n: (t.dtype, tuple(t.shape)) for n, t in base.tensors.items()}
+    for c in ckpts[1:]:
+        if not c.storage.startswith("safetensors") or {n: (t.dtype, tuple(t.shape)) for n, t in c.tensors.items()} != table:
+            return False
+        if any(t.begin is None for t in c.tensors.values()):
+            return False
+    return True
+
+
+@dataclass
+class FastMerge:
+    """One eligible merge: the open base and inputs; ``run`` writes it."""
+
+    base: str
+    inputs: list[str]
+    out: str
+    opts: object
+    cfg: object
+    lam: list[float]
+    ckpt: Checkpoint
+    fts: list[Checkpoint]
+
+    def close(self) -> None:
+        for c in [self.ckpt, *self.fts]:
+            c.close()
+
+    def metadata(self, sha256: Callable[[str], str]) -> dict[str, str]:
+        """``_Job._provenance``'s JSON, key for key."""
+        from peftcli.options import option_fields
+
+        o = self.opts
+        extra = {f.name: getattr(self.cfg, f.name) for f in option_fields(type(self.cfg)) if f.name != "density"}
+        inputs = [
+            {"path": os.path.abspath(p), "kind": "checkpoint", "sha256": {os.path.basename(f): sha256(f) for f in c.files}}
+            for p, c in zip(self.inputs, self.fts)
+        ]
+        text = json.dumps(
+            {
+                "version": __version__, "method": o.method, "weights": self.lam, "density": o.density, "seed": o.seed,
+                **extra, "base": os.path.abspath(self.base), "inputs": inputs,
+            },
+            sort_keys=True, separators=(",", ":"),
+        )
+        return {"format": "pt", "peftcli.merge": text}
+
+    def run(self, sha256: Callable[[str], str], progress: Callable[[int, int], None] | None = None) -> FastReport:
+        from peftcli.checkpoint.writer import CheckpointWriter, TensorSpec
+
+        ckpt, o = self.ckpt, self.opts
+        specs = [TensorSpec(t.name, t.dtype, t.shape) for t in ckpt.tensors.values()]
+        metadata = self.metadata(sha256)
+        plan = None  # engine._shard_plan without heads: the base's layout unless re-sharded or one file
+        if o.max_shard_size is None and not self.out.endswith(".safetensors") and len(ckpt.files) > 1:
+            plan = [[t.name for t in ckpt.tensors.values() if t.file == f] for f in ckpt.files]
+        kernel = LinearKernel(RANGE, self.lam)
+        with CheckpointWriter(
+            self.out, specs, metadata=metadata, max_shard_size=o.max_shard_size or DEFAULT_MAX_SHARD_SIZE,
+            source_dir=ckpt.directory, inputs=[self.base, *self.inputs], force=o.force, shard_plan=plan,
+        ) as writer, _Files() as files:
+            for n, spec in enumerate(writer.specs, 1):
+                self._tensor(spec.name, writer, kernel, files)
+                if progress:
+                    progress(n, len(specs))
+        report_inputs = [{"path": p, "kind": "checkpoint", "weight": w, "tensors": len(ckpt.tensors)} for p, w in zip(self.inputs, self.lam)]
+        return FastReport(self.out, o.method, report_inputs, len(specs), len(specs), _size(self.out), metadata)
+
+    def _tensor(self, name: str, writer, kernel: LinearKernel, files: "_Files") -> None:
+        info = self.ckpt.tensors[name]
+        if info.numel == 0:
+            writer.write(name, b"")
+            return
+        size = 4 if info.dtype == "F32" else 2
+        infos = [info, *(c.tensors[name] for c in self.fts)]
+        for start in range(0, info.numel, RANGE):
+            nbytes = (min(info.numel, start + RANGE) - start) * size
+            raws = [files.read(t.file, t.begin + start * size, nbytes, i) for i, t in enumerate(infos)]
+            writer.write_partial(name, kernel.run(name, info.dtype, raws[0], raws[1:]))
+
+
+class _Files:
+    """Open input files and one read buffer per checkpoint (base first)."""
+
+    def __init__(self):
+        self._fds: dict[str, int] = {}
+        self._bufs: dict[int, np.ndarray] = {}
+
+    def read(self, path: str, offset: int, n: int, slot: int) -> np.ndarray:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        buf = self._bufs.get(slot)
+        if buf is None:
+            buf = self._bufs[slot] = np.empty(RANGE * 4 + 64, np.uint8)
+        view, got = memoryview(buf)[:n], 0
+        while got < n:
+            k = os.preadv(fd, [view[got:]], offset + got)
+            if k == 0:
+                raise BadInputError(f"{path} ends inside a tensor (at byte {offset + got})", "the file is truncated: copy or download it again")
+            got += k
+        return buf[:n]
+
+    def __enter__(self) -> "_Files":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+
+
+def _size(out: str) -> int:
+    """``engine._size``: bytes of the output on disk (a file with several names counts once)."""
+    if os.path.isfile(out):
+        return os.path.getsize(out)
+    seen, size = set(), 0
+    for root, _, names in os.walk(out) if os.path.isdir(out) else ():
+        for f in names:
+            st = os.stat(os.path.join(root, f))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                size += st.st_size
+    return size
