@@ -38,19 +38,23 @@ def to_f32(raw: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def fma32(phi: np.ndarray, lam: np.float32, acc: np.ndarray, scratch: np.ndarray, bits: np.ndarray) -> None:
+def fma32(phi: np.ndarray, lam: np.float32, acc: np.ndarray, scratch: np.ndarray, bits: np.ndarray, flags: np.ndarray | None = None) -> None:
     """``acc = fp32(λ·φ + acc)`` rounded once, as torch's ``acc.add_(phi, alpha=λ)``.
 
-    ``scratch``/``bits``: fp64/int64 work buffers of ``len(acc)`` elements.
+    ``scratch``/``bits``: fp64/int64 work buffers of ``len(acc)`` elements; ``flags``: bool, 2 × that.
     """
     s = scratch
     np.multiply(phi, np.float64(lam), out=s, dtype=np.float64)  # exact: 24 × 24 bits
     np.add(s, acc, out=s)  # rounded once to fp64
     b = s.view(np.int64)
+    flags = np.empty(2 * len(s), bool) if flags is None else flags
+    suspect, below = flags[: len(s)], flags[len(s) : 2 * len(s)]
     np.bitwise_and(b, _LOW29, out=bits)
-    suspect = bits == _HALF_ULP32
+    np.equal(bits, _HALF_ULP32, out=suspect)
     np.bitwise_and(b, np.int64(0x7FFFFFFFFFFFFFFF), out=bits)
-    suspect |= (bits < _MIN_NORMAL32_BITS) & (bits != 0)  # an exact 0 needs no care
+    bits -= 1  # an exact 0 wraps to the largest unsigned value: it needs no care
+    np.less(bits.view(np.uint64), np.uint64(_MIN_NORMAL32_BITS - 1), out=below)
+    suspect |= below
     if suspect.any():
         _round_to_odd(s, phi, lam, acc, np.flatnonzero(suspect))
     np.copyto(acc, s, casting="same_kind")
@@ -109,6 +113,7 @@ class LinearKernel:
         self.acc = np.empty(n, np.float32)
         self.scratch = np.empty(n, np.float64)
         self.bits = np.empty(n, np.int64)
+        self.flags = np.empty(2 * n, np.bool_)
         self.out16 = np.empty(n, np.uint16)
 
     def run(self, name: str, dtype: str, base_raw: np.ndarray, ft_raws: list[np.ndarray]) -> memoryview:
@@ -129,7 +134,7 @@ class LinearKernel:
             elif lam == -1:
                 acc -= phi
             else:
-                fma32(phi, lam, acc, self.scratch[:m], self.bits[:m])
+                fma32(phi, lam, acc, self.scratch[:m], self.bits[:m], self.flags[: 2 * m])
         zero = acc == 0  # θ₀'s own bits where no input changes it (−0.0 included)
         acc += base
         np.copyto(acc, base, where=zero)
