@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -172,25 +173,41 @@ class FastMerge:
         with CheckpointWriter(
             self.out, specs, metadata=metadata, max_shard_size=o.max_shard_size or DEFAULT_MAX_SHARD_SIZE,
             source_dir=ckpt.directory, inputs=[self.base, *self.inputs], force=o.force, shard_plan=plan,
-        ) as writer, _Files() as files:
-            for n, spec in enumerate(writer.specs, 1):
-                self._tensor(spec.name, writer, kernel, files)
-                if progress:
-                    progress(n, len(specs))
+        ) as writer, _Files() as files, ThreadPoolExecutor(1, thread_name_prefix="peftcli-read") as reader:
+            # The next range is read on a thread while this one is computed and written (the
+            # reads release the GIL, and so do numpy's loops).
+            ranges = self._ranges([s.name for s in writer.specs])
+            job = next(ranges, None)
+            pending = reader.submit(files.read_all, job, 0) if job else None
+            done, parity = 0, 0
+            while job is not None:
+                name, dtype, last = job[0], job[1], job[4]
+                raws = pending.result()
+                job, parity = next(ranges, None), 1 - parity
+                pending = reader.submit(files.read_all, job, parity) if job else None
+                if not raws:  # an empty tensor
+                    writer.write(name, b"")
+                else:
+                    writer.write_partial(name, kernel.run(name, dtype, raws[0], raws[1:]))
+                if last:
+                    done += 1
+                    if progress:
+                        progress(done, len(specs))
         report_inputs = [{"path": p, "kind": "checkpoint", "weight": w, "tensors": len(ckpt.tensors)} for p, w in zip(self.inputs, self.lam)]
         return FastReport(self.out, o.method, report_inputs, len(specs), len(specs), _size(self.out), metadata)
 
-    def _tensor(self, name: str, writer, kernel: LinearKernel, files: "_Files") -> None:
-        info = self.ckpt.tensors[name]
-        if info.numel == 0:
-            writer.write(name, b"")
-            return
-        size = 4 if info.dtype == "F32" else 2
-        infos = [info, *(c.tensors[name] for c in self.fts)]
-        for start in range(0, info.numel, RANGE):
-            nbytes = (min(info.numel, start + RANGE) - start) * size
-            raws = [files.read(t.file, t.begin + start * size, nbytes, i) for i, t in enumerate(infos)]
-            writer.write_partial(name, kernel.run(name, info.dtype, raws[0], raws[1:]))
+    def _ranges(self, names: list[str]):
+        """(name, dtype, [(file, offset) base first], bytes, whether last) per range of each tensor, in write order."""
+        for name in names:
+            info = self.ckpt.tensors[name]
+            infos = [info, *(c.tensors[name] for c in self.fts)]
+            if info.numel == 0:
+                yield name, info.dtype, [], 0, True
+                continue
+            size = 4 if info.dtype == "F32" else 2
+            for start in range(0, info.numel, RANGE):
+                stop = min(info.numel, start + RANGE)
+                yield name, info.dtype, [(t.file, t.begin + start * size) for t in infos], (stop - start) * size, stop == info.numel
 
 
 class _Files:
@@ -198,9 +215,14 @@ class _Files:
 
     def __init__(self):
         self._fds: dict[str, int] = {}
-        self._bufs: dict[int, np.ndarray] = {}
+        self._bufs: dict[object, np.ndarray] = {}
 
-    def read(self, path: str, offset: int, n: int, slot: int) -> np.ndarray:
+    def read_all(self, job, parity: int) -> list[np.ndarray]:
+        """The bytes of one range of ``_ranges`` in every checkpoint, into buffers of ``parity`` (0 or 1)."""
+        _, _, where, n, _ = job
+        return [self.read(path, offset, n, (i, parity)) for i, (path, offset) in enumerate(where)]
+
+    def read(self, path: str, offset: int, n: int, slot) -> np.ndarray:
         fd = self._fds.get(path)
         if fd is None:
             fd = self._fds[path] = os.open(path, os.O_RDONLY)
