@@ -82,6 +82,8 @@ def test_fast_path_writes_the_torch_paths_bytes(models, weights, tmp_path):
 
 def test_a_fast_path_merge_imports_no_torch(models, tmp_path):
     dtype, base, fts = models
+    if dtype != "BF16":  # one subprocess is enough: the path is the same for every dtype
+        pytest.skip("checked on BF16")
     out = str(tmp_path / "m.safetensors")
     code = (
         "import sys\nfrom peftcli.cli import cli\n"
