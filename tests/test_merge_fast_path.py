@@ -155,3 +155,18 @@ def test_what_the_fast_path_does_not_take_goes_the_torch_way(models, tmp_path):
         assert fast_linear.plan(base, fts[:2], out, _opts("1,0.8")) is None
     finally:
         del os.environ["ATEN_CPU_CAPABILITY"]
+
+
+def test_shards_get_the_real_hashes_in_every_header(models, tmp_path):
+    """The header is written with placeholder hashes and patched once they are known: in every shard."""
+    dtype, base, fts = models
+    if dtype != "F16":
+        pytest.skip("checked on F16")
+    args = ["--weights", "0.8,-0.5", "--max-shard-size", "40KB"]
+    result = CliRunner().invoke(cli, ["merge", base, *fts[:2], *args, "-o", str(tmp_path / "fast")])
+    assert result.exit_code == 0, result.output
+    merge(base, fts[:2], str(tmp_path / "slow"), weights=[0.8, -0.5], max_shard_size="40KB")
+    fast, slow = _files(str(tmp_path / "fast")), _files(str(tmp_path / "slow"))
+    assert len([f for f in fast if f.endswith(".safetensors")]) > 2
+    assert list(fast) == list(slow) and all(fast[f] == slow[f] for f in fast)
+    assert b"0" * 64 not in b"".join(fast.values())

@@ -165,7 +165,10 @@ class FastMerge:
 
         ckpt, o = self.ckpt, self.opts
         specs = [TensorSpec(t.name, t.dtype, t.shape) for t in ckpt.tensors.values()]
-        metadata = self.metadata(sha256)
+        # The header comes first but needs every input's sha256 (hashed on a thread since the CLI
+        # started): write it with placeholders of the same length, merge meanwhile, then patch it.
+        final = None if specs else self.metadata(sha256)
+        metadata = final or self.metadata(lambda f: "0" * 64)
         plan = None  # engine._shard_plan without heads: the base's layout unless re-sharded or one file
         if o.max_shard_size is None and not self.out.endswith(".safetensors") and len(ckpt.files) > 1:
             plan = [[t.name for t in ckpt.tensors.values() if t.file == f] for f in ckpt.files]
@@ -193,8 +196,11 @@ class FastMerge:
                     done += 1
                     if progress:
                         progress(done, len(specs))
+            if final is None:
+                final = self.metadata(sha256)
+                _patch_headers(writer, metadata, final)
         report_inputs = [{"path": p, "kind": "checkpoint", "weight": w, "tensors": len(ckpt.tensors)} for p, w in zip(self.inputs, self.lam)]
-        return FastReport(self.out, o.method, report_inputs, len(specs), len(specs), _size(self.out), metadata)
+        return FastReport(self.out, o.method, report_inputs, len(specs), len(specs), _size(self.out), final)
 
     def _ranges(self, names: list[str]):
         """(name, dtype, [(file, offset) base first], bytes, whether last) per range of each tensor, in write order."""
@@ -208,6 +214,26 @@ class FastMerge:
             for start in range(0, info.numel, RANGE):
                 stop = min(info.numel, start + RANGE)
                 yield name, info.dtype, [(t.file, t.begin + start * size) for t in infos], (stop - start) * size, stop == info.numel
+
+
+def _patch_headers(writer, placeholder: dict[str, str], final: dict[str, str]) -> None:
+    """Rewrite each shard's header (still in the writer's temporary) with the real hashes: same length, same offsets."""
+    from peftcli.checkpoint.writer import build_header
+
+    for i, shard in enumerate(writer.shards):
+        old, new = build_header(shard, {"format": "pt", **placeholder}), build_header(shard, {"format": "pt", **final})
+        if len(old) != len(new):  # a sha256 is 64 hex digits: cannot happen
+            raise RuntimeError("the provenance header changed length")
+        if writer._file is not None and i == writer._current:  # the open shard: fsynced as the writer closes it
+            writer._file.flush()
+            os.pwrite(writer._file.fileno(), new, 0)
+            continue
+        fd = os.open(writer._path_of_shard(i), os.O_WRONLY)
+        try:
+            os.pwrite(fd, new, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class _Files:
