@@ -59,11 +59,13 @@ def merge(base, inputs, out, config, as_json, outtype, probe, **values):
     from peftcli.merging.provenance import Hasher
 
     hasher = Hasher.for_inputs(inputs)  # hashes on its own thread while torch is imported
-    from peftcli.merging.engine import merge as run_merge
-    from peftcli.merging.engine import stdout_stream
+    from peftcli.merging import fast_linear
 
+    fast = fast_linear.plan(base, list(inputs), out, opts)  # task arithmetic of safetensors checkpoints: no torch
     stream = None
     if out is None:
+        from peftcli.merging.engine import stdout_stream
+
         stream = stdout_stream()
         if as_json:
             raise click.UsageError("--json needs -o: stdout carries the checkpoint")
@@ -82,7 +84,7 @@ def merge(base, inputs, out, config, as_json, outtype, probe, **values):
 
             report, quant = merge_to_gguf(base, list(inputs), out, opts, outtype, probe, progress=progress, hasher=hasher)
         else:
-            report = run_merge(base, list(inputs), out, opts, stream=stream, progress=progress, hasher=hasher)
+            report = _fast(fast, hasher, progress) if fast else _torch_merge(base, inputs, out, opts, stream, progress, hasher)
     finally:
         if progress is not None:
             bar.stop()
@@ -121,6 +123,20 @@ def _report_gguf(report, quant, n_inputs: int, as_json: bool) -> None:
     if p is not None:
         click.echo(f"probe: {p['prompts']} prompts, {p['positions']} positions: max |Δlogit| {p['max_abs_logit_diff']:.4g}, "
                    f"mean KL {p['mean_kl']:.4g}, top-1 agreement {100 * p['top1_agreement']:.2f}% (vs the fp32 merge)")
+
+
+def _fast(fast, hasher, progress):
+    try:
+        return fast.run(hasher.sha256, progress)
+    finally:
+        hasher.stop()
+        fast.close()
+
+
+def _torch_merge(base, inputs, out, opts, stream, progress, hasher):
+    from peftcli.merging.engine import merge as run_merge
+
+    return run_merge(base, list(inputs), out, opts, stream=stream, progress=progress, hasher=hasher)
 
 
 def _print_adapter(report, n_inputs: int) -> None:
