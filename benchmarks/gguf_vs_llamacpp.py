@@ -23,7 +23,10 @@ Three checks on SmolLM2-135M-Instruct (`smollm2_to_safetensors.py` makes the fp3
    gguf-py first on PYTHONPATH) on the same adapter, f32 and q8_0: wall time, CPU time and
    peak RSS (/usr/bin/time) of each command as a fresh process, alternating, medians of
    --runs; and whether both files hold the same tensors (names, shapes, types, values: f32
-   exactly, q8_0 dequantised) and the same adapter keys.
+   exactly, q8_0 dequantised) and the same adapter keys. The same for the whole-model export
+   against `convert_hf_to_gguf.py` on BASE (f32, q8_0): time, RSS, tensors byte for byte and
+   every key. The converter imports sentencepiece: `pip install --target CONVERTER/extra
+   sentencepiece` (extra/ goes on its PYTHONPATH).
 
 peftcli runs with this interpreter (the project's venv); llama.cpp with --llama-python (a venv
 with llama-cpp-python built from its sdist), in subprocesses. Work files go under --work and
@@ -211,8 +214,54 @@ def converter_cmd(args, adapter: str, outtype: str, out: str) -> list[str]:
 
 def converter_env(args) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(args.converter, "gguf-py"), args.converter])
+    # extra/: what the converter imports and the project's venv lacks (sentencepiece), pip --target
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(args.converter, "gguf-py"), args.converter,
+                                         os.path.join(args.converter, "extra")])
     return env
+
+
+def model_vs_converter(args, files: dict) -> dict:
+    """peftcli's whole-model files vs convert_hf_to_gguf.py's on BASE: tensors, keys, time, RSS (cached in work)."""
+    w = args.work
+    cache = os.path.join(w, "model_vs_converter.json")
+    if os.path.exists(cache):
+        with open(cache) as f:
+            return json.load(f)
+    res = {}
+    for t in ("f32", "q8_0"):
+        ours = [*PEFTCLI, "export", args.base, "--to", "gguf", "--outtype", t, "--force", "-o", f"{w}/time-model-{t}.gguf"]
+        theirs = [sys.executable, os.path.join(args.converter, "convert_hf_to_gguf.py"), args.base, "--outtype", t,
+                  "--outfile", f"{w}/conv-model-{t}.gguf"]
+        runs = {"peftcli": [], "convert_hf_to_gguf": []}
+        for _ in range(args.runs):
+            runs["peftcli"].append(measure(ours))
+            runs["convert_hf_to_gguf"].append(measure(theirs, converter_env(args)))
+        res[t] = {k: {"wall_s": statistics.median(r[0] for r in v), "rss_mb": statistics.median(r[1] for r in v) / 2**20,
+                      "cpu_s": statistics.median(r[2] for r in v)} for k, v in runs.items()}
+        res[t]["files"] = same_model_file(files[f"model_{t}"], f"{w}/conv-model-{t}.gguf")
+        print("model", t, res[t], flush=True)
+    res["load"] = os.getloadavg()
+    with open(cache, "w") as f:
+        json.dump(res, f)
+    return res
+
+
+def same_model_file(a_path: str, b_path: str) -> dict:
+    """Tensors byte for byte, and every key's value (GGUF.* header fields aside)."""
+    from gguf import GGUFReader
+
+    a, b = GGUFReader(a_path), GGUFReader(b_path)
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    differ = [n for n in set(ta) & set(tb) if ta[n].tensor_type != tb[n].tensor_type
+              or list(ta[n].shape) != list(tb[n].shape) or ta[n].data.tobytes() != tb[n].data.tobytes()]
+
+    def keys(r):
+        return {f.name: str(f.contents()) for f in r.fields.values() if not f.name.startswith("GGUF.")}
+
+    ka, kb = keys(a), keys(b)
+    return {"tensors": [len(ta), len(tb)], "names_differ": sorted(set(ta) ^ set(tb)), "tensors_differ": sorted(differ),
+            "keys_only_peftcli": sorted(set(ka) - set(kb)), "keys_only_converter": sorted(set(kb) - set(ka)),
+            "keys_differ": {k: [ka[k][:80], kb[k][:80]] for k in sorted(set(ka) & set(kb)) if ka[k] != kb[k]}}
 
 
 def timings(args, adapter: str) -> dict:
@@ -281,7 +330,7 @@ def main() -> None:
     p.add_argument("--b-std", type=float, default=0.02)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--skip", default="", help="comma-separated: llama, timing")
+    p.add_argument("--skip", default="", help="comma-separated: llama, timing, model")
     p.add_argument("--json", default="benchmarks/results/gguf_vs_llamacpp.json")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -301,6 +350,8 @@ def main() -> None:
         res["llama"] = llama_checks(args, files, ids, ref)
     if "timing" not in skip:
         res["timing"] = timings(args, adapter)
+    if "model" not in skip:
+        res["model_vs_converter"] = model_vs_converter(args, files)
     res["load_end"] = os.getloadavg()
     print(json.dumps(res, indent=1, default=str))
     with open(args.json, "w") as f:
