@@ -67,7 +67,7 @@ model, lora, spec, out = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 spec = json.load(open(spec))
 llm = Llama(model_path=model, lora_path=lora or None, logits_all=True, n_ctx=512, n_batch=512,
             n_threads=int(spec["threads"]), verbose=False, seed=0,
-            lora_scale=float(spec.get("lora_scale", 1.0)))
+            lora_scale=float(spec.get("lora_scale", 1.0)), **({"type_k": 0, "type_v": 0} if spec.get("kv_f32") else {}))
 arrays, tokens = {}, []
 for i, ids in enumerate(spec["ids"]):
     llm.reset()
@@ -152,12 +152,12 @@ def reference_logits(base: str, adapter: str, ids: list[list[int]], work: str) -
 
 
 def llama_logits(py: str, model: str, lora: str | None, ids, work: str, name: str, threads: int,
-                 lora_scale: float = 1.0) -> tuple[dict, dict]:
+                 lora_scale: float = 1.0, kv_f32: bool = False) -> tuple[dict, dict]:
     out = os.path.join(work, f"llama_{name}.npz")
     if not os.path.exists(out):
         spec = os.path.join(work, "spec.json")
         with open(spec, "w") as f:
-            json.dump({"ids": ids, "texts": PROMPTS, "threads": threads, "lora_scale": lora_scale}, f)
+            json.dump({"ids": ids, "texts": PROMPTS, "threads": threads, "lora_scale": lora_scale, "kv_f32": kv_f32}, f)
         run([py, "-c", LLAMA_CHILD, model, lora or "", spec, out])
     with open(out + ".json") as f:
         return dict(np.load(out)), json.load(f)
@@ -371,16 +371,21 @@ def llama_checks(args, files: dict, ids, ref: dict) -> dict:
         "model_f32+lora_q8_0": (files["model_f32"], files["lora_q8_0"], "lora"),
         "model_q8_0": (files["model_q8_0"], None, "base"),
         "model_q8_0+lora_f32": (files["model_q8_0"], files["lora_f32"], "lora"),
+        # llama.cpp's KV cache is f16 by default: with an f32 cache the f32 rows' floor is fp32 rounding
+        "model_f32 kv_f32": (files["model_f32"], None, "base"),
+        "model_f32+lora_f32 kv_f32": (files["model_f32"], files["lora_f32"], "lora"),
     }
     floors, eff = {}, effect(ref)["max_abs"]
     for name, (model, lora, prefix) in cases.items():
-        logits, meta = llama_logits(args.llama_python, model, lora, ids, w, name.replace("+", "_"), args.threads)
+        kv_f32 = name.endswith(" kv_f32")
+        logits, meta = llama_logits(args.llama_python, model, lora, ids, w, name.replace("+", "_").replace(" ", "_"),
+                                    args.threads, kv_f32=kv_f32)
         out[name] = {**compare(logits, ref, prefix), "tokenization_equal": meta["tokens"] == ids,
                      "llama_cpp_python": meta["version"]}
         if lora is None:
-            floors[model] = (logits, out[name])
+            floors[model, kv_f32] = (logits, out[name])
         else:
-            base_logits, floor = floors[model]
+            base_logits, floor = floors[model, kv_f32]
             out[name]["delta_diff"] = delta_diff(logits, base_logits, ref)
             # at the floor: within 2x the same model file's diff without the adapter (+0.05 for the
             # adapter's own q8_0 rounding); the effect/10 bound only holds where the floor is below it
