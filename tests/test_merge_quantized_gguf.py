@@ -228,3 +228,17 @@ def test_a_tied_base_stays_tied_and_its_f32_probe_has_no_drift(tiny_llama_tied, 
     assert "output.weight" not in names and names == [t.name for t in gguf.GGUFReader(base).tensors]
     assert doc["requantized"] == len(_deltas(run)) and doc["tensor_types"] == {"F32": doc["requantized"] + 5, "Q8_0": 1}  # token_embd, untouched
     assert doc["probe"]["max_abs_logit_diff"] == 0.0 and doc["probe"]["top1_agreement"] == 1.0
+
+
+def test_a_recipe_merge_step_writes_the_same_gguf_as_the_command(base, lora, tmp_path):
+    """outtype and probe are declared once (GgufOutputOptions): a recipe's merge step takes them
+    and writes the file the command writes."""
+    out = str(tmp_path / "cli.gguf")
+    assert _invoke(base, lora, "-o", out, "--outtype", "q8_0").exit_code == 0
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"steps:\n  merge: {{base: {base}, inputs: [{lora}], output: merged.gguf, outtype: q8_0}}\n")
+    result = CliRunner().invoke(cli, ["run", str(recipe), "-o", str(tmp_path / "wd"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    cli_reader, recipe_reader = gguf.GGUFReader(out), gguf.GGUFReader(str(tmp_path / "wd" / "merged.gguf"))
+    for a, b in zip(cli_reader.tensors, recipe_reader.tensors, strict=True):
+        assert a.name == b.name and a.tensor_type == b.tensor_type and bytes(a.data) == bytes(b.data), a.name

@@ -90,7 +90,7 @@ def _refuse_prequantized(config: dict[str, Any], where: str) -> None:
     what = f"quant_method {method!r}" if isinstance(method, str) else "a quantization_config"
     raise BadInputError(
         f"{where}: a pre-quantized checkpoint ({what}): its stored weights are quantized codes, not weights peftcli can read",
-        "use the full-precision model it was quantized from; `train --quantize nf4|int8` quantizes a base itself",
+        "use the full-precision model it was quantized from; `peftcli train --quantize nf4|int8` quantizes a base itself",
     )
 
 

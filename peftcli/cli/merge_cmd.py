@@ -9,7 +9,7 @@ import click
 from peftcli.cli.options import click_options
 from peftcli.cli.output import emit_json, json_option, stderr_console, styled
 from peftcli.merging.methods import option_classes
-from peftcli.merging.quantized import OUTTYPES
+from peftcli.merging.quantized import GgufOutputOptions
 from peftcli.merging.options import MergeOptions
 from peftcli.methods import foldable
 
@@ -22,8 +22,7 @@ from peftcli.methods import foldable
 @click_options(MergeOptions, only=("weights", "method"))
 @click_options(*option_classes())  # every method's parameters, declared once in its module
 @click_options(MergeOptions, skip=("weights", "method"))
-@click.option("--outtype", "outtype", metavar="|".join(OUTTYPES), help="With a .gguf base and -o OUT.gguf: the type the changed tensors are requantised to; the others keep their stored bytes.")
-@click.option("--probe", "probe", type=click.Path(), help="With --outtype: prompts (one per line, or JSONL text) to report the GGUF's logit drift from the fp32 merge on.")
+@click_options(GgufOutputOptions)
 @json_option
 def merge(base, inputs, out, config, as_json, outtype, probe, **values):
     """Write BASE + the task vectors of INPUTS as a standalone checkpoint.

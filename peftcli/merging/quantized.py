@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from peftcli.errors import BadInputError, UsageError
+from peftcli.options import option
 
 # --outtype: what gguf-py 0.17's numpy quantisers write (TQ1_0/TQ2_0 are ternary formats for
 # BitNet-style models, not a requantisation of ordinary weights: not offered), best first.
@@ -72,30 +73,43 @@ class QuantizedReport:
                 "tensors": [s.to_json() for s in self.stats], "below_noise": self.below_noise, "probe": self.probe}
 
 
+@dataclass
+class GgufOutputOptions:
+    """merge's GGUF output, declared once for ``peftcli merge`` and a recipe's merge step."""
+
+    outtype: str | None = option(
+        None, metavar="|".join(OUTTYPES),
+        help="With a .gguf base and -o OUT.gguf: the type the changed tensors are requantised to; the others keep their stored bytes.",
+    )
+    probe: str | None = option(
+        None, path=True, help="With `outtype`: prompts (one per line, or JSONL text) to report the GGUF's logit drift from the fp32 merge on.",
+    )
+
+
 def check_request(base: str | None, out: str | None, outtype: str | None, probe: str | None, opts: Any) -> bool:
     """Whether the merge writes a GGUF; refuses a bad combination before anything is read."""
     wants = out is not None and out.lower().endswith(".gguf")
     if not wants and outtype is None and probe is None:
         return False
     if outtype is not None and outtype not in OUTTYPES:
-        raise UsageError(f"unknown --outtype {outtype!r}", f"choose one of: {', '.join(OUTTYPES)}")
+        raise UsageError(f"unknown `outtype` {outtype!r}", f"choose one of: {', '.join(OUTTYPES)}")
     if not wants:
-        flag = "--outtype" if outtype is not None else "--probe"
+        flag = "`outtype`" if outtype is not None else "`probe`"
         raise UsageError(f"{flag} writes a GGUF file, and -o {out or '(stdout)'} is not a .gguf path", "pass -o MERGED.gguf")
     if outtype is None:
-        raise UsageError(f"-o {out}: a GGUF output needs its tensor type", f"add --outtype, one of: {', '.join(OUTTYPES)}")
+        raise UsageError(f"-o {out}: a GGUF output needs its tensor type", f"add `outtype`, one of: {', '.join(OUTTYPES)}")
     from peftcli.checkpoint.gguf_model import is_gguf
 
     if not is_gguf(base):
         raise UsageError(f"-o {out}: merging into a GGUF takes a .gguf base file, and {base} is not one",
-                         "merge into a directory, then peftcli export DIR --to gguf")
-    for flag, given in (("--to-adapter", opts.to_adapter), ("--tokenizer-source", opts.tokenizer_source),
-                        ("--dtype", opts.dtype), ("--max-shard-size", opts.max_shard_size)):
+                         "merge into a directory, then `peftcli export DIR --to gguf`")
+    for flag, given in (("`to_adapter`", opts.to_adapter), ("`tokenizer_source`", opts.tokenizer_source),
+                        ("`dtype`", opts.dtype), ("`max_shard_size`", opts.max_shard_size)):
         if given:
-            raise UsageError(f"{flag} does not apply to a GGUF output (its tensor types are --outtype's, its vocabulary the base's)",
+            raise UsageError(f"{flag} does not apply to a GGUF output (its tensor types are `outtype`'s, its vocabulary the base's)",
                              f"drop {flag}")
     if probe is not None and not os.path.isfile(probe):
-        raise BadInputError(f"--probe {probe}: no such file", "pass a file of prompts, one per line (or JSONL with a text field)")
+        raise BadInputError(f"`probe` {probe}: no such file", "pass a file of prompts, one per line (or JSONL with a text field)")
     return True
 
 
@@ -265,7 +279,7 @@ def read_prompts(path: str) -> list[str]:
         with open(path, encoding="utf-8") as f:
             lines = [(i, line.rstrip("\n")) for i, line in enumerate(f, 1) if line.strip()]
     except (OSError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"--probe {path}: cannot read it as UTF-8 text ({exc})", "pass a text file of prompts") from None
+        raise BadInputError(f"`probe` {path}: cannot read it as UTF-8 text ({exc})", "pass a text file of prompts") from None
     if not path.lower().endswith(".jsonl"):
         prompts = [line for _, line in lines]
     else:
@@ -276,10 +290,10 @@ def read_prompts(path: str) -> list[str]:
             except ValueError:
                 row = None
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise BadInputError(f"--probe {path}:{i}: not a JSON object with a text string", 'write one {"text": "..."} per line')
+                raise BadInputError(f"`probe` {path}:{i}: not a JSON object with a text string", 'write one {"text": "..."} per line')
             prompts.append(row["text"])
     if not prompts:
-        raise BadInputError(f"--probe {path}: no prompts in it", "write one prompt per line")
+        raise BadInputError(f"`probe` {path}: no prompts in it", "write one prompt per line")
     return prompts
 
 
@@ -319,6 +333,6 @@ def probe_drift(base: str, fp32: str, out: str, prompts: list[str], tokenizer: A
             agree += int((a.argmax(-1) == b.argmax(-1)).sum())
             positions += a.shape[0]
     if positions == 0:
-        raise BadInputError("--probe: every prompt tokenises to nothing", "write prompts with text in them")
+        raise BadInputError("`probe`: every prompt tokenises to nothing", "write prompts with text in them")
     return {"prompts": len(prompts), "positions": positions, "max_abs_logit_diff": max_abs,
             "mean_kl": kl_sum / positions, "top1_agreement": agree / positions}

@@ -33,6 +33,7 @@ from peftcli.errors import BadInputError, UsageError
 from peftcli.evaluation import EvalOptions
 from peftcli.merging.methods import option_classes as merge_method_classes
 from peftcli.merging.options import MergeOptions, merge_options
+from peftcli.merging.quantized import GgufOutputOptions
 from peftcli.methods import METHODS
 from peftcli.options import ascii_float, ascii_int, flag_name, from_options, option, option_fields
 from peftcli.summary import InspectOptions, budget_option_classes, inspect_options
@@ -234,6 +235,15 @@ def _options(cls: type) -> Callable[[dict], Any]:
     return lambda p: from_options(cls, p)
 
 
+def _run_merge(api, p: dict, o, ctx) -> Any:
+    """A merge step, as ``peftcli merge`` runs it: into a GGUF with ``outtype``, else the engine."""
+    from peftcli.merging import quantized
+
+    if quantized.check_request(p["base"], p["out"], p.get("outtype"), p.get("probe"), o):
+        return quantized.merge_to_gguf(p["base"], list(p["inputs"]), p["out"], o, p["outtype"], p.get("probe"))[0]
+    return api(p["base"], list(p["inputs"]), p["out"], o)
+
+
 def _merge_options(p: dict) -> Any:
     """A merge step's options, as ``peftcli merge`` reads them: from its keys, or from the
     mergekit configuration ``config`` (which then also gives ``base`` and ``inputs``)."""
@@ -334,8 +344,8 @@ KINDS: dict[str, Kind] = {
         Kind(
             "merge", "fold adapters, diffs or fine-tunes into a checkpoint",
             _fixed(arg("base", required=False), arg("inputs", -1, required=False),
-                   option_params(_Output, _MergeConfig, MergeOptions, *merge_method_classes())),
-            "peftcli.merging.engine:merge", _merge_options, lambda api, p, o, ctx: api(p["base"], list(p["inputs"]), p["out"], o),
+                   option_params(_Output, _MergeConfig, MergeOptions, *merge_method_classes(), GgufOutputOptions)),
+            "peftcli.merging.engine:merge", _merge_options, _run_merge,
             _describe_merge, outputs=("output",), creates=("output",), required=("output",),
         ),
         Kind(

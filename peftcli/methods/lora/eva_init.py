@@ -120,7 +120,7 @@ def _layers(model, modules: list) -> tuple[list[str], dict]:
     for m in modules:
         layer, _, problem = mod.find_linear(model, m.name)
         if problem:
-            raise BadInputError(f"--init eva: {problem}", "the checkpoint's modules must build as transformers builds them")
+            raise BadInputError(f"`init` eva: {problem}", "the checkpoint's modules must build as transformers builds them")
         layers[m.name] = (layer, position[mod.resolve(model, m.name)])
     order = sorted(layers, key=lambda n: layers[n][1])
     return order, {n: layers[n][0] for n in order}
@@ -188,7 +188,7 @@ def _accumulate(model, layers: dict, items: list[dict], pad_id: int) -> dict[str
             h.remove()
     missing = [n for n in layers if n not in stats]
     if missing:
-        raise BadInputError(f"--init eva: the forward pass never reached {missing[0]}", "target modules the model runs on its input")
+        raise BadInputError(f"`init` eva: the forward pass never reached {missing[0]}", "target modules the model runs on its input")
     return stats
 
 
