@@ -247,6 +247,7 @@ def test_a_base_that_is_no_local_directory_is_refused(plain, tmp_path):
 
 @pytest.mark.parametrize("extra,what", [
     (("--outtype", "q4_k"), "--outtype"),
+    (("--outtype", "q4_1"), "is not a type llama.cpp's adapter converter writes"),  # a whole model's type only
     (("--max-lora-rank", "16"), "--max-lora-rank"),
 ])
 def test_bad_options_are_one_line_usage_errors(plain, tmp_path, extra, what):

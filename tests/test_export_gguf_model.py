@@ -165,22 +165,32 @@ def _bound(outtype: str, name: str, value: torch.Tensor, stored: str) -> torch.T
         return torch.zeros_like(value)
     if stored in ("F16", "BF16"):
         return (value - value.to(getattr(torch, {"F16": "float16", "BF16": "bfloat16"}[stored])).float()).abs()  # exactly torch's rounding
-    # Q8_0: half a step of each 32-block's scale max|w|/127, plus 127 steps of that scale's own F16 rounding (2^-11 relative)
-    step = value.reshape(value.shape[0], -1, 32).abs().amax(-1, keepdim=True) / 127
-    return (step * (0.5 + 127 * 2**-11) + 1e-7).expand(*step.shape[:-1], 32).reshape(value.shape)
+    blocks = value.reshape(value.shape[0], -1, 32)
+    absmax, low, high = blocks.abs().amax(-1, keepdim=True), blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+    if stored == "Q8_0":  # half a step of the scale max|w|/127, plus 127 steps of the scale's F16 rounding (2^-11 relative)
+        bound = absmax / 127 * (0.5 + 127 * 2**-11) + 1e-7
+    elif stored in ("Q4_0", "Q5_0"):  # d = max/-2^(b-1): one whole step at the clipped end, plus d's F16 rounding
+        levels = 8 if stored == "Q4_0" else 16
+        bound = absmax / levels * (1 + levels * 2**-11) + 1e-7
+    else:  # Q4_1, Q5_1: half a step of (max - min)/(2^b - 1) above min, plus d's and min's F16 rounding
+        levels = 15 if stored == "Q4_1" else 31
+        bound = (high - low) / levels * (0.5 + levels * 2**-11) + low.abs() * 2**-11 + 1e-7
+    return bound.expand(*bound.shape[:-1], 32).reshape(value.shape)
 
 
-@pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0"])
+@pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"])
 def test_lower_precisions_round_each_weight_within_its_bound_and_load_in_transformers(models, outtype, tmp_path):
     from transformers import AutoModelForCausalLM
 
     src, out = models["untied"], str(tmp_path / f"{outtype}.gguf")
     doc = export(src, out, "--outtype", outtype)
-    want = {"f16": {"F16": 16, "F32": 5}, "bf16": {"BF16": 16, "F32": 5}, "q8_0": {"F16": 2, "F32": 5, "Q8_0": 14}}[outtype]
+    quantised = {q: {"F16": 2, "F32": 5, q.upper(): 14} for q in ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")}
+    want = {"f16": {"F16": 16, "F32": 5}, "bf16": {"BF16": 16, "F32": 5}, **quantised}[outtype]
     assert doc["gguf"]["tensor_types"] == want  # 1-D norms F32; q8_0's ffn_down rows (80 values) F16
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
-    assert types["blk.0.attn_norm.weight"] == "F32" and (outtype != "q8_0" or types["blk.0.ffn_down.weight"] == "F16")
-    assert gguf.GGUFReader(out).fields["general.file_type"].contents() == {"f16": 1, "bf16": 32, "q8_0": 7}[outtype]
+    assert types["blk.0.attn_norm.weight"] == "F32" and (outtype in ("f16", "bf16") or types["blk.0.ffn_down.weight"] == "F16")
+    file_types = {"f16": 1, "bf16": 32, "q8_0": 7, "q5_1": 9, "q5_0": 8, "q4_1": 3, "q4_0": 2}  # gguf.LlamaFileType
+    assert gguf.GGUFReader(out).fields["general.file_type"].contents() == file_types[outtype]
     state = source_state(src)
     rounded = {}
     with open_checkpoint(out) as ckpt:
@@ -269,7 +279,7 @@ def test_refusals_are_one_line_and_write_nothing(models, tiny_llama, tiny_gpt2, 
     ]
     for path, expected in cases:
         fails(["export", path, "--to", "gguf", "-o", str(out)], expected)
-    fails(["export", src, "--to", "gguf", "--outtype", "q4_0", "-o", str(out)], "--outtype 'q4_0' is not a type", code=2)
+    fails(["export", src, "--to", "gguf", "--outtype", "q3_k", "-o", str(out)], "--outtype 'q3_k' is not a GGUF type peftcli writes", code=2)
     fails(["export", src, "--to", "gguf", "--base", src, "-o", str(out)], "--base is for exporting an adapter", code=2)
     assert not (tmp_path / "out").exists()
     before = sorted(os.listdir(src))

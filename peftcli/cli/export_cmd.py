@@ -41,8 +41,9 @@ def export(run, as_json, **options):
     With a whole model directory as RUN (a merged model: config.json, no
     adapter_config.json), --to gguf writes a complete llama.cpp model file
     (LlamaForCausalLM; MistralForCausalLM without a sliding window) with its tokenizer, as llama.cpp's
-    convert_hf_to_gguf.py does; --outtype as above (norms and 1-D tensors stay
-    f32).
+    convert_hf_to_gguf.py does; --outtype as above, or q5_1, q5_0, q4_1, q4_0
+    (gguf-py's quantisers, every matrix at that type; norms and 1-D tensors stay
+    f32, rows that are not whole 32-value blocks f16).
 
     \b
     Examples:

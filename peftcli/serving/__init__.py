@@ -32,7 +32,10 @@ class ExportOptions:
     max_lora_rank: int | None = option(
         None, metavar="R", help="the server's --max-lora-rank (1, 8, 16, ..., 512): a larger adapter rank is refused"
     )
-    outtype: str | None = option(None, metavar="f32|f16|bf16|q8_0", help="--to gguf: the tensors' type (default f32)")
+    outtype: str | None = option(
+        None, metavar="f32|f16|bf16|q8_0|q5_1|q5_0|q4_1|q4_0",
+        help="--to gguf: the tensors' type (default f32; an adapter: f32, f16, bf16 or q8_0, as llama.cpp's converter)",
+    )
     base: str | None = option(
         None, metavar="DIR", path=True,
         help="--to gguf: the base model's directory, for its config.json (default: the adapter's base_model_name_or_path)",
@@ -56,7 +59,7 @@ class ExportOptions:
             raise UsageError("export needs `output` DIR, the adapter directory to write", "or pass `check` to lint only")
 
     def _check_gguf_options(self) -> None:
-        from peftcli.serving.gguf import OUTTYPES
+        from peftcli.serving.gguf_model_export import OUTTYPES
 
         if self.to != "gguf":
             used = next((f for f, v in (("`outtype`", self.outtype), ("`base`", self.base)) if v is not None), None)
@@ -68,7 +71,7 @@ class ExportOptions:
         if self.outtype is None:
             self.outtype = "f32"
         if self.outtype not in OUTTYPES:
-            raise UsageError(f"`outtype` {self.outtype!r} is not a type llama.cpp's adapter converter writes", f"choose one of: {', '.join(OUTTYPES)}")
+            raise UsageError(f"`outtype` {self.outtype!r} is not a GGUF type peftcli writes", f"choose one of: {', '.join(OUTTYPES)}")
 
 
 @dataclass
@@ -144,6 +147,9 @@ def _export_gguf(run: str, options: ExportOptions, view, report: ExportReport) -
     from peftcli.checkpoint.atomic import atomic_output
     from peftcli.serving import gguf
 
+    if options.outtype not in gguf.OUTTYPES:  # the 4- and 5-bit types are for whole models
+        raise UsageError(f"`outtype` {options.outtype!r} is not a type llama.cpp's adapter converter writes",
+                         f"choose one of: {', '.join(gguf.OUTTYPES)} for an adapter")
     base, arch = gguf.base_arch(run, view.config, options.base)
     report.rank, report.lora_alpha = view.rank, view.config.get("lora_alpha", 8)
     report.gguf = {"architecture": arch.name, "base": base, "outtype": options.outtype, "tensor_types": None}

@@ -50,8 +50,12 @@ from peftcli.errors import BadInputError
 # convert_hf_to_gguf registers MistralForCausalLM on its LlamaModel: the same file, general.architecture llama
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 CONVERTER = "convert it with llama.cpp's convert_hf_to_gguf.py"
-# general.file_type of each outtype (gguf.LlamaFileType: ALL_F32, MOSTLY_F16, MOSTLY_BF16, MOSTLY_Q8_0)
-FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7}
+# general.file_type of each outtype (gguf.LlamaFileType: ALL_F32, MOSTLY_F16, MOSTLY_BF16, MOSTLY_Q8_0,
+# MOSTLY_Q5_1, MOSTLY_Q5_0, MOSTLY_Q4_1, MOSTLY_Q4_0). The 4- and 5-bit types are what gguf-py's numpy
+# quantisers write, every matrix at that type (llama-quantize's mixtures, which keep some tensors
+# at a higher precision, are llama.cpp's own and not reproduced).
+FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q5_1": 9, "q5_0": 8, "q4_1": 3, "q4_0": 2}
+OUTTYPES = tuple(FILE_TYPES)
 Q8_BLOCK = 32
 
 # convert_hf_to_gguf's get_vocab_base_pre: sha256 of str(tokenizer.encode(CHECK_TEXT)) names the
@@ -361,8 +365,9 @@ def tensor_type(name: str, shape: tuple[int, ...], outtype: str) -> Any:
 
     if len(shape) <= 1 or name.endswith("_norm.weight"):
         return Q.F32
-    qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[outtype]
-    return Q.F16 if qtype == Q.Q8_0 and shape[-1] % Q8_BLOCK else qtype
+    qtype = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q5_1": Q.Q5_1, "q5_0": Q.Q5_0, "q4_1": Q.Q4_1, "q4_0": Q.Q4_0}[outtype]
+    quantised = qtype not in (Q.F32, Q.F16, Q.BF16)
+    return Q.F16 if quantised and shape[-1] % Q8_BLOCK else qtype  # every block type here is 32 values
 
 
 def write(target: str, p: ModelPlan, outtype: str, name: str) -> dict[str, int]:
