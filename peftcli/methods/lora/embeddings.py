@@ -97,13 +97,16 @@ def token_targets(shapes: dict, model_config: dict | None, linear: set[str], cfg
         else:
             hits = [m for m in candidates if names_module(m, name)]
             if len(hits) != 1:
-                raise BadInputError(
-                    f"trainable_token_indices names {name}, which is {'no' if not hits else 'more than one'} embedding of this base",
-                    "was it made for another base model?",
-                )
+                what = f"names {name}, which is {'no' if not hits else 'more than one'} embedding of this base"
+                if not cfg.peft_embeddings:  # inject's option, not an adapter's config
+                    raise UsageError(f"`trainable_tokens` {what}", "name an nn.Embedding of the model (`peftcli inspect MODEL` lists them), or give ids alone for the input embedding")
+                raise BadInputError(f"trainable_token_indices {what}", "was it made for another base model?")
             module = hits[0]
         rows, dim = candidates.get(module) or shapes[module + ".weight"]
         if len(set(indices)) != len(indices) or max(indices) >= rows:
+            if not cfg.peft_embeddings:
+                raise UsageError(f"`trainable_tokens` for {module}: token ids must be distinct and below its {rows} rows",
+                                 "list token ids of this model's vocabulary")
             raise BadInputError(
                 f"trainable_token_indices for {module}: token ids must be distinct and below its {rows} rows",
                 "was it made for another base model? (a resized vocabulary: peftcli inspect MODEL)",
