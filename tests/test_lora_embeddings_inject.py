@@ -167,6 +167,7 @@ def test_training_trains_lora_on_the_embedding_and_lm_head(base, tmp_path):
     (["--trainable-tokens", "3,3"], "lists a token id twice"),
     (["--trainable-tokens", "3,999"], "token ids must be distinct and below its 256 rows"),
     (["--trainable-tokens", "lm_head=3"], "--trainable-tokens names lm_head, which is no embedding of this base"),
+    (["--targets", "embed_tokens,q_proj", "--rank-pattern", "embed.*=2"], "--rank-pattern regex 'embed.*' selects the embedding model.embed_tokens"),
 ])
 def test_bad_embedding_options_are_refused(flags, message, tiny_llama, tmp_path):
     result = CliRunner().invoke(cli, ["inject", "lora", *flags, tiny_llama, "-o", str(tmp_path / "out")])

@@ -254,6 +254,7 @@ class LoRA(MethodBase):
         if cfg.target_parameters and not cfg.targets:
             return []  # PEFT's target_modules [] (or none) beside target_parameters: parameters only
         embedded = self._embedding_targets(shapes, model_config, cfg)
+        _refuse_embedding_patterns(embedded, cfg)
         named = embedded or _skipped_embeddings(shapes, model_config, cfg)  # names that are no linear target
         spec = _linear_spec(shapes, model_config, cfg.targets, named)
         try:
@@ -656,6 +657,20 @@ def _eva_config(cfg: LoraConfig) -> dict:
     follows (label mask on, no whitening, α scaled with the rank; τ, the incremental PCA's
     stopping threshold, plays no part in peftcli's exact PCA)."""
     return {"rho": cfg.eva_rho, "tau": 0.99, "use_label_mask": True, "label_mask_value": -100, "whiten": False, "adjust_scaling_factors": True}
+
+
+def _refuse_embedding_patterns(embedded: dict, cfg: LoraConfig) -> None:
+    """For inject: a --rank-pattern/--alpha-pattern regex that selects an embedding target is
+    refused. inject writes patterns for the linear targets (as exact paths where PEFT releases
+    read a regex differently), so an embedding's own rank could be lost in the config."""
+    for name, pairs in (("rank_pattern", cfg.ranks), ("alpha_pattern", cfg.alphas)):
+        if getattr(cfg, name) is None:
+            continue  # an adapter's: read as PEFT reads it
+        for key, _ in pairs:
+            hit = next((e for e in embedded if rank_patterns.values(((key, 1),), (), e, 0, 0, rank_patterns.CURRENT)[0]), None)
+            if hit is not None:
+                raise UsageError(f"`{name}` regex {key!r} selects the embedding {hit}, whose LoRA takes `rank` and `alpha` only",
+                                 "match linear targets only with the pattern, or set `rank` for the embedding")
 
 
 def _check_given_patterns(modules: list, cfg: LoraConfig) -> None:
