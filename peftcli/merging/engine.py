@@ -36,6 +36,7 @@ from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.base import Replacement
 from peftcli.merging.options import MergeOptions, from_keywords
 from peftcli.merging.provenance import Hasher
+from peftcli.merging.report import MergeReport, output_size as _size
 from peftcli.merging.pipeline import Buffers, ReadAhead, WriteBehind
 from peftcli.merging.ranged import (
     OUT_BUFFERS, WRITE_LIMIT, Cast, Context, Copy, Task, buffer_bytes, check_cast, check_finite,
@@ -44,24 +45,6 @@ from peftcli.merging.ranged import (
 from peftcli.merging.sources import Source, open_source, refuse_unmergeable
 
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-
-
-@dataclass
-class MergeReport:
-    output: str
-    method: str
-    inputs: list[dict]
-    tensors: int
-    changed: int
-    bytes: int = 0
-    metadata: dict[str, str] = field(default_factory=dict)
-    tasks: list[dict] = field(default_factory=list)  # the head models written, one per task
-
-    def to_json(self) -> dict:
-        return {
-            "schema": "peftcli.merge/1", "output": self.output, "method": self.method, "inputs": self.inputs,
-            "tensors": self.tensors, "changed_tensors": self.changed, "bytes": self.bytes, "tasks": self.tasks,
-        }
 
 
 def _weights(weights: list[float] | None, n: int) -> list[float]:
@@ -337,20 +320,6 @@ def _extra(cfg) -> dict:
     from peftcli.options import option_fields
 
     return {f.name: getattr(cfg, f.name) for f in option_fields(type(cfg)) if f.name != "density"}
-
-
-def _size(out: str | None) -> int:
-    """Bytes of the output on disk (a file with several names counts once)."""
-    if out and os.path.isfile(out):
-        return os.path.getsize(out)
-    seen, size = set(), 0
-    for root, _, files in os.walk(out) if out and os.path.isdir(out) else ():
-        for f in files:
-            st = os.stat(os.path.join(root, f))
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                size += st.st_size
-    return size
 
 
 def _report_tasks(out: str | None, layout) -> list[dict]:

@@ -46,7 +46,7 @@ def fma32(phi: np.ndarray, lam: np.float32, acc: np.ndarray, scratch: np.ndarray
     s = scratch
     np.multiply(phi, np.float64(lam), out=s, dtype=np.float64)  # exact: 24 × 24 bits
     np.add(s, acc, out=s)  # rounded once to fp64
-    b = s.view(np.int64)
+    b: np.ndarray = s.view(np.int64)
     flags = np.empty(2 * len(s), bool) if flags is None else flags
     suspect, below = flags[: len(s)], flags[len(s) : 2 * len(s)]
     np.bitwise_and(b, _LOW29, out=bits)
@@ -79,7 +79,7 @@ def _round_to_odd(s: np.ndarray, phi: np.ndarray, lam: np.float32, acc: np.ndarr
 
 def to_bf16(x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """``x`` (finite fp32) rounded to nearest even bf16, as uint16 bits: torch's ``round_to_nearest_even``."""
-    u = x.view(np.uint32)
+    u: np.ndarray = x.view(np.uint32)
     lsb = np.right_shift(u, 16)
     np.bitwise_and(lsb, 1, out=lsb)
     lsb += 0x7FFF
@@ -107,14 +107,14 @@ class LinearKernel:
 
     def __init__(self, n: int, lams: list[float]):
         self.lams = [np.float32(w) for w in lams]  # torch casts alpha to the fp32 op's type
-        self.base = np.empty(n, np.float32)
-        self.ft = np.empty(n, np.float32)
-        self.phi = np.empty(n, np.float32)
-        self.acc = np.empty(n, np.float32)
-        self.scratch = np.empty(n, np.float64)
-        self.bits = np.empty(n, np.int64)
-        self.flags = np.empty(2 * n, np.bool_)
-        self.out16 = np.empty(n, np.uint16)
+        self.base: np.ndarray = np.empty(n, np.float32)
+        self.ft: np.ndarray = np.empty(n, np.float32)
+        self.phi: np.ndarray = np.empty(n, np.float32)
+        self.acc: np.ndarray = np.empty(n, np.float32)
+        self.scratch: np.ndarray = np.empty(n, np.float64)
+        self.bits: np.ndarray = np.empty(n, np.int64)
+        self.flags: np.ndarray = np.empty(2 * n, np.bool_)
+        self.out16: np.ndarray = np.empty(n, np.uint16)
 
     def run(self, name: str, dtype: str, base_raw: np.ndarray, ft_raws: list[np.ndarray]) -> memoryview:
         """The output bytes of one range: ``base_raw`` and ``ft_raws`` are its bytes in each checkpoint."""
@@ -141,7 +141,7 @@ class LinearKernel:
         if not all_finite32(acc):
             raise not_finite(name, dtype)
         if dtype == "F32":
-            return memoryview(acc).cast("B")
+            return acc.data.cast("B")
         out = self.out16[:m]
         if dtype == "F16":
             np.copyto(out.view(np.float16), acc, casting="same_kind")
@@ -151,4 +151,4 @@ class LinearKernel:
             to_bf16(acc, out)
             if np.any((out & 0x7F80) == 0x7F80):  # rounded up to Inf
                 raise not_finite(name, dtype)
-        return memoryview(out).cast("B")
+        return out.data.cast("B")

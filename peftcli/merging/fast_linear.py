@@ -22,38 +22,19 @@ import json
 import os
 import platform
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
 from peftcli import __version__
 from peftcli.checkpoint.reader import Checkpoint, open_checkpoint
+from peftcli.merging.report import MergeReport, output_size
 from peftcli.errors import BadInputError, PeftcliError
 from peftcli.merging.fast_kernel import FAST_DTYPES, LinearKernel
 
 RANGE = 1 << 18  # elements per range, as ranged.RANGE: a range's working set stays in cache
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # writer.DEFAULT_MAX_SHARD_SIZE
-
-
-@dataclass
-class FastReport:
-    """``engine.MergeReport``'s fields and JSON, for the merges this path takes."""
-
-    output: str
-    method: str
-    inputs: list[dict]
-    tensors: int
-    changed: int
-    bytes: int = 0
-    metadata: dict[str, str] = field(default_factory=dict)
-    tasks: list[dict] = field(default_factory=list)
-
-    def to_json(self) -> dict:
-        return {
-            "schema": "peftcli.merge/1", "output": self.output, "method": self.method, "inputs": self.inputs,
-            "tensors": self.tensors, "changed_tensors": self.changed, "bytes": self.bytes, "tasks": self.tasks,
-        }
 
 
 def fused_add_cpu() -> bool:
@@ -131,8 +112,8 @@ class FastMerge:
     base: str
     inputs: list[str]
     out: str
-    opts: object
-    cfg: object
+    opts: Any  # MergeOptions
+    cfg: Any  # the linear method's config
     lam: list[float]
     ckpt: Checkpoint
     fts: list[Checkpoint]
@@ -160,7 +141,7 @@ class FastMerge:
         )
         return {"format": "pt", "peftcli.merge": text}
 
-    def run(self, sha256: Callable[[str], str], progress: Callable[[int, int], None] | None = None) -> FastReport:
+    def run(self, sha256: Callable[[str], str], progress: Callable[[int, int], None] | None = None) -> MergeReport:
         from peftcli.checkpoint.writer import CheckpointWriter, TensorSpec
 
         ckpt, o = self.ckpt, self.opts
@@ -185,6 +166,7 @@ class FastMerge:
             done, parity = 0, 0
             while job is not None:
                 name, dtype, last = job[0], job[1], job[4]
+                assert pending is not None  # a job was submitted for every range
                 raws = pending.result()
                 job, parity = next(ranges, None), 1 - parity
                 pending = reader.submit(files.read_all, job, parity) if job else None
@@ -200,7 +182,8 @@ class FastMerge:
                 final = self.metadata(sha256)
                 _patch_headers(writer, metadata, final)
         report_inputs = [{"path": p, "kind": "checkpoint", "weight": w, "tensors": len(ckpt.tensors)} for p, w in zip(self.inputs, self.lam)]
-        return FastReport(self.out, o.method, report_inputs, len(specs), len(specs), _size(self.out), final)
+        assert final is not None
+        return MergeReport(self.out, o.method, report_inputs, len(specs), len(specs), output_size(self.out), final)
 
     def _ranges(self, names: list[str]):
         """(name, dtype, [(file, offset) base first], bytes, whether last) per range of each tensor, in write order."""
@@ -213,7 +196,7 @@ class FastMerge:
             size = 4 if info.dtype == "F32" else 2
             for start in range(0, info.numel, RANGE):
                 stop = min(info.numel, start + RANGE)
-                yield name, info.dtype, [(t.file, t.begin + start * size) for t in infos], (stop - start) * size, stop == info.numel
+                yield name, info.dtype, [(t.file, int(t.begin) + start * size) for t in infos], (stop - start) * size, stop == info.numel  # type: ignore[arg-type]  # _eligible: every begin is set
 
 
 def _patch_headers(writer, placeholder: dict[str, str], final: dict[str, str]) -> None:
@@ -255,7 +238,7 @@ class _Files:
         buf = self._bufs.get(slot)
         if buf is None:
             buf = self._bufs[slot] = np.empty(RANGE * 4 + 64, np.uint8)
-        view, got = memoryview(buf)[:n], 0
+        view, got = buf.data[:n], 0
         while got < n:
             k = os.preadv(fd, [view[got:]], offset + got)
             if k == 0:
@@ -271,15 +254,3 @@ class _Files:
             os.close(fd)
 
 
-def _size(out: str) -> int:
-    """``engine._size``: bytes of the output on disk (a file with several names counts once)."""
-    if os.path.isfile(out):
-        return os.path.getsize(out)
-    seen, size = set(), 0
-    for root, _, names in os.walk(out) if os.path.isdir(out) else ():
-        for f in names:
-            st = os.stat(os.path.join(root, f))
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                size += st.st_size
-    return size

@@ -24,6 +24,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from peftcli import __version__
 from peftcli.errors import BadInputError, UsageError
@@ -111,7 +112,7 @@ def _per_layer(config: dict, count: int, path: str) -> None:
 def _restacked(slices: list[Slice], ckpts: dict) -> dict:
     """PER_LAYER_KEYS of the stacked model: each slice's model's entries [start, stop), in order.
     A key some models list and others lack is refused (the stacked layers would be half described)."""
-    out = {}
+    out: dict[str, Any] = {}
     for key in PER_LAYER_KEYS:
         lists = [ckpts[s.path].config.get(key) for s in slices]
         if all(v is None for v in lists):
@@ -183,7 +184,8 @@ def stack(slices: list[Slice], out: str | None, *, dtype: str | None = None, max
     """Write the model stacked from ``slices`` to the directory ``out``; the merge's report."""
     from peftcli.checkpoint.reader import open_checkpoint
     from peftcli.checkpoint.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, TensorSpec
-    from peftcli.merging.engine import FLOAT_DTYPES, MergeReport, _size
+    from peftcli.merging.engine import FLOAT_DTYPES
+    from peftcli.merging.report import MergeReport, output_size as _size
     from peftcli.merging.heads import with_dtype
 
     if out is None or out.endswith(".safetensors"):
