@@ -294,9 +294,11 @@ class LoRA(MethodBase):
                     "target modules with a bias (BERT, GPT-2 have them), or drop `lora_bias`",
                 )
         # resolve_targets never returns none; the smallest module too small for its rank is named.
-        # inject's options only: an adapter may carry a rank above a narrow module's (PEFT takes
-        # it, and convert --to lora zero-pads such a module to the adapter's r).
-        too_small = [m for m in modules if cfg.for_module(m.name).rank > min(m.shape)] if not cfg.peft_embeddings else []
+        # inject's options, and adapters whose init factors the base (PiSSA, OLoRA: an SVD/QR has
+        # min(out, in) components). A plain adapter may carry a rank above a narrow module's (PEFT
+        # takes it, and convert --to lora zero-pads such a module to the adapter's r).
+        checked = not cfg.peft_embeddings or cfg.base_init is not None
+        too_small = [m for m in modules if cfg.for_module(m.name).rank > min(m.shape)] if checked else []
         if too_small:
             smallest = min(too_small, key=lambda m: min(m.shape))
             limit, rank = min(smallest.shape), cfg.for_module(smallest.name).rank
