@@ -95,10 +95,10 @@ def targeted_module(path: str, modules, targeted, what: str) -> tuple[str | None
     return name, None
 
 
-def rotated_targets(shapes: dict, model_config: dict | None, cfg, label: str) -> list:
+def linear_only_targets(shapes: dict, model_config: dict | None, cfg, label: str) -> list:
     """The nn.Linear modules ``cfg`` (``targets``, ``layers``, ``exclude``) selects for a method
-    that multiplies the weight (OFT, BOFT, HRA: ``label``), which PEFT applies to nn.Linear only:
-    a GPT-2 Conv1D among them is refused naming the method."""
+    PEFT applies to nn.Linear only (LoHa, LoKr, OFT, BOFT, HRA: ``label``, ``adapts_conv1d``
+    False): a GPT-2 Conv1D among them is refused naming the method."""
     from peftcli.targets import excluded, resolve_targets
 
     modules = resolve_targets(shapes, model_config, cfg.targets, cfg.layers)
@@ -109,7 +109,7 @@ def rotated_targets(shapes: dict, model_config: dict | None, cfg, label: str) ->
     conv1d = next((m for m in modules if m.transposed), None)
     if conv1d is not None:
         raise UsageError(f"{conv1d.name} is a transformers Conv1D (GPT-2 style), which PEFT's {label} does not adapt",
-                         f"{label} applies to nn.Linear layers; use lora or vera on this model")
+                         f"{label} applies to nn.Linear layers; use lora, ia3 or vera on this model")
     return modules
 
 

@@ -42,7 +42,7 @@ from peftcli.methods.base import (
     mismatch_error,
     model_finder,
     peft_key,
-    rotated_targets,
+    linear_only_targets,
     selection,
 )
 from peftcli.methods.oft import cayley
@@ -126,7 +126,7 @@ class Boft(MethodBase):
     )
 
     def _targets(self, shapes, model_config, cfg: BoftConfig) -> list[LinearModule]:
-        modules = rotated_targets(shapes, model_config, cfg, "BOFT")
+        modules = linear_only_targets(shapes, model_config, cfg, "BOFT")
         for m in modules:
             cfg.geometry(m)
         return modules

@@ -32,7 +32,7 @@ from peftcli.methods.base import (
     matched_keys,
     model_finder,
     peft_key,
-    rotated_targets,
+    linear_only_targets,
     selection,
 )
 from peftcli.methods.vera import CORRUPT, build, is_int, layers_option, read_only, refuse_unknown, target_fields, targets_option
@@ -78,7 +78,7 @@ class Hra(MethodBase):
     )
 
     def _targets(self, shapes, model_config, cfg: HraConfig) -> list[LinearModule]:
-        modules = rotated_targets(shapes, model_config, cfg, "HRA")
+        modules = linear_only_targets(shapes, model_config, cfg, "HRA")
         return modules
 
     def budget(self, shapes, model_config, cfg: HraConfig) -> list[BudgetRow]:

@@ -36,7 +36,7 @@ from peftcli.methods.base import (
     matched_keys,
     model_finder,
     peft_key,
-    rotated_targets,
+    linear_only_targets,
     selection,
 )
 from peftcli.methods.vera import CORRUPT, build, is_int, layers_option, read_only, refuse_unknown, target_fields, targets_option
@@ -110,7 +110,7 @@ class Oft(MethodBase):
     )
 
     def _targets(self, shapes, model_config, cfg: OftConfig) -> list[LinearModule]:
-        modules = rotated_targets(shapes, model_config, cfg, "OFT")
+        modules = linear_only_targets(shapes, model_config, cfg, "OFT")
         for m in modules:
             cfg.block(m)
         return modules

@@ -28,7 +28,7 @@ from peftcli.methods.base import (
 from peftcli.methods import rank_patterns
 from peftcli.options import option
 from peftcli.patterns import from_file
-from peftcli.targets import LinearModule, excluded, linear_modules, resolve_targets
+from peftcli.targets import LinearModule, linear_modules
 
 if TYPE_CHECKING:
     import torch
@@ -194,18 +194,9 @@ class LycorisMethod(MethodBase):
         return self.delta(parts)
 
     def _targets(self, shapes, model_config, cfg) -> list[LinearModule]:
-        modules = resolve_targets(shapes, model_config, cfg.targets, cfg.layers)
-        if cfg.exclude:
-            modules = [m for m in modules if not excluded(m.name, cfg.exclude)]
-            if not modules:
-                raise UsageError("exclude_modules removes every module target_modules selects", "fix exclude_modules in adapter_config.json")
-        conv1d = next((m for m in modules if m.transposed), None)
-        if conv1d is not None:
-            raise UsageError(
-                f"{conv1d.name} is a transformers Conv1D (GPT-2 style), which PEFT's {self.label} does not adapt",
-                f"{self.label} applies to nn.Linear layers; use lora or ia3 on this model",
-            )
-        return modules
+        from peftcli.methods.base import linear_only_targets
+
+        return linear_only_targets(shapes, model_config, cfg, self.label)
 
     def _module_parts(self, m: LinearModule, cfg) -> tuple[dict[str, tuple[int, int]], float]:
         rank, alpha = rank_alpha(cfg, m.name)
