@@ -8,6 +8,11 @@ end (a fresh process, start-up included), the in-process API, and the reference
 (/proc/self/io rchar). One column per size, so time can be read against size.
 
     python benchmarks/inspect_large.py [--runs 5] [--shapes llama-2-7b,llama-2-13b,llama-2-70b]
+
+``--gguf FILE --safetensors DIR`` measures the same columns (but the reference listing) on a
+real GGUF file beside a safetensors directory of the same model instead, e.g. SmolLM2's Q4_1
+GGUF and its fp32 conversion (``smollm2_to_safetensors.py``): reading a GGUF's header should
+cost what reading a safetensors header does.
 """
 
 from __future__ import annotations
@@ -75,13 +80,47 @@ def measure(shape: str, runs: int) -> dict[str, str]:
         }
 
 
+def measure_file(path: str, runs: int) -> dict[str, str]:
+    """The inspect columns of one existing checkpoint (a .gguf file or a safetensors directory)."""
+    from peftcli.checkpoint.reader import open_checkpoint
+    from peftcli.summary import summarize
+
+    files = [path] if os.path.isfile(path) else [os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors")]
+    size = sum(os.path.getsize(f) for f in files)
+
+    def cli():
+        subprocess.run([sys.executable, "-m", "peftcli", "inspect", path, "--json"], check=True, stdout=subprocess.DEVNULL)
+
+    def api():
+        with open_checkpoint(path) as ckpt:
+            summarize(ckpt)
+
+    api()
+    before = rchar()
+    api()
+    read = rchar() - before
+    return {
+        "file bytes": f"{size:,}",
+        "bytes read by open+summarize": f"{read:,}",
+        "bytes read / size": f"{read / size:.1e}",
+        "peftcli inspect --json (fresh process)": f"{median_time(cli, runs) * 1000:.0f} ms",
+        "API open_checkpoint + summarize": f"{median_time(api, runs) * 1000:.1f} ms",
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of: {', '.join(SHAPES)}")
+    ap.add_argument("--gguf", help="a .gguf file: measure it beside --safetensors instead of the sparse shapes")
+    ap.add_argument("--safetensors", help="with --gguf: a safetensors directory of the same model")
     args = ap.parse_args()
-    shapes = args.shapes.split(",")
-    columns = [measure(shape, args.runs) for shape in shapes]
+    if args.gguf:
+        shapes = [os.path.basename(args.gguf), os.path.basename(args.safetensors.rstrip("/")) + " (safetensors)"]
+        columns = [measure_file(args.gguf, args.runs), measure_file(args.safetensors, args.runs)]
+    else:
+        shapes = args.shapes.split(",")
+        columns = [measure(shape, args.runs) for shape in shapes]
     print("| measure | " + " | ".join(shapes) + " |")
     print("|---|" + "---|" * len(shapes))
     for key in columns[0]:
