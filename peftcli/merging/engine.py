@@ -273,7 +273,7 @@ class _Job:
             CheckpointWriter(
                 target, self.specs, metadata=self.metadata, max_shard_size=o.max_shard_size or DEFAULT_MAX_SHARD_SIZE,
                 source_dir=source_dir, inputs=[] if multi else [self.base, *self.inputs], force=o.force and not multi,
-                shard_plan=plan, extra_files=extra,
+                shard_plan=plan, extra_files=extra, tied_heads=True,
             )
         )
         return writer, writer.specs
