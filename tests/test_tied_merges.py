@@ -76,11 +76,12 @@ def _spy_fast_path(monkeypatch) -> list:
     return calls
 
 
-def test_fast_path_refuses_a_tied_config_over_different_heads(tied, tmp_path, monkeypatch):
+@pytest.mark.parametrize("shards", [[], ["--max-shard-size", "20KB"]])  # the two heads in one shard, or apart
+def test_fast_path_refuses_a_tied_config_over_different_heads(tied, tmp_path, monkeypatch, shards):
     base, untied, _ = tied
     out = str(tmp_path / "out")
     calls = _spy_fast_path(monkeypatch)
-    r = CliRunner().invoke(cli, ["merge", base, *untied, "-o", out])
+    r = CliRunner().invoke(cli, ["merge", base, *untied, "-o", out, *shards])
     assert calls == [out]  # the torch-free path wrote (and refused) it
     assert r.exit_code == 1, r.output
     assert "ties lm_head.weight to model.embed_tokens.weight" in r.output and "tie_word_embeddings false" in r.output
