@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, BinaryIO, Iterable, Mapping
 from peftcli.checkpoint.atomic import atomic_output, open_new_file
 from peftcli.checkpoint.reader import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 from peftcli.checkpoint.safetensors_format import DTYPES, expected_nbytes
+from peftcli.checkpoint.tied_heads import TiedHeads, output_config
 from peftcli.errors import BadInputError, ResourceError, UsageError
 
 if TYPE_CHECKING:
@@ -120,6 +121,7 @@ class SafetensorsStreamWriter:
         # ``atomic``: ``out`` is a temporary that vanishes on failure (CheckpointWriter). Any
         # other stream (stdout) keeps what it got, so a failure must say it is incomplete.
         self._atomic = atomic
+        self.observe = None  # called with (name, bytes) for each tensor's bytes: CheckpointWriter's tied-heads digests
         self._send(build_header(self._specs, metadata))
 
     def _send(self, data) -> None:
@@ -167,6 +169,8 @@ class SafetensorsStreamWriter:
                 f"tensor {name!r} got {self._partial + buf.nbytes} bytes, more than its {spec.nbytes}",
                 f"its parts must add up to exactly {spec.nbytes} bytes",
             )
+        if self.observe is not None:
+            self.observe(name, buf)
         self._send(buf)
         self._partial += buf.nbytes
         if self._partial < spec.nbytes:
@@ -198,6 +202,8 @@ class SafetensorsStreamWriter:
             buf = tensor_bytes(data)
         if buf.nbytes != spec.nbytes:
             raise UsageError(f"tensor {name!r} has {buf.nbytes} bytes, expected {spec.nbytes}", "pass exactly the bytes of the spec's dtype and shape")
+        if self.observe is not None:
+            self.observe(name, buf)
         self._send(buf)
         self._next += 1
 
@@ -320,6 +326,7 @@ class CheckpointWriter:
         single_file: bool | None = None,
         shard_plan: list[list[str]] | None = None,
         extra_files: Mapping[str, bytes] | None = None,
+        tied_heads: bool = False,
     ):
         self.target = target = os.path.normpath(target)
         self.specs = list(specs)
@@ -342,6 +349,10 @@ class CheckpointWriter:
         self._shard_of = {s.name: i for i, shard in enumerate(self.shards) for s in shard}
         if len(self._shard_of) != len(self.specs):
             raise UsageError("a tensor name is listed twice", "give each tensor name one TensorSpec")
+        # ``tied_heads`` (the merges): a directory whose config ties lm_head to the embedding must
+        # store the two equal, or transformers loads another model (checkpoint.tied_heads).
+        watch = tied_heads and not self.single_file
+        self._tied = TiedHeads.watch(output_config(source_dir, self.extra_files), self.specs) if watch else None
         self._ctx = None
         self._tmp = ""
         self._file = None
@@ -361,6 +372,8 @@ class CheckpointWriter:
         self._close_shard()
         self._file = open_new_file(self._path_of_shard(i))
         self._writer = SafetensorsStreamWriter(self._file, self.shards[i], self.metadata, atomic=True)
+        if self._tied is not None:
+            self._writer.observe = self._tied.update
         self._current = i
 
     def _close_shard(self) -> None:
@@ -403,6 +416,8 @@ class CheckpointWriter:
         self._close_shard()
         if self.single_file:
             return
+        if self._tied is not None:  # before anything is renamed into place: nothing appears
+            self._tied.check()
         if len(self.shards) > 1:
             index = {
                 "metadata": {"total_size": sum(s.nbytes for s in self.specs)},

@@ -273,7 +273,7 @@ class _Job:
             CheckpointWriter(
                 target, self.specs, metadata=self.metadata, max_shard_size=o.max_shard_size or DEFAULT_MAX_SHARD_SIZE,
                 source_dir=source_dir, inputs=[] if multi else [self.base, *self.inputs], force=o.force and not multi,
-                shard_plan=plan, extra_files=extra,
+                shard_plan=plan, extra_files=extra, tied_heads=True,
             )
         )
         return writer, writer.specs
@@ -298,7 +298,10 @@ def _check_ties(base: str, ckpt, sources: list) -> None:
     """Refuse a merge that would write a tied config over two different heads. A base whose
     config ties lm_head to the input embedding may still store both tensors (equal), and
     transformers ties them on load only while they are equal: a merge changing one of the two
-    would write a model transformers unties, silently not the one merged."""
+    would write a model transformers unties, silently not the one merged. This up-front check
+    names the adapter or diff that changes one side only; full checkpoints change every float
+    tensor (both are in ``deltas``), and for them, as for every merge, the writer compares the
+    two tensors as written (``CheckpointWriter(tied_heads=True)``, ``checkpoint.tied_heads``)."""
     from peftcli.preflight import input_embedding
 
     head = "lm_head.weight"

@@ -156,7 +156,7 @@ class FastMerge:
         kernel = LinearKernel(RANGE, self.lam)
         with CheckpointWriter(
             self.out, specs, metadata=metadata, max_shard_size=o.max_shard_size or DEFAULT_MAX_SHARD_SIZE,
-            source_dir=ckpt.directory, inputs=[self.base, *self.inputs], force=o.force, shard_plan=plan,
+            source_dir=ckpt.directory, inputs=[self.base, *self.inputs], force=o.force, shard_plan=plan, tied_heads=True,
         ) as writer, _Files() as files, ThreadPoolExecutor(1, thread_name_prefix="peftcli-read") as reader:
             # The next range is read on a thread while this one is computed and written (the
             # reads release the GIL, and so do numpy's loops).

@@ -204,6 +204,7 @@ def stack(slices: list[Slice], out: str | None, *, dtype: str | None = None, max
             CheckpointWriter(
                 out, specs, metadata=metadata, max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE,
                 source_dir=ckpts[slices[0].path].directory, inputs=paths, force=force, extra_files={"config.json": config_bytes},
+                tied_heads=True,
             )
         )
         _copy(writer, infos, out_dtype)
