@@ -93,12 +93,14 @@ def merge(
     if opts.weights is not None and not m.takes_weights:
         raise UsageError(f"{m.name} takes no `weights`", "drop `weights`")
     from peftcli.merging import vocab
+    from peftcli.merging.architecture import check_same_architecture
 
     with _one_thread(), open_checkpoint(base, allow_pickle=opts.allow_pickle) as raw:
         if raw.directory is not None:  # a link out of the model directory: refused before any is read
             from peftcli.checkpoint.writer import checked_model_files
 
             checked_model_files(raw.directory)
+        check_same_architecture(raw.config, base, list(inputs))
         tokens = vocab.plan(raw, list(inputs), opts.tokenizer_source, opts.allow_pickle)  # differing vocabularies
         ckpt = tokens.reindexed(raw) if tokens else raw  # its embedding and head in the output's token order
         m.plan(cfg, list(ckpt.tensors))  # e.g. SLERP's t lists against the base's layers

@@ -79,7 +79,9 @@ def plan(base: str, inputs: list[str], out: str | None, opts) -> "FastMerge | No
 
             checked_model_files(opened[0].directory)
         from peftcli.merging import vocab
+        from peftcli.merging.architecture import check_same_architecture
 
+        check_same_architecture(opened[0].config, base, list(inputs))
         vocab.plan(opened[0], list(inputs), None, False)
     except (PeftcliError, _NotFast):
         for c in opened:
