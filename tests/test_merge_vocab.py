@@ -165,6 +165,10 @@ def test_union_has_every_token_rows_by_mergekit_rule(models, tmp_path):
     ids = tok("w3 x0 x9 x2", add_special_tokens=False)["input_ids"]
     assert ids == [vocab["w3"], vocab["x0"], vocab["x9"], vocab["x2"]]
     torch.testing.assert_close(model.get_input_embeddings().weight[ids[1]], tensors["a"][EMBED][va["x0"]], rtol=0, atol=0)
+    # untied stays untied: the head loads as its own merged tensor, not as the embedding
+    assert json.load(open(os.path.join(out, "config.json"))).get("tie_word_embeddings") is not True
+    assert model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    torch.testing.assert_close(model.lm_head.weight.detach(), merged[HEAD], rtol=0, atol=0)
 
 
 def test_model_source_takes_that_models_vocabulary(models, tmp_path):
