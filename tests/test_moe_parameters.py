@@ -116,17 +116,17 @@ def test_injected_adapter_loads_in_peft_with_our_logits(moe, tmp_path, model_typ
     assert torch.allclose(ours, theirs, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("model_type, params", [
-    ("mixtral", EXPERTS),
-    ("mixtral", ["experts.down_proj", "mlp.gate.weight"]),  # the router, stored as block_sparse_moe.gate.weight
-    ("qwen2_moe", EXPERTS),
-    ("olmoe", ["experts.gate_up_proj"]),
-], ids=["mixtral", "mixtral-router", "qwen2_moe", "olmoe"])
-def test_peft_adapter_merges_into_the_per_expert_tensors(moe, tmp_path, model_type, params):
+@pytest.mark.parametrize("model_type, params, modules", [
+    ("mixtral", EXPERTS, []),
+    ("mixtral", ["experts.down_proj", "mlp.gate.weight"], []),  # the router, stored as block_sparse_moe.gate.weight
+    ("qwen2_moe", EXPERTS, ["q_proj"]),  # beside LoRA on modules
+    ("olmoe", ["experts.gate_up_proj"], []),
+], ids=["mixtral", "mixtral-router", "qwen2_moe-mixed", "olmoe"])
+def test_peft_adapter_merges_into_the_per_expert_tensors(moe, tmp_path, model_type, params, modules):
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
     base = moe(model_type)
-    pm = get_peft_model(_causal_lm(base), PeftLoraConfig(r=2, lora_alpha=6, target_modules=[], target_parameters=params)).eval()
+    pm = get_peft_model(_causal_lm(base), PeftLoraConfig(r=2, lora_alpha=6, target_modules=modules, target_parameters=params)).eval()
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, p in pm.named_parameters():
@@ -194,7 +194,7 @@ def test_a_model_type_without_a_declared_mapping_is_refused(moe, tmp_path):
     base = _copy_with(moe("qwen2_moe"), str(tmp_path / "other"), {"model_type": "dbrx_like"})
     out = str(tmp_path / "run")
     result = CliRunner().invoke(cli, ["inject", "lora", "--target-parameters", EXPERTS[0], base, "-o", out])
-    assert_error(result, 1, "names experts.gate_up_proj, which is no parameter of this model", out)
+    assert_error(result, 1, "stores its experts one by one and peftcli does not know how transformers fuses them for dbrx_like", out)
 
 
 def test_fused_experts_stored_as_such_are_refused(moe, tmp_path):

@@ -105,6 +105,19 @@ def _fused(prefix: str, experts: dict[int, dict[str, tuple[int, ...]]], layout: 
     }
 
 
+def refuse_undeclared(name: str, shapes: dict, model_type: str | None) -> None:
+    """A fused expert name on a checkpoint that stores experts one by one, of a model type whose
+    fusing on load peftcli has not declared: refused naming the type (no guess at the order)."""
+    if model_type in LAYOUTS or name.rpartition(".")[2] not in FUSED:
+        return
+    if any(re.search(r"\.experts\.\d+\.", n) for n in shapes):
+        raise BadInputError(
+            f"`target_parameters` names {name}, but this {model_type} checkpoint stores its experts one by one and "
+            f"peftcli does not know how transformers fuses them for {model_type} (it does for {', '.join(LAYOUTS)})",
+            "use PEFT for this model, or target its per-expert linear layers with `targets`",
+        )
+
+
 def refuse_stored_fused(name: str, model_type: str | None) -> None:
     raise BadInputError(
         f"`target_parameters` names {name}, a fused expert tensor stored as such in a {model_type} checkpoint: "

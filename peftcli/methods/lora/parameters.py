@@ -118,6 +118,8 @@ def targets(shapes: dict, model_config: dict | None, spec, linear_targets: list,
         if refused is not None:
             expert_layouts.refuse_stored_fused(refused, model_type)
         hits = {n: tuple(s) for n, s in loaded.items() if n == t or n.endswith("." + t)}
+        if not hits and on_disk:
+            expert_layouts.refuse_undeclared(t, shapes, model_type)
         if not hits:
             raise BadInputError(
                 f"`target_parameters` names {t}, which is no parameter of this model",
