@@ -171,7 +171,9 @@ def test_train_changes_the_expert_lora(moe, tmp_path):
     # the on-disk per-expert tensors are no parameter of transformers' loaded model
     (["--target-parameters", "experts.0.w1.weight"], "names experts.0.w1.weight, which is no parameter of this model"),
     (["--target-parameters", "block_sparse_moe.gate.weight"], "names block_sparse_moe.gate.weight, which is no parameter"),
-], ids=["unknown", "per-expert", "on-disk-name"])
+    # the router: block_sparse_moe.gate on disk, mlp.gate once loaded; PEFT refuses a module targeted both ways
+    (["-r", "2", "--targets", "gate", "--target-parameters", "mlp.gate.weight"], "model.layers.0.mlp.gate is targeted both by --targets and by --target-parameters"),
+], ids=["unknown", "per-expert", "on-disk-name", "twice"])
 def test_inject_refuses_names_of_no_loaded_parameter(moe, tmp_path, args, words):
     out = str(tmp_path / "run")
     result = CliRunner().invoke(cli, ["inject", "lora", *args, moe("mixtral"), "-o", out])

@@ -132,7 +132,10 @@ def targets(shapes: dict, model_config: dict | None, spec, linear_targets: list,
                                 "name matrices or stacked expert matrices only")
         found.update(hits)
     _refuse_tied(found, shapes, model_config)
-    nested = _nest(found, model_type, {m.name for m in linear_targets})
+    layout = expert_layouts.LAYOUTS.get(model_type or "") if on_disk else None
+    # the modules target_modules selects, named as in the loaded model (Mixtral's block_sparse_moe is its mlp)
+    linear = {expert_layouts.loaded_name(m.name, layout) if layout else m.name for m in linear_targets}
+    nested = _nest(found, model_type, linear)
     return [dataclasses.replace(t, disk=moved[t.name].disk) if t.name in moved else t for t in nested]
 
 
