@@ -309,11 +309,12 @@ class LoRA(MethodBase):
             )
         return modules
 
-    def _param_targets(self, shapes, model_config, cfg) -> list:
-        """The parameters target_parameters names (``lora_params.Target``s), none without it."""
+    def _param_targets(self, shapes, model_config, cfg, on_disk: bool = True) -> list:
+        """The parameters target_parameters names (``lora_params.Target``s), none without it
+        (``on_disk`` false: ``shapes`` are the loaded model's, its experts already fused)."""
         if not cfg.target_parameters:
             return []
-        return lora_params.targets(shapes, model_config, cfg.target_parameters, self._targets(shapes, model_config, cfg))
+        return lora_params.targets(shapes, model_config, cfg.target_parameters, self._targets(shapes, model_config, cfg), on_disk)
 
     @staticmethod
     def _embedding_targets(shapes, model_config, cfg) -> dict[str, tuple[int, int]]:
@@ -577,7 +578,7 @@ class LoRA(MethodBase):
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
         targeted, unfit = self._targeted(shapes, model_config, cfg)  # as PEFT selects them: on the model's names
         phi, configs = {}, {}
-        phi.update(lora_params.attach(model, by_module, self._param_targets(shapes, model_config, cfg), cfg))  # takes theirs out of by_module
+        phi.update(lora_params.attach(model, by_module, self._param_targets(shapes, model_config, cfg, on_disk=False), cfg))  # takes theirs
         for path, parts in by_module.items():
             if any(s in parts for s in lora_embeddings.SUFFIXES):  # an embedding's LoRA or trainable tokens
                 problem = self._attach_embedding(model, path, parts, cfg, model_config, shapes, phi)

@@ -13,13 +13,18 @@ Keys: ``base_model.model.<module>.lora_A.weight`` with <module> the parameter's 
 targeted parameters of one module are nested wrappers, the first registered innermost: the
 i-th of n (in the module's registration order) is keyed ``<module>`` + ``.base_layer`` × (n−1−i).
 A checkpoint does not record that order nor ``is_transposed``, so 3-D targets are taken only
-for the model types in ``EXPERTS``, whose modeling code gives both. PEFT refuses dropout,
+for the model types in ``EXPERTS``, whose modeling code gives both: ``llama4_text`` (fused
+experts stored as such) and ``mixtral``, ``qwen2_moe``, ``qwen3_moe``, ``olmoe``, whose
+checkpoints store experts one by one and transformers fuses them on load (expert_layouts.py:
+targets named by the loaded model's paths, e.g. ``model.layers.0.mlp.experts.gate_up_proj``;
+merge writes ΔW[e] back into the per-expert tensors, gate's rows then up's). PEFT refuses dropout,
 DoRA, lora_bias and fan_in_fan_out with it; peftcli also offers only the kaiming init and no
 rank/alpha patterns there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -27,15 +32,16 @@ from typing import TYPE_CHECKING
 
 from peftcli.errors import BadInputError, UsageError
 from peftcli.methods.base import LazyTensor, lazy_zeros, mismatch_error, peft_key
+from peftcli.methods.lora import expert_layouts
 
 if TYPE_CHECKING:
     import torch
 
 # model_type -> the registration order of its fused expert parameters (transformers 5's
-# modeling code; none of these sets ``is_transposed``). Checkpoints of Mixtral, Qwen2-MoE,
-# OLMoE... store experts one by one (transformers fuses them when it loads), so their fused
-# names are no tensor of the checkpoint.
-EXPERTS: dict[str, tuple[str, ...]] = {"llama4_text": ("gate_up_proj", "down_proj")}
+# modeling code; none of these sets ``is_transposed``). Checkpoints of the types in
+# expert_layouts.LAYOUTS store experts one by one (transformers fuses them when it loads).
+EXPERTS: dict[str, tuple[str, ...]] = {"llama4_text": ("gate_up_proj", "down_proj"),
+                                       **dict.fromkeys(expert_layouts.LAYOUTS, expert_layouts.FUSED)}
 NESTED = ".base_layer"
 PARTS = ("lora_A.weight", "lora_B.weight")
 
@@ -45,6 +51,9 @@ class Target:
     name: str  # the parameter's path in the checkpoint, e.g. model.layers.0.feed_forward.experts.gate_up_proj
     shape: tuple[int, ...]
     path: str  # where PEFT keys its LoRA tensors: the owner module, with .base_layer per outer wrapper
+    # the on-disk tensors when transformers fuses or renames them on load (expert_layouts.Loaded.disk):
+    # per expert, the tensors ΔW[e]'s rows go to in order; () when the parameter is stored under ``name``
+    disk: tuple[tuple[str, ...], ...] = ()
 
     @property
     def module(self) -> str:
@@ -89,23 +98,33 @@ def refuse_options(cfg) -> None:
                              "name the parameters of the layers wanted by their paths" if what == "layers" else f"drop `{what}`, or target modules with `targets` instead")
 
 
-def targets(shapes: dict, model_config: dict | None, spec, linear_targets: list) -> list[Target]:
+def targets(shapes: dict, model_config: dict | None, spec, linear_targets: list, on_disk: bool = True) -> list[Target]:
     """The parameters ``spec`` names among ``shapes`` (a name equal to a tensor's path or to a
     dotted suffix of it, as PEFT matches), each with the path PEFT keys its LoRA under
-    (``linear_targets``: the modules target_modules selects beside them)."""
+    (``linear_targets``: the modules target_modules selects beside them). ``shapes`` are a
+    checkpoint's tensors (``on_disk``: those transformers fuses or renames on load are taken
+    as it loads them, expert_layouts.py) or a loaded model's parameters."""
     conv1d = next((m.name for m in linear_targets if m.transposed), None)
     if conv1d is not None:  # the config's fan_in_fan_out, which PEFT's ParamWrapper refuses
         raise UsageError(f"`target_parameters` beside the Conv1D target {conv1d}: PEFT's ParamWrapper refuses fan_in_fan_out",
                          "target this model's modules with `targets` alone, or its parameters alone")
     wanted = names(spec)
+    model_type = (model_config or {}).get("model_type")
+    plain, moved, stored_fused = expert_layouts.loaded_shapes(shapes, model_type) if on_disk else (dict(shapes), {}, set())
+    loaded = {**plain, **{n: m.shape for n, m in moved.items()}}
     found: dict[str, tuple[int, ...]] = {}
     for t in wanted:
-        hits = {n: tuple(s) for n, s in shapes.items() if n == t or n.endswith("." + t)}
+        refused = next((n for n in stored_fused if n == t or n.endswith("." + t)), None)
+        if refused is not None:
+            expert_layouts.refuse_stored_fused(refused, model_type)
+        hits = {n: tuple(s) for n, s in loaded.items() if n == t or n.endswith("." + t)}
+        if not hits and on_disk:
+            expert_layouts.refuse_undeclared(t, shapes, model_type)
         if not hits:
             raise BadInputError(
                 f"`target_parameters` names {t}, which is no parameter of this model",
-                "name a parameter path or its suffix as `peftcli inspect MODEL --tensors` lists it; Mixtral-, Qwen-MoE-, "
-                "OLMoE-style checkpoints store experts one by one, fused (gate_up_proj) only once transformers loads them",
+                "name a parameter path or its suffix as `peftcli inspect MODEL --tensors` lists it, or as transformers' "
+                f"loaded model names it for {', '.join(expert_layouts.LAYOUTS)} (e.g. mlp.experts.gate_up_proj)",
             )
         bad = next((n for n, s in hits.items() if len(s) not in (2, 3)), None)
         if bad is not None:
@@ -113,7 +132,11 @@ def targets(shapes: dict, model_config: dict | None, spec, linear_targets: list)
                                 "name matrices or stacked expert matrices only")
         found.update(hits)
     _refuse_tied(found, shapes, model_config)
-    return _nest(found, (model_config or {}).get("model_type"), {m.name for m in linear_targets})
+    layout = expert_layouts.LAYOUTS.get(model_type or "") if on_disk else None
+    # the modules target_modules selects, named as in the loaded model (Mixtral's block_sparse_moe is its mlp)
+    linear = {expert_layouts.loaded_name(m.name, layout) if layout else m.name for m in linear_targets}
+    nested = _nest(found, model_type, linear)
+    return [dataclasses.replace(t, disk=moved[t.name].disk) if t.name in moved else t for t in nested]
 
 
 def _refuse_tied(found: dict, shapes: dict, model_config: dict | None) -> None:
@@ -231,7 +254,14 @@ def deltas(by_module: dict, found: list[Target], cfg, out: dict, problems: list)
             problems.append(p)
             continue
         check_finite(t, parts, cfg.scaling, cfg.rank)
-        out[t.name] = partial(_fold, a=parts[PARTS[0]], b=parts[PARTS[1]], scaling=cfg.scaling, experts=t.experts)
+        a, b = parts[PARTS[0]], parts[PARTS[1]]
+        if not t.disk:
+            out[t.name] = partial(_fold, a=a, b=b, scaling=cfg.scaling, experts=t.experts)
+        for e, stored in enumerate(t.disk):  # fused on load: each expert's rows back to its tensors
+            rows = t.shape[-2] // len(stored)
+            for k, name in enumerate(stored):
+                out[name] = partial(expert_layouts.fold_expert, a=a, b=b, scaling=cfg.scaling, experts=t.experts,
+                                    expert=e, rows=slice(k * rows, (k + 1) * rows))
 
 
 def check_finite(t: Target, parts: dict, scaling: float, rank: int) -> None:
