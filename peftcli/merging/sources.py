@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from peftcli.artifacts.adapter_dir import ADAPTER_CONFIG, read_adapter, replaced_modules
+from peftcli.artifacts.adapter_dir import ADAPTER_CONFIG, LazyTensors, read_adapter, replaced_modules
 from peftcli.artifacts.sparse_diff import check_base, read_diff
 from peftcli.checkpoint.dtypes import torch_dtype, work_dtype
 from peftcli.checkpoint.fingerprint import file_sha256, summarize_differences, table_differences, tensor_table
@@ -169,6 +169,7 @@ def _adapter_source(path: str, base: Checkpoint, sha256: Callable[[str], str] = 
     from peftcli.methods.base import PEFT_PREFIX
 
     tensors = adapter.tensors
+    assert isinstance(tensors, LazyTensors)  # read_adapter(lazy=True)
     heads = {}
     for head in adapter.config.get("modules_to_save") or []:
         for key in tensors:
@@ -216,7 +217,7 @@ def _module_groups(keys, base: Checkpoint) -> tuple[dict[str, list[str]], list[s
     return groups, shared
 
 
-def _streamed_deltas(method, cfg, tensors, base: Checkpoint) -> dict:
+def _streamed_deltas(method, cfg, tensors: LazyTensors, base: Checkpoint) -> dict:
     """``method.deltas(cfg, tensors, base)``, each fold reading its own module's tensors when
     called (``tensors`` is a ``LazyTensors``); every module's tensors are checked now."""
     from peftcli.errors import PeftcliError
@@ -224,7 +225,7 @@ def _streamed_deltas(method, cfg, tensors, base: Checkpoint) -> dict:
     groups, shared = _module_groups(list(tensors), base)
     held = {k: tensors[k] for k in shared}  # VeRA's shared projections: small, and every module's
     subsets = [tensors.subset(keys + shared, held) for keys in groups.values()]
-    owner: dict[str, object] = {}
+    owner: dict[str, tuple[LazyTensors, bool]] = {}
     try:
         for sub in subsets:
             for name, replaces in _checked(method, cfg, sub, base).items():
