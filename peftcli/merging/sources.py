@@ -200,7 +200,8 @@ def _adapter_source(path: str, base: Checkpoint, sha256: Callable[[str], str] = 
 def _module_groups(keys, base: Checkpoint) -> tuple[dict[str, list[str]], list[str]]:
     """Adapter keys by the base module they sit under (the longest prefix of the key after PEFT's
     prefix that is a module holding base tensors, or ends one: GPT-2's ``transformer.h.0…``
-    is the base's ``h.0…``), and the keys under no such module (shared by every module)."""
+    is the base's ``h.0…``; a key that is a base tensor's name is its own), and the keys under no
+    such module (shared by every module)."""
     from peftcli.methods.base import PEFT_PREFIX
 
     modules = {n.rsplit(".", 1)[0] for n in base.tensors if "." in n}
@@ -208,7 +209,7 @@ def _module_groups(keys, base: Checkpoint) -> tuple[dict[str, list[str]], list[s
     shared: list[str] = []
     for key in keys:
         parts = key[len(PEFT_PREFIX) :].split(".") if key.startswith(PEFT_PREFIX) else []
-        module = None
+        module = key if key in base.tensors else None  # in-place methods (BitFit, layers) save θ by the base's names
         for end in range(len(parts) - 1, 0, -1):
             if any(".".join(parts[start:end]) in modules for start in range(end)):
                 module = ".".join(parts[:end])
