@@ -18,6 +18,7 @@ import json
 import os
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from peftcli.checkpoint.atomic import atomic_output, open_new_file
@@ -29,6 +30,9 @@ from peftcli.methods import METHODS, method_for_adapter_config
 from peftcli.methods.base import materialize
 from peftcli.methods.peftcli_section import PEFTCLI_PEFT_TYPE
 
+if typing.TYPE_CHECKING:
+    import torch
+
 ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -36,7 +40,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 class Adapter:
     path: str
     config: dict  # adapter_config.json
-    tensors: dict  # name -> torch.Tensor (memory-mapped)
+    tensors: Mapping  # name -> torch.Tensor (a dict, or ``LazyTensors`` reading each on demand)
     metadata: dict[str, str]
 
     @property
@@ -195,8 +199,13 @@ def read_adapter_config(path: str) -> dict:
     return config
 
 
-def read_adapter(path: str) -> Adapter:
-    """Read and minimally validate an adapter directory (keys vs base are checked at attach)."""
+def read_adapter(path: str, *, lazy: bool = False) -> Adapter:
+    """Read and minimally validate an adapter directory (keys vs base are checked at attach).
+
+    ``lazy``: ``tensors`` is a ``LazyTensors`` that reads a tensor from the file each time it is
+    asked for (a merge folds one target at a time and never holds the adapter whole). The header
+    (names, dtypes, shapes, the file's length) is checked here all the same, before any value is read.
+    """
     if not os.path.isdir(path):
         raise BadInputError(f"{path}: not an adapter directory", f"expected a directory with {ADAPTER_CONFIG}")
     config = read_adapter_config(path)
@@ -206,10 +215,63 @@ def read_adapter(path: str) -> Adapter:
             raise BadInputError(f"{path}: adapter weights are a pickle (adapter_model.bin)", "re-save the adapter with safetensors")
         raise BadInputError(f"{path}: no {ADAPTER_WEIGHTS}", "the adapter directory is incomplete; pass one written whole by peftcli inject or train")
     ckpt = open_checkpoint(weights)
-    tensors = from_file_layout(config, {name: ckpt.get(name) for name in ckpt}, path)
+    tensors: Mapping
+    if lazy:
+        dtypes = {name: _header_dtype(ckpt, name) for name in ckpt}  # what ckpt.get refuses, refused now
+        files = from_file_layout(config, {name: name for name in ckpt}, path)
+        tensors = LazyTensors(ckpt, files, {inner: dtypes[f] for inner, f in files.items()})
+    else:
+        tensors = from_file_layout(config, {name: ckpt.get(name) for name in ckpt}, path)
     config = _task_heads(_saved_paths(config, tensors), tensors)
     check_adapter_tensors(config, tensors, path)
     return Adapter(path=path, config=config, tensors=tensors, metadata=dict(ckpt.metadata))
+
+
+def _header_dtype(ckpt, name: str) -> "torch.dtype":
+    """The torch dtype of ``name``'s header entry, refused as ``Checkpoint.get`` refuses it."""
+    from peftcli.checkpoint.dtypes import torch_dtype
+
+    info = ckpt.tensors[name]
+    try:
+        return torch_dtype(info.dtype)
+    except BadInputError as exc:
+        raise BadInputError(f"{info.file}: tensor {name!r}: {exc.message}", exc.hint) from None
+
+
+class LazyTensors(Mapping):
+    """An adapter's tensors by (inner) name, each read from the safetensors file when asked for
+    and never kept: every ``[key]`` is a new tensor that goes when its user drops it, so a merge
+    folding one target at a time holds one target's tensors. The header was checked on open."""
+
+    def __init__(self, ckpt, files: dict[str, str], dtypes: dict[str, "torch.dtype"], held: dict | None = None):
+        self._ckpt, self._files, self._dtypes = ckpt, files, dtypes
+        self._held = held or {}  # tensors read once and kept (small ones every target uses)
+
+    def __getitem__(self, key: str) -> "torch.Tensor":
+        if key in self._held:
+            return self._held[key]
+        return self._ckpt.get(self._files[key])
+
+    def __iter__(self):
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._files
+
+    def dtype(self, key: str) -> "torch.dtype":
+        """``self[key].dtype`` without reading the values."""
+        return self._dtypes[key]
+
+    def nbytes(self, key: str) -> int:
+        return self._ckpt.tensors[self._files[key]].nbytes
+
+    def subset(self, keys, held: dict | None = None) -> "LazyTensors":
+        """The same file's tensors ``keys`` only (one target's, for its fold); those in ``held``
+        are these tensors, read once (``{k: self[k]}``) and handed out as they are."""
+        return LazyTensors(self._ckpt, {k: self._files[k] for k in keys}, {k: self._dtypes[k] for k in keys}, held)
 
 
 # PEFT's prompt-learning models wrap the transformers model directly (LoRA's and IA³'s wrap it in a
@@ -329,7 +391,7 @@ def replaced_modules(config: dict, tensors: dict, base_names) -> dict[str, objec
     return out
 
 
-def check_adapter_tensors(config: dict, tensors: dict, where: str) -> None:
+def check_adapter_tensors(config: dict, tensors: Mapping, where: str) -> None:
     """What every command reading an adapter refuses before its method sees it (so that check,
     merge, convert, evaluate and attach refuse alike): a φ tensor that is not floating-point
     (only a sparse φ's ``W.idx`` beside its ``W.val``, and SHiRA's ``shira_indices`` beside its
@@ -340,15 +402,15 @@ def check_adapter_tensors(config: dict, tensors: dict, where: str) -> None:
     from peftcli.checkpoint.dtypes import safetensors_dtype
 
     for key in sorted(tensors):
-        t = tensors[key]
-        if t.is_floating_point():
+        dtype = tensors.dtype(key) if isinstance(tensors, LazyTensors) else tensors[key].dtype  # lazy: from the header
+        if dtype.is_floating_point:
             continue
-        index = key.endswith(".idx") and key[: -len(".idx")] + ".val" in tensors and t.dtype in (torch.int32, torch.int64)
+        index = key.endswith(".idx") and key[: -len(".idx")] + ".val" in tensors and dtype in (torch.int32, torch.int64)
         # PEFT's SHiRA saves its entries' positions beside them (peftcli.methods.read_fold.shira)
-        index = index or (key.endswith(".shira_indices") and key[: -len("indices")] + "weight" in tensors and t.dtype in (torch.int32, torch.int64))
+        index = index or (key.endswith(".shira_indices") and key[: -len("indices")] + "weight" in tensors and dtype in (torch.int32, torch.int64))
         if not index:
             raise BadInputError(
-                f"{where}: adapter tensor {key!r} is {safetensors_dtype(t.dtype)}, not floating-point",
+                f"{where}: adapter tensor {key!r} is {safetensors_dtype(dtype)}, not floating-point",
                 "adapter weights are F32, F16 or BF16; the adapter is corrupt or was not written by PEFT or peftcli",
             )
     for name in config.get("modules_to_save") or []:

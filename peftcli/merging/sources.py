@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from peftcli.artifacts.adapter_dir import ADAPTER_CONFIG, read_adapter, replaced_modules
+from peftcli.artifacts.adapter_dir import ADAPTER_CONFIG, LazyTensors, read_adapter, replaced_modules
 from peftcli.artifacts.sparse_diff import check_base, read_diff
 from peftcli.checkpoint.dtypes import torch_dtype, work_dtype
 from peftcli.checkpoint.fingerprint import file_sha256, summarize_differences, table_differences, tensor_table
@@ -154,7 +154,7 @@ def _diff_source(path: str, base: Checkpoint, sha256: Callable[[str], str] = fil
 def _adapter_source(path: str, base: Checkpoint, sha256: Callable[[str], str] = file_sha256) -> Source:
     from peftcli.methods import ROUNDS, foldable_hint, method_for_adapter_config
 
-    adapter = read_adapter(path)
+    adapter = read_adapter(path, lazy=True)
     method = method_for_adapter_config(adapter.config, path)
     if method.schedule == ROUNDS:
         raise UsageError(
@@ -168,20 +168,97 @@ def _adapter_source(path: str, base: Checkpoint, sha256: Callable[[str], str] = 
         )
     from peftcli.methods.base import PEFT_PREFIX
 
+    tensors = adapter.tensors
+    assert isinstance(tensors, LazyTensors)  # read_adapter(lazy=True)
     heads = {}
     for head in adapter.config.get("modules_to_save") or []:
-        for key, t in adapter.tensors.items():
+        for key in tensors:
             if key.startswith(f"{PEFT_PREFIX}{head}."):
-                heads[key[len(PEFT_PREFIX) :]] = t
+                heads[key[len(PEFT_PREFIX) :]] = tensors[key]
     cfg = method.config_from_adapter(adapter.config)
-    deltas = method.deltas(cfg, {k: t for k, t in adapter.tensors.items() if k[len(PEFT_PREFIX) :] not in heads}, base)
+    phi = tensors.subset([k for k in tensors if k[len(PEFT_PREFIX) :] not in heads])
+    deltas = _streamed_deltas(method, cfg, phi, base)
     # A saved module with the base's own tensor names (an lm_head trained whole) replaces them.
-    replaced = replaced_modules(adapter.config, adapter.tensors, base.tensors)
+    replaced = replaced_modules(adapter.config, tensors, base.tensors)
     heads = {n: t for n, t in heads.items() if n not in replaced}
     deltas.update({n: Replacement(lambda stored, t=t: t) for n, t in replaced.items()})  # written as saved
     weights = os.path.join(path, "adapter_model.safetensors")
     head = adapter_head(path, heads, base) if heads else None
     return Source(path, "adapter", deltas, _hashes([weights], sha256), head=head, head_values=heads.__getitem__)
+
+
+# -- folding an adapter one target at a time -------------------------------------------------------
+# A method's ``deltas`` checks every module's tensors (names, shapes, a finite scaled ΔW) and returns
+# folds that hold them. Called on the whole adapter, that is the adapter in memory for the whole
+# merge (a rank-64 LoHa of a 7B model: 261 MiB). So ``deltas`` is called on one module's tensors at
+# a time (plus the tensors of no module, such as VeRA's shared projections): once up front, to
+# check them all before anything is written, and again when the merge folds that target, reading
+# the tensors anew. Where a module's own call refuses what the whole call might accept (a check
+# across modules), the whole call decides, as before: its error, or its folds (then held).
+
+
+def _module_groups(keys, base: Checkpoint) -> tuple[dict[str, list[str]], list[str]]:
+    """Adapter keys by the base module they sit under (the longest prefix of the key after PEFT's
+    prefix that is a module holding base tensors, or ends one: GPT-2's ``transformer.h.0…``
+    is the base's ``h.0…``; a key that is a base tensor's name is its own), and the keys under no
+    such module (shared by every module)."""
+    from peftcli.methods.base import PEFT_PREFIX
+
+    modules = {n.rsplit(".", 1)[0] for n in base.tensors if "." in n}
+    groups: dict[str, list[str]] = {}
+    shared: list[str] = []
+    for key in keys:
+        parts = key[len(PEFT_PREFIX) :].split(".") if key.startswith(PEFT_PREFIX) else []
+        module = key if key in base.tensors else None  # in-place methods (BitFit, layers) save θ by the base's names
+        for end in range(len(parts) - 1, 0, -1):
+            if any(".".join(parts[start:end]) in modules for start in range(end)):
+                module = ".".join(parts[:end])
+                break
+        (groups.setdefault(module, []) if module is not None else shared).append(key)
+    return groups, shared
+
+
+def _streamed_deltas(method, cfg, tensors: LazyTensors, base: Checkpoint) -> dict:
+    """``method.deltas(cfg, tensors, base)``, each fold reading its own module's tensors when
+    called (``tensors`` is a ``LazyTensors``); every module's tensors are checked now."""
+    from peftcli.errors import PeftcliError
+
+    groups, shared = _module_groups(list(tensors), base)
+    held = {k: tensors[k] for k in shared}  # VeRA's shared projections: small, and every module's
+    subsets = [tensors.subset(keys + shared, held) for keys in groups.values()]
+    owner: dict[str, tuple[LazyTensors, bool]] = {}
+    try:
+        for sub in subsets:
+            for name, replaces in _checked(method, cfg, sub, base).items():
+                if name in owner:
+                    raise _Fallback
+                owner[name] = (sub, replaces)
+    except (PeftcliError, _Fallback):
+        return method.deltas(cfg, dict(tensors.items()), base)  # the whole adapter: its error, or its folds
+    if not groups:
+        return method.deltas(cfg, dict(tensors.items()), base)
+    return {name: _fold_on_demand(method, cfg, sub, base, name, replaces) for name, (sub, replaces) in owner.items()}
+
+
+def _checked(method, cfg, sub, base: Checkpoint) -> dict[str, bool]:
+    """The targets of one module's tensors (and whether each is new values), checked; its folds,
+    and the tensors they hold, are dropped on return."""
+    return {name: isinstance(fold, Replacement) for name, fold in method.deltas(cfg, sub, base).items()}
+
+
+class _Fallback(Exception):
+    """Two modules' tensors fold into one target: the whole adapter's call decides."""
+
+
+def _fold_on_demand(method, cfg, sub, base: Checkpoint, name: str, replaces: bool):
+    """The fold of target ``name``, reading its module's tensors only when it is called."""
+
+    def values(stored):
+        return method.deltas(cfg, sub, base)[name].values(stored)
+
+    if replaces:
+        return Replacement(values)
+    return lambda stored: method.deltas(cfg, sub, base)[name](stored)
 
 
 def adapter_head(path: str, heads: dict[str, torch.Tensor], base: Checkpoint) -> TaskHead:
