@@ -143,3 +143,17 @@ def test_adapter_token_ids_beyond_the_vocabulary_are_refused(tiny_llama, tmp_pat
     assert_error(CliRunner().invoke(cli, ["merge", tiny_llama, bad, "-o", out]), 1, "token id 300 is not below the 256 rows", out)
     empty = edited_adapter(run, tmp_path / "empty", config=lambda c: c.update({"token_indices": []}))
     assert_error(CliRunner().invoke(cli, ["merge", tiny_llama, empty, "-o", out]), 1, "'token_indices' must be a non-empty list", out)
+
+
+@pytest.mark.parametrize("tied, targets, warned", [(True, "q_proj,lm_head", "lm_head"), (True, "q_proj,embed_tokens", "model.embed_tokens"),
+                                                    (False, "q_proj,embed_tokens", None), (True, "q_proj,v_proj", None)])
+def test_lora_on_a_tied_embedding_or_head_warns_once_unless_quiet(tiny_llama, tiny_llama_tied, tmp_path, tied, targets, warned):
+    base = tiny_llama_tied if tied else tiny_llama
+    result = CliRunner().invoke(cli, ["inject", "lora", base, "-o", str(tmp_path / "a"), "--targets", targets])
+    assert result.exit_code == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "2777" in line]
+    assert len(lines) == (1 if warned else 0), result.stderr
+    if warned:
+        assert lines[0].startswith(f"warning: LoRA on {warned}, ") and "merged ≠ adapted" in lines[0]
+        quiet = CliRunner().invoke(cli, ["inject", "lora", base, "-o", str(tmp_path / "b"), "--targets", targets, "--quiet"])
+        assert quiet.exit_code == 0 and quiet.stderr == ""
