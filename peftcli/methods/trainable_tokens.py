@@ -182,7 +182,7 @@ class TrainableTokens(MethodBase):
         missing = sorted(set(targets) - set(out))
         if not problems and missing:
             problems.append(f"no trainable_tokens_delta for {missing[0]}, which the adapter config targets")
-        if not problems and head_rows is not None and not (head_rows.shape == out[head].shape and torch.equal(head_rows, out[head])):
+        if not problems and head is not None and head_rows is not None and not (head_rows.shape == out[head].shape and torch.equal(head_rows, out[head])):
             problems.append(f"{peft_key(emb.HEAD, SUFFIX)} differs from {peft_key(head, SUFFIX)}: a tied head shares its embedding's rows")
         if problems:
             raise mismatch_error(problems)
@@ -207,7 +207,7 @@ class TrainableTokens(MethodBase):
         for module, rows in self._matched(tensors, stored, model_config, cfg).items():
             real = mod.resolve(model, module)
             layer = model.get_submodule(real) if real is not None else None
-            if not isinstance(layer, nn.Embedding):
+            if real is None or not isinstance(layer, nn.Embedding):
                 raise mismatch_error([f"{module}: trainable tokens on a {type(layer).__name__}, not an embedding layer"])
             new = TokensLayer(layer, cfg.indices)
             new.load_phi(rows)
