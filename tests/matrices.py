@@ -10,7 +10,7 @@ from __future__ import annotations
 from peftcli.methods import METHODS, ONE_PASS, READ_FOLD
 
 # Options a method cannot inject without on the tiny fixtures.
-REQUIRED_OPTIONS = {"layers": {"layers": "1"}}
+REQUIRED_OPTIONS = {"layers": {"layers": "1"}, "trainable-tokens": {"token_indices": "1,47,120"}}
 
 
 def options(name: str, **extra) -> dict:

@@ -29,6 +29,9 @@ from peftcli.methods.base import LazyTensor, SeededDraws, lazy_ones, lazy_zeros,
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 GOLDEN = {  # "arch: inject arguments" -> digest, from the eager implementation (torch 2.x CPU generator)
+    # trainable tokens: copies of the tiny bases' rows (seeded weights); tied: the lm_head key too, as PEFT saves it.
+    "llama: trainable-tokens --token-indices 1,3": "5d2c7f8a5b3c0599aed4e49b9dbac38f3ad233b6eefd7794b8f204395cf62c68",
+    "llama-tied: trainable-tokens --token-indices 0,5,7": "25c9733a26a6b9c9ccc83ce9abbbf97824d421d708bd6fbd1064ea88d118513b",
     "llama: lora": "f86e6fbb2f97fcef945ac05a402adcf8d001048928764315c16908488be95664",
     "llama: lora --rank 4 --targets all-linear --seed 3": "d1203d01e70c75d25bcf573399217e0dac523e864fc748c7ca6135d8554a43ce",
     "bert: lora --rank 2 --rslora": "9072c0221105ed33e361541dbf271b09956ea4378d6eaaff97fb3a1df03549f6",

@@ -34,6 +34,12 @@ def _command(method) -> click.Command:
         cfg = from_options(method.config_cls, options)
         out = out if out is not None else default_output(model, method.name)
         budget = inject(model, method.name, cfg, out, seed=seed, force=force, allow_pickle=allow_pickle)
+        if method.name == "lora":  # PEFT issue 2777: on stderr, so --quiet and --json stdout stay clean
+            from peftcli.methods.lora.embeddings import tied_lora_warning
+
+            warning = tied_lora_warning(model, [r.module for r in budget.rows], allow_pickle)
+            if warning:
+                click.echo(warning, err=True)
         if as_json:
             emit_json({"schema": "peftcli.inject/1", "output": out, "budget": budget.to_json()})
             return

@@ -30,11 +30,12 @@ from peftcli.methods.read_fold import C3a, FourierFt, LnTuning, Miss, RandLora, 
 from peftcli.methods.prompting.prefix import PrefixTuning
 from peftcli.methods.prompting.prompt import PromptTuning
 from peftcli.methods.sparse.fine_tuning import DiffPruning, LtSft
+from peftcli.methods.trainable_tokens import TrainableTokens
 from peftcli.methods.vera import Vera
 
 METHODS: dict[str, Method] = {
     m.name: m for m in (LoRA(), IA3(), LoHa(), LoKr(), Vera(), Oft(), Boft(), Hra(), BottleneckAdapter(), PrefixTuning(), PromptTuning(), BitFit(), Layers(),
-                     LtSft(), DiffPruning(), Lottery())
+                     LtSft(), DiffPruning(), Lottery(), TrainableTokens())
 }
 
 # Read-and-fold only (``read_only``): found by adapter config, never injected nor trained.

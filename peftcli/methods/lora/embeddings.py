@@ -275,3 +275,23 @@ def tie_tokens_head(model) -> str | None:
         return f"{path}: trainable tokens on an embedding this {type(head).__name__} is tied to (peftcli ties them to a plain bias-free linear head only)"
     mod.replace(model, path, TiedTokensHead(head, tokens))
     return None
+
+
+def tied_lora_warning(model: str, modules, allow_pickle: bool = False) -> str | None:
+    """inject's warning when LoRA targets an input embedding or ``lm_head`` that share one tensor
+    (``modules``: the budget's target modules): merged ≠ adapted there (PEFT issue 2777)."""
+    from peftcli.checkpoint.reader import open_checkpoint
+
+    with open_checkpoint(model, allow_pickle=allow_pickle) as ckpt:
+        shapes, config = {t.name: t.shape for t in ckpt.tensors.values()}, ckpt.config
+    if HEAD + ".weight" in shapes or not (config or {}).get("tie_word_embeddings", True):
+        return None
+    try:
+        embedding = pl.input_embedding(shapes, config)[0]
+    except BadInputError:
+        return None
+    hit = next((m for m in modules if m in (HEAD, embedding)), None)
+    if hit is None:
+        return None
+    return (f"warning: LoRA on {hit}, which shares one tensor with the tied {HEAD if hit == embedding else embedding}: "
+            "the merged model changes both sides, the adapted one only this one, so merged ≠ adapted (PEFT issue 2777)")
