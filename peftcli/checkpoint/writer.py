@@ -325,7 +325,7 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> bool:
     fn = _load_sync_file_range()
     if fn is None:
         return False
-    return fn(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE) == 0  # type: ignore[operator]
+    return fn(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE) == 0
 
 
 class _WritebackFile:
