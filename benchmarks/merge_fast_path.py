@@ -6,7 +6,13 @@ One run measures, side by side and alternating so that all see the same machine 
   which the CLI takes for everything fast_linear declines), in a fresh interpreter;
 - mergekit: `mergekit-yaml` with task_arithmetic and the same weights (--mergekit; '' skips it);
 - copy: `cp` of the base's model.safetensors (a process too), the bandwidth reference: a merge's
-  throughput is the bytes it writes / its wall time, against the bytes cp copies / its wall time.
+  throughput is the bytes it writes / its wall time, against the bytes cp copies / its wall time;
+- durable copy: `cp` then `sync FILE`, the copy's bytes on disk as a merge guarantees its own
+  (peftcli fsyncs its output before the rename; cp and mergekit do not): both references are shown.
+Python runs with compiled bytecode, as an installed package does: PYTHONDONTWRITEBYTECODE is
+dropped from the environment and the bytecode goes to a PYTHONPYCACHEPREFIX in --work (the
+source tree stays clean), peftcli compiled there first with compileall and the rest written by
+the warm-up run (--no-bytecode: the environment as it is).
 Each is a subprocess; wall time is perf_counter around it, CPU time (user + system) and peak RSS
 come from /usr/bin/time (merge_vs_mergekit.measure). After one untimed warm-up each (page cache),
 medians of --runs. The fast and torch outputs are compared byte for byte (sha256 of every file),
@@ -96,6 +102,7 @@ def bench(args, base: str, fts, weights: list[float]) -> dict:
         "fast": [PY, "-m", "peftcli", "merge", base, *fts, "--weights", w, "-o", outs["fast"], "--force"],
         "torch": [PY, "-c", TORCH_PATH, base, *fts, outs["torch"], json.dumps(weights)],
         "copy": ["cp", os.path.join(base, "model.safetensors"), copy_dst],
+        "copy+sync": ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", os.path.join(base, "model.safetensors"), copy_dst],
     }
     if args.mergekit:
         cfg = os.path.join(args.work, f"mk-{w}.yml")
@@ -113,7 +120,7 @@ def bench(args, base: str, fts, weights: list[float]) -> dict:
             if i:
                 runs[tool].append((wall, rss, cpu, os.getloadavg()[0]))
     written = {t: sum(os.path.getsize(os.path.join(d, n)) for n in os.listdir(d) if n.endswith(".safetensors")) for t, d in outs.items() if os.path.isdir(d)}
-    written["copy"] = os.path.getsize(os.path.join(base, "model.safetensors"))
+    written["copy"] = written["copy+sync"] = os.path.getsize(os.path.join(base, "model.safetensors"))
     entry = {"weights": weights, "cmds": {t: " ".join(c[2:] if c[0] == PY else c) for t, c in cmds.items()}}
     for tool, rs in runs.items():
         wall = statistics.median(r[0] for r in rs)
@@ -126,21 +133,36 @@ def bench(args, base: str, fts, weights: list[float]) -> dict:
 
 
 def report(results: dict, args) -> str:
-    lines = [f"SmolLM2-135M fp32 ({args.load_before} → {args.load_after} load average, 1/5/15 min; {os.cpu_count()} CPUs), medians of {args.runs}:", "",
-             "| weights | tool | wall | CPU | peak RSS | MB/s written | vs copy | mergekit wall ÷ this | RSS ÷ mergekit's | same bytes as torch path |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"SmolLM2-135M fp32 ({args.load_before} → {args.load_after} load average, 1/5/15 min; {os.cpu_count()} CPUs; Python bytecode "
+             f"{'not cached' if args.no_bytecode else 'cached'}), medians of {args.runs}:", "",
+             "| weights | tool | wall | CPU | peak RSS | MB/s written | vs cp | vs cp + sync | mergekit wall ÷ this | RSS ÷ mergekit's | same bytes as torch path |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for w, e in results.items():
         mk = e.get("mergekit")
-        for tool in ("fast", "torch", "mergekit", "copy"):
+        for tool in ("fast", "torch", "mergekit", "copy", "copy+sync"):
             if tool not in e:
                 continue
             r = e[tool]
-            speed = f"{mk['wall_s'] / r['wall_s']:.1f}×" if mk and tool != "copy" else ""
-            rss = f"{r['rss'] / mk['rss']:.2f}" if mk and tool != "copy" else ""
+            ref = not tool.startswith("copy")
+            speed = f"{mk['wall_s'] / r['wall_s']:.1f}×" if mk and ref else ""
+            rss = f"{r['rss'] / mk['rss']:.2f}" if mk and ref else ""
             same = {"fast": str(e["compare"]["same_bytes_as_torch_path"]).lower(), "torch": "—"}.get(tool, "")
             lines.append(f"| {w} | {tool} | {r['wall_s']:.2f} s | {r['cpu_s']:.2f} s | {r['rss'] / 2**20:.0f} MiB | "
-                         f"{r['bandwidth'] / 1e6:.0f} | {r['bandwidth'] / e['copy']['bandwidth']:.0%} | {speed} | {rss} | {same} |")
+                         f"{r['bandwidth'] / 1e6:.0f} | {r['bandwidth'] / e['copy']['bandwidth']:.0%} | "
+                         f"{r['bandwidth'] / e['copy+sync']['bandwidth']:.0%} | {speed} | {rss} | {same} |")
     return "\n".join(lines)
+
+
+def compile_bytecode(work: str) -> None:
+    """Run every Python below with bytecode cached in ``work/pycache`` (as an installed package
+    has it), peftcli's compiled now, everything else's by the warm-up run."""
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = os.path.join(work, "pycache")
+    import subprocess
+
+    where = subprocess.run([PY, "-c", "import os, peftcli; print(os.path.dirname(peftcli.__file__))"],
+                           check=True, capture_output=True, text=True).stdout.strip()
+    subprocess.run([PY, "-m", "compileall", "-q", where], check=True)
 
 
 def main() -> None:
@@ -151,8 +173,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--weights", nargs="+", default=["1,1", "1,0.8"], help="one merge per weight list")
     ap.add_argument("--json", help="also write the raw results here")
+    ap.add_argument("--no-bytecode", action="store_true", help="leave PYTHONDONTWRITEBYTECODE as it is (source-only start-up)")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
+    if not args.no_bytecode:
+        compile_bytecode(args.work)
     if args.mergekit and not os.path.exists(args.mergekit):
         print(f"{args.mergekit} not found: no mergekit rows", file=sys.stderr)
         args.mergekit = ""

@@ -13,6 +13,7 @@ import importlib
 import os
 import sys
 import traceback
+from collections.abc import MutableMapping
 
 import click
 
@@ -161,16 +162,49 @@ def main() -> None:
     cli.main(prog_name="peftcli")
 
 
-# The subcommands as (module, command); importing them imports nothing heavy.
+# The subcommands as (module, command). A command's module is imported when the command is
+# looked up (``peftcli merge`` imports merge_cmd alone; ``--help`` and completion list them all).
 COMMANDS = (
     ("inspect_cmd", "inspect"), ("inject_cmd", "inject"), ("train_cmd", "train"), ("plot_cmd", "plot"),
     ("diff_cmd", "diff"), ("merge_cmd", "merge"), ("convert_cmd", "convert"), ("combine_cmd", "combine"),
     ("check_cmd", "check"), ("run_cmd", "run"), ("evaluate_cmd", "evaluate"), ("completion_cmd", "completion"),
     ("export_cmd", "export"),
 )
-for _module, _name in COMMANDS:
-    cli.add_command(getattr(importlib.import_module(f"peftcli.cli.{_module}"), _name))
 
-from peftcli.cli.output import add_quiet  # noqa: E402
 
-add_quiet(cli)  # every subcommand takes --quiet, with one meaning
+class LazyCommands(MutableMapping):
+    """The group's ``commands``: every name is known up front, a command's module is imported
+    on first access. click's Group reads ``commands`` through ``get``, ``in`` and iteration
+    only, so listing, resolving and completing need no other change."""
+
+    def __init__(self, modules: dict[str, str]):
+        self._modules: dict[str, str | None] = dict(modules)
+        self._loaded: dict[str, click.Command] = {}
+
+    def __getitem__(self, name: str) -> click.Command:
+        cmd = self._loaded.get(name)
+        if cmd is None:
+            module = self._modules[name]  # KeyError: not a command (Mapping.get answers None)
+            cmd = getattr(importlib.import_module(f"peftcli.cli.{module}"), name)
+            from peftcli.cli.output import add_quiet
+
+            add_quiet(cmd)  # every subcommand takes --quiet, with one meaning
+            self._loaded[name] = cmd
+        return cmd
+
+    def __setitem__(self, name: str, cmd: click.Command) -> None:  # Group.add_command
+        self._modules.setdefault(name, None)
+        self._loaded[name] = cmd
+
+    def __delitem__(self, name: str) -> None:
+        del self._modules[name]
+        self._loaded.pop(name, None)
+
+    def __iter__(self):
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+cli.commands = LazyCommands({name: module for module, name in COMMANDS})

@@ -11,10 +11,27 @@ from peftcli.cli.output import emit_json, json_option, stderr_console, styled
 from peftcli.merging.methods import option_classes
 from peftcli.merging.quantized import GgufOutputOptions
 from peftcli.merging.options import MergeOptions
-from peftcli.methods import foldable
 
 
-@click.command()
+class _MergeCommand(click.Command):
+    """``merge``, whose help names the foldable methods of the registry, imported only when
+    the help is shown: a merge itself needs none of the methods' modules."""
+
+    @property
+    def help(self) -> str | None:
+        text = self.__dict__.get("_help")
+        if text and "FOLDABLE" in text:
+            from peftcli.methods import foldable
+
+            text = self._help = text.replace("FOLDABLE", ", ".join(foldable()))
+        return text
+
+    @help.setter
+    def help(self, value: str | None) -> None:
+        self._help = value
+
+
+@click.command(cls=_MergeCommand)
 @click.argument("base", required=False, type=click.Path())
 @click.argument("inputs", nargs=-1, type=click.Path())
 @click.option("-o", "--output", "out", type=click.Path(), help="Checkpoint to write (a .safetensors file or a directory); default: stdout, for a single file.")
@@ -172,6 +189,3 @@ def _stack(values: dict, out, as_json: bool) -> None:
         emit_json(report.to_json())
     else:
         click.echo(f"wrote {report.output}: {report.tensors} tensors stacked from {len(report.inputs)} model{'s' if len(report.inputs) > 1 else ''} (passthrough)")
-
-
-merge.help = merge.help.replace("FOLDABLE", ", ".join(foldable()))  # from the method registry

@@ -20,10 +20,10 @@ from peftcli.errors import PeftcliError
 
 def input_weight_files(path: str) -> list[str]:
     """The weight files a merge input's provenance hashes name; [] where unsure (it is hashed later)."""
-    from peftcli.artifacts.adapter_dir import ADAPTER_CONFIG
     from peftcli.checkpoint.reader import ADAPTER_WEIGHTS, open_checkpoint
 
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+    # artifacts.adapter_dir.ADAPTER_CONFIG, not imported: it imports every method, which a merge of checkpoints never needs
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "adapter_config.json")):
         return [os.path.join(path, ADAPTER_WEIGHTS)]
     if path.endswith(".diff"):
         return [path]

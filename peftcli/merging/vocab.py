@@ -52,9 +52,8 @@ _TOKENIZER_FILE = re.compile(
 
 def _is_input_checkpoint(path: str) -> bool:
     """An input the merge reads as a full checkpoint (neither a diff nor an adapter directory)."""
-    from peftcli.artifacts.adapter_dir import ADAPTER_CONFIG
-
-    return not path.endswith(".diff") and not (os.path.isdir(path) and os.path.isfile(os.path.join(path, ADAPTER_CONFIG)))
+    # artifacts.adapter_dir.ADAPTER_CONFIG, not imported: it imports every method, which a merge of checkpoints never needs
+    return not path.endswith(".diff") and not (os.path.isdir(path) and os.path.isfile(os.path.join(path, "adapter_config.json")))
 
 
 def vocab_tensors(ckpt: Checkpoint, rows: int) -> list[str]:
@@ -90,7 +89,9 @@ def json_vocab(directory: str | None) -> dict[str, int] | None:
             tokens[t["content"]] = t["id"]
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise BadInputError(f"{path}: not a tokenizer.json peftcli can read ({exc})", "save the tokenizer again with transformers' save_pretrained") from None
-    if not all(isinstance(k, str) and isinstance(v, int) and v >= 0 for k, v in tokens.items()):
+    # Type sets, not a Python loop over every token (JSON gives str keys and int, bool, float, ...
+    # values: isinstance(v, int) is True for int and bool alone).
+    if not (set(map(type, tokens)) <= {str} and set(map(type, tokens.values())) <= {int, bool} and (not tokens or min(tokens.values()) >= 0)):
         raise BadInputError(f"{path}: its vocabulary maps tokens to something other than ids", "save the tokenizer again with transformers' save_pretrained")
     return tokens
 
@@ -106,7 +107,7 @@ def check(base: Checkpoint, inputs: list[str], allow_pickle: bool) -> None:
     if mine is None:
         return
     names = vocab_tensors(base, mine)
-    base_vocab = json_vocab(base.directory)
+    base_vocab = _LazyVocab(base.directory)
     for path in inputs:
         if not _is_input_checkpoint(path):
             continue
@@ -122,11 +123,41 @@ def check(base: Checkpoint, inputs: list[str], allow_pickle: bool) -> None:
                         f"the vocabularies differ: {path} has {t.shape[0]} tokens, the base {mine} ({name!r} is "
                         f"{list(t.shape)} there, {list(base.tensors[name].shape)} in the base)", HINT,
                     )
-            theirs = json_vocab(ft.directory)
-            if base_vocab is not None and theirs is not None and theirs != base_vocab:
-                raise VocabularyMismatchError(f"the vocabularies differ: {path}'s tokenizer.json {_first_difference(base_vocab, theirs)}", HINT)
+            theirs = None if base_vocab.same_file(ft.directory) else json_vocab(ft.directory)
+            if theirs is not None and base_vocab.tokens is not None and theirs != base_vocab.tokens:
+                raise VocabularyMismatchError(f"the vocabularies differ: {path}'s tokenizer.json {_first_difference(base_vocab.tokens, theirs)}", HINT)
             if base.directory and ft.directory:
-                _other_files_agree(base.directory, ft.directory, path, compared=base_vocab is not None and theirs is not None)
+                _other_files_agree(base.directory, ft.directory, path, compared=base_vocab.exists and (theirs is not None or base_vocab.same_file(ft.directory)))
+
+
+class _LazyVocab:
+    """The base's tokenizer.json, parsed only when an input's differs from it: an input whose
+    tokenizer.json is the same bytes has the same vocabulary (json_vocab reads nothing else),
+    and an input without one is checked by its rows and other files."""
+
+    def __init__(self, directory: str | None):
+        self.directory = directory
+        self.path = os.path.join(directory, "tokenizer.json") if directory else None
+        self.exists = self.path is not None and os.path.isfile(self.path)
+        self._bytes: bytes | None = None
+        self._tokens: dict[str, int] | None = None
+
+    def same_file(self, directory: str | None) -> bool:
+        """Whether ``directory`` has a tokenizer.json of the base's bytes (False where either lacks one)."""
+        other = os.path.join(directory, "tokenizer.json") if directory else None
+        if not self.exists or other is None or not os.path.isfile(other):
+            return False
+        if self._bytes is None:
+            with open(self.path, "rb") as f:  # type: ignore[arg-type]  # exists: path is set
+                self._bytes = f.read()
+        with open(other, "rb") as f:
+            return f.read() == self._bytes
+
+    @property
+    def tokens(self) -> dict[str, int] | None:
+        if self._tokens is None and self.exists:
+            self._tokens = json_vocab(self.directory)
+        return self._tokens
 
 
 # The files that say which token each id is, beside tokenizer.json (sentencepiece, BPE, WordPiece).
