@@ -40,14 +40,16 @@ _OFF = {"modules_to_save": None, "layers_to_transform": None}  # accepted keys t
 
 @dataclass
 class TrainableTokensConfig:
-    token_indices: str | None = option(None, metavar="IDS", required=True,
+    token_indices: str | None = option(None, metavar="IDS",
                                        help="comma-separated ids of the tokens (embedding rows) to train, e.g. 5,7,9")
     targets: str | None = option(None, metavar="NAMES",
                                  help="the embedding(s) whose rows are trained: module names; default: the input embedding")
     read: bool = read_only(False)  # from an adapter: its errors are BadInputError
 
     def __post_init__(self) -> None:
-        text = "" if self.token_indices is None else str(self.token_indices)
+        if self.token_indices is None:  # not a click-required flag: `inspect --budget` lists every method's options
+            raise UsageError("trainable-tokens needs `token_indices`: the ids of the embedding rows to train", "give `token_indices`, e.g. 5,7,9")
+        text = str(self.token_indices)
         ids = [p.strip() for p in text.split(",")]
         if not text.strip() or not all(p.isascii() and p.isdigit() for p in ids):
             raise UsageError(f"`token_indices` must be comma-separated token ids, got {self.token_indices!r}", "e.g. `token_indices` 5,7,9")
