@@ -123,9 +123,10 @@ def _report_quantized(report, quant, n_inputs: int, as_json: bool) -> None:
     types = ", ".join(f"{k} {v}" for k, v in quant.tensor_types.items())
     click.echo(f"wrote {printable(report.output)}: {quant.requantized} of {quant.requantized + quant.copied} tensors changed and requantised to "
                f"{quant.outtype}, the others copied as stored ({types}; {report.method}, {n_inputs} input{'s' if n_inputs > 1 else ''})")
-    click.echo(f"  {'tensor':<32} {'type':<5} {'‖ΔW‖':>11} {'‖Q(W+ΔW)−(W+ΔW)‖':>18} {'ratio':>8} {'kept':>7}")
+    width = max([32, *(len(printable(s.name)) for s in quant.stats)])  # Hugging Face names are longer than GGUF's
+    click.echo(f"  {'tensor':<{width}} {'type':<5} {'‖ΔW‖':>11} {'‖Q(W+ΔW)−(W+ΔW)‖':>18} {'ratio':>8} {'kept':>7}")
     for s in quant.stats:
-        click.echo(f"  {printable(s.name):<32} {s.type:<5} {s.delta_norm:>11.4g} {s.quant_error:>18.4g} {s.ratio:>8.3g} {s.kept:>7.3f}")
+        click.echo(f"  {printable(s.name):<{width}} {s.type:<5} {s.delta_norm:>11.4g} {s.quant_error:>18.4g} {s.ratio:>8.3g} {s.kept:>7.3f}")
     for s in quant.stats:
         if s.ratio >= 1:
             click.echo(f"warning: {printable(s.name)}: the update (‖ΔW‖ {s.delta_norm:.3g}) is below the {s.type} quantisation noise "

@@ -20,6 +20,12 @@ also gives the share of the update the written tensor keeps, ⟨Q(W+ΔW) − W, 
 builder (``gguf_model``) and compares their next-token logits on each prompt: the largest
 absolute logit difference, the mean KL(fp32 ‖ quantised) over positions and the share of
 positions whose top-1 token agrees.
+
+``peftcli merge BNB_NF4_DIR RUN -o OUT_DIR`` (``merge_to_nf4``): a bitsandbytes NF4 directory
+(``checkpoint.bnb_nf4``) is dequantised to a temporary fp32 checkpoint, the ordinary merge
+folds φ there, and each changed NF4 weight is requantised to its own layout (blocksize,
+double quantisation) with ``quantize.nf4``; every other tensor and file is copied as stored.
+The report is the one above (``tensor_stat``), each tensor's type ``NF4``.
 """
 
 from __future__ import annotations
