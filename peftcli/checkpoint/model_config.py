@@ -88,9 +88,10 @@ def _refuse_prequantized(config: dict[str, Any], where: str) -> None:
     if method == "gguf":  # transformers dequantises a GGUF on load: what it saves is plain tensors
         return
     what = f"quant_method {method!r}" if isinstance(method, str) else "a quantization_config"
+    nf4 = "; `peftcli merge NF4_DIR RUN -o OUT_DIR` merges into a bitsandbytes NF4 model" if method == "bitsandbytes" else ""
     raise BadInputError(
         f"{where}: a pre-quantized checkpoint ({what}): its stored weights are quantized codes, not weights peftcli can read",
-        "use the full-precision model it was quantized from; `peftcli train --quantize nf4|int8` quantizes a base itself",
+        f"use the full-precision model it was quantized from; `peftcli train --quantize nf4|int8` quantizes a base itself{nf4}",
     )
 
 

@@ -57,6 +57,7 @@ def merge(base, inputs, out, config, as_json, outtype, probe, **values):
       peftcli merge base.safetensors taskA.diff taskB.diff > merged.safetensors
       peftcli merge --config mergekit.yml -o merged/
       peftcli merge model.Q4_1.gguf runs/lora/ -o merged.gguf --outtype q4_1 --probe prompts.txt
+      peftcli merge llama-bnb-nf4/ runs/lora/ -o merged-nf4/
     """
     from peftcli.merging.options import merge_options
 
@@ -71,13 +72,20 @@ def merge(base, inputs, out, config, as_json, outtype, probe, **values):
 
     if config is not None and (outtype or probe):
         raise click.UsageError("--outtype and --probe take BASE INPUT... on the command line, not --config")
-    to_gguf = check_request(base, out, outtype, probe, opts)
+    from peftcli.checkpoint.bnb_nf4 import is_bnb
+
+    to_nf4 = config is None and is_bnb(base)  # a bitsandbytes base: written back in its own NF4 layout
+    if to_nf4:
+        from peftcli.merging.quantized import check_nf4_request
+
+        check_nf4_request(out, outtype, probe, opts)
+    to_gguf = not to_nf4 and check_request(base, out, outtype, probe, opts)
     from peftcli.merging.provenance import Hasher
 
     hasher = Hasher.for_inputs(inputs)  # hashes on its own thread while torch is imported
     from peftcli.merging import fast_linear
 
-    fast = fast_linear.plan(base, list(inputs), out, opts)  # task arithmetic of safetensors checkpoints: no torch
+    fast = None if to_nf4 else fast_linear.plan(base, list(inputs), out, opts)  # task arithmetic of safetensors checkpoints: no torch
     stream = None
     if out is None:
         from peftcli.merging.engine import stdout_stream
@@ -99,13 +107,17 @@ def merge(base, inputs, out, config, as_json, outtype, probe, **values):
             from peftcli.merging.quantized import merge_to_gguf
 
             report, quant = merge_to_gguf(base, list(inputs), out, opts, outtype, probe, progress=progress, hasher=hasher)
+        elif to_nf4:
+            from peftcli.merging.quantized import merge_to_nf4
+
+            report, quant = merge_to_nf4(base, list(inputs), out, opts, progress=progress, hasher=hasher)
         else:
             report = _fast(fast, hasher, progress) if fast else _torch_merge(base, inputs, out, opts, stream, progress, hasher)
     finally:
         if progress is not None:
             bar.stop()
     if quant is not None:
-        return _report_gguf(report, quant, len(inputs), as_json)
+        return _report_quantized(report, quant, len(inputs), as_json)
     if as_json:
         emit_json(report.to_json())
     elif opts.to_adapter:
@@ -118,19 +130,20 @@ def merge(base, inputs, out, config, as_json, outtype, probe, **values):
         click.echo(f"merged {report.changed} of {report.tensors} tensors to stdout", err=True)
 
 
-def _report_gguf(report, quant, n_inputs: int, as_json: bool) -> None:
-    """A GGUF output's report: per changed tensor ‖ΔW‖ against the requantisation error, the
-    warnings for updates below the quantisation noise, and --probe's drift."""
+def _report_quantized(report, quant, n_inputs: int, as_json: bool) -> None:
+    """A GGUF or bitsandbytes NF4 output's report: per changed tensor ‖ΔW‖ against the
+    requantisation error, the warnings for updates below the quantisation noise, and --probe's drift."""
     from peftcli.cli.output import printable
 
     if as_json:
-        return emit_json({**report.to_json(), "gguf": quant.to_json()})
+        return emit_json({**report.to_json(), "nf4" if quant.outtype == "nf4" else "gguf": quant.to_json()})
     types = ", ".join(f"{k} {v}" for k, v in quant.tensor_types.items())
     click.echo(f"wrote {printable(report.output)}: {quant.requantized} of {quant.requantized + quant.copied} tensors changed and requantised to "
                f"{quant.outtype}, the others copied as stored ({types}; {report.method}, {n_inputs} input{'s' if n_inputs > 1 else ''})")
-    click.echo(f"  {'tensor':<32} {'type':<5} {'‖ΔW‖':>11} {'‖Q(W+ΔW)−(W+ΔW)‖':>18} {'ratio':>8} {'kept':>7}")
+    width = max([32, *(len(printable(s.name)) for s in quant.stats)])  # Hugging Face names are longer than GGUF's
+    click.echo(f"  {'tensor':<{width}} {'type':<5} {'‖ΔW‖':>11} {'‖Q(W+ΔW)−(W+ΔW)‖':>18} {'ratio':>8} {'kept':>7}")
     for s in quant.stats:
-        click.echo(f"  {printable(s.name):<32} {s.type:<5} {s.delta_norm:>11.4g} {s.quant_error:>18.4g} {s.ratio:>8.3g} {s.kept:>7.3f}")
+        click.echo(f"  {printable(s.name):<{width}} {s.type:<5} {s.delta_norm:>11.4g} {s.quant_error:>18.4g} {s.ratio:>8.3g} {s.kept:>7.3f}")
     for s in quant.stats:
         if s.ratio >= 1:
             click.echo(f"warning: {printable(s.name)}: the update (‖ΔW‖ {s.delta_norm:.3g}) is below the {s.type} quantisation noise "

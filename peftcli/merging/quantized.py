@@ -20,6 +20,12 @@ also gives the share of the update the written tensor keeps, ⟨Q(W+ΔW) − W, 
 builder (``gguf_model``) and compares their next-token logits on each prompt: the largest
 absolute logit difference, the mean KL(fp32 ‖ quantised) over positions and the share of
 positions whose top-1 token agrees.
+
+``peftcli merge BNB_NF4_DIR RUN -o OUT_DIR`` (``merge_to_nf4``): a bitsandbytes NF4 directory
+(``checkpoint.bnb_nf4``) is dequantised to a temporary fp32 checkpoint, the ordinary merge
+folds φ there, and each changed NF4 weight is requantised to its own layout (blocksize,
+double quantisation) with ``quantize.nf4``; every other tensor and file is copied as stored.
+The report is the one above (``tensor_stat``), each tensor's type ``NF4``.
 """
 
 from __future__ import annotations
@@ -259,13 +265,145 @@ def _requantize(name: str, merged, base, heads: int | None, qtype) -> tuple[Any,
         value, w = permute(value, heads), permute(w, heads)
     value = np.ascontiguousarray(value, dtype=np.float32)
     data = np.ascontiguousarray(quantize(value, qtype))
-    back: Any = dequantize(data, qtype).astype(np.float64).ravel()
-    update = value.astype(np.float64).ravel() - w.ravel()
+    back: Any = dequantize(data, qtype)
+    return data, tensor_stat(name, qtype.name, value, w, back)
+
+
+def tensor_stat(name: str, kind: str, merged: Any, base: Any, back: Any) -> TensorStat:
+    """A requantised tensor's numbers, in fp64: ``merged`` is W+ΔW as folded (fp32), ``base`` the
+    dequantised W, ``back`` the written Q(W+ΔW) dequantised (numpy arrays of one size)."""
+    import numpy as np
+
+    value, w, back = (np.asarray(a, dtype=np.float64).ravel() for a in (merged, base, back))
+    update = value - w
     delta = float(np.linalg.norm(update))
-    error = float(np.linalg.norm(back - value.astype(np.float64).ravel()))
+    error = float(np.linalg.norm(back - value))
     ratio = error / delta if delta > 0 else math.inf
-    kept = float(np.dot(back - w.ravel(), update)) / delta**2 if delta > 0 else 0.0
-    return data, TensorStat(name, qtype.name, delta, error, ratio, kept)
+    kept = float(np.dot(back - w, update)) / delta**2 if delta > 0 else 0.0
+    return TensorStat(name, kind, delta, error, ratio, kept)
+
+
+# -- a bitsandbytes NF4 base ----------------------------------------------------------------------
+
+
+def check_nf4_request(out: str | None, outtype: str | None, probe: str | None, opts: Any) -> None:
+    """A merge into a bitsandbytes NF4 directory writes the same layout: refuse what does not apply."""
+    if outtype is not None or probe is not None:
+        raise UsageError(f"{'`outtype`' if outtype else '`probe`'} is for a .gguf base; a bitsandbytes NF4 base is written back as NF4",
+                         "drop it")
+    if out is None or out.lower().endswith((".gguf", ".safetensors")):
+        raise UsageError(f"-o {out or '(stdout)'}: a merge into a bitsandbytes NF4 base writes a model directory", "pass -o MERGED_DIR")
+    for flag, given in (("`to_adapter`", opts.to_adapter), ("`tokenizer_source`", opts.tokenizer_source),
+                        ("`dtype`", opts.dtype), ("`max_shard_size`", opts.max_shard_size)):
+        if given:
+            raise UsageError(f"{flag} does not apply to a bitsandbytes NF4 output (its layout, shards and vocabulary are the base's)",
+                             f"drop {flag}")
+
+
+def merge_to_nf4(base: str, inputs: list[str], out: str, opts: Any, **merge_kwargs):
+    """Merge into the bitsandbytes NF4 directory ``base``: each NF4 weight dequantised to fp32 (a
+    temporary plain checkpoint), the ordinary merge folded there in fp32, each changed weight
+    requantised to its own NF4 layout, every other tensor and file copied as stored. Returns
+    ``(MergeReport, QuantizedReport)``; nothing is written on failure."""
+    from dataclasses import replace
+
+    from peftcli.checkpoint import bnb_nf4
+    from peftcli.checkpoint.atomic import atomic_output, check_output_path
+    from peftcli.checkpoint.reader import load_json
+    from peftcli.merging.engine import merge
+    from peftcli.merging.report import output_size
+
+    check_output_path(out, [base, *inputs], opts.force)
+    config = load_json(os.path.join(base, "config.json"), "config")
+    qc = config["quantization_config"]
+    bnb_nf4.check_config(qc, base)
+    files = bnb_nf4.weight_files(base)
+    entries = bnb_nf4.read_entries(base, files, qc.get("bnb_4bit_use_double_quant"))
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".peftcli-merge-", dir=parent) as scratch:
+        plain = os.path.join(scratch, "base")
+        _write_plain(base, config, files, entries, plain)
+        fp32 = os.path.join(scratch, "merged.safetensors")
+        report = merge(plain, inputs, fp32, replace(opts, dtype="F32", force=False), **merge_kwargs)
+        provenance = report.metadata.get("peftcli.merge", "")
+        with atomic_output(out, directory=True, inputs=[base, *inputs], force=opts.force) as tmp:
+            quant = _write_nf4(base, files, entries, plain, fp32, tmp, provenance)
+    report.output, report.bytes = out, output_size(out)
+    report.metadata = {**report.metadata, "format": "bitsandbytes-nf4"}
+    return report, quant
+
+
+def _write_plain(base: str, config: dict, files: dict[str, str], entries: dict, target: str) -> None:
+    """``base`` as a plain checkpoint: its NF4 weights dequantised to fp32, its quant tensors dropped."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    os.makedirs(target)
+    companions = {n for e in entries for n in files if n.startswith(e + ".")}
+    tensors = {}
+    for shard in sorted(set(files.values())):
+        with safe_open(os.path.join(base, shard), "pt") as f:
+            for name in f.keys():
+                if name not in companions and name not in entries:
+                    tensors[name] = f.get_tensor(name)
+    for name, e in entries.items():
+        tensors[name] = _nf4_value(base, files, e)
+    save_file(tensors, os.path.join(target, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(target, "config.json"), "w", encoding="utf-8") as f:
+        json.dump({k: v for k, v in config.items() if k != "quantization_config"}, f)
+
+
+def _nf4_value(base: str, files: dict[str, str], e: Any):
+    from peftcli.checkpoint import bnb_nf4
+
+    return bnb_nf4.dequantize(e, lambda n: _stored(base, files, n))
+
+
+def _write_nf4(base: str, files: dict[str, str], entries: dict, plain: str, fp32: str, target: str, provenance: str) -> QuantizedReport:
+    """The output directory: the base's files, each changed NF4 weight requantised in place."""
+    import shutil
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from peftcli.checkpoint import bnb_nf4
+
+    report = QuantizedReport("nf4")
+    replaced: dict[str, Any] = {}
+    with safe_open(os.path.join(plain, "model.safetensors"), "pt") as w0, safe_open(fp32, "pt") as merged:
+        for name in w0.keys():
+            value, old = merged.get_tensor(name), w0.get_tensor(name).float()
+            if torch.equal(value, old):
+                continue
+            if name not in entries:
+                raise BadInputError(f"the merge changes {name}, which {base} stores unquantized",
+                                    "merge adapters that target only the quantized Linear layers, or merge into the full-precision model")
+            tensors, written = bnb_nf4.requantize(entries[name], value)
+            back = bnb_nf4.dequantize(written, tensors.__getitem__)
+            replaced.update(tensors)
+            report.stats.append(tensor_stat(name, "NF4", value.numpy(), old.numpy(), back.numpy()))
+        kinds = ["NF4" if n in entries else str(w0.get_slice(n).get_dtype()) for n in w0.keys()]
+    for shard in sorted(set(files.values())):
+        with safe_open(os.path.join(base, shard), "pt") as f:
+            out = {n: replaced[n] if n in replaced else f.get_tensor(n) for n in f.keys()}
+            metadata = {**(f.metadata() or {}), "peftcli.merge": provenance}
+        save_file(out, os.path.join(target, shard), metadata=metadata)
+    for entry in sorted(os.listdir(base)):  # config, tokenizer, index, ...: as stored
+        src = os.path.join(base, entry)
+        if entry not in set(files.values()) and os.path.isfile(src) and not os.path.islink(src):
+            shutil.copy2(src, os.path.join(target, entry))
+    report.requantized, report.copied = len(report.stats), len(kinds) - len(report.stats)
+    report.tensor_types = {k: kinds.count(k) for k in sorted(set(kinds))}
+    return report
+
+
+def _stored(base: str, files: dict[str, str], name: str):
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(base, files[name]), "pt") as f:
+        return f.get_tensor(name)
 
 
 # -- --probe -------------------------------------------------------------------------------------
