@@ -119,7 +119,7 @@ class Boft(MethodBase):
     peft_type = "BOFT"
     folds = True
     adapts_conv1d = False  # PEFT's layer takes nn.Linear only: a Conv1D target is refused
-    train_defaults = TrainDefaults(lr=1e-3, generative_lr=1e-4)  # not measured yet: as OFT's; PEFT's BOFT examples use 1e-4 to 3e-3
+    train_defaults = TrainDefaults(lr=3e-2, generative_lr=3e-3)  # benchmarks/README.md: "Training defaults" (lm/sft: ÷10, not swept)
     examples = (
         "peftcli inject boft model/ -o runs/boft/",
         "peftcli inject boft --block-size 8 --butterfly-factor 2 --targets all-linear model/ -o runs/boft-all/",

@@ -103,7 +103,7 @@ class Oft(MethodBase):
     peft_type = "OFT"
     folds = True
     adapts_conv1d = False  # PEFT's layer takes nn.Linear only: a Conv1D target is refused
-    train_defaults = TrainDefaults(lr=1e-3, generative_lr=1e-4)  # not measured yet: PEFT's examples train OFT at 1e-4 to 1e-3
+    train_defaults = TrainDefaults(lr=3e-3, generative_lr=3e-4)  # benchmarks/README.md: "Training defaults" (lm/sft: ÷10, not swept)
     examples = (
         "peftcli inject oft model/ -o runs/oft/",
         "peftcli inject oft --block-size 16 --targets all-linear model/ -o runs/oft-all/",

@@ -155,7 +155,7 @@ class Vera(MethodBase):
     summary = "Shared frozen random projections scaled by trained vectors, ΔW = diag(λ_b)·B·diag(λ_d)·A (VeRA)."
     peft_type = "VERA"
     folds = True
-    train_defaults = TrainDefaults(lr=1e-2, generative_lr=1e-3)  # not measured yet: LyCORIS's, the paper uses 1e-2 and above
+    train_defaults = TrainDefaults(lr=1e-1, generative_lr=1e-2)  # benchmarks/README.md: "Training defaults" (lm/sft: ÷10, not swept)
     examples = (
         "peftcli inject vera model/ -o runs/vera/",
         "peftcli inject vera --rank 64 --targets all-linear --d-initial 0.05 model/ -o runs/vera-all/",
