@@ -37,6 +37,11 @@ def inject(
         # Values may be LazyTensors: made one at a time as write_adapter writes them, so φ is
         # never in memory whole (layers --layers 0-31 on a 7B model is 26 GB of fp32 zeros).
         tensors = method.init(ckpt, cfg, torch.Generator().manual_seed(seed))
+        from peftcli.methods.lora.expert_layouts import refuse_on_disk_only
+        from peftcli.targets import model_type_of
+
+        shapes = {t.name: tuple(t.shape) for t in ckpt.tensors.values()}
+        refuse_on_disk_only(list(tensors), shapes, model_type_of(ckpt.config), method.name)  # fused MoE experts
         derived = method.derived_keys(cfg)
         created = sum(t.numel() for k, t in tensors.items() if k not in derived)  # from shapes: makes nothing
         # Methods that choose their entries by training (LT-SFT) create them in phase 1.

@@ -220,3 +220,27 @@ def test_incomplete_experts_are_refused(moe, tmp_path):
     out = str(tmp_path / "run")
     result = CliRunner().invoke(cli, ["inject", "lora", "--target-parameters", EXPERTS[0], base, "-o", out])
     assert_error(result, 1, "model.layers.1.block_sparse_moe.experts: the per-expert tensors of this mixtral checkpoint", out)
+
+
+@pytest.mark.parametrize("model_type, args, module", [
+    ("mixtral", ["lora", "--targets", "w1,w2"], "block_sparse_moe.experts.0.w1"),
+    ("mixtral", ["ia3"], "block_sparse_moe.experts.0.w2"),  # PEFT's IA³ defaults for mixtral name w2
+    ("mixtral", ["layers", "--layers", "1"], "block_sparse_moe."),  # every tensor of the layer, the router renamed on load
+    ("qwen2_moe", ["lora", "--targets", "gate_proj"], "mlp.experts.0.gate_proj"),
+])
+def test_inject_refuses_per_expert_modules_transformers_fuses_on_load(moe, tmp_path, model_type, args, module):
+    """An adapter keyed by one expert's on-disk module names nothing the loaded model has (before
+    this check, inject wrote it and `train`/PEFT refused it later)."""
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["inject", *args, moe(model_type), "-o", str(out), "--quiet"])
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and module in lines[0] and ("target-parameters" in lines[0] or "target_parameters" in lines[0])
+    assert not out.exists()
+
+
+def test_inject_of_attention_only_on_a_moe_model_is_unaffected(moe, tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["inject", "lora", moe("mixtral"), "--targets", "q_proj,v_proj", "-o", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert (out / ADAPTER).is_file()

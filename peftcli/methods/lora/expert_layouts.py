@@ -132,3 +132,27 @@ def fold_expert(stored, *, a, b, scaling: float, experts: int, expert: int, rows
     a_e = a.float().reshape(experts, -1, a.shape[-1])[expert]  # [r, d2]
     b_e = b.float().reshape(b.shape[0], -1, experts)[:, :, expert]  # [d1, r]
     return scaling * (b_e[rows] @ a_e)
+
+
+def refuse_on_disk_only(keys, shapes: dict, model_type: str | None, method: str) -> None:
+    """Refuse an injected adapter keyed by a tensor transformers fuses or renames on load (one
+    expert's w1, Mixtral's ``block_sparse_moe.gate``): no module of the loaded model has that
+    name, so neither ``peftcli train`` nor PEFT could load it."""
+    from peftcli.errors import UsageError
+    from peftcli.methods.base import PEFT_PREFIX
+
+    _, moved, _ = loaded_shapes(shapes, model_type)
+    disk = {name for loaded in moved.values() for group in loaded.disk for name in group}
+    if not disk:
+        return
+    modules = {n.removesuffix(".weight") for n in disk}
+    for key in keys:
+        name = key.removeprefix(PEFT_PREFIX)
+        module = next((m for m in modules if name == m + ".weight" or name.startswith(m + ".")), None)
+        if module is not None:
+            raise UsageError(
+                f"{method} on {module}: this {model_type} checkpoint stores it one expert at a time, and transformers "
+                "fuses (or renames) it on load, so the adapter would name a module neither `peftcli train` nor PEFT finds",
+                "leave the experts out of `targets` (e.g. `targets` q_proj,v_proj); LoRA can adapt them as "
+                "`target_parameters` experts.gate_up_proj,experts.down_proj",
+            )
