@@ -42,51 +42,10 @@ def median_time(fn, runs: int) -> float:
     return statistics.median(times)
 
 
-def measure(shape: str, runs: int) -> dict[str, str]:
-    from safetensors import safe_open
-
+def inspect_columns(path: str, size: int, runs: int) -> dict[str, str]:
+    """Bytes read by open+summarize, and the times of ``peftcli inspect --json`` and of the API, on ``path``."""
     from peftcli.checkpoint.reader import open_checkpoint
     from peftcli.summary import summarize
-
-    with tempfile.TemporaryDirectory() as d:
-        size = build_sparse_checkpoint(d, num_layers=SHAPES[shape][3], shape=shape)
-        shards = sorted(n for n in os.listdir(d) if n.endswith(".safetensors"))
-
-        def cli():
-            subprocess.run([sys.executable, "-m", "peftcli", "inspect", d, "--json"], check=True, stdout=subprocess.DEVNULL)
-
-        def api():
-            with open_checkpoint(d) as ckpt:
-                summarize(ckpt)
-
-        def reference():
-            for s in shards:
-                with safe_open(os.path.join(d, s), framework="pt") as f:
-                    for k in f.keys():
-                        f.get_slice(k).get_shape()
-
-        api()  # warm: imports and the page cache, as for the timed runs
-        before = rchar()
-        api()
-        read = rchar() - before
-        return {
-            "checkpoint bytes (apparent size)": f"{size:,}",
-            "shards / tensors": f"{len(shards)} / {len(llama_specs(shape))}",
-            "bytes read by open+summarize": f"{read:,}",
-            "bytes read / size": f"{read / size:.1e}",
-            "peftcli inspect --json (fresh process)": f"{median_time(cli, runs) * 1000:.0f} ms",
-            "API open_checkpoint + summarize": f"{median_time(api, runs) * 1000:.1f} ms",
-            "safetensors safe_open listing (reference)": f"{median_time(reference, runs) * 1000:.1f} ms",
-        }
-
-
-def measure_file(path: str, runs: int) -> dict[str, str]:
-    """The inspect columns of one existing checkpoint (a .gguf file or a safetensors directory)."""
-    from peftcli.checkpoint.reader import open_checkpoint
-    from peftcli.summary import summarize
-
-    files = [path] if os.path.isfile(path) else [os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors")]
-    size = sum(os.path.getsize(f) for f in files)
 
     def cli():
         subprocess.run([sys.executable, "-m", "peftcli", "inspect", path, "--json"], check=True, stdout=subprocess.DEVNULL)
@@ -95,17 +54,44 @@ def measure_file(path: str, runs: int) -> dict[str, str]:
         with open_checkpoint(path) as ckpt:
             summarize(ckpt)
 
-    api()
+    api()  # warm: imports and the page cache, as for the timed runs
     before = rchar()
     api()
     read = rchar() - before
     return {
-        "file bytes": f"{size:,}",
         "bytes read by open+summarize": f"{read:,}",
         "bytes read / size": f"{read / size:.1e}",
         "peftcli inspect --json (fresh process)": f"{median_time(cli, runs) * 1000:.0f} ms",
         "API open_checkpoint + summarize": f"{median_time(api, runs) * 1000:.1f} ms",
     }
+
+
+def measure(shape: str, runs: int) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with tempfile.TemporaryDirectory() as d:
+        size = build_sparse_checkpoint(d, num_layers=SHAPES[shape][3], shape=shape)
+        shards = sorted(n for n in os.listdir(d) if n.endswith(".safetensors"))
+
+        def reference():
+            for s in shards:
+                with safe_open(os.path.join(d, s), framework="pt") as f:
+                    for k in f.keys():
+                        f.get_slice(k).get_shape()
+
+        return {
+            "checkpoint bytes (apparent size)": f"{size:,}",
+            "shards / tensors": f"{len(shards)} / {len(llama_specs(shape))}",
+            **inspect_columns(d, size, runs),
+            "safetensors safe_open listing (reference)": f"{median_time(reference, runs) * 1000:.1f} ms",
+        }
+
+
+def measure_file(path: str, runs: int) -> dict[str, str]:
+    """The inspect columns of one existing checkpoint (a .gguf file or a safetensors directory)."""
+    files = [path] if os.path.isfile(path) else [os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors")]
+    size = sum(os.path.getsize(f) for f in files)
+    return {"file bytes": f"{size:,}", **inspect_columns(path, size, runs)}
 
 
 def main() -> None:
