@@ -362,3 +362,24 @@ def test_an_input_whose_tokenizer_files_cannot_be_compared_is_refused(models, tm
     _one_line_error(result, "tokenizer.model is not the base's")
     assert not out.exists()
     assert _merge(models["base"], str(bare), "-o", str(out)).exit_code == 0  # no tokenizer: the base's
+
+
+def test_a_malformed_base_tokenizer_is_refused_whatever_the_inputs(tiny_llama, tmp_path):
+    """The merge copies the base's tokenizer.json to the output, so it is read and checked even
+    when no input has a tokenizer of its own (an adapter) or the input's is the same bytes."""
+    import shutil
+
+    bad = str(tmp_path / "bad")
+    shutil.copytree(tiny_llama, bad)
+    path = os.path.join(bad, "tokenizer.json")
+    tok = json.load(open(path))
+    tok["model"]["vocab"][list(tok["model"]["vocab"])[-1]] = "oops"  # the last: not also an added token
+    json.dump(tok, open(path, "w"))
+    same = str(tmp_path / "same")
+    shutil.copytree(bad, same)
+    lora = str(tmp_path / "lora")
+    assert CliRunner().invoke(cli, ["inject", "lora", "--rank", "2", tiny_llama, "-o", lora, "--quiet"]).exit_code == 0
+    for i, inp in enumerate([lora, same]):
+        out = tmp_path / f"out{i}"
+        _one_line_error(_merge(bad, inp, "-o", str(out)), "tokenizer.json")
+        assert not out.exists()

@@ -108,6 +108,7 @@ def check(base: Checkpoint, inputs: list[str], allow_pickle: bool) -> None:
         return
     names = vocab_tensors(base, mine)
     base_vocab = _LazyVocab(base.directory)
+    _ = base_vocab.tokens  # the base's tokenizer.json is read and checked whatever the inputs: the output carries it
     for path in inputs:
         if not _is_input_checkpoint(path):
             continue
@@ -131,9 +132,9 @@ def check(base: Checkpoint, inputs: list[str], allow_pickle: bool) -> None:
 
 
 class _LazyVocab:
-    """The base's tokenizer.json, parsed only when an input's differs from it: an input whose
-    tokenizer.json is the same bytes has the same vocabulary (json_vocab reads nothing else),
-    and an input without one is checked by its rows and other files."""
+    """The base's tokenizer.json (parsed once, and checked: the merge copies it to the output)
+    and whether an input's is the same bytes, which then needs no parse of its own: the same
+    bytes are the same vocabulary (json_vocab reads nothing else)."""
 
     def __init__(self, directory: str | None):
         self.directory = directory
