@@ -47,3 +47,15 @@ def test_the_same_architecture_still_merges(tiny_llama, tmp_path):
     r = CliRunner().invoke(cli, ["merge", tiny_llama, tiny_llama, "-o", out, "--quiet"])
     assert r.exit_code == 0, r.output
     assert os.path.isfile(os.path.join(out, "config.json"))
+
+
+def test_an_input_config_nested_too_deeply_is_a_clean_error(tiny_llama, tmp_path):
+    ft = str(tmp_path / "ft")
+    shutil.copytree(tiny_llama, ft)
+    with open(os.path.join(ft, "config.json"), "w") as f:
+        f.write("[" * 100_000 + "]" * 100_000)
+    out = str(tmp_path / "out")
+    r = CliRunner().invoke(cli, ["merge", tiny_llama, ft, "-o", out])
+    assert r.exit_code == 1, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "internal error" not in lines[0] and not os.path.exists(out)

@@ -62,7 +62,7 @@ def is_bnb(path: str | None) -> bool:
     try:
         with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
             config = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False  # the ordinary reader says what is wrong with it
     q = config.get("quantization_config") if isinstance(config, dict) else None
     return isinstance(q, dict) and q.get("quant_method") == "bitsandbytes"
@@ -151,7 +151,7 @@ def _parse_state(where: str, name: str, blob: Any) -> dict:
     """The quant_state JSON, every field what peftcli's NF4 writes."""
     try:
         state = json.loads(bytes(blob.reshape(-1).tolist()).decode("utf-8"))
-    except (ValueError, UnicodeDecodeError, TypeError):
+    except (ValueError, UnicodeDecodeError, TypeError, RecursionError):  # RecursionError: JSON nested too deeply
         state = None
     if not isinstance(state, dict) or not set(state) <= set(STATE_KEYS):
         raise _refuse(where, f"{name} is not a quant_state JSON object with the fields {', '.join(STATE_KEYS)}")

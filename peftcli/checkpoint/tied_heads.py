@@ -47,7 +47,7 @@ def output_config(source_dir: str | None, extra_files: dict[str, bytes]) -> Any:
         if source_dir and os.path.isfile(os.path.join(source_dir, "config.json")):
             with open(os.path.join(source_dir, "config.json"), "rb") as f:
                 return json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None  # copy_model_files or the config's own readers say what is wrong with it
     return None
 

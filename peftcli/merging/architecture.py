@@ -3,8 +3,8 @@
 Tensors of one name and shape can belong to different architectures (a Mistral fine-tune has
 every tensor a Llama base has): their element-wise merge succeeds and is written under the
 base's config, a model none of the inputs was. Only full checkpoint directories with a
-config.json are compared; adapters and diffs name their base differently, and a checkpoint
-without a config says nothing to compare.
+config.json are compared (an unreadable one is refused: the check cannot be made); adapters
+and diffs name their base differently, and a checkpoint without a config says nothing to compare.
 """
 
 from __future__ import annotations
@@ -38,6 +38,10 @@ def _model_type(path: str) -> str | None:
     try:
         with open(config, encoding="utf-8") as f:
             value = json.load(f)
-    except (OSError, ValueError):
-        return None  # the input's own reader reports a broken config
-    return value.get("model_type") if isinstance(value, dict) else None
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise BadInputError(f"{config}: cannot read it ({reason}), so its architecture cannot be checked against the base's",
+                            "restore the fine-tune's config.json (save_pretrained writes it)") from None
+    if not isinstance(value, dict):
+        raise BadInputError(f"{config}: not a JSON object", "restore the fine-tune's config.json (save_pretrained writes it)")
+    return value.get("model_type")
