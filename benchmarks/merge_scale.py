@@ -29,6 +29,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from merge_vs_mergekit import measure  # noqa: E402  (peak RSS and CPU through /usr/bin/time)
 
 MB = 10**6
 PEFTCLI = [sys.executable, "-m", "peftcli"]
@@ -38,25 +39,6 @@ METHODS = {  # name: inject arguments (rank 64 everywhere; OFT's blocks of 64 di
     "vera": ["vera", "--rank", "64"],
     "oft": ["oft", "--block-size", "64"],
 }
-
-
-def measure(cmd: list[str]) -> tuple[float, int, float]:
-    """Wall seconds, peak RSS bytes and CPU seconds of one subprocess run of cmd (stdout to /dev/null).
-
-    Copied from merge_vs_mergekit.py: peak RSS from /usr/bin/time, since Linux carries the
-    forking process's high-water RSS across exec, so wait4 on our own child could overstate it.
-    """
-    rss_file = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"peftcli-bench-rss-{os.getpid()}")
-    t0 = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", rss_file, *cmd], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr.decode(errors='replace')[-3000:]}")
-    with open(rss_file) as f:
-        rss_kb, user, system = f.read().split()[-3:]
-    os.remove(rss_file)
-    return wall, int(rss_kb) * 1024, float(user) + float(system)
 
 
 def largest_tensor(base: str) -> int:
